@@ -1,0 +1,146 @@
+//! Validated identifiers.
+//!
+//! An id is 1 to [`ID_LENGTH_BYTES_MAX`] bytes of ASCII letters, digits and the punctuation
+//! `-`, `_`, `.`, `:`, `/`, `@`. The set is small on purpose: ids appear in store keys (etcd
+//! prefixes, SQLite rows), log lines and command lines, and none of those should need quoting.
+//! Ids are reference counted, so cloning one is a counter increment, never a copy.
+
+use crate::limits::ID_LENGTH_BYTES_MAX;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use std::sync::Arc;
+
+/// Why a string was refused as an id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdError {
+    /// The id was the empty string.
+    #[error("{kind} id must not be empty")]
+    Empty {
+        /// "actor" or "node".
+        kind: &'static str,
+    },
+    /// The id was longer than [`ID_LENGTH_BYTES_MAX`].
+    #[error("{kind} id is {length_bytes} bytes long; the limit is {limit_bytes}")]
+    TooLong {
+        /// "actor" or "node".
+        kind: &'static str,
+        /// Length of the refused id.
+        length_bytes: usize,
+        /// The limit it exceeded.
+        limit_bytes: usize,
+    },
+    /// The id contained a character outside the allowed set.
+    #[error(
+        "{kind} id {id:?} contains {character:?} at byte {position}; allowed are ASCII letters, \
+         digits and - _ . : / @"
+    )]
+    BadCharacter {
+        /// "actor" or "node".
+        kind: &'static str,
+        /// The refused id (truncated to the length limit).
+        id: String,
+        /// The first offending character.
+        character: char,
+        /// Its byte offset.
+        position: usize,
+    },
+}
+
+fn is_allowed(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/' | '@')
+}
+
+fn validate(kind: &'static str, id: &str) -> Result<(), IdError> {
+    if id.is_empty() {
+        return Err(IdError::Empty { kind });
+    }
+    if id.len() > ID_LENGTH_BYTES_MAX {
+        return Err(IdError::TooLong { kind, length_bytes: id.len(), limit_bytes: ID_LENGTH_BYTES_MAX });
+    }
+    if let Some((position, character)) = id.char_indices().find(|&(_, c)| !is_allowed(c)) {
+        return Err(IdError::BadCharacter { kind, id: id.to_string(), character, position });
+    }
+    Ok(())
+}
+
+macro_rules! define_id {
+    ($name:ident, $kind:literal, $doc:literal) => {
+        #[doc = $doc]
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(Arc<str>);
+
+        impl $name {
+            /// Validates `id` and wraps it.
+            pub fn new(id: impl AsRef<str>) -> Result<Self, IdError> {
+                let id = id.as_ref();
+                validate($kind, id)?;
+                Ok(Self(Arc::from(id)))
+            }
+
+            /// The id as a string slice.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:?}", &*self.0)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, IdError> {
+                Self::new(s)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let raw = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+                Self::new(&*raw).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+define_id!(ActorId, "actor", "The id of a virtual actor: what a lease is held on.");
+define_id!(NodeId, "node", "The id of a node: who holds a lease.");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_the_documented_character_set() {
+        let id = ActorId::new("Az09-_.:/@").unwrap();
+        assert_eq!(id.as_str(), "Az09-_.:/@");
+        assert_eq!(id.to_string(), "Az09-_.:/@");
+    }
+
+    #[test]
+    fn refuses_empty_long_and_bad_ids() {
+        assert_eq!(NodeId::new(""), Err(IdError::Empty { kind: "node" }));
+        let long = "a".repeat(ID_LENGTH_BYTES_MAX + 1);
+        assert!(matches!(ActorId::new(&long), Err(IdError::TooLong { length_bytes: 129, .. })));
+        assert!(ActorId::new("a".repeat(ID_LENGTH_BYTES_MAX)).is_ok());
+        let err = ActorId::new("has space").unwrap_err();
+        assert!(matches!(err, IdError::BadCharacter { character: ' ', position: 3, .. }));
+        assert!(err.to_string().contains("has space"));
+        assert!(ActorId::new("é").is_err());
+    }
+}

@@ -1,0 +1,30 @@
+//! The vocabulary every Kelpie crate shares: validated identifiers, fencing tokens, the
+//! [`Clock`] trait through which all time is read, and the named limits.
+//!
+//! Nothing here performs I/O. Time enters only through [`Clock`], so the same code runs on
+//! the real clock ([`TokioClock`]) in a process and on the simulated one in `kelpie-dst`.
+//!
+//! - [`id`]: [`ActorId`] and [`NodeId`], validated on construction.
+//! - [`token`]: [`FencingToken`], strictly increasing per actor across holders.
+//! - [`clock`]: the [`Clock`] trait and the real-time implementation.
+//! - [`limits`]: bounds with their units in their names.
+//!
+//! ```
+//! use kelpie_core::{ActorId, NodeId};
+//! let actor = ActorId::new("user/42").unwrap();
+//! let node = NodeId::new("node-a").unwrap();
+//! assert_eq!(actor.as_str(), "user/42");
+//! assert!(NodeId::new("").is_err());
+//! # let _ = node;
+//! ```
+
+pub mod clock;
+pub mod id;
+pub mod limits;
+pub mod token;
+
+pub use clock::{Clock, SharedClock, SleepFuture};
+#[cfg(feature = "tokio")]
+pub use clock::TokioClock;
+pub use id::{ActorId, IdError, NodeId};
+pub use token::FencingToken;

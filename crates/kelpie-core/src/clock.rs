@@ -25,6 +25,41 @@ pub trait Clock: Send + Sync + 'static {
     fn sleep(&self, duration: Duration) -> SleepFuture;
 }
 
+/// A clock that moves only when told to: for unit and conformance tests that must expire a
+/// lease without waiting. `sleep` completes immediately after advancing the clock, so code
+/// that sleeps in a loop still makes progress.
+#[derive(Debug, Clone, Default)]
+pub struct ManualClock {
+    now_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ManualClock {
+    /// A clock reading `start_ms`.
+    pub fn new(start_ms: u64) -> Self {
+        Self {
+            now_ms: Arc::new(std::sync::atomic::AtomicU64::new(start_ms)),
+        }
+    }
+
+    /// Moves the clock forward by `duration_ms`.
+    pub fn advance_ms(&self, duration_ms: u64) {
+        self.now_ms
+            .fetch_add(duration_ms, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.now_ms.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn sleep(&self, duration: Duration) -> SleepFuture {
+        let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+        self.advance_ms(duration_ms);
+        Box::pin(std::future::ready(()))
+    }
+}
+
 /// Real time on tokio: `now_ms` counts from the clock's creation on the monotonic clock.
 #[cfg(feature = "tokio")]
 #[derive(Debug, Clone)]
@@ -39,7 +74,9 @@ impl TokioClock {
     // own `Clock`, so banning `Instant::now` elsewhere keeps simulated code deterministic.
     #[allow(clippy::disallowed_methods)]
     pub fn new() -> Self {
-        Self { origin: std::time::Instant::now() }
+        Self {
+            origin: std::time::Instant::now(),
+        }
     }
 }
 
@@ -72,6 +109,9 @@ mod tests {
         let before_ms = clock.now_ms();
         clock.sleep(Duration::from_millis(5)).await;
         let after_ms = clock.now_ms();
-        assert!(after_ms >= before_ms + 5, "slept 5 ms but clock moved {before_ms}->{after_ms}");
+        assert!(
+            after_ms >= before_ms + 5,
+            "slept 5 ms but clock moved {before_ms}->{after_ms}"
+        );
     }
 }

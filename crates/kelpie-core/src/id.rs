@@ -56,10 +56,19 @@ fn validate(kind: &'static str, id: &str) -> Result<(), IdError> {
         return Err(IdError::Empty { kind });
     }
     if id.len() > ID_LENGTH_BYTES_MAX {
-        return Err(IdError::TooLong { kind, length_bytes: id.len(), limit_bytes: ID_LENGTH_BYTES_MAX });
+        return Err(IdError::TooLong {
+            kind,
+            length_bytes: id.len(),
+            limit_bytes: ID_LENGTH_BYTES_MAX,
+        });
     }
     if let Some((position, character)) = id.char_indices().find(|&(_, c)| !is_allowed(c)) {
-        return Err(IdError::BadCharacter { kind, id: id.to_string(), character, position });
+        return Err(IdError::BadCharacter {
+            kind,
+            id: id.to_string(),
+            character,
+            position,
+        });
     }
     Ok(())
 }
@@ -118,7 +127,11 @@ macro_rules! define_id {
     };
 }
 
-define_id!(ActorId, "actor", "The id of a virtual actor: what a lease is held on.");
+define_id!(
+    ActorId,
+    "actor",
+    "The id of a virtual actor: what a lease is held on."
+);
 define_id!(NodeId, "node", "The id of a node: who holds a lease.");
 
 #[cfg(test)]
@@ -136,10 +149,23 @@ mod tests {
     fn refuses_empty_long_and_bad_ids() {
         assert_eq!(NodeId::new(""), Err(IdError::Empty { kind: "node" }));
         let long = "a".repeat(ID_LENGTH_BYTES_MAX + 1);
-        assert!(matches!(ActorId::new(&long), Err(IdError::TooLong { length_bytes: 129, .. })));
+        assert!(matches!(
+            ActorId::new(&long),
+            Err(IdError::TooLong {
+                length_bytes: 129,
+                ..
+            })
+        ));
         assert!(ActorId::new("a".repeat(ID_LENGTH_BYTES_MAX)).is_ok());
         let err = ActorId::new("has space").unwrap_err();
-        assert!(matches!(err, IdError::BadCharacter { character: ' ', position: 3, .. }));
+        assert!(matches!(
+            err,
+            IdError::BadCharacter {
+                character: ' ',
+                position: 3,
+                ..
+            }
+        ));
         assert!(err.to_string().contains("has space"));
         assert!(ActorId::new("é").is_err());
     }

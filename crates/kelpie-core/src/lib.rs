@@ -23,8 +23,8 @@ pub mod id;
 pub mod limits;
 pub mod token;
 
-pub use clock::{Clock, SharedClock, SleepFuture};
 #[cfg(feature = "tokio")]
 pub use clock::TokioClock;
+pub use clock::{Clock, ManualClock, SharedClock, SleepFuture};
 pub use id::{ActorId, IdError, NodeId};
 pub use token::FencingToken;

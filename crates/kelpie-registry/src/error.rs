@@ -1,0 +1,116 @@
+//! Errors handed to callers. Impossible states are assertions, not variants.
+
+use kelpie_core::{ActorId, NodeId};
+
+/// Why a lease operation was refused or could not complete.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LeaseError {
+    /// Another node holds a valid lease on the actor.
+    #[error("lease on {actor_id} is held by {holder} until store time {expires_at_ms} ms")]
+    HeldByOther {
+        /// The actor asked for.
+        actor_id: ActorId,
+        /// Its current holder.
+        holder: NodeId,
+        /// When the holder's lease expires on the store's clock.
+        expires_at_ms: u64,
+    },
+    /// The caller asked to renew or release a lease it does not hold.
+    #[error("{node_id} does not hold the lease on {actor_id} (holder: {})", display_holder(.holder))]
+    NotHolder {
+        /// The actor asked for.
+        actor_id: ActorId,
+        /// The caller.
+        node_id: NodeId,
+        /// Who holds it instead, if anyone.
+        holder: Option<NodeId>,
+    },
+    /// The caller's lease expired before the renewal reached the store.
+    #[error("lease on {actor_id} held by {node_id} expired at store time {expired_at_ms} ms")]
+    Expired {
+        /// The actor asked for.
+        actor_id: ActorId,
+        /// The caller, its last holder.
+        node_id: NodeId,
+        /// When it expired on the store's clock.
+        expired_at_ms: u64,
+    },
+    /// The store failed; see [`StoreError`] for whether the operation may have been applied.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn display_holder(holder: &Option<NodeId>) -> String {
+    holder
+        .as_ref()
+        .map_or_else(|| "none".to_string(), NodeId::to_string)
+}
+
+impl LeaseError {
+    /// Whether the store refused on the protocol's terms (as opposed to failing).
+    pub fn is_refusal(&self) -> bool {
+        !matches!(self, LeaseError::Store(_))
+    }
+}
+
+/// A store failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store could not be reached or is not running; nothing was applied.
+    #[error("lease store unavailable: {reason}")]
+    Unavailable {
+        /// What failed.
+        reason: String,
+    },
+    /// The write failed and was not applied.
+    #[error("lease store write failed, not applied: {reason}")]
+    WriteFailed {
+        /// What failed.
+        reason: String,
+    },
+    /// The write may or may not have been applied: the reply was lost. Retrying an acquire is
+    /// safe, because acquiring a lease the caller already holds is idempotent.
+    #[error("lease store outcome unknown, the write may have been applied: {reason}")]
+    CommitUnknown {
+        /// What failed.
+        reason: String,
+    },
+    /// Optimistic concurrency retries ran out ([`crate::STORE_CONFLICT_RETRIES_MAX`]).
+    #[error("lease store contention: gave up after {attempts} conflicting attempts")]
+    Contention {
+        /// How many attempts were made.
+        attempts: u32,
+    },
+    /// The store's data is not what this version of Kelpie wrote.
+    #[error("lease store {location} is corrupt or not ours: {reason}")]
+    Corrupt {
+        /// The file or key at fault.
+        location: String,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// A configuration value out of bounds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The lease duration is outside the allowed range.
+    #[error("lease duration {lease_duration_ms} ms is outside {min_ms}..={max_ms} ms")]
+    LeaseDurationOutOfRange {
+        /// The refused value.
+        lease_duration_ms: u64,
+        /// Smallest allowed.
+        min_ms: u64,
+        /// Largest allowed.
+        max_ms: u64,
+    },
+    /// The node-side belief settings are inconsistent.
+    #[error("invalid belief settings: {reason}")]
+    Belief {
+        /// What is wrong.
+        reason: String,
+    },
+}

@@ -1,0 +1,45 @@
+//! Leases on actors, with fencing tokens.
+//!
+//! A node acquires a time-bounded lease on an actor, renews it, releases it; an expired lease
+//! can be claimed by anyone. Every new holder receives a [`FencingToken`](kelpie_core::FencingToken)
+//! strictly greater than its predecessors', so a resource can refuse a stale holder.
+//!
+//! - `lease`: [`Lease`], the stored [`LeaseRecord`], [`LeaseRequest`], [`LeaseConfig`].
+//! - `protocol`: [`decide`], the pure decision every store applies in its atomic step.
+//! - `store`: the [`LeaseStore`] trait the stores implement.
+//! - `memory`: [`MemoryLeaseStore`].
+//! - `manager`: the [`LeaseManager`] trait and [`ProtocolLeaseManager`], the protocol over a store.
+//! - `belief`: [`Belief`], the node's pure state machine of "I hold it until local time T".
+//! - `error`: [`LeaseError`], [`StoreError`], [`ConfigError`].
+//!
+//! ```
+//! use kelpie_core::{ActorId, ManualClock, NodeId};
+//! use kelpie_registry::{LeaseConfig, LeaseManager, MemoryLeaseManager};
+//! # futures::executor::block_on(async {
+//! let clock = ManualClock::new(0);
+//! let leases = MemoryLeaseManager::in_memory(std::sync::Arc::new(clock.clone()), LeaseConfig::default());
+//! let actor = ActorId::new("counter-1").unwrap();
+//! let (a, b) = (NodeId::new("node-a").unwrap(), NodeId::new("node-b").unwrap());
+//! let first = leases.acquire(&actor, &a).await.unwrap();
+//! assert!(leases.acquire(&actor, &b).await.is_err());
+//! clock.advance_ms(LeaseConfig::default().lease_duration_ms);
+//! let second = leases.acquire(&actor, &b).await.unwrap();
+//! assert!(second.fencing_token > first.fencing_token);
+//! # });
+//! ```
+
+mod belief;
+mod error;
+mod lease;
+mod manager;
+mod memory;
+mod protocol;
+mod store;
+
+pub use belief::{Belief, BeliefConfig, HeldBelief};
+pub use error::{ConfigError, LeaseError, StoreError};
+pub use lease::{Lease, LeaseConfig, LeaseOp, LeaseRecord, LeaseRequest};
+pub use manager::{LeaseManager, MemoryLeaseManager, ProtocolLeaseManager};
+pub use memory::MemoryLeaseStore;
+pub use protocol::{assert_record_well_formed, decide, DecideFn, Decision};
+pub use store::{LeaseStore, RecordSnapshot, StoreSnapshot, STORE_CONFLICT_RETRIES_MAX};

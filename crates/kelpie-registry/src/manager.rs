@@ -1,0 +1,161 @@
+//! The [`LeaseManager`] trait and its one implementation over any [`LeaseStore`].
+
+use std::future::Future;
+
+use kelpie_core::{ActorId, NodeId, SharedClock};
+
+use crate::error::LeaseError;
+use crate::lease::{Lease, LeaseConfig, LeaseOp, LeaseRequest};
+use crate::memory::MemoryLeaseStore;
+use crate::protocol::{decide, DecideFn};
+use crate::store::LeaseStore;
+
+/// What a node can do with leases. Every backend offers the same semantics; the conformance
+/// suite (`tests/conformance.rs`) holds each to them.
+pub trait LeaseManager: Send + Sync {
+    /// Takes the lease on a free or expired actor with a fencing token larger than any issued
+    /// for it before, or returns the caller's own lease unchanged if it already holds it.
+    fn acquire(
+        &self,
+        actor_id: &ActorId,
+        node_id: &NodeId,
+    ) -> impl Future<Output = Result<Lease, LeaseError>> + Send;
+
+    /// Extends the caller's unexpired lease by the configured duration; the token is kept.
+    fn renew(
+        &self,
+        actor_id: &ActorId,
+        node_id: &NodeId,
+    ) -> impl Future<Output = Result<Lease, LeaseError>> + Send;
+
+    /// Gives up the caller's lease; returns the lease as it was.
+    fn release(
+        &self,
+        actor_id: &ActorId,
+        node_id: &NodeId,
+    ) -> impl Future<Output = Result<Lease, LeaseError>> + Send;
+
+    /// Whether `node_id` holds a valid lease on the actor, on the store's clock.
+    fn is_valid(
+        &self,
+        actor_id: &ActorId,
+        node_id: &NodeId,
+    ) -> impl Future<Output = Result<bool, LeaseError>> + Send;
+
+    /// The valid lease on the actor, if any.
+    fn get(
+        &self,
+        actor_id: &ActorId,
+    ) -> impl Future<Output = Result<Option<Lease>, LeaseError>> + Send;
+
+    /// The valid leases `node_id` holds, in actor id order.
+    fn leases_held_by(
+        &self,
+        node_id: &NodeId,
+    ) -> impl Future<Output = Result<Vec<Lease>, LeaseError>> + Send;
+}
+
+/// The lease protocol over a store: every operation is one [`LeaseStore::apply`] of the
+/// protocol's decision function.
+pub struct ProtocolLeaseManager<S> {
+    store: S,
+    config: LeaseConfig,
+    decide: DecideFn,
+}
+
+/// The protocol over the in-memory store.
+pub type MemoryLeaseManager = ProtocolLeaseManager<MemoryLeaseStore>;
+
+impl MemoryLeaseManager {
+    /// A manager over a new in-memory store timed by `clock`.
+    pub fn in_memory(clock: SharedClock, config: LeaseConfig) -> Self {
+        Self::new(MemoryLeaseStore::new(clock), config)
+    }
+}
+
+impl<S: LeaseStore> ProtocolLeaseManager<S> {
+    /// The protocol over `store`.
+    pub fn new(store: S, config: LeaseConfig) -> Self {
+        Self {
+            store,
+            config,
+            decide,
+        }
+    }
+
+    /// Replaces the decision function. Only for showing that checkers catch a broken protocol.
+    #[doc(hidden)]
+    pub fn with_decide_fn(mut self, decide: DecideFn) -> Self {
+        self.decide = decide;
+        self
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The lease settings.
+    pub fn config(&self) -> LeaseConfig {
+        self.config
+    }
+
+    async fn request(
+        &self,
+        op: LeaseOp,
+        actor_id: &ActorId,
+        node_id: &NodeId,
+    ) -> Result<Lease, LeaseError> {
+        let request = LeaseRequest {
+            op,
+            node_id: node_id.clone(),
+            lease_duration_ms: self.config.lease_duration_ms,
+        };
+        let decision = self.store.apply(actor_id, &request, self.decide).await?;
+        decision.reply
+    }
+}
+
+impl<S: LeaseStore> LeaseManager for ProtocolLeaseManager<S> {
+    async fn acquire(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<Lease, LeaseError> {
+        self.request(LeaseOp::Acquire, actor_id, node_id).await
+    }
+
+    async fn renew(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<Lease, LeaseError> {
+        self.request(LeaseOp::Renew, actor_id, node_id).await
+    }
+
+    async fn release(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<Lease, LeaseError> {
+        self.request(LeaseOp::Release, actor_id, node_id).await
+    }
+
+    async fn is_valid(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<bool, LeaseError> {
+        let snapshot = self.store.load(actor_id).await?;
+        let holder = snapshot
+            .record
+            .as_ref()
+            .and_then(|r| r.valid_holder(snapshot.store_now_ms));
+        Ok(holder == Some(node_id))
+    }
+
+    async fn get(&self, actor_id: &ActorId) -> Result<Option<Lease>, LeaseError> {
+        let snapshot = self.store.load(actor_id).await?;
+        let now_ms = snapshot.store_now_ms;
+        Ok(snapshot
+            .record
+            .and_then(|r| r.lease(actor_id))
+            .filter(|l| l.is_valid_at(now_ms)))
+    }
+
+    async fn leases_held_by(&self, node_id: &NodeId) -> Result<Vec<Lease>, LeaseError> {
+        let snapshot = self.store.scan().await?;
+        let now_ms = snapshot.store_now_ms;
+        let held = snapshot
+            .records
+            .iter()
+            .filter(|(_, r)| r.valid_holder(now_ms) == Some(node_id))
+            .filter_map(|(actor_id, r)| r.lease(actor_id))
+            .collect();
+        Ok(held)
+    }
+}

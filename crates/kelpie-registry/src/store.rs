@@ -1,0 +1,60 @@
+//! The storage side of the protocol.
+//!
+//! A [`LeaseStore`] keeps one [`LeaseRecord`] per actor and applies a request to it in one
+//! linearizable step: read the record and the store's clock, call the protocol's pure
+//! [`DecideFn`], and write its result only if the record is still the one that was read
+//! (versioned compare-and-swap, or a lock or transaction that makes it so). Stores stay thin:
+//! they never decide anything themselves.
+
+use std::future::Future;
+
+use kelpie_core::ActorId;
+
+use crate::error::StoreError;
+use crate::lease::{LeaseRecord, LeaseRequest};
+use crate::protocol::{DecideFn, Decision};
+
+/// How many times a store retries a compare-and-swap that lost a race before giving up
+/// with [`StoreError::Contention`].
+pub const STORE_CONFLICT_RETRIES_MAX: u32 = 64;
+
+/// The store's view of one actor at one instant of its clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordSnapshot {
+    /// The stored record, if the actor was ever leased.
+    pub record: Option<LeaseRecord>,
+    /// The store's clock when it was read.
+    pub store_now_ms: u64,
+}
+
+/// Every record in a store at one instant of its clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreSnapshot {
+    /// Records in actor id order.
+    pub records: Vec<(ActorId, LeaseRecord)>,
+    /// The store's clock when they were read.
+    pub store_now_ms: u64,
+}
+
+/// Durable (or simulated) storage of lease records with an atomic decide-and-write step.
+pub trait LeaseStore: Send + Sync {
+    /// Applies `request` to the actor's record in one linearizable step: reads the record and
+    /// the store clock, calls `decide`, writes `Decision::write` if present, and returns the
+    /// decision. An `Err` means the store failed; [`StoreError::CommitUnknown`] means the
+    /// write may have been applied.
+    fn apply(
+        &self,
+        actor_id: &ActorId,
+        request: &LeaseRequest,
+        decide: DecideFn,
+    ) -> impl Future<Output = Result<Decision, StoreError>> + Send;
+
+    /// Reads one actor's record with the store's clock.
+    fn load(
+        &self,
+        actor_id: &ActorId,
+    ) -> impl Future<Output = Result<RecordSnapshot, StoreError>> + Send;
+
+    /// Reads every record with the store's clock.
+    fn scan(&self) -> impl Future<Output = Result<StoreSnapshot, StoreError>> + Send;
+}

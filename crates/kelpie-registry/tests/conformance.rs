@@ -1,0 +1,266 @@
+//! One suite, generic over the backend: a store is done when it passes the same cases as the
+//! others. Each backend supplies a [`Backend`]: a fresh manager and a way to let time pass on
+//! the store's clock.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use kelpie_core::{ActorId, FencingToken, ManualClock, NodeId};
+use kelpie_registry::{LeaseConfig, LeaseError, LeaseManager, MemoryLeaseManager};
+
+/// Lease duration every backend is configured with.
+const LEASE_DURATION_MS: u64 = 1_000;
+
+/// What the suite needs from a backend.
+trait Backend: Send + Sync {
+    type Manager: LeaseManager;
+    /// The manager under test, over an empty store.
+    fn manager(&self) -> &Self::Manager;
+    /// Lets `duration_ms` pass on the store's clock.
+    fn advance_ms(&self, duration_ms: u64) -> impl Future<Output = ()> + Send;
+}
+
+fn actor(name: &str) -> ActorId {
+    ActorId::new(name).unwrap()
+}
+
+fn node(name: &str) -> NodeId {
+    NodeId::new(name).unwrap()
+}
+
+async fn acquire_free_lease_grants_first_token<B: Backend>(b: B) {
+    let (m, a, n1) = (b.manager(), actor("a1"), node("n1"));
+    let lease = m.acquire(&a, &n1).await.unwrap();
+    assert_eq!(
+        (lease.actor_id.clone(), lease.holder.clone()),
+        (a.clone(), n1.clone())
+    );
+    assert!(lease.fencing_token > FencingToken::ZERO);
+    assert!(lease.expires_at_ms > lease.acquired_at_ms);
+    assert_eq!(m.get(&a).await.unwrap(), Some(lease));
+    assert!(m.is_valid(&a, &n1).await.unwrap());
+    assert!(!m.is_valid(&a, &node("n2")).await.unwrap());
+    assert_eq!(m.get(&actor("never")).await.unwrap(), None);
+}
+
+async fn acquire_held_lease_names_holder_and_expiry<B: Backend>(b: B) {
+    let (m, a) = (b.manager(), actor("a1"));
+    let lease = m.acquire(&a, &node("n1")).await.unwrap();
+    match m.acquire(&a, &node("n2")).await {
+        Err(LeaseError::HeldByOther {
+            holder,
+            expires_at_ms,
+            ..
+        }) => {
+            assert_eq!(holder, node("n1"));
+            assert!(expires_at_ms >= lease.expires_at_ms);
+        }
+        other => panic!("expected HeldByOther, got {other:?}"),
+    }
+}
+
+async fn acquire_by_holder_is_idempotent<B: Backend>(b: B) {
+    let (m, a, n1) = (b.manager(), actor("a1"), node("n1"));
+    let first = m.acquire(&a, &n1).await.unwrap();
+    let again = m.acquire(&a, &n1).await.unwrap();
+    assert_eq!(again.fencing_token, first.fencing_token);
+    assert_eq!(again.holder, first.holder);
+    assert!(again.expires_at_ms >= first.expires_at_ms);
+}
+
+async fn renew_extends_validity_and_keeps_token<B: Backend>(b: B) {
+    let (m, a, n1) = (b.manager(), actor("a1"), node("n1"));
+    let first = m.acquire(&a, &n1).await.unwrap();
+    b.advance_ms(LEASE_DURATION_MS / 2).await;
+    let renewed = m.renew(&a, &n1).await.unwrap();
+    assert_eq!(renewed.fencing_token, first.fencing_token);
+    assert!(renewed.expires_at_ms > first.expires_at_ms);
+    assert_eq!(renewed.renewal_count, first.renewal_count + 1);
+    // Past the original expiry but inside the renewed one, the lease still holds.
+    b.advance_ms(LEASE_DURATION_MS * 3 / 4).await;
+    assert!(m.is_valid(&a, &n1).await.unwrap());
+    assert!(m.acquire(&a, &node("n2")).await.is_err());
+}
+
+async fn non_holder_cannot_renew_or_release<B: Backend>(b: B) {
+    let (m, a) = (b.manager(), actor("a1"));
+    assert!(matches!(
+        m.renew(&a, &node("n1")).await,
+        Err(LeaseError::NotHolder { .. })
+    ));
+    let lease = m.acquire(&a, &node("n1")).await.unwrap();
+    match m.renew(&a, &node("n2")).await {
+        Err(LeaseError::NotHolder {
+            holder, node_id, ..
+        }) => {
+            assert_eq!((holder, node_id), (Some(node("n1")), node("n2")));
+        }
+        other => panic!("expected NotHolder, got {other:?}"),
+    }
+    assert!(matches!(
+        m.release(&a, &node("n2")).await,
+        Err(LeaseError::NotHolder { .. })
+    ));
+    assert_eq!(
+        m.get(&a).await.unwrap().map(|l| l.fencing_token),
+        Some(lease.fencing_token)
+    );
+}
+
+async fn expired_lease_cannot_be_renewed<B: Backend>(b: B) {
+    let (m, a, n1) = (b.manager(), actor("a1"), node("n1"));
+    m.acquire(&a, &n1).await.unwrap();
+    b.advance_ms(LEASE_DURATION_MS + 1).await;
+    let err = m.renew(&a, &n1).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LeaseError::Expired { .. } | LeaseError::NotHolder { .. }
+        ),
+        "{err:?}"
+    );
+    assert!(!m.is_valid(&a, &n1).await.unwrap());
+    assert_eq!(m.get(&a).await.unwrap(), None);
+}
+
+async fn expired_lease_is_claimable_with_larger_token<B: Backend>(b: B) {
+    let (m, a) = (b.manager(), actor("a1"));
+    let first = m.acquire(&a, &node("n1")).await.unwrap();
+    b.advance_ms(LEASE_DURATION_MS + 1).await;
+    let second = m.acquire(&a, &node("n2")).await.unwrap();
+    assert_eq!(second.holder, node("n2"));
+    assert!(second.fencing_token > first.fencing_token);
+    assert!(!m.is_valid(&a, &node("n1")).await.unwrap());
+}
+
+async fn release_frees_lease_and_tokens_survive_it<B: Backend>(b: B) {
+    let (m, a, n1) = (b.manager(), actor("a1"), node("n1"));
+    let first = m.acquire(&a, &n1).await.unwrap();
+    let released = m.release(&a, &n1).await.unwrap();
+    assert_eq!(released.fencing_token, first.fencing_token);
+    assert_eq!(m.get(&a).await.unwrap(), None);
+    assert!(matches!(
+        m.release(&a, &n1).await,
+        Err(LeaseError::NotHolder { .. })
+    ));
+    let again = m.acquire(&a, &n1).await.unwrap();
+    assert!(
+        again.fencing_token > first.fencing_token,
+        "a token is never reissued"
+    );
+}
+
+async fn tokens_increase_across_many_holders<B: Backend>(b: B) {
+    let (m, a) = (b.manager(), actor("a1"));
+    let mut last = FencingToken::ZERO;
+    for round in 0..6 {
+        let holder = node(&format!("n{}", round % 3));
+        let lease = m.acquire(&a, &holder).await.unwrap();
+        assert!(
+            lease.fencing_token > last,
+            "round {round}: {} <= {last}",
+            lease.fencing_token
+        );
+        last = lease.fencing_token;
+        if round % 2 == 0 {
+            m.release(&a, &holder).await.unwrap();
+        } else {
+            b.advance_ms(LEASE_DURATION_MS + 1).await;
+        }
+    }
+}
+
+async fn leases_held_by_lists_only_valid_leases_of_that_node<B: Backend>(b: B) {
+    let m = b.manager();
+    let (n1, n2) = (node("n1"), node("n2"));
+    for name in ["b", "a", "c"] {
+        m.acquire(&actor(name), &n1).await.unwrap();
+    }
+    m.acquire(&actor("d"), &n2).await.unwrap();
+    m.release(&actor("c"), &n1).await.unwrap();
+    let held: Vec<_> = m
+        .leases_held_by(&n1)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.actor_id)
+        .collect();
+    assert_eq!(held, vec![actor("a"), actor("b")]);
+    b.advance_ms(LEASE_DURATION_MS + 1).await;
+    assert!(m.leases_held_by(&n1).await.unwrap().is_empty());
+}
+
+async fn concurrent_acquires_have_exactly_one_winner<B: Backend>(b: B) {
+    let (m, a) = (b.manager(), actor("contended"));
+    let nodes: Vec<NodeId> = (0..8).map(|i| node(&format!("n{i}"))).collect();
+    let attempts = nodes.iter().map(|n| m.acquire(&a, n));
+    let results = futures::future::join_all(attempts).await;
+    let winners: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(winners.len(), 1, "{results:?}");
+    for result in &results {
+        if let Err(err) = result {
+            assert!(matches!(err, LeaseError::HeldByOther { .. }), "{err:?}");
+        }
+    }
+    assert_eq!(
+        m.get(&a).await.unwrap().map(|l| l.holder),
+        Some(winners[0].holder.clone())
+    );
+}
+
+/// Generates one `#[tokio::test]` per suite case for a backend.
+macro_rules! conformance_suite {
+    ($module:ident, $make:expr) => {
+        mod $module {
+            use super::*;
+            conformance_suite!(@cases $make;
+                acquire_free_lease_grants_first_token,
+                acquire_held_lease_names_holder_and_expiry,
+                acquire_by_holder_is_idempotent,
+                renew_extends_validity_and_keeps_token,
+                non_holder_cannot_renew_or_release,
+                expired_lease_cannot_be_renewed,
+                expired_lease_is_claimable_with_larger_token,
+                release_frees_lease_and_tokens_survive_it,
+                tokens_increase_across_many_holders,
+                leases_held_by_lists_only_valid_leases_of_that_node,
+                concurrent_acquires_have_exactly_one_winner);
+        }
+    };
+    (@cases $make:expr; $($case:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                if let Some(backend) = $make.await {
+                    super::$case(backend).await;
+                }
+            }
+        )*
+    };
+}
+
+struct MemoryBackend {
+    clock: ManualClock,
+    manager: MemoryLeaseManager,
+}
+
+impl Backend for MemoryBackend {
+    type Manager = MemoryLeaseManager;
+
+    fn manager(&self) -> &MemoryLeaseManager {
+        &self.manager
+    }
+
+    async fn advance_ms(&self, duration_ms: u64) {
+        self.clock.advance_ms(duration_ms);
+    }
+}
+
+async fn memory_backend() -> Option<MemoryBackend> {
+    let clock = ManualClock::new(1_000);
+    let config = LeaseConfig::new(LEASE_DURATION_MS).unwrap();
+    let manager = MemoryLeaseManager::in_memory(Arc::new(clock.clone()), config);
+    Some(MemoryBackend { clock, manager })
+}
+
+conformance_suite!(memory, memory_backend());

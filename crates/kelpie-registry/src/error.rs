@@ -91,6 +91,29 @@ pub enum StoreError {
         /// What was wrong.
         reason: String,
     },
+    /// The store's file could not be opened or created: the path is a directory, its parent
+    /// is missing or read-only, or the file system refused. Nothing was written.
+    #[error("cannot open lease store {path}: {reason}")]
+    Open {
+        /// The path that was asked for.
+        path: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The store was written by a newer version of Kelpie, with a schema this build does not
+    /// know. It is left untouched rather than rewritten.
+    #[error(
+        "lease store {path} has schema version {found_version}, newer than version \
+         {supported_version} which this build supports; refusing to touch it"
+    )]
+    SchemaTooNew {
+        /// The store's file.
+        path: String,
+        /// The schema version found in the file.
+        found_version: i64,
+        /// The newest schema version this build reads and writes.
+        supported_version: i64,
+    },
 }
 
 /// A configuration value out of bounds.

@@ -8,6 +8,8 @@
 //! - `protocol`: [`decide`], the pure decision every store applies in its atomic step.
 //! - `store`: the [`LeaseStore`] trait the stores implement.
 //! - `memory`: [`MemoryLeaseStore`].
+//! - `sqlite`: [`SqliteLeaseStore`], durable leases in one file shared by a host's processes,
+//!   with group commit.
 //! - `manager`: the [`LeaseManager`] trait and [`ProtocolLeaseManager`], the protocol over a store.
 //! - `belief`: [`Belief`], the node's pure state machine of "I hold it until local time T".
 //! - `error`: [`LeaseError`], [`StoreError`], [`ConfigError`].
@@ -34,6 +36,7 @@ mod lease;
 mod manager;
 mod memory;
 mod protocol;
+mod sqlite;
 mod store;
 
 pub use belief::{Belief, BeliefConfig, HeldBelief};
@@ -42,4 +45,9 @@ pub use lease::{Lease, LeaseConfig, LeaseOp, LeaseRecord, LeaseRequest};
 pub use manager::{LeaseManager, MemoryLeaseManager, ProtocolLeaseManager};
 pub use memory::MemoryLeaseStore;
 pub use protocol::{assert_record_well_formed, decide, DecideFn, Decision};
+pub use sqlite::{
+    SqliteLeaseManager, SqliteLeaseStore, SqliteOptions, SqliteStats, GROUP_COMMIT_BATCH_MAX,
+    SQLITE_APPLICATION_ID, SQLITE_BUSY_TIMEOUT_MS_DEFAULT, SQLITE_BUSY_TIMEOUT_MS_MAX,
+    SQLITE_FILE_MODE, SQLITE_SCHEMA_VERSION,
+};
 pub use store::{LeaseStore, RecordSnapshot, StoreSnapshot, STORE_CONFLICT_RETRIES_MAX};

@@ -6,7 +6,10 @@ use std::future::Future;
 use std::sync::Arc;
 
 use kelpie_core::{ActorId, FencingToken, ManualClock, NodeId};
-use kelpie_registry::{LeaseConfig, LeaseError, LeaseManager, MemoryLeaseManager};
+use kelpie_registry::{
+    LeaseConfig, LeaseError, LeaseManager, MemoryLeaseManager, SqliteLeaseManager,
+    SqliteLeaseStore, SqliteOptions,
+};
 
 /// Lease duration every backend is configured with.
 const LEASE_DURATION_MS: u64 = 1_000;
@@ -264,3 +267,40 @@ async fn memory_backend() -> Option<MemoryBackend> {
 }
 
 conformance_suite!(memory, memory_backend());
+
+/// The SQLite store in a fresh temporary directory, timed by a manual clock so that
+/// `advance_ms` moves store time without waiting.
+struct SqliteBackend {
+    clock: ManualClock,
+    manager: SqliteLeaseManager,
+    // Declared last so the store (and its writer thread) is dropped before the directory.
+    _dir: tempfile::TempDir,
+}
+
+impl Backend for SqliteBackend {
+    type Manager = SqliteLeaseManager;
+
+    fn manager(&self) -> &SqliteLeaseManager {
+        &self.manager
+    }
+
+    async fn advance_ms(&self, duration_ms: u64) {
+        self.clock.advance_ms(duration_ms);
+    }
+}
+
+async fn sqlite_backend() -> Option<SqliteBackend> {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_000);
+    let options = SqliteOptions::default().with_clock(Arc::new(clock.clone()));
+    let store = SqliteLeaseStore::open_with(dir.path().join("leases.db"), options).unwrap();
+    let config = LeaseConfig::new(LEASE_DURATION_MS).unwrap();
+    let manager = SqliteLeaseManager::new(store, config);
+    Some(SqliteBackend {
+        clock,
+        manager,
+        _dir: dir,
+    })
+}
+
+conformance_suite!(sqlite, sqlite_backend());

@@ -1,0 +1,295 @@
+//! The SQLite store: durable leases on one host, shared by its processes, with no server.
+//!
+//! - Durability: WAL mode with `synchronous = FULL`, so an acknowledged operation has been
+//!   fsynced. A reply is sent only after its transaction committed.
+//! - Sharing: every write transaction is `BEGIN IMMEDIATE`, which takes SQLite's write lock
+//!   before reading, so the read-decide-write step is atomic across processes too.
+//! - Group commit: one writer thread per store applies all operations that arrived while the
+//!   previous commit ran in one transaction, with one fsync (see `writer`).
+//! - Time: the host's wall clock (or a given clock), never below a high-water mark persisted
+//!   in every write transaction, so store time does not go backwards across restarts or
+//!   between processes.
+//! - Safety of the file: created with mode 0600; a file that is not ours, has a newer schema
+//!   or is damaged is refused with an error naming it, and never written to.
+
+mod open;
+mod rows;
+mod writer;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+
+use futures_channel::oneshot;
+use kelpie_core::{ActorId, SharedClock};
+use rusqlite::Connection;
+
+use crate::error::StoreError;
+use crate::lease::LeaseRequest;
+use crate::manager::ProtocolLeaseManager;
+use crate::protocol::{DecideFn, Decision};
+use crate::store::{LeaseStore, RecordSnapshot, StoreSnapshot};
+use rows::{RowError, StoreClock, TimeSource};
+use writer::{CommitCounters, WriteJob, Writer};
+
+/// `PRAGMA application_id` of a Kelpie lease store ("KLPL" in ASCII). A file with any other
+/// id is not ours and is refused.
+pub const SQLITE_APPLICATION_ID: i32 = 0x4B4C_504C;
+
+/// The schema version this build creates and reads, kept in `PRAGMA user_version`. A file with
+/// a newer version is refused with [`StoreError::SchemaTooNew`].
+pub const SQLITE_SCHEMA_VERSION: i32 = 1;
+
+/// Most operations applied in one group-commit transaction. Bounds how long the first
+/// operation of a batch waits behind the others, and the memory a batch holds.
+pub const GROUP_COMMIT_BATCH_MAX: usize = 256;
+
+/// How long a connection waits for another process's write lock, by default.
+pub const SQLITE_BUSY_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+
+/// Longest busy timeout accepted: ten minutes. SQLite takes it as a 32-bit count of ms, and a
+/// longer wait is a hung process rather than contention.
+pub const SQLITE_BUSY_TIMEOUT_MS_MAX: u64 = 600_000;
+
+/// Permissions of a database file the store creates: owner read and write only, because
+/// whoever can write the file can hand themselves any lease.
+pub const SQLITE_FILE_MODE: u32 = 0o600;
+
+const _: () = assert!(GROUP_COMMIT_BATCH_MAX >= 1);
+const _: () = assert!(SQLITE_BUSY_TIMEOUT_MS_DEFAULT <= SQLITE_BUSY_TIMEOUT_MS_MAX);
+const _: () = assert!(SQLITE_BUSY_TIMEOUT_MS_MAX <= i32::MAX as u64);
+
+/// Settings for [`SqliteLeaseStore::open_with`]. Build from `Default` with the `with_*`
+/// methods; more settings may be added.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct SqliteOptions {
+    /// The store's time source; `None` means the host's wall clock in ms since the UNIX epoch.
+    /// Either way, store time never goes below the high-water mark persisted in the file.
+    pub clock: Option<SharedClock>,
+    /// Whether concurrent operations share one transaction and one fsync (the default).
+    /// `false` gives every operation its own transaction, for comparison.
+    pub group_commit: bool,
+    /// How long to wait for another process's write lock before failing the operation, up to
+    /// [`SQLITE_BUSY_TIMEOUT_MS_MAX`].
+    pub busy_timeout_ms: u64,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            clock: None,
+            group_commit: true,
+            busy_timeout_ms: SQLITE_BUSY_TIMEOUT_MS_DEFAULT,
+        }
+    }
+}
+
+impl SqliteOptions {
+    /// Times the store with `clock` instead of the wall clock (for tests: a `ManualClock`).
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Turns group commit on or off.
+    pub fn with_group_commit(mut self, enabled: bool) -> Self {
+        self.group_commit = enabled;
+        self
+    }
+
+    /// Sets how long to wait for another process's write lock.
+    pub fn with_busy_timeout_ms(mut self, busy_timeout_ms: u64) -> Self {
+        self.busy_timeout_ms = busy_timeout_ms;
+        self
+    }
+}
+
+impl fmt::Debug for SqliteOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let clock = if self.clock.is_some() {
+            "given"
+        } else {
+            "wall"
+        };
+        f.debug_struct("SqliteOptions")
+            .field("clock", &clock)
+            .field("group_commit", &self.group_commit)
+            .field("busy_timeout_ms", &self.busy_timeout_ms)
+            .finish()
+    }
+}
+
+/// How much work a store has committed since it was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SqliteStats {
+    /// Write transactions committed, each with one fsync.
+    pub transactions_committed: u64,
+    /// Operations applied by those transactions.
+    pub operations_committed: u64,
+}
+
+/// The lease protocol over a SQLite file.
+pub type SqliteLeaseManager = ProtocolLeaseManager<SqliteLeaseStore>;
+
+/// Lease records in a SQLite file. See the module documentation for the guarantees.
+///
+/// Writes go to a dedicated thread that owns the write connection; reads use a second
+/// connection, which WAL mode lets run beside the writer. Dropping the store stops the thread
+/// after it finishes the batch in hand, and closes the file.
+pub struct SqliteLeaseStore {
+    path: PathBuf,
+    jobs: Option<mpsc::Sender<WriteJob>>,
+    writer: Option<JoinHandle<()>>,
+    reader: Mutex<Connection>,
+    clock: Arc<StoreClock>,
+    counters: Arc<CommitCounters>,
+}
+
+impl SqliteLeaseStore {
+    /// Opens the store at `path`, creating it if missing, timed by the host's wall clock.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with(path, SqliteOptions::default())
+    }
+
+    /// Opens the store at `path`, creating it if missing.
+    ///
+    /// # Errors
+    /// [`StoreError::Open`] if the path is a directory, its parent is missing or read-only, or
+    /// SQLite cannot open it; [`StoreError::Corrupt`] if the file is not a SQLite database, not
+    /// a Kelpie lease store, or fails `quick_check`; [`StoreError::SchemaTooNew`] if a newer
+    /// Kelpie wrote it. Each names the path, and none writes to an existing file.
+    pub fn open_with(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let conn = open::open_writer(&path, &options)?;
+        let reader = open::open_reader(&path, &options)?;
+        let source = options.clock.map_or(TimeSource::Wall, TimeSource::Given);
+        let clock = Arc::new(StoreClock::new(source));
+        let counters = Arc::new(CommitCounters::default());
+        let writer = Writer {
+            conn,
+            path: path.display().to_string(),
+            clock: Arc::clone(&clock),
+            group_commit: options.group_commit,
+            counters: Arc::clone(&counters),
+        };
+        let (jobs, queue) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("kelpie-sqlite-writer".to_string())
+            .spawn(move || writer.run(queue))
+            .map_err(|error| StoreError::Open {
+                path: path.display().to_string(),
+                reason: format!("cannot start the writer thread: {error}"),
+            })?;
+        Ok(Self {
+            path,
+            jobs: Some(jobs),
+            writer: Some(handle),
+            reader: Mutex::new(reader),
+            clock,
+            counters,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Transactions and operations committed so far by this handle.
+    pub fn stats(&self) -> SqliteStats {
+        SqliteStats {
+            transactions_committed: self.counters.transactions.load(Ordering::Relaxed),
+            operations_committed: self.counters.operations.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Runs `read` in one read transaction on the reader connection, with store time taken
+    /// right after the transaction's snapshot was fixed by reading the high-water mark.
+    fn read<T>(
+        &self,
+        read: impl FnOnce(&Connection, &str) -> Result<T, RowError>,
+    ) -> Result<(T, u64), StoreError> {
+        let shown = self.path.display().to_string();
+        let failed = |error: rusqlite::Error| StoreError::Unavailable {
+            reason: format!("{shown}: {error}"),
+        };
+        let mut conn = self
+            .reader
+            .lock()
+            .expect("reader mutex poisoned by a panic");
+        let transaction = conn.transaction().map_err(failed)?;
+        let result = rows::load_high_water_ms(&transaction, &shown).and_then(|high_water_ms| {
+            let store_now_ms = self.clock.now_ms(high_water_ms);
+            Ok((read(&transaction, &shown)?, store_now_ms))
+        });
+        let (value, store_now_ms) = result.map_err(|error| match error {
+            RowError::Corrupt(error) => error,
+            RowError::Sql(error) => failed(error),
+        })?;
+        transaction.commit().map_err(failed)?;
+        Ok((value, store_now_ms))
+    }
+}
+
+impl Drop for SqliteLeaseStore {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer's loop once the batch in hand is committed.
+        drop(self.jobs.take());
+        if let Some(writer) = self.writer.take() {
+            // A writer that panicked outside a decision has already reported it; dropping
+            // must not panic again.
+            let _ = writer.join();
+        }
+    }
+}
+
+impl LeaseStore for SqliteLeaseStore {
+    async fn apply(
+        &self,
+        actor_id: &ActorId,
+        request: &LeaseRequest,
+        decide: DecideFn,
+    ) -> Result<Decision, StoreError> {
+        let (reply, replied) = oneshot::channel();
+        let job = WriteJob {
+            actor_id: actor_id.clone(),
+            request: request.clone(),
+            decide,
+            reply,
+        };
+        let jobs = self.jobs.as_ref().expect("the sender lives until drop");
+        jobs.send(job).map_err(|_| StoreError::Unavailable {
+            reason: format!("{}: the writer thread has stopped", self.path.display()),
+        })?;
+        match replied.await {
+            Ok(Ok(result)) => result,
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            Err(oneshot::Canceled) => Err(StoreError::CommitUnknown {
+                reason: format!(
+                    "{}: the writer thread stopped while applying the operation",
+                    self.path.display()
+                ),
+            }),
+        }
+    }
+
+    async fn load(&self, actor_id: &ActorId) -> Result<RecordSnapshot, StoreError> {
+        let (record, store_now_ms) =
+            self.read(|conn, shown| rows::load_record(conn, shown, actor_id))?;
+        Ok(RecordSnapshot {
+            record,
+            store_now_ms,
+        })
+    }
+
+    async fn scan(&self) -> Result<StoreSnapshot, StoreError> {
+        let (records, store_now_ms) = self.read(rows::scan_records)?;
+        Ok(StoreSnapshot {
+            records,
+            store_now_ms,
+        })
+    }
+}

@@ -1,0 +1,290 @@
+//! The task table and ready queue of the single-threaded executor.
+//!
+//! Tasks live in a slab of slots addressed by index and generation, so a waker that outlives
+//! its task can never wake a newer task that reused the slot. Wakers must be `Send + Sync`
+//! (the [`kelpie_core::Clock`] contract lets a sleep future travel), so the ready queue, the
+//! clock and the timers live in [`Shared`] behind atomics and mutexes. The simulation never
+//! has a second thread, so those locks are never contended.
+
+use crate::timer::TimerQueue;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Wake, Waker};
+
+/// A spawned task's future, type-erased.
+pub(crate) type LocalTask = Pin<Box<dyn Future<Output = ()>>>;
+
+/// Locks `mutex`, ignoring poisoning: a panic inside the simulation is caught and reported,
+/// and the state the lock guards (a queue of ids or wakers) stays consistent regardless.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The part of the executor that wakers and clocks reach: `Send + Sync`.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    now_ms: AtomicU64,
+    ready: Mutex<Vec<TaskKey>>,
+    timers: Mutex<TimerQueue>,
+}
+
+impl Shared {
+    /// Global simulated time.
+    #[inline]
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms.load(Ordering::Acquire)
+    }
+
+    /// Moves global simulated time forward to `now_ms`.
+    pub fn set_now_ms(&self, now_ms: u64) {
+        let before_ms = self.now_ms();
+        assert!(
+            now_ms >= before_ms,
+            "simulated time went backwards: {before_ms} -> {now_ms}"
+        );
+        self.now_ms.store(now_ms, Ordering::Release);
+    }
+
+    /// The queue of tasks ready to be polled.
+    #[inline]
+    pub fn ready(&self) -> MutexGuard<'_, Vec<TaskKey>> {
+        lock(&self.ready)
+    }
+
+    /// The pending timers.
+    #[inline]
+    pub fn timers(&self) -> MutexGuard<'_, TimerQueue> {
+        lock(&self.timers)
+    }
+}
+
+/// The address of a task: slot index plus the slot's generation when the task was spawned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TaskKey {
+    index: u32,
+    generation: u32,
+}
+
+/// A task's waker: queues the task once until it is next polled.
+#[derive(Debug)]
+struct TaskWaker {
+    key: TaskKey,
+    scheduled: AtomicBool,
+    shared: Arc<Shared>,
+}
+
+impl Wake for TaskWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    #[inline]
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.scheduled.swap(true, Ordering::AcqRel) {
+            self.shared.ready().push(self.key);
+        }
+    }
+}
+
+/// A live task.
+struct TaskEntry {
+    /// Spawn sequence number, folded into the trace (deterministic, unlike slot reuse).
+    id: u64,
+    /// `None` while the task is being polled.
+    future: Option<LocalTask>,
+    waker: Waker,
+    flag: Arc<TaskWaker>,
+    /// Set when a task is aborted while it is being polled (it aborted itself).
+    abort_requested: bool,
+}
+
+struct Slot {
+    generation: u32,
+    entry: Option<TaskEntry>,
+}
+
+/// What [`TaskSlab::begin_poll`] hands out: the task's id, its future and its waker.
+pub(crate) type PollTicket = (u64, LocalTask, Waker);
+
+/// All live tasks.
+#[derive(Default)]
+pub(crate) struct TaskSlab {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    live: u64,
+    spawned: u64,
+}
+
+impl TaskSlab {
+    /// Adds a task and queues it as ready. Returns its key and id.
+    pub fn insert(&mut self, shared: &Arc<Shared>, future: LocalTask) -> (TaskKey, u64) {
+        let index = match self.free.pop() {
+            Some(index) => index,
+            None => {
+                let index = u32::try_from(self.slots.len()).expect("more than 2^32 live tasks");
+                self.slots.push(Slot {
+                    generation: 0,
+                    entry: None,
+                });
+                index
+            }
+        };
+        let slot = &mut self.slots[index as usize];
+        assert!(
+            slot.entry.is_none(),
+            "free list pointed at an occupied task slot"
+        );
+        let key = TaskKey {
+            index,
+            generation: slot.generation,
+        };
+        let flag = Arc::new(TaskWaker {
+            key,
+            scheduled: AtomicBool::new(true),
+            shared: shared.clone(),
+        });
+        let waker = Waker::from(flag.clone());
+        let id = self.spawned;
+        self.spawned += 1;
+        self.live += 1;
+        slot.entry = Some(TaskEntry {
+            id,
+            future: Some(future),
+            waker,
+            flag,
+            abort_requested: false,
+        });
+        shared.ready().push(key);
+        (key, id)
+    }
+
+    fn entry_mut(&mut self, key: TaskKey) -> Option<&mut TaskEntry> {
+        let slot = self.slots.get_mut(key.index as usize)?;
+        if slot.generation != key.generation {
+            return None;
+        }
+        slot.entry.as_mut()
+    }
+
+    /// Takes a ready task's future out for polling. `None` if the key is stale.
+    #[inline]
+    pub fn begin_poll(&mut self, key: TaskKey) -> Option<PollTicket> {
+        let entry = self.entry_mut(key)?;
+        // Cleared before the poll, so a wake during the poll queues the task again.
+        entry.flag.scheduled.store(false, Ordering::Release);
+        let future = entry.future.take()?;
+        Some((entry.id, future, entry.waker.clone()))
+    }
+
+    /// Returns a polled future. When the task finished or was aborted meanwhile, frees the
+    /// slot and hands the future back to be dropped by the caller, outside any borrow.
+    #[inline]
+    pub fn end_poll(
+        &mut self,
+        key: TaskKey,
+        future: LocalTask,
+        finished: bool,
+    ) -> Option<LocalTask> {
+        let entry = self
+            .entry_mut(key)
+            .expect("a task's slot was freed while it was being polled");
+        if finished || entry.abort_requested {
+            self.free_slot(key);
+            return Some(future);
+        }
+        entry.future = Some(future);
+        None
+    }
+
+    /// Aborts a task: frees it and returns its future to be dropped by the caller. If the task
+    /// is being polled right now, marks it to be freed when the poll returns.
+    pub fn abort(&mut self, key: TaskKey) -> Option<LocalTask> {
+        let entry = self.entry_mut(key)?;
+        match entry.future.take() {
+            Some(future) => {
+                self.free_slot(key);
+                Some(future)
+            }
+            None => {
+                entry.abort_requested = true;
+                None
+            }
+        }
+    }
+
+    fn free_slot(&mut self, key: TaskKey) {
+        let slot = &mut self.slots[key.index as usize];
+        assert!(slot.entry.take().is_some(), "freed an empty task slot");
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(key.index);
+        self.live -= 1;
+    }
+
+    /// Removes every task, returning their futures to be dropped by the caller.
+    pub fn drain(&mut self) -> Vec<LocalTask> {
+        let mut futures = Vec::new();
+        for slot in &mut self.slots {
+            if let Some(entry) = slot.entry.take() {
+                futures.extend(entry.future);
+                slot.generation = slot.generation.wrapping_add(1);
+            }
+        }
+        self.free = (0..u32::try_from(self.slots.len()).expect("slot count fits u32")).collect();
+        self.live = 0;
+        futures
+    }
+
+    /// Tasks currently alive.
+    pub fn live(&self) -> u64 {
+        self.live
+    }
+
+    /// Tasks spawned since the start.
+    pub fn spawned(&self) -> u64 {
+        self.spawned
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noop() -> LocalTask {
+        Box::pin(async {})
+    }
+
+    #[test]
+    fn stale_keys_never_reach_a_reused_slot() {
+        let shared = Arc::new(Shared::default());
+        let mut slab = TaskSlab::default();
+        let (first, first_id) = slab.insert(&shared, noop());
+        let (_, future, _) = slab.begin_poll(first).unwrap();
+        assert!(slab.end_poll(first, future, true).is_some());
+        let (second, second_id) = slab.insert(&shared, noop());
+        assert_ne!(first, second);
+        assert_ne!(first_id, second_id);
+        assert!(
+            slab.begin_poll(first).is_none(),
+            "stale key reached the new task"
+        );
+        assert!(slab.begin_poll(second).is_some());
+        assert_eq!(slab.live(), 1);
+        assert_eq!(slab.spawned(), 2);
+    }
+
+    #[test]
+    fn waking_twice_queues_once() {
+        let shared = Arc::new(Shared::default());
+        let mut slab = TaskSlab::default();
+        let (key, _) = slab.insert(&shared, noop());
+        shared.ready().clear();
+        let (_, future, waker) = slab.begin_poll(key).unwrap();
+        waker.wake_by_ref();
+        waker.wake_by_ref();
+        assert_eq!(shared.ready().len(), 1);
+        assert!(slab.end_poll(key, future, false).is_none());
+        assert_eq!(slab.drain().len(), 1);
+    }
+}

@@ -1,0 +1,106 @@
+//! The run-time side of fault injection: decides whether a configured fault fires, counts the
+//! firings, and folds every decision into the trace.
+//!
+//! Each fault type draws from its own stream forked from the root seed, so configuring one
+//! more fault, or one component asking more often, does not shift another fault's draws.
+
+use crate::fault::{FaultConfig, FaultStats, FaultType, FAULT_TYPE_COUNT};
+use crate::rng::DeterministicRng;
+use crate::trace::{event, Trace};
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+
+/// Per-fault probabilities, streams and counters.
+#[derive(Debug)]
+pub(crate) struct FaultInjector {
+    probabilities: [Option<f64>; FAULT_TYPE_COUNT],
+    streams: RefCell<Vec<Option<DeterministicRng>>>,
+    fired: [Cell<u64>; FAULT_TYPE_COUNT],
+}
+
+impl FaultInjector {
+    /// An injector for `faults`; a fault listed twice keeps its last probability.
+    pub fn new(root: &DeterministicRng, faults: &[FaultConfig]) -> Self {
+        let mut probabilities = [None; FAULT_TYPE_COUNT];
+        let mut streams = vec![None; FAULT_TYPE_COUNT];
+        for config in faults {
+            let index = config.fault.index();
+            probabilities[index] = Some(config.probability);
+            streams[index] = Some(root.fork(&format!("fault/{}", config.fault.name())));
+        }
+        Self {
+            probabilities,
+            streams: RefCell::new(streams),
+            fired: Default::default(),
+        }
+    }
+
+    /// The configured probability of `fault`, if configured.
+    pub fn probability(&self, fault: FaultType) -> Option<f64> {
+        self.probabilities[fault.index()]
+    }
+
+    /// Draws whether `fault` fires now; counts and traces the decision. Always `false`, with
+    /// no draw, if the fault is not configured.
+    #[inline]
+    pub fn should_inject(&self, fault: FaultType, trace: &Trace) -> bool {
+        let index = fault.index();
+        let Some(probability) = self.probabilities[index] else {
+            return false;
+        };
+        let fires = {
+            let mut streams = self.streams.borrow_mut();
+            let stream = streams[index]
+                .as_mut()
+                .expect("configured fault has a stream");
+            stream.gen_bool(probability)
+        };
+        trace.event(event::FAULT, index as u64, u64::from(fires));
+        if fires {
+            self.record(fault);
+        }
+        fires
+    }
+
+    /// Counts one firing of `fault` decided elsewhere (for example a partition dropping a
+    /// message, or a scenario crashing a store).
+    pub fn record(&self, fault: FaultType) {
+        let counter = &self.fired[fault.index()];
+        counter.set(counter.get() + 1);
+    }
+
+    /// How often `fault` fired.
+    pub fn fired(&self, fault: FaultType) -> u64 {
+        self.fired[fault.index()].get()
+    }
+
+    /// Counts of every configured fault and every fault that fired.
+    pub fn stats(&self) -> FaultStats {
+        let counts: BTreeMap<FaultType, u64> = FaultType::all()
+            .iter()
+            .filter(|fault| self.probability(**fault).is_some() || self.fired(**fault) > 0)
+            .map(|fault| (*fault, self.fired(*fault)))
+            .collect();
+        FaultStats::from_map(counts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unconfigured_faults_never_fire_and_certain_ones_always_do() {
+        let root = DeterministicRng::new(1);
+        let always = FaultConfig::new(FaultType::StorageReadFail, 1.0).unwrap();
+        let injector = FaultInjector::new(&root, &[always]);
+        let trace = Trace::new(false);
+        assert!(!injector.should_inject(FaultType::StorageWriteFail, &trace));
+        assert!(injector.should_inject(FaultType::StorageReadFail, &trace));
+        injector.record(FaultType::NetworkPartition);
+        let stats = injector.stats();
+        assert_eq!(stats.get(FaultType::StorageReadFail), 1);
+        assert_eq!(stats.get(FaultType::NetworkPartition), 1);
+        assert!(!stats.as_map().contains_key(&FaultType::StorageWriteFail));
+    }
+}

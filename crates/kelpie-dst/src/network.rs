@@ -1,0 +1,407 @@
+//! [`SimNetwork`]: hosts exchanging messages with random latency, partitions and faults.
+//!
+//! Messages in flight are not tasks and have no wakers: they sit in buckets keyed by their
+//! delivery instant, and the executor asks the network for its next instant when nothing is
+//! ready. Within one instant, messages are delivered in the order they were sent, so delivery
+//! order is deterministic. Each host has a mailbox with one consumer (`recv`).
+//!
+//! Loss, duplication and delay spikes are [`FaultType`]s drawn per message; partitions are
+//! set by the scenario and every message they drop is counted as
+//! [`FaultType::NetworkPartition`].
+
+use crate::env::SimEnv;
+use crate::fault::FaultType;
+use crate::rng::DeterministicRng;
+use crate::runtime::EventSource;
+use crate::trace::event;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+/// A host's index in its network, `0..hosts`.
+pub type HostId = usize;
+
+/// Most hosts one network may have; the partition matrix is quadratic in it.
+pub const NETWORK_HOSTS_MAX: usize = 1024;
+/// A delay fault adds an extra delay of up to this many times the configured maximum.
+pub const NETWORK_DELAY_SPIKE_FACTOR: u64 = 10;
+
+/// The shape of a network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetworkConfig {
+    /// Number of hosts.
+    pub hosts: usize,
+    /// Shortest one-way latency, in simulated ms.
+    pub latency_ms_min: u64,
+    /// Longest one-way latency, in simulated ms (before delay faults).
+    pub latency_ms_max: u64,
+}
+
+/// Why a message was dropped, folded into the trace.
+const OUTCOME_DELIVERED: u64 = 0;
+const OUTCOME_PARTITIONED: u64 = 1;
+const OUTCOME_LOST: u64 = 2;
+
+struct InFlight<M> {
+    from: u32,
+    to: u32,
+    message: M,
+}
+
+struct Mailbox<M> {
+    queue: VecDeque<(HostId, M)>,
+    waiter: Option<Waker>,
+}
+
+struct NetworkState<M> {
+    rng: DeterministicRng,
+    /// Messages in flight, by delivery instant, in send order within an instant.
+    in_flight: BTreeMap<u64, Vec<InFlight<M>>>,
+    /// Emptied buckets kept for reuse, so steady traffic allocates nothing.
+    spare_buckets: Vec<Vec<InFlight<M>>>,
+    mailboxes: Vec<Mailbox<M>>,
+    /// `blocked[from * hosts + to]`: whether the link from `from` to `to` is cut.
+    blocked: Vec<bool>,
+    any_blocked: bool,
+    sent: u64,
+    delivered: u64,
+    dropped: u64,
+    in_flight_count: u64,
+    /// Reused buffer of wakers to wake after a delivery burst.
+    wake_buffer: Vec<Waker>,
+}
+
+struct NetworkInner<M> {
+    env: SimEnv,
+    config: NetworkConfig,
+    state: RefCell<NetworkState<M>>,
+}
+
+/// A shared handle to a simulated network carrying messages of type `M`.
+pub struct SimNetwork<M> {
+    inner: Rc<NetworkInner<M>>,
+}
+
+impl<M> Clone for SimNetwork<M> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<M: Clone + 'static> SimNetwork<M> {
+    /// A network of `hosts` hosts with the run's configured latency range.
+    pub fn new(env: &SimEnv, hosts: usize) -> Self {
+        let config = env.config();
+        let (latency_ms_min, latency_ms_max) =
+            (config.network_latency_ms_min, config.network_latency_ms_max);
+        Self::with_config(
+            env,
+            NetworkConfig {
+                hosts,
+                latency_ms_min,
+                latency_ms_max,
+            },
+        )
+    }
+
+    /// A network with an explicit shape.
+    ///
+    /// # Panics
+    /// If there are no hosts or more than [`NETWORK_HOSTS_MAX`], or the latency range is empty.
+    pub fn with_config(env: &SimEnv, config: NetworkConfig) -> Self {
+        assert!(
+            (1..=NETWORK_HOSTS_MAX).contains(&config.hosts),
+            "a network needs 1..={NETWORK_HOSTS_MAX} hosts, got {}",
+            config.hosts
+        );
+        assert!(
+            config.latency_ms_min <= config.latency_ms_max,
+            "network latency range {}..={} ms is empty",
+            config.latency_ms_min,
+            config.latency_ms_max
+        );
+        let id = env.runtime().next_component_id();
+        let mailboxes = (0..config.hosts)
+            .map(|_| Mailbox {
+                queue: VecDeque::new(),
+                waiter: None,
+            })
+            .collect();
+        let state = NetworkState {
+            rng: env.rng(&format!("network/{id}")),
+            in_flight: BTreeMap::new(),
+            spare_buckets: Vec::new(),
+            mailboxes,
+            blocked: vec![false; config.hosts * config.hosts],
+            any_blocked: false,
+            sent: 0,
+            delivered: 0,
+            dropped: 0,
+            in_flight_count: 0,
+            wake_buffer: Vec::new(),
+        };
+        let inner = Rc::new(NetworkInner {
+            env: env.clone(),
+            config,
+            state: RefCell::new(state),
+        });
+        let source: Rc<dyn EventSource> = inner.clone();
+        env.runtime().add_source(Rc::downgrade(&source));
+        Self { inner }
+    }
+
+    /// Number of hosts.
+    pub fn hosts(&self) -> usize {
+        self.inner.config.hosts
+    }
+
+    /// Sends `message` from `from` to `to`. It arrives after a random latency unless a
+    /// partition or a loss fault drops it; a duplicate fault sends a second copy.
+    ///
+    /// # Panics
+    /// If either host is out of range.
+    pub fn send(&self, from: HostId, to: HostId, message: M) {
+        let hosts = self.inner.config.hosts;
+        assert!(
+            from < hosts && to < hosts,
+            "send {from}->{to} on a network of {hosts} hosts"
+        );
+        let env = &self.inner.env;
+        let mut state = self.inner.state.borrow_mut();
+        state.sent += 1;
+        let route = route_word(from, to);
+        if state.any_blocked && state.blocked[from * hosts + to] {
+            state.drop_message(env, route, OUTCOME_PARTITIONED);
+            return;
+        }
+        if env.should_inject(FaultType::NetworkMessageLoss) {
+            state.drop_message(env, route, OUTCOME_LOST);
+            return;
+        }
+        if env.should_inject(FaultType::NetworkDuplicate) {
+            self.enqueue(&mut state, from, to, message.clone());
+        }
+        self.enqueue(&mut state, from, to, message);
+    }
+
+    fn enqueue(&self, state: &mut NetworkState<M>, from: HostId, to: HostId, message: M) {
+        let env = &self.inner.env;
+        let config = &self.inner.config;
+        let mut latency_ms = state
+            .rng
+            .gen_range(config.latency_ms_min..=config.latency_ms_max);
+        if env.should_inject(FaultType::NetworkDelay) {
+            let spike_base_ms = config.latency_ms_max.max(1);
+            latency_ms += state
+                .rng
+                .gen_range(spike_base_ms..=spike_base_ms * NETWORK_DELAY_SPIKE_FACTOR);
+        }
+        let deliver_at_ms = env.now_ms().saturating_add(latency_ms);
+        let NetworkState {
+            in_flight,
+            spare_buckets,
+            ..
+        } = state;
+        let bucket = in_flight
+            .entry(deliver_at_ms)
+            .or_insert_with(|| spare_buckets.pop().unwrap_or_default());
+        // Host indices fit u32: there are at most NETWORK_HOSTS_MAX of them.
+        bucket.push(InFlight {
+            from: from as u32,
+            to: to as u32,
+            message,
+        });
+        state.in_flight_count += 1;
+        env.runtime()
+            .trace
+            .event(event::NET_SEND, route_word(from, to), deliver_at_ms);
+    }
+
+    /// Waits for the next message to `host`; returns the sender and the message. Each host's
+    /// mailbox has one consumer: a second concurrent `recv` on the same host replaces the
+    /// first one's waker.
+    pub fn recv(&self, host: HostId) -> Recv<'_, M> {
+        assert!(
+            host < self.hosts(),
+            "recv on host {host} of a network of {} hosts",
+            self.hosts()
+        );
+        Recv {
+            network: self,
+            host,
+        }
+    }
+
+    /// The next message to `host`, if one has arrived.
+    pub fn try_recv(&self, host: HostId) -> Option<(HostId, M)> {
+        self.inner.state.borrow_mut().mailboxes[host]
+            .queue
+            .pop_front()
+    }
+
+    /// Cuts every link between a host of `a` and a host of `b`, both ways.
+    pub fn partition(&self, a: &[HostId], b: &[HostId]) {
+        self.partition_one_way(a, b);
+        self.partition_one_way(b, a);
+    }
+
+    /// Cuts every link from a host of `from` to a host of `to` (replies still flow back).
+    pub fn partition_one_way(&self, from: &[HostId], to: &[HostId]) {
+        let hosts = self.hosts();
+        let mut state = self.inner.state.borrow_mut();
+        for &source in from {
+            for &target in to {
+                assert!(
+                    source < hosts && target < hosts,
+                    "partition of host out of range"
+                );
+                state.blocked[source * hosts + target] = true;
+                self.inner.env.trace(route_word(source, target));
+            }
+        }
+        state.any_blocked = state.blocked.iter().any(|&cut| cut);
+    }
+
+    /// Restores every link.
+    pub fn heal(&self) {
+        let mut state = self.inner.state.borrow_mut();
+        state.blocked.fill(false);
+        state.any_blocked = false;
+        self.inner.env.trace(u64::MAX);
+    }
+
+    /// Whether messages from `from` currently reach `to`.
+    pub fn is_reachable(&self, from: HostId, to: HostId) -> bool {
+        let state = self.inner.state.borrow();
+        !state.blocked[from * self.hosts() + to]
+    }
+
+    /// Messages sent so far (each `send` counts once, even if duplicated or dropped).
+    pub fn sent(&self) -> u64 {
+        self.inner.state.borrow().sent
+    }
+
+    /// Messages delivered into mailboxes so far (duplicates count).
+    pub fn delivered(&self) -> u64 {
+        self.inner.state.borrow().delivered
+    }
+
+    /// Messages dropped by partitions or loss faults so far.
+    pub fn dropped(&self) -> u64 {
+        self.inner.state.borrow().dropped
+    }
+
+    /// Messages currently in flight.
+    pub fn in_flight(&self) -> u64 {
+        self.inner.state.borrow().in_flight_count
+    }
+}
+
+/// A route folded into one trace word.
+fn route_word(from: HostId, to: HostId) -> u64 {
+    ((from as u64) << 32) | to as u64
+}
+
+impl<M> NetworkState<M> {
+    fn drop_message(&mut self, env: &SimEnv, route: u64, outcome: u64) {
+        self.dropped += 1;
+        if outcome == OUTCOME_PARTITIONED {
+            env.record_fault(FaultType::NetworkPartition);
+        }
+        env.runtime()
+            .trace
+            .event(event::NET_DELIVER, route, outcome);
+    }
+
+    /// Delivers one bucket; collects the wakers of hosts that were waiting.
+    fn deliver_bucket(&mut self, env: &SimEnv, hosts: usize, mut bucket: Vec<InFlight<M>>) {
+        for InFlight { from, to, message } in bucket.drain(..) {
+            let (from, to) = (from as usize, to as usize);
+            self.in_flight_count -= 1;
+            let route = route_word(from, to);
+            if self.any_blocked && self.blocked[from * hosts + to] {
+                self.drop_message(env, route, OUTCOME_PARTITIONED);
+                continue;
+            }
+            self.delivered += 1;
+            env.runtime()
+                .trace
+                .event(event::NET_DELIVER, route, OUTCOME_DELIVERED);
+            let mailbox = &mut self.mailboxes[to];
+            mailbox.queue.push_back((from, message));
+            if let Some(waiter) = mailbox.waiter.take() {
+                self.wake_buffer.push(waiter);
+            }
+        }
+        self.spare_buckets.push(bucket);
+    }
+}
+
+impl<M> EventSource for NetworkInner<M> {
+    fn next_deadline_ms(&self) -> Option<u64> {
+        self.state
+            .borrow()
+            .in_flight
+            .first_key_value()
+            .map(|(&at_ms, _)| at_ms)
+    }
+
+    fn fire_due(&self, now_ms: u64) {
+        let mut wakers = {
+            let mut state = self.state.borrow_mut();
+            while let Some(entry) = state.in_flight.first_entry() {
+                if *entry.key() > now_ms {
+                    break;
+                }
+                let bucket = entry.remove();
+                state.deliver_bucket(&self.env, self.config.hosts, bucket);
+            }
+            std::mem::take(&mut state.wake_buffer)
+        };
+        // Woken outside the borrow, in delivery order, so a waker may touch the network.
+        wakers.drain(..).for_each(Waker::wake);
+        self.state.borrow_mut().wake_buffer = wakers;
+    }
+}
+
+/// The future returned by [`SimNetwork::recv`].
+#[must_use = "a Recv does nothing unless awaited"]
+pub struct Recv<'a, M> {
+    network: &'a SimNetwork<M>,
+    host: HostId,
+}
+
+impl<M> Future for Recv<'_, M> {
+    type Output = (HostId, M);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(HostId, M)> {
+        let mut state = self.network.inner.state.borrow_mut();
+        let mailbox = &mut state.mailboxes[self.host];
+        if let Some(item) = mailbox.queue.pop_front() {
+            return Poll::Ready(item);
+        }
+        match &mailbox.waiter {
+            Some(waiter) if waiter.will_wake(cx.waker()) => {}
+            _ => mailbox.waiter = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+impl<M> fmt::Debug for SimNetwork<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.inner.state.borrow();
+        f.debug_struct("SimNetwork")
+            .field("hosts", &self.inner.config.hosts)
+            .field("sent", &state.sent)
+            .field("delivered", &state.delivered)
+            .field("dropped", &state.dropped)
+            .finish()
+    }
+}

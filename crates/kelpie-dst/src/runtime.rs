@@ -1,0 +1,339 @@
+//! The executor's run loop: picks ready tasks with the scheduler stream, polls them, checks
+//! invariants after every step, and jumps simulated time to the next event when nothing is
+//! ready.
+
+use crate::config::SimConfig;
+use crate::error::SimError;
+use crate::executor::{LocalTask, Shared, TaskKey, TaskSlab};
+use crate::failure::catch_panic;
+use crate::fault::FaultConfig;
+use crate::injector::FaultInjector;
+use crate::rng::DeterministicRng;
+use crate::trace::{event, Trace};
+use std::cell::{Cell, RefCell};
+use std::rc::Weak;
+use std::sync::Arc;
+use std::task::{Context, Waker};
+
+/// Something other than a timer that schedules events in simulated time (the network's
+/// in-flight messages). Keeping them out of the timer map lets a component deliver many
+/// events per instant without a waker per event.
+pub(crate) trait EventSource {
+    /// When the source's next event is due.
+    fn next_deadline_ms(&self) -> Option<u64>;
+    /// Delivers every event due at `now_ms`.
+    fn fire_due(&self, now_ms: u64);
+}
+
+/// A named check evaluated after every step.
+struct Invariant {
+    name: &'static str,
+    check: Box<dyn Fn() -> Result<(), String>>,
+}
+
+/// Everything one simulation run shares: executor, streams, trace, faults, invariants.
+pub(crate) struct Runtime {
+    pub config: SimConfig,
+    pub shared: Arc<Shared>,
+    pub trace: Trace,
+    pub faults: FaultInjector,
+    root_rng: DeterministicRng,
+    scheduler_rng: RefCell<DeterministicRng>,
+    tasks: RefCell<TaskSlab>,
+    invariants: RefCell<Vec<Invariant>>,
+    sources: RefCell<Vec<Weak<dyn EventSource>>>,
+    steps: Cell<u64>,
+    checks_evaluated: Cell<u64>,
+    timers_fired: Cell<u64>,
+    components: Cell<u64>,
+}
+
+impl Runtime {
+    /// A runtime for one run; `record_steps` keeps per-step hashes for the determinism check.
+    pub fn new(config: SimConfig, faults: &[FaultConfig], record_steps: bool) -> Self {
+        let root_rng = DeterministicRng::new(config.seed);
+        Self {
+            shared: Arc::new(Shared::default()),
+            trace: Trace::new(record_steps),
+            faults: FaultInjector::new(&root_rng, faults),
+            scheduler_rng: RefCell::new(root_rng.fork("scheduler")),
+            root_rng,
+            tasks: RefCell::new(TaskSlab::default()),
+            invariants: RefCell::new(Vec::new()),
+            sources: RefCell::new(Vec::new()),
+            steps: Cell::new(0),
+            checks_evaluated: Cell::new(0),
+            timers_fired: Cell::new(0),
+            components: Cell::new(0),
+            config,
+        }
+    }
+
+    /// The stream named `name`, forked from the root seed.
+    pub fn fork_rng(&self, name: &str) -> DeterministicRng {
+        self.root_rng.fork(name)
+    }
+
+    /// A fresh number for naming a component (store, network) deterministically.
+    pub fn next_component_id(&self) -> u64 {
+        let id = self.components.get();
+        self.components.set(id + 1);
+        id
+    }
+
+    /// Adds a task, ready to run.
+    pub fn spawn(&self, future: LocalTask) -> TaskKey {
+        let (key, id) = self.tasks.borrow_mut().insert(&self.shared, future);
+        self.trace.event(event::SPAWN, id, self.steps.get());
+        key
+    }
+
+    /// Aborts a task; its future is dropped now, or after its current poll.
+    pub fn abort(&self, key: TaskKey) {
+        let future = self.tasks.borrow_mut().abort(key);
+        // Dropped outside the borrow: its destructors may spawn or abort tasks.
+        drop(future);
+    }
+
+    /// Registers an invariant checked after every step.
+    pub fn add_invariant(&self, name: &'static str, check: Box<dyn Fn() -> Result<(), String>>) {
+        self.invariants.borrow_mut().push(Invariant { name, check });
+    }
+
+    /// Registers a source of timed events.
+    pub fn add_source(&self, source: Weak<dyn EventSource>) {
+        self.sources.borrow_mut().push(source);
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.steps.get()
+    }
+
+    /// Invariant evaluations so far.
+    pub fn checks_evaluated(&self) -> u64 {
+        self.checks_evaluated.get()
+    }
+
+    /// Timers fired so far.
+    pub fn timers_fired(&self) -> u64 {
+        self.timers_fired.get()
+    }
+
+    /// Tasks spawned so far (including the main one).
+    pub fn tasks_spawned(&self) -> u64 {
+        self.tasks.borrow().spawned()
+    }
+
+    /// Runs until `main_done` says the scenario finished, or a failure.
+    pub fn drive(&self, main_done: &dyn Fn() -> bool) -> Result<(), SimError> {
+        loop {
+            if main_done() {
+                return Ok(());
+            }
+            if self.poll_next()? {
+                self.check_invariants()?;
+            } else {
+                self.advance_time()?;
+            }
+        }
+    }
+
+    /// Polls one ready task chosen by the scheduler stream. `Ok(false)` if none is ready.
+    fn poll_next(&self) -> Result<bool, SimError> {
+        loop {
+            let key = {
+                let mut ready = self.shared.ready();
+                let count = ready.len();
+                if count == 0 {
+                    return Ok(false);
+                }
+                let chosen = if count == 1 {
+                    0
+                } else {
+                    self.scheduler_rng.borrow_mut().choose_index(count)
+                };
+                ready.swap_remove(chosen)
+            };
+            // A stale key belongs to a task that finished or was aborted after being woken.
+            let Some((id, future, waker)) = self.tasks.borrow_mut().begin_poll(key) else {
+                continue;
+            };
+            let step = self.steps.get();
+            if step >= self.config.steps_max {
+                drop(self.tasks.borrow_mut().end_poll(key, future, false));
+                return Err(SimError::StepLimit {
+                    seed: self.config.seed,
+                    steps_max: self.config.steps_max,
+                    sim_time_ms: self.shared.now_ms(),
+                });
+            }
+            self.steps.set(step + 1);
+            self.trace.event(event::STEP, step + 1, id);
+            self.poll_task(key, future, &waker)?;
+            self.trace.end_step();
+            return Ok(true);
+        }
+    }
+
+    /// Polls one task's future, catching a panic.
+    fn poll_task(
+        &self,
+        key: TaskKey,
+        mut future: LocalTask,
+        waker: &Waker,
+    ) -> Result<(), SimError> {
+        let mut context = Context::from_waker(waker);
+        match catch_panic(|| future.as_mut().poll(&mut context)) {
+            Ok(poll) => {
+                let finished = self
+                    .tasks
+                    .borrow_mut()
+                    .end_poll(key, future, poll.is_ready());
+                // Dropped outside the borrow: destructors may spawn or abort tasks.
+                drop(finished);
+                Ok(())
+            }
+            Err(message) => {
+                let finished = self.tasks.borrow_mut().end_poll(key, future, true);
+                // The task is broken; a second panic from its destructor adds nothing.
+                let _ = catch_panic(move || drop(finished));
+                Err(SimError::Panicked {
+                    seed: self.config.seed,
+                    step: self.steps.get(),
+                    sim_time_ms: self.shared.now_ms(),
+                    message,
+                })
+            }
+        }
+    }
+
+    /// Evaluates every invariant; the first violation (or panic) fails the run.
+    fn check_invariants(&self) -> Result<(), SimError> {
+        if self.invariants.borrow().is_empty() {
+            return Ok(());
+        }
+        // Taken out so that a check may register further invariants without a borrow clash.
+        let invariants = self.invariants.take();
+        let result = self.evaluate(&invariants);
+        let mut slot = self.invariants.borrow_mut();
+        let added = std::mem::replace(&mut *slot, invariants);
+        slot.extend(added);
+        result
+    }
+
+    fn evaluate(&self, invariants: &[Invariant]) -> Result<(), SimError> {
+        for invariant in invariants {
+            self.checks_evaluated.set(self.checks_evaluated.get() + 1);
+            let message = match catch_panic(|| (invariant.check)()) {
+                Ok(Ok(())) => continue,
+                Ok(Err(message)) => message,
+                Err(panic) => format!("the check panicked: {panic}"),
+            };
+            return Err(SimError::InvariantViolated {
+                seed: self.config.seed,
+                step: self.steps.get(),
+                sim_time_ms: self.shared.now_ms(),
+                invariant: invariant.name.to_string(),
+                message,
+            });
+        }
+        Ok(())
+    }
+
+    /// The earliest pending timer or source event.
+    fn next_event_ms(&self) -> Option<u64> {
+        let timer_ms = self.shared.timers().next_deadline_ms();
+        let sources = self.sources.borrow();
+        let source_ms = sources
+            .iter()
+            .filter_map(|s| s.upgrade()?.next_deadline_ms())
+            .min();
+        match (timer_ms, source_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Nothing is ready: jumps time to the next event and fires everything due then.
+    fn advance_time(&self) -> Result<(), SimError> {
+        let Some(next_ms) = self.next_event_ms() else {
+            return Err(SimError::Deadlock {
+                seed: self.config.seed,
+                step: self.steps.get(),
+                sim_time_ms: self.shared.now_ms(),
+                tasks_blocked: self.tasks.borrow().live().saturating_sub(1),
+            });
+        };
+        if next_ms > self.config.sim_time_ms_max {
+            return Err(SimError::TimeLimit {
+                seed: self.config.seed,
+                step: self.steps.get(),
+                sim_time_ms_max: self.config.sim_time_ms_max,
+                next_event_ms: next_ms,
+            });
+        }
+        let now_ms = next_ms.max(self.shared.now_ms());
+        self.shared.set_now_ms(now_ms);
+        self.trace.event(event::TIME, now_ms, 0);
+        self.fire_timers(now_ms);
+        self.fire_sources(now_ms)
+    }
+
+    fn fire_timers(&self, now_ms: u64) {
+        loop {
+            // The lock is released before waking: a waker may touch the timers.
+            let Some(((deadline_ms, sequence), waker)) = self.shared.timers().pop_due(now_ms)
+            else {
+                return;
+            };
+            self.timers_fired.set(self.timers_fired.get() + 1);
+            self.trace.event(event::TIMER, deadline_ms, sequence);
+            waker.wake();
+        }
+    }
+
+    fn fire_sources(&self, now_ms: u64) -> Result<(), SimError> {
+        let sources: Vec<_> = self
+            .sources
+            .borrow()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for source in sources {
+            if source
+                .next_deadline_ms()
+                .is_some_and(|due_ms| due_ms <= now_ms)
+            {
+                catch_panic(|| source.fire_due(now_ms)).map_err(|message| SimError::Panicked {
+                    seed: self.config.seed,
+                    step: self.steps.get(),
+                    sim_time_ms: now_ms,
+                    message,
+                })?;
+            }
+        }
+        self.sources
+            .borrow_mut()
+            .retain(|source| source.strong_count() > 0);
+        Ok(())
+    }
+
+    /// Ends the run: drops every task, timer, invariant and source so no reference cycle
+    /// through the runtime outlives it.
+    pub fn teardown(&self) {
+        // Bounded: a destructor may spawn a task, which the next round drops.
+        for _ in 0..16 {
+            let futures = self.tasks.borrow_mut().drain();
+            if futures.is_empty() {
+                break;
+            }
+            let _ = catch_panic(move || drop(futures));
+        }
+        self.shared.timers().clear();
+        self.shared.ready().clear();
+        let invariants = self.invariants.take();
+        let _ = catch_panic(move || drop(invariants));
+        self.sources.borrow_mut().clear();
+    }
+}

@@ -1,0 +1,384 @@
+//! [`SimStorage`]: a linearizable, versioned key-value store inside the simulation.
+//!
+//! Every operation travels to the store and back: a latency is drawn per operation and split
+//! into a request half and a reply half. The operation takes effect atomically at the single
+//! simulated instant its request arrives, which is what makes the store linearizable. Faults
+//! are drawn at that instant: a failed read or write applies nothing; a commit-unknown write
+//! is applied but the caller gets an error. The store is durable: a crash makes it
+//! unavailable, and everything applied before the crash is still there after a restart.
+
+use crate::env::SimEnv;
+use crate::fault::FaultType;
+use crate::rng::{fnv1a, DeterministicRng};
+use crate::trace::event;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::rc::Rc;
+
+/// A latency fault adds an extra delay of up to this many times the configured maximum.
+pub const STORAGE_LATENCY_SPIKE_FACTOR: u64 = 10;
+
+/// A stored value with its version: 1 after the first write, +1 per write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned<V> {
+    /// The value.
+    pub value: V,
+    /// The version, starting at 1.
+    pub version: u64,
+}
+
+/// The outcome of a compare-and-swap that reached the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CasOutcome {
+    /// The expected version matched and the new value was written.
+    Applied {
+        /// The version now stored.
+        version: u64,
+    },
+    /// The expected version did not match; nothing was written.
+    Conflict {
+        /// The version actually stored (`None`: the key is absent).
+        current_version: Option<u64>,
+    },
+}
+
+/// Why a storage operation failed.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StorageError {
+    /// The write failed and nothing was applied.
+    #[error("write to {key:?} failed; nothing was applied")]
+    WriteFailed {
+        /// The key written.
+        key: String,
+    },
+    /// The read failed.
+    #[error("read of {key:?} failed")]
+    ReadFailed {
+        /// The key read.
+        key: String,
+    },
+    /// The write was applied, but the caller cannot know that.
+    #[error("write to {key:?} returned an error but may have been applied (commit unknown)")]
+    CommitUnknown {
+        /// The key written.
+        key: String,
+    },
+    /// The store was crashed; the operation may or may not have been applied.
+    #[error(
+        "store {store:?} is unavailable; the operation on {key:?} may or may not have been applied"
+    )]
+    Unavailable {
+        /// The store's name.
+        store: String,
+        /// The key of the operation.
+        key: String,
+    },
+}
+
+/// Operation kinds, folded into the trace.
+#[derive(Debug, Clone, Copy)]
+enum OpKind {
+    Get = 1,
+    Put = 2,
+    CompareAndSwap = 3,
+    Transact = 4,
+}
+
+struct StorageInner<V> {
+    env: SimEnv,
+    id: u64,
+    name: String,
+    data: RefCell<BTreeMap<String, Versioned<V>>>,
+    crashed: Cell<bool>,
+    /// Incremented at every crash, so an operation can tell it spanned one.
+    epoch: Cell<u64>,
+    operations: Cell<u64>,
+    rng: RefCell<DeterministicRng>,
+}
+
+/// A shared handle to a simulated store holding values of type `V`. Cloning shares the store.
+pub struct SimStorage<V> {
+    inner: Rc<StorageInner<V>>,
+}
+
+impl<V> Clone for SimStorage<V> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<V: Clone + 'static> SimStorage<V> {
+    /// A new, empty store named after its creation order (`storage-0`, `storage-1`, ...).
+    pub fn new(env: &SimEnv) -> Self {
+        let id = env.runtime().next_component_id();
+        Self::with_id(env, id, format!("storage-{id}"))
+    }
+
+    /// A new, empty store with a chosen name (which also names its random stream).
+    pub fn named(env: &SimEnv, name: &str) -> Self {
+        let id = env.runtime().next_component_id();
+        Self::with_id(env, id, name.to_string())
+    }
+
+    fn with_id(env: &SimEnv, id: u64, name: String) -> Self {
+        let inner = StorageInner {
+            env: env.clone(),
+            id,
+            rng: RefCell::new(env.rng(&format!("storage/{name}"))),
+            name,
+            data: RefCell::new(BTreeMap::new()),
+            crashed: Cell::new(false),
+            epoch: Cell::new(0),
+            operations: Cell::new(0),
+        };
+        Self {
+            inner: Rc::new(inner),
+        }
+    }
+
+    /// The store's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Reads `key`.
+    pub async fn get(&self, key: &str) -> Result<Option<Versioned<V>>, StorageError> {
+        self.execute(OpKind::Get, key, |store, key, _| {
+            if store.env.should_inject(FaultType::StorageReadFail) {
+                return Err(StorageError::ReadFailed {
+                    key: key.to_string(),
+                });
+            }
+            Ok(store.data.borrow().get(key).cloned())
+        })
+        .await
+    }
+
+    /// Writes `value` to `key` unconditionally; returns the new version.
+    pub async fn put(&self, key: &str, value: V) -> Result<u64, StorageError> {
+        self.execute(OpKind::Put, key, |store, key, _| {
+            let current = store.data.borrow().get(key).map(|v| v.version);
+            store.write(key, current, value)
+        })
+        .await
+    }
+
+    /// Writes `value` if the stored version is `expected_version` (`None`: the key must be
+    /// absent).
+    pub async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected_version: Option<u64>,
+        value: V,
+    ) -> Result<CasOutcome, StorageError> {
+        self.read_modify_write(OpKind::CompareAndSwap, key, move |current, _| {
+            let current_version = current.map(|v| v.version);
+            if current_version == expected_version {
+                let version = current_version.unwrap_or(0) + 1;
+                (Some(value), CasOutcome::Applied { version })
+            } else {
+                (None, CasOutcome::Conflict { current_version })
+            }
+        })
+        .await
+    }
+
+    /// The general atomic step. At the instant the request reaches the store, calls
+    /// `f(current, store_now_ms)`. If it returns `(Some(new), r)`, `new` is written with the
+    /// next version (subject to write faults: a write failure applies nothing, a
+    /// commit-unknown applies it but returns an error); with `(None, r)` nothing is written.
+    /// Read faults apply either way. Returns `r`.
+    pub async fn transact<R>(
+        &self,
+        key: &str,
+        f: impl FnOnce(Option<&Versioned<V>>, u64) -> (Option<V>, R),
+    ) -> Result<R, StorageError> {
+        self.read_modify_write(OpKind::Transact, key, f).await
+    }
+
+    /// A read-modify-write step shared by `transact` and `compare_and_swap`.
+    async fn read_modify_write<R>(
+        &self,
+        kind: OpKind,
+        key: &str,
+        f: impl FnOnce(Option<&Versioned<V>>, u64) -> (Option<V>, R),
+    ) -> Result<R, StorageError> {
+        self.execute(kind, key, |store, key, now_ms| {
+            if store.env.should_inject(FaultType::StorageReadFail) {
+                return Err(StorageError::ReadFailed {
+                    key: key.to_string(),
+                });
+            }
+            // Cloned so that `f` may read the store (say, through `peek`) without a borrow clash.
+            let current = store.data.borrow().get(key).cloned();
+            let (new_value, result) = f(current.as_ref(), now_ms);
+            match new_value {
+                Some(value) => store
+                    .write(key, current.map(|v| v.version), value)
+                    .map(|_| result),
+                None => Ok(result),
+            }
+        })
+        .await
+    }
+
+    /// The stored value of `key`: ground truth for checkers, with no latency, no faults, and
+    /// nothing traced.
+    pub fn peek(&self, key: &str) -> Option<Versioned<V>> {
+        self.inner.data.borrow().get(key).cloned()
+    }
+
+    /// All keys, in order.
+    pub fn keys(&self) -> Vec<String> {
+        self.inner.data.borrow().keys().cloned().collect()
+    }
+
+    /// A copy of the whole store.
+    pub fn snapshot(&self) -> BTreeMap<String, Versioned<V>> {
+        self.inner.data.borrow().clone()
+    }
+
+    /// The store's clock: global simulated time.
+    pub fn now_ms(&self) -> u64 {
+        self.inner.env.now_ms()
+    }
+
+    /// Crashes the store: operations fail with [`StorageError::Unavailable`] until
+    /// [`SimStorage::restart`]. Applied writes are durable and survive.
+    pub fn crash(&self) {
+        self.inner.crashed.set(true);
+        self.inner.epoch.set(self.inner.epoch.get() + 1);
+        self.inner
+            .env
+            .trace(fnv1a(b"storage-crash") ^ self.inner.id);
+    }
+
+    /// Brings a crashed store back with everything it had applied.
+    pub fn restart(&self) {
+        self.inner.crashed.set(false);
+        self.inner
+            .env
+            .trace(fnv1a(b"storage-restart") ^ self.inner.id);
+    }
+
+    /// Whether the store is crashed.
+    pub fn is_crashed(&self) -> bool {
+        self.inner.crashed.get()
+    }
+
+    /// Operations issued so far (including failed ones).
+    pub fn operations(&self) -> u64 {
+        self.inner.operations.get()
+    }
+
+    /// Runs one operation: request latency, `apply` at the store, reply latency.
+    async fn execute<R>(
+        &self,
+        kind: OpKind,
+        key: &str,
+        apply: impl FnOnce(&StorageInner<V>, &str, u64) -> Result<R, StorageError>,
+    ) -> Result<R, StorageError> {
+        let store = &*self.inner;
+        store.operations.set(store.operations.get() + 1);
+        let epoch = store.epoch.get();
+        if store.crashed.get() {
+            return Err(store.unavailable(key));
+        }
+        let (request_ms, reply_ms) = store.draw_latency_ms();
+        store.env.sleep_ms(request_ms).await;
+        if store.crashed.get() || store.epoch.get() != epoch {
+            // The request was lost with the crash; nothing was applied.
+            return Err(store.unavailable(key));
+        }
+        let result = apply(store, key, store.env.now_ms());
+        store.trace_op(kind, key, &result);
+        store.env.sleep_ms(reply_ms).await;
+        if store.crashed.get() || store.epoch.get() != epoch {
+            // The reply was lost with the crash; the operation may have been applied.
+            return Err(store.unavailable(key));
+        }
+        result
+    }
+}
+
+impl<V: Clone + 'static> StorageInner<V> {
+    /// Writes `value` as the version after `current_version`, drawing write faults.
+    fn write(
+        &self,
+        key: &str,
+        current_version: Option<u64>,
+        value: V,
+    ) -> Result<u64, StorageError> {
+        if self.env.should_inject(FaultType::StorageWriteFail) {
+            return Err(StorageError::WriteFailed {
+                key: key.to_string(),
+            });
+        }
+        let version = current_version.unwrap_or(0) + 1;
+        self.data
+            .borrow_mut()
+            .insert(key.to_string(), Versioned { value, version });
+        if self.env.should_inject(FaultType::StorageCommitUnknown) {
+            return Err(StorageError::CommitUnknown {
+                key: key.to_string(),
+            });
+        }
+        Ok(version)
+    }
+
+    /// The request and reply halves of this operation's latency.
+    fn draw_latency_ms(&self) -> (u64, u64) {
+        let config = self.env.config();
+        let (min_ms, max_ms) = (config.storage_latency_ms_min, config.storage_latency_ms_max);
+        let mut rng = self.rng.borrow_mut();
+        let mut latency_ms = rng.gen_range(min_ms..=max_ms);
+        if self.env.should_inject(FaultType::StorageLatency) {
+            let spike_base_ms = max_ms.max(1);
+            latency_ms +=
+                rng.gen_range(spike_base_ms..=spike_base_ms * STORAGE_LATENCY_SPIKE_FACTOR);
+        }
+        let request_ms = latency_ms / 2;
+        (request_ms, latency_ms - request_ms)
+    }
+
+    fn unavailable(&self, key: &str) -> StorageError {
+        StorageError::Unavailable {
+            store: self.name.clone(),
+            key: key.to_string(),
+        }
+    }
+
+    fn trace_op<R>(&self, kind: OpKind, key: &str, result: &Result<R, StorageError>) {
+        let outcome = match result {
+            Ok(_) => 0,
+            Err(StorageError::WriteFailed { .. }) => 1,
+            Err(StorageError::ReadFailed { .. }) => 2,
+            Err(StorageError::CommitUnknown { .. }) => 3,
+            Err(StorageError::Unavailable { .. }) => 4,
+        };
+        let version = self.data.borrow().get(key).map_or(0, |v| v.version);
+        self.env.runtime().trace.event(
+            event::STORAGE,
+            (self.id << 8) | kind as u64,
+            fnv1a(key.as_bytes()),
+        );
+        self.env
+            .runtime()
+            .trace
+            .event(event::STORAGE, outcome, version);
+    }
+}
+
+impl<V> fmt::Debug for SimStorage<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimStorage")
+            .field("name", &self.inner.name)
+            .field("keys", &self.inner.data.borrow().len())
+            .field("crashed", &self.inner.crashed.get())
+            .finish()
+    }
+}

@@ -38,13 +38,25 @@ enum Message {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut args = Args { hosts: 10, sim_secs: 120, every_ms: 100, seed: 42 };
+    let mut args = Args {
+        hosts: 10,
+        sim_secs: 120,
+        every_ms: 100,
+        seed: 42,
+    };
     let mut words = std::env::args().skip(1);
     while let Some(flag) = words.next() {
-        let value = words.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        let number = |v: &str| v.parse::<u64>().map_err(|_| format!("{flag} {v:?} is not a number"));
+        let value = words
+            .next()
+            .ok_or_else(|| format!("{flag} needs a value"))?;
+        let number = |v: &str| {
+            v.parse::<u64>()
+                .map_err(|_| format!("{flag} {v:?} is not a number"))
+        };
         match flag.as_str() {
-            "--hosts" => args.hosts = usize::try_from(number(&value)?).map_err(|e| e.to_string())?,
+            "--hosts" => {
+                args.hosts = usize::try_from(number(&value)?).map_err(|e| e.to_string())?
+            }
             "--sim-secs" => args.sim_secs = number(&value)?,
             "--every-ms" => args.every_ms = number(&value)?,
             "--seed" => args.seed = number(&value)?,
@@ -60,7 +72,10 @@ fn parse_args() -> Result<Args, String> {
 /// CPU time this process has used, in ns. The example runs outside the simulated world, so
 /// it may read the real (CPU) clock.
 fn process_cpu_ns() -> u128 {
-    let mut time = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut time = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `time` is a valid, writable timespec and the clock id is a constant libc knows.
     let status = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut time) };
     assert_eq!(status, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID) failed");

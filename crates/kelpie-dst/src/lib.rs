@@ -18,8 +18,8 @@
 //! - [`network`]: [`SimNetwork`], hosts with mailboxes, latency, partitions and faults.
 //! - [`trace`] (private): the trace hash every decision is folded into.
 //! - [`failure`]: the `DST_SEED=<n>` failure banner, reproduce command and panic capture.
-//! - [`report`]: [`SimReport`].
-//! - [`error`]: [`SimError`].
+//! - [`report`]: [`SimReport`], the figures of a finished run.
+//! - [`error`]: [`SimError`], why a run (or its configuration) failed.
 //!
 //! ```
 //! use kelpie_dst::{FaultConfig, FaultType, SimConfig, Simulation};

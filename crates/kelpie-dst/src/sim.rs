@@ -90,7 +90,7 @@ impl Simulation {
         let second = self.run_once(scenario, true);
         let divergent = first_divergent_step(&first.step_hashes, &second.step_hashes);
         let divergent = divergent
-            .or_else(|| (first.result != second.result).then(|| first.step_hashes.len() as u64));
+            .or_else(|| (first.result != second.result).then_some(first.step_hashes.len() as u64));
         if let Some(step) = divergent {
             let index = usize::try_from(step.saturating_sub(1)).expect("step fits usize");
             return Err(SimError::Nondeterministic {

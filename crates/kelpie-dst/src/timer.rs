@@ -63,7 +63,7 @@ impl TimerQueue {
 /// Whole milliseconds in `duration`, rounded up so that a sleep never ends early.
 pub(crate) fn duration_to_ms_ceil(duration: Duration) -> u64 {
     let whole_ms = duration.as_millis();
-    let partial = u128::from(duration.subsec_nanos() % 1_000_000 != 0);
+    let partial = u128::from(!duration.subsec_nanos().is_multiple_of(1_000_000));
     u64::try_from(whole_ms + partial).unwrap_or(u64::MAX)
 }
 

@@ -84,6 +84,11 @@ impl SimConfig {
         Ok(Self::new(seed))
     }
 
+    /// The seed in `DST_SEED`: `Ok(None)` if unset, [`SimError::InvalidSeed`] if malformed.
+    pub fn seed_from_env() -> Result<Option<u64>, SimError> {
+        seed_from_env()
+    }
+
     /// Sets the step bound.
     pub fn with_steps_max(mut self, steps_max: u64) -> Self {
         self.steps_max = steps_max;

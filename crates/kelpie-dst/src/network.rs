@@ -405,3 +405,30 @@ impl<M> fmt::Debug for SimNetwork<M> {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{FaultConfig, FaultType, SimConfig, Simulation};
+
+    #[test]
+    fn certain_duplication_delivers_twice_and_certain_loss_delivers_nothing() {
+        for (fault, expected_delivered) in [
+            (FaultType::NetworkDuplicate, 20),
+            (FaultType::NetworkMessageLoss, 0),
+        ] {
+            let config = SimConfig::new(3).with_check_determinism(false);
+            let report = Simulation::new(config)
+                .with_fault(FaultConfig::new(fault, 1.0).unwrap())
+                .run(move |env| async move {
+                    let network = env.network::<u32>(2);
+                    (0..10).for_each(|i| network.send(0, 1, i));
+                    env.sleep_ms(1_000).await;
+                    assert_eq!(network.delivered(), expected_delivered, "{fault}");
+                    assert_eq!(network.in_flight(), 0);
+                    Ok::<(), String>(())
+                })
+                .unwrap();
+            assert_eq!(report.fault_fired(fault), 10);
+        }
+    }
+}

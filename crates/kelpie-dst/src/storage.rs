@@ -382,3 +382,45 @@ impl<V> fmt::Debug for SimStorage<V> {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{SimConfig, Simulation};
+
+    #[test]
+    fn versions_count_writes_and_cas_detects_conflicts() {
+        let report = Simulation::new(SimConfig::new(1).with_check_determinism(false))
+            .run(|env| async move {
+                let store = env.storage::<&'static str>();
+                assert_eq!(store.put("k", "a").await, Ok(1));
+                assert_eq!(store.put("k", "b").await, Ok(2));
+                let stale = store.compare_and_swap("k", Some(1), "c").await;
+                assert_eq!(
+                    stale,
+                    Ok(CasOutcome::Conflict {
+                        current_version: Some(2)
+                    })
+                );
+                let absent = store.compare_and_swap("new", None, "x").await;
+                assert_eq!(absent, Ok(CasOutcome::Applied { version: 1 }));
+                let seen = store
+                    .transact("k", |current, now_ms| (None, (current.cloned(), now_ms)))
+                    .await;
+                let (current, at_ms) = seen.map_err(|e| e.to_string())?;
+                assert_eq!(current.map(|v| (v.value, v.version)), Some(("b", 2)));
+                assert!(
+                    at_ms < env.now_ms(),
+                    "applied at the request's arrival, before the reply"
+                );
+                assert_eq!(store.keys(), vec!["k".to_string(), "new".to_string()]);
+                assert_eq!(store.operations(), 5);
+                Ok::<(), String>(())
+            })
+            .unwrap();
+        assert!(
+            report.sim_time_ms >= 5,
+            "five operations of at least 1 ms each"
+        );
+    }
+}

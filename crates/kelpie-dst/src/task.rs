@@ -154,3 +154,35 @@ impl Future for YieldNow {
         Poll::Pending
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{SimConfig, Simulation};
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    #[test]
+    fn yield_lets_a_spawned_task_run_and_a_self_abort_cancels() {
+        Simulation::new(SimConfig::new(1).with_check_determinism(false))
+            .run(|env| async move {
+                let ran = Rc::new(Cell::new(false));
+                let flag = ran.clone();
+                let handle = env.spawn(async move { flag.set(true) });
+                env.yield_now().await;
+                assert!(ran.get() && handle.is_finished());
+                let slot = Rc::new(Cell::new(None));
+                let own = slot.clone();
+                let env2 = env.clone();
+                let handle = env.spawn(async move {
+                    let me: crate::JoinHandle<()> = own.take().expect("handle was stored");
+                    me.abort();
+                    env2.yield_now().await;
+                    unreachable!("an aborted task is never polled again");
+                });
+                slot.set(Some(handle));
+                env.sleep_ms(1).await;
+                Ok::<(), String>(())
+            })
+            .unwrap();
+    }
+}

@@ -19,6 +19,10 @@
 //! - [`trace`] (private): the trace hash every decision is folded into.
 //! - [`failure`]: the `DST_SEED=<n>` failure banner, reproduce command and panic capture.
 //! - [`report`]: [`SimReport`], the figures of a finished run.
+//! - [`sim_lease_store`]: [`SimLeaseStore`], the production lease protocol over [`SimStorage`].
+//! - [`checkers`]: the TLA+ invariants, one per file, evaluated after every step.
+//! - [`lease_cluster`]: [`SimLeaseCluster`] and [`SimLeaseClient`], simulated lease nodes.
+//! - [`lease_scenario`]: [`LeaseScenario`], nodes contending for leases under faults.
 //! - [`error`]: [`SimError`], why a run (or its configuration) failed.
 //!
 //! ```
@@ -40,6 +44,8 @@
 //! assert_eq!(report.seed, 42);
 //! ```
 
+mod beliefs;
+pub mod checkers;
 pub mod clock;
 pub mod config;
 pub mod env;
@@ -48,11 +54,14 @@ mod executor;
 pub mod failure;
 pub mod fault;
 mod injector;
+pub mod lease_cluster;
+pub mod lease_scenario;
 pub mod network;
 pub mod report;
 pub mod rng;
 mod runtime;
 pub mod sim;
+pub mod sim_lease_store;
 pub mod storage;
 pub mod task;
 pub mod timer;
@@ -67,10 +76,15 @@ pub use config::{
 pub use env::SimEnv;
 pub use error::SimError;
 pub use fault::{FaultConfig, FaultStats, FaultType};
+pub use lease_cluster::{
+    ClusterConfig, LeaseOpCounts, SimLeaseClient, SimLeaseCluster, STORE_RETRIES_MAX,
+};
+pub use lease_scenario::{LeaseRunReport, LeaseScenario};
 pub use network::{HostId, NetworkConfig, Recv, SimNetwork};
 pub use report::SimReport;
 pub use rng::DeterministicRng;
 pub use sim::Simulation;
+pub use sim_lease_store::SimLeaseStore;
 pub use storage::{CasOutcome, SimStorage, StorageError, Versioned};
 pub use task::{Cancelled, JoinHandle, YieldNow};
 pub use timer::Sleep;

@@ -1,0 +1,42 @@
+//! ExpiredLeaseClaimable: an expired or free lease never blocks an acquire.
+
+use kelpie_registry::LeaseOp;
+
+use super::{Invariant, LeaseWorld};
+
+/// Every acquire the store decided on a record with no valid holder was granted to the
+/// requester.
+#[derive(Debug, Default)]
+pub struct ExpiredLeaseClaimable;
+
+impl Invariant for ExpiredLeaseClaimable {
+    fn name(&self) -> &'static str {
+        "ExpiredLeaseClaimable"
+    }
+
+    fn check(&mut self, world: &LeaseWorld<'_>) -> Result<(), String> {
+        for d in world
+            .decisions
+            .iter()
+            .filter(|d| d.request.op == LeaseOp::Acquire)
+        {
+            let claimable = d
+                .before
+                .as_ref()
+                .is_none_or(|b| b.valid_holder(d.store_now_ms).is_none());
+            let granted = d
+                .decision
+                .reply
+                .as_ref()
+                .is_ok_and(|l| l.holder == d.request.node_id);
+            if claimable && !granted {
+                return Err(format!(
+                    "acquire of {} by {} at store time {} ms was not granted although the \
+                     lease was free or expired ({:?}): {:?}",
+                    d.actor_id, d.request.node_id, d.store_now_ms, d.before, d.decision.reply
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,88 @@
+//! FencingTokenMonotonic: an actor's token never goes down, and every new holder's is larger
+//! than every token issued before for that actor.
+
+use std::collections::BTreeMap;
+
+use kelpie_core::{ActorId, FencingToken, NodeId};
+
+use super::{Invariant, LeaseWorld};
+
+/// Tracks, per actor, the highest token the store ever held and who held it.
+#[derive(Debug, Default)]
+pub struct FencingTokenMonotonic {
+    highest: BTreeMap<ActorId, (FencingToken, Option<NodeId>)>,
+}
+
+impl FencingTokenMonotonic {
+    fn observe(
+        &mut self,
+        actor_id: &ActorId,
+        token: FencingToken,
+        holder: Option<&NodeId>,
+    ) -> Result<(), String> {
+        let Some((highest, highest_holder)) = self.highest.get(actor_id).cloned() else {
+            self.highest
+                .insert(actor_id.clone(), (token, holder.cloned()));
+            return Ok(());
+        };
+        if token < highest {
+            return Err(format!(
+                "token of {actor_id} went back from {highest} to {token}"
+            ));
+        }
+        let new_holder = holder.is_some() && holder != highest_holder.as_ref();
+        if token == highest && new_holder {
+            return Err(format!(
+                "{actor_id} passed from {highest_holder:?} to {holder:?} with the same token \
+                 {token}"
+            ));
+        }
+        if token > highest || new_holder {
+            self.highest
+                .insert(actor_id.clone(), (token, holder.cloned()));
+        }
+        Ok(())
+    }
+}
+
+impl Invariant for FencingTokenMonotonic {
+    fn name(&self) -> &'static str {
+        "FencingTokenMonotonic"
+    }
+
+    fn check(&mut self, world: &LeaseWorld<'_>) -> Result<(), String> {
+        // A decision may be lost to a write fault, so decisions are judged against the record
+        // they saw, and the running maximum follows only the store's truth.
+        for d in world.decisions {
+            let Some(written) = &d.decision.write else {
+                continue;
+            };
+            let before_token = d
+                .before
+                .as_ref()
+                .map_or(FencingToken::ZERO, |b| b.fencing_token);
+            let before_holder = d
+                .before
+                .as_ref()
+                .and_then(|b| b.valid_holder(d.store_now_ms));
+            let new_holder = written.holder.is_some() && written.holder.as_ref() != before_holder;
+            if written.fencing_token < before_token
+                || (new_holder && written.fencing_token <= before_token)
+            {
+                return Err(format!(
+                    "{} on {} by {} wrote token {} over token {} at store time {} ms",
+                    d.request.op.name(),
+                    d.actor_id,
+                    d.request.node_id,
+                    written.fencing_token,
+                    before_token,
+                    d.store_now_ms
+                ));
+            }
+        }
+        for (actor_id, record) in world.records {
+            self.observe(actor_id, record.fencing_token, record.holder.as_ref())?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,146 @@
+//! The invariants of `docs/tla/KelpieLease.tla`, one per file, evaluated after every
+//! simulation step against the store's ground truth, the decisions the store made, and the
+//! nodes' beliefs.
+//!
+//! - [`LeaseUniqueness`]: at most one node believes it holds an actor's lease.
+//! - [`BeliefConsistency`]: a node that believes it holds a lease does, on the store's clock.
+//! - [`RenewalRequiresOwnership`]: only the holder of an unexpired lease extends it.
+//! - [`ExpiredLeaseClaimable`]: an acquire of a free or expired lease is granted.
+//! - [`FencingTokenMonotonic`]: tokens never go down and every new holder's is larger.
+
+mod belief_consistency;
+mod expired_lease_claimable;
+mod fencing_token_monotonic;
+mod lease_uniqueness;
+mod renewal_requires_ownership;
+
+use std::collections::BTreeMap;
+
+use kelpie_core::{ActorId, NodeId};
+use kelpie_registry::{Decision, HeldBelief, LeaseRecord, LeaseRequest};
+
+pub use belief_consistency::BeliefConsistency;
+pub use expired_lease_claimable::ExpiredLeaseClaimable;
+pub use fencing_token_monotonic::FencingTokenMonotonic;
+pub use lease_uniqueness::LeaseUniqueness;
+pub use renewal_requires_ownership::RenewalRequiresOwnership;
+
+/// A decision the store made, whether or not a fault then kept it from being applied or
+/// answered. Decision-level invariants judge these.
+#[derive(Debug, Clone)]
+pub struct DecisionRecord {
+    /// The actor decided on.
+    pub actor_id: ActorId,
+    /// The request.
+    pub request: LeaseRequest,
+    /// The record the decision saw.
+    pub before: Option<LeaseRecord>,
+    /// The store's clock at the decision.
+    pub store_now_ms: u64,
+    /// What was decided.
+    pub decision: Decision,
+}
+
+/// A belief a node holds right now, on its own clock.
+#[derive(Debug, Clone)]
+pub struct BeliefView {
+    /// The believing node.
+    pub node_id: NodeId,
+    /// The actor it believes it holds.
+    pub actor_id: ActorId,
+    /// The belief.
+    pub held: HeldBelief,
+    /// The node's local clock now.
+    pub node_now_ms: u64,
+}
+
+/// Everything a checker sees at one step.
+#[derive(Debug)]
+pub struct LeaseWorld<'a> {
+    /// The store's clock now.
+    pub store_now_ms: u64,
+    /// The store's records now (ground truth: no faults, no latency).
+    pub records: &'a BTreeMap<ActorId, LeaseRecord>,
+    /// Decisions made since the previous check.
+    pub decisions: &'a [DecisionRecord],
+    /// Beliefs held now.
+    pub beliefs: &'a [BeliefView],
+}
+
+/// One invariant.
+pub trait Invariant {
+    /// The name it has in the TLA+ spec.
+    fn name(&self) -> &'static str;
+    /// `Err` with a description of the violation.
+    fn check(&mut self, world: &LeaseWorld<'_>) -> Result<(), String>;
+}
+
+/// Which invariants a run checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckerSet {
+    /// Check [`LeaseUniqueness`].
+    pub lease_uniqueness: bool,
+    /// Check [`BeliefConsistency`].
+    pub belief_consistency: bool,
+    /// Check [`RenewalRequiresOwnership`].
+    pub renewal_requires_ownership: bool,
+    /// Check [`ExpiredLeaseClaimable`].
+    pub expired_lease_claimable: bool,
+    /// Check [`FencingTokenMonotonic`].
+    pub fencing_token_monotonic: bool,
+}
+
+impl CheckerSet {
+    /// Every invariant.
+    pub const ALL: CheckerSet = CheckerSet {
+        lease_uniqueness: true,
+        belief_consistency: true,
+        renewal_requires_ownership: true,
+        expired_lease_claimable: true,
+        fencing_token_monotonic: true,
+    };
+
+    /// No invariant.
+    pub const NONE: CheckerSet = CheckerSet {
+        lease_uniqueness: false,
+        belief_consistency: false,
+        renewal_requires_ownership: false,
+        expired_lease_claimable: false,
+        fencing_token_monotonic: false,
+    };
+
+    /// Only the invariant named `name` (its TLA+ name), or `None` for an unknown name.
+    pub fn only(name: &str) -> Option<CheckerSet> {
+        let mut set = CheckerSet::NONE;
+        match name {
+            "LeaseUniqueness" => set.lease_uniqueness = true,
+            "BeliefConsistency" => set.belief_consistency = true,
+            "RenewalRequiresOwnership" => set.renewal_requires_ownership = true,
+            "ExpiredLeaseClaimable" => set.expired_lease_claimable = true,
+            "FencingTokenMonotonic" => set.fencing_token_monotonic = true,
+            _ => return None,
+        }
+        Some(set)
+    }
+
+    /// The enabled invariants, in a fixed order.
+    pub fn build(&self) -> Vec<Box<dyn Invariant>> {
+        let mut checkers: Vec<Box<dyn Invariant>> = Vec::new();
+        if self.lease_uniqueness {
+            checkers.push(Box::new(LeaseUniqueness));
+        }
+        if self.belief_consistency {
+            checkers.push(Box::new(BeliefConsistency));
+        }
+        if self.renewal_requires_ownership {
+            checkers.push(Box::new(RenewalRequiresOwnership::default()));
+        }
+        if self.expired_lease_claimable {
+            checkers.push(Box::new(ExpiredLeaseClaimable));
+        }
+        if self.fencing_token_monotonic {
+            checkers.push(Box::new(FencingTokenMonotonic::default()));
+        }
+        checkers
+    }
+}

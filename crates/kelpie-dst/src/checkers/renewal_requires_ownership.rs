@@ -1,0 +1,62 @@
+//! RenewalRequiresOwnership: only the holder of an unexpired lease extends it.
+
+use std::collections::BTreeMap;
+
+use kelpie_core::ActorId;
+use kelpie_registry::{LeaseOp, LeaseRecord};
+
+use super::{Invariant, LeaseWorld};
+
+/// Checked twice: on every renewal the store decided to grant (the requester held the
+/// unexpired lease it saw, and the token stayed), and on the store's truth between steps (an
+/// expiry that moved later, with the holder and token unchanged, was on an unexpired lease).
+#[derive(Debug, Default)]
+pub struct RenewalRequiresOwnership {
+    previous: BTreeMap<ActorId, LeaseRecord>,
+}
+
+impl Invariant for RenewalRequiresOwnership {
+    fn name(&self) -> &'static str {
+        "RenewalRequiresOwnership"
+    }
+
+    fn check(&mut self, world: &LeaseWorld<'_>) -> Result<(), String> {
+        for d in world
+            .decisions
+            .iter()
+            .filter(|d| d.request.op == LeaseOp::Renew)
+        {
+            let Ok(lease) = &d.decision.reply else {
+                continue;
+            };
+            let owned = d.before.as_ref().is_some_and(|b| {
+                b.valid_holder(d.store_now_ms) == Some(&d.request.node_id)
+                    && b.fencing_token == lease.fencing_token
+            });
+            if !owned {
+                return Err(format!(
+                    "renewal of {} by {} granted at store time {} ms over {:?}",
+                    d.actor_id, d.request.node_id, d.store_now_ms, d.before
+                ));
+            }
+        }
+        for (actor_id, now) in world.records {
+            let Some(before) = self.previous.get(actor_id) else {
+                continue;
+            };
+            let extended = now.holder.is_some()
+                && now.holder == before.holder
+                && now.fencing_token == before.fencing_token
+                && now.expires_at_ms > before.expires_at_ms;
+            if extended && before.expires_at_ms <= world.store_now_ms {
+                return Err(format!(
+                    "lease on {actor_id} was extended after it expired: {before:?} -> {now:?} \
+                     at store time {} ms",
+                    world.store_now_ms
+                ));
+            }
+        }
+        self.previous.clone_from(world.records);
+        Ok(())
+    }
+}

@@ -1,0 +1,239 @@
+//! Simulated lease nodes: the production protocol over the simulated store, each node keeping
+//! its belief with the production [`Belief`](kelpie_registry::Belief) state machine on its own
+//! drifting clock, and the checkers judging every step.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kelpie_core::{ActorId, FencingToken, NodeId};
+use kelpie_registry::{
+    BeliefConfig, DecideFn, Lease, LeaseConfig, LeaseError, LeaseManager, LeaseOp,
+    ProtocolLeaseManager,
+};
+
+use crate::beliefs::BeliefBoard;
+use crate::checkers::{CheckerSet, LeaseWorld};
+use crate::clock::SimClock;
+use crate::sim_lease_store::SimLeaseStore;
+use crate::SimEnv;
+
+/// Consecutive store failures a client retries before giving up on an operation.
+pub const STORE_RETRIES_MAX: u32 = 50;
+/// Pause between two such retries, on the node's clock.
+pub const STORE_RETRY_PAUSE_MS: u64 = 5;
+
+/// Counts of what the nodes did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaseOpCounts {
+    /// Acquires granted.
+    pub acquired: u64,
+    /// Renewals granted.
+    pub renewed: u64,
+    /// Releases done.
+    pub released: u64,
+    /// Requests the protocol refused.
+    pub refused: u64,
+    /// Requests the store failed (including commit unknown).
+    pub store_failed: u64,
+}
+
+impl LeaseOpCounts {
+    /// Every request made.
+    pub fn total(&self) -> u64 {
+        self.acquired + self.renewed + self.released + self.refused + self.store_failed
+    }
+}
+
+/// Settings shared by every node of a cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterConfig {
+    /// Lease duration on the store's clock.
+    pub lease_duration_ms: u64,
+    /// Bound on the drift of each node's clock against the store's.
+    pub clock_drift_ppm_max: u64,
+    /// Safety margin of each node's belief.
+    pub safety_margin_ms: u64,
+    /// Which invariants are checked after every step.
+    pub checkers: CheckerSet,
+    /// The protocol's decision; replaced only to show that the checkers catch a broken one.
+    pub decide: DecideFn,
+}
+
+/// The store, the protocol over it, and every node's belief, with the checkers installed.
+#[derive(Clone)]
+pub struct SimLeaseCluster {
+    store: SimLeaseStore,
+    manager: Arc<ProtocolLeaseManager<SimLeaseStore>>,
+    board: BeliefBoard,
+    belief_config: BeliefConfig,
+    counts: Rc<Cell<LeaseOpCounts>>,
+}
+
+impl SimLeaseCluster {
+    /// A cluster on a new simulated store, checked by `config.checkers` after every step.
+    pub fn new(env: &SimEnv, config: ClusterConfig) -> Result<Self, String> {
+        let lease_config = LeaseConfig::new(config.lease_duration_ms).map_err(|e| e.to_string())?;
+        let belief_config = BeliefConfig::new(
+            config.lease_duration_ms,
+            config.clock_drift_ppm_max,
+            config.safety_margin_ms,
+        )
+        .map_err(|e| e.to_string())?;
+        let store = SimLeaseStore::new(env.storage());
+        let manager =
+            ProtocolLeaseManager::new(store.clone(), lease_config).with_decide_fn(config.decide);
+        let cluster = Self {
+            store,
+            manager: Arc::new(manager),
+            board: BeliefBoard::default(),
+            belief_config,
+            counts: Rc::default(),
+        };
+        cluster.install_checkers(env, &config.checkers);
+        Ok(cluster)
+    }
+
+    /// A node named `node_id` on `clock`.
+    pub fn client(&self, node_id: &str, clock: SimClock) -> SimLeaseClient {
+        let node_id = NodeId::new(node_id).expect("test node ids are valid");
+        self.board.add_node(&node_id, clock.clone());
+        SimLeaseClient {
+            node_id,
+            clock,
+            cluster: self.clone(),
+        }
+    }
+
+    /// The simulated store.
+    pub fn store(&self) -> &SimLeaseStore {
+        &self.store
+    }
+
+    /// The protocol over the store, without belief bookkeeping.
+    pub fn manager(&self) -> &ProtocolLeaseManager<SimLeaseStore> {
+        &self.manager
+    }
+
+    /// What the nodes did so far.
+    pub fn counts(&self) -> LeaseOpCounts {
+        self.counts.get()
+    }
+
+    fn install_checkers(&self, env: &SimEnv, set: &CheckerSet) {
+        for checker in set.build() {
+            let (store, board) = (self.store.clone(), self.board.clone());
+            let name = checker.name();
+            let state = std::cell::RefCell::new((checker, 0usize));
+            env.add_invariant(name, move || {
+                let mut state = state.borrow_mut();
+                let (decisions, next) = store.decisions_since(state.1);
+                state.1 = next;
+                let (records, beliefs) = (store.truth(), board.views());
+                let world = LeaseWorld {
+                    store_now_ms: store.storage().now_ms(),
+                    records: &records,
+                    decisions: &decisions,
+                    beliefs: &beliefs,
+                };
+                state.0.check(&world)
+            });
+        }
+    }
+}
+
+/// One simulated node's lease operations, keeping its belief as a real node would.
+#[derive(Clone)]
+pub struct SimLeaseClient {
+    node_id: NodeId,
+    clock: SimClock,
+    cluster: SimLeaseCluster,
+}
+
+impl SimLeaseClient {
+    /// This node's id.
+    pub fn node_id(&self) -> &NodeId {
+        &self.node_id
+    }
+
+    /// This node's clock.
+    pub fn clock(&self) -> &SimClock {
+        &self.clock
+    }
+
+    /// The token of the lease this node believes it holds on `actor_id` now, if any.
+    pub fn believes(&self, actor_id: &ActorId) -> Option<FencingToken> {
+        self.cluster.board.holds(&self.node_id, actor_id)
+    }
+
+    /// One request, with the belief updated from its outcome.
+    pub async fn request(&self, op: LeaseOp, actor_id: &ActorId) -> Result<Lease, LeaseError> {
+        if op == LeaseOp::Release {
+            // Stop acting as holder before the store can hand the lease to anyone else.
+            self.cluster.board.lost(&self.node_id, actor_id);
+        }
+        let sent_local_ms = self.clock.now_ms();
+        let manager = &self.cluster.manager;
+        let result = match op {
+            LeaseOp::Acquire => manager.acquire(actor_id, &self.node_id).await,
+            LeaseOp::Renew => manager.renew(actor_id, &self.node_id).await,
+            LeaseOp::Release => manager.release(actor_id, &self.node_id).await,
+        };
+        self.observe(op, actor_id, sent_local_ms, &result);
+        result
+    }
+
+    /// Like [`request`](Self::request), retrying while the store fails (up to
+    /// [`STORE_RETRIES_MAX`] times); returns the first grant or refusal.
+    pub async fn request_until_decided(
+        &self,
+        op: LeaseOp,
+        actor_id: &ActorId,
+    ) -> Result<Lease, LeaseError> {
+        let mut last = None;
+        for _ in 0..STORE_RETRIES_MAX {
+            match self.request(op, actor_id).await {
+                Err(LeaseError::Store(error)) => last = Some(error),
+                decided => return decided,
+            }
+            self.clock
+                .sleep_local(Duration::from_millis(STORE_RETRY_PAUSE_MS))
+                .await;
+        }
+        Err(LeaseError::Store(
+            last.expect("at least one attempt failed"),
+        ))
+    }
+
+    fn observe(
+        &self,
+        op: LeaseOp,
+        actor_id: &ActorId,
+        sent_local_ms: u64,
+        result: &Result<Lease, LeaseError>,
+    ) {
+        let board = &self.cluster.board;
+        let mut counts = self.cluster.counts.get();
+        match (result, op) {
+            (Ok(_), LeaseOp::Release) => counts.released += 1,
+            (Ok(lease), _) => {
+                let token = lease.fencing_token;
+                let config = &self.cluster.belief_config;
+                board.granted(config, &self.node_id, actor_id, sent_local_ms, token);
+                match op {
+                    LeaseOp::Acquire => counts.acquired += 1,
+                    _ => counts.renewed += 1,
+                }
+            }
+            // A failed store call leaves the belief as it was: it was measured from an earlier
+            // send, and a write that may have been applied only ever extends the lease.
+            (Err(LeaseError::Store(_)), _) => counts.store_failed += 1,
+            (Err(_), _) => {
+                board.lost(&self.node_id, actor_id);
+                counts.refused += 1;
+            }
+        }
+        self.cluster.counts.set(counts);
+    }
+}

@@ -1,0 +1,143 @@
+//! The lease protocol's store inside the simulator: [`SimStorage`] as a [`LeaseStore`].
+//!
+//! Each `apply` is one `transact` on the simulated store, so the production decision function
+//! runs at the single simulated instant the request reaches the store, with every storage
+//! fault (write failure, read failure, commit unknown, latency, crash) applied around it.
+//! Every decision is also logged for the decision-level checkers, whether or not a fault then
+//! kept it from being written or answered.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use kelpie_core::ActorId;
+use kelpie_registry::{
+    DecideFn, Decision, LeaseRecord, LeaseRequest, LeaseStore, RecordSnapshot, StoreError,
+    StoreSnapshot,
+};
+
+use send_wrapper::SendWrapper;
+
+use crate::checkers::DecisionRecord;
+use crate::storage::{SimStorage, StorageError, Versioned};
+
+/// A [`LeaseStore`] over the simulator's storage.
+pub struct SimLeaseStore {
+    storage: SendWrapper<SimStorage<LeaseRecord>>,
+    decisions: Arc<Mutex<Vec<DecisionRecord>>>,
+}
+
+impl Clone for SimLeaseStore {
+    fn clone(&self) -> Self {
+        let storage = SendWrapper::new((*self.storage).clone());
+        Self {
+            storage,
+            decisions: Arc::clone(&self.decisions),
+        }
+    }
+}
+
+impl SimLeaseStore {
+    /// A lease store over `storage`.
+    pub fn new(storage: SimStorage<LeaseRecord>) -> Self {
+        Self {
+            storage: SendWrapper::new(storage),
+            decisions: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    /// The underlying simulated storage (to crash and restart it).
+    pub fn storage(&self) -> &SimStorage<LeaseRecord> {
+        &self.storage
+    }
+
+    /// Every record, read without latency or faults: the ground truth checkers judge.
+    pub fn truth(&self) -> BTreeMap<ActorId, LeaseRecord> {
+        self.storage
+            .snapshot()
+            .into_iter()
+            .map(|(key, versioned)| {
+                let actor_id = ActorId::new(&key).expect("keys are written from valid actor ids");
+                (actor_id, versioned.value)
+            })
+            .collect()
+    }
+
+    /// Decisions made since index `from`, and the index to continue from.
+    pub fn decisions_since(&self, from: usize) -> (Vec<DecisionRecord>, usize) {
+        let decisions = self.decisions.lock().expect("decision log poisoned");
+        (decisions[from..].to_vec(), decisions.len())
+    }
+
+    /// How many decisions the store made.
+    pub fn decisions_count(&self) -> usize {
+        self.decisions.lock().expect("decision log poisoned").len()
+    }
+}
+
+fn store_error(error: StorageError) -> StoreError {
+    match error {
+        StorageError::CommitUnknown { .. } => StoreError::CommitUnknown {
+            reason: error.to_string(),
+        },
+        StorageError::WriteFailed { .. } => StoreError::WriteFailed {
+            reason: error.to_string(),
+        },
+        _ => StoreError::Unavailable {
+            reason: error.to_string(),
+        },
+    }
+}
+
+impl LeaseStore for SimLeaseStore {
+    async fn apply(
+        &self,
+        actor_id: &ActorId,
+        request: &LeaseRequest,
+        decide: DecideFn,
+    ) -> Result<Decision, StoreError> {
+        let log = Arc::clone(&self.decisions);
+        let (actor_id, request) = (actor_id.clone(), request.clone());
+        let key = actor_id.as_str().to_string();
+        let step = move |current: Option<&Versioned<LeaseRecord>>, now_ms: u64| {
+            let before = current.map(|v| v.value.clone());
+            let decision = decide(&actor_id, before.as_ref(), &request, now_ms);
+            let write = decision.write.clone();
+            let record = DecisionRecord {
+                actor_id,
+                request,
+                before,
+                store_now_ms: now_ms,
+                decision: decision.clone(),
+            };
+            log.lock().expect("decision log poisoned").push(record);
+            (write, decision)
+        };
+        let storage = (*self.storage).clone();
+        let outcome = SendWrapper::new(async move { storage.transact(&key, step).await }).await;
+        outcome.map_err(store_error)
+    }
+
+    async fn load(&self, actor_id: &ActorId) -> Result<RecordSnapshot, StoreError> {
+        let read = |current: Option<&Versioned<LeaseRecord>>, now_ms: u64| {
+            (
+                None,
+                RecordSnapshot {
+                    record: current.map(|v| v.value.clone()),
+                    store_now_ms: now_ms,
+                },
+            )
+        };
+        let (storage, key) = ((*self.storage).clone(), actor_id.as_str().to_string());
+        let outcome = SendWrapper::new(async move { storage.transact(&key, read).await }).await;
+        outcome.map_err(store_error)
+    }
+
+    async fn scan(&self) -> Result<StoreSnapshot, StoreError> {
+        // Scans are administrative; they read the truth without latency or faults.
+        let records = self.truth().into_iter().collect();
+        Ok(StoreSnapshot {
+            records,
+            store_now_ms: self.storage.now_ms(),
+        })
+    }
+}

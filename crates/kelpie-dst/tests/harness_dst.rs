@@ -509,7 +509,13 @@ fn test_canary_failure_prints_seed_and_replays_at_same_step() {
         "stderr was:\n{stderr}"
     );
     let command = lines.next().unwrap_or_default();
-    let expected = format!("DST_SEED={seed} cargo test -p kelpie-dst --test harness_dst {CANARY_CHILD_TEST} -- --exact");
+    // Cargo sets CARGO_PKG_NAME when it runs the binary; run by hand, the command has no -p.
+    let package = std::env::var("CARGO_PKG_NAME")
+        .map(|p| format!(" -p {p}"))
+        .unwrap_or_default();
+    let expected = format!(
+        "DST_SEED={seed} cargo test{package} --test harness_dst {CANARY_CHILD_TEST} -- --exact"
+    );
     assert!(
         command.ends_with(&expected),
         "reproduce command {command:?}, expected {expected:?}"
@@ -887,4 +893,52 @@ fn test_nondeterminism_is_detected_at_the_first_divergent_step() {
         "{err:?}"
     );
     assert!(err.to_string().contains("diverged at step 4"));
+}
+
+/// Environment variable that makes the hidden malformed-seed test run (in a child process).
+const SEED_CHILD_ENV: &str = "KELPIE_DST_SEED_CHILD";
+/// Name of the hidden malformed-seed test, run as a child process.
+const SEED_CHILD_TEST: &str = "hidden_malformed_seed_child_process";
+
+#[test]
+fn test_malformed_dst_seed_is_a_clear_error_not_a_random_seed() {
+    // Run in a child process: setting DST_SEED here would race with the other tests.
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            SEED_CHILD_TEST,
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(SEED_CHILD_ENV, "1")
+        .env("DST_SEED", "0x2a")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&child.stderr);
+    assert!(
+        !child.status.success(),
+        "a malformed DST_SEED must fail the test: {stderr}"
+    );
+    assert!(
+        stderr.contains("DST_SEED=\"0x2a\" is not a decimal u64 seed"),
+        "stderr was:\n{stderr}"
+    );
+}
+
+/// Checks the fallible and the panicking readers of a malformed `DST_SEED`, when spawned by
+/// the test above; otherwise passes at once.
+#[test]
+fn hidden_malformed_seed_child_process() {
+    if std::env::var_os(SEED_CHILD_ENV).is_none() {
+        return;
+    }
+    let err = SimConfig::from_env().unwrap_err();
+    assert_eq!(
+        err,
+        SimError::InvalidSeed {
+            value: "0x2a".to_string()
+        }
+    );
+    assert_eq!(SimConfig::seed_from_env(), Err(err));
+    let _ = SimConfig::from_env_or_random();
 }

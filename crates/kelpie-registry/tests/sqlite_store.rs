@@ -1,0 +1,240 @@
+//! The SQLite store's own behaviour beyond the shared conformance suite: durability across
+//! reopening, a store clock that never goes backwards, group commit, handles sharing a file,
+//! and damage found in rows.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use kelpie_core::{ActorId, FencingToken, ManualClock, NodeId};
+use kelpie_registry::{
+    decide, Decision, LeaseConfig, LeaseError, LeaseManager, LeaseOp, LeaseRecord, LeaseRequest,
+    LeaseStore, SqliteLeaseManager, SqliteLeaseStore, SqliteOptions, StoreError,
+};
+use rusqlite::Connection;
+
+const LEASE_DURATION_MS: u64 = 1_000;
+
+fn actor(name: &str) -> ActorId {
+    ActorId::new(name).unwrap()
+}
+
+fn node(name: &str) -> NodeId {
+    NodeId::new(name).unwrap()
+}
+
+fn manager(path: &Path, clock: &ManualClock, group_commit: bool) -> SqliteLeaseManager {
+    let options = SqliteOptions::default()
+        .with_clock(Arc::new(clock.clone()))
+        .with_group_commit(group_commit);
+    let store = SqliteLeaseStore::open_with(path, options).unwrap();
+    SqliteLeaseManager::new(store, LeaseConfig::new(LEASE_DURATION_MS).unwrap())
+}
+
+#[tokio::test]
+async fn leases_and_tokens_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("leases.db");
+    let clock = ManualClock::new(10_000);
+    let first = {
+        let m = manager(&path, &clock, true);
+        let first = m.acquire(&actor("a"), &node("n1")).await.unwrap();
+        m.release(&actor("a"), &node("n1")).await.unwrap();
+        m.acquire(&actor("b"), &node("n2")).await.unwrap();
+        first
+    };
+    let m = manager(&path, &clock, true);
+    assert_eq!(
+        m.get(&actor("a")).await.unwrap(),
+        None,
+        "the release persisted"
+    );
+    assert_eq!(
+        m.get(&actor("b")).await.unwrap().unwrap().holder,
+        node("n2")
+    );
+    let again = m.acquire(&actor("a"), &node("n3")).await.unwrap();
+    assert!(
+        again.fencing_token > first.fencing_token,
+        "a token is never reissued"
+    );
+}
+
+#[tokio::test]
+async fn store_time_never_goes_backwards_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("leases.db");
+    let lease = {
+        let m = manager(&path, &ManualClock::new(50_000), true);
+        m.acquire(&actor("a"), &node("n1")).await.unwrap()
+    };
+    // The next process's clock reads far earlier (a reset clock, another clock source). Were
+    // store time to follow it, n1's lease would last 49 s longer than it was granted for, and
+    // nobody else could take it in that time.
+    let clock = ManualClock::new(1_000);
+    let m = manager(&path, &clock, true);
+    let snapshot = m.store().load(&actor("a")).await.unwrap();
+    assert!(snapshot.store_now_ms >= 50_000, "{}", snapshot.store_now_ms);
+    clock.advance_ms(LEASE_DURATION_MS);
+    assert!(
+        m.get(&actor("a")).await.unwrap().is_some(),
+        "store time stays at the high-water mark until the clock passes it"
+    );
+    clock.advance_ms(lease.expires_at_ms);
+    let taken = m.acquire(&actor("a"), &node("n2")).await.unwrap();
+    assert!(taken.acquired_at_ms >= lease.expires_at_ms);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_operations_share_transactions() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Arc::new(manager(
+        &dir.path().join("leases.db"),
+        &ManualClock::new(0),
+        true,
+    ));
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let m = Arc::clone(&m);
+            tokio::spawn(async move {
+                let (a, n) = (actor(&format!("a{i}")), node(&format!("n{i}")));
+                for _ in 0..10 {
+                    m.acquire(&a, &n).await.unwrap();
+                    m.renew(&a, &n).await.unwrap();
+                    m.release(&a, &n).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let stats = m.store().stats();
+    assert_eq!(stats.operations_committed, 64 * 30);
+    println!("group commit: {stats:?}");
+    assert!(
+        stats.transactions_committed * 4 <= stats.operations_committed,
+        "64 concurrent callers should average several operations per commit: {stats:?}"
+    );
+    for i in 0..64 {
+        let snapshot = m.store().load(&actor(&format!("a{i}"))).await.unwrap();
+        assert_eq!(snapshot.record.unwrap().fencing_token, FencingToken(10));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_group_commit_every_operation_commits_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Arc::new(manager(
+        &dir.path().join("leases.db"),
+        &ManualClock::new(0),
+        false,
+    ));
+    let attempts = (0..8).map(|i| {
+        let m = Arc::clone(&m);
+        async move { m.acquire(&actor("shared"), &node(&format!("n{i}"))).await }
+    });
+    let results = futures::future::join_all(attempts).await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+    let stats = m.store().stats();
+    assert_eq!(
+        (stats.transactions_committed, stats.operations_committed),
+        (8, 8)
+    );
+}
+
+#[tokio::test]
+async fn two_handles_on_one_file_see_each_other() {
+    // The same as two processes, without the processes: separate connections and writer
+    // threads, serialised only by SQLite's locks.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("leases.db");
+    let clock = ManualClock::new(0);
+    let (m1, m2) = (manager(&path, &clock, true), manager(&path, &clock, true));
+    let first = m1.acquire(&actor("a"), &node("n1")).await.unwrap();
+    assert!(matches!(
+        m2.acquire(&actor("a"), &node("n2")).await,
+        Err(LeaseError::HeldByOther { .. })
+    ));
+    clock.advance_ms(LEASE_DURATION_MS);
+    let second = m2.acquire(&actor("a"), &node("n2")).await.unwrap();
+    assert!(second.fencing_token > first.fencing_token);
+    assert!(matches!(
+        m1.renew(&actor("a"), &node("n1")).await,
+        Err(LeaseError::NotHolder { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_damaged_row_is_a_corrupt_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("leases.db");
+    let clock = ManualClock::new(0);
+    let m = manager(&path, &clock, true);
+    m.acquire(&actor("good"), &node("n1")).await.unwrap();
+    m.acquire(&actor("bad"), &node("n1")).await.unwrap();
+    // Something other than the store writes a holder that is not a valid node id, past the
+    // schema's checks.
+    let conn = Connection::open(&path).unwrap();
+    conn.execute(
+        "UPDATE leases SET holder = 'no spaces allowed' WHERE actor_id = 'bad'",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    for result in [
+        m.acquire(&actor("bad"), &node("n2")).await,
+        m.get(&actor("bad")).await.map(|_| unreachable_lease()),
+    ] {
+        match result {
+            Err(LeaseError::Store(StoreError::Corrupt { location, reason })) => {
+                assert!(location.contains(&path.display().to_string()), "{location}");
+                assert!(
+                    location.contains("bad") && reason.contains("holder"),
+                    "{reason}"
+                );
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        m.leases_held_by(&node("n1")).await,
+        Err(LeaseError::Store(StoreError::Corrupt { .. }))
+    ));
+    // Other actors are unaffected.
+    m.renew(&actor("good"), &node("n1")).await.unwrap();
+}
+
+fn unreachable_lease() -> kelpie_registry::Lease {
+    panic!("a corrupt row must not load")
+}
+
+fn panicking_decide(_: &ActorId, _: Option<&LeaseRecord>, _: &LeaseRequest, _: u64) -> Decision {
+    panic!("deliberately broken decision")
+}
+
+#[tokio::test]
+async fn a_panicking_decision_panics_in_its_caller_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteLeaseStore::open(dir.path().join("leases.db")).unwrap();
+    let request = LeaseRequest {
+        op: LeaseOp::Acquire,
+        node_id: node("n1"),
+        lease_duration_ms: LEASE_DURATION_MS,
+    };
+    let a = actor("a");
+    let caught = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(store.apply(
+        &a,
+        &request,
+        panicking_decide,
+    )))
+    .await;
+    let payload = caught.unwrap_err();
+    assert_eq!(
+        payload.downcast_ref::<&str>(),
+        Some(&"deliberately broken decision")
+    );
+    assert_eq!(store.load(&a).await.unwrap().record, None);
+    // The writer survived and serves the next operation.
+    let decision = store.apply(&a, &request, decide).await.unwrap();
+    assert_eq!(decision.reply.unwrap().fencing_token, FencingToken(1));
+}

@@ -220,6 +220,14 @@ impl Drop for ClockSleep {
 mod tests {
     use super::*;
 
+    /// `kelpie_core::Clock` requires `Send + Sync`; this fails to compile if that breaks.
+    const _: fn() = || {
+        fn assert_send_sync<T: Send + Sync + 'static>() {}
+        assert_send_sync::<SimClock>();
+        assert_send_sync::<ClockSleep>();
+        assert_send_sync::<Sleep>();
+    };
+
     #[test]
     fn local_time_follows_offset_and_drift_and_is_monotone() {
         let shared = Arc::new(Shared::default());

@@ -126,7 +126,7 @@ impl<M: Clone + 'static> SimNetwork<M> {
             config.latency_ms_min,
             config.latency_ms_max
         );
-        let id = env.runtime().next_component_id();
+        let id = env.runtime().next_component_id("network");
         let mailboxes = (0..config.hosts)
             .map(|_| Mailbox {
                 queue: VecDeque::new(),

@@ -11,6 +11,7 @@ use crate::injector::FaultInjector;
 use crate::rng::DeterministicRng;
 use crate::trace::{event, Trace};
 use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::rc::Weak;
 use std::sync::Arc;
 use std::task::{Context, Waker};
@@ -45,7 +46,8 @@ pub(crate) struct Runtime {
     steps: Cell<u64>,
     checks_evaluated: Cell<u64>,
     timers_fired: Cell<u64>,
-    components: Cell<u64>,
+    /// Components created so far, per kind, for naming their random streams.
+    components: RefCell<BTreeMap<&'static str, u64>>,
 }
 
 impl Runtime {
@@ -64,7 +66,7 @@ impl Runtime {
             steps: Cell::new(0),
             checks_evaluated: Cell::new(0),
             timers_fired: Cell::new(0),
-            components: Cell::new(0),
+            components: RefCell::new(BTreeMap::new()),
             config,
         }
     }
@@ -74,10 +76,13 @@ impl Runtime {
         self.root_rng.fork(name)
     }
 
-    /// A fresh number for naming a component (store, network) deterministically.
-    pub fn next_component_id(&self) -> u64 {
-        let id = self.components.get();
-        self.components.set(id + 1);
+    /// The next number for naming a component of `kind` ("storage", "network"). Numbered per
+    /// kind, so creating a network does not rename (and so reseed) the stores created after it.
+    pub fn next_component_id(&self, kind: &'static str) -> u64 {
+        let mut components = self.components.borrow_mut();
+        let next = components.entry(kind).or_insert(0);
+        let id = *next;
+        *next += 1;
         id
     }
 

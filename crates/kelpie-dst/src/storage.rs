@@ -114,13 +114,14 @@ impl<V> Clone for SimStorage<V> {
 impl<V: Clone + 'static> SimStorage<V> {
     /// A new, empty store named after its creation order (`storage-0`, `storage-1`, ...).
     pub fn new(env: &SimEnv) -> Self {
-        let id = env.runtime().next_component_id();
+        let id = env.runtime().next_component_id("storage");
         Self::with_id(env, id, format!("storage-{id}"))
     }
 
-    /// A new, empty store with a chosen name (which also names its random stream).
+    /// A new, empty store with a chosen name (which also names its random stream, so the
+    /// store's latencies do not depend on how many other stores were created before it).
     pub fn named(env: &SimEnv, name: &str) -> Self {
-        let id = env.runtime().next_component_id();
+        let id = env.runtime().next_component_id("storage");
         Self::with_id(env, id, name.to_string())
     }
 

@@ -2,20 +2,22 @@
 //! its belief with the production [`Belief`](kelpie_registry::Belief) state machine on its own
 //! drifting clock, and the checkers judging every step.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kelpie_core::{ActorId, FencingToken, NodeId};
 use kelpie_registry::{
-    BeliefConfig, DecideFn, Lease, LeaseConfig, LeaseError, LeaseManager, LeaseOp,
+    BeliefConfig, DecideFn, Lease, LeaseConfig, LeaseError, LeaseManager, LeaseOp, LeaseRecord,
     ProtocolLeaseManager,
 };
 
 use crate::beliefs::BeliefBoard;
-use crate::checkers::{CheckerSet, LeaseWorld};
+use crate::checkers::{BeliefView, CheckerSet, LeaseWorld};
 use crate::clock::SimClock;
+use crate::lease_events::{ChangeRecorder, EventLog, LeaseEventKind};
 use crate::sim_lease_store::SimLeaseStore;
 use crate::SimEnv;
 
@@ -69,6 +71,7 @@ pub struct SimLeaseCluster {
     board: BeliefBoard,
     belief_config: BeliefConfig,
     counts: Rc<Cell<LeaseOpCounts>>,
+    events: EventLog,
 }
 
 impl SimLeaseCluster {
@@ -90,6 +93,7 @@ impl SimLeaseCluster {
             board: BeliefBoard::default(),
             belief_config,
             counts: Rc::default(),
+            events: EventLog::default(),
         };
         cluster.install_checkers(env, &config.checkers);
         Ok(cluster)
@@ -121,25 +125,76 @@ impl SimLeaseCluster {
         self.counts.get()
     }
 
+    /// Every event of the run so far.
+    pub fn events(&self) -> &EventLog {
+        &self.events
+    }
+
+    /// Registers one invariant per checker. Truth and beliefs are read once per step into a
+    /// shared cache, which also records what changed into the event log.
     fn install_checkers(&self, env: &SimEnv, set: &CheckerSet) {
+        let cache = Rc::new(RefCell::new(StepCache::default()));
         for checker in set.build() {
-            let (store, board) = (self.store.clone(), self.board.clone());
+            let (cluster, env_in_check, cache) = (self.clone(), env.clone(), Rc::clone(&cache));
             let name = checker.name();
-            let state = std::cell::RefCell::new((checker, 0usize));
+            let state = RefCell::new((checker, 0usize));
             env.add_invariant(name, move || {
+                let mut cache = cache.borrow_mut();
+                cache.refresh(&cluster, env_in_check.step());
                 let mut state = state.borrow_mut();
-                let (decisions, next) = store.decisions_since(state.1);
+                let (decisions, next) = cluster.store.decisions_since(state.1);
                 state.1 = next;
-                let (records, beliefs) = (store.truth(), board.views());
                 let world = LeaseWorld {
-                    store_now_ms: store.storage().now_ms(),
-                    records: &records,
+                    store_now_ms: cache.store_now_ms,
+                    records: &cache.records,
                     decisions: &decisions,
-                    beliefs: &beliefs,
+                    beliefs: &cache.beliefs,
                 };
-                state.0.check(&world)
+                let outcome = state.0.check(&world);
+                if let Err(message) = &outcome {
+                    let kind = LeaseEventKind::Violation {
+                        invariant: name.into(),
+                        message: message.clone(),
+                    };
+                    cluster.events.push(cache.store_now_ms, None, None, kind);
+                }
+                outcome
             });
         }
+    }
+}
+
+/// Truth and beliefs as of one executor step.
+#[derive(Default)]
+struct StepCache {
+    step: Option<u64>,
+    store_now_ms: u64,
+    records: BTreeMap<ActorId, LeaseRecord>,
+    beliefs: Vec<BeliefView>,
+    recorder: ChangeRecorder,
+}
+
+impl StepCache {
+    fn refresh(&mut self, cluster: &SimLeaseCluster, step: u64) {
+        if self.step == Some(step) {
+            return;
+        }
+        self.step = Some(step);
+        self.store_now_ms = cluster.store.storage().now_ms();
+        self.records = cluster.store.truth();
+        self.beliefs = cluster.board.views();
+        let held = self
+            .beliefs
+            .iter()
+            .map(|v| {
+                (
+                    (v.node_id.clone(), v.actor_id.clone()),
+                    v.held.fencing_token,
+                )
+            })
+            .collect();
+        self.recorder
+            .record(&cluster.events, self.store_now_ms, &self.records, held);
     }
 }
 
@@ -174,6 +229,7 @@ impl SimLeaseClient {
             self.cluster.board.lost(&self.node_id, actor_id);
         }
         let sent_local_ms = self.clock.now_ms();
+        self.log(actor_id, LeaseEventKind::Request { op });
         let manager = &self.cluster.manager;
         let result = match op {
             LeaseOp::Acquire => manager.acquire(actor_id, &self.node_id).await,
@@ -181,7 +237,15 @@ impl SimLeaseClient {
             LeaseOp::Release => manager.release(actor_id, &self.node_id).await,
         };
         self.observe(op, actor_id, sent_local_ms, &result);
+        self.log(actor_id, reply_event(op, &result));
         result
+    }
+
+    fn log(&self, actor_id: &ActorId, kind: LeaseEventKind) {
+        let at_ms = self.clock.global_now_ms();
+        self.cluster
+            .events
+            .push(at_ms, Some(&self.node_id), Some(actor_id), kind);
     }
 
     /// Like [`request`](Self::request), retrying while the store fails (up to
@@ -235,5 +299,23 @@ impl SimLeaseClient {
             }
         }
         self.cluster.counts.set(counts);
+    }
+}
+
+fn reply_event(op: LeaseOp, result: &Result<Lease, LeaseError>) -> LeaseEventKind {
+    match result {
+        Ok(lease) => LeaseEventKind::Granted {
+            op,
+            fencing_token: lease.fencing_token,
+            expires_at_ms: lease.expires_at_ms,
+        },
+        Err(LeaseError::Store(error)) => LeaseEventKind::StoreFailed {
+            op,
+            reason: error.to_string(),
+        },
+        Err(refusal) => LeaseEventKind::Refused {
+            op,
+            reason: refusal.to_string(),
+        },
     }
 }

@@ -2,6 +2,8 @@
 //! actors through the production protocol over the simulated store, while the checkers judge
 //! every step. `kelpie sim` and the lease tests both run it.
 
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 use std::time::Duration;
 
 use kelpie_core::ActorId;
@@ -9,6 +11,7 @@ use kelpie_registry::{decide, LeaseOp};
 
 use crate::checkers::CheckerSet;
 use crate::lease_cluster::{ClusterConfig, LeaseOpCounts, SimLeaseClient, SimLeaseCluster};
+use crate::lease_events::{EventLog, LeaseEvent};
 use crate::{SimEnv, SimError, SimReport, Simulation};
 
 /// Probability that a node holding a lease releases it rather than renewing it.
@@ -71,21 +74,37 @@ impl LeaseScenario {
 
     /// Runs the scenario under `simulation`.
     pub fn run(self, simulation: Simulation) -> Result<LeaseRunReport, SimError> {
-        let counts = std::rc::Rc::new(std::cell::Cell::new(LeaseOpCounts::default()));
-        let counts_out = counts.clone();
+        self.run_recorded(simulation).0
+    }
+
+    /// Runs the scenario and also returns its events (the last
+    /// [`EVENTS_KEPT_MAX`](crate::lease_events::EVENTS_KEPT_MAX) of them),
+    /// whether it passed or failed.
+    pub fn run_recorded(
+        self,
+        simulation: Simulation,
+    ) -> (Result<LeaseRunReport, SimError>, Vec<LeaseEvent>) {
+        let counts = Rc::new(Cell::new(LeaseOpCounts::default()));
+        let events = Rc::new(RefCell::new(EventLog::default()));
+        let (counts_out, events_out) = (counts.clone(), events.clone());
         let sim = simulation.run(move |env| {
-            let counts = counts.clone();
+            let (counts, events) = (counts.clone(), events.clone());
             async move {
                 let cluster = SimLeaseCluster::new(&env, self.cluster)?;
+                *events.borrow_mut() = cluster.events().clone();
                 let outcome = self.drive(&env, &cluster).await;
                 counts.set(cluster.counts());
                 outcome
             }
-        })?;
-        Ok(LeaseRunReport {
-            sim,
-            ops: counts_out.get(),
-        })
+        });
+        let events = events_out.borrow().to_vec();
+        (
+            sim.map(|sim| LeaseRunReport {
+                sim,
+                ops: counts_out.get(),
+            }),
+            events,
+        )
     }
 
     async fn drive(self, env: &SimEnv, cluster: &SimLeaseCluster) -> Result<(), String> {

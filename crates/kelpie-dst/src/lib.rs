@@ -22,7 +22,9 @@
 //! - [`sim_lease_store`]: [`SimLeaseStore`], the production lease protocol over [`SimStorage`].
 //! - [`checkers`]: the TLA+ invariants, one per file, evaluated after every step.
 //! - [`lease_cluster`]: [`SimLeaseCluster`] and [`SimLeaseClient`], simulated lease nodes.
+//! - [`lease_events`]: [`LeaseEvent`], what happened in a lease run, for reports and timelines.
 //! - [`lease_scenario`]: [`LeaseScenario`], nodes contending for leases under faults.
+//! - [`swarm`]: [`swarm_faults`], a fault mix drawn per seed.
 //! - [`error`]: [`SimError`], why a run (or its configuration) failed.
 //!
 //! ```
@@ -55,6 +57,7 @@ pub mod failure;
 pub mod fault;
 mod injector;
 pub mod lease_cluster;
+pub mod lease_events;
 pub mod lease_scenario;
 pub mod network;
 pub mod report;
@@ -63,6 +66,7 @@ mod runtime;
 pub mod sim;
 pub mod sim_lease_store;
 pub mod storage;
+pub mod swarm;
 pub mod task;
 pub mod timer;
 mod trace;
@@ -79,6 +83,7 @@ pub use fault::{FaultConfig, FaultStats, FaultType};
 pub use lease_cluster::{
     ClusterConfig, LeaseOpCounts, SimLeaseClient, SimLeaseCluster, STORE_RETRIES_MAX,
 };
+pub use lease_events::{EventLog, LeaseEvent, LeaseEventKind};
 pub use lease_scenario::{LeaseRunReport, LeaseScenario};
 pub use network::{HostId, NetworkConfig, Recv, SimNetwork};
 pub use report::SimReport;
@@ -86,5 +91,6 @@ pub use rng::DeterministicRng;
 pub use sim::Simulation;
 pub use sim_lease_store::SimLeaseStore;
 pub use storage::{CasOutcome, SimStorage, StorageError, Versioned};
+pub use swarm::{swarm_faults, SWARM_LEASE_FAULTS};
 pub use task::{Cancelled, JoinHandle, YieldNow};
 pub use timer::Sleep;

@@ -24,6 +24,7 @@
 //! - [`lease_cluster`]: [`SimLeaseCluster`] and [`SimLeaseClient`], simulated lease nodes.
 //! - [`lease_events`]: [`LeaseEvent`], what happened in a lease run, for reports and timelines.
 //! - [`lease_scenario`]: [`LeaseScenario`], nodes contending for leases under faults.
+//! - [`mutations`]: deliberately broken protocols the checkers must catch.
 //! - [`swarm`]: [`swarm_faults`], a fault mix drawn per seed.
 //! - [`error`]: [`SimError`], why a run (or its configuration) failed.
 //!
@@ -59,6 +60,7 @@ mod injector;
 pub mod lease_cluster;
 pub mod lease_events;
 pub mod lease_scenario;
+pub mod mutations;
 pub mod network;
 pub mod report;
 pub mod rng;

@@ -11,11 +11,12 @@ use std::time::Duration;
 use kelpie_core::{ActorId, FencingToken, NodeId};
 use kelpie_dst::checkers::CheckerSet;
 use kelpie_dst::config::seed_from_env;
+use kelpie_dst::mutations::Mutation;
 use kelpie_dst::{
     ClusterConfig, FaultConfig, FaultType, LeaseScenario, SimConfig, SimEnv, SimError,
     SimLeaseClient, SimLeaseCluster, SimReport, Simulation,
 };
-use kelpie_registry::{decide, Decision, Lease, LeaseError, LeaseOp, LeaseRecord, LeaseRequest};
+use kelpie_registry::{Lease, LeaseError, LeaseOp};
 
 /// Seeds each test runs when `DST_SEED` is not set.
 const SEEDS_PER_TEST: u64 = 4;
@@ -434,75 +435,6 @@ fn test_dst_lease_stress() {
 // Deliberately broken protocols. Each must be caught by its own checker, run alone, so every
 // checker is shown able to fail.
 
-fn acquire_ignores_holder(
-    a: &ActorId,
-    r: Option<&LeaseRecord>,
-    q: &LeaseRequest,
-    now: u64,
-) -> Decision {
-    let free = r.map(|r| LeaseRecord {
-        holder: None,
-        ..r.clone()
-    });
-    match q.op {
-        LeaseOp::Acquire => decide(a, free.as_ref(), q, now),
-        _ => decide(a, r, q, now),
-    }
-}
-
-fn renew_ignores_ownership(
-    a: &ActorId,
-    r: Option<&LeaseRecord>,
-    q: &LeaseRequest,
-    now: u64,
-) -> Decision {
-    let stolen = r.map(|r| LeaseRecord {
-        holder: Some(q.node_id.clone()),
-        expires_at_ms: r.expires_at_ms.max(now + 1),
-        acquired_at_ms: r.acquired_at_ms.min(now),
-        ..r.clone()
-    });
-    match (q.op, &stolen) {
-        (LeaseOp::Renew, Some(_)) => decide(a, stolen.as_ref(), q, now),
-        _ => decide(a, r, q, now),
-    }
-}
-
-fn token_not_increased(
-    a: &ActorId,
-    r: Option<&LeaseRecord>,
-    q: &LeaseRequest,
-    now: u64,
-) -> Decision {
-    let mut decision = decide(a, r, q, now);
-    if let (Some(before), Some(written)) = (r, decision.write.as_mut()) {
-        written.fencing_token = before.fencing_token;
-        if let Ok(lease) = decision.reply.as_mut() {
-            lease.fencing_token = before.fencing_token;
-        }
-    }
-    decision
-}
-
-fn expired_not_claimable(
-    a: &ActorId,
-    r: Option<&LeaseRecord>,
-    q: &LeaseRequest,
-    now: u64,
-) -> Decision {
-    match (q.op, r.and_then(|r| r.holder.clone())) {
-        (LeaseOp::Acquire, Some(holder)) if holder != q.node_id => Decision {
-            write: None,
-            reply: Err(LeaseError::HeldByOther {
-                actor_id: a.clone(),
-                holder,
-                expires_at_ms: r.map_or(0, |r| r.expires_at_ms),
-            }),
-        },
-        _ => decide(a, r, q, now),
-    }
-}
-
 fn caught_within(invariant: &str, broken: kelpie_registry::DecideFn) -> u64 {
     let base = SimConfig::from_env_or_random().seed;
     for i in 0..MUTATION_SEEDS_MAX {
@@ -527,30 +459,51 @@ fn caught_within(invariant: &str, broken: kelpie_registry::DecideFn) -> u64 {
 
 #[test]
 fn test_dst_broken_acquire_is_caught_by_lease_uniqueness() {
-    let seeds_needed = caught_within("LeaseUniqueness", acquire_ignores_holder);
+    let seeds_needed = caught_within(
+        "LeaseUniqueness",
+        Mutation::AcquireIgnoresHolder.decide_fn(),
+    );
     assert!(seeds_needed <= MUTATION_SEEDS_MAX);
 }
 
 #[test]
 fn test_dst_broken_acquire_is_caught_by_belief_consistency() {
-    assert!(caught_within("BeliefConsistency", acquire_ignores_holder) <= MUTATION_SEEDS_MAX);
+    assert!(
+        caught_within(
+            "BeliefConsistency",
+            Mutation::AcquireIgnoresHolder.decide_fn()
+        ) <= MUTATION_SEEDS_MAX
+    );
 }
 
 #[test]
 fn test_dst_broken_renew_is_caught_by_renewal_requires_ownership() {
     assert!(
-        caught_within("RenewalRequiresOwnership", renew_ignores_ownership) <= MUTATION_SEEDS_MAX
+        caught_within(
+            "RenewalRequiresOwnership",
+            Mutation::RenewIgnoresOwnership.decide_fn()
+        ) <= MUTATION_SEEDS_MAX
     );
 }
 
 #[test]
 fn test_dst_broken_token_is_caught_by_fencing_token_monotonic() {
-    assert!(caught_within("FencingTokenMonotonic", token_not_increased) <= MUTATION_SEEDS_MAX);
+    assert!(
+        caught_within(
+            "FencingTokenMonotonic",
+            Mutation::TokenNotIncreased.decide_fn()
+        ) <= MUTATION_SEEDS_MAX
+    );
 }
 
 #[test]
 fn test_dst_broken_expiry_is_caught_by_expired_lease_claimable() {
-    assert!(caught_within("ExpiredLeaseClaimable", expired_not_claimable) <= MUTATION_SEEDS_MAX);
+    assert!(
+        caught_within(
+            "ExpiredLeaseClaimable",
+            Mutation::ExpiredNotClaimable.decide_fn()
+        ) <= MUTATION_SEEDS_MAX
+    );
 }
 
 #[test]

@@ -7,6 +7,7 @@
 //! - [`id`]: [`ActorId`] and [`NodeId`], validated on construction.
 //! - [`token`]: [`FencingToken`], strictly increasing per actor across holders.
 //! - [`clock`]: the [`Clock`] trait and the real-time implementation.
+//! - [`coverage`]: coverage marks the simulator checks were hit.
 //! - [`limits`]: bounds with their units in their names.
 //!
 //! ```
@@ -19,6 +20,7 @@
 //! ```
 
 pub mod clock;
+pub mod coverage;
 pub mod id;
 pub mod limits;
 pub mod token;

@@ -102,6 +102,22 @@ pub struct LeaseRequest {
     pub node_id: NodeId,
     /// How long a granted or renewed lease lasts, on the store's clock.
     pub lease_duration_ms: u64,
+    /// For renew and release: the token the caller believes it holds. The store refuses if
+    /// the record carries another token, so a delayed or duplicated request from an earlier
+    /// tenure can never extend or free a later one.
+    pub fencing_token: Option<FencingToken>,
+}
+
+impl LeaseRequest {
+    /// A request without a token guard.
+    pub fn new(op: LeaseOp, node_id: NodeId, lease_duration_ms: u64) -> Self {
+        Self {
+            op,
+            node_id,
+            lease_duration_ms,
+            fencing_token: None,
+        }
+    }
 }
 
 /// Validated lease settings.

@@ -2,7 +2,7 @@
 
 use std::future::Future;
 
-use kelpie_core::{ActorId, NodeId, SharedClock};
+use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock};
 
 use crate::error::LeaseError;
 use crate::lease::{Lease, LeaseConfig, LeaseOp, LeaseRequest};
@@ -35,6 +35,37 @@ pub trait LeaseManager: Send + Sync {
         node_id: &NodeId,
     ) -> impl Future<Output = Result<Lease, LeaseError>> + Send;
 
+    /// Renews only if the caller's lease still carries `fencing_token`.
+    ///
+    /// The default checks the token with [`get`](Self::get) before renewing, which is not
+    /// atomic; backends override it with a check inside their atomic step.
+    fn renew_fenced(
+        &self,
+        actor_id: &ActorId,
+        node_id: &NodeId,
+        fencing_token: FencingToken,
+    ) -> impl Future<Output = Result<Lease, LeaseError>> + Send {
+        async move {
+            check_token(self.get(actor_id).await?, actor_id, node_id, fencing_token)?;
+            self.renew(actor_id, node_id).await
+        }
+    }
+
+    /// Releases only if the caller's lease still carries `fencing_token`, so a delayed release
+    /// from an earlier tenure cannot free a later one. The default is not atomic, as for
+    /// [`renew_fenced`](Self::renew_fenced).
+    fn release_fenced(
+        &self,
+        actor_id: &ActorId,
+        node_id: &NodeId,
+        fencing_token: FencingToken,
+    ) -> impl Future<Output = Result<Lease, LeaseError>> + Send {
+        async move {
+            check_token(self.get(actor_id).await?, actor_id, node_id, fencing_token)?;
+            self.release(actor_id, node_id).await
+        }
+    }
+
     /// Whether `node_id` holds a valid lease on the actor, on the store's clock.
     fn is_valid(
         &self,
@@ -53,6 +84,22 @@ pub trait LeaseManager: Send + Sync {
         &self,
         node_id: &NodeId,
     ) -> impl Future<Output = Result<Vec<Lease>, LeaseError>> + Send;
+}
+
+fn check_token(
+    lease: Option<Lease>,
+    actor_id: &ActorId,
+    node_id: &NodeId,
+    fencing_token: FencingToken,
+) -> Result<(), LeaseError> {
+    match lease {
+        Some(lease) if lease.holder == *node_id && lease.fencing_token == fencing_token => Ok(()),
+        other => Err(LeaseError::NotHolder {
+            actor_id: actor_id.clone(),
+            node_id: node_id.clone(),
+            holder: other.map(|lease| lease.holder),
+        }),
+    }
 }
 
 /// The lease protocol over a store: every operation is one [`LeaseStore::apply`] of the
@@ -105,12 +152,10 @@ impl<S: LeaseStore> ProtocolLeaseManager<S> {
         op: LeaseOp,
         actor_id: &ActorId,
         node_id: &NodeId,
+        fencing_token: Option<FencingToken>,
     ) -> Result<Lease, LeaseError> {
-        let request = LeaseRequest {
-            op,
-            node_id: node_id.clone(),
-            lease_duration_ms: self.config.lease_duration_ms,
-        };
+        let mut request = LeaseRequest::new(op, node_id.clone(), self.config.lease_duration_ms);
+        request.fencing_token = fencing_token;
         let decision = self.store.apply(actor_id, &request, self.decide).await?;
         decision.reply
     }
@@ -118,15 +163,37 @@ impl<S: LeaseStore> ProtocolLeaseManager<S> {
 
 impl<S: LeaseStore> LeaseManager for ProtocolLeaseManager<S> {
     async fn acquire(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<Lease, LeaseError> {
-        self.request(LeaseOp::Acquire, actor_id, node_id).await
+        self.request(LeaseOp::Acquire, actor_id, node_id, None)
+            .await
     }
 
     async fn renew(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<Lease, LeaseError> {
-        self.request(LeaseOp::Renew, actor_id, node_id).await
+        self.request(LeaseOp::Renew, actor_id, node_id, None).await
     }
 
     async fn release(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<Lease, LeaseError> {
-        self.request(LeaseOp::Release, actor_id, node_id).await
+        self.request(LeaseOp::Release, actor_id, node_id, None)
+            .await
+    }
+
+    async fn renew_fenced(
+        &self,
+        actor_id: &ActorId,
+        node_id: &NodeId,
+        fencing_token: FencingToken,
+    ) -> Result<Lease, LeaseError> {
+        self.request(LeaseOp::Renew, actor_id, node_id, Some(fencing_token))
+            .await
+    }
+
+    async fn release_fenced(
+        &self,
+        actor_id: &ActorId,
+        node_id: &NodeId,
+        fencing_token: FencingToken,
+    ) -> Result<Lease, LeaseError> {
+        self.request(LeaseOp::Release, actor_id, node_id, Some(fencing_token))
+            .await
     }
 
     async fn is_valid(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<bool, LeaseError> {

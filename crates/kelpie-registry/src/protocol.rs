@@ -12,6 +12,11 @@ use kelpie_core::{ActorId, FencingToken};
 use crate::error::LeaseError;
 use crate::lease::{Lease, LeaseOp, LeaseRecord, LeaseRequest};
 
+/// Coverage mark: a lease was granted to a new node over another node's expired lease.
+pub const MARK_TAKEOVER_AFTER_EXPIRY: &str = "protocol.takeover_after_expiry";
+/// Coverage mark: the store decided on a lease whose holder had let it expire.
+pub const MARK_EXPIRED_LEASE_SEEN: &str = "protocol.expired_lease_seen";
+
 /// What the store must do: write `write` (if any) in the same atomic step, then answer `reply`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
@@ -34,6 +39,9 @@ pub fn decide(
 ) -> Decision {
     if let Some(record) = record {
         assert_record_well_formed(record);
+        if record.holder.is_some() && record.valid_holder(store_now_ms).is_none() {
+            kelpie_core::coverage::mark(MARK_EXPIRED_LEASE_SEEN);
+        }
     }
     let decision = match request.op {
         LeaseOp::Acquire => decide_acquire(actor_id, record, request, store_now_ms),
@@ -75,6 +83,9 @@ fn decide_acquire(
             None => {}
         }
     }
+    if record.is_some_and(|r| r.holder.as_ref().is_some_and(|h| *h != request.node_id)) {
+        kelpie_core::coverage::mark(MARK_TAKEOVER_AFTER_EXPIRY);
+    }
     let granted = LeaseRecord {
         holder: Some(request.node_id.clone()),
         fencing_token: previous_token.next(),
@@ -91,7 +102,7 @@ fn decide_renew(
     request: &LeaseRequest,
     store_now_ms: u64,
 ) -> Decision {
-    let Some(record) = record.filter(|r| r.holder.as_ref() == Some(&request.node_id)) else {
+    let Some(record) = record.filter(|r| holds_with_token(r, request)) else {
         return refuse(not_holder(actor_id, record, request, store_now_ms));
     };
     if store_now_ms >= record.expires_at_ms {
@@ -117,7 +128,7 @@ fn decide_release(
 ) -> Decision {
     // The last holder may release even after expiry: nobody else holds it, and clearing the
     // holder only makes the lease free sooner.
-    let Some(record) = record.filter(|r| r.holder.as_ref() == Some(&request.node_id)) else {
+    let Some(record) = record.filter(|r| holds_with_token(r, request)) else {
         return refuse(not_holder(actor_id, record, request, store_now_ms));
     };
     let released_lease = record.lease(actor_id).expect("holder checked above");
@@ -130,6 +141,14 @@ fn decide_release(
         write: Some(released),
         reply: Ok(released_lease),
     }
+}
+
+/// Whether the record names the requester as holder, with the token it names (if any).
+fn holds_with_token(record: &LeaseRecord, request: &LeaseRequest) -> bool {
+    record.holder.as_ref() == Some(&request.node_id)
+        && request
+            .fencing_token
+            .is_none_or(|token| token == record.fencing_token)
 }
 
 fn not_holder(
@@ -230,11 +249,7 @@ mod tests {
     }
 
     fn request(op: LeaseOp, node: &str) -> LeaseRequest {
-        LeaseRequest {
-            op,
-            node_id: NodeId::new(node).unwrap(),
-            lease_duration_ms: 100,
-        }
+        LeaseRequest::new(op, NodeId::new(node).unwrap(), 100)
     }
 
     fn apply(record: &mut Option<LeaseRecord>, op: LeaseOp, node: &str, now_ms: u64) -> Decision {
@@ -306,6 +321,21 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn token_guard_refuses_requests_from_an_earlier_tenure() {
+        let mut record = None;
+        let first = apply(&mut record, LeaseOp::Acquire, "n1", 0).reply.unwrap();
+        apply(&mut record, LeaseOp::Release, "n1", 1).reply.unwrap();
+        apply(&mut record, LeaseOp::Acquire, "n1", 2).reply.unwrap();
+        let mut stale = request(LeaseOp::Release, "n1");
+        stale.fencing_token = Some(first.fencing_token);
+        let refused = decide(&actor(), record.as_ref(), &stale, 3);
+        assert!(matches!(refused.reply, Err(LeaseError::NotHolder { .. })));
+        assert!(refused.write.is_none());
+        stale.fencing_token = record.as_ref().map(|r| r.fencing_token);
+        assert!(decide(&actor(), record.as_ref(), &stale, 3).reply.is_ok());
     }
 
     #[test]

@@ -114,6 +114,22 @@ pub enum StoreError {
         /// The newest schema version this build reads and writes.
         supported_version: i64,
     },
+    /// A store option (an endpoint URL, a timeout, a key prefix, a TLS file) is malformed or out
+    /// of bounds. Nothing was contacted.
+    #[error("invalid lease store option {option}: {reason}")]
+    InvalidOption {
+        /// The option at fault, as named in the store's options.
+        option: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The store refused the caller's credentials or did not let it touch the lease keys.
+    /// Nothing was applied.
+    #[error("lease store refused access: {reason}")]
+    AccessDenied {
+        /// What the store said.
+        reason: String,
+    },
 }
 
 /// A configuration value out of bounds.
@@ -129,6 +145,12 @@ pub enum ConfigError {
         min_ms: u64,
         /// Largest allowed.
         max_ms: u64,
+    },
+    /// The lease keeper's settings are inconsistent.
+    #[error("invalid lease keeper settings: {reason}")]
+    Keeper {
+        /// What is wrong.
+        reason: String,
     },
     /// The node-side belief settings are inconsistent.
     #[error("invalid belief settings: {reason}")]

@@ -11,6 +11,7 @@
 //! - `sqlite`: [`SqliteLeaseStore`], durable leases in one file shared by a host's processes,
 //!   with group commit.
 //! - `manager`: the [`LeaseManager`] trait and [`ProtocolLeaseManager`], the protocol over a store.
+//! - `keeper`: [`LeaseKeeper`], which renews a node's leases and keeps its beliefs.
 //! - `belief`: [`Belief`], the node's pure state machine of "I hold it until local time T".
 //! - `error`: [`LeaseError`], [`StoreError`], [`ConfigError`].
 //!
@@ -32,6 +33,7 @@
 
 mod belief;
 mod error;
+mod keeper;
 mod lease;
 mod manager;
 mod memory;
@@ -41,6 +43,11 @@ mod store;
 
 pub use belief::{Belief, BeliefConfig, HeldBelief};
 pub use error::{ConfigError, LeaseError, StoreError};
+pub use keeper::{
+    KeeperConfig, KeeperEvent, LeaseKeeper, LostReason, CLOCK_DRIFT_PPM_MAX_DEFAULT,
+    COVERAGE_MARKS, MARK_BELIEF_ENDED, MARK_COMMIT_UNKNOWN_RESOLVED, MARK_RENEWAL_FAILED,
+    MARK_RENEWAL_REFUSED,
+};
 pub use lease::{Lease, LeaseConfig, LeaseOp, LeaseRecord, LeaseRequest};
 pub use manager::{LeaseManager, MemoryLeaseManager, ProtocolLeaseManager};
 pub use memory::MemoryLeaseStore;

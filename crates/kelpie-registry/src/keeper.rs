@@ -1,0 +1,608 @@
+//! The node-side lease keeper: renews held leases in the background and keeps the node's
+//! belief, the local time until which the node may act as holder.
+//!
+//! Safety argument, written out where it lives: every grant or renewal the keeper believes is
+//! measured from the moment the request was *sent*, on the node's monotonic clock, through the
+//! pure [`Belief`] state machine, which shortens it by the drift bound and a safety margin. The
+//! store measures the same lease from the moment it *applied* the request, which is later. So
+//! the belief ends before the store's expiry whatever the network delay and within the allowed
+//! drift; when renewals keep failing the belief simply runs out, the keeper drops it and tells
+//! the owner, and only after that can the store's expiry pass and another node be granted the
+//! lease. The keeper never reads another node's clock or the store's.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_channel::mpsc;
+use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock};
+
+use crate::belief::{Belief, BeliefConfig, HeldBelief};
+use crate::error::{ConfigError, LeaseError};
+use crate::lease::Lease;
+use crate::manager::LeaseManager;
+
+/// Coverage mark: a renewal failed at the store or in the network (for instance a partition).
+pub const MARK_RENEWAL_FAILED: &str = "keeper.renewal_failed";
+/// Coverage mark: the keeper's belief ran out (before the store's expiry) and it let go.
+pub const MARK_BELIEF_ENDED: &str = "keeper.belief_ended_before_expiry";
+/// Coverage mark: an acquire whose outcome was unknown was retried and the lease is now held.
+pub const MARK_COMMIT_UNKNOWN_RESOLVED: &str = "keeper.commit_unknown_resolved";
+/// Coverage mark: the store refused a renewal (the lease was lost or taken over).
+pub const MARK_RENEWAL_REFUSED: &str = "keeper.renewal_refused";
+
+/// Every coverage mark the lease layer defines; a swarm run checks each is hit.
+pub const COVERAGE_MARKS: &[&str] = &[
+    crate::protocol::MARK_TAKEOVER_AFTER_EXPIRY,
+    crate::protocol::MARK_EXPIRED_LEASE_SEEN,
+    MARK_RENEWAL_FAILED,
+    MARK_BELIEF_ENDED,
+    MARK_COMMIT_UNKNOWN_RESOLVED,
+    MARK_RENEWAL_REFUSED,
+];
+
+/// Default bound on clock drift between a node and the store: 1 %.
+pub const CLOCK_DRIFT_PPM_MAX_DEFAULT: u64 = 10_000;
+
+/// How the keeper renews and measures its belief.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KeeperConfig {
+    /// Lease duration the store grants.
+    pub lease_duration_ms: u64,
+    /// Time between renewals of a held lease (default: a third of the duration).
+    pub renew_interval_ms: u64,
+    /// Time before retrying a renewal that failed at the store or in the network.
+    pub retry_interval_ms: u64,
+    /// Bound on clock drift against the store, in parts per million.
+    pub clock_drift_ppm_max: u64,
+    /// How long before the earliest possible store expiry the belief ends.
+    pub safety_margin_ms: u64,
+    /// Deliberately wrong: measure beliefs from the reply's arrival. Only for showing that the
+    /// simulator catches it.
+    #[doc(hidden)]
+    pub bug_belief_from_reply: bool,
+}
+
+impl KeeperConfig {
+    /// Defaults for `lease_duration_ms`: renew every third of it, retry every twelfth, 1 %
+    /// drift bound, a margin of 2 % (at least 1 ms).
+    pub fn new(lease_duration_ms: u64) -> Result<Self, ConfigError> {
+        Self {
+            lease_duration_ms,
+            renew_interval_ms: lease_duration_ms / 3,
+            retry_interval_ms: (lease_duration_ms / 12).max(1),
+            clock_drift_ppm_max: CLOCK_DRIFT_PPM_MAX_DEFAULT,
+            safety_margin_ms: (lease_duration_ms / 50).max(1),
+            bug_belief_from_reply: false,
+        }
+        .validated()
+    }
+
+    /// Sets the renewal interval.
+    pub fn with_renew_interval_ms(mut self, renew_interval_ms: u64) -> Result<Self, ConfigError> {
+        self.renew_interval_ms = renew_interval_ms;
+        self.validated()
+    }
+
+    /// Sets the drift bound and the safety margin.
+    pub fn with_belief_bounds(
+        mut self,
+        clock_drift_ppm_max: u64,
+        safety_margin_ms: u64,
+    ) -> Result<Self, ConfigError> {
+        self.clock_drift_ppm_max = clock_drift_ppm_max;
+        self.safety_margin_ms = safety_margin_ms;
+        self.validated()
+    }
+
+    /// The belief settings these imply.
+    pub fn belief_config(&self) -> BeliefConfig {
+        BeliefConfig::new(
+            self.lease_duration_ms,
+            self.clock_drift_ppm_max,
+            self.safety_margin_ms,
+        )
+        .expect("validated with the keeper config")
+    }
+
+    fn validated(self) -> Result<Self, ConfigError> {
+        crate::lease::LeaseConfig::new(self.lease_duration_ms)?;
+        let belief = BeliefConfig::new(
+            self.lease_duration_ms,
+            self.clock_drift_ppm_max,
+            self.safety_margin_ms,
+        )?;
+        let invalid = |reason: String| Err(ConfigError::Keeper { reason });
+        if self.renew_interval_ms == 0 || self.retry_interval_ms == 0 {
+            return invalid("renew and retry intervals must be positive".into());
+        }
+        // Two renewal attempts must fit inside one belief, or a single lost renewal would end it.
+        if self.renew_interval_ms * 2 > belief.belief_duration_ms() {
+            return invalid(format!(
+                "renew interval {} ms is not well below the belief of {} ms (at most half)",
+                self.renew_interval_ms,
+                belief.belief_duration_ms()
+            ));
+        }
+        Ok(self)
+    }
+}
+
+/// Why the keeper stopped believing it holds a lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LostReason {
+    /// The store refused a renewal: the lease expired or another node holds it.
+    Refused(LeaseError),
+    /// Renewals failed for so long that the belief ran out.
+    BeliefExpired,
+}
+
+/// What the keeper tells its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeeperEvent {
+    /// The node must stop acting as holder of `actor_id`.
+    Lost {
+        /// The actor.
+        actor_id: ActorId,
+        /// The token of the lost lease.
+        fencing_token: FencingToken,
+        /// Why.
+        reason: LostReason,
+    },
+}
+
+/// One held lease as the keeper tracks it.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    belief: Belief,
+    fencing_token: FencingToken,
+    next_renew_local_ms: u64,
+}
+
+#[derive(Debug, Default)]
+struct KeeperState {
+    held: BTreeMap<ActorId, Held>,
+    /// Actors whose last acquire ended with an unknown outcome.
+    unknown_acquires: Vec<ActorId>,
+    /// Incremented on every change of belief, so observers can skip unchanged states.
+    belief_epoch: u64,
+    stopped: bool,
+}
+
+/// Renews a node's leases and keeps its beliefs. Share it with `Arc`; drive
+/// [`run`](Self::run) on a task of the node's runtime (tokio in a process, the simulator in
+/// tests).
+pub struct LeaseKeeper<M> {
+    manager: Arc<M>,
+    clock: SharedClock,
+    node_id: NodeId,
+    config: KeeperConfig,
+    belief_config: BeliefConfig,
+    state: Mutex<KeeperState>,
+    events: mpsc::UnboundedSender<KeeperEvent>,
+}
+
+impl<M: LeaseManager> LeaseKeeper<M> {
+    /// A keeper for `node_id`, and the receiver of its [`KeeperEvent`]s.
+    pub fn new(
+        manager: Arc<M>,
+        clock: SharedClock,
+        node_id: NodeId,
+        config: KeeperConfig,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<KeeperEvent>) {
+        let (events, receiver) = mpsc::unbounded();
+        let belief_config = config.belief_config();
+        let state = Mutex::new(KeeperState::default());
+        let keeper = Self {
+            manager,
+            clock,
+            node_id,
+            config,
+            belief_config,
+            state,
+            events,
+        };
+        (Arc::new(keeper), receiver)
+    }
+
+    /// The node this keeper acts for.
+    pub fn node_id(&self) -> &NodeId {
+        &self.node_id
+    }
+
+    /// Acquires the lease on `actor_id` and starts renewing it. A retry after an unknown
+    /// outcome is safe: acquiring a lease the node already holds is idempotent.
+    pub async fn acquire(&self, actor_id: &ActorId) -> Result<Lease, LeaseError> {
+        let sent_local_ms = self.clock.now_ms();
+        let result = self.manager.acquire(actor_id, &self.node_id).await;
+        let mut state = self.lock();
+        let was_unknown = state.unknown_acquires.contains(actor_id);
+        state.unknown_acquires.retain(|a| a != actor_id);
+        match &result {
+            Ok(lease) => {
+                if was_unknown {
+                    kelpie_core::coverage::mark(MARK_COMMIT_UNKNOWN_RESOLVED);
+                }
+                let base_ms = self.belief_base_ms(sent_local_ms);
+                self.believe(&mut state, actor_id, base_ms, lease.fencing_token);
+            }
+            Err(LeaseError::Store(crate::StoreError::CommitUnknown { .. })) => {
+                state.unknown_acquires.push(actor_id.clone());
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Stops believing, then releases the lease at the store. The belief ends first, so the
+    /// node never acts as holder of a lease the store may already have handed on.
+    pub async fn release(&self, actor_id: &ActorId) -> Result<Lease, LeaseError> {
+        let held = {
+            let mut state = self.lock();
+            let held = state.held.remove(actor_id);
+            state.belief_epoch += 1;
+            held
+        };
+        let Some(held) = held else {
+            return Err(LeaseError::NotHolder {
+                actor_id: actor_id.clone(),
+                node_id: self.node_id.clone(),
+                holder: None,
+            });
+        };
+        self.manager
+            .release_fenced(actor_id, &self.node_id, held.fencing_token)
+            .await
+    }
+
+    /// The token of the lease on `actor_id` the node may act on now, if any.
+    pub fn holds(&self, actor_id: &ActorId) -> Option<FencingToken> {
+        let now_ms = self.clock.now_ms();
+        let state = self.lock();
+        state
+            .held
+            .get(actor_id)?
+            .belief
+            .held_at(now_ms)
+            .map(|h| h.fencing_token)
+    }
+
+    /// Every belief in force now.
+    pub fn beliefs(&self) -> Vec<(ActorId, HeldBelief)> {
+        let now_ms = self.clock.now_ms();
+        let state = self.lock();
+        let held = state.held.iter();
+        held.filter_map(|(a, h)| h.belief.held_at(now_ms).map(|b| (a.clone(), b)))
+            .collect()
+    }
+
+    /// A number that changes whenever a belief starts, is extended or is dropped.
+    pub fn belief_epoch(&self) -> u64 {
+        self.lock().belief_epoch
+    }
+
+    /// Makes [`run`](Self::run) return at its next wake-up.
+    pub fn stop(&self) {
+        self.lock().stopped = true;
+    }
+
+    /// The renewal loop: renews every lease that is due, drops every belief that ran out,
+    /// then sleeps until the next renewal or belief end. Returns after [`stop`](Self::stop).
+    pub async fn run(&self) {
+        loop {
+            let Some(wake_local_ms) = self.tick().await else {
+                return;
+            };
+            let sleep_ms = wake_local_ms.saturating_sub(self.clock.now_ms()).max(1);
+            self.clock.sleep(Duration::from_millis(sleep_ms)).await;
+        }
+    }
+
+    /// One round; returns the local time of the next one, or `None` once stopped.
+    async fn tick(&self) -> Option<u64> {
+        let now_ms = self.clock.now_ms();
+        let due = self.expire_and_collect_due(now_ms)?;
+        let renewals = due.iter().map(|(actor_id, token)| async move {
+            let sent_local_ms = self.clock.now_ms();
+            let result = self
+                .manager
+                .renew_fenced(actor_id, &self.node_id, *token)
+                .await;
+            (actor_id, *token, sent_local_ms, result)
+        });
+        for (actor_id, token, sent_local_ms, result) in
+            futures_util::future::join_all(renewals).await
+        {
+            self.renewed(actor_id, token, sent_local_ms, result);
+        }
+        Some(self.next_wake_ms())
+    }
+
+    /// Drops the beliefs that ran out and returns the leases whose renewal is due.
+    fn expire_and_collect_due(&self, now_ms: u64) -> Option<Vec<(ActorId, FencingToken)>> {
+        let mut state = self.lock();
+        if state.stopped {
+            return None;
+        }
+        let ran_out: Vec<ActorId> = state
+            .held
+            .iter()
+            .filter(|(_, h)| h.belief.held_at(now_ms).is_none())
+            .map(|(a, _)| a.clone())
+            .collect();
+        for actor_id in ran_out {
+            let held = state.held.remove(&actor_id).expect("collected above");
+            state.belief_epoch += 1;
+            kelpie_core::coverage::mark(MARK_BELIEF_ENDED);
+            self.notify(actor_id, held.fencing_token, LostReason::BeliefExpired);
+        }
+        let due = state
+            .held
+            .iter()
+            .filter(|(_, h)| h.next_renew_local_ms <= now_ms);
+        Some(due.map(|(a, h)| (a.clone(), h.fencing_token)).collect())
+    }
+
+    fn renewed(
+        &self,
+        actor_id: &ActorId,
+        token: FencingToken,
+        sent_local_ms: u64,
+        result: Result<Lease, LeaseError>,
+    ) {
+        let mut state = self.lock();
+        // The owner may have released, or the belief run out, while the renewal was in flight.
+        if state
+            .held
+            .get(actor_id)
+            .is_none_or(|h| h.fencing_token != token)
+        {
+            return;
+        }
+        match result {
+            Ok(lease) => {
+                assert_eq!(
+                    lease.fencing_token, token,
+                    "a renewal never changes the token"
+                );
+                let base_ms = self.belief_base_ms(sent_local_ms);
+                self.believe(&mut state, actor_id, base_ms, token);
+            }
+            Err(LeaseError::Store(_)) => {
+                kelpie_core::coverage::mark(MARK_RENEWAL_FAILED);
+                let retry_ms = self.clock.now_ms() + self.config.retry_interval_ms;
+                let held = state.held.get_mut(actor_id).expect("checked above");
+                held.next_renew_local_ms = retry_ms;
+            }
+            Err(refusal) => {
+                kelpie_core::coverage::mark(MARK_RENEWAL_REFUSED);
+                state.held.remove(actor_id);
+                state.belief_epoch += 1;
+                self.notify(actor_id.clone(), token, LostReason::Refused(refusal));
+            }
+        }
+    }
+
+    fn believe(
+        &self,
+        state: &mut KeeperState,
+        actor_id: &ActorId,
+        base_ms: u64,
+        token: FencingToken,
+    ) {
+        let next_renew_local_ms = base_ms + self.config.renew_interval_ms;
+        let held = state.held.entry(actor_id.clone()).or_insert(Held {
+            belief: Belief::new(),
+            fencing_token: token,
+            next_renew_local_ms,
+        });
+        if held.fencing_token != token {
+            held.belief.on_lost();
+        }
+        held.belief.on_granted(&self.belief_config, base_ms, token);
+        held.fencing_token = token;
+        held.next_renew_local_ms = next_renew_local_ms;
+        state.belief_epoch += 1;
+    }
+
+    /// The local time a belief is measured from: the send time (the bug variant uses now).
+    fn belief_base_ms(&self, sent_local_ms: u64) -> u64 {
+        if self.config.bug_belief_from_reply {
+            self.clock.now_ms()
+        } else {
+            sent_local_ms
+        }
+    }
+
+    fn next_wake_ms(&self) -> u64 {
+        let state = self.lock();
+        let far_ms = self.clock.now_ms() + self.config.renew_interval_ms;
+        let ends = state.held.values().map(|h| {
+            let until_ms = h.belief.held_at(0).map_or(0, |b| b.until_local_ms);
+            h.next_renew_local_ms.min(until_ms)
+        });
+        ends.fold(far_ms, u64::min)
+    }
+
+    fn notify(&self, actor_id: ActorId, fencing_token: FencingToken, reason: LostReason) {
+        // The owner may have stopped listening; the belief is dropped either way.
+        let _ = self.events.unbounded_send(KeeperEvent::Lost {
+            actor_id,
+            fencing_token,
+            reason,
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, KeeperState> {
+        self.state.lock().expect("keeper state poisoned by a panic")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DecideFn, Decision, LeaseRequest, LeaseStore, StoreError, StoreSnapshot};
+    use crate::{LeaseConfig, MemoryLeaseStore, ProtocolLeaseManager, RecordSnapshot};
+    use kelpie_core::{Clock, ManualClock};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// The memory store, unreachable while `down` is set.
+    struct FlakyStore {
+        inner: MemoryLeaseStore,
+        down: AtomicBool,
+    }
+
+    impl FlakyStore {
+        fn check(&self) -> Result<(), StoreError> {
+            match self.down.load(Ordering::SeqCst) {
+                true => Err(StoreError::Unavailable {
+                    reason: "partitioned".into(),
+                }),
+                false => Ok(()),
+            }
+        }
+    }
+
+    impl LeaseStore for FlakyStore {
+        async fn apply(
+            &self,
+            actor_id: &ActorId,
+            request: &LeaseRequest,
+            decide: DecideFn,
+        ) -> Result<Decision, StoreError> {
+            self.check()?;
+            self.inner.apply(actor_id, request, decide).await
+        }
+
+        async fn load(&self, actor_id: &ActorId) -> Result<RecordSnapshot, StoreError> {
+            self.check()?;
+            self.inner.load(actor_id).await
+        }
+
+        async fn scan(&self) -> Result<StoreSnapshot, StoreError> {
+            self.check()?;
+            self.inner.scan().await
+        }
+    }
+
+    type Manager = ProtocolLeaseManager<FlakyStore>;
+
+    fn setup() -> (
+        ManualClock,
+        Arc<Manager>,
+        Arc<LeaseKeeper<Manager>>,
+        mpsc::UnboundedReceiver<KeeperEvent>,
+    ) {
+        let clock = ManualClock::new(0);
+        let store = FlakyStore {
+            inner: MemoryLeaseStore::new(Arc::new(clock.clone())),
+            down: AtomicBool::new(false),
+        };
+        let manager = Arc::new(Manager::new(store, LeaseConfig::new(900).unwrap()));
+        let config = KeeperConfig::new(900).unwrap();
+        let node = NodeId::new("n1").unwrap();
+        let (keeper, events) =
+            LeaseKeeper::new(Arc::clone(&manager), Arc::new(clock.clone()), node, config);
+        (clock, manager, keeper, events)
+    }
+
+    fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
+        futures_executor_lite(future)
+    }
+
+    /// Memory-store futures complete on their first poll.
+    fn futures_executor_lite<T>(future: impl std::future::Future<Output = T>) -> T {
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::pin::pin!(future).poll(&mut context) {
+            std::task::Poll::Ready(value) => value,
+            std::task::Poll::Pending => panic!("memory store futures are ready at once"),
+        }
+    }
+
+    #[test]
+    fn config_defaults_and_refusals() {
+        let config = KeeperConfig::new(900).unwrap();
+        assert_eq!(config.renew_interval_ms, 300);
+        assert!(config.with_renew_interval_ms(600).is_err());
+        assert!(config.with_renew_interval_ms(0).is_err());
+        assert!(config.with_belief_bounds(10_000, 0).is_err());
+        assert!(KeeperConfig::new(10).is_err());
+    }
+
+    #[test]
+    fn renews_in_background_and_extends_the_belief() {
+        let (clock, manager, keeper, _events) = setup();
+        let actor = ActorId::new("a").unwrap();
+        let lease = block_on(keeper.acquire(&actor)).unwrap();
+        assert_eq!(keeper.holds(&actor), Some(lease.fencing_token));
+        clock.advance_ms(300);
+        assert_eq!(block_on(keeper.tick()), Some(600));
+        let renewed = block_on(manager.get(&actor)).unwrap().unwrap();
+        assert_eq!(renewed.expires_at_ms, 1_200);
+        clock.advance_ms(800);
+        assert_eq!(
+            keeper.holds(&actor),
+            Some(lease.fencing_token),
+            "belief was extended"
+        );
+    }
+
+    #[test]
+    fn belief_runs_out_before_store_expiry_and_owner_is_told() {
+        let (clock, manager, keeper, mut events) = setup();
+        let actor = ActorId::new("a").unwrap();
+        let lease = block_on(keeper.acquire(&actor)).unwrap();
+        manager.store().down.store(true, Ordering::SeqCst);
+        let mut ended_at_ms = None;
+        while ended_at_ms.is_none() {
+            let wake_ms = block_on(keeper.tick()).unwrap();
+            clock.advance_ms(wake_ms.saturating_sub(clock.now_ms()).max(1));
+            block_on(keeper.tick());
+            if keeper.holds(&actor).is_none() {
+                ended_at_ms = Some(clock.now_ms());
+            }
+        }
+        let ended_at_ms = ended_at_ms.unwrap();
+        assert!(
+            ended_at_ms < lease.expires_at_ms,
+            "{ended_at_ms} >= {}",
+            lease.expires_at_ms
+        );
+        let event = events.try_recv().unwrap();
+        let expected = KeeperEvent::Lost {
+            actor_id: actor.clone(),
+            fencing_token: lease.fencing_token,
+            reason: LostReason::BeliefExpired,
+        };
+        assert_eq!(event, expected);
+    }
+
+    #[test]
+    fn refused_renewal_drops_belief_and_release_drops_it_first() {
+        let (clock, manager, keeper, mut events) = setup();
+        let (a, b) = (ActorId::new("a").unwrap(), ActorId::new("b").unwrap());
+        block_on(keeper.acquire(&a)).unwrap();
+        block_on(keeper.acquire(&b)).unwrap();
+        // Another tenure of "a" replaces ours at the store: our token-guarded renewal fails.
+        block_on(manager.release(&a, keeper.node_id())).unwrap();
+        block_on(manager.acquire(&a, keeper.node_id())).unwrap();
+        clock.advance_ms(300);
+        block_on(keeper.tick());
+        assert_eq!(keeper.holds(&a), None);
+        let lost = events.try_recv().unwrap();
+        assert!(matches!(
+            lost,
+            KeeperEvent::Lost {
+                reason: LostReason::Refused(_),
+                ..
+            }
+        ));
+        block_on(keeper.release(&b)).unwrap();
+        assert_eq!(keeper.holds(&b), None);
+        assert_eq!(block_on(manager.get(&b)).unwrap(), None);
+        assert!(block_on(keeper.release(&b)).is_err());
+    }
+}

@@ -1,35 +1,98 @@
-//! The nodes' beliefs, shared between the simulated nodes that update them and the checkers
-//! that judge them.
+//! The nodes' beliefs, shared between the simulated nodes that hold them and the checkers that
+//! judge them. A node's beliefs come either from a [`LeaseKeeper`](kelpie_registry::LeaseKeeper)
+//! (the production code) or from beliefs kept by hand with the [`Belief`] state machine.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
 use kelpie_core::{ActorId, FencingToken, NodeId};
-use kelpie_registry::{Belief, BeliefConfig};
+use kelpie_registry::{Belief, BeliefConfig, HeldBelief};
 
 use crate::checkers::BeliefView;
 use crate::clock::SimClock;
 
-/// Every node's belief about every actor, with each node's local clock.
-#[derive(Clone, Default)]
-pub struct BeliefBoard {
-    inner: Rc<RefCell<BoardInner>>,
+/// What the board needs from a keeper: its beliefs now and a number that changes with them.
+pub trait BeliefSource {
+    /// Beliefs in force now.
+    fn beliefs(&self) -> Vec<(ActorId, HeldBelief)>;
+    /// Changes whenever a belief starts, is extended or is dropped.
+    fn belief_epoch(&self) -> u64;
 }
 
-#[derive(Default)]
-struct BoardInner {
-    clocks: BTreeMap<NodeId, SimClock>,
-    beliefs: BTreeMap<(NodeId, ActorId), Belief>,
+impl<M: kelpie_registry::LeaseManager> BeliefSource for kelpie_registry::LeaseKeeper<M> {
+    fn beliefs(&self) -> Vec<(ActorId, HeldBelief)> {
+        kelpie_registry::LeaseKeeper::beliefs(self)
+    }
+
+    fn belief_epoch(&self) -> u64 {
+        kelpie_registry::LeaseKeeper::belief_epoch(self)
+    }
+}
+
+/// One node's beliefs before and after a change.
+pub(crate) struct NodeChange {
+    pub(crate) node_id: NodeId,
+    pub(crate) before: BTreeMap<ActorId, BeliefView>,
+    pub(crate) after: BTreeMap<ActorId, BeliefView>,
+}
+
+impl NodeChange {
+    /// The actors whose beliefs differ.
+    pub(crate) fn changed_actors(&self) -> BTreeSet<ActorId> {
+        changed_actors(&self.before, &self.after)
+    }
+}
+
+struct NodeEntry {
+    clock: SimClock,
+    keeper: Option<Rc<dyn BeliefSource>>,
+    manual: BTreeMap<ActorId, Belief>,
+    /// Bumped on every manual change, crash, restart or clock jump.
+    local_epoch: u64,
+    /// (keeper epoch, local epoch) when the views below were taken.
+    seen: Option<(u64, u64)>,
+    /// The node's beliefs as last taken.
+    views: BTreeMap<ActorId, BeliefView>,
+}
+
+/// Every node's beliefs, each with the node's clock.
+#[derive(Clone, Default)]
+pub struct BeliefBoard {
+    nodes: Rc<RefCell<BTreeMap<NodeId, NodeEntry>>>,
 }
 
 impl BeliefBoard {
-    /// Registers a node and its clock.
+    /// Registers a node whose beliefs are kept by hand.
     pub fn add_node(&self, node_id: &NodeId, clock: SimClock) {
-        self.inner
-            .borrow_mut()
-            .clocks
-            .insert(node_id.clone(), clock);
+        let entry = NodeEntry {
+            clock,
+            keeper: None,
+            manual: BTreeMap::new(),
+            local_epoch: 0,
+            seen: None,
+            views: BTreeMap::new(),
+        };
+        self.nodes.borrow_mut().insert(node_id.clone(), entry);
+    }
+
+    /// Registers (or, after a restart, replaces) the keeper holding a node's beliefs.
+    pub fn set_keeper(&self, node_id: &NodeId, clock: SimClock, keeper: Rc<dyn BeliefSource>) {
+        self.add_node(node_id, clock);
+        self.with_node(node_id, |node| node.keeper = Some(keeper));
+    }
+
+    /// The node crashed: its memory, and so every belief, is gone.
+    pub fn crashed(&self, node_id: &NodeId) {
+        self.with_node(node_id, |node| {
+            node.keeper = None;
+            node.manual.clear();
+        });
+    }
+
+    /// The node's clock jumped: its beliefs end at other global instants now.
+    pub fn clock_jumped(&self, node_id: &NodeId) {
+        self.with_node(node_id, |_| {});
     }
 
     /// The node's request sent at local `sent_local_ms` was granted with `token`.
@@ -41,50 +104,113 @@ impl BeliefBoard {
         sent_local_ms: u64,
         token: FencingToken,
     ) {
-        let mut inner = self.inner.borrow_mut();
-        let belief = inner
-            .beliefs
-            .entry((node_id.clone(), actor_id.clone()))
-            .or_default();
-        belief.on_granted(config, sent_local_ms, token);
+        self.with_node(node_id, |node| {
+            let belief = node.manual.entry(actor_id.clone()).or_default();
+            belief.on_granted(config, sent_local_ms, token);
+        });
     }
 
     /// The node stops believing it holds the actor.
     pub fn lost(&self, node_id: &NodeId, actor_id: &ActorId) {
-        if let Some(belief) = self
-            .inner
-            .borrow_mut()
-            .beliefs
-            .get_mut(&(node_id.clone(), actor_id.clone()))
-        {
-            belief.on_lost();
-        }
+        self.with_node(node_id, |node| {
+            if let Some(belief) = node.manual.get_mut(actor_id) {
+                belief.on_lost();
+            }
+        });
     }
 
     /// Whether the node believes it holds the actor now, on its own clock.
     pub fn holds(&self, node_id: &NodeId, actor_id: &ActorId) -> Option<FencingToken> {
-        let inner = self.inner.borrow();
-        let now_ms = inner.clocks.get(node_id).expect("node registered").now_ms();
-        let belief = inner.beliefs.get(&(node_id.clone(), actor_id.clone()))?;
-        belief.held_at(now_ms).map(|h| h.fencing_token)
+        let nodes = self.nodes.borrow();
+        let node = nodes.get(node_id).expect("node registered");
+        let now_ms = node.clock.now_ms();
+        if let Some(keeper) = &node.keeper {
+            let beliefs = keeper.beliefs();
+            return beliefs
+                .into_iter()
+                .find(|(a, _)| a == actor_id)
+                .map(|(_, b)| b.fencing_token);
+        }
+        node.manual
+            .get(actor_id)?
+            .held_at(now_ms)
+            .map(|h| h.fencing_token)
     }
 
-    /// Every belief held now.
-    pub fn views(&self) -> Vec<BeliefView> {
-        let inner = self.inner.borrow();
-        let mut views = Vec::new();
-        for ((node_id, actor_id), belief) in &inner.beliefs {
-            let node_now_ms = inner.clocks.get(node_id).expect("node registered").now_ms();
-            if let Some(held) = belief.held_at(node_now_ms) {
-                let (node_id, actor_id) = (node_id.clone(), actor_id.clone());
-                views.push(BeliefView {
-                    node_id,
-                    actor_id,
-                    held,
-                    node_now_ms,
-                });
+    /// Re-reads the nodes whose beliefs may have changed and returns, per changed node, its
+    /// views before and after. Cheap when nothing changed: one epoch comparison per node.
+    pub(crate) fn take_changes(&self) -> Vec<NodeChange> {
+        let mut changes = Vec::new();
+        for (node_id, node) in self.nodes.borrow_mut().iter_mut() {
+            let epoch = (
+                node.keeper.as_ref().map_or(0, |k| k.belief_epoch()),
+                node.local_epoch,
+            );
+            if node.seen == Some(epoch) {
+                continue;
             }
+            node.seen = Some(epoch);
+            let after = node.read_views(node_id);
+            let before = std::mem::replace(&mut node.views, after.clone());
+            changes.push(NodeChange {
+                node_id: node_id.clone(),
+                before,
+                after,
+            });
         }
-        views
+        changes
     }
+
+    fn with_node(&self, node_id: &NodeId, change: impl FnOnce(&mut NodeEntry)) {
+        let mut nodes = self.nodes.borrow_mut();
+        let node = nodes.get_mut(node_id).expect("node registered");
+        change(node);
+        node.local_epoch += 1;
+    }
+}
+
+impl NodeEntry {
+    fn read_views(&self, node_id: &NodeId) -> BTreeMap<ActorId, BeliefView> {
+        let now_ms = self.clock.now_ms();
+        let held: Vec<(ActorId, HeldBelief)> = match &self.keeper {
+            Some(keeper) => keeper.beliefs(),
+            None => {
+                let held = self
+                    .manual
+                    .iter()
+                    .filter_map(|(a, b)| b.held_at(now_ms).map(|h| (a.clone(), h)));
+                held.collect()
+            }
+        };
+        held.into_iter()
+            .map(|(actor_id, held)| {
+                let until_global_ms = self.clock.global_when_local_reaches(held.until_local_ms);
+                let view = BeliefView {
+                    node_id: node_id.clone(),
+                    actor_id: actor_id.clone(),
+                    held,
+                    until_global_ms,
+                };
+                (actor_id, view)
+            })
+            .collect()
+    }
+}
+
+/// The actors whose beliefs differ between two views of one node.
+fn changed_actors(
+    old: &BTreeMap<ActorId, BeliefView>,
+    new: &BTreeMap<ActorId, BeliefView>,
+) -> BTreeSet<ActorId> {
+    let mut changed = BTreeSet::new();
+    for (actor_id, view) in old {
+        let same = new
+            .get(actor_id)
+            .is_some_and(|v| v.held == view.held && v.until_global_ms == view.until_global_ms);
+        if !same {
+            changed.insert(actor_id.clone());
+        }
+    }
+    changed.extend(new.keys().filter(|a| !old.contains_key(*a)).cloned());
+    changed
 }

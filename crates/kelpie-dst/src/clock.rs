@@ -103,6 +103,12 @@ impl SimClock {
         }
     }
 
+    /// The first global instant (not before now) at which this clock reads `local_ms`, if it
+    /// neither jumps nor changes rate before then.
+    pub fn global_when_local_reaches(&self, local_ms: u64) -> u64 {
+        self.global_deadline_for(local_ms)
+    }
+
     /// Local time at global time `global_ms`.
     fn local_at(&self, global_ms: u64) -> u64 {
         let rate = PPM_PER_UNIT + i128::from(self.state.drift_ppm);

@@ -145,6 +145,13 @@ impl SimEnv {
             .should_inject(fault, &self.runtime.trace)
     }
 
+    /// Turns every configured fault on or off. A scenario turns them off to heal the world
+    /// before its liveness phase.
+    pub fn set_faults_enabled(&self, enabled: bool) {
+        self.runtime.faults.set_enabled(enabled);
+        self.trace(u64::from(enabled));
+    }
+
     /// Counts one firing of `fault` that the scenario decided itself (a crash it caused, say).
     pub fn record_fault(&self, fault: FaultType) {
         self.runtime.faults.record(fault);

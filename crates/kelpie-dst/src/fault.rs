@@ -26,10 +26,21 @@ pub enum FaultType {
     /// A network message was dropped because its link was partitioned. Partitions are set by
     /// the scenario; this counts the messages they cost.
     NetworkPartition,
+    /// A node is cut off from the store in both directions for a window, then healed.
+    PartitionTwoWay,
+    /// One direction between a node and the store is cut for a window (requests or replies
+    /// lost), then healed.
+    PartitionOneWay,
+    /// A node crashes, losing its memory, and restarts after a window.
+    NodeCrash,
+    /// A node's monotonic clock jumps forward (as after a suspended VM resumes).
+    ClockJump,
+    /// The store crashes and restarts after a window; what it acknowledged survives.
+    StorageCrash,
 }
 
 /// Every fault type, in declaration order. Also the order of the fault counters.
-const ALL_FAULT_TYPES: [FaultType; 8] = [
+const ALL_FAULT_TYPES: [FaultType; 13] = [
     FaultType::StorageWriteFail,
     FaultType::StorageReadFail,
     FaultType::StorageCommitUnknown,
@@ -38,6 +49,11 @@ const ALL_FAULT_TYPES: [FaultType; 8] = [
     FaultType::NetworkDuplicate,
     FaultType::NetworkDelay,
     FaultType::NetworkPartition,
+    FaultType::PartitionTwoWay,
+    FaultType::PartitionOneWay,
+    FaultType::NodeCrash,
+    FaultType::ClockJump,
+    FaultType::StorageCrash,
 ];
 
 /// How many fault types exist; the length of per-fault tables.
@@ -55,6 +71,11 @@ impl FaultType {
             FaultType::NetworkDuplicate => "network-duplicate",
             FaultType::NetworkDelay => "network-delay",
             FaultType::NetworkPartition => "network-partition",
+            FaultType::PartitionTwoWay => "partition",
+            FaultType::PartitionOneWay => "partition-one-way",
+            FaultType::NodeCrash => "node-crash",
+            FaultType::ClockJump => "clock-jump",
+            FaultType::StorageCrash => "storage-crash",
         }
     }
 

@@ -16,6 +16,8 @@ pub(crate) struct FaultInjector {
     probabilities: [Option<f64>; FAULT_TYPE_COUNT],
     streams: RefCell<Vec<Option<DeterministicRng>>>,
     fired: [Cell<u64>; FAULT_TYPE_COUNT],
+    /// Cleared to heal: no configured fault fires while it is false.
+    enabled: Cell<bool>,
 }
 
 impl FaultInjector {
@@ -32,6 +34,7 @@ impl FaultInjector {
             probabilities,
             streams: RefCell::new(streams),
             fired: Default::default(),
+            enabled: Cell::new(true),
         }
     }
 
@@ -48,6 +51,9 @@ impl FaultInjector {
         let Some(probability) = self.probabilities[index] else {
             return false;
         };
+        if !self.enabled.get() {
+            return false;
+        }
         let fires = {
             let mut streams = self.streams.borrow_mut();
             let stream = streams[index]
@@ -60,6 +66,11 @@ impl FaultInjector {
             self.record(fault);
         }
         fires
+    }
+
+    /// Turns every configured fault on or off (off: the run's liveness phase).
+    pub fn set_enabled(&self, enabled: bool) {
+        self.enabled.set(enabled);
     }
 
     /// Counts one firing of `fault` decided elsewhere (for example a partition dropping a

@@ -3,7 +3,7 @@
 //! drifting clock, and the checkers judging every step.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,10 +14,10 @@ use kelpie_registry::{
     ProtocolLeaseManager,
 };
 
-use crate::beliefs::BeliefBoard;
-use crate::checkers::{BeliefView, CheckerSet, LeaseWorld};
+use crate::beliefs::{BeliefBoard, NodeChange};
+use crate::checkers::{BeliefView, CheckerSet, DecisionRecord, LeaseWorld};
 use crate::clock::SimClock;
-use crate::lease_events::{ChangeRecorder, EventLog, LeaseEventKind};
+use crate::lease_events::{EventLog, LeaseEventKind};
 use crate::sim_lease_store::SimLeaseStore;
 use crate::SimEnv;
 
@@ -130,27 +130,28 @@ impl SimLeaseCluster {
         &self.events
     }
 
-    /// Registers one invariant per checker. Truth and beliefs are read once per step into a
-    /// shared cache, which also records what changed into the event log.
+    /// Registers one invariant per checker. The first checker to run in a step brings the
+    /// shared cache up to date with what changed in that step; every checker then judges it.
     fn install_checkers(&self, env: &SimEnv, set: &CheckerSet) {
         let cache = Rc::new(RefCell::new(StepCache::default()));
         for checker in set.build() {
             let (cluster, env_in_check, cache) = (self.clone(), env.clone(), Rc::clone(&cache));
             let name = checker.name();
-            let state = RefCell::new((checker, 0usize));
+            let checker = RefCell::new(checker);
             env.add_invariant(name, move || {
                 let mut cache = cache.borrow_mut();
                 cache.refresh(&cluster, env_in_check.step());
-                let mut state = state.borrow_mut();
-                let (decisions, next) = cluster.store.decisions_since(state.1);
-                state.1 = next;
+                if cache.changed_actors.is_empty() && cache.decisions.is_empty() {
+                    return Ok(());
+                }
                 let world = LeaseWorld {
                     store_now_ms: cache.store_now_ms,
                     records: &cache.records,
-                    decisions: &decisions,
+                    changed_actors: &cache.changed_actors,
+                    decisions: &cache.decisions,
                     beliefs: &cache.beliefs,
                 };
-                let outcome = state.0.check(&world);
+                let outcome = checker.borrow_mut().check(&world);
                 if let Err(message) = &outcome {
                     let kind = LeaseEventKind::Violation {
                         invariant: name.into(),
@@ -162,16 +163,22 @@ impl SimLeaseCluster {
             });
         }
     }
+
+    /// The simulated world's belief board, for nodes whose beliefs a keeper holds.
+    pub(crate) fn board(&self) -> &BeliefBoard {
+        &self.board
+    }
 }
 
-/// Truth and beliefs as of one executor step.
+/// Truth, beliefs and decisions as of one executor step, maintained from what changed.
 #[derive(Default)]
 struct StepCache {
     step: Option<u64>,
     store_now_ms: u64,
     records: BTreeMap<ActorId, LeaseRecord>,
-    beliefs: Vec<BeliefView>,
-    recorder: ChangeRecorder,
+    changed_actors: BTreeSet<ActorId>,
+    decisions: Vec<DecisionRecord>,
+    beliefs: BTreeMap<ActorId, Vec<BeliefView>>,
 }
 
 impl StepCache {
@@ -181,20 +188,44 @@ impl StepCache {
         }
         self.step = Some(step);
         self.store_now_ms = cluster.store.storage().now_ms();
-        self.records = cluster.store.truth();
-        self.beliefs = cluster.board.views();
-        let held = self
-            .beliefs
-            .iter()
-            .map(|v| {
-                (
-                    (v.node_id.clone(), v.actor_id.clone()),
-                    v.held.fencing_token,
-                )
-            })
-            .collect();
-        self.recorder
-            .record(&cluster.events, self.store_now_ms, &self.records, held);
+        self.changed_actors.clear();
+        self.decisions = cluster.store.take_decisions();
+        let events = &cluster.events;
+        for actor_id in cluster.store.take_changed_actors() {
+            let record = cluster
+                .store
+                .peek(&actor_id)
+                .expect("a written record exists");
+            let kind = LeaseEventKind::Truth {
+                holder: record.holder.clone(),
+                fencing_token: record.fencing_token,
+                expires_at_ms: record.expires_at_ms,
+            };
+            events.push(self.store_now_ms, None, Some(&actor_id), kind);
+            self.records.insert(actor_id.clone(), record);
+            self.changed_actors.insert(actor_id);
+        }
+        for change in cluster.board.take_changes() {
+            for actor_id in change.changed_actors() {
+                self.record_belief_change(events, &change, &actor_id);
+                let views = self.beliefs.entry(actor_id.clone()).or_default();
+                views.retain(|v| v.node_id != change.node_id);
+                views.extend(change.after.get(&actor_id).cloned());
+                self.changed_actors.insert(actor_id);
+            }
+        }
+    }
+
+    fn record_belief_change(&self, events: &EventLog, change: &NodeChange, actor_id: &ActorId) {
+        let node = Some(&change.node_id);
+        let kind = match change.after.get(actor_id) {
+            Some(view) => LeaseEventKind::BeliefStarted {
+                fencing_token: view.held.fencing_token,
+                until_ms: view.until_global_ms,
+            },
+            None => LeaseEventKind::BeliefEnded,
+        };
+        events.push(self.store_now_ms, node, Some(actor_id), kind);
     }
 }
 

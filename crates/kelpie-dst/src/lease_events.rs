@@ -3,11 +3,11 @@
 //! before a violation and draws the timeline from them.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::Rc;
 
 use kelpie_core::{ActorId, FencingToken, NodeId};
-use kelpie_registry::{LeaseOp, LeaseRecord};
+use kelpie_registry::LeaseOp;
 use serde::Serialize;
 
 /// Events a run keeps; older ones are dropped first.
@@ -72,6 +72,8 @@ pub enum LeaseEventKind {
     BeliefStarted {
         /// The token it believes in.
         fencing_token: FencingToken,
+        /// The global instant the belief ends unless renewed.
+        until_ms: u64,
     },
     /// A node stopped believing it holds the actor.
     BeliefEnded,
@@ -119,53 +121,5 @@ impl EventLog {
     /// Every event kept, oldest first.
     pub fn to_vec(&self) -> Vec<LeaseEvent> {
         self.events.borrow().iter().cloned().collect()
-    }
-}
-
-/// Turns snapshots of truth and beliefs taken after each step into change events.
-#[derive(Default)]
-pub(crate) struct ChangeRecorder {
-    truth: BTreeMap<ActorId, LeaseRecord>,
-    beliefs: BTreeMap<(NodeId, ActorId), FencingToken>,
-}
-
-impl ChangeRecorder {
-    pub(crate) fn record(
-        &mut self,
-        log: &EventLog,
-        at_ms: u64,
-        truth: &BTreeMap<ActorId, LeaseRecord>,
-        beliefs: BTreeMap<(NodeId, ActorId), FencingToken>,
-    ) {
-        for (actor_id, record) in truth {
-            if self.truth.get(actor_id) != Some(record) {
-                let kind = LeaseEventKind::Truth {
-                    holder: record.holder.clone(),
-                    fencing_token: record.fencing_token,
-                    expires_at_ms: record.expires_at_ms,
-                };
-                log.push(at_ms, None, Some(actor_id), kind);
-            }
-        }
-        for ((node_id, actor_id), token) in &beliefs {
-            if self.beliefs.get(&(node_id.clone(), actor_id.clone())) != Some(token) {
-                let kind = LeaseEventKind::BeliefStarted {
-                    fencing_token: *token,
-                };
-                log.push(at_ms, Some(node_id), Some(actor_id), kind);
-            }
-        }
-        for (node_id, actor_id) in self.beliefs.keys() {
-            if !beliefs.contains_key(&(node_id.clone(), actor_id.clone())) {
-                log.push(
-                    at_ms,
-                    Some(node_id),
-                    Some(actor_id),
-                    LeaseEventKind::BeliefEnded,
-                );
-            }
-        }
-        self.truth.clone_from(truth);
-        self.beliefs = beliefs;
     }
 }

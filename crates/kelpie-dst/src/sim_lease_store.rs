@@ -6,7 +6,7 @@
 //! Every decision is also logged for the decision-level checkers, whether or not a fault then
 //! kept it from being written or answered.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use kelpie_core::ActorId;
@@ -62,15 +62,32 @@ impl SimLeaseStore {
             .collect()
     }
 
-    /// Decisions made since index `from`, and the index to continue from.
-    pub fn decisions_since(&self, from: usize) -> (Vec<DecisionRecord>, usize) {
-        let decisions = self.decisions.lock().expect("decision log poisoned");
-        (decisions[from..].to_vec(), decisions.len())
+    /// The decisions made since the last call.
+    pub fn take_decisions(&self) -> Vec<DecisionRecord> {
+        std::mem::take(&mut *self.decisions.lock().expect("decision log poisoned"))
     }
 
-    /// How many decisions the store made.
-    pub fn decisions_count(&self) -> usize {
-        self.decisions.lock().expect("decision log poisoned").len()
+    /// The actors whose records were written since the last call.
+    pub fn take_changed_actors(&self) -> BTreeSet<ActorId> {
+        let keys = self.storage.take_changed_keys();
+        keys.iter()
+            .map(|key| ActorId::new(key).expect("keys are valid actor ids"))
+            .collect()
+    }
+
+    /// One record, read without latency or faults.
+    pub fn peek(&self, actor_id: &ActorId) -> Option<LeaseRecord> {
+        self.storage.peek(actor_id.as_str()).map(|v| v.value)
+    }
+
+    /// Applies `request` at the store, for a server that received it over the network.
+    pub(crate) async fn apply_local(
+        &self,
+        actor_id: &ActorId,
+        request: &LeaseRequest,
+        decide: DecideFn,
+    ) -> Result<Decision, StoreError> {
+        LeaseStore::apply(self, actor_id, request, decide).await
     }
 }
 

@@ -96,6 +96,8 @@ struct StorageInner<V> {
     epoch: Cell<u64>,
     operations: Cell<u64>,
     rng: RefCell<DeterministicRng>,
+    /// Keys written since the last [`SimStorage::take_changed_keys`].
+    changed: RefCell<Vec<String>>,
 }
 
 /// A shared handle to a simulated store holding values of type `V`. Cloning shares the store.
@@ -135,6 +137,7 @@ impl<V: Clone + 'static> SimStorage<V> {
             crashed: Cell::new(false),
             epoch: Cell::new(0),
             operations: Cell::new(0),
+            changed: RefCell::new(Vec::new()),
         };
         Self {
             inner: Rc::new(inner),
@@ -225,6 +228,12 @@ impl<V: Clone + 'static> SimStorage<V> {
             }
         })
         .await
+    }
+
+    /// The keys written since the last call (a key written twice appears twice), for checkers
+    /// that follow the truth incrementally instead of scanning it.
+    pub fn take_changed_keys(&self) -> Vec<String> {
+        std::mem::take(&mut *self.inner.changed.borrow_mut())
     }
 
     /// The stored value of `key`: ground truth for checkers, with no latency, no faults, and
@@ -323,6 +332,7 @@ impl<V: Clone + 'static> StorageInner<V> {
         self.data
             .borrow_mut()
             .insert(key.to_string(), Versioned { value, version });
+        self.changed.borrow_mut().push(key.to_string());
         if self.env.should_inject(FaultType::StorageCommitUnknown) {
             return Err(StorageError::CommitUnknown {
                 key: key.to_string(),

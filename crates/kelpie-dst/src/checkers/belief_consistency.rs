@@ -2,7 +2,9 @@
 
 use super::{Invariant, LeaseWorld};
 
-/// Every belief is backed by the store: same holder, same token, not yet expired.
+/// Every belief in force is backed by the store: same holder, same token, and the belief ends
+/// no later than the store's expiry. The last part is checked on the belief's end instant, not
+/// just now, so a belief that would outlive the store's truth is caught the moment it starts.
 #[derive(Debug, Default)]
 pub struct BeliefConsistency;
 
@@ -12,24 +14,26 @@ impl Invariant for BeliefConsistency {
     }
 
     fn check(&mut self, world: &LeaseWorld<'_>) -> Result<(), String> {
-        for view in world.beliefs {
-            let record = world.records.get(&view.actor_id);
-            let backed = record.is_some_and(|r| {
-                r.valid_holder(world.store_now_ms) == Some(&view.node_id)
-                    && r.fencing_token == view.held.fencing_token
-            });
-            if !backed {
-                return Err(format!(
-                    "{} believes it holds {} with token {} until local {} ms (local now {} ms), \
-                     but at store time {} ms the store has {:?}",
-                    view.node_id,
-                    view.actor_id,
-                    view.held.fencing_token,
-                    view.held.until_local_ms,
-                    view.node_now_ms,
-                    world.store_now_ms,
-                    record
-                ));
+        for actor_id in world.changed_actors {
+            for view in world.beliefs_held(actor_id) {
+                let record = world.records.get(actor_id);
+                let backed = record.is_some_and(|r| {
+                    r.holder.as_ref() == Some(&view.node_id)
+                        && r.fencing_token == view.held.fencing_token
+                        && view.until_global_ms <= r.expires_at_ms
+                });
+                if !backed {
+                    return Err(format!(
+                        "{} believes it holds {} with token {} until {} ms, but at {} ms the \
+                         store has {:?}",
+                        view.node_id,
+                        actor_id,
+                        view.held.fencing_token,
+                        view.until_global_ms,
+                        world.store_now_ms,
+                        record
+                    ));
+                }
             }
         }
         Ok(())

@@ -80,8 +80,10 @@ impl Invariant for FencingTokenMonotonic {
                 ));
             }
         }
-        for (actor_id, record) in world.records {
-            self.observe(actor_id, record.fencing_token, record.holder.as_ref())?;
+        for actor_id in world.changed_actors {
+            if let Some(record) = world.records.get(actor_id) {
+                self.observe(actor_id, record.fencing_token, record.holder.as_ref())?;
+            }
         }
         Ok(())
     }

@@ -1,12 +1,9 @@
 //! LeaseUniqueness: at most one node believes it holds a valid lease on an actor.
 
-use std::collections::BTreeMap;
-
-use kelpie_core::{ActorId, NodeId};
-
 use super::{Invariant, LeaseWorld};
 
-/// At most one node believes it holds each actor's lease, at every instant.
+/// At most one node believes it holds each actor's lease, at every instant. Beliefs only end
+/// between changes, so checking the changed actors at each step covers every instant.
 #[derive(Debug, Default)]
 pub struct LeaseUniqueness;
 
@@ -16,19 +13,22 @@ impl Invariant for LeaseUniqueness {
     }
 
     fn check(&mut self, world: &LeaseWorld<'_>) -> Result<(), String> {
-        let mut believers: BTreeMap<&ActorId, &NodeId> = BTreeMap::new();
-        for view in world.beliefs {
-            if let Some(other) = believers.insert(&view.actor_id, &view.node_id) {
-                if other != &view.node_id {
-                    return Err(format!(
-                        "{} and {} both believe they hold {} (token {} until local {} ms)",
-                        other,
-                        view.node_id,
-                        view.actor_id,
-                        view.held.fencing_token,
-                        view.held.until_local_ms
-                    ));
-                }
+        for actor_id in world.changed_actors {
+            let mut believers = world.beliefs_held(actor_id);
+            let Some(first) = believers.next() else {
+                continue;
+            };
+            if let Some(other) = believers.find(|b| b.node_id != first.node_id) {
+                return Err(format!(
+                    "{} (token {}, until {} ms) and {} (token {}, until {} ms) both believe they \
+                     hold {actor_id}",
+                    first.node_id,
+                    first.held.fencing_token,
+                    first.until_global_ms,
+                    other.node_id,
+                    other.held.fencing_token,
+                    other.until_global_ms
+                ));
             }
         }
         Ok(())

@@ -14,7 +14,7 @@ mod fencing_token_monotonic;
 mod lease_uniqueness;
 mod renewal_requires_ownership;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use kelpie_core::{ActorId, NodeId};
 use kelpie_registry::{Decision, HeldBelief, LeaseRecord, LeaseRequest};
@@ -41,30 +41,54 @@ pub struct DecisionRecord {
     pub decision: Decision,
 }
 
-/// A belief a node holds right now, on its own clock.
+/// A belief a node holds, with the global instant it ends.
 #[derive(Debug, Clone)]
 pub struct BeliefView {
     /// The believing node.
     pub node_id: NodeId,
     /// The actor it believes it holds.
     pub actor_id: ActorId,
-    /// The belief.
+    /// The belief, on the node's clock.
     pub held: HeldBelief,
-    /// The node's local clock now.
-    pub node_now_ms: u64,
+    /// The global instant the belief ends: the first instant the node's clock reads
+    /// `held.until_local_ms`. A later clock jump only brings it forward, and the simulator
+    /// reports a jump as a change.
+    pub until_global_ms: u64,
 }
 
-/// Everything a checker sees at one step.
+impl BeliefView {
+    /// Whether the belief is in force at global time `now_ms`.
+    pub fn held_at(&self, now_ms: u64) -> bool {
+        now_ms < self.until_global_ms
+    }
+}
+
+/// Everything a checker sees at one step. Checkers look only at the actors that changed
+/// since the previous step: between changes, the truth stands still and beliefs only end.
 #[derive(Debug)]
 pub struct LeaseWorld<'a> {
-    /// The store's clock now.
+    /// The store's clock (global simulated time) now.
     pub store_now_ms: u64,
     /// The store's records now (ground truth: no faults, no latency).
     pub records: &'a BTreeMap<ActorId, LeaseRecord>,
-    /// Decisions made since the previous check.
+    /// Actors whose record or beliefs changed since the previous step.
+    pub changed_actors: &'a BTreeSet<ActorId>,
+    /// Decisions the store made since the previous step.
     pub decisions: &'a [DecisionRecord],
-    /// Beliefs held now.
-    pub beliefs: &'a [BeliefView],
+    /// Beliefs per actor, including ones that have since ended (see [`BeliefView::held_at`]).
+    pub beliefs: &'a BTreeMap<ActorId, Vec<BeliefView>>,
+}
+
+impl LeaseWorld<'_> {
+    /// The beliefs on `actor_id` in force now.
+    pub fn beliefs_held(&self, actor_id: &ActorId) -> impl Iterator<Item = &BeliefView> {
+        let now_ms = self.store_now_ms;
+        self.beliefs
+            .get(actor_id)
+            .into_iter()
+            .flatten()
+            .filter(move |b| b.held_at(now_ms))
+    }
 }
 
 /// One invariant.

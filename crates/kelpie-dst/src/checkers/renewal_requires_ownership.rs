@@ -40,10 +40,12 @@ impl Invariant for RenewalRequiresOwnership {
                 ));
             }
         }
-        for (actor_id, now) in world.records {
-            let Some(before) = self.previous.get(actor_id) else {
+        for actor_id in world.changed_actors {
+            let Some(now) = world.records.get(actor_id) else {
                 continue;
             };
+            let before = self.previous.insert(actor_id.clone(), now.clone());
+            let Some(before) = before else { continue };
             let extended = now.holder.is_some()
                 && now.holder == before.holder
                 && now.fencing_token == before.fencing_token
@@ -56,7 +58,6 @@ impl Invariant for RenewalRequiresOwnership {
                 ));
             }
         }
-        self.previous.clone_from(world.records);
         Ok(())
     }
 }

@@ -13,9 +13,9 @@
 (*    within a known bound relative to the store's clock.                  *)
 (*  * A node believes it holds a lease from the moment a granting reply    *)
 (*    arrives until its local clock reaches                                *)
-(*        sent_local + ttl * (Rate - Drift) - Margin                       *)
-(*    where sent_local is the local time at which it SENT the request and  *)
-(*    ttl the lease time the store granted (in store ticks).               *)
+(*        sent_local + LeaseDuration * (Rate - Drift) - Margin             *)
+(*    where sent_local is the local time at which it SENT the request      *)
+(*    (kelpie-registry: belief.rs, BeliefConfig::belief_duration_ms).      *)
 (*  * Nodes crash (losing all local state) and restart.                    *)
 (*                                                                         *)
 (* Representation of time.  The protocol only ever compares a timestamp    *)
@@ -30,9 +30,9 @@
 (*                                                                         *)
 (* and Tick (one tick of the store's clock) moves every node's local clock *)
 (* forward by Rate-Drift .. Rate+Drift units, independently per node and   *)
-(* per tick.  This is the same protocol as with absolute clocks              *)
-(* (everything is translation invariant in time), but it makes the state  *)
-(* space finite without bounding time: TLC explores behaviours of          *)
+(* per tick.  This is the same protocol as with absolute clocks (it is     *)
+(* invariant under shifting time), but it makes the state space finite    *)
+(* without bounding time: TLC explores behaviours of                       *)
 (* unbounded length, which also keeps the liveness check sound.  The only  *)
 (* unbounded quantity left is the fencing token; the state constraint      *)
 (* TokenBound bounds it for the safety configurations, and the liveness    *)
@@ -64,7 +64,7 @@ CONSTANTS
     BugRenewNoHolderCheck,    \* renew only checks expiry, not the holder
     BugAcquireRefusesExpired, \* acquire refuses a record held by another
                               \* node even after it expired
-    BugIdempotentFullLease    \* idempotent re-acquire reports a full lease
+    BugIdempotentNoRefresh    \* idempotent re-acquire leaves the expiry as is
 
 ASSUME /\ LeaseDuration \in Nat \ {0}
        /\ Rate \in Nat \ {0}
@@ -102,7 +102,9 @@ Valid(r) == r.ttl > 0           \* now < expires_at
 
 NextToken(t) == IF SaturateTokens /\ t >= MaxToken THEN t ELSE t + 1
 
-Reject(r) == [granted |-> FALSE, rec |-> r, ttl |-> 0, fresh |-> FALSE]
+\* granted: the reply is a grant; rec: the record written back;
+\* fresh: the grant goes to a new holder (recorded in the grants history).
+Reject(r) == [granted |-> FALSE, rec |-> r, fresh |-> FALSE]
 
 \* A grant to a new holder (free or expired record): new expiry, higher token.
 NewGrant(r, n) ==
@@ -111,16 +113,17 @@ NewGrant(r, n) ==
                     THEN r.token ELSE NextToken(r.token)
     IN  [granted |-> TRUE,
          rec     |-> [holder |-> n, ttl |-> LeaseDuration, token |-> tok],
-         ttl     |-> LeaseDuration,
          fresh   |-> TRUE]
 
 DecideAcquire(r, n) ==
     IF BugAcquireNoCheck THEN NewGrant(r, n)
     ELSE IF r.holder = n /\ Valid(r)
-         \* idempotent: same token, record unchanged; the reply reports the
-         \* lease time that is actually left
-         THEN [granted |-> TRUE, rec |-> r, fresh |-> FALSE,
-               ttl |-> IF BugIdempotentFullLease THEN LeaseDuration ELSE r.ttl]
+         \* idempotent in holder and token; the expiry is refreshed as by a
+         \* renewal, because the node measures its belief from the send time
+         \* of THIS request (max(now + LeaseDuration, expires_at) = now + L)
+         THEN [granted |-> TRUE, fresh |-> FALSE,
+               rec |-> IF BugIdempotentNoRefresh THEN r
+                       ELSE [r EXCEPT !.ttl = LeaseDuration]]
     ELSE IF r.holder # None /\ r.holder # n
             /\ (Valid(r) \/ BugAcquireRefusesExpired)
          THEN Reject(r)
@@ -129,13 +132,14 @@ DecideAcquire(r, n) ==
 DecideRenew(r, n) ==
     IF (r.holder = n \/ BugRenewNoHolderCheck) /\ Valid(r)
     THEN [granted |-> TRUE, rec |-> [r EXCEPT !.ttl = LeaseDuration],
-          ttl |-> LeaseDuration, fresh |-> FALSE]
+          fresh |-> FALSE]
     ELSE Reject(r)
 
+\* The last holder may release even after expiry; the token is kept.
 DecideRelease(r, n) ==
     IF r.holder = n
     THEN [granted |-> TRUE, rec |-> [r EXCEPT !.holder = None, !.ttl = 0],
-          ttl |-> 0, fresh |-> FALSE]             \* token is kept
+          fresh |-> FALSE]
     ELSE Reject(r)
 
 Decide(r, type, n) ==
@@ -146,20 +150,21 @@ Decide(r, type, n) ==
 -----------------------------------------------------------------------------
 (* The lease keeper's belief computation.                                  *)
 
-\* How long (local units) a grant of `ttl` store ticks may be believed,
-\* counted from the moment the request was sent.  A local clock runs at least
-\* Rate - Drift units per store tick, so (Rate - Drift) * ttl local units never
-\* outlast ttl store ticks.
-Budget(ttl) ==
-    IF BugNoDriftMargin THEN Rate * ttl - Margin
-                        ELSE (Rate - Drift) * ttl - Margin
+\* How long (local units) a grant may be believed, counted from the moment
+\* the request was sent.  The store's lease runs LeaseDuration ticks from the
+\* moment it applies the request, which is no earlier than the send.  A local
+\* clock advances at least Rate - Drift units per store tick, so
+\* (Rate - Drift) * LeaseDuration local units never outlast the lease.
+BeliefDuration ==
+    IF BugNoDriftMargin THEN Rate * LeaseDuration - Margin
+                        ELSE (Rate - Drift) * LeaseDuration - Margin
 
 \* belief_until - lclock[n] for a granting reply r arriving now, where
-\* belief_until = sent_local + Budget(ttl) and r.age = lclock[n] - sent_local.
+\* belief_until = sent_local + BeliefDuration and r.age = lclock[n] - sent_local.
 BeliefFromReply(r) ==
     IF BugBeliefFromReply
-    THEN Max(0, Budget(r.ttl))            \* wrong: lclock_at_arrival + Budget
-    ELSE Max(0, Budget(r.ttl) - r.age)    \* sent_local + Budget - lclock
+    THEN Max(0, BeliefDuration)           \* wrong: lclock_at_arrival + duration
+    ELSE Max(0, BeliefDuration - r.age)   \* sent_local + duration - lclock
 
 Believes(n, a) == belief[n][a] > 0        \* lclock[n] < belief_until
 
@@ -230,8 +235,7 @@ Apply(n) ==
        IN  /\ StoreApply(n, m)
            /\ rep' = [rep EXCEPT ![n] =
                         [type |-> m.type, actor |-> m.actor,
-                         granted |-> d.granted,
-                         ttl |-> d.ttl, age |-> m.age]]
+                         granted |-> d.granted, age |-> m.age]]
     /\ req' = [req EXCEPT ![n] = None]
     /\ UNCHANGED <<up, belief, orphan>>
 
@@ -355,7 +359,6 @@ TypeOK ==
                              /\ req[n].age \in 0..AgeCap)
          /\ rep[n] = None \/ (rep[n].type \in ReqTypes /\ rep[n].actor \in Actors
                              /\ rep[n].granted \in BOOLEAN
-                             /\ rep[n].ttl \in 0..LeaseDuration
                              /\ rep[n].age \in 0..AgeCap)
          /\ ~up[n] => (req[n] = None /\ rep[n] = None
                        /\ \A a \in Actors : belief[n][a] = 0)

@@ -68,6 +68,17 @@ fn new_file_is_created_private_with_our_schema() {
     drop(conn);
     // Reopening our own file works and keeps the lease.
     let store = SqliteLeaseStore::open(&path).unwrap();
+    // SQLite gives the WAL and shared-memory files the database file's permissions.
+    for suffix in ["-wal", "-shm"] {
+        let side_file = PathBuf::from(format!("{}{suffix}", path.display()));
+        let mode = fs::metadata(&side_file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            mode,
+            SQLITE_FILE_MODE,
+            "{} has mode {mode:o}",
+            side_file.display()
+        );
+    }
     let manager = SqliteLeaseManager::new(store, LeaseConfig::default());
     let lease = futures::executor::block_on(manager.get(&ActorId::new("a1").unwrap())).unwrap();
     assert_eq!(lease.unwrap().holder, NodeId::new("n1").unwrap());

@@ -217,6 +217,7 @@ async fn a_panicking_decision_panics_in_its_caller_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteLeaseStore::open(dir.path().join("leases.db")).unwrap();
     let request = LeaseRequest {
+        fencing_token: None,
         op: LeaseOp::Acquire,
         node_id: node("n1"),
         lease_duration_ms: LEASE_DURATION_MS,
@@ -237,4 +238,47 @@ async fn a_panicking_decision_panics_in_its_caller_and_writes_nothing() {
     // The writer survived and serves the next operation.
     let decision = store.apply(&a, &request, decide).await.unwrap();
     assert_eq!(decision.reply.unwrap().fencing_token, FencingToken(1));
+}
+
+#[tokio::test]
+async fn a_write_lock_held_too_long_is_a_write_failure_that_applied_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("leases.db");
+    let options = SqliteOptions::default().with_busy_timeout_ms(50);
+    let store = SqliteLeaseStore::open_with(&path, options).unwrap();
+    let m = SqliteLeaseManager::new(store, LeaseConfig::new(LEASE_DURATION_MS).unwrap());
+    // Another process (here, another connection) holds the write lock past the busy timeout.
+    let other = Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    match m.acquire(&actor("a"), &node("n1")).await {
+        Err(LeaseError::Store(StoreError::WriteFailed { reason })) => {
+            assert!(reason.contains(&path.display().to_string()), "{reason}");
+            assert!(reason.contains("locked"), "{reason}");
+        }
+        other => panic!("expected WriteFailed, got {other:?}"),
+    }
+    // Readers are not blocked by a writer in WAL mode.
+    assert_eq!(m.get(&actor("a")).await.unwrap(), None);
+    other.execute_batch("ROLLBACK").unwrap();
+    m.acquire(&actor("a"), &node("n1")).await.unwrap();
+}
+
+#[test]
+fn handles_opening_a_new_file_at_once_initialise_it_once() {
+    // The first open creates the schema; `BEGIN IMMEDIATE` and a second look inside the
+    // transaction make the others find it rather than create it again.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("leases.db");
+    let openers: Vec<_> = (0..4)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || SqliteLeaseStore::open(path).unwrap())
+        })
+        .collect();
+    let stores: Vec<_> = openers.into_iter().map(|t| t.join().unwrap()).collect();
+    for (i, store) in stores.into_iter().enumerate() {
+        let m = SqliteLeaseManager::new(store, LeaseConfig::default());
+        let lease = futures::executor::block_on(m.acquire(&actor("a"), &node(&format!("n{i}"))));
+        assert_eq!(lease.is_ok(), i == 0, "{lease:?}");
+    }
 }

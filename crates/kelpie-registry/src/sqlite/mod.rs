@@ -136,6 +136,23 @@ pub type SqliteLeaseManager = ProtocolLeaseManager<SqliteLeaseStore>;
 
 /// Lease records in a SQLite file. See the module documentation for the guarantees.
 ///
+/// ```
+/// use kelpie_core::{ActorId, NodeId};
+/// use kelpie_registry::{LeaseConfig, LeaseManager, SqliteLeaseManager, SqliteLeaseStore};
+/// # futures::executor::block_on(async {
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("leases.db");
+/// let leases = SqliteLeaseManager::new(SqliteLeaseStore::open(&path)?, LeaseConfig::default());
+/// let (actor, node) = (ActorId::new("counter-1").unwrap(), NodeId::new("node-a").unwrap());
+/// let lease = leases.acquire(&actor, &node).await.unwrap();
+/// drop(leases);
+/// // Acknowledged means committed and fsynced: a later handle, or process, finds it.
+/// let leases = SqliteLeaseManager::new(SqliteLeaseStore::open(&path)?, LeaseConfig::default());
+/// assert_eq!(leases.get(&actor).await.unwrap(), Some(lease));
+/// # Ok::<(), kelpie_registry::StoreError>(())
+/// # }).unwrap();
+/// ```
+///
 /// Writes go to a dedicated thread that owns the write connection; reads use a second
 /// connection, which WAL mode lets run beside the writer. Dropping the store stops the thread
 /// after it finishes the batch in hand, and closes the file.
@@ -291,5 +308,43 @@ impl LeaseStore for SqliteLeaseStore {
             records,
             store_now_ms,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kelpie_core::ManualClock;
+
+    #[test]
+    fn options_default_to_wall_clock_group_commit_and_build_up() {
+        let options = SqliteOptions::default();
+        assert!(options.clock.is_none() && options.group_commit);
+        assert_eq!(options.busy_timeout_ms, SQLITE_BUSY_TIMEOUT_MS_DEFAULT);
+        let options = options
+            .with_clock(Arc::new(ManualClock::new(7)))
+            .with_group_commit(false)
+            .with_busy_timeout_ms(10);
+        assert_eq!(options.clock.as_ref().map(|c| c.now_ms()), Some(7));
+        assert_eq!((options.group_commit, options.busy_timeout_ms), (false, 10));
+        let shown = format!("{options:?}");
+        assert!(
+            shown.contains("given") && shown.contains("false"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_busy_timeout_past_the_limit_is_refused_naming_the_path() {
+        // The settings are refused before the file system is touched, so the file never exists.
+        let path = std::env::temp_dir().join("kelpie-sqlite-busy-timeout-never-created.db");
+        let options = SqliteOptions::default().with_busy_timeout_ms(SQLITE_BUSY_TIMEOUT_MS_MAX + 1);
+        let error = SqliteLeaseStore::open_with(&path, options).err().unwrap();
+        assert!(matches!(error, StoreError::Open { .. }), "{error:?}");
+        assert!(
+            error.to_string().contains(&path.display().to_string()),
+            "{error}"
+        );
+        assert!(!path.exists());
     }
 }

@@ -47,6 +47,14 @@ const SCHEMA_V1_SQL: &str = "
 /// the schema in place, WAL mode and `synchronous = FULL`.
 pub(super) fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connection, StoreError> {
     let shown = path.display().to_string();
+    // Settings are checked before anything touches the file system.
+    if options.busy_timeout_ms > SQLITE_BUSY_TIMEOUT_MS_MAX {
+        let reason = format!(
+            "busy_timeout_ms {} exceeds the limit of {SQLITE_BUSY_TIMEOUT_MS_MAX} ms",
+            options.busy_timeout_ms
+        );
+        return Err(open_error(&shown, reason));
+    }
     prepare_file(path, &shown)?;
     let conn = connect(path, &shown, options)?;
     initialise_if_empty(&conn, &shown)?;
@@ -150,13 +158,10 @@ fn check_header(path: &Path, shown: &str) -> Result<(), StoreError> {
 }
 
 fn connect(path: &Path, shown: &str, options: &SqliteOptions) -> Result<Connection, StoreError> {
-    if options.busy_timeout_ms > SQLITE_BUSY_TIMEOUT_MS_MAX {
-        let reason = format!(
-            "busy_timeout_ms {} exceeds the limit of {SQLITE_BUSY_TIMEOUT_MS_MAX} ms",
-            options.busy_timeout_ms
-        );
-        return Err(open_error(shown, reason));
-    }
+    assert!(
+        options.busy_timeout_ms <= SQLITE_BUSY_TIMEOUT_MS_MAX,
+        "busy timeout was checked by open_writer"
+    );
     // No SQLITE_OPEN_CREATE: the file was created above with private permissions, and if it
     // has vanished since then SQLite must not recreate it with the umask's.
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;

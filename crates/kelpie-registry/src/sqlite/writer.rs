@@ -71,22 +71,34 @@ impl Writer {
     pub(super) fn run(mut self, jobs: Receiver<WriteJob>) {
         while let Ok(first) = jobs.recv() {
             let mut batch = vec![first];
-            while self.group_commit && batch.len() < GROUP_COMMIT_BATCH_MAX {
-                match jobs.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
-            let outcome = self.apply_batch(&batch);
+            self.take_queued(&mut batch, &jobs);
+            let outcome = self.apply_batch(&mut batch, &jobs);
             self.reply(batch, outcome);
         }
     }
 
-    fn apply_batch(&mut self, batch: &[WriteJob]) -> BatchOutcome {
+    /// Moves jobs already queued into the batch, without waiting for any, up to
+    /// [`GROUP_COMMIT_BATCH_MAX`]. Returns whether any were added.
+    fn take_queued(&self, batch: &mut Vec<WriteJob>, jobs: &Receiver<WriteJob>) -> bool {
+        let before = batch.len();
+        while self.group_commit && batch.len() < GROUP_COMMIT_BATCH_MAX {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        batch.len() > before
+    }
+
+    fn apply_batch(
+        &mut self,
+        batch: &mut Vec<WriteJob>,
+        jobs: &Receiver<WriteJob>,
+    ) -> BatchOutcome {
         if let Err(error) = self.conn.execute_batch("BEGIN IMMEDIATE") {
             return BatchOutcome::Failed(self.not_applied(&error));
         }
-        let results = match self.apply_in_transaction(batch) {
+        let results = match self.apply_in_transaction(batch, jobs) {
             Ok(results) => results,
             Err(outcome) => {
                 self.roll_back();
@@ -106,11 +118,14 @@ impl Writer {
         }
     }
 
-    /// Applies every job inside the open transaction. An `Err` is the batch's outcome; the
-    /// caller rolls back.
+    /// Applies every job inside the open transaction, taking in jobs that arrive meanwhile:
+    /// callers answered by the previous commit resubmit while this batch is being applied,
+    /// and joining it costs them no fsync of their own. Nothing waits for them, so a lone
+    /// caller's commit is not delayed. An `Err` is the batch's outcome; the caller rolls back.
     fn apply_in_transaction(
         &self,
-        batch: &[WriteJob],
+        batch: &mut Vec<WriteJob>,
+        jobs: &Receiver<WriteJob>,
     ) -> Result<Vec<Result<Decision, StoreError>>, BatchOutcome> {
         let mut high_water_ms = match load_high_water_ms(&self.conn, &self.path) {
             Ok(high_water_ms) => high_water_ms,
@@ -120,13 +135,18 @@ impl Writer {
             }
         };
         let mut results = Vec::with_capacity(batch.len());
-        for (index, job) in batch.iter().enumerate() {
-            let store_now_ms = self.clock.now_ms(high_water_ms);
-            high_water_ms = store_now_ms;
-            match catch_unwind(AssertUnwindSafe(|| self.apply_job(job, store_now_ms))) {
-                Ok(Ok(result)) => results.push(result),
-                Ok(Err(error)) => return Err(BatchOutcome::Failed(self.not_applied(&error))),
-                Err(payload) => return Err(BatchOutcome::Panicked { index, payload }),
+        loop {
+            for (index, job) in batch.iter().enumerate().skip(results.len()) {
+                let store_now_ms = self.clock.now_ms(high_water_ms);
+                high_water_ms = store_now_ms;
+                match catch_unwind(AssertUnwindSafe(|| self.apply_job(job, store_now_ms))) {
+                    Ok(Ok(result)) => results.push(result),
+                    Ok(Err(error)) => return Err(BatchOutcome::Failed(self.not_applied(&error))),
+                    Err(payload) => return Err(BatchOutcome::Panicked { index, payload }),
+                }
+            }
+            if !self.take_queued(batch, jobs) {
+                break;
             }
         }
         // Persisting the clock with every write transaction is what keeps store time from

@@ -20,7 +20,9 @@ pub trait BeliefSource {
     fn belief_epoch(&self) -> u64;
 }
 
-impl<M: kelpie_registry::LeaseManager> BeliefSource for kelpie_registry::LeaseKeeper<M> {
+impl<M: kelpie_registry::LeaseManager> BeliefSource
+    for std::sync::Arc<kelpie_registry::LeaseKeeper<M>>
+{
     fn beliefs(&self) -> Vec<(ActorId, HeldBelief)> {
         kelpie_registry::LeaseKeeper::beliefs(self)
     }

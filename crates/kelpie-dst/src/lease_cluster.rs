@@ -71,6 +71,9 @@ pub struct SimLeaseCluster {
     board: BeliefBoard,
     belief_config: BeliefConfig,
     counts: Rc<Cell<LeaseOpCounts>>,
+    /// Whether granted and refused requests are counted from the store's decisions (for
+    /// nodes whose keepers renew out of sight) rather than by the clients.
+    count_decisions: Rc<Cell<bool>>,
     events: EventLog,
 }
 
@@ -93,6 +96,7 @@ impl SimLeaseCluster {
             board: BeliefBoard::default(),
             belief_config,
             counts: Rc::default(),
+            count_decisions: Rc::default(),
             events: EventLog::default(),
         };
         cluster.install_checkers(env, &config.checkers);
@@ -164,6 +168,18 @@ impl SimLeaseCluster {
         }
     }
 
+    /// Counts grants and refusals from the store's decisions instead of from the clients.
+    pub fn count_decisions(&self, enabled: bool) {
+        self.count_decisions.set(enabled);
+    }
+
+    /// Updates the operation counts.
+    pub(crate) fn count(&self, update: impl FnOnce(&mut LeaseOpCounts)) {
+        let mut counts = self.counts.get();
+        update(&mut counts);
+        self.counts.set(counts);
+    }
+
     /// The simulated world's belief board, for nodes whose beliefs a keeper holds.
     pub(crate) fn board(&self) -> &BeliefBoard {
         &self.board
@@ -190,6 +206,9 @@ impl StepCache {
         self.store_now_ms = cluster.store.storage().now_ms();
         self.changed_actors.clear();
         self.decisions = cluster.store.take_decisions();
+        if cluster.count_decisions.get() {
+            cluster.count(|counts| tally_decisions(counts, &self.decisions));
+        }
         let events = &cluster.events;
         for actor_id in cluster.store.take_changed_actors() {
             let record = cluster
@@ -226,6 +245,17 @@ impl StepCache {
             None => LeaseEventKind::BeliefEnded,
         };
         events.push(self.store_now_ms, node, Some(actor_id), kind);
+    }
+}
+
+fn tally_decisions(counts: &mut LeaseOpCounts, decisions: &[DecisionRecord]) {
+    for d in decisions {
+        match (&d.decision.reply, d.request.op) {
+            (Err(_), _) => counts.refused += 1,
+            (Ok(_), LeaseOp::Acquire) => counts.acquired += 1,
+            (Ok(_), LeaseOp::Renew) => counts.renewed += 1,
+            (Ok(_), LeaseOp::Release) => counts.released += 1,
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use kelpie_registry::{decide, LeaseOp};
 use crate::checkers::CheckerSet;
 use crate::lease_cluster::{ClusterConfig, LeaseOpCounts, SimLeaseClient, SimLeaseCluster};
 use crate::lease_events::{EventLog, LeaseEvent};
+use crate::lease_swarm::{run_swarm, SwarmSettings};
 use crate::{SimEnv, SimError, SimReport, Simulation};
 
 /// Probability that a node holding a lease releases it rather than renewing it.
@@ -34,22 +35,49 @@ pub struct LeaseScenario {
     pub think_time_ms_max: u64,
     /// Store, belief and checker settings.
     pub cluster: ClusterConfig,
+    /// How the nodes reach the store.
+    pub mode: ScenarioMode,
+    /// How long a networked node waits for the store's reply.
+    pub request_timeout_ms: u64,
+    /// Whether a networked run heals and checks liveness after `sim_duration_ms`.
+    pub check_liveness: bool,
+    /// Deliberately wrong keeper: belief measured from the reply's arrival.
+    pub bug_belief_from_reply: bool,
+    /// Deliberately wrong keeper: no drift margin, while clocks do drift.
+    pub bug_no_drift_margin: bool,
+}
+
+/// How the nodes of a scenario reach the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScenarioMode {
+    /// Production lease keepers on every node, over the simulated network, with partitions,
+    /// crashes, clock jumps and store crashes as the fault mix says, then a liveness phase.
+    Networked,
+    /// Nodes call the store directly and keep beliefs by hand; storage faults only.
+    DirectStore,
 }
 
 impl Default for LeaseScenario {
     fn default() -> Self {
         Self {
-            nodes_count: 3,
-            actors_count: 2,
+            nodes_count: 4,
+            actors_count: 8,
             sim_duration_ms: 20_000,
-            think_time_ms_max: 400,
+            think_time_ms_max: 250,
             cluster: ClusterConfig {
                 lease_duration_ms: 1_000,
-                clock_drift_ppm_max: 10_000,
+                // 5 %: far beyond real oscillators, so that a keeper that forgets the drift
+                // bound is caught (its error then exceeds the safety margin and the latency).
+                clock_drift_ppm_max: 50_000,
                 safety_margin_ms: 10,
                 checkers: CheckerSet::ALL,
                 decide,
             },
+            mode: ScenarioMode::Networked,
+            request_timeout_ms: 200,
+            check_liveness: true,
+            bug_belief_from_reply: false,
+            bug_no_drift_margin: false,
         }
     }
 }
@@ -91,6 +119,7 @@ impl LeaseScenario {
             let (counts, events) = (counts.clone(), events.clone());
             async move {
                 let cluster = SimLeaseCluster::new(&env, self.cluster)?;
+                cluster.count_decisions(self.mode == ScenarioMode::Networked);
                 *events.borrow_mut() = cluster.events().clone();
                 let outcome = self.drive(&env, &cluster).await;
                 counts.set(cluster.counts());
@@ -108,6 +137,19 @@ impl LeaseScenario {
     }
 
     async fn drive(self, env: &SimEnv, cluster: &SimLeaseCluster) -> Result<(), String> {
+        if self.mode == ScenarioMode::Networked {
+            let settings = SwarmSettings {
+                nodes_count: self.nodes_count,
+                actors_count: self.actors_count,
+                safety_phase_ms: self.sim_duration_ms,
+                think_time_ms_max: self.think_time_ms_max,
+                request_timeout_ms: self.request_timeout_ms,
+                bug_belief_from_reply: self.bug_belief_from_reply,
+                bug_no_drift_margin: self.bug_no_drift_margin,
+                check_liveness: self.check_liveness,
+            };
+            return run_swarm(env.clone(), cluster.clone(), self.cluster, settings).await;
+        }
         let actors: Vec<ActorId> = (0..self.actors_count)
             .map(|i| ActorId::new(format!("actor-{i}")).expect("valid actor id"))
             .collect();

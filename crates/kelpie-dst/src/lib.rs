@@ -23,6 +23,7 @@
 //! - [`checkers`]: the TLA+ invariants, one per file, evaluated after every step.
 //! - [`lease_cluster`]: [`SimLeaseCluster`] and [`SimLeaseClient`], simulated lease nodes.
 //! - [`lease_events`]: [`LeaseEvent`], what happened in a lease run, for reports and timelines.
+//! - [`lease_net`]: [`lease_net::NetLeaseStore`], leases over the simulated network.
 //! - [`lease_scenario`]: [`LeaseScenario`], nodes contending for leases under faults.
 //! - [`mutations`]: deliberately broken protocols the checkers must catch.
 //! - [`swarm`]: [`swarm_faults`], a fault mix drawn per seed.
@@ -59,7 +60,9 @@ pub mod fault;
 mod injector;
 pub mod lease_cluster;
 pub mod lease_events;
+pub mod lease_net;
 pub mod lease_scenario;
+pub mod lease_swarm;
 pub mod mutations;
 pub mod network;
 pub mod report;

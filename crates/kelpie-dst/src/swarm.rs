@@ -15,6 +15,14 @@ pub const SWARM_LEASE_FAULTS: &[FaultType] = &[
     FaultType::StorageReadFail,
     FaultType::StorageCommitUnknown,
     FaultType::StorageLatency,
+    FaultType::NetworkMessageLoss,
+    FaultType::NetworkDuplicate,
+    FaultType::NetworkDelay,
+    FaultType::PartitionTwoWay,
+    FaultType::PartitionOneWay,
+    FaultType::NodeCrash,
+    FaultType::ClockJump,
+    FaultType::StorageCrash,
 ];
 
 /// The fault mix of `seed`: each fault of `faults` enabled with

@@ -1,0 +1,390 @@
+//! The swarm scenario: nodes that run the production [`LeaseKeeper`] reach the store only
+//! through the simulated network, while a chaos task partitions them (both ways and one way),
+//! crashes and restarts them and the store, and jumps their clocks, each as often as the
+//! seed's fault mix says. After the safety phase everything heals, and in the liveness phase
+//! every actor a live node wants must get a holder within two lease durations.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kelpie_core::{ActorId, NodeId};
+use kelpie_registry::{KeeperConfig, LeaseConfig, LeaseError, LeaseKeeper, ProtocolLeaseManager};
+
+use crate::clock::SimClock;
+use crate::fault::FaultType;
+use crate::lease_cluster::{ClusterConfig, SimLeaseCluster};
+use crate::lease_net::{serve_leases, LeaseMessage, NetLeaseStore, STORE_HOST};
+use crate::network::{HostId, SimNetwork};
+use crate::rng::DeterministicRng;
+use crate::{JoinHandle, SimEnv};
+
+/// Interval at which the chaos task draws whether each scripted fault starts.
+pub const CHAOS_TICK_MS: u64 = 250;
+/// Probability that a node holding a lease in the safety phase releases it on a visit.
+const RELEASE_PROBABILITY: f64 = 0.1;
+
+type Keeper = LeaseKeeper<ProtocolLeaseManager<NetLeaseStore>>;
+
+/// Which phase a run is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Faults on; the checkers judge safety.
+    Safety,
+    /// Everything healed; every wanted actor must get a holder.
+    Liveness,
+}
+
+/// Settings of the networked nodes.
+#[derive(Debug, Clone, Copy)]
+pub struct SwarmSettings {
+    /// Nodes (hosts 1..=n; the store is host 0).
+    pub nodes_count: usize,
+    /// Actors.
+    pub actors_count: usize,
+    /// Length of the safety phase.
+    pub safety_phase_ms: u64,
+    /// Longest pause between two visits of a node's loop, on its clock.
+    pub think_time_ms_max: u64,
+    /// How long a node waits for the store's reply.
+    pub request_timeout_ms: u64,
+    /// Deliberately wrong keeper: belief from the reply's arrival.
+    pub bug_belief_from_reply: bool,
+    /// Deliberately wrong keeper: it assumes no drift, while clocks do drift.
+    pub bug_no_drift_margin: bool,
+    /// Whether to run the liveness phase.
+    pub check_liveness: bool,
+}
+
+struct SwarmWorld {
+    env: SimEnv,
+    cluster: SimLeaseCluster,
+    config: ClusterConfig,
+    settings: SwarmSettings,
+    network: SimNetwork<LeaseMessage>,
+    actors: Vec<ActorId>,
+    phase: Cell<Phase>,
+}
+
+/// One networked node and its current incarnation.
+struct SwarmNode {
+    index: usize,
+    node_id: NodeId,
+    clock: SimClock,
+    incarnation: Cell<u32>,
+    keeper: RefCell<Option<Arc<Keeper>>>,
+    tasks: RefCell<Vec<JoinHandle<()>>>,
+}
+
+impl SwarmNode {
+    fn host(&self) -> HostId {
+        self.index + 1
+    }
+
+    fn is_up(&self) -> bool {
+        self.keeper.borrow().is_some()
+    }
+
+    /// Starts a new incarnation with empty memory.
+    fn start(self: &Rc<Self>, world: &Rc<SwarmWorld>) -> Result<(), String> {
+        let incarnation = self.incarnation.get() + 1;
+        self.incarnation.set(incarnation);
+        let timeout_ms = world.settings.request_timeout_ms;
+        let truth = world.cluster.store().clone();
+        let (store, router) = NetLeaseStore::connect(
+            &world.env,
+            world.network.clone(),
+            self.host(),
+            incarnation,
+            self.clock.clone(),
+            timeout_ms,
+            truth,
+        );
+        let lease_config =
+            LeaseConfig::new(world.config.lease_duration_ms).map_err(|e| e.to_string())?;
+        let manager =
+            ProtocolLeaseManager::new(store, lease_config).with_decide_fn(world.config.decide);
+        let keeper_config = keeper_config(&world.config, &world.settings)?;
+        let clock = Arc::new(self.clock.clone());
+        let (keeper, _lost) = LeaseKeeper::new(
+            Arc::new(manager),
+            clock,
+            self.node_id.clone(),
+            keeper_config,
+        );
+        world.cluster.board().set_keeper(
+            &self.node_id,
+            self.clock.clone(),
+            Rc::new(Arc::clone(&keeper)),
+        );
+        let renewer = Arc::clone(&keeper);
+        let mut tasks = vec![router, world.env.spawn(async move { renewer.run().await })];
+        tasks.push(world.env.spawn(app_loop(
+            Rc::clone(world),
+            Rc::clone(self),
+            Arc::clone(&keeper),
+        )));
+        *self.keeper.borrow_mut() = Some(keeper);
+        *self.tasks.borrow_mut() = tasks;
+        Ok(())
+    }
+
+    /// Crashes the node: its tasks stop and its memory, beliefs included, is gone.
+    fn crash(&self, world: &SwarmWorld) {
+        for task in self.tasks.borrow_mut().drain(..) {
+            task.abort();
+        }
+        *self.keeper.borrow_mut() = None;
+        world.cluster.board().crashed(&self.node_id);
+    }
+}
+
+fn keeper_config(config: &ClusterConfig, settings: &SwarmSettings) -> Result<KeeperConfig, String> {
+    let drift_ppm = if settings.bug_no_drift_margin {
+        0
+    } else {
+        config.clock_drift_ppm_max
+    };
+    let mut keeper = KeeperConfig::new(config.lease_duration_ms)
+        .and_then(|k| k.with_belief_bounds(drift_ppm, config.safety_margin_ms))
+        .map_err(|e| e.to_string())?;
+    keeper.bug_belief_from_reply = settings.bug_belief_from_reply;
+    Ok(keeper)
+}
+
+/// Runs the swarm in `env`: safety phase, healing, liveness phase. Returns a message naming
+/// the phase if liveness fails; safety violations fail the run through the checkers.
+pub(crate) async fn run_swarm(
+    env: SimEnv,
+    cluster: SimLeaseCluster,
+    config: ClusterConfig,
+    settings: SwarmSettings,
+) -> Result<(), String> {
+    let network = SimNetwork::new(&env, settings.nodes_count + 1);
+    drop(env.spawn(serve_leases(
+        env.clone(),
+        network.clone(),
+        cluster.store().clone(),
+    )));
+    let actors = (0..settings.actors_count)
+        .map(|i| ActorId::new(format!("actor-{i}")).expect("valid"))
+        .collect();
+    let world = Rc::new(SwarmWorld {
+        env: env.clone(),
+        cluster,
+        config,
+        settings,
+        network,
+        actors,
+        phase: Cell::new(Phase::Safety),
+    });
+    let nodes: Vec<Rc<SwarmNode>> = (0..settings.nodes_count)
+        .map(|i| Rc::new(new_node(&world, i)))
+        .collect();
+    for node in &nodes {
+        node.start(&world)?;
+    }
+    let chaos = env.spawn(chaos_loop(Rc::clone(&world), nodes.clone()));
+    env.sleep(Duration::from_millis(settings.safety_phase_ms))
+        .await;
+    chaos.abort();
+    heal(&world, &nodes)?;
+    if !settings.check_liveness {
+        return Ok(());
+    }
+    let heal_ms = env.now_ms();
+    env.sleep(Duration::from_millis(2 * config.lease_duration_ms))
+        .await;
+    check_liveness(&world, &nodes, heal_ms)
+}
+
+fn new_node(world: &SwarmWorld, index: usize) -> SwarmNode {
+    let mut rng = world.env.rng(&format!("swarm/node-clock-{index}"));
+    let bound = i64::try_from(world.config.clock_drift_ppm_max).expect("drift bound is small");
+    // Half the nodes sit exactly at a drift bound, slow or fast: the edges are where bugs live.
+    let drift_ppm = match index % 4 {
+        0 => -bound,
+        1 => bound,
+        _ => rng.gen_range(-bound..=bound),
+    };
+    let offset_ms = rng.gen_range(0..1_000_000u64);
+    SwarmNode {
+        index,
+        node_id: NodeId::new(format!("node-{index}")).expect("valid"),
+        clock: world.env.node_clock(offset_ms, drift_ppm),
+        incarnation: Cell::new(0),
+        keeper: RefCell::new(None),
+        tasks: RefCell::new(Vec::new()),
+    }
+}
+
+/// Ends every fault: heals the network, restarts the store and every crashed node.
+fn heal(world: &Rc<SwarmWorld>, nodes: &[Rc<SwarmNode>]) -> Result<(), String> {
+    world.env.set_faults_enabled(false);
+    world.network.heal();
+    world.cluster.store().storage().restart();
+    world.phase.set(Phase::Liveness);
+    world.cluster.events().push(
+        world.env.now_ms(),
+        None,
+        None,
+        crate::LeaseEventKind::Fault {
+            what: "heal all".into(),
+        },
+    );
+    for node in nodes.iter().filter(|n| !n.is_up()) {
+        node.start(world)?;
+    }
+    Ok(())
+}
+
+/// The node that wants `actor` in the liveness phase.
+fn wanter(actor_index: usize, nodes_count: usize) -> usize {
+    actor_index % nodes_count
+}
+
+fn check_liveness(world: &SwarmWorld, nodes: &[Rc<SwarmNode>], heal_ms: u64) -> Result<(), String> {
+    for (index, actor_id) in world.actors.iter().enumerate() {
+        let node = &nodes[wanter(index, nodes.len())];
+        let keeper = node.keeper.borrow();
+        let held = keeper.as_ref().and_then(|k| k.holds(actor_id));
+        if held.is_none() {
+            let record = world.cluster.store().peek(actor_id);
+            return Err(format!(
+                "liveness violation: {actor_id}, wanted by {}, has no holder {} ms after healing \
+                 at {heal_ms} ms (two lease durations); the store has {record:?}",
+                node.node_id,
+                world.env.now_ms() - heal_ms
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn app_loop(world: Rc<SwarmWorld>, node: Rc<SwarmNode>, keeper: Arc<Keeper>) {
+    let mut rng = world.env.rng(&format!(
+        "swarm/app-{}-{}",
+        node.index,
+        node.incarnation.get()
+    ));
+    loop {
+        match world.phase.get() {
+            Phase::Safety => visit_random(&world, &keeper, &mut rng).await,
+            Phase::Liveness => visit_wanted(&world, &node, &keeper).await,
+        }
+        let think_ms = rng.gen_range(1..=world.settings.think_time_ms_max);
+        node.clock
+            .sleep_local(Duration::from_millis(think_ms))
+            .await;
+    }
+}
+
+async fn visit_random(world: &SwarmWorld, keeper: &Keeper, rng: &mut DeterministicRng) {
+    let actor_id = &world.actors[rng.choose_index(world.actors.len())];
+    if keeper.holds(actor_id).is_some() {
+        if rng.gen_bool(RELEASE_PROBABILITY) {
+            let result = keeper.release(actor_id).await;
+            count_failure(&world.cluster, result.map(|_| ()));
+        }
+        return;
+    }
+    let result = keeper.acquire(actor_id).await;
+    count_failure(&world.cluster, result.map(|_| ()));
+}
+
+async fn visit_wanted(world: &SwarmWorld, node: &SwarmNode, keeper: &Keeper) {
+    for (index, actor_id) in world.actors.iter().enumerate() {
+        let wanted = wanter(index, world.settings.nodes_count) == node.index;
+        let held = keeper.holds(actor_id).is_some();
+        if wanted && !held {
+            let result = keeper.acquire(actor_id).await;
+            count_failure(&world.cluster, result.map(|_| ()));
+        } else if !wanted && held {
+            let result = keeper.release(actor_id).await;
+            count_failure(&world.cluster, result.map(|_| ()));
+        }
+    }
+}
+
+/// Counts a store failure seen by a node; grants and refusals are counted from the store's
+/// decisions, where the keeper's renewals show up too.
+fn count_failure(cluster: &SimLeaseCluster, result: Result<(), LeaseError>) {
+    if let Err(LeaseError::Store(_)) = result {
+        cluster.count(|c| c.store_failed += 1);
+    }
+}
+
+async fn chaos_loop(world: Rc<SwarmWorld>, nodes: Vec<Rc<SwarmNode>>) {
+    let mut rng = world.env.rng("swarm/chaos");
+    loop {
+        world.env.sleep(Duration::from_millis(CHAOS_TICK_MS)).await;
+        let node = Rc::clone(&nodes[rng.choose_index(nodes.len())]);
+        let window_ms =
+            rng.gen_range(world.config.lease_duration_ms / 4..=world.config.lease_duration_ms * 3);
+        if world.env.should_inject(FaultType::PartitionTwoWay) {
+            world.network.partition(&[node.host()], &[STORE_HOST]);
+            spawn_heal(&world, window_ms, format!("partition {}", node.node_id));
+        } else if world.env.should_inject(FaultType::PartitionOneWay) {
+            let (from, to) = if rng.gen_bool(0.5) {
+                (node.host(), STORE_HOST)
+            } else {
+                (STORE_HOST, node.host())
+            };
+            world.network.partition_one_way(&[from], &[to]);
+            spawn_heal(&world, window_ms, format!("partition one way {from}->{to}"));
+        }
+        if world.env.should_inject(FaultType::NodeCrash) && node.is_up() {
+            node.crash(&world);
+            log_fault(&world, format!("crash {}", node.node_id));
+            let (world, node) = (Rc::clone(&world), Rc::clone(&node));
+            drop(world.env.clone().spawn(async move {
+                world.env.sleep(Duration::from_millis(window_ms)).await;
+                if world.phase.get() == Phase::Safety && !node.is_up() {
+                    log_fault(&world, format!("restart {}", node.node_id));
+                    node.start(&world)
+                        .expect("settings were valid at the first start");
+                }
+            }));
+        }
+        if world.env.should_inject(FaultType::ClockJump) {
+            let jump_ms = rng.gen_range(1..=world.config.lease_duration_ms);
+            node.clock.jump_forward(jump_ms);
+            world.cluster.board().clock_jumped(&node.node_id);
+            log_fault(&world, format!("clock jump {} +{jump_ms} ms", node.node_id));
+        }
+        if world.env.should_inject(FaultType::StorageCrash) {
+            world.cluster.store().storage().crash();
+            log_fault(&world, "storage crash".into());
+            let down_ms = rng.gen_range(10..=world.config.lease_duration_ms / 2);
+            let world = Rc::clone(&world);
+            drop(world.env.clone().spawn(async move {
+                world.env.sleep(Duration::from_millis(down_ms)).await;
+                world.cluster.store().storage().restart();
+                log_fault(&world, "storage restart".into());
+            }));
+        }
+    }
+}
+
+fn spawn_heal(world: &Rc<SwarmWorld>, window_ms: u64, what: String) {
+    log_fault(world, format!("{what} start"));
+    let world = Rc::clone(world);
+    drop(world.env.clone().spawn(async move {
+        world.env.sleep(Duration::from_millis(window_ms)).await;
+        // Heal only what the safety phase still has; the liveness phase healed everything.
+        if world.phase.get() == Phase::Safety {
+            world.network.heal();
+            log_fault(&world, format!("{what} end"));
+        }
+    }));
+}
+
+fn log_fault(world: &SwarmWorld, what: String) {
+    world.cluster.events().push(
+        world.env.now_ms(),
+        None,
+        None,
+        crate::LeaseEventKind::Fault { what },
+    );
+}

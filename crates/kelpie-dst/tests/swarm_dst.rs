@@ -1,0 +1,120 @@
+//! The swarm: many seeds, each with its own fault mix, over the networked lease scenario
+//! (production keepers, partitions, crashes, clock drift and jumps, storage faults), each with
+//! a safety phase and a liveness phase.
+//!
+//! `DST_SEEDS=<n>` sets how many seeds run (default 40); `DST_SEED=<n>` runs exactly one.
+//! `cargo test -p kelpie-dst --release --test swarm_dst -- --nocapture` prints the figures.
+
+use std::collections::BTreeMap;
+
+use kelpie_dst::config::seed_from_env;
+use kelpie_dst::{
+    swarm_faults, FaultType, LeaseRunReport, LeaseScenario, SimConfig, SimError, Simulation,
+    SWARM_LEASE_FAULTS,
+};
+use kelpie_registry::COVERAGE_MARKS;
+
+/// Seeds run when `DST_SEEDS` is not set.
+const SEEDS_DEFAULT: u64 = 40;
+/// Seeds a broken keeper may survive before the swarm must have caught it.
+const MUTATION_SEEDS_MAX: u64 = 500;
+
+fn seeds() -> Vec<u64> {
+    if let Some(seed) = seed_from_env().expect("DST_SEED must be a decimal u64") {
+        return vec![seed];
+    }
+    let count = std::env::var("DST_SEEDS")
+        .map(|v| v.parse().expect("DST_SEEDS must be a number"))
+        .unwrap_or(SEEDS_DEFAULT);
+    let base = SimConfig::from_env_or_random().seed;
+    (0..count).map(|i| base.wrapping_add(i)).collect()
+}
+
+fn run_seed(seed: u64, scenario: LeaseScenario) -> Result<LeaseRunReport, SimError> {
+    let mut simulation = Simulation::new(SimConfig::new(seed));
+    for fault in swarm_faults(seed, SWARM_LEASE_FAULTS) {
+        simulation = simulation.with_fault(fault);
+    }
+    scenario.run(simulation)
+}
+
+#[test]
+fn test_swarm_lease_safety_and_liveness_with_every_mark_hit() {
+    let seeds = seeds();
+    let mut faults: BTreeMap<FaultType, u64> = BTreeMap::new();
+    let mut marks: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let (mut sim_ms, mut ops) = (0u64, 0u64);
+    let _ = kelpie_core::coverage::take_hits();
+    for &seed in &seeds {
+        let report = run_seed(seed, LeaseScenario::default()).unwrap_or_else(|error| {
+            let phase = if error.to_string().contains("liveness violation") {
+                "liveness"
+            } else {
+                "safety"
+            };
+            panic!("{phase} failure: {error}")
+        });
+        for (fault, count) in &report.sim.faults_fired {
+            *faults.entry(*fault).or_default() += count;
+        }
+        for (mark, count) in kelpie_core::coverage::take_hits() {
+            *marks.entry(mark).or_default() += count;
+        }
+        sim_ms += report.sim.sim_time_ms;
+        ops += report.ops.total();
+    }
+    println!(
+        "swarm: {} seeds, {} simulated s, {ops} lease operations, zero violations",
+        seeds.len(),
+        sim_ms / 1000
+    );
+    for (fault, count) in &faults {
+        println!("  fault {:<24} fired {count}", fault.name());
+    }
+    for (mark, count) in &marks {
+        println!("  mark  {mark:<40} hit {count}");
+    }
+    if seeds.len() as u64 >= SEEDS_DEFAULT {
+        for mark in COVERAGE_MARKS {
+            assert!(
+                marks.contains_key(mark),
+                "coverage mark {mark} never hit in {} seeds",
+                seeds.len()
+            );
+        }
+    }
+}
+
+fn caught_within(broken: impl Fn(&mut LeaseScenario)) -> (u64, String) {
+    let base = SimConfig::from_env_or_random().seed;
+    for i in 0..MUTATION_SEEDS_MAX {
+        let mut scenario = LeaseScenario::default();
+        broken(&mut scenario);
+        match run_seed(base.wrapping_add(i), scenario) {
+            Ok(_) => continue,
+            Err(SimError::InvariantViolated { invariant, .. }) => return (i + 1, invariant),
+            Err(other) => panic!("broken keeper failed otherwise: {other}"),
+        }
+    }
+    panic!("a broken keeper survived {MUTATION_SEEDS_MAX} seeds from {base}");
+}
+
+#[test]
+fn test_swarm_catches_belief_measured_from_reply() {
+    let (seeds, invariant) = caught_within(|s| s.bug_belief_from_reply = true);
+    println!("belief-from-reply caught by {invariant} after {seeds} seeds");
+    assert!(
+        invariant == "BeliefConsistency" || invariant == "LeaseUniqueness",
+        "{invariant}"
+    );
+}
+
+#[test]
+fn test_swarm_catches_keeper_without_drift_margin() {
+    let (seeds, invariant) = caught_within(|s| s.bug_no_drift_margin = true);
+    println!("no-drift-margin caught by {invariant} after {seeds} seeds");
+    assert!(
+        invariant == "BeliefConsistency" || invariant == "LeaseUniqueness",
+        "{invariant}"
+    );
+}

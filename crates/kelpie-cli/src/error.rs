@@ -1,0 +1,129 @@
+//! The errors a `kelpie` command ends with, and the exit code each maps to.
+//!
+//! Exit codes are part of the command-line interface, so they are decided here in one place:
+//! 0 done, 1 refused or a simulation failure, 2 bad usage or configuration, 3 store
+//! unavailable. Clap's own usage errors already exit with 2.
+
+use kelpie_core::IdError;
+use kelpie_dst::SimError;
+use kelpie_registry::{ConfigError, LeaseError, StoreError};
+
+use crate::store_url::StoreUrlError;
+
+/// Exit code of a refused lease operation or of a simulation that found a violation.
+pub const EXIT_REFUSED: u8 = 1;
+/// Exit code of bad usage or configuration.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code of a store that could not be reached or failed the operation.
+pub const EXIT_UNAVAILABLE: u8 = 3;
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+#[allow(dead_code)] // The lease and bench commands, which land next, use the rest.
+pub enum CliError {
+    /// The options were inconsistent or out of range.
+    #[error("{0}")]
+    Usage(String),
+    /// An actor or node id was refused.
+    #[error(transparent)]
+    Id(#[from] IdError),
+    /// A lease setting was out of range.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `--store` did not parse.
+    #[error(transparent)]
+    StoreUrl(#[from] StoreUrlError),
+    /// The store refused the operation on the protocol's terms.
+    #[error("refused: {0}")]
+    Refused(LeaseError),
+    /// The store given by `--store` cannot be used by this build: its path cannot be opened
+    /// as a database, or a newer Kelpie wrote it. Retrying will not help; the option must
+    /// change.
+    #[error("{0}")]
+    StoreConfig(StoreError),
+    /// The store could not be reached, or failed the operation.
+    #[error("store unavailable: {0}")]
+    StoreUnavailable(StoreError),
+    /// The store's backend is not compiled into this binary.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A file the command writes could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The simulator refused its configuration.
+    #[error("invalid simulation settings: {0}")]
+    Simulation(SimError),
+}
+
+impl CliError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Refused(_) => EXIT_REFUSED,
+            CliError::StoreUnavailable(_) => EXIT_UNAVAILABLE,
+            CliError::Usage(_)
+            | CliError::Id(_)
+            | CliError::Config(_)
+            | CliError::StoreUrl(_)
+            | CliError::StoreConfig(_)
+            | CliError::Unsupported(_)
+            | CliError::Write { .. }
+            | CliError::Simulation(_) => EXIT_USAGE,
+        }
+    }
+}
+
+impl From<LeaseError> for CliError {
+    fn from(error: LeaseError) -> Self {
+        match error {
+            LeaseError::Store(store) => CliError::from(store),
+            refusal => CliError::Refused(refusal),
+        }
+    }
+}
+
+impl From<StoreError> for CliError {
+    /// A path that cannot be opened and a store from a newer Kelpie are configuration
+    /// problems: only a different `--store` (or binary) fixes them. Everything else is the
+    /// store failing at run time, which a retry may get past.
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Open { .. } | StoreError::SchemaTooNew { .. } => {
+                CliError::StoreConfig(error)
+            }
+            other => CliError::StoreUnavailable(other),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kelpie_core::{ActorId, NodeId};
+
+    #[test]
+    fn each_category_has_its_exit_code() {
+        let actor_id = ActorId::new("a").unwrap();
+        let holder = NodeId::new("n").unwrap();
+        let refused = LeaseError::HeldByOther {
+            actor_id,
+            holder,
+            expires_at_ms: 1,
+        };
+        assert_eq!(CliError::from(refused).exit_code(), EXIT_REFUSED);
+        let open = StoreError::Open {
+            path: "x".into(),
+            reason: "parent is a file".into(),
+        };
+        assert_eq!(CliError::from(open).exit_code(), EXIT_USAGE);
+        let down = StoreError::Unavailable { reason: "x".into() };
+        let down = CliError::from(LeaseError::Store(down));
+        assert_eq!(down.exit_code(), EXIT_UNAVAILABLE);
+        assert_eq!(CliError::Usage("x".into()).exit_code(), EXIT_USAGE);
+    }
+}

@@ -10,6 +10,8 @@
 //! - `memory`: [`MemoryLeaseStore`].
 //! - `sqlite`: [`SqliteLeaseStore`], durable leases in one file shared by a host's processes,
 //!   with group commit.
+//! - `etcd`: [`EtcdLeaseManager`], leases in an etcd cluster for deployments beyond one host:
+//!   expiry by etcd's lease TTLs, tokens from etcd revisions, one keepalive per node.
 //! - `manager`: the [`LeaseManager`] trait and [`ProtocolLeaseManager`], the protocol over a store.
 //! - `keeper`: [`LeaseKeeper`], which renews a node's leases and keeps its beliefs.
 //! - `belief`: [`Belief`], the node's pure state machine of "I hold it until local time T".
@@ -33,6 +35,7 @@
 
 mod belief;
 mod error;
+mod etcd;
 mod keeper;
 mod lease;
 mod manager;
@@ -43,6 +46,13 @@ mod store;
 
 pub use belief::{Belief, BeliefConfig, HeldBelief};
 pub use error::{ConfigError, LeaseError, StoreError};
+pub use etcd::{
+    parse_endpoints, EtcdCredentials, EtcdLeaseManager, EtcdOptions, EtcdStats, NodeSession,
+    ETCD_ACQUIRE_ATTEMPTS_MAX, ETCD_CONNECT_TIMEOUT_MS_DEFAULT, ETCD_ENDPOINTS_ENV,
+    ETCD_ENDPOINTS_MAX, ETCD_EXPIRY_CHECK_INTERVAL_MS, ETCD_KEY_PREFIX_BYTES_MAX,
+    ETCD_KEY_PREFIX_DEFAULT, ETCD_REQUEST_TIMEOUT_MS_DEFAULT, ETCD_SCAN_PAGE_KEYS,
+    ETCD_TIMEOUT_MS_MAX, ETCD_TIMEOUT_MS_MIN, ETCD_WATCH_FAILURES_MAX,
+};
 pub use keeper::{
     KeeperConfig, KeeperEvent, LeaseKeeper, LostReason, CLOCK_DRIFT_PPM_MAX_DEFAULT,
     COVERAGE_MARKS, MARK_BELIEF_ENDED, MARK_COMMIT_UNKNOWN_RESOLVED, MARK_RENEWAL_FAILED,

@@ -1,0 +1,139 @@
+//! Fast handover: waiting for an actor's lease to become free with an etcd watch, so that a
+//! contender acquires right after a release instead of polling.
+
+use std::time::Duration;
+
+use etcd_client::{EventType, WatchFilterType, WatchOptions};
+use kelpie_core::{ActorId, NodeId};
+
+use super::errors::{bounded, Effect};
+use super::{read_error, EtcdLeaseManager};
+use crate::error::{LeaseError, StoreError};
+use crate::lease::Lease;
+use crate::manager::LeaseManager;
+
+/// How many watches in a row may fail (a member restarting, a leader change) before
+/// [`EtcdLeaseManager::wait_until_free`] gives up with the last error.
+pub const ETCD_WATCH_FAILURES_MAX: u32 = 8;
+
+impl EtcdLeaseManager {
+    /// Waits until nobody holds the lease on `actor_id` (its key is deleted by a release or by
+    /// etcd at expiry), for at most `max_wait_ms`. Returns `Ok(true)` once it is free (at once
+    /// if it already is), `Ok(false)` if it was still held when the time ran out. The lease may
+    /// of course be taken by someone else before the caller acquires it.
+    pub async fn wait_until_free(
+        &self,
+        actor_id: &ActorId,
+        max_wait_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let key = self.keys.actor_key(actor_id);
+        let waiting = self.watch_until_deleted(&key);
+        match tokio::time::timeout(Duration::from_millis(max_wait_ms), waiting).await {
+            Ok(result) => result.map(|()| true),
+            Err(_elapsed) => Ok(false),
+        }
+    }
+
+    /// Acquires the lease on `actor_id`, waiting up to `max_wait_ms` for its holder to release
+    /// it (or for it to expire) if it is held. Fails with the last `HeldByOther` if it is still
+    /// held when the time runs out.
+    pub async fn acquire_waiting(
+        &self,
+        actor_id: &ActorId,
+        node_id: &NodeId,
+        max_wait_ms: u64,
+    ) -> Result<Lease, LeaseError> {
+        let mut refusal = None;
+        let attempts = async {
+            loop {
+                match self.acquire(actor_id, node_id).await {
+                    Err(error @ LeaseError::HeldByOther { .. }) => {
+                        refusal = Some(error.clone());
+                        if !self.wait_until_free(actor_id, max_wait_ms).await? {
+                            return Err(error);
+                        }
+                    }
+                    other => return other,
+                }
+            }
+        };
+        match tokio::time::timeout(Duration::from_millis(max_wait_ms), attempts).await {
+            Ok(result) => result,
+            Err(_elapsed) => Err(refusal.unwrap_or_else(|| {
+                let reason = format!("acquire did not complete within {max_wait_ms} ms");
+                StoreError::Unavailable { reason }.into()
+            })),
+        }
+    }
+
+    /// Returns once `key` is absent. Reads it, and if present watches for its deletion from the
+    /// revision after the read, so a delete between the read and the watch is not missed.
+    async fn watch_until_deleted(&self, key: &[u8]) -> Result<(), StoreError> {
+        let mut failures = 0;
+        loop {
+            let Some(read_revision) = self.revision_if_present(key).await? else {
+                return Ok(());
+            };
+            match self.watch_for_delete(key, read_revision + 1).await {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    failures += 1;
+                    if failures >= ETCD_WATCH_FAILURES_MAX {
+                        return Err(error);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The revision at which `key` was read, if it exists.
+    async fn revision_if_present(&self, key: &[u8]) -> Result<Option<i64>, StoreError> {
+        let mut kv = self.connection.client.kv_client();
+        let timeout_ms = self.connection.request_timeout_ms;
+        let reading = kv.get(key, None);
+        let reply = bounded("reading a lease", Effect::ReadOnly, timeout_ms, reading).await?;
+        if reply.kvs().is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(reply.header().map_or(0, |h| h.revision())))
+    }
+
+    /// Watches `key` from `start_revision` until a delete event arrives.
+    async fn watch_for_delete(&self, key: &[u8], start_revision: i64) -> Result<(), StoreError> {
+        let mut watch = self.connection.client.watch_client();
+        let options = WatchOptions::new()
+            .with_start_revision(start_revision)
+            .with_filters([WatchFilterType::NoPut]);
+        let timeout_ms = self.connection.request_timeout_ms;
+        let opening = watch.watch(key, Some(options));
+        let mut stream = bounded("opening a watch", Effect::ReadOnly, timeout_ms, opening).await?;
+        loop {
+            // No timeout here: a held lease may stay held for long, and the caller's limit
+            // bounds the wait.
+            let message = stream
+                .message()
+                .await
+                .map_err(|e| read_error("watching", &e))?;
+            let Some(response) = message else {
+                let reason = "the watch stream closed".to_string();
+                return Err(StoreError::Unavailable { reason });
+            };
+            if response.canceled() {
+                // Typically the start revision was compacted away; the caller reads again.
+                let reason = format!(
+                    "watch canceled: {:?}, compacted at revision {}",
+                    response.cancel_reason(),
+                    response.compact_revision()
+                );
+                return Err(StoreError::Unavailable { reason });
+            }
+            let deleted = response
+                .events()
+                .iter()
+                .any(|e| e.event_type() == EventType::Delete);
+            if deleted {
+                return Ok(());
+            }
+        }
+    }
+}

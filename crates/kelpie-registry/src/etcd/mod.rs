@@ -1,0 +1,335 @@
+//! The etcd backend: leases for a deployment that outgrew one host, in the store Kubernetes
+//! trusts for exactly this.
+//!
+//! Unlike the in-process stores, this backend does not run [`decide`](crate::decide) on a
+//! clock of its own: etcd decides expiry with its lease TTLs, counted on the etcd leader's
+//! clock, and no client clock is ever compared with another. [`EtcdLeaseManager`] therefore
+//! implements [`LeaseManager`] directly, with the semantics the conformance suite holds every
+//! backend to.
+//!
+//! # Layout in etcd
+//!
+//! A held lease is one key, `<prefix><actor id>`, whose value is the holder's node id, attached
+//! to the holder's *node session*: one etcd lease per (manager, node) with TTL = the lease
+//! duration rounded up to whole seconds (etcd raises it to its minimum, 2 s with etcd's default
+//! heartbeat and election timeout). The key exists exactly while the lease is held. The fencing
+//! token is the key's `create_revision` (see `codec`), which strictly increases across
+//! successive holders of an actor, including a takeover after expiry, and stays fixed while one
+//! holder keeps the key.
+//!
+//! - **Acquire** extends (or grants) the node's session, then runs one transaction: if the key
+//!   is absent (`version == 0`), put it with the session lease attached; otherwise read it. The
+//!   caller's own key under its current session is an idempotent success (same token, expiry
+//!   refreshed by the keepalive). The caller's node id under a session this manager does not
+//!   own (a previous incarnation of the node, or a session that expired but whose key etcd has
+//!   not deleted yet) is deleted and re-created, so the caller gets a new, larger token and the
+//!   old incarnation's writes are fenced off.
+//! - **Renew** is one transaction, "if the key names the caller and hangs off its live session,
+//!   rewrite it" (which bumps `version`, the renewal count, and keeps the token), followed by a
+//!   keepalive of the session. A session etcd reported gone is never revived, so an expired
+//!   lease cannot be renewed.
+//! - **Release** deletes the key in a transaction guarded by the holder's node id.
+//! - **Fenced renew and release** add "the key's `create_revision` equals the caller's token"
+//!   to the same transaction, so a delayed request from an earlier tenure cannot touch a later
+//!   one.
+//! - **Expiry**: when a session's lease runs out, etcd deletes all its keys. etcd checks for
+//!   expired leases every [`ETCD_EXPIRY_CHECK_INTERVAL_MS`], so a lease is free once etcd has
+//!   deleted its key: up to about that long after its TTL ran out. Until then it is still held.
+//!
+//! # Node sessions
+//!
+//! Every key a node holds through a manager hangs off the node's one session lease, kept alive
+//! by one keepalive stream owned by one task. One keepalive extends all of the node's leases, so
+//! renewal cost does not grow with the number of actors: call
+//! [`EtcdLeaseManager::keep_alive_node`] once per period, or renew actors individually (their
+//! keepalives are coalesced: renewals queued while one keepalive is in flight share the next).
+//! A side effect worth knowing: renewing one actor extends every lease of that node's session.
+//! [`EtcdLeaseManager::revoke_node`] releases them all in one request.
+//!
+//! # Times in a [`Lease`]
+//!
+//! etcd reports no clock, only TTLs, so `acquired_at_ms` and `expires_at_ms` are on the
+//! *manager's* clock (a tokio clock started at [`EtcdLeaseManager::connect`], or
+//! [`EtcdOptions::clock`]) and mean nothing to another process:
+//!
+//! - for a lease held through this manager's own session, `expires_at_ms` is the send time of
+//!   the latest keepalive (or grant) etcd confirmed plus the TTL etcd granted: a *lower bound* of
+//!   etcd's own expiry, since etcd starts counting only when the request reaches its leader
+//!   (assuming this host's clock does not run faster than the leader's). `acquired_at_ms` is
+//!   the send time of the keepalive or grant that preceded the acquiring transaction;
+//! - for a lease held through another manager (another process, or `HeldByOther`),
+//!   `expires_at_ms` is when etcd's answer arrived plus its remaining TTL rounded *up* to the
+//!   next whole second (etcd truncates it): an upper bound, which is what a contender needs.
+//!   `acquired_at_ms` is then the time this manager read the lease, not when it was acquired.
+//!
+//! # Tokens and etcd's history
+//!
+//! Tokens increase for as long as the cluster's revision history does: across leader changes,
+//! member restarts and compaction. Restoring a snapshot or rebuilding the cluster from scratch
+//! resets revisions, and with them the guarantee.
+//!
+//! # Fast handover
+//!
+//! [`EtcdLeaseManager::wait_until_free`] watches the actor's key and returns as soon as it is
+//! deleted (released or expired), so a contender can acquire right after a voluntary release
+//! instead of polling; [`EtcdLeaseManager::acquire_waiting`] combines the two.
+//!
+//! The manager spawns tasks, so it must be used inside a tokio runtime.
+
+mod codec;
+mod errors;
+mod handover;
+mod ops;
+mod options;
+mod session;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::GetOptions;
+use kelpie_core::{ActorId, FencingToken, NodeId, TokioClock};
+
+pub use options::{
+    parse_endpoints, EtcdCredentials, EtcdOptions, ETCD_CONNECT_TIMEOUT_MS_DEFAULT,
+    ETCD_ENDPOINTS_ENV, ETCD_ENDPOINTS_MAX, ETCD_KEY_PREFIX_BYTES_MAX, ETCD_KEY_PREFIX_DEFAULT,
+    ETCD_REQUEST_TIMEOUT_MS_DEFAULT, ETCD_TIMEOUT_MS_MAX, ETCD_TIMEOUT_MS_MIN,
+};
+
+pub use handover::ETCD_WATCH_FAILURES_MAX;
+
+use crate::error::{LeaseError, StoreError};
+use crate::lease::Lease;
+use crate::manager::LeaseManager;
+use codec::Keys;
+use errors::{bounded, store_error, timed_out, Effect};
+use session::{Connection, Counters, KeepAlive, NodeSessions};
+
+/// How often etcd looks for expired leases (its lessor's revoke loop, fixed in etcd 3.4 and
+/// 3.5). A lease whose TTL ran out is deleted up to about this much later.
+pub const ETCD_EXPIRY_CHECK_INTERVAL_MS: u64 = 500;
+
+/// How many times an acquire retries when its session expired under it or it deleted a
+/// previous incarnation's key, before giving up with [`StoreError::Contention`].
+pub const ETCD_ACQUIRE_ATTEMPTS_MAX: u32 = 4;
+
+/// Most keys read per request when listing leases, so one listing never asks etcd for an
+/// unbounded reply.
+pub const ETCD_SCAN_PAGE_KEYS: i64 = 1_000;
+
+/// Leases on actors, in etcd. See the [module documentation](self) for the layout, the
+/// fencing token, node sessions and what the times in a [`Lease`] mean.
+pub struct EtcdLeaseManager {
+    connection: Connection,
+    keys: Keys,
+    /// The TTL asked of etcd for each session, in whole seconds.
+    ttl_s: i64,
+    sessions: NodeSessions,
+}
+
+/// What a manager's sessions cost so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EtcdStats {
+    /// Session leases granted.
+    pub sessions_granted: u64,
+    /// Keepalive round trips sent, across all sessions.
+    pub keep_alives_sent: u64,
+}
+
+/// A node's current session, as [`EtcdLeaseManager::node_session`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NodeSession {
+    /// The etcd lease id every key of the node's session is attached to.
+    pub lease_id: i64,
+    /// The TTL etcd granted, in ms (whole seconds).
+    pub ttl_ms: u64,
+    /// Lower bound of the session's expiry on the manager's clock.
+    pub expires_at_ms: u64,
+}
+
+impl EtcdLeaseManager {
+    /// Connects to etcd and checks within [`EtcdOptions::connect_timeout_ms`] that it answers
+    /// and lets the caller read the key prefix. Fails with [`StoreError::InvalidOption`] for bad
+    /// options, [`StoreError::Unavailable`] if etcd cannot be reached in time, and
+    /// [`StoreError::AccessDenied`] if it refuses the credentials.
+    pub async fn connect(options: EtcdOptions) -> Result<Self, StoreError> {
+        options.validate()?;
+        let client_options = options.client_options()?;
+        let timeout_ms = options.connect_timeout_ms;
+        let client = connect_client(&options.endpoints, client_options, timeout_ms).await?;
+        // The client connects lazily, so ask etcd something to find out whether it answers.
+        let mut kv = client.kv_client();
+        let probe = GetOptions::new().with_prefix().with_count_only();
+        let reading = kv.get(options.key_prefix.as_str(), Some(probe));
+        bounded(
+            "reading the key prefix",
+            Effect::ReadOnly,
+            timeout_ms,
+            reading,
+        )
+        .await?;
+        let lease_duration_ms = options.lease.lease_duration_ms;
+        let ttl_s = i64::try_from(lease_duration_ms.div_ceil(1_000))
+            .expect("lease durations are bounded by LEASE_DURATION_MS_MAX");
+        let clock = options
+            .clock
+            .clone()
+            .unwrap_or_else(|| Arc::new(TokioClock::new()));
+        Ok(Self {
+            connection: Connection {
+                client,
+                clock,
+                request_timeout_ms: options.request_timeout_ms,
+                counters: Arc::new(Counters::default()),
+            },
+            keys: Keys::new(&options.key_prefix),
+            ttl_s,
+            sessions: NodeSessions::default(),
+        })
+    }
+
+    /// The prefix every lease key starts with.
+    pub fn key_prefix(&self) -> &str {
+        self.keys.prefix()
+    }
+
+    /// The session TTL asked of etcd: the lease duration rounded up to whole seconds. etcd may
+    /// grant more (its minimum); [`NodeSession::ttl_ms`] is what it granted.
+    pub fn lease_ttl_ms(&self) -> u64 {
+        u64::try_from(self.ttl_s).expect("ttl is positive") * 1_000
+    }
+
+    /// Sessions granted and keepalives sent so far.
+    pub fn stats(&self) -> EtcdStats {
+        let counters = &self.connection.counters;
+        EtcdStats {
+            sessions_granted: counters.sessions_granted.load(Ordering::Relaxed),
+            keep_alives_sent: counters.keep_alives_sent.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The node's live session in this manager, if it has one.
+    pub fn node_session(&self, node_id: &NodeId) -> Option<NodeSession> {
+        self.sessions.live(node_id).map(|s| NodeSession {
+            lease_id: s.lease_id(),
+            ttl_ms: s.ttl_ms(),
+            expires_at_ms: s.expires_at_ms(),
+        })
+    }
+
+    /// Extends every lease the node holds through this manager with one keepalive, and returns
+    /// the new lower bound of their expiry on the manager's clock. `Ok(None)` if the node has
+    /// no live session: it holds nothing here, or its session expired and its leases with it.
+    pub async fn keep_alive_node(&self, node_id: &NodeId) -> Result<Option<u64>, StoreError> {
+        let Some(session) = self.sessions.live(node_id) else {
+            return Ok(None);
+        };
+        match session.keep_alive().await? {
+            KeepAlive::Alive { sent_at_ms } => {
+                Ok(Some(sent_at_ms.saturating_add(session.ttl_ms())))
+            }
+            KeepAlive::Expired => {
+                self.sessions.retire(node_id, &session);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Releases every lease the node holds through this manager in one request, by revoking its
+    /// session. Returns whether there was a live session to revoke.
+    pub async fn revoke_node(&self, node_id: &NodeId) -> Result<bool, StoreError> {
+        let Some(session) = self.sessions.live(node_id) else {
+            return Ok(false);
+        };
+        session.revoke(&self.connection).await?;
+        self.sessions.retire(node_id, &session);
+        Ok(true)
+    }
+
+    /// The lease key of `actor_id`, for tools and tests that look at etcd directly.
+    pub fn actor_key(&self, actor_id: &ActorId) -> Vec<u8> {
+        self.keys.actor_key(actor_id)
+    }
+}
+
+impl LeaseManager for EtcdLeaseManager {
+    async fn acquire(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<Lease, LeaseError> {
+        self.acquire_lease(actor_id, node_id).await
+    }
+
+    async fn renew(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<Lease, LeaseError> {
+        self.renew_lease(actor_id, node_id, None).await
+    }
+
+    async fn release(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<Lease, LeaseError> {
+        self.release_lease(actor_id, node_id, None).await
+    }
+
+    /// Atomic: the token is compared with the key's create revision in the renewing
+    /// transaction.
+    async fn renew_fenced(
+        &self,
+        actor_id: &ActorId,
+        node_id: &NodeId,
+        fencing_token: FencingToken,
+    ) -> Result<Lease, LeaseError> {
+        self.renew_lease(actor_id, node_id, Some(fencing_token))
+            .await
+    }
+
+    /// Atomic: the token is compared with the key's create revision in the deleting
+    /// transaction.
+    async fn release_fenced(
+        &self,
+        actor_id: &ActorId,
+        node_id: &NodeId,
+        fencing_token: FencingToken,
+    ) -> Result<Lease, LeaseError> {
+        self.release_lease(actor_id, node_id, Some(fencing_token))
+            .await
+    }
+
+    async fn is_valid(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<bool, LeaseError> {
+        let stored = self.read_key(actor_id).await?;
+        Ok(stored.is_some_and(|s| s.holder == *node_id))
+    }
+
+    async fn get(&self, actor_id: &ActorId) -> Result<Option<Lease>, LeaseError> {
+        let Some(stored) = self.read_key(actor_id).await? else {
+            return Ok(None);
+        };
+        Ok(Some(self.lease_of(&stored).await?))
+    }
+
+    async fn leases_held_by(&self, node_id: &NodeId) -> Result<Vec<Lease>, LeaseError> {
+        Ok(self.scan_held_by(node_id).await?)
+    }
+}
+
+/// Builds the client. With credentials this authenticates, so it talks to etcd; without, it
+/// only parses the endpoints.
+async fn connect_client(
+    endpoints: &[String],
+    client_options: etcd_client::ConnectOptions,
+    timeout_ms: u64,
+) -> Result<etcd_client::Client, StoreError> {
+    let connecting = etcd_client::Client::connect(endpoints, Some(client_options));
+    match tokio::time::timeout(Duration::from_millis(timeout_ms), connecting).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(
+            error @ (etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_)),
+        )) => Err(StoreError::InvalidOption {
+            option: "endpoints".to_string(),
+            reason: error.to_string(),
+        }),
+        Ok(Err(error)) => Err(read_error("connecting", &error)),
+        Err(_elapsed) => Err(timed_out("connecting", Effect::ReadOnly, timeout_ms)),
+    }
+}
+
+/// Turns an etcd client error on a read into a [`StoreError`].
+fn read_error(what: &str, error: &etcd_client::Error) -> StoreError {
+    store_error(what, Effect::ReadOnly, error)
+}

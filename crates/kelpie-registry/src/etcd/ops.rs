@@ -1,0 +1,422 @@
+//! The lease operations as etcd requests. See the module documentation of `etcd` for the
+//! protocol these implement.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
+    TxnResponse,
+};
+use kelpie_core::{ActorId, FencingToken, NodeId};
+
+use super::codec::StoredLease;
+use super::errors::{bounded, is_lease_not_found, store_error, timed_out, Effect};
+use super::session::{KeepAlive, Session};
+use super::{read_error, EtcdLeaseManager, ETCD_ACQUIRE_ATTEMPTS_MAX, ETCD_SCAN_PAGE_KEYS};
+use crate::error::{LeaseError, StoreError};
+use crate::lease::Lease;
+
+/// How a transaction on a lease key ended.
+enum TxnOutcome {
+    /// etcd applied it (or evaluated its comparison as false and ran the other branch).
+    Done(TxnResponse),
+    /// etcd refused it because the session lease it attaches the key to is gone.
+    SessionGone,
+}
+
+impl EtcdLeaseManager {
+    pub(super) async fn acquire_lease(
+        &self,
+        actor_id: &ActorId,
+        node_id: &NodeId,
+    ) -> Result<Lease, LeaseError> {
+        let key = self.keys.actor_key(actor_id);
+        for _ in 0..ETCD_ACQUIRE_ATTEMPTS_MAX {
+            // Extending the session first makes the new key last a full TTL from this point.
+            let (session, fresh_at_ms) = self
+                .sessions
+                .fresh(&self.connection, node_id, self.ttl_s)
+                .await?;
+            let txn = acquire_txn(&key, node_id, session.lease_id());
+            let response = match self.write_txn("acquire", txn).await? {
+                TxnOutcome::Done(response) => response,
+                TxnOutcome::SessionGone => {
+                    self.sessions.retire(node_id, &session);
+                    continue;
+                }
+            };
+            let stored = self.txn_key(&response)?.ok_or_else(|| missing_key(&key))?;
+            let expires_at_ms = fresh_at_ms.saturating_add(session.ttl_ms());
+            if response.succeeded() {
+                session.remember_acquired(actor_id, stored.create_revision, fresh_at_ms);
+                return Ok(stored.lease(fresh_at_ms, expires_at_ms));
+            }
+            if stored.holder != *node_id {
+                let expires_at_ms = self.observed_expiry_ms(stored.session_lease_id).await?;
+                return Err(LeaseError::HeldByOther {
+                    actor_id: actor_id.clone(),
+                    holder: stored.holder,
+                    expires_at_ms,
+                });
+            }
+            if stored.session_lease_id == session.lease_id() {
+                // Idempotent: the caller already holds it; the keepalive above refreshed it.
+                let acquired_at_ms = session
+                    .acquired_at_ms(actor_id, stored.create_revision)
+                    .unwrap_or(fresh_at_ms);
+                return Ok(stored.lease(acquired_at_ms, expires_at_ms));
+            }
+            self.delete_other_incarnation(&key, &stored).await?;
+        }
+        Err(StoreError::Contention {
+            attempts: ETCD_ACQUIRE_ATTEMPTS_MAX,
+        }
+        .into())
+    }
+
+    /// Deletes the caller's node's key held under a session this manager does not keep alive,
+    /// if it has not changed since it was read, so that the next attempt re-creates it with a
+    /// larger token.
+    async fn delete_other_incarnation(
+        &self,
+        key: &[u8],
+        stored: &StoredLease,
+    ) -> Result<(), StoreError> {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key,
+                CompareOp::Equal,
+                stored.mod_revision,
+            )])
+            .and_then([TxnOp::delete(key, None)]);
+        // Whether or not the key changed meanwhile, the next attempt reads it afresh.
+        self.write_txn("deleting a previous incarnation's lease", txn)
+            .await
+            .map(|_| ())
+    }
+
+    /// Renews; with `fencing_token`, only while the key still carries it (its create
+    /// revision), checked in the same transaction.
+    pub(super) async fn renew_lease(
+        &self,
+        actor_id: &ActorId,
+        node_id: &NodeId,
+        fencing_token: Option<FencingToken>,
+    ) -> Result<Lease, LeaseError> {
+        let key = self.keys.actor_key(actor_id);
+        let live = self.sessions.live(node_id);
+        let guard = token_guard(&key, fencing_token);
+        let (Some(session), Some(mut compares)) = (live, guard) else {
+            let stored = self.read_key(actor_id).await?;
+            return Err(self.refusal(actor_id, node_id, stored));
+        };
+        compares.extend([
+            Compare::value(key.as_slice(), CompareOp::Equal, node_id.as_str()),
+            Compare::lease(key.as_slice(), CompareOp::Equal, session.lease_id()),
+        ]);
+        let txn = Txn::new()
+            .when(compares)
+            .and_then([
+                TxnOp::put(key.as_slice(), node_id.as_str(), Some(with_lease(&session))),
+                TxnOp::get(key.as_slice(), None),
+            ])
+            .or_else([TxnOp::get(key.as_slice(), None)]);
+        let response = match self.write_txn("renew", txn).await? {
+            TxnOutcome::Done(response) => response,
+            TxnOutcome::SessionGone => {
+                return Err(self.session_expired(actor_id, node_id, &session))
+            }
+        };
+        let stored = match self.txn_key(&response)? {
+            Some(stored) if response.succeeded() => stored,
+            stored => return Err(self.refusal(actor_id, node_id, stored)),
+        };
+        match session.keep_alive().await? {
+            KeepAlive::Alive { sent_at_ms } => {
+                let acquired_at_ms = session
+                    .acquired_at_ms(actor_id, stored.create_revision)
+                    .unwrap_or(sent_at_ms);
+                Ok(stored.lease(acquired_at_ms, sent_at_ms.saturating_add(session.ttl_ms())))
+            }
+            KeepAlive::Expired => Err(self.session_expired(actor_id, node_id, &session)),
+        }
+    }
+
+    fn session_expired(
+        &self,
+        actor_id: &ActorId,
+        node_id: &NodeId,
+        session: &Arc<Session>,
+    ) -> LeaseError {
+        self.sessions.retire(node_id, session);
+        LeaseError::Expired {
+            actor_id: actor_id.clone(),
+            node_id: node_id.clone(),
+            expired_at_ms: session.expires_at_ms(),
+        }
+    }
+
+    /// Why `node_id` may not renew the lease as stored: nobody or another node holds it
+    /// (`NotHolder`), or the node's own key hangs off its expired session (`Expired`).
+    fn refusal(
+        &self,
+        actor_id: &ActorId,
+        node_id: &NodeId,
+        stored: Option<StoredLease>,
+    ) -> LeaseError {
+        let retired = self.sessions.retired(node_id);
+        if let (Some(stored), Some(retired)) = (&stored, retired) {
+            if stored.holder == *node_id && stored.session_lease_id == retired.lease_id {
+                return LeaseError::Expired {
+                    actor_id: actor_id.clone(),
+                    node_id: node_id.clone(),
+                    expired_at_ms: retired.expired_at_ms,
+                };
+            }
+        }
+        LeaseError::NotHolder {
+            actor_id: actor_id.clone(),
+            node_id: node_id.clone(),
+            holder: stored.map(|s| s.holder),
+        }
+    }
+
+    /// Releases; with `fencing_token`, only while the key still carries it.
+    pub(super) async fn release_lease(
+        &self,
+        actor_id: &ActorId,
+        node_id: &NodeId,
+        fencing_token: Option<FencingToken>,
+    ) -> Result<Lease, LeaseError> {
+        let key = self.keys.actor_key(actor_id);
+        let Some(mut compares) = token_guard(&key, fencing_token) else {
+            let holder = self.read_key(actor_id).await?.map(|s| s.holder);
+            return Err(not_holder(actor_id, node_id, holder));
+        };
+        // The holder may release whichever session the key hangs off, even an expired one.
+        compares.push(Compare::value(
+            key.as_slice(),
+            CompareOp::Equal,
+            node_id.as_str(),
+        ));
+        let txn = Txn::new()
+            .when(compares)
+            .and_then([TxnOp::delete(
+                key.as_slice(),
+                Some(DeleteOptions::new().with_prev_key()),
+            )])
+            .or_else([TxnOp::get(key.as_slice(), None)]);
+        let TxnOutcome::Done(response) = self.write_txn("release", txn).await? else {
+            // A delete names no lease, so etcd has no reason to answer this; if it does, the
+            // release was refused.
+            let reason = "etcd answered a release with \"lease not found\"".to_string();
+            return Err(StoreError::WriteFailed { reason }.into());
+        };
+        let stored = match self.txn_key(&response)? {
+            Some(stored) if response.succeeded() => stored,
+            stored => return Err(not_holder(actor_id, node_id, stored.map(|s| s.holder))),
+        };
+        let lease = self.lease_of(&stored).await?;
+        if let Some(session) = self.sessions.live(node_id) {
+            session.forget(actor_id);
+        }
+        Ok(lease)
+    }
+
+    /// The lease as stored, with times on this manager's clock (see the module documentation).
+    pub(super) async fn lease_of(&self, stored: &StoredLease) -> Result<Lease, StoreError> {
+        if let Some(session) = self.own_session(stored) {
+            let expires_at_ms = session.expires_at_ms();
+            let acquired_at_ms = session
+                .acquired_at_ms(&stored.actor_id, stored.create_revision)
+                .unwrap_or_else(|| session.alive_sent_at_ms());
+            return Ok(stored.lease(acquired_at_ms, expires_at_ms));
+        }
+        let read_at_ms = self.connection.clock.now_ms();
+        let expires_at_ms = self.observed_expiry_ms(stored.session_lease_id).await?;
+        Ok(stored.lease(read_at_ms, expires_at_ms))
+    }
+
+    /// The holder's live session in this manager, if the key hangs off it.
+    fn own_session(&self, stored: &StoredLease) -> Option<Arc<Session>> {
+        self.sessions
+            .live(&stored.holder)
+            .filter(|s| s.lease_id() == stored.session_lease_id)
+    }
+
+    /// An upper bound of when etcd expires `lease_id`, on this manager's clock: when etcd's
+    /// answer arrived plus its remaining TTL, which etcd truncates to whole seconds, plus one
+    /// second. A lease etcd already considers expired gives the time of the answer.
+    pub(super) async fn observed_expiry_ms(&self, lease_id: i64) -> Result<u64, StoreError> {
+        let mut lease = self.connection.client.lease_client();
+        let asking = lease.time_to_live(lease_id, None);
+        let what = "reading a lease's remaining TTL";
+        let timeout_ms = self.connection.request_timeout_ms;
+        let reply = bounded(what, Effect::ReadOnly, timeout_ms, asking).await?;
+        let answered_at_ms = self.connection.clock.now_ms();
+        Ok(match u64::try_from(reply.ttl()) {
+            Ok(remaining_s) => answered_at_ms.saturating_add((remaining_s + 1) * 1_000),
+            Err(_expired) => answered_at_ms,
+        })
+    }
+
+    /// The actor's lease key, read linearizably.
+    pub(super) async fn read_key(
+        &self,
+        actor_id: &ActorId,
+    ) -> Result<Option<StoredLease>, StoreError> {
+        let mut kv = self.connection.client.kv_client();
+        let key = self.keys.actor_key(actor_id);
+        let timeout_ms = self.connection.request_timeout_ms;
+        let reply = bounded(
+            "reading a lease",
+            Effect::ReadOnly,
+            timeout_ms,
+            kv.get(key, None),
+        )
+        .await?;
+        reply
+            .kvs()
+            .first()
+            .map(|kv| self.keys.decode(kv))
+            .transpose()
+    }
+
+    /// Every valid lease `node_id` holds, in actor id order, read at one etcd revision. Reads
+    /// every lease key under the prefix (in pages), whoever holds it.
+    pub(super) async fn scan_held_by(&self, node_id: &NodeId) -> Result<Vec<Lease>, StoreError> {
+        let mut held = Vec::new();
+        // Leases held through other managers share sessions; ask etcd once per session.
+        let mut expiries: BTreeMap<i64, u64> = BTreeMap::new();
+        for stored in self.scan().await? {
+            if stored.holder != *node_id {
+                continue;
+            }
+            if self.own_session(&stored).is_some() {
+                held.push(self.lease_of(&stored).await?);
+                continue;
+            }
+            let lease_id = stored.session_lease_id;
+            let expires_at_ms = match expiries.get(&lease_id) {
+                Some(&expires_at_ms) => expires_at_ms,
+                None => self.observed_expiry_ms(lease_id).await?,
+            };
+            expiries.insert(lease_id, expires_at_ms);
+            held.push(stored.lease(self.connection.clock.now_ms(), expires_at_ms));
+        }
+        Ok(held)
+    }
+
+    async fn scan(&self) -> Result<Vec<StoredLease>, StoreError> {
+        let mut kv = self.connection.client.kv_client();
+        let end = self.keys.prefix_end();
+        let mut start = self.keys.prefix().as_bytes().to_vec();
+        let mut revision = 0;
+        let mut leases = Vec::new();
+        loop {
+            let options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(ETCD_SCAN_PAGE_KEYS)
+                .with_revision(revision);
+            let timeout = Duration::from_millis(self.connection.request_timeout_ms);
+            let page = tokio::time::timeout(timeout, kv.get(start.clone(), Some(options)))
+                .await
+                .map_err(|_| {
+                    let what = "listing leases";
+                    timed_out(what, Effect::ReadOnly, self.connection.request_timeout_ms)
+                })?
+                .map_err(|e| read_error("listing leases", &e))?;
+            // Later pages are read at the first page's revision, so the listing is a snapshot.
+            revision = page.header().map_or(0, |h| h.revision());
+            for kv in page.kvs() {
+                leases.push(self.keys.decode(kv)?);
+            }
+            match page.kvs().last() {
+                Some(last) if page.more() => start = key_after(last),
+                _ => return Ok(leases),
+            }
+        }
+    }
+
+    /// Runs a transaction that writes a lease key.
+    async fn write_txn(&self, what: &str, txn: Txn) -> Result<TxnOutcome, StoreError> {
+        let mut kv = self.connection.client.kv_client();
+        let timeout_ms = self.connection.request_timeout_ms;
+        match tokio::time::timeout(Duration::from_millis(timeout_ms), kv.txn(txn)).await {
+            Ok(Ok(response)) => Ok(TxnOutcome::Done(response)),
+            Ok(Err(error)) if is_lease_not_found(&error) => Ok(TxnOutcome::SessionGone),
+            Ok(Err(error)) => Err(store_error(what, Effect::Write, &error)),
+            Err(_elapsed) => Err(timed_out(what, Effect::Write, timeout_ms)),
+        }
+    }
+
+    /// The key a lease transaction read (its last `get`), or deleted (its `delete`'s previous
+    /// value), if it existed.
+    fn txn_key(&self, response: &TxnResponse) -> Result<Option<StoredLease>, StoreError> {
+        let kv: Option<KeyValue> = response
+            .op_responses()
+            .into_iter()
+            .rev()
+            .find_map(|op| match op {
+                TxnOpResponse::Get(get) => Some(get.kvs().first().cloned()),
+                TxnOpResponse::Delete(delete) => Some(delete.prev_kvs().first().cloned()),
+                _ => None,
+            })
+            .flatten();
+        kv.map(|kv| self.keys.decode(&kv)).transpose()
+    }
+}
+
+/// "If the key is absent, create it attached to the session, then read it; else read it."
+fn acquire_txn(key: &[u8], node_id: &NodeId, session_lease_id: i64) -> Txn {
+    let put_options = PutOptions::new().with_lease(session_lease_id);
+    Txn::new()
+        .when([Compare::version(key, CompareOp::Equal, 0)])
+        .and_then([
+            TxnOp::put(key, node_id.as_str(), Some(put_options)),
+            TxnOp::get(key, None),
+        ])
+        .or_else([TxnOp::get(key, None)])
+}
+
+/// The comparison "the key still carries `fencing_token`" (none without a token), or `None` if
+/// the token cannot be a create revision at all, so no key carries it.
+fn token_guard(key: &[u8], fencing_token: Option<FencingToken>) -> Option<Vec<Compare>> {
+    let Some(token) = fencing_token else {
+        return Some(Vec::new());
+    };
+    let revision = i64::try_from(token.0).ok()?;
+    Some(vec![Compare::create_revision(
+        key,
+        CompareOp::Equal,
+        revision,
+    )])
+}
+
+fn not_holder(actor_id: &ActorId, node_id: &NodeId, holder: Option<NodeId>) -> LeaseError {
+    LeaseError::NotHolder {
+        actor_id: actor_id.clone(),
+        node_id: node_id.clone(),
+        holder,
+    }
+}
+
+fn with_lease(session: &Session) -> PutOptions {
+    PutOptions::new().with_lease(session.lease_id())
+}
+
+/// The smallest key after `kv`'s.
+fn key_after(kv: &KeyValue) -> Vec<u8> {
+    let mut key = kv.key().to_vec();
+    key.push(0);
+    key
+}
+
+fn missing_key(key: &[u8]) -> StoreError {
+    StoreError::Corrupt {
+        location: format!("etcd key {:?}", String::from_utf8_lossy(key)),
+        reason: "the acquire transaction answered without the key it wrote or found".to_string(),
+    }
+}

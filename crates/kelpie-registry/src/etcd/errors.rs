@@ -26,9 +26,15 @@ const GRPC_UNAUTHENTICATED: i32 = 16;
 /// revoked).
 const LEASE_NOT_FOUND: &str = "requested lease not found";
 
-/// What etcd's messages about credentials have in common ("authentication failed, invalid user
-/// ID or password", "authentication is not enabled").
-const AUTHENTICATION: &str = "authentication";
+/// Fragments of etcd's messages about credentials, which it sends with several status codes
+/// ("authentication failed, invalid user ID or password" and "user name is empty" as
+/// InvalidArgument, "authentication is not enabled" as FailedPrecondition, ...).
+const CREDENTIAL_MESSAGES: [&str; 4] = [
+    "authentication",
+    "user name",
+    "invalid auth token",
+    "permission denied",
+];
 
 /// Whether a request can have changed etcd's state, which decides how its failure is reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,9 +81,8 @@ pub(super) fn store_error(what: &str, effect: Effect, error: &etcd_client::Error
             Effect::Write => StoreError::CommitUnknown { reason },
         };
     };
-    // etcd reports a wrong password as InvalidArgument and "auth not enabled" as
-    // FailedPrecondition; both are about the credentials, not the request.
-    let about_credentials = status.message().contains(AUTHENTICATION);
+    let message = status.message();
+    let about_credentials = CREDENTIAL_MESSAGES.iter().any(|m| message.contains(m));
     match i32::from(status.code()) {
         GRPC_UNAUTHENTICATED | GRPC_PERMISSION_DENIED => StoreError::AccessDenied { reason },
         _ if about_credentials => StoreError::AccessDenied { reason },

@@ -1,0 +1,288 @@
+//! Connecting to etcd: bad options are typed errors, an unreachable or silent etcd is
+//! `Unavailable` within the timeout, an etcd that goes away fails requests within the request
+//! timeout, and credentials are checked. The first group needs no etcd at all.
+
+mod etcd_support;
+
+use std::net::TcpListener;
+
+use etcd_support::{private_etcd_binary, EtcdMember, Stopwatch};
+use kelpie_core::{ActorId, NodeId};
+use kelpie_registry::{EtcdLeaseManager, EtcdOptions, LeaseError, LeaseManager, StoreError};
+
+/// The connect timeout these tests use.
+const CONNECT_TIMEOUT_MS: u64 = 500;
+
+/// Scheduling slack allowed on top of a timeout on a loaded two-core machine.
+const TIMING_SLACK_MS: u64 = 1_500;
+
+async fn connect_error(options: EtcdOptions) -> StoreError {
+    match EtcdLeaseManager::connect(options).await {
+        Ok(_) => panic!("connected where it should not have"),
+        Err(error) => error,
+    }
+}
+
+#[tokio::test]
+async fn bad_options_are_invalid_option_errors() {
+    let cases = [
+        (EtcdOptions::new(["not a url"]), "endpoints"),
+        (EtcdOptions::new(["http://127.0.0.1:0"]), "endpoints"),
+        (EtcdOptions::new(Vec::<String>::new()), "endpoints"),
+        (
+            EtcdOptions::new(["127.0.0.1:2379"]).with_key_prefix(""),
+            "key_prefix",
+        ),
+        (
+            EtcdOptions::new(["127.0.0.1:2379"]).with_connect_timeout_ms(0),
+            "connect_timeout_ms",
+        ),
+        (
+            EtcdOptions::new(["127.0.0.1:2379"]).with_tls_ca_file("/nonexistent/ca.pem"),
+            "tls_ca_file",
+        ),
+    ];
+    for (options, expected) in cases {
+        match connect_error(options).await {
+            StoreError::InvalidOption { option, .. } => assert_eq!(option, expected),
+            other => panic!("{expected}: expected InvalidOption, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_malformed_endpoint_list_is_an_invalid_option() {
+    let error = kelpie_registry::parse_endpoints("127.0.0.1:2379,,127.0.0.1:2380").unwrap_err();
+    assert!(
+        matches!(error, StoreError::InvalidOption { .. }),
+        "{error:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_port_is_unavailable_within_the_connect_timeout() {
+    let closed_port = etcd_support::free_port();
+    let options = EtcdOptions::new([
+        format!("http://127.0.0.1:{closed_port}"),
+        format!("127.0.0.1:{}", etcd_support::free_port()),
+    ])
+    .with_connect_timeout_ms(CONNECT_TIMEOUT_MS);
+    let watch = Stopwatch::start();
+    let error = connect_error(options).await;
+    let elapsed_ms = watch.elapsed_ms();
+    assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
+    assert!(
+        elapsed_ms <= CONNECT_TIMEOUT_MS + TIMING_SLACK_MS,
+        "took {elapsed_ms} ms"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_is_unavailable_within_the_connect_timeout() {
+    // The kernel completes the TCP handshake on the listener's backlog, but nothing ever
+    // answers the HTTP/2 preface: the client must give up on its own.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let options =
+        EtcdOptions::new([format!("127.0.0.1:{port}")]).with_connect_timeout_ms(CONNECT_TIMEOUT_MS);
+    let watch = Stopwatch::start();
+    let error = connect_error(options).await;
+    let elapsed_ms = watch.elapsed_ms();
+    assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
+    assert!(
+        elapsed_ms <= CONNECT_TIMEOUT_MS + TIMING_SLACK_MS,
+        "took {elapsed_ms} ms"
+    );
+    drop(listener);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_that_goes_away_fails_requests_within_the_request_timeout() {
+    let Some(binary) = private_etcd_binary("etcd_connect::goes_away") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = EtcdMember::start_single(&binary, dir.path(), "http", &[]);
+    let request_timeout_ms = 500;
+    let options = EtcdOptions::new([etcd.endpoint()]).with_request_timeout_ms(request_timeout_ms);
+    let manager = EtcdLeaseManager::connect(options).await.unwrap();
+    let (actor, node) = (ActorId::new("a").unwrap(), NodeId::new("n1").unwrap());
+    manager.acquire(&actor, &node).await.unwrap();
+    etcd.kill();
+    for op in ["acquire", "renew", "get"] {
+        let watch = Stopwatch::start();
+        let error = match op {
+            "acquire" => manager.acquire(&actor, &node).await.unwrap_err(),
+            "renew" => manager.renew(&actor, &node).await.unwrap_err(),
+            _ => manager.get(&actor).await.unwrap_err(),
+        };
+        let elapsed_ms = watch.elapsed_ms();
+        // Renew writes the key before its keepalive, so its failure may be "outcome unknown".
+        assert!(
+            matches!(
+                error,
+                LeaseError::Store(
+                    StoreError::Unavailable { .. } | StoreError::CommitUnknown { .. }
+                )
+            ),
+            "{op}: {error:?}"
+        );
+        // A keepalive may wait for one in flight ahead of it and then its own.
+        assert!(
+            elapsed_ms <= 2 * request_timeout_ms + TIMING_SLACK_MS,
+            "{op} took {elapsed_ms} ms"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_are_checked() {
+    let Some(binary) = private_etcd_binary("etcd_connect::credentials") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdMember::start_single(&binary, dir.path(), "http", &[]);
+    enable_auth(&etcd.endpoint(), "root", "kelpie-root-pw").await;
+
+    let good = EtcdOptions::new([etcd.endpoint()]).with_credentials("root", "kelpie-root-pw");
+    let manager = EtcdLeaseManager::connect(good).await.unwrap();
+    let (actor, node) = (ActorId::new("a").unwrap(), NodeId::new("n1").unwrap());
+    manager.acquire(&actor, &node).await.unwrap();
+
+    let wrong = EtcdOptions::new([etcd.endpoint()]).with_credentials("root", "wrong");
+    let error = connect_error(wrong).await;
+    assert!(
+        matches!(error, StoreError::AccessDenied { .. }),
+        "{error:?}"
+    );
+    let anonymous = EtcdOptions::new([etcd.endpoint()]);
+    let error = connect_error(anonymous).await;
+    assert!(
+        matches!(error, StoreError::AccessDenied { .. }),
+        "{error:?}"
+    );
+}
+
+/// Creates `user` with the root role and turns authentication on.
+async fn enable_auth(endpoint: &str, user: &str, password: &str) {
+    let mut client = etcd_client::Client::connect([endpoint], None)
+        .await
+        .unwrap();
+    client.user_add(user, password, None).await.unwrap();
+    client.user_grant_role(user, "root").await.unwrap();
+    client.auth_enable().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_ca_file() {
+    let Some(binary) = private_etcd_binary("etcd_connect::tls") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let Some(certs) = make_certificates(dir.path()) else {
+        etcd_support::notice("skipping etcd_connect::tls: the openssl command is not available");
+        return;
+    };
+    let cert_args = [
+        "--cert-file",
+        &certs.server_cert,
+        "--key-file",
+        &certs.server_key,
+    ];
+    let etcd = EtcdMember::start_single(&binary, dir.path(), "https", &cert_args);
+    let endpoint = format!("https://127.0.0.1:{}", etcd.client_port);
+
+    let trusted = EtcdOptions::new([endpoint.clone()]).with_tls_ca_file(&certs.ca_cert);
+    let manager = EtcdLeaseManager::connect(trusted).await.unwrap();
+    let (actor, node) = (ActorId::new("a").unwrap(), NodeId::new("n1").unwrap());
+    manager.acquire(&actor, &node).await.unwrap();
+
+    // A CA that did not sign the server's certificate: the handshake fails, in time.
+    let untrusted = EtcdOptions::new([endpoint.clone()])
+        .with_tls_ca_file(&certs.other_ca_cert)
+        .with_connect_timeout_ms(CONNECT_TIMEOUT_MS);
+    let watch = Stopwatch::start();
+    let error = connect_error(untrusted).await;
+    assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
+    assert!(watch.elapsed_ms() <= CONNECT_TIMEOUT_MS + TIMING_SLACK_MS);
+    // Plain HTTP to a TLS endpoint is refused before anything is sent.
+    let plain = EtcdOptions::new([endpoint.replace("https", "http")]);
+    let error = connect_error(plain.with_connect_timeout_ms(CONNECT_TIMEOUT_MS)).await;
+    assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
+}
+
+/// Paths of a throwaway CA, a server certificate it signed for 127.0.0.1, and an unrelated CA.
+struct Certificates {
+    ca_cert: String,
+    other_ca_cert: String,
+    server_cert: String,
+    server_key: String,
+}
+
+/// Makes [`Certificates`] in `dir` with the openssl command, or `None` if it is missing.
+fn make_certificates(dir: &std::path::Path) -> Option<Certificates> {
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let openssl = |args: &[&str]| {
+        let output = std::process::Command::new("openssl").args(args).output();
+        match output {
+            Ok(output) if output.status.success() => Some(()),
+            Ok(output) => panic!(
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            ),
+            Err(_) => None,
+        }
+    };
+    for ca in ["ca", "other-ca"] {
+        let (key, cert) = (path(&format!("{ca}.key")), path(&format!("{ca}.pem")));
+        let subject = format!("/CN=kelpie-test-{ca}");
+        openssl(&[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &cert,
+            "-days", "1", "-subj", &subject,
+        ])?;
+    }
+    let extensions = path("server.ext");
+    std::fs::write(
+        &extensions,
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+         extendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let (server_key, csr, server_cert) =
+        (path("server.key"), path("server.csr"), path("server.pem"));
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        &server_key,
+        "-out",
+        &csr,
+        "-subj",
+        "/CN=127.0.0.1",
+    ])?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &path("ca.pem"),
+        "-CAkey",
+        &path("ca.key"),
+        "-CAcreateserial",
+        "-out",
+        &server_cert,
+        "-days",
+        "1",
+        "-extfile",
+        &extensions,
+    ])?;
+    Some(Certificates {
+        ca_cert: path("ca.pem"),
+        other_ca_cert: path("other-ca.pem"),
+        server_cert,
+        server_key,
+    })
+}

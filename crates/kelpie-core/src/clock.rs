@@ -26,8 +26,8 @@ pub trait Clock: Send + Sync + 'static {
 }
 
 /// A clock that moves only when told to: for unit and conformance tests that must expire a
-/// lease without waiting. `sleep` completes immediately after advancing the clock, so code
-/// that sleeps in a loop still makes progress.
+/// lease without waiting. A `sleep` advances the clock by its duration when first polled and
+/// completes at once, so code that sleeps in a loop still makes progress.
 #[derive(Debug, Clone, Default)]
 pub struct ManualClock {
     now_ms: Arc<std::sync::atomic::AtomicU64>,
@@ -55,8 +55,10 @@ impl Clock for ManualClock {
 
     fn sleep(&self, duration: Duration) -> SleepFuture {
         let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
-        self.advance_ms(duration_ms);
-        Box::pin(std::future::ready(()))
+        let clock = self.clone();
+        // Time moves when the sleep is first polled, not when it is created, so a sleep that
+        // loses a race (a timeout next to a reply that is already there) moves nothing.
+        Box::pin(async move { clock.advance_ms(duration_ms) })
     }
 }
 

@@ -147,6 +147,7 @@ impl LeaseScenario {
                 bug_belief_from_reply: self.bug_belief_from_reply,
                 bug_no_drift_margin: self.bug_no_drift_margin,
                 check_liveness: self.check_liveness,
+                app_loop: true,
             };
             return run_swarm(env.clone(), cluster.clone(), self.cluster, settings).await;
         }

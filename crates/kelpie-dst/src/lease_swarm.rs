@@ -9,8 +9,11 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_channel::mpsc::UnboundedReceiver;
 use kelpie_core::{ActorId, NodeId};
-use kelpie_registry::{KeeperConfig, LeaseConfig, LeaseError, LeaseKeeper, ProtocolLeaseManager};
+use kelpie_registry::{
+    KeeperConfig, KeeperEvent, LeaseConfig, LeaseError, LeaseKeeper, ProtocolLeaseManager,
+};
 
 use crate::clock::SimClock;
 use crate::fault::FaultType;
@@ -25,7 +28,8 @@ pub const CHAOS_TICK_MS: u64 = 250;
 /// Probability that a node holding a lease in the safety phase releases it on a visit.
 const RELEASE_PROBABILITY: f64 = 0.1;
 
-type Keeper = LeaseKeeper<ProtocolLeaseManager<NetLeaseStore>>;
+/// A simulated node's keeper: the production keeper over the networked store.
+pub type Keeper = LeaseKeeper<ProtocolLeaseManager<NetLeaseStore>>;
 
 /// Which phase a run is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,9 +59,32 @@ pub struct SwarmSettings {
     pub bug_no_drift_margin: bool,
     /// Whether to run the liveness phase.
     pub check_liveness: bool,
+    /// Whether each node runs its own loop of acquires and releases. Targeted tests turn it
+    /// off and drive the keepers themselves.
+    pub app_loop: bool,
 }
 
-struct SwarmWorld {
+impl SwarmSettings {
+    /// Settings for `nodes_count` nodes and `actors_count` actors with the swarm's defaults.
+    pub fn new(nodes_count: usize, actors_count: usize) -> Self {
+        Self {
+            nodes_count,
+            actors_count,
+            safety_phase_ms: 20_000,
+            think_time_ms_max: 250,
+            request_timeout_ms: 200,
+            bug_belief_from_reply: false,
+            bug_no_drift_margin: false,
+            check_liveness: true,
+            app_loop: true,
+        }
+    }
+}
+
+/// The networked lease world: the store host serving leases, and nodes with production
+/// keepers that can be started, crashed, partitioned and skewed. The swarm drives it with a
+/// chaos task; targeted tests drive it by hand.
+pub struct SwarmWorld {
     env: SimEnv,
     cluster: SimLeaseCluster,
     config: ClusterConfig,
@@ -65,6 +92,7 @@ struct SwarmWorld {
     network: SimNetwork<LeaseMessage>,
     actors: Vec<ActorId>,
     phase: Cell<Phase>,
+    nodes: RefCell<Vec<Rc<SwarmNode>>>,
 }
 
 /// One networked node and its current incarnation.
@@ -74,6 +102,7 @@ struct SwarmNode {
     clock: SimClock,
     incarnation: Cell<u32>,
     keeper: RefCell<Option<Arc<Keeper>>>,
+    lost: RefCell<Option<UnboundedReceiver<KeeperEvent>>>,
     tasks: RefCell<Vec<JoinHandle<()>>>,
 }
 
@@ -107,7 +136,7 @@ impl SwarmNode {
             ProtocolLeaseManager::new(store, lease_config).with_decide_fn(world.config.decide);
         let keeper_config = keeper_config(&world.config, &world.settings)?;
         let clock = Arc::new(self.clock.clone());
-        let (keeper, _lost) = LeaseKeeper::new(
+        let (keeper, lost) = LeaseKeeper::new(
             Arc::new(manager),
             clock,
             self.node_id.clone(),
@@ -120,12 +149,12 @@ impl SwarmNode {
         );
         let renewer = Arc::clone(&keeper);
         let mut tasks = vec![router, world.env.spawn(async move { renewer.run().await })];
-        tasks.push(world.env.spawn(app_loop(
-            Rc::clone(world),
-            Rc::clone(self),
-            Arc::clone(&keeper),
-        )));
+        if world.settings.app_loop {
+            let app = app_loop(Rc::clone(world), Rc::clone(self), Arc::clone(&keeper));
+            tasks.push(world.env.spawn(app));
+        }
         *self.keeper.borrow_mut() = Some(keeper);
+        *self.lost.borrow_mut() = Some(lost);
         *self.tasks.borrow_mut() = tasks;
         Ok(())
     }
@@ -136,6 +165,7 @@ impl SwarmNode {
             task.abort();
         }
         *self.keeper.borrow_mut() = None;
+        *self.lost.borrow_mut() = None;
         world.cluster.board().crashed(&self.node_id);
     }
 }
@@ -161,42 +191,154 @@ pub(crate) async fn run_swarm(
     config: ClusterConfig,
     settings: SwarmSettings,
 ) -> Result<(), String> {
-    let network = SimNetwork::new(&env, settings.nodes_count + 1);
-    drop(env.spawn(serve_leases(
-        env.clone(),
-        network.clone(),
-        cluster.store().clone(),
-    )));
-    let actors = (0..settings.actors_count)
-        .map(|i| ActorId::new(format!("actor-{i}")).expect("valid"))
-        .collect();
-    let world = Rc::new(SwarmWorld {
-        env: env.clone(),
-        cluster,
-        config,
-        settings,
-        network,
-        actors,
-        phase: Cell::new(Phase::Safety),
-    });
-    let nodes: Vec<Rc<SwarmNode>> = (0..settings.nodes_count)
-        .map(|i| Rc::new(new_node(&world, i)))
-        .collect();
-    for node in &nodes {
-        node.start(&world)?;
-    }
-    let chaos = env.spawn(chaos_loop(Rc::clone(&world), nodes.clone()));
+    let world = SwarmWorld::new(&env, cluster, config, settings);
+    world.start_all()?;
+    let chaos = env.spawn(chaos_loop(Rc::clone(&world)));
     env.sleep(Duration::from_millis(settings.safety_phase_ms))
         .await;
     chaos.abort();
-    heal(&world, &nodes)?;
+    world.heal()?;
     if !settings.check_liveness {
         return Ok(());
     }
     let heal_ms = env.now_ms();
     env.sleep(Duration::from_millis(2 * config.lease_duration_ms))
         .await;
-    check_liveness(&world, &nodes, heal_ms)
+    world.check_liveness(heal_ms)
+}
+
+impl SwarmWorld {
+    /// A world on `cluster`'s store: the store host serves leases; no node runs yet.
+    pub fn new(
+        env: &SimEnv,
+        cluster: SimLeaseCluster,
+        config: ClusterConfig,
+        settings: SwarmSettings,
+    ) -> Rc<Self> {
+        let network = SimNetwork::new(env, settings.nodes_count + 1);
+        let server = serve_leases(env.clone(), network.clone(), cluster.store().clone());
+        drop(env.spawn(server));
+        let actors = (0..settings.actors_count)
+            .map(|i| ActorId::new(format!("actor-{i}")).expect("valid actor id"))
+            .collect();
+        let world = Rc::new(SwarmWorld {
+            env: env.clone(),
+            cluster,
+            config,
+            settings,
+            network,
+            actors,
+            phase: Cell::new(Phase::Safety),
+            nodes: RefCell::new(Vec::new()),
+        });
+        let nodes = (0..settings.nodes_count)
+            .map(|i| Rc::new(new_node(&world, i)))
+            .collect();
+        *world.nodes.borrow_mut() = nodes;
+        world
+    }
+
+    fn node(&self, index: usize) -> Rc<SwarmNode> {
+        Rc::clone(&self.nodes.borrow()[index])
+    }
+
+    fn all_nodes(&self) -> Vec<Rc<SwarmNode>> {
+        self.nodes.borrow().clone()
+    }
+
+    /// Starts every node.
+    pub fn start_all(self: &Rc<Self>) -> Result<(), String> {
+        self.all_nodes()
+            .iter()
+            .try_for_each(|node| node.start(self))
+    }
+
+    /// Starts (or restarts) node `index` with empty memory.
+    pub fn start_node(self: &Rc<Self>, index: usize) -> Result<(), String> {
+        self.node(index).start(self)
+    }
+
+    /// Crashes node `index`, counting a [`FaultType::NodeCrash`].
+    pub fn crash_node(&self, index: usize) {
+        self.env.record_fault(FaultType::NodeCrash);
+        self.node(index).crash(self);
+        log_fault(self, format!("crash {}", self.node(index).node_id));
+    }
+
+    /// Node `index`'s keeper, if it is up.
+    pub fn keeper(&self, index: usize) -> Option<Arc<Keeper>> {
+        self.node(index).keeper.borrow().clone()
+    }
+
+    /// The next event node `index`'s keeper sent its owner, if any.
+    pub fn next_keeper_event(&self, index: usize) -> Option<KeeperEvent> {
+        self.node(index).lost.borrow_mut().as_mut()?.try_recv().ok()
+    }
+
+    /// Node `index`'s id.
+    pub fn node_id(&self, index: usize) -> NodeId {
+        self.node(index).node_id.clone()
+    }
+
+    /// Node `index`'s clock.
+    pub fn clock(&self, index: usize) -> SimClock {
+        self.node(index).clock.clone()
+    }
+
+    /// Node `index`'s network host.
+    pub fn host(&self, index: usize) -> HostId {
+        self.node(index).host()
+    }
+
+    /// The network.
+    pub fn network(&self) -> &SimNetwork<LeaseMessage> {
+        &self.network
+    }
+
+    /// The store's record of `actor_id` now (ground truth).
+    pub fn truth(&self, actor_id: &ActorId) -> Option<kelpie_registry::LeaseRecord> {
+        self.cluster.store().peek(actor_id)
+    }
+
+    /// The actors.
+    pub fn actors(&self) -> &[ActorId] {
+        &self.actors
+    }
+
+    /// Ends every fault: heals the network, restarts the store and every crashed node.
+    pub fn heal(self: &Rc<Self>) -> Result<(), String> {
+        self.env.set_faults_enabled(false);
+        self.network.heal();
+        self.cluster.store().storage().restart();
+        self.phase.set(Phase::Liveness);
+        log_fault(self, "heal all".into());
+        for node in self.all_nodes().iter().filter(|n| !n.is_up()) {
+            node.start(self)?;
+        }
+        Ok(())
+    }
+
+    fn check_liveness(&self, heal_ms: u64) -> Result<(), String> {
+        let nodes = self.all_nodes();
+        for (index, actor_id) in self.actors.iter().enumerate() {
+            let node = &nodes[wanter(index, nodes.len())];
+            let held = node
+                .keeper
+                .borrow()
+                .as_ref()
+                .and_then(|k| k.holds(actor_id));
+            if held.is_none() {
+                let record = self.cluster.store().peek(actor_id);
+                return Err(format!(
+                    "liveness violation: {actor_id}, wanted by {}, has no holder {} ms after \
+                     healing at {heal_ms} ms (two lease durations); the store has {record:?}",
+                    node.node_id,
+                    self.env.now_ms() - heal_ms
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn new_node(world: &SwarmWorld, index: usize) -> SwarmNode {
@@ -215,51 +357,14 @@ fn new_node(world: &SwarmWorld, index: usize) -> SwarmNode {
         clock: world.env.node_clock(offset_ms, drift_ppm),
         incarnation: Cell::new(0),
         keeper: RefCell::new(None),
+        lost: RefCell::new(None),
         tasks: RefCell::new(Vec::new()),
     }
-}
-
-/// Ends every fault: heals the network, restarts the store and every crashed node.
-fn heal(world: &Rc<SwarmWorld>, nodes: &[Rc<SwarmNode>]) -> Result<(), String> {
-    world.env.set_faults_enabled(false);
-    world.network.heal();
-    world.cluster.store().storage().restart();
-    world.phase.set(Phase::Liveness);
-    world.cluster.events().push(
-        world.env.now_ms(),
-        None,
-        None,
-        crate::LeaseEventKind::Fault {
-            what: "heal all".into(),
-        },
-    );
-    for node in nodes.iter().filter(|n| !n.is_up()) {
-        node.start(world)?;
-    }
-    Ok(())
 }
 
 /// The node that wants `actor` in the liveness phase.
 fn wanter(actor_index: usize, nodes_count: usize) -> usize {
     actor_index % nodes_count
-}
-
-fn check_liveness(world: &SwarmWorld, nodes: &[Rc<SwarmNode>], heal_ms: u64) -> Result<(), String> {
-    for (index, actor_id) in world.actors.iter().enumerate() {
-        let node = &nodes[wanter(index, nodes.len())];
-        let keeper = node.keeper.borrow();
-        let held = keeper.as_ref().and_then(|k| k.holds(actor_id));
-        if held.is_none() {
-            let record = world.cluster.store().peek(actor_id);
-            return Err(format!(
-                "liveness violation: {actor_id}, wanted by {}, has no holder {} ms after healing \
-                 at {heal_ms} ms (two lease durations); the store has {record:?}",
-                node.node_id,
-                world.env.now_ms() - heal_ms
-            ));
-        }
-    }
-    Ok(())
 }
 
 async fn app_loop(world: Rc<SwarmWorld>, node: Rc<SwarmNode>, keeper: Arc<Keeper>) {
@@ -315,7 +420,8 @@ fn count_failure(cluster: &SimLeaseCluster, result: Result<(), LeaseError>) {
     }
 }
 
-async fn chaos_loop(world: Rc<SwarmWorld>, nodes: Vec<Rc<SwarmNode>>) {
+async fn chaos_loop(world: Rc<SwarmWorld>) {
+    let nodes = world.all_nodes();
     let mut rng = world.env.rng("swarm/chaos");
     loop {
         world.env.sleep(Duration::from_millis(CHAOS_TICK_MS)).await;

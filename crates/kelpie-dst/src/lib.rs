@@ -24,6 +24,7 @@
 //! - [`lease_cluster`]: [`SimLeaseCluster`] and [`SimLeaseClient`], simulated lease nodes.
 //! - [`lease_events`]: [`LeaseEvent`], what happened in a lease run, for reports and timelines.
 //! - [`lease_net`]: [`lease_net::NetLeaseStore`], leases over the simulated network.
+//! - [`lease_swarm`]: [`SwarmWorld`], networked nodes with production keepers, and chaos.
 //! - [`lease_scenario`]: [`LeaseScenario`], nodes contending for leases under faults.
 //! - [`mutations`]: deliberately broken protocols the checkers must catch.
 //! - [`swarm`]: [`swarm_faults`], a fault mix drawn per seed.
@@ -89,7 +90,8 @@ pub use lease_cluster::{
     ClusterConfig, LeaseOpCounts, SimLeaseClient, SimLeaseCluster, STORE_RETRIES_MAX,
 };
 pub use lease_events::{EventLog, LeaseEvent, LeaseEventKind};
-pub use lease_scenario::{LeaseRunReport, LeaseScenario};
+pub use lease_scenario::{LeaseRunReport, LeaseScenario, ScenarioMode};
+pub use lease_swarm::{Keeper, SwarmSettings, SwarmWorld};
 pub use network::{HostId, NetworkConfig, Recv, SimNetwork};
 pub use report::SimReport;
 pub use rng::DeterministicRng;

@@ -28,8 +28,12 @@ pub const MARK_RENEWAL_FAILED: &str = "keeper.renewal_failed";
 pub const MARK_BELIEF_ENDED: &str = "keeper.belief_ended_before_expiry";
 /// Coverage mark: an acquire whose outcome was unknown was retried and the lease is now held.
 pub const MARK_COMMIT_UNKNOWN_RESOLVED: &str = "keeper.commit_unknown_resolved";
-/// Coverage mark: the store refused a renewal (the lease was lost or taken over).
+/// Coverage mark: the store refused a renewal (the lease was lost or taken over). Rare in a
+/// correct system, since the belief ends first; not required by swarm runs.
 pub const MARK_RENEWAL_REFUSED: &str = "keeper.renewal_refused";
+/// Coverage mark: a belief ran out while its renewal was still in flight (a partition or a
+/// slow store), and the keeper stopped waiting for it.
+pub const MARK_RENEWAL_ABANDONED: &str = "keeper.renewal_abandoned";
 
 /// Every coverage mark the lease layer defines; a swarm run checks each is hit.
 pub const COVERAGE_MARKS: &[&str] = &[
@@ -38,7 +42,7 @@ pub const COVERAGE_MARKS: &[&str] = &[
     MARK_RENEWAL_FAILED,
     MARK_BELIEF_ENDED,
     MARK_COMMIT_UNKNOWN_RESOLVED,
-    MARK_RENEWAL_REFUSED,
+    MARK_RENEWAL_ABANDONED,
 ];
 
 /// Default bound on clock drift between a node and the store: 1 %.
@@ -167,6 +171,8 @@ struct KeeperState {
     held: BTreeMap<ActorId, Held>,
     /// Actors whose last acquire ended with an unknown outcome.
     unknown_acquires: Vec<ActorId>,
+    /// Actors whose release is still in flight; they cannot be acquired until it resolves.
+    releasing: Vec<ActorId>,
     /// Incremented on every change of belief, so observers can skip unchanged states.
     belief_epoch: u64,
     stopped: bool,
@@ -216,6 +222,11 @@ impl<M: LeaseManager> LeaseKeeper<M> {
     /// Acquires the lease on `actor_id` and starts renewing it. A retry after an unknown
     /// outcome is safe: acquiring a lease the node already holds is idempotent.
     pub async fn acquire(&self, actor_id: &ActorId) -> Result<Lease, LeaseError> {
+        if self.lock().releasing.contains(actor_id) {
+            return Err(LeaseError::Store(crate::StoreError::Unavailable {
+                reason: format!("the release of {actor_id} is still in flight; retry later"),
+            }));
+        }
         let sent_local_ms = self.clock.now_ms();
         let result = self.manager.acquire(actor_id, &self.node_id).await;
         let mut state = self.lock();
@@ -239,11 +250,19 @@ impl<M: LeaseManager> LeaseKeeper<M> {
 
     /// Stops believing, then releases the lease at the store. The belief ends first, so the
     /// node never acts as holder of a lease the store may already have handed on.
+    ///
+    /// A release whose outcome is unknown is retried until the store answers definitively or
+    /// the lease has certainly expired, and the actor cannot be acquired again meanwhile:
+    /// otherwise a delayed copy of the release could arrive after an idempotent re-acquire
+    /// (which keeps the token) and free the lease under the node's new belief.
     pub async fn release(&self, actor_id: &ActorId) -> Result<Lease, LeaseError> {
         let held = {
             let mut state = self.lock();
             let held = state.held.remove(actor_id);
             state.belief_epoch += 1;
+            if held.is_some() {
+                state.releasing.push(actor_id.clone());
+            }
             held
         };
         let Some(held) = held else {
@@ -253,9 +272,35 @@ impl<M: LeaseManager> LeaseKeeper<M> {
                 holder: None,
             });
         };
-        self.manager
-            .release_fenced(actor_id, &self.node_id, held.fencing_token)
-            .await
+        let result = self
+            .release_until_decided(actor_id, held.fencing_token)
+            .await;
+        self.lock().releasing.retain(|a| a != actor_id);
+        result
+    }
+
+    async fn release_until_decided(
+        &self,
+        actor_id: &ActorId,
+        token: FencingToken,
+    ) -> Result<Lease, LeaseError> {
+        // After a full lease duration (stretched by the drift bound) the lease has expired
+        // whatever happened to the release, and a re-acquire gets a new token.
+        let drift_ms = self.config.lease_duration_ms * self.config.clock_drift_ppm_max / 1_000_000;
+        let give_up_ms = self.clock.now_ms() + self.config.lease_duration_ms + drift_ms + 1;
+        loop {
+            let result = self
+                .manager
+                .release_fenced(actor_id, &self.node_id, token)
+                .await;
+            match result {
+                Err(LeaseError::Store(_)) if self.clock.now_ms() < give_up_ms => {
+                    let pause = Duration::from_millis(self.config.retry_interval_ms);
+                    self.clock.sleep(pause).await;
+                }
+                decided => return decided,
+            }
+        }
     }
 
     /// The token of the lease on `actor_id` the node may act on now, if any.
@@ -302,9 +347,16 @@ impl<M: LeaseManager> LeaseKeeper<M> {
     }
 
     /// One round; returns the local time of the next one, or `None` once stopped.
+    ///
+    /// Renewals run concurrently, and the round also watches the earliest belief end: if a
+    /// belief runs out while renewals hang (a partition, a slow store), the round stops
+    /// waiting for them and drops it at once, so the owner hears before the store's expiry.
     async fn tick(&self) -> Option<u64> {
         let now_ms = self.clock.now_ms();
         let due = self.expire_and_collect_due(now_ms)?;
+        if due.is_empty() {
+            return Some(self.next_wake_ms());
+        }
         let renewals = due.iter().map(|(actor_id, token)| async move {
             let sent_local_ms = self.clock.now_ms();
             let result = self
@@ -313,12 +365,33 @@ impl<M: LeaseManager> LeaseKeeper<M> {
                 .await;
             (actor_id, *token, sent_local_ms, result)
         });
-        for (actor_id, token, sent_local_ms, result) in
-            futures_util::future::join_all(renewals).await
-        {
-            self.renewed(actor_id, token, sent_local_ms, result);
+        let renewals = std::pin::pin!(futures_util::future::join_all(renewals));
+        let until_ms = self.earliest_belief_end_ms().unwrap_or(u64::MAX);
+        let wait_ms = until_ms.saturating_sub(self.clock.now_ms()).max(1);
+        let belief_ends = self.clock.sleep(Duration::from_millis(wait_ms));
+        match futures_util::future::select(renewals, belief_ends).await {
+            futures_util::future::Either::Left((results, _)) => {
+                for (actor_id, token, sent_local_ms, result) in results {
+                    self.renewed(actor_id, token, sent_local_ms, result);
+                }
+            }
+            // The renewals still in flight are abandoned; ones that were applied only extend
+            // the store's lease, and the next round renews what is still believed.
+            futures_util::future::Either::Right(_) => {
+                kelpie_core::coverage::mark(MARK_RENEWAL_ABANDONED);
+                self.expire_and_collect_due(self.clock.now_ms())?;
+            }
         }
         Some(self.next_wake_ms())
+    }
+
+    fn earliest_belief_end_ms(&self) -> Option<u64> {
+        let state = self.lock();
+        let ends = state
+            .held
+            .values()
+            .filter_map(|h| h.belief.held_at(0).map(|b| b.until_local_ms));
+        ends.min()
     }
 
     /// Drops the beliefs that ran out and returns the leases whose renewal is due.

@@ -55,8 +55,8 @@ pub use etcd::{
 };
 pub use keeper::{
     KeeperConfig, KeeperEvent, LeaseKeeper, LostReason, CLOCK_DRIFT_PPM_MAX_DEFAULT,
-    COVERAGE_MARKS, MARK_BELIEF_ENDED, MARK_COMMIT_UNKNOWN_RESOLVED, MARK_RENEWAL_FAILED,
-    MARK_RENEWAL_REFUSED,
+    COVERAGE_MARKS, MARK_BELIEF_ENDED, MARK_COMMIT_UNKNOWN_RESOLVED, MARK_RENEWAL_ABANDONED,
+    MARK_RENEWAL_FAILED, MARK_RENEWAL_REFUSED,
 };
 pub use lease::{Lease, LeaseConfig, LeaseOp, LeaseRecord, LeaseRequest};
 pub use manager::{LeaseManager, MemoryLeaseManager, ProtocolLeaseManager};

@@ -156,6 +156,21 @@ fn a_newer_schema_is_refused() {
 }
 
 #[test]
+fn a_store_missing_its_clock_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("leases.db");
+    populated_store(&path);
+    let conn = Connection::open(&path).unwrap();
+    conn.execute("DELETE FROM meta", []).unwrap();
+    drop(conn);
+    let error = refused_untouched(&path);
+    match &error {
+        StoreError::Corrupt { reason, .. } => assert!(reason.contains("clock_high_water_ms")),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
 fn a_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let error = open_error(dir.path());

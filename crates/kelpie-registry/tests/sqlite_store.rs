@@ -84,6 +84,24 @@ async fn store_time_never_goes_backwards_across_restarts() {
     assert!(taken.acquired_at_ms >= lease.expires_at_ms);
 }
 
+#[tokio::test]
+async fn store_time_is_shared_between_handles_on_one_file() {
+    // Two handles (as two processes) whose clocks disagree: the one behind adopts the time the
+    // other persisted, so it cannot see a lease the other granted as lasting longer.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("leases.db");
+    let ahead = manager(&path, &ManualClock::new(80_000), true);
+    let behind = manager(&path, &ManualClock::new(2_000), true);
+    let lease = ahead.acquire(&actor("a"), &node("n1")).await.unwrap();
+    let snapshot = behind.store().load(&actor("a")).await.unwrap();
+    assert!(
+        snapshot.store_now_ms >= lease.acquired_at_ms,
+        "{snapshot:?}"
+    );
+    let renewed = behind.renew(&actor("a"), &node("n1")).await.unwrap();
+    assert!(renewed.expires_at_ms >= lease.expires_at_ms);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_operations_share_transactions() {
     let dir = tempfile::tempdir().unwrap();

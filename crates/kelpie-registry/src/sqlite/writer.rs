@@ -1,10 +1,11 @@
 //! The writer thread: the one owner of the write connection, and where group commit happens.
 //!
-//! The thread blocks for one job, then takes whatever else is already queued (up to
-//! [`GROUP_COMMIT_BATCH_MAX`]) and applies the whole batch in one `BEGIN IMMEDIATE`
-//! transaction: one commit, so one fsync, however many operations it carries. Jobs queue up
-//! while the previous commit's fsync runs, so batches grow exactly when the disk is the
-//! bottleneck. Each job still gets its own decision, made on the record as the jobs before it
+//! The thread blocks for one job, then takes whatever else is already queued, and applies
+//! the batch in one `BEGIN IMMEDIATE` transaction, taking in jobs that arrive while it does
+//! (up to [`GROUP_COMMIT_BATCH_MAX`] in all): one commit, so one fsync, however many
+//! operations it carries. Jobs queue up while the previous commit's fsync runs, so batches
+//! grow exactly when the disk is the bottleneck, and the writer never waits for a job it does
+//! not have. Each job still gets its own decision, made on the record as the jobs before it
 //! in the batch left it, and every reply is sent only after the commit returned.
 
 use std::any::Any;

@@ -5,7 +5,6 @@
 //! unavailable. Clap's own usage errors already exit with 2.
 
 use kelpie_core::IdError;
-use kelpie_dst::SimError;
 use kelpie_registry::{ConfigError, LeaseError, StoreError};
 
 use crate::store_url::StoreUrlError;
@@ -19,7 +18,6 @@ pub const EXIT_UNAVAILABLE: u8 = 3;
 
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
-#[allow(dead_code)] // The lease and bench commands, which land next, use the rest.
 pub enum CliError {
     /// The options were inconsistent or out of range.
     #[error("{0}")]
@@ -55,9 +53,6 @@ pub enum CliError {
         /// Why.
         source: std::io::Error,
     },
-    /// The simulator refused its configuration.
-    #[error("invalid simulation settings: {0}")]
-    Simulation(SimError),
 }
 
 impl CliError {
@@ -72,8 +67,7 @@ impl CliError {
             | CliError::StoreUrl(_)
             | CliError::StoreConfig(_)
             | CliError::Unsupported(_)
-            | CliError::Write { .. }
-            | CliError::Simulation(_) => EXIT_USAGE,
+            | CliError::Write { .. } => EXIT_USAGE,
         }
     }
 }

@@ -7,14 +7,14 @@
 //! Exit codes: 0 done, 1 refused or a failing seed, 2 bad usage or configuration, 3 store
 //! unavailable.
 
+mod bench;
 mod error;
 mod events;
 mod faults;
+mod lease_cmd;
 mod progress;
 mod report;
 mod sim;
-// Used by the lease and bench commands, which land next.
-#[allow(dead_code)]
 mod store_url;
 mod timeline;
 mod timing;
@@ -37,6 +37,11 @@ struct Cli {
 enum Command {
     /// Run the lease scenario in the deterministic simulator over many seeds.
     Sim(sim::SimArgs),
+    /// Acquire, renew, release, get and list leases in a store.
+    #[command(subcommand, after_help = lease_cmd::EXIT_CODES_HELP)]
+    Lease(lease_cmd::LeaseCommand),
+    /// Measure lease operations per second against a store.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +49,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Sim(args) => sim::run(args),
+        Command::Lease(command) => lease_cmd::run(command).map(|()| true),
+        Command::Bench(args) => bench::run(args).map(|()| true),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,

@@ -84,7 +84,7 @@ impl Progress {
 
 fn bar(total: u64) -> ProgressBar {
     let style = ProgressStyle::with_template(
-        "seeds {pos}/{len} [{bar:32}] {percent:>3}%  elapsed {elapsed}  ETA {eta}  {msg}",
+        "{pos}/{len} seeds [{wide_bar}] {percent:>3}%  ETA {eta:>3}  {msg}",
     )
     .expect("the template is valid")
     .progress_chars("=> ");

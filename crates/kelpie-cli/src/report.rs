@@ -207,36 +207,44 @@ fn render_totals(out: &mut String, settings: &RunSettings, seeds: Seeds, totals:
             .map_or(String::new(), |m| format!(", injected bug {}", m.name()))
     );
     let seeds_text = match seeds {
-        Seeds::Single(seed) => format!("seed {seed}"),
+        Seeds::Single(seed) => format!("{} (seed {seed})", totals.seeds_run),
         Seeds::Sweep { base, count } => format!(
-            "of {count} asked, from base seed {base} (seeds {base}..={})",
+            "{} of {count}, seeds {base}..={} (base seed {base})",
+            totals.seeds_run,
             base.wrapping_add(count - 1)
         ),
     };
-    let _ = writeln!(
-        out,
-        "seeds run:         {} ({seeds_text})",
-        totals.seeds_run
-    );
+    let _ = writeln!(out, "seeds run:         {seeds_text}");
     let secs = totals.sim_time_ms as f64 / 1_000.0;
-    let _ = writeln!(out, "simulated time:    {secs:.1} s");
+    // A failure in the first simulated second would otherwise read as no time at all.
+    let decimals = if secs < 10.0 { 3 } else { 1 };
+    let _ = writeln!(out, "simulated time:    {secs:.decimals$} s");
     let ops = &totals.ops;
     let _ = writeln!(
         out,
-        "lease operations:  {} (acquired {}, renewed {}, released {}, refused {}, store failed {})",
+        "lease operations:  {} (acquired {}, renewed {}, released {}, refused {}, store failed \
+         {}){}",
         ops.total(),
         ops.acquired,
         ops.renewed,
         ops.released,
         ops.refused,
-        ops.store_failed
+        ops.store_failed,
+        // A failed seed returns no counts, so they cover the seeds that finished.
+        if totals.violations > 0 {
+            " in the seeds that finished"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(out, "faults fired:");
     for fault in FaultType::all() {
         let total = totals.faults.get(fault).copied().unwrap_or_default();
-        let enabled = match total.seeds_enabled {
-            0 => "not enabled".to_string(),
-            n => format!("enabled in {n} of {} seeds", totals.seeds_run),
+        let enabled = match (total.seeds_enabled, total.fired) {
+            (0, 0) => "not enabled".to_string(),
+            // Some counts are consequences, e.g. messages lost to a partition the scenario set.
+            (0, _) => "not enabled itself; counted as a consequence of other faults".to_string(),
+            (n, _) => format!("enabled in {n} of {} seeds", totals.seeds_run),
         };
         let _ = writeln!(
             out,

@@ -101,7 +101,12 @@ pub struct SimArgs {
     #[arg(long)]
     pub json: bool,
     /// Write an HTML page with an SVG timeline of the run (needs --seed).
-    #[arg(long, value_name = "FILE.html", requires = "seed")]
+    #[arg(
+        long,
+        value_name = "FILE.html",
+        requires = "seed",
+        conflicts_with_all = ["seeds", "base_seed"]
+    )]
     pub timeline: Option<PathBuf>,
     /// Replace the protocol's decision with a deliberately broken one, to show the checkers
     /// catch it.
@@ -241,9 +246,10 @@ fn seed_plan(args: &SimArgs) -> Result<SeedPlan, CliError> {
     }
     // The one place real randomness enters: it only picks which seeds run, and the base is
     // printed so the sweep can be repeated.
+    // Drawn below 2^32 so that it is short to read and type; any u64 is accepted.
     let base = args
         .base_seed
-        .unwrap_or_else(|| rand::rngs::OsRng.next_u64());
+        .unwrap_or_else(|| u64::from(rand::rngs::OsRng.next_u32()));
     Ok(SeedPlan::Sweep {
         base,
         count: args.seeds.unwrap_or(SEEDS_DEFAULT),
@@ -298,11 +304,12 @@ fn sweep(settings: &RunSettings, base: u64, count: u64) -> (Totals, Option<SeedR
     for index in 0..count {
         let run = settings.run_seed(base.wrapping_add(index));
         totals.add(&run);
-        progress.seed_done(totals.violations);
         if run.result.is_err() {
+            // Before any redraw: the simulator's banner is already on stderr.
             progress.abandon();
             return (totals, Some(run));
         }
+        progress.seed_done(totals.violations);
         if count == 1 {
             kept = Some(run);
         }

@@ -32,6 +32,11 @@ impl Stopwatch {
         }
     }
 
+    /// Wall time since [`start`](Self::start), without the system call CPU time costs.
+    pub fn wall(&self) -> Duration {
+        self.wall_start.elapsed()
+    }
+
     /// Time since [`start`](Self::start).
     pub fn elapsed(&self) -> Elapsed {
         Elapsed {

@@ -6,8 +6,6 @@ use std::collections::BTreeMap;
 use kelpie_core::{ActorId, FencingToken, NodeId};
 use kelpie_dst::{LeaseEvent, LeaseEventKind};
 
-use crate::events::describe_kind;
-
 /// One holder's tenure in the store's truth.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenure {
@@ -241,8 +239,21 @@ fn beliefs(events: &[&LeaseEvent], node: &NodeId, end_ms: u64) -> Vec<BeliefSpan
     done
 }
 
-/// The parts of `span` not covered by a tenure of `node` with the span's token.
+/// The parts of `span` not covered by a tenure of `node` with the span's token. A belief
+/// that lasted no simulated time (it started in the step a checker caught it) is one
+/// instant, unbacked unless a tenure covers that instant.
 fn unbacked(span: &BeliefSpan, node: &NodeId, tenures: &[Tenure]) -> Vec<(u64, u64)> {
+    if span.start_ms == span.end_ms {
+        let at_ms = span.start_ms;
+        let covered = tenures.iter().any(|t| {
+            &t.holder == node && t.token == span.token && t.start_ms <= at_ms && at_ms < t.end_ms
+        });
+        return if covered {
+            Vec::new()
+        } else {
+            vec![(at_ms, at_ms)]
+        };
+    }
     let mut covered: Vec<(u64, u64)> = tenures
         .iter()
         .filter(|t| &t.holder == node && t.token == span.token)
@@ -288,24 +299,35 @@ fn fault_shape(what: &str) -> FaultShape {
             return FaultShape::End(key.to_string());
         }
     }
-    let mut words = what.split_whitespace();
-    let first = words.next().unwrap_or("");
-    let rest: Vec<String> = words.map(str::to_string).collect();
-    let opener = match first {
-        "partition" | "crash" | "drift" | "pause" | "isolate" => true,
+    let words: Vec<&str> = what.split_whitespace().collect();
+    match words.as_slice() {
         // `heal all` ends every window; a bare `heal` ends the partitions.
-        "heal" if rest == ["all"] => return FaultShape::EndMatching(Vec::new()),
-        "heal" => return FaultShape::EndMatching(vec!["partition".into()]),
-        "restart" | "recover" | "resume" => {
-            return FaultShape::EndMatching(rest);
-        }
-        _ => false,
-    };
-    if opener {
-        FaultShape::Start(what.to_string())
-    } else {
-        FaultShape::Point
+        ["heal", "all"] => return FaultShape::EndMatching(Vec::new()),
+        ["heal", ..] => return FaultShape::EndMatching(vec!["partition".into()]),
+        _ => {}
     }
+    // `restart node-1` ends `crash node-1`; `storage restart` ends `storage crash`.
+    if words
+        .iter()
+        .any(|w| matches!(*w, "restart" | "recover" | "resume"))
+    {
+        let crash_words = words
+            .iter()
+            .map(|w| match *w {
+                "restart" | "recover" => "crash".to_string(),
+                "resume" => "pause".to_string(),
+                other => other.to_string(),
+            })
+            .collect();
+        return FaultShape::EndMatching(crash_words);
+    }
+    if words
+        .iter()
+        .any(|w| matches!(*w, "crash" | "partition" | "pause" | "drift"))
+    {
+        return FaultShape::Start(what.to_string());
+    }
+    FaultShape::Point
 }
 
 /// Fault windows (closed at the run's end if still open) and point faults.
@@ -322,11 +344,12 @@ fn faults(events: &[LeaseEvent], end_ms: u64) -> Vec<FaultMark> {
             .map_or(String::new(), |n| format!(" {n}"));
         match fault_shape(what) {
             FaultShape::Start(key) => {
-                open.push((format!("{key}{subject}"), marks.len()));
+                let key = format!("{key}{subject}");
+                open.push((key.clone(), marks.len()));
                 marks.push(FaultMark {
                     start_ms: event.at_ms,
                     end_ms: Some(end_ms),
-                    label: format!("{what}{subject}"),
+                    label: key,
                 });
             }
             FaultShape::End(key) => {
@@ -341,7 +364,9 @@ fn faults(events: &[LeaseEvent], end_ms: u64) -> Vec<FaultMark> {
             }
             FaultShape::EndMatching(words) => {
                 open.retain(|(open_key, index)| {
-                    let closes = words.iter().all(|w| open_key.contains(w.as_str()));
+                    let closes = words
+                        .iter()
+                        .all(|w| open_key.split_whitespace().any(|k| k == w));
                     if closes {
                         marks[*index].end_ms = Some(event.at_ms);
                     }
@@ -351,7 +376,7 @@ fn faults(events: &[LeaseEvent], end_ms: u64) -> Vec<FaultMark> {
             FaultShape::Point => marks.push(FaultMark {
                 start_ms: event.at_ms,
                 end_ms: None,
-                label: describe_kind(&event.kind),
+                label: format!("{what}{subject}"),
             }),
         }
     }
@@ -431,6 +456,13 @@ mod tests {
         assert_eq!(unbacked(&span, &node, &[tenure(0, 200, 2)]), [(5, 120)]);
         let split = [tenure(0, 40, 1), tenure(60, 110, 1)];
         assert_eq!(unbacked(&span, &node, &split), [(40, 60), (110, 120)]);
+        let instant = BeliefSpan {
+            start_ms: 150,
+            end_ms: 150,
+            ..span
+        };
+        assert_eq!(unbacked(&instant, &node, &split), [(150, 150)]);
+        assert!(unbacked(&instant, &node, &[tenure(100, 200, 1)]).is_empty());
     }
 
     #[test]
@@ -448,17 +480,35 @@ mod tests {
             FaultShape::EndMatching(vec!["partition".into()])
         );
         assert_eq!(fault_shape("storage-write-fail"), FaultShape::Point);
+        assert_eq!(fault_shape("clock jump node-1 +30 ms"), FaultShape::Point);
+        assert_eq!(
+            fault_shape("storage restart"),
+            FaultShape::EndMatching(vec!["storage".into(), "crash".into()])
+        );
         let fault = |what: &str| LeaseEventKind::Fault { what: what.into() };
         let events = vec![
             at(10, None, "a", fault("partition node-1")),
             at(20, None, "a", fault("storage-write-fail")),
+            at(25, None, "a", fault("crash node-1")),
             at(30, None, "a", fault("heal")),
+            at(35, None, "a", fault("restart node-1")),
             at(40, None, "a", fault("clock drift start")),
+            at(50, None, "a", fault("storage crash")),
+            at(60, None, "a", fault("heal all")),
         ];
         let marks = faults(&events, 100);
         let shapes: Vec<(u64, Option<u64>)> =
             marks.iter().map(|m| (m.start_ms, m.end_ms)).collect();
-        assert_eq!(shapes, [(10, Some(30)), (20, None), (40, Some(100))]);
+        assert_eq!(
+            shapes,
+            [
+                (10, Some(30)),
+                (20, None),
+                (25, Some(35)),
+                (40, Some(60)),
+                (50, Some(60))
+            ]
+        );
     }
 
     #[test]

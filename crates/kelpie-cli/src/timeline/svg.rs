@@ -26,8 +26,14 @@ const RIGHT_MARGIN_PX: f64 = 24.0;
 const PLOT_WIDTH_PX_MIN: f64 = 900.0;
 const PLOT_WIDTH_PX_MAX: f64 = 16_000.0;
 const MS_PER_PX: f64 = 16.0;
-/// Height of the legend below the rows.
+/// Height of the strip below the rows that names the fault windows (three staggered lines).
+const FAULT_LABELS_PX: f64 = 36.0;
+/// Height of the legend below that.
 const LEGEND_HEIGHT_PX: f64 = 64.0;
+/// Narrowest belief or unbacked mark, so that an instant is still visible.
+const MARK_WIDTH_PX_MIN: f64 = 3.0;
+/// Room a violation's label needs right of its line; nearer the edge it goes left.
+const VIOLATION_LABEL_PX: f64 = 260.0;
 /// Narrowest bar that gets a token label, and the narrowest that also names its holder.
 const LABEL_TOKEN_MIN_PX: f64 = 22.0;
 const LABEL_HOLDER_MIN_PX: f64 = 90.0;
@@ -44,6 +50,9 @@ const VIOLATION_RED: &str = "#d62728";
 /// Where things go.
 struct Layout<'a> {
     model: &'a Model,
+    /// The plot's right edge: a little past the run's end, so that what happens in its
+    /// last instant (often the violation) is not drawn on the border.
+    domain_ms: u64,
     px_per_ms: f64,
     plot_width_px: f64,
     rows_height_px: f64,
@@ -51,19 +60,21 @@ struct Layout<'a> {
 
 impl<'a> Layout<'a> {
     fn new(model: &'a Model) -> Self {
-        let end_ms = model.end_ms.max(1) as f64;
-        let plot_width_px = (end_ms / MS_PER_PX).clamp(PLOT_WIDTH_PX_MIN, PLOT_WIDTH_PX_MAX);
+        let domain_ms = model.end_ms + (model.end_ms / 40).max(1);
+        let plot_width_px =
+            (domain_ms as f64 / MS_PER_PX).clamp(PLOT_WIDTH_PX_MIN, PLOT_WIDTH_PX_MAX);
         let rows_height_px = model.actors.len() as f64 * row_height_px(model.nodes.len());
         Self {
             model,
-            px_per_ms: plot_width_px / end_ms,
+            domain_ms,
+            px_per_ms: plot_width_px / domain_ms as f64,
             plot_width_px,
             rows_height_px,
         }
     }
 
     fn x(&self, at_ms: u64) -> f64 {
-        LABEL_WIDTH_PX + at_ms.min(self.model.end_ms) as f64 * self.px_per_ms
+        LABEL_WIDTH_PX + at_ms.min(self.domain_ms) as f64 * self.px_per_ms
     }
 
     fn width_px(&self) -> f64 {
@@ -79,7 +90,7 @@ impl<'a> Layout<'a> {
     }
 
     fn height_px(&self) -> f64 {
-        self.rows_bottom() + LEGEND_HEIGHT_PX
+        self.rows_bottom() + FAULT_LABELS_PX + LEGEND_HEIGHT_PX
     }
 
     fn colour(&self, node: &NodeId) -> &'static str {
@@ -145,16 +156,16 @@ fn tick_label(at_ms: u64, step_ms: u64) -> String {
 }
 
 fn draw_axis(out: &mut String, layout: &Layout) {
-    let step = tick_step_ms(layout.model.end_ms);
+    let step = tick_step_ms(layout.domain_ms);
     let (top, bottom) = (AXIS_HEIGHT_PX - 6.0, layout.rows_bottom());
     let _ = writeln!(
         out,
         "<line x1=\"{:.1}\" y1=\"{top}\" x2=\"{:.1}\" y2=\"{top}\" stroke=\"#333\"/>",
         layout.x(0),
-        layout.x(layout.model.end_ms)
+        layout.x(layout.domain_ms)
     );
     let mut at_ms = 0;
-    while at_ms <= layout.model.end_ms {
+    while at_ms <= layout.domain_ms {
         let x = layout.x(at_ms);
         let _ = writeln!(
             out,
@@ -267,7 +278,7 @@ fn draw_belief(out: &mut String, layout: &Layout, top: f64, node: &NodeId, span:
         "<rect x=\"{x0:.1}\" y=\"{top:.1}\" width=\"{:.1}\" height=\"{BELIEF_LANE_PX}\" \
          fill=\"{}\" fill-opacity=\"0.55\"><title>{} believes it holds token {} from {} ms to \
          {} ms</title></rect>",
-        (x1 - x0).max(1.0),
+        (x1 - x0).max(MARK_WIDTH_PX_MIN),
         layout.colour(node),
         escape(node.as_str()),
         span.token,
@@ -281,7 +292,7 @@ fn draw_belief(out: &mut String, layout: &Layout, top: f64, node: &NodeId, span:
             "<rect x=\"{u0:.1}\" y=\"{top:.1}\" width=\"{:.1}\" height=\"{BELIEF_LANE_PX}\" \
              fill=\"url(#unbacked)\" stroke=\"{VIOLATION_RED}\"><title>{} believes token {} \
              from {start_ms} ms to {end_ms} ms but the store does not back it</title></rect>",
-            (u1 - u0).max(2.0),
+            (u1 - u0).max(MARK_WIDTH_PX_MIN),
             escape(node.as_str()),
             span.token
         );
@@ -295,19 +306,25 @@ fn draw_fault_windows(out: &mut String, layout: &Layout) {
         .faults
         .iter()
         .filter_map(|f| f.end_ms.map(|end| (f, end)));
+    let bottom = layout.rows_bottom();
     for (index, (fault, end_ms)) in windows.enumerate() {
         let (x0, x1) = (layout.x(fault.start_ms), layout.x(end_ms));
+        // Staggered over three lines so that neighbouring windows' names do not overlap.
+        let label_y = bottom + 11.0 + (index % 3) as f64 * 11.0;
         let _ = writeln!(
             out,
             "<rect x=\"{x0:.1}\" y=\"{AXIS_HEIGHT_PX}\" width=\"{:.1}\" height=\"{:.1}\" \
              fill=\"#f2a900\" fill-opacity=\"0.16\"><title>{} from {} ms to {end_ms} ms</title>\
-             </rect><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" fill=\"#9a6b00\">{}</text>",
+             </rect><line x1=\"{x0:.1}\" y1=\"{bottom:.1}\" x2=\"{x0:.1}\" y2=\"{:.1}\" \
+             stroke=\"#d9a400\"/><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" \
+             fill=\"#8a5f00\">{}</text>",
             (x1 - x0).max(1.0),
             layout.rows_height_px,
             escape(&fault.label),
             fault.start_ms,
+            label_y - 8.0,
             x0 + 2.0,
-            AXIS_HEIGHT_PX + 10.0 + (index % 3) as f64 * 10.0,
+            label_y,
             escape(&fault.label)
         );
     }
@@ -328,17 +345,22 @@ fn draw_point_faults(out: &mut String, layout: &Layout) {
 }
 
 fn draw_violations(out: &mut String, layout: &Layout) {
+    let right_px = LABEL_WIDTH_PX + layout.plot_width_px;
     for violation in &layout.model.violations {
         let x = layout.x(violation.at_ms);
+        let (label_x, anchor) = if x + VIOLATION_LABEL_PX > right_px {
+            (x - 4.0, "end")
+        } else {
+            (x + 4.0, "start")
+        };
         let _ = writeln!(
             out,
             "<g class=\"violation\"><line x1=\"{x:.1}\" y1=\"{:.1}\" x2=\"{x:.1}\" y2=\"{:.1}\" \
-             stroke=\"{VIOLATION_RED}\" stroke-width=\"2\"/><text x=\"{:.1}\" y=\"{:.1}\" \
-             font-size=\"11\" font-weight=\"600\" fill=\"{VIOLATION_RED}\">\u{2716} {} at {} ms\
-             </text><title>{}</title></g>",
+             stroke=\"{VIOLATION_RED}\" stroke-width=\"2\"/><text x=\"{label_x:.1}\" y=\"{:.1}\" \
+             font-size=\"11\" font-weight=\"600\" fill=\"{VIOLATION_RED}\" \
+             text-anchor=\"{anchor}\">\u{2716} {} at {} ms</text><title>{}</title></g>",
             AXIS_HEIGHT_PX - 14.0,
             layout.rows_bottom(),
-            x + 4.0,
             AXIS_HEIGHT_PX - 16.0,
             escape(&violation.invariant),
             violation.at_ms,
@@ -348,7 +370,7 @@ fn draw_violations(out: &mut String, layout: &Layout) {
 }
 
 fn draw_legend(out: &mut String, layout: &Layout) {
-    let top = layout.rows_bottom() + 16.0;
+    let top = layout.rows_bottom() + FAULT_LABELS_PX + 12.0;
     let mut items: Vec<(&str, &str)> = layout
         .model
         .nodes

@@ -1,0 +1,339 @@
+//! `kelpie bench`: lease operations per second against a store, as a table.
+//!
+//! For each concurrency level, callers (tokio tasks) run four timed cases on actors of their
+//! own: acquire fresh actors until the case time is up; renew the leases they took until it
+//! is up again; release every lease they took (timed to the last one); and a mixed cycle of
+//! acquire, renew, release on one actor each. Every counted operation was acknowledged by the
+//! store, which for SQLite means committed and fsynced. The figures are one run each, on a
+//! machine whose other load they include: compare them with each other, not across hosts.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use kelpie_core::{ActorId, NodeId, TokioClock};
+use kelpie_registry::{LeaseConfig, LeaseManager, MemoryLeaseManager, SqliteLeaseManager};
+use serde_json::json;
+
+use crate::error::CliError;
+use crate::lease_cmd::{etcd_not_built, open_sqlite};
+use crate::store_url::StoreUrl;
+use crate::timing::Stopwatch;
+
+/// Lease duration in the benchmark: long enough that no lease expires between being taken
+/// and being renewed or released, however slow the store.
+const BENCH_LEASE_DURATION_MS: u64 = 600_000;
+/// Longest case time accepted.
+const CASE_MS_MAX: u64 = 60_000;
+/// Most concurrent callers.
+const CONCURRENCY_MAX: u64 = 1_024;
+/// How long to wait for a SQLite lock held by another process.
+const SQLITE_TIMEOUT_MS: u64 = 5_000;
+
+/// Options of `kelpie bench`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+The SQLite store is benchmarked in a new file (by default in the temporary directory), which
+is removed afterwards; an existing file is refused rather than filled with benchmark leases.
+
+Exit codes: 0 done, 2 bad usage, 3 store unavailable.")]
+pub struct BenchArgs {
+    /// The store to measure: sqlite:PATH (a new file), memory, or etcd://HOST:PORT
+    /// [default: sqlite: in the temporary directory].
+    #[arg(long, value_name = "URL")]
+    pub store: Option<StoreUrl>,
+    /// How long each timed case runs, in ms.
+    #[arg(long, value_name = "MS", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u64).range(10..=CASE_MS_MAX))]
+    pub case_ms: u64,
+    /// Concurrency levels, comma separated.
+    #[arg(long, value_name = "N,N", value_delimiter = ',', default_values_t = [1u64, 64],
+          value_parser = clap::value_parser!(u64).range(1..=CONCURRENCY_MAX))]
+    pub concurrency: Vec<u64>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One measured case.
+#[derive(Debug, Clone)]
+struct Row {
+    operation: &'static str,
+    concurrency: u64,
+    operations: u64,
+    elapsed: Duration,
+}
+
+impl Row {
+    fn ops_per_sec(&self) -> f64 {
+        self.operations as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Runs `kelpie bench`.
+pub fn run(args: BenchArgs) -> Result<(), CliError> {
+    let store = match &args.store {
+        Some(store) => store.clone(),
+        None => StoreUrl::Sqlite(
+            std::env::temp_dir().join(format!("kelpie-bench-{}.db", std::process::id())),
+        ),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|error| CliError::Usage(format!("cannot start the async runtime: {error}")))?;
+    let config = LeaseConfig::new(BENCH_LEASE_DURATION_MS)?;
+    let case = Duration::from_millis(args.case_ms);
+    let rows = match &store {
+        StoreUrl::Sqlite(path) => {
+            let manager = Arc::new(SqliteLeaseManager::new(new_sqlite(path)?, config));
+            let rows = runtime.block_on(measure_all(manager, &args.concurrency, case));
+            remove_sqlite(path);
+            rows?
+        }
+        StoreUrl::Memory => {
+            let clock = Arc::new(TokioClock::new());
+            let manager = Arc::new(MemoryLeaseManager::in_memory(clock, config));
+            runtime.block_on(measure_all(manager, &args.concurrency, case))?
+        }
+        StoreUrl::Etcd(_) => return Err(etcd_not_built()),
+    };
+    print_rows(&store, &args, &rows);
+    Ok(())
+}
+
+/// A store in a new file: a benchmark must not fill someone's lease store.
+fn new_sqlite(path: &Path) -> Result<kelpie_registry::SqliteLeaseStore, CliError> {
+    if path.exists() {
+        return Err(CliError::Usage(format!(
+            "{} exists; kelpie bench writes thousands of leases, so give it a path that does \
+             not exist yet (it is removed afterwards)",
+            path.display()
+        )));
+    }
+    open_sqlite(path, SQLITE_TIMEOUT_MS)
+}
+
+fn remove_sqlite(path: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = path.as_os_str().to_os_string();
+        name.push(suffix);
+        // Best effort: a leftover file in a temporary directory is harmless.
+        let _ = std::fs::remove_file(PathBuf::from(name));
+    }
+}
+
+async fn measure_all<M: LeaseManager + 'static>(
+    manager: Arc<M>,
+    levels: &[u64],
+    case: Duration,
+) -> Result<Vec<Row>, CliError> {
+    let mut rows = Vec::new();
+    for &concurrency in levels {
+        rows.extend(measure_level(&manager, concurrency, case).await?);
+    }
+    Ok(rows)
+}
+
+/// The four cases at one concurrency level.
+async fn measure_level<M: LeaseManager + 'static>(
+    manager: &Arc<M>,
+    concurrency: u64,
+    case: Duration,
+) -> Result<Vec<Row>, CliError> {
+    let callers: Vec<Caller> = (0..concurrency)
+        .map(|index| Caller::new(concurrency, index))
+        .collect::<Result<_, _>>()?;
+    let mut rows = Vec::new();
+    let (held, row) = timed(manager, &callers, Phase::Acquire, case).await?;
+    rows.push(row.named("acquire", concurrency));
+    let callers: Vec<Caller> = callers
+        .into_iter()
+        .zip(held)
+        .map(|(caller, held)| caller.holding(held))
+        .collect();
+    let (_, row) = timed(manager, &callers, Phase::Renew, case).await?;
+    rows.push(row.named("renew", concurrency));
+    let (_, row) = timed(manager, &callers, Phase::Release, case).await?;
+    rows.push(row.named("release", concurrency));
+    let (_, row) = timed(manager, &callers, Phase::Mixed, case).await?;
+    rows.push(row.named("acquire+renew+release", concurrency));
+    Ok(rows)
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Acquire,
+    Renew,
+    Release,
+    Mixed,
+}
+
+/// One caller: its node, its name prefix for actors, and the actors it holds.
+#[derive(Debug, Clone)]
+struct Caller {
+    node: NodeId,
+    prefix: String,
+    held: Vec<ActorId>,
+}
+
+impl Caller {
+    fn new(concurrency: u64, index: u64) -> Result<Self, CliError> {
+        Ok(Self {
+            node: NodeId::new(format!("bench-node-{index}"))?,
+            prefix: format!("bench-c{concurrency}-w{index}"),
+            held: Vec::new(),
+        })
+    }
+
+    fn holding(self, held: Vec<ActorId>) -> Self {
+        Self { held, ..self }
+    }
+}
+
+/// How many operations a phase did and how long it took.
+struct Counted {
+    operations: u64,
+    elapsed: Duration,
+}
+
+impl Counted {
+    fn named(self, operation: &'static str, concurrency: u64) -> Row {
+        Row {
+            operation,
+            concurrency,
+            operations: self.operations,
+            elapsed: self.elapsed,
+        }
+    }
+}
+
+/// Runs `phase` on every caller at once; returns the actors each took and the count.
+async fn timed<M: LeaseManager + 'static>(
+    manager: &Arc<M>,
+    callers: &[Caller],
+    phase: Phase,
+    case: Duration,
+) -> Result<(Vec<Vec<ActorId>>, Counted), CliError> {
+    let stopwatch = Stopwatch::start();
+    let tasks: Vec<_> = callers
+        .iter()
+        .map(|caller| {
+            let (manager, caller) = (Arc::clone(manager), caller.clone());
+            tokio::spawn(async move { run_phase(&*manager, caller, phase, stopwatch, case).await })
+        })
+        .collect();
+    let mut held = Vec::new();
+    let mut operations = 0;
+    for task in tasks {
+        let (taken, done) = task
+            .await
+            .map_err(|error| CliError::Usage(format!("a benchmark task failed: {error}")))??;
+        held.push(taken);
+        operations += done;
+    }
+    let elapsed = stopwatch.wall();
+    Ok((
+        held,
+        Counted {
+            operations,
+            elapsed,
+        },
+    ))
+}
+
+/// One caller's share of a phase: the actors it took and the operations it did.
+async fn run_phase<M: LeaseManager>(
+    manager: &M,
+    caller: Caller,
+    phase: Phase,
+    stopwatch: Stopwatch,
+    case: Duration,
+) -> Result<(Vec<ActorId>, u64), CliError> {
+    let node = &caller.node;
+    let mut taken = Vec::new();
+    let mut operations = 0u64;
+    let running = || stopwatch.wall() < case;
+    match phase {
+        Phase::Acquire => {
+            while running() {
+                let actor = ActorId::new(format!("{}-{operations}", caller.prefix))?;
+                manager.acquire(&actor, node).await?;
+                taken.push(actor);
+                operations += 1;
+            }
+        }
+        Phase::Renew => {
+            for actor in caller.held.iter().cycle().take_while(|_| running()) {
+                manager.renew(actor, node).await?;
+                operations += 1;
+            }
+        }
+        Phase::Release => {
+            for actor in &caller.held {
+                manager.release(actor, node).await?;
+                operations += 1;
+            }
+        }
+        Phase::Mixed => {
+            let actor = ActorId::new(format!("{}-mixed", caller.prefix))?;
+            while running() {
+                match operations % 3 {
+                    0 => manager.acquire(&actor, node).await?,
+                    1 => manager.renew(&actor, node).await?,
+                    _ => manager.release(&actor, node).await?,
+                };
+                operations += 1;
+            }
+        }
+    }
+    Ok((taken, operations))
+}
+
+fn print_rows(store: &StoreUrl, args: &BenchArgs, rows: &[Row]) {
+    if args.json {
+        let rows: Vec<_> = rows
+            .iter()
+            .map(|row| {
+                json!({
+                    "operation": row.operation,
+                    "concurrency": row.concurrency,
+                    "operations": row.operations,
+                    "elapsed_ms": row.elapsed.as_millis() as u64,
+                    "ops_per_sec": row.ops_per_sec().round(),
+                })
+            })
+            .collect();
+        let value = json!({"store": store.to_string(), "case_ms": args.case_ms, "rows": rows});
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).expect("JSON serializes")
+        );
+        return;
+    }
+    let durability = match store {
+        StoreUrl::Sqlite(_) => " (WAL, synchronous=FULL, group commit: each op is on disk)",
+        StoreUrl::Memory => " (in this process, nothing durable)",
+        StoreUrl::Etcd(_) => "",
+    };
+    println!(
+        "kelpie bench: {store}{durability}, {} ms per timed case",
+        args.case_ms
+    );
+    println!(
+        "{:<24} {:>11} {:>10} {:>9} {:>12}",
+        "operation", "concurrency", "ops", "ms", "ops/s"
+    );
+    for row in rows {
+        println!(
+            "{:<24} {:>11} {:>10} {:>9} {:>12.0}",
+            row.operation,
+            row.concurrency,
+            row.operations,
+            row.elapsed.as_millis(),
+            row.ops_per_sec()
+        );
+    }
+}

@@ -1,0 +1,300 @@
+//! `kelpie lease acquire|renew|release|get|list` against a store.
+
+use std::path::Path;
+
+use clap::{Args, Subcommand};
+use kelpie_core::{ActorId, IdError, NodeId};
+use kelpie_registry::{Lease, LeaseConfig, LeaseError, LeaseManager, LeaseStore};
+use kelpie_registry::{SqliteLeaseManager, SqliteLeaseStore, SqliteOptions};
+use kelpie_registry::{SQLITE_BUSY_TIMEOUT_MS_DEFAULT, SQLITE_BUSY_TIMEOUT_MS_MAX};
+use serde_json::json;
+
+use crate::error::CliError;
+use crate::store_url::{StoreUrl, STORE_DEFAULT};
+
+/// The exit codes, shown under every lease command's `--help`.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  done
+  1  refused: another node holds the lease (acquire), or this node is not the holder
+     (renew, release); the message names the holder
+  2  bad usage or configuration: a bad actor or node id, a duration outside 100..=86400000
+     ms, an unknown --store, a SQLite path that cannot be opened as a database (a
+     directory, or a parent that is missing or a regular file), a store written by a newer
+     Kelpie, or a backend not built into this binary
+  3  store unavailable: the SQLite file stayed locked by another process past --timeout-ms,
+     an I/O failure, a damaged store, or an unreachable etcd";
+
+/// The lease commands.
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// Take the lease on an actor, or confirm it if this node already holds it.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Acquire(OpArgs),
+    /// Extend this node's unexpired lease on an actor by --duration-ms.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Renew(OpArgs),
+    /// Give up this node's lease on an actor.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Release(OpArgs),
+    /// Show the valid lease on an actor, if any.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Get(GetArgs),
+    /// List the valid leases: all of them, or those --node holds.
+    #[command(after_help = EXIT_CODES_HELP)]
+    List(ListArgs),
+}
+
+/// Where the store is and how to print.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// Where the leases live: sqlite:PATH or etcd://HOST:PORT[,HOST:PORT].
+    #[arg(long, value_name = "URL", default_value = STORE_DEFAULT)]
+    pub store: StoreUrl,
+    /// How long to wait for the store (another process's SQLite lock), in ms.
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = SQLITE_BUSY_TIMEOUT_MS_DEFAULT,
+        value_parser = clap::value_parser!(u64).range(1..=SQLITE_BUSY_TIMEOUT_MS_MAX)
+    )]
+    pub timeout_ms: u64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of acquire, renew and release.
+#[derive(Debug, Args)]
+pub struct OpArgs {
+    /// The node asking.
+    #[arg(long, value_name = "ID", value_parser = parse_node)]
+    pub node: NodeId,
+    /// The actor.
+    #[arg(long, value_name = "ID", value_parser = parse_actor)]
+    pub actor: ActorId,
+    /// How long a granted or renewed lease lasts, on the store's clock.
+    #[arg(long, value_name = "MS", default_value_t = kelpie_core::limits::LEASE_DURATION_MS_DEFAULT)]
+    pub duration_ms: u64,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// Options of get.
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// The actor.
+    #[arg(long, value_name = "ID", value_parser = parse_actor)]
+    pub actor: ActorId,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// Options of list.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only the leases this node holds.
+    #[arg(long, value_name = "ID", value_parser = parse_node)]
+    pub node: Option<NodeId>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+fn parse_node(value: &str) -> Result<NodeId, IdError> {
+    NodeId::new(value)
+}
+
+fn parse_actor(value: &str) -> Result<ActorId, IdError> {
+    ActorId::new(value)
+}
+
+/// The three writes.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Acquire,
+    Renew,
+    Release,
+}
+
+impl Op {
+    fn done(self) -> &'static str {
+        match self {
+            Op::Acquire => "acquired",
+            Op::Renew => "renewed",
+            Op::Release => "released",
+        }
+    }
+}
+
+/// Runs a lease command.
+pub fn run(command: LeaseCommand) -> Result<(), CliError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| CliError::Usage(format!("cannot start the async runtime: {error}")))?;
+    runtime.block_on(async move {
+        match command {
+            LeaseCommand::Acquire(args) => write_op(Op::Acquire, &args).await,
+            LeaseCommand::Renew(args) => write_op(Op::Renew, &args).await,
+            LeaseCommand::Release(args) => write_op(Op::Release, &args).await,
+            LeaseCommand::Get(args) => get(&args).await,
+            LeaseCommand::List(args) => list(&args).await,
+        }
+    })
+}
+
+/// An open store.
+enum Backend {
+    Sqlite(SqliteLeaseManager),
+}
+
+/// Opens a SQLite store, waiting up to `timeout_ms` for another process's write lock.
+pub fn open_sqlite(path: &Path, timeout_ms: u64) -> Result<SqliteLeaseStore, CliError> {
+    let options = SqliteOptions::default().with_busy_timeout_ms(timeout_ms);
+    Ok(SqliteLeaseStore::open_with(path, options)?)
+}
+
+fn open(args: &StoreArgs, config: LeaseConfig) -> Result<Backend, CliError> {
+    match &args.store {
+        StoreUrl::Sqlite(path) => {
+            let store = open_sqlite(path, args.timeout_ms)?;
+            Ok(Backend::Sqlite(SqliteLeaseManager::new(store, config)))
+        }
+        StoreUrl::Etcd(_) => Err(etcd_not_built()),
+        StoreUrl::Memory => Err(CliError::Usage(
+            "the memory store forgets every lease when kelpie exits; use sqlite:PATH here \
+             (memory is for kelpie bench)"
+                .to_string(),
+        )),
+    }
+}
+
+/// The error for `etcd://` while this binary has no etcd backend.
+pub fn etcd_not_built() -> CliError {
+    CliError::Unsupported(
+        "etcd support is not built into this kelpie (kelpie-registry has no etcd backend \
+         yet); use --store sqlite:PATH"
+            .to_string(),
+    )
+}
+
+async fn write_op(op: Op, args: &OpArgs) -> Result<(), CliError> {
+    let config = LeaseConfig::new(args.duration_ms)?;
+    let backend = open(&args.store, config)?;
+    let result = match &backend {
+        Backend::Sqlite(manager) => apply(manager, op, &args.actor, &args.node).await,
+    };
+    match result {
+        Ok(lease) => {
+            if args.store.json {
+                print_json(&json!(lease));
+            } else {
+                println!("{} {}", op.done(), describe(&lease));
+            }
+            Ok(())
+        }
+        Err(error) => {
+            if args.store.json && error.is_refusal() {
+                print_json(&refusal_json(&error));
+            }
+            Err(CliError::from(error))
+        }
+    }
+}
+
+async fn apply<M: LeaseManager>(
+    manager: &M,
+    op: Op,
+    actor: &ActorId,
+    node: &NodeId,
+) -> Result<Lease, LeaseError> {
+    match op {
+        Op::Acquire => manager.acquire(actor, node).await,
+        Op::Renew => manager.renew(actor, node).await,
+        Op::Release => manager.release(actor, node).await,
+    }
+}
+
+/// A refusal as JSON, so a script can read who holds the lease.
+fn refusal_json(error: &LeaseError) -> serde_json::Value {
+    let (reason, holder) = match error {
+        LeaseError::HeldByOther { holder, .. } => ("held-by-other", Some(holder.clone())),
+        LeaseError::NotHolder { holder, .. } => ("not-holder", holder.clone()),
+        LeaseError::Expired { .. } => ("expired", None),
+        _ => ("refused", None),
+    };
+    json!({"refused": reason, "holder": holder, "message": error.to_string()})
+}
+
+async fn get(args: &GetArgs) -> Result<(), CliError> {
+    let lease = match &args.store.store {
+        // A read does not create the default file in whatever directory it runs in.
+        StoreUrl::Sqlite(path) if !path.exists() => None,
+        _ => match open(&args.store, LeaseConfig::default())? {
+            Backend::Sqlite(manager) => manager.get(&args.actor).await?,
+        },
+    };
+    match (&lease, args.store.json) {
+        (_, true) => print_json(&json!(lease)),
+        (Some(lease), false) => println!("{}", describe(lease)),
+        (None, false) => println!("{}: no valid lease", args.actor),
+    }
+    Ok(())
+}
+
+async fn list(args: &ListArgs) -> Result<(), CliError> {
+    let leases = match &args.store.store {
+        StoreUrl::Sqlite(path) if !path.exists() => Vec::new(),
+        _ => match open(&args.store, LeaseConfig::default())? {
+            Backend::Sqlite(manager) => match &args.node {
+                Some(node) => manager.leases_held_by(node).await?,
+                None => all_valid(manager.store()).await?,
+            },
+        },
+    };
+    if args.store.json {
+        print_json(&json!(leases));
+    } else if leases.is_empty() {
+        match &args.node {
+            Some(node) => println!("no valid leases held by {node}"),
+            None => println!("no valid leases"),
+        }
+    } else {
+        for lease in &leases {
+            println!("{}", describe(lease));
+        }
+    }
+    Ok(())
+}
+
+/// Every valid lease in a store, in actor id order.
+async fn all_valid<S: LeaseStore>(store: &S) -> Result<Vec<Lease>, LeaseError> {
+    let snapshot = store.scan().await?;
+    let now_ms = snapshot.store_now_ms;
+    Ok(snapshot
+        .records
+        .iter()
+        .filter_map(|(actor, record)| record.lease(actor))
+        .filter(|lease| lease.is_valid_at(now_ms))
+        .collect())
+}
+
+/// `actor-1 holder=node-a token=3 expires_at_ms=... renewals=0`; times are the store's clock.
+fn describe(lease: &Lease) -> String {
+    format!(
+        "{} holder={} token={} acquired_at_ms={} expires_at_ms={} renewals={}",
+        lease.actor_id,
+        lease.holder,
+        lease.fencing_token,
+        lease.acquired_at_ms,
+        lease.expires_at_ms,
+        lease.renewal_count
+    )
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("a JSON value serializes")
+    );
+}

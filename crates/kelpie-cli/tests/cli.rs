@@ -1,0 +1,404 @@
+//! The `kelpie` binary from the outside: determinism and replay of `sim`, the lease commands
+//! against a temporary SQLite file, exit codes of bad input and unavailable stores, the
+//! timeline page, `--help` everywhere, and a short `bench`.
+
+use std::path::Path;
+
+use assert_cmd::Command;
+use kelpie_dst::mutations::Mutation;
+use predicates::prelude::*;
+
+fn kelpie() -> Command {
+    let mut command = Command::cargo_bin("kelpie").expect("the kelpie binary is built");
+    // A DST_SEED in the environment would turn a sweep into one seed.
+    command.env_remove("DST_SEED");
+    command.env_remove("DST_CHECK_DETERMINISM");
+    command
+}
+
+/// Runs kelpie with `args`; returns exit code, stdout, stderr.
+fn run(args: &[&str]) -> (i32, String, String) {
+    let output = kelpie().args(args).output().expect("kelpie runs");
+    let stdout = String::from_utf8(output.stdout).expect("stdout is UTF-8");
+    let stderr = String::from_utf8(output.stderr).expect("stderr is UTF-8");
+    (output.status.code().expect("exited"), stdout, stderr)
+}
+
+fn store_arg(dir: &Path) -> String {
+    format!("sqlite:{}", dir.join("leases.db").display())
+}
+
+#[test]
+fn sim_same_seed_twice_prints_identical_stdout() {
+    let args = ["sim", "--seed", "42"];
+    let (code, first, _) = run(&args);
+    assert_eq!(code, 0, "{first}");
+    let (_, second, _) = run(&args);
+    assert_eq!(first, second);
+    assert!(first.contains("seeds run:         1 (seed 42)"), "{first}");
+    assert!(first.contains("violations:        0"), "{first}");
+}
+
+#[test]
+fn sim_sweep_reports_figures_and_timing() {
+    let (code, stdout, stderr) = run(&["sim", "--seeds", "5", "--base-seed", "100"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    for field in [
+        "seeds run:         5",
+        "simulated time:",
+        "lease operations:",
+        "storage-write-fail",
+        "checks evaluated:",
+        "violations:        0",
+        "PASS",
+    ] {
+        assert!(stdout.contains(field), "{field} missing from:\n{stdout}");
+    }
+    assert!(stderr.contains("per CPU second"), "{stderr}");
+    assert!(stderr.contains("time compression"), "{stderr}");
+    // Not a terminal: plain progress lines, no bar.
+    assert!(stderr.contains("5/5 seeds"), "{stderr}");
+}
+
+#[test]
+fn sim_json_parses() {
+    let (code, stdout, _) = run(&["sim", "--seed", "7", "--json"]);
+    assert_eq!(code, 0);
+    let value: serde_json::Value = serde_json::from_str(&stdout).expect("valid JSON");
+    assert_eq!(value["seeds_run"], 1);
+    assert_eq!(value["violations"], 0);
+    assert!(value["failure"].is_null());
+    assert!(value["faults"].as_array().is_some_and(|f| !f.is_empty()));
+}
+
+/// The invariant and step lines of a failure report.
+fn failure_lines(stdout: &str) -> (String, String) {
+    let line = |prefix: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} line in:\n{stdout}"))
+            .to_string()
+    };
+    (line("invariant: "), line("step: "))
+}
+
+#[test]
+fn an_injected_bug_fails_and_its_printed_replay_fails_the_same_way() {
+    for mutation in Mutation::ALL {
+        let (code, stdout, stderr) = run(&[
+            "sim",
+            "--seeds",
+            "200",
+            "--base-seed",
+            "1",
+            "--inject-bug",
+            mutation.name(),
+        ]);
+        assert_eq!(code, 1, "{}: {stdout}{stderr}", mutation.name());
+        let first = stdout.lines().next().unwrap_or_default();
+        assert!(first.starts_with("DST_SEED="), "{first}");
+        assert!(
+            stderr.contains(first),
+            "the simulator's banner names the seed too"
+        );
+        let replay = stdout
+            .lines()
+            .find(|l| l.starts_with("kelpie sim --seed "))
+            .expect("a replay command");
+        assert!(replay.contains(&format!("--inject-bug {}", mutation.name())));
+        let (invariant, step) = failure_lines(&stdout);
+        assert!(stdout.contains("last "), "events before the violation");
+
+        let args: Vec<&str> = replay.split_whitespace().skip(1).collect();
+        let (replay_code, replay_stdout, _) = run(&args);
+        assert_eq!(replay_code, 1, "{replay_stdout}");
+        assert_eq!(replay_stdout.lines().next(), Some(first));
+        assert_eq!(failure_lines(&replay_stdout), (invariant, step));
+    }
+}
+
+#[test]
+fn lease_commands_against_a_sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_arg(dir.path());
+    let op = |verb: &str, node: &str| {
+        let args = [
+            "lease", verb, "--node", node, "--actor", "actor-1", "--store", &store,
+        ];
+        run(&args)
+    };
+    let (code, stdout, _) = op("acquire", "node-a");
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("acquired actor-1 holder=node-a token=1"),
+        "{stdout}"
+    );
+
+    let (code, _, stderr) = op("acquire", "node-b");
+    assert_eq!(code, 1);
+    assert!(stderr.contains("held by node-a"), "{stderr}");
+    let (code, _, stderr) = op("renew", "node-b");
+    assert_eq!(code, 1);
+    assert!(stderr.contains("node-a"), "{stderr}");
+    assert_eq!(op("renew", "node-a").0, 0);
+
+    let (code, stdout, _) = run(&["lease", "get", "--actor", "actor-1", "--store", &store]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("holder=node-a"), "{stdout}");
+    let json = [
+        "lease", "get", "--actor", "actor-1", "--store", &store, "--json",
+    ];
+    let (_, stdout, _) = run(&json);
+    let lease: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(lease["holder"], "node-a");
+    assert_eq!(lease["fencing_token"], 1);
+    let (_, stdout, _) = run(&["lease", "list", "--store", &store, "--json"]);
+    let leases: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(leases.as_array().map(Vec::len), Some(1));
+    let (_, stdout, _) = run(&["lease", "list", "--node", "node-b", "--store", &store]);
+    assert!(
+        stdout.contains("no valid leases held by node-b"),
+        "{stdout}"
+    );
+
+    assert_eq!(op("release", "node-b").0, 1);
+    assert_eq!(op("release", "node-a").0, 0);
+    let (_, stdout, _) = run(&json);
+    assert_eq!(stdout.trim(), "null");
+    let (code, stdout, _) = op("acquire", "node-b");
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("token=2"),
+        "a new holder gets a larger token: {stdout}"
+    );
+}
+
+#[test]
+fn a_refusal_with_json_names_the_holder_on_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_arg(dir.path());
+    let acquire = |node: &str| {
+        let args = [
+            "lease", "acquire", "--node", node, "--actor", "a", "--store", &store,
+        ];
+        let mut args = args.to_vec();
+        args.push("--json");
+        run(&args)
+    };
+    let (code, stdout, _) = acquire("node-a");
+    assert_eq!(code, 0);
+    let lease: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(lease["actor_id"], "a");
+    let (code, stdout, _) = acquire("node-b");
+    assert_eq!(code, 1);
+    let refusal: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(refusal["refused"], "held-by-other");
+    assert_eq!(refusal["holder"], "node-a");
+}
+
+/// Asserts that `args` exit with 2 and a message containing `expected`, without a panic.
+fn assert_usage_error(args: &[&str], expected: &str) {
+    let (code, stdout, stderr) = run(args);
+    assert_eq!(code, 2, "{args:?}: {stdout}{stderr}");
+    assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+}
+
+#[test]
+fn bad_inputs_exit_2_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_arg(dir.path());
+    let acquire = |extra: &[&str]| {
+        let mut args = vec!["lease", "acquire", "--node", "n", "--store", &store];
+        args.extend_from_slice(extra);
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let args = acquire(&["--actor", "has space"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_usage_error(&args, "contains ' '");
+    let args = acquire(&["--actor", "a", "--duration-ms", "0"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_usage_error(&args, "lease duration 0 ms is outside");
+    let bogus = [
+        "lease", "acquire", "--node", "n", "--actor", "a", "--store", "bogus:x",
+    ];
+    assert_usage_error(&bogus, "unknown store");
+    assert_usage_error(&["sim", "--faults", "storage-write-fail=1.5"], "0..=1");
+    assert_usage_error(
+        &["sim", "--faults", "nosuchfault=0.1"],
+        "no fault is called",
+    );
+    assert_usage_error(&["sim", "--seeds", "0"], "0 is not in 1..=");
+    assert_usage_error(
+        &["sim", "--seeds", "3", "--timeline", "x.html"],
+        "--timeline",
+    );
+    assert_usage_error(&["sim", "--inject-bug", "nosuchbug"], "invalid value");
+    assert_usage_error(&["sim", "--lease-ms", "5"], "--lease-ms");
+    assert!(!dir.path().join("leases.db").exists(), "nothing was opened");
+}
+
+#[test]
+fn a_sqlite_path_under_a_regular_file_is_a_configuration_error() {
+    // Not "unavailable": no retry can make a file a directory, only a different --store.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let store = format!("sqlite:{}", file.join("leases.db").display());
+    let args = [
+        "lease", "acquire", "--node", "n", "--actor", "a", "--store", &store,
+    ];
+    assert_usage_error(&args, "cannot open lease store");
+}
+
+#[test]
+fn a_store_locked_past_the_timeout_is_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_arg(dir.path());
+    let acquire = [
+        "lease", "acquire", "--node", "n", "--actor", "a", "--store", &store,
+    ];
+    assert_eq!(run(&acquire).0, 0, "the file exists and is ours");
+    let lock = rusqlite::Connection::open(dir.path().join("leases.db")).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut args = acquire.to_vec();
+    args.extend(["--timeout-ms", "100"]);
+    let (code, _, stderr) = run(&args);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("store unavailable"), "{stderr}");
+    lock.execute_batch("ROLLBACK").unwrap();
+}
+
+#[test]
+fn etcd_without_a_backend_is_a_clear_error() {
+    let store = "etcd://127.0.0.1:1";
+    let args = [
+        "lease",
+        "get",
+        "--actor",
+        "a",
+        "--store",
+        store,
+        "--timeout-ms",
+        "200",
+    ];
+    assert_usage_error(&args, "etcd support is not built");
+}
+
+#[test]
+fn the_timeline_is_one_self_contained_page_with_a_row_per_actor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("timeline.html");
+    let path_arg = path.display().to_string();
+    let args = [
+        "sim",
+        "--seed",
+        "5",
+        "--actors",
+        "3",
+        "--timeline",
+        &path_arg,
+    ];
+    let (code, stdout, stderr) = run(&args);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let html = std::fs::read_to_string(&path).unwrap();
+    assert!(html.contains("<svg"));
+    assert_eq!(html.matches("class=\"actor-row\"").count(), 3);
+    assert!(!html.contains("http"), "no network references");
+    assert!(html.contains("#1"), "bars are labelled with tokens");
+}
+
+#[test]
+fn a_failing_seed_s_timeline_marks_the_violation() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("timeline.html");
+    let path_arg = path.display().to_string();
+    let (code, stdout, _) = run(&[
+        "sim",
+        "--seeds",
+        "200",
+        "--base-seed",
+        "1",
+        "--inject-bug",
+        "acquire-ignores-holder",
+    ]);
+    assert_eq!(code, 1);
+    let seed = stdout
+        .lines()
+        .next()
+        .unwrap()
+        .trim_start_matches("DST_SEED=")
+        .to_string();
+    let args = [
+        "sim",
+        "--seed",
+        &seed,
+        "--inject-bug",
+        "acquire-ignores-holder",
+        "--timeline",
+        &path_arg,
+    ];
+    assert_eq!(run(&args).0, 1);
+    let html = std::fs::read_to_string(&path).unwrap();
+    assert!(html.contains("class=\"violation\""));
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    let commands: [&[&str]; 9] = [
+        &[],
+        &["sim"],
+        &["lease"],
+        &["lease", "acquire"],
+        &["lease", "renew"],
+        &["lease", "release"],
+        &["lease", "get"],
+        &["lease", "list"],
+        &["bench"],
+    ];
+    for command in commands {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let (code, stdout, _) = run(&args);
+        assert_eq!(code, 0, "{args:?}");
+        assert!(stdout.contains("Usage: kelpie"), "{args:?}: {stdout}");
+        if command.first() == Some(&"lease") {
+            assert!(stdout.contains("Exit codes:"), "{args:?}: {stdout}");
+        }
+    }
+    kelpie()
+        .args(["sim", "--help"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("--inject-bug").not());
+}
+
+#[test]
+fn bench_prints_a_table_and_leaves_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bench.db");
+    let store = format!("sqlite:{}", path.display());
+    let args = [
+        "bench",
+        "--store",
+        &store,
+        "--case-ms",
+        "50",
+        "--concurrency",
+        "1,4",
+    ];
+    let (code, stdout, stderr) = run(&args);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    for operation in ["acquire", "renew", "release", "acquire+renew+release"] {
+        assert!(stdout.contains(operation), "{stdout}");
+    }
+    assert!(!path.exists(), "the benchmark file is removed");
+    let (code, stdout, _) = run(&["bench", "--store", "memory", "--case-ms", "20", "--json"]);
+    assert_eq!(code, 0);
+    let value: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(value["rows"].as_array().map(Vec::len), Some(8));
+    std::fs::write(&path, "precious").unwrap();
+    assert_usage_error(&args, "exists");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+}

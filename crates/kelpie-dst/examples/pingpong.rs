@@ -126,6 +126,7 @@ async fn workload(env: SimEnv, args: Args, delivered: Rc<Cell<u64>>) -> Result<(
         hosts: args.hosts,
         latency_ms_min: PING_LATENCY_MS_MIN,
         latency_ms_max: PING_LATENCY_MS_MAX,
+        mailbox_capacity: kelpie_dst::network::NETWORK_MAILBOX_CAPACITY_DEFAULT,
     };
     let network = SimNetwork::with_config(&env, config);
     for host in 0..args.hosts {

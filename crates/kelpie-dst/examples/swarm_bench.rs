@@ -8,7 +8,10 @@
 use kelpie_dst::{swarm_faults, LeaseScenario, SimConfig, Simulation, SWARM_LEASE_FAULTS};
 
 fn cpu_secs() -> f64 {
-    let mut time = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut time = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `time` is a valid, writable timespec and the clock id is a constant libc knows.
     let status = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut time) };
     assert_eq!(status, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID) failed");
@@ -17,8 +20,14 @@ fn cpu_secs() -> f64 {
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
-    let value = args.iter().position(|a| a == name).and_then(|i| args.get(i + 1));
-    value.map_or(default, |v| v.parse().unwrap_or_else(|_| panic!("{name} takes a number")))
+    let value = args
+        .iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1));
+    value.map_or(default, |v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name} takes a number"))
+    })
 }
 
 fn main() {

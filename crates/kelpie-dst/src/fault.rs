@@ -37,10 +37,13 @@ pub enum FaultType {
     ClockJump,
     /// The store crashes and restarts after a window; what it acknowledged survives.
     StorageCrash,
+    /// A message reached a full mailbox and was dropped. Mailboxes are bounded by
+    /// `NetworkConfig::mailbox_capacity`; this counts the messages the bound cost.
+    NetworkQueueOverflow,
 }
 
 /// Every fault type, in declaration order. Also the order of the fault counters.
-const ALL_FAULT_TYPES: [FaultType; 13] = [
+const ALL_FAULT_TYPES: [FaultType; 14] = [
     FaultType::StorageWriteFail,
     FaultType::StorageReadFail,
     FaultType::StorageCommitUnknown,
@@ -54,6 +57,7 @@ const ALL_FAULT_TYPES: [FaultType; 13] = [
     FaultType::NodeCrash,
     FaultType::ClockJump,
     FaultType::StorageCrash,
+    FaultType::NetworkQueueOverflow,
 ];
 
 /// How many fault types exist; the length of per-fault tables.
@@ -76,12 +80,30 @@ impl FaultType {
             FaultType::NodeCrash => "node-crash",
             FaultType::ClockJump => "clock-jump",
             FaultType::StorageCrash => "storage-crash",
+            FaultType::NetworkQueueOverflow => "network-queue-overflow",
         }
     }
 
     /// Every fault type.
     pub fn all() -> &'static [FaultType] {
         &ALL_FAULT_TYPES
+    }
+
+    /// Whether the simulator's components draw this fault themselves with its configured
+    /// probability (storage and network faults). The others fire when a scenario acts on
+    /// them: the swarm's chaos task draws partitions, crashes and clock jumps; a partition or
+    /// a full mailbox counts the messages it drops.
+    pub fn is_drawn_by_components(self) -> bool {
+        matches!(
+            self,
+            FaultType::StorageWriteFail
+                | FaultType::StorageReadFail
+                | FaultType::StorageCommitUnknown
+                | FaultType::StorageLatency
+                | FaultType::NetworkMessageLoss
+                | FaultType::NetworkDuplicate
+                | FaultType::NetworkDelay
+        )
     }
 
     /// The fault type whose [`name`](FaultType::name) is `name`.

@@ -39,12 +39,19 @@ pub struct NetworkConfig {
     pub latency_ms_min: u64,
     /// Longest one-way latency, in simulated ms (before delay faults).
     pub latency_ms_max: u64,
+    /// Messages a host's mailbox holds; one arriving at a full mailbox is dropped and counted
+    /// as [`FaultType::NetworkQueueOverflow`], as a real bounded socket buffer would.
+    pub mailbox_capacity: usize,
 }
+
+/// Mailbox capacity of networks built from the run's configuration.
+pub const NETWORK_MAILBOX_CAPACITY_DEFAULT: usize = 4_096;
 
 /// Why a message was dropped, folded into the trace.
 const OUTCOME_DELIVERED: u64 = 0;
 const OUTCOME_PARTITIONED: u64 = 1;
 const OUTCOME_LOST: u64 = 2;
+const OUTCOME_OVERFLOW: u64 = 3;
 
 struct InFlight<M> {
     from: u32,
@@ -106,6 +113,7 @@ impl<M: Clone + 'static> SimNetwork<M> {
                 hosts,
                 latency_ms_min,
                 latency_ms_max,
+                mailbox_capacity: NETWORK_MAILBOX_CAPACITY_DEFAULT,
             },
         )
     }
@@ -314,19 +322,32 @@ impl<M> NetworkState<M> {
         if outcome == OUTCOME_PARTITIONED {
             env.record_fault(FaultType::NetworkPartition);
         }
+        if outcome == OUTCOME_OVERFLOW {
+            env.record_fault(FaultType::NetworkQueueOverflow);
+        }
         env.runtime()
             .trace
             .event(event::NET_DELIVER, route, outcome);
     }
 
     /// Delivers one bucket; collects the wakers of hosts that were waiting.
-    fn deliver_bucket(&mut self, env: &SimEnv, hosts: usize, mut bucket: Vec<InFlight<M>>) {
+    fn deliver_bucket(
+        &mut self,
+        env: &SimEnv,
+        config: &NetworkConfig,
+        mut bucket: Vec<InFlight<M>>,
+    ) {
+        let hosts = config.hosts;
         for InFlight { from, to, message } in bucket.drain(..) {
             let (from, to) = (from as usize, to as usize);
             self.in_flight_count -= 1;
             let route = route_word(from, to);
             if self.any_blocked && self.blocked[from * hosts + to] {
                 self.drop_message(env, route, OUTCOME_PARTITIONED);
+                continue;
+            }
+            if self.mailboxes[to].queue.len() >= config.mailbox_capacity {
+                self.drop_message(env, route, OUTCOME_OVERFLOW);
                 continue;
             }
             self.delivered += 1;
@@ -360,7 +381,7 @@ impl<M> EventSource for NetworkInner<M> {
                     break;
                 }
                 let bucket = entry.remove();
-                state.deliver_bucket(&self.env, self.config.hosts, bucket);
+                state.deliver_bucket(&self.env, &self.config, bucket);
             }
             std::mem::take(&mut state.wake_buffer)
         };

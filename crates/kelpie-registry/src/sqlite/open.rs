@@ -21,6 +21,9 @@ use crate::error::StoreError;
 /// The first 16 bytes of every SQLite database file.
 const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
 
+/// Longest pause between two attempts to switch a file to WAL mode.
+const WAL_SWITCH_PAUSE_MS_MAX: u64 = 50;
+
 /// How many problems `PRAGMA quick_check` reports before stopping.
 const QUICK_CHECK_ERRORS_MAX: u32 = 8;
 
@@ -60,9 +63,8 @@ pub(super) fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connec
     initialise_if_empty(&conn, &shown)?;
     check_ours(&conn, &shown)?;
     check_integrity(&conn, &shown)?;
-    let journal_mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-        .map_err(|error| sqlite_open_error(&shown, error))?;
+    let journal_mode = enable_wal(&conn, options.busy_timeout_ms)
+        .map_err(|error| sqlite_open_error(&shown, "enabling WAL", error))?;
     if !journal_mode.eq_ignore_ascii_case("wal") {
         return Err(open_error(
             &shown,
@@ -72,8 +74,40 @@ pub(super) fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connec
     // FULL makes every WAL commit wait for its fsync, so an acknowledged operation survives a
     // crash of the process or the host.
     conn.pragma_update(None, "synchronous", "FULL")
-        .map_err(|error| sqlite_open_error(&shown, error))?;
+        .map_err(|error| sqlite_open_error(&shown, "setting synchronous=FULL", error))?;
     Ok(conn)
+}
+
+/// Switches the file to WAL mode (a no-op once it is), returning the resulting journal mode.
+///
+/// The switch needs an exclusive lock, and SQLite answers `SQLITE_BUSY` at once, without its
+/// busy handler, when another connection holds a lock it cannot wait for without risking a
+/// deadlock: which happens when several processes open a new file at the same moment. So
+/// this waits and retries itself, for up to `busy_timeout_ms` in all.
+fn enable_wal(conn: &Connection, busy_timeout_ms: u64) -> rusqlite::Result<String> {
+    let mut waited_ms = 0;
+    let mut pause_ms = 1;
+    loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)) {
+            Err(error)
+                if error.sqlite_error_code() == Some(ErrorCode::DatabaseBusy)
+                    && waited_ms < busy_timeout_ms =>
+            {
+                pause_ms = pause_ms.min(busy_timeout_ms - waited_ms);
+                wait_for_lock(pause_ms);
+                waited_ms += pause_ms;
+                pause_ms = (pause_ms * 2).min(WAL_SWITCH_PAUSE_MS_MAX);
+            }
+            result => return result,
+        }
+    }
+}
+
+// The SQLite store runs against real files shared with other processes, never inside the
+// simulator, so waiting for another process's lock takes real time.
+#[allow(clippy::disallowed_methods)]
+fn wait_for_lock(pause_ms: u64) {
+    std::thread::sleep(Duration::from_millis(pause_ms));
 }
 
 /// Opens a second connection for reads, which WAL lets run beside the writer's transactions.
@@ -82,7 +116,7 @@ pub(super) fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connec
     let shown = path.display().to_string();
     let conn = connect(path, &shown, options)?;
     conn.pragma_update(None, "query_only", true)
-        .map_err(|error| sqlite_open_error(&shown, error))?;
+        .map_err(|error| sqlite_open_error(&shown, "making the reader query-only", error))?;
     Ok(conn)
 }
 
@@ -166,9 +200,9 @@ fn connect(path: &Path, shown: &str, options: &SqliteOptions) -> Result<Connecti
     // has vanished since then SQLite must not recreate it with the umask's.
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)
-        .map_err(|error| sqlite_open_error(shown, error))?;
+        .map_err(|error| sqlite_open_error(shown, "opening", error))?;
     conn.busy_timeout(Duration::from_millis(options.busy_timeout_ms))
-        .map_err(|error| sqlite_open_error(shown, error))?;
+        .map_err(|error| sqlite_open_error(shown, "setting the busy timeout", error))?;
     Ok(conn)
 }
 
@@ -199,7 +233,8 @@ impl FileState {
 /// Creates the schema in an empty file, in one transaction. `BEGIN IMMEDIATE` and the second
 /// look inside it make two processes opening a new file at once initialise it exactly once.
 fn initialise_if_empty(conn: &Connection, shown: &str) -> Result<(), StoreError> {
-    let state = FileState::read(conn).map_err(|error| sqlite_open_error(shown, error))?;
+    let state = FileState::read(conn)
+        .map_err(|error| sqlite_open_error(shown, "checking whether it is new", error))?;
     if !state.is_empty() {
         return Ok(());
     }
@@ -216,12 +251,13 @@ fn initialise_if_empty(conn: &Connection, shown: &str) -> Result<(), StoreError>
         }
         transaction.commit()
     };
-    initialise().map_err(|error| sqlite_open_error(shown, error))
+    initialise().map_err(|error| sqlite_open_error(shown, "creating the schema", error))
 }
 
 /// Refuses a file that another program wrote, or a newer Kelpie.
 fn check_ours(conn: &Connection, shown: &str) -> Result<(), StoreError> {
-    let state = FileState::read(conn).map_err(|error| sqlite_open_error(shown, error))?;
+    let state = FileState::read(conn)
+        .map_err(|error| sqlite_open_error(shown, "checking it is ours", error))?;
     if state.application_id != i64::from(SQLITE_APPLICATION_ID) {
         let reason = format!(
             "its application_id is {:#x}, not Kelpie's {SQLITE_APPLICATION_ID:#x}: it is not a \
@@ -258,7 +294,7 @@ fn check_integrity(conn: &Connection, shown: &str) -> Result<(), StoreError> {
                 .query_map([], |row| row.get::<_, String>(0))?
                 .collect::<rusqlite::Result<Vec<_>>>()
         })
-        .map_err(|error| sqlite_open_error(shown, error))?;
+        .map_err(|error| sqlite_open_error(shown, "quick_check", error))?;
     if problems != ["ok"] {
         return Err(corrupt(
             shown,
@@ -274,18 +310,17 @@ fn check_integrity(conn: &Connection, shown: &str) -> Result<(), StoreError> {
     match load_high_water_ms(conn, shown) {
         Ok(_) => Ok(()),
         Err(RowError::Corrupt(error)) => Err(error),
-        Err(RowError::Sql(error)) => Err(sqlite_open_error(shown, error)),
+        Err(RowError::Sql(error)) => Err(sqlite_open_error(shown, "reading the clock", error)),
     }
 }
 
 /// Classifies an SQLite failure while opening: damage is [`StoreError::Corrupt`], anything else
 /// (permissions, a read-only directory, locks) is [`StoreError::Open`].
-fn sqlite_open_error(shown: &str, error: rusqlite::Error) -> StoreError {
+fn sqlite_open_error(shown: &str, step: &str, error: rusqlite::Error) -> StoreError {
+    let reason = format!("{step}: {error}");
     match error.sqlite_error_code() {
-        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => {
-            corrupt(shown, error.to_string())
-        }
-        _ => open_error(shown, error.to_string()),
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => corrupt(shown, reason),
+        _ => open_error(shown, reason),
     }
 }
 

@@ -17,7 +17,7 @@ use kelpie_registry::{LeaseConfig, LeaseManager, MemoryLeaseManager, SqliteLease
 use serde_json::json;
 
 use crate::error::CliError;
-use crate::lease_cmd::{etcd_not_built, open_sqlite};
+use crate::lease_cmd::{connect_etcd, open_sqlite};
 use crate::store_url::StoreUrl;
 use crate::timing::Stopwatch;
 
@@ -30,6 +30,8 @@ const CASE_MS_MAX: u64 = 60_000;
 const CONCURRENCY_MAX: u64 = 1_024;
 /// How long to wait for a SQLite lock held by another process.
 const SQLITE_TIMEOUT_MS: u64 = 5_000;
+/// How long to wait for etcd to connect and for each request.
+const ETCD_TIMEOUT_MS: u64 = 5_000;
 
 /// Options of `kelpie bench`.
 #[derive(Debug, Args)]
@@ -98,7 +100,10 @@ pub fn run(args: BenchArgs) -> Result<(), CliError> {
             let manager = Arc::new(MemoryLeaseManager::in_memory(clock, config));
             runtime.block_on(measure_all(manager, &args.concurrency, case))?
         }
-        StoreUrl::Etcd(_) => return Err(etcd_not_built()),
+        StoreUrl::Etcd(endpoints) => runtime.block_on(async {
+            let manager = connect_etcd(endpoints, ETCD_TIMEOUT_MS, config).await?;
+            measure_all(Arc::new(manager), &args.concurrency, case).await
+        })?,
     };
     print_rows(&store, &args, &rows);
     Ok(())
@@ -316,7 +321,7 @@ fn print_rows(store: &StoreUrl, args: &BenchArgs, rows: &[Row]) {
     let durability = match store {
         StoreUrl::Sqlite(_) => " (WAL, synchronous=FULL, group commit: each op is on disk)",
         StoreUrl::Memory => " (in this process, nothing durable)",
-        StoreUrl::Etcd(_) => "",
+        StoreUrl::Etcd(_) => " (each op is committed by the etcd cluster)",
     };
     println!(
         "kelpie bench: {store}{durability}, {} ms per timed case",

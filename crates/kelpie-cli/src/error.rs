@@ -39,12 +39,10 @@ pub enum CliError {
     /// change.
     #[error("{0}")]
     StoreConfig(StoreError),
-    /// The store could not be reached, or failed the operation.
-    #[error("store unavailable: {0}")]
-    StoreUnavailable(StoreError),
-    /// The store's backend is not compiled into this binary.
+    /// The store could not be reached, or failed the operation. The store's own message
+    /// already says which ("lease store unavailable: ...", "... write failed ...").
     #[error("{0}")]
-    Unsupported(String),
+    StoreUnavailable(StoreError),
     /// A file the command writes could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
@@ -66,7 +64,6 @@ impl CliError {
             | CliError::Config(_)
             | CliError::StoreUrl(_)
             | CliError::StoreConfig(_)
-            | CliError::Unsupported(_)
             | CliError::Write { .. } => EXIT_USAGE,
         }
     }
@@ -82,14 +79,16 @@ impl From<LeaseError> for CliError {
 }
 
 impl From<StoreError> for CliError {
-    /// A path that cannot be opened and a store from a newer Kelpie are configuration
-    /// problems: only a different `--store` (or binary) fixes them. Everything else is the
-    /// store failing at run time, which a retry may get past.
+    /// A path that cannot be opened, a store from a newer Kelpie, an option the store refuses
+    /// and refused credentials are configuration problems: only a different `--store` (or
+    /// binary, or credentials) fixes them. Everything else is the store failing or being out
+    /// of reach at run time, which a retry may get past.
     fn from(error: StoreError) -> Self {
         match error {
-            StoreError::Open { .. } | StoreError::SchemaTooNew { .. } => {
-                CliError::StoreConfig(error)
-            }
+            StoreError::Open { .. }
+            | StoreError::SchemaTooNew { .. }
+            | StoreError::InvalidOption { .. }
+            | StoreError::AccessDenied { .. } => CliError::StoreConfig(error),
             other => CliError::StoreUnavailable(other),
         }
     }

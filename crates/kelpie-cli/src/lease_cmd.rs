@@ -4,13 +4,14 @@ use std::path::Path;
 
 use clap::{Args, Subcommand};
 use kelpie_core::{ActorId, IdError, NodeId};
+use kelpie_registry::{EtcdLeaseManager, EtcdOptions};
 use kelpie_registry::{Lease, LeaseConfig, LeaseError, LeaseManager, LeaseStore};
 use kelpie_registry::{SqliteLeaseManager, SqliteLeaseStore, SqliteOptions};
 use kelpie_registry::{SQLITE_BUSY_TIMEOUT_MS_DEFAULT, SQLITE_BUSY_TIMEOUT_MS_MAX};
 use serde_json::json;
 
 use crate::error::CliError;
-use crate::store_url::{StoreUrl, STORE_DEFAULT};
+use crate::store_url::{EtcdEndpoint, StoreUrl, STORE_DEFAULT};
 
 /// The exit codes, shown under every lease command's `--help`.
 pub const EXIT_CODES_HELP: &str = "\
@@ -21,9 +22,14 @@ Exit codes:
   2  bad usage or configuration: a bad actor or node id, a duration outside 100..=86400000
      ms, an unknown --store, a SQLite path that cannot be opened as a database (a
      directory, or a parent that is missing or a regular file), a store written by a newer
-     Kelpie, or a backend not built into this binary
+     Kelpie, or an option or credentials the store refuses
   3  store unavailable: the SQLite file stayed locked by another process past --timeout-ms,
-     an I/O failure, a damaged store, or an unreachable etcd";
+     an I/O failure, a damaged store, or etcd unreachable within --timeout-ms
+
+With etcd, a lease hangs off an etcd session of the kelpie process that acquired it and
+expires --duration-ms (rounded up to whole seconds) after that process's last keepalive.
+A later kelpie process cannot renew it (refused, exit 1); acquiring it again from the same
+node takes it over under the new process, with a new, larger token. list needs --node.";
 
 /// The lease commands.
 #[derive(Debug, Subcommand)]
@@ -51,7 +57,8 @@ pub struct StoreArgs {
     /// Where the leases live: sqlite:PATH or etcd://HOST:PORT[,HOST:PORT].
     #[arg(long, value_name = "URL", default_value = STORE_DEFAULT)]
     pub store: StoreUrl,
-    /// How long to wait for the store (another process's SQLite lock), in ms.
+    /// How long to wait for the store (another process's SQLite lock, an etcd connection or
+    /// request), in ms.
     #[arg(
         long,
         value_name = "MS",
@@ -146,6 +153,7 @@ pub fn run(command: LeaseCommand) -> Result<(), CliError> {
 /// An open store.
 enum Backend {
     Sqlite(SqliteLeaseManager),
+    Etcd(EtcdLeaseManager),
 }
 
 /// Opens a SQLite store, waiting up to `timeout_ms` for another process's write lock.
@@ -154,13 +162,15 @@ pub fn open_sqlite(path: &Path, timeout_ms: u64) -> Result<SqliteLeaseStore, Cli
     Ok(SqliteLeaseStore::open_with(path, options)?)
 }
 
-fn open(args: &StoreArgs, config: LeaseConfig) -> Result<Backend, CliError> {
+async fn open(args: &StoreArgs, config: LeaseConfig) -> Result<Backend, CliError> {
     match &args.store {
         StoreUrl::Sqlite(path) => {
             let store = open_sqlite(path, args.timeout_ms)?;
             Ok(Backend::Sqlite(SqliteLeaseManager::new(store, config)))
         }
-        StoreUrl::Etcd(_) => Err(etcd_not_built()),
+        StoreUrl::Etcd(endpoints) => Ok(Backend::Etcd(
+            connect_etcd(endpoints, args.timeout_ms, config).await?,
+        )),
         StoreUrl::Memory => Err(CliError::Usage(
             "the memory store forgets every lease when kelpie exits; use sqlite:PATH here \
              (memory is for kelpie bench)"
@@ -169,20 +179,26 @@ fn open(args: &StoreArgs, config: LeaseConfig) -> Result<Backend, CliError> {
     }
 }
 
-/// The error for `etcd://` while this binary has no etcd backend.
-pub fn etcd_not_built() -> CliError {
-    CliError::Unsupported(
-        "etcd support is not built into this kelpie (kelpie-registry has no etcd backend \
-         yet); use --store sqlite:PATH"
-            .to_string(),
-    )
+/// Connects to etcd, waiting up to `timeout_ms` for the connection and for each request.
+pub async fn connect_etcd(
+    endpoints: &[EtcdEndpoint],
+    timeout_ms: u64,
+    config: LeaseConfig,
+) -> Result<EtcdLeaseManager, CliError> {
+    let endpoints: Vec<String> = endpoints.iter().map(ToString::to_string).collect();
+    let options = EtcdOptions::new(endpoints)
+        .with_connect_timeout_ms(timeout_ms)
+        .with_request_timeout_ms(timeout_ms)
+        .with_lease_config(config);
+    Ok(EtcdLeaseManager::connect(options).await?)
 }
 
 async fn write_op(op: Op, args: &OpArgs) -> Result<(), CliError> {
     let config = LeaseConfig::new(args.duration_ms)?;
-    let backend = open(&args.store, config)?;
+    let backend = open(&args.store, config).await?;
     let result = match &backend {
         Backend::Sqlite(manager) => apply(manager, op, &args.actor, &args.node).await,
+        Backend::Etcd(manager) => apply(manager, op, &args.actor, &args.node).await,
     };
     match result {
         Ok(lease) => {
@@ -196,6 +212,14 @@ async fn write_op(op: Op, args: &OpArgs) -> Result<(), CliError> {
         Err(error) => {
             if args.store.json && error.is_refusal() {
                 print_json(&refusal_json(&error));
+            }
+            if let (Backend::Etcd(_), LeaseError::NotHolder { holder, .. }) = (&backend, &error) {
+                if holder.as_ref() == Some(&args.node) {
+                    eprintln!(
+                        "kelpie: note: with etcd the lease belongs to the session of the kelpie \
+                         process that acquired it; acquire it again to take it over here"
+                    );
+                }
             }
             Err(CliError::from(error))
         }
@@ -230,8 +254,9 @@ async fn get(args: &GetArgs) -> Result<(), CliError> {
     let lease = match &args.store.store {
         // A read does not create the default file in whatever directory it runs in.
         StoreUrl::Sqlite(path) if !path.exists() => None,
-        _ => match open(&args.store, LeaseConfig::default())? {
+        _ => match open(&args.store, LeaseConfig::default()).await? {
             Backend::Sqlite(manager) => manager.get(&args.actor).await?,
+            Backend::Etcd(manager) => manager.get(&args.actor).await?,
         },
     };
     match (&lease, args.store.json) {
@@ -245,11 +270,16 @@ async fn get(args: &GetArgs) -> Result<(), CliError> {
 async fn list(args: &ListArgs) -> Result<(), CliError> {
     let leases = match &args.store.store {
         StoreUrl::Sqlite(path) if !path.exists() => Vec::new(),
-        _ => match open(&args.store, LeaseConfig::default())? {
-            Backend::Sqlite(manager) => match &args.node {
-                Some(node) => manager.leases_held_by(node).await?,
-                None => all_valid(manager.store()).await?,
-            },
+        _ => match (open(&args.store, LeaseConfig::default()).await?, &args.node) {
+            (Backend::Sqlite(manager), Some(node)) => manager.leases_held_by(node).await?,
+            (Backend::Sqlite(manager), None) => all_valid(manager.store()).await?,
+            (Backend::Etcd(manager), Some(node)) => manager.leases_held_by(node).await?,
+            (Backend::Etcd(_), None) => {
+                return Err(CliError::Usage(
+                    "with etcd, list needs --node: the etcd backend lists one node's leases"
+                        .to_string(),
+                ))
+            }
         },
     };
     if args.store.json {

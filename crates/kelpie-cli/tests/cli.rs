@@ -266,12 +266,12 @@ fn a_store_locked_past_the_timeout_is_unavailable() {
     args.extend(["--timeout-ms", "100"]);
     let (code, _, stderr) = run(&args);
     assert_eq!(code, 3, "{stderr}");
-    assert!(stderr.contains("store unavailable"), "{stderr}");
+    assert!(stderr.contains("locked"), "{stderr}");
     lock.execute_batch("ROLLBACK").unwrap();
 }
 
 #[test]
-fn etcd_without_a_backend_is_a_clear_error() {
+fn an_unreachable_etcd_is_unavailable() {
     let store = "etcd://127.0.0.1:1";
     let args = [
         "lease",
@@ -283,7 +283,64 @@ fn etcd_without_a_backend_is_a_clear_error() {
         "--timeout-ms",
         "200",
     ];
-    assert_usage_error(&args, "etcd support is not built");
+    let (code, _, stderr) = run(&args);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("unavailable"), "{stderr}");
+    // A timeout etcd's client refuses is a usage error, found before connecting.
+    let args = [
+        "lease",
+        "get",
+        "--actor",
+        "a",
+        "--store",
+        store,
+        "--timeout-ms",
+        "1",
+    ];
+    assert_usage_error(&args, "connect_timeout_ms");
+}
+
+/// The etcd endpoint of `scripts/with-etcd`, as a `--store` value.
+fn etcd_store() -> Option<String> {
+    let endpoints = std::env::var("KELPIE_ETCD_ENDPOINTS").ok()?;
+    let first = endpoints.split(',').next()?.trim();
+    let host_port = first.trim_start_matches("http://");
+    Some(format!("etcd://{host_port}"))
+}
+
+/// Runs only under `scripts/with-etcd cargo test -p kelpie-cli --test cli etcd`.
+#[test]
+fn lease_commands_against_etcd() {
+    let Some(store) = etcd_store() else {
+        eprintln!("KELPIE_ETCD_ENDPOINTS is not set; skipping (see scripts/with-etcd)");
+        return;
+    };
+    // Unique per run, so that leases left by an earlier run cannot interfere.
+    let actor = format!("cli-test-{}", std::process::id());
+    let op = |verb: &str, node: &str| {
+        run(&[
+            "lease", verb, "--node", node, "--actor", &actor, "--store", &store,
+        ])
+    };
+    let (code, stdout, stderr) = op("acquire", "node-a");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("holder=node-a"), "{stdout}");
+    let (code, _, stderr) = op("acquire", "node-b");
+    assert_eq!(code, 1);
+    assert!(stderr.contains("node-a"), "{stderr}");
+    let (code, stdout, _) = run(&["lease", "get", "--actor", &actor, "--store", &store]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("holder=node-a"), "{stdout}");
+    // Another process's session: renewing is refused, with a note on what to do.
+    let (code, _, stderr) = op("renew", "node-a");
+    assert_eq!(code, 1);
+    assert!(stderr.contains("acquire it again"), "{stderr}");
+    assert_eq!(op("release", "node-b").0, 1);
+    assert_eq!(op("release", "node-a").0, 0);
+    let (_, stdout, _) = run(&[
+        "lease", "get", "--actor", &actor, "--store", &store, "--json",
+    ]);
+    assert_eq!(stdout.trim(), "null");
 }
 
 #[test]

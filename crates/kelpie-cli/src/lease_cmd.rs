@@ -151,6 +151,8 @@ pub fn run(command: LeaseCommand) -> Result<(), CliError> {
 }
 
 /// An open store.
+// One is made per process and never moved in a loop, so the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Backend {
     Sqlite(SqliteLeaseManager),
     Etcd(EtcdLeaseManager),

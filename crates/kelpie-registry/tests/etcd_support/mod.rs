@@ -47,6 +47,12 @@ pub fn private_etcd_binary(test: &str) -> Option<PathBuf> {
         notice(&format!("skipping {test}: {ETCD_ENDPOINTS_ENV} not set"));
         return None;
     }
+    etcd_binary(test)
+}
+
+/// The etcd binary (`ETCD_BIN` or `etcd` on `PATH`), or `None` after saying the test was
+/// skipped.
+pub fn etcd_binary(test: &str) -> Option<PathBuf> {
     let binary = std::env::var_os("ETCD_BIN").map_or_else(|| PathBuf::from("etcd"), PathBuf::from);
     let found = Command::new(&binary)
         .arg("--version")
@@ -148,6 +154,11 @@ impl EtcdMember {
         member.extra_args = extra_args.iter().map(|a| a.to_string()).collect();
         member.start_with_scheme(scheme);
         member
+    }
+
+    /// Passes `args` to etcd on every (re)start.
+    pub fn set_extra_args(&mut self, args: &[&str]) {
+        self.extra_args = args.iter().map(|a| a.to_string()).collect();
     }
 
     /// The client URL, `http://127.0.0.1:<port>`.

@@ -41,6 +41,16 @@ pub struct LeaseOpCounts {
     pub store_failed: u64,
 }
 
+impl std::ops::AddAssign for LeaseOpCounts {
+    fn add_assign(&mut self, other: LeaseOpCounts) {
+        self.acquired += other.acquired;
+        self.renewed += other.renewed;
+        self.released += other.released;
+        self.refused += other.refused;
+        self.store_failed += other.store_failed;
+    }
+}
+
 impl LeaseOpCounts {
     /// Every request made.
     pub fn total(&self) -> u64 {

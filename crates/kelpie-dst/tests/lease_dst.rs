@@ -422,8 +422,7 @@ fn test_dst_lease_stress() {
     for i in 0..seeds_count {
         let report = scenario_run(base.wrapping_add(i), LeaseScenario::default())
             .unwrap_or_else(|e| panic!("{e}"));
-        totals.acquired += report.ops.acquired;
-        totals.store_failed += report.ops.store_failed;
+        totals += report.ops;
     }
     assert!(
         totals.acquired > seeds_count && totals.store_failed > 0,

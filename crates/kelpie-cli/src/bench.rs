@@ -39,7 +39,8 @@ const ETCD_TIMEOUT_MS: u64 = 5_000;
 The SQLite store is benchmarked in a new file (by default in the temporary directory), which
 is removed afterwards; an existing file is refused rather than filled with benchmark leases.
 
-Exit codes: 0 done, 2 bad usage, 3 store unavailable.")]
+Exit codes: 0 done, 1 the store refused an operation the benchmark expected to succeed,
+2 bad usage or configuration, 3 store unavailable.")]
 pub struct BenchArgs {
     /// The store to measure: sqlite:PATH (a new file), memory, or etcd://HOST:PORT
     /// [default: sqlite: in the temporary directory].

@@ -5,7 +5,10 @@
 (*                                                                         *)
 (*  * The store keeps one record per actor: holder, expiry on the store's  *)
 (*    clock, fencing token.  It decides acquire / renew / release with a   *)
-(*    pure decision function evaluated at the store's current time.        *)
+(*    pure decision function evaluated at the store's current time         *)
+(*    (kelpie-registry: protocol.rs, decide).  Renew and release carry the *)
+(*    token the node believes it holds and are refused if the record       *)
+(*    carries another one (the token guard).                               *)
 (*  * Nodes talk to the store with requests that are delayed (or lost) on  *)
 (*    the way to the store, and replies that are delayed (or lost) on the  *)
 (*    way back.                                                            *)
@@ -16,7 +19,9 @@
 (*        sent_local + LeaseDuration * (Rate - Drift) - Margin             *)
 (*    where sent_local is the local time at which it SENT the request      *)
 (*    (kelpie-registry: belief.rs, BeliefConfig::belief_duration_ms).      *)
-(*  * Nodes crash (losing all local state) and restart.                    *)
+(*  * Nodes crash (losing all local state) and restart.  With             *)
+(*    AllowStaleRequests a node may also give up waiting for a request     *)
+(*    (a timeout, StoreError::CommitUnknown) that may still be applied.    *)
 (*                                                                         *)
 (* Representation of time.  The protocol only ever compares a timestamp    *)
 (* with the current reading of the same clock, so instead of absolute      *)
@@ -39,8 +44,10 @@
 (* configuration uses the SaturateTokens abstraction instead (the decision *)
 (* function never looks at the token's value).                            *)
 (*                                                                         *)
-(* The Bug* and AllowStaleRequests constants switch on deliberate protocol *)
-(* mutations; they are all FALSE in the safe configuration.  See README.md *)
+(* The Bug* constants switch on deliberate protocol mutations, and        *)
+(* AllowStaleRequests drops assumption A1; they are all FALSE in the safe  *)
+(* configuration.  NewTenureOnAcquire is a candidate protocol change (see  *)
+(* README.md, "Findings").                                                 *)
 (***************************************************************************)
 EXTENDS Naturals, FiniteSets
 
@@ -54,8 +61,10 @@ CONSTANTS
     Margin,         \* safety margin subtracted by the lease keeper (local units)
     MaxToken,       \* bound on fencing tokens (constraint, or saturation)
     SaturateTokens, \* liveness abstraction: tokens stop growing at MaxToken
-    AllowStaleRequests, \* a restarted node may send while a pre-crash request
-                        \* is still in flight (see README: assumption A1)
+    AllowStaleRequests, \* a node may send while an earlier request of its
+                        \* own is still in flight (drops assumption A1)
+    NewTenureOnAcquire, \* candidate change: an acquire by the valid holder
+                        \* starts a new tenure (token + 1), not idempotent
     \* protocol mutations (must all be FALSE for the real protocol)
     BugAcquireNoCheck,        \* acquire grants without checking the record
     BugBeliefFromReply,       \* belief measured from the reply's arrival
@@ -64,7 +73,8 @@ CONSTANTS
     BugRenewNoHolderCheck,    \* renew only checks expiry, not the holder
     BugAcquireRefusesExpired, \* acquire refuses a record held by another
                               \* node even after it expired
-    BugIdempotentNoRefresh    \* idempotent re-acquire leaves the expiry as is
+    BugIdempotentNoRefresh,   \* idempotent re-acquire leaves the expiry as is
+    BugNoTokenGuard           \* renew and release ignore the request's token
 
 ASSUME /\ LeaseDuration \in Nat \ {0}
        /\ Rate \in Nat \ {0}
@@ -77,13 +87,16 @@ VARIABLES
     store,      \* store[a]: [holder, ttl, token]
     up,         \* up[n]: node n is running
     belief,     \* belief[n][a]: remaining belief, node-local units
+    btoken,     \* btoken[n][a]: token of the believed lease (0: no belief)
     req,        \* req[n]: the node's outstanding request, or None
-    orphan,     \* orphan[n]: a request sent before n's last crash, or None
+    orphan,     \* orphan[n]: a request n no longer waits for (sent before a
+                \* crash, or given up on), that may still be applied; or None
     rep,        \* rep[n]: a reply travelling to node n, or None
     grants,     \* history: grants[a] = <<previous, latest>> new-holder grants
     lastRenew   \* history: the latest successful renewal applied by the store
 
-vars == <<store, up, belief, req, orphan, rep, grants, lastRenew>>
+vars == <<store, up, belief, btoken, req, orphan, rep, grants, lastRenew>>
+nodeVars == <<belief, btoken>>
 
 Max(x, y) == IF x > y THEN x ELSE y
 Min(x, y) == IF x < y THEN x ELSE y
@@ -118,34 +131,41 @@ NewGrant(r, n) ==
 DecideAcquire(r, n) ==
     IF BugAcquireNoCheck THEN NewGrant(r, n)
     ELSE IF r.holder = n /\ Valid(r)
+         THEN IF NewTenureOnAcquire THEN NewGrant(r, n)
          \* idempotent in holder and token; the expiry is refreshed as by a
          \* renewal, because the node measures its belief from the send time
          \* of THIS request (max(now + LeaseDuration, expires_at) = now + L)
-         THEN [granted |-> TRUE, fresh |-> FALSE,
-               rec |-> IF BugIdempotentNoRefresh THEN r
-                       ELSE [r EXCEPT !.ttl = LeaseDuration]]
+              ELSE [granted |-> TRUE, fresh |-> FALSE,
+                    rec |-> IF BugIdempotentNoRefresh THEN r
+                            ELSE [r EXCEPT !.ttl = LeaseDuration]]
     ELSE IF r.holder # None /\ r.holder # n
             /\ (Valid(r) \/ BugAcquireRefusesExpired)
          THEN Reject(r)
     ELSE NewGrant(r, n)                         \* free or expired
 
-DecideRenew(r, n) ==
-    IF (r.holder = n \/ BugRenewNoHolderCheck) /\ Valid(r)
+\* The record names n as holder, with the token the request carries.
+HoldsWithToken(r, m, n) ==
+    /\ r.holder = n
+    /\ BugNoTokenGuard \/ m.token = r.token
+
+DecideRenew(r, m, n) ==
+    IF (HoldsWithToken(r, m, n) \/ BugRenewNoHolderCheck) /\ Valid(r)
     THEN [granted |-> TRUE, rec |-> [r EXCEPT !.ttl = LeaseDuration],
           fresh |-> FALSE]
     ELSE Reject(r)
 
 \* The last holder may release even after expiry; the token is kept.
-DecideRelease(r, n) ==
-    IF r.holder = n
+DecideRelease(r, m, n) ==
+    IF HoldsWithToken(r, m, n)
     THEN [granted |-> TRUE, rec |-> [r EXCEPT !.holder = None, !.ttl = 0],
           fresh |-> FALSE]
     ELSE Reject(r)
 
-Decide(r, type, n) ==
-    CASE type = "acquire" -> DecideAcquire(r, n)
-      [] type = "renew"   -> DecideRenew(r, n)
-      [] type = "release" -> DecideRelease(r, n)
+\* Decide request m = [type, token, ...] of node n on record r.
+Decide(r, m, n) ==
+    CASE m.type = "acquire" -> DecideAcquire(r, n)
+      [] m.type = "renew"   -> DecideRenew(r, m, n)
+      [] m.type = "release" -> DecideRelease(r, m, n)
 
 -----------------------------------------------------------------------------
 (* The lease keeper's belief computation.                                  *)
@@ -173,48 +193,54 @@ Init ==
     /\ store = [a \in Actors |-> [holder |-> None, ttl |-> 0, token |-> 0]]
     /\ up = [n \in Nodes |-> TRUE]
     /\ belief = [n \in Nodes |-> [a \in Actors |-> 0]]
+    /\ btoken = [n \in Nodes |-> [a \in Actors |-> 0]]
     /\ req = [n \in Nodes |-> None]
     /\ orphan = [n \in Nodes |-> None]
     /\ rep = [n \in Nodes |-> None]
     /\ grants = [a \in Actors |-> <<NoGrant, NoGrant>>]
     /\ lastRenew = None
 
-\* One request at a time per node; unless AllowStaleRequests, a restarted
-\* node also waits until its pre-crash request has been applied or dropped.
+\* One request at a time per node.  Assumption A1 (unless
+\* AllowStaleRequests): a node also waits until a request it gave up on
+\* (for instance across a crash) has been applied or dropped.
 Idle(n) ==
     /\ up[n]
     /\ req[n] = None
     /\ rep[n] = None
     /\ AllowStaleRequests \/ orphan[n] = None
 
-Send(n, type, a) ==
-    req' = [req EXCEPT ![n] = [type |-> type, actor |-> a, age |-> 0]]
+\* Renew and release carry the token of the believed lease (renew_fenced,
+\* release_fenced); acquire carries none.
+Send(n, type, a, tok) ==
+    req' = [req EXCEPT ![n] =
+              [type |-> type, actor |-> a, token |-> tok, age |-> 0]]
 
 SendAcquire(n, a) ==
     /\ Idle(n)
     /\ ~Believes(n, a)
-    /\ Send(n, "acquire", a)
-    /\ UNCHANGED <<store, up, belief, orphan, rep, grants, lastRenew>>
+    /\ Send(n, "acquire", a, 0)
+    /\ UNCHANGED <<store, up, nodeVars, orphan, rep, grants, lastRenew>>
 
 SendRenew(n, a) ==
     /\ Idle(n)
     /\ Believes(n, a)
-    /\ Send(n, "renew", a)
-    /\ UNCHANGED <<store, up, belief, orphan, rep, grants, lastRenew>>
+    /\ Send(n, "renew", a, btoken[n][a])
+    /\ UNCHANGED <<store, up, nodeVars, orphan, rep, grants, lastRenew>>
 
 \* The keeper stops using the lease before it asks the store to release it.
 SendRelease(n, a) ==
     /\ Idle(n)
     /\ Believes(n, a)
-    /\ Send(n, "release", a)
+    /\ Send(n, "release", a, btoken[n][a])
     /\ belief' = [belief EXCEPT ![n][a] = 0]
+    /\ btoken' = [btoken EXCEPT ![n][a] = 0]
     /\ UNCHANGED <<store, up, orphan, rep, grants, lastRenew>>
 
 \* The store applies request m of node n atomically at its current time.
 StoreApply(n, m) ==
     LET a == m.actor
         r == store[a]
-        d == Decide(r, m.type, n)
+        d == Decide(r, m, n)
     IN  /\ store' = [store EXCEPT ![a] = d.rec]
         /\ grants' = IF d.fresh
                      THEN [grants EXCEPT ![a] =
@@ -223,54 +249,76 @@ StoreApply(n, m) ==
                      ELSE grants
         /\ lastRenew' = IF m.type = "renew" /\ d.granted
                         THEN [by |-> n, actor |-> a,
-                              holder |-> r.holder, valid |-> Valid(r)]
+                              holder |-> r.holder, valid |-> Valid(r),
+                              sameTenure |-> m.token = r.token]
                         ELSE lastRenew
 
 \* Apply the node's live request; the reply starts travelling back, carrying
-\* the request's send time (as its age on the sender's clock).
+\* the granted token and the request's send time (as its age on the
+\* sender's clock).
 Apply(n) ==
     /\ req[n] # None
     /\ LET m == req[n]
-           d == Decide(store[m.actor], m.type, n)
+           d == Decide(store[m.actor], m, n)
        IN  /\ StoreApply(n, m)
            /\ rep' = [rep EXCEPT ![n] =
                         [type |-> m.type, actor |-> m.actor,
-                         granted |-> d.granted, age |-> m.age]]
+                         granted |-> d.granted,
+                         token |-> IF d.granted /\ m.type # "release"
+                                   THEN d.rec.token ELSE 0,
+                         age |-> m.age]]
     /\ req' = [req EXCEPT ![n] = None]
-    /\ UNCHANGED <<up, belief, orphan>>
+    /\ UNCHANGED <<up, nodeVars, orphan>>
 
-\* A request sent before the node crashed still reaches the store; its reply
+\* A request the node no longer waits for still reaches the store; its reply
 \* has nowhere to go.
 ApplyOrphan(n) ==
     /\ orphan[n] # None
     /\ StoreApply(n, orphan[n])
     /\ orphan' = [orphan EXCEPT ![n] = None]
-    /\ UNCHANGED <<up, belief, req, rep>>
+    /\ UNCHANGED <<up, nodeVars, req, rep>>
 
 LoseRequest(n) ==
     /\ req[n] # None
     /\ req' = [req EXCEPT ![n] = None]
-    /\ UNCHANGED <<store, up, belief, orphan, rep, grants, lastRenew>>
+    /\ UNCHANGED <<store, up, nodeVars, orphan, rep, grants, lastRenew>>
 
 LoseOrphan(n) ==
     /\ orphan[n] # None
     /\ orphan' = [orphan EXCEPT ![n] = None]
-    /\ UNCHANGED <<store, up, belief, req, rep, grants, lastRenew>>
+    /\ UNCHANGED <<store, up, nodeVars, req, rep, grants, lastRenew>>
 
 LoseReply(n) ==
     /\ rep[n] # None
     /\ rep' = [rep EXCEPT ![n] = None]
-    /\ UNCHANGED <<store, up, belief, req, orphan, grants, lastRenew>>
+    /\ UNCHANGED <<store, up, nodeVars, req, orphan, grants, lastRenew>>
+
+\* Only without A1: the node gives up waiting for its request (a timeout, or
+\* an unknown commit outcome), although the store may still apply it.
+Abandon(n) ==
+    /\ AllowStaleRequests
+    /\ up[n]
+    /\ req[n] # None
+    /\ orphan[n] = None
+    /\ orphan' = [orphan EXCEPT ![n] =
+                    [type |-> req[n].type, actor |-> req[n].actor,
+                     token |-> req[n].token]]
+    /\ req' = [req EXCEPT ![n] = None]
+    /\ UNCHANGED <<store, up, nodeVars, rep, grants, lastRenew>>
 
 \* The reply arrives.  A grant (re)sets the belief, computed from the send
-\* time; a rejected acquire or renew clears it.
+\* time, and records its token; a refused acquire or renew clears the
+\* belief.
 Receive(n) ==
     /\ up[n]
     /\ rep[n] # None
-    /\ LET r == rep[n] IN
-       belief' = IF r.type = "release" THEN belief
-                 ELSE [belief EXCEPT ![n][r.actor] =
-                         IF r.granted THEN BeliefFromReply(r) ELSE 0]
+    /\ LET r == rep[n]
+           b == IF r.granted THEN BeliefFromReply(r) ELSE 0
+       IN  IF r.type = "release"
+           THEN UNCHANGED nodeVars
+           ELSE /\ belief' = [belief EXCEPT ![n][r.actor] = b]
+                /\ btoken' = [btoken EXCEPT ![n][r.actor] =
+                                IF b > 0 THEN r.token ELSE 0]
     /\ rep' = [rep EXCEPT ![n] = None]
     /\ UNCHANGED <<store, up, req, orphan, grants, lastRenew>>
 
@@ -282,18 +330,20 @@ Crash(n) ==
     /\ req[n] = None \/ orphan[n] = None
     /\ up' = [up EXCEPT ![n] = FALSE]
     /\ belief' = [belief EXCEPT ![n] = [a \in Actors |-> 0]]
+    /\ btoken' = [btoken EXCEPT ![n] = [a \in Actors |-> 0]]
     /\ rep' = [rep EXCEPT ![n] = None]
     /\ req' = [req EXCEPT ![n] = None]
     /\ orphan' = IF req[n] # None
                  THEN [orphan EXCEPT ![n] =
-                         [type |-> req[n].type, actor |-> req[n].actor]]
+                         [type |-> req[n].type, actor |-> req[n].actor,
+                          token |-> req[n].token]]
                  ELSE orphan
     /\ UNCHANGED <<store, grants, lastRenew>>
 
 Restart(n) ==
     /\ ~up[n]
     /\ up' = [up EXCEPT ![n] = TRUE]
-    /\ UNCHANGED <<store, belief, req, orphan, rep, grants, lastRenew>>
+    /\ UNCHANGED <<store, nodeVars, req, orphan, rep, grants, lastRenew>>
 
 \* One tick of the store's clock.  Each node's local clock advances by some
 \* amount in Rate-Drift .. Rate+Drift (slow and fast clocks).
@@ -302,6 +352,10 @@ Tick ==
         /\ store' = [a \in Actors |-> [store[a] EXCEPT !.ttl = Max(0, @ - 1)]]
         /\ belief' = [n \in Nodes |->
                         [a \in Actors |-> Max(0, belief[n][a] - d[n])]]
+        \* the keeper forgets a lease whose belief ran out
+        /\ btoken' = [n \in Nodes |->
+                        [a \in Actors |->
+                           IF belief[n][a] > d[n] THEN btoken[n][a] ELSE 0]]
         /\ req' = [n \in Nodes |->
                      IF req[n] = None THEN None
                      ELSE [req[n] EXCEPT !.age = Min(AgeCap, @ + d[n])]]
@@ -317,7 +371,7 @@ Next ==
                              \/ SendRelease(n, a)
         \/ Apply(n) \/ ApplyOrphan(n)
         \/ LoseRequest(n) \/ LoseOrphan(n) \/ LoseReply(n)
-        \/ Receive(n)
+        \/ Receive(n) \/ Abandon(n)
         \/ Crash(n) \/ Restart(n)
 
 Spec == Init /\ [][Next]_vars
@@ -353,15 +407,20 @@ TypeOK ==
          /\ store[a].token \in Nat
          /\ store[a].holder = None => store[a].ttl = 0
     /\ up \in [Nodes -> BOOLEAN]
-    /\ \A n \in Nodes, a \in Actors : belief[n][a] \in 0..AgeCap
+    /\ \A n \in Nodes, a \in Actors :
+         /\ belief[n][a] \in 0..AgeCap
+         /\ btoken[n][a] \in Nat
+         /\ (belief[n][a] = 0) <=> (btoken[n][a] = 0)
     /\ \A n \in Nodes :
          /\ req[n] = None \/ (req[n].type \in ReqTypes /\ req[n].actor \in Actors
+                             /\ req[n].token \in Nat
                              /\ req[n].age \in 0..AgeCap)
          /\ rep[n] = None \/ (rep[n].type \in ReqTypes /\ rep[n].actor \in Actors
                              /\ rep[n].granted \in BOOLEAN
                              /\ rep[n].age \in 0..AgeCap)
          /\ ~up[n] => (req[n] = None /\ rep[n] = None
                        /\ \A a \in Actors : belief[n][a] = 0)
+         /\ ~AllowStaleRequests => (req[n] = None \/ orphan[n] = None)
 
 \* At most one node believes it holds the lease of an actor.
 LeaseUniqueness ==
@@ -375,16 +434,20 @@ BeliefConsistency ==
         Believes(n, a) => (store[a].holder = n /\ Valid(store[a]))
 
 \* Every renewal the store granted was requested by the holder of an
-\* unexpired lease (history variable lastRenew, recorded at apply time).
+\* unexpired lease, for its current tenure (history variable lastRenew,
+\* recorded when the store applied the renewal).
 RenewalRequiresOwnership ==
     lastRenew = None
-    \/ (lastRenew.holder = lastRenew.by /\ lastRenew.valid)
+    \/ /\ lastRenew.holder = lastRenew.by
+       /\ lastRenew.valid
+       /\ lastRenew.sameTenure
 
 \* A free or expired lease can be claimed: an acquire by any node, applied
 \* now, would be granted.
 ExpiredLeaseClaimable ==
     \A a \in Actors, n \in Nodes :
-        ~Valid(store[a]) => Decide(store[a], "acquire", n).granted
+        ~Valid(store[a]) =>
+            Decide(store[a], [type |-> "acquire", token |-> 0], n).granted
 
 \* Over the history of grants to a new holder: the token never decreases,
 \* successive distinct holders get strictly increasing tokens, and the

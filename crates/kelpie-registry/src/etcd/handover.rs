@@ -34,35 +34,28 @@ impl EtcdLeaseManager {
         }
     }
 
-    /// Acquires the lease on `actor_id`, waiting up to `max_wait_ms` for its holder to release
-    /// it (or for it to expire) if it is held. Fails with the last `HeldByOther` if it is still
-    /// held when the time runs out.
+    /// Acquires the lease on `actor_id`, waiting up to `max_wait_ms` (on the manager's clock)
+    /// for its holder to release it, or for it to expire, if it is held. The limit bounds the
+    /// waiting; each acquire attempt is bounded by the request timeout. Fails with the last
+    /// `HeldByOther` if the lease is still held when the time runs out.
     pub async fn acquire_waiting(
         &self,
         actor_id: &ActorId,
         node_id: &NodeId,
         max_wait_ms: u64,
     ) -> Result<Lease, LeaseError> {
-        let mut refusal = None;
-        let attempts = async {
-            loop {
-                match self.acquire(actor_id, node_id).await {
-                    Err(error @ LeaseError::HeldByOther { .. }) => {
-                        refusal = Some(error.clone());
-                        if !self.wait_until_free(actor_id, max_wait_ms).await? {
-                            return Err(error);
-                        }
+        let clock = &self.connection.clock;
+        let deadline_ms = clock.now_ms().saturating_add(max_wait_ms);
+        loop {
+            match self.acquire(actor_id, node_id).await {
+                Err(error @ LeaseError::HeldByOther { .. }) => {
+                    let remaining_ms = deadline_ms.saturating_sub(clock.now_ms());
+                    if remaining_ms == 0 || !self.wait_until_free(actor_id, remaining_ms).await? {
+                        return Err(error);
                     }
-                    other => return other,
                 }
+                other => return other,
             }
-        };
-        match tokio::time::timeout(Duration::from_millis(max_wait_ms), attempts).await {
-            Ok(result) => result,
-            Err(_elapsed) => Err(refusal.unwrap_or_else(|| {
-                let reason = format!("acquire did not complete within {max_wait_ms} ms");
-                StoreError::Unavailable { reason }.into()
-            })),
         }
     }
 

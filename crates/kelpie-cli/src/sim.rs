@@ -54,8 +54,8 @@ events per CPU second, time compression) go to stderr.
 
 On the first failing seed the run stops and exits 1. stdout then starts with DST_SEED=<n>,
 followed by the exact command that replays it, the invariant, the step, the message and the
-last events before it (with --json, the same as fields of the JSON object). The simulator
-also writes its own failure banner, starting with DST_SEED=<n>, to stderr.
+last events before it (with --json, the same as fields of the JSON object, and DST_SEED=<n>
+with the replay command go first to stderr).
 
 Exit codes: 0 no violation, 1 a seed failed, 2 bad usage.";
 
@@ -212,7 +212,9 @@ impl RunSettings {
             (STEPS_PER_NODE_SECOND_MAX * self.nodes * self.sim_secs).max(SIM_STEPS_MAX_DEFAULT);
         let config = SimConfig::new(seed)
             .with_steps_max(steps_max)
-            .with_reproduce_command(replay.clone());
+            .with_reproduce_command(replay.clone())
+            // The command prints DST_SEED and the replay command first itself, on stdout.
+            .with_failure_banner(false);
         let simulation = faults
             .iter()
             .fold(Simulation::new(config), |sim, fault| sim.with_fault(*fault));
@@ -273,6 +275,10 @@ pub fn run(args: SimArgs) -> Result<bool, CliError> {
     let (totals, kept) = sweep(&settings, base, count);
     let elapsed = stopwatch.elapsed();
     let failure = kept.as_ref().filter(|run| run.result.is_err());
+    if let (true, Some(run)) = (args.json, failure) {
+        // stdout is one JSON object; the replay instructions still come first, on stderr.
+        eprintln!("DST_SEED={}\n{}", run.seed, run.replay);
+    }
     let text = if args.json {
         report::render_json(&settings, plan_range(plan), &totals, failure)
     } else {

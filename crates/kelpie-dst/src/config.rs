@@ -47,6 +47,9 @@ pub struct SimConfig {
     /// The command printed to reproduce a failure. When `None`, one is derived from the test
     /// binary and test name.
     pub reproduce_command: Option<String>,
+    /// Whether a failing run prints the `DST_SEED=<n>` banner to stderr. A caller that prints
+    /// its own banner first (the `kelpie` command) turns it off.
+    pub print_failure_banner: bool,
 }
 
 impl SimConfig {
@@ -62,6 +65,7 @@ impl SimConfig {
             network_latency_ms_max: NETWORK_LATENCY_MS_MAX_DEFAULT,
             check_determinism: check_determinism_from_env(),
             reproduce_command: None,
+            print_failure_banner: true,
         }
     }
 
@@ -87,6 +91,12 @@ impl SimConfig {
     /// The seed in `DST_SEED`: `Ok(None)` if unset, [`SimError::InvalidSeed`] if malformed.
     pub fn seed_from_env() -> Result<Option<u64>, SimError> {
         seed_from_env()
+    }
+
+    /// Turns the stderr failure banner on or off.
+    pub fn with_failure_banner(mut self, print: bool) -> Self {
+        self.print_failure_banner = print;
+        self
     }
 
     /// Sets the step bound.

@@ -140,6 +140,9 @@ pub fn render_failure(config: &SimConfig, error: &SimError) -> String {
 
 /// Prints the failure banner to stderr in one write, through the test harness's capture.
 pub(crate) fn print_failure(config: &SimConfig, error: &SimError) {
+    if !config.print_failure_banner {
+        return;
+    }
     eprint!("{}", render_failure(config, error));
 }
 

@@ -55,7 +55,10 @@ fn test_swarm_lease_safety_and_liveness_with_every_mark_hit() {
             panic!("{phase} failure: {error}")
         });
         if std::env::var("DST_CHECK_DETERMINISM").as_deref() == Ok("1") {
-            assert!(report.sim.determinism_checked, "seed {seed} was run twice and compared");
+            assert!(
+                report.sim.determinism_checked,
+                "seed {seed} was run twice and compared"
+            );
         }
         for (fault, count) in &report.sim.faults_fired {
             *faults.entry(*fault).or_default() += count;

@@ -16,6 +16,10 @@
 //! - `keeper`: [`LeaseKeeper`], which renews a node's leases and keeps its beliefs.
 //! - `belief`: [`Belief`], the node's pure state machine of "I hold it until local time T".
 //! - `error`: [`LeaseError`], [`StoreError`], [`ConfigError`].
+//! - `placement`: [`Placement`], which activates an actor on a node only while the node's
+//!   keeper holds its lease, and says where an actor lives.
+//! - `fenced`: [`FencedStateStore`], actor state whose writes carry fencing tokens and are
+//!   refused once a higher token was seen; [`MemoryFencedStateStore`], [`SqliteFencedStateStore`].
 //!
 //! ```
 //! use kelpie_core::{ActorId, ManualClock, NodeId};
@@ -36,10 +40,12 @@
 mod belief;
 mod error;
 mod etcd;
+mod fenced;
 mod keeper;
 mod lease;
 mod manager;
 mod memory;
+mod placement;
 mod protocol;
 mod sqlite;
 mod store;
@@ -53,6 +59,11 @@ pub use etcd::{
     ETCD_KEY_PREFIX_DEFAULT, ETCD_REQUEST_TIMEOUT_MS_DEFAULT, ETCD_SCAN_PAGE_KEYS,
     ETCD_TIMEOUT_MS_MAX, ETCD_TIMEOUT_MS_MIN, ETCD_WATCH_FAILURES_MAX,
 };
+pub use fenced::{
+    FencedState, FencedStateStore, MemoryFencedStateStore, SqliteFencedStateStore, StateError,
+    STATE_SQLITE_APPLICATION_ID, STATE_SQLITE_BUSY_TIMEOUT_MS_DEFAULT,
+    STATE_SQLITE_BUSY_TIMEOUT_MS_MAX, STATE_SQLITE_SCHEMA_VERSION, STATE_VALUE_BYTES_MAX,
+};
 pub use keeper::{
     KeeperConfig, KeeperEvent, LeaseKeeper, LostReason, CLOCK_DRIFT_PPM_MAX_DEFAULT,
     COVERAGE_MARKS, MARK_BELIEF_ENDED, MARK_COMMIT_UNKNOWN_RESOLVED, MARK_RENEWAL_ABANDONED,
@@ -61,6 +72,7 @@ pub use keeper::{
 pub use lease::{Lease, LeaseConfig, LeaseOp, LeaseRecord, LeaseRequest};
 pub use manager::{LeaseManager, MemoryLeaseManager, ProtocolLeaseManager};
 pub use memory::MemoryLeaseStore;
+pub use placement::{Location, Placement};
 pub use protocol::{assert_record_well_formed, decide, DecideFn, Decision};
 pub use sqlite::{
     SqliteLeaseManager, SqliteLeaseStore, SqliteOptions, SqliteStats, GROUP_COMMIT_BATCH_MAX,

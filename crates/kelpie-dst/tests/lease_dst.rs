@@ -732,3 +732,47 @@ fn test_dst_lease_holder_crash() {
         assert_eq!(report.fault_fired(FaultType::NodeCrash), 1);
     }
 }
+
+#[test]
+fn test_dst_lease_reacquire_waits_for_an_unresolved_release() {
+    for seed in seeds() {
+        let report = run_world(seed, |env, world| async move {
+            let actor_id = world.actors()[0].clone();
+            let keeper = world.keeper(0).unwrap();
+            let held = acquire_until_granted(&env, &keeper, &actor_id).await?;
+            // Replies to node 0 are lost: its release may be applied, but it cannot know.
+            world
+                .network()
+                .partition_one_way(&[STORE_HOST], &[world.host(0)]);
+            let releasing = std::sync::Arc::clone(&keeper);
+            let release = env.spawn({
+                let actor_id = actor_id.clone();
+                async move { releasing.release(&actor_id).await }
+            });
+            env.sleep(Duration::from_millis(50)).await;
+            // A re-acquire now could be answered idempotently with the old token, and a
+            // delayed copy of the release would then free the lease under the new belief.
+            match keeper.acquire(&actor_id).await {
+                Err(LeaseError::Store(error)) if error.to_string().contains("in flight") => {}
+                other => return Err(format!("re-acquire during a release gave {other:?}")),
+            }
+            let outcome = release.await.map_err(|e| e.to_string())?;
+            if outcome.is_ok() {
+                return Err("a release whose replies were all lost reported success".into());
+            }
+            world.network().heal();
+            let again = acquire_until_granted(&env, &keeper, &actor_id).await?;
+            if again.fencing_token <= held.fencing_token {
+                return Err(format!(
+                    "re-acquired with token {} <= {}",
+                    again.fencing_token, held.fencing_token
+                ));
+            }
+            Ok(())
+        });
+        assert!(
+            report.fault_fired(FaultType::NetworkPartition) > 0,
+            "no reply was cut"
+        );
+    }
+}

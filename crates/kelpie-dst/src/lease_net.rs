@@ -6,6 +6,11 @@
 //! simulated store with the production decision function and sends the reply back. Messages
 //! can be lost, duplicated, delayed and partitioned; a duplicated or delayed request is
 //! harmless because acquire is idempotent and renew and release carry the fencing token.
+//!
+//! A store given a [`History`] (see [`NetLeaseStore::record_history`]) records every request's
+//! invocation and outcome there, on global time, for the linearizability check. A server
+//! started with [`serve_leases_with_stale_reads`] is deliberately broken: it sometimes decides
+//! on the previous version of a record, which that check must catch.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -16,13 +21,17 @@ use futures_channel::oneshot;
 use futures_util::future::{select, Either};
 use kelpie_core::ActorId;
 use kelpie_registry::{
-    DecideFn, Decision, LeaseRequest, LeaseStore, RecordSnapshot, StoreError, StoreSnapshot,
+    DecideFn, Decision, LeaseRecord, LeaseRequest, LeaseStore, RecordSnapshot, StoreError,
+    StoreSnapshot,
 };
 use send_wrapper::SendWrapper;
 
 use crate::clock::SimClock;
+use crate::history::{History, OpOutcome};
 use crate::network::{HostId, SimNetwork};
+use crate::rng::DeterministicRng;
 use crate::sim_lease_store::SimLeaseStore;
+use crate::storage::{StorageError, Versioned};
 use crate::SimEnv;
 
 /// The host the store runs on.
@@ -61,6 +70,7 @@ struct NetInner {
     pending: Pending,
     next_request_id: Cell<u64>,
     truth: SimLeaseStore,
+    history: RefCell<Option<History>>,
 }
 
 /// A node's view of the lease store, across the simulated network.
@@ -92,6 +102,7 @@ impl NetLeaseStore {
             pending,
             next_request_id: Cell::new(first_id),
             truth,
+            history: RefCell::new(None),
         };
         (
             Self {
@@ -99,6 +110,12 @@ impl NetLeaseStore {
             },
             router,
         )
+    }
+
+    /// Records every request from now on in `history`: its invocation and outcome, on global
+    /// simulated time.
+    pub fn record_history(&self, history: History) {
+        *self.inner.history.borrow_mut() = Some(history);
     }
 }
 
@@ -122,6 +139,36 @@ async fn route_replies(network: SimNetwork<LeaseMessage>, host: HostId, pending:
 impl NetInner {
     async fn call(
         self: Rc<Self>,
+        actor_id: ActorId,
+        request: LeaseRequest,
+        decide: DecideFn,
+    ) -> Result<Decision, StoreError> {
+        let history = self.history.borrow().clone();
+        let recorded = history.map(|history| {
+            let id = history.invoke(&actor_id, &request, self.clock.global_now_ms());
+            (history, id)
+        });
+        let outcome = self.exchange(actor_id, request, decide).await;
+        if let Some((history, id)) = recorded {
+            let responded_ms = self.clock.global_now_ms();
+            let outcome = match &outcome {
+                Ok(decision) => OpOutcome::Returned {
+                    responded_ms,
+                    reply: decision.reply.clone(),
+                },
+                Err(error) => OpOutcome::Failed {
+                    responded_ms,
+                    error: error.clone(),
+                },
+            };
+            history.respond(id, outcome);
+        }
+        outcome
+    }
+
+    /// Sends the request and waits for its reply, up to the timeout.
+    async fn exchange(
+        &self,
         actor_id: ActorId,
         request: LeaseRequest,
         decide: DecideFn,
@@ -182,6 +229,36 @@ impl LeaseStore for NetLeaseStore {
 /// Serves lease requests arriving at [`STORE_HOST`]: each is applied to the simulated store
 /// on its own task (so one slow write does not hold up the others) and answered.
 pub async fn serve_leases(env: SimEnv, network: SimNetwork<LeaseMessage>, store: SimLeaseStore) {
+    serve(env, network, store, None).await;
+}
+
+/// Probability that the stale-read server decides a request on the previous version of the
+/// record rather than the current one.
+pub const STALE_READ_PROBABILITY: f64 = 0.2;
+
+/// Like [`serve_leases`], but deliberately broken: with probability
+/// [`STALE_READ_PROBABILITY`] (drawn from the seed) a request is decided on the record as it
+/// was before its latest write, as a store reading from a lagging replica would, and the
+/// decision is written over the current record. Decisions it makes this way do not reach the
+/// decision-level checkers; the linearizability check must catch it.
+pub async fn serve_leases_with_stale_reads(
+    env: SimEnv,
+    network: SimNetwork<LeaseMessage>,
+    store: SimLeaseStore,
+) {
+    let stale = StaleReads {
+        rng: Rc::new(RefCell::new(env.rng("lease-net/stale-reads"))),
+        previous: Rc::default(),
+    };
+    serve(env, network, store, Some(stale)).await;
+}
+
+async fn serve(
+    env: SimEnv,
+    network: SimNetwork<LeaseMessage>,
+    store: SimLeaseStore,
+    stale: Option<StaleReads>,
+) {
     loop {
         let (from, message) = network.recv(STORE_HOST).await;
         let LeaseMessage::Request {
@@ -193,10 +270,13 @@ pub async fn serve_leases(env: SimEnv, network: SimNetwork<LeaseMessage>, store:
         else {
             continue;
         };
-        let (network, store) = (network.clone(), store.clone());
+        let (network, store, stale) = (network.clone(), store.clone(), stale.clone());
         // Dropping the handle detaches the task: the reply is sent when the store answers.
         drop(env.spawn(async move {
-            let outcome = store.apply_local(&actor_id, &request, decide).await;
+            let outcome = match stale {
+                None => store.apply_local(&actor_id, &request, decide).await,
+                Some(stale) => stale.apply(&store, &actor_id, &request, decide).await,
+            };
             network.send(
                 STORE_HOST,
                 from,
@@ -206,5 +286,60 @@ pub async fn serve_leases(env: SimEnv, network: SimNetwork<LeaseMessage>, store:
                 },
             );
         }));
+    }
+}
+
+/// The version a write created, and the record it replaced.
+type PreviousRecord = (u64, Option<LeaseRecord>);
+
+/// The stale-read server's memory: per actor, the record before its latest write, with the
+/// version that write created (so a failed write does not leave a wrong "previous").
+#[derive(Clone)]
+struct StaleReads {
+    rng: Rc<RefCell<DeterministicRng>>,
+    previous: Rc<RefCell<BTreeMap<ActorId, PreviousRecord>>>,
+}
+
+impl StaleReads {
+    async fn apply(
+        &self,
+        store: &SimLeaseStore,
+        actor_id: &ActorId,
+        request: &LeaseRequest,
+        decide: DecideFn,
+    ) -> Result<Decision, StoreError> {
+        let stale_draw = self.rng.borrow_mut().gen_bool(STALE_READ_PROBABILITY);
+        let previous = Rc::clone(&self.previous);
+        let key = actor_id.as_str().to_string();
+        let step = |current: Option<&Versioned<LeaseRecord>>, now_ms: u64| {
+            let version = current.map_or(0, |v| v.version);
+            let fresh = current.map(|v| v.value.clone());
+            let mut previous = previous.borrow_mut();
+            let stale = previous
+                .get(actor_id)
+                .filter(|(after, _)| *after == version)
+                .map(|(_, record)| record.clone());
+            let seen = match stale {
+                Some(record) if stale_draw => record,
+                _ => fresh.clone(),
+            };
+            let decision = decide(actor_id, seen.as_ref(), request, now_ms);
+            if decision.write.is_some() {
+                previous.insert(actor_id.clone(), (version + 1, fresh));
+            }
+            (decision.write.clone(), decision)
+        };
+        let outcome = store.storage().transact(&key, step).await;
+        outcome.map_err(|error| match error {
+            StorageError::CommitUnknown { .. } => StoreError::CommitUnknown {
+                reason: error.to_string(),
+            },
+            StorageError::WriteFailed { .. } => StoreError::WriteFailed {
+                reason: error.to_string(),
+            },
+            _ => StoreError::Unavailable {
+                reason: error.to_string(),
+            },
+        })
     }
 }

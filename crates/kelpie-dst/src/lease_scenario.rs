@@ -13,6 +13,7 @@ use crate::checkers::CheckerSet;
 use crate::lease_cluster::{ClusterConfig, LeaseOpCounts, SimLeaseClient, SimLeaseCluster};
 use crate::lease_events::{EventLog, LeaseEvent};
 use crate::lease_swarm::{run_swarm, SwarmSettings};
+use crate::linearizability::LinearizabilityReport;
 use crate::{SimEnv, SimError, SimReport, Simulation};
 
 /// Probability that a node holding a lease releases it rather than renewing it.
@@ -45,6 +46,9 @@ pub struct LeaseScenario {
     pub bug_belief_from_reply: bool,
     /// Deliberately wrong keeper: no drift margin, while clocks do drift.
     pub bug_no_drift_margin: bool,
+    /// Deliberately wrong store (networked mode): it sometimes decides a request on the
+    /// previous version of the record. The linearizability check must catch it.
+    pub bug_stale_reads: bool,
 }
 
 /// How the nodes of a scenario reach the store.
@@ -78,6 +82,7 @@ impl Default for LeaseScenario {
             check_liveness: true,
             bug_belief_from_reply: false,
             bug_no_drift_margin: false,
+            bug_stale_reads: false,
         }
     }
 }
@@ -89,6 +94,8 @@ pub struct LeaseRunReport {
     pub sim: SimReport,
     /// What the nodes did.
     pub ops: LeaseOpCounts,
+    /// What the linearizability check of the lease history covered (networked runs only).
+    pub linearizability: Option<LinearizabilityReport>,
 }
 
 impl LeaseScenario {
@@ -114,16 +121,19 @@ impl LeaseScenario {
     ) -> (Result<LeaseRunReport, SimError>, Vec<LeaseEvent>) {
         let counts = Rc::new(Cell::new(LeaseOpCounts::default()));
         let events = Rc::new(RefCell::new(EventLog::default()));
-        let (counts_out, events_out) = (counts.clone(), events.clone());
+        let checked = Rc::new(Cell::new(None));
+        let (counts_out, events_out, checked_out) =
+            (counts.clone(), events.clone(), checked.clone());
         let sim = simulation.run(move |env| {
-            let (counts, events) = (counts.clone(), events.clone());
+            let (counts, events, checked) = (counts.clone(), events.clone(), checked.clone());
             async move {
                 let cluster = SimLeaseCluster::new(&env, self.cluster)?;
                 cluster.count_decisions(self.mode == ScenarioMode::Networked);
                 *events.borrow_mut() = cluster.events().clone();
                 let outcome = self.drive(&env, &cluster).await;
                 counts.set(cluster.counts());
-                outcome
+                checked.set(outcome.as_ref().ok().copied().flatten());
+                outcome.map(|_| ())
             }
         });
         let events = events_out.borrow().to_vec();
@@ -131,12 +141,17 @@ impl LeaseScenario {
             sim.map(|sim| LeaseRunReport {
                 sim,
                 ops: counts_out.get(),
+                linearizability: checked_out.get(),
             }),
             events,
         )
     }
 
-    async fn drive(self, env: &SimEnv, cluster: &SimLeaseCluster) -> Result<(), String> {
+    async fn drive(
+        self,
+        env: &SimEnv,
+        cluster: &SimLeaseCluster,
+    ) -> Result<Option<LinearizabilityReport>, String> {
         if self.mode == ScenarioMode::Networked {
             let settings = SwarmSettings {
                 nodes_count: self.nodes_count,
@@ -148,8 +163,10 @@ impl LeaseScenario {
                 bug_no_drift_margin: self.bug_no_drift_margin,
                 check_liveness: self.check_liveness,
                 app_loop: true,
+                bug_stale_reads: self.bug_stale_reads,
             };
-            return run_swarm(env.clone(), cluster.clone(), self.cluster, settings).await;
+            let checked = run_swarm(env.clone(), cluster.clone(), self.cluster, settings).await?;
+            return Ok(Some(checked));
         }
         let actors: Vec<ActorId> = (0..self.actors_count)
             .map(|i| ActorId::new(format!("actor-{i}")).expect("valid actor id"))
@@ -162,7 +179,8 @@ impl LeaseScenario {
         for handle in handles {
             handle.await.map_err(|cancelled| cancelled.to_string())?;
         }
-        Ok(())
+        // Direct-store nodes do not go through the network, where the history is recorded.
+        Ok(None)
     }
 
     /// Each node's clock gets its own offset and a drift within the bound, drawn from the seed.

@@ -2,7 +2,9 @@
 //! through the simulated network, while a chaos task partitions them (both ways and one way),
 //! crashes and restarts them and the store, and jumps their clocks, each as often as the
 //! seed's fault mix says. After the safety phase everything heals, and in the liveness phase
-//! every actor a live node wants must get a holder within two lease durations.
+//! every actor a live node wants must get a holder within two lease durations. Every lease
+//! operation the nodes make is recorded in a [`History`], and at the end of the run the
+//! history must be linearizable against the lease store's sequential model.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -17,8 +19,12 @@ use kelpie_registry::{
 
 use crate::clock::SimClock;
 use crate::fault::FaultType;
+use crate::history::History;
 use crate::lease_cluster::{ClusterConfig, SimLeaseCluster};
-use crate::lease_net::{serve_leases, LeaseMessage, NetLeaseStore, STORE_HOST};
+use crate::lease_net::{
+    serve_leases, serve_leases_with_stale_reads, LeaseMessage, NetLeaseStore, STORE_HOST,
+};
+use crate::linearizability::{check_history, LinearizabilityReport};
 use crate::network::{HostId, SimNetwork};
 use crate::rng::DeterministicRng;
 use crate::{JoinHandle, SimEnv};
@@ -30,6 +36,9 @@ const RELEASE_PROBABILITY: f64 = 0.1;
 
 /// A simulated node's keeper: the production keeper over the networked store.
 pub type Keeper = LeaseKeeper<ProtocolLeaseManager<NetLeaseStore>>;
+
+/// A simulated node's lease manager: the production protocol over the networked store.
+pub type NetLeaseManager = ProtocolLeaseManager<NetLeaseStore>;
 
 /// Which phase a run is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +71,9 @@ pub struct SwarmSettings {
     /// Whether each node runs its own loop of acquires and releases. Targeted tests turn it
     /// off and drive the keepers themselves.
     pub app_loop: bool,
+    /// Deliberately wrong store: it sometimes decides on the previous version of a record
+    /// (see [`serve_leases_with_stale_reads`]).
+    pub bug_stale_reads: bool,
 }
 
 impl SwarmSettings {
@@ -77,6 +89,7 @@ impl SwarmSettings {
             bug_no_drift_margin: false,
             check_liveness: true,
             app_loop: true,
+            bug_stale_reads: false,
         }
     }
 }
@@ -93,6 +106,7 @@ pub struct SwarmWorld {
     actors: Vec<ActorId>,
     phase: Cell<Phase>,
     nodes: RefCell<Vec<Rc<SwarmNode>>>,
+    history: History,
 }
 
 /// One networked node and its current incarnation.
@@ -102,6 +116,7 @@ struct SwarmNode {
     clock: SimClock,
     incarnation: Cell<u32>,
     keeper: RefCell<Option<Arc<Keeper>>>,
+    manager: RefCell<Option<Arc<NetLeaseManager>>>,
     lost: RefCell<Option<UnboundedReceiver<KeeperEvent>>>,
     tasks: RefCell<Vec<JoinHandle<()>>>,
 }
@@ -130,14 +145,16 @@ impl SwarmNode {
             timeout_ms,
             truth,
         );
+        store.record_history(world.history.clone());
         let lease_config =
             LeaseConfig::new(world.config.lease_duration_ms).map_err(|e| e.to_string())?;
-        let manager =
-            ProtocolLeaseManager::new(store, lease_config).with_decide_fn(world.config.decide);
+        let manager = Arc::new(
+            ProtocolLeaseManager::new(store, lease_config).with_decide_fn(world.config.decide),
+        );
         let keeper_config = keeper_config(&world.config, &world.settings)?;
         let clock = Arc::new(self.clock.clone());
         let (keeper, lost) = LeaseKeeper::new(
-            Arc::new(manager),
+            Arc::clone(&manager),
             clock,
             self.node_id.clone(),
             keeper_config,
@@ -154,6 +171,7 @@ impl SwarmNode {
             tasks.push(world.env.spawn(app));
         }
         *self.keeper.borrow_mut() = Some(keeper);
+        *self.manager.borrow_mut() = Some(manager);
         *self.lost.borrow_mut() = Some(lost);
         *self.tasks.borrow_mut() = tasks;
         Ok(())
@@ -165,6 +183,7 @@ impl SwarmNode {
             task.abort();
         }
         *self.keeper.borrow_mut() = None;
+        *self.manager.borrow_mut() = None;
         *self.lost.borrow_mut() = None;
         world.cluster.board().crashed(&self.node_id);
     }
@@ -183,28 +202,32 @@ fn keeper_config(config: &ClusterConfig, settings: &SwarmSettings) -> Result<Kee
     Ok(keeper)
 }
 
-/// Runs the swarm in `env`: safety phase, healing, liveness phase. Returns a message naming
-/// the phase if liveness fails; safety violations fail the run through the checkers.
+/// Runs the swarm in `env`: safety phase, healing, liveness phase, and the linearizability
+/// check of the whole history. Returns a message naming the failure if the history is not
+/// linearizable or liveness fails; safety violations fail the run through the checkers.
 pub(crate) async fn run_swarm(
     env: SimEnv,
     cluster: SimLeaseCluster,
     config: ClusterConfig,
     settings: SwarmSettings,
-) -> Result<(), String> {
+) -> Result<LinearizabilityReport, String> {
     let world = SwarmWorld::new(&env, cluster, config, settings);
     world.start_all()?;
-    let chaos = env.spawn(chaos_loop(Rc::clone(&world)));
+    let chaos = world.spawn_chaos();
     env.sleep(Duration::from_millis(settings.safety_phase_ms))
         .await;
     chaos.abort();
     world.heal()?;
     if !settings.check_liveness {
-        return Ok(());
+        return world.check_linearizability();
     }
     let heal_ms = env.now_ms();
     env.sleep(Duration::from_millis(2 * config.lease_duration_ms))
         .await;
-    world.check_liveness(heal_ms)
+    // A history that is not linearizable is the deeper failure, so it is judged first.
+    let checked = world.check_linearizability()?;
+    world.check_liveness(heal_ms)?;
+    Ok(checked)
 }
 
 impl SwarmWorld {
@@ -216,8 +239,17 @@ impl SwarmWorld {
         settings: SwarmSettings,
     ) -> Rc<Self> {
         let network = SimNetwork::new(env, settings.nodes_count + 1);
-        let server = serve_leases(env.clone(), network.clone(), cluster.store().clone());
-        drop(env.spawn(server));
+        let (server_env, server_network, store) =
+            (env.clone(), network.clone(), cluster.store().clone());
+        if settings.bug_stale_reads {
+            drop(env.spawn(serve_leases_with_stale_reads(
+                server_env,
+                server_network,
+                store,
+            )));
+        } else {
+            drop(env.spawn(serve_leases(server_env, server_network, store)));
+        }
         let actors = (0..settings.actors_count)
             .map(|i| ActorId::new(format!("actor-{i}")).expect("valid actor id"))
             .collect();
@@ -230,6 +262,7 @@ impl SwarmWorld {
             actors,
             phase: Cell::new(Phase::Safety),
             nodes: RefCell::new(Vec::new()),
+            history: History::new(),
         });
         let nodes = (0..settings.nodes_count)
             .map(|i| Rc::new(new_node(&world, i)))
@@ -268,6 +301,35 @@ impl SwarmWorld {
     /// Node `index`'s keeper, if it is up.
     pub fn keeper(&self, index: usize) -> Option<Arc<Keeper>> {
         self.node(index).keeper.borrow().clone()
+    }
+
+    /// Node `index`'s lease manager (the one its keeper uses), if it is up.
+    pub fn manager(&self, index: usize) -> Option<Arc<NetLeaseManager>> {
+        self.node(index).manager.borrow().clone()
+    }
+
+    /// Starts the chaos task: partitions, crashes and restarts, clock jumps and store crashes,
+    /// each as often as the seed's fault mix says, until it is aborted.
+    pub fn spawn_chaos(self: &Rc<Self>) -> JoinHandle<()> {
+        self.env.spawn(chaos_loop(Rc::clone(self)))
+    }
+
+    /// The phase the run is in: [`Phase::Liveness`] once [`heal`](Self::heal) was called.
+    pub fn phase(&self) -> Phase {
+        self.phase.get()
+    }
+
+    /// Every lease operation the nodes made so far, as they saw it.
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// Checks that the history so far is linearizable against the lease store's sequential
+    /// model. The error names the actor and lists the smallest offending window.
+    pub fn check_linearizability(&self) -> Result<LinearizabilityReport, String> {
+        self.history
+            .with_ops(check_history)
+            .map_err(|error| error.to_string())
     }
 
     /// The next event node `index`'s keeper sent its owner, if any.
@@ -357,6 +419,7 @@ fn new_node(world: &SwarmWorld, index: usize) -> SwarmNode {
         clock: world.env.node_clock(offset_ms, drift_ppm),
         incarnation: Cell::new(0),
         keeper: RefCell::new(None),
+        manager: RefCell::new(None),
         lost: RefCell::new(None),
         tasks: RefCell::new(Vec::new()),
     }

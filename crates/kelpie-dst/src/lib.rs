@@ -27,6 +27,9 @@
 //! - [`lease_swarm`]: [`SwarmWorld`], networked nodes with production keepers, and chaos.
 //! - [`lease_scenario`]: [`LeaseScenario`], nodes contending for leases under faults.
 //! - [`mutations`]: deliberately broken protocols the checkers must catch.
+//! - [`history`]: [`History`], every lease operation's invocation and response as nodes saw them.
+//! - [`linearizability`]: [`check_history`], a Wing–Gong checker of such histories against the
+//!   lease store's sequential model, run at the end of every swarm seed.
 //! - [`swarm`]: [`swarm_faults`], a fault mix drawn per seed.
 //! - [`error`]: [`SimError`], why a run (or its configuration) failed.
 //!
@@ -58,12 +61,14 @@ pub mod error;
 mod executor;
 pub mod failure;
 pub mod fault;
+pub mod history;
 mod injector;
 pub mod lease_cluster;
 pub mod lease_events;
 pub mod lease_net;
 pub mod lease_scenario;
 pub mod lease_swarm;
+pub mod linearizability;
 pub mod mutations;
 pub mod network;
 pub mod report;
@@ -86,12 +91,17 @@ pub use config::{
 pub use env::SimEnv;
 pub use error::SimError;
 pub use fault::{FaultConfig, FaultStats, FaultType};
+pub use history::{History, HistoryOp, HistoryOpId, OpOutcome};
 pub use lease_cluster::{
     ClusterConfig, LeaseOpCounts, SimLeaseClient, SimLeaseCluster, STORE_RETRIES_MAX,
 };
 pub use lease_events::{EventLog, LeaseEvent, LeaseEventKind};
 pub use lease_scenario::{LeaseRunReport, LeaseScenario, ScenarioMode};
-pub use lease_swarm::{Keeper, SwarmSettings, SwarmWorld};
+pub use lease_swarm::{Keeper, NetLeaseManager, SwarmSettings, SwarmWorld};
+pub use linearizability::{
+    check_history, LinearizabilityError, LinearizabilityReport, OffendingWindow,
+    LINEARIZABILITY_SEARCH_STATES_MAX,
+};
 pub use network::{HostId, NetworkConfig, Recv, SimNetwork};
 pub use report::SimReport;
 pub use rng::DeterministicRng;

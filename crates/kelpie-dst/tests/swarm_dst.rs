@@ -1,12 +1,14 @@
 //! The swarm: many seeds, each with its own fault mix, over the networked lease scenario
 //! (production keepers, partitions, crashes, clock drift and jumps, storage faults), each with
-//! a safety phase and a liveness phase.
+//! a safety phase and a liveness phase, and at its end a linearizability check of every lease
+//! operation the nodes made.
 //!
 //! `DST_SEEDS=<n>` sets how many seeds run (default 40); `DST_SEED=<n>` runs exactly one.
 //! `cargo test -p kelpie-dst --release --test swarm_dst -- --nocapture` prints the figures.
 
 use std::collections::BTreeMap;
 
+use kelpie_dst::checkers::CheckerSet;
 use kelpie_dst::config::seed_from_env;
 use kelpie_dst::{
     swarm_faults, FaultType, LeaseRunReport, LeaseScenario, SimConfig, SimError, Simulation,
@@ -18,6 +20,9 @@ use kelpie_registry::COVERAGE_MARKS;
 const SEEDS_DEFAULT: u64 = 40;
 /// Seeds a broken keeper may survive before the swarm must have caught it.
 const MUTATION_SEEDS_MAX: u64 = 500;
+/// Seeds a store serving stale reads may survive before the linearizability check must have
+/// caught it.
+const STALE_READ_SEEDS_MAX: u64 = 200;
 
 fn seeds() -> Vec<u64> {
     if let Some(seed) = seed_from_env().expect("DST_SEED must be a decimal u64") {
@@ -44,6 +49,7 @@ fn test_swarm_lease_safety_and_liveness_with_every_mark_hit() {
     let mut faults: BTreeMap<FaultType, u64> = BTreeMap::new();
     let mut marks: BTreeMap<&'static str, u64> = BTreeMap::new();
     let (mut sim_ms, mut ops) = (0u64, 0u64);
+    let (mut checked_ops, mut unanswered_ops, mut search_states) = (0, 0, 0);
     let _ = kelpie_core::coverage::take_hits();
     for &seed in &seeds {
         let report = run_seed(seed, LeaseScenario::default()).unwrap_or_else(|error| {
@@ -68,11 +74,22 @@ fn test_swarm_lease_safety_and_liveness_with_every_mark_hit() {
         }
         sim_ms += report.sim.sim_time_ms;
         ops += report.ops.total();
+        let checked = report
+            .linearizability
+            .unwrap_or_else(|| panic!("seed {seed}: the history was not checked"));
+        assert!(checked.operations_checked > 0, "seed {seed}: empty history");
+        checked_ops += checked.operations_checked;
+        unanswered_ops += checked.unknown_operations;
+        search_states += checked.states_explored;
     }
     println!(
         "swarm: {} seeds, {} simulated s, {ops} lease operations, zero violations",
         seeds.len(),
         sim_ms / 1000
+    );
+    println!(
+        "  linearizable: {checked_ops} recorded operations ({unanswered_ops} unanswered), \
+         {search_states} search states"
     );
     for (fault, count) in &faults {
         println!("  fault {:<24} fired {count}", fault.name());
@@ -123,4 +140,35 @@ fn test_swarm_catches_keeper_without_drift_margin() {
         invariant == "BeliefConsistency" || invariant == "LeaseUniqueness",
         "{invariant}"
     );
+}
+
+/// The store sometimes decides a request on the previous version of the record (a stale read)
+/// and writes the decision over the current one. The linearizability check, and only it (the
+/// other checkers are off), must catch that within [`STALE_READ_SEEDS_MAX`] seeds, and say
+/// where.
+#[test]
+fn test_swarm_linearizability_catches_stale_reads() {
+    let base = SimConfig::from_env_or_random().seed;
+    for i in 0..STALE_READ_SEEDS_MAX {
+        let mut scenario = LeaseScenario::default();
+        scenario.bug_stale_reads = true;
+        scenario.cluster.checkers = CheckerSet::NONE;
+        let message = match run_seed(base.wrapping_add(i), scenario) {
+            Ok(_) => continue,
+            Err(SimError::ScenarioFailed { message, .. }) => message,
+            Err(other) => panic!("the stale store failed otherwise: {other}"),
+        };
+        assert!(
+            message.contains("linearizability violation on actor-"),
+            "the stale store failed otherwise: {message}"
+        );
+        assert!(message.contains("smallest offending window"), "{message}");
+        println!(
+            "stale reads caught by the linearizability check after {} seeds:",
+            i + 1
+        );
+        println!("{message}");
+        return;
+    }
+    panic!("a store serving stale reads survived {STALE_READ_SEEDS_MAX} seeds from {base}");
 }

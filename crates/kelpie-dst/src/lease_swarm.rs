@@ -115,6 +115,10 @@ struct SwarmNode {
     node_id: NodeId,
     clock: SimClock,
     incarnation: Cell<u32>,
+    /// The identity this incarnation holds leases under: `node-<i>@<incarnation>`. A restarted
+    /// process is a new holder, so a delayed request from its previous life (a release still
+    /// in the network when it crashed) can never match a lease it holds now.
+    holder_id: RefCell<NodeId>,
     keeper: RefCell<Option<Arc<Keeper>>>,
     manager: RefCell<Option<Arc<NetLeaseManager>>>,
     lost: RefCell<Option<UnboundedReceiver<KeeperEvent>>>,
@@ -134,6 +138,9 @@ impl SwarmNode {
     fn start(self: &Rc<Self>, world: &Rc<SwarmWorld>) -> Result<(), String> {
         let incarnation = self.incarnation.get() + 1;
         self.incarnation.set(incarnation);
+        let holder_id =
+            NodeId::new(format!("{}@{incarnation}", self.node_id)).map_err(|e| e.to_string())?;
+        *self.holder_id.borrow_mut() = holder_id.clone();
         let timeout_ms = world.settings.request_timeout_ms;
         let truth = world.cluster.store().clone();
         let (store, router) = NetLeaseStore::connect(
@@ -156,11 +163,11 @@ impl SwarmNode {
         let (keeper, lost) = LeaseKeeper::new(
             Arc::clone(&manager),
             clock,
-            self.node_id.clone(),
+            holder_id.clone(),
             keeper_config,
         );
         world.cluster.board().set_keeper(
-            &self.node_id,
+            &holder_id,
             self.clock.clone(),
             Rc::new(Arc::clone(&keeper)),
         );
@@ -185,7 +192,7 @@ impl SwarmNode {
         *self.keeper.borrow_mut() = None;
         *self.manager.borrow_mut() = None;
         *self.lost.borrow_mut() = None;
-        world.cluster.board().crashed(&self.node_id);
+        world.cluster.board().crashed(&self.holder_id.borrow());
     }
 }
 
@@ -337,9 +344,10 @@ impl SwarmWorld {
         self.node(index).lost.borrow_mut().as_mut()?.try_recv().ok()
     }
 
-    /// Node `index`'s id.
+    /// Node `index`'s current holder id: its name and incarnation (`node-0@1`), the identity
+    /// the store knows its leases under.
     pub fn node_id(&self, index: usize) -> NodeId {
-        self.node(index).node_id.clone()
+        self.node(index).holder_id.borrow().clone()
     }
 
     /// Node `index`'s clock.
@@ -418,6 +426,7 @@ fn new_node(world: &SwarmWorld, index: usize) -> SwarmNode {
         node_id: NodeId::new(format!("node-{index}")).expect("valid"),
         clock: world.env.node_clock(offset_ms, drift_ppm),
         incarnation: Cell::new(0),
+        holder_id: RefCell::new(NodeId::new(format!("node-{index}@0")).expect("valid")),
         keeper: RefCell::new(None),
         manager: RefCell::new(None),
         lost: RefCell::new(None),
@@ -519,7 +528,7 @@ async fn chaos_loop(world: Rc<SwarmWorld>) {
         if world.env.should_inject(FaultType::ClockJump) {
             let jump_ms = rng.gen_range(1..=world.config.lease_duration_ms);
             node.clock.jump_forward(jump_ms);
-            world.cluster.board().clock_jumped(&node.node_id);
+            world.cluster.board().clock_jumped(&node.holder_id.borrow());
             log_fault(&world, format!("clock jump {} +{jump_ms} ms", node.node_id));
         }
         if world.env.should_inject(FaultType::StorageCrash) {

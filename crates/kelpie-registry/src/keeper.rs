@@ -193,6 +193,12 @@ pub struct LeaseKeeper<M> {
 
 impl<M: LeaseManager> LeaseKeeper<M> {
     /// A keeper for `node_id`, and the receiver of its [`KeeperEvent`]s.
+    ///
+    /// Give every process its own holder id, for instance `node-a@<boot counter>`: requests of
+    /// a crashed process can still be in the network, and a release from an earlier life must
+    /// not match a lease the new process holds under the same id and token. Within one
+    /// process the keeper guarantees this itself by never re-acquiring an actor while its
+    /// release is unresolved (the TLA+ model's assumption A1, `docs/tla/README.md`).
     pub fn new(
         manager: Arc<M>,
         clock: SharedClock,

@@ -50,7 +50,7 @@ mod protocol;
 mod sqlite;
 mod store;
 
-pub use belief::{Belief, BeliefConfig, HeldBelief};
+pub use belief::{Belief, BeliefConfig, HeldBelief, CLOCK_DRIFT_PPM_MAX_LIMIT};
 pub use error::{ConfigError, LeaseError, StoreError};
 pub use etcd::{
     parse_endpoints, EtcdCredentials, EtcdLeaseManager, EtcdOptions, EtcdStats, NodeSession,

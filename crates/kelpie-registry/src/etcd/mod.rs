@@ -117,7 +117,7 @@ pub const ETCD_ACQUIRE_ATTEMPTS_MAX: u32 = 4;
 /// unbounded reply.
 pub const ETCD_SCAN_PAGE_KEYS: i64 = 1_000;
 
-/// Leases on actors, in etcd. See the [module documentation](self) for the layout, the
+/// Leases on actors, in etcd. See the source of `kelpie_registry::etcd` (module `etcd/mod.rs`) for the layout, the
 /// fencing token, node sessions and what the times in a [`Lease`] mean.
 pub struct EtcdLeaseManager {
     connection: Connection,

@@ -117,8 +117,8 @@ pub const ETCD_ACQUIRE_ATTEMPTS_MAX: u32 = 4;
 /// unbounded reply.
 pub const ETCD_SCAN_PAGE_KEYS: i64 = 1_000;
 
-/// Leases on actors, in etcd. See the source of `kelpie_registry::etcd` (module `etcd/mod.rs`) for the layout, the
-/// fencing token, node sessions and what the times in a [`Lease`] mean.
+/// Leases on actors, in etcd. The comments at the top of `src/etcd/mod.rs` explain the key
+/// layout, the fencing token, node sessions and what the times in a [`Lease`] mean.
 pub struct EtcdLeaseManager {
     connection: Connection,
     keys: Keys,

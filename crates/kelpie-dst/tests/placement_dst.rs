@@ -1,0 +1,715 @@
+//! Placement end to end under faults: many networked nodes activate, use and deactivate the
+//! same few actors through [`Placement`] on production keepers, and write the actors' state
+//! through a fenced state store, while the swarm's chaos partitions them (both ways and one
+//! way), crashes and restarts them, jumps their clocks and crashes the lease store, and the
+//! seed's fault mix fails and delays storage and messages. Then everything heals.
+//!
+//! A node activates an actor by acquiring its lease and then fencing the state store with its
+//! token; it writes only while `active_token` says it is active, and every write travels to
+//! the state store on its own, with a delay drawn on the node's clock (sometimes long), while
+//! the node goes on: that delay is how a node that lost its lease ends up writing late.
+//! Judged, per seed:
+//!
+//! - at no simulated instant are two nodes active on the same actor: after every step, every
+//!   actor a placement says is active is held by that node at the store, with that token,
+//!   unexpired; and the activity intervals (from each keeper's belief, ending at the global
+//!   instant the belief ends) of two nodes on one actor never overlap;
+//! - the state store accepted tokens in non-decreasing order per actor;
+//! - every write by a node that had lost its lease to a node that then activated the actor
+//!   (fenced the store) was rejected, no other write was, and no write of the lease's current
+//!   holder was. A late write that lands before any successor activated is accepted: the
+//!   store orders it before the successor's activation, which reads it;
+//! - after healing every actor is active on the node that wants it, and the store agrees;
+//! - the lease history is linearizable.
+//!
+//! `DST_SEEDS=<n>` sets how many seeds run (default [`SEEDS_DEFAULT`]); `DST_SEED=<n>` runs
+//! exactly one. `--nocapture` prints the figures.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kelpie_core::{ActorId, FencingToken, NodeId};
+use kelpie_dst::config::seed_from_env;
+use kelpie_dst::lease_swarm::Phase;
+use kelpie_dst::{
+    swarm_faults, DeterministicRng, FaultType, Keeper, LeaseScenario, NetLeaseManager, SimConfig,
+    SimEnv, SimLeaseCluster, SimReport, Simulation, SwarmSettings, SwarmWorld, SWARM_LEASE_FAULTS,
+};
+use kelpie_registry::{FencedStateStore, Location, MemoryFencedStateStore, Placement, StateError};
+
+/// Seeds run when `DST_SEEDS` is not set.
+const SEEDS_DEFAULT: u64 = 16;
+/// Nodes contending.
+const NODES_COUNT: usize = 5;
+/// Actors they contend for: few, so that every actor changes hands often.
+const ACTORS_COUNT: usize = 4;
+/// Length of the phase with faults.
+const SAFETY_PHASE_MS: u64 = 20_000;
+/// Lease durations given to the healed world before every wanted actor must be active.
+const SETTLE_LEASE_DURATIONS: u64 = 3;
+/// Longest pause between two visits of a node's loop, on its clock.
+const THINK_TIME_MS_MAX: u64 = 100;
+/// Probability that a node deactivates an actor it is active on, on a visit.
+const DEACTIVATE_PROBABILITY: f64 = 0.15;
+/// Probability that a state write or fence is held up in the network for long.
+const LONG_DELAY_PROBABILITY: f64 = 0.1;
+/// Longest ordinary network delay of a state write, in ms.
+const SHORT_DELAY_MS_MAX: u64 = 5;
+
+type NodePlacement = Placement<NetLeaseManager>;
+
+/// A state operation as it reached the state store.
+#[derive(Debug, Clone)]
+struct StateOp {
+    actor_id: ActorId,
+    node: usize,
+    token: FencingToken,
+    /// An activation's fence rather than a write.
+    fence: bool,
+    arrival_ms: u64,
+    accepted: bool,
+    /// Whether the lease store had the writer as holder with this token, unexpired, when the
+    /// operation arrived.
+    held_at_arrival: bool,
+}
+
+/// One node's activity on one actor: from the keeper's belief start to its end, on global
+/// time.
+#[derive(Debug, Clone, Copy)]
+struct Interval {
+    node: usize,
+    token: FencingToken,
+    start_ms: u64,
+    end_ms: u64,
+}
+
+/// What each node is active on, as its keeper believes, followed after every step.
+#[derive(Default)]
+struct Activations {
+    /// Per node: what was seen of it last.
+    seen: Vec<NodeSeen>,
+    /// Per actor, every interval so far (by index in `all`).
+    all: Vec<(ActorId, Interval)>,
+}
+
+/// A node's keeper as last seen, and the intervals open on it.
+struct NodeSeen {
+    keeper: Option<Arc<Keeper>>,
+    belief_epoch: u64,
+    /// Per actor, the index of its open interval in [`Activations::all`].
+    open: BTreeMap<ActorId, usize>,
+}
+
+/// Figures of one seed.
+#[derive(Debug, Default, Clone, Copy)]
+struct Figures {
+    activations: u64,
+    deactivations: u64,
+    routed: u64,
+    lost_events: u64,
+    writes_accepted: u64,
+    writes_rejected: u64,
+    late_writes_rejected: u64,
+    late_writes_accepted_before_successor: u64,
+}
+
+/// Shared by the nodes' loops and the checks of one run.
+struct Ctx {
+    env: SimEnv,
+    world: Rc<SwarmWorld>,
+    state: MemoryFencedStateStore,
+    ops: RefCell<Vec<StateOp>>,
+    placements: RefCell<Vec<Option<Rc<NodePlacement>>>>,
+    figures: Cell<Figures>,
+    write_seq: Cell<u64>,
+}
+
+impl Ctx {
+    fn count(&self, update: impl FnOnce(&mut Figures)) {
+        let mut figures = self.figures.get();
+        update(&mut figures);
+        self.figures.set(figures);
+    }
+
+    fn is_current(&self, node: usize, keeper: &Arc<Keeper>) -> bool {
+        self.world
+            .keeper(node)
+            .is_some_and(|current| Arc::ptr_eq(&current, keeper))
+    }
+}
+
+fn seeds() -> Vec<u64> {
+    if let Some(seed) = seed_from_env().expect("DST_SEED must be a decimal u64") {
+        return vec![seed];
+    }
+    let count = std::env::var("DST_SEEDS")
+        .map(|v| v.parse().expect("DST_SEEDS must be a number"))
+        .unwrap_or(SEEDS_DEFAULT);
+    let base = SimConfig::from_env_or_random().seed;
+    (0..count).map(|i| base.wrapping_add(i)).collect()
+}
+
+/// The node that wants `actor_index` once everything healed.
+fn wanter(actor_index: usize) -> usize {
+    actor_index % NODES_COUNT
+}
+
+#[test]
+fn test_dst_single_activation_under_faults() {
+    let seeds = seeds();
+    let mut faults: BTreeMap<FaultType, u64> = BTreeMap::new();
+    let mut total = Figures::default();
+    for &seed in &seeds {
+        let (report, figures) = run_seed(seed);
+        for (fault, count) in &report.faults_fired {
+            *faults.entry(*fault).or_default() += count;
+        }
+        assert!(
+            figures.activations > 0,
+            "seed {seed}: nothing was activated"
+        );
+        assert!(
+            figures.writes_accepted > 0,
+            "seed {seed}: nothing was written"
+        );
+        total = add(total, figures);
+    }
+    println!(
+        "placement: {} seeds, zero violations; {total:?}",
+        seeds.len()
+    );
+    for (fault, count) in &faults {
+        println!("  fault {:<24} fired {count}", fault.name());
+    }
+    if seeds.len() as u64 >= SEEDS_DEFAULT {
+        let fired = |list: &[FaultType]| {
+            list.iter()
+                .map(|f| faults.get(f).copied().unwrap_or(0))
+                .sum::<u64>()
+        };
+        assert!(
+            fired(&[FaultType::PartitionTwoWay, FaultType::PartitionOneWay]) > 0,
+            "no partition"
+        );
+        assert!(fired(&[FaultType::NodeCrash]) > 0, "no node crash");
+        assert!(fired(&[FaultType::ClockJump]) > 0, "no clock jump");
+        let storage = [
+            FaultType::StorageWriteFail,
+            FaultType::StorageCommitUnknown,
+            FaultType::StorageCrash,
+        ];
+        assert!(fired(&storage) > 0, "no storage fault");
+        assert!(
+            total.late_writes_rejected > 0,
+            "the fence never had to reject a late write"
+        );
+        assert!(
+            total.lost_events > 0,
+            "no keeper ever reported a lost lease"
+        );
+        assert!(
+            total.routed > 0,
+            "no request was ever routed to another node"
+        );
+    }
+}
+
+fn add(a: Figures, b: Figures) -> Figures {
+    Figures {
+        activations: a.activations + b.activations,
+        deactivations: a.deactivations + b.deactivations,
+        routed: a.routed + b.routed,
+        lost_events: a.lost_events + b.lost_events,
+        writes_accepted: a.writes_accepted + b.writes_accepted,
+        writes_rejected: a.writes_rejected + b.writes_rejected,
+        late_writes_rejected: a.late_writes_rejected + b.late_writes_rejected,
+        late_writes_accepted_before_successor: a.late_writes_accepted_before_successor
+            + b.late_writes_accepted_before_successor,
+    }
+}
+
+/// Runs one seed; panics with the simulator's failure (which names the seed) if it fails.
+fn run_seed(seed: u64) -> (SimReport, Figures) {
+    let mut simulation = Simulation::new(SimConfig::new(seed));
+    for fault in swarm_faults(seed, SWARM_LEASE_FAULTS) {
+        simulation = simulation.with_fault(fault);
+    }
+    let figures = Rc::new(Cell::new(Figures::default()));
+    let figures_out = Rc::clone(&figures);
+    let report = simulation
+        .run(move |env| {
+            let figures = Rc::clone(&figures);
+            async move {
+                let ctx = start(&env)?;
+                let outcome = drive(&ctx).await;
+                figures.set(ctx.figures.get());
+                outcome
+            }
+        })
+        .unwrap_or_else(|error| panic!("{error}"));
+    (report, figures_out.get())
+}
+
+/// Builds the world, its nodes' loops and the activation check.
+fn start(env: &SimEnv) -> Result<Rc<Ctx>, String> {
+    let config = LeaseScenario::default().cluster;
+    let cluster = SimLeaseCluster::new(env, config)?;
+    let settings = SwarmSettings {
+        app_loop: false,
+        ..SwarmSettings::new(NODES_COUNT, ACTORS_COUNT)
+    };
+    let world = SwarmWorld::new(env, cluster, config, settings);
+    world.start_all()?;
+    let ctx = Rc::new(Ctx {
+        env: env.clone(),
+        world,
+        state: MemoryFencedStateStore::new(),
+        ops: RefCell::default(),
+        placements: RefCell::new(vec![None; NODES_COUNT]),
+        figures: Cell::default(),
+        write_seq: Cell::new(0),
+    });
+    let activations = RefCell::new(Activations::default());
+    let watched = Rc::clone(&ctx);
+    env.add_invariant("SingleActivation", move || {
+        activations.borrow_mut().observe(&watched)
+    });
+    for node in 0..NODES_COUNT {
+        drop(env.spawn(supervise(Rc::clone(&ctx), node)));
+    }
+    Ok(ctx)
+}
+
+/// The run: faults, healing, settling, then the end-of-run checks.
+async fn drive(ctx: &Rc<Ctx>) -> Result<(), String> {
+    let chaos = ctx.world.spawn_chaos();
+    ctx.env.sleep(Duration::from_millis(SAFETY_PHASE_MS)).await;
+    chaos.abort();
+    ctx.world.heal()?;
+    let lease_ms = LeaseScenario::default().cluster.lease_duration_ms;
+    let settle_ms = SETTLE_LEASE_DURATIONS * lease_ms;
+    ctx.env.sleep(Duration::from_millis(settle_ms)).await;
+    check_liveness(ctx).await?;
+    ctx.world.check_linearizability()?;
+    check_state_ops(ctx)
+}
+
+/// Runs node `node`'s placement loop, one incarnation after another: a crash replaces the
+/// node's keeper, and its memory (the placement with it) is gone.
+async fn supervise(ctx: Rc<Ctx>, node: usize) {
+    let mut incarnation = 0u32;
+    loop {
+        let (Some(keeper), Some(manager)) = (ctx.world.keeper(node), ctx.world.manager(node))
+        else {
+            ctx.env.sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        incarnation += 1;
+        let placement = Rc::new(Placement::new(Arc::clone(&keeper), manager));
+        ctx.placements.borrow_mut()[node] = Some(Rc::clone(&placement));
+        let mut rng = ctx.env.rng(&format!("placement/node-{node}-{incarnation}"));
+        while ctx.is_current(node, &keeper) {
+            // The actor may already be inactive (its belief ended), so every event counts.
+            while let Some(event) = ctx.world.next_keeper_event(node) {
+                placement.on_keeper_event(&event);
+                ctx.count(|f| f.lost_events += 1);
+            }
+            match ctx.world.phase() {
+                Phase::Safety => visit_random(&ctx, node, &keeper, &placement, &mut rng).await,
+                Phase::Liveness => visit_wanted(&ctx, node, &keeper, &placement, &mut rng).await,
+            }
+            let think_ms = rng.gen_range(1..=THINK_TIME_MS_MAX);
+            let clock = ctx.world.clock(node);
+            clock.sleep_local(Duration::from_millis(think_ms)).await;
+        }
+        ctx.placements.borrow_mut()[node] = None;
+    }
+}
+
+async fn visit_random(
+    ctx: &Rc<Ctx>,
+    node: usize,
+    keeper: &Arc<Keeper>,
+    placement: &NodePlacement,
+    rng: &mut DeterministicRng,
+) {
+    let actor_id = ctx.world.actors()[rng.choose_index(ACTORS_COUNT)].clone();
+    match placement.active_token(&actor_id) {
+        Some(_) if rng.gen_bool(DEACTIVATE_PROBABILITY) => {
+            // A release the store never confirmed still deactivates: the lease expires.
+            let _ = placement.deactivate(&actor_id).await;
+            ctx.count(|f| f.deactivations += 1);
+        }
+        Some(token) => write(ctx, node, placement, &actor_id, token, rng),
+        None => activate(ctx, node, keeper, placement, &actor_id, rng).await,
+    }
+}
+
+async fn visit_wanted(
+    ctx: &Rc<Ctx>,
+    node: usize,
+    keeper: &Arc<Keeper>,
+    placement: &NodePlacement,
+    rng: &mut DeterministicRng,
+) {
+    let actors = ctx.world.actors().to_vec();
+    for (index, actor_id) in actors.iter().enumerate() {
+        if !ctx.is_current(node, keeper) {
+            return;
+        }
+        let active = placement.active_token(actor_id);
+        match (wanter(index) == node, active) {
+            (true, None) => activate(ctx, node, keeper, placement, actor_id, rng).await,
+            (true, Some(token)) => write(ctx, node, placement, actor_id, token, rng),
+            (false, Some(_)) => {
+                let _ = placement.deactivate(actor_id).await;
+                ctx.count(|f| f.deactivations += 1);
+            }
+            (false, None) => {}
+        }
+    }
+}
+
+/// Activates `actor_id` here if it can: acquires the lease, then fences the state store with
+/// the new token so that no earlier holder's late write can land after this activation.
+async fn activate(
+    ctx: &Ctx,
+    node: usize,
+    keeper: &Arc<Keeper>,
+    placement: &NodePlacement,
+    actor_id: &ActorId,
+    rng: &mut DeterministicRng,
+) {
+    match placement.activate_or_locate(actor_id).await {
+        Ok(Location::Local { fencing_token }) if ctx.is_current(node, keeper) => {
+            ctx.count(|f| f.activations += 1);
+            let writer = (node, placement.node_id().clone());
+            let delay_ms = draw_delay_ms(rng);
+            let fenced = send_state_op(ctx, writer, actor_id, fencing_token, None, delay_ms).await;
+            if matches!(fenced, Err(StateError::StaleToken { .. })) {
+                // Superseded before the activation completed: not ours any more.
+                let _ = placement.deactivate(actor_id).await;
+            }
+        }
+        Ok(Location::Remote { holder }) => {
+            assert_ne!(&holder, placement.node_id(), "a node is routed to itself");
+            ctx.count(|f| f.routed += 1);
+        }
+        // A crashed incarnation's late activation, a store failure or a refusal: the next
+        // visit tries again.
+        _ => {}
+    }
+}
+
+/// Writes the actor's state if this node is active on it, carrying the token it is active
+/// under. The write travels on its own: the node goes on (and may deactivate, or lose the
+/// lease) while it is in flight.
+fn write(
+    ctx: &Rc<Ctx>,
+    node: usize,
+    placement: &NodePlacement,
+    actor_id: &ActorId,
+    token: FencingToken,
+    rng: &mut DeterministicRng,
+) {
+    // Checked right before the write leaves the node; the write itself may arrive late.
+    if placement.active_token(actor_id) != Some(token) {
+        return;
+    }
+    let seq = ctx.write_seq.get() + 1;
+    ctx.write_seq.set(seq);
+    let value = format!("node-{node} token {token} write {seq}").into_bytes();
+    let writer = (node, placement.node_id().clone());
+    let delay_ms = draw_delay_ms(rng);
+    let (sender, actor_id) = (Rc::clone(ctx), actor_id.clone());
+    drop(ctx.env.spawn(async move {
+        let _ = send_state_op(&sender, writer, &actor_id, token, Some(value), delay_ms).await;
+    }));
+}
+
+/// A state message's network delay: mostly short, sometimes up to two lease durations.
+fn draw_delay_ms(rng: &mut DeterministicRng) -> u64 {
+    let lease_ms = LeaseScenario::default().cluster.lease_duration_ms;
+    if rng.gen_bool(LONG_DELAY_PROBABILITY) {
+        rng.gen_range(1..=2 * lease_ms)
+    } else {
+        rng.gen_range(1..=SHORT_DELAY_MS_MAX)
+    }
+}
+
+/// Sends a write (or, with no value, a fence) from `writer` (its index and the identity of its
+/// incarnation) to the state store, arriving `delay_ms` later on the writer's clock, and
+/// records how it landed.
+async fn send_state_op(
+    ctx: &Ctx,
+    (node, writer_id): (usize, NodeId),
+    actor_id: &ActorId,
+    token: FencingToken,
+    value: Option<Vec<u8>>,
+    delay_ms: u64,
+) -> Result<(), StateError> {
+    let clock = ctx.world.clock(node);
+    clock.sleep_local(Duration::from_millis(delay_ms)).await;
+    let arrival_ms = ctx.env.now_ms();
+    // A restarted node is a new holder, so the writer is its incarnation.
+    let held_at_arrival = ctx.world.truth(actor_id).is_some_and(|r| {
+        r.holder.as_ref() == Some(&writer_id)
+            && r.fencing_token == token
+            && arrival_ms < r.expires_at_ms
+    });
+    let fence = value.is_none();
+    let result = match value {
+        Some(value) => ctx.state.write(actor_id, token, &value).await,
+        None => ctx.state.fence(actor_id, token).await.map(|_| ()),
+    };
+    ctx.ops.borrow_mut().push(StateOp {
+        actor_id: actor_id.clone(),
+        node,
+        token,
+        fence,
+        arrival_ms,
+        accepted: result.is_ok(),
+        held_at_arrival,
+    });
+    result
+}
+
+impl Activations {
+    /// Brings every node's intervals up to date with its keeper and checks the changed ones.
+    fn observe(&mut self, ctx: &Ctx) -> Result<(), String> {
+        if self.seen.is_empty() {
+            self.seen = (0..NODES_COUNT)
+                .map(|_| NodeSeen {
+                    keeper: None,
+                    belief_epoch: u64::MAX,
+                    open: BTreeMap::new(),
+                })
+                .collect();
+        }
+        let now_ms = ctx.env.now_ms();
+        for node in 0..NODES_COUNT {
+            let keeper = ctx.world.keeper(node);
+            let same = match (&keeper, &self.seen[node].keeper) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            let epoch = keeper.as_ref().map_or(0, |k| k.belief_epoch());
+            if same && epoch == self.seen[node].belief_epoch {
+                continue;
+            }
+            if !same {
+                // A crash or a restart: the old incarnation's memory is gone.
+                self.close_all(node, now_ms);
+            }
+            self.seen[node].keeper = keeper.clone();
+            self.seen[node].belief_epoch = epoch;
+            if let Some(keeper) = keeper {
+                self.follow(ctx, node, &keeper, now_ms)?;
+            }
+        }
+        check_active_under_lease(ctx, now_ms)
+    }
+
+    fn close_all(&mut self, node: usize, now_ms: u64) {
+        for (_, index) in std::mem::take(&mut self.seen[node].open) {
+            let interval = &mut self.all[index].1;
+            interval.end_ms = interval.end_ms.min(now_ms);
+        }
+    }
+
+    /// Updates node `node`'s intervals from its keeper's beliefs now.
+    fn follow(
+        &mut self,
+        ctx: &Ctx,
+        node: usize,
+        keeper: &Keeper,
+        now_ms: u64,
+    ) -> Result<(), String> {
+        let clock = ctx.world.clock(node);
+        let beliefs: BTreeMap<ActorId, (FencingToken, u64)> = keeper
+            .beliefs()
+            .into_iter()
+            .map(|(actor_id, held)| {
+                let end_ms = clock.global_when_local_reaches(held.until_local_ms);
+                (actor_id, (held.fencing_token, end_ms))
+            })
+            .collect();
+        let open = std::mem::take(&mut self.seen[node].open);
+        for (actor_id, index) in open {
+            let interval = &mut self.all[index].1;
+            match beliefs.get(&actor_id) {
+                Some(&(token, end_ms)) if token == interval.token => {
+                    interval.end_ms = end_ms;
+                    self.seen[node].open.insert(actor_id, index);
+                }
+                _ => interval.end_ms = interval.end_ms.min(now_ms),
+            }
+        }
+        for (actor_id, (token, end_ms)) in beliefs {
+            if let Some(&index) = self.seen[node].open.get(&actor_id) {
+                self.check(index)?;
+                continue;
+            }
+            let interval = Interval {
+                node,
+                token,
+                start_ms: now_ms,
+                end_ms,
+            };
+            self.all.push((actor_id.clone(), interval));
+            self.seen[node].open.insert(actor_id, self.all.len() - 1);
+            self.check(self.all.len() - 1)?;
+        }
+        Ok(())
+    }
+
+    /// Fails if interval `index` overlaps another node's interval on the same actor.
+    fn check(&self, index: usize) -> Result<(), String> {
+        let (actor_id, a) = &self.all[index];
+        for (other_actor, b) in &self.all {
+            if other_actor != actor_id || b.node == a.node {
+                continue;
+            }
+            if a.start_ms < b.end_ms && b.start_ms < a.end_ms {
+                return Err(format!(
+                    "{actor_id} is active on node-{} (token {}, {}..{} ms) and on node-{} \
+                     (token {}, {}..{} ms) at once",
+                    a.node, a.token, a.start_ms, a.end_ms, b.node, b.token, b.start_ms, b.end_ms
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every actor a node's placement says is active there is held by that node at the store,
+/// with the same token, unexpired: a node acts as holder only while the store agrees. (So no
+/// two nodes are active at once at any step; the intervals above cover the instants between.)
+fn check_active_under_lease(ctx: &Ctx, now_ms: u64) -> Result<(), String> {
+    let placements = ctx.placements.borrow();
+    for (node, placement) in placements.iter().enumerate() {
+        let Some(placement) = placement else {
+            continue;
+        };
+        if !ctx.is_current(node, placement.keeper()) {
+            continue;
+        }
+        for actor_id in ctx.world.actors() {
+            let Some(token) = placement.active_token(actor_id) else {
+                continue;
+            };
+            let record = ctx.world.truth(actor_id);
+            let held = record.as_ref().is_some_and(|r| {
+                r.holder.as_ref() == Some(placement.node_id())
+                    && r.fencing_token == token
+                    && now_ms < r.expires_at_ms
+            });
+            if !held {
+                return Err(format!(
+                    "{actor_id} is active on node-{node} with token {token} at {now_ms} ms, \
+                     but the store has {record:?}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// After healing, every actor is active on the node that wants it, and the store says so.
+async fn check_liveness(ctx: &Ctx) -> Result<(), String> {
+    for (index, actor_id) in ctx.world.actors().iter().enumerate() {
+        let node = wanter(index);
+        let placement = ctx.placements.borrow()[node].clone();
+        let placement = placement.ok_or_else(|| format!("node-{node} is not running"))?;
+        if placement.active_token(actor_id).is_none() {
+            return Err(format!(
+                "liveness violation: {actor_id}, wanted by node-{node}, is not active there \
+                 {} lease durations after healing; the store has {:?}",
+                SETTLE_LEASE_DURATIONS,
+                ctx.world.truth(actor_id)
+            ));
+        }
+        let holder = placement
+            .where_is(actor_id)
+            .await
+            .map_err(|e| e.to_string())?;
+        if holder.as_ref() != Some(placement.node_id()) {
+            return Err(format!(
+                "{actor_id} is active on node-{node} but the store names {holder:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The fencing properties, over every state operation in arrival order.
+fn check_state_ops(ctx: &Ctx) -> Result<(), String> {
+    let ops = ctx.ops.borrow();
+    // Per actor: the highest token accepted so far, and by which operation.
+    let mut highest: BTreeMap<&ActorId, (FencingToken, usize)> = BTreeMap::new();
+    for (position, op) in ops.iter().enumerate() {
+        let before = highest.get(&op.actor_id).copied();
+        let superseded = before.filter(|(token, _)| *token > op.token);
+        if op.accepted {
+            if let Some((token, by)) = superseded {
+                return Err(format!(
+                    "state store accepted token {} for {} from node-{} at {} ms after it had \
+                     accepted token {token} ({:?})",
+                    op.token, op.actor_id, op.node, op.arrival_ms, ops[by]
+                ));
+            }
+            highest.insert(&op.actor_id, (op.token, position));
+        } else if superseded.is_none() {
+            return Err(format!(
+                "state store rejected an operation nothing superseded: {op:?}"
+            ));
+        }
+        if op.held_at_arrival && !op.accepted {
+            return Err(format!(
+                "a write of the lease's current holder was rejected: {op:?}"
+            ));
+        }
+        count_write(ctx, op);
+    }
+    for (actor_id, (token, _)) in highest {
+        let stored = ctx.state.read(actor_id);
+        let stored = futures_now(stored).map_err(|e| e.to_string())?;
+        let stored = stored.map(|s| s.highest_token);
+        if stored != Some(token) {
+            return Err(format!(
+                "{actor_id}: the store's highest token is {stored:?}, not {token}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn count_write(ctx: &Ctx, op: &StateOp) {
+    if op.fence {
+        return;
+    }
+    ctx.count(|f| match (op.accepted, op.held_at_arrival) {
+        (true, true) => f.writes_accepted += 1,
+        (true, false) => {
+            f.writes_accepted += 1;
+            f.late_writes_accepted_before_successor += 1;
+        }
+        (false, _) => {
+            f.writes_rejected += 1;
+            f.late_writes_rejected += 1;
+        }
+    });
+}
+
+/// The memory store's futures are ready at once.
+fn futures_now<T>(future: impl std::future::Future<Output = T>) -> T {
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(future).poll(&mut context) {
+        std::task::Poll::Ready(value) => value,
+        std::task::Poll::Pending => panic!("memory state store futures are ready at once"),
+    }
+}

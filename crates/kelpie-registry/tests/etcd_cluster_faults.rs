@@ -16,6 +16,9 @@
 //!   and a grant that completed before another was requested has the smaller token;
 //! - renewals never change the token, and no write a worker made while it believed it held the
 //!   lease (by `Lease::expires_at_ms`, a lower bound of etcd's expiry) was refused as stale;
+//! - no acknowledged release was lost: once etcd acknowledged a release, no later read of the
+//!   actor (the releasing worker reads it right after) and no later grant, by any worker, shows
+//!   the released token as the current holder's;
 //! - after the faults healed, etcd answered every worker again, and the workers together
 //!   acquired at least once per worker and wrote.
 //!
@@ -119,6 +122,77 @@ struct Grant {
     token: FencingToken,
     requested_at_ms: u64,
     granted_at_ms: u64,
+    /// The history position when the acquire was sent (see [`Shared::next_seq`]).
+    requested_seq: u64,
+}
+
+/// A release etcd acknowledged.
+#[derive(Debug, Clone)]
+struct Release {
+    actor_id: ActorId,
+    node_id: NodeId,
+    token: FencingToken,
+    /// The history position when the acknowledgement arrived.
+    acknowledged_seq: u64,
+}
+
+/// A read of an actor's lease: the token of whoever held it then, if anyone did.
+#[derive(Debug, Clone)]
+struct Observation {
+    actor_id: ActorId,
+    token: Option<FencingToken>,
+    /// The history position when the read was sent.
+    requested_seq: u64,
+}
+
+/// What the release check found.
+#[derive(Debug, Default)]
+struct ReleaseCheck {
+    /// Acknowledged releases followed by at least one read or grant of the actor.
+    checked: usize,
+    /// Later reads and grants compared with an acknowledged release.
+    comparisons: usize,
+    violations: Vec<String>,
+}
+
+/// Checks that no acknowledged release was lost: every read or grant of the actor sent after a
+/// release was acknowledged must show another token than the released one (or none). A read
+/// still showing it would mean the key survived the delete etcd acknowledged; a grant of it
+/// would mean its holder re-acquired a lease it had released without getting a new token.
+fn release_check(
+    releases: &[Release],
+    grants: &[Grant],
+    observations: &[Observation],
+) -> ReleaseCheck {
+    let mut check = ReleaseCheck::default();
+    for release in releases {
+        let after = |actor_id: &ActorId, requested_seq: u64| {
+            *actor_id == release.actor_id && requested_seq > release.acknowledged_seq
+        };
+        let read_tokens = observations
+            .iter()
+            .filter(|o| after(&o.actor_id, o.requested_seq))
+            .map(|o| ("read", o.token));
+        let granted_tokens = grants
+            .iter()
+            .filter(|g| after(&g.actor_id, g.requested_seq))
+            .map(|g| ("grant", Some(g.token)));
+        let mut compared = 0;
+        for (what, token) in read_tokens.chain(granted_tokens) {
+            compared += 1;
+            if token == Some(release.token) {
+                check.violations.push(format!(
+                    "{}: a {what} after {}'s release of token {} was acknowledged still shows it",
+                    release.actor_id, release.node_id, release.token
+                ));
+            }
+        }
+        check.comparisons += compared;
+        if compared > 0 {
+            check.checked += 1;
+        }
+    }
+    check
 }
 
 /// Grants that break "tokens strictly increase per actor across holders".
@@ -192,8 +266,20 @@ struct Shared {
     actors: Vec<ActorId>,
     resource: FencedResource,
     grants: Mutex<Vec<Grant>>,
+    releases: Mutex<Vec<Release>>,
+    observations: Mutex<Vec<Observation>>,
+    /// Orders the recorded history: an event whose position is taken after another's
+    /// happened after it (the counter is sequentially consistent across workers).
+    sequence: AtomicU64,
     workers: Vec<WorkerStats>,
     stop: AtomicBool,
+}
+
+impl Shared {
+    /// The next position in the recorded history.
+    fn next_seq(&self) -> u64 {
+        self.sequence.fetch_add(1, Ordering::SeqCst)
+    }
 }
 
 async fn connect_worker(shared: &Shared) -> Option<EtcdLeaseManager> {
@@ -222,6 +308,7 @@ async fn run_worker(shared: Arc<Shared>, index: usize, seed: u64) {
     while !shared.stop.load(Ordering::SeqCst) {
         let actor_id = shared.actors[rng.gen_range(0..ACTORS)].clone();
         let requested_at_ms = shared.clock.now_ms();
+        let requested_seq = shared.next_seq();
         match manager
             .acquire_waiting(&actor_id, &me, ACQUIRE_WAIT_MS)
             .await
@@ -235,6 +322,7 @@ async fn run_worker(shared: Arc<Shared>, index: usize, seed: u64) {
                     token: lease.fencing_token,
                     requested_at_ms,
                     granted_at_ms: shared.clock.now_ms(),
+                    requested_seq,
                 });
                 hold(&shared, &manager, lease, &mut rng, stats).await;
             }
@@ -303,11 +391,36 @@ async fn hold(
         Ok(_) => {
             bump(&stats.releases);
             bump(&stats.answered);
+            shared.releases.lock().unwrap().push(Release {
+                actor_id: actor_id.clone(),
+                node_id: me.clone(),
+                token,
+                acknowledged_seq: shared.next_seq(),
+            });
+            observe(shared, manager, &actor_id, stats).await;
         }
         Err(error) if error.is_refusal() => {
             bump(&stats.lost);
             bump(&stats.answered);
         }
+        Err(_) => bump(&stats.store_errors),
+    }
+}
+
+/// Reads the actor's lease and records whose token it shows, for the release check.
+async fn observe(
+    shared: &Shared,
+    manager: &EtcdLeaseManager,
+    actor_id: &ActorId,
+    stats: &WorkerStats,
+) {
+    let requested_seq = shared.next_seq();
+    match manager.get(actor_id).await {
+        Ok(lease) => shared.observations.lock().unwrap().push(Observation {
+            actor_id: actor_id.clone(),
+            token: lease.map(|l| l.fencing_token),
+            requested_seq,
+        }),
         Err(_) => bump(&stats.store_errors),
     }
 }
@@ -553,6 +666,9 @@ async fn contending_workers_stay_fenced_through_cluster_faults() {
             .collect(),
         resource: FencedResource::default(),
         grants: Mutex::new(Vec::new()),
+        releases: Mutex::new(Vec::new()),
+        observations: Mutex::new(Vec::new()),
+        sequence: AtomicU64::new(0),
         workers: (0..WORKERS).map(|_| WorkerStats::default()).collect(),
         stop: AtomicBool::new(false),
     });
@@ -625,6 +741,18 @@ fn report_and_check(
         sum(|w| &w.late_writes_accepted),
         sum(|w| &w.believed_writes_refused)
     );
+    let releases = shared.releases.lock().unwrap().clone();
+    let observations = shared.observations.lock().unwrap().clone();
+    let released = release_check(&releases, &grants, &observations);
+    println!(
+        "  acknowledged releases: {} in all, {} checked (a later read or grant of the actor \
+         seen; {} such comparisons, {} reads recorded), {} lost (released token seen again)",
+        releases.len(),
+        released.checked,
+        released.comparisons,
+        observations.len(),
+        released.violations.len()
+    );
     let healed: Vec<Progress> = at_end
         .iter()
         .zip(at_heal)
@@ -643,6 +771,12 @@ fn report_and_check(
         ordering.is_empty(),
         "tokens did not increase: {ordering:#?}"
     );
+    assert!(
+        released.violations.is_empty(),
+        "acknowledged releases lost: {:#?}",
+        released.violations
+    );
+    assert!(released.checked > 0, "no acknowledged release was checked");
     assert_eq!(
         sum(|w| &w.renewals_changing_token),
         0,
@@ -667,4 +801,55 @@ fn report_and_check(
         healed_writes > 0 && healed_acquires >= WORKERS as u64,
         "too little progress after healing: {healed_acquires} acquires, {healed_writes} writes"
     );
+}
+
+/// The release check itself, on a made-up history: it must flag a read or a grant sent after
+/// an acknowledged release that still shows the released token, and nothing else.
+#[test]
+fn release_check_flags_only_a_released_token_seen_after_the_acknowledgement() {
+    let actor = ActorId::new("actor-0").unwrap();
+    let other_actor = ActorId::new("actor-1").unwrap();
+    let node = NodeId::new("worker-0").unwrap();
+    let released = FencingToken(10);
+    let release = Release {
+        actor_id: actor.clone(),
+        node_id: node.clone(),
+        token: released,
+        acknowledged_seq: 5,
+    };
+    let read = |actor_id: &ActorId, token: Option<FencingToken>, requested_seq: u64| Observation {
+        actor_id: actor_id.clone(),
+        token,
+        requested_seq,
+    };
+    let grant = |token: FencingToken, requested_seq: u64| Grant {
+        actor_id: actor.clone(),
+        node_id: node.clone(),
+        token,
+        requested_at_ms: 0,
+        granted_at_ms: 0,
+        requested_seq,
+    };
+    // Before the acknowledgement, or of another actor, the token may show; after it, only
+    // other tokens or none.
+    let fine_reads = [
+        read(&actor, Some(released), 4),
+        read(&other_actor, Some(released), 6),
+        read(&actor, None, 6),
+        read(&actor, Some(FencingToken(11)), 7),
+    ];
+    let fine_grants = [grant(released, 3), grant(FencingToken(12), 8)];
+    let fine = release_check(std::slice::from_ref(&release), &fine_grants, &fine_reads);
+    assert!(fine.violations.is_empty(), "{:?}", fine.violations);
+    assert_eq!((fine.checked, fine.comparisons), (1, 3));
+    let lost_read = release_check(
+        std::slice::from_ref(&release),
+        &[],
+        &[read(&actor, Some(released), 6)],
+    );
+    assert_eq!(lost_read.violations.len(), 1);
+    let lost_grant = release_check(std::slice::from_ref(&release), &[grant(released, 6)], &[]);
+    assert_eq!(lost_grant.violations.len(), 1);
+    let unchecked = release_check(std::slice::from_ref(&release), &[], &[]);
+    assert_eq!(unchecked.checked, 0);
 }

@@ -17,10 +17,14 @@
 //! successive holders of an actor, including a takeover after expiry, and stays fixed while one
 //! holder keeps the key.
 //!
-//! - **Acquire** extends (or grants) the node's session, then runs one transaction: if the key
-//!   is absent (`version == 0`), put it with the session lease attached; otherwise read it. The
-//!   caller's own key under its current session is an idempotent success (same token, expiry
-//!   refreshed by the keepalive). The caller's node id under a session this manager does not
+//! - **Acquire** runs one transaction on the node's session (granted first if the node has
+//!   none): if the key is absent (`version == 0`), put it with the session lease attached;
+//!   otherwise read it. Unless the session's confirmed expiry already lies a TTL ahead, a
+//!   keepalive of the session is sent concurrently with the transaction (not before it, which
+//!   would add a round trip), so the key lasts at least a TTL from the acquire's send time. A
+//!   put naming a session etcd has expired is refused, so the keepalive's order does not
+//!   matter for correctness. The caller's own key under its current session is an idempotent
+//!   success (same token, expiry refreshed by the keepalive). The caller's node id under a session this manager does not
 //!   own (a previous incarnation of the node, or a session that expired but whose key etcd has
 //!   not deleted yet) is deleted and re-created, so the caller gets a new, larger token and the
 //!   old incarnation's writes are fenced off.
@@ -56,7 +60,7 @@
 //!   the latest keepalive (or grant) etcd confirmed plus the TTL etcd granted: a *lower bound* of
 //!   etcd's own expiry, since etcd starts counting only when the request reaches its leader
 //!   (assuming this host's clock does not run faster than the leader's). `acquired_at_ms` is
-//!   the send time of the keepalive or grant that preceded the acquiring transaction;
+//!   the send time of the acquiring transaction;
 //! - for a lease held through another manager (another process, or `HeldByOther`),
 //!   `expires_at_ms` is when etcd's answer arrived plus its remaining TTL rounded *up* to the
 //!   next whole second (etcd truncates it): an upper bound, which is what a contender needs.

@@ -34,13 +34,56 @@ impl EtcdLeaseManager {
     ) -> Result<Lease, LeaseError> {
         let key = self.keys.actor_key(actor_id);
         for _ in 0..ETCD_ACQUIRE_ATTEMPTS_MAX {
-            // Extending the session first makes the new key last a full TTL from this point.
-            let (session, fresh_at_ms) = self
+            let session = self
                 .sessions
-                .fresh(&self.connection, node_id, self.ttl_s)
+                .current(&self.connection, node_id, self.ttl_s)
                 .await?;
+            // Read before the transaction is sent (and after the caller sent its acquire), so
+            // it is no later than etcd's applying it: the tenure's start.
+            let sent_at_ms = self.connection.clock.now_ms();
             let txn = acquire_txn(&key, node_id, session.lease_id());
-            let response = match self.write_txn("acquire", txn).await? {
+            // The new key must last at least a full TTL (which is at least the lease duration)
+            // from `sent_at_ms`, since a caller counts its lease from its own send time (see
+            // `belief`). If the session's confirmed expiry already covers that, the
+            // transaction alone suffices. Otherwise the session is extended by a keepalive
+            // sent *concurrently* with the transaction rather than before it: the keepalive
+            // task sends it after this request is queued (a keepalive already in flight does
+            // not answer it), so it is sent no earlier than `sent_at_ms`, and etcd keeps the
+            // key until at least its send time plus the TTL. Correctness of the write does not
+            // depend on the keepalive's order: etcd refuses a put naming a lease that is gone
+            // ("requested lease not found"), and a keepalive finding the lease gone retires the
+            // session whatever the transaction did.
+            let covered = session.expires_at_ms() >= sent_at_ms.saturating_add(session.ttl_ms());
+            let (written, kept_alive) = if covered {
+                (self.write_txn("acquire", txn).await, None)
+            } else {
+                let (written, kept_alive) =
+                    tokio::join!(self.write_txn("acquire", txn), session.keep_alive());
+                (written, Some(kept_alive))
+            };
+            match kept_alive {
+                None | Some(Ok(KeepAlive::Alive { .. })) => {}
+                Some(Ok(KeepAlive::Expired)) => {
+                    // A key the transaction may have created hangs off the dead session; etcd
+                    // deletes it, or the next attempt deletes it as a previous incarnation's.
+                    self.sessions.retire(node_id, &session);
+                    continue;
+                }
+                Some(Err(error)) => {
+                    return Err(match written {
+                        Ok(TxnOutcome::Done(response)) if response.succeeded() => {
+                            // The key was created, but its expiry is unknown; a retry returns
+                            // it (acquiring is idempotent) with an expiry known again.
+                            StoreError::CommitUnknown {
+                                reason: format!("acquired, then {error}"),
+                            }
+                        }
+                        _ => error,
+                    }
+                    .into());
+                }
+            }
+            let response = match written? {
                 TxnOutcome::Done(response) => response,
                 TxnOutcome::SessionGone => {
                     self.sessions.retire(node_id, &session);
@@ -48,10 +91,16 @@ impl EtcdLeaseManager {
                 }
             };
             let stored = self.txn_key(&response)?.ok_or_else(|| missing_key(&key))?;
-            let expires_at_ms = fresh_at_ms.saturating_add(session.ttl_ms());
+            // A lower bound of etcd's expiry of the key: the send time of the latest keepalive
+            // (or grant) of its session that etcd confirmed, plus the TTL. Whichever keepalive
+            // that is (the one above, a concurrent caller's, or one confirmed before the
+            // transaction), etcd extended the session to at least that instant, the key lives
+            // as long as the session, and etcd never shortens a lease. By the choice above it
+            // is at least `sent_at_ms` plus the TTL.
+            let expires_at_ms = session.expires_at_ms();
             if response.succeeded() {
-                session.remember_acquired(actor_id, stored.create_revision, fresh_at_ms);
-                return Ok(stored.lease(fresh_at_ms, expires_at_ms));
+                session.remember_acquired(actor_id, stored.create_revision, sent_at_ms);
+                return Ok(stored.lease(sent_at_ms, expires_at_ms));
             }
             if stored.holder != *node_id {
                 let expires_at_ms = self.observed_expiry_ms(stored.session_lease_id).await?;
@@ -62,10 +111,11 @@ impl EtcdLeaseManager {
                 });
             }
             if stored.session_lease_id == session.lease_id() {
-                // Idempotent: the caller already holds it; the keepalive above refreshed it.
+                // Idempotent: the caller already holds it, now for at least a TTL from
+                // `sent_at_ms` (see above).
                 let acquired_at_ms = session
                     .acquired_at_ms(actor_id, stored.create_revision)
-                    .unwrap_or(fresh_at_ms);
+                    .unwrap_or(sent_at_ms);
                 return Ok(stored.lease(acquired_at_ms, expires_at_ms));
             }
             self.delete_other_incarnation(&key, &stored).await?;

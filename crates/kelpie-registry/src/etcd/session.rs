@@ -25,7 +25,7 @@ use crate::error::StoreError;
 /// Keepalive requests that may wait for a session's task before callers queue behind them.
 const SESSION_KEEPALIVE_QUEUE_MAX: usize = 1_024;
 
-/// How many times [`NodeSessions::fresh`] looks for (or grants) a live session before giving
+/// How many times [`NodeSessions::current`] looks for (or grants) a live session before giving
 /// up. Two passes suffice unless sessions keep expiring as they are granted.
 const SESSION_GRANT_ATTEMPTS_MAX: u32 = 3;
 
@@ -392,33 +392,27 @@ impl NodeSessions {
         }
     }
 
-    /// A live session for `node_id` that etcd has just extended (or granted), with the send
-    /// time of that keepalive or grant: every key attached to it now lasts at least until that
-    /// time plus the TTL.
-    pub async fn fresh(
+    /// The node's live session, granting one if it has none. Unlike a keepalive, this costs
+    /// no round trip when the node has a session: the caller decides whether to extend it.
+    pub async fn current(
         &self,
         connection: &Connection,
         node_id: &NodeId,
         ttl_s: i64,
-    ) -> Result<(Arc<Session>, u64), StoreError> {
+    ) -> Result<Arc<Session>, StoreError> {
         let slot = self.slot(node_id);
         for _ in 0..SESSION_GRANT_ATTEMPTS_MAX {
             if let Some(session) = slot.live() {
-                match session.keep_alive().await? {
-                    KeepAlive::Alive { sent_at_ms } => return Ok((session, sent_at_ms)),
-                    KeepAlive::Expired => slot.retire(&session),
-                }
-                continue;
+                return Ok(session);
             }
             let _granting = slot.granting.lock().await;
             if slot.live().is_some() {
-                // Another task granted one while this one waited; extend that one instead.
+                // Another task granted one while this one waited; use that one instead.
                 continue;
             }
             let session = Arc::new(Session::grant(connection, ttl_s).await?);
-            let granted_at_ms = session.alive_sent_at_ms();
             *slot.current.lock().expect("node slot mutex poisoned") = Some(session.clone());
-            return Ok((session, granted_at_ms));
+            return Ok(session);
         }
         Err(StoreError::Contention {
             attempts: SESSION_GRANT_ATTEMPTS_MAX,

@@ -22,6 +22,10 @@ const RELEASE_PROBABILITY: f64 = 0.2;
 /// would: the protocol must refuse it, and a protocol that does not is caught.
 const STRAY_RENEW_PROBABILITY: f64 = 0.05;
 
+/// Shortest request timeout: two network hops at the longest default latency plus the
+/// store's longest default latency, with room to spare.
+pub const REQUEST_TIMEOUT_MS_MIN: u64 = 60;
+
 /// Settings of a lease scenario run.
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
@@ -107,6 +111,23 @@ impl LeaseScenario {
         }
     }
 
+    /// The pause between a node's visits, capped at a quarter lease so that short leases
+    /// still see wanted actors acquired well inside the liveness window.
+    fn think_time_for_lease_ms(&self) -> u64 {
+        self.think_time_ms_max
+            .min(self.cluster.lease_duration_ms / 4)
+            .max(1)
+    }
+
+    /// The request timeout, capped at half a lease but never below
+    /// [`REQUEST_TIMEOUT_MS_MIN`], the longest undisturbed round trip.
+    fn request_timeout_for_lease_ms(&self) -> u64 {
+        let capped_ms = self
+            .request_timeout_ms
+            .min(self.cluster.lease_duration_ms / 2);
+        capped_ms.max(REQUEST_TIMEOUT_MS_MIN)
+    }
+
     /// Runs the scenario under `simulation`.
     pub fn run(self, simulation: Simulation) -> Result<LeaseRunReport, SimError> {
         self.run_recorded(simulation).0
@@ -157,8 +178,8 @@ impl LeaseScenario {
                 nodes_count: self.nodes_count,
                 actors_count: self.actors_count,
                 safety_phase_ms: self.sim_duration_ms,
-                think_time_ms_max: self.think_time_ms_max,
-                request_timeout_ms: self.request_timeout_ms,
+                think_time_ms_max: self.think_time_for_lease_ms(),
+                request_timeout_ms: self.request_timeout_for_lease_ms(),
                 bug_belief_from_reply: self.bug_belief_from_reply,
                 bug_no_drift_margin: self.bug_no_drift_margin,
                 check_liveness: self.check_liveness,

@@ -106,6 +106,8 @@ pub struct SwarmWorld {
     actors: Vec<ActorId>,
     phase: Cell<Phase>,
     nodes: RefCell<Vec<Rc<SwarmNode>>>,
+    /// Wanted actors seen held by their wanting node during the liveness window.
+    liveness_satisfied: RefCell<std::collections::BTreeSet<ActorId>>,
     history: History,
 }
 
@@ -228,9 +230,18 @@ pub(crate) async fn run_swarm(
     if !settings.check_liveness {
         return world.check_linearizability();
     }
+    // Messages sent during the faulty phase may still be in flight (a delay fault holds one
+    // for up to ten times the longest latency), and requests still waiting for them time out.
+    // The liveness window starts once they have drained.
+    let drain_ms = env.config().network_latency_ms_max
+        * (1 + crate::network::NETWORK_DELAY_SPIKE_FACTOR)
+        + settings.request_timeout_ms;
+    env.sleep(Duration::from_millis(drain_ms)).await;
     let heal_ms = env.now_ms();
+    let watcher = env.spawn(watch_wanted(Rc::clone(&world)));
     env.sleep(Duration::from_millis(2 * config.lease_duration_ms))
         .await;
+    watcher.abort();
     // A history that is not linearizable is the deeper failure, so it is judged first.
     let checked = world.check_linearizability()?;
     world.check_liveness(heal_ms)?;
@@ -269,6 +280,7 @@ impl SwarmWorld {
             actors,
             phase: Cell::new(Phase::Safety),
             nodes: RefCell::new(Vec::new()),
+            liveness_satisfied: RefCell::new(std::collections::BTreeSet::new()),
             history: History::new(),
         });
         let nodes = (0..settings.nodes_count)
@@ -388,26 +400,45 @@ impl SwarmWorld {
         Ok(())
     }
 
+    /// Every wanted actor must have been held by the node that wants it at some instant of
+    /// the liveness window ([`watch_wanted`] samples it).
     fn check_liveness(&self, heal_ms: u64) -> Result<(), String> {
         let nodes = self.all_nodes();
+        let satisfied = self.liveness_satisfied.borrow();
         for (index, actor_id) in self.actors.iter().enumerate() {
             let node = &nodes[wanter(index, nodes.len())];
-            let held = node
-                .keeper
-                .borrow()
-                .as_ref()
-                .and_then(|k| k.holds(actor_id));
-            if held.is_none() {
+            if !satisfied.contains(actor_id) {
                 let record = self.cluster.store().peek(actor_id);
                 return Err(format!(
-                    "liveness violation: {actor_id}, wanted by {}, has no holder {} ms after \
-                     healing at {heal_ms} ms (two lease durations); the store has {record:?}",
+                    "liveness violation: {actor_id}, wanted by {}, got no holder within {} ms \
+                     (two lease durations) from {heal_ms} ms, after healing and draining the \
+                     faulty phase's messages; the store has {record:?}",
                     node.node_id,
                     self.env.now_ms() - heal_ms
                 ));
             }
         }
         Ok(())
+    }
+}
+
+/// Samples, through the liveness window, which wanted actors their wanting node holds, every
+/// twentieth of a lease (a held lease lasts far longer than that).
+async fn watch_wanted(world: Rc<SwarmWorld>) {
+    let interval_ms = (world.config.lease_duration_ms / 20).max(1);
+    loop {
+        let nodes = world.all_nodes();
+        for (index, actor_id) in world.actors.iter().enumerate() {
+            let node = &nodes[wanter(index, nodes.len())];
+            let keeper = node.keeper.borrow();
+            if keeper.as_ref().and_then(|k| k.holds(actor_id)).is_some() {
+                world
+                    .liveness_satisfied
+                    .borrow_mut()
+                    .insert(actor_id.clone());
+            }
+        }
+        world.env.sleep(Duration::from_millis(interval_ms)).await;
     }
 }
 

@@ -45,6 +45,9 @@ pub const COVERAGE_MARKS: &[&str] = &[
     MARK_RENEWAL_ABANDONED,
 ];
 
+/// Attempts at a release before the keeper stops retrying it and blocks the actor.
+pub const RELEASE_ATTEMPTS_MAX: u32 = 1_000;
+
 /// Default bound on clock drift between a node and the store: 1 %.
 pub const CLOCK_DRIFT_PPM_MAX_DEFAULT: u64 = 10_000;
 
@@ -166,13 +169,25 @@ struct Held {
     next_renew_local_ms: u64,
 }
 
+/// A release the store has not answered yet.
+#[derive(Debug, Clone, Copy)]
+struct PendingRelease {
+    fencing_token: FencingToken,
+    attempts: u32,
+    next_attempt_local_ms: u64,
+}
+
 #[derive(Debug, Default)]
 struct KeeperState {
     held: BTreeMap<ActorId, Held>,
     /// Actors whose last acquire ended with an unknown outcome.
     unknown_acquires: Vec<ActorId>,
-    /// Actors whose release is still in flight; they cannot be acquired until it resolves.
-    releasing: Vec<ActorId>,
+    /// Releases the store has not answered yet; their actors cannot be acquired until it
+    /// does. The renewal loop retries them, so they resolve even if the caller gave up.
+    releasing: BTreeMap<ActorId, PendingRelease>,
+    /// Actors whose release never got an answer: acquiring them again under this holder id
+    /// could be undone by a copy of that release still in the network.
+    blocked: Vec<ActorId>,
     /// Incremented on every change of belief, so observers can skip unchanged states.
     belief_epoch: u64,
     stopped: bool,
@@ -228,10 +243,13 @@ impl<M: LeaseManager> LeaseKeeper<M> {
     /// Acquires the lease on `actor_id` and starts renewing it. A retry after an unknown
     /// outcome is safe: acquiring a lease the node already holds is idempotent.
     pub async fn acquire(&self, actor_id: &ActorId) -> Result<Lease, LeaseError> {
-        if self.lock().releasing.contains(actor_id) {
-            return Err(LeaseError::Store(crate::StoreError::Unavailable {
-                reason: format!("the release of {actor_id} is still in flight; retry later"),
-            }));
+        {
+            let state = self.lock();
+            if state.releasing.contains_key(actor_id) || state.blocked.contains(actor_id) {
+                return Err(LeaseError::Store(crate::StoreError::Unavailable {
+                    reason: format!("the release of {actor_id} is still in flight; retry later"),
+                }));
+            }
         }
         let sent_local_ms = self.clock.now_ms();
         let result = self.manager.acquire(actor_id, &self.node_id).await;
@@ -257,17 +275,22 @@ impl<M: LeaseManager> LeaseKeeper<M> {
     /// Stops believing, then releases the lease at the store. The belief ends first, so the
     /// node never acts as holder of a lease the store may already have handed on.
     ///
-    /// A release whose outcome is unknown is retried until the store answers definitively or
-    /// the lease has certainly expired, and the actor cannot be acquired again meanwhile:
-    /// otherwise a delayed copy of the release could arrive after an idempotent re-acquire
-    /// (which keeps the token) and free the lease under the node's new belief.
+    /// A release whose outcome is unknown is retried until the store answers it, and the
+    /// actor cannot be acquired again meanwhile: otherwise a delayed copy of the release could
+    /// arrive after an idempotent re-acquire (which keeps the token) and free the lease under
+    /// the node's new belief (TLC's StaleRequests trace, `docs/tla/README.md`).
     pub async fn release(&self, actor_id: &ActorId) -> Result<Lease, LeaseError> {
         let held = {
             let mut state = self.lock();
             let held = state.held.remove(actor_id);
             state.belief_epoch += 1;
-            if held.is_some() {
-                state.releasing.push(actor_id.clone());
+            if let Some(held) = held {
+                let pending = PendingRelease {
+                    fencing_token: held.fencing_token,
+                    attempts: 0,
+                    next_attempt_local_ms: self.clock.now_ms() + self.config.retry_interval_ms,
+                };
+                state.releasing.insert(actor_id.clone(), pending);
             }
             held
         };
@@ -278,33 +301,43 @@ impl<M: LeaseManager> LeaseKeeper<M> {
                 holder: None,
             });
         };
+        let token = held.fencing_token;
         let result = self
-            .release_until_decided(actor_id, held.fencing_token)
+            .manager
+            .release_fenced(actor_id, &self.node_id, token)
             .await;
-        self.lock().releasing.retain(|a| a != actor_id);
+        self.release_attempted(actor_id, token, &result);
         result
     }
 
-    async fn release_until_decided(
+    /// Books one release attempt: an answer (applied or refused) resolves it; a store
+    /// failure schedules another, or after [`RELEASE_ATTEMPTS_MAX`] blocks the actor for this
+    /// keeper (safe: other nodes can take it once the lease expires).
+    fn release_attempted(
         &self,
         actor_id: &ActorId,
         token: FencingToken,
-    ) -> Result<Lease, LeaseError> {
-        // After a full lease duration (stretched by the drift bound) the lease has expired
-        // whatever happened to the release, and a re-acquire gets a new token.
-        let drift_ms = self.config.lease_duration_ms * self.config.clock_drift_ppm_max / 1_000_000;
-        let give_up_ms = self.clock.now_ms() + self.config.lease_duration_ms + drift_ms + 1;
-        loop {
-            let result = self
-                .manager
-                .release_fenced(actor_id, &self.node_id, token)
-                .await;
-            match result {
-                Err(LeaseError::Store(_)) if self.clock.now_ms() < give_up_ms => {
-                    let pause = Duration::from_millis(self.config.retry_interval_ms);
-                    self.clock.sleep(pause).await;
-                }
-                decided => return decided,
+        result: &Result<Lease, LeaseError>,
+    ) {
+        let retry_at_ms = self.clock.now_ms() + self.config.retry_interval_ms;
+        let mut state = self.lock();
+        let Some(pending) = state.releasing.get_mut(actor_id) else {
+            return;
+        };
+        if pending.fencing_token != token {
+            return;
+        }
+        match result {
+            Err(LeaseError::Store(_)) if pending.attempts + 1 < RELEASE_ATTEMPTS_MAX => {
+                pending.attempts += 1;
+                pending.next_attempt_local_ms = retry_at_ms;
+            }
+            Err(LeaseError::Store(_)) => {
+                state.releasing.remove(actor_id);
+                state.blocked.push(actor_id.clone());
+            }
+            _ => {
+                state.releasing.remove(actor_id);
             }
         }
     }
@@ -360,7 +393,8 @@ impl<M: LeaseManager> LeaseKeeper<M> {
     async fn tick(&self) -> Option<u64> {
         let now_ms = self.clock.now_ms();
         let due = self.expire_and_collect_due(now_ms)?;
-        if due.is_empty() {
+        let releases = self.due_releases(now_ms);
+        if due.is_empty() && releases.is_empty() {
             return Some(self.next_wake_ms());
         }
         let renewals = due.iter().map(|(actor_id, token)| async move {
@@ -371,14 +405,28 @@ impl<M: LeaseManager> LeaseKeeper<M> {
                 .await;
             (actor_id, *token, sent_local_ms, result)
         });
-        let renewals = std::pin::pin!(futures_util::future::join_all(renewals));
+        let retries = releases.iter().map(|(actor_id, token)| async move {
+            let result = self
+                .manager
+                .release_fenced(actor_id, &self.node_id, *token)
+                .await;
+            (actor_id, *token, result)
+        });
+        let work = futures_util::future::join(
+            futures_util::future::join_all(renewals),
+            futures_util::future::join_all(retries),
+        );
+        let work = std::pin::pin!(work);
         let until_ms = self.earliest_belief_end_ms().unwrap_or(u64::MAX);
         let wait_ms = until_ms.saturating_sub(self.clock.now_ms()).max(1);
         let belief_ends = self.clock.sleep(Duration::from_millis(wait_ms));
-        match futures_util::future::select(renewals, belief_ends).await {
-            futures_util::future::Either::Left((results, _)) => {
-                for (actor_id, token, sent_local_ms, result) in results {
+        match futures_util::future::select(work, belief_ends).await {
+            futures_util::future::Either::Left(((renewed, retried), _)) => {
+                for (actor_id, token, sent_local_ms, result) in renewed {
                     self.renewed(actor_id, token, sent_local_ms, result);
+                }
+                for (actor_id, token, result) in retried {
+                    self.release_attempted(actor_id, token, &result);
                 }
             }
             // The renewals still in flight are abandoned; ones that were applied only extend
@@ -389,6 +437,16 @@ impl<M: LeaseManager> LeaseKeeper<M> {
             }
         }
         Some(self.next_wake_ms())
+    }
+
+    /// The releases whose next attempt is due.
+    fn due_releases(&self, now_ms: u64) -> Vec<(ActorId, FencingToken)> {
+        let state = self.lock();
+        let due = state
+            .releasing
+            .iter()
+            .filter(|(_, p)| p.next_attempt_local_ms <= now_ms);
+        due.map(|(a, p)| (a.clone(), p.fencing_token)).collect()
     }
 
     fn earliest_belief_end_ms(&self) -> Option<u64> {
@@ -503,7 +561,8 @@ impl<M: LeaseManager> LeaseKeeper<M> {
             let until_ms = h.belief.held_at(0).map_or(0, |b| b.until_local_ms);
             h.next_renew_local_ms.min(until_ms)
         });
-        ends.fold(far_ms, u64::min)
+        let retries = state.releasing.values().map(|p| p.next_attempt_local_ms);
+        ends.chain(retries).fold(far_ms, u64::min)
     }
 
     fn notify(&self, actor_id: ActorId, fencing_token: FencingToken, reason: LostReason) {

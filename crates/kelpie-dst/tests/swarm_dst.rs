@@ -35,7 +35,13 @@ fn seeds() -> Vec<u64> {
     (0..count).map(|i| base.wrapping_add(i)).collect()
 }
 
-fn run_seed(seed: u64, scenario: LeaseScenario) -> Result<LeaseRunReport, SimError> {
+/// Lease durations the swarm draws from, one per seed: short leases put network delay and
+/// timeouts close to the lease, where keeper bugs show (a stale release was found at 200 ms).
+const SWARM_LEASE_DURATIONS_MS: [u64; 3] = [200, 500, 1_000];
+
+fn run_seed(seed: u64, mut scenario: LeaseScenario) -> Result<LeaseRunReport, SimError> {
+    let index = (kelpie_dst::rng::derive_seed(seed, "swarm/lease-duration") % 3) as usize;
+    scenario.cluster.lease_duration_ms = SWARM_LEASE_DURATIONS_MS[index];
     let mut simulation = Simulation::new(SimConfig::new(seed));
     for fault in swarm_faults(seed, SWARM_LEASE_FAULTS) {
         simulation = simulation.with_fault(fault);

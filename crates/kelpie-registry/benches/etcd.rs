@@ -521,8 +521,8 @@ async fn throughput(bench: &Bench) {
     let two_trips = best(&rounds, |r| &r.ours[acquire]).ops_per_sec()
         / best(&rounds, raw_keep_alive_acquire).ops_per_sec();
     println!(
-        "acquire rate ours/(raw keepalive, then txn): {two_trips:.2}: the manager's acquire \
-         extends the node's session before its transaction, two round trips in series"
+        "acquire rate ours/(raw keepalive, then txn): {two_trips:.2}: the manager sends the \
+         session keepalive alongside its transaction, not before it"
     );
 }
 

@@ -23,6 +23,9 @@ pub enum FaultType {
     NetworkDuplicate,
     /// A network message takes an extra latency spike (so it is also reordered).
     NetworkDelay,
+    /// A network message takes the shortest latency, overtaking messages sent before it on
+    /// the same link.
+    NetworkReorder,
     /// A network message was dropped because its link was partitioned. Partitions are set by
     /// the scenario; this counts the messages they cost.
     NetworkPartition,
@@ -43,7 +46,7 @@ pub enum FaultType {
 }
 
 /// Every fault type, in declaration order. Also the order of the fault counters.
-const ALL_FAULT_TYPES: [FaultType; 14] = [
+const ALL_FAULT_TYPES: [FaultType; 15] = [
     FaultType::StorageWriteFail,
     FaultType::StorageReadFail,
     FaultType::StorageCommitUnknown,
@@ -51,6 +54,7 @@ const ALL_FAULT_TYPES: [FaultType; 14] = [
     FaultType::NetworkMessageLoss,
     FaultType::NetworkDuplicate,
     FaultType::NetworkDelay,
+    FaultType::NetworkReorder,
     FaultType::NetworkPartition,
     FaultType::PartitionTwoWay,
     FaultType::PartitionOneWay,
@@ -74,6 +78,7 @@ impl FaultType {
             FaultType::NetworkMessageLoss => "network-message-loss",
             FaultType::NetworkDuplicate => "network-duplicate",
             FaultType::NetworkDelay => "network-delay",
+            FaultType::NetworkReorder => "network-reorder",
             FaultType::NetworkPartition => "network-partition",
             FaultType::PartitionTwoWay => "partition",
             FaultType::PartitionOneWay => "partition-one-way",
@@ -103,6 +108,7 @@ impl FaultType {
                 | FaultType::NetworkMessageLoss
                 | FaultType::NetworkDuplicate
                 | FaultType::NetworkDelay
+                | FaultType::NetworkReorder
         )
     }
 

@@ -204,7 +204,9 @@ impl<M: Clone + 'static> SimNetwork<M> {
         let mut latency_ms = state
             .rng
             .gen_range(config.latency_ms_min..=config.latency_ms_max);
-        if env.should_inject(FaultType::NetworkDelay) {
+        if env.should_inject(FaultType::NetworkReorder) {
+            latency_ms = config.latency_ms_min;
+        } else if env.should_inject(FaultType::NetworkDelay) {
             let spike_base_ms = config.latency_ms_max.max(1);
             latency_ms += state
                 .rng

@@ -18,6 +18,7 @@ pub const SWARM_LEASE_FAULTS: &[FaultType] = &[
     FaultType::NetworkMessageLoss,
     FaultType::NetworkDuplicate,
     FaultType::NetworkDelay,
+    FaultType::NetworkReorder,
     FaultType::PartitionTwoWay,
     FaultType::PartitionOneWay,
     FaultType::NodeCrash,

@@ -181,6 +181,8 @@ impl RunSettings {
         scenario.cluster = scenario.cluster_with_lease_duration_ms(self.lease_ms);
         if let Some(mutation) = self.inject_bug {
             scenario.cluster.decide = mutation.decide_fn();
+            // The invariant checkers are what an injected bug is meant to meet.
+            scenario.check_linearizability = false;
         }
         scenario
     }

@@ -53,6 +53,10 @@ pub struct LeaseScenario {
     /// Deliberately wrong store (networked mode): it sometimes decides a request on the
     /// previous version of the record. The linearizability check must catch it.
     pub bug_stale_reads: bool,
+    /// Whether a networked run checks its history for linearizability (see
+    /// [`SwarmSettings::check_linearizability`](crate::SwarmSettings)). Turn it off with a
+    /// mutated `cluster.decide`.
+    pub check_linearizability: bool,
 }
 
 /// How the nodes of a scenario reach the store.
@@ -87,6 +91,7 @@ impl Default for LeaseScenario {
             bug_belief_from_reply: false,
             bug_no_drift_margin: false,
             bug_stale_reads: false,
+            check_linearizability: true,
         }
     }
 }
@@ -185,6 +190,7 @@ impl LeaseScenario {
                 check_liveness: self.check_liveness,
                 app_loop: true,
                 bug_stale_reads: self.bug_stale_reads,
+                check_linearizability: self.check_linearizability,
             };
             let checked = run_swarm(env.clone(), cluster.clone(), self.cluster, settings).await?;
             return Ok(Some(checked));

@@ -1,26 +1,18 @@
-//! The lease scenario: simulated nodes acquire, renew and release leases on a few contended
-//! actors through the production protocol over the simulated store, while the checkers judge
-//! every step. `kelpie sim` and the lease tests both run it.
+//! The lease scenario: simulated nodes run the production lease keeper and acquire and release
+//! leases on a few contended actors over the simulated network and store, under the run's
+//! fault mix, while the checkers judge every step; then everything heals and liveness is
+//! checked ([`crate::lease_swarm`]). `kelpie sim`, the swarm and the lease tests all run it.
 
+use kelpie_registry::decide;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::time::Duration;
-
-use kelpie_core::ActorId;
-use kelpie_registry::{decide, LeaseOp};
 
 use crate::checkers::CheckerSet;
-use crate::lease_cluster::{ClusterConfig, LeaseOpCounts, SimLeaseClient, SimLeaseCluster};
+use crate::lease_cluster::{ClusterConfig, LeaseOpCounts, SimLeaseCluster};
 use crate::lease_events::{EventLog, LeaseEvent};
 use crate::lease_swarm::{run_swarm, SwarmSettings};
 use crate::linearizability::LinearizabilityReport;
 use crate::{SimEnv, SimError, SimReport, Simulation};
-
-/// Probability that a node holding a lease releases it rather than renewing it.
-const RELEASE_PROBABILITY: f64 = 0.2;
-/// Probability that a node that holds nothing renews anyway, as a node with stale state
-/// would: the protocol must refuse it, and a protocol that does not is caught.
-const STRAY_RENEW_PROBABILITY: f64 = 0.05;
 
 /// Shortest request timeout: two network hops at the longest default latency plus the
 /// store's longest default latency, with room to spare.
@@ -40,8 +32,6 @@ pub struct LeaseScenario {
     pub think_time_ms_max: u64,
     /// Store, belief and checker settings.
     pub cluster: ClusterConfig,
-    /// How the nodes reach the store.
-    pub mode: ScenarioMode,
     /// How long a networked node waits for the store's reply.
     pub request_timeout_ms: u64,
     /// Whether a networked run heals and checks liveness after `sim_duration_ms`.
@@ -50,23 +40,13 @@ pub struct LeaseScenario {
     pub bug_belief_from_reply: bool,
     /// Deliberately wrong keeper: no drift margin, while clocks do drift.
     pub bug_no_drift_margin: bool,
-    /// Deliberately wrong store (networked mode): it sometimes decides a request on the
+    /// Deliberately wrong store: it sometimes decides a request on the
     /// previous version of the record. The linearizability check must catch it.
     pub bug_stale_reads: bool,
     /// Whether a networked run checks its history for linearizability (see
     /// [`SwarmSettings::check_linearizability`](crate::SwarmSettings)). Turn it off with a
     /// mutated `cluster.decide`.
     pub check_linearizability: bool,
-}
-
-/// How the nodes of a scenario reach the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ScenarioMode {
-    /// Production lease keepers on every node, over the simulated network, with partitions,
-    /// crashes, clock jumps and store crashes as the fault mix says, then a liveness phase.
-    Networked,
-    /// Nodes call the store directly and keep beliefs by hand; storage faults only.
-    DirectStore,
 }
 
 impl Default for LeaseScenario {
@@ -85,7 +65,6 @@ impl Default for LeaseScenario {
                 checkers: CheckerSet::ALL,
                 decide,
             },
-            mode: ScenarioMode::Networked,
             request_timeout_ms: 200,
             check_liveness: true,
             bug_belief_from_reply: false,
@@ -103,7 +82,8 @@ pub struct LeaseRunReport {
     pub sim: SimReport,
     /// What the nodes did.
     pub ops: LeaseOpCounts,
-    /// What the linearizability check of the lease history covered (networked runs only).
+    /// What the linearizability check of the lease history covered (all zero when the check
+    /// was turned off).
     pub linearizability: Option<LinearizabilityReport>,
 }
 
@@ -154,11 +134,11 @@ impl LeaseScenario {
             let (counts, events, checked) = (counts.clone(), events.clone(), checked.clone());
             async move {
                 let cluster = SimLeaseCluster::new(&env, self.cluster)?;
-                cluster.count_decisions(self.mode == ScenarioMode::Networked);
+                cluster.count_decisions(true);
                 *events.borrow_mut() = cluster.events().clone();
                 let outcome = self.drive(&env, &cluster).await;
                 counts.set(cluster.counts());
-                checked.set(outcome.as_ref().ok().copied().flatten());
+                checked.set(outcome.as_ref().ok().copied());
                 outcome.map(|_| ())
             }
         });
@@ -177,65 +157,20 @@ impl LeaseScenario {
         self,
         env: &SimEnv,
         cluster: &SimLeaseCluster,
-    ) -> Result<Option<LinearizabilityReport>, String> {
-        if self.mode == ScenarioMode::Networked {
-            let settings = SwarmSettings {
-                nodes_count: self.nodes_count,
-                actors_count: self.actors_count,
-                safety_phase_ms: self.sim_duration_ms,
-                think_time_ms_max: self.think_time_for_lease_ms(),
-                request_timeout_ms: self.request_timeout_for_lease_ms(),
-                bug_belief_from_reply: self.bug_belief_from_reply,
-                bug_no_drift_margin: self.bug_no_drift_margin,
-                check_liveness: self.check_liveness,
-                app_loop: true,
-                bug_stale_reads: self.bug_stale_reads,
-                check_linearizability: self.check_linearizability,
-            };
-            let checked = run_swarm(env.clone(), cluster.clone(), self.cluster, settings).await?;
-            return Ok(Some(checked));
-        }
-        let actors: Vec<ActorId> = (0..self.actors_count)
-            .map(|i| ActorId::new(format!("actor-{i}")).expect("valid actor id"))
-            .collect();
-        let mut handles = Vec::new();
-        for index in 0..self.nodes_count {
-            let client = cluster.client(&format!("node-{index}"), self.node_clock(env, index));
-            handles.push(env.spawn(self.node_loop(env.clone(), client, actors.clone())));
-        }
-        for handle in handles {
-            handle.await.map_err(|cancelled| cancelled.to_string())?;
-        }
-        // Direct-store nodes do not go through the network, where the history is recorded.
-        Ok(None)
-    }
-
-    /// Each node's clock gets its own offset and a drift within the bound, drawn from the seed.
-    fn node_clock(&self, env: &SimEnv, index: usize) -> crate::SimClock {
-        let mut rng = env.rng(&format!("node-clock-{index}"));
-        let bound = i64::try_from(self.cluster.clock_drift_ppm_max).expect("drift bound is small");
-        let drift_ppm = rng.gen_range(-bound..=bound);
-        let offset_ms = rng.gen_range(0..1_000_000u64);
-        env.node_clock(offset_ms, drift_ppm)
-    }
-
-    async fn node_loop(self, env: SimEnv, client: SimLeaseClient, actors: Vec<ActorId>) {
-        let mut rng = env.rng(&format!("node-loop-{}", client.node_id()));
-        while env.now_ms() < self.sim_duration_ms {
-            let actor_id = &actors[rng.choose_index(actors.len())];
-            let op = match client.believes(actor_id) {
-                Some(_) if rng.gen_bool(RELEASE_PROBABILITY) => LeaseOp::Release,
-                Some(_) => LeaseOp::Renew,
-                None if rng.gen_bool(STRAY_RENEW_PROBABILITY) => LeaseOp::Renew,
-                None => LeaseOp::Acquire,
-            };
-            // Refusals and store failures are part of the scenario; the checkers judge them.
-            let _ = client.request(op, actor_id).await;
-            let think_ms = rng.gen_range(0..=self.think_time_ms_max);
-            client
-                .clock()
-                .sleep_local(Duration::from_millis(think_ms))
-                .await;
-        }
+    ) -> Result<LinearizabilityReport, String> {
+        let settings = SwarmSettings {
+            nodes_count: self.nodes_count,
+            actors_count: self.actors_count,
+            safety_phase_ms: self.sim_duration_ms,
+            think_time_ms_max: self.think_time_for_lease_ms(),
+            request_timeout_ms: self.request_timeout_for_lease_ms(),
+            bug_belief_from_reply: self.bug_belief_from_reply,
+            bug_no_drift_margin: self.bug_no_drift_margin,
+            check_liveness: self.check_liveness,
+            app_loop: true,
+            bug_stale_reads: self.bug_stale_reads,
+            check_linearizability: self.check_linearizability,
+        };
+        run_swarm(env.clone(), cluster.clone(), self.cluster, settings).await
     }
 }

@@ -96,7 +96,7 @@ pub use lease_cluster::{
     ClusterConfig, LeaseOpCounts, SimLeaseClient, SimLeaseCluster, STORE_RETRIES_MAX,
 };
 pub use lease_events::{EventLog, LeaseEvent, LeaseEventKind};
-pub use lease_scenario::{LeaseRunReport, LeaseScenario, ScenarioMode};
+pub use lease_scenario::{LeaseRunReport, LeaseScenario};
 pub use lease_swarm::{Keeper, NetLeaseManager, SwarmSettings, SwarmWorld};
 pub use linearizability::{
     check_history, LinearizabilityError, LinearizabilityReport, OffendingWindow,

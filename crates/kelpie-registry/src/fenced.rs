@@ -27,6 +27,7 @@ use kelpie_core::{ActorId, FencingToken};
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use crate::error::StoreError;
+use crate::sqlite::{corrupt, open_error, sqlite_open_error};
 
 /// Largest state value accepted for one actor: 16 MiB. A bigger value is refused with
 /// [`StateError::ValueTooLarge`] rather than stored.
@@ -576,28 +577,6 @@ fn enable_wal(conn: &Connection, busy_timeout_ms: u64) -> rusqlite::Result<()> {
 #[allow(clippy::disallowed_methods)]
 fn wait_for_lock(pause_ms: u64) {
     std::thread::sleep(Duration::from_millis(pause_ms));
-}
-
-fn sqlite_open_error(shown: &str, step: &str, error: rusqlite::Error) -> StoreError {
-    let reason = format!("{step}: {error}");
-    match error.sqlite_error_code() {
-        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => corrupt(shown, reason),
-        _ => open_error(shown, reason),
-    }
-}
-
-fn open_error(shown: &str, reason: impl Into<String>) -> StoreError {
-    StoreError::Open {
-        path: shown.to_string(),
-        reason: reason.into(),
-    }
-}
-
-fn corrupt(shown: &str, reason: impl Into<String>) -> StoreError {
-    StoreError::Corrupt {
-        location: shown.to_string(),
-        reason: reason.into(),
-    }
 }
 
 #[cfg(test)]

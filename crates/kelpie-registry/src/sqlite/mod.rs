@@ -13,6 +13,8 @@
 //!   or is damaged is refused with an error naming it, and never written to.
 
 mod open;
+
+pub(crate) use open::{corrupt, open_error, sqlite_open_error};
 mod rows;
 mod writer;
 

@@ -316,7 +316,7 @@ fn check_integrity(conn: &Connection, shown: &str) -> Result<(), StoreError> {
 
 /// Classifies an SQLite failure while opening: damage is [`StoreError::Corrupt`], anything else
 /// (permissions, a read-only directory, locks) is [`StoreError::Open`].
-fn sqlite_open_error(shown: &str, step: &str, error: rusqlite::Error) -> StoreError {
+pub(crate) fn sqlite_open_error(shown: &str, step: &str, error: rusqlite::Error) -> StoreError {
     let reason = format!("{step}: {error}");
     match error.sqlite_error_code() {
         Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => corrupt(shown, reason),
@@ -324,14 +324,14 @@ fn sqlite_open_error(shown: &str, step: &str, error: rusqlite::Error) -> StoreEr
     }
 }
 
-fn open_error(shown: &str, reason: impl Into<String>) -> StoreError {
+pub(crate) fn open_error(shown: &str, reason: impl Into<String>) -> StoreError {
     StoreError::Open {
         path: shown.to_string(),
         reason: reason.into(),
     }
 }
 
-fn corrupt(shown: &str, reason: impl Into<String>) -> StoreError {
+pub(crate) fn corrupt(shown: &str, reason: impl Into<String>) -> StoreError {
     StoreError::Corrupt {
         location: shown.to_string(),
         reason: reason.into(),

@@ -225,18 +225,22 @@ impl StepCache {
                 .store
                 .peek(&actor_id)
                 .expect("a written record exists");
-            let kind = LeaseEventKind::Truth {
-                holder: record.holder.clone(),
-                fencing_token: record.fencing_token,
-                expires_at_ms: record.expires_at_ms,
-            };
-            events.push(self.store_now_ms, None, Some(&actor_id), kind);
+            if events.is_enabled() {
+                let kind = LeaseEventKind::Truth {
+                    holder: record.holder.clone(),
+                    fencing_token: record.fencing_token,
+                    expires_at_ms: record.expires_at_ms,
+                };
+                events.push(self.store_now_ms, None, Some(&actor_id), kind);
+            }
             self.records.insert(actor_id.clone(), record);
             self.changed_actors.insert(actor_id);
         }
         for change in cluster.board.take_changes() {
             for actor_id in change.changed_actors() {
-                self.record_belief_change(events, &change, &actor_id);
+                if events.is_enabled() {
+                    self.record_belief_change(events, &change, &actor_id);
+                }
                 let views = self.beliefs.entry(actor_id.clone()).or_default();
                 views.retain(|v| v.node_id != change.node_id);
                 views.extend(change.after.get(&actor_id).cloned());

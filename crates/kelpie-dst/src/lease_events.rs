@@ -95,9 +95,21 @@ pub enum LeaseEventKind {
 #[derive(Clone, Default)]
 pub struct EventLog {
     events: Rc<RefCell<VecDeque<LeaseEvent>>>,
+    /// Cleared when nobody will read the events (a plain sweep), so recording costs nothing.
+    disabled: Rc<std::cell::Cell<bool>>,
 }
 
 impl EventLog {
+    /// Turns recording on or off.
+    pub fn set_enabled(&self, enabled: bool) {
+        self.disabled.set(!enabled);
+    }
+
+    /// Whether events are recorded; callers skip building events when not.
+    pub fn is_enabled(&self) -> bool {
+        !self.disabled.get()
+    }
+
     /// Appends an event, dropping the oldest beyond [`EVENTS_KEPT_MAX`].
     pub fn push(
         &self,
@@ -106,6 +118,9 @@ impl EventLog {
         actor: Option<&ActorId>,
         kind: LeaseEventKind,
     ) {
+        if !self.is_enabled() {
+            return;
+        }
         let mut events = self.events.borrow_mut();
         if events.len() == EVENTS_KEPT_MAX {
             events.pop_front();

@@ -115,7 +115,7 @@ impl LeaseScenario {
 
     /// Runs the scenario under `simulation`.
     pub fn run(self, simulation: Simulation) -> Result<LeaseRunReport, SimError> {
-        self.run_recorded(simulation).0
+        self.run_inner(simulation, false).0
     }
 
     /// Runs the scenario and also returns its events (the last
@@ -124,6 +124,15 @@ impl LeaseScenario {
     pub fn run_recorded(
         self,
         simulation: Simulation,
+    ) -> (Result<LeaseRunReport, SimError>, Vec<LeaseEvent>) {
+        self.run_inner(simulation, true)
+    }
+
+    /// Runs the scenario, recording events only if `record` (nobody reads them otherwise).
+    fn run_inner(
+        self,
+        simulation: Simulation,
+        record: bool,
     ) -> (Result<LeaseRunReport, SimError>, Vec<LeaseEvent>) {
         let counts = Rc::new(Cell::new(LeaseOpCounts::default()));
         let events = Rc::new(RefCell::new(EventLog::default()));
@@ -135,6 +144,7 @@ impl LeaseScenario {
             async move {
                 let cluster = SimLeaseCluster::new(&env, self.cluster)?;
                 cluster.count_decisions(true);
+                cluster.events().set_enabled(record);
                 *events.borrow_mut() = cluster.events().clone();
                 let outcome = self.drive(&env, &cluster).await;
                 counts.set(cluster.counts());

@@ -15,10 +15,7 @@
 //!   transaction, so they are atomic across the processes sharing the file.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
 use std::future::Future;
-use std::io::{ErrorKind, Read};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -27,7 +24,7 @@ use kelpie_core::{ActorId, FencingToken};
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use crate::error::StoreError;
-use crate::sqlite::{corrupt, open_error, sqlite_open_error};
+use crate::sqlite::{corrupt, open_error, prepare_file, sqlite_open_error};
 
 /// Largest state value accepted for one actor: 16 MiB. A bigger value is refused with
 /// [`StateError::ValueTooLarge`] rather than stored.
@@ -48,9 +45,6 @@ pub const STATE_SQLITE_BUSY_TIMEOUT_MS_MAX: u64 = 600_000;
 
 /// Longest pause between two attempts to switch a new file to WAL mode.
 const WAL_SWITCH_PAUSE_MS_MAX: u64 = 50;
-
-/// The first 16 bytes of every SQLite database file.
-const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
 
 const _: () = assert!(STATE_SQLITE_BUSY_TIMEOUT_MS_DEFAULT <= STATE_SQLITE_BUSY_TIMEOUT_MS_MAX);
 const _: () = assert!(STATE_VALUE_BYTES_MAX <= i32::MAX as usize);
@@ -436,47 +430,6 @@ fn token_to_sql(path: &Path, token: FencingToken) -> Result<i64, StateError> {
             ),
         })
     })
-}
-
-/// Creates a missing file with private permissions before SQLite sees it (SQLite would use the
-/// umask's), and refuses an existing file that does not start with SQLite's header.
-fn prepare_file(path: &Path, shown: &str) -> Result<(), StoreError> {
-    match std::fs::metadata(path) {
-        Ok(metadata) if !metadata.is_file() => Err(open_error(shown, "it is not a regular file")),
-        Ok(_) => check_header(path, shown),
-        Err(error) if error.kind() == ErrorKind::NotFound => {
-            let created = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path);
-            match created {
-                Ok(_) => Ok(()),
-                // Another process created it first; it is checked like any existing file.
-                Err(error) if error.kind() == ErrorKind::AlreadyExists => check_header(path, shown),
-                Err(error) => Err(open_error(shown, format!("cannot create it: {error}"))),
-            }
-        }
-        Err(error) => Err(open_error(shown, error.to_string())),
-    }
-}
-
-/// An empty file is a new store; anything else must begin with SQLite's header.
-fn check_header(path: &Path, shown: &str) -> Result<(), StoreError> {
-    let mut header = Vec::with_capacity(SQLITE_HEADER.len());
-    File::open(path)
-        .and_then(|file| {
-            file.take(SQLITE_HEADER.len() as u64)
-                .read_to_end(&mut header)
-        })
-        .map_err(|error| open_error(shown, error.to_string()))?;
-    if header.is_empty() || header == SQLITE_HEADER {
-        return Ok(());
-    }
-    Err(corrupt(
-        shown,
-        "it is not a SQLite database (its header does not match)",
-    ))
 }
 
 /// `(application_id, user_version, schema objects)` of the file.

@@ -123,7 +123,7 @@ pub(super) fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connec
 /// Checks the path, creating a missing file with [`SQLITE_FILE_MODE`] before SQLite sees it
 /// (SQLite would create it with the umask's permissions), and refuses an existing file that
 /// does not start with SQLite's header, without SQLite ever opening it.
-fn prepare_file(path: &Path, shown: &str) -> Result<(), StoreError> {
+pub(crate) fn prepare_file(path: &Path, shown: &str) -> Result<(), StoreError> {
     match std::fs::metadata(path) {
         Ok(metadata) if metadata.is_dir() => Err(open_error(shown, "it is a directory")),
         Ok(metadata) if !metadata.is_file() => Err(open_error(shown, "it is not a regular file")),

@@ -159,6 +159,29 @@ impl SimConfig {
     }
 }
 
+/// Environment variable with how many seeds a multi-seed test runs.
+pub const DST_SEEDS_ENV: &str = "DST_SEEDS";
+
+/// The seeds a multi-seed test runs: exactly the one in `DST_SEED` if it is set (a replay),
+/// otherwise `DST_SEEDS` (or `default_count`) consecutive seeds from a random base.
+///
+/// # Panics
+/// If `DST_SEED` or `DST_SEEDS` is set but malformed: running other seeds than the ones asked
+/// for would make a replay look like it passed.
+pub fn test_seeds(default_count: u64) -> Vec<u64> {
+    if let Some(seed) = seed_from_env().unwrap_or_else(|error| panic!("{error}")) {
+        return vec![seed];
+    }
+    let count = match std::env::var(DST_SEEDS_ENV) {
+        Ok(value) => value
+            .parse()
+            .unwrap_or_else(|_| panic!("{DST_SEEDS_ENV}={value:?} is not a number of seeds")),
+        Err(_) => default_count,
+    };
+    let base = SimConfig::from_env_or_random().seed;
+    (0..count).map(|i| base.wrapping_add(i)).collect()
+}
+
 /// The seed in `DST_SEED`: `Ok(None)` if unset, an error if set but not a decimal `u64`.
 pub fn seed_from_env() -> Result<Option<u64>, SimError> {
     match std::env::var(DST_SEED_ENV) {

@@ -31,7 +31,7 @@ use crate::history::{History, OpOutcome};
 use crate::network::{HostId, SimNetwork};
 use crate::rng::DeterministicRng;
 use crate::sim_lease_store::SimLeaseStore;
-use crate::storage::{StorageError, Versioned};
+use crate::storage::Versioned;
 use crate::SimEnv;
 
 /// The host the store runs on.
@@ -330,16 +330,6 @@ impl StaleReads {
             (decision.write.clone(), decision)
         };
         let outcome = store.storage().transact(&key, step).await;
-        outcome.map_err(|error| match error {
-            StorageError::CommitUnknown { .. } => StoreError::CommitUnknown {
-                reason: error.to_string(),
-            },
-            StorageError::WriteFailed { .. } => StoreError::WriteFailed {
-                reason: error.to_string(),
-            },
-            _ => StoreError::Unavailable {
-                reason: error.to_string(),
-            },
-        })
+        outcome.map_err(crate::sim_lease_store::store_error)
     }
 }

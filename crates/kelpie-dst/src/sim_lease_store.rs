@@ -91,7 +91,8 @@ impl SimLeaseStore {
     }
 }
 
-fn store_error(error: StorageError) -> StoreError {
+/// The lease store's view of a simulated storage failure: whether it may have been applied.
+pub(crate) fn store_error(error: StorageError) -> StoreError {
     match error {
         StorageError::CommitUnknown { .. } => StoreError::CommitUnknown {
             reason: error.to_string(),

@@ -3,14 +3,14 @@
 //!
 //! Every test runs on the harness clock with write failures (10 %) and commit-unknown
 //! failures (10 %) on, and asserts that both fired. Without `DST_SEED` each test runs
-//! [`SEEDS_PER_TEST`] seeds from a random base; with `DST_SEED=<n>` it runs exactly seed `n`.
+//! `DST_SEEDS` (default [`SEEDS_PER_TEST`]) seeds from a random base; with `DST_SEED=<n>` it
+//! runs exactly seed `n`.
 
 use std::future::Future;
 use std::time::Duration;
 
 use kelpie_core::{ActorId, FencingToken, NodeId};
 use kelpie_dst::checkers::CheckerSet;
-use kelpie_dst::config::seed_from_env;
 use kelpie_dst::mutations::Mutation;
 use kelpie_dst::{
     ClusterConfig, FaultConfig, FaultType, LeaseScenario, SimConfig, SimEnv, SimError,
@@ -29,13 +29,7 @@ const ACTORS_PER_SEED: usize = 150;
 const MUTATION_SEEDS_MAX: u64 = 100;
 
 fn seeds() -> Vec<u64> {
-    match seed_from_env().expect("DST_SEED must be a decimal u64") {
-        Some(seed) => vec![seed],
-        None => {
-            let base = SimConfig::from_env_or_random().seed;
-            (0..SEEDS_PER_TEST).map(|i| base.wrapping_add(i)).collect()
-        }
-    }
+    kelpie_dst::config::test_seeds(SEEDS_PER_TEST)
 }
 
 fn with_storage_faults(simulation: Simulation) -> Simulation {

@@ -32,7 +32,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kelpie_core::{ActorId, FencingToken, NodeId};
-use kelpie_dst::config::seed_from_env;
 use kelpie_dst::lease_swarm::Phase;
 use kelpie_dst::{
     swarm_faults, DeterministicRng, FaultType, Keeper, LeaseScenario, NetLeaseManager, SimConfig,
@@ -142,14 +141,7 @@ impl Ctx {
 }
 
 fn seeds() -> Vec<u64> {
-    if let Some(seed) = seed_from_env().expect("DST_SEED must be a decimal u64") {
-        return vec![seed];
-    }
-    let count = std::env::var("DST_SEEDS")
-        .map(|v| v.parse().expect("DST_SEEDS must be a number"))
-        .unwrap_or(SEEDS_DEFAULT);
-    let base = SimConfig::from_env_or_random().seed;
-    (0..count).map(|i| base.wrapping_add(i)).collect()
+    kelpie_dst::config::test_seeds(SEEDS_DEFAULT)
 }
 
 /// The node that wants `actor_index` once everything healed.

@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 
 use kelpie_dst::checkers::CheckerSet;
-use kelpie_dst::config::seed_from_env;
 use kelpie_dst::{
     swarm_faults, FaultType, LeaseRunReport, LeaseScenario, SimConfig, SimError, Simulation,
     SWARM_LEASE_FAULTS,
@@ -25,14 +24,7 @@ const MUTATION_SEEDS_MAX: u64 = 500;
 const STALE_READ_SEEDS_MAX: u64 = 200;
 
 fn seeds() -> Vec<u64> {
-    if let Some(seed) = seed_from_env().expect("DST_SEED must be a decimal u64") {
-        return vec![seed];
-    }
-    let count = std::env::var("DST_SEEDS")
-        .map(|v| v.parse().expect("DST_SEEDS must be a number"))
-        .unwrap_or(SEEDS_DEFAULT);
-    let base = SimConfig::from_env_or_random().seed;
-    (0..count).map(|i| base.wrapping_add(i)).collect()
+    kelpie_dst::config::test_seeds(SEEDS_DEFAULT)
 }
 
 /// Lease durations the swarm draws from, one per seed: short leases put network delay and

@@ -13,11 +13,13 @@ use std::time::Duration;
 
 use clap::Args;
 use kelpie_core::{ActorId, NodeId, TokioClock};
-use kelpie_registry::{LeaseConfig, LeaseManager, MemoryLeaseManager, SqliteLeaseManager};
+use kelpie_lease::{LeaseConfig, LeaseManager, MemoryLeaseManager, SqliteLeaseManager};
 use serde_json::json;
 
 use crate::error::CliError;
-use crate::lease_cmd::{connect_etcd, open_sqlite};
+#[cfg(feature = "etcd")]
+use crate::lease_cmd::connect_etcd;
+use crate::lease_cmd::open_sqlite;
 use crate::store_url::StoreUrl;
 use crate::timing::Stopwatch;
 
@@ -31,6 +33,7 @@ const CONCURRENCY_MAX: u64 = 1_024;
 /// How long to wait for a SQLite lock held by another process.
 const SQLITE_TIMEOUT_MS: u64 = 5_000;
 /// How long to wait for etcd to connect and for each request.
+#[cfg(feature = "etcd")]
 const ETCD_TIMEOUT_MS: u64 = 5_000;
 
 /// Options of `kelpie bench`.
@@ -101,6 +104,9 @@ pub fn run(args: BenchArgs) -> Result<(), CliError> {
             let manager = Arc::new(MemoryLeaseManager::in_memory(clock, config));
             runtime.block_on(measure_all(manager, &args.concurrency, case))?
         }
+        #[cfg(not(feature = "etcd"))]
+        StoreUrl::Etcd(_) => return Err(crate::store_url::StoreUrlError::EtcdNotBuilt.into()),
+        #[cfg(feature = "etcd")]
         StoreUrl::Etcd(endpoints) => runtime.block_on(async {
             let manager = connect_etcd(endpoints, ETCD_TIMEOUT_MS, config).await?;
             measure_all(Arc::new(manager), &args.concurrency, case).await
@@ -111,7 +117,7 @@ pub fn run(args: BenchArgs) -> Result<(), CliError> {
 }
 
 /// A store in a new file: a benchmark must not fill someone's lease store.
-fn new_sqlite(path: &Path) -> Result<kelpie_registry::SqliteLeaseStore, CliError> {
+fn new_sqlite(path: &Path) -> Result<kelpie_lease::SqliteLeaseStore, CliError> {
     if path.exists() {
         return Err(CliError::Usage(format!(
             "{} exists; kelpie bench writes thousands of leases, so give it a path that does \

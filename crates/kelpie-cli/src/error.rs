@@ -5,7 +5,7 @@
 //! unavailable. Clap's own usage errors already exit with 2.
 
 use kelpie_core::IdError;
-use kelpie_registry::{ConfigError, LeaseError, StoreError};
+use kelpie_lease::{ConfigError, LeaseError, StoreError};
 
 use crate::store_url::StoreUrlError;
 

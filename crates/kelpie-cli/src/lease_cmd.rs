@@ -4,14 +4,15 @@ use std::path::Path;
 
 use clap::{Args, Subcommand};
 use kelpie_core::{ActorId, IdError, NodeId};
-use kelpie_registry::{EtcdLeaseManager, EtcdOptions};
-use kelpie_registry::{Lease, LeaseConfig, LeaseError, LeaseManager, LeaseStore};
-use kelpie_registry::{SqliteLeaseManager, SqliteLeaseStore, SqliteOptions};
-use kelpie_registry::{SQLITE_BUSY_TIMEOUT_MS_DEFAULT, SQLITE_BUSY_TIMEOUT_MS_MAX};
+#[cfg(feature = "etcd")]
+use kelpie_lease::{EtcdLeaseManager, EtcdOptions};
+use kelpie_lease::{Lease, LeaseConfig, LeaseError, LeaseManager, LeaseStore};
+use kelpie_lease::{SqliteLeaseManager, SqliteLeaseStore, SqliteOptions};
+use kelpie_lease::{SQLITE_BUSY_TIMEOUT_MS_DEFAULT, SQLITE_BUSY_TIMEOUT_MS_MAX};
 use serde_json::json;
 
 use crate::error::CliError;
-use crate::store_url::{EtcdEndpoint, StoreUrl, STORE_DEFAULT};
+use crate::store_url::{StoreUrl, STORE_DEFAULT};
 
 /// The exit codes, shown under every lease command's `--help`.
 pub const EXIT_CODES_HELP: &str = "\
@@ -155,6 +156,7 @@ pub fn run(command: LeaseCommand) -> Result<(), CliError> {
 #[allow(clippy::large_enum_variant)]
 enum Backend {
     Sqlite(SqliteLeaseManager),
+    #[cfg(feature = "etcd")]
     Etcd(EtcdLeaseManager),
 }
 
@@ -170,9 +172,12 @@ async fn open(args: &StoreArgs, config: LeaseConfig) -> Result<Backend, CliError
             let store = open_sqlite(path, args.timeout_ms)?;
             Ok(Backend::Sqlite(SqliteLeaseManager::new(store, config)))
         }
+        #[cfg(feature = "etcd")]
         StoreUrl::Etcd(endpoints) => Ok(Backend::Etcd(
             connect_etcd(endpoints, args.timeout_ms, config).await?,
         )),
+        #[cfg(not(feature = "etcd"))]
+        StoreUrl::Etcd(_) => Err(crate::store_url::StoreUrlError::EtcdNotBuilt.into()),
         StoreUrl::Memory => Err(CliError::Usage(
             "the memory store forgets every lease when kelpie exits; use sqlite:PATH here \
              (memory is for kelpie bench)"
@@ -181,13 +186,13 @@ async fn open(args: &StoreArgs, config: LeaseConfig) -> Result<Backend, CliError
     }
 }
 
+#[cfg(feature = "etcd")]
 /// Connects to etcd, waiting up to `timeout_ms` for the connection and for each request.
 pub async fn connect_etcd(
-    endpoints: &[EtcdEndpoint],
+    endpoints: &[String],
     timeout_ms: u64,
     config: LeaseConfig,
 ) -> Result<EtcdLeaseManager, CliError> {
-    let endpoints: Vec<String> = endpoints.iter().map(ToString::to_string).collect();
     let options = EtcdOptions::new(endpoints)
         .with_connect_timeout_ms(timeout_ms)
         .with_request_timeout_ms(timeout_ms)
@@ -200,6 +205,7 @@ async fn write_op(op: Op, args: &OpArgs) -> Result<(), CliError> {
     let backend = open(&args.store, config).await?;
     let result = match &backend {
         Backend::Sqlite(manager) => apply(manager, op, &args.actor, &args.node).await,
+        #[cfg(feature = "etcd")]
         Backend::Etcd(manager) => apply(manager, op, &args.actor, &args.node).await,
     };
     match result {
@@ -215,6 +221,7 @@ async fn write_op(op: Op, args: &OpArgs) -> Result<(), CliError> {
             if args.store.json && error.is_refusal() {
                 print_json(&refusal_json(&error));
             }
+            #[cfg(feature = "etcd")]
             if let (Backend::Etcd(_), LeaseError::NotHolder { holder, .. }) = (&backend, &error) {
                 if holder.as_ref() == Some(&args.node) {
                     eprintln!(
@@ -258,6 +265,7 @@ async fn get(args: &GetArgs) -> Result<(), CliError> {
         StoreUrl::Sqlite(path) if !path.exists() => None,
         _ => match open(&args.store, LeaseConfig::default()).await? {
             Backend::Sqlite(manager) => manager.get(&args.actor).await?,
+            #[cfg(feature = "etcd")]
             Backend::Etcd(manager) => manager.get(&args.actor).await?,
         },
     };
@@ -275,7 +283,9 @@ async fn list(args: &ListArgs) -> Result<(), CliError> {
         _ => match (open(&args.store, LeaseConfig::default()).await?, &args.node) {
             (Backend::Sqlite(manager), Some(node)) => manager.leases_held_by(node).await?,
             (Backend::Sqlite(manager), None) => all_valid(manager.store()).await?,
+            #[cfg(feature = "etcd")]
             (Backend::Etcd(manager), Some(node)) => manager.leases_held_by(node).await?,
+            #[cfg(feature = "etcd")]
             (Backend::Etcd(_), None) => {
                 return Err(CliError::Usage(
                     "with etcd, list needs --node: the etcd backend lists one node's leases"

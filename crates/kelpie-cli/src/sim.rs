@@ -15,7 +15,7 @@ use kelpie_core::limits::{LEASE_DURATION_MS_MAX, LEASE_DURATION_MS_MIN};
 use kelpie_dst::mutations::Mutation;
 use kelpie_dst::{FaultConfig, LeaseEvent, LeaseRunReport, LeaseScenario, SimConfig, SimError};
 use kelpie_dst::{Simulation, SIM_STEPS_MAX_DEFAULT};
-use kelpie_registry::BeliefConfig;
+use kelpie_lease::BeliefConfig;
 use rand::RngCore;
 
 use crate::error::CliError;

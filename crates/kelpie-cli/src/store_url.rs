@@ -1,4 +1,8 @@
 //! `--store` values: `sqlite:PATH`, `etcd://HOST:PORT[,HOST:PORT...]` and `memory`.
+//!
+//! etcd endpoints are parsed by the etcd backend's own parser (`kelpie_lease::parse_endpoints`),
+//! so the CLI and the library accept the same lists. A `kelpie` built without the `etcd`
+//! feature refuses `etcd://` with the command that builds it in.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -6,29 +10,20 @@ use std::str::FromStr;
 
 /// The store used when `--store` is not given.
 pub const STORE_DEFAULT: &str = "sqlite:./kelpie-leases.db";
-/// The port assumed for an etcd endpoint given without one (etcd's client port).
-pub const ETCD_PORT_DEFAULT: u16 = 2379;
-/// Most etcd endpoints accepted in one URL; a cluster has a handful of members.
-pub const ETCD_ENDPOINTS_MAX: usize = 16;
+
+/// The build command that adds the etcd backend to `kelpie`.
+pub const ETCD_BUILD_COMMAND: &str = "cargo build --release -p kelpie-cli --features etcd";
 
 /// Where the leases live.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreUrl {
     /// A SQLite file on this host.
     Sqlite(PathBuf),
-    /// An etcd cluster.
-    Etcd(Vec<EtcdEndpoint>),
+    /// An etcd cluster: its client endpoints as `HOST:PORT`, checked by the etcd backend.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    Etcd(Vec<String>),
     /// A store in this process's memory, gone when it exits (benchmarks only).
     Memory,
-}
-
-/// One etcd member's client address.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EtcdEndpoint {
-    /// Host name or IP address (an IPv6 address keeps its brackets).
-    pub host: String,
-    /// Client port.
-    pub port: u16,
 }
 
 /// Why a `--store` value was refused.
@@ -46,23 +41,21 @@ pub enum StoreUrlError {
     /// `sqlite:` without a path.
     #[error("sqlite: needs a file path, e.g. sqlite:./kelpie-leases.db")]
     SqliteNoPath,
-    /// `etcd://` without endpoints.
-    #[error("etcd:// needs at least one HOST:PORT, e.g. etcd://127.0.0.1:2379")]
-    EtcdNoEndpoints,
-    /// Too many endpoints.
-    #[error("etcd:// lists {count} endpoints; the limit is {ETCD_ENDPOINTS_MAX}")]
-    EtcdTooManyEndpoints {
-        /// How many were given.
-        count: usize,
+    /// The etcd endpoint list did not parse.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    #[error("{given:?}: {reason}")]
+    EtcdEndpoints {
+        /// The value as given.
+        given: String,
+        /// What was wrong, from the etcd backend's parser.
+        reason: String,
     },
-    /// An endpoint did not parse.
-    #[error("etcd endpoint {endpoint:?}: {reason}")]
-    EtcdBadEndpoint {
-        /// The endpoint as given.
-        endpoint: String,
-        /// What was wrong.
-        reason: &'static str,
-    },
+    /// This binary was built without the etcd backend.
+    #[error(
+        "this kelpie was built without the etcd backend; build it with `{ETCD_BUILD_COMMAND}` \
+         (its build needs protoc: apt-get install protobuf-compiler libprotobuf-dev)"
+    )]
+    EtcdNotBuilt,
 }
 
 impl FromStr for StoreUrl {
@@ -77,7 +70,7 @@ impl FromStr for StoreUrl {
             return Ok(StoreUrl::Memory);
         }
         if let Some(rest) = value.strip_prefix("etcd://") {
-            return parse_etcd(rest).map(StoreUrl::Etcd);
+            return parse_etcd(value, rest);
         }
         if let Some(rest) = value.strip_prefix("sqlite:") {
             // `sqlite:///abs/path` and `sqlite://rel` are accepted too, as URL habits suggest.
@@ -93,69 +86,20 @@ impl FromStr for StoreUrl {
     }
 }
 
-fn parse_etcd(rest: &str) -> Result<Vec<EtcdEndpoint>, StoreUrlError> {
-    let rest = rest.trim_end_matches('/');
-    if rest.is_empty() {
-        return Err(StoreUrlError::EtcdNoEndpoints);
+#[cfg(feature = "etcd")]
+fn parse_etcd(given: &str, rest: &str) -> Result<StoreUrl, StoreUrlError> {
+    match kelpie_lease::parse_endpoints(rest) {
+        Ok(endpoints) => Ok(StoreUrl::Etcd(endpoints)),
+        Err(error) => Err(StoreUrlError::EtcdEndpoints {
+            given: given.to_string(),
+            reason: error.to_string(),
+        }),
     }
-    let endpoints = rest
-        .split(',')
-        .map(parse_endpoint)
-        .collect::<Result<Vec<_>, _>>()?;
-    if endpoints.len() > ETCD_ENDPOINTS_MAX {
-        return Err(StoreUrlError::EtcdTooManyEndpoints {
-            count: endpoints.len(),
-        });
-    }
-    Ok(endpoints)
 }
 
-fn parse_endpoint(endpoint: &str) -> Result<EtcdEndpoint, StoreUrlError> {
-    let bad = |reason| StoreUrlError::EtcdBadEndpoint {
-        endpoint: endpoint.to_string(),
-        reason,
-    };
-    // An IPv6 address is bracketed so that its colons are not taken for the port's.
-    let (host, port) = if endpoint.starts_with('[') {
-        let close = endpoint.find(']').ok_or_else(|| bad("unclosed '['"))?;
-        let (host, after) = endpoint.split_at(close + 1);
-        match after {
-            "" => (host, None),
-            _ => match after.strip_prefix(':') {
-                Some(port) => (host, Some(port)),
-                None => return Err(bad("expected ':' after ']'")),
-            },
-        }
-    } else {
-        match endpoint.rsplit_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (endpoint, None),
-        }
-    };
-    let host_ok = !host.is_empty()
-        && host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':' | '[' | ']'));
-    if !host_ok {
-        return Err(bad("the host must be a name or an IP address"));
-    }
-    let port = match port {
-        None => ETCD_PORT_DEFAULT,
-        Some(port) => match port.parse::<u16>() {
-            Ok(0) | Err(_) => return Err(bad("the port must be a number in 1..=65535")),
-            Ok(port) => port,
-        },
-    };
-    Ok(EtcdEndpoint {
-        host: host.to_string(),
-        port,
-    })
-}
-
-impl fmt::Display for EtcdEndpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.host, self.port)
-    }
+#[cfg(not(feature = "etcd"))]
+fn parse_etcd(_given: &str, _rest: &str) -> Result<StoreUrl, StoreUrlError> {
+    Err(StoreUrlError::EtcdNotBuilt)
 }
 
 impl fmt::Display for StoreUrl {
@@ -163,16 +107,7 @@ impl fmt::Display for StoreUrl {
         match self {
             StoreUrl::Sqlite(path) => write!(f, "sqlite:{}", path.display()),
             StoreUrl::Memory => f.write_str("memory"),
-            StoreUrl::Etcd(endpoints) => {
-                f.write_str("etcd://")?;
-                for (index, endpoint) in endpoints.iter().enumerate() {
-                    if index > 0 {
-                        f.write_str(",")?;
-                    }
-                    write!(f, "{endpoint}")?;
-                }
-                Ok(())
-            }
+            StoreUrl::Etcd(endpoints) => write!(f, "etcd://{}", endpoints.join(",")),
         }
     }
 }
@@ -199,18 +134,28 @@ mod tests {
         assert_eq!(parse("sqlite:"), Err(StoreUrlError::SqliteNoPath));
     }
 
+    #[cfg(feature = "etcd")]
     #[test]
     fn etcd_lists_endpoints_with_default_port() {
         let url = parse("etcd://10.0.0.1:2379,etcd-b,[::1]:32379/").unwrap();
-        let StoreUrl::Etcd(endpoints) = &url else {
-            panic!("{url:?}");
-        };
-        let shown: Vec<String> = endpoints.iter().map(ToString::to_string).collect();
-        assert_eq!(shown, ["10.0.0.1:2379", "etcd-b:2379", "[::1]:32379"]);
         assert_eq!(
             url.to_string(),
             "etcd://10.0.0.1:2379,etcd-b:2379,[::1]:32379"
         );
+        for bad in ["etcd://", "etcd://h:0", "etcd://a,,b", "etcd://h a:1"] {
+            assert!(
+                matches!(parse(bad), Err(StoreUrlError::EtcdEndpoints { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    #[test]
+    fn etcd_without_the_feature_names_the_build_command() {
+        let refused = parse("etcd://127.0.0.1:2379").unwrap_err();
+        assert_eq!(refused, StoreUrlError::EtcdNotBuilt);
+        assert!(refused.to_string().contains(ETCD_BUILD_COMMAND));
     }
 
     #[test]
@@ -224,26 +169,6 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("sqlite:PATH"));
-        assert_eq!(parse("etcd://"), Err(StoreUrlError::EtcdNoEndpoints));
-        for bad in [
-            "etcd://h:0",
-            "etcd://h:99999",
-            "etcd://h:x",
-            "etcd://:1",
-            "etcd://a,,b",
-            "etcd://[::1",
-            "etcd://h a:1",
-        ] {
-            assert!(
-                matches!(parse(bad), Err(StoreUrlError::EtcdBadEndpoint { .. })),
-                "{bad}"
-            );
-        }
-        let many = vec!["h:1"; ETCD_ENDPOINTS_MAX + 1].join(",");
-        assert!(matches!(
-            parse(&format!("etcd://{many}")),
-            Err(StoreUrlError::EtcdTooManyEndpoints { .. })
-        ));
         assert_eq!(parse("memory").unwrap(), StoreUrl::Memory);
     }
 }

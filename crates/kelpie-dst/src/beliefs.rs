@@ -1,5 +1,5 @@
 //! The nodes' beliefs, shared between the simulated nodes that hold them and the checkers that
-//! judge them. A node's beliefs come either from a [`LeaseKeeper`](kelpie_registry::LeaseKeeper)
+//! judge them. A node's beliefs come either from a [`LeaseKeeper`](kelpie_lease::LeaseKeeper)
 //! (the production code) or from beliefs kept by hand with the [`Belief`] state machine.
 
 use std::cell::RefCell;
@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
 use kelpie_core::{ActorId, FencingToken, NodeId};
-use kelpie_registry::{Belief, BeliefConfig, HeldBelief};
+use kelpie_lease::{Belief, BeliefConfig, HeldBelief};
 
 use crate::checkers::BeliefView;
 use crate::clock::SimClock;
@@ -20,15 +20,15 @@ pub trait BeliefSource {
     fn belief_epoch(&self) -> u64;
 }
 
-impl<M: kelpie_registry::LeaseManager> BeliefSource
-    for std::sync::Arc<kelpie_registry::LeaseKeeper<M>>
+impl<M: kelpie_lease::LeaseManager> BeliefSource
+    for std::sync::Arc<kelpie_lease::LeaseKeeper<M>>
 {
     fn beliefs(&self) -> Vec<(ActorId, HeldBelief)> {
-        kelpie_registry::LeaseKeeper::beliefs(self)
+        kelpie_lease::LeaseKeeper::beliefs(self)
     }
 
     fn belief_epoch(&self) -> u64 {
-        kelpie_registry::LeaseKeeper::belief_epoch(self)
+        kelpie_lease::LeaseKeeper::belief_epoch(self)
     }
 }
 

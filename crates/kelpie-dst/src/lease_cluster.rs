@@ -1,5 +1,5 @@
 //! Simulated lease nodes: the production protocol over the simulated store, each node keeping
-//! its belief with the production [`Belief`](kelpie_registry::Belief) state machine on its own
+//! its belief with the production [`Belief`](kelpie_lease::Belief) state machine on its own
 //! drifting clock, and the checkers judging every step.
 
 use std::cell::{Cell, RefCell};
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kelpie_core::{ActorId, FencingToken, NodeId};
-use kelpie_registry::{
+use kelpie_lease::{
     BeliefConfig, DecideFn, Lease, LeaseConfig, LeaseError, LeaseManager, LeaseOp, LeaseRecord,
     ProtocolLeaseManager,
 };

@@ -20,7 +20,7 @@ use std::time::Duration;
 use futures_channel::oneshot;
 use futures_util::future::{select, Either};
 use kelpie_core::ActorId;
-use kelpie_registry::{
+use kelpie_lease::{
     DecideFn, Decision, LeaseRecord, LeaseRequest, LeaseStore, RecordSnapshot, StoreError,
     StoreSnapshot,
 };

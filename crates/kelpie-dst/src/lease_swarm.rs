@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures_channel::mpsc::UnboundedReceiver;
 use kelpie_core::{ActorId, NodeId};
-use kelpie_registry::{
+use kelpie_lease::{
     KeeperConfig, KeeperEvent, LeaseConfig, LeaseError, LeaseKeeper, ProtocolLeaseManager,
 };
 
@@ -388,7 +388,7 @@ impl SwarmWorld {
     }
 
     /// The store's record of `actor_id` now (ground truth).
-    pub fn truth(&self, actor_id: &ActorId) -> Option<kelpie_registry::LeaseRecord> {
+    pub fn truth(&self, actor_id: &ActorId) -> Option<kelpie_lease::LeaseRecord> {
         self.cluster.store().peek(actor_id)
     }
 

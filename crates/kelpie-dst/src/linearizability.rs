@@ -37,7 +37,7 @@ use std::fmt;
 use std::rc::Rc;
 
 use kelpie_core::{ActorId, FencingToken, NodeId};
-use kelpie_registry::{decide, Lease, LeaseError, LeaseOp, LeaseRecord, LeaseRequest};
+use kelpie_lease::{decide, Lease, LeaseError, LeaseOp, LeaseRecord, LeaseRequest};
 
 use crate::history::{HistoryOp, OpOutcome};
 
@@ -1201,7 +1201,7 @@ fn record_of(lease: &Lease) -> LeaseRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kelpie_registry::StoreError;
+    use kelpie_lease::StoreError;
 
     const LEASE_MS: u64 = 1_000;
 

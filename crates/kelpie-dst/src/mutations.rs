@@ -3,7 +3,7 @@
 //! can fail at all. `kelpie sim --inject-bug <name>` runs them too.
 
 use kelpie_core::ActorId;
-use kelpie_registry::{decide, DecideFn, Decision, LeaseError, LeaseOp, LeaseRecord, LeaseRequest};
+use kelpie_lease::{decide, DecideFn, Decision, LeaseError, LeaseOp, LeaseRecord, LeaseRequest};
 
 /// A broken protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use kelpie_core::ActorId;
-use kelpie_registry::{
+use kelpie_lease::{
     DecideFn, Decision, LeaseRecord, LeaseRequest, LeaseStore, RecordSnapshot, StoreError,
     StoreSnapshot,
 };

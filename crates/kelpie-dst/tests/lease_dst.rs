@@ -16,7 +16,7 @@ use kelpie_dst::{
     ClusterConfig, FaultConfig, FaultType, LeaseScenario, SimConfig, SimEnv, SimError,
     SimLeaseClient, SimLeaseCluster, SimReport, Simulation,
 };
-use kelpie_registry::{Lease, LeaseError, LeaseOp};
+use kelpie_lease::{Lease, LeaseError, LeaseOp};
 
 /// Seeds each test runs when `DST_SEED` is not set.
 const SEEDS_PER_TEST: u64 = 4;
@@ -432,7 +432,7 @@ fn test_dst_lease_stress() {
 // Deliberately broken protocols. Each must be caught by its own checker, run alone, so every
 // checker is shown able to fail.
 
-fn caught_within(invariant: &str, broken: kelpie_registry::DecideFn) -> u64 {
+fn caught_within(invariant: &str, broken: kelpie_lease::DecideFn) -> u64 {
     let base = SimConfig::from_env_or_random().seed;
     for i in 0..MUTATION_SEEDS_MAX {
         let mut scenario = LeaseScenario::default();
@@ -518,7 +518,7 @@ fn test_dst_correct_protocol_passes_every_checker() {
 
 use kelpie_dst::lease_net::STORE_HOST;
 use kelpie_dst::{Keeper, SwarmSettings, SwarmWorld};
-use kelpie_registry::{KeeperEvent, LostReason};
+use kelpie_lease::{KeeperEvent, LostReason};
 use std::rc::Rc;
 
 /// Attempts a contender makes, 10 ms apart, before a takeover counts as failed.
@@ -704,7 +704,7 @@ fn test_dst_lease_clock_drift() {
 
 #[test]
 fn test_dst_lease_holder_crash() {
-    let renew_interval_ms = kelpie_registry::KeeperConfig::new(LEASE_DURATION_MS)
+    let renew_interval_ms = kelpie_lease::KeeperConfig::new(LEASE_DURATION_MS)
         .unwrap()
         .renew_interval_ms;
     for seed in seeds() {

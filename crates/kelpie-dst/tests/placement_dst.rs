@@ -37,7 +37,7 @@ use kelpie_dst::{
     swarm_faults, DeterministicRng, FaultType, Keeper, LeaseScenario, NetLeaseManager, SimConfig,
     SimEnv, SimLeaseCluster, SimReport, Simulation, SwarmSettings, SwarmWorld, SWARM_LEASE_FAULTS,
 };
-use kelpie_registry::{FencedStateStore, Location, MemoryFencedStateStore, Placement, StateError};
+use kelpie_lease::{FencedStateStore, Location, MemoryFencedStateStore, Placement, StateError};
 
 /// Seeds run when `DST_SEEDS` is not set.
 const SEEDS_DEFAULT: u64 = 16;

@@ -13,7 +13,7 @@ use kelpie_dst::{
     swarm_faults, FaultType, LeaseRunReport, LeaseScenario, SimConfig, SimError, Simulation,
     SWARM_LEASE_FAULTS,
 };
-use kelpie_registry::COVERAGE_MARKS;
+use kelpie_lease::COVERAGE_MARKS;
 
 /// Seeds run when `DST_SEEDS` is not set.
 const SEEDS_DEFAULT: u64 = 40;

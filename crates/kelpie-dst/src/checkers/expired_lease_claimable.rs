@@ -1,6 +1,6 @@
 //! ExpiredLeaseClaimable: an expired or free lease never blocks an acquire.
 
-use kelpie_registry::LeaseOp;
+use kelpie_lease::LeaseOp;
 
 use super::{Invariant, LeaseWorld};
 

@@ -17,7 +17,7 @@ mod renewal_requires_ownership;
 use std::collections::{BTreeMap, BTreeSet};
 
 use kelpie_core::{ActorId, NodeId};
-use kelpie_registry::{Decision, HeldBelief, LeaseRecord, LeaseRequest};
+use kelpie_lease::{Decision, HeldBelief, LeaseRecord, LeaseRequest};
 
 pub use belief_consistency::BeliefConsistency;
 pub use expired_lease_claimable::ExpiredLeaseClaimable;

@@ -254,7 +254,7 @@ const READ_SQL: &str = "SELECT highest_token, value FROM actor_state WHERE actor
 ///
 /// ```
 /// use kelpie_core::{ActorId, FencingToken};
-/// use kelpie_registry::{FencedStateStore, SqliteFencedStateStore, StateError};
+/// use kelpie_lease::{FencedStateStore, SqliteFencedStateStore, StateError};
 /// # futures::executor::block_on(async {
 /// let dir = tempfile::tempdir().unwrap();
 /// let store = SqliteFencedStateStore::open(dir.path().join("state.db"))?;

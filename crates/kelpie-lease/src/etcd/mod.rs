@@ -97,6 +97,7 @@ use kelpie_core::{ActorId, FencingToken, NodeId, TokioClock};
 pub use options::{
     parse_endpoints, EtcdCredentials, EtcdOptions, ETCD_CONNECT_TIMEOUT_MS_DEFAULT,
     ETCD_ENDPOINTS_ENV, ETCD_ENDPOINTS_MAX, ETCD_KEY_PREFIX_BYTES_MAX, ETCD_KEY_PREFIX_DEFAULT,
+    ETCD_PORT_DEFAULT,
     ETCD_REQUEST_TIMEOUT_MS_DEFAULT, ETCD_TIMEOUT_MS_MAX, ETCD_TIMEOUT_MS_MIN,
 };
 

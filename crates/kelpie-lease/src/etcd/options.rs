@@ -278,14 +278,50 @@ impl fmt::Debug for EtcdOptions {
     }
 }
 
-/// Splits a comma-separated endpoint list (as in [`ETCD_ENDPOINTS_ENV`]) and checks each entry
-/// has a valid form. Blank entries are refused rather than skipped, because `a,,b` is a typo.
+/// The port assumed for an endpoint given without one (etcd's client port).
+pub const ETCD_PORT_DEFAULT: u16 = 2379;
+
+/// Splits a comma-separated endpoint list (as in [`ETCD_ENDPOINTS_ENV`] or after `etcd://` in a
+/// store URL) and checks each entry has a valid form; an entry without a port gets
+/// [`ETCD_PORT_DEFAULT`]. Blank entries are refused rather than skipped, because `a,,b` is a
+/// typo, and so are more than [`ETCD_ENDPOINTS_MAX`] entries. The only endpoint parser: the
+/// CLI's `etcd://` URLs come here too.
 pub fn parse_endpoints(list: &str) -> Result<Vec<String>, StoreError> {
-    let endpoints: Vec<String> = list.split(',').map(|e| e.trim().to_string()).collect();
+    let list = list.trim().trim_end_matches('/');
+    if list.is_empty() {
+        return Err(invalid(
+            "endpoints",
+            "no endpoint given; expected HOST:PORT[,HOST:PORT...]".to_string(),
+        ));
+    }
+    let endpoints: Vec<String> = list.split(',').map(with_default_port).collect();
+    if endpoints.len() > ETCD_ENDPOINTS_MAX {
+        return Err(invalid(
+            "endpoints",
+            format!(
+                "{} endpoints given; the limit is {ETCD_ENDPOINTS_MAX}",
+                endpoints.len()
+            ),
+        ));
+    }
     for endpoint in &endpoints {
         check_endpoint(endpoint, false)?;
     }
     Ok(endpoints)
+}
+
+/// `host` becomes `host:2379`; an entry that names a port (or is blank) is kept as is.
+fn with_default_port(entry: &str) -> String {
+    let entry = entry.trim();
+    let authority = entry.split_once("://").map_or(entry, |(_, rest)| rest);
+    let authority = authority.trim_end_matches('/');
+    // An IPv6 address is bracketed, so its colons are not taken for the port's.
+    let after_host = authority.rsplit_once(']').map_or(authority, |(_, rest)| rest);
+    if entry.is_empty() || after_host.contains(':') {
+        entry.to_string()
+    } else {
+        format!("{}:{ETCD_PORT_DEFAULT}", entry.trim_end_matches('/'))
+    }
 }
 
 fn check_endpoint(endpoint: &str, tls: bool) -> Result<(), StoreError> {
@@ -384,6 +420,22 @@ mod tests {
             vec!["127.0.0.1:1", "http://h:2"]
         );
         assert!(parse_endpoints("127.0.0.1:1,,127.0.0.1:2").is_err());
+    }
+
+    #[test]
+    fn endpoint_lists_take_the_default_port_and_a_bounded_count() {
+        assert_eq!(
+            parse_endpoints("10.0.0.1:2379,etcd-b,[::1]:32379,[::2]/").unwrap(),
+            vec!["10.0.0.1:2379", "etcd-b:2379", "[::1]:32379", "[::2]:2379"]
+        );
+        for bad in ["", "/", "h:0", "h:99999", "h:x", ":1", "a,,b", "h a:1"] {
+            assert!(parse_endpoints(bad).is_err(), "{bad:?} accepted");
+        }
+        let many = vec!["h:1"; ETCD_ENDPOINTS_MAX + 1].join(",");
+        let refused = parse_endpoints(&many).unwrap_err().to_string();
+        assert!(refused.contains("the limit is"), "{refused}");
+        let most = vec!["h:1"; ETCD_ENDPOINTS_MAX].join(",");
+        assert_eq!(parse_endpoints(&most).unwrap().len(), ETCD_ENDPOINTS_MAX);
     }
 
     #[test]

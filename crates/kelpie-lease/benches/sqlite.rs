@@ -1,5 +1,5 @@
 //! Durable lease operations per second on the SQLite store:
-//! `cargo bench -p kelpie-registry --bench sqlite`.
+//! `cargo bench -p kelpie-lease --bench sqlite`.
 //!
 //! Runs the same work (each caller cycles acquire, renew, release on its own actor) at
 //! concurrency 1 and 64, with group commit and with one transaction (one fsync) per operation,
@@ -13,8 +13,8 @@
 use std::sync::Arc;
 
 use kelpie_core::{ActorId, Clock, NodeId, TokioClock};
-use kelpie_registry::{LeaseConfig, LeaseManager, SqliteLeaseManager};
-use kelpie_registry::{SqliteLeaseStore, SqliteOptions, SqliteStats};
+use kelpie_lease::{LeaseConfig, LeaseManager, SqliteLeaseManager};
+use kelpie_lease::{SqliteLeaseStore, SqliteOptions, SqliteStats};
 
 /// Concurrency levels measured.
 const CONCURRENCY_LEVELS: [usize; 2] = [1, 64];

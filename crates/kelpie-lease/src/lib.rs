@@ -10,7 +10,7 @@
 //! - `memory`: [`MemoryLeaseStore`].
 //! - `sqlite`: [`SqliteLeaseStore`], durable leases in one file shared by a host's processes,
 //!   with group commit.
-//! - `etcd`: [`EtcdLeaseManager`], leases in an etcd cluster for deployments beyond one host:
+//! - `etcd` (cargo feature `etcd`): `EtcdLeaseManager`, leases in an etcd cluster for deployments beyond one host:
 //!   expiry by etcd's lease TTLs, tokens from etcd revisions, one keepalive per node.
 //! - `manager`: the [`LeaseManager`] trait and [`ProtocolLeaseManager`], the protocol over a store.
 //! - `keeper`: [`LeaseKeeper`], which renews a node's leases and keeps its beliefs.
@@ -23,7 +23,7 @@
 //!
 //! ```
 //! use kelpie_core::{ActorId, ManualClock, NodeId};
-//! use kelpie_registry::{LeaseConfig, LeaseManager, MemoryLeaseManager};
+//! use kelpie_lease::{LeaseConfig, LeaseManager, MemoryLeaseManager};
 //! # futures::executor::block_on(async {
 //! let clock = ManualClock::new(0);
 //! let leases = MemoryLeaseManager::in_memory(std::sync::Arc::new(clock.clone()), LeaseConfig::default());
@@ -39,6 +39,7 @@
 
 mod belief;
 mod error;
+#[cfg(feature = "etcd")]
 mod etcd;
 mod fenced;
 mod keeper;
@@ -52,10 +53,11 @@ mod store;
 
 pub use belief::{Belief, BeliefConfig, HeldBelief, CLOCK_DRIFT_PPM_MAX_LIMIT};
 pub use error::{ConfigError, LeaseError, StoreError};
+#[cfg(feature = "etcd")]
 pub use etcd::{
     parse_endpoints, EtcdCredentials, EtcdLeaseManager, EtcdOptions, EtcdStats, NodeSession,
     ETCD_ACQUIRE_ATTEMPTS_MAX, ETCD_CONNECT_TIMEOUT_MS_DEFAULT, ETCD_ENDPOINTS_ENV,
-    ETCD_ENDPOINTS_MAX, ETCD_EXPIRY_CHECK_INTERVAL_MS, ETCD_KEY_PREFIX_BYTES_MAX,
+    ETCD_ENDPOINTS_MAX, ETCD_EXPIRY_CHECK_INTERVAL_MS, ETCD_KEY_PREFIX_BYTES_MAX, ETCD_PORT_DEFAULT,
     ETCD_KEY_PREFIX_DEFAULT, ETCD_REQUEST_TIMEOUT_MS_DEFAULT, ETCD_SCAN_PAGE_KEYS,
     ETCD_TIMEOUT_MS_MAX, ETCD_TIMEOUT_MS_MIN, ETCD_WATCH_FAILURES_MAX,
 };

@@ -8,7 +8,7 @@ use std::net::TcpListener;
 
 use etcd_support::{private_etcd_binary, EtcdMember, Stopwatch};
 use kelpie_core::{ActorId, NodeId};
-use kelpie_registry::{EtcdLeaseManager, EtcdOptions, LeaseError, LeaseManager, StoreError};
+use kelpie_lease::{EtcdLeaseManager, EtcdOptions, LeaseError, LeaseManager, StoreError};
 
 /// The connect timeout these tests use.
 const CONNECT_TIMEOUT_MS: u64 = 500;
@@ -52,7 +52,7 @@ async fn bad_options_are_invalid_option_errors() {
 
 #[test]
 fn a_malformed_endpoint_list_is_an_invalid_option() {
-    let error = kelpie_registry::parse_endpoints("127.0.0.1:2379,,127.0.0.1:2380").unwrap_err();
+    let error = kelpie_lease::parse_endpoints("127.0.0.1:2379,,127.0.0.1:2380").unwrap_err();
     assert!(
         matches!(error, StoreError::InvalidOption { .. }),
         "{error:?}"

@@ -3,15 +3,20 @@
 //! the store's clock.
 
 use std::future::Future;
+#[cfg(feature = "etcd")]
 use std::io::Write;
+#[cfg(feature = "etcd")]
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+#[cfg(feature = "etcd")]
 use std::time::Duration;
 
 use kelpie_core::{ActorId, FencingToken, ManualClock, NodeId};
-use kelpie_registry::{
-    EtcdLeaseManager, EtcdOptions, LeaseConfig, LeaseError, LeaseManager, MemoryLeaseManager,
-    SqliteLeaseManager, SqliteLeaseStore, SqliteOptions, ETCD_EXPIRY_CHECK_INTERVAL_MS,
+#[cfg(feature = "etcd")]
+use kelpie_lease::{EtcdLeaseManager, EtcdOptions, ETCD_EXPIRY_CHECK_INTERVAL_MS};
+use kelpie_lease::{
+    LeaseConfig, LeaseError, LeaseManager, MemoryLeaseManager, SqliteLeaseManager,
+    SqliteLeaseStore, SqliteOptions,
 };
 
 /// Lease duration every backend is configured with.
@@ -325,6 +330,7 @@ async fn sqlite_backend() -> Option<SqliteBackend> {
 
 conformance_suite!(sqlite, sqlite_backend());
 
+#[cfg(feature = "etcd")]
 /// etcd at the endpoints in `KELPIE_ETCD_ENDPOINTS` (`scripts/with-etcd` starts one), under a
 /// key prefix of its own so that cases run in parallel. Time really passes: etcd decides expiry
 /// with its own lease TTLs, so the suite must wait for them.
@@ -332,10 +338,12 @@ struct EtcdBackend {
     manager: EtcdLeaseManager,
 }
 
+#[cfg(feature = "etcd")]
 /// etcd counts TTLs in whole seconds and raises shorter ones to its minimum, which is 2 s under
 /// etcd's default heartbeat and election timeout.
 const ETCD_LEASE_DURATION_MS: u64 = 2_000;
 
+#[cfg(feature = "etcd")]
 impl Backend for EtcdBackend {
     type Manager = EtcdLeaseManager;
 
@@ -361,6 +369,7 @@ impl Backend for EtcdBackend {
     }
 }
 
+#[cfg(feature = "etcd")]
 async fn etcd_backend() -> Option<EtcdBackend> {
     let Some(options) = EtcdOptions::from_env().expect("KELPIE_ETCD_ENDPOINTS is malformed") else {
         // libtest captures `eprintln!` and shows it only for failed tests (or with
@@ -384,6 +393,7 @@ async fn etcd_backend() -> Option<EtcdBackend> {
     Some(EtcdBackend { manager })
 }
 
+#[cfg(feature = "etcd")]
 /// Wall-clock ms, so that key prefixes differ between runs even if a process id repeats.
 #[allow(clippy::disallowed_methods)]
 fn run_stamp_ms() -> u128 {
@@ -392,4 +402,5 @@ fn run_stamp_ms() -> u128 {
         .map_or(0, |d| d.as_millis())
 }
 
+#[cfg(feature = "etcd")]
 conformance_suite!(etcd, etcd_backend());

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use kelpie_core::limits::LEASE_DURATION_MS_MIN;
 use kelpie_core::{ActorId, Clock, NodeId, TokioClock};
-use kelpie_registry::{decide, LeaseOp, LeaseRecord, LeaseRequest, LeaseStore, SqliteLeaseStore};
+use kelpie_lease::{decide, LeaseOp, LeaseRecord, LeaseRequest, LeaseStore, SqliteLeaseStore};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

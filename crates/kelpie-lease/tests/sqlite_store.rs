@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use kelpie_core::{ActorId, FencingToken, ManualClock, NodeId};
-use kelpie_registry::{
+use kelpie_lease::{
     decide, Decision, LeaseConfig, LeaseError, LeaseManager, LeaseOp, LeaseRecord, LeaseRequest,
     LeaseStore, SqliteLeaseManager, SqliteLeaseStore, SqliteOptions, StoreError,
 };
@@ -222,7 +222,7 @@ async fn a_damaged_row_is_a_corrupt_error_not_a_panic() {
     m.renew(&actor("good"), &node("n1")).await.unwrap();
 }
 
-fn unreachable_lease() -> kelpie_registry::Lease {
+fn unreachable_lease() -> kelpie_lease::Lease {
     panic!("a corrupt row must not load")
 }
 

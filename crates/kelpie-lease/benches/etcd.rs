@@ -1,5 +1,5 @@
 //! The etcd lease backend against a real etcd:
-//! `scripts/with-etcd cargo bench -p kelpie-registry --bench etcd`.
+//! `scripts/with-etcd cargo bench -p kelpie-lease --bench etcd`.
 //!
 //! Reads the endpoints from `KELPIE_ETCD_ENDPOINTS` and prints a skip line (exiting 0) without
 //! it. Every run works under a key prefix of its own and deletes it at the end. It prints:
@@ -39,7 +39,7 @@ use etcd_client::{
     LeaseTimeToLiveOptions, PutOptions, Txn, TxnOp,
 };
 use kelpie_core::{ActorId, NodeId};
-use kelpie_registry::{
+use kelpie_lease::{
     EtcdLeaseManager, EtcdOptions, EtcdStats, LeaseConfig, LeaseManager, ETCD_ENDPOINTS_ENV,
 };
 
@@ -725,7 +725,7 @@ fn main() {
     let Some(options) = options else {
         println!(
             "etcd benchmark skipped: {ETCD_ENDPOINTS_ENV} is not set (run it as \
-             scripts/with-etcd cargo bench -p kelpie-registry --bench etcd)"
+             scripts/with-etcd cargo bench -p kelpie-lease --bench etcd)"
         );
         return;
     };

@@ -7,7 +7,7 @@ mod etcd_support;
 
 use etcd_support::{shared_etcd, sleep_ms, Stopwatch};
 use kelpie_core::{ActorId, FencingToken, NodeId};
-use kelpie_registry::{
+use kelpie_lease::{
     EtcdLeaseManager, EtcdOptions, LeaseConfig, LeaseError, LeaseManager, StoreError,
     ETCD_EXPIRY_CHECK_INTERVAL_MS,
 };

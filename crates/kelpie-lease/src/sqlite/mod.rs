@@ -140,7 +140,7 @@ pub type SqliteLeaseManager = ProtocolLeaseManager<SqliteLeaseStore>;
 ///
 /// ```
 /// use kelpie_core::{ActorId, NodeId};
-/// use kelpie_registry::{LeaseConfig, LeaseManager, SqliteLeaseManager, SqliteLeaseStore};
+/// use kelpie_lease::{LeaseConfig, LeaseManager, SqliteLeaseManager, SqliteLeaseStore};
 /// # futures::executor::block_on(async {
 /// let dir = tempfile::tempdir().unwrap();
 /// let path = dir.path().join("leases.db");
@@ -151,7 +151,7 @@ pub type SqliteLeaseManager = ProtocolLeaseManager<SqliteLeaseStore>;
 /// // Acknowledged means committed and fsynced: a later handle, or process, finds it.
 /// let leases = SqliteLeaseManager::new(SqliteLeaseStore::open(&path)?, LeaseConfig::default());
 /// assert_eq!(leases.get(&actor).await.unwrap(), Some(lease));
-/// # Ok::<(), kelpie_registry::StoreError>(())
+/// # Ok::<(), kelpie_lease::StoreError>(())
 /// # }).unwrap();
 /// ```
 ///

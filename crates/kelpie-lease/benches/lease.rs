@@ -1,4 +1,4 @@
-//! Lease throughput and memory on one core: `cargo bench -p kelpie-registry --bench lease`.
+//! Lease throughput and memory on one core: `cargo bench -p kelpie-lease --bench lease`.
 //!
 //! Prints operations per second for acquire, renew and release alone, for a mixed loop
 //! (acquire, renew, release per actor over 100,000 actors), and the heap bytes per held lease
@@ -15,7 +15,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use kelpie_core::{ActorId, NodeId, TokioClock};
-use kelpie_registry::{LeaseConfig, LeaseManager, MemoryLeaseManager, MemoryLeaseStore};
+use kelpie_lease::{LeaseConfig, LeaseManager, MemoryLeaseManager, MemoryLeaseStore};
 
 /// Actors in the throughput loops.
 const ACTORS_THROUGHPUT_COUNT: usize = 100_000;

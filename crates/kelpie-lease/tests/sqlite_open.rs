@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use kelpie_core::{ActorId, NodeId};
-use kelpie_registry::{
+use kelpie_lease::{
     LeaseConfig, LeaseManager, SqliteLeaseManager, SqliteLeaseStore, StoreError,
     SQLITE_APPLICATION_ID, SQLITE_FILE_MODE, SQLITE_SCHEMA_VERSION,
 };

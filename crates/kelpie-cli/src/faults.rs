@@ -8,7 +8,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use kelpie_dst::{swarm_faults, FaultConfig, FaultType, SWARM_LEASE_FAULTS};
+use kelpie_dst::{swarm_faults, SWARM_LEASE_FAULTS};
+use kelpie_sim::{FaultConfig, FaultType};
 
 /// The faults a run injects.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use kelpie_dst::{FaultType, LeaseEvent, LeaseEventKind, LeaseOpCounts, SimError};
+use kelpie_dst::{LeaseEvent, LeaseEventKind, LeaseOpCounts};
+use kelpie_sim::{FaultType, SimError};
 use serde_json::json;
 
 use crate::events::format_event;

@@ -13,9 +13,10 @@ use clap::builder::TypedValueParser;
 use clap::Args;
 use kelpie_core::limits::{LEASE_DURATION_MS_MAX, LEASE_DURATION_MS_MIN};
 use kelpie_dst::mutations::Mutation;
-use kelpie_dst::{FaultConfig, LeaseEvent, LeaseRunReport, LeaseScenario, SimConfig, SimError};
-use kelpie_dst::{Simulation, SIM_STEPS_MAX_DEFAULT};
+use kelpie_dst::{LeaseEvent, LeaseRunReport, LeaseScenario};
 use kelpie_lease::BeliefConfig;
+use kelpie_sim::{FaultConfig, SimConfig, SimError};
+use kelpie_sim::{Simulation, SIM_STEPS_MAX_DEFAULT};
 use rand::RngCore;
 
 use crate::error::CliError;

@@ -15,7 +15,7 @@ mod svg;
 
 use std::fmt::Write;
 
-use kelpie_dst::SimError;
+use kelpie_sim::SimError;
 
 use crate::sim::{RunSettings, SeedRun};
 

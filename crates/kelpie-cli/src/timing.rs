@@ -46,29 +46,10 @@ impl Stopwatch {
     }
 }
 
-/// User plus system CPU time this process has used so far.
-#[cfg(unix)]
+/// User plus system CPU time this process has used so far (`cpu-time` reads it with
+/// `clock_gettime(CLOCK_PROCESS_CPUTIME_ID)`; zero where it cannot).
 fn process_cpu_time() -> Duration {
-    // SAFETY: getrusage only writes into the zeroed struct we own and pass by pointer.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        if libc::getrusage(libc::RUSAGE_SELF, &mut usage) != 0 {
-            return Duration::ZERO;
-        }
-        usage
-    };
-    let to_duration = |tv: libc::timeval| {
-        let micros = u64::try_from(tv.tv_sec).unwrap_or(0) * 1_000_000
-            + u64::try_from(tv.tv_usec).unwrap_or(0);
-        Duration::from_micros(micros)
-    };
-    to_duration(usage.ru_utime) + to_duration(usage.ru_stime)
-}
-
-/// Without getrusage, CPU time is not measured; reports then fall back to wall time.
-#[cfg(not(unix))]
-fn process_cpu_time() -> Duration {
-    Duration::ZERO
+    cpu_time::ProcessTime::try_now().map_or(Duration::ZERO, |t| t.as_duration())
 }
 
 impl Elapsed {

@@ -5,17 +5,12 @@
 //! mix, and prints seeds per CPU second and time compression (simulated seconds per CPU
 //! second). Options: `--seeds N` (default 20), `--seed S` (first seed, default 1).
 
-use kelpie_dst::{swarm_faults, LeaseScenario, SimConfig, Simulation, SWARM_LEASE_FAULTS};
+use kelpie_dst::{swarm_faults, LeaseScenario, SWARM_LEASE_FAULTS};
+use kelpie_sim::{SimConfig, Simulation};
 
+/// CPU time this process has used; the benchmark runs outside the simulated world.
 fn cpu_secs() -> f64 {
-    let mut time = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `time` is a valid, writable timespec and the clock id is a constant libc knows.
-    let status = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut time) };
-    assert_eq!(status, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID) failed");
-    time.tv_sec as f64 + time.tv_nsec as f64 / 1e9
+    cpu_time::ProcessTime::now().as_duration().as_secs_f64()
 }
 
 fn arg(name: &str, default: u64) -> u64 {

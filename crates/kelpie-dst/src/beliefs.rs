@@ -10,7 +10,7 @@ use kelpie_core::{ActorId, FencingToken, NodeId};
 use kelpie_lease::{Belief, BeliefConfig, HeldBelief};
 
 use crate::checkers::BeliefView;
-use crate::clock::SimClock;
+use kelpie_sim::SimClock;
 
 /// What the board needs from a keeper: its beliefs now and a number that changes with them.
 pub trait BeliefSource {
@@ -20,9 +20,7 @@ pub trait BeliefSource {
     fn belief_epoch(&self) -> u64;
 }
 
-impl<M: kelpie_lease::LeaseManager> BeliefSource
-    for std::sync::Arc<kelpie_lease::LeaseKeeper<M>>
-{
+impl<M: kelpie_lease::LeaseManager> BeliefSource for std::sync::Arc<kelpie_lease::LeaseKeeper<M>> {
     fn beliefs(&self) -> Vec<(ActorId, HeldBelief)> {
         kelpie_lease::LeaseKeeper::beliefs(self)
     }

@@ -16,10 +16,10 @@ use kelpie_lease::{
 
 use crate::beliefs::{BeliefBoard, NodeChange};
 use crate::checkers::{BeliefView, CheckerSet, DecisionRecord, LeaseWorld};
-use crate::clock::SimClock;
 use crate::lease_events::{EventLog, LeaseEventKind};
 use crate::sim_lease_store::SimLeaseStore;
-use crate::SimEnv;
+use kelpie_sim::SimClock;
+use kelpie_sim::SimEnv;
 
 /// Consecutive store failures a client retries before giving up on an operation.
 pub const STORE_RETRIES_MAX: u32 = 50;

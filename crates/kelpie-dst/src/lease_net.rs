@@ -26,13 +26,13 @@ use kelpie_lease::{
 };
 use send_wrapper::SendWrapper;
 
-use crate::clock::SimClock;
 use crate::history::{History, OpOutcome};
-use crate::network::{HostId, SimNetwork};
-use crate::rng::DeterministicRng;
 use crate::sim_lease_store::SimLeaseStore;
-use crate::storage::Versioned;
-use crate::SimEnv;
+use kelpie_sim::DeterministicRng;
+use kelpie_sim::SimClock;
+use kelpie_sim::SimEnv;
+use kelpie_sim::Versioned;
+use kelpie_sim::{HostId, SimNetwork};
 
 /// The host the store runs on.
 pub const STORE_HOST: HostId = 0;
@@ -90,7 +90,7 @@ impl NetLeaseStore {
         clock: SimClock,
         timeout_ms: u64,
         truth: SimLeaseStore,
-    ) -> (Self, crate::JoinHandle<()>) {
+    ) -> (Self, kelpie_sim::JoinHandle<()>) {
         let pending: Pending = Rc::default();
         let router = env.spawn(route_replies(network.clone(), host, Rc::clone(&pending)));
         let first_id = u64::from(incarnation) << 32;

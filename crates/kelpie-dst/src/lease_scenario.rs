@@ -12,7 +12,7 @@ use crate::lease_cluster::{ClusterConfig, LeaseOpCounts, SimLeaseCluster};
 use crate::lease_events::{EventLog, LeaseEvent};
 use crate::lease_swarm::{run_swarm, SwarmSettings};
 use crate::linearizability::LinearizabilityReport;
-use crate::{SimEnv, SimError, SimReport, Simulation};
+use kelpie_sim::{SimEnv, SimError, SimReport, Simulation};
 
 /// Shortest request timeout: two network hops at the longest default latency plus the
 /// store's longest default latency, with room to spare.

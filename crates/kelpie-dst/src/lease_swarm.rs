@@ -17,17 +17,17 @@ use kelpie_lease::{
     KeeperConfig, KeeperEvent, LeaseConfig, LeaseError, LeaseKeeper, ProtocolLeaseManager,
 };
 
-use crate::clock::SimClock;
-use crate::fault::FaultType;
 use crate::history::History;
 use crate::lease_cluster::{ClusterConfig, SimLeaseCluster};
 use crate::lease_net::{
     serve_leases, serve_leases_with_stale_reads, LeaseMessage, NetLeaseStore, STORE_HOST,
 };
 use crate::linearizability::{check_history, LinearizabilityReport};
-use crate::network::{HostId, SimNetwork};
-use crate::rng::DeterministicRng;
-use crate::{JoinHandle, SimEnv};
+use kelpie_sim::DeterministicRng;
+use kelpie_sim::FaultType;
+use kelpie_sim::SimClock;
+use kelpie_sim::{HostId, SimNetwork};
+use kelpie_sim::{JoinHandle, SimEnv};
 
 /// Interval at which the chaos task draws whether each scripted fault starts.
 pub const CHAOS_TICK_MS: u64 = 250;
@@ -244,7 +244,7 @@ pub(crate) async fn run_swarm(
     // for up to ten times the longest latency), and requests still waiting for them time out.
     // The liveness window starts once they have drained.
     let drain_ms = env.config().network_latency_ms_max
-        * (1 + crate::network::NETWORK_DELAY_SPIKE_FACTOR)
+        * (1 + kelpie_sim::NETWORK_DELAY_SPIKE_FACTOR)
         + settings.request_timeout_ms;
     env.sleep(Duration::from_millis(drain_ms)).await;
     let heal_ms = env.now_ms();

@@ -18,7 +18,7 @@ use kelpie_lease::{
 use send_wrapper::SendWrapper;
 
 use crate::checkers::DecisionRecord;
-use crate::storage::{SimStorage, StorageError, Versioned};
+use kelpie_sim::{SimStorage, StorageError, Versioned};
 
 /// A [`LeaseStore`] over the simulator's storage.
 pub struct SimLeaseStore {

@@ -1,8 +1,8 @@
 //! Swarm testing: each seed draws its own fault mix, so a sweep over many seeds explores runs
 //! with few faults, many faults, and everything between, instead of one fixed mix.
 
-use crate::fault::{FaultConfig, FaultType};
-use crate::rng::DeterministicRng;
+use kelpie_sim::DeterministicRng;
+use kelpie_sim::{FaultConfig, FaultType};
 
 /// Probability that a seed enables any one fault.
 pub const SWARM_FAULT_ENABLED_PROBABILITY: f64 = 0.6;

@@ -12,11 +12,9 @@ use std::time::Duration;
 use kelpie_core::{ActorId, FencingToken, NodeId};
 use kelpie_dst::checkers::CheckerSet;
 use kelpie_dst::mutations::Mutation;
-use kelpie_dst::{
-    ClusterConfig, FaultConfig, FaultType, LeaseScenario, SimConfig, SimEnv, SimError,
-    SimLeaseClient, SimLeaseCluster, SimReport, Simulation,
-};
+use kelpie_dst::{ClusterConfig, LeaseScenario, SimLeaseClient, SimLeaseCluster};
 use kelpie_lease::{Lease, LeaseError, LeaseOp};
+use kelpie_sim::{FaultConfig, FaultType, SimConfig, SimEnv, SimError, SimReport, Simulation};
 
 /// Seeds each test runs when `DST_SEED` is not set.
 const SEEDS_PER_TEST: u64 = 4;
@@ -29,7 +27,7 @@ const ACTORS_PER_SEED: usize = 150;
 const MUTATION_SEEDS_MAX: u64 = 100;
 
 fn seeds() -> Vec<u64> {
-    kelpie_dst::config::test_seeds(SEEDS_PER_TEST)
+    kelpie_sim::test_seeds(SEEDS_PER_TEST)
 }
 
 fn with_storage_faults(simulation: Simulation) -> Simulation {

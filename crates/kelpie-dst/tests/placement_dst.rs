@@ -34,10 +34,11 @@ use std::time::Duration;
 use kelpie_core::{ActorId, FencingToken, NodeId};
 use kelpie_dst::lease_swarm::Phase;
 use kelpie_dst::{
-    swarm_faults, DeterministicRng, FaultType, Keeper, LeaseScenario, NetLeaseManager, SimConfig,
-    SimEnv, SimLeaseCluster, SimReport, Simulation, SwarmSettings, SwarmWorld, SWARM_LEASE_FAULTS,
+    swarm_faults, Keeper, LeaseScenario, NetLeaseManager, SimLeaseCluster, SwarmSettings,
+    SwarmWorld, SWARM_LEASE_FAULTS,
 };
 use kelpie_lease::{FencedStateStore, Location, MemoryFencedStateStore, Placement, StateError};
+use kelpie_sim::{DeterministicRng, FaultType, SimConfig, SimEnv, SimReport, Simulation};
 
 /// Seeds run when `DST_SEEDS` is not set.
 const SEEDS_DEFAULT: u64 = 16;
@@ -141,7 +142,7 @@ impl Ctx {
 }
 
 fn seeds() -> Vec<u64> {
-    kelpie_dst::config::test_seeds(SEEDS_DEFAULT)
+    kelpie_sim::test_seeds(SEEDS_DEFAULT)
 }
 
 /// The node that wants `actor_index` once everything healed.

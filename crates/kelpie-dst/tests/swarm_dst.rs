@@ -9,11 +9,9 @@
 use std::collections::BTreeMap;
 
 use kelpie_dst::checkers::CheckerSet;
-use kelpie_dst::{
-    swarm_faults, FaultType, LeaseRunReport, LeaseScenario, SimConfig, SimError, Simulation,
-    SWARM_LEASE_FAULTS,
-};
+use kelpie_dst::{swarm_faults, LeaseRunReport, LeaseScenario, SWARM_LEASE_FAULTS};
 use kelpie_lease::COVERAGE_MARKS;
+use kelpie_sim::{FaultType, SimConfig, SimError, Simulation};
 
 /// Seeds run when `DST_SEEDS` is not set.
 const SEEDS_DEFAULT: u64 = 40;
@@ -24,7 +22,7 @@ const MUTATION_SEEDS_MAX: u64 = 500;
 const STALE_READ_SEEDS_MAX: u64 = 200;
 
 fn seeds() -> Vec<u64> {
-    kelpie_dst::config::test_seeds(SEEDS_DEFAULT)
+    kelpie_sim::test_seeds(SEEDS_DEFAULT)
 }
 
 /// Lease durations the swarm draws from, one per seed: short leases put network delay and
@@ -32,7 +30,7 @@ fn seeds() -> Vec<u64> {
 const SWARM_LEASE_DURATIONS_MS: [u64; 3] = [200, 500, 1_000];
 
 fn run_seed(seed: u64, mut scenario: LeaseScenario) -> Result<LeaseRunReport, SimError> {
-    let index = (kelpie_dst::rng::derive_seed(seed, "swarm/lease-duration") % 3) as usize;
+    let index = (kelpie_sim::derive_seed(seed, "swarm/lease-duration") % 3) as usize;
     scenario.cluster.lease_duration_ms = SWARM_LEASE_DURATIONS_MS[index];
     let mut simulation = Simulation::new(SimConfig::new(seed));
     for fault in swarm_faults(seed, SWARM_LEASE_FAULTS) {

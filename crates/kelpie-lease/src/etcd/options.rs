@@ -316,7 +316,9 @@ fn with_default_port(entry: &str) -> String {
     let authority = entry.split_once("://").map_or(entry, |(_, rest)| rest);
     let authority = authority.trim_end_matches('/');
     // An IPv6 address is bracketed, so its colons are not taken for the port's.
-    let after_host = authority.rsplit_once(']').map_or(authority, |(_, rest)| rest);
+    let after_host = authority
+        .rsplit_once(']')
+        .map_or(authority, |(_, rest)| rest);
     if entry.is_empty() || after_host.contains(':') {
         entry.to_string()
     } else {

@@ -7,10 +7,10 @@
 //! `delivered=<n> sim_secs=<s> cpu_secs=<s> ns_per_msg=<n> trace_hash=<hex>`.
 //!
 //! ```text
-//! cargo run --release -p kelpie-dst --example pingpong -- --hosts 10 --sim-secs 120 --every-ms 100 --seed 42
+//! cargo run --release -p kelpie-sim --example pingpong -- --hosts 10 --sim-secs 120 --every-ms 100 --seed 42
 //! ```
 
-use kelpie_dst::{HostId, NetworkConfig, SimConfig, SimEnv, SimNetwork, Simulation};
+use kelpie_sim::{HostId, NetworkConfig, SimConfig, SimEnv, SimNetwork, Simulation};
 use std::cell::Cell;
 use std::rc::Rc;
 
@@ -72,16 +72,7 @@ fn parse_args() -> Result<Args, String> {
 /// CPU time this process has used, in ns. The example runs outside the simulated world, so
 /// it may read the real (CPU) clock.
 fn process_cpu_ns() -> u128 {
-    let mut time = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `time` is a valid, writable timespec and the clock id is a constant libc knows.
-    let status = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut time) };
-    assert_eq!(status, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID) failed");
-    let secs = u128::try_from(time.tv_sec).expect("CPU seconds are non-negative");
-    let nanos = u128::try_from(time.tv_nsec).expect("CPU nanoseconds are non-negative");
-    secs * 1_000_000_000 + nanos
+    cpu_time::ProcessTime::now().as_duration().as_nanos()
 }
 
 /// Answers every ping with a pong.
@@ -126,7 +117,7 @@ async fn workload(env: SimEnv, args: Args, delivered: Rc<Cell<u64>>) -> Result<(
         hosts: args.hosts,
         latency_ms_min: PING_LATENCY_MS_MIN,
         latency_ms_max: PING_LATENCY_MS_MAX,
-        mailbox_capacity: kelpie_dst::network::NETWORK_MAILBOX_CAPACITY_DEFAULT,
+        mailbox_capacity: kelpie_sim::NETWORK_MAILBOX_CAPACITY_DEFAULT,
     };
     let network = SimNetwork::with_config(&env, config);
     for host in 0..args.hosts {
@@ -145,7 +136,7 @@ fn main() {
         std::process::exit(2);
     });
     let command = format!(
-        "cargo run --release -p kelpie-dst --example pingpong -- --hosts {} --sim-secs {} \
+        "cargo run --release -p kelpie-sim --example pingpong -- --hosts {} --sim-secs {} \
          --every-ms {} --seed {}",
         args.hosts, args.sim_secs, args.every_ms, args.seed
     );

@@ -3,11 +3,11 @@
 //!
 //! Tests that compare distinct seeds use fixed seeds; tests that only need *some* seed take it
 //! from `DST_SEED` (or a random one) through `SimConfig::from_env_or_random`, so
-//! `DST_SEED=7 DST_CHECK_DETERMINISM=1 cargo test -p kelpie-dst --test harness_dst` replays
+//! `DST_SEED=7 DST_CHECK_DETERMINISM=1 cargo test -p kelpie-sim --test harness_dst` replays
 //! them under seed 7 and runs each simulation twice.
 
 use kelpie_core::Clock;
-use kelpie_dst::{
+use kelpie_sim::{
     CasOutcome, FaultConfig, FaultType, SimConfig, SimEnv, SimError, SimReport, Simulation,
     StorageError,
 };
@@ -820,7 +820,7 @@ fn test_join_handles_return_output_and_abort_cancels() {
             });
             assert_eq!(answer.await, Ok(42));
             sleeper.abort();
-            assert_eq!(sleeper.await, Err(kelpie_dst::Cancelled));
+            assert_eq!(sleeper.await, Err(kelpie_sim::Cancelled));
             // The aborted sleep's timer is gone, so time does not jump to it.
             env.sleep(Duration::from_millis(1)).await;
             Ok(env.now_ms())
@@ -951,7 +951,7 @@ fn hidden_malformed_seed_child_process() {
 
 #[test]
 fn test_bounded_mailbox_drops_and_counts_overflow() {
-    use kelpie_dst::network::NetworkConfig;
+    use kelpie_sim::NetworkConfig;
     let report = Simulation::new(SimConfig::new(3))
         .run(|env| async move {
             let config = NetworkConfig {
@@ -960,7 +960,7 @@ fn test_bounded_mailbox_drops_and_counts_overflow() {
                 latency_ms_max: 1,
                 mailbox_capacity: 4,
             };
-            let network = kelpie_dst::SimNetwork::<u32>::with_config(&env, config);
+            let network = kelpie_sim::SimNetwork::<u32>::with_config(&env, config);
             for i in 0..10 {
                 network.send(0, 1, i);
             }

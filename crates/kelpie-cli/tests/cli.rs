@@ -270,6 +270,31 @@ fn a_store_locked_past_the_timeout_is_unavailable() {
     lock.execute_batch("ROLLBACK").unwrap();
 }
 
+/// Built without the `etcd` feature, `--store etcd://...` is a usage error (exit 2) that
+/// names the build command adding the backend.
+#[cfg(not(feature = "etcd"))]
+#[test]
+fn etcd_without_the_feature_exits_2_with_the_build_command() {
+    let args = [
+        "lease",
+        "get",
+        "--actor",
+        "a",
+        "--store",
+        "etcd://127.0.0.1:2379",
+    ];
+    let (code, stdout, stderr) = run(&args);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(
+        stderr.contains("cargo build --release -p kelpie-cli --features etcd"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run(&["bench", "--store", "etcd://127.0.0.1:2379"]);
+    assert_eq!(code, 2, "{stderr}");
+}
+
+#[cfg(feature = "etcd")]
 #[test]
 fn an_unreachable_etcd_is_unavailable() {
     let store = "etcd://127.0.0.1:1";

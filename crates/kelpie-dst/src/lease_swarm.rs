@@ -146,9 +146,6 @@ impl SwarmNode {
     fn start(self: &Rc<Self>, world: &Rc<SwarmWorld>) -> Result<(), String> {
         let incarnation = self.incarnation.get() + 1;
         self.incarnation.set(incarnation);
-        let holder_id =
-            NodeId::new(format!("{}@{incarnation}", self.node_id)).map_err(|e| e.to_string())?;
-        *self.holder_id.borrow_mut() = holder_id.clone();
         let timeout_ms = world.settings.request_timeout_ms;
         let truth = world.cluster.store().clone();
         let (store, router) = NetLeaseStore::connect(
@@ -166,14 +163,20 @@ impl SwarmNode {
         let manager = Arc::new(
             ProtocolLeaseManager::new(store, lease_config).with_decide_fn(world.config.decide),
         );
-        let keeper_config = keeper_config(&world.config, &world.settings)?;
+        let keeper_config = keeper_config(&world.config, &world.settings);
         let clock = Arc::new(self.clock.clone());
-        let (keeper, lost) = LeaseKeeper::new(
+        // The keeper appends the incarnation to the node id (`node-0@2`); in production it
+        // draws one at random, here the run's restart count chooses it.
+        let (keeper, lost) = LeaseKeeper::with_incarnation(
             Arc::clone(&manager),
             clock,
-            holder_id.clone(),
+            self.node_id.clone(),
+            u64::from(incarnation),
             keeper_config,
-        );
+        )
+        .map_err(|e| e.to_string())?;
+        let holder_id = keeper.holder_id().clone();
+        *self.holder_id.borrow_mut() = holder_id.clone();
         world.cluster.board().set_keeper(
             &holder_id,
             self.clock.clone(),
@@ -204,17 +207,18 @@ impl SwarmNode {
     }
 }
 
-fn keeper_config(config: &ClusterConfig, settings: &SwarmSettings) -> Result<KeeperConfig, String> {
+fn keeper_config(config: &ClusterConfig, settings: &SwarmSettings) -> KeeperConfig {
     let drift_ppm = if settings.bug_no_drift_margin {
         0
     } else {
         config.clock_drift_ppm_max
     };
-    let mut keeper = KeeperConfig::new(config.lease_duration_ms)
-        .and_then(|k| k.with_belief_bounds(drift_ppm, config.safety_margin_ms))
-        .map_err(|e| e.to_string())?;
-    keeper.bug_belief_from_reply = settings.bug_belief_from_reply;
-    Ok(keeper)
+    let keeper = KeeperConfig::default().with_belief_bounds(drift_ppm, config.safety_margin_ms);
+    if settings.bug_belief_from_reply {
+        keeper.with_mutation_belief_from_reply()
+    } else {
+        keeper
+    }
 }
 
 /// Runs the swarm in `env`: safety phase, healing, liveness phase, and the linearizability

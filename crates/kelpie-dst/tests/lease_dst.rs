@@ -702,7 +702,8 @@ fn test_dst_lease_clock_drift() {
 
 #[test]
 fn test_dst_lease_holder_crash() {
-    let renew_interval_ms = kelpie_lease::KeeperConfig::new(LEASE_DURATION_MS)
+    let renew_interval_ms = kelpie_lease::KeeperConfig::default()
+        .timing_for(LEASE_DURATION_MS)
         .unwrap()
         .renew_interval_ms;
     for seed in seeds() {

@@ -295,13 +295,12 @@ async fn drive(ctx: &Rc<Ctx>) -> Result<(), String> {
 async fn supervise(ctx: Rc<Ctx>, node: usize) {
     let mut incarnation = 0u32;
     loop {
-        let (Some(keeper), Some(manager)) = (ctx.world.keeper(node), ctx.world.manager(node))
-        else {
+        let Some(keeper) = ctx.world.keeper(node) else {
             ctx.env.sleep(Duration::from_millis(10)).await;
             continue;
         };
         incarnation += 1;
-        let placement = Rc::new(Placement::new(Arc::clone(&keeper), manager));
+        let placement = Rc::new(Placement::new(Arc::clone(&keeper)));
         ctx.placements.borrow_mut()[node] = Some(Rc::clone(&placement));
         let mut rng = ctx.env.rng(&format!("placement/node-{node}-{incarnation}"));
         while ctx.is_current(node, &keeper) {
@@ -379,7 +378,7 @@ async fn activate(
     match placement.activate_or_locate(actor_id).await {
         Ok(Location::Local { fencing_token }) if ctx.is_current(node, keeper) => {
             ctx.count(|f| f.activations += 1);
-            let writer = (node, placement.node_id().clone());
+            let writer = (node, placement.keeper().holder_id().clone());
             let delay_ms = draw_delay_ms(rng);
             let fenced = send_state_op(ctx, writer, actor_id, fencing_token, None, delay_ms).await;
             if matches!(fenced, Err(StateError::StaleToken { .. })) {
@@ -388,7 +387,11 @@ async fn activate(
             }
         }
         Ok(Location::Remote { holder }) => {
-            assert_ne!(&holder, placement.node_id(), "a node is routed to itself");
+            assert_ne!(
+                &holder,
+                placement.keeper().holder_id(),
+                "a node is routed to itself"
+            );
             ctx.count(|f| f.routed += 1);
         }
         // A crashed incarnation's late activation, a store failure or a refusal: the next
@@ -415,7 +418,7 @@ fn write(
     let seq = ctx.write_seq.get() + 1;
     ctx.write_seq.set(seq);
     let value = format!("node-{node} token {token} write {seq}").into_bytes();
-    let writer = (node, placement.node_id().clone());
+    let writer = (node, placement.keeper().holder_id().clone());
     let delay_ms = draw_delay_ms(rng);
     let (sender, actor_id) = (Rc::clone(ctx), actor_id.clone());
     drop(ctx.env.spawn(async move {
@@ -597,7 +600,7 @@ fn check_active_under_lease(ctx: &Ctx, now_ms: u64) -> Result<(), String> {
             };
             let record = ctx.world.truth(actor_id);
             let held = record.as_ref().is_some_and(|r| {
-                r.holder.as_ref() == Some(placement.node_id())
+                r.holder.as_ref() == Some(placement.keeper().holder_id())
                     && r.fencing_token == token
                     && now_ms < r.expires_at_ms
             });
@@ -630,7 +633,7 @@ async fn check_liveness(ctx: &Ctx) -> Result<(), String> {
             .where_is(actor_id)
             .await
             .map_err(|e| e.to_string())?;
-        if holder.as_ref() != Some(placement.node_id()) {
+        if holder.as_ref() != Some(placement.keeper().holder_id()) {
             return Err(format!(
                 "{actor_id} is active on node-{node} but the store names {holder:?}"
             ));

@@ -35,6 +35,18 @@ pub const MARK_RENEWAL_REFUSED: &str = "keeper.renewal_refused";
 /// slow store), and the keeper stopped waiting for it.
 pub const MARK_RENEWAL_ABANDONED: &str = "keeper.renewal_abandoned";
 
+/// A new incarnation for a process lifetime: 64 bits from the OS-seeded keys of std's
+/// `RandomState`, mixed with a per-process counter so two keepers of one process differ.
+/// Never called inside the simulator, which chooses incarnations from its seed.
+fn random_incarnation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static KEEPERS_BUILT: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(KEEPERS_BUILT.fetch_add(1, Ordering::Relaxed));
+    hasher.finish()
+}
+
 /// Every coverage mark the lease layer defines; a swarm run checks each is hit.
 pub const COVERAGE_MARKS: &[&str] = &[
     crate::protocol::MARK_TAKEOVER_AFTER_EXPIRY,
@@ -51,88 +63,120 @@ pub const RELEASE_ATTEMPTS_MAX: u32 = 1_000;
 /// Default bound on clock drift between a node and the store: 1 %.
 pub const CLOCK_DRIFT_PPM_MAX_DEFAULT: u64 = 10_000;
 
-/// How the keeper renews and measures its belief.
+/// How the keeper renews and measures its belief, relative to the lease duration of the
+/// manager it renews through. The duration itself is not here: the keeper reads it from its
+/// manager ([`LeaseManager::lease_duration_ms`]), so the two cannot disagree. Every setting is
+/// validated against that duration when the keeper is built ([`KeeperConfig::timing_for`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeeperConfig {
+    renew_interval_ms: Option<u64>,
+    retry_interval_ms: Option<u64>,
+    clock_drift_ppm_max: Option<u64>,
+    safety_margin_ms: Option<u64>,
+    #[cfg(feature = "mutations")]
+    belief_from_reply: bool,
+}
+
+/// The keeper's settings resolved against a lease duration and validated together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct KeeperConfig {
-    /// Lease duration the store grants.
+pub struct KeeperTiming {
+    /// Lease duration the store grants (the manager's).
     pub lease_duration_ms: u64,
     /// Time between renewals of a held lease (default: a third of the duration).
     pub renew_interval_ms: u64,
-    /// Time before retrying a renewal that failed at the store or in the network.
+    /// Time before retrying a renewal or release that failed at the store or in the network
+    /// (default: a twelfth of the duration).
     pub retry_interval_ms: u64,
-    /// Bound on clock drift against the store, in parts per million.
+    /// Bound on clock drift against the store, in parts per million (default 1 %).
     pub clock_drift_ppm_max: u64,
-    /// How long before the earliest possible store expiry the belief ends.
+    /// How long before the earliest possible store expiry the belief ends (default 2 % of
+    /// the duration, at least 1 ms).
     pub safety_margin_ms: u64,
-    /// Deliberately wrong: measure beliefs from the reply's arrival. Only for showing that the
-    /// simulator catches it.
-    #[doc(hidden)]
-    pub bug_belief_from_reply: bool,
 }
 
 impl KeeperConfig {
-    /// Defaults for `lease_duration_ms`: renew every third of it, retry every twelfth, 1 %
-    /// drift bound, a margin of 2 % (at least 1 ms).
-    pub fn new(lease_duration_ms: u64) -> Result<Self, ConfigError> {
-        Self {
-            lease_duration_ms,
-            renew_interval_ms: lease_duration_ms / 3,
-            retry_interval_ms: (lease_duration_ms / 12).max(1),
-            clock_drift_ppm_max: CLOCK_DRIFT_PPM_MAX_DEFAULT,
-            safety_margin_ms: (lease_duration_ms / 50).max(1),
-            bug_belief_from_reply: false,
-        }
-        .validated()
+    /// Sets the renewal interval.
+    pub fn with_renew_interval_ms(mut self, renew_interval_ms: u64) -> Self {
+        self.renew_interval_ms = Some(renew_interval_ms);
+        self
     }
 
-    /// Sets the renewal interval.
-    pub fn with_renew_interval_ms(mut self, renew_interval_ms: u64) -> Result<Self, ConfigError> {
-        self.renew_interval_ms = renew_interval_ms;
-        self.validated()
+    /// Sets the retry interval.
+    pub fn with_retry_interval_ms(mut self, retry_interval_ms: u64) -> Self {
+        self.retry_interval_ms = Some(retry_interval_ms);
+        self
     }
 
     /// Sets the drift bound and the safety margin.
-    pub fn with_belief_bounds(
-        mut self,
-        clock_drift_ppm_max: u64,
-        safety_margin_ms: u64,
-    ) -> Result<Self, ConfigError> {
-        self.clock_drift_ppm_max = clock_drift_ppm_max;
-        self.safety_margin_ms = safety_margin_ms;
-        self.validated()
+    pub fn with_belief_bounds(mut self, clock_drift_ppm_max: u64, safety_margin_ms: u64) -> Self {
+        self.clock_drift_ppm_max = Some(clock_drift_ppm_max);
+        self.safety_margin_ms = Some(safety_margin_ms);
+        self
     }
 
+    /// Deliberately wrong: measure beliefs from the reply's arrival instead of the request's
+    /// sending. Only for showing that the simulator catches it.
+    #[cfg(feature = "mutations")]
+    pub fn with_mutation_belief_from_reply(mut self) -> Self {
+        self.belief_from_reply = true;
+        self
+    }
+
+    /// These settings for leases of `lease_duration_ms`, validated together: the duration
+    /// within the lease limits, a belief that stays positive after drift and margin, positive
+    /// intervals, and two renewal attempts inside one belief.
+    pub fn timing_for(&self, lease_duration_ms: u64) -> Result<KeeperTiming, ConfigError> {
+        crate::lease::LeaseConfig::new(lease_duration_ms)?;
+        let timing = KeeperTiming {
+            lease_duration_ms,
+            renew_interval_ms: self.renew_interval_ms.unwrap_or(lease_duration_ms / 3),
+            retry_interval_ms: self
+                .retry_interval_ms
+                .unwrap_or((lease_duration_ms / 12).max(1)),
+            clock_drift_ppm_max: self
+                .clock_drift_ppm_max
+                .unwrap_or(CLOCK_DRIFT_PPM_MAX_DEFAULT),
+            safety_margin_ms: self
+                .safety_margin_ms
+                .unwrap_or((lease_duration_ms / 50).max(1)),
+        };
+        let belief = timing.belief_config_checked()?;
+        let invalid = |reason: String| Err(ConfigError::Keeper { reason });
+        if timing.renew_interval_ms == 0 || timing.retry_interval_ms == 0 {
+            return invalid("renew and retry intervals must be positive".into());
+        }
+        // Two renewal attempts must fit inside one belief, or a single lost renewal would end it.
+        if timing.renew_interval_ms * 2 > belief.belief_duration_ms() {
+            return invalid(format!(
+                "renew interval {} ms is not well below the belief of {} ms (at most half)",
+                timing.renew_interval_ms,
+                belief.belief_duration_ms()
+            ));
+        }
+        if timing.retry_interval_ms > timing.renew_interval_ms {
+            return invalid(format!(
+                "retry interval {} ms is longer than the renew interval {} ms",
+                timing.retry_interval_ms, timing.renew_interval_ms
+            ));
+        }
+        Ok(timing)
+    }
+}
+
+impl KeeperTiming {
     /// The belief settings these imply.
     pub fn belief_config(&self) -> BeliefConfig {
+        self.belief_config_checked()
+            .expect("validated by KeeperConfig::timing_for")
+    }
+
+    fn belief_config_checked(&self) -> Result<BeliefConfig, ConfigError> {
         BeliefConfig::new(
             self.lease_duration_ms,
             self.clock_drift_ppm_max,
             self.safety_margin_ms,
         )
-        .expect("validated with the keeper config")
-    }
-
-    fn validated(self) -> Result<Self, ConfigError> {
-        crate::lease::LeaseConfig::new(self.lease_duration_ms)?;
-        let belief = BeliefConfig::new(
-            self.lease_duration_ms,
-            self.clock_drift_ppm_max,
-            self.safety_margin_ms,
-        )?;
-        let invalid = |reason: String| Err(ConfigError::Keeper { reason });
-        if self.renew_interval_ms == 0 || self.retry_interval_ms == 0 {
-            return invalid("renew and retry intervals must be positive".into());
-        }
-        // Two renewal attempts must fit inside one belief, or a single lost renewal would end it.
-        if self.renew_interval_ms * 2 > belief.belief_duration_ms() {
-            return invalid(format!(
-                "renew interval {} ms is not well below the belief of {} ms (at most half)",
-                self.renew_interval_ms,
-                belief.belief_duration_ms()
-            ));
-        }
-        Ok(self)
     }
 }
 
@@ -193,51 +237,115 @@ struct KeeperState {
     stopped: bool,
 }
 
+/// Bytes the keeper appends to a node id: `@` and a decimal `u64` incarnation.
+pub const HOLDER_SUFFIX_BYTES_MAX: usize = 1 + 20;
+
 /// Renews a node's leases and keeps its beliefs. Share it with `Arc`; drive
 /// [`run`](Self::run) on a task of the node's runtime (tokio in a process, the simulator in
 /// tests).
+///
+/// The keeper holds leases under a holder id of its own, `<node id>@<incarnation>`, with an
+/// incarnation drawn at random when it is built: requests of a crashed process can still be in
+/// the network, and a release from an earlier life must not match a lease the new process
+/// holds under the same id and token (TLC's StaleRequests trace, `docs/tla/README.md`). So a
+/// restarted process is a new holder, and gets a new fencing token, by construction. Within
+/// one process the keeper never re-acquires an actor while its release is unresolved.
 pub struct LeaseKeeper<M> {
     manager: Arc<M>,
     clock: SharedClock,
     node_id: NodeId,
-    config: KeeperConfig,
+    holder_id: NodeId,
+    timing: KeeperTiming,
     belief_config: BeliefConfig,
+    #[cfg(feature = "mutations")]
+    belief_from_reply: bool,
     state: Mutex<KeeperState>,
     events: mpsc::UnboundedSender<KeeperEvent>,
 }
 
+/// A keeper and the receiver of its [`KeeperEvent`]s.
+pub type KeeperParts<M> = (Arc<LeaseKeeper<M>>, mpsc::UnboundedReceiver<KeeperEvent>);
+
 impl<M: LeaseManager> LeaseKeeper<M> {
-    /// A keeper for `node_id`, and the receiver of its [`KeeperEvent`]s.
+    /// A keeper for one process lifetime of `node_id`, renewing through `manager` with the
+    /// manager's lease duration, and the receiver of its [`KeeperEvent`]s.
     ///
-    /// Give every process its own holder id, for instance `node-a@<boot counter>`: requests of
-    /// a crashed process can still be in the network, and a release from an earlier life must
-    /// not match a lease the new process holds under the same id and token. Within one
-    /// process the keeper guarantees this itself by never re-acquiring an actor while its
-    /// release is unresolved (the TLA+ model's assumption A1, `docs/tla/README.md`).
+    /// # Errors
+    /// [`ConfigError`] if `config` does not fit the manager's lease duration, or if `node_id`
+    /// leaves no room for the incarnation suffix ([`HOLDER_SUFFIX_BYTES_MAX`] bytes).
     pub fn new(
         manager: Arc<M>,
         clock: SharedClock,
         node_id: NodeId,
         config: KeeperConfig,
-    ) -> (Arc<Self>, mpsc::UnboundedReceiver<KeeperEvent>) {
+    ) -> Result<KeeperParts<M>, ConfigError> {
+        Self::build(manager, clock, node_id, random_incarnation(), config)
+    }
+
+    /// As [`new`](Self::new), with the incarnation chosen by the caller: a simulator draws it
+    /// from its seed so that runs replay. Never reuse an incarnation for a node id.
+    #[cfg(feature = "simulation")]
+    pub fn with_incarnation(
+        manager: Arc<M>,
+        clock: SharedClock,
+        node_id: NodeId,
+        incarnation: u64,
+        config: KeeperConfig,
+    ) -> Result<KeeperParts<M>, ConfigError> {
+        Self::build(manager, clock, node_id, incarnation, config)
+    }
+
+    fn build(
+        manager: Arc<M>,
+        clock: SharedClock,
+        node_id: NodeId,
+        incarnation: u64,
+        config: KeeperConfig,
+    ) -> Result<KeeperParts<M>, ConfigError> {
+        let timing = config.timing_for(manager.lease_duration_ms())?;
+        let holder_id = NodeId::new(format!("{node_id}@{incarnation}")).map_err(|error| {
+            ConfigError::Keeper {
+                reason: format!(
+                    "node id {node_id} leaves no room for the incarnation suffix \
+                     ({HOLDER_SUFFIX_BYTES_MAX} bytes): {error}"
+                ),
+            }
+        })?;
         let (events, receiver) = mpsc::unbounded();
-        let belief_config = config.belief_config();
-        let state = Mutex::new(KeeperState::default());
         let keeper = Self {
             manager,
             clock,
             node_id,
-            config,
-            belief_config,
-            state,
+            holder_id,
+            belief_config: timing.belief_config(),
+            timing,
+            #[cfg(feature = "mutations")]
+            belief_from_reply: config.belief_from_reply,
+            state: Mutex::new(KeeperState::default()),
             events,
         };
-        (Arc::new(keeper), receiver)
+        Ok((Arc::new(keeper), receiver))
     }
 
-    /// The node this keeper acts for.
+    /// The node this keeper acts for, as given.
     pub fn node_id(&self) -> &NodeId {
         &self.node_id
+    }
+
+    /// The identity the store sees: the node id and this process's incarnation
+    /// (`node-a@8412…`). Leases held by this keeper name it as their holder.
+    pub fn holder_id(&self) -> &NodeId {
+        &self.holder_id
+    }
+
+    /// The manager the keeper renews through.
+    pub fn manager(&self) -> &Arc<M> {
+        &self.manager
+    }
+
+    /// The keeper's settings, resolved against the manager's lease duration.
+    pub fn timing(&self) -> KeeperTiming {
+        self.timing
     }
 
     /// Acquires the lease on `actor_id` and starts renewing it. A retry after an unknown
@@ -252,7 +360,7 @@ impl<M: LeaseManager> LeaseKeeper<M> {
             }
         }
         let sent_local_ms = self.clock.now_ms();
-        let result = self.manager.acquire(actor_id, &self.node_id).await;
+        let result = self.manager.acquire(actor_id, &self.holder_id).await;
         let mut state = self.lock();
         let was_unknown = state.unknown_acquires.contains(actor_id);
         state.unknown_acquires.retain(|a| a != actor_id);
@@ -288,7 +396,7 @@ impl<M: LeaseManager> LeaseKeeper<M> {
                 let pending = PendingRelease {
                     fencing_token: held.fencing_token,
                     attempts: 0,
-                    next_attempt_local_ms: self.clock.now_ms() + self.config.retry_interval_ms,
+                    next_attempt_local_ms: self.clock.now_ms() + self.timing.retry_interval_ms,
                 };
                 state.releasing.insert(actor_id.clone(), pending);
             }
@@ -297,14 +405,14 @@ impl<M: LeaseManager> LeaseKeeper<M> {
         let Some(held) = held else {
             return Err(LeaseError::NotHolder {
                 actor_id: actor_id.clone(),
-                node_id: self.node_id.clone(),
+                node_id: self.holder_id.clone(),
                 holder: None,
             });
         };
         let token = held.fencing_token;
         let result = self
             .manager
-            .release_fenced(actor_id, &self.node_id, token)
+            .release_fenced(actor_id, &self.holder_id, token)
             .await;
         self.release_attempted(actor_id, token, &result);
         result
@@ -319,7 +427,7 @@ impl<M: LeaseManager> LeaseKeeper<M> {
         token: FencingToken,
         result: &Result<Lease, LeaseError>,
     ) {
-        let retry_at_ms = self.clock.now_ms() + self.config.retry_interval_ms;
+        let retry_at_ms = self.clock.now_ms() + self.timing.retry_interval_ms;
         let mut state = self.lock();
         let Some(pending) = state.releasing.get_mut(actor_id) else {
             return;
@@ -401,14 +509,14 @@ impl<M: LeaseManager> LeaseKeeper<M> {
             let sent_local_ms = self.clock.now_ms();
             let result = self
                 .manager
-                .renew_fenced(actor_id, &self.node_id, *token)
+                .renew_fenced(actor_id, &self.holder_id, *token)
                 .await;
             (actor_id, *token, sent_local_ms, result)
         });
         let retries = releases.iter().map(|(actor_id, token)| async move {
             let result = self
                 .manager
-                .release_fenced(actor_id, &self.node_id, *token)
+                .release_fenced(actor_id, &self.holder_id, *token)
                 .await;
             (actor_id, *token, result)
         });
@@ -510,7 +618,7 @@ impl<M: LeaseManager> LeaseKeeper<M> {
             }
             Err(LeaseError::Store(_)) => {
                 kelpie_core::coverage::mark(MARK_RENEWAL_FAILED);
-                let retry_ms = self.clock.now_ms() + self.config.retry_interval_ms;
+                let retry_ms = self.clock.now_ms() + self.timing.retry_interval_ms;
                 let held = state.held.get_mut(actor_id).expect("checked above");
                 held.next_renew_local_ms = retry_ms;
             }
@@ -530,7 +638,7 @@ impl<M: LeaseManager> LeaseKeeper<M> {
         base_ms: u64,
         token: FencingToken,
     ) {
-        let next_renew_local_ms = base_ms + self.config.renew_interval_ms;
+        let next_renew_local_ms = base_ms + self.timing.renew_interval_ms;
         let held = state.held.entry(actor_id.clone()).or_insert(Held {
             belief: Belief::new(),
             fencing_token: token,
@@ -547,16 +655,16 @@ impl<M: LeaseManager> LeaseKeeper<M> {
 
     /// The local time a belief is measured from: the send time (the bug variant uses now).
     fn belief_base_ms(&self, sent_local_ms: u64) -> u64 {
-        if self.config.bug_belief_from_reply {
-            self.clock.now_ms()
-        } else {
-            sent_local_ms
+        #[cfg(feature = "mutations")]
+        if self.belief_from_reply {
+            return self.clock.now_ms();
         }
+        sent_local_ms
     }
 
     fn next_wake_ms(&self) -> u64 {
         let state = self.lock();
-        let far_ms = self.clock.now_ms() + self.config.renew_interval_ms;
+        let far_ms = self.clock.now_ms() + self.timing.renew_interval_ms;
         let ends = state.held.values().map(|h| {
             let until_ms = h.belief.held_at(0).map_or(0, |b| b.until_local_ms);
             h.next_renew_local_ms.min(until_ms)
@@ -640,10 +748,10 @@ mod tests {
             down: AtomicBool::new(false),
         };
         let manager = Arc::new(Manager::new(store, LeaseConfig::new(900).unwrap()));
-        let config = KeeperConfig::new(900).unwrap();
         let node = NodeId::new("n1").unwrap();
+        let shared = Arc::new(clock.clone());
         let (keeper, events) =
-            LeaseKeeper::new(Arc::clone(&manager), Arc::new(clock.clone()), node, config);
+            LeaseKeeper::new(Arc::clone(&manager), shared, node, KeeperConfig::default()).unwrap();
         (clock, manager, keeper, events)
     }
 
@@ -662,12 +770,98 @@ mod tests {
 
     #[test]
     fn config_defaults_and_refusals() {
-        let config = KeeperConfig::new(900).unwrap();
-        assert_eq!(config.renew_interval_ms, 300);
-        assert!(config.with_renew_interval_ms(600).is_err());
-        assert!(config.with_renew_interval_ms(0).is_err());
-        assert!(config.with_belief_bounds(10_000, 0).is_err());
-        assert!(KeeperConfig::new(10).is_err());
+        let config = KeeperConfig::default();
+        let timing = config.timing_for(900).unwrap();
+        assert_eq!(
+            (timing.renew_interval_ms, timing.retry_interval_ms),
+            (300, 75)
+        );
+        assert!(config.with_renew_interval_ms(600).timing_for(900).is_err());
+        assert!(config.with_renew_interval_ms(0).timing_for(900).is_err());
+        assert!(config.with_retry_interval_ms(301).timing_for(900).is_err());
+        assert!(config
+            .with_belief_bounds(10_000, 0)
+            .timing_for(900)
+            .is_err());
+        assert!(config.with_belief_bounds(10_000, 5).timing_for(900).is_ok());
+        assert!(config
+            .with_belief_bounds(10_000, 900)
+            .timing_for(900)
+            .is_err());
+        assert!(config.timing_for(10).is_err());
+    }
+
+    /// The lease duration is the manager's: a keeper configured for renewals that fit a 10 s
+    /// lease cannot be built over a manager granting 1 s leases, so it can never believe
+    /// longer than the store grants (the two-holder case of issue 12).
+    #[test]
+    fn the_duration_is_the_managers_and_mismatched_settings_are_refused() {
+        let clock = ManualClock::new(0);
+        let shared: SharedClock = Arc::new(clock.clone());
+        let short = Arc::new(crate::MemoryLeaseManager::in_memory(
+            Arc::clone(&shared),
+            LeaseConfig::new(1_000).unwrap(),
+        ));
+        let node = NodeId::new("n1").unwrap();
+        let for_ten_seconds = KeeperConfig::default().with_renew_interval_ms(3_333);
+        let refused = LeaseKeeper::new(
+            Arc::clone(&short),
+            Arc::clone(&shared),
+            node.clone(),
+            for_ten_seconds,
+        );
+        assert!(matches!(refused, Err(ConfigError::Keeper { .. })));
+        let (keeper, _events) =
+            LeaseKeeper::new(Arc::clone(&short), shared, node, KeeperConfig::default()).unwrap();
+        assert_eq!(keeper.timing().lease_duration_ms, 1_000);
+        let actor = ActorId::new("a").unwrap();
+        let lease = block_on(keeper.acquire(&actor)).unwrap();
+        // Without renewals the belief ends before the store's expiry, so before any other
+        // node can be granted the lease.
+        clock.advance_ms(lease.expires_at_ms - 1);
+        assert_eq!(keeper.holds(&actor), None);
+        assert!(block_on(short.is_valid(&actor, keeper.holder_id())).unwrap());
+    }
+
+    /// Two keepers built for one node id (a process and its restart) are two holders: the
+    /// second cannot inherit the first's lease or token, and a late release from the first
+    /// does not free the second's lease.
+    #[test]
+    fn a_restarted_process_is_a_new_holder_with_a_new_token() {
+        let clock = ManualClock::new(0);
+        let shared: SharedClock = Arc::new(clock.clone());
+        let manager = Arc::new(crate::MemoryLeaseManager::in_memory(
+            Arc::clone(&shared),
+            LeaseConfig::new(900).unwrap(),
+        ));
+        let node = NodeId::new("n1").unwrap();
+        let build = || {
+            let shared = Arc::clone(&shared);
+            LeaseKeeper::new(
+                Arc::clone(&manager),
+                shared,
+                node.clone(),
+                KeeperConfig::default(),
+            )
+            .unwrap()
+            .0
+        };
+        let (old, new) = (build(), build());
+        assert_ne!(old.holder_id(), new.holder_id());
+        assert_eq!(old.node_id(), new.node_id());
+        assert!(old.holder_id().as_str().starts_with("n1@"));
+        let actor = ActorId::new("a").unwrap();
+        let first = block_on(old.acquire(&actor)).unwrap();
+        assert!(
+            block_on(new.acquire(&actor)).is_err(),
+            "held by the old process"
+        );
+        clock.advance_ms(first.expires_at_ms);
+        let second = block_on(new.acquire(&actor)).unwrap();
+        assert!(second.fencing_token > first.fencing_token);
+        let late = block_on(manager.release_fenced(&actor, old.holder_id(), first.fencing_token));
+        assert!(late.is_err());
+        assert!(block_on(manager.is_valid(&actor, new.holder_id())).unwrap());
     }
 
     #[test]
@@ -725,8 +919,8 @@ mod tests {
         block_on(keeper.acquire(&a)).unwrap();
         block_on(keeper.acquire(&b)).unwrap();
         // Another tenure of "a" replaces ours at the store: our token-guarded renewal fails.
-        block_on(manager.release(&a, keeper.node_id())).unwrap();
-        block_on(manager.acquire(&a, keeper.node_id())).unwrap();
+        block_on(manager.release(&a, keeper.holder_id())).unwrap();
+        block_on(manager.acquire(&a, keeper.holder_id())).unwrap();
         clock.advance_ms(300);
         block_on(keeper.tick());
         assert_eq!(keeper.holds(&a), None);

@@ -13,6 +13,10 @@ use crate::store::LeaseStore;
 /// What a node can do with leases. Every backend offers the same semantics; the conformance
 /// suite (`tests/conformance.rs`) holds each to them.
 pub trait LeaseManager: Send + Sync {
+    /// The duration of every lease this manager grants or renews. A keeper reads it from here,
+    /// so the node's belief and the store's grant are measured against one duration.
+    fn lease_duration_ms(&self) -> u64;
+
     /// Takes the lease on a free or expired actor with a fencing token larger than any issued
     /// for it before, or returns the caller's own lease unchanged if it already holds it.
     fn acquire(
@@ -131,7 +135,7 @@ impl<S: LeaseStore> ProtocolLeaseManager<S> {
     }
 
     /// Replaces the decision function. Only for showing that checkers catch a broken protocol.
-    #[doc(hidden)]
+    #[cfg(feature = "mutations")]
     pub fn with_decide_fn(mut self, decide: DecideFn) -> Self {
         self.decide = decide;
         self
@@ -162,6 +166,10 @@ impl<S: LeaseStore> ProtocolLeaseManager<S> {
 }
 
 impl<S: LeaseStore> LeaseManager for ProtocolLeaseManager<S> {
+    fn lease_duration_ms(&self) -> u64 {
+        self.config.lease_duration_ms
+    }
+
     async fn acquire(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<Lease, LeaseError> {
         self.request(LeaseOp::Acquire, actor_id, node_id, None)
             .await

@@ -34,7 +34,8 @@ pub enum Location {
     },
     /// Active on another node, which holds a valid lease on it: route requests there.
     Remote {
-        /// The node holding the lease.
+        /// The holder of the lease: the node id and its process's incarnation, as
+        /// [`LeaseKeeper::holder_id`] gives it (`node-b@1234…`).
         holder: NodeId,
     },
 }
@@ -44,19 +45,17 @@ pub enum Location {
 /// events should be passed to [`on_keeper_event`](Self::on_keeper_event).
 pub struct Placement<M> {
     keeper: Arc<LeaseKeeper<M>>,
-    manager: Arc<M>,
     /// Actors activated here, with the token they were activated under. An entry whose token
     /// the keeper no longer believes in is stale and is dropped when seen.
     active: Mutex<BTreeMap<ActorId, FencingToken>>,
 }
 
 impl<M: LeaseManager> Placement<M> {
-    /// Placement for the keeper's node. `manager` must be the manager the keeper uses, so that
-    /// [`where_is`](Self::where_is) reads the same store.
-    pub fn new(keeper: Arc<LeaseKeeper<M>>, manager: Arc<M>) -> Self {
+    /// Placement for the keeper's node; [`where_is`](Self::where_is) reads the store through
+    /// the keeper's own manager.
+    pub fn new(keeper: Arc<LeaseKeeper<M>>) -> Self {
         Self {
             keeper,
-            manager,
             active: Mutex::new(BTreeMap::new()),
         }
     }
@@ -103,7 +102,7 @@ impl<M: LeaseManager> Placement<M> {
             }
             _ => Err(LeaseError::Expired {
                 actor_id: actor_id.clone(),
-                node_id: self.node_id().clone(),
+                node_id: self.keeper.holder_id().clone(),
                 expired_at_ms: lease.expires_at_ms,
             }),
         }
@@ -116,7 +115,7 @@ impl<M: LeaseManager> Placement<M> {
     /// # Errors
     /// [`LeaseError::Store`] if the store could not be read.
     pub async fn where_is(&self, actor_id: &ActorId) -> Result<Option<NodeId>, LeaseError> {
-        let lease = self.manager.get(actor_id).await?;
+        let lease = self.keeper.manager().get(actor_id).await?;
         Ok(lease.map(|lease| lease.holder))
     }
 
@@ -216,12 +215,12 @@ mod tests {
             .iter()
             .map(|name| {
                 let node_id = NodeId::new(*name).unwrap();
-                let keeper_config = KeeperConfig::new(LEASE_MS).unwrap();
                 let shared = Arc::new(clock.clone());
+                let config = KeeperConfig::default();
                 let (keeper, _events) =
-                    LeaseKeeper::new(Arc::clone(&manager), shared, node_id, keeper_config);
+                    LeaseKeeper::new(Arc::clone(&manager), shared, node_id, config).unwrap();
                 Node {
-                    placement: Placement::new(keeper, Arc::clone(&manager)),
+                    placement: Placement::new(keeper),
                 }
             })
             .collect();
@@ -250,13 +249,13 @@ mod tests {
         assert_eq!(
             remote,
             Location::Remote {
-                holder: a.node_id().clone()
+                holder: a.keeper().holder_id().clone()
             }
         );
         assert_eq!(b.active_token(&actor()), None);
         assert_eq!(
             block_on(b.where_is(&actor())).unwrap(),
-            Some(a.node_id().clone())
+            Some(a.keeper().holder_id().clone())
         );
         assert_eq!(a.active_actors(), vec![(actor(), fencing_token)]);
     }
@@ -295,10 +294,7 @@ mod tests {
         };
         let lease = block_on(manager.get(&actor())).unwrap().unwrap();
         // Nobody renews here (the keeper's loop is not driven), so the belief runs out.
-        let belief_ms = KeeperConfig::new(LEASE_MS)
-            .unwrap()
-            .belief_config()
-            .belief_duration_ms();
+        let belief_ms = a.keeper().timing().belief_config().belief_duration_ms();
         clock.advance_ms(belief_ms - 1);
         assert_eq!(a.active_token(&actor()), Some(fencing_token));
         clock.advance_ms(1);

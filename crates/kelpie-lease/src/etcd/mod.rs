@@ -128,6 +128,8 @@ pub struct EtcdLeaseManager {
     keys: Keys,
     /// The TTL asked of etcd for each session, in whole seconds.
     ttl_s: i64,
+    /// The configured lease duration (at most the TTL): what a keeper measures beliefs with.
+    lease_duration_ms: u64,
     sessions: NodeSessions,
 }
 
@@ -190,6 +192,7 @@ impl EtcdLeaseManager {
             },
             keys: Keys::new(&options.key_prefix),
             ttl_s,
+            lease_duration_ms,
             sessions: NodeSessions::default(),
         })
     }
@@ -259,6 +262,10 @@ impl EtcdLeaseManager {
 }
 
 impl LeaseManager for EtcdLeaseManager {
+    fn lease_duration_ms(&self) -> u64 {
+        self.lease_duration_ms
+    }
+
     async fn acquire(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<Lease, LeaseError> {
         self.acquire_lease(actor_id, node_id).await
     }

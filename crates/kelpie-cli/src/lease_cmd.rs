@@ -55,7 +55,7 @@ pub enum LeaseCommand {
 /// Where the store is and how to print.
 #[derive(Debug, Args)]
 pub struct StoreArgs {
-    /// Where the leases live: sqlite:PATH or etcd://HOST:PORT[,HOST:PORT].
+    /// Where the leases live: sqlite:PATH or etcd://HOST:PORT,HOST:PORT,...
     #[arg(long, value_name = "URL", default_value = STORE_DEFAULT)]
     pub store: StoreUrl,
     /// How long to wait for the store (another process's SQLite lock, an etcd connection or

@@ -207,8 +207,9 @@ impl RunSettings {
         command
     }
 
-    /// Runs one seed.
-    pub fn run_seed(&self, seed: u64) -> SeedRun {
+    /// Runs one seed, recording its lease events only if `record` (a timeline, or the
+    /// re-run of a failed seed for its report): a sweep's passing seeds are never read.
+    pub fn run_seed(&self, seed: u64, record: bool) -> SeedRun {
         let faults = self.faults.resolve(seed);
         let replay = self.replay_command(seed, &faults);
         let steps_max =
@@ -221,7 +222,11 @@ impl RunSettings {
         let simulation = faults
             .iter()
             .fold(Simulation::new(config), |sim, fault| sim.with_fault(*fault));
-        let (result, events) = self.scenario().run_recorded(simulation);
+        let (result, events) = if record {
+            self.scenario().run_recorded(simulation)
+        } else {
+            (self.scenario().run(simulation), Vec::new())
+        };
         SeedRun {
             seed,
             faults,
@@ -275,7 +280,7 @@ pub fn run(args: SimArgs) -> Result<bool, CliError> {
             (base, count)
         }
     };
-    let (totals, kept) = sweep(&settings, base, count);
+    let (totals, kept) = sweep(&settings, base, count, args.timeline.is_some());
     let elapsed = stopwatch.elapsed();
     let failure = kept.as_ref().filter(|run| run.result.is_err());
     if let (true, Some(run)) = (args.json, failure) {
@@ -305,18 +310,37 @@ fn plan_range(plan: SeedPlan) -> report::Seeds {
 
 /// Runs seeds `base`, `base + 1`, ... until `count` ran or one failed. Returns the totals
 /// and the run worth keeping: the failed one, or the only one of a single-seed run (for its
-/// timeline). Other runs' events are dropped as soon as they are counted.
-fn sweep(settings: &RunSettings, base: u64, count: u64) -> (Totals, Option<SeedRun>) {
+/// timeline). Seeds run without recording their events; a failed seed is run again, with
+/// recording, for its report (the seed replays it exactly), and a single seed records from
+/// the start when a timeline is asked for.
+fn sweep(
+    settings: &RunSettings,
+    base: u64,
+    count: u64,
+    timeline: bool,
+) -> (Totals, Option<SeedRun>) {
     let mut totals = Totals::default();
     let mut progress = Progress::new(count);
     let mut kept = None;
     for index in 0..count {
-        let run = settings.run_seed(base.wrapping_add(index));
+        let seed = base.wrapping_add(index);
+        let run = settings.run_seed(seed, timeline && count == 1);
         totals.add(&run);
-        if run.result.is_err() {
+        if let Err(error) = &run.result {
             // Before any redraw: the simulator's banner is already on stderr.
             progress.abandon();
-            return (totals, Some(run));
+            let failure = error.to_string();
+            let recorded = match run.events.is_empty() {
+                true => settings.run_seed(seed, true),
+                false => run,
+            };
+            // Recording only observes, so the seed must fail the same way again.
+            assert_eq!(
+                recorded.result.as_ref().err().map(ToString::to_string),
+                Some(failure),
+                "seed {seed} did not replay its failure with recording on"
+            );
+            return (totals, Some(recorded));
         }
         progress.seed_done(totals.violations);
         if count == 1 {

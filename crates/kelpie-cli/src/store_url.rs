@@ -51,6 +51,7 @@ pub enum StoreUrlError {
         reason: String,
     },
     /// This binary was built without the etcd backend.
+    #[cfg_attr(feature = "etcd", allow(dead_code))]
     #[error(
         "this kelpie was built without the etcd backend; build it with `{ETCD_BUILD_COMMAND}` \
          (its build needs protoc: apt-get install protobuf-compiler libprotobuf-dev)"

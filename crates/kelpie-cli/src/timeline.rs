@@ -1,5 +1,5 @@
 //! `kelpie sim --seed S --timeline FILE.html`: one self-contained HTML page with an SVG
-//! timeline of the run, drawn from its [`LeaseEvent`]s.
+//! timeline of the run, drawn from its [`LeaseEvent`](kelpie_dst::LeaseEvent)s.
 //!
 //! One row per actor. Its top lane is the store's truth: a bar per holder tenure, coloured by
 //! holder and labelled with the fencing token, ending at release, takeover or expiry. Under

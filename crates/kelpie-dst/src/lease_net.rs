@@ -2,7 +2,7 @@
 //!
 //! A node's [`NetLeaseStore`] sends each request to the store host and waits for the reply on
 //! its own clock, giving up after a timeout with [`StoreError::CommitUnknown`] (the request may
-//! have been applied). A [`LeaseServer`] on the store host applies each request to the
+//! have been applied). The server on the store host ([`serve_leases`]) applies each request to the
 //! simulated store with the production decision function and sends the reply back. Messages
 //! can be lost, duplicated, delayed and partitioned; a duplicated or delayed request is
 //! harmless because acquire is idempotent and renew and release carry the fencing token.

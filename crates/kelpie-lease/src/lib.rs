@@ -67,9 +67,10 @@ pub use fenced::{
     STATE_SQLITE_BUSY_TIMEOUT_MS_MAX, STATE_SQLITE_SCHEMA_VERSION, STATE_VALUE_BYTES_MAX,
 };
 pub use keeper::{
-    KeeperConfig, KeeperEvent, LeaseKeeper, LostReason, CLOCK_DRIFT_PPM_MAX_DEFAULT,
-    COVERAGE_MARKS, MARK_BELIEF_ENDED, MARK_COMMIT_UNKNOWN_RESOLVED, MARK_RENEWAL_ABANDONED,
-    MARK_RENEWAL_FAILED, MARK_RENEWAL_REFUSED,
+    KeeperConfig, KeeperEvent, KeeperParts, KeeperTiming, LeaseKeeper, LostReason,
+    CLOCK_DRIFT_PPM_MAX_DEFAULT, COVERAGE_MARKS, HOLDER_SUFFIX_BYTES_MAX, MARK_BELIEF_ENDED,
+    MARK_COMMIT_UNKNOWN_RESOLVED, MARK_RENEWAL_ABANDONED, MARK_RENEWAL_FAILED,
+    MARK_RENEWAL_REFUSED,
 };
 pub use lease::{Lease, LeaseConfig, LeaseOp, LeaseRecord, LeaseRequest};
 pub use manager::{LeaseManager, MemoryLeaseManager, ProtocolLeaseManager};

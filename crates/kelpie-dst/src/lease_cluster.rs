@@ -69,7 +69,8 @@ pub struct ClusterConfig {
     pub safety_margin_ms: u64,
     /// Which invariants are checked after every step.
     pub checkers: CheckerSet,
-    /// The protocol's decision; replaced only to show that the checkers catch a broken one.
+    /// The store's decision function; replaced only to show that the checkers catch a
+    /// broken protocol. The store owns it: requests never carry one.
     pub decide: DecideFn,
 }
 
@@ -97,9 +98,8 @@ impl SimLeaseCluster {
             config.safety_margin_ms,
         )
         .map_err(|e| e.to_string())?;
-        let store = SimLeaseStore::new(env.storage());
-        let manager =
-            ProtocolLeaseManager::new(store.clone(), lease_config).with_decide_fn(config.decide);
+        let store = SimLeaseStore::with_decide_fn(env.storage(), config.decide);
+        let manager = ProtocolLeaseManager::new(store.clone(), lease_config);
         let cluster = Self {
             store,
             manager: Arc::new(manager),

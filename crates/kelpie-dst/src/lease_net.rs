@@ -21,8 +21,7 @@ use futures_channel::oneshot;
 use futures_util::future::{select, Either};
 use kelpie_core::ActorId;
 use kelpie_lease::{
-    DecideFn, Decision, LeaseRecord, LeaseRequest, LeaseStore, RecordSnapshot, StoreError,
-    StoreSnapshot,
+    Decision, LeaseRecord, LeaseRequest, LeaseStore, RecordSnapshot, StoreError, StoreSnapshot,
 };
 use send_wrapper::SendWrapper;
 
@@ -46,10 +45,8 @@ pub enum LeaseMessage {
         request_id: u64,
         /// The actor.
         actor_id: ActorId,
-        /// The request.
+        /// The request. The store decides it with its own decision function.
         request: LeaseRequest,
-        /// The protocol's decision function (replaced only in mutation tests).
-        decide: DecideFn,
     },
     /// The store's answer.
     Reply {
@@ -141,14 +138,13 @@ impl NetInner {
         self: Rc<Self>,
         actor_id: ActorId,
         request: LeaseRequest,
-        decide: DecideFn,
     ) -> Result<Decision, StoreError> {
         let history = self.history.borrow().clone();
         let recorded = history.map(|history| {
             let id = history.invoke(&actor_id, &request, self.clock.global_now_ms());
             (history, id)
         });
-        let outcome = self.exchange(actor_id, request, decide).await;
+        let outcome = self.exchange(actor_id, request).await;
         if let Some((history, id)) = recorded {
             let responded_ms = self.clock.global_now_ms();
             let outcome = match &outcome {
@@ -171,7 +167,6 @@ impl NetInner {
         &self,
         actor_id: ActorId,
         request: LeaseRequest,
-        decide: DecideFn,
     ) -> Result<Decision, StoreError> {
         let request_id = self.next_request_id.get();
         self.next_request_id.set(request_id + 1);
@@ -181,7 +176,6 @@ impl NetInner {
             request_id,
             actor_id,
             request,
-            decide,
         };
         self.network.send(self.host, STORE_HOST, message);
         let timeout = self
@@ -207,10 +201,9 @@ impl LeaseStore for NetLeaseStore {
         &self,
         actor_id: &ActorId,
         request: &LeaseRequest,
-        decide: DecideFn,
     ) -> Result<Decision, StoreError> {
         let inner = Rc::clone(&self.inner);
-        let call = inner.call(actor_id.clone(), request.clone(), decide);
+        let call = inner.call(actor_id.clone(), request.clone());
         SendWrapper::new(call).await
     }
 
@@ -265,7 +258,6 @@ async fn serve(
             request_id,
             actor_id,
             request,
-            decide,
         } = message
         else {
             continue;
@@ -274,8 +266,8 @@ async fn serve(
         // Dropping the handle detaches the task: the reply is sent when the store answers.
         drop(env.spawn(async move {
             let outcome = match stale {
-                None => store.apply_local(&actor_id, &request, decide).await,
-                Some(stale) => stale.apply(&store, &actor_id, &request, decide).await,
+                None => store.apply_local(&actor_id, &request).await,
+                Some(stale) => stale.apply(&store, &actor_id, &request).await,
             };
             network.send(
                 STORE_HOST,
@@ -306,8 +298,8 @@ impl StaleReads {
         store: &SimLeaseStore,
         actor_id: &ActorId,
         request: &LeaseRequest,
-        decide: DecideFn,
     ) -> Result<Decision, StoreError> {
+        let decide = store.decide_fn();
         let stale_draw = self.rng.borrow_mut().gen_bool(STALE_READ_PROBABILITY);
         let previous = Rc::clone(&self.previous);
         let key = actor_id.as_str().to_string();

@@ -160,9 +160,7 @@ impl SwarmNode {
         store.record_history(world.history.clone());
         let lease_config =
             LeaseConfig::new(world.config.lease_duration_ms).map_err(|e| e.to_string())?;
-        let manager = Arc::new(
-            ProtocolLeaseManager::new(store, lease_config).with_decide_fn(world.config.decide),
-        );
+        let manager = Arc::new(ProtocolLeaseManager::new(store, lease_config));
         let keeper_config = keeper_config(&world.config, &world.settings);
         let clock = Arc::new(self.clock.clone());
         // The keeper appends the incarnation to the node id (`node-0@2`); in production it

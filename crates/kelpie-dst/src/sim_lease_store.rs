@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use kelpie_core::ActorId;
 use kelpie_lease::{
-    DecideFn, Decision, LeaseRecord, LeaseRequest, LeaseStore, RecordSnapshot, StoreError,
+    decide, DecideFn, Decision, LeaseRecord, LeaseRequest, LeaseStore, RecordSnapshot, StoreError,
     StoreSnapshot,
 };
 
@@ -24,6 +24,9 @@ use kelpie_sim::{SimStorage, StorageError, Versioned};
 pub struct SimLeaseStore {
     storage: SendWrapper<SimStorage<LeaseRecord>>,
     decisions: Arc<Mutex<Vec<DecisionRecord>>>,
+    /// The production [`decide`], or a mutation the test world swapped in: the store owns
+    /// its protocol, requests never carry one.
+    decide: DecideFn,
 }
 
 impl Clone for SimLeaseStore {
@@ -32,17 +35,30 @@ impl Clone for SimLeaseStore {
         Self {
             storage,
             decisions: Arc::clone(&self.decisions),
+            decide: self.decide,
         }
     }
 }
 
 impl SimLeaseStore {
-    /// A lease store over `storage`.
+    /// A lease store over `storage`, deciding with the production [`decide`].
     pub fn new(storage: SimStorage<LeaseRecord>) -> Self {
+        Self::with_decide_fn(storage, decide)
+    }
+
+    /// A lease store deciding with `decide`: a deliberately broken protocol (see
+    /// [`crate::mutations`]) that the checkers must catch.
+    pub fn with_decide_fn(storage: SimStorage<LeaseRecord>, decide: DecideFn) -> Self {
         Self {
             storage: SendWrapper::new(storage),
             decisions: Arc::new(Mutex::new(Vec::new())),
+            decide,
         }
+    }
+
+    /// The decision function this store applies.
+    pub fn decide_fn(&self) -> DecideFn {
+        self.decide
     }
 
     /// The underlying simulated storage (to crash and restart it).
@@ -85,9 +101,8 @@ impl SimLeaseStore {
         &self,
         actor_id: &ActorId,
         request: &LeaseRequest,
-        decide: DecideFn,
     ) -> Result<Decision, StoreError> {
-        LeaseStore::apply(self, actor_id, request, decide).await
+        LeaseStore::apply(self, actor_id, request).await
     }
 }
 
@@ -111,8 +126,8 @@ impl LeaseStore for SimLeaseStore {
         &self,
         actor_id: &ActorId,
         request: &LeaseRequest,
-        decide: DecideFn,
     ) -> Result<Decision, StoreError> {
+        let decide = self.decide;
         let log = Arc::clone(&self.decisions);
         let (actor_id, request) = (actor_id.clone(), request.clone());
         let key = actor_id.as_str().to_string();

@@ -690,7 +690,7 @@ impl<M: LeaseManager> LeaseKeeper<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DecideFn, Decision, LeaseRequest, LeaseStore, StoreError, StoreSnapshot};
+    use crate::{Decision, LeaseRequest, LeaseStore, StoreError, StoreSnapshot};
     use crate::{LeaseConfig, MemoryLeaseStore, ProtocolLeaseManager, RecordSnapshot};
     use kelpie_core::{Clock, ManualClock};
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -717,10 +717,9 @@ mod tests {
             &self,
             actor_id: &ActorId,
             request: &LeaseRequest,
-            decide: DecideFn,
         ) -> Result<Decision, StoreError> {
             self.check()?;
-            self.inner.apply(actor_id, request, decide).await
+            self.inner.apply(actor_id, request).await
         }
 
         async fn load(&self, actor_id: &ActorId) -> Result<RecordSnapshot, StoreError> {

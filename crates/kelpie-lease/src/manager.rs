@@ -7,7 +7,6 @@ use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock};
 use crate::error::LeaseError;
 use crate::lease::{Lease, LeaseConfig, LeaseOp, LeaseRequest};
 use crate::memory::MemoryLeaseStore;
-use crate::protocol::{decide, DecideFn};
 use crate::store::LeaseStore;
 
 /// What a node can do with leases. Every backend offers the same semantics; the conformance
@@ -111,7 +110,6 @@ fn check_token(
 pub struct ProtocolLeaseManager<S> {
     store: S,
     config: LeaseConfig,
-    decide: DecideFn,
 }
 
 /// The protocol over the in-memory store.
@@ -127,18 +125,7 @@ impl MemoryLeaseManager {
 impl<S: LeaseStore> ProtocolLeaseManager<S> {
     /// The protocol over `store`.
     pub fn new(store: S, config: LeaseConfig) -> Self {
-        Self {
-            store,
-            config,
-            decide,
-        }
-    }
-
-    /// Replaces the decision function. Only for showing that checkers catch a broken protocol.
-    #[cfg(feature = "mutations")]
-    pub fn with_decide_fn(mut self, decide: DecideFn) -> Self {
-        self.decide = decide;
-        self
+        Self { store, config }
     }
 
     /// The underlying store.
@@ -160,7 +147,7 @@ impl<S: LeaseStore> ProtocolLeaseManager<S> {
     ) -> Result<Lease, LeaseError> {
         let mut request = LeaseRequest::new(op, node_id.clone(), self.config.lease_duration_ms);
         request.fencing_token = fencing_token;
-        let decision = self.store.apply(actor_id, &request, self.decide).await?;
+        let decision = self.store.apply(actor_id, &request).await?;
         decision.reply
     }
 }

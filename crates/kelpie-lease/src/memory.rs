@@ -7,7 +7,7 @@ use kelpie_core::{ActorId, SharedClock};
 
 use crate::error::StoreError;
 use crate::lease::{LeaseRecord, LeaseRequest};
-use crate::protocol::{assert_record_well_formed, DecideFn, Decision};
+use crate::protocol::{assert_record_well_formed, decide, Decision};
 use crate::store::{LeaseStore, RecordSnapshot, StoreSnapshot};
 
 /// Lease records in process memory, timed by the given clock. The mutex is the atomic step:
@@ -37,7 +37,7 @@ impl MemoryLeaseStore {
         }
     }
 
-    fn apply_now(&self, actor_id: &ActorId, request: &LeaseRequest, decide: DecideFn) -> Decision {
+    fn apply_now(&self, actor_id: &ActorId, request: &LeaseRequest) -> Decision {
         let mut records = self
             .records
             .lock()
@@ -63,9 +63,8 @@ impl LeaseStore for MemoryLeaseStore {
         &self,
         actor_id: &ActorId,
         request: &LeaseRequest,
-        decide: DecideFn,
     ) -> Result<Decision, StoreError> {
-        Ok(self.apply_now(actor_id, request, decide))
+        Ok(self.apply_now(actor_id, request))
     }
 
     async fn load(&self, actor_id: &ActorId) -> Result<RecordSnapshot, StoreError> {

@@ -2,9 +2,10 @@
 //!
 //! A [`LeaseStore`] keeps one [`LeaseRecord`] per actor and applies a request to it in one
 //! linearizable step: read the record and the store's clock, call the protocol's pure
-//! [`DecideFn`], and write its result only if the record is still the one that was read
+//! [`decide`](crate::decide), and write its result only if the record is still the one that was read
 //! (versioned compare-and-swap, or a lock or transaction that makes it so). Stores stay thin:
-//! they never decide anything themselves.
+//! they never decide anything themselves, and each store calls the decision function itself:
+//! a caller cannot hand it another protocol.
 
 use std::future::Future;
 
@@ -12,7 +13,7 @@ use kelpie_core::ActorId;
 
 use crate::error::StoreError;
 use crate::lease::{LeaseRecord, LeaseRequest};
-use crate::protocol::{DecideFn, Decision};
+use crate::protocol::Decision;
 
 /// How many times a store retries a compare-and-swap that lost a race before giving up
 /// with [`StoreError::Contention`].
@@ -39,14 +40,14 @@ pub struct StoreSnapshot {
 /// Durable (or simulated) storage of lease records with an atomic decide-and-write step.
 pub trait LeaseStore: Send + Sync {
     /// Applies `request` to the actor's record in one linearizable step: reads the record and
-    /// the store clock, calls `decide`, writes `Decision::write` if present, and returns the
+    /// the store clock, calls [`decide`](crate::decide), writes `Decision::write` if present,
+    /// and returns the
     /// decision. An `Err` means the store failed; [`StoreError::CommitUnknown`] means the
     /// write may have been applied.
     fn apply(
         &self,
         actor_id: &ActorId,
         request: &LeaseRequest,
-        decide: DecideFn,
     ) -> impl Future<Output = Result<Decision, StoreError>> + Send;
 
     /// Reads one actor's record with the store's clock.

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use kelpie_core::limits::LEASE_DURATION_MS_MIN;
 use kelpie_core::{ActorId, Clock, NodeId, TokioClock};
-use kelpie_lease::{decide, LeaseOp, LeaseRecord, LeaseRequest, LeaseStore, SqliteLeaseStore};
+use kelpie_lease::{LeaseOp, LeaseRecord, LeaseRequest, LeaseStore, SqliteLeaseStore};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -113,7 +113,7 @@ async fn apply(
         node_id: node.clone(),
         lease_duration_ms: LEASE_DURATION_MS_MIN,
     };
-    let decision = store.apply(actor, &request, decide).await.unwrap();
+    let decision = store.apply(actor, &request).await.unwrap();
     decision.reply.ok()?;
     Some(decision.write.expect("a successful operation writes"))
 }

@@ -31,7 +31,7 @@ use rusqlite::Connection;
 use crate::error::StoreError;
 use crate::lease::LeaseRequest;
 use crate::manager::ProtocolLeaseManager;
-use crate::protocol::{DecideFn, Decision};
+use crate::protocol::Decision;
 use crate::store::{LeaseStore, RecordSnapshot, StoreSnapshot};
 use rows::{RowError, StoreClock, TimeSource};
 use writer::{CommitCounters, WriteJob, Writer};
@@ -270,13 +270,11 @@ impl LeaseStore for SqliteLeaseStore {
         &self,
         actor_id: &ActorId,
         request: &LeaseRequest,
-        decide: DecideFn,
     ) -> Result<Decision, StoreError> {
         let (reply, replied) = oneshot::channel();
         let job = WriteJob {
             actor_id: actor_id.clone(),
             request: request.clone(),
-            decide,
             reply,
         };
         let jobs = self.jobs.as_ref().expect("the sender lives until drop");

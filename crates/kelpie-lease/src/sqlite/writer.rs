@@ -23,7 +23,7 @@ use super::rows::{RowError, StoreClock};
 use super::GROUP_COMMIT_BATCH_MAX;
 use crate::error::StoreError;
 use crate::lease::LeaseRequest;
-use crate::protocol::{assert_record_well_formed, DecideFn, Decision};
+use crate::protocol::{assert_record_well_formed, decide, Decision};
 
 /// What a job's caller receives: its result, or the panic its decision raised, to be resumed
 /// on the caller's thread where it belongs.
@@ -33,7 +33,6 @@ pub(super) type JobReply = std::thread::Result<Result<Decision, StoreError>>;
 pub(super) struct WriteJob {
     pub(super) actor_id: ActorId,
     pub(super) request: LeaseRequest,
-    pub(super) decide: DecideFn,
     pub(super) reply: oneshot::Sender<JobReply>,
 }
 
@@ -169,7 +168,7 @@ impl Writer {
             Err(RowError::Corrupt(error)) => return Ok(Err(error)),
             Err(RowError::Sql(error)) => return Err(error),
         };
-        let decision = (job.decide)(&job.actor_id, record.as_ref(), &job.request, store_now_ms);
+        let decision = decide(&job.actor_id, record.as_ref(), &job.request, store_now_ms);
         if let Some(written) = &decision.write {
             assert_record_well_formed(written);
             store_record(&self.conn, &job.actor_id, written)?;

@@ -84,7 +84,7 @@ pub enum StoreError {
         attempts: u32,
     },
     /// The store's data is not what this version of Kelpie wrote.
-    #[error("lease store {location} is corrupt or not ours: {reason}")]
+    #[error("store {location} is corrupt or not ours: {reason}")]
     Corrupt {
         /// The file or key at fault.
         location: String,

@@ -18,13 +18,12 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
 
 use kelpie_core::{ActorId, FencingToken};
-use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::error::StoreError;
-use crate::sqlite::{corrupt, open_error, prepare_file, sqlite_open_error};
+use crate::sqlite::{corrupt, open_file, FileKind};
 
 /// Largest state value accepted for one actor: 16 MiB. A bigger value is refused with
 /// [`StateError::ValueTooLarge`] rather than stored.
@@ -42,9 +41,6 @@ pub const STATE_SQLITE_BUSY_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 
 /// Longest busy timeout accepted: ten minutes, as for the lease store.
 pub const STATE_SQLITE_BUSY_TIMEOUT_MS_MAX: u64 = 600_000;
-
-/// Longest pause between two attempts to switch a new file to WAL mode.
-const WAL_SWITCH_PAUSE_MS_MAX: u64 = 50;
 
 const _: () = assert!(STATE_SQLITE_BUSY_TIMEOUT_MS_DEFAULT <= STATE_SQLITE_BUSY_TIMEOUT_MS_MAX);
 const _: () = assert!(STATE_VALUE_BYTES_MAX <= i32::MAX as usize);
@@ -289,25 +285,7 @@ impl SqliteFencedStateStore {
         busy_timeout_ms: u64,
     ) -> Result<Self, StateError> {
         let path = path.as_ref().to_path_buf();
-        let shown = path.display().to_string();
-        if busy_timeout_ms > STATE_SQLITE_BUSY_TIMEOUT_MS_MAX {
-            let reason = format!(
-                "busy timeout {busy_timeout_ms} ms exceeds {STATE_SQLITE_BUSY_TIMEOUT_MS_MAX} ms"
-            );
-            return Err(open_error(&shown, reason).into());
-        }
-        prepare_file(&path, &shown)?;
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(&path, flags)
-            .map_err(|e| sqlite_open_error(&shown, "opening", e))?;
-        conn.busy_timeout(Duration::from_millis(busy_timeout_ms))
-            .map_err(|e| sqlite_open_error(&shown, "setting the busy timeout", e))?;
-        initialise_if_empty(&conn, &shown)?;
-        check_ours(&conn, &shown)?;
-        enable_wal(&conn, busy_timeout_ms).map_err(|e| sqlite_open_error(&shown, "WAL", e))?;
-        // FULL makes every commit wait for its fsync, so an accepted write survives a crash.
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(|e| sqlite_open_error(&shown, "setting synchronous=FULL", e))?;
+        let conn = open_file(&path, busy_timeout_ms, &STATE_FILE)?;
         Ok(Self {
             path,
             conn: Mutex::new(conn),
@@ -432,59 +410,18 @@ fn token_to_sql(path: &Path, token: FencingToken) -> Result<i64, StateError> {
     })
 }
 
-/// `(application_id, user_version, schema objects)` of the file.
-fn file_state(conn: &Connection) -> rusqlite::Result<(i64, i64, i64)> {
-    Ok((
-        conn.query_row("PRAGMA application_id", [], |row| row.get(0))?,
-        conn.query_row("PRAGMA user_version", [], |row| row.get(0))?,
-        conn.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))?,
-    ))
-}
+/// The fenced state store's file, opened by the same code as the lease store's.
+const STATE_FILE: FileKind = FileKind {
+    what: "Kelpie fenced state store",
+    application_id: STATE_SQLITE_APPLICATION_ID,
+    schema_version: STATE_SQLITE_SCHEMA_VERSION,
+    schema_sql: STATE_SCHEMA_V1_SQL,
+    busy_timeout_ms_max: STATE_SQLITE_BUSY_TIMEOUT_MS_MAX,
+    check_tables: check_state_tables,
+};
 
-/// Creates the schema in an empty file. The second look inside `BEGIN IMMEDIATE` makes two
-/// processes opening a new file at once initialise it exactly once.
-fn initialise_if_empty(conn: &Connection, shown: &str) -> Result<(), StoreError> {
-    let is_empty = |conn: &Connection| file_state(conn).map(|state| state == (0, 0, 0));
-    let initialise = || -> rusqlite::Result<()> {
-        if !is_empty(conn)? {
-            return Ok(());
-        }
-        let transaction =
-            rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
-        if is_empty(&transaction)? {
-            transaction.execute_batch(STATE_SCHEMA_V1_SQL)?;
-            transaction.pragma_update(None, "application_id", STATE_SQLITE_APPLICATION_ID)?;
-            transaction.pragma_update(None, "user_version", STATE_SQLITE_SCHEMA_VERSION)?;
-        }
-        transaction.commit()
-    };
-    initialise().map_err(|error| sqlite_open_error(shown, "creating the schema", error))
-}
-
-/// Refuses a file another program wrote, or a newer Kelpie, and checks the statements compile.
-fn check_ours(conn: &Connection, shown: &str) -> Result<(), StoreError> {
-    let (application_id, user_version, _) =
-        file_state(conn).map_err(|e| sqlite_open_error(shown, "checking it is ours", e))?;
-    if application_id != i64::from(STATE_SQLITE_APPLICATION_ID) {
-        let reason = format!(
-            "its application_id is {application_id:#x}, not {STATE_SQLITE_APPLICATION_ID:#x}: \
-             it is not a Kelpie state store"
-        );
-        return Err(corrupt(shown, reason));
-    }
-    if user_version > i64::from(STATE_SQLITE_SCHEMA_VERSION) {
-        return Err(StoreError::SchemaTooNew {
-            path: shown.to_string(),
-            found_version: user_version,
-            supported_version: i64::from(STATE_SQLITE_SCHEMA_VERSION),
-        });
-    }
-    if user_version < i64::from(STATE_SQLITE_SCHEMA_VERSION) {
-        return Err(corrupt(
-            shown,
-            format!("schema version {user_version} was never released"),
-        ));
-    }
+/// Checks that the statements the store runs compile against the file's tables.
+fn check_state_tables(conn: &Connection, shown: &str) -> Result<(), StoreError> {
     for sql in [WRITE_SQL, FENCE_SQL, READ_SQL] {
         conn.prepare_cached(sql).map_err(|error| {
             corrupt(
@@ -494,42 +431,6 @@ fn check_ours(conn: &Connection, shown: &str) -> Result<(), StoreError> {
         })?;
     }
     Ok(())
-}
-
-/// Switches the file to WAL mode, retrying while another process holds a lock SQLite will not
-/// wait for (it answers `SQLITE_BUSY` at once when several processes open a new file together).
-fn enable_wal(conn: &Connection, busy_timeout_ms: u64) -> rusqlite::Result<()> {
-    let (mut waited_ms, mut pause_ms) = (0, 1);
-    loop {
-        let mode = conn.query_row("PRAGMA journal_mode = WAL", [], |row| {
-            row.get::<_, String>(0)
-        });
-        match mode {
-            Err(error)
-                if error.sqlite_error_code() == Some(ErrorCode::DatabaseBusy)
-                    && waited_ms < busy_timeout_ms =>
-            {
-                pause_ms = u64::min(pause_ms, busy_timeout_ms - waited_ms);
-                wait_for_lock(pause_ms);
-                waited_ms += pause_ms;
-                pause_ms = (pause_ms * 2).min(WAL_SWITCH_PAUSE_MS_MAX);
-            }
-            Err(error) => return Err(error),
-            Ok(mode) if mode.eq_ignore_ascii_case("wal") => return Ok(()),
-            Ok(mode) => {
-                return Err(rusqlite::Error::InvalidParameterName(format!(
-                    "journal_mode is {mode}, not wal"
-                )))
-            }
-        }
-    }
-}
-
-// The SQLite state store runs against real files shared with other processes, never inside
-// the simulator, so waiting for another process's lock takes real time.
-#[allow(clippy::disallowed_methods)]
-fn wait_for_lock(pause_ms: u64) {
-    std::thread::sleep(Duration::from_millis(pause_ms));
 }
 
 #[cfg(test)]
@@ -641,6 +542,23 @@ mod tests {
         drop(crate::SqliteLeaseStore::open(&leases).unwrap());
         let error = SqliteFencedStateStore::open(&leases).err().unwrap();
         assert!(error.to_string().contains("application_id"), "{error}");
+        let said = error.to_string();
+        assert!(
+            said.contains("not a Kelpie fenced state store (it is a Kelpie lease store)"),
+            "{said}"
+        );
+        assert!(!said.contains("lease store leases.db"), "{said}");
+        // And the other way round.
+        let state = dir.path().join("state.db");
+        drop(SqliteFencedStateStore::open(&state).unwrap());
+        let error = crate::SqliteLeaseStore::open(&state)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            error.contains("(it is a Kelpie fenced state store)"),
+            "{error}"
+        );
         let directory = SqliteFencedStateStore::open(dir.path()).err().unwrap();
         assert!(matches!(
             directory,

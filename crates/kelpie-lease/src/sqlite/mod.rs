@@ -14,7 +14,7 @@
 
 mod open;
 
-pub(crate) use open::{corrupt, open_error, prepare_file, sqlite_open_error};
+pub(crate) use open::{corrupt, open_file, FileKind};
 mod rows;
 mod writer;
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavior};
 
-use super::rows::{check_statements, load_high_water_ms, RowError, CLOCK_HIGH_WATER_KEY};
+use super::rows::{check_statements, load_high_water_ms, RowError};
 use super::{SqliteOptions, SQLITE_APPLICATION_ID, SQLITE_BUSY_TIMEOUT_MS_MAX};
 use super::{SQLITE_FILE_MODE, SQLITE_SCHEMA_VERSION};
 use crate::error::StoreError;
@@ -44,26 +44,68 @@ const SCHEMA_V1_SQL: &str = "
         renewal_count  INTEGER NOT NULL CHECK (renewal_count >= 0),
         CHECK (holder IS NULL OR expires_at_ms > acquired_at_ms)
     ) STRICT, WITHOUT ROWID;
+    INSERT INTO meta (key, value) VALUES ('clock_high_water_ms', 0);
 ";
+
+/// One kind of Kelpie SQLite file: the lease store's or the fenced state store's. Both are
+/// opened by [`open_file`], which only these settings tell apart.
+pub(crate) struct FileKind {
+    /// What the file is, in messages: "Kelpie lease store".
+    pub(crate) what: &'static str,
+    /// `PRAGMA application_id` of the kind.
+    pub(crate) application_id: i32,
+    /// `PRAGMA user_version` this build creates and reads.
+    pub(crate) schema_version: i32,
+    /// The schema and first rows of a new file, run in the transaction that creates it.
+    pub(crate) schema_sql: &'static str,
+    /// Longest busy timeout accepted.
+    pub(crate) busy_timeout_ms_max: u64,
+    /// Checks that an existing file's tables are this kind's (its statements compile, its
+    /// rows are sane); runs before the first write to the file.
+    pub(crate) check_tables: fn(&Connection, &str) -> Result<(), StoreError>,
+}
+
+/// The lease store's file.
+const LEASE_FILE: FileKind = FileKind {
+    what: "Kelpie lease store",
+    application_id: SQLITE_APPLICATION_ID,
+    schema_version: SQLITE_SCHEMA_VERSION,
+    schema_sql: SCHEMA_V1_SQL,
+    busy_timeout_ms_max: SQLITE_BUSY_TIMEOUT_MS_MAX,
+    check_tables: check_lease_tables,
+};
 
 /// Opens (creating if needed) the connection the writer thread owns, with the file checked,
 /// the schema in place, WAL mode and `synchronous = FULL`.
 pub(super) fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connection, StoreError> {
+    open_file(path, options.busy_timeout_ms, &LEASE_FILE)
+}
+
+/// Opens one of our files, creating it if missing: the settings are checked before anything
+/// touches the file system; a new file is created with [`SQLITE_FILE_MODE`] and gets its
+/// schema in one transaction; an existing one must be of `kind` and pass `quick_check` and
+/// `kind.check_tables` before the first write to it (the switch to WAL mode); then
+/// `synchronous = FULL`. Every error names the path, and none writes to a file not ours.
+pub(crate) fn open_file(
+    path: &Path,
+    busy_timeout_ms: u64,
+    kind: &FileKind,
+) -> Result<Connection, StoreError> {
     let shown = path.display().to_string();
-    // Settings are checked before anything touches the file system.
-    if options.busy_timeout_ms > SQLITE_BUSY_TIMEOUT_MS_MAX {
+    if busy_timeout_ms > kind.busy_timeout_ms_max {
         let reason = format!(
-            "busy_timeout_ms {} exceeds the limit of {SQLITE_BUSY_TIMEOUT_MS_MAX} ms",
-            options.busy_timeout_ms
+            "busy_timeout_ms {busy_timeout_ms} exceeds the limit of {} ms",
+            kind.busy_timeout_ms_max
         );
         return Err(open_error(&shown, reason));
     }
     prepare_file(path, &shown)?;
-    let conn = connect(path, &shown, options)?;
-    initialise_if_empty(&conn, &shown)?;
-    check_ours(&conn, &shown)?;
+    let conn = connect(path, &shown, busy_timeout_ms)?;
+    initialise_if_empty(&conn, &shown, kind)?;
+    check_ours(&conn, &shown, kind)?;
     check_integrity(&conn, &shown)?;
-    let journal_mode = enable_wal(&conn, options.busy_timeout_ms)
+    (kind.check_tables)(&conn, &shown)?;
+    let journal_mode = enable_wal(&conn, busy_timeout_ms)
         .map_err(|error| sqlite_open_error(&shown, "enabling WAL", error))?;
     if !journal_mode.eq_ignore_ascii_case("wal") {
         return Err(open_error(
@@ -114,7 +156,7 @@ fn wait_for_lock(pause_ms: u64) {
 /// Call only after [`open_writer`] succeeded on the same path.
 pub(super) fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connection, StoreError> {
     let shown = path.display().to_string();
-    let conn = connect(path, &shown, options)?;
+    let conn = connect(path, &shown, options.busy_timeout_ms)?;
     conn.pragma_update(None, "query_only", true)
         .map_err(|error| sqlite_open_error(&shown, "making the reader query-only", error))?;
     Ok(conn)
@@ -191,17 +233,17 @@ fn check_header(path: &Path, shown: &str) -> Result<(), StoreError> {
     ))
 }
 
-fn connect(path: &Path, shown: &str, options: &SqliteOptions) -> Result<Connection, StoreError> {
+fn connect(path: &Path, shown: &str, busy_timeout_ms: u64) -> Result<Connection, StoreError> {
     assert!(
-        options.busy_timeout_ms <= SQLITE_BUSY_TIMEOUT_MS_MAX,
-        "busy timeout was checked by open_writer"
+        busy_timeout_ms <= SQLITE_BUSY_TIMEOUT_MS_MAX,
+        "busy timeout was checked by open_file"
     );
     // No SQLITE_OPEN_CREATE: the file was created above with private permissions, and if it
     // has vanished since then SQLite must not recreate it with the umask's.
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)
         .map_err(|error| sqlite_open_error(shown, "opening", error))?;
-    conn.busy_timeout(Duration::from_millis(options.busy_timeout_ms))
+    conn.busy_timeout(Duration::from_millis(busy_timeout_ms))
         .map_err(|error| sqlite_open_error(shown, "setting the busy timeout", error))?;
     Ok(conn)
 }
@@ -232,7 +274,7 @@ impl FileState {
 
 /// Creates the schema in an empty file, in one transaction. `BEGIN IMMEDIATE` and the second
 /// look inside it make two processes opening a new file at once initialise it exactly once.
-fn initialise_if_empty(conn: &Connection, shown: &str) -> Result<(), StoreError> {
+fn initialise_if_empty(conn: &Connection, shown: &str, kind: &FileKind) -> Result<(), StoreError> {
     let state = FileState::read(conn)
         .map_err(|error| sqlite_open_error(shown, "checking whether it is new", error))?;
     if !state.is_empty() {
@@ -241,13 +283,9 @@ fn initialise_if_empty(conn: &Connection, shown: &str) -> Result<(), StoreError>
     let initialise = || -> rusqlite::Result<()> {
         let transaction = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
         if FileState::read(&transaction)?.is_empty() {
-            transaction.execute_batch(SCHEMA_V1_SQL)?;
-            transaction.execute(
-                "INSERT INTO meta (key, value) VALUES (?1, 0)",
-                [CLOCK_HIGH_WATER_KEY],
-            )?;
-            transaction.pragma_update(None, "application_id", SQLITE_APPLICATION_ID)?;
-            transaction.pragma_update(None, "user_version", SQLITE_SCHEMA_VERSION)?;
+            transaction.execute_batch(kind.schema_sql)?;
+            transaction.pragma_update(None, "application_id", kind.application_id)?;
+            transaction.pragma_update(None, "user_version", kind.schema_version)?;
         }
         transaction.commit()
     };
@@ -255,25 +293,27 @@ fn initialise_if_empty(conn: &Connection, shown: &str) -> Result<(), StoreError>
 }
 
 /// Refuses a file that another program wrote, or a newer Kelpie.
-fn check_ours(conn: &Connection, shown: &str) -> Result<(), StoreError> {
+fn check_ours(conn: &Connection, shown: &str, kind: &FileKind) -> Result<(), StoreError> {
     let state = FileState::read(conn)
         .map_err(|error| sqlite_open_error(shown, "checking it is ours", error))?;
-    if state.application_id != i64::from(SQLITE_APPLICATION_ID) {
+    if state.application_id != i64::from(kind.application_id) {
         let reason = format!(
-            "its application_id is {:#x}, not Kelpie's {SQLITE_APPLICATION_ID:#x}: it is not a \
-             Kelpie lease store",
-            state.application_id
+            "its application_id is {:#x}, not {:#x}: it is not a {}{}",
+            state.application_id,
+            kind.application_id,
+            kind.what,
+            known_kind(state.application_id)
         );
         return Err(corrupt(shown, reason));
     }
-    if state.user_version > i64::from(SQLITE_SCHEMA_VERSION) {
+    if state.user_version > i64::from(kind.schema_version) {
         return Err(StoreError::SchemaTooNew {
             path: shown.to_string(),
             found_version: state.user_version,
-            supported_version: i64::from(SQLITE_SCHEMA_VERSION),
+            supported_version: i64::from(kind.schema_version),
         });
     }
-    if state.user_version < i64::from(SQLITE_SCHEMA_VERSION) {
+    if state.user_version < i64::from(kind.schema_version) {
         // No earlier schema was ever released, so there is nothing to migrate from.
         let reason = format!(
             "its schema version {} was never released",
@@ -284,7 +324,18 @@ fn check_ours(conn: &Connection, shown: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Runs `PRAGMA quick_check` and checks that the tables and the clock row are as we wrote them.
+/// Names the other kind of Kelpie file, for a message about opening one as the other.
+fn known_kind(application_id: i64) -> &'static str {
+    if application_id == i64::from(SQLITE_APPLICATION_ID) {
+        " (it is a Kelpie lease store)"
+    } else if application_id == i64::from(crate::fenced::STATE_SQLITE_APPLICATION_ID) {
+        " (it is a Kelpie fenced state store)"
+    } else {
+        ""
+    }
+}
+
+/// Runs `PRAGMA quick_check`.
 fn check_integrity(conn: &Connection, shown: &str) -> Result<(), StoreError> {
     let sql = format!("PRAGMA quick_check({QUICK_CHECK_ERRORS_MAX})");
     let problems = conn
@@ -301,6 +352,11 @@ fn check_integrity(conn: &Connection, shown: &str) -> Result<(), StoreError> {
             format!("quick_check: {}", problems.join("; ")),
         ));
     }
+    Ok(())
+}
+
+/// Checks that the lease tables and the clock row are as we wrote them.
+fn check_lease_tables(conn: &Connection, shown: &str) -> Result<(), StoreError> {
     check_statements(conn).map_err(|error| {
         corrupt(
             shown,
@@ -335,5 +391,20 @@ pub(crate) fn corrupt(shown: &str, reason: impl Into<String>) -> StoreError {
     StoreError::Corrupt {
         location: shown.to_string(),
         reason: reason.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_lease_file_starts_with_the_clock_row() {
+        let row = format!("'{}'", super::super::rows::CLOCK_HIGH_WATER_KEY);
+        assert!(
+            SCHEMA_V1_SQL.contains(&row),
+            "{row} missing from the schema"
+        );
+        assert_eq!(LEASE_FILE.application_id, SQLITE_APPLICATION_ID);
     }
 }

@@ -1,6 +1,7 @@
 //! One suite, generic over the backend: a store is done when it passes the same cases as the
-//! others. Each backend supplies a [`Backend`]: a fresh manager and a way to let time pass on
-//! the store's clock.
+//! others. Each backend supplies a [`Backend`]: a fresh manager, a way to let time pass on
+//! the store's clock and to read it, and a way to reopen the store (a new process opening the
+//! same SQLite file, a new etcd client) so that what must survive a restart is checked too.
 
 use std::future::Future;
 #[cfg(feature = "etcd")]
@@ -11,7 +12,7 @@ use std::sync::Arc;
 #[cfg(feature = "etcd")]
 use std::time::Duration;
 
-use kelpie_core::{ActorId, FencingToken, ManualClock, NodeId};
+use kelpie_core::{ActorId, Clock, FencingToken, ManualClock, NodeId};
 #[cfg(feature = "etcd")]
 use kelpie_lease::{EtcdLeaseManager, EtcdOptions, ETCD_EXPIRY_CHECK_INTERVAL_MS};
 use kelpie_lease::{
@@ -29,6 +30,12 @@ trait Backend: Send + Sync {
     fn manager(&self) -> &Self::Manager;
     /// Lets `duration_ms` pass on the store's clock.
     fn advance_ms(&self, duration_ms: u64) -> impl Future<Output = ()> + Send;
+    /// The store's clock now, as the manager stamps leases with it.
+    fn now_ms(&self) -> u64;
+    /// Opens the store again from scratch, as a restarted process would: everything the
+    /// suite checks afterwards was read back from durable state. The memory store cannot be
+    /// reopened (it is gone with its process), so for it this does nothing.
+    fn reopen(&mut self) -> impl Future<Output = ()> + Send;
     /// The lease duration the manager was configured with. etcd counts lease TTLs in whole
     /// seconds with a minimum of its own, so not every backend can use [`LEASE_DURATION_MS`].
     fn lease_duration_ms(&self) -> u64 {
@@ -71,9 +78,20 @@ async fn acquire_free_lease_grants_first_token<B: Backend>(b: B) {
     assert_eq!(m.get(&actor("never")).await.unwrap(), None);
 }
 
-async fn acquire_held_lease_names_holder_and_expiry<B: Backend>(b: B) {
-    let (m, a) = (b.manager(), actor("a1"));
-    let lease = m.acquire(&a, &node("n1")).await.unwrap();
+async fn acquire_held_lease_names_holder_and_expiry<B: Backend>(mut b: B) {
+    let a = actor("a1");
+    let lease = b.manager().acquire(&a, &node("n1")).await.unwrap();
+    b.reopen().await;
+    let m = b.manager();
+    // A new client sees the same holder and token (etcd reports times as this client
+    // measures them, so only the identity of the lease is compared).
+    let seen = m
+        .get(&a)
+        .await
+        .unwrap()
+        .map(|l| (l.holder, l.fencing_token));
+    let held = (lease.holder.clone(), lease.fencing_token);
+    assert_eq!(seen, Some(held), "the lease survives reopening");
     match m.acquire(&a, &node("n2")).await {
         Err(LeaseError::HeldByOther {
             holder,
@@ -100,8 +118,18 @@ async fn renew_extends_validity_and_keeps_token<B: Backend>(b: B) {
     let (m, a, n1) = (b.manager(), actor("a1"), node("n1"));
     let first = m.acquire(&a, &n1).await.unwrap();
     b.advance_ms(b.lease_duration_ms() / 2).await;
+    let before_ms = b.now_ms();
     let renewed = m.renew(&a, &n1).await.unwrap();
+    let after_ms = b.now_ms();
     assert_eq!(renewed.fencing_token, first.fencing_token);
+    // Exactly the store's now plus the duration: not extended from the old expiry, which
+    // would give the holder more than one duration from its renewal.
+    let duration_ms = b.lease_duration_ms();
+    assert!(
+        (before_ms + duration_ms..=after_ms + duration_ms).contains(&renewed.expires_at_ms),
+        "renewed to {} ms, not now ({before_ms}..={after_ms} ms) + {duration_ms} ms",
+        renewed.expires_at_ms
+    );
     assert!(renewed.expires_at_ms > first.expires_at_ms);
     assert_eq!(renewed.renewal_count, first.renewal_count + 1);
     // Past the original expiry but inside the renewed one, the lease still holds.
@@ -161,11 +189,13 @@ async fn expired_lease_is_claimable_with_larger_token<B: Backend>(b: B) {
     assert!(!m.is_valid(&a, &node("n1")).await.unwrap());
 }
 
-async fn release_frees_lease_and_tokens_survive_it<B: Backend>(b: B) {
-    let (m, a, n1) = (b.manager(), actor("a1"), node("n1"));
-    let first = m.acquire(&a, &n1).await.unwrap();
-    let released = m.release(&a, &n1).await.unwrap();
+async fn release_frees_lease_and_tokens_survive_it<B: Backend>(mut b: B) {
+    let (a, n1) = (actor("a1"), node("n1"));
+    let first = b.manager().acquire(&a, &n1).await.unwrap();
+    let released = b.manager().release(&a, &n1).await.unwrap();
     assert_eq!(released.fencing_token, first.fencing_token);
+    b.reopen().await;
+    let m = b.manager();
     assert_eq!(m.get(&a).await.unwrap(), None);
     assert!(matches!(
         m.release(&a, &n1).await,
@@ -178,10 +208,13 @@ async fn release_frees_lease_and_tokens_survive_it<B: Backend>(b: B) {
     );
 }
 
-async fn tokens_increase_across_many_holders<B: Backend>(b: B) {
-    let (m, a) = (b.manager(), actor("a1"));
+async fn tokens_increase_across_many_holders<B: Backend>(mut b: B) {
+    let a = actor("a1");
     let mut last = FencingToken::ZERO;
     for round in 0..6 {
+        // Tokens keep increasing across restarts of the store's clients too.
+        b.reopen().await;
+        let m = b.manager();
         let holder = node(&format!("n{}", round % 3));
         let lease = m.acquire(&a, &holder).await.unwrap();
         assert!(
@@ -282,6 +315,12 @@ impl Backend for MemoryBackend {
     async fn advance_ms(&self, duration_ms: u64) {
         self.clock.advance_ms(duration_ms);
     }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    async fn reopen(&mut self) {}
 }
 
 async fn memory_backend() -> Option<MemoryBackend> {
@@ -297,7 +336,9 @@ conformance_suite!(memory, memory_backend());
 /// `advance_ms` moves store time without waiting.
 struct SqliteBackend {
     clock: ManualClock,
-    manager: SqliteLeaseManager,
+    /// Always `Some` between calls; empty only while reopening.
+    manager: Option<SqliteLeaseManager>,
+    path: std::path::PathBuf,
     // Declared last so the store (and its writer thread) is dropped before the directory.
     _dir: tempfile::TempDir,
 }
@@ -306,24 +347,38 @@ impl Backend for SqliteBackend {
     type Manager = SqliteLeaseManager;
 
     fn manager(&self) -> &SqliteLeaseManager {
-        &self.manager
+        self.manager.as_ref().expect("open between calls")
     }
 
     async fn advance_ms(&self, duration_ms: u64) {
         self.clock.advance_ms(duration_ms);
     }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// A new store over the same file, after the old one (and its writer thread) is gone.
+    async fn reopen(&mut self) {
+        drop(self.manager.take());
+        self.manager = Some(sqlite_manager(&self.path, &self.clock));
+    }
+}
+
+fn sqlite_manager(path: &std::path::Path, clock: &ManualClock) -> SqliteLeaseManager {
+    let options = SqliteOptions::default().with_clock(Arc::new(clock.clone()));
+    let store = SqliteLeaseStore::open_with(path, options).unwrap();
+    SqliteLeaseManager::new(store, LeaseConfig::new(LEASE_DURATION_MS).unwrap())
 }
 
 async fn sqlite_backend() -> Option<SqliteBackend> {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(1_000);
-    let options = SqliteOptions::default().with_clock(Arc::new(clock.clone()));
-    let store = SqliteLeaseStore::open_with(dir.path().join("leases.db"), options).unwrap();
-    let config = LeaseConfig::new(LEASE_DURATION_MS).unwrap();
-    let manager = SqliteLeaseManager::new(store, config);
+    let path = dir.path().join("leases.db");
     Some(SqliteBackend {
+        manager: Some(sqlite_manager(&path, &clock)),
         clock,
-        manager,
+        path,
         _dir: dir,
     })
 }
@@ -336,6 +391,12 @@ conformance_suite!(sqlite, sqlite_backend());
 /// with its own lease TTLs, so the suite must wait for them.
 struct EtcdBackend {
     manager: EtcdLeaseManager,
+    /// How to connect again, with the same key prefix and clock.
+    options: EtcdOptions,
+    clock: kelpie_core::SharedClock,
+    /// Managers replaced by [`Backend::reopen`]: kept so that their sessions (and the leases
+    /// hanging off them) live on, as another process's would.
+    previous: Vec<EtcdLeaseManager>,
 }
 
 #[cfg(feature = "etcd")]
@@ -362,6 +423,19 @@ impl Backend for EtcdBackend {
         ETCD_LEASE_DURATION_MS
     }
 
+    fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// A new client with the same key prefix.
+    async fn reopen(&mut self) {
+        let manager = EtcdLeaseManager::connect(self.options.clone())
+            .await
+            .expect("etcd answered a moment ago");
+        self.previous
+            .push(std::mem::replace(&mut self.manager, manager));
+    }
+
     fn expiry_lag_ms(&self) -> u64 {
         // etcd deletes expired leases from a loop that runs every 500 ms, through a raft
         // proposal; twice the interval covers both.
@@ -386,11 +460,20 @@ async fn etcd_backend() -> Option<EtcdBackend> {
         CASES.fetch_add(1, Ordering::SeqCst)
     );
     let lease = LeaseConfig::new(ETCD_LEASE_DURATION_MS).unwrap();
-    let options = options.with_key_prefix(prefix).with_lease_config(lease);
-    let manager = EtcdLeaseManager::connect(options)
+    let clock: kelpie_core::SharedClock = Arc::new(kelpie_core::TokioClock::new());
+    let options = options
+        .with_key_prefix(prefix)
+        .with_lease_config(lease)
+        .with_clock(Arc::clone(&clock));
+    let manager = EtcdLeaseManager::connect(options.clone())
         .await
         .expect("KELPIE_ETCD_ENDPOINTS is set but etcd cannot be used");
-    Some(EtcdBackend { manager })
+    Some(EtcdBackend {
+        manager,
+        options,
+        clock,
+        previous: Vec::new(),
+    })
 }
 
 #[cfg(feature = "etcd")]

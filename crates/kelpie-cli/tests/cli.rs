@@ -326,6 +326,7 @@ fn an_unreachable_etcd_is_unavailable() {
 }
 
 /// The etcd endpoint of `scripts/with-etcd`, as a `--store` value.
+#[cfg(feature = "etcd")]
 fn etcd_store() -> Option<String> {
     let endpoints = std::env::var("KELPIE_ETCD_ENDPOINTS").ok()?;
     let first = endpoints.split(',').next()?.trim();
@@ -333,11 +334,16 @@ fn etcd_store() -> Option<String> {
     Some(format!("etcd://{host_port}"))
 }
 
-/// Runs only under `scripts/with-etcd cargo test -p kelpie-cli --test cli etcd`.
+/// Runs under `scripts/with-etcd cargo test -p kelpie-cli --features etcd --test cli etcd`.
+#[cfg(feature = "etcd")]
 #[test]
 fn lease_commands_against_etcd() {
     let Some(store) = etcd_store() else {
-        eprintln!("KELPIE_ETCD_ENDPOINTS is not set; skipping (see scripts/with-etcd)");
+        kelpie_core::testing::missing_requirement(
+            "lease_commands_against_etcd",
+            "KELPIE_ETCD_ENDPOINTS not set",
+            "run it under scripts/with-etcd",
+        );
         return;
     };
     // Unique per run, so that leases left by an earlier run cannot interfere.

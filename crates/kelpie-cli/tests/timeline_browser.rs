@@ -37,8 +37,11 @@ fn headless(browser: &Path, profile: &Path, extra: &[&str], page: &Path) -> std:
 #[test]
 fn the_rendered_timeline_has_one_row_per_actor() {
     let Some(browser) = chromium() else {
-        eprintln!("skipping browser test: chromium not found (apt-get install chromium)");
-        println!("skipping browser test: chromium not found (apt-get install chromium)");
+        kelpie_core::testing::missing_requirement(
+            "the_rendered_timeline_has_one_row_per_actor",
+            "chromium not found",
+            "apt-get install chromium",
+        );
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -2,13 +2,15 @@
 //! [`Clock`] trait through which all time is read, and the named limits.
 //!
 //! Nothing here performs I/O. Time enters only through [`Clock`], so the same code runs on
-//! the real clock ([`TokioClock`]) in a process and on the simulated one in `kelpie-dst`.
+//! the real clock ([`TokioClock`]) in a process and on the simulated one in `kelpie-sim`.
 //!
 //! - [`id`]: [`ActorId`] and [`NodeId`], validated on construction.
 //! - [`token`]: [`FencingToken`], strictly increasing per actor across holders.
 //! - [`clock`]: the [`Clock`] trait and the real-time implementation.
 //! - [`coverage`]: coverage marks the simulator checks were hit.
 //! - [`limits`]: bounds with their units in their names.
+//! - [`testing`]: what a test does when a requirement beyond Rust is missing (skip, or fail
+//!   under `CI=true`).
 //!
 //! ```
 //! use kelpie_core::{ActorId, NodeId};
@@ -23,6 +25,7 @@ pub mod clock;
 pub mod coverage;
 pub mod id;
 pub mod limits;
+pub mod testing;
 pub mod token;
 
 #[cfg(feature = "tokio")]

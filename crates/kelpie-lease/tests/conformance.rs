@@ -5,8 +5,6 @@
 
 use std::future::Future;
 #[cfg(feature = "etcd")]
-use std::io::Write;
-#[cfg(feature = "etcd")]
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 #[cfg(feature = "etcd")]
@@ -446,10 +444,11 @@ impl Backend for EtcdBackend {
 #[cfg(feature = "etcd")]
 async fn etcd_backend() -> Option<EtcdBackend> {
     let Some(options) = EtcdOptions::from_env().expect("KELPIE_ETCD_ENDPOINTS is malformed") else {
-        // libtest captures `eprintln!` and shows it only for failed tests (or with
-        // `--nocapture`); writing to the real stderr makes the skip visible in every run.
-        let notice = "skipping etcd conformance: KELPIE_ETCD_ENDPOINTS not set\n";
-        let _ = std::io::stderr().write_all(notice.as_bytes());
+        kelpie_core::testing::missing_requirement(
+            "etcd conformance",
+            "KELPIE_ETCD_ENDPOINTS not set",
+            "run it under scripts/with-etcd",
+        );
         return None;
     };
     static CASES: AtomicU64 = AtomicU64::new(0);

@@ -193,7 +193,7 @@ async fn tls_with_a_ca_file() {
     };
     let dir = tempfile::tempdir().unwrap();
     let Some(certs) = make_certificates(dir.path()) else {
-        etcd_support::notice("skipping etcd_connect::tls: the openssl command is not available");
+        etcd_support::skip("etcd_connect::tls", "the openssl command is not available");
         return;
     };
     let cert_args = [

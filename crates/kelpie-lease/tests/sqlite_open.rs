@@ -218,6 +218,60 @@ fn permission_bits_bind(read_only: &Path) -> bool {
     }
 }
 
+/// Set in the copy of a test that [`rerun_unprivileged`] starts, so it never recurses.
+const UNPRIVILEGED_CHILD_ENV: &str = "KELPIE_TEST_UNPRIVILEGED_CHILD";
+
+/// The unprivileged user the root-bypassed checks run as: `nobody`.
+const UNPRIVILEGED_UID: u32 = 65_534;
+
+/// Runs `test` of this binary again as `nobody` (with `setpriv`), where permission bits bind,
+/// and asserts that it ran there and passed. Root (as in CI) writes through mode 0500, so a
+/// read-only refusal cannot be observed in a root process. Without `setpriv`, or if `nobody`
+/// cannot run this binary, the check is skipped with a notice (a failure under `CI=true`).
+fn rerun_unprivileged(test: &str) {
+    assert!(
+        std::env::var_os(UNPRIVILEGED_CHILD_ENV).is_none(),
+        "{test}: permission bits do not bind even as uid {UNPRIVILEGED_UID}"
+    );
+    let binary = std::env::current_exe().unwrap();
+    let output = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={UNPRIVILEGED_UID}"))
+        .arg(format!("--regid={UNPRIVILEGED_UID}"))
+        .arg("--clear-groups")
+        .arg(&binary)
+        .args(["--exact", test, "--test-threads=1", "--nocapture"])
+        .env(UNPRIVILEGED_CHILD_ENV, "1")
+        .env("TMPDIR", std::env::temp_dir())
+        .output();
+    let output = match output {
+        Ok(output) => output,
+        Err(error) => {
+            kelpie_core::testing::missing_requirement(
+                test,
+                &format!("running as root, and setpriv cannot start ({error})"),
+                "install util-linux, or run the tests as an unprivileged user",
+            );
+            return;
+        }
+    };
+    let said = String::from_utf8_lossy(&output.stdout);
+    let errors = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() && errors.contains("Permission denied") {
+        kelpie_core::testing::missing_requirement(
+            test,
+            &format!("uid {UNPRIVILEGED_UID} cannot run {}", binary.display()),
+            "make the checkout and target directory readable by others",
+        );
+        return;
+    }
+    assert!(
+        output.status.success() && said.contains("1 passed"),
+        "{test} as uid {UNPRIVILEGED_UID}: {}\n{said}\n{errors}",
+        output.status
+    );
+    println!("{test}: ran as uid {UNPRIVILEGED_UID} (root bypasses permission bits) and passed");
+}
+
 #[test]
 fn a_read_only_directory_is_refused() {
     let (_dir, locked) = read_only_dir();
@@ -227,15 +281,11 @@ fn a_read_only_directory_is_refused() {
         assert!(matches!(error, StoreError::Open { .. }), "{error:?}");
         assert!(!path.exists(), "nothing was created");
     } else {
-        // Root writes through mode 0500, so the directory is not read-only to this process and
-        // the honest expectation is that the store opens, created private all the same.
-        println!(
-            "running as root: permission bits do not stop root, so the read-only refusal cannot \
-             be observed here; checking that the store opens instead"
-        );
+        // Root writes through mode 0500; the store still creates its file private.
         drop(SqliteLeaseStore::open(&path).unwrap());
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, SQLITE_FILE_MODE);
+        rerun_unprivileged("a_read_only_directory_is_refused");
     }
     fs::set_permissions(&locked, fs::Permissions::from_mode(0o700)).unwrap();
 }
@@ -253,7 +303,7 @@ fn an_existing_store_in_a_read_only_directory_is_refused() {
         let error = refused_untouched(&path);
         assert!(matches!(error, StoreError::Open { .. }), "{error:?}");
     } else {
-        println!("running as root: permission bits do not stop root; skipping this check");
+        rerun_unprivileged("an_existing_store_in_a_read_only_directory_is_refused");
     }
     fs::set_permissions(&locked, fs::Permissions::from_mode(0o700)).unwrap();
 }

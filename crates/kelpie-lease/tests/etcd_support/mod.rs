@@ -29,12 +29,21 @@ pub fn notice(message: &str) {
     let _ = std::io::stderr().write_all(format!("{message}\n").as_bytes());
 }
 
+/// Skips `test` for lack of `requirement` (fails instead under `CI=true`).
+pub fn skip(test: &str, requirement: &str) {
+    kelpie_core::testing::missing_requirement(
+        test,
+        requirement,
+        "run it under scripts/with-etcd, which starts a throwaway etcd",
+    );
+}
+
 /// Options for the shared etcd under a key prefix of the test's own, or `None` (after saying
 /// the test was skipped) when `KELPIE_ETCD_ENDPOINTS` is not set.
 pub fn shared_etcd(test: &str) -> Option<EtcdOptions> {
     let options = EtcdOptions::from_env().expect("KELPIE_ETCD_ENDPOINTS is malformed");
     let Some(options) = options else {
-        notice(&format!("skipping {test}: {ETCD_ENDPOINTS_ENV} not set"));
+        skip(test, &format!("{ETCD_ENDPOINTS_ENV} not set"));
         return None;
     };
     Some(options.with_key_prefix(unique_prefix(test)))
@@ -44,7 +53,7 @@ pub fn shared_etcd(test: &str) -> Option<EtcdOptions> {
 /// saying the test was skipped.
 pub fn private_etcd_binary(test: &str) -> Option<PathBuf> {
     if std::env::var_os(ETCD_ENDPOINTS_ENV).is_none() {
-        notice(&format!("skipping {test}: {ETCD_ENDPOINTS_ENV} not set"));
+        skip(test, &format!("{ETCD_ENDPOINTS_ENV} not set"));
         return None;
     }
     etcd_binary(test)
@@ -61,7 +70,7 @@ pub fn etcd_binary(test: &str) -> Option<PathBuf> {
         .status()
         .is_ok_and(|s| s.success());
     if !found {
-        notice(&format!("skipping {test}: no etcd binary (set ETCD_BIN)"));
+        skip(test, "no etcd binary (set ETCD_BIN)");
         return None;
     }
     Some(binary)

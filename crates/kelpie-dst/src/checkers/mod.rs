@@ -13,6 +13,8 @@ mod expired_lease_claimable;
 mod fencing_token_monotonic;
 mod lease_uniqueness;
 mod renewal_requires_ownership;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -5,9 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use kelpie_core::{ActorId, FencingToken, NodeId};
-use kelpie_lease::{
-    decide, Decision, HeldBelief, Lease, LeaseError, LeaseOp, LeaseRecord, LeaseRequest,
-};
+use kelpie_lease::{decide, Decision, HeldBelief, LeaseError, LeaseOp, LeaseRecord, LeaseRequest};
 
 use super::{
     BeliefConsistency, BeliefView, DecisionRecord, ExpiredLeaseClaimable, FencingTokenMonotonic,
@@ -111,17 +109,6 @@ fn request(op: LeaseOp, holder: &str, token: Option<u64>) -> LeaseRequest {
     let mut request = LeaseRequest::new(op, node(holder), DURATION_MS);
     request.fencing_token = token.map(FencingToken);
     request
-}
-
-fn lease(holder: &str, token: u64, acquired_ms: u64, expires_ms: u64) -> Lease {
-    Lease {
-        actor_id: actor(),
-        holder: node(holder),
-        fencing_token: FencingToken(token),
-        acquired_at_ms: acquired_ms,
-        expires_at_ms: expires_ms,
-        renewal_count: 0,
-    }
 }
 
 /// A decision that writes `record` and replies with its lease.

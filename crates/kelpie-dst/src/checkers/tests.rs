@@ -113,18 +113,9 @@ fn request(op: LeaseOp, holder: &str, token: Option<u64>) -> LeaseRequest {
 
 /// A decision that writes `record` and replies with its lease.
 fn granting(record: LeaseRecord) -> Decision {
-    let holder = record
-        .holder
-        .clone()
+    let reply = record
+        .lease(&actor())
         .expect("a granted record names its holder");
-    let reply = Lease {
-        actor_id: actor(),
-        holder,
-        fencing_token: record.fencing_token,
-        acquired_at_ms: record.acquired_at_ms,
-        expires_at_ms: record.expires_at_ms,
-        renewal_count: record.renewal_count,
-    };
     Decision {
         write: Some(record),
         reply: Ok(reply),

@@ -181,9 +181,7 @@ impl RunSettings {
         scenario.sim_duration_ms = self.sim_secs * 1_000;
         scenario.cluster = scenario.cluster_with_lease_duration_ms(self.lease_ms);
         if let Some(mutation) = self.inject_bug {
-            scenario.cluster.decide = mutation.decide_fn();
-            // The invariant checkers are what an injected bug is meant to meet.
-            scenario.check_linearizability = false;
+            mutation.apply(&mut scenario);
         }
         scenario
     }

@@ -108,6 +108,13 @@ fn an_injected_bug_fails_and_its_printed_replay_fails_the_same_way() {
             .expect("a replay command");
         assert!(replay.contains(&format!("--inject-bug {}", mutation.name())));
         let (invariant, step) = failure_lines(&stdout);
+        let named = invariant.trim_start_matches("invariant: ");
+        let expected = mutation.caught_first_by();
+        assert!(
+            expected.contains(&named),
+            "{}: {invariant}, expected one of {expected:?}",
+            mutation.name()
+        );
         assert!(stdout.contains("last "), "events before the violation");
 
         let args: Vec<&str> = replay.split_whitespace().skip(1).collect();

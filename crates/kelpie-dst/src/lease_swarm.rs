@@ -23,6 +23,7 @@ use crate::lease_net::{
     serve_leases, serve_leases_with_stale_reads, LeaseMessage, NetLeaseStore, STORE_HOST,
 };
 use crate::linearizability::{check_history, LinearizabilityReport};
+use crate::mutations::LINEARIZABILITY;
 use kelpie_sim::DeterministicRng;
 use kelpie_sim::FaultType;
 use kelpie_sim::SimClock;
@@ -240,7 +241,10 @@ pub(crate) async fn run_swarm(
         false => Ok(LinearizabilityReport::default()),
     };
     if !settings.check_liveness {
-        return check_history(&world);
+        return match check_history(&world) {
+            Ok(checked) => Ok(checked),
+            Err(message) => Err(fail_as_invariant(&env, LINEARIZABILITY, message).await),
+        };
     }
     // Messages sent during the faulty phase may still be in flight (a delay fault holds one
     // for up to ten times the longest latency), and requests still waiting for them time out.
@@ -255,9 +259,23 @@ pub(crate) async fn run_swarm(
         .await;
     watcher.abort();
     // A history that is not linearizable is the deeper failure, so it is judged first.
-    let checked = check_history(&world)?;
+    let checked = match check_history(&world) {
+        Ok(checked) => checked,
+        Err(message) => return Err(fail_as_invariant(&env, LINEARIZABILITY, message).await),
+    };
     world.check_liveness(heal_ms)?;
     Ok(checked)
+}
+
+/// Fails the run as a violation of `invariant`, reported by the simulator like any other
+/// (with its step, time and the `DST_SEED` banner), for a check made once at the end of the
+/// run rather than after every step: the check is registered and fails at the next step.
+/// Returns the message, should the run go on regardless.
+async fn fail_as_invariant(env: &SimEnv, invariant: &'static str, message: String) -> String {
+    let reported = message.clone();
+    env.add_invariant(invariant, move || Err(reported.clone()));
+    env.yield_now().await;
+    message
 }
 
 impl SwarmWorld {

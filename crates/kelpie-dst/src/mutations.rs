@@ -1,9 +1,17 @@
-//! Deliberately broken lease protocols. Each breaks one rule of the protocol; running it
-//! through the same scenario must make the matching checker fail, which shows the checkers
-//! can fail at all. `kelpie sim --inject-bug <name>` runs them too.
+//! Deliberately broken variants of the lease layer, owned by the test world: four decision
+//! functions that each break one rule of the protocol (the simulated store applies them in
+//! place of `decide`), two keepers (through `kelpie-lease`'s `mutations` feature) and a store
+//! that reads stale records. Running one through the scenario, with every checker on, must
+//! make the invariant it breaks fail first, which shows the checkers can fail at all.
+//! `kelpie sim --inject-bug <name>` runs each of them.
 
 use kelpie_core::ActorId;
 use kelpie_lease::{decide, DecideFn, Decision, LeaseError, LeaseOp, LeaseRecord, LeaseRequest};
+
+use crate::LeaseScenario;
+
+/// What reports a failed linearizability check, among the invariants' names.
+pub const LINEARIZABILITY: &str = "Linearizability";
 
 /// A broken protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,15 +24,25 @@ pub enum Mutation {
     TokenNotIncreased,
     /// An expired lease is still refused to other nodes.
     ExpiredNotClaimable,
+    /// The keeper measures its belief from the reply's arrival instead of the request's
+    /// sending.
+    BeliefFromReply,
+    /// The keeper assumes no clock drift, while clocks do drift.
+    NoDriftMargin,
+    /// The store sometimes decides a request on the previous version of the record.
+    StaleReads,
 }
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 4] = [
+    pub const ALL: [Mutation; 7] = [
         Mutation::AcquireIgnoresHolder,
         Mutation::RenewIgnoresOwnership,
         Mutation::TokenNotIncreased,
         Mutation::ExpiredNotClaimable,
+        Mutation::BeliefFromReply,
+        Mutation::NoDriftMargin,
+        Mutation::StaleReads,
     ];
 
     /// Its command-line name.
@@ -34,6 +52,9 @@ impl Mutation {
             Mutation::RenewIgnoresOwnership => "renew-ignores-ownership",
             Mutation::TokenNotIncreased => "token-not-increased",
             Mutation::ExpiredNotClaimable => "expired-not-claimable",
+            Mutation::BeliefFromReply => "belief-from-reply",
+            Mutation::NoDriftMargin => "no-drift-margin",
+            Mutation::StaleReads => "stale-reads",
         }
     }
 
@@ -42,23 +63,54 @@ impl Mutation {
         Mutation::ALL.into_iter().find(|m| m.name() == name)
     }
 
-    /// The invariant that catches it when run alone.
-    pub fn caught_by(self) -> &'static str {
+    /// The invariants that may fail first with every checker on: the rule the mutation
+    /// breaks. A granting acquire that ignores the holder is seen first either as the old
+    /// holder's belief losing its backing or as two believers, depending on which reply
+    /// arrives first. A decision made on a stale record and written over the current one can
+    /// take a lease from under a believer (BeliefConsistency), write a lower token (the
+    /// store-truth half of FencingTokenMonotonic), or show only in the history
+    /// (linearizability; `swarm_dst` shows that check catching it alone). Over 12 seeds:
+    /// acquire-ignores-holder 10 BeliefConsistency, 2 LeaseUniqueness; stale-reads 8
+    /// BeliefConsistency, 3 FencingTokenMonotonic, 1 linearizability.
+    pub fn caught_first_by(self) -> &'static [&'static str] {
         match self {
-            Mutation::AcquireIgnoresHolder => "LeaseUniqueness",
-            Mutation::RenewIgnoresOwnership => "RenewalRequiresOwnership",
-            Mutation::TokenNotIncreased => "FencingTokenMonotonic",
-            Mutation::ExpiredNotClaimable => "ExpiredLeaseClaimable",
+            Mutation::AcquireIgnoresHolder => &["BeliefConsistency", "LeaseUniqueness"],
+            Mutation::RenewIgnoresOwnership => &["RenewalRequiresOwnership"],
+            Mutation::TokenNotIncreased => &["FencingTokenMonotonic"],
+            Mutation::ExpiredNotClaimable => &["ExpiredLeaseClaimable"],
+            Mutation::BeliefFromReply | Mutation::NoDriftMargin => &["BeliefConsistency"],
+            Mutation::StaleReads => &[
+                "BeliefConsistency",
+                "FencingTokenMonotonic",
+                LINEARIZABILITY,
+            ],
         }
     }
 
-    /// The broken decision function.
-    pub fn decide_fn(self) -> DecideFn {
+    /// The broken decision function, for the four protocol mutations.
+    pub fn decide_fn(self) -> Option<DecideFn> {
         match self {
-            Mutation::AcquireIgnoresHolder => acquire_ignores_holder,
-            Mutation::RenewIgnoresOwnership => renew_ignores_ownership,
-            Mutation::TokenNotIncreased => token_not_increased,
-            Mutation::ExpiredNotClaimable => expired_not_claimable,
+            Mutation::AcquireIgnoresHolder => Some(acquire_ignores_holder),
+            Mutation::RenewIgnoresOwnership => Some(renew_ignores_ownership),
+            Mutation::TokenNotIncreased => Some(token_not_increased),
+            Mutation::ExpiredNotClaimable => Some(expired_not_claimable),
+            Mutation::BeliefFromReply | Mutation::NoDriftMargin | Mutation::StaleReads => None,
+        }
+    }
+
+    /// Breaks `scenario` this way. A broken decision function is applied atomically by the
+    /// store, so checking the history against the production protocol would only re-detect
+    /// it: linearizability is checked only where it is the check the mutation must meet.
+    pub fn apply(self, scenario: &mut LeaseScenario) {
+        if let Some(decide) = self.decide_fn() {
+            scenario.cluster.decide = decide;
+            scenario.check_linearizability = false;
+        }
+        match self {
+            Mutation::BeliefFromReply => scenario.bug_belief_from_reply = true,
+            Mutation::NoDriftMargin => scenario.bug_no_drift_margin = true,
+            Mutation::StaleReads => scenario.bug_stale_reads = true,
+            _ => {}
         }
     }
 }

@@ -439,79 +439,77 @@ fn test_dst_lease_stress() {
     println!("{seeds_count} seeds from {base}: zero violations, {totals:?}");
 }
 
-// Deliberately broken protocols. Each must be caught by its own checker, run alone, so every
-// checker is shown able to fail.
+// Deliberately broken variants, run with every checker on: each must be caught, within
+// MUTATION_SEEDS_MAX seeds, first by the invariant it breaks (`Mutation::caught_first_by`), so
+// a test fails if another checker fires first or none does.
 
-fn caught_within(invariant: &str, broken: kelpie_lease::DecideFn) -> u64 {
+/// Runs `mutation` over consecutive seeds until a check fails; returns how many seeds that
+/// took and the name of the invariant that failed first.
+fn first_caught(mutation: Mutation) -> (u64, String) {
     let base = SimConfig::from_env_or_random().seed;
     for i in 0..MUTATION_SEEDS_MAX {
         let mut scenario = LeaseScenario::default();
-        scenario.cluster.decide = broken;
-        scenario.check_linearizability = false;
-        scenario.cluster.checkers = CheckerSet::only(invariant).unwrap();
+        mutation.apply(&mut scenario);
+        assert_eq!(scenario.cluster.checkers, CheckerSet::ALL);
         match scenario_run(base.wrapping_add(i), scenario) {
             Ok(_) => continue,
-            Err(SimError::InvariantViolated {
-                invariant: name,
-                seed,
-                ..
-            }) => {
-                assert_eq!(name, invariant, "seed {seed}: caught by another checker");
-                return i + 1;
-            }
-            Err(other) => panic!("broken protocol failed otherwise: {other}"),
+            Err(SimError::InvariantViolated { invariant, .. }) => return (i + 1, invariant),
+            Err(other) => panic!("{} failed otherwise: {other}", mutation.name()),
         }
     }
-    panic!("{invariant} missed a broken protocol for {MUTATION_SEEDS_MAX} seeds from {base}");
-}
-
-#[test]
-fn test_dst_broken_acquire_is_caught_by_lease_uniqueness() {
-    let seeds_needed = caught_within(
-        "LeaseUniqueness",
-        Mutation::AcquireIgnoresHolder.decide_fn(),
+    panic!(
+        "{} survived {MUTATION_SEEDS_MAX} seeds from {base} with every checker on",
+        mutation.name()
     );
-    assert!(seeds_needed <= MUTATION_SEEDS_MAX);
 }
 
-#[test]
-fn test_dst_broken_acquire_is_caught_by_belief_consistency() {
+fn assert_caught_first(mutation: Mutation) {
+    let (seeds, invariant) = first_caught(mutation);
+    println!(
+        "{} caught first by {invariant} after {seeds} seeds",
+        mutation.name()
+    );
     assert!(
-        caught_within(
-            "BeliefConsistency",
-            Mutation::AcquireIgnoresHolder.decide_fn()
-        ) <= MUTATION_SEEDS_MAX
+        mutation.caught_first_by().contains(&invariant.as_str()),
+        "{} was caught first by {invariant}, expected one of {:?}",
+        mutation.name(),
+        mutation.caught_first_by()
     );
+}
+
+#[test]
+fn test_dst_broken_acquire_is_caught_by_lease_uniqueness_or_belief_consistency() {
+    assert_caught_first(Mutation::AcquireIgnoresHolder);
 }
 
 #[test]
 fn test_dst_broken_renew_is_caught_by_renewal_requires_ownership() {
-    assert!(
-        caught_within(
-            "RenewalRequiresOwnership",
-            Mutation::RenewIgnoresOwnership.decide_fn()
-        ) <= MUTATION_SEEDS_MAX
-    );
+    assert_caught_first(Mutation::RenewIgnoresOwnership);
 }
 
 #[test]
 fn test_dst_broken_token_is_caught_by_fencing_token_monotonic() {
-    assert!(
-        caught_within(
-            "FencingTokenMonotonic",
-            Mutation::TokenNotIncreased.decide_fn()
-        ) <= MUTATION_SEEDS_MAX
-    );
+    assert_caught_first(Mutation::TokenNotIncreased);
 }
 
 #[test]
 fn test_dst_broken_expiry_is_caught_by_expired_lease_claimable() {
-    assert!(
-        caught_within(
-            "ExpiredLeaseClaimable",
-            Mutation::ExpiredNotClaimable.decide_fn()
-        ) <= MUTATION_SEEDS_MAX
-    );
+    assert_caught_first(Mutation::ExpiredNotClaimable);
+}
+
+#[test]
+fn test_dst_belief_from_reply_is_caught_by_belief_consistency() {
+    assert_caught_first(Mutation::BeliefFromReply);
+}
+
+#[test]
+fn test_dst_no_drift_margin_is_caught_by_belief_consistency() {
+    assert_caught_first(Mutation::NoDriftMargin);
+}
+
+#[test]
+fn test_dst_stale_reads_are_caught_by_their_documented_checks() {
+    assert_caught_first(Mutation::StaleReads);
 }
 
 #[test]

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 
 use kelpie_dst::checkers::CheckerSet;
+use kelpie_dst::mutations::LINEARIZABILITY;
 use kelpie_dst::{swarm_faults, LeaseRunReport, LeaseScenario, SWARM_LEASE_FAULTS};
 use kelpie_lease::COVERAGE_MARKS;
 use kelpie_sim::{FaultType, SimConfig, SimError, Simulation};
@@ -151,7 +152,9 @@ fn test_swarm_linearizability_catches_stale_reads() {
         scenario.cluster.checkers = CheckerSet::NONE;
         let message = match run_seed(base.wrapping_add(i), scenario) {
             Ok(_) => continue,
-            Err(SimError::ScenarioFailed { message, .. }) => message,
+            Err(SimError::InvariantViolated {
+                invariant, message, ..
+            }) if invariant == LINEARIZABILITY => message,
             Err(other) => panic!("the stale store failed otherwise: {other}"),
         };
         assert!(

@@ -677,7 +677,7 @@ fn test_dst_lease_clock_drift() {
     for seed in seeds() {
         // Node 0's clock runs slow by the full bound (the dangerous case), node 1's fast.
         for (holder, expected_drift_ppm) in [(0usize, -bound_ppm), (1, bound_ppm)] {
-            run_world(seed, move |env, world| async move {
+            let report = run_world(seed, move |env, world| async move {
                 let drift_ppm = world.clock(holder).drift_ppm();
                 if drift_ppm != expected_drift_ppm {
                     return Err(format!("node {holder} drifts {drift_ppm} ppm"));
@@ -705,6 +705,13 @@ fn test_dst_lease_clock_drift() {
                 }
                 Ok(())
             });
+            // The holder's renewals really were cut off by the partition, and the invariants
+            // were judged after every step of it.
+            assert!(
+                report.fault_fired(FaultType::NetworkPartition) > 0,
+                "no message was dropped by the partition (seed {seed})"
+            );
+            assert!(report.checks_evaluated >= report.steps, "{report}");
         }
     }
 }

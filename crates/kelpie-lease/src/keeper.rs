@@ -735,6 +735,10 @@ mod tests {
 
     type Manager = ProtocolLeaseManager<FlakyStore>;
 
+    /// Keeper rounds a test drives before giving up on what it waits for: far more than a
+    /// correct keeper needs (a belief of 900 ms ends within a few dozen wake-ups).
+    const TICKS_UNTIL_BELIEF_ENDS_MAX: u32 = 10_000;
+
     fn setup() -> (
         ManualClock,
         Arc<Manager>,
@@ -888,7 +892,11 @@ mod tests {
         let lease = block_on(keeper.acquire(&actor)).unwrap();
         manager.store().down.store(true, Ordering::SeqCst);
         let mut ended_at_ms = None;
-        while ended_at_ms.is_none() {
+        // Bounded, so that a keeper that never lets go fails here instead of hanging.
+        for _ in 0..TICKS_UNTIL_BELIEF_ENDS_MAX {
+            if ended_at_ms.is_some() {
+                break;
+            }
             let wake_ms = block_on(keeper.tick()).unwrap();
             clock.advance_ms(wake_ms.saturating_sub(clock.now_ms()).max(1));
             block_on(keeper.tick());
@@ -896,7 +904,7 @@ mod tests {
                 ended_at_ms = Some(clock.now_ms());
             }
         }
-        let ended_at_ms = ended_at_ms.unwrap();
+        let ended_at_ms = ended_at_ms.expect("the belief ran out within the tick bound");
         assert!(
             ended_at_ms < lease.expires_at_ms,
             "{ended_at_ms} >= {}",

@@ -13,7 +13,9 @@
 //! - `etcd` (cargo feature `etcd`): `EtcdLeaseManager`, leases in an etcd cluster for deployments beyond one host:
 //!   expiry by etcd's lease TTLs, tokens from etcd revisions, one keepalive per node.
 //! - `manager`: the [`LeaseManager`] trait and [`ProtocolLeaseManager`], the protocol over a store.
-//! - `keeper`: [`LeaseKeeper`], which renews a node's leases and keeps its beliefs.
+//! - `keeper`: [`LeaseKeeper`], which renews a node's leases and keeps its beliefs: a thin async
+//!   driver around [`KeeperCore`], the pure state machine (clock readings and replies in,
+//!   requests and events out) whose inputs are the TLA+ model's node actions.
 //! - `belief`: [`Belief`], the node's pure state machine of "I hold it until local time T".
 //! - `error`: [`LeaseError`], [`StoreError`], [`ConfigError`].
 //! - `placement`: [`Placement`], which activates an actor on a node only while the node's
@@ -67,9 +69,9 @@ pub use fenced::{
     STATE_SQLITE_BUSY_TIMEOUT_MS_MAX, STATE_SQLITE_SCHEMA_VERSION, STATE_VALUE_BYTES_MAX,
 };
 pub use keeper::{
-    KeeperConfig, KeeperEvent, KeeperParts, KeeperTiming, LeaseKeeper, LostReason,
-    CLOCK_DRIFT_PPM_MAX_DEFAULT, COVERAGE_MARKS, HOLDER_SUFFIX_BYTES_MAX, MARK_BELIEF_ENDED,
-    MARK_COMMIT_UNKNOWN_RESOLVED, MARK_RENEWAL_ABANDONED, MARK_RENEWAL_FAILED,
+    KeeperConfig, KeeperCore, KeeperEvent, KeeperParts, KeeperRequest, KeeperTiming, LeaseKeeper,
+    LostReason, CLOCK_DRIFT_PPM_MAX_DEFAULT, COVERAGE_MARKS, HOLDER_SUFFIX_BYTES_MAX,
+    MARK_BELIEF_ENDED, MARK_COMMIT_UNKNOWN_RESOLVED, MARK_RENEWAL_ABANDONED, MARK_RENEWAL_FAILED,
     MARK_RENEWAL_REFUSED,
 };
 pub use lease::{Lease, LeaseConfig, LeaseOp, LeaseRecord, LeaseRequest};

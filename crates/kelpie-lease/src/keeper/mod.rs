@@ -10,14 +10,17 @@
 //! the owner, and only after that can the store's expiry pass and another node be granted the
 //! lease. The keeper never reads another node's clock or the store's.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_channel::mpsc;
 use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock};
 
-use crate::belief::{Belief, BeliefConfig, HeldBelief};
+mod core;
+
+pub use self::core::{KeeperCore, KeeperRequest};
+
+use crate::belief::{BeliefConfig, HeldBelief};
 use crate::error::{ConfigError, LeaseError};
 use crate::lease::Lease;
 use crate::manager::LeaseManager;
@@ -205,38 +208,6 @@ pub enum KeeperEvent {
     },
 }
 
-/// One held lease as the keeper tracks it.
-#[derive(Debug, Clone, Copy)]
-struct Held {
-    belief: Belief,
-    fencing_token: FencingToken,
-    next_renew_local_ms: u64,
-}
-
-/// A release the store has not answered yet.
-#[derive(Debug, Clone, Copy)]
-struct PendingRelease {
-    fencing_token: FencingToken,
-    attempts: u32,
-    next_attempt_local_ms: u64,
-}
-
-#[derive(Debug, Default)]
-struct KeeperState {
-    held: BTreeMap<ActorId, Held>,
-    /// Actors whose last acquire ended with an unknown outcome.
-    unknown_acquires: Vec<ActorId>,
-    /// Releases the store has not answered yet; their actors cannot be acquired until it
-    /// does. The renewal loop retries them, so they resolve even if the caller gave up.
-    releasing: BTreeMap<ActorId, PendingRelease>,
-    /// Actors whose release never got an answer: acquiring them again under this holder id
-    /// could be undone by a copy of that release still in the network.
-    blocked: Vec<ActorId>,
-    /// Incremented on every change of belief, so observers can skip unchanged states.
-    belief_epoch: u64,
-    stopped: bool,
-}
-
 /// Bytes the keeper appends to a node id: `@` and a decimal `u64` incarnation.
 pub const HOLDER_SUFFIX_BYTES_MAX: usize = 1 + 20;
 
@@ -256,10 +227,7 @@ pub struct LeaseKeeper<M> {
     node_id: NodeId,
     holder_id: NodeId,
     timing: KeeperTiming,
-    belief_config: BeliefConfig,
-    #[cfg(feature = "mutations")]
-    belief_from_reply: bool,
-    state: Mutex<KeeperState>,
+    core: Mutex<KeeperCore>,
     events: mpsc::UnboundedSender<KeeperEvent>,
 }
 
@@ -312,16 +280,18 @@ impl<M: LeaseManager> LeaseKeeper<M> {
             }
         })?;
         let (events, receiver) = mpsc::unbounded();
+        #[cfg(feature = "mutations")]
+        let belief_from_reply = config.belief_from_reply;
+        #[cfg(not(feature = "mutations"))]
+        let belief_from_reply = false;
+        let core = KeeperCore::new(timing).with_belief_from_reply(belief_from_reply);
         let keeper = Self {
             manager,
             clock,
             node_id,
             holder_id,
-            belief_config: timing.belief_config(),
             timing,
-            #[cfg(feature = "mutations")]
-            belief_from_reply: config.belief_from_reply,
-            state: Mutex::new(KeeperState::default()),
+            core: Mutex::new(core),
             events,
         };
         Ok((Arc::new(keeper), receiver))
@@ -350,135 +320,70 @@ impl<M: LeaseManager> LeaseKeeper<M> {
 
     /// Acquires the lease on `actor_id` and starts renewing it. A retry after an unknown
     /// outcome is safe: acquiring a lease the node already holds is idempotent.
+    ///
+    /// # Errors
+    /// The store's refusal or failure; [`LeaseError::Store`] also while a release of the
+    /// actor is unresolved (retry later).
     pub async fn acquire(&self, actor_id: &ActorId) -> Result<Lease, LeaseError> {
-        {
-            let state = self.lock();
-            if state.releasing.contains_key(actor_id) || state.blocked.contains(actor_id) {
-                return Err(LeaseError::Store(crate::StoreError::Unavailable {
-                    reason: format!("the release of {actor_id} is still in flight; retry later"),
-                }));
-            }
-        }
+        self.lock().begin_acquire(actor_id)?;
         let sent_local_ms = self.clock.now_ms();
         let result = self.manager.acquire(actor_id, &self.holder_id).await;
-        let mut state = self.lock();
-        let was_unknown = state.unknown_acquires.contains(actor_id);
-        state.unknown_acquires.retain(|a| a != actor_id);
-        match &result {
-            Ok(lease) => {
-                if was_unknown {
-                    kelpie_core::coverage::mark(MARK_COMMIT_UNKNOWN_RESOLVED);
-                }
-                let base_ms = self.belief_base_ms(sent_local_ms);
-                self.believe(&mut state, actor_id, base_ms, lease.fencing_token);
-            }
-            Err(LeaseError::Store(crate::StoreError::CommitUnknown { .. })) => {
-                state.unknown_acquires.push(actor_id.clone());
-            }
-            Err(_) => {}
-        }
+        let now_ms = self.clock.now_ms();
+        self.lock()
+            .acquire_replied(actor_id, sent_local_ms, now_ms, &result);
         result
     }
 
     /// Stops believing, then releases the lease at the store. The belief ends first, so the
     /// node never acts as holder of a lease the store may already have handed on.
     ///
-    /// A release whose outcome is unknown is retried until the store answers it, and the
-    /// actor cannot be acquired again meanwhile: otherwise a delayed copy of the release could
-    /// arrive after an idempotent re-acquire (which keeps the token) and free the lease under
-    /// the node's new belief (TLC's StaleRequests trace, `docs/tla/README.md`).
+    /// A release whose outcome is unknown is retried by [`run`](Self::run) until the store
+    /// answers it, and the actor cannot be acquired again meanwhile: otherwise a delayed copy
+    /// of the release could arrive after an idempotent re-acquire (which keeps the token) and
+    /// free the lease under the node's new belief (TLC's StaleRequests trace).
+    ///
+    /// # Errors
+    /// [`LeaseError::NotHolder`] if no lease on the actor is believed; the store's answer
+    /// otherwise.
     pub async fn release(&self, actor_id: &ActorId) -> Result<Lease, LeaseError> {
-        let held = {
-            let mut state = self.lock();
-            let held = state.held.remove(actor_id);
-            state.belief_epoch += 1;
-            if let Some(held) = held {
-                let pending = PendingRelease {
-                    fencing_token: held.fencing_token,
-                    attempts: 0,
-                    next_attempt_local_ms: self.clock.now_ms() + self.timing.retry_interval_ms,
-                };
-                state.releasing.insert(actor_id.clone(), pending);
-            }
-            held
-        };
-        let Some(held) = held else {
+        let now_ms = self.clock.now_ms();
+        let Some(token) = self.lock().begin_release(actor_id, now_ms) else {
             return Err(LeaseError::NotHolder {
                 actor_id: actor_id.clone(),
                 node_id: self.holder_id.clone(),
                 holder: None,
             });
         };
-        let token = held.fencing_token;
         let result = self
             .manager
             .release_fenced(actor_id, &self.holder_id, token)
             .await;
-        self.release_attempted(actor_id, token, &result);
+        let now_ms = self.clock.now_ms();
+        self.lock()
+            .release_replied(actor_id, token, now_ms, &result);
         result
-    }
-
-    /// Books one release attempt: an answer (applied or refused) resolves it; a store
-    /// failure schedules another, or after [`RELEASE_ATTEMPTS_MAX`] blocks the actor for this
-    /// keeper (safe: other nodes can take it once the lease expires).
-    fn release_attempted(
-        &self,
-        actor_id: &ActorId,
-        token: FencingToken,
-        result: &Result<Lease, LeaseError>,
-    ) {
-        let retry_at_ms = self.clock.now_ms() + self.timing.retry_interval_ms;
-        let mut state = self.lock();
-        let Some(pending) = state.releasing.get_mut(actor_id) else {
-            return;
-        };
-        if pending.fencing_token != token {
-            return;
-        }
-        match result {
-            Err(LeaseError::Store(_)) if pending.attempts + 1 < RELEASE_ATTEMPTS_MAX => {
-                pending.attempts += 1;
-                pending.next_attempt_local_ms = retry_at_ms;
-            }
-            Err(LeaseError::Store(_)) => {
-                state.releasing.remove(actor_id);
-                state.blocked.push(actor_id.clone());
-            }
-            _ => {
-                state.releasing.remove(actor_id);
-            }
-        }
     }
 
     /// The token of the lease on `actor_id` the node may act on now, if any.
     pub fn holds(&self, actor_id: &ActorId) -> Option<FencingToken> {
         let now_ms = self.clock.now_ms();
-        let state = self.lock();
-        state
-            .held
-            .get(actor_id)?
-            .belief
-            .held_at(now_ms)
-            .map(|h| h.fencing_token)
+        self.lock().holds(actor_id, now_ms)
     }
 
     /// Every belief in force now.
     pub fn beliefs(&self) -> Vec<(ActorId, HeldBelief)> {
         let now_ms = self.clock.now_ms();
-        let state = self.lock();
-        let held = state.held.iter();
-        held.filter_map(|(a, h)| h.belief.held_at(now_ms).map(|b| (a.clone(), b)))
-            .collect()
+        self.lock().beliefs(now_ms)
     }
 
     /// A number that changes whenever a belief starts, is extended or is dropped.
     pub fn belief_epoch(&self) -> u64 {
-        self.lock().belief_epoch
+        self.lock().belief_epoch()
     }
 
     /// Makes [`run`](Self::run) return at its next wake-up.
     pub fn stop(&self) {
-        self.lock().stopped = true;
+        self.lock().stop();
     }
 
     /// The renewal loop: renews every lease that is due, drops every belief that ran out,
@@ -495,195 +400,93 @@ impl<M: LeaseManager> LeaseKeeper<M> {
 
     /// One round; returns the local time of the next one, or `None` once stopped.
     ///
-    /// Renewals run concurrently, and the round also watches the earliest belief end: if a
+    /// Requests run concurrently, and the round also watches the earliest belief end: if a
     /// belief runs out while renewals hang (a partition, a slow store), the round stops
     /// waiting for them and drops it at once, so the owner hears before the store's expiry.
     async fn tick(&self) -> Option<u64> {
         let now_ms = self.clock.now_ms();
-        let due = self.expire_and_collect_due(now_ms)?;
-        let releases = self.due_releases(now_ms);
-        if due.is_empty() && releases.is_empty() {
-            return Some(self.next_wake_ms());
+        let (events, requests) = self.lock().poll(now_ms)?;
+        self.notify(events);
+        if requests.is_empty() {
+            return Some(self.lock().next_wake_ms(now_ms));
         }
-        let renewals = due.iter().map(|(actor_id, token)| async move {
-            let sent_local_ms = self.clock.now_ms();
-            let result = self
-                .manager
-                .renew_fenced(actor_id, &self.holder_id, *token)
-                .await;
-            (actor_id, *token, sent_local_ms, result)
+        let sent = requests.into_iter().map(|request| async move {
+            let result = match &request {
+                KeeperRequest::Renew {
+                    actor_id,
+                    fencing_token,
+                    ..
+                } => {
+                    let renewing =
+                        self.manager
+                            .renew_fenced(actor_id, &self.holder_id, *fencing_token);
+                    renewing.await
+                }
+                KeeperRequest::Release {
+                    actor_id,
+                    fencing_token,
+                } => {
+                    let releasing =
+                        self.manager
+                            .release_fenced(actor_id, &self.holder_id, *fencing_token);
+                    releasing.await
+                }
+            };
+            (request, result)
         });
-        let retries = releases.iter().map(|(actor_id, token)| async move {
-            let result = self
-                .manager
-                .release_fenced(actor_id, &self.holder_id, *token)
-                .await;
-            (actor_id, *token, result)
-        });
-        let work = futures_util::future::join(
-            futures_util::future::join_all(renewals),
-            futures_util::future::join_all(retries),
-        );
-        let work = std::pin::pin!(work);
-        let until_ms = self.earliest_belief_end_ms().unwrap_or(u64::MAX);
+        let work = std::pin::pin!(futures_util::future::join_all(sent));
+        let until_ms = self.lock().earliest_belief_end_ms().unwrap_or(u64::MAX);
         let wait_ms = until_ms.saturating_sub(self.clock.now_ms()).max(1);
         let belief_ends = self.clock.sleep(Duration::from_millis(wait_ms));
         match futures_util::future::select(work, belief_ends).await {
-            futures_util::future::Either::Left(((renewed, retried), _)) => {
-                for (actor_id, token, sent_local_ms, result) in renewed {
-                    self.renewed(actor_id, token, sent_local_ms, result);
+            futures_util::future::Either::Left((answered, _)) => {
+                let now_ms = self.clock.now_ms();
+                let mut events = Vec::new();
+                let mut core = self.lock();
+                for (request, result) in answered {
+                    match request {
+                        KeeperRequest::Renew {
+                            actor_id,
+                            fencing_token,
+                            sent_local_ms,
+                        } => events.extend(core.renew_replied(
+                            &actor_id,
+                            fencing_token,
+                            sent_local_ms,
+                            now_ms,
+                            result,
+                        )),
+                        KeeperRequest::Release {
+                            actor_id,
+                            fencing_token,
+                        } => core.release_replied(&actor_id, fencing_token, now_ms, &result),
+                    }
                 }
-                for (actor_id, token, result) in retried {
-                    self.release_attempted(actor_id, token, &result);
-                }
+                drop(core);
+                self.notify(events);
             }
-            // The renewals still in flight are abandoned; ones that were applied only extend
-            // the store's lease, and the next round renews what is still believed.
+            // The requests still in flight are abandoned; renewals that were applied only
+            // extend the store's lease, and the next round renews what is still believed.
             futures_util::future::Either::Right(_) => {
                 kelpie_core::coverage::mark(MARK_RENEWAL_ABANDONED);
-                self.expire_and_collect_due(self.clock.now_ms())?;
+                let now_ms = self.clock.now_ms();
+                let events = self.lock().expire(now_ms);
+                self.notify(events);
             }
         }
-        Some(self.next_wake_ms())
+        let now_ms = self.clock.now_ms();
+        Some(self.lock().next_wake_ms(now_ms))
     }
 
-    /// The releases whose next attempt is due.
-    fn due_releases(&self, now_ms: u64) -> Vec<(ActorId, FencingToken)> {
-        let state = self.lock();
-        let due = state
-            .releasing
-            .iter()
-            .filter(|(_, p)| p.next_attempt_local_ms <= now_ms);
-        due.map(|(a, p)| (a.clone(), p.fencing_token)).collect()
-    }
-
-    fn earliest_belief_end_ms(&self) -> Option<u64> {
-        let state = self.lock();
-        let ends = state
-            .held
-            .values()
-            .filter_map(|h| h.belief.held_at(0).map(|b| b.until_local_ms));
-        ends.min()
-    }
-
-    /// Drops the beliefs that ran out and returns the leases whose renewal is due.
-    fn expire_and_collect_due(&self, now_ms: u64) -> Option<Vec<(ActorId, FencingToken)>> {
-        let mut state = self.lock();
-        if state.stopped {
-            return None;
-        }
-        let ran_out: Vec<ActorId> = state
-            .held
-            .iter()
-            .filter(|(_, h)| h.belief.held_at(now_ms).is_none())
-            .map(|(a, _)| a.clone())
-            .collect();
-        for actor_id in ran_out {
-            let held = state.held.remove(&actor_id).expect("collected above");
-            state.belief_epoch += 1;
-            kelpie_core::coverage::mark(MARK_BELIEF_ENDED);
-            self.notify(actor_id, held.fencing_token, LostReason::BeliefExpired);
-        }
-        let due = state
-            .held
-            .iter()
-            .filter(|(_, h)| h.next_renew_local_ms <= now_ms);
-        Some(due.map(|(a, h)| (a.clone(), h.fencing_token)).collect())
-    }
-
-    fn renewed(
-        &self,
-        actor_id: &ActorId,
-        token: FencingToken,
-        sent_local_ms: u64,
-        result: Result<Lease, LeaseError>,
-    ) {
-        let mut state = self.lock();
-        // The owner may have released, or the belief run out, while the renewal was in flight.
-        if state
-            .held
-            .get(actor_id)
-            .is_none_or(|h| h.fencing_token != token)
-        {
-            return;
-        }
-        match result {
-            Ok(lease) => {
-                assert_eq!(
-                    lease.fencing_token, token,
-                    "a renewal never changes the token"
-                );
-                let base_ms = self.belief_base_ms(sent_local_ms);
-                self.believe(&mut state, actor_id, base_ms, token);
-            }
-            Err(LeaseError::Store(_)) => {
-                kelpie_core::coverage::mark(MARK_RENEWAL_FAILED);
-                let retry_ms = self.clock.now_ms() + self.timing.retry_interval_ms;
-                let held = state.held.get_mut(actor_id).expect("checked above");
-                held.next_renew_local_ms = retry_ms;
-            }
-            Err(refusal) => {
-                kelpie_core::coverage::mark(MARK_RENEWAL_REFUSED);
-                state.held.remove(actor_id);
-                state.belief_epoch += 1;
-                self.notify(actor_id.clone(), token, LostReason::Refused(refusal));
-            }
+    fn notify(&self, events: Vec<KeeperEvent>) {
+        for event in events {
+            // The owner may have stopped listening; the belief is dropped either way.
+            let _ = self.events.unbounded_send(event);
         }
     }
 
-    fn believe(
-        &self,
-        state: &mut KeeperState,
-        actor_id: &ActorId,
-        base_ms: u64,
-        token: FencingToken,
-    ) {
-        let next_renew_local_ms = base_ms + self.timing.renew_interval_ms;
-        let held = state.held.entry(actor_id.clone()).or_insert(Held {
-            belief: Belief::new(),
-            fencing_token: token,
-            next_renew_local_ms,
-        });
-        if held.fencing_token != token {
-            held.belief.on_lost();
-        }
-        held.belief.on_granted(&self.belief_config, base_ms, token);
-        held.fencing_token = token;
-        held.next_renew_local_ms = next_renew_local_ms;
-        state.belief_epoch += 1;
-    }
-
-    /// The local time a belief is measured from: the send time (the bug variant uses now).
-    fn belief_base_ms(&self, sent_local_ms: u64) -> u64 {
-        #[cfg(feature = "mutations")]
-        if self.belief_from_reply {
-            return self.clock.now_ms();
-        }
-        sent_local_ms
-    }
-
-    fn next_wake_ms(&self) -> u64 {
-        let state = self.lock();
-        let far_ms = self.clock.now_ms() + self.timing.renew_interval_ms;
-        let ends = state.held.values().map(|h| {
-            let until_ms = h.belief.held_at(0).map_or(0, |b| b.until_local_ms);
-            h.next_renew_local_ms.min(until_ms)
-        });
-        let retries = state.releasing.values().map(|p| p.next_attempt_local_ms);
-        ends.chain(retries).fold(far_ms, u64::min)
-    }
-
-    fn notify(&self, actor_id: ActorId, fencing_token: FencingToken, reason: LostReason) {
-        // The owner may have stopped listening; the belief is dropped either way.
-        let _ = self.events.unbounded_send(KeeperEvent::Lost {
-            actor_id,
-            fencing_token,
-            reason,
-        });
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, KeeperState> {
-        self.state.lock().expect("keeper state poisoned by a panic")
+    fn lock(&self) -> std::sync::MutexGuard<'_, KeeperCore> {
+        self.core.lock().expect("keeper state poisoned by a panic")
     }
 }
 

@@ -1,0 +1,514 @@
+//! The keeper's decisions as a pure state machine: local clock readings and the store's
+//! replies go in, the requests to send and the events for the owner come out. It performs no
+//! I/O and reads no clock; [`LeaseKeeper`](super::LeaseKeeper) is the thin async driver that
+//! sends the requests through a [`LeaseManager`](crate::LeaseManager) and feeds the replies
+//! back, on tokio in a process and on the simulator in tests.
+//!
+//! The inputs are the node-side actions of the TLA+ model (`docs/tla/KelpieLease.tla`):
+//!
+//! | input | TLA+ action |
+//! |---|---|
+//! | [`KeeperCore::begin_acquire`] | `SendAcquire` (refused while a release is unresolved: the model's guard that a re-acquire never races its own release) |
+//! | [`KeeperCore::acquire_replied`] | `Receive` of an acquire reply (belief from the *send* time) |
+//! | [`KeeperCore::begin_release`] | `SendRelease` (the belief ends first) |
+//! | [`KeeperCore::release_replied`] | `Receive` of a release reply |
+//! | [`KeeperCore::poll`] | `BeliefExpires` for every belief that ran out, then `SendRenew` for every renewal due and `RetryRelease` for every unresolved release due |
+//! | [`KeeperCore::renew_replied`] | `Receive` of a renewal reply |
+//! | [`KeeperCore::expire`] | `BeliefExpires` while renewals hang (`Abandon`) |
+//!
+//! Safety argument: every grant or renewal believed is measured from the moment the request
+//! was *sent*, on the node's clock, through the pure [`Belief`] state machine, which shortens
+//! it by the drift bound and a safety margin. The store measures the same lease from the
+//! moment it *applied* the request, which is later; so the belief ends before the store's
+//! expiry whatever the delay and within the allowed drift.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kelpie_core::{ActorId, FencingToken};
+
+use super::{
+    KeeperEvent, KeeperTiming, LostReason, MARK_BELIEF_ENDED, MARK_COMMIT_UNKNOWN_RESOLVED,
+    MARK_RENEWAL_FAILED, MARK_RENEWAL_REFUSED, RELEASE_ATTEMPTS_MAX,
+};
+use crate::belief::{Belief, BeliefConfig, HeldBelief};
+use crate::error::{LeaseError, StoreError};
+use crate::lease::Lease;
+
+/// A request the driver must send to the store now, and report back with the same values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeeperRequest {
+    /// Renew the lease on `actor_id` if it still carries `fencing_token`; report the outcome
+    /// to [`KeeperCore::renew_replied`] with `sent_local_ms`.
+    Renew {
+        /// The actor.
+        actor_id: ActorId,
+        /// The token the keeper believes it holds.
+        fencing_token: FencingToken,
+        /// The local time the request is sent at (the belief is measured from it).
+        sent_local_ms: u64,
+    },
+    /// Release the lease on `actor_id` if it still carries `fencing_token` (a retry of a
+    /// release the store has not answered); report to [`KeeperCore::release_replied`].
+    Release {
+        /// The actor.
+        actor_id: ActorId,
+        /// The token of the lease being released.
+        fencing_token: FencingToken,
+    },
+}
+
+/// One held lease as the keeper tracks it.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    belief: Belief,
+    fencing_token: FencingToken,
+    next_renew_local_ms: u64,
+}
+
+/// A release the store has not answered yet.
+#[derive(Debug, Clone, Copy)]
+struct PendingRelease {
+    fencing_token: FencingToken,
+    attempts: u32,
+    next_attempt_local_ms: u64,
+}
+
+/// The keeper's state and decisions; see the module docs.
+#[derive(Debug)]
+pub struct KeeperCore {
+    timing: KeeperTiming,
+    belief_config: BeliefConfig,
+    /// Deliberately wrong (mutation): measure beliefs from the reply's arrival.
+    belief_from_reply: bool,
+    held: BTreeMap<ActorId, Held>,
+    /// Actors whose last acquire ended with an unknown outcome.
+    unknown_acquires: BTreeSet<ActorId>,
+    /// Releases the store has not answered yet; their actors cannot be acquired until it
+    /// does. [`poll`](Self::poll) retries them, so they resolve even if the caller gave up.
+    releasing: BTreeMap<ActorId, PendingRelease>,
+    /// Actors whose release never got an answer: acquiring them again under this holder id
+    /// could be undone by a copy of that release still in the network.
+    blocked: BTreeSet<ActorId>,
+    /// Incremented on every change of belief, so observers can skip unchanged states.
+    belief_epoch: u64,
+    stopped: bool,
+}
+
+impl KeeperCore {
+    /// A keeper holding nothing, with validated `timing`.
+    pub fn new(timing: KeeperTiming) -> Self {
+        Self {
+            belief_config: timing.belief_config(),
+            timing,
+            belief_from_reply: false,
+            held: BTreeMap::new(),
+            unknown_acquires: BTreeSet::new(),
+            releasing: BTreeMap::new(),
+            blocked: BTreeSet::new(),
+            belief_epoch: 0,
+            stopped: false,
+        }
+    }
+
+    /// The mutation that measures beliefs from the reply's arrival.
+    pub(super) fn with_belief_from_reply(mut self, belief_from_reply: bool) -> Self {
+        self.belief_from_reply = belief_from_reply;
+        self
+    }
+
+    /// Whether an acquire of `actor_id` may be sent now: not while a release of it is
+    /// unresolved (a delayed copy of that release could free the re-acquired lease).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] while the release is in flight or was never answered.
+    pub fn begin_acquire(&self, actor_id: &ActorId) -> Result<(), LeaseError> {
+        if self.releasing.contains_key(actor_id) || self.blocked.contains(actor_id) {
+            return Err(LeaseError::Store(StoreError::Unavailable {
+                reason: format!("the release of {actor_id} is still in flight; retry later"),
+            }));
+        }
+        Ok(())
+    }
+
+    /// The reply to an acquire sent at `sent_local_ms`, arriving at `now_ms`. A grant starts
+    /// (or refreshes) the belief; an unknown outcome is remembered so that the retry that
+    /// resolves it is seen.
+    pub fn acquire_replied(
+        &mut self,
+        actor_id: &ActorId,
+        sent_local_ms: u64,
+        now_ms: u64,
+        result: &Result<Lease, LeaseError>,
+    ) {
+        let was_unknown = self.unknown_acquires.remove(actor_id);
+        match result {
+            Ok(lease) => {
+                if was_unknown {
+                    kelpie_core::coverage::mark(MARK_COMMIT_UNKNOWN_RESOLVED);
+                }
+                let base_ms = self.belief_base_ms(sent_local_ms, now_ms);
+                self.believe(actor_id, base_ms, lease.fencing_token);
+            }
+            Err(LeaseError::Store(StoreError::CommitUnknown { .. })) => {
+                self.unknown_acquires.insert(actor_id.clone());
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Stops believing in the lease on `actor_id` and returns the token to release, or
+    /// `None` if nothing is held. Until the store answers the release, the actor cannot be
+    /// acquired again.
+    pub fn begin_release(&mut self, actor_id: &ActorId, now_ms: u64) -> Option<FencingToken> {
+        let held = self.held.remove(actor_id)?;
+        self.belief_epoch += 1;
+        let pending = PendingRelease {
+            fencing_token: held.fencing_token,
+            attempts: 0,
+            next_attempt_local_ms: now_ms + self.timing.retry_interval_ms,
+        };
+        self.releasing.insert(actor_id.clone(), pending);
+        Some(held.fencing_token)
+    }
+
+    /// The reply to a release of `token`: an answer (applied or refused) resolves it; a store
+    /// failure schedules another attempt, or after [`RELEASE_ATTEMPTS_MAX`] blocks the actor
+    /// for this keeper (safe: other nodes can take it once the lease expires).
+    pub fn release_replied(
+        &mut self,
+        actor_id: &ActorId,
+        token: FencingToken,
+        now_ms: u64,
+        result: &Result<Lease, LeaseError>,
+    ) {
+        let retry_at_ms = now_ms + self.timing.retry_interval_ms;
+        let Some(pending) = self.releasing.get_mut(actor_id) else {
+            return;
+        };
+        if pending.fencing_token != token {
+            return;
+        }
+        match result {
+            Err(LeaseError::Store(_)) if pending.attempts + 1 < RELEASE_ATTEMPTS_MAX => {
+                pending.attempts += 1;
+                pending.next_attempt_local_ms = retry_at_ms;
+            }
+            Err(LeaseError::Store(_)) => {
+                self.releasing.remove(actor_id);
+                self.blocked.insert(actor_id.clone());
+            }
+            _ => {
+                self.releasing.remove(actor_id);
+            }
+        }
+    }
+
+    /// Drops the beliefs that ran out by `now_ms`, returning an event for each.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<KeeperEvent> {
+        let ran_out: Vec<ActorId> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.belief.held_at(now_ms).is_none())
+            .map(|(a, _)| a.clone())
+            .collect();
+        let mut events = Vec::with_capacity(ran_out.len());
+        for actor_id in ran_out {
+            let held = self.held.remove(&actor_id).expect("collected above");
+            self.belief_epoch += 1;
+            kelpie_core::coverage::mark(MARK_BELIEF_ENDED);
+            events.push(KeeperEvent::Lost {
+                actor_id,
+                fencing_token: held.fencing_token,
+                reason: LostReason::BeliefExpired,
+            });
+        }
+        events
+    }
+
+    /// One round at `now_ms`: drops the beliefs that ran out (their events first), then the
+    /// renewals and release retries due now. `None` once stopped.
+    pub fn poll(&mut self, now_ms: u64) -> Option<(Vec<KeeperEvent>, Vec<KeeperRequest>)> {
+        if self.stopped {
+            return None;
+        }
+        let events = self.expire(now_ms);
+        let renewals = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.next_renew_local_ms <= now_ms)
+            .map(|(actor_id, h)| KeeperRequest::Renew {
+                actor_id: actor_id.clone(),
+                fencing_token: h.fencing_token,
+                sent_local_ms: now_ms,
+            });
+        let releases = self
+            .releasing
+            .iter()
+            .filter(|(_, p)| p.next_attempt_local_ms <= now_ms)
+            .map(|(actor_id, p)| KeeperRequest::Release {
+                actor_id: actor_id.clone(),
+                fencing_token: p.fencing_token,
+            });
+        let requests = renewals.chain(releases).collect();
+        Some((events, requests))
+    }
+
+    /// The reply to a renewal of `token` sent at `sent_local_ms`, arriving at `now_ms`. A
+    /// renewal extends the belief; a store failure schedules a retry; a refusal ends the
+    /// belief and returns the event. Ignored if the belief changed meanwhile (released, run
+    /// out, or replaced by another tenure).
+    pub fn renew_replied(
+        &mut self,
+        actor_id: &ActorId,
+        token: FencingToken,
+        sent_local_ms: u64,
+        now_ms: u64,
+        result: Result<Lease, LeaseError>,
+    ) -> Option<KeeperEvent> {
+        let held = self.held.get_mut(actor_id)?;
+        if held.fencing_token != token {
+            return None;
+        }
+        match result {
+            Ok(lease) => {
+                assert_eq!(
+                    lease.fencing_token, token,
+                    "a renewal never changes the token"
+                );
+                let base_ms = self.belief_base_ms(sent_local_ms, now_ms);
+                self.believe(actor_id, base_ms, token);
+                None
+            }
+            Err(LeaseError::Store(_)) => {
+                kelpie_core::coverage::mark(MARK_RENEWAL_FAILED);
+                held.next_renew_local_ms = now_ms + self.timing.retry_interval_ms;
+                None
+            }
+            Err(refusal) => {
+                kelpie_core::coverage::mark(MARK_RENEWAL_REFUSED);
+                self.held.remove(actor_id);
+                self.belief_epoch += 1;
+                Some(KeeperEvent::Lost {
+                    actor_id: actor_id.clone(),
+                    fencing_token: token,
+                    reason: LostReason::Refused(refusal),
+                })
+            }
+        }
+    }
+
+    /// The token of the lease on `actor_id` the node may act on at `now_ms`, if any.
+    pub fn holds(&self, actor_id: &ActorId, now_ms: u64) -> Option<FencingToken> {
+        let held = self.held.get(actor_id)?;
+        held.belief.held_at(now_ms).map(|h| h.fencing_token)
+    }
+
+    /// Every belief in force at `now_ms`.
+    pub fn beliefs(&self, now_ms: u64) -> Vec<(ActorId, HeldBelief)> {
+        let held = self.held.iter();
+        held.filter_map(|(a, h)| h.belief.held_at(now_ms).map(|b| (a.clone(), b)))
+            .collect()
+    }
+
+    /// A number that changes whenever a belief starts, is extended or is dropped.
+    pub fn belief_epoch(&self) -> u64 {
+        self.belief_epoch
+    }
+
+    /// The local time the earliest belief ends, if any is held.
+    pub fn earliest_belief_end_ms(&self) -> Option<u64> {
+        let ends = self
+            .held
+            .values()
+            .filter_map(|h| h.belief.held_at(0).map(|b| b.until_local_ms));
+        ends.min()
+    }
+
+    /// The local time of the next round: the earliest renewal, belief end or release retry,
+    /// and at most a renew interval after `now_ms`.
+    pub fn next_wake_ms(&self, now_ms: u64) -> u64 {
+        let far_ms = now_ms + self.timing.renew_interval_ms;
+        let ends = self.held.values().map(|h| {
+            let until_ms = h.belief.held_at(0).map_or(0, |b| b.until_local_ms);
+            h.next_renew_local_ms.min(until_ms)
+        });
+        let retries = self.releasing.values().map(|p| p.next_attempt_local_ms);
+        ends.chain(retries).fold(far_ms, u64::min)
+    }
+
+    /// Makes [`poll`](Self::poll) return `None` from now on.
+    pub fn stop(&mut self) {
+        self.stopped = true;
+    }
+
+    fn believe(&mut self, actor_id: &ActorId, base_ms: u64, token: FencingToken) {
+        let next_renew_local_ms = base_ms + self.timing.renew_interval_ms;
+        let held = self.held.entry(actor_id.clone()).or_insert(Held {
+            belief: Belief::new(),
+            fencing_token: token,
+            next_renew_local_ms,
+        });
+        if held.fencing_token != token {
+            held.belief.on_lost();
+        }
+        held.belief.on_granted(&self.belief_config, base_ms, token);
+        held.fencing_token = token;
+        held.next_renew_local_ms = next_renew_local_ms;
+        self.belief_epoch += 1;
+    }
+
+    /// The local time a belief is measured from: the send time (the mutation uses now).
+    fn belief_base_ms(&self, sent_local_ms: u64, now_ms: u64) -> u64 {
+        match self.belief_from_reply {
+            true => now_ms,
+            false => sent_local_ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keeper::KeeperConfig;
+    use kelpie_core::NodeId;
+
+    const DURATION_MS: u64 = 900;
+
+    fn core() -> KeeperCore {
+        KeeperCore::new(KeeperConfig::default().timing_for(DURATION_MS).unwrap())
+    }
+
+    fn actor() -> ActorId {
+        ActorId::new("a").unwrap()
+    }
+
+    fn granted(token: u64, at_ms: u64) -> Result<Lease, LeaseError> {
+        Ok(Lease {
+            actor_id: actor(),
+            holder: NodeId::new("n1@1").unwrap(),
+            fencing_token: FencingToken(token),
+            acquired_at_ms: at_ms,
+            expires_at_ms: at_ms + DURATION_MS,
+            renewal_count: 0,
+        })
+    }
+
+    fn unavailable() -> Result<Lease, LeaseError> {
+        Err(LeaseError::Store(StoreError::Unavailable {
+            reason: "partitioned".into(),
+        }))
+    }
+
+    /// The belief is measured from the send time, however late the reply: a grant whose
+    /// reply took the whole belief to arrive grants nothing.
+    #[test]
+    fn beliefs_are_measured_from_the_send_time() {
+        let mut keeper = core();
+        let belief_ms = keeper.timing.belief_config().belief_duration_ms();
+        keeper.acquire_replied(&actor(), 100, 150, &granted(1, 120));
+        assert_eq!(
+            keeper.holds(&actor(), 100 + belief_ms - 1),
+            Some(FencingToken(1))
+        );
+        assert_eq!(keeper.holds(&actor(), 100 + belief_ms), None);
+        let mut late = core();
+        late.acquire_replied(&actor(), 100, 100 + belief_ms, &granted(1, 120));
+        assert_eq!(late.holds(&actor(), 100 + belief_ms), None);
+    }
+
+    /// Renewals come due a renew interval after the send, failed ones are retried a retry
+    /// interval later, and a belief that ran out is reported once.
+    #[test]
+    fn poll_renews_retries_and_reports_the_end_once() {
+        let mut keeper = core();
+        let timing = keeper.timing;
+        keeper.acquire_replied(&actor(), 0, 5, &granted(1, 2));
+        let (events, requests) = keeper.poll(timing.renew_interval_ms - 1).unwrap();
+        assert!(events.is_empty() && requests.is_empty());
+        let at_ms = timing.renew_interval_ms;
+        let (_, requests) = keeper.poll(at_ms).unwrap();
+        let expected = KeeperRequest::Renew {
+            actor_id: actor(),
+            fencing_token: FencingToken(1),
+            sent_local_ms: at_ms,
+        };
+        assert_eq!(requests, vec![expected]);
+        assert!(keeper
+            .renew_replied(&actor(), FencingToken(1), at_ms, at_ms + 3, unavailable())
+            .is_none());
+        assert_eq!(
+            keeper.next_wake_ms(at_ms + 3),
+            at_ms + 3 + timing.retry_interval_ms
+        );
+        let end_ms = keeper.earliest_belief_end_ms().unwrap();
+        let (events, _) = keeper.poll(end_ms).unwrap();
+        assert_eq!(events.len(), 1, "{events:?}");
+        let (events, requests) = keeper.poll(end_ms + 1).unwrap();
+        assert!(events.is_empty() && requests.is_empty());
+    }
+
+    /// A refused renewal ends the belief at once; a reply for a token no longer believed is
+    /// ignored.
+    #[test]
+    fn a_refused_renewal_ends_the_belief_and_stale_replies_are_ignored() {
+        let mut keeper = core();
+        keeper.acquire_replied(&actor(), 0, 5, &granted(2, 2));
+        let stale = keeper.renew_replied(&actor(), FencingToken(1), 0, 10, granted(1, 9));
+        assert!(stale.is_none());
+        assert_eq!(keeper.holds(&actor(), 10), Some(FencingToken(2)));
+        let refusal = Err(LeaseError::Expired {
+            actor_id: actor(),
+            node_id: NodeId::new("n1@1").unwrap(),
+            expired_at_ms: 5,
+        });
+        let lost = keeper.renew_replied(&actor(), FencingToken(2), 300, 310, refusal);
+        assert!(matches!(lost, Some(KeeperEvent::Lost { .. })));
+        assert_eq!(keeper.holds(&actor(), 310), None);
+    }
+
+    /// A release drops the belief first and blocks re-acquiring until the store answers;
+    /// its retries come from `poll`; after the last attempt the actor stays blocked.
+    #[test]
+    fn an_unresolved_release_blocks_re_acquiring() {
+        let mut keeper = core();
+        let retry_ms = keeper.timing.retry_interval_ms;
+        keeper.acquire_replied(&actor(), 0, 5, &granted(1, 2));
+        assert_eq!(keeper.begin_release(&actor(), 10), Some(FencingToken(1)));
+        assert_eq!(keeper.holds(&actor(), 10), None);
+        assert!(keeper.begin_acquire(&actor()).is_err());
+        keeper.release_replied(&actor(), FencingToken(1), 20, &unavailable());
+        let (_, requests) = keeper.poll(20 + retry_ms).unwrap();
+        assert_eq!(
+            requests,
+            vec![KeeperRequest::Release {
+                actor_id: actor(),
+                fencing_token: FencingToken(1)
+            }]
+        );
+        keeper.release_replied(&actor(), FencingToken(1), 30, &granted(1, 2));
+        assert!(keeper.begin_acquire(&actor()).is_ok());
+
+        let mut stubborn = core();
+        stubborn.acquire_replied(&actor(), 0, 5, &granted(1, 2));
+        stubborn.begin_release(&actor(), 10);
+        for attempt in 0..RELEASE_ATTEMPTS_MAX {
+            assert!(
+                stubborn.begin_acquire(&actor()).is_err(),
+                "attempt {attempt}"
+            );
+            stubborn.release_replied(&actor(), FencingToken(1), 20, &unavailable());
+        }
+        assert!(
+            stubborn.begin_acquire(&actor()).is_err(),
+            "blocked for good"
+        );
+        assert!(stubborn.poll(1_000_000).unwrap().1.is_empty());
+    }
+
+    #[test]
+    fn a_stopped_keeper_polls_nothing() {
+        let mut keeper = core();
+        keeper.stop();
+        assert_eq!(keeper.poll(0), None);
+    }
+}

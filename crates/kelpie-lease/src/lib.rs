@@ -72,7 +72,7 @@ pub use keeper::{
     KeeperConfig, KeeperCore, KeeperEvent, KeeperParts, KeeperRequest, KeeperTiming, LeaseKeeper,
     LostReason, CLOCK_DRIFT_PPM_MAX_DEFAULT, COVERAGE_MARKS, HOLDER_SUFFIX_BYTES_MAX,
     MARK_BELIEF_ENDED, MARK_COMMIT_UNKNOWN_RESOLVED, MARK_RENEWAL_ABANDONED, MARK_RENEWAL_FAILED,
-    MARK_RENEWAL_REFUSED,
+    MARK_RENEWAL_REFUSED, RELEASE_ATTEMPTS_MAX,
 };
 pub use lease::{Lease, LeaseConfig, LeaseOp, LeaseRecord, LeaseRequest};
 pub use manager::{LeaseManager, MemoryLeaseManager, ProtocolLeaseManager};

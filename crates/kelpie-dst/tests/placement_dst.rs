@@ -24,6 +24,10 @@
 //!
 //! `DST_SEEDS=<n>` sets how many seeds run (default [`SEEDS_DEFAULT`]); `DST_SEED=<n>` runs
 //! exactly one. `--nocapture` prints the figures.
+//!
+//! Two deliberately broken variants show the checks failing: a placement whose activation
+//! outlives the lease (caught by SingleActivation) and a state store that accepts a stale
+//! token (caught by the fencing check of the state operations).
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -37,8 +41,10 @@ use kelpie_dst::{
     swarm_faults, Keeper, LeaseScenario, NetLeaseManager, SimLeaseCluster, SwarmSettings,
     SwarmWorld, SWARM_LEASE_FAULTS,
 };
-use kelpie_lease::{FencedStateStore, Location, MemoryFencedStateStore, Placement, StateError};
-use kelpie_sim::{DeterministicRng, FaultType, SimConfig, SimEnv, SimReport, Simulation};
+use kelpie_lease::{
+    FencedState, FencedStateStore, Location, MemoryFencedStateStore, Placement, StateError,
+};
+use kelpie_sim::{DeterministicRng, FaultType, SimConfig, SimEnv, SimError, SimReport, Simulation};
 
 /// Seeds run when `DST_SEEDS` is not set.
 const SEEDS_DEFAULT: u64 = 16;
@@ -60,6 +66,73 @@ const LONG_DELAY_PROBABILITY: f64 = 0.1;
 const SHORT_DELAY_MS_MAX: u64 = 5;
 
 type NodePlacement = Placement<NetLeaseManager>;
+
+/// Seeds a deliberately broken variant may survive before its check must have failed.
+const MUTATION_SEEDS_MAX: u64 = 50;
+
+/// Which deliberately broken variant a run uses, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Broken {
+    /// Everything as in production.
+    Nothing,
+    /// The placement keeps an actor active after its lease belief ended.
+    ActivationOutlivesLease,
+    /// The state store accepts any token, stale ones included.
+    StateStoreIgnoresTokens,
+}
+
+/// The state store a run writes to: the production fenced store, or the broken one.
+enum StateStore {
+    Fenced(MemoryFencedStateStore),
+    /// Accepts every write and fence and remembers the last token, not the highest.
+    Lax(RefCell<BTreeMap<ActorId, FencedState>>),
+}
+
+impl StateStore {
+    async fn write(
+        &self,
+        actor_id: &ActorId,
+        token: FencingToken,
+        value: &[u8],
+    ) -> Result<(), StateError> {
+        match self {
+            StateStore::Fenced(store) => store.write(actor_id, token, value).await,
+            StateStore::Lax(states) => {
+                let state = FencedState {
+                    highest_token: token,
+                    value: Some(value.to_vec()),
+                };
+                states.borrow_mut().insert(actor_id.clone(), state);
+                Ok(())
+            }
+        }
+    }
+
+    async fn fence(&self, actor_id: &ActorId, token: FencingToken) -> Result<(), StateError> {
+        match self {
+            StateStore::Fenced(store) => store.fence(actor_id, token).await.map(|_| ()),
+            StateStore::Lax(states) => {
+                let mut states = states.borrow_mut();
+                let state = states.entry(actor_id.clone()).or_insert(FencedState {
+                    highest_token: token,
+                    value: None,
+                });
+                state.highest_token = token;
+                Ok(())
+            }
+        }
+    }
+
+    fn highest_token(&self, actor_id: &ActorId) -> Result<Option<FencingToken>, String> {
+        let state = match self {
+            StateStore::Fenced(store) => {
+                futures_now(store.read(actor_id)).map_err(|e| e.to_string())?
+            }
+            StateStore::Lax(states) => states.borrow().get(actor_id).cloned(),
+        };
+        Ok(state.map(|s| s.highest_token))
+    }
+}
 
 /// A state operation as it reached the state store.
 #[derive(Debug, Clone)]
@@ -120,7 +193,8 @@ struct Figures {
 struct Ctx {
     env: SimEnv,
     world: Rc<SwarmWorld>,
-    state: MemoryFencedStateStore,
+    broken: Broken,
+    state: StateStore,
     ops: RefCell<Vec<StateOp>>,
     placements: RefCell<Vec<Option<Rc<NodePlacement>>>>,
     figures: Cell<Figures>,
@@ -156,7 +230,7 @@ fn test_dst_single_activation_under_faults() {
     let mut faults: BTreeMap<FaultType, u64> = BTreeMap::new();
     let mut total = Figures::default();
     for &seed in &seeds {
-        let (report, figures) = run_seed(seed);
+        let (report, figures) = run_seed(seed, Broken::Nothing).unwrap_or_else(|e| panic!("{e}"));
         for (fault, count) in &report.faults_fired {
             *faults.entry(*fault).or_default() += count;
         }
@@ -224,30 +298,63 @@ fn add(a: Figures, b: Figures) -> Figures {
     }
 }
 
-/// Runs one seed; panics with the simulator's failure (which names the seed) if it fails.
-fn run_seed(seed: u64) -> (SimReport, Figures) {
+/// Runs `broken` over consecutive seeds until a check fails; returns how many seeds that took
+/// and the failure.
+fn caught_within(broken: Broken) -> (u64, SimError) {
+    let base = SimConfig::from_env_or_random().seed;
+    for i in 0..MUTATION_SEEDS_MAX {
+        if let Err(error) = run_seed(base.wrapping_add(i), broken) {
+            return (i + 1, error);
+        }
+    }
+    panic!("{broken:?} survived {MUTATION_SEEDS_MAX} seeds from {base}");
+}
+
+#[test]
+fn test_dst_activation_outliving_its_lease_is_caught_by_single_activation() {
+    let (seeds, error) = caught_within(Broken::ActivationOutlivesLease);
+    println!("activation outliving its lease caught after {seeds} seeds: {error}");
+    assert!(
+        matches!(&error, SimError::InvariantViolated { invariant, .. } if invariant == "SingleActivation"),
+        "caught otherwise: {error}"
+    );
+}
+
+#[test]
+fn test_dst_state_store_accepting_stale_tokens_is_caught_by_the_fencing_check() {
+    let (seeds, error) = caught_within(Broken::StateStoreIgnoresTokens);
+    println!("state store ignoring tokens caught after {seeds} seeds: {error}");
+    let SimError::ScenarioFailed { message, .. } = &error else {
+        panic!("caught otherwise: {error}");
+    };
+    assert!(
+        message.contains("state store accepted token"),
+        "caught otherwise: {message}"
+    );
+}
+
+/// Runs one seed; the simulator's failure names the seed.
+fn run_seed(seed: u64, broken: Broken) -> Result<(SimReport, Figures), SimError> {
     let mut simulation = Simulation::new(SimConfig::new(seed));
     for fault in swarm_faults(seed, SWARM_LEASE_FAULTS) {
         simulation = simulation.with_fault(fault);
     }
     let figures = Rc::new(Cell::new(Figures::default()));
     let figures_out = Rc::clone(&figures);
-    let report = simulation
-        .run(move |env| {
-            let figures = Rc::clone(&figures);
-            async move {
-                let ctx = start(&env)?;
-                let outcome = drive(&ctx).await;
-                figures.set(ctx.figures.get());
-                outcome
-            }
-        })
-        .unwrap_or_else(|error| panic!("{error}"));
-    (report, figures_out.get())
+    let report = simulation.run(move |env| {
+        let figures = Rc::clone(&figures);
+        async move {
+            let ctx = start(&env, broken)?;
+            let outcome = drive(&ctx).await;
+            figures.set(ctx.figures.get());
+            outcome
+        }
+    })?;
+    Ok((report, figures_out.get()))
 }
 
 /// Builds the world, its nodes' loops and the activation check.
-fn start(env: &SimEnv) -> Result<Rc<Ctx>, String> {
+fn start(env: &SimEnv, broken: Broken) -> Result<Rc<Ctx>, String> {
     let config = LeaseScenario::default().cluster;
     let cluster = SimLeaseCluster::new(env, config)?;
     let settings = SwarmSettings {
@@ -259,7 +366,11 @@ fn start(env: &SimEnv) -> Result<Rc<Ctx>, String> {
     let ctx = Rc::new(Ctx {
         env: env.clone(),
         world,
-        state: MemoryFencedStateStore::new(),
+        broken,
+        state: match broken {
+            Broken::StateStoreIgnoresTokens => StateStore::Lax(RefCell::default()),
+            _ => StateStore::Fenced(MemoryFencedStateStore::new()),
+        },
         ops: RefCell::default(),
         placements: RefCell::new(vec![None; NODES_COUNT]),
         figures: Cell::default(),
@@ -300,7 +411,12 @@ async fn supervise(ctx: Rc<Ctx>, node: usize) {
             continue;
         };
         incarnation += 1;
-        let placement = Rc::new(Placement::new(Arc::clone(&keeper)));
+        let placement = Placement::new(Arc::clone(&keeper));
+        let placement = match ctx.broken {
+            Broken::ActivationOutlivesLease => placement.with_mutation_activation_outlives_lease(),
+            _ => placement,
+        };
+        let placement = Rc::new(placement);
         ctx.placements.borrow_mut()[node] = Some(Rc::clone(&placement));
         let mut rng = ctx.env.rng(&format!("placement/node-{node}-{incarnation}"));
         while ctx.is_current(node, &keeper) {
@@ -459,7 +575,7 @@ async fn send_state_op(
     let fence = value.is_none();
     let result = match value {
         Some(value) => ctx.state.write(actor_id, token, &value).await,
-        None => ctx.state.fence(actor_id, token).await.map(|_| ()),
+        None => ctx.state.fence(actor_id, token).await,
     };
     ctx.ops.borrow_mut().push(StateOp {
         actor_id: actor_id.clone(),
@@ -672,9 +788,7 @@ fn check_state_ops(ctx: &Ctx) -> Result<(), String> {
         count_write(ctx, op);
     }
     for (actor_id, (token, _)) in highest {
-        let stored = ctx.state.read(actor_id);
-        let stored = futures_now(stored).map_err(|e| e.to_string())?;
-        let stored = stored.map(|s| s.highest_token);
+        let stored = ctx.state.highest_token(actor_id)?;
         if stored != Some(token) {
             return Err(format!(
                 "{actor_id}: the store's highest token is {stored:?}, not {token}"

@@ -48,15 +48,37 @@ pub struct Placement<M> {
     /// Actors activated here, with the token they were activated under. An entry whose token
     /// the keeper no longer believes in is stale and is dropped when seen.
     active: Mutex<BTreeMap<ActorId, FencingToken>>,
+    /// Deliberately wrong (mutation): an activation stays in force after the belief ends.
+    #[cfg(feature = "mutations")]
+    activation_outlives_lease: bool,
 }
 
 impl<M: LeaseManager> Placement<M> {
+    /// Deliberately wrong: an actor stays active after the keeper's belief in its lease
+    /// ended, as a runtime that checked the lease only on activation would. Only for showing
+    /// that the simulator's single-activation check catches it.
+    #[cfg(feature = "mutations")]
+    pub fn with_mutation_activation_outlives_lease(mut self) -> Self {
+        self.activation_outlives_lease = true;
+        self
+    }
+
+    /// Whether an activation counts while the keeper no longer believes in its lease.
+    fn activation_outlives_lease(&self) -> bool {
+        #[cfg(feature = "mutations")]
+        return self.activation_outlives_lease;
+        #[cfg(not(feature = "mutations"))]
+        false
+    }
+
     /// Placement for the keeper's node; [`where_is`](Self::where_is) reads the store through
     /// the keeper's own manager.
     pub fn new(keeper: Arc<LeaseKeeper<M>>) -> Self {
         Self {
             keeper,
             active: Mutex::new(BTreeMap::new()),
+            #[cfg(feature = "mutations")]
+            activation_outlives_lease: false,
         }
     }
 
@@ -127,7 +149,7 @@ impl<M: LeaseManager> Placement<M> {
     pub fn active_token(&self, actor_id: &ActorId) -> Option<FencingToken> {
         let mut active = self.lock();
         let activated = *active.get(actor_id)?;
-        if self.keeper.holds(actor_id) == Some(activated) {
+        if self.keeper.holds(actor_id) == Some(activated) || self.activation_outlives_lease() {
             return Some(activated);
         }
         active.remove(actor_id);

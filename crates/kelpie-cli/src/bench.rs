@@ -108,7 +108,8 @@ pub fn run(args: BenchArgs) -> Result<(), CliError> {
         StoreUrl::Etcd(_) => return Err(crate::store_url::StoreUrlError::EtcdNotBuilt.into()),
         #[cfg(feature = "etcd")]
         StoreUrl::Etcd(endpoints) => runtime.block_on(async {
-            let manager = connect_etcd(endpoints, ETCD_TIMEOUT_MS, config).await?;
+            let clock = Arc::new(TokioClock::new());
+            let manager = connect_etcd(endpoints, ETCD_TIMEOUT_MS, config, clock).await?;
             measure_all(Arc::new(manager), &args.concurrency, case).await
         })?,
     };

@@ -1,6 +1,8 @@
 //! `kelpie lease acquire|renew|release|get|list` against a store.
 
 use std::path::Path;
+#[cfg(feature = "etcd")]
+use std::sync::Arc;
 
 use clap::{Args, Subcommand};
 use kelpie_core::{ActorId, IdError, NodeId};
@@ -156,8 +158,51 @@ pub fn run(command: LeaseCommand) -> Result<(), CliError> {
 #[allow(clippy::large_enum_variant)]
 enum Backend {
     Sqlite(SqliteLeaseManager),
+    /// The manager, and the clock it stamps leases with (ms since it connected).
     #[cfg(feature = "etcd")]
-    Etcd(EtcdLeaseManager),
+    Etcd(EtcdLeaseManager, kelpie_core::SharedClock),
+}
+
+impl Backend {
+    /// The store's clock now, to show a lease's times relative to now and on the wall clock.
+    fn now(&self) -> StoreNow {
+        let wall = wall_now();
+        let store_ms = match self {
+            // The SQLite store times leases by the wall clock, in ms since the UNIX epoch
+            // (never below its persisted high-water mark, so at most this).
+            Backend::Sqlite(_) => wall
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            #[cfg(feature = "etcd")]
+            Backend::Etcd(_, clock) => clock.now_ms(),
+        };
+        StoreNow { store_ms, wall }
+    }
+}
+
+/// One instant on the store's clock and on the wall clock.
+#[derive(Debug, Clone, Copy)]
+struct StoreNow {
+    store_ms: u64,
+    wall: std::time::SystemTime,
+}
+
+impl StoreNow {
+    /// `store_time_ms` as a wall-clock instant.
+    fn wall_at(&self, store_time_ms: u64) -> std::time::SystemTime {
+        let offset = std::time::Duration::from_millis(store_time_ms.abs_diff(self.store_ms));
+        match store_time_ms >= self.store_ms {
+            true => self.wall + offset,
+            false => self.wall - offset,
+        }
+    }
+}
+
+/// The wall clock, read once per command to show times to a person; lease decisions never
+/// use it here (the store reads its own clock).
+#[allow(clippy::disallowed_methods)]
+fn wall_now() -> std::time::SystemTime {
+    std::time::SystemTime::now()
 }
 
 /// Opens a SQLite store, waiting up to `timeout_ms` for another process's write lock.
@@ -173,9 +218,12 @@ async fn open(args: &StoreArgs, config: LeaseConfig) -> Result<Backend, CliError
             Ok(Backend::Sqlite(SqliteLeaseManager::new(store, config)))
         }
         #[cfg(feature = "etcd")]
-        StoreUrl::Etcd(endpoints) => Ok(Backend::Etcd(
-            connect_etcd(endpoints, args.timeout_ms, config).await?,
-        )),
+        StoreUrl::Etcd(endpoints) => {
+            let clock: kelpie_core::SharedClock = Arc::new(kelpie_core::TokioClock::new());
+            let manager =
+                connect_etcd(endpoints, args.timeout_ms, config, Arc::clone(&clock)).await?;
+            Ok(Backend::Etcd(manager, clock))
+        }
         #[cfg(not(feature = "etcd"))]
         StoreUrl::Etcd(_) => Err(crate::store_url::StoreUrlError::EtcdNotBuilt.into()),
         StoreUrl::Memory => Err(CliError::Usage(
@@ -192,11 +240,13 @@ pub async fn connect_etcd(
     endpoints: &[String],
     timeout_ms: u64,
     config: LeaseConfig,
+    clock: kelpie_core::SharedClock,
 ) -> Result<EtcdLeaseManager, CliError> {
     let options = EtcdOptions::new(endpoints)
         .with_connect_timeout_ms(timeout_ms)
         .with_request_timeout_ms(timeout_ms)
-        .with_lease_config(config);
+        .with_lease_config(config)
+        .with_clock(clock);
     Ok(EtcdLeaseManager::connect(options).await?)
 }
 
@@ -206,14 +256,14 @@ async fn write_op(op: Op, args: &OpArgs) -> Result<(), CliError> {
     let result = match &backend {
         Backend::Sqlite(manager) => apply(manager, op, &args.actor, &args.node).await,
         #[cfg(feature = "etcd")]
-        Backend::Etcd(manager) => apply(manager, op, &args.actor, &args.node).await,
+        Backend::Etcd(manager, _) => apply(manager, op, &args.actor, &args.node).await,
     };
     match result {
         Ok(lease) => {
             if args.store.json {
                 print_json(&json!(lease));
             } else {
-                println!("{} {}", op.done(), describe(&lease));
+                println!("{} {}", op.done(), describe(&lease, backend.now()));
             }
             Ok(())
         }
@@ -222,7 +272,7 @@ async fn write_op(op: Op, args: &OpArgs) -> Result<(), CliError> {
                 print_json(&refusal_json(&error));
             }
             #[cfg(feature = "etcd")]
-            if let (Backend::Etcd(_), LeaseError::NotHolder { holder, .. }) = (&backend, &error) {
+            if let (Backend::Etcd(..), LeaseError::NotHolder { holder, .. }) = (&backend, &error) {
                 if holder.as_ref() == Some(&args.node) {
                     eprintln!(
                         "kelpie: note: with etcd the lease belongs to the session of the kelpie \
@@ -260,39 +310,46 @@ fn refusal_json(error: &LeaseError) -> serde_json::Value {
 }
 
 async fn get(args: &GetArgs) -> Result<(), CliError> {
-    let lease = match &args.store.store {
+    let found = match &args.store.store {
         // A read does not create the default file in whatever directory it runs in.
         StoreUrl::Sqlite(path) if !path.exists() => None,
-        _ => match open(&args.store, LeaseConfig::default()).await? {
-            Backend::Sqlite(manager) => manager.get(&args.actor).await?,
-            #[cfg(feature = "etcd")]
-            Backend::Etcd(manager) => manager.get(&args.actor).await?,
-        },
+        _ => {
+            let backend = open(&args.store, LeaseConfig::default()).await?;
+            let lease = match &backend {
+                Backend::Sqlite(manager) => manager.get(&args.actor).await?,
+                #[cfg(feature = "etcd")]
+                Backend::Etcd(manager, _) => manager.get(&args.actor).await?,
+            };
+            lease.map(|lease| (lease, backend.now()))
+        }
     };
-    match (&lease, args.store.json) {
-        (_, true) => print_json(&json!(lease)),
-        (Some(lease), false) => println!("{}", describe(lease)),
+    match (found, args.store.json) {
+        (found, true) => print_json(&json!(found.map(|(lease, _)| lease))),
+        (Some((lease, now)), false) => println!("{}", describe(&lease, now)),
         (None, false) => println!("{}: no valid lease", args.actor),
     }
     Ok(())
 }
 
 async fn list(args: &ListArgs) -> Result<(), CliError> {
-    let leases = match &args.store.store {
-        StoreUrl::Sqlite(path) if !path.exists() => Vec::new(),
-        _ => match (open(&args.store, LeaseConfig::default()).await?, &args.node) {
-            (Backend::Sqlite(manager), Some(node)) => manager.leases_held_by(node).await?,
-            (Backend::Sqlite(manager), None) => all_valid(manager.store()).await?,
-            #[cfg(feature = "etcd")]
-            (Backend::Etcd(manager), Some(node)) => manager.leases_held_by(node).await?,
-            #[cfg(feature = "etcd")]
-            (Backend::Etcd(_), None) => {
-                return Err(CliError::Usage(
-                    "with etcd, list needs --node: the etcd backend lists one node's leases"
-                        .to_string(),
-                ))
-            }
-        },
+    let (leases, now) = match &args.store.store {
+        StoreUrl::Sqlite(path) if !path.exists() => (Vec::new(), None),
+        _ => {
+            let backend = open(&args.store, LeaseConfig::default()).await?;
+            let leases =
+                match (&backend, &args.node) {
+                    (Backend::Sqlite(manager), Some(node)) => manager.leases_held_by(node).await?,
+                    (Backend::Sqlite(manager), None) => all_valid(manager.store()).await?,
+                    #[cfg(feature = "etcd")]
+                    (Backend::Etcd(manager, _), Some(node)) => manager.leases_held_by(node).await?,
+                    #[cfg(feature = "etcd")]
+                    (Backend::Etcd(..), None) => return Err(CliError::Usage(
+                        "with etcd, list needs --node: the etcd backend lists one node's leases"
+                            .to_string(),
+                    )),
+                };
+            (leases, Some(backend.now()))
+        }
     };
     if args.store.json {
         print_json(&json!(leases));
@@ -302,8 +359,9 @@ async fn list(args: &ListArgs) -> Result<(), CliError> {
             None => println!("no valid leases"),
         }
     } else {
+        let now = now.expect("leases were read from an open store");
         for lease in &leases {
-            println!("{}", describe(lease));
+            println!("{}", describe(lease, now));
         }
     }
     Ok(())
@@ -322,16 +380,31 @@ async fn all_valid<S: LeaseStore>(store: &S) -> Result<Vec<Lease>, LeaseError> {
 }
 
 /// `actor-1 holder=node-a token=3 expires_at_ms=... renewals=0`; times are the store's clock.
-fn describe(lease: &Lease) -> String {
+/// A lease for a person: its expiry as a duration from now and as a wall-clock time (UTC),
+/// when it was acquired, and its renewals. `--json` keeps the store's raw fields.
+fn describe(lease: &Lease, now: StoreNow) -> String {
+    let expiry = match lease.expires_at_ms.checked_sub(now.store_ms) {
+        Some(left_ms) => format!("expires in {}", seconds(left_ms)),
+        None => format!(
+            "expired {} ago",
+            seconds(now.store_ms - lease.expires_at_ms)
+        ),
+    };
+    let acquired_ms = now.store_ms.saturating_sub(lease.acquired_at_ms);
     format!(
-        "{} holder={} token={} acquired_at_ms={} expires_at_ms={} renewals={}",
+        "{} holder={} token={} {expiry} (at {}), acquired {} ago, renewals={}",
         lease.actor_id,
         lease.holder,
         lease.fencing_token,
-        lease.acquired_at_ms,
-        lease.expires_at_ms,
+        humantime::format_rfc3339_millis(now.wall_at(lease.expires_at_ms)),
+        seconds(acquired_ms),
         lease.renewal_count
     )
+}
+
+/// `1234` ms as `1.234 s`.
+fn seconds(ms: u64) -> String {
+    format!("{}.{:03} s", ms / 1_000, ms % 1_000)
 }
 
 fn print_json(value: &serde_json::Value) {

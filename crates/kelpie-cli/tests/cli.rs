@@ -153,6 +153,17 @@ fn lease_commands_against_a_sqlite_file() {
     let (code, stdout, _) = run(&["lease", "get", "--actor", "actor-1", "--store", &store]);
     assert_eq!(code, 0);
     assert!(stdout.contains("holder=node-a"), "{stdout}");
+    // For a person: the expiry from now and on the wall clock (UTC, RFC 3339).
+    assert!(stdout.contains(" expires in "), "{stdout}");
+    let at = stdout
+        .split("(at ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next());
+    let at = at.unwrap_or_else(|| panic!("no wall-clock expiry in {stdout}"));
+    assert!(
+        at.len() == 24 && at.ends_with('Z') && at.as_bytes()[10] == b'T',
+        "{at}"
+    );
     let json = [
         "lease", "get", "--actor", "actor-1", "--store", &store, "--json",
     ];

@@ -193,6 +193,17 @@ pub enum LostReason {
     BeliefExpired,
 }
 
+impl std::fmt::Display for LostReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LostReason::Refused(refusal) => write!(f, "the store refused a renewal: {refusal}"),
+            LostReason::BeliefExpired => f.write_str(
+                "renewals failed until the belief ran out (ended before the store's expiry)",
+            ),
+        }
+    }
+}
+
 /// What the keeper tells its owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -572,6 +583,22 @@ mod tests {
             std::task::Poll::Ready(value) => value,
             std::task::Poll::Pending => panic!("memory store futures are ready at once"),
         }
+    }
+
+    #[test]
+    fn lost_reasons_read_as_sentences() {
+        let expired = LostReason::BeliefExpired.to_string();
+        assert!(expired.contains("belief ran out"), "{expired}");
+        let refusal = LeaseError::NotHolder {
+            actor_id: ActorId::new("a").unwrap(),
+            node_id: NodeId::new("n1@1").unwrap(),
+            holder: None,
+        };
+        let refused = LostReason::Refused(refusal).to_string();
+        assert!(
+            refused.starts_with("the store refused a renewal: n1@1"),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -42,7 +42,8 @@ use kelpie_dst::{
     SwarmWorld, SWARM_LEASE_FAULTS,
 };
 use kelpie_lease::{
-    FencedState, FencedStateStore, Location, MemoryFencedStateStore, Placement, StateError,
+    FencedState, FencedStateStore, KeeperEvent, Location, MemoryFencedStateStore, Placement,
+    StateError,
 };
 use kelpie_sim::{DeterministicRng, FaultType, SimConfig, SimEnv, SimError, SimReport, Simulation};
 
@@ -423,7 +424,9 @@ async fn supervise(ctx: Rc<Ctx>, node: usize) {
             // The actor may already be inactive (its belief ended), so every event counts.
             while let Some(event) = ctx.world.next_keeper_event(node) {
                 placement.on_keeper_event(&event);
-                ctx.count(|f| f.lost_events += 1);
+                if matches!(event, KeeperEvent::Lost { .. }) {
+                    ctx.count(|f| f.lost_events += 1);
+                }
             }
             match ctx.world.phase() {
                 Phase::Safety => visit_random(&ctx, node, &keeper, &placement, &mut rng).await,

@@ -201,6 +201,9 @@ impl<M: LeaseManager> Placement<M> {
                 active.remove(actor_id);
                 Some(actor_id.clone())
             }
+            // Grants, renewals and releases change nothing here: activation follows
+            // activate_or_locate and deactivate, and validity the keeper's belief.
+            _ => None,
         }
     }
 

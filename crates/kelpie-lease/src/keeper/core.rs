@@ -139,7 +139,7 @@ impl KeeperCore {
         sent_local_ms: u64,
         now_ms: u64,
         result: &Result<Lease, LeaseError>,
-    ) {
+    ) -> Option<KeeperEvent> {
         let was_unknown = self.unknown_acquires.remove(actor_id);
         match result {
             Ok(lease) => {
@@ -147,12 +147,27 @@ impl KeeperCore {
                     kelpie_core::coverage::mark(MARK_COMMIT_UNKNOWN_RESOLVED);
                 }
                 let base_ms = self.belief_base_ms(sent_local_ms, now_ms);
-                self.believe(actor_id, base_ms, lease.fencing_token);
+                let held_before = self.holds(actor_id, now_ms);
+                let until_local_ms = self.believe(actor_id, base_ms, lease.fencing_token)?;
+                let (actor_id, fencing_token) = (actor_id.clone(), lease.fencing_token);
+                Some(match held_before == Some(fencing_token) {
+                    true => KeeperEvent::Renewed {
+                        actor_id,
+                        fencing_token,
+                        until_local_ms,
+                    },
+                    false => KeeperEvent::Acquired {
+                        actor_id,
+                        fencing_token,
+                        until_local_ms,
+                    },
+                })
             }
             Err(LeaseError::Store(StoreError::CommitUnknown { .. })) => {
                 self.unknown_acquires.insert(actor_id.clone());
+                None
             }
-            Err(_) => {}
+            Err(_) => None,
         }
     }
 
@@ -171,34 +186,39 @@ impl KeeperCore {
         Some(held.fencing_token)
     }
 
-    /// The reply to a release of `token`: an answer (applied or refused) resolves it; a store
-    /// failure schedules another attempt, or after [`RELEASE_ATTEMPTS_MAX`] blocks the actor
-    /// for this keeper (safe: other nodes can take it once the lease expires).
+    /// The reply to a release of `token`: an answer (applied or refused) resolves it and
+    /// returns [`KeeperEvent::Released`]; a store failure schedules another attempt, or after
+    /// [`RELEASE_ATTEMPTS_MAX`] blocks the actor for this keeper (safe: other nodes can take
+    /// it once the lease expires).
     pub fn release_replied(
         &mut self,
         actor_id: &ActorId,
         token: FencingToken,
         now_ms: u64,
         result: &Result<Lease, LeaseError>,
-    ) {
+    ) -> Option<KeeperEvent> {
         let retry_at_ms = now_ms + self.timing.retry_interval_ms;
-        let Some(pending) = self.releasing.get_mut(actor_id) else {
-            return;
-        };
+        let pending = self.releasing.get_mut(actor_id)?;
         if pending.fencing_token != token {
-            return;
+            return None;
         }
         match result {
             Err(LeaseError::Store(_)) if pending.attempts + 1 < RELEASE_ATTEMPTS_MAX => {
                 pending.attempts += 1;
                 pending.next_attempt_local_ms = retry_at_ms;
+                None
             }
             Err(LeaseError::Store(_)) => {
                 self.releasing.remove(actor_id);
                 self.blocked.insert(actor_id.clone());
+                None
             }
             _ => {
                 self.releasing.remove(actor_id);
+                Some(KeeperEvent::Released {
+                    actor_id: actor_id.clone(),
+                    fencing_token: token,
+                })
             }
         }
     }
@@ -254,9 +274,10 @@ impl KeeperCore {
     }
 
     /// The reply to a renewal of `token` sent at `sent_local_ms`, arriving at `now_ms`. A
-    /// renewal extends the belief; a store failure schedules a retry; a refusal ends the
-    /// belief and returns the event. Ignored if the belief changed meanwhile (released, run
-    /// out, or replaced by another tenure).
+    /// renewal extends the belief ([`KeeperEvent::Renewed`]); a store failure schedules a
+    /// retry ([`KeeperEvent::RenewalFailed`]); a refusal ends the belief
+    /// ([`KeeperEvent::Lost`]). Ignored if the belief changed meanwhile (released, run out,
+    /// or replaced by another tenure).
     pub fn renew_replied(
         &mut self,
         actor_id: &ActorId,
@@ -276,13 +297,21 @@ impl KeeperCore {
                     "a renewal never changes the token"
                 );
                 let base_ms = self.belief_base_ms(sent_local_ms, now_ms);
-                self.believe(actor_id, base_ms, token);
-                None
+                let until_local_ms = self.believe(actor_id, base_ms, token)?;
+                Some(KeeperEvent::Renewed {
+                    actor_id: actor_id.clone(),
+                    fencing_token: token,
+                    until_local_ms,
+                })
             }
-            Err(LeaseError::Store(_)) => {
+            Err(LeaseError::Store(error)) => {
                 kelpie_core::coverage::mark(MARK_RENEWAL_FAILED);
                 held.next_renew_local_ms = now_ms + self.timing.retry_interval_ms;
-                None
+                Some(KeeperEvent::RenewalFailed {
+                    actor_id: actor_id.clone(),
+                    fencing_token: token,
+                    error,
+                })
             }
             Err(refusal) => {
                 kelpie_core::coverage::mark(MARK_RENEWAL_REFUSED);
@@ -341,7 +370,9 @@ impl KeeperCore {
         self.stopped = true;
     }
 
-    fn believe(&mut self, actor_id: &ActorId, base_ms: u64, token: FencingToken) {
+    /// Starts or extends the belief in `token` from `base_ms`; returns its end, or `None` if
+    /// the grant arrived too late to support any belief.
+    fn believe(&mut self, actor_id: &ActorId, base_ms: u64, token: FencingToken) -> Option<u64> {
         let next_renew_local_ms = base_ms + self.timing.renew_interval_ms;
         let held = self.held.entry(actor_id.clone()).or_insert(Held {
             belief: Belief::new(),
@@ -355,6 +386,7 @@ impl KeeperCore {
         held.fencing_token = token;
         held.next_renew_local_ms = next_renew_local_ms;
         self.belief_epoch += 1;
+        held.belief.held_at(0).map(|b| b.until_local_ms)
     }
 
     /// The local time a belief is measured from: the send time (the mutation uses now).
@@ -433,9 +465,12 @@ mod tests {
             sent_local_ms: at_ms,
         };
         assert_eq!(requests, vec![expected]);
-        assert!(keeper
-            .renew_replied(&actor(), FencingToken(1), at_ms, at_ms + 3, unavailable())
-            .is_none());
+        let failed =
+            keeper.renew_replied(&actor(), FencingToken(1), at_ms, at_ms + 3, unavailable());
+        assert!(
+            matches!(failed, Some(KeeperEvent::RenewalFailed { .. })),
+            "{failed:?}"
+        );
         assert_eq!(
             keeper.next_wake_ms(at_ms + 3),
             at_ms + 3 + timing.retry_interval_ms

@@ -21,7 +21,7 @@ mod core;
 pub use self::core::{KeeperCore, KeeperRequest};
 
 use crate::belief::{BeliefConfig, HeldBelief};
-use crate::error::{ConfigError, LeaseError};
+use crate::error::{ConfigError, LeaseError, StoreError};
 use crate::lease::Lease;
 use crate::manager::LeaseManager;
 
@@ -204,10 +204,45 @@ impl std::fmt::Display for LostReason {
     }
 }
 
-/// What the keeper tells its owner.
+/// What the keeper tells its owner: every change of what the node holds, in order.
+/// `until_local_ms` is the node's belief, on the clock the keeper was given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum KeeperEvent {
+    /// A lease was granted: the node holds `actor_id` until `until_local_ms`.
+    Acquired {
+        /// The actor.
+        actor_id: ActorId,
+        /// The lease's token.
+        fencing_token: FencingToken,
+        /// The local time the belief ends unless renewed.
+        until_local_ms: u64,
+    },
+    /// A renewal (or an idempotent re-acquire) extended the belief.
+    Renewed {
+        /// The actor.
+        actor_id: ActorId,
+        /// The lease's token (unchanged by a renewal).
+        fencing_token: FencingToken,
+        /// The local time the belief now ends.
+        until_local_ms: u64,
+    },
+    /// A renewal failed at the store or in the network; it is retried while the belief lasts.
+    RenewalFailed {
+        /// The actor.
+        actor_id: ActorId,
+        /// The lease's token.
+        fencing_token: FencingToken,
+        /// The store's failure.
+        error: StoreError,
+    },
+    /// The store answered a release of the lease (released, or already not this node's).
+    Released {
+        /// The actor.
+        actor_id: ActorId,
+        /// The token of the released lease.
+        fencing_token: FencingToken,
+    },
     /// The node must stop acting as holder of `actor_id`.
     Lost {
         /// The actor.
@@ -340,8 +375,10 @@ impl<M: LeaseManager> LeaseKeeper<M> {
         let sent_local_ms = self.clock.now_ms();
         let result = self.manager.acquire(actor_id, &self.holder_id).await;
         let now_ms = self.clock.now_ms();
-        self.lock()
+        let event = self
+            .lock()
             .acquire_replied(actor_id, sent_local_ms, now_ms, &result);
+        self.notify(event);
         result
     }
 
@@ -370,8 +407,10 @@ impl<M: LeaseManager> LeaseKeeper<M> {
             .release_fenced(actor_id, &self.holder_id, token)
             .await;
         let now_ms = self.clock.now_ms();
-        self.lock()
+        let events = self
+            .lock()
             .release_replied(actor_id, token, now_ms, &result);
+        self.notify(events);
         result
     }
 
@@ -470,7 +509,12 @@ impl<M: LeaseManager> LeaseKeeper<M> {
                         KeeperRequest::Release {
                             actor_id,
                             fencing_token,
-                        } => core.release_replied(&actor_id, fencing_token, now_ms, &result),
+                        } => events.extend(core.release_replied(
+                            &actor_id,
+                            fencing_token,
+                            now_ms,
+                            &result,
+                        )),
                     }
                 }
                 drop(core);
@@ -489,7 +533,7 @@ impl<M: LeaseManager> LeaseKeeper<M> {
         Some(self.lock().next_wake_ms(now_ms))
     }
 
-    fn notify(&self, events: Vec<KeeperEvent>) {
+    fn notify(&self, events: impl IntoIterator<Item = KeeperEvent>) {
         for event in events {
             // The owner may have stopped listening; the belief is dropped either way.
             let _ = self.events.unbounded_send(event);
@@ -570,6 +614,11 @@ mod tests {
         let (keeper, events) =
             LeaseKeeper::new(Arc::clone(&manager), shared, node, KeeperConfig::default()).unwrap();
         (clock, manager, keeper, events)
+    }
+
+    /// Every event sent so far, in order.
+    fn drain(events: &mut mpsc::UnboundedReceiver<KeeperEvent>) -> Vec<KeeperEvent> {
+        std::iter::from_fn(|| events.try_recv().ok()).collect()
     }
 
     fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
@@ -740,13 +789,21 @@ mod tests {
             "{ended_at_ms} >= {}",
             lease.expires_at_ms
         );
-        let event = events.try_recv().unwrap();
+        let seen = drain(&mut events);
+        let acquired = KeeperEvent::Acquired {
+            actor_id: actor.clone(),
+            fencing_token: lease.fencing_token,
+            until_local_ms: keeper.timing().belief_config().belief_duration_ms(),
+        };
+        assert_eq!(seen.first(), Some(&acquired), "{seen:?}");
+        let failed = |e: &KeeperEvent| matches!(e, KeeperEvent::RenewalFailed { .. });
+        assert!(seen.iter().any(failed), "{seen:?}");
         let expected = KeeperEvent::Lost {
             actor_id: actor.clone(),
             fencing_token: lease.fencing_token,
             reason: LostReason::BeliefExpired,
         };
-        assert_eq!(event, expected);
+        assert_eq!(seen.last(), Some(&expected), "{seen:?}");
     }
 
     #[test]
@@ -761,7 +818,11 @@ mod tests {
         clock.advance_ms(300);
         block_on(keeper.tick());
         assert_eq!(keeper.holds(&a), None);
-        let lost = events.try_recv().unwrap();
+        let seen = drain(&mut events);
+        let lost = seen
+            .into_iter()
+            .find(|e| matches!(e, KeeperEvent::Lost { .. }))
+            .unwrap();
         assert!(matches!(
             lost,
             KeeperEvent::Lost {

@@ -50,8 +50,11 @@ mod manager;
 mod memory;
 mod placement;
 mod protocol;
+mod session;
 mod sqlite;
 mod store;
+#[cfg(test)]
+mod test_support;
 
 pub use belief::{Belief, BeliefConfig, HeldBelief, CLOCK_DRIFT_PPM_MAX_LIMIT};
 pub use error::{ConfigError, LeaseError, StoreError};
@@ -79,9 +82,15 @@ pub use manager::{LeaseManager, MemoryLeaseManager, ProtocolLeaseManager};
 pub use memory::MemoryLeaseStore;
 pub use placement::{Location, Placement};
 pub use protocol::{assert_record_well_formed, decide, DecideFn, Decision};
+pub use session::{
+    EventsError, LeaseGuard, LeaseSession, SessionConfig, SessionDriver, SessionError,
+    SessionEvent, SessionEvents, SessionTiming, ShutdownReport, SESSION_EVENTS_CAPACITY_DEFAULT,
+    SESSION_EVENTS_CAPACITY_MAX,
+};
 pub use sqlite::{
     SqliteLeaseManager, SqliteLeaseStore, SqliteOptions, SqliteStats, GROUP_COMMIT_BATCH_MAX,
     SQLITE_APPLICATION_ID, SQLITE_BUSY_TIMEOUT_MS_DEFAULT, SQLITE_BUSY_TIMEOUT_MS_MAX,
     SQLITE_FILE_MODE, SQLITE_SCHEMA_VERSION,
 };
 pub use store::{LeaseStore, RecordSnapshot, StoreSnapshot, STORE_CONFLICT_RETRIES_MAX};
+pub use tokio_util::sync::CancellationToken;

@@ -548,48 +548,9 @@ impl<M: LeaseManager> LeaseKeeper<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Decision, LeaseRequest, LeaseStore, StoreError, StoreSnapshot};
-    use crate::{LeaseConfig, MemoryLeaseStore, ProtocolLeaseManager, RecordSnapshot};
+    use crate::test_support::FlakyStore;
+    use crate::{LeaseConfig, ProtocolLeaseManager};
     use kelpie_core::{Clock, ManualClock};
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    /// The memory store, unreachable while `down` is set.
-    struct FlakyStore {
-        inner: MemoryLeaseStore,
-        down: AtomicBool,
-    }
-
-    impl FlakyStore {
-        fn check(&self) -> Result<(), StoreError> {
-            match self.down.load(Ordering::SeqCst) {
-                true => Err(StoreError::Unavailable {
-                    reason: "partitioned".into(),
-                }),
-                false => Ok(()),
-            }
-        }
-    }
-
-    impl LeaseStore for FlakyStore {
-        async fn apply(
-            &self,
-            actor_id: &ActorId,
-            request: &LeaseRequest,
-        ) -> Result<Decision, StoreError> {
-            self.check()?;
-            self.inner.apply(actor_id, request).await
-        }
-
-        async fn load(&self, actor_id: &ActorId) -> Result<RecordSnapshot, StoreError> {
-            self.check()?;
-            self.inner.load(actor_id).await
-        }
-
-        async fn scan(&self) -> Result<StoreSnapshot, StoreError> {
-            self.check()?;
-            self.inner.scan().await
-        }
-    }
 
     type Manager = ProtocolLeaseManager<FlakyStore>;
 
@@ -604,10 +565,7 @@ mod tests {
         mpsc::UnboundedReceiver<KeeperEvent>,
     ) {
         let clock = ManualClock::new(0);
-        let store = FlakyStore {
-            inner: MemoryLeaseStore::new(Arc::new(clock.clone())),
-            down: AtomicBool::new(false),
-        };
+        let store = FlakyStore::new(Arc::new(clock.clone()));
         let manager = Arc::new(Manager::new(store, LeaseConfig::new(900).unwrap()));
         let node = NodeId::new("n1").unwrap();
         let shared = Arc::new(clock.clone());
@@ -769,7 +727,7 @@ mod tests {
         let (clock, manager, keeper, mut events) = setup();
         let actor = ActorId::new("a").unwrap();
         let lease = block_on(keeper.acquire(&actor)).unwrap();
-        manager.store().down.store(true, Ordering::SeqCst);
+        manager.store().set_down(true);
         let mut ended_at_ms = None;
         // Bounded, so that a keeper that never lets go fails here instead of hanging.
         for _ in 0..TICKS_UNTIL_BELIEF_ENDS_MAX {

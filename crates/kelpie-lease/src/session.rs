@@ -1,0 +1,961 @@
+//! A node's lease session: what a runtime embeds (the shape of etcd's `concurrency.Session`
+//! and client-go's `LeaderElector`).
+//!
+//! A [`LeaseSession`] is built once from a manager (the store), a node id and one
+//! [`SessionConfig`], validated against the manager's lease duration. It owns the node's
+//! [`LeaseKeeper`] (which adds the per-process incarnation to the node id) and drives it;
+//! [`acquire`](LeaseSession::acquire) and [`campaign`](LeaseSession::campaign) hand out a
+//! [`LeaseGuard`] per held lease, carrying the fencing token and a [`CancellationToken`] that
+//! fires *before* the node's belief ends (by the configured lead), so the work tied to the
+//! lease stops in time. Dropping the guard, or [`LeaseSession::release`], releases the lease;
+//! [`LeaseSession::shutdown`] releases every lease and returns once the store has answered or
+//! the bound has passed. [`LeaseSession::events`] is a bounded stream of what happened.
+//!
+//! The session is runtime-agnostic like the keeper: [`LeaseSession::new`] returns a
+//! [`SessionDriver`] whose [`run`](SessionDriver::run) future does the work (spawn it on
+//! tokio, or on the simulator in tests); [`LeaseSession::start`] does that on the current
+//! tokio runtime with the real clock.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use kelpie_core::{ActorId, NodeId};
+//! use kelpie_lease::{LeaseConfig, LeaseSession, SessionConfig};
+//! use kelpie_lease::{SqliteLeaseManager, SqliteLeaseStore};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! # let path = dir.path().join("leases.db");
+//! let store = SqliteLeaseStore::open(&path)?; // the host's wall clock times the leases
+//! let manager = Arc::new(SqliteLeaseManager::new(store, LeaseConfig::new(2_000)?));
+//! let node = NodeId::new("node-a")?;
+//! let session = LeaseSession::start(manager, node, SessionConfig::default())?;
+//!
+//! let guard = session.campaign(&ActorId::new("counter-1")?).await?;
+//! // Work as the holder, carrying the token to every fenced write, until this fires:
+//! let stop = guard.cancellation().clone();
+//! assert!(!stop.is_cancelled() && guard.fencing_token().0 > 0);
+//!
+//! let report = session.shutdown().await; // releases every lease the session holds
+//! assert_eq!((report.released, report.unanswered), (1, 0));
+//! assert!(stop.is_cancelled());
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_channel::mpsc;
+use futures_util::future::{select, Either};
+use futures_util::StreamExt;
+use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock};
+use tokio::sync::{broadcast, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{ConfigError, LeaseError};
+use crate::keeper::{KeeperConfig, KeeperEvent, KeeperTiming, LeaseKeeper};
+use crate::manager::LeaseManager;
+
+/// Most events a session keeps for a slow reader before the oldest are dropped (the reader
+/// is told how many it missed).
+pub const SESSION_EVENTS_CAPACITY_MAX: usize = 65_536;
+/// Events kept for a slow reader by default.
+pub const SESSION_EVENTS_CAPACITY_DEFAULT: usize = 1_024;
+
+/// How a session runs, relative to the lease duration of its manager. Every setting has a
+/// default derived from that duration and is validated with it when the session is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionConfig {
+    keeper: KeeperConfig,
+    cancel_lead_ms: Option<u64>,
+    campaign_poll_ms_max: Option<u64>,
+    shutdown_timeout_ms: Option<u64>,
+    events_capacity: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            keeper: KeeperConfig::default(),
+            cancel_lead_ms: None,
+            campaign_poll_ms_max: None,
+            shutdown_timeout_ms: None,
+            events_capacity: SESSION_EVENTS_CAPACITY_DEFAULT,
+        }
+    }
+}
+
+/// A [`SessionConfig`] resolved against a lease duration and validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionTiming {
+    /// The keeper's renewal settings.
+    pub keeper: KeeperTiming,
+    /// How long before the belief ends a guard's token is cancelled (default: the keeper's
+    /// retry interval).
+    pub cancel_lead_ms: u64,
+    /// Longest wait between two attempts of a campaign (default: a quarter of the lease).
+    pub campaign_poll_ms_max: u64,
+    /// Longest wait for the store to answer the releases of a shutdown (default: one lease
+    /// duration, after which every lease has expired anyway).
+    pub shutdown_timeout_ms: u64,
+    /// Events kept for a slow reader.
+    pub events_capacity: usize,
+}
+
+impl SessionConfig {
+    /// The keeper's settings (renew and retry intervals, drift bound, margin).
+    pub fn with_keeper(mut self, keeper: KeeperConfig) -> Self {
+        self.keeper = keeper;
+        self
+    }
+
+    /// How long before the belief ends a guard's token is cancelled.
+    pub fn with_cancel_lead_ms(mut self, cancel_lead_ms: u64) -> Self {
+        self.cancel_lead_ms = Some(cancel_lead_ms);
+        self
+    }
+
+    /// The longest wait between two attempts of a campaign.
+    pub fn with_campaign_poll_ms_max(mut self, campaign_poll_ms_max: u64) -> Self {
+        self.campaign_poll_ms_max = Some(campaign_poll_ms_max);
+        self
+    }
+
+    /// The longest wait for the releases of a shutdown.
+    pub fn with_shutdown_timeout_ms(mut self, shutdown_timeout_ms: u64) -> Self {
+        self.shutdown_timeout_ms = Some(shutdown_timeout_ms);
+        self
+    }
+
+    /// How many events are kept for a slow reader.
+    pub fn with_events_capacity(mut self, events_capacity: usize) -> Self {
+        self.events_capacity = events_capacity;
+        self
+    }
+
+    /// These settings for leases of `lease_duration_ms`, validated together.
+    ///
+    /// # Errors
+    /// [`ConfigError`] if the keeper's settings do not fit the duration, the cancel lead is
+    /// zero or not shorter than the belief, a wait is zero, or the event capacity is outside
+    /// `1..=`[`SESSION_EVENTS_CAPACITY_MAX`].
+    pub fn timing_for(&self, lease_duration_ms: u64) -> Result<SessionTiming, ConfigError> {
+        let keeper = self.keeper.timing_for(lease_duration_ms)?;
+        let belief_ms = keeper.belief_config().belief_duration_ms();
+        let timing = SessionTiming {
+            keeper,
+            cancel_lead_ms: self.cancel_lead_ms.unwrap_or(keeper.retry_interval_ms),
+            campaign_poll_ms_max: self
+                .campaign_poll_ms_max
+                .unwrap_or((lease_duration_ms / 4).max(1)),
+            shutdown_timeout_ms: self.shutdown_timeout_ms.unwrap_or(lease_duration_ms),
+            events_capacity: self.events_capacity,
+        };
+        let invalid = |reason: String| Err(ConfigError::Keeper { reason });
+        if timing.cancel_lead_ms == 0 || timing.cancel_lead_ms >= belief_ms {
+            return invalid(format!(
+                "cancel lead {} ms must be in 1..{belief_ms} ms (the belief)",
+                timing.cancel_lead_ms
+            ));
+        }
+        if timing.campaign_poll_ms_max == 0 || timing.shutdown_timeout_ms == 0 {
+            return invalid("campaign poll and shutdown timeout must be positive".into());
+        }
+        if !(1..=SESSION_EVENTS_CAPACITY_MAX).contains(&timing.events_capacity) {
+            return invalid(format!(
+                "events capacity {} is outside 1..={SESSION_EVENTS_CAPACITY_MAX}",
+                timing.events_capacity
+            ));
+        }
+        Ok(timing)
+    }
+}
+
+/// What a session tells its readers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionEvent {
+    /// A change of what this node holds: acquired, renewed, renewal failed, released, lost.
+    Lease(KeeperEvent),
+    /// A campaign found the actor held by another holder than before (or for the first time).
+    HolderChanged {
+        /// The actor.
+        actor_id: ActorId,
+        /// Its holder now: a node id and that process's incarnation.
+        holder: NodeId,
+    },
+    /// A guard's token was cancelled because its belief is about to end (or ended).
+    GuardCancelled {
+        /// The actor.
+        actor_id: ActorId,
+        /// The guard's token.
+        fencing_token: FencingToken,
+    },
+}
+
+/// Why reading a session's events failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EventsError {
+    /// The reader fell behind by this many events, which are gone; later ones follow.
+    #[error("the reader fell behind and missed {0} events")]
+    Lagged(u64),
+    /// The session is gone.
+    #[error("the session is closed")]
+    Closed,
+}
+
+/// A reader of a session's events: bounded, every reader sees every event unless it falls
+/// behind by more than the capacity.
+#[derive(Debug)]
+pub struct SessionEvents {
+    receiver: broadcast::Receiver<SessionEvent>,
+}
+
+impl SessionEvents {
+    /// The next event.
+    ///
+    /// # Errors
+    /// [`EventsError::Lagged`] after the reader fell behind, [`EventsError::Closed`] once the
+    /// session is gone.
+    pub async fn recv(&mut self) -> Result<SessionEvent, EventsError> {
+        self.receiver.recv().await.map_err(|error| match error {
+            broadcast::error::RecvError::Lagged(missed) => EventsError::Lagged(missed),
+            broadcast::error::RecvError::Closed => EventsError::Closed,
+        })
+    }
+
+    /// The next event if one is waiting.
+    pub fn try_recv(&mut self) -> Option<Result<SessionEvent, EventsError>> {
+        match self.receiver.try_recv() {
+            Ok(event) => Some(Ok(event)),
+            Err(broadcast::error::TryRecvError::Empty) => None,
+            Err(broadcast::error::TryRecvError::Lagged(missed)) => {
+                Some(Err(EventsError::Lagged(missed)))
+            }
+            Err(broadcast::error::TryRecvError::Closed) => Some(Err(EventsError::Closed)),
+        }
+    }
+}
+
+/// Why a session refused a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// The store refused or failed.
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    /// This session already holds a guard on the actor; one guard per actor.
+    #[error("this session already holds a guard on {actor_id}")]
+    AlreadyGuarded {
+        /// The actor.
+        actor_id: ActorId,
+    },
+    /// The session is shutting down.
+    #[error("the lease session is shutting down")]
+    ShuttingDown,
+}
+
+/// What a shutdown did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ShutdownReport {
+    /// Leases the store released (or found already not this node's).
+    pub released: usize,
+    /// Releases the store did not answer within the bound; those leases expire on their own.
+    pub unanswered: usize,
+}
+
+/// One held lease: the fencing token to carry with every action taken as holder, and a
+/// cancellation token that fires before the node's belief in the lease ends. Dropping it
+/// releases the lease.
+#[derive(Debug)]
+pub struct LeaseGuard {
+    actor_id: ActorId,
+    fencing_token: FencingToken,
+    cancel: CancellationToken,
+    shared: Arc<Shared>,
+    released: bool,
+}
+
+impl LeaseGuard {
+    /// The actor.
+    pub fn actor_id(&self) -> &ActorId {
+        &self.actor_id
+    }
+
+    /// The lease's fencing token.
+    pub fn fencing_token(&self) -> FencingToken {
+        self.fencing_token
+    }
+
+    /// Fires before the belief in the lease ends (and when it is lost or released): stop the
+    /// work tied to the lease then.
+    pub fn cancellation(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    /// Whether the lease may still be acted on (its token not cancelled).
+    pub fn is_valid(&self) -> bool {
+        !self.cancel.is_cancelled()
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        self.cancel.cancel();
+        self.shared.drop_guard(&self.actor_id, self.fencing_token);
+    }
+}
+
+/// The state a session shares with its guards and its driver.
+#[derive(Debug)]
+struct Shared {
+    /// Actors with a live guard: the guard's token and cancellation.
+    guards: Mutex<BTreeMap<ActorId, (FencingToken, CancellationToken)>>,
+    /// Leases whose guard was dropped or cancelled: the driver releases them.
+    to_release: Mutex<Vec<(ActorId, FencingToken)>>,
+    /// Wakes the driver: a guard came or went.
+    changed: Notify,
+    events: broadcast::Sender<SessionEvent>,
+    closing: CancellationToken,
+}
+
+impl Shared {
+    fn drop_guard(&self, actor_id: &ActorId, token: FencingToken) {
+        let mut guards = self.lock_guards();
+        if guards.get(actor_id).is_some_and(|(t, _)| *t == token) {
+            guards.remove(actor_id);
+            drop(guards);
+            self.lock_release().push((actor_id.clone(), token));
+            self.changed.notify_one();
+        }
+    }
+
+    fn emit(&self, event: SessionEvent) {
+        // No reader is fine: events are for whoever listens.
+        let _ = self.events.send(event);
+    }
+
+    fn lock_guards(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<ActorId, (FencingToken, CancellationToken)>> {
+        self.guards
+            .lock()
+            .expect("session guards poisoned by a panic")
+    }
+
+    fn lock_release(&self) -> std::sync::MutexGuard<'_, Vec<(ActorId, FencingToken)>> {
+        self.to_release
+            .lock()
+            .expect("session releases poisoned by a panic")
+    }
+}
+
+/// A node's lease session; see the module docs. Cheap to clone.
+pub struct LeaseSession<M> {
+    keeper: Arc<LeaseKeeper<M>>,
+    clock: SharedClock,
+    timing: SessionTiming,
+    shared: Arc<Shared>,
+}
+
+impl<M> Clone for LeaseSession<M> {
+    fn clone(&self) -> Self {
+        Self {
+            keeper: Arc::clone(&self.keeper),
+            clock: Arc::clone(&self.clock),
+            timing: self.timing,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// The work of a session: renewals, guard cancellation, releases of dropped guards. Drive
+/// [`run`](Self::run) on a task; it returns after [`LeaseSession::shutdown`].
+pub struct SessionDriver<M> {
+    session: LeaseSession<M>,
+    keeper_events: mpsc::UnboundedReceiver<KeeperEvent>,
+}
+
+impl<M: LeaseManager + 'static> LeaseSession<M> {
+    /// A session for one process lifetime of `node_id` over `manager`, timed by `clock`, and
+    /// the driver to run.
+    ///
+    /// # Errors
+    /// [`ConfigError`] if `config` does not fit the manager's lease duration or `node_id`
+    /// leaves no room for the incarnation.
+    pub fn new(
+        manager: Arc<M>,
+        clock: SharedClock,
+        node_id: NodeId,
+        config: SessionConfig,
+    ) -> Result<(Self, SessionDriver<M>), ConfigError> {
+        let timing = config.timing_for(manager.lease_duration_ms())?;
+        let parts = LeaseKeeper::new(manager, Arc::clone(&clock), node_id, config.keeper)?;
+        Ok(Self::assemble(parts, clock, timing))
+    }
+
+    /// As [`new`](Self::new), with the keeper's incarnation chosen by a simulator.
+    #[cfg(feature = "simulation")]
+    pub fn with_incarnation(
+        manager: Arc<M>,
+        clock: SharedClock,
+        node_id: NodeId,
+        incarnation: u64,
+        config: SessionConfig,
+    ) -> Result<(Self, SessionDriver<M>), ConfigError> {
+        let timing = config.timing_for(manager.lease_duration_ms())?;
+        let keeper = config.keeper;
+        let parts = LeaseKeeper::with_incarnation(
+            manager,
+            Arc::clone(&clock),
+            node_id,
+            incarnation,
+            keeper,
+        )?;
+        Ok(Self::assemble(parts, clock, timing))
+    }
+
+    /// A session on the current tokio runtime with the real clock, its driver spawned.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new), and [`ConfigError::Keeper`] outside a tokio runtime.
+    pub fn start(
+        manager: Arc<M>,
+        node_id: NodeId,
+        config: SessionConfig,
+    ) -> Result<Self, ConfigError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| ConfigError::Keeper {
+            reason: format!("LeaseSession::start needs a tokio runtime: {e}"),
+        })?;
+        let clock: SharedClock = Arc::new(kelpie_core::TokioClock::new());
+        let (session, driver) = Self::new(manager, clock, node_id, config)?;
+        drop(runtime.spawn(driver.run()));
+        Ok(session)
+    }
+
+    fn assemble(
+        (keeper, keeper_events): crate::keeper::KeeperParts<M>,
+        clock: SharedClock,
+        timing: SessionTiming,
+    ) -> (Self, SessionDriver<M>) {
+        let (events, _) = broadcast::channel(timing.events_capacity);
+        let shared = Arc::new(Shared {
+            guards: Mutex::new(BTreeMap::new()),
+            to_release: Mutex::new(Vec::new()),
+            changed: Notify::new(),
+            events,
+            closing: CancellationToken::new(),
+        });
+        let session = Self {
+            keeper,
+            clock,
+            timing,
+            shared,
+        };
+        let driver = SessionDriver {
+            session: session.clone(),
+            keeper_events,
+        };
+        (session, driver)
+    }
+
+    /// The node this session acts for.
+    pub fn node_id(&self) -> &NodeId {
+        self.keeper.node_id()
+    }
+
+    /// The identity the store sees: the node id and this process's incarnation.
+    pub fn holder_id(&self) -> &NodeId {
+        self.keeper.holder_id()
+    }
+
+    /// The keeper the session drives (its beliefs, timing and manager).
+    pub fn keeper(&self) -> &Arc<LeaseKeeper<M>> {
+        &self.keeper
+    }
+
+    /// The session's settings, resolved against the manager's lease duration.
+    pub fn timing(&self) -> SessionTiming {
+        self.timing
+    }
+
+    /// A new reader of the session's events, from now on.
+    pub fn events(&self) -> SessionEvents {
+        SessionEvents {
+            receiver: self.shared.events.subscribe(),
+        }
+    }
+
+    /// Acquires the lease on `actor_id` once.
+    ///
+    /// # Errors
+    /// [`SessionError::Lease`] with the store's refusal ([`LeaseError::HeldByOther`]) or
+    /// failure; [`SessionError::AlreadyGuarded`]; [`SessionError::ShuttingDown`].
+    pub async fn acquire(&self, actor_id: &ActorId) -> Result<LeaseGuard, SessionError> {
+        if self.shared.closing.is_cancelled() {
+            return Err(SessionError::ShuttingDown);
+        }
+        if self.shared.lock_guards().contains_key(actor_id) {
+            return Err(SessionError::AlreadyGuarded {
+                actor_id: actor_id.clone(),
+            });
+        }
+        let lease = self.keeper.acquire(actor_id).await?;
+        // A reply that came too late supports no belief: nothing to guard.
+        let Some(token) = self.keeper.holds(actor_id) else {
+            return Err(SessionError::Lease(LeaseError::Expired {
+                actor_id: actor_id.clone(),
+                node_id: self.holder_id().clone(),
+                expired_at_ms: lease.expires_at_ms,
+            }));
+        };
+        let cancel = CancellationToken::new();
+        {
+            let mut guards = self.shared.lock_guards();
+            if guards.contains_key(actor_id) {
+                return Err(SessionError::AlreadyGuarded {
+                    actor_id: actor_id.clone(),
+                });
+            }
+            guards.insert(actor_id.clone(), (token, cancel.clone()));
+        }
+        self.shared.changed.notify_one();
+        Ok(LeaseGuard {
+            actor_id: actor_id.clone(),
+            fencing_token: token,
+            cancel,
+            shared: Arc::clone(&self.shared),
+            released: false,
+        })
+    }
+
+    /// Waits until the lease on `actor_id` is held here: tries, and while another node holds
+    /// it (or the store fails) waits a jittered share of
+    /// [`campaign_poll_ms_max`](SessionTiming::campaign_poll_ms_max) and tries again. Reports
+    /// each new holder it meets as [`SessionEvent::HolderChanged`]. Cancel it by dropping the
+    /// future; it ends with [`SessionError::ShuttingDown`] when the session shuts down.
+    ///
+    /// # Errors
+    /// A refusal other than "held by another node" (which it waits out), and as
+    /// [`acquire`](Self::acquire).
+    pub async fn campaign(&self, actor_id: &ActorId) -> Result<LeaseGuard, SessionError> {
+        let mut seen_holder: Option<NodeId> = None;
+        for attempt in 0u64.. {
+            match self.acquire(actor_id).await {
+                Ok(guard) => return Ok(guard),
+                Err(SessionError::Lease(LeaseError::HeldByOther { holder, .. })) => {
+                    if seen_holder.as_ref() != Some(&holder) {
+                        self.shared.emit(SessionEvent::HolderChanged {
+                            actor_id: actor_id.clone(),
+                            holder: holder.clone(),
+                        });
+                        seen_holder = Some(holder);
+                    }
+                }
+                Err(SessionError::Lease(LeaseError::Store(_) | LeaseError::Expired { .. })) => {}
+                Err(other) => return Err(other),
+            }
+            let wait_ms = self.campaign_wait_ms(actor_id, attempt);
+            let waiting = self.clock.sleep(Duration::from_millis(wait_ms));
+            let closing = self.shared.closing.cancelled();
+            if let Either::Right(_) = select(waiting, std::pin::pin!(closing)).await {
+                return Err(SessionError::ShuttingDown);
+            }
+        }
+        unreachable!("the attempts run until one succeeds or fails")
+    }
+
+    /// Half to all of the longest poll, drawn from (holder, actor, attempt): contenders spread
+    /// out without reading real randomness, so simulated runs replay.
+    fn campaign_wait_ms(&self, actor_id: &ActorId, attempt: u64) -> u64 {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (self.holder_id().as_str(), actor_id.as_str(), attempt).hash(&mut hasher);
+        let max_ms = self.timing.campaign_poll_ms_max;
+        let half_ms = max_ms / 2;
+        half_ms + hasher.finish() % (max_ms - half_ms + 1)
+    }
+
+    /// Releases the guard's lease now and waits for the store's answer.
+    ///
+    /// # Errors
+    /// The store's answer if it refused or failed (the lease then expires on its own).
+    pub async fn release(&self, mut guard: LeaseGuard) -> Result<(), LeaseError> {
+        guard.released = true;
+        guard.cancel.cancel();
+        {
+            let mut guards = self.shared.lock_guards();
+            if guards
+                .get(&guard.actor_id)
+                .is_some_and(|(t, _)| *t == guard.fencing_token)
+            {
+                guards.remove(&guard.actor_id);
+            }
+        }
+        self.shared.changed.notify_one();
+        self.keeper.release(&guard.actor_id).await.map(|_| ())
+    }
+
+    /// Releases every lease this session holds and stops it: guards are cancelled at once,
+    /// then every release is sent and the store's answers awaited for at most
+    /// [`shutdown_timeout_ms`](SessionTiming::shutdown_timeout_ms) (leases not answered by
+    /// then expire on their own). The driver returns afterwards.
+    pub async fn shutdown(&self) -> ShutdownReport {
+        self.shared.closing.cancel();
+        let guards = std::mem::take(&mut *self.shared.lock_guards());
+        for (_, cancel) in guards.values() {
+            cancel.cancel();
+        }
+        self.shared.lock_release().clear();
+        let held: Vec<ActorId> = self.keeper.beliefs().into_iter().map(|(a, _)| a).collect();
+        let releases = held.iter().map(|actor_id| self.keeper.release(actor_id));
+        let all = futures_util::future::join_all(releases);
+        let bound = self
+            .clock
+            .sleep(Duration::from_millis(self.timing.shutdown_timeout_ms));
+        let report = match select(std::pin::pin!(all), bound).await {
+            Either::Left((results, _)) => {
+                let answered = |r: &&Result<_, LeaseError>| !matches!(r, Err(LeaseError::Store(_)));
+                let released = results.iter().filter(answered).count();
+                ShutdownReport {
+                    released,
+                    unanswered: results.len() - released,
+                }
+            }
+            Either::Right(_) => ShutdownReport {
+                released: 0,
+                unanswered: held.len(),
+            },
+        };
+        self.keeper.stop();
+        self.shared.changed.notify_one();
+        report
+    }
+}
+
+impl<M: LeaseManager + 'static> SessionDriver<M> {
+    /// Renews the session's leases (the keeper's loop), forwards the keeper's events,
+    /// cancels each guard's token before its belief ends, and releases the leases of dropped
+    /// guards. Returns after [`LeaseSession::shutdown`].
+    pub async fn run(self) {
+        let keeper = Arc::clone(&self.session.keeper);
+        let renewals = std::pin::pin!(keeper.run());
+        let watch = std::pin::pin!(self.watch());
+        select(renewals, watch).await;
+    }
+
+    async fn watch(mut self) {
+        let session = self.session.clone();
+        loop {
+            while let Ok(event) = self.keeper_events.try_recv() {
+                self.on_keeper_event(event);
+            }
+            if session.shared.closing.is_cancelled() {
+                return;
+            }
+            let next_deadline_ms = self.cancel_due_guards();
+            self.release_dropped().await;
+            let now_ms = session.clock.now_ms();
+            // With no guard there is no deadline to wake for: wait for a change only.
+            let sleep = match next_deadline_ms {
+                Some(deadline_ms) => {
+                    let wait_ms = deadline_ms.saturating_sub(now_ms).max(1);
+                    Either::Left(session.clock.sleep(Duration::from_millis(wait_ms)))
+                }
+                None => Either::Right(futures_util::future::pending::<()>()),
+            };
+            let changed = std::pin::pin!(session.shared.changed.notified());
+            let closing = std::pin::pin!(session.shared.closing.cancelled());
+            let event = self.keeper_events.next();
+            let woken = select(select(changed, closing), select(sleep, event));
+            if let Either::Right((Either::Right((Some(event), _)), _)) = woken.await {
+                self.on_keeper_event(event);
+            }
+        }
+    }
+
+    fn on_keeper_event(&self, event: KeeperEvent) {
+        let shared = &self.session.shared;
+        if let KeeperEvent::Lost {
+            actor_id,
+            fencing_token,
+            ..
+        } = &event
+        {
+            // Lost before its deadline (a refused renewal): the work stops now.
+            let mut guards = shared.lock_guards();
+            if guards
+                .get(actor_id)
+                .is_some_and(|(t, _)| t == fencing_token)
+            {
+                if let Some((_, cancel)) = guards.remove(actor_id) {
+                    cancel.cancel();
+                }
+            }
+        }
+        shared.emit(SessionEvent::Lease(event));
+    }
+
+    /// Cancels every guard whose belief ends within the cancel lead (or has ended), queueing
+    /// its lease for release; returns the earliest deadline of the others.
+    fn cancel_due_guards(&self) -> Option<u64> {
+        let session = &self.session;
+        let now_ms = session.clock.now_ms();
+        let beliefs: BTreeMap<ActorId, (FencingToken, u64)> = session
+            .keeper
+            .beliefs()
+            .into_iter()
+            .map(|(a, b)| (a, (b.fencing_token, b.until_local_ms)))
+            .collect();
+        let lead_ms = session.timing.cancel_lead_ms;
+        let mut next_deadline_ms: Option<u64> = None;
+        let mut cancelled = Vec::new();
+        let mut guards = session.shared.lock_guards();
+        guards.retain(|actor_id, (token, cancel)| {
+            let deadline_ms = match beliefs.get(actor_id) {
+                Some((held, until_ms)) if held == token => until_ms.saturating_sub(lead_ms),
+                _ => 0,
+            };
+            if deadline_ms > now_ms {
+                next_deadline_ms =
+                    Some(next_deadline_ms.map_or(deadline_ms, |d| d.min(deadline_ms)));
+                return true;
+            }
+            cancel.cancel();
+            cancelled.push((actor_id.clone(), *token));
+            false
+        });
+        drop(guards);
+        for (actor_id, fencing_token) in cancelled {
+            session
+                .shared
+                .lock_release()
+                .push((actor_id.clone(), fencing_token));
+            session.shared.emit(SessionEvent::GuardCancelled {
+                actor_id,
+                fencing_token,
+            });
+        }
+        next_deadline_ms
+    }
+
+    /// Releases the leases of guards that were dropped or cancelled.
+    async fn release_dropped(&self) {
+        let dropped = std::mem::take(&mut *self.session.shared.lock_release());
+        for (actor_id, token) in dropped {
+            if self.session.keeper.holds(&actor_id) == Some(token) {
+                // A failed release is retried by the keeper until the store answers.
+                let _ = self.session.keeper.release(&actor_id).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::FlakyStore;
+    use crate::{LeaseConfig, ProtocolLeaseManager};
+
+    type Manager = ProtocolLeaseManager<FlakyStore>;
+
+    /// Short leases on the real clock, so the tests take a fraction of a second.
+    const LEASE_MS: u64 = 300;
+    /// Longest a test waits for something that must happen within a lease or two.
+    const WAIT_MS_MAX: u64 = 5_000;
+
+    fn manager(clock: &SharedClock) -> Arc<Manager> {
+        let store = FlakyStore::new(Arc::clone(clock));
+        Arc::new(Manager::new(store, LeaseConfig::new(LEASE_MS).unwrap()))
+    }
+
+    fn node(name: &str) -> NodeId {
+        NodeId::new(name).unwrap()
+    }
+
+    fn actor(name: &str) -> ActorId {
+        ActorId::new(name).unwrap()
+    }
+
+    fn session(manager: &Arc<Manager>, clock: &SharedClock, name: &str) -> LeaseSession<Manager> {
+        let built = LeaseSession::new(
+            Arc::clone(manager),
+            Arc::clone(clock),
+            node(name),
+            SessionConfig::default(),
+        );
+        let (session, driver) = built.unwrap();
+        drop(tokio::spawn(driver.run()));
+        session
+    }
+
+    /// Polls `done` on the real clock until it holds, failing after [`WAIT_MS_MAX`].
+    async fn eventually(clock: &SharedClock, what: &str, done: impl Fn() -> bool) {
+        let start_ms = clock.now_ms();
+        while !done() {
+            assert!(
+                clock.now_ms() - start_ms < WAIT_MS_MAX,
+                "{what} never happened"
+            );
+            clock.sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    #[test]
+    fn settings_are_validated_against_the_managers_duration() {
+        let config = SessionConfig::default();
+        let timing = config.timing_for(LEASE_MS).unwrap();
+        assert_eq!(timing.cancel_lead_ms, timing.keeper.retry_interval_ms);
+        assert_eq!(timing.campaign_poll_ms_max, LEASE_MS / 4);
+        assert!(config.with_cancel_lead_ms(0).timing_for(LEASE_MS).is_err());
+        assert!(config
+            .with_cancel_lead_ms(LEASE_MS)
+            .timing_for(LEASE_MS)
+            .is_err());
+        assert!(config.with_events_capacity(0).timing_for(LEASE_MS).is_err());
+        let too_many = SESSION_EVENTS_CAPACITY_MAX + 1;
+        assert!(config
+            .with_events_capacity(too_many)
+            .timing_for(LEASE_MS)
+            .is_err());
+        assert!(config
+            .with_campaign_poll_ms_max(0)
+            .timing_for(LEASE_MS)
+            .is_err());
+        assert!(config.timing_for(10).is_err(), "below the lease limits");
+    }
+
+    /// Renewals keep failing: the guard's token is cancelled while the node still believes
+    /// it holds the lease, so work tied to it stops before the belief (and the lease) ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_guard_is_cancelled_before_the_belief_ends() {
+        let clock: SharedClock = Arc::new(kelpie_core::TokioClock::new());
+        let leases = manager(&clock);
+        let session = session(&leases, &clock, "n1");
+        let mut events = session.events();
+        let guard = session.acquire(&actor("a")).await.unwrap();
+        assert!(guard.is_valid());
+        leases.store().set_down(true);
+        guard.cancellation().cancelled().await;
+        let cancelled_ms = clock.now_ms();
+        assert!(!guard.is_valid());
+        let mut seen = Vec::new();
+        while let Some(Ok(event)) = events.try_recv() {
+            seen.push(event);
+        }
+        // The belief's end, as the keeper last extended it.
+        let until_ms = seen.iter().rev().find_map(|e| match e {
+            SessionEvent::Lease(
+                KeeperEvent::Acquired { until_local_ms, .. }
+                | KeeperEvent::Renewed { until_local_ms, .. },
+            ) => Some(*until_local_ms),
+            _ => None,
+        });
+        let until_ms = until_ms.unwrap_or_else(|| panic!("no grant among {seen:?}"));
+        assert!(
+            cancelled_ms < until_ms,
+            "cancelled at {cancelled_ms} ms, the belief ended at {until_ms} ms"
+        );
+        let position = |wanted: fn(&SessionEvent) -> bool| seen.iter().position(wanted);
+        let cancelled = position(|e| matches!(e, SessionEvent::GuardCancelled { .. }));
+        let lost = position(|e| matches!(e, SessionEvent::Lease(KeeperEvent::Lost { .. })));
+        assert!(cancelled.is_some(), "{seen:?}");
+        assert!(lost.is_none_or(|lost| Some(lost) > cancelled), "{seen:?}");
+    }
+
+    /// Dropping a guard releases its lease; one guard per actor.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_the_guard_releases_the_lease() {
+        let clock: SharedClock = Arc::new(kelpie_core::TokioClock::new());
+        let leases = manager(&clock);
+        let session = session(&leases, &clock, "n1");
+        let guard = session.acquire(&actor("a")).await.unwrap();
+        let again = session.acquire(&actor("a")).await.err().unwrap();
+        assert!(
+            matches!(again, SessionError::AlreadyGuarded { .. }),
+            "{again}"
+        );
+        let cancellation = guard.cancellation().clone();
+        drop(guard);
+        assert!(cancellation.is_cancelled());
+        let store = Arc::clone(&leases);
+        let a = actor("a");
+        eventually(&clock, "the release", move || {
+            futures_util::FutureExt::now_or_never(store.get(&a))
+                .is_some_and(|lease| lease.unwrap().is_none())
+        })
+        .await;
+    }
+
+    /// A campaign waits while another session holds the actor, reports the holder, and wins
+    /// soon after the holder releases.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_campaign_waits_for_the_holder_and_takes_over() {
+        let clock: SharedClock = Arc::new(kelpie_core::TokioClock::new());
+        let leases = manager(&clock);
+        let (first, second) = (
+            session(&leases, &clock, "n1"),
+            session(&leases, &clock, "n2"),
+        );
+        let mut events = second.events();
+        let held = first.acquire(&actor("a")).await.unwrap();
+        let campaigner = second.clone();
+        let campaign = tokio::spawn(async move { campaigner.campaign(&actor("a")).await });
+        let holder = loop {
+            if let SessionEvent::HolderChanged { holder, .. } = events.recv().await.unwrap() {
+                break holder;
+            }
+        };
+        assert_eq!(&holder, first.holder_id());
+        assert!(!campaign.is_finished(), "still held by the first session");
+        let released_ms = clock.now_ms();
+        first.release(held).await.unwrap();
+        let won = campaign.await.unwrap().unwrap();
+        let took_ms = clock.now_ms() - released_ms;
+        assert!(
+            took_ms <= second.timing().campaign_poll_ms_max + 50,
+            "{took_ms} ms"
+        );
+        assert!(won.is_valid());
+    }
+
+    /// Shutdown cancels every guard, releases every lease, and ends campaigns.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_releases_everything_within_its_bound() {
+        let clock: SharedClock = Arc::new(kelpie_core::TokioClock::new());
+        let leases = manager(&clock);
+        let (first, second) = (
+            session(&leases, &clock, "n1"),
+            session(&leases, &clock, "n2"),
+        );
+        let guards = [
+            first.acquire(&actor("a")).await.unwrap(),
+            first.acquire(&actor("b")).await.unwrap(),
+        ];
+        let campaigner = first.clone();
+        let waiting = second.acquire(&actor("c")).await.unwrap();
+        let campaign = tokio::spawn(async move { campaigner.campaign(&actor("c")).await });
+        let report = first.shutdown().await;
+        assert_eq!(
+            report,
+            ShutdownReport {
+                released: 2,
+                unanswered: 0
+            }
+        );
+        assert!(guards.iter().all(|g| !g.is_valid()));
+        let ended = campaign.await.unwrap().err().unwrap();
+        assert_eq!(ended, SessionError::ShuttingDown);
+        assert!(first.acquire(&actor("d")).await.is_err());
+        for name in ["a", "b"] {
+            assert_eq!(leases.get(&actor(name)).await.unwrap(), None, "{name}");
+        }
+        assert!(waiting.is_valid());
+    }
+}

@@ -1,0 +1,62 @@
+//! Shared by the crate's unit tests.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use kelpie_core::{ActorId, SharedClock};
+
+use crate::error::StoreError;
+use crate::lease::LeaseRequest;
+use crate::memory::MemoryLeaseStore;
+use crate::protocol::Decision;
+use crate::store::{LeaseStore, RecordSnapshot, StoreSnapshot};
+
+/// The memory store, unreachable while it is [`set_down`](Self::set_down).
+pub(crate) struct FlakyStore {
+    inner: MemoryLeaseStore,
+    down: AtomicBool,
+}
+
+impl FlakyStore {
+    /// An empty, reachable store timed by `clock`.
+    pub(crate) fn new(clock: SharedClock) -> Self {
+        Self {
+            inner: MemoryLeaseStore::new(clock),
+            down: AtomicBool::new(false),
+        }
+    }
+
+    /// Makes every request fail with [`StoreError::Unavailable`] (or succeed again).
+    pub(crate) fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        match self.down.load(Ordering::SeqCst) {
+            true => Err(StoreError::Unavailable {
+                reason: "partitioned".into(),
+            }),
+            false => Ok(()),
+        }
+    }
+}
+
+impl LeaseStore for FlakyStore {
+    async fn apply(
+        &self,
+        actor_id: &ActorId,
+        request: &LeaseRequest,
+    ) -> Result<Decision, StoreError> {
+        self.check()?;
+        self.inner.apply(actor_id, request).await
+    }
+
+    async fn load(&self, actor_id: &ActorId) -> Result<RecordSnapshot, StoreError> {
+        self.check()?;
+        self.inner.load(actor_id).await
+    }
+
+    async fn scan(&self) -> Result<StoreSnapshot, StoreError> {
+        self.check()?;
+        self.inner.scan().await
+    }
+}

@@ -47,6 +47,10 @@ pub struct LeaseScenario {
     /// [`SwarmSettings::check_linearizability`](crate::SwarmSettings)). Turn it off with a
     /// mutated `cluster.decide`.
     pub check_linearizability: bool,
+    /// Deliberately wrong app: in the liveness phase node 0 never acquires an actor it wants
+    /// (see [`SwarmSettings::bug_node_never_acquires`](crate::SwarmSettings)). The liveness
+    /// check must report it.
+    pub bug_node_never_acquires: bool,
 }
 
 impl Default for LeaseScenario {
@@ -71,6 +75,7 @@ impl Default for LeaseScenario {
             bug_no_drift_margin: false,
             bug_stale_reads: false,
             check_linearizability: true,
+            bug_node_never_acquires: false,
         }
     }
 }
@@ -180,6 +185,7 @@ impl LeaseScenario {
             app_loop: true,
             bug_stale_reads: self.bug_stale_reads,
             check_linearizability: self.check_linearizability,
+            bug_node_never_acquires: self.bug_node_never_acquires,
         };
         run_swarm(env.clone(), cluster.clone(), self.cluster, settings).await
     }

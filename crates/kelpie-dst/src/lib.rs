@@ -9,7 +9,8 @@
 //! - [`lease_cluster`]: [`SimLeaseCluster`] and [`SimLeaseClient`], simulated lease nodes.
 //! - [`lease_events`]: [`LeaseEvent`], what happened in a lease run, for reports and timelines.
 //! - [`lease_net`]: [`lease_net::NetLeaseStore`], leases over the simulated network.
-//! - [`lease_swarm`]: [`SwarmWorld`], networked nodes with production keepers, and chaos.
+//! - [`lease_swarm`]: [`SwarmWorld`], networked nodes with production keepers, and chaos; the
+//!   liveness bound ([`LivenessBound`]) and its check ([`LivenessWindow`]).
 //! - [`lease_scenario`]: [`LeaseScenario`], nodes contending for leases under faults.
 //! - [`mutations`]: deliberately broken protocols the checkers must catch.
 //! - [`history`]: [`History`], every lease operation's invocation and response as nodes saw them.
@@ -45,7 +46,10 @@ pub use lease_cluster::{
 };
 pub use lease_events::{EventLog, LeaseEvent, LeaseEventKind};
 pub use lease_scenario::{LeaseRunReport, LeaseScenario};
-pub use lease_swarm::{Keeper, NetLeaseManager, SwarmSettings, SwarmWorld};
+pub use lease_swarm::{
+    sweep_requests_max, Keeper, LivenessBound, LivenessViolation, LivenessWindow, NetLeaseManager,
+    SwarmSettings, SwarmWorld,
+};
 pub use linearizability::{
     check_history, LinearizabilityError, LinearizabilityReport, OffendingWindow,
     LINEARIZABILITY_SEARCH_STATES_MAX,

@@ -4,13 +4,18 @@
 //! operation the nodes made.
 //!
 //! `DST_SEEDS=<n>` sets how many seeds run (default 40); `DST_SEED=<n>` runs exactly one.
-//! `cargo test -p kelpie-dst --release --test swarm_dst -- --nocapture` prints the figures.
+//! `cargo test -p kelpie-dst --release --test swarm_dst -- --nocapture` prints the figures;
+//! `-- --ignored` adds the large swarm (20 nodes, 1,000 actors).
 
 use std::collections::BTreeMap;
 
+use kelpie_core::{ActorId, NodeId};
 use kelpie_dst::checkers::CheckerSet;
 use kelpie_dst::mutations::LINEARIZABILITY;
-use kelpie_dst::{swarm_faults, LeaseRunReport, LeaseScenario, SWARM_LEASE_FAULTS};
+use kelpie_dst::{
+    swarm_faults, sweep_requests_max, LeaseRunReport, LeaseScenario, LivenessBound, LivenessWindow,
+    SWARM_LEASE_FAULTS,
+};
 use kelpie_lease::COVERAGE_MARKS;
 use kelpie_sim::{FaultType, SimConfig, SimError, Simulation};
 
@@ -29,6 +34,9 @@ fn seeds() -> Vec<u64> {
 /// Lease durations the swarm draws from, one per seed: short leases put network delay and
 /// timeouts close to the lease, where keeper bugs show (a stale release was found at 200 ms).
 const SWARM_LEASE_DURATIONS_MS: [u64; 3] = [200, 500, 1_000];
+
+/// Seeds of the large swarm when `DST_SEEDS` is not set.
+const LARGE_SEEDS_DEFAULT: u64 = 10;
 
 fn run_seed(seed: u64, mut scenario: LeaseScenario) -> Result<LeaseRunReport, SimError> {
     let index = (kelpie_sim::derive_seed(seed, "swarm/lease-duration") % 3) as usize;
@@ -106,9 +114,16 @@ fn test_swarm_lease_safety_and_liveness_with_every_mark_hit() {
 }
 
 fn caught_within(broken: impl Fn(&mut LeaseScenario)) -> (u64, String) {
+    caught_within_at(LeaseScenario::default(), broken)
+}
+
+fn caught_within_at(
+    base_scenario: LeaseScenario,
+    broken: impl Fn(&mut LeaseScenario),
+) -> (u64, String) {
     let base = SimConfig::from_env_or_random().seed;
     for i in 0..MUTATION_SEEDS_MAX {
-        let mut scenario = LeaseScenario::default();
+        let mut scenario = base_scenario;
         broken(&mut scenario);
         match run_seed(base.wrapping_add(i), scenario) {
             Ok(_) => continue,
@@ -145,9 +160,13 @@ fn test_swarm_catches_keeper_without_drift_margin() {
 /// where.
 #[test]
 fn test_swarm_linearizability_catches_stale_reads() {
+    stale_reads_caught(LeaseScenario::default());
+}
+
+fn stale_reads_caught(base_scenario: LeaseScenario) {
     let base = SimConfig::from_env_or_random().seed;
     for i in 0..STALE_READ_SEEDS_MAX {
-        let mut scenario = LeaseScenario::default();
+        let mut scenario = base_scenario;
         scenario.bug_stale_reads = true;
         scenario.cluster.checkers = CheckerSet::NONE;
         let message = match run_seed(base.wrapping_add(i), scenario) {
@@ -170,4 +189,168 @@ fn test_swarm_linearizability_catches_stale_reads() {
         return;
     }
     panic!("a store serving stale reads survived {STALE_READ_SEEDS_MAX} seeds from {base}");
+}
+
+/// A scenario of `nodes` nodes and `actors` actors with `sim_secs` of faulty phase.
+fn sized(nodes: usize, actors: usize, sim_secs: u64) -> LeaseScenario {
+    let mut scenario = LeaseScenario::default();
+    scenario.nodes_count = nodes;
+    scenario.actors_count = actors;
+    scenario.sim_duration_ms = sim_secs * 1_000;
+    scenario
+}
+
+fn expect_pass(what: &str, seed: u64, result: Result<LeaseRunReport, SimError>) -> LeaseRunReport {
+    result.unwrap_or_else(|error| panic!("{what}, seed {seed}: {error}"))
+}
+
+/// Issue 19, seed 7 of `kelpie sim --nodes 5 --actors 200 --sim-secs 30 --faults none`, as a
+/// hand-built timeline. Healed at 30,000 ms; node-3's first sweep (34 acquires, 29 releases)
+/// reached actor-188 at 31,367 ms while node-2@1 still held it, node-2 released it later in
+/// its own first sweep, and node-3's second sweep acquired it: belief started at 32,402 ms.
+/// The old check watched for two lease durations after a 420 ms drain, sampling every 50 ms:
+/// its window closed at 32,420 ms with the last sample at 32,370 ms, so it missed that belief,
+/// and two sweeps of 40 wanted actors do not fit in two lease durations anyway. The bound of
+/// the run is 9,217 ms, and the check counts a belief started at any instant up to it.
+#[test]
+fn test_liveness_check_on_the_seed_7_timeline() {
+    let bound = LivenessBound {
+        lease_duration_ms: 1_000,
+        retry_interval_ms: 83,
+        think_time_ms_max: 250,
+        request_timeout_ms: 200,
+        clock_drift_ppm_max: 50_000,
+        network_latency_ms_max: 20,
+        storage_latency_ms_max: 5,
+        // The busiest node wants 40 actors and held 38 others at healing.
+        sweep_requests_max: sweep_requests_max(40, 38),
+    };
+    // x' = ceil(x / 0.95) + 1: think 265, timeout 212, retry 89. R = 2·20 + 5 = 45.
+    // D = 11·20 + 11·5 + 212 = 487; sweep = 265 + 79·45 = 3,820;
+    // freed = max(3,820 + 45 + 1,000, 1,000 + 89 + 2·45) = 4,865; bound = 487 + 4,865 + 3,820 + 45.
+    assert_eq!(bound.round_trip_ms(), 45);
+    assert_eq!(bound.drain_ms(), 487);
+    assert_eq!(bound.sweep_ms(), 3_820);
+    assert_eq!(bound.total_ms(), 9_217);
+
+    let heal_ms = 30_000;
+    let actor = |i: u32| ActorId::new(format!("actor-{i}")).unwrap();
+    let node = |name: &str| NodeId::new(name).unwrap();
+    let mut window = LivenessWindow::new(heal_ms, bound);
+    window.want(actor(187), node("node-2@1"));
+    window.want(actor(188), node("node-3@1"));
+    assert_eq!(window.deadline_ms(), 39_217);
+    // actor-187 was held by node-2 through healing; actor-188 was refused at 31,380 ms.
+    window.held(&actor(187), heal_ms);
+    assert!(!window.all_held());
+    window.held(&actor(188), 32_402);
+    assert!(window.all_held());
+    assert_eq!(window.check(), Ok(()));
+    // Only the first time it is seen held counts.
+    window.held(&actor(188), 40_000);
+    assert_eq!(window.check(), Ok(()));
+
+    // The deadline is inclusive, to the millisecond.
+    let mut edge = LivenessWindow::new(heal_ms, bound);
+    edge.want(actor(188), node("node-3@1"));
+    edge.held(&actor(188), 39_217);
+    assert_eq!(edge.check(), Ok(()));
+    let mut late = LivenessWindow::new(heal_ms, bound);
+    late.want(actor(188), node("node-3@1"));
+    late.held(&actor(188), 39_218);
+    let violation = late.check().unwrap_err();
+    assert_eq!(violation.held_at_ms, Some(39_218));
+    assert!(violation
+        .to_string()
+        .starts_with("liveness violation: actor-188, wanted by node-3@1"));
+
+    // A node that never acquires an actor it wants is reported, whatever else was held.
+    let mut never = LivenessWindow::new(heal_ms, bound);
+    never.want(actor(187), node("node-2@1"));
+    never.want(actor(188), node("node-3@1"));
+    never.held(&actor(187), 30_500);
+    let violation = never.check().unwrap_err();
+    assert_eq!(
+        (&violation.actor_id, violation.held_at_ms),
+        (&actor(188), None)
+    );
+    assert!(violation.to_string().contains("never held"), "{violation}");
+}
+
+/// Issue 19: 5 nodes and 200 actors. Seeds 2, 7 and 8 without faults are the ones that
+/// reported liveness violations (`kelpie sim --nodes 5 --actors 200 --sim-secs 30 --faults
+/// none`); two more seeds run the swarm's faults and lease durations.
+#[test]
+fn test_swarm_200_actors_reach_liveness() {
+    for seed in [2, 7, 8] {
+        let simulation = Simulation::new(SimConfig::new(seed));
+        expect_pass(
+            "200 actors, no faults",
+            seed,
+            sized(5, 200, 30).run(simulation),
+        );
+    }
+    for seed in kelpie_sim::test_seeds(2) {
+        expect_pass("200 actors, swarm", seed, run_seed(seed, sized(5, 200, 10)));
+    }
+}
+
+/// A node that never acquires the actors it wants fails the run with a liveness violation
+/// naming it: the bound is a deadline, not a formality. (Node 0 wants 10 of the 30 actors; an
+/// actor it already held at healing counts as held, the others are never held.)
+#[test]
+fn test_swarm_reports_a_node_that_never_acquires() {
+    for seed in [1, 2, 3] {
+        let mut scenario = sized(3, 30, 5);
+        scenario.bug_node_never_acquires = true;
+        let config = SimConfig::new(seed).with_failure_banner(false);
+        let message = match scenario.run(Simulation::new(config)) {
+            Err(SimError::ScenarioFailed { message, .. }) => message,
+            other => panic!("seed {seed}: an idle node was not reported: {other:?}"),
+        };
+        assert!(
+            message.contains("liveness violation: actor-")
+                && message.contains(", wanted by node-0@1, ")
+                && message.contains("never held"),
+            "seed {seed}: {message}"
+        );
+    }
+}
+
+/// The large swarm: 20 nodes, 1,000 actors, each seed with its own fault mix and lease
+/// duration. `cargo test -p kelpie-dst --release --test swarm_dst -- --ignored --nocapture`.
+#[test]
+#[ignore = "large: 20 nodes, 1,000 actors; run with --release -- --ignored"]
+fn test_swarm_20_nodes_1000_actors() {
+    let seeds = kelpie_sim::test_seeds(LARGE_SEEDS_DEFAULT);
+    let mut sim_ms = 0;
+    for &seed in &seeds {
+        let report = expect_pass(
+            "20 nodes, 1,000 actors",
+            seed,
+            run_seed(seed, sized(20, 1_000, 30)),
+        );
+        sim_ms += report.sim.sim_time_ms;
+    }
+    println!(
+        "large swarm: {} seeds of 20 nodes and 1,000 actors, {} simulated s, zero violations",
+        seeds.len(),
+        sim_ms / 1_000
+    );
+}
+
+/// The broken keepers are still caught with 20 nodes and 1,000 actors.
+/// `cargo test -p kelpie-dst --release --test swarm_dst -- --ignored --nocapture`.
+#[test]
+#[ignore = "large: 20 nodes, 1,000 actors; run with --release -- --ignored"]
+fn test_swarm_20_nodes_1000_actors_catches_broken_keepers() {
+    let large = sized(20, 1_000, 30);
+    let beliefs = ["BeliefConsistency", "LeaseUniqueness"];
+    let (seeds, invariant) = caught_within_at(large, |s| s.bug_belief_from_reply = true);
+    println!("large swarm: belief-from-reply caught by {invariant} after {seeds} seeds");
+    assert!(beliefs.contains(&invariant.as_str()), "{invariant}");
+    let (seeds, invariant) = caught_within_at(large, |s| s.bug_no_drift_margin = true);
+    println!("large swarm: no-drift-margin caught by {invariant} after {seeds} seeds");
+    assert!(beliefs.contains(&invariant.as_str()), "{invariant}");
+    stale_reads_caught(large);
 }

@@ -11,6 +11,7 @@ use crate::checkers::CheckerSet;
 use crate::lease_cluster::{ClusterConfig, LeaseOpCounts, SimLeaseCluster};
 use crate::lease_events::{EventLog, LeaseEvent};
 use crate::lease_swarm::{run_swarm, SwarmSettings};
+
 use crate::linearizability::LinearizabilityReport;
 use kelpie_sim::{SimEnv, SimError, SimReport, Simulation};
 
@@ -36,6 +37,9 @@ pub struct LeaseScenario {
     pub request_timeout_ms: u64,
     /// Whether a networked run heals and checks liveness after `sim_duration_ms`.
     pub check_liveness: bool,
+    /// Whether each node runs its own loop of acquires and releases. Targeted tests turn it
+    /// off and drive the keepers of a [`SwarmWorld`](crate::SwarmWorld) themselves.
+    pub app_loop: bool,
     /// Deliberately wrong keeper: belief measured from the reply's arrival.
     pub bug_belief_from_reply: bool,
     /// Deliberately wrong keeper: no drift margin, while clocks do drift.
@@ -44,12 +48,13 @@ pub struct LeaseScenario {
     /// previous version of the record. The linearizability check must catch it.
     pub bug_stale_reads: bool,
     /// Whether a networked run checks its history for linearizability (see
-    /// [`SwarmSettings::check_linearizability`](crate::SwarmSettings)). Turn it off with a
-    /// mutated `cluster.decide`.
+    /// [`crate::mutations::Mutation::apply`]). Off when a run deliberately uses another
+    /// decision function: the store applies that one atomically, so checking it against the
+    /// production model would only re-detect the mutation the invariant checkers catch.
     pub check_linearizability: bool,
     /// Deliberately wrong app: in the liveness phase node 0 never acquires an actor it wants
-    /// (see [`SwarmSettings::bug_node_never_acquires`](crate::SwarmSettings)). The liveness
-    /// check must report it.
+    /// as a keeper that never takes a free lease would look. The liveness check must report
+    /// it.
     pub bug_node_never_acquires: bool,
 }
 
@@ -71,6 +76,7 @@ impl Default for LeaseScenario {
             },
             request_timeout_ms: 200,
             check_liveness: true,
+            app_loop: true,
             bug_belief_from_reply: false,
             bug_no_drift_margin: false,
             bug_stale_reads: false,
@@ -103,7 +109,7 @@ impl LeaseScenario {
 
     /// The pause between a node's visits, capped at a quarter lease so that short leases
     /// still see wanted actors acquired well inside the liveness window.
-    fn think_time_for_lease_ms(&self) -> u64 {
+    pub fn think_time_for_lease_ms(&self) -> u64 {
         self.think_time_ms_max
             .min(self.cluster.lease_duration_ms / 4)
             .max(1)
@@ -111,7 +117,7 @@ impl LeaseScenario {
 
     /// The request timeout, capped at half a lease but never below
     /// [`REQUEST_TIMEOUT_MS_MIN`], the longest undisturbed round trip.
-    fn request_timeout_for_lease_ms(&self) -> u64 {
+    pub fn request_timeout_for_lease_ms(&self) -> u64 {
         let capped_ms = self
             .request_timeout_ms
             .min(self.cluster.lease_duration_ms / 2);
@@ -173,7 +179,12 @@ impl LeaseScenario {
         env: &SimEnv,
         cluster: &SimLeaseCluster,
     ) -> Result<LinearizabilityReport, String> {
-        let settings = SwarmSettings {
+        run_swarm(env.clone(), cluster.clone(), self).await
+    }
+
+    /// The settings as the world uses them.
+    pub(crate) fn swarm_settings(&self) -> SwarmSettings {
+        SwarmSettings {
             nodes_count: self.nodes_count,
             actors_count: self.actors_count,
             safety_phase_ms: self.sim_duration_ms,
@@ -182,11 +193,10 @@ impl LeaseScenario {
             bug_belief_from_reply: self.bug_belief_from_reply,
             bug_no_drift_margin: self.bug_no_drift_margin,
             check_liveness: self.check_liveness,
-            app_loop: true,
+            app_loop: self.app_loop,
             bug_stale_reads: self.bug_stale_reads,
             check_linearizability: self.check_linearizability,
             bug_node_never_acquires: self.bug_node_never_acquires,
-        };
-        run_swarm(env.clone(), cluster.clone(), self.cluster, settings).await
+        }
     }
 }

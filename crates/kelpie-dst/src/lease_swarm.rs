@@ -67,6 +67,8 @@
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
+
+use crate::lease_scenario::LeaseScenario;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,59 +112,41 @@ pub enum Phase {
     Liveness,
 }
 
-/// Settings of the networked nodes.
+/// A [`LeaseScenario`]'s settings as the world uses them, with the think time and request
+/// timeout fitted to the lease (see the scenario's methods). Built only from a scenario, so
+/// every setting is given once, there.
 #[derive(Debug, Clone, Copy)]
-pub struct SwarmSettings {
+pub(crate) struct SwarmSettings {
     /// Nodes (hosts 1..=n; the store is host 0).
-    pub nodes_count: usize,
+    pub(crate) nodes_count: usize,
     /// Actors.
-    pub actors_count: usize,
+    pub(crate) actors_count: usize,
     /// Length of the safety phase.
-    pub safety_phase_ms: u64,
+    pub(crate) safety_phase_ms: u64,
     /// Longest pause between two visits of a node's loop, on its clock.
-    pub think_time_ms_max: u64,
+    pub(crate) think_time_ms_max: u64,
     /// How long a node waits for the store's reply.
-    pub request_timeout_ms: u64,
+    pub(crate) request_timeout_ms: u64,
     /// Deliberately wrong keeper: belief from the reply's arrival.
-    pub bug_belief_from_reply: bool,
+    pub(crate) bug_belief_from_reply: bool,
     /// Deliberately wrong keeper: it assumes no drift, while clocks do drift.
-    pub bug_no_drift_margin: bool,
+    pub(crate) bug_no_drift_margin: bool,
     /// Whether to run the liveness phase.
-    pub check_liveness: bool,
+    pub(crate) check_liveness: bool,
     /// Whether each node runs its own loop of acquires and releases. Targeted tests turn it
     /// off and drive the keepers themselves.
-    pub app_loop: bool,
+    pub(crate) app_loop: bool,
     /// Deliberately wrong store: it sometimes decides on the previous version of a record
     /// (see [`serve_leases_with_stale_reads`]).
-    pub bug_stale_reads: bool,
+    pub(crate) bug_stale_reads: bool,
     /// Whether the history is checked for linearizability against the production protocol.
     /// Off when a run deliberately uses another decision function: the store applies that one
     /// atomically, so checking it against the production model would only re-detect the
     /// mutation the invariant checkers are there to catch.
-    pub check_linearizability: bool,
+    pub(crate) check_linearizability: bool,
     /// Deliberately wrong app: in the liveness phase node 0 never acquires an actor it wants,
     /// as a keeper that never takes a free lease would look. The liveness check must report it.
-    pub bug_node_never_acquires: bool,
-}
-
-impl SwarmSettings {
-    /// Settings for `nodes_count` nodes and `actors_count` actors with the swarm's defaults.
-    pub fn new(nodes_count: usize, actors_count: usize) -> Self {
-        Self {
-            nodes_count,
-            actors_count,
-            safety_phase_ms: 20_000,
-            think_time_ms_max: 250,
-            request_timeout_ms: 200,
-            bug_belief_from_reply: false,
-            bug_no_drift_margin: false,
-            check_liveness: true,
-            app_loop: true,
-            bug_stale_reads: false,
-            check_linearizability: true,
-            bug_node_never_acquires: false,
-        }
-    }
+    pub(crate) bug_node_never_acquires: bool,
 }
 
 /// The networked lease world: the store host serving leases, and nodes with production
@@ -292,10 +276,10 @@ fn keeper_config(config: &ClusterConfig, settings: &SwarmSettings) -> KeeperConf
 pub(crate) async fn run_swarm(
     env: SimEnv,
     cluster: SimLeaseCluster,
-    config: ClusterConfig,
-    settings: SwarmSettings,
+    scenario: LeaseScenario,
 ) -> Result<LinearizabilityReport, String> {
-    let world = SwarmWorld::new(&env, cluster, config, settings);
+    let settings = scenario.swarm_settings();
+    let world = SwarmWorld::new(&env, cluster, scenario);
     world.start_all()?;
     let chaos = world.spawn_chaos();
     env.sleep(Duration::from_millis(settings.safety_phase_ms))
@@ -549,13 +533,11 @@ impl LivenessWindow {
 }
 
 impl SwarmWorld {
-    /// A world on `cluster`'s store: the store host serves leases; no node runs yet.
-    pub fn new(
-        env: &SimEnv,
-        cluster: SimLeaseCluster,
-        config: ClusterConfig,
-        settings: SwarmSettings,
-    ) -> Rc<Self> {
+    /// A world on `cluster`'s store, set up as `scenario` says (its nodes, actors, timing and
+    /// deliberate bugs; `scenario.app_loop` off to drive the keepers by hand): the store host
+    /// serves leases; no node runs yet.
+    pub fn new(env: &SimEnv, cluster: SimLeaseCluster, scenario: LeaseScenario) -> Rc<Self> {
+        let (config, settings) = (scenario.cluster, scenario.swarm_settings());
         let network = SimNetwork::new(env, settings.nodes_count + 1);
         let (server_env, server_network, store) =
             (env.clone(), network.clone(), cluster.store().clone());

@@ -48,7 +48,7 @@ pub use lease_events::{EventLog, LeaseEvent, LeaseEventKind};
 pub use lease_scenario::{LeaseRunReport, LeaseScenario};
 pub use lease_swarm::{
     sweep_requests_max, Keeper, LivenessBound, LivenessViolation, LivenessWindow, NetLeaseManager,
-    SwarmSettings, SwarmWorld,
+    SwarmWorld,
 };
 pub use linearizability::{
     check_history, LinearizabilityError, LinearizabilityReport, OffendingWindow,

@@ -524,7 +524,7 @@ fn test_dst_correct_protocol_passes_every_checker() {
 // networked nodes, driven by hand. Each test asserts that the fault it injects fired.
 
 use kelpie_dst::lease_net::STORE_HOST;
-use kelpie_dst::{Keeper, SwarmSettings, SwarmWorld};
+use kelpie_dst::{Keeper, SwarmWorld};
 use kelpie_lease::{KeeperEvent, LostReason};
 use std::rc::Rc;
 
@@ -541,13 +541,11 @@ where
         .run(move |env| {
             let body = Rc::clone(&body);
             async move {
-                let config = LeaseScenario::default().cluster;
-                let cluster = SimLeaseCluster::new(&env, config)?;
-                let settings = SwarmSettings {
-                    app_loop: false,
-                    ..SwarmSettings::new(2, 1)
-                };
-                let world = SwarmWorld::new(&env, cluster, config, settings);
+                let mut scenario = LeaseScenario::default();
+                (scenario.nodes_count, scenario.actors_count) = (2, 1);
+                scenario.app_loop = false;
+                let cluster = SimLeaseCluster::new(&env, scenario.cluster)?;
+                let world = SwarmWorld::new(&env, cluster, scenario);
                 world.start_all()?;
                 body(env, world).await
             }

@@ -38,8 +38,8 @@ use std::time::Duration;
 use kelpie_core::{ActorId, FencingToken, NodeId};
 use kelpie_dst::lease_swarm::Phase;
 use kelpie_dst::{
-    swarm_faults, Keeper, LeaseScenario, NetLeaseManager, SimLeaseCluster, SwarmSettings,
-    SwarmWorld, SWARM_LEASE_FAULTS,
+    swarm_faults, Keeper, LeaseScenario, NetLeaseManager, SimLeaseCluster, SwarmWorld,
+    SWARM_LEASE_FAULTS,
 };
 use kelpie_lease::{
     FencedState, FencedStateStore, KeeperEvent, Location, MemoryFencedStateStore, Placement,
@@ -356,13 +356,11 @@ fn run_seed(seed: u64, broken: Broken) -> Result<(SimReport, Figures), SimError>
 
 /// Builds the world, its nodes' loops and the activation check.
 fn start(env: &SimEnv, broken: Broken) -> Result<Rc<Ctx>, String> {
-    let config = LeaseScenario::default().cluster;
-    let cluster = SimLeaseCluster::new(env, config)?;
-    let settings = SwarmSettings {
-        app_loop: false,
-        ..SwarmSettings::new(NODES_COUNT, ACTORS_COUNT)
-    };
-    let world = SwarmWorld::new(env, cluster, config, settings);
+    let mut scenario = LeaseScenario::default();
+    (scenario.nodes_count, scenario.actors_count) = (NODES_COUNT, ACTORS_COUNT);
+    scenario.app_loop = false;
+    let cluster = SimLeaseCluster::new(env, scenario.cluster)?;
+    let world = SwarmWorld::new(env, cluster, scenario);
     world.start_all()?;
     let ctx = Rc::new(Ctx {
         env: env.clone(),

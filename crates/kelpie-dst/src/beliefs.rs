@@ -1,13 +1,13 @@
 //! The nodes' beliefs, shared between the simulated nodes that hold them and the checkers that
-//! judge them. A node's beliefs come either from a [`LeaseKeeper`](kelpie_lease::LeaseKeeper)
-//! (the production code) or from beliefs kept by hand with the [`Belief`] state machine.
+//! judge them. A node's beliefs come from its [`LeaseKeeper`](kelpie_lease::LeaseKeeper), the
+//! production code: the one node model of the simulator.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
-use kelpie_core::{ActorId, FencingToken, NodeId};
-use kelpie_lease::{Belief, BeliefConfig, HeldBelief};
+use kelpie_core::{ActorId, NodeId};
+use kelpie_lease::HeldBelief;
 
 use crate::checkers::BeliefView;
 use kelpie_sim::SimClock;
@@ -47,8 +47,7 @@ impl NodeChange {
 struct NodeEntry {
     clock: SimClock,
     keeper: Option<Rc<dyn BeliefSource>>,
-    manual: BTreeMap<ActorId, Belief>,
-    /// Bumped on every manual change, crash, restart or clock jump.
+    /// Bumped on every crash, restart or clock jump.
     local_epoch: u64,
     /// (keeper epoch, local epoch) when the views below were taken.
     seen: Option<(u64, u64)>,
@@ -63,12 +62,11 @@ pub struct BeliefBoard {
 }
 
 impl BeliefBoard {
-    /// Registers a node whose beliefs are kept by hand.
-    pub fn add_node(&self, node_id: &NodeId, clock: SimClock) {
+    /// Registers (or, after a restart, replaces) the keeper holding a node's beliefs.
+    pub fn set_keeper(&self, node_id: &NodeId, clock: SimClock, keeper: Rc<dyn BeliefSource>) {
         let entry = NodeEntry {
             clock,
-            keeper: None,
-            manual: BTreeMap::new(),
+            keeper: Some(keeper),
             local_epoch: 0,
             seen: None,
             views: BTreeMap::new(),
@@ -76,65 +74,14 @@ impl BeliefBoard {
         self.nodes.borrow_mut().insert(node_id.clone(), entry);
     }
 
-    /// Registers (or, after a restart, replaces) the keeper holding a node's beliefs.
-    pub fn set_keeper(&self, node_id: &NodeId, clock: SimClock, keeper: Rc<dyn BeliefSource>) {
-        self.add_node(node_id, clock);
-        self.with_node(node_id, |node| node.keeper = Some(keeper));
-    }
-
     /// The node crashed: its memory, and so every belief, is gone.
     pub fn crashed(&self, node_id: &NodeId) {
-        self.with_node(node_id, |node| {
-            node.keeper = None;
-            node.manual.clear();
-        });
+        self.with_node(node_id, |node| node.keeper = None);
     }
 
     /// The node's clock jumped: its beliefs end at other global instants now.
     pub fn clock_jumped(&self, node_id: &NodeId) {
         self.with_node(node_id, |_| {});
-    }
-
-    /// The node's request sent at local `sent_local_ms` was granted with `token`.
-    pub fn granted(
-        &self,
-        config: &BeliefConfig,
-        node_id: &NodeId,
-        actor_id: &ActorId,
-        sent_local_ms: u64,
-        token: FencingToken,
-    ) {
-        self.with_node(node_id, |node| {
-            let belief = node.manual.entry(actor_id.clone()).or_default();
-            belief.on_granted(config, sent_local_ms, token);
-        });
-    }
-
-    /// The node stops believing it holds the actor.
-    pub fn lost(&self, node_id: &NodeId, actor_id: &ActorId) {
-        self.with_node(node_id, |node| {
-            if let Some(belief) = node.manual.get_mut(actor_id) {
-                belief.on_lost();
-            }
-        });
-    }
-
-    /// Whether the node believes it holds the actor now, on its own clock.
-    pub fn holds(&self, node_id: &NodeId, actor_id: &ActorId) -> Option<FencingToken> {
-        let nodes = self.nodes.borrow();
-        let node = nodes.get(node_id).expect("node registered");
-        let now_ms = node.clock.now_ms();
-        if let Some(keeper) = &node.keeper {
-            let beliefs = keeper.beliefs();
-            return beliefs
-                .into_iter()
-                .find(|(a, _)| a == actor_id)
-                .map(|(_, b)| b.fencing_token);
-        }
-        node.manual
-            .get(actor_id)?
-            .held_at(now_ms)
-            .map(|h| h.fencing_token)
     }
 
     /// Re-reads the nodes whose beliefs may have changed and returns, per changed node, its
@@ -171,16 +118,9 @@ impl BeliefBoard {
 
 impl NodeEntry {
     fn read_views(&self, node_id: &NodeId) -> BTreeMap<ActorId, BeliefView> {
-        let now_ms = self.clock.now_ms();
         let held: Vec<(ActorId, HeldBelief)> = match &self.keeper {
             Some(keeper) => keeper.beliefs(),
-            None => {
-                let held = self
-                    .manual
-                    .iter()
-                    .filter_map(|(a, b)| b.held_at(now_ms).map(|h| (a.clone(), h)));
-                held.collect()
-            }
+            None => Vec::new(),
         };
         held.into_iter()
             .map(|(actor_id, held)| {

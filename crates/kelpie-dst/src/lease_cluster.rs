@@ -1,30 +1,22 @@
-//! Simulated lease nodes: the production protocol over the simulated store, each node keeping
-//! its belief with the production [`Belief`](kelpie_lease::Belief) state machine on its own
-//! drifting clock, and the checkers judging every step.
+//! The simulated lease cluster: the production protocol over the simulated store, the board
+//! of every node's beliefs (fed by the nodes' production keepers, see
+//! [`crate::lease_swarm`]), and the checkers judging every step.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
 
-use kelpie_core::{ActorId, FencingToken, NodeId};
+use kelpie_core::ActorId;
 use kelpie_lease::{
-    BeliefConfig, DecideFn, Lease, LeaseConfig, LeaseError, LeaseManager, LeaseOp, LeaseRecord,
-    ProtocolLeaseManager,
+    BeliefConfig, DecideFn, LeaseConfig, LeaseOp, LeaseRecord, ProtocolLeaseManager,
 };
 
 use crate::beliefs::{BeliefBoard, NodeChange};
 use crate::checkers::{BeliefView, CheckerSet, DecisionRecord, LeaseWorld};
 use crate::lease_events::{EventLog, LeaseEventKind};
 use crate::sim_lease_store::SimLeaseStore;
-use kelpie_sim::SimClock;
 use kelpie_sim::SimEnv;
-
-/// Consecutive store failures a client retries before giving up on an operation.
-pub const STORE_RETRIES_MAX: u32 = 50;
-/// Pause between two such retries, on the node's clock.
-pub const STORE_RETRY_PAUSE_MS: u64 = 5;
 
 /// Counts of what the nodes did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -80,7 +72,6 @@ pub struct SimLeaseCluster {
     store: SimLeaseStore,
     manager: Arc<ProtocolLeaseManager<SimLeaseStore>>,
     board: BeliefBoard,
-    belief_config: BeliefConfig,
     counts: Rc<Cell<LeaseOpCounts>>,
     /// Whether granted and refused requests are counted from the store's decisions (for
     /// nodes whose keepers renew out of sight) rather than by the clients.
@@ -92,7 +83,8 @@ impl SimLeaseCluster {
     /// A cluster on a new simulated store, checked by `config.checkers` after every step.
     pub fn new(env: &SimEnv, config: ClusterConfig) -> Result<Self, String> {
         let lease_config = LeaseConfig::new(config.lease_duration_ms).map_err(|e| e.to_string())?;
-        let belief_config = BeliefConfig::new(
+        // Validated here so that a bad configuration fails the run before any node starts.
+        BeliefConfig::new(
             config.lease_duration_ms,
             config.clock_drift_ppm_max,
             config.safety_margin_ms,
@@ -104,24 +96,12 @@ impl SimLeaseCluster {
             store,
             manager: Arc::new(manager),
             board: BeliefBoard::default(),
-            belief_config,
             counts: Rc::default(),
             count_decisions: Rc::default(),
             events: EventLog::default(),
         };
         cluster.install_checkers(env, &config.checkers);
         Ok(cluster)
-    }
-
-    /// A node named `node_id` on `clock`.
-    pub fn client(&self, node_id: &str, clock: SimClock) -> SimLeaseClient {
-        let node_id = NodeId::new(node_id).expect("test node ids are valid");
-        self.board.add_node(&node_id, clock.clone());
-        SimLeaseClient {
-            node_id,
-            clock,
-            cluster: self.clone(),
-        }
     }
 
     /// The simulated store.
@@ -270,127 +250,5 @@ fn tally_decisions(counts: &mut LeaseOpCounts, decisions: &[DecisionRecord]) {
             (Ok(_), LeaseOp::Renew) => counts.renewed += 1,
             (Ok(_), LeaseOp::Release) => counts.released += 1,
         }
-    }
-}
-
-/// One simulated node's lease operations, keeping its belief as a real node would.
-#[derive(Clone)]
-pub struct SimLeaseClient {
-    node_id: NodeId,
-    clock: SimClock,
-    cluster: SimLeaseCluster,
-}
-
-impl SimLeaseClient {
-    /// This node's id.
-    pub fn node_id(&self) -> &NodeId {
-        &self.node_id
-    }
-
-    /// This node's clock.
-    pub fn clock(&self) -> &SimClock {
-        &self.clock
-    }
-
-    /// The token of the lease this node believes it holds on `actor_id` now, if any.
-    pub fn believes(&self, actor_id: &ActorId) -> Option<FencingToken> {
-        self.cluster.board.holds(&self.node_id, actor_id)
-    }
-
-    /// One request, with the belief updated from its outcome.
-    pub async fn request(&self, op: LeaseOp, actor_id: &ActorId) -> Result<Lease, LeaseError> {
-        if op == LeaseOp::Release {
-            // Stop acting as holder before the store can hand the lease to anyone else.
-            self.cluster.board.lost(&self.node_id, actor_id);
-        }
-        let sent_local_ms = self.clock.now_ms();
-        self.log(actor_id, LeaseEventKind::Request { op });
-        let manager = &self.cluster.manager;
-        let result = match op {
-            LeaseOp::Acquire => manager.acquire(actor_id, &self.node_id).await,
-            LeaseOp::Renew => manager.renew(actor_id, &self.node_id).await,
-            LeaseOp::Release => manager.release(actor_id, &self.node_id).await,
-        };
-        self.observe(op, actor_id, sent_local_ms, &result);
-        self.log(actor_id, reply_event(op, &result));
-        result
-    }
-
-    fn log(&self, actor_id: &ActorId, kind: LeaseEventKind) {
-        let at_ms = self.clock.global_now_ms();
-        self.cluster
-            .events
-            .push(at_ms, Some(&self.node_id), Some(actor_id), kind);
-    }
-
-    /// Like [`request`](Self::request), retrying while the store fails (up to
-    /// [`STORE_RETRIES_MAX`] times); returns the first grant or refusal.
-    pub async fn request_until_decided(
-        &self,
-        op: LeaseOp,
-        actor_id: &ActorId,
-    ) -> Result<Lease, LeaseError> {
-        let mut last = None;
-        for _ in 0..STORE_RETRIES_MAX {
-            match self.request(op, actor_id).await {
-                Err(LeaseError::Store(error)) => last = Some(error),
-                decided => return decided,
-            }
-            self.clock
-                .sleep_local(Duration::from_millis(STORE_RETRY_PAUSE_MS))
-                .await;
-        }
-        Err(LeaseError::Store(
-            last.expect("at least one attempt failed"),
-        ))
-    }
-
-    fn observe(
-        &self,
-        op: LeaseOp,
-        actor_id: &ActorId,
-        sent_local_ms: u64,
-        result: &Result<Lease, LeaseError>,
-    ) {
-        let board = &self.cluster.board;
-        let mut counts = self.cluster.counts.get();
-        match (result, op) {
-            (Ok(_), LeaseOp::Release) => counts.released += 1,
-            (Ok(lease), _) => {
-                let token = lease.fencing_token;
-                let config = &self.cluster.belief_config;
-                board.granted(config, &self.node_id, actor_id, sent_local_ms, token);
-                match op {
-                    LeaseOp::Acquire => counts.acquired += 1,
-                    _ => counts.renewed += 1,
-                }
-            }
-            // A failed store call leaves the belief as it was: it was measured from an earlier
-            // send, and a write that may have been applied only ever extends the lease.
-            (Err(LeaseError::Store(_)), _) => counts.store_failed += 1,
-            (Err(_), _) => {
-                board.lost(&self.node_id, actor_id);
-                counts.refused += 1;
-            }
-        }
-        self.cluster.counts.set(counts);
-    }
-}
-
-fn reply_event(op: LeaseOp, result: &Result<Lease, LeaseError>) -> LeaseEventKind {
-    match result {
-        Ok(lease) => LeaseEventKind::Granted {
-            op,
-            fencing_token: lease.fencing_token,
-            expires_at_ms: lease.expires_at_ms,
-        },
-        Err(LeaseError::Store(error)) => LeaseEventKind::StoreFailed {
-            op,
-            reason: error.to_string(),
-        },
-        Err(refusal) => LeaseEventKind::Refused {
-            op,
-            reason: refusal.to_string(),
-        },
     }
 }

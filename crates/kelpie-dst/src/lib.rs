@@ -6,7 +6,8 @@
 //!
 //! - [`sim_lease_store`]: [`SimLeaseStore`], the production lease protocol over [`kelpie_sim::SimStorage`].
 //! - [`checkers`]: the TLA+ invariants, one per file, evaluated after every step.
-//! - [`lease_cluster`]: [`SimLeaseCluster`] and [`SimLeaseClient`], simulated lease nodes.
+//! - [`lease_cluster`]: [`SimLeaseCluster`], the simulated store, the nodes' beliefs and the
+//!   checkers.
 //! - [`lease_events`]: [`LeaseEvent`], what happened in a lease run, for reports and timelines.
 //! - [`lease_net`]: [`lease_net::NetLeaseStore`], leases over the simulated network.
 //! - [`lease_swarm`]: [`SwarmWorld`], networked nodes with production keepers, and chaos; the
@@ -41,9 +42,7 @@ pub mod sim_lease_store;
 pub mod swarm;
 
 pub use history::{History, HistoryOp, HistoryOpId, OpOutcome};
-pub use lease_cluster::{
-    ClusterConfig, LeaseOpCounts, SimLeaseClient, SimLeaseCluster, STORE_RETRIES_MAX,
-};
+pub use lease_cluster::{ClusterConfig, LeaseOpCounts, SimLeaseCluster};
 pub use lease_events::{EventLog, LeaseEvent, LeaseEventKind};
 pub use lease_scenario::{LeaseRunReport, LeaseScenario};
 pub use lease_swarm::{

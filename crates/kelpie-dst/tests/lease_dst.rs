@@ -7,13 +7,14 @@
 //! runs exactly seed `n`.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use kelpie_core::{ActorId, NodeId};
 use kelpie_dst::checkers::CheckerSet;
 use kelpie_dst::mutations::Mutation;
-use kelpie_dst::{ClusterConfig, LeaseScenario, SimLeaseClient, SimLeaseCluster};
-use kelpie_lease::{Lease, LeaseError, LeaseOp};
+use kelpie_dst::{LeaseScenario, SimLeaseCluster};
+use kelpie_lease::{Lease, LeaseError, LeaseManager, LeaseOp};
 use kelpie_sim::{FaultConfig, FaultType, SimConfig, SimEnv, SimError, SimReport, Simulation};
 
 /// Seeds each test runs when `DST_SEED` is not set.
@@ -23,6 +24,8 @@ const LEASE_DURATION_MS: u64 = 1_000;
 /// Actors each targeted test works through per seed: enough store writes that 10 % faults
 /// fire on every seed.
 const ACTORS_PER_SEED: usize = 150;
+/// Actors the renewal test holds at once.
+const RENEWED_ACTORS_PER_SEED: usize = 20;
 /// Seeds a broken protocol may survive before its checker must have caught it.
 const MUTATION_SEEDS_MAX: u64 = 100;
 
@@ -46,14 +49,12 @@ fn assert_storage_faults_fired(report: &SimReport) {
     }
 }
 
-fn cluster_config() -> ClusterConfig {
-    LeaseScenario::default().cluster_with_lease_duration_ms(LEASE_DURATION_MS)
-}
-
-/// Runs `body` under every seed with storage faults, asserting the faults fired.
-fn run_seeds<F, Fut>(body: F) -> Vec<SimReport>
+/// Runs `body` under every seed with storage faults on a networked world of `nodes_count`
+/// production nodes (keepers and managers over the simulated network, no app loop) and
+/// `actors_count` actors, asserting the faults fired and every step was checked.
+fn run_nodes<F, Fut>(nodes_count: usize, actors_count: usize, body: F) -> Vec<SimReport>
 where
-    F: Fn(SimEnv, SimLeaseCluster) -> Fut + Clone + 'static,
+    F: Fn(SimEnv, Rc<SwarmWorld>) -> Fut + Clone + 'static,
     Fut: Future<Output = Result<(), String>> + 'static,
 {
     let mut reports = Vec::new();
@@ -64,65 +65,105 @@ where
             .run(move |env| {
                 let body = body.clone();
                 async move {
-                    let cluster = SimLeaseCluster::new(&env, cluster_config())?;
-                    body(env, cluster).await
+                    let world = world(&env, nodes_count, actors_count)?;
+                    body(env, world).await
                 }
             })
             .unwrap_or_else(|error| panic!("{error}"));
         assert_storage_faults_fired(&report);
-        assert!(report.checks_evaluated > 0, "the checkers ran");
+        assert!(report.checks_evaluated >= report.steps, "{report}");
         reports.push(report);
     }
     reports
 }
 
-fn actor(index: usize) -> ActorId {
-    ActorId::new(format!("actor-{index}")).unwrap()
+/// A started world of production nodes driven by hand.
+fn world(env: &SimEnv, nodes_count: usize, actors_count: usize) -> Result<Rc<SwarmWorld>, String> {
+    let mut scenario = LeaseScenario::default();
+    scenario.cluster = scenario.cluster_with_lease_duration_ms(LEASE_DURATION_MS);
+    (scenario.nodes_count, scenario.actors_count) = (nodes_count, actors_count);
+    scenario.app_loop = false;
+    let cluster = SimLeaseCluster::new(env, scenario.cluster)?;
+    let world = SwarmWorld::new(env, cluster, scenario);
+    world.start_all()?;
+    Ok(world)
 }
 
-fn nodes(env: &SimEnv, cluster: &SimLeaseCluster, count: usize) -> Vec<SimLeaseClient> {
-    (0..count)
-        .map(|i| {
-            let drift_ppm = [0, -5_000, 5_000][i % 3];
-            cluster.client(
-                &format!("node-{i}"),
-                env.node_clock(i as u64 * 7_919, drift_ppm),
-            )
-        })
-        .collect()
-}
+/// Store failures a test retries through before it gives up.
+const STORE_RETRIES_MAX: u32 = 200;
 
-fn decided(result: Result<Lease, LeaseError>) -> Result<Lease, LeaseError> {
-    match result {
-        Err(LeaseError::Store(error)) => panic!("store kept failing: {error}"),
-        other => other,
+/// Repeats `attempt` while the store fails (10 ms apart): the answer the store finally gave.
+async fn until_decided<Fut>(
+    env: &SimEnv,
+    mut attempt: impl FnMut() -> Fut,
+) -> Result<Lease, LeaseError>
+where
+    Fut: Future<Output = Result<Lease, LeaseError>>,
+{
+    for _ in 0..STORE_RETRIES_MAX {
+        match attempt().await {
+            Err(LeaseError::Store(_)) => env.sleep(Duration::from_millis(10)).await,
+            decided => return decided,
+        }
     }
+    panic!("the store failed {STORE_RETRIES_MAX} times in a row")
+}
+
+/// Node `node`'s keeper acquires `actor_id`, retrying through store failures.
+async fn keeper_acquires(
+    env: &SimEnv,
+    world: &SwarmWorld,
+    node: usize,
+    actor_id: &ActorId,
+) -> Result<Lease, LeaseError> {
+    let keeper = world.keeper(node).expect("nodes run");
+    until_decided(env, || keeper.acquire(actor_id)).await
+}
+
+/// Node `node`'s manager (the production protocol, without a keeper) sends `op`, retrying
+/// through store failures.
+async fn manager_requests(
+    env: &SimEnv,
+    world: &SwarmWorld,
+    node: usize,
+    op: LeaseOp,
+    actor_id: &ActorId,
+) -> Result<Lease, LeaseError> {
+    let manager = world.manager(node).expect("nodes run");
+    let holder = world.node_id(node);
+    until_decided(env, || {
+        let (manager, holder, actor_id) = (Arc::clone(&manager), holder.clone(), actor_id.clone());
+        async move {
+            match op {
+                LeaseOp::Acquire => manager.acquire(&actor_id, &holder).await,
+                LeaseOp::Renew => manager.renew(&actor_id, &holder).await,
+                LeaseOp::Release => manager.release(&actor_id, &holder).await,
+            }
+        }
+    })
+    .await
 }
 
 #[test]
 fn test_dst_lease_acquisition_race() {
     // Every node that won a round, over every seed.
-    let won_by = std::rc::Rc::new(std::cell::RefCell::new(std::collections::BTreeSet::new()));
-    let winners_seen = std::rc::Rc::clone(&won_by);
-    let reports = run_seeds(move |env, cluster| {
-        let won_by = std::rc::Rc::clone(&won_by);
+    let won_by = Rc::new(std::cell::RefCell::new(std::collections::BTreeSet::new()));
+    let winners_seen = Rc::clone(&won_by);
+    let reports = run_nodes(5, ACTORS_PER_SEED, move |env, world| {
+        let won_by = Rc::clone(&won_by);
         async move {
-            let racers = nodes(&env, &cluster, 5);
-            for round in 0..ACTORS_PER_SEED {
-                let actor_id = actor(round);
-                let attempts: Vec<_> = racers
-                    .iter()
+            for actor_id in world.actors().to_vec() {
+                let attempts: Vec<_> = (0..5)
                     .map(|node| {
-                        let (node, actor_id) = (node.clone(), actor_id.clone());
-                        env.spawn(async move {
-                            node.request_until_decided(LeaseOp::Acquire, &actor_id)
-                                .await
+                        let (env, world, actor_id) = (env.clone(), world.clone(), actor_id.clone());
+                        env.clone().spawn(async move {
+                            keeper_acquires(&env, &world, node, &actor_id).await
                         })
                     })
                     .collect();
                 let mut winners = Vec::new();
                 for attempt in attempts {
-                    match decided(attempt.await.map_err(|e| e.to_string())?) {
+                    match attempt.await.map_err(|e| e.to_string())? {
                         Ok(lease) => winners.push(lease),
                         Err(LeaseError::HeldByOther { .. }) => {}
                         Err(other) => return Err(format!("unexpected refusal: {other}")),
@@ -134,8 +175,7 @@ fn test_dst_lease_acquisition_race() {
                         winners.len()
                     ));
                 }
-                let truth = cluster.store().truth();
-                let holder = truth.get(&actor_id).and_then(|r| r.holder.clone());
+                let holder = world.truth(&actor_id).and_then(|r| r.holder);
                 if holder.as_ref() != Some(&winners[0].holder) {
                     return Err(format!(
                         "{actor_id}: won by {} but store says {holder:?}",
@@ -161,19 +201,20 @@ fn test_dst_lease_acquisition_race() {
 fn test_dst_lease_race_winner_depends_on_seed() {
     let winners_for = |seed: u64| {
         let simulation = with_storage_faults(Simulation::new(SimConfig::new(seed)));
-        let winners = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let winners = Rc::new(std::cell::RefCell::new(Vec::new()));
         let out = winners.clone();
         simulation
             .run(move |env| {
                 let winners = winners.clone();
                 async move {
-                    let cluster = SimLeaseCluster::new(&env, cluster_config())?;
-                    let racers = nodes(&env, &cluster, 5);
-                    let handles: Vec<_> = racers
-                        .into_iter()
-                        .map(|n| {
-                            env.spawn(async move {
-                                n.request_until_decided(LeaseOp::Acquire, &actor(0)).await
+                    let world = world(&env, 5, 1)?;
+                    let actor_id = world.actors()[0].clone();
+                    let handles: Vec<_> = (0..5)
+                        .map(|node| {
+                            let (env, world, actor_id) =
+                                (env.clone(), world.clone(), actor_id.clone());
+                            env.clone().spawn(async move {
+                                keeper_acquires(&env, &world, node, &actor_id).await
                             })
                         })
                         .collect();
@@ -199,34 +240,26 @@ fn test_dst_lease_race_winner_depends_on_seed() {
 
 #[test]
 fn test_dst_lease_expiry_allows_reacquisition() {
-    run_seeds(|env, cluster| async move {
-        let pair = nodes(&env, &cluster, 2);
-        let handles: Vec<_> = (0..ACTORS_PER_SEED)
-            .map(|index| {
-                let (first, second) = (pair[0].clone(), pair[1].clone());
-                env.spawn(async move {
-                    let actor_id = actor(index);
-                    let held = decided(
-                        first
-                            .request_until_decided(LeaseOp::Acquire, &actor_id)
-                            .await,
-                    )
-                    .map_err(|e| format!("first acquire refused: {e}"))?;
-                    // The holder goes silent; past expiry on every clock, the other node claims it.
+    run_nodes(2, ACTORS_PER_SEED, |env, world| async move {
+        let handles: Vec<_> = world
+            .actors()
+            .iter()
+            .map(|actor_id| {
+                let (env, world, actor_id) = (env.clone(), world.clone(), actor_id.clone());
+                env.clone().spawn(async move {
+                    // Node 0's manager takes the lease and nobody renews it: a silent holder.
+                    let held = manager_requests(&env, &world, 0, LeaseOp::Acquire, &actor_id)
+                        .await
+                        .map_err(|e| format!("first acquire refused: {e}"))?;
+                    // Past expiry on every clock, node 1 claims it.
                     let wait_ms = LEASE_DURATION_MS * 2;
-                    second
-                        .clock()
+                    world
+                        .clock(1)
                         .sleep_local(Duration::from_millis(wait_ms))
                         .await;
-                    if first.believes(&actor_id).is_some() {
-                        return Err(format!("{actor_id}: silent holder still believes"));
-                    }
-                    let taken = decided(
-                        second
-                            .request_until_decided(LeaseOp::Acquire, &actor_id)
-                            .await,
-                    )
-                    .map_err(|e| format!("expired lease not claimable: {e}"))?;
+                    let taken = keeper_acquires(&env, &world, 1, &actor_id)
+                        .await
+                        .map_err(|e| format!("expired lease not claimable: {e}"))?;
                     if taken.fencing_token <= held.fencing_token {
                         return Err(format!("token did not grow: {held:?} -> {taken:?}"));
                     }
@@ -243,51 +276,37 @@ fn test_dst_lease_expiry_allows_reacquisition() {
 
 #[test]
 fn test_dst_lease_renewal_extends_validity() {
-    run_seeds(|env, cluster| async move {
-        let pair = nodes(&env, &cluster, 2);
-        let handles: Vec<_> = (0..ACTORS_PER_SEED)
-            .map(|index| {
-                let (holder, rival) = (pair[0].clone(), pair[1].clone());
-                env.spawn(async move {
-                    let actor_id = actor(index);
-                    let first = decided(
-                        holder
-                            .request_until_decided(LeaseOp::Acquire, &actor_id)
-                            .await,
-                    )
-                    .map_err(|e| e.to_string())?;
-                    let mut last = first.clone();
-                    for _ in 0..6 {
-                        holder
-                            .clock()
-                            .sleep_local(Duration::from_millis(LEASE_DURATION_MS / 4))
-                            .await;
-                        let renewed = decided(
-                            holder
-                                .request_until_decided(LeaseOp::Renew, &actor_id)
-                                .await,
-                        )
-                        .map_err(|e| format!("renewal refused: {e}"))?;
-                        if renewed.fencing_token != first.fencing_token
-                            || renewed.expires_at_ms <= last.expires_at_ms
-                        {
-                            return Err(format!("renewal did not extend: {last:?} -> {renewed:?}"));
-                        }
-                        last = renewed;
+    // Fewer actors than the other tests: one keeper renews them all in the same rounds, and
+    // 150 renewals queued at once at the simulated store would time out as a batch.
+    run_nodes(2, RENEWED_ACTORS_PER_SEED, |env, world| async move {
+        let handles: Vec<_> = world
+            .actors()
+            .iter()
+            .map(|actor_id| {
+                let (env, world, actor_id) = (env.clone(), world.clone(), actor_id.clone());
+                env.clone().spawn(async move {
+                    let first = keeper_acquires(&env, &world, 0, &actor_id)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    // Well past the first expiry, the keeper's renewals keep the lease.
+                    let wait_ms = LEASE_DURATION_MS * 5 / 2;
+                    world
+                        .clock(0)
+                        .sleep_local(Duration::from_millis(wait_ms))
+                        .await;
+                    let keeper = world.keeper(0).expect("node 0 runs");
+                    if keeper.holds(&actor_id) != Some(first.fencing_token) {
+                        return Err(format!("{actor_id}: the keeper stopped believing"));
                     }
-                    // Well past the first expiry, the renewed lease still holds.
-                    if holder.believes(&actor_id).is_none() {
-                        return Err(format!(
-                            "{actor_id}: holder stopped believing despite renewals"
-                        ));
+                    let record = world.truth(&actor_id).ok_or("no record")?;
+                    if record.fencing_token != first.fencing_token
+                        || record.expires_at_ms <= first.expires_at_ms + LEASE_DURATION_MS
+                    {
+                        return Err(format!("renewals did not extend: {first:?} -> {record:?}"));
                     }
-                    match decided(
-                        rival
-                            .request_until_decided(LeaseOp::Acquire, &actor_id)
-                            .await,
-                    ) {
-                        Err(LeaseError::HeldByOther { holder: h, .. })
-                            if &h == holder.node_id() =>
+                    match keeper_acquires(&env, &world, 1, &actor_id).await {
+                        Err(LeaseError::HeldByOther { holder, .. })
+                            if &holder == keeper.holder_id() =>
                         {
                             Ok(())
                         }
@@ -305,28 +324,23 @@ fn test_dst_lease_renewal_extends_validity() {
 
 #[test]
 fn test_dst_non_holder_cannot_renew() {
-    run_seeds(|env, cluster| async move {
-        let pair = nodes(&env, &cluster, 2);
-        for index in 0..ACTORS_PER_SEED {
-            let (holder, other) = (&pair[0], &pair[1]);
-            let actor_id = actor(index);
-            let held = decided(
-                holder
-                    .request_until_decided(LeaseOp::Acquire, &actor_id)
-                    .await,
-            )
-            .map_err(|e| e.to_string())?;
+    run_nodes(2, ACTORS_PER_SEED, |env, world| async move {
+        for actor_id in world.actors().to_vec() {
+            let held = keeper_acquires(&env, &world, 0, &actor_id)
+                .await
+                .map_err(|e| e.to_string())?;
             for op in [LeaseOp::Renew, LeaseOp::Release] {
-                match decided(other.request_until_decided(op, &actor_id).await) {
+                match manager_requests(&env, &world, 1, op, &actor_id).await {
                     Err(LeaseError::NotHolder {
                         holder: Some(h), ..
-                    }) if &h == holder.node_id() => {}
+                    }) if h == world.node_id(0) => {}
                     result => return Err(format!("{} by non-holder gave {result:?}", op.name())),
                 }
             }
-            let record = cluster.store().truth().get(&actor_id).cloned();
+            let record = world.truth(&actor_id);
             let unchanged = record.as_ref().is_some_and(|r| {
-                r.holder.as_ref() == Some(holder.node_id()) && r.fencing_token == held.fencing_token
+                r.holder.as_ref() == Some(&world.node_id(0))
+                    && r.fencing_token == held.fencing_token
             });
             if !unchanged {
                 return Err(format!(
@@ -340,34 +354,26 @@ fn test_dst_non_holder_cannot_renew() {
 
 #[test]
 fn test_dst_lease_release() {
-    run_seeds(|env, cluster| async move {
-        let pair = nodes(&env, &cluster, 2);
-        for index in 0..ACTORS_PER_SEED {
-            let actor_id = actor(index);
-            let held = decided(
-                pair[0]
-                    .request_until_decided(LeaseOp::Acquire, &actor_id)
-                    .await,
-            )
-            .map_err(|e| e.to_string())?;
-            // After a commit-unknown release, the retry finds the lease already free.
-            match decided(
-                pair[0]
-                    .request_until_decided(LeaseOp::Release, &actor_id)
-                    .await,
-            ) {
-                Ok(_) | Err(LeaseError::NotHolder { holder: None, .. }) => {}
+    run_nodes(2, ACTORS_PER_SEED, |env, world| async move {
+        let keeper = world.keeper(0).expect("node 0 runs");
+        for actor_id in world.actors().to_vec() {
+            let held = keeper_acquires(&env, &world, 0, &actor_id)
+                .await
+                .map_err(|e| e.to_string())?;
+            // A release with an unknown outcome stays pending in the keeper, which retries it
+            // until the store answers; the belief ends at once either way.
+            match keeper.release(&actor_id).await {
+                Ok(_) | Err(LeaseError::Store(_)) => {}
                 other => return Err(format!("release gave {other:?}")),
             }
-            if pair[0].believes(&actor_id).is_some() {
+            if keeper.holds(&actor_id).is_some() {
                 return Err("the releasing node still believes".into());
             }
-            let next = decided(
-                pair[1]
-                    .request_until_decided(LeaseOp::Acquire, &actor_id)
-                    .await,
-            )
-            .map_err(|e| format!("released lease not free: {e}"))?;
+            // Free once the store answered the release (or the lease expired).
+            let next =
+                acquire_until_granted(&env, &world.keeper(1).expect("node 1 runs"), &actor_id)
+                    .await
+                    .map_err(|e| format!("released lease not free: {e}"))?;
             if next.fencing_token <= held.fencing_token {
                 return Err(format!(
                     "token reissued after release: {held:?} -> {next:?}"

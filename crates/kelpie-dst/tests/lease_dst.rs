@@ -24,6 +24,8 @@ const LEASE_DURATION_MS: u64 = 1_000;
 /// Actors each targeted test works through per seed: enough store writes that 10 % faults
 /// fire on every seed.
 const ACTORS_PER_SEED: usize = 150;
+/// Seeds the stress test runs unless `DST_SEEDS` says otherwise.
+const STRESS_SEEDS_DEFAULT: u64 = 10_000;
 /// Actors the renewal test holds at once.
 const RENEWED_ACTORS_PER_SEED: usize = 20;
 /// Seeds a broken protocol may survive before its checker must have caught it.
@@ -425,19 +427,16 @@ fn test_dst_lease_determinism() {
 }
 
 #[test]
-#[ignore = "stress: 10,000 seeds; run with --release -- --ignored"]
+#[ignore = "stress: 10,000 seeds (DST_SEEDS sets another count); run with --release -- --ignored"]
 fn test_dst_lease_stress() {
-    let seeds_count: u64 = std::env::var("KELPIE_STRESS_SEEDS")
-        .ok()
-        .map(|v| v.parse().expect("KELPIE_STRESS_SEEDS must be a number"))
-        .unwrap_or(10_000);
-    let base = SimConfig::from_env_or_random().seed;
+    let seeds = kelpie_sim::test_seeds(STRESS_SEEDS_DEFAULT);
+    let seeds_count = seeds.len() as u64;
     let mut totals = kelpie_dst::LeaseOpCounts::default();
-    for i in 0..seeds_count {
-        let report = scenario_run(base.wrapping_add(i), LeaseScenario::default())
-            .unwrap_or_else(|e| panic!("{e}"));
+    for &seed in &seeds {
+        let report = scenario_run(seed, LeaseScenario::default()).unwrap_or_else(|e| panic!("{e}"));
         totals += report.ops;
     }
+    let base = seeds[0];
     assert!(
         totals.acquired > seeds_count && totals.store_failed > 0,
         "{totals:?}"

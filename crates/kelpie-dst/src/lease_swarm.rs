@@ -97,6 +97,20 @@ pub const CHAOS_TICK_MS: u64 = 250;
 /// Probability that a node holding a lease in the safety phase releases it on a visit.
 const RELEASE_PROBABILITY: f64 = 0.1;
 
+/// Coverage mark: a node crashed while its keeper believed it held a lease.
+pub const MARK_CRASH_WHILE_HOLDING: &str = "swarm.node_crashed_while_holding";
+/// Coverage mark: a node's clock jumped forward while its keeper believed it held a lease.
+pub const MARK_CLOCK_JUMP_WHILE_BELIEVING: &str = "swarm.clock_jumped_while_believing";
+/// Coverage mark: the lease store crashed while it held a valid lease.
+pub const MARK_STORE_CRASH_WITH_LEASES: &str = "swarm.store_crashed_with_valid_leases";
+/// The swarm's own coverage marks, on the fault paths: a sweep fails if any is never hit,
+/// beside the lease code's marks (`kelpie_lease::COVERAGE_MARKS`).
+pub const SWARM_COVERAGE_MARKS: &[&str] = &[
+    MARK_CRASH_WHILE_HOLDING,
+    MARK_CLOCK_JUMP_WHILE_BELIEVING,
+    MARK_STORE_CRASH_WITH_LEASES,
+];
+
 /// A simulated node's keeper: the production keeper over the networked store.
 pub type Keeper = LeaseKeeper<ProtocolLeaseManager<NetLeaseStore>>;
 
@@ -884,6 +898,14 @@ async fn chaos_loop(world: Rc<SwarmWorld>) {
             spawn_heal(&world, window_ms, format!("partition one way {from}->{to}"));
         }
         if world.env.should_inject(FaultType::NodeCrash) && node.is_up() {
+            if node
+                .keeper
+                .borrow()
+                .as_ref()
+                .is_some_and(|k| !k.beliefs().is_empty())
+            {
+                kelpie_core::coverage::mark(MARK_CRASH_WHILE_HOLDING);
+            }
             node.crash(&world);
             log_fault(&world, format!("crash {}", node.node_id));
             let (world, node) = (Rc::clone(&world), Rc::clone(&node));
@@ -898,11 +920,24 @@ async fn chaos_loop(world: Rc<SwarmWorld>) {
         }
         if world.env.should_inject(FaultType::ClockJump) {
             let jump_ms = rng.gen_range(1..=world.config.lease_duration_ms);
+            if node
+                .keeper
+                .borrow()
+                .as_ref()
+                .is_some_and(|k| !k.beliefs().is_empty())
+            {
+                kelpie_core::coverage::mark(MARK_CLOCK_JUMP_WHILE_BELIEVING);
+            }
             node.clock.jump_forward(jump_ms);
             world.cluster.board().clock_jumped(&node.holder_id.borrow());
             log_fault(&world, format!("clock jump {} +{jump_ms} ms", node.node_id));
         }
         if world.env.should_inject(FaultType::StorageCrash) {
+            let now_ms = world.env.now_ms();
+            let truth = world.cluster.store().truth();
+            if truth.values().any(|r| r.valid_holder(now_ms).is_some()) {
+                kelpie_core::coverage::mark(MARK_STORE_CRASH_WITH_LEASES);
+            }
             world.cluster.store().storage().crash();
             log_fault(&world, "storage crash".into());
             let down_ms = rng.gen_range(10..=world.config.lease_duration_ms / 2);

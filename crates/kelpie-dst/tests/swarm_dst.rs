@@ -14,7 +14,7 @@ use kelpie_dst::checkers::CheckerSet;
 use kelpie_dst::mutations::LINEARIZABILITY;
 use kelpie_dst::{
     swarm_faults, sweep_requests_max, LeaseRunReport, LeaseScenario, LivenessBound, LivenessWindow,
-    SWARM_LEASE_FAULTS,
+    SWARM_COVERAGE_MARKS, SWARM_LEASE_FAULTS,
 };
 use kelpie_lease::COVERAGE_MARKS;
 use kelpie_sim::{FaultType, SimConfig, SimError, Simulation};
@@ -103,7 +103,17 @@ fn test_swarm_lease_safety_and_liveness_with_every_mark_hit() {
         println!("  mark  {mark:<40} hit {count}");
     }
     if seeds.len() as u64 >= SEEDS_DEFAULT {
-        for mark in COVERAGE_MARKS {
+        // Every fault of the mix fired somewhere in the sweep: a fault that silently stopped
+        // firing would otherwise leave the sweep passing on a world without it.
+        for fault in SWARM_LEASE_FAULTS {
+            assert!(
+                faults.get(fault).copied().unwrap_or(0) > 0,
+                "fault {} never fired in {} seeds",
+                fault.name(),
+                seeds.len()
+            );
+        }
+        for mark in COVERAGE_MARKS.iter().chain(SWARM_COVERAGE_MARKS) {
             assert!(
                 marks.contains_key(mark),
                 "coverage mark {mark} never hit in {} seeds",

@@ -7,6 +7,9 @@
 //! - A process paused (SIGSTOP) longer than its lease, replaced by a restart under the same
 //!   node id, and resumed: its late write carries the older token and is refused.
 
+// Real processes on the real clock: nothing here runs in the simulator.
+#![allow(clippy::disallowed_methods)]
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

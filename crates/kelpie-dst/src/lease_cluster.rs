@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use kelpie_core::ActorId;
 use kelpie_lease::{
-    BeliefConfig, DecideFn, LeaseConfig, LeaseOp, LeaseRecord, ProtocolLeaseManager,
+    BeliefConfig, DecideFn, LeaseConfig, LeaseKeeper, LeaseManager, LeaseOp, LeaseRecord,
+    ProtocolLeaseManager,
 };
 
 use crate::beliefs::{BeliefBoard, NodeChange};
@@ -173,6 +174,17 @@ impl SimLeaseCluster {
     /// The simulated world's belief board, for nodes whose beliefs a keeper holds.
     pub(crate) fn board(&self) -> &BeliefBoard {
         &self.board
+    }
+
+    /// Puts `keeper`'s beliefs (on `clock`) under the checkers, as the world does for its
+    /// nodes' keepers: for keepers a test builds itself, such as a lease session's.
+    pub fn watch_keeper<M: LeaseManager + 'static>(
+        &self,
+        keeper: &Arc<LeaseKeeper<M>>,
+        clock: kelpie_sim::SimClock,
+    ) {
+        let source: Rc<dyn crate::beliefs::BeliefSource> = Rc::new(Arc::clone(keeper));
+        self.board.set_keeper(keeper.holder_id(), clock, source);
     }
 }
 

@@ -72,10 +72,10 @@ pub use fenced::{
     STATE_SQLITE_BUSY_TIMEOUT_MS_MAX, STATE_SQLITE_SCHEMA_VERSION, STATE_VALUE_BYTES_MAX,
 };
 pub use keeper::{
-    KeeperConfig, KeeperCore, KeeperEvent, KeeperParts, KeeperRequest, KeeperTiming, LeaseKeeper,
-    LostReason, CLOCK_DRIFT_PPM_MAX_DEFAULT, COVERAGE_MARKS, HOLDER_SUFFIX_BYTES_MAX,
-    MARK_BELIEF_ENDED, MARK_COMMIT_UNKNOWN_RESOLVED, MARK_RENEWAL_ABANDONED, MARK_RENEWAL_FAILED,
-    MARK_RENEWAL_REFUSED, RELEASE_ATTEMPTS_MAX,
+    AcquireTicket, KeeperConfig, KeeperCore, KeeperEvent, KeeperParts, KeeperRequest, KeeperTiming,
+    LeaseKeeper, LostReason, CLOCK_DRIFT_PPM_MAX_DEFAULT, COVERAGE_MARKS, HOLDER_SUFFIX_BYTES_MAX,
+    MARK_BELIEF_ENDED, MARK_COMMIT_UNKNOWN_RESOLVED, MARK_GRANT_OVERTAKEN_BY_RELEASE,
+    MARK_RENEWAL_ABANDONED, MARK_RENEWAL_FAILED, MARK_RENEWAL_REFUSED, RELEASE_ATTEMPTS_MAX,
 };
 pub use lease::{Lease, LeaseConfig, LeaseOp, LeaseRecord, LeaseRequest};
 pub use manager::{LeaseManager, MemoryLeaseManager, ProtocolLeaseManager};

@@ -526,6 +526,11 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
             }
             guards.insert(actor_id.clone(), (token, cancel.clone()));
         }
+        // A guard on this lease dropped a moment ago and not yet released: the new guard takes
+        // the lease over, so the driver must not release it under the new guard.
+        self.shared
+            .lock_release()
+            .retain(|(a, t)| !(a == actor_id && *t == token));
         self.shared.changed.notify_one();
         Ok(LeaseGuard {
             actor_id: actor_id.clone(),
@@ -745,11 +750,18 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
         next_deadline_ms
     }
 
-    /// Releases the leases of guards that were dropped or cancelled.
+    /// Releases the leases of guards that were dropped or cancelled, unless a new guard holds
+    /// the same lease again.
     async fn release_dropped(&self) {
         let dropped = std::mem::take(&mut *self.session.shared.lock_release());
         for (actor_id, token) in dropped {
-            if self.session.keeper.holds(&actor_id) == Some(token) {
+            let guarded = self
+                .session
+                .shared
+                .lock_guards()
+                .get(&actor_id)
+                .is_some_and(|(t, _)| *t == token);
+            if !guarded && self.session.keeper.holds(&actor_id) == Some(token) {
                 // A failed release is retried by the keeper until the store answers.
                 let _ = self.session.keeper.release(&actor_id).await;
             }

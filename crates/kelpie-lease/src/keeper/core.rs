@@ -57,6 +57,18 @@ pub enum KeeperRequest {
     },
 }
 
+/// Coverage mark: an acquire's grant arrived after a release of the same actor was begun
+/// concurrently, and was not believed.
+pub const MARK_GRANT_OVERTAKEN_BY_RELEASE: &str = "keeper.grant_overtaken_by_release";
+
+/// What [`KeeperCore::begin_acquire`] hands out and
+/// [`KeeperCore::acquire_replied`] takes back: the actor's releases begun when the acquire was
+/// sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcquireTicket {
+    releases_begun: u64,
+}
+
 /// One held lease as the keeper tracks it.
 #[derive(Debug, Clone, Copy)]
 struct Held {
@@ -86,6 +98,10 @@ pub struct KeeperCore {
     /// Releases the store has not answered yet; their actors cannot be acquired until it
     /// does. [`poll`](Self::poll) retries them, so they resolve even if the caller gave up.
     releasing: BTreeMap<ActorId, PendingRelease>,
+    /// Releases begun per actor: an acquire whose reply arrives after a release of its actor
+    /// was begun (sent concurrently, by another task) must not start a belief, since the
+    /// release may be applied after the grant and free it.
+    releases_begun: BTreeMap<ActorId, u64>,
     /// Actors whose release never got an answer: acquiring them again under this holder id
     /// could be undone by a copy of that release still in the network.
     blocked: BTreeSet<ActorId>,
@@ -104,6 +120,7 @@ impl KeeperCore {
             held: BTreeMap::new(),
             unknown_acquires: BTreeSet::new(),
             releasing: BTreeMap::new(),
+            releases_begun: BTreeMap::new(),
             blocked: BTreeSet::new(),
             belief_epoch: 0,
             stopped: false,
@@ -117,30 +134,41 @@ impl KeeperCore {
     }
 
     /// Whether an acquire of `actor_id` may be sent now: not while a release of it is
-    /// unresolved (a delayed copy of that release could free the re-acquired lease).
+    /// unresolved (a delayed copy of that release could free the re-acquired lease). The
+    /// ticket goes back with the reply to [`acquire_replied`](Self::acquire_replied).
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] while the release is in flight or was never answered.
-    pub fn begin_acquire(&self, actor_id: &ActorId) -> Result<(), LeaseError> {
+    pub fn begin_acquire(&self, actor_id: &ActorId) -> Result<AcquireTicket, LeaseError> {
         if self.releasing.contains_key(actor_id) || self.blocked.contains(actor_id) {
             return Err(LeaseError::Store(StoreError::Unavailable {
                 reason: format!("the release of {actor_id} is still in flight; retry later"),
             }));
         }
-        Ok(())
+        Ok(AcquireTicket {
+            releases_begun: self.releases_begun.get(actor_id).copied().unwrap_or(0),
+        })
     }
 
-    /// The reply to an acquire sent at `sent_local_ms`, arriving at `now_ms`. A grant starts
-    /// (or refreshes) the belief; an unknown outcome is remembered so that the retry that
-    /// resolves it is seen.
+    /// The reply to an acquire sent at `sent_local_ms` with `ticket`, arriving at `now_ms`. A
+    /// grant starts (or refreshes) the belief, unless a release of the actor was begun while
+    /// the acquire was in flight: that release may reach the store after the grant and free
+    /// it, so the grant is not believed (the caller may acquire again once the release is
+    /// answered). An unknown outcome is remembered so that the retry that resolves it is seen.
     pub fn acquire_replied(
         &mut self,
         actor_id: &ActorId,
+        ticket: AcquireTicket,
         sent_local_ms: u64,
         now_ms: u64,
         result: &Result<Lease, LeaseError>,
     ) -> Option<KeeperEvent> {
         let was_unknown = self.unknown_acquires.remove(actor_id);
+        let releases_begun = self.releases_begun.get(actor_id).copied().unwrap_or(0);
+        if result.is_ok() && releases_begun != ticket.releases_begun {
+            kelpie_core::coverage::mark(MARK_GRANT_OVERTAKEN_BY_RELEASE);
+            return None;
+        }
         match result {
             Ok(lease) => {
                 if was_unknown {
@@ -176,6 +204,7 @@ impl KeeperCore {
     /// acquired again.
     pub fn begin_release(&mut self, actor_id: &ActorId, now_ms: u64) -> Option<FencingToken> {
         let held = self.held.remove(actor_id)?;
+        *self.releases_begun.entry(actor_id.clone()).or_insert(0) += 1;
         self.belief_epoch += 1;
         let pending = PendingRelease {
             fencing_token: held.fencing_token,
@@ -425,6 +454,34 @@ mod tests {
         })
     }
 
+    /// An acquire sent at `sent_ms` whose reply `result` arrives at `now_ms`.
+    fn acquired(
+        keeper: &mut KeeperCore,
+        sent_ms: u64,
+        now_ms: u64,
+        result: &Result<Lease, LeaseError>,
+    ) -> Option<KeeperEvent> {
+        let ticket = keeper.begin_acquire(&actor()).unwrap();
+        keeper.acquire_replied(&actor(), ticket, sent_ms, now_ms, result)
+    }
+
+    /// An acquire in flight while a release of the same actor is begun (another task of the
+    /// node): its grant may be freed by that release, so it is not believed.
+    #[test]
+    fn a_grant_overtaken_by_a_concurrent_release_is_not_believed() {
+        let mut keeper = core();
+        acquired(&mut keeper, 0, 5, &granted(1, 2));
+        let ticket = keeper.begin_acquire(&actor()).unwrap();
+        assert_eq!(keeper.begin_release(&actor(), 10), Some(FencingToken(1)));
+        let reply = keeper.acquire_replied(&actor(), ticket, 10, 12, &granted(1, 11));
+        assert_eq!(reply, None);
+        assert_eq!(keeper.holds(&actor(), 12), None);
+        // Once the release is answered, a new acquire is believed again.
+        keeper.release_replied(&actor(), FencingToken(1), 15, &granted(1, 2));
+        assert!(acquired(&mut keeper, 20, 22, &granted(2, 21)).is_some());
+        assert_eq!(keeper.holds(&actor(), 22), Some(FencingToken(2)));
+    }
+
     fn unavailable() -> Result<Lease, LeaseError> {
         Err(LeaseError::Store(StoreError::Unavailable {
             reason: "partitioned".into(),
@@ -437,14 +494,14 @@ mod tests {
     fn beliefs_are_measured_from_the_send_time() {
         let mut keeper = core();
         let belief_ms = keeper.timing.belief_config().belief_duration_ms();
-        keeper.acquire_replied(&actor(), 100, 150, &granted(1, 120));
+        acquired(&mut keeper, 100, 150, &granted(1, 120));
         assert_eq!(
             keeper.holds(&actor(), 100 + belief_ms - 1),
             Some(FencingToken(1))
         );
         assert_eq!(keeper.holds(&actor(), 100 + belief_ms), None);
         let mut late = core();
-        late.acquire_replied(&actor(), 100, 100 + belief_ms, &granted(1, 120));
+        acquired(&mut late, 100, 100 + belief_ms, &granted(1, 120));
         assert_eq!(late.holds(&actor(), 100 + belief_ms), None);
     }
 
@@ -454,7 +511,7 @@ mod tests {
     fn poll_renews_retries_and_reports_the_end_once() {
         let mut keeper = core();
         let timing = keeper.timing;
-        keeper.acquire_replied(&actor(), 0, 5, &granted(1, 2));
+        acquired(&mut keeper, 0, 5, &granted(1, 2));
         let (events, requests) = keeper.poll(timing.renew_interval_ms - 1).unwrap();
         assert!(events.is_empty() && requests.is_empty());
         let at_ms = timing.renew_interval_ms;
@@ -487,7 +544,7 @@ mod tests {
     #[test]
     fn a_refused_renewal_ends_the_belief_and_stale_replies_are_ignored() {
         let mut keeper = core();
-        keeper.acquire_replied(&actor(), 0, 5, &granted(2, 2));
+        acquired(&mut keeper, 0, 5, &granted(2, 2));
         let stale = keeper.renew_replied(&actor(), FencingToken(1), 0, 10, granted(1, 9));
         assert!(stale.is_none());
         assert_eq!(keeper.holds(&actor(), 10), Some(FencingToken(2)));
@@ -507,7 +564,7 @@ mod tests {
     fn an_unresolved_release_blocks_re_acquiring() {
         let mut keeper = core();
         let retry_ms = keeper.timing.retry_interval_ms;
-        keeper.acquire_replied(&actor(), 0, 5, &granted(1, 2));
+        acquired(&mut keeper, 0, 5, &granted(1, 2));
         assert_eq!(keeper.begin_release(&actor(), 10), Some(FencingToken(1)));
         assert_eq!(keeper.holds(&actor(), 10), None);
         assert!(keeper.begin_acquire(&actor()).is_err());
@@ -524,7 +581,7 @@ mod tests {
         assert!(keeper.begin_acquire(&actor()).is_ok());
 
         let mut stubborn = core();
-        stubborn.acquire_replied(&actor(), 0, 5, &granted(1, 2));
+        acquired(&mut stubborn, 0, 5, &granted(1, 2));
         stubborn.begin_release(&actor(), 10);
         for attempt in 0..RELEASE_ATTEMPTS_MAX {
             assert!(

@@ -18,7 +18,7 @@ use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock};
 
 mod core;
 
-pub use self::core::{KeeperCore, KeeperRequest};
+pub use self::core::{AcquireTicket, KeeperCore, KeeperRequest, MARK_GRANT_OVERTAKEN_BY_RELEASE};
 
 use crate::belief::{BeliefConfig, HeldBelief};
 use crate::error::{ConfigError, LeaseError, StoreError};
@@ -371,13 +371,13 @@ impl<M: LeaseManager> LeaseKeeper<M> {
     /// The store's refusal or failure; [`LeaseError::Store`] also while a release of the
     /// actor is unresolved (retry later).
     pub async fn acquire(&self, actor_id: &ActorId) -> Result<Lease, LeaseError> {
-        self.lock().begin_acquire(actor_id)?;
+        let ticket = self.lock().begin_acquire(actor_id)?;
         let sent_local_ms = self.clock.now_ms();
         let result = self.manager.acquire(actor_id, &self.holder_id).await;
         let now_ms = self.clock.now_ms();
         let event = self
             .lock()
-            .acquire_replied(actor_id, sent_local_ms, now_ms, &result);
+            .acquire_replied(actor_id, ticket, sent_local_ms, now_ms, &result);
         self.notify(event);
         result
     }

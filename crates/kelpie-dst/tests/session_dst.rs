@@ -1,0 +1,212 @@
+//! The lease session in the simulator, as in production: each node runs a `LeaseSession`
+//! (its keeper and its driver, on the node's drifting clock) over the simulated network and
+//! store, campaigns for actors, holds guards for a while and drops them, under the swarm's
+//! partitions, message and storage faults.
+//!
+//! Judged after every step, beside the five invariants (the sessions' keepers are on the
+//! belief board): **GuardInsideBelief**, a guard whose token is not cancelled is backed by its
+//! keeper's belief, so the cancellation fires before the belief ends. Clock jumps are left out
+//! of the mix: a forward jump past the cancel lead ends the belief and the guard in the same
+//! instant (the keeper-level invariants cover jumps; fencing covers what a late guard does).
+//!
+//! `DST_SEEDS=<n>` sets how many seeds run; `DST_SEED=<n>` runs exactly one.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kelpie_core::{ActorId, NodeId};
+use kelpie_dst::{swarm_faults, LeaseScenario, SimLeaseCluster, SwarmWorld, SWARM_LEASE_FAULTS};
+use kelpie_lease::{KeeperConfig, LeaseGuard, LeaseSession, SessionConfig, SessionError};
+use kelpie_sim::{FaultType, SimConfig, SimEnv, SimReport, Simulation};
+
+/// Seeds run when `DST_SEEDS` is not set.
+const SEEDS_DEFAULT: u64 = 16;
+/// Nodes with a session.
+const NODES_COUNT: usize = 4;
+/// Actors they campaign for.
+const ACTORS_COUNT: usize = 3;
+/// Simulated time the sessions run under faults.
+const FAULTY_MS: u64 = 20_000;
+/// Longest a node keeps a guard before dropping it, in ms on its clock.
+const HOLD_MS_MAX: u64 = 3_000;
+
+type Session = LeaseSession<kelpie_dst::NetLeaseManager>;
+
+/// Every guard a node holds now, beside its session.
+struct Node {
+    session: Session,
+    guards: RefCell<Vec<LeaseGuard>>,
+}
+
+fn seeds() -> Vec<u64> {
+    kelpie_sim::test_seeds(SEEDS_DEFAULT)
+}
+
+#[test]
+fn test_dst_session_guards_are_cancelled_before_their_beliefs_end() {
+    let (mut cancelled, mut granted) = (0u64, 0u64);
+    let mut faults = std::collections::BTreeMap::new();
+    for seed in seeds() {
+        let (report, figures) = run_seed(seed);
+        for (fault, count) in &report.faults_fired {
+            *faults.entry(*fault).or_insert(0u64) += count;
+        }
+        granted += figures.0;
+        cancelled += figures.1;
+    }
+    println!("sessions: {granted} guards granted, {cancelled} cancelled before their belief ended");
+    println!("faults fired: {faults:?}");
+    assert!(granted > 0, "no guard was ever granted");
+    if seeds().len() as u64 >= SEEDS_DEFAULT {
+        // The faults that end beliefs under a held guard fired, and guards were cancelled.
+        let fired = |f: FaultType| faults.get(&f).copied().unwrap_or(0);
+        let partitions = fired(FaultType::PartitionTwoWay) + fired(FaultType::PartitionOneWay);
+        assert!(partitions > 0, "no partition in {} seeds", seeds().len());
+        assert!(
+            fired(FaultType::StorageWriteFail) > 0,
+            "no storage write failure"
+        );
+        assert!(
+            cancelled > 0,
+            "no guard was ever cancelled by its belief running out"
+        );
+    }
+}
+
+/// One seed; returns the report and (guards granted, guards cancelled while held).
+fn run_seed(seed: u64) -> (SimReport, (u64, u64)) {
+    let mut simulation = Simulation::new(SimConfig::new(seed));
+    let faults = SWARM_LEASE_FAULTS
+        .iter()
+        .copied()
+        .filter(|f| *f != FaultType::ClockJump && *f != FaultType::NodeCrash)
+        .collect::<Vec<_>>();
+    for fault in swarm_faults(seed, &faults) {
+        simulation = simulation.with_fault(fault);
+    }
+    let figures = Rc::new(RefCell::new((0u64, 0u64)));
+    let out = Rc::clone(&figures);
+    let report = simulation
+        .run(move |env| {
+            let figures = Rc::clone(&figures);
+            async move { drive(env, figures).await }
+        })
+        .unwrap_or_else(|error| panic!("{error}"));
+    let figures = *out.borrow();
+    (report, figures)
+}
+
+async fn drive(env: SimEnv, figures: Rc<RefCell<(u64, u64)>>) -> Result<(), String> {
+    let mut scenario = LeaseScenario::default();
+    (scenario.nodes_count, scenario.actors_count) = (NODES_COUNT, ACTORS_COUNT);
+    scenario.app_loop = false;
+    scenario.check_liveness = false;
+    let cluster = SimLeaseCluster::new(&env, scenario.cluster)?;
+    let world = SwarmWorld::new(&env, cluster.clone(), scenario);
+    world.start_all()?;
+    let mut nodes = Vec::new();
+    for index in 0..NODES_COUNT {
+        let manager = world.manager(index).ok_or("the node runs")?;
+        let clock = world.clock(index);
+        let node_id = NodeId::new(format!("session-{index}")).map_err(|e| e.to_string())?;
+        // The node clocks drift up to the scenario's bound; the keeper must be told it.
+        let drift = (
+            scenario.cluster.clock_drift_ppm_max,
+            scenario.cluster.safety_margin_ms,
+        );
+        let keeper = KeeperConfig::default().with_belief_bounds(drift.0, drift.1);
+        let config = SessionConfig::default().with_keeper(keeper);
+        let incarnation = 1;
+        let (session, driver) = LeaseSession::with_incarnation(
+            manager,
+            Arc::new(clock.clone()),
+            node_id,
+            incarnation,
+            config,
+        )
+        .map_err(|e| e.to_string())?;
+        cluster.watch_keeper(session.keeper(), clock);
+        drop(env.spawn(driver.run()));
+        nodes.push(Rc::new(Node {
+            session,
+            guards: RefCell::default(),
+        }));
+    }
+    let watched = nodes.clone();
+    env.add_invariant("GuardInsideBelief", move || guards_inside_beliefs(&watched));
+    for (index, node) in nodes.iter().enumerate() {
+        let (env, world, node) = (env.clone(), Rc::clone(&world), Rc::clone(node));
+        let figures = Rc::clone(&figures);
+        drop(env.clone().spawn(async move {
+            node_loop(env, world, index, node, figures).await;
+        }));
+    }
+    let chaos = world.spawn_chaos();
+    env.sleep(Duration::from_millis(FAULTY_MS)).await;
+    chaos.abort();
+    for node in &nodes {
+        node.guards.borrow_mut().clear();
+        node.session.shutdown().await;
+    }
+    Ok(())
+}
+
+/// A node's life: campaign for a random actor (giving up after a while), hold the guard for
+/// a random time or until it is cancelled, drop it.
+async fn node_loop(
+    env: SimEnv,
+    world: Rc<SwarmWorld>,
+    index: usize,
+    node: Rc<Node>,
+    figures: Rc<RefCell<(u64, u64)>>,
+) {
+    let mut rng = env.rng(&format!("session-node-{index}"));
+    let clock = world.clock(index);
+    loop {
+        let actor: ActorId = world.actors()[rng.choose_index(ACTORS_COUNT)].clone();
+        let campaign = node.session.campaign(&actor);
+        let give_up = clock.sleep_local(Duration::from_millis(HOLD_MS_MAX));
+        let guard = match futures_util::future::select(Box::pin(campaign), Box::pin(give_up)).await
+        {
+            futures_util::future::Either::Left((Ok(guard), _)) => guard,
+            futures_util::future::Either::Left((Err(SessionError::ShuttingDown), _)) => return,
+            _ => continue,
+        };
+        figures.borrow_mut().0 += 1;
+        let cancellation = guard.cancellation().clone();
+        node.guards.borrow_mut().push(guard);
+        let hold_ms = rng.gen_range(1..=HOLD_MS_MAX);
+        let held = clock.sleep_local(Duration::from_millis(hold_ms));
+        let lost = cancellation.cancelled();
+        if let futures_util::future::Either::Right(_) =
+            futures_util::future::select(Box::pin(held), Box::pin(lost)).await
+        {
+            figures.borrow_mut().1 += 1;
+        }
+        // Dropping the guard releases the lease.
+        node.guards.borrow_mut().retain(|g| g.actor_id() != &actor);
+    }
+}
+
+/// Every guard not cancelled is backed by its keeper's belief in its token.
+fn guards_inside_beliefs(nodes: &[Rc<Node>]) -> Result<(), String> {
+    for node in nodes {
+        for guard in node.guards.borrow().iter() {
+            if !guard.is_valid() {
+                continue;
+            }
+            let believed = node.session.keeper().holds(guard.actor_id());
+            if believed != Some(guard.fencing_token()) {
+                return Err(format!(
+                    "{} still has a valid guard on {} (token {}) but believes {believed:?}",
+                    node.session.holder_id(),
+                    guard.actor_id(),
+                    guard.fencing_token()
+                ));
+            }
+        }
+    }
+    Ok(())
+}

@@ -16,7 +16,7 @@ use kelpie_lease::{
 use crate::beliefs::{BeliefBoard, NodeChange};
 use crate::checkers::{BeliefView, CheckerSet, DecisionRecord, LeaseWorld};
 use crate::lease_events::{EventLog, LeaseEventKind};
-use crate::sim_lease_store::SimLeaseStore;
+use crate::sim_lease_store::{SimLeaseStore, StoreWriteMutation};
 use kelpie_sim::SimEnv;
 
 /// Counts of what the nodes did.
@@ -65,6 +65,8 @@ pub struct ClusterConfig {
     /// The store's decision function; replaced only to show that the checkers catch a
     /// broken protocol. The store owns it: requests never carry one.
     pub decide: DecideFn,
+    /// A deliberately broken write path of the store, if any.
+    pub store_write_mutation: Option<StoreWriteMutation>,
 }
 
 /// The store, the protocol over it, and every node's belief, with the checkers installed.
@@ -91,7 +93,8 @@ impl SimLeaseCluster {
             config.safety_margin_ms,
         )
         .map_err(|e| e.to_string())?;
-        let store = SimLeaseStore::with_decide_fn(env.storage(), config.decide);
+        let store = SimLeaseStore::with_decide_fn(env.storage(), config.decide)
+            .with_write_mutation(config.store_write_mutation);
         let manager = ProtocolLeaseManager::new(store.clone(), lease_config);
         let cluster = Self {
             store,

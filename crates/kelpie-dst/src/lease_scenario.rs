@@ -73,6 +73,7 @@ impl Default for LeaseScenario {
                 safety_margin_ms: 10,
                 checkers: CheckerSet::ALL,
                 decide,
+                store_write_mutation: None,
             },
             request_timeout_ms: 200,
             check_liveness: true,

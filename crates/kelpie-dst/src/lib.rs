@@ -53,5 +53,5 @@ pub use linearizability::{
     check_history, LinearizabilityError, LinearizabilityReport, OffendingWindow,
     LINEARIZABILITY_SEARCH_STATES_MAX,
 };
-pub use sim_lease_store::SimLeaseStore;
+pub use sim_lease_store::{SimLeaseStore, StoreWriteMutation};
 pub use swarm::{swarm_faults, SWARM_LEASE_FAULTS};

@@ -8,6 +8,7 @@
 use kelpie_core::ActorId;
 use kelpie_lease::{decide, DecideFn, Decision, LeaseError, LeaseOp, LeaseRecord, LeaseRequest};
 
+use crate::sim_lease_store::StoreWriteMutation;
 use crate::LeaseScenario;
 
 /// What reports a failed linearizability check, among the invariants' names.
@@ -31,11 +32,15 @@ pub enum Mutation {
     NoDriftMargin,
     /// The store sometimes decides a request on the previous version of the record.
     StaleReads,
+    /// The store writes a takeover of an expired lease as an extension of the old holder's.
+    StoreExtendsExpiredLeases,
+    /// The store writes a takeover with the previous holder's token.
+    StoreKeepsOldToken,
 }
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 7] = [
+    pub const ALL: [Mutation; 9] = [
         Mutation::AcquireIgnoresHolder,
         Mutation::RenewIgnoresOwnership,
         Mutation::TokenNotIncreased,
@@ -43,6 +48,8 @@ impl Mutation {
         Mutation::BeliefFromReply,
         Mutation::NoDriftMargin,
         Mutation::StaleReads,
+        Mutation::StoreExtendsExpiredLeases,
+        Mutation::StoreKeepsOldToken,
     ];
 
     /// Its command-line name.
@@ -55,6 +62,8 @@ impl Mutation {
             Mutation::BeliefFromReply => "belief-from-reply",
             Mutation::NoDriftMargin => "no-drift-margin",
             Mutation::StaleReads => "stale-reads",
+            Mutation::StoreExtendsExpiredLeases => "store-extends-expired-leases",
+            Mutation::StoreKeepsOldToken => "store-keeps-old-token",
         }
     }
 
@@ -79,6 +88,9 @@ impl Mutation {
             Mutation::TokenNotIncreased => &["FencingTokenMonotonic"],
             Mutation::ExpiredNotClaimable => &["ExpiredLeaseClaimable"],
             Mutation::BeliefFromReply | Mutation::NoDriftMargin => &["BeliefConsistency"],
+            // Only the store-truth halves see these: the decisions were honest.
+            Mutation::StoreExtendsExpiredLeases => &["RenewalRequiresOwnership"],
+            Mutation::StoreKeepsOldToken => &["FencingTokenMonotonic"],
             Mutation::StaleReads => &[
                 "BeliefConsistency",
                 "FencingTokenMonotonic",
@@ -94,7 +106,7 @@ impl Mutation {
             Mutation::RenewIgnoresOwnership => Some(renew_ignores_ownership),
             Mutation::TokenNotIncreased => Some(token_not_increased),
             Mutation::ExpiredNotClaimable => Some(expired_not_claimable),
-            Mutation::BeliefFromReply | Mutation::NoDriftMargin | Mutation::StaleReads => None,
+            _ => None,
         }
     }
 
@@ -110,6 +122,17 @@ impl Mutation {
             Mutation::BeliefFromReply => scenario.bug_belief_from_reply = true,
             Mutation::NoDriftMargin => scenario.bug_no_drift_margin = true,
             Mutation::StaleReads => scenario.bug_stale_reads = true,
+            // The decisions are honest and atomic, so a history checked against them would
+            // re-detect the mutation; the store-truth halves are what must catch it.
+            Mutation::StoreExtendsExpiredLeases => {
+                scenario.cluster.store_write_mutation =
+                    Some(StoreWriteMutation::ExtendsExpiredLeases);
+                scenario.check_linearizability = false;
+            }
+            Mutation::StoreKeepsOldToken => {
+                scenario.cluster.store_write_mutation = Some(StoreWriteMutation::KeepsOldToken);
+                scenario.check_linearizability = false;
+            }
             _ => {}
         }
     }

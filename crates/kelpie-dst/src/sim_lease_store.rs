@@ -20,6 +20,48 @@ use send_wrapper::SendWrapper;
 use crate::checkers::DecisionRecord;
 use kelpie_sim::{SimStorage, StorageError, Versioned};
 
+/// A deliberately broken store: it writes something other than what the decision returned,
+/// while replying (and logging) the decision as made. Only the store-truth halves of the
+/// invariants, which judge the stored records, can catch these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreWriteMutation {
+    /// A takeover of an expired lease is written as an extension of the old holder's lease.
+    ExtendsExpiredLeases,
+    /// A takeover of an expired lease is written with the previous holder's token.
+    KeepsOldToken,
+}
+
+impl StoreWriteMutation {
+    /// What the broken store writes instead of `decision.write`.
+    fn write(
+        self,
+        before: Option<&LeaseRecord>,
+        request: &LeaseRequest,
+        decision: &Decision,
+        now_ms: u64,
+    ) -> Option<LeaseRecord> {
+        let honest = decision.write.clone();
+        match (self, before) {
+            (StoreWriteMutation::ExtendsExpiredLeases, Some(record))
+                if record.holder.is_some()
+                    && record.valid_holder(now_ms).is_none()
+                    && honest.as_ref().is_some_and(|w| w.holder != record.holder) =>
+            {
+                let mut extended = record.clone();
+                extended.expires_at_ms = now_ms + request.lease_duration_ms;
+                Some(extended)
+            }
+            (StoreWriteMutation::KeepsOldToken, Some(record)) => honest.map(|mut written| {
+                if written.holder.is_some() && written.holder != record.holder {
+                    written.fencing_token = record.fencing_token;
+                }
+                written
+            }),
+            _ => honest,
+        }
+    }
+}
+
 /// A [`LeaseStore`] over the simulator's storage.
 pub struct SimLeaseStore {
     storage: SendWrapper<SimStorage<LeaseRecord>>,
@@ -27,6 +69,8 @@ pub struct SimLeaseStore {
     /// The production [`decide`], or a mutation the test world swapped in: the store owns
     /// its protocol, requests never carry one.
     decide: DecideFn,
+    /// A deliberately broken write path, if any.
+    write_mutation: Option<StoreWriteMutation>,
 }
 
 impl Clone for SimLeaseStore {
@@ -36,6 +80,7 @@ impl Clone for SimLeaseStore {
             storage,
             decisions: Arc::clone(&self.decisions),
             decide: self.decide,
+            write_mutation: self.write_mutation,
         }
     }
 }
@@ -53,7 +98,14 @@ impl SimLeaseStore {
             storage: SendWrapper::new(storage),
             decisions: Arc::new(Mutex::new(Vec::new())),
             decide,
+            write_mutation: None,
         }
+    }
+
+    /// This store, writing as `mutation` says (see [`StoreWriteMutation`]).
+    pub fn with_write_mutation(mut self, mutation: Option<StoreWriteMutation>) -> Self {
+        self.write_mutation = mutation;
+        self
     }
 
     /// The decision function this store applies.
@@ -127,14 +179,17 @@ impl LeaseStore for SimLeaseStore {
         actor_id: &ActorId,
         request: &LeaseRequest,
     ) -> Result<Decision, StoreError> {
-        let decide = self.decide;
+        let (decide, write_mutation) = (self.decide, self.write_mutation);
         let log = Arc::clone(&self.decisions);
         let (actor_id, request) = (actor_id.clone(), request.clone());
         let key = actor_id.as_str().to_string();
         let step = move |current: Option<&Versioned<LeaseRecord>>, now_ms: u64| {
             let before = current.map(|v| v.value.clone());
             let decision = decide(&actor_id, before.as_ref(), &request, now_ms);
-            let write = decision.write.clone();
+            let write = match write_mutation {
+                Some(mutation) => mutation.write(before.as_ref(), &request, &decision, now_ms),
+                None => decision.write.clone(),
+            };
             let record = DecisionRecord {
                 actor_id,
                 request,

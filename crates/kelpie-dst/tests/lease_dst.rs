@@ -513,6 +513,16 @@ fn test_dst_no_drift_margin_is_caught_by_belief_consistency() {
 }
 
 #[test]
+fn test_dst_store_extending_expired_leases_is_caught_by_renewal_requires_ownership() {
+    assert_caught_first(Mutation::StoreExtendsExpiredLeases);
+}
+
+#[test]
+fn test_dst_store_keeping_the_old_token_is_caught_by_fencing_token_monotonic() {
+    assert_caught_first(Mutation::StoreKeepsOldToken);
+}
+
+#[test]
 fn test_dst_stale_reads_are_caught_by_their_documented_checks() {
     assert_caught_first(Mutation::StaleReads);
 }

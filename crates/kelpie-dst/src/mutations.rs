@@ -77,7 +77,8 @@ impl Mutation {
     /// holder's belief losing its backing or as two believers, depending on which reply
     /// arrives first. A decision made on a stale record and written over the current one can
     /// take a lease from under a believer (BeliefConsistency), write a lower token (the
-    /// store-truth half of FencingTokenMonotonic), or show only in the history
+    /// store-truth half of FencingTokenMonotonic), extend a lease that had expired (the
+    /// store-truth half of RenewalRequiresOwnership), or show only in the history
     /// (linearizability; `swarm_dst` shows that check catching it alone). Over 12 seeds:
     /// acquire-ignores-holder 10 BeliefConsistency, 2 LeaseUniqueness; stale-reads 8
     /// BeliefConsistency, 3 FencingTokenMonotonic, 1 linearizability.
@@ -85,15 +86,20 @@ impl Mutation {
         match self {
             Mutation::AcquireIgnoresHolder => &["BeliefConsistency", "LeaseUniqueness"],
             Mutation::RenewIgnoresOwnership => &["RenewalRequiresOwnership"],
-            Mutation::TokenNotIncreased => &["FencingTokenMonotonic"],
+            // A node taking its own expired lease back with the old token looks, in the
+            // stored record, like a renewal after expiry.
+            Mutation::TokenNotIncreased => &["FencingTokenMonotonic", "RenewalRequiresOwnership"],
             Mutation::ExpiredNotClaimable => &["ExpiredLeaseClaimable"],
             Mutation::BeliefFromReply | Mutation::NoDriftMargin => &["BeliefConsistency"],
             // Only the store-truth halves see these: the decisions were honest.
             Mutation::StoreExtendsExpiredLeases => &["RenewalRequiresOwnership"],
-            Mutation::StoreKeepsOldToken => &["FencingTokenMonotonic"],
+            // A node re-taking a lease it released gets the same token stored, while it
+            // believes the new one: then only its belief gives the store away.
+            Mutation::StoreKeepsOldToken => &["FencingTokenMonotonic", "BeliefConsistency"],
             Mutation::StaleReads => &[
                 "BeliefConsistency",
                 "FencingTokenMonotonic",
+                "RenewalRequiresOwnership",
                 LINEARIZABILITY,
             ],
         }

@@ -86,6 +86,9 @@ use crate::lease_net::{
 };
 use crate::linearizability::{check_history, LinearizabilityReport};
 use crate::mutations::LINEARIZABILITY;
+
+/// What reports a failed liveness check after healing, among the invariants' names.
+pub const LIVENESS: &str = "Liveness";
 use kelpie_sim::DeterministicRng;
 use kelpie_sim::FaultType;
 use kelpie_sim::SimClock;
@@ -323,7 +326,9 @@ pub(crate) async fn run_swarm(
         Ok(checked) => checked,
         Err(message) => return Err(fail_as_invariant(&env, LINEARIZABILITY, message).await),
     };
-    world.check_liveness()?;
+    if let Err(message) = world.check_liveness() {
+        return Err(fail_as_invariant(&env, LIVENESS, message).await);
+    }
     Ok(checked)
 }
 

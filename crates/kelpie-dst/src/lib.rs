@@ -47,7 +47,7 @@ pub use lease_events::{EventLog, LeaseEvent, LeaseEventKind};
 pub use lease_scenario::{LeaseRunReport, LeaseScenario};
 pub use lease_swarm::{
     sweep_requests_max, Keeper, LivenessBound, LivenessViolation, LivenessWindow, NetLeaseManager,
-    SwarmWorld, SWARM_COVERAGE_MARKS,
+    SwarmWorld, LIVENESS, SWARM_COVERAGE_MARKS,
 };
 pub use linearizability::{
     check_history, LinearizabilityError, LinearizabilityReport, OffendingWindow,

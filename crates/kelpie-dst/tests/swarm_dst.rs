@@ -14,7 +14,7 @@ use kelpie_dst::checkers::CheckerSet;
 use kelpie_dst::mutations::LINEARIZABILITY;
 use kelpie_dst::{
     swarm_faults, sweep_requests_max, LeaseRunReport, LeaseScenario, LivenessBound, LivenessWindow,
-    SWARM_COVERAGE_MARKS, SWARM_LEASE_FAULTS,
+    LIVENESS, SWARM_COVERAGE_MARKS, SWARM_LEASE_FAULTS,
 };
 use kelpie_lease::COVERAGE_MARKS;
 use kelpie_sim::{FaultType, SimConfig, SimError, Simulation};
@@ -315,7 +315,9 @@ fn test_swarm_reports_a_node_that_never_acquires() {
         scenario.bug_node_never_acquires = true;
         let config = SimConfig::new(seed).with_failure_banner(false);
         let message = match scenario.run(Simulation::new(config)) {
-            Err(SimError::ScenarioFailed { message, .. }) => message,
+            Err(SimError::InvariantViolated {
+                invariant, message, ..
+            }) if invariant == LIVENESS => message,
             other => panic!("seed {seed}: an idle node was not reported: {other:?}"),
         };
         assert!(

@@ -84,7 +84,7 @@ use crate::lease_cluster::{ClusterConfig, SimLeaseCluster};
 use crate::lease_net::{
     serve_leases, serve_leases_with_stale_reads, LeaseMessage, NetLeaseStore, STORE_HOST,
 };
-use crate::linearizability::{check_history, LinearizabilityReport};
+use crate::linearizability::{check_history, Duplicates, LinearizabilityReport};
 use crate::mutations::LINEARIZABILITY;
 
 /// What reports a failed liveness check after healing, among the invariants' names.
@@ -646,10 +646,16 @@ impl SwarmWorld {
     }
 
     /// Checks that the history so far is linearizable against the lease store's sequential
-    /// model. The error names the actor and lists the smallest offending window.
+    /// model. A request may have reached the store twice only if the run's fault mix includes
+    /// network duplication. The error names the actor and lists the smallest offending window.
     pub fn check_linearizability(&self) -> Result<LinearizabilityReport, String> {
+        let duplicates = Duplicates::possible_if(
+            self.env
+                .fault_probability(FaultType::NetworkDuplicate)
+                .is_some(),
+        );
         self.history
-            .with_ops(check_history)
+            .with_ops(|ops| check_history(ops, duplicates))
             .map_err(|error| error.to_string())
     }
 

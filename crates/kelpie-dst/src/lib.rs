@@ -50,7 +50,7 @@ pub use lease_swarm::{
     SwarmWorld, LIVENESS, SWARM_COVERAGE_MARKS,
 };
 pub use linearizability::{
-    check_history, LinearizabilityError, LinearizabilityReport, OffendingWindow,
+    check_history, Duplicates, LinearizabilityError, LinearizabilityReport, OffendingWindow,
     LINEARIZABILITY_SEARCH_STATES_MAX,
 };
 pub use sim_lease_store::{SimLeaseStore, StoreWriteMutation};

@@ -1,0 +1,177 @@
+//! One actor's operations, prepared for the search: answered operations with their replies in
+//! the model's terms, and the effects nobody saw, grouped by identical request.
+
+use std::collections::BTreeMap;
+
+use kelpie_core::{ActorId, NodeId};
+use kelpie_lease::{LeaseError, LeaseRecord, LeaseRequest};
+
+use super::model::{Holding, Node, Record, Req, Seen};
+use super::zone::ms;
+use super::Duplicates;
+use crate::history::{HistoryOp, OpOutcome};
+
+/// An operation the node got an answer to: it took effect exactly once, at one store instant
+/// within its interval, with the reply the node saw.
+pub(super) struct Definite<'a> {
+    /// Its index in the whole history.
+    pub(super) index: usize,
+    pub(super) op: &'a HistoryOp,
+    pub(super) req: Req,
+    pub(super) invoked_ms: i64,
+    pub(super) responded_ms: i64,
+    pub(super) seen: Seen,
+}
+
+/// Effects nobody saw of one request (node, op, token guard, duration): each took effect at
+/// most once, at any instant from its invocation on. Members are interchangeable but for their
+/// invocation, so the search uses them earliest first.
+pub(super) struct Kind<'a> {
+    pub(super) req: Req,
+    pub(super) request: &'a LeaseRequest,
+    /// Invocation instants, ascending.
+    pub(super) members: Vec<i64>,
+}
+
+/// Where a history (or a window of it) starts.
+#[derive(Clone)]
+pub(super) struct Start {
+    /// The record at the start.
+    pub(super) record: Option<LeaseRecord>,
+    /// The earliest instant of the start record's write; effects come no earlier.
+    pub(super) t_min_ms: u64,
+    /// The latest instant of that write.
+    pub(super) t_max_ms: u64,
+    /// Answered operations invoked up to this instant took effect before the start (their
+    /// duplicates, if any, may still come later).
+    pub(super) settled_ms: Option<u64>,
+    pub(super) description: String,
+}
+
+impl Start {
+    pub(super) fn empty() -> Self {
+        Self {
+            record: None,
+            t_min_ms: 0,
+            t_max_ms: 0,
+            settled_ms: None,
+            description: "from the beginning of the history (no record)".into(),
+        }
+    }
+}
+
+/// One actor's operations, prepared for the search.
+pub(super) struct ActorHistory<'a> {
+    pub(super) actor_id: &'a ActorId,
+    /// Answered operations, by invocation time.
+    pub(super) definite: Vec<Definite<'a>>,
+    /// Effects nobody saw: unanswered operations, and second deliveries where the network can
+    /// duplicate.
+    pub(super) kinds: Vec<Kind<'a>>,
+    /// How many operations were unanswered.
+    pub(super) unanswered: usize,
+    pub(super) start: Start,
+    /// The start record in the model's terms.
+    pub(super) start_record: Record,
+    /// `token_caps[i]`: the smallest token a reply of `definite[i..]` names (tokens never go
+    /// down, so the record's token can never exceed it while those are to come).
+    pub(super) token_caps: Vec<u64>,
+}
+
+impl<'a> ActorHistory<'a> {
+    /// The operations invoked up to `cut_ms`; those not answered by then count as unanswered.
+    pub(super) fn new(
+        actor_id: &'a ActorId,
+        ops: &[(usize, &'a HistoryOp)],
+        cut_ms: u64,
+        start: Start,
+        duplicates: Duplicates,
+    ) -> Self {
+        let mut table: BTreeMap<NodeId, Node> = BTreeMap::new();
+        let mut intern = |node: &NodeId| {
+            let next = table.len() as Node;
+            *table.entry(node.clone()).or_insert(next)
+        };
+        let mut definite = Vec::new();
+        let mut unseen: BTreeMap<Req, (&'a LeaseRequest, Vec<i64>)> = BTreeMap::new();
+        let mut unanswered = 0;
+        for &(index, op) in ops.iter().filter(|(_, op)| op.invoked_ms <= cut_ms) {
+            let request = &op.request;
+            let req = Req {
+                op: request.op,
+                node: intern(&request.node_id),
+                guard: request.fencing_token.map(|token| token.0),
+                duration_ms: ms(request.lease_duration_ms),
+            };
+            let invoked_ms = ms(op.invoked_ms);
+            let mut add_unseen = || {
+                let entry = unseen.entry(req).or_insert_with(|| (request, Vec::new()));
+                entry.1.push(invoked_ms);
+            };
+            let settled = start.settled_ms.is_some_and(|ms| op.invoked_ms <= ms);
+            match &op.outcome {
+                OpOutcome::Returned {
+                    responded_ms,
+                    reply,
+                } if *responded_ms <= cut_ms && !matches!(reply, Err(LeaseError::Store(_))) => {
+                    if !settled {
+                        definite.push(Definite {
+                            index,
+                            op,
+                            req,
+                            invoked_ms,
+                            responded_ms: ms(*responded_ms),
+                            seen: Seen::of(actor_id, request, reply, &mut intern),
+                        });
+                    }
+                }
+                _ => {
+                    unanswered += 1;
+                    add_unseen();
+                }
+            }
+            // A duplicated request takes effect once more, unseen, at any time after it was
+            // sent.
+            if duplicates == Duplicates::Possible {
+                add_unseen();
+            }
+        }
+        definite.sort_by_key(|d| (d.invoked_ms, d.index));
+        let kinds = unseen
+            .into_iter()
+            .map(|(req, (request, mut members))| {
+                members.sort_unstable();
+                Kind {
+                    req,
+                    request,
+                    members,
+                }
+            })
+            .collect();
+        let start_record = start.record.as_ref().map_or(Record::default(), |r| Record {
+            token: r.fencing_token.0,
+            holding: r.holder.as_ref().map(|holder| Holding {
+                holder: intern(holder),
+                renewals: r.renewal_count,
+            }),
+        });
+        let mut token_caps = vec![u64::MAX; definite.len() + 1];
+        for (i, op) in definite.iter().enumerate().rev() {
+            token_caps[i] = token_caps[i + 1].min(op.seen.token_cap().unwrap_or(u64::MAX));
+        }
+        Self {
+            actor_id,
+            token_caps,
+            definite,
+            kinds,
+            unanswered,
+            start,
+            start_record,
+        }
+    }
+
+    /// Operations in the search: answered ones and unseen effects' requests.
+    pub(super) fn operations(&self) -> usize {
+        self.definite.len() + self.unanswered
+    }
+}

@@ -1,0 +1,231 @@
+//! A Wing–Gong linearizability checker for lease histories, with real time.
+//!
+//! The sequential model is the lease store itself: one record per actor and the store's clock,
+//! with [`decide`](kelpie_lease::decide) as the transition. A history is linearizable if its
+//! effects can be put in one order, each at one store instant, instants never going back along
+//! the order, such that:
+//! - every answered operation takes effect exactly once, within its interval (from invocation
+//!   to response), and gets exactly the reply `decide` gives at that instant on the record left
+//!   by the effects before it;
+//! - an operation whose outcome the node never learned (timeout, store failure, crash) takes
+//!   effect at most once, at any instant after its invocation;
+//! - where the network can duplicate messages ([`Duplicates::Possible`]), every request may
+//!   take effect once more, unseen, at any instant after its invocation (the protocol is built
+//!   for it: acquire is idempotent, renew and release carry the token). Where it cannot, there
+//!   is no such second effect.
+//!
+//! Leases on different actors are independent, so the history is split per actor and each part
+//! is checked alone (P-compositionality).
+//!
+//! # The search
+//!
+//! Depth-first over the effect that goes next (Wing and Gong): any answered operation that no
+//! unplaced one precedes in real time, or the next unused effect of any request nobody saw the
+//! reply of. Instants are not chosen but kept symbolic (`zone.rs`): every timing rule of the
+//! model (within the interval, no earlier than the last effect, before every unplaced
+//! operation's response, `now < expires`, `max(now + duration, expires)`, a reply naming an
+//! instant) is a difference constraint, so the instants consistent with a path form a zone of a
+//! difference-bound matrix over the three instants the future depends on: the last effect's,
+//! the record's acquisition and its expiry. `model.rs` is `decide` split into the cases it tells
+//! apart by comparing instants; holders, tokens and renewal counts stay concrete.
+//!
+//! **Sound**: an accepted history has a linearization whose every step is a case of `decide`
+//! under constraints that hold together (the zone is exact: a closed matrix projects exactly),
+//! and the checker does not take the model's word for it: it solves the path's constraints for
+//! concrete instants and replays them through `decide`, panicking if any reply differs. An
+//! unseen effect can only go where its instant can: after its invocation, no earlier than the
+//! effects before it in the order, and before the response of every answered operation after
+//! it, so it can never explain a reply that came before it (the checker this one replaced
+//! placed such effects at their invocation instant, behind operations already placed later,
+//! and accepted two concurrent holders).
+//!
+//! **Complete**: every linearization is a sequence of steps the search takes, each unseen
+//! effect exactly where it goes in it, with every instant it may have (nothing is decided
+//! eagerly: an answered operation is not pinned to its earliest instant, so an unseen effect
+//! placed after it can still come before it in time when the constraints let it). The only
+//! pruning is by necessary conditions: an effect that cannot change the record is never placed
+//! unseen (it would only move time on); a renewal or release whose token has passed can never
+//! write again; tokens never go down, so a state whose token exceeds one a remaining reply
+//! names is dead; and a state is skipped if one with the same operations placed and the same
+//! record was explored with a zone that includes its zone and no more unseen effects used
+//! (Lowe's memoisation with dominance: whatever the skipped state could do, that one could).
+//!
+//! The search gives up with [`LinearizabilityError::SearchBound`] after
+//! [`LINEARIZABILITY_SEARCH_STATES_MAX`] states. When a history fails, `report.rs` narrows it
+//! to the smallest offending window.
+
+mod actor;
+mod model;
+mod report;
+mod search;
+#[cfg(test)]
+mod tests;
+mod zone;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use kelpie_core::ActorId;
+
+use crate::history::HistoryOp;
+use actor::{ActorHistory, Start};
+
+pub use report::OFFENDING_WINDOW_STARTS_TRIED_MAX;
+
+/// Most search states explored for one actor before the check gives up with
+/// [`LinearizabilityError::SearchBound`].
+pub const LINEARIZABILITY_SEARCH_STATES_MAX: u64 = 2_000_000;
+
+/// Whether the network could deliver a request to the store twice (a run whose fault mix
+/// includes [`kelpie_sim::FaultType::NetworkDuplicate`]). Only then may a request take effect a
+/// second time, unseen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Duplicates {
+    /// Every request reached the store at most once.
+    Impossible,
+    /// A request may have reached the store twice.
+    Possible,
+}
+
+impl Duplicates {
+    /// [`Duplicates::Possible`] if `possible`.
+    pub fn possible_if(possible: bool) -> Self {
+        if possible {
+            Duplicates::Possible
+        } else {
+            Duplicates::Impossible
+        }
+    }
+}
+
+/// What a successful check covered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinearizabilityReport {
+    /// Actors whose histories were checked.
+    pub actors_checked: usize,
+    /// Operations checked.
+    pub operations_checked: usize,
+    /// Of those, operations whose outcome the node never learned.
+    pub unknown_operations: usize,
+    /// Search states explored in all.
+    pub states_explored: u64,
+}
+
+/// Why a history failed the check.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinearizabilityError {
+    /// No linearization exists.
+    #[error(
+        "linearizability violation on {actor_id}: no order of its lease operations, each \
+         taking effect at one store instant within its interval, gives the replies the nodes \
+         saw from the sequential lease store; {window}"
+    )]
+    NotLinearizable {
+        /// The actor whose history is not linearizable.
+        actor_id: ActorId,
+        /// The smallest part of its history found to be non-linearizable already.
+        window: OffendingWindow,
+    },
+    /// The search explored [`LINEARIZABILITY_SEARCH_STATES_MAX`] states without an answer.
+    #[error(
+        "linearizability check of {actor_id} gave up after {states_explored} search states \
+         (LINEARIZABILITY_SEARCH_STATES_MAX) on {operations} operations, without an answer"
+    )]
+    SearchBound {
+        /// The actor whose history was too hard.
+        actor_id: ActorId,
+        /// Its operations.
+        operations: usize,
+        /// States explored.
+        states_explored: u64,
+    },
+}
+
+/// The smallest offending window found: a part of one actor's history that is already not
+/// linearizable, from a known starting record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OffendingWindow {
+    /// Global time of the window's first invocation.
+    pub from_ms: u64,
+    /// Global time of the response that makes it non-linearizable.
+    pub to_ms: u64,
+    /// What the window starts from.
+    pub start: String,
+    /// The operation no linearization of the window gets past, if the search found one.
+    pub stuck_at: Option<String>,
+    /// The window's operations, each with its index in the history, in invocation order.
+    pub operations: Vec<(usize, String)>,
+    /// Operations in the actor's whole history.
+    pub history_operations: usize,
+}
+
+impl fmt::Display for OffendingWindow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "smallest offending window: {} of the actor's {} operations, {} ms .. {} ms, \
+             starting {}",
+            self.operations.len(),
+            self.history_operations,
+            self.from_ms,
+            self.to_ms,
+            self.start
+        )?;
+        if let Some(stuck_at) = &self.stuck_at {
+            write!(f, "; no linearization gets past {stuck_at}")?;
+        }
+        for (index, op) in &self.operations {
+            write!(f, "\n  #{index} {op}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks every actor's part of `ops` (in any order) and returns what was checked, or the
+/// first actor (in actor id order) whose history is not linearizable. `duplicates` says
+/// whether the network could have delivered a request twice.
+///
+/// The model's own calls to [`decide`](kelpie_lease::decide) would count as coverage marks of
+/// the store; the marks are put back as they were, so a sweep's coverage still says what the
+/// store did.
+pub fn check_history(
+    ops: &[HistoryOp],
+    duplicates: Duplicates,
+) -> Result<LinearizabilityReport, LinearizabilityError> {
+    let marks_before = kelpie_core::coverage::take_hits();
+    let result = check_actors(ops, duplicates);
+    drop(kelpie_core::coverage::take_hits());
+    for (mark, count) in marks_before {
+        for _ in 0..count {
+            kelpie_core::coverage::mark(mark);
+        }
+    }
+    result
+}
+
+fn check_actors(
+    ops: &[HistoryOp],
+    duplicates: Duplicates,
+) -> Result<LinearizabilityReport, LinearizabilityError> {
+    let mut by_actor: BTreeMap<&ActorId, Vec<(usize, &HistoryOp)>> = BTreeMap::new();
+    for (index, op) in ops.iter().enumerate() {
+        by_actor.entry(&op.actor_id).or_default().push((index, op));
+    }
+    let mut report = LinearizabilityReport::default();
+    for (actor_id, ops) in by_actor {
+        let history = ActorHistory::new(actor_id, &ops, u64::MAX, Start::empty(), duplicates);
+        report.actors_checked += 1;
+        report.operations_checked += ops.len();
+        report.unknown_operations += history.unanswered;
+        let outcome = search::check_actor(&history)?;
+        report.states_explored += outcome.states_explored;
+        if !outcome.linearizable {
+            return Err(LinearizabilityError::NotLinearizable {
+                actor_id: actor_id.clone(),
+                window: report::offending_window(actor_id, &ops, duplicates)?,
+            });
+        }
+    }
+    Ok(report)
+}

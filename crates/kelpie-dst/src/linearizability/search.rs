@@ -1,0 +1,525 @@
+//! The depth-first search of one actor's history (Wing and Gong, with real time): each step
+//! places one effect next in the linearization, an answered operation or an unseen one, at a
+//! symbolic store instant (see [`super::zone`]). Visited states are memoised (Lowe): a state is
+//! skipped if one with the same operations placed and the same record was already explored
+//! with a zone that includes its zone and no more unseen effects used.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use kelpie_lease::{decide, LeaseRecord};
+
+use super::actor::ActorHistory;
+use super::model::{branches, can_write_again, Record, Req, Seen, Write};
+use super::zone::{ms, Slot, Zone, A, E, INF, N, T, Z};
+use super::{LinearizabilityError, LINEARIZABILITY_SEARCH_STATES_MAX};
+
+/// The result of searching one actor's history.
+pub(super) struct Outcome {
+    pub(super) linearizable: bool,
+    pub(super) states_explored: u64,
+    /// The first answered operation not linearized on the deepest path, as an index into
+    /// [`ActorHistory::definite`].
+    pub(super) stuck_at: Option<usize>,
+}
+
+/// Searches `history` exhaustively (up to [`LINEARIZABILITY_SEARCH_STATES_MAX`] states).
+pub(super) fn check_actor(history: &ActorHistory<'_>) -> Result<Outcome, LinearizabilityError> {
+    check_actor_within(history, LINEARIZABILITY_SEARCH_STATES_MAX)
+}
+
+/// Searches `history` exhaustively, up to `states_max` states.
+pub(super) fn check_actor_within(
+    history: &ActorHistory<'_>,
+    states_max: u64,
+) -> Result<Outcome, LinearizabilityError> {
+    let mut search = Search::new(history, states_max);
+    match search.run() {
+        Some(linearizable) => Ok(Outcome {
+            linearizable,
+            states_explored: search.explored,
+            stuck_at: if linearizable { None } else { search.stuck_at },
+        }),
+        None => Err(LinearizabilityError::SearchBound {
+            actor_id: history.actor_id.clone(),
+            operations: history.operations(),
+            states_explored: search.explored,
+        }),
+    }
+}
+
+/// An effect on the path.
+#[derive(Clone, Copy, Debug)]
+enum Placed {
+    /// Where the history starts: the instant of the start record's write.
+    Start,
+    /// Answered operation `index` of [`ActorHistory::definite`].
+    Definite(usize),
+    /// An unseen effect of kind `kind` invoked at `invoked_ms`.
+    Unseen { kind: usize, invoked_ms: i64 },
+}
+
+/// One step of a path: what was placed, as instant variable `depth` (0 is zero), and the
+/// difference constraints it added, over instant variables.
+struct Step {
+    parent: Option<Rc<Step>>,
+    placed: Placed,
+    constraints: Vec<(u32, u32, i64)>,
+}
+
+/// A point of the search.
+#[derive(Clone)]
+struct State {
+    /// The discrete record.
+    record: Record,
+    /// The instants the future depends on: the last effect's ([`T`]), the record's
+    /// acquisition ([`A`]) and expiry ([`E`]).
+    zone: Zone,
+    /// What each of those slots is on the path, as (instant variable, offset).
+    aliases: [(u32, i64); 4],
+    /// Effects placed, the start included: the last one is instant variable `depth`.
+    depth: u32,
+    /// Every definite operation before this index is linearized.
+    prefix: usize,
+    /// Definite operations at or after `prefix` that are linearized, ascending.
+    extra: Vec<usize>,
+    /// Per kind, how many of its unseen effects took place.
+    used: Rc<Vec<u32>>,
+    path: Rc<Step>,
+}
+
+impl State {
+    fn is_done(&self, index: usize) -> bool {
+        index < self.prefix || self.extra.binary_search(&index).is_ok()
+    }
+
+    fn linearized(&self) -> usize {
+        self.prefix + self.extra.len()
+    }
+
+    fn mark_done(&mut self, index: usize) {
+        if index != self.prefix {
+            let at = self
+                .extra
+                .binary_search(&index)
+                .expect_err("not linearized yet");
+            self.extra.insert(at, index);
+            return;
+        }
+        self.prefix += 1;
+        while self.extra.first() == Some(&self.prefix) {
+            self.extra.remove(0);
+            self.prefix += 1;
+        }
+    }
+}
+
+/// The memo's key: what must be equal for one state to stand for another.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct MemoKey {
+    prefix: usize,
+    extra: Vec<usize>,
+    record: Record,
+}
+
+struct Search<'h, 'a> {
+    history: &'h ActorHistory<'a>,
+    memo: BTreeMap<MemoKey, Vec<(Zone, Vec<u32>)>>,
+    explored: u64,
+    states_max: u64,
+    deepest: usize,
+    stuck_at: Option<usize>,
+}
+
+impl<'h, 'a> Search<'h, 'a> {
+    fn new(history: &'h ActorHistory<'a>, states_max: u64) -> Self {
+        Self {
+            history,
+            states_max,
+            memo: BTreeMap::new(),
+            explored: 0,
+            deepest: 0,
+            stuck_at: None,
+        }
+    }
+
+    fn initial(&self) -> State {
+        let start = &self.history.start;
+        let (t_min, t_max) = (ms(start.t_min_ms), ms(start.t_max_ms));
+        let mut zone = Zone::unconstrained();
+        let mut aliases = [(0, 0), (1, 0), (0, 0), (0, 0)];
+        let mut ok = zone.constrain(Z, T, -t_min) && zone.constrain(T, Z, t_max);
+        if let Some(record) = start.record.as_ref().filter(|r| r.holder.is_some()) {
+            let (acquired, expires) = (ms(record.acquired_at_ms), ms(record.expires_at_ms));
+            ok = ok && zone.fix(A, acquired) && zone.fix(E, expires);
+            aliases[A] = (0, acquired);
+            aliases[E] = (0, expires);
+        }
+        assert!(ok, "the start's window is not empty");
+        State {
+            record: self.history.start_record,
+            zone,
+            aliases,
+            depth: 1,
+            prefix: 0,
+            extra: Vec::new(),
+            used: Rc::new(vec![0; self.history.kinds.len()]),
+            path: Rc::new(Step {
+                parent: None,
+                placed: Placed::Start,
+                constraints: vec![(0, 1, -t_min), (1, 0, t_max)],
+            }),
+        }
+    }
+
+    /// `Some(true)` if a linearization exists, `Some(false)` if none does, `None` at the bound.
+    fn run(&mut self) -> Option<bool> {
+        let mut pending = vec![self.initial()];
+        while let Some(mut state) = pending.pop() {
+            loop {
+                if state.prefix == self.history.definite.len() {
+                    Witness::new(self.history, &state).replay();
+                    return Some(true);
+                }
+                self.explored += 1;
+                if self.explored > self.states_max {
+                    return None;
+                }
+                let mut children = self.expand(&state);
+                match children.len() {
+                    0 => {
+                        self.note_dead_end(&state);
+                        break;
+                    }
+                    1 => state = children.pop().expect("one child"),
+                    _ => {
+                        if !self.first_visit(&state) {
+                            break;
+                        }
+                        pending.extend(children.drain(1..).rev());
+                        state = children.pop().expect("first child");
+                    }
+                }
+            }
+        }
+        Some(false)
+    }
+
+    fn note_dead_end(&mut self, state: &State) {
+        if state.linearized() >= self.deepest {
+            self.deepest = state.linearized();
+            self.stuck_at = Some(state.prefix);
+        }
+    }
+
+    /// Records a visit; false if a state that stands for this one was explored already.
+    fn first_visit(&mut self, state: &State) -> bool {
+        let used: Vec<u32> = self
+            .history
+            .kinds
+            .iter()
+            .zip(state.used.iter())
+            .map(|(kind, &used)| {
+                // A kind that can never write again is as good as used up.
+                if can_write_again(state.record, &kind.req) {
+                    used
+                } else {
+                    kind.members.len() as u32
+                }
+            })
+            .collect();
+        let key = MemoKey {
+            prefix: state.prefix,
+            extra: state.extra.clone(),
+            record: state.record,
+        };
+        let seen = self.memo.entry(key).or_default();
+        let dominated = seen.iter().any(|(zone, old)| {
+            zone.includes(&state.zone) && old.iter().zip(&used).all(|(old, new)| old <= new)
+        });
+        if dominated {
+            return false;
+        }
+        seen.push((state.zone.clone(), used));
+        true
+    }
+
+    /// The states one step after `state`: each answered operation that may go next, then each
+    /// unseen effect that may take place next, in every case of the model that fits.
+    fn expand(&self, state: &State) -> Vec<State> {
+        let definite = &self.history.definite;
+        // Operations that may go next: none of the others must precede them in real time.
+        // Every effect placed now must come before every unplaced operation's response.
+        let mut hi = INF;
+        let mut end = state.prefix;
+        while end < definite.len() && definite[end].invoked_ms <= hi {
+            if !state.is_done(end) {
+                hi = hi.min(definite[end].responded_ms);
+            }
+            end += 1;
+        }
+        let tail = state.extra.last().map_or(state.prefix, |&last| last + 1);
+        let mut token_cap = self.history.token_caps[tail];
+        for (index, op) in definite.iter().enumerate().take(tail).skip(state.prefix) {
+            if !state.is_done(index) {
+                token_cap = token_cap.min(op.seen.token_cap().unwrap_or(u64::MAX));
+            }
+        }
+        // Tokens never go down, so an operation that saw a smaller one can never go.
+        if state.record.token > token_cap {
+            return Vec::new();
+        }
+        let mut children = Vec::new();
+        for (index, op) in definite.iter().enumerate().take(end).skip(state.prefix) {
+            if state.is_done(index) || op.invoked_ms > hi {
+                continue;
+            }
+            let placed = Placed::Definite(index);
+            for mut child in self.place(state, &op.req, op.invoked_ms, hi, Some(&op.seen), placed) {
+                child.mark_done(index);
+                children.push(child);
+            }
+        }
+        for (kind_index, kind) in self.history.kinds.iter().enumerate() {
+            let used = state.used[kind_index] as usize;
+            let Some(&invoked_ms) = kind.members.get(used) else {
+                continue;
+            };
+            if invoked_ms > hi || !can_write_again(state.record, &kind.req) {
+                continue;
+            }
+            let placed = Placed::Unseen {
+                kind: kind_index,
+                invoked_ms,
+            };
+            for mut child in self.place(state, &kind.req, invoked_ms, hi, None, placed) {
+                Rc::make_mut(&mut child.used)[kind_index] += 1;
+                children.push(child);
+            }
+        }
+        children
+    }
+
+    /// The states where `req` took effect next, at an instant in `[lo, hi]` no earlier than
+    /// the last effect, with the reply `seen` (or, unseen, changing the record).
+    fn place(
+        &self,
+        state: &State,
+        req: &Req,
+        lo: i64,
+        hi: i64,
+        seen: Option<&Seen>,
+        placed: Placed,
+    ) -> Vec<State> {
+        let var = state.depth + 1;
+        let mut base = Constrained {
+            zone: state.zone.clone(),
+            log: Vec::new(),
+        };
+        let window = base.add(T, N, 0) && base.add(Z, N, -lo) && (hi >= INF || base.add(N, Z, hi));
+        if !window {
+            return Vec::new();
+        }
+        let mut children = Vec::new();
+        for branch in branches(state.record, req) {
+            let mut next = base.clone();
+            if !branch
+                .constraints()
+                .iter()
+                .all(|&(x, y, c)| next.add(x, y, c))
+            {
+                continue;
+            }
+            match seen {
+                Some(seen) => {
+                    let Some(equalities) = seen.matches(&branch.reply) else {
+                        continue;
+                    };
+                    let fits = equalities.into_iter().flatten().all(|(expr, value)| {
+                        next.add(expr.slot, Z, value - expr.offset)
+                            && next.add(Z, expr.slot, expr.offset - value)
+                    });
+                    if !fits {
+                        continue;
+                    }
+                }
+                None if !branch.write.changes(state.record) => continue,
+                None => {}
+            }
+            let alias = |slot: Slot| match slot {
+                Z => (0, 0),
+                N => (var, 0),
+                slot => state.aliases[slot],
+            };
+            let constraints = next
+                .log
+                .iter()
+                .map(|&(x, y, c)| {
+                    let ((gx, ox), (gy, oy)) = (alias(x), alias(y));
+                    (gx, gy, c - ox + oy)
+                })
+                .collect();
+            let mut zone = next.zone;
+            let mut aliases = state.aliases;
+            match branch.write {
+                Write::Keep => {}
+                Write::Set {
+                    acquired, expires, ..
+                } => {
+                    for (slot, expr) in [(A, acquired), (E, expires)] {
+                        if expr.slot == N {
+                            zone.assign(slot, N, expr.offset);
+                            aliases[slot] = (var, expr.offset);
+                        } else {
+                            debug_assert_eq!(expr.slot, slot, "a record keeps its own time");
+                        }
+                    }
+                }
+                Write::Release => {
+                    zone.free(A);
+                    zone.free(E);
+                    aliases[A] = (0, 0);
+                    aliases[E] = (0, 0);
+                }
+            }
+            zone.assign(T, N, 0);
+            aliases[T] = (var, 0);
+            zone.free(N);
+            children.push(State {
+                record: branch.write.record(state.record),
+                zone,
+                aliases,
+                depth: var,
+                prefix: state.prefix,
+                extra: state.extra.clone(),
+                used: Rc::clone(&state.used),
+                path: Rc::new(Step {
+                    parent: Some(Rc::clone(&state.path)),
+                    placed,
+                    constraints,
+                }),
+            });
+        }
+        children
+    }
+}
+
+/// A zone with the constraints added to it since a step began, over slots.
+#[derive(Clone)]
+struct Constrained {
+    zone: Zone,
+    log: Vec<(Slot, Slot, i64)>,
+}
+
+impl Constrained {
+    #[must_use]
+    fn add(&mut self, x: Slot, y: Slot, c: i64) -> bool {
+        self.log.push((x, y, c));
+        self.zone.constrain(x, y, c)
+    }
+}
+
+/// A linearization the search found, made concrete: instants that satisfy every constraint of
+/// its path, replayed through [`decide`] itself. The search's model is exact, so this always
+/// succeeds; if it did not, the checker would have accepted a history on a model that is not
+/// the store's, and it says so loudly instead.
+struct Witness<'h, 'a> {
+    history: &'h ActorHistory<'a>,
+    steps: Vec<Placed>,
+    instants: Vec<i64>,
+}
+
+impl<'h, 'a> Witness<'h, 'a> {
+    fn new(history: &'h ActorHistory<'a>, state: &State) -> Self {
+        let mut steps = Vec::new();
+        let mut edges = Vec::new();
+        let mut step = Some(&state.path);
+        while let Some(s) = step {
+            steps.push(s.placed);
+            edges.extend(s.constraints.iter().copied());
+            step = s.parent.as_ref();
+        }
+        steps.reverse();
+        // Shortest paths from a virtual source to every variable: `x_a - x_b <= c` is an edge
+        // b -> a of weight c, and the distances satisfy every such constraint.
+        let vars = steps.len() + 1;
+        let mut distance = vec![0i64; vars];
+        for round in 0.. {
+            assert!(
+                round <= vars,
+                "linearizability checker bug: the path's constraints are infeasible"
+            );
+            let mut changed = false;
+            for &(a, b, c) in &edges {
+                let via = distance[b as usize] + c;
+                if via < distance[a as usize] {
+                    distance[a as usize] = via;
+                    changed = true;
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        let zero = distance[0];
+        let instants = distance.iter().map(|d| d - zero).collect();
+        Self {
+            history,
+            steps,
+            instants,
+        }
+    }
+
+    /// Replays the linearization through `decide`; panics if it does not give every answered
+    /// operation its reply.
+    fn replay(&self) {
+        let history = self.history;
+        let actor_id = history.actor_id;
+        let mut record: Option<LeaseRecord> = history.start.record.clone();
+        let mut last_ms = i64::MIN;
+        let fail = |what: String| -> ! {
+            panic!(
+                "linearizability checker bug on {actor_id}: the linearization found does not \
+                 replay through decide: {what}; linearization: {:?} at {:?}",
+                self.steps, self.instants
+            )
+        };
+        for (position, placed) in self.steps.iter().enumerate() {
+            let t_ms = self.instants[position + 1];
+            if t_ms < last_ms || t_ms < 0 {
+                fail(format!("instant {t_ms} ms goes back from {last_ms} ms"));
+            }
+            last_ms = t_ms;
+            let (request, expected) = match *placed {
+                Placed::Start => continue,
+                Placed::Definite(index) => {
+                    let op = &history.definite[index];
+                    if t_ms < op.invoked_ms || t_ms > op.responded_ms {
+                        fail(format!("{} placed at {t_ms} ms", op.op));
+                    }
+                    (&op.op.request, op.op.reply())
+                }
+                Placed::Unseen { kind, invoked_ms } => {
+                    if t_ms < invoked_ms {
+                        fail(format!("an unseen effect placed at {t_ms} ms"));
+                    }
+                    (history.kinds[kind].request, None)
+                }
+            };
+            let decision = decide(actor_id, record.as_ref(), request, t_ms as u64);
+            match expected {
+                Some(reply) if *reply != decision.reply => fail(format!(
+                    "at {t_ms} ms decide answers {:?}, the node saw {reply:?}",
+                    decision.reply
+                )),
+                None if decision.write.is_none() => fail(format!(
+                    "the unseen {request:?} at {t_ms} ms writes nothing"
+                )),
+                _ => {}
+            }
+            if let Some(written) = decision.write {
+                record = Some(written);
+            }
+        }
+    }
+}

@@ -1,0 +1,820 @@
+//! Hand-built histories, each accepted or rejected for the reason its test states, and
+//! randomized histories of a correct store, all accepted.
+
+use super::*;
+use kelpie_core::{FencingToken, NodeId};
+use kelpie_lease::{decide, Lease, LeaseError, LeaseOp, LeaseRecord, LeaseRequest, StoreError};
+use kelpie_sim::DeterministicRng;
+
+use crate::history::OpOutcome;
+
+const LEASE_MS: u64 = 1_000;
+
+fn actor() -> ActorId {
+    ActorId::new("a").unwrap()
+}
+
+fn node(name: &str) -> NodeId {
+    NodeId::new(name).unwrap()
+}
+
+fn request(node_name: &str, op: LeaseOp, token: Option<u64>) -> LeaseRequest {
+    let mut request = LeaseRequest::new(op, node(node_name), LEASE_MS);
+    request.fencing_token = token.map(FencingToken);
+    request
+}
+
+fn lease(holder: &str, token: u64, acquired_ms: u64, expires_ms: u64, renewals: u64) -> Lease {
+    Lease {
+        actor_id: actor(),
+        holder: node(holder),
+        fencing_token: FencingToken(token),
+        acquired_at_ms: acquired_ms,
+        expires_at_ms: expires_ms,
+        renewal_count: renewals,
+    }
+}
+
+fn held_by(holder: &str, expires_at_ms: u64) -> Result<Lease, LeaseError> {
+    Err(LeaseError::HeldByOther {
+        actor_id: actor(),
+        holder: node(holder),
+        expires_at_ms,
+    })
+}
+
+fn not_holder(node_name: &str, holder: Option<&str>) -> Result<Lease, LeaseError> {
+    Err(LeaseError::NotHolder {
+        actor_id: actor(),
+        node_id: node(node_name),
+        holder: holder.map(node),
+    })
+}
+
+/// A hand-built history: each operation with the reply the node saw, or none.
+#[derive(Default)]
+struct Hand {
+    ops: Vec<HistoryOp>,
+}
+
+impl Hand {
+    fn answered(
+        mut self,
+        request: LeaseRequest,
+        (invoked_ms, responded_ms): (u64, u64),
+        reply: Result<Lease, LeaseError>,
+    ) -> Self {
+        self.ops.push(HistoryOp {
+            actor_id: actor(),
+            request,
+            invoked_ms,
+            outcome: OpOutcome::Returned {
+                responded_ms,
+                reply,
+            },
+        });
+        self
+    }
+
+    /// A request whose reply never came: the node timed out 200 ms later.
+    fn unanswered(mut self, request: LeaseRequest, invoked_ms: u64) -> Self {
+        self.ops.push(HistoryOp {
+            actor_id: actor(),
+            request,
+            invoked_ms,
+            outcome: OpOutcome::Failed {
+                responded_ms: invoked_ms + 200,
+                error: StoreError::CommitUnknown {
+                    reason: "no reply".into(),
+                },
+            },
+        });
+        self
+    }
+
+    fn check(&self, duplicates: Duplicates) -> Result<LinearizabilityReport, LinearizabilityError> {
+        check_history(&self.ops, duplicates)
+    }
+
+    /// Accepted whether or not the network could duplicate.
+    fn accepted(&self) {
+        for duplicates in [Duplicates::Impossible, Duplicates::Possible] {
+            if let Err(error) = self.check(duplicates) {
+                panic!("rejected with {duplicates:?}: {error}");
+            }
+        }
+    }
+
+    /// Rejected with `duplicates`; returns the window, checking that no linearization gets
+    /// past the operation with index `stuck_at`.
+    fn rejected(&self, duplicates: Duplicates, stuck_at: usize) -> OffendingWindow {
+        let error = match self.check(duplicates) {
+            Ok(report) => panic!("accepted with {duplicates:?}: {report:?}"),
+            Err(error) => error,
+        };
+        let LinearizabilityError::NotLinearizable { actor_id, window } = error else {
+            panic!("expected a violation, got {error}");
+        };
+        assert_eq!(actor_id, actor());
+        let stuck = window.stuck_at.clone().unwrap_or_default();
+        assert!(
+            stuck.starts_with(&format!("#{stuck_at} ")),
+            "stuck at {stuck:?}, expected #{stuck_at}: {window}"
+        );
+        window
+    }
+
+    /// Rejected whether or not the network could duplicate.
+    fn rejected_always(&self, stuck_at: usize) -> OffendingWindow {
+        self.rejected(Duplicates::Possible, stuck_at);
+        self.rejected(Duplicates::Impossible, stuck_at)
+    }
+}
+
+/// n1 holds token 1 until 1001; n3's refusal, answered at 900, names n2 as the holder; n2 got
+/// token 2 at 201. The history of issue 13, without its unanswered release.
+fn two_holders() -> Hand {
+    Hand::default()
+        .answered(
+            request("n1", LeaseOp::Acquire, None),
+            (0, 2),
+            Ok(lease("n1", 1, 1, 1_001, 0)),
+        )
+        .answered(
+            request("n3", LeaseOp::Acquire, None),
+            (100, 900),
+            held_by("n2", 1_201),
+        )
+        .answered(
+            request("n2", LeaseOp::Acquire, None),
+            (200, 202),
+            Ok(lease("n2", 2, 201, 1_201, 0)),
+        )
+}
+
+/// Rejected: n2's grant at 201 needs n1's lease (valid until 1001) gone, and the only thing
+/// that could end it, n1's release, was sent at 500, after the grant was answered (202). An
+/// effect nobody saw cannot take effect before it was sent, nor before a reply that came
+/// before it; so n1 and n2 would both hold the actor from 201 ms.
+#[test]
+fn issue_13_an_unanswered_release_cannot_explain_an_earlier_grant() {
+    let hand = two_holders().unanswered(request("n1", LeaseOp::Release, Some(1)), 500);
+    let window = hand.rejected_always(2);
+    assert_eq!(window.to_ms, 202, "failing since n2's grant: {window}");
+    assert!(window.to_string().contains("n2 acquire"), "{window}");
+}
+
+/// Rejected: the same history without the unanswered release; nothing ends n1's lease.
+#[test]
+fn two_concurrent_holders_are_rejected() {
+    two_holders().rejected_always(2);
+}
+
+/// Accepted: the same grant, answered after the release was sent: the release took effect in
+/// [500, 501], then n2 got token 2 at 501 and n3, answered at 900, saw n2 hold it.
+#[test]
+fn an_unanswered_release_explains_a_later_grant() {
+    Hand::default()
+        .answered(
+            request("n1", LeaseOp::Acquire, None),
+            (0, 2),
+            Ok(lease("n1", 1, 1, 1_001, 0)),
+        )
+        .answered(
+            request("n3", LeaseOp::Acquire, None),
+            (100, 900),
+            held_by("n2", 1_501),
+        )
+        .answered(
+            request("n2", LeaseOp::Acquire, None),
+            (500, 502),
+            Ok(lease("n2", 2, 501, 1_501, 0)),
+        )
+        .unanswered(request("n1", LeaseOp::Release, Some(1)), 500)
+        .accepted();
+}
+
+/// Accepted: an unanswered release explains a later refusal: n1's own renewal finds no holder.
+/// Rejected: the same refusal answered before the release was sent.
+#[test]
+fn an_unanswered_release_explains_a_later_refusal_but_not_an_earlier_one() {
+    let before = |renew_ms: u64| {
+        Hand::default()
+            .answered(
+                request("n1", LeaseOp::Acquire, None),
+                (0, 2),
+                Ok(lease("n1", 1, 1, 1_001, 0)),
+            )
+            .unanswered(request("n1", LeaseOp::Release, Some(1)), 100)
+            .answered(
+                request("n1", LeaseOp::Renew, Some(1)),
+                (renew_ms, renew_ms + 2),
+                not_holder("n1", None),
+            )
+    };
+    before(300).accepted();
+    before(50).rejected_always(2);
+}
+
+/// Accepted: an acquire whose reply was lost took effect at 50 (its expiry, 1050, says when),
+/// which explains n2's refusal naming n1; n3 is refused until 1050 and gets token 2 after.
+/// Rejected: a refusal naming an expiry of 900, which no acquire sent at 0 can give (it would
+/// have taken effect before it was sent).
+#[test]
+fn an_unanswered_acquire_explains_a_later_held_by_refusal() {
+    let history = |expires_ms: u64| {
+        Hand::default()
+            .unanswered(request("n1", LeaseOp::Acquire, None), 0)
+            .answered(
+                request("n2", LeaseOp::Acquire, None),
+                (100, 102),
+                held_by("n1", expires_ms),
+            )
+    };
+    history(1_050)
+        .answered(
+            request("n3", LeaseOp::Acquire, None),
+            (1_040, 1_045),
+            held_by("n1", 1_050),
+        )
+        .answered(
+            request("n3", LeaseOp::Acquire, None),
+            (1_060, 1_062),
+            Ok(lease("n3", 2, 1_061, 2_061, 0)),
+        )
+        .accepted();
+    history(900).rejected_always(1);
+}
+
+/// Accepted only where the network can duplicate: n1's acquire, answered at 2 and released at
+/// 11, reaches the store a second time at 1500 and grants n1 token 2 until 2500, which n2's
+/// refusal names. Without duplication nothing can have granted n1 the lease again.
+#[test]
+fn a_duplicate_is_possible_only_where_the_network_duplicates() {
+    let hand = Hand::default()
+        .answered(
+            request("n1", LeaseOp::Acquire, None),
+            (0, 2),
+            Ok(lease("n1", 1, 1, 1_001, 0)),
+        )
+        .answered(
+            request("n1", LeaseOp::Release, Some(1)),
+            (10, 12),
+            Ok(lease("n1", 1, 1, 1_001, 0)),
+        )
+        .answered(
+            request("n2", LeaseOp::Acquire, None),
+            (2_000, 2_002),
+            held_by("n1", 2_500),
+        );
+    hand.check(Duplicates::Possible).unwrap();
+    hand.rejected(Duplicates::Impossible, 2);
+}
+
+/// Rejected: a release answered at 50 returns a lease granted by an acquire invoked at 100: the
+/// release completed before the acquire began, so it must come first in the order.
+#[test]
+fn an_operation_cannot_see_one_invoked_after_it_completed() {
+    Hand::default()
+        .answered(
+            request("n1", LeaseOp::Release, Some(1)),
+            (0, 50),
+            Ok(lease("n1", 1, 105, 1_105, 0)),
+        )
+        .answered(
+            request("n1", LeaseOp::Acquire, None),
+            (100, 110),
+            Ok(lease("n1", 1, 105, 1_105, 0)),
+        )
+        .rejected_always(0);
+}
+
+/// Rejected: two renewals one after the other in real time both report one renewal; the second
+/// must see the first. Accepted: when they overlap, the one invoked later may go first.
+#[test]
+fn renewals_follow_real_time_order() {
+    let renewals = |first: (u64, u64), first_reply: Lease| {
+        Hand::default()
+            .answered(
+                request("n1", LeaseOp::Acquire, None),
+                (0, 2),
+                Ok(lease("n1", 1, 1, 1_001, 0)),
+            )
+            .answered(
+                request("n1", LeaseOp::Renew, Some(1)),
+                first,
+                Ok(first_reply),
+            )
+            .answered(
+                request("n1", LeaseOp::Renew, Some(1)),
+                (200, 202),
+                Ok(lease("n1", 1, 1, 1_201, 1)),
+            )
+    };
+    renewals((100, 102), lease("n1", 1, 1, 1_101, 1)).rejected_always(2);
+    renewals((100, 300), lease("n1", 1, 1, 1_250, 2)).accepted();
+}
+
+/// Rejected: a renewal sent at 500 cannot have extended the lease to 1400 (it takes effect at
+/// 500 at the earliest, so to 1500 at least). Accepted: the expiry 1510 it gives at 510. Where
+/// the network duplicates, 1400 is accepted too, for another reason: n1's acquire reached the
+/// store a second time at 400 and refreshed the lease to 1400.
+#[test]
+fn an_unseen_renewal_cannot_take_effect_before_it_was_sent() {
+    let history = |expires_ms: u64| {
+        Hand::default()
+            .answered(
+                request("n1", LeaseOp::Acquire, None),
+                (0, 2),
+                Ok(lease("n1", 1, 1, 1_001, 0)),
+            )
+            .unanswered(request("n1", LeaseOp::Renew, Some(1)), 500)
+            .answered(
+                request("n2", LeaseOp::Acquire, None),
+                (1_050, 1_052),
+                held_by("n1", expires_ms),
+            )
+    };
+    history(1_510).accepted();
+    history(1_400).rejected(Duplicates::Impossible, 2);
+    history(1_400).check(Duplicates::Possible).unwrap();
+    // Before 1001 nothing can explain it: the lease never expires earlier than granted.
+    history(990).rejected_always(2);
+}
+
+/// Accepted: an unseen renewal took effect at 120, before n3's refused release (at 130 or
+/// later), which does not see it; n2's refusal later names the expiry it gave (1120). A search
+/// that only placed unseen effects after the answered operations already placed (at 130 or
+/// later) would find no linearization: this is the false alarm of clamping.
+#[test]
+fn an_unseen_effect_goes_before_an_answered_operation_that_does_not_see_it() {
+    Hand::default()
+        .answered(
+            request("n1", LeaseOp::Acquire, None),
+            (0, 2),
+            Ok(lease("n1", 1, 1, 1_001, 0)),
+        )
+        .unanswered(request("n1", LeaseOp::Renew, Some(1)), 100)
+        .answered(
+            request("n3", LeaseOp::Release, Some(1)),
+            (130, 150),
+            not_holder("n3", Some("n1")),
+        )
+        .answered(
+            request("n2", LeaseOp::Acquire, None),
+            (1_050, 1_060),
+            held_by("n1", 1_120),
+        )
+        .accepted();
+}
+
+/// Accepted: a chain of unseen effects, a grant then a renewal, explains one refusal.
+#[test]
+fn a_chain_of_unseen_effects_explains_a_refusal() {
+    Hand::default()
+        .unanswered(request("n1", LeaseOp::Acquire, None), 0)
+        .unanswered(request("n1", LeaseOp::Renew, Some(1)), 300)
+        .answered(
+            request("n2", LeaseOp::Acquire, None),
+            (500, 502),
+            held_by("n1", 1_350),
+        )
+        .answered(
+            request("n2", LeaseOp::Acquire, None),
+            (1_400, 1_402),
+            Ok(lease("n2", 2, 1_401, 2_401, 0)),
+        )
+        .accepted();
+}
+
+/// Rejected: tokens never go down. n3's grant repeats token 2 after n2's tenure; the token cap
+/// prunes every state past n2's grant.
+#[test]
+fn a_repeated_token_is_rejected() {
+    Hand::default()
+        .answered(
+            request("n1", LeaseOp::Acquire, None),
+            (0, 2),
+            Ok(lease("n1", 1, 1, 1_001, 0)),
+        )
+        .answered(
+            request("n2", LeaseOp::Acquire, None),
+            (2_000, 2_002),
+            Ok(lease("n2", 2, 2_001, 3_001, 0)),
+        )
+        .answered(
+            request("n3", LeaseOp::Acquire, None),
+            (4_000, 4_002),
+            Ok(lease("n3", 2, 4_001, 5_001, 0)),
+        )
+        .rejected_always(2);
+}
+
+/// Rejected: n2's token repeats n1's, even with an unanswered release that might explain a
+/// hand-over (a new holder always takes a new token).
+#[test]
+fn two_holders_with_one_token_are_rejected() {
+    Hand::default()
+        .answered(
+            request("n1", LeaseOp::Acquire, None),
+            (0, 2),
+            Ok(lease("n1", 1, 1, 1_001, 0)),
+        )
+        .unanswered(request("n1", LeaseOp::Release, Some(1)), 5)
+        .answered(
+            request("n2", LeaseOp::Acquire, None),
+            (10, 12),
+            Ok(lease("n2", 1, 11, 1_011, 0)),
+        )
+        .rejected_always(2);
+}
+
+/// Rejected: effects that cannot change the record explain nothing. An unanswered renewal by a
+/// node that does not hold the lease, and an unanswered release with a token that has passed
+/// (n1's first tenure), cannot end n1's second tenure.
+#[test]
+fn unanswered_requests_that_cannot_write_explain_nothing() {
+    Hand::default()
+        .answered(
+            request("n1", LeaseOp::Acquire, None),
+            (0, 2),
+            Ok(lease("n1", 1, 1, 1_001, 0)),
+        )
+        .answered(
+            request("n1", LeaseOp::Release, Some(1)),
+            (10, 12),
+            Ok(lease("n1", 1, 1, 1_001, 0)),
+        )
+        .answered(
+            request("n1", LeaseOp::Acquire, None),
+            (20, 22),
+            Ok(lease("n1", 2, 21, 1_021, 0)),
+        )
+        .unanswered(request("n2", LeaseOp::Renew, Some(2)), 30)
+        .unanswered(request("n1", LeaseOp::Release, Some(1)), 40)
+        .answered(
+            request("n2", LeaseOp::Acquire, None),
+            (100, 102),
+            Ok(lease("n2", 3, 101, 1_101, 0)),
+        )
+        .rejected_always(5);
+}
+
+/// Rejected: replies `decide` could never give for this request: a refusal naming no holder,
+/// and one about another node.
+#[test]
+fn replies_the_store_cannot_give_are_rejected() {
+    let granted = || {
+        Hand::default().answered(
+            request("n1", LeaseOp::Acquire, None),
+            (0, 2),
+            Ok(lease("n1", 1, 1, 1_001, 0)),
+        )
+    };
+    granted()
+        .answered(
+            request("n2", LeaseOp::Acquire, None),
+            (10, 12),
+            held_by("n9", 1_001),
+        )
+        .rejected_always(1);
+    granted()
+        .answered(
+            request("n2", LeaseOp::Renew, Some(1)),
+            (10, 12),
+            not_holder("n3", Some("n1")),
+        )
+        .rejected_always(1);
+}
+
+/// Rejected: an expired-lease refusal naming an expiry other than the record's (1001).
+/// Where the network duplicates, a second delivery of the acquire at 50 refreshes the expiry
+/// to 1050, so 1050 is accepted then; 900 never is (expiries only grow within a tenure).
+#[test]
+fn an_expiry_the_record_does_not_have_is_rejected() {
+    let history = |expired_at_ms: u64| {
+        Hand::default()
+            .answered(
+                request("n1", LeaseOp::Acquire, None),
+                (0, 2),
+                Ok(lease("n1", 1, 1, 1_001, 0)),
+            )
+            .answered(
+                request("n1", LeaseOp::Renew, Some(1)),
+                (1_100, 1_102),
+                Err(LeaseError::Expired {
+                    actor_id: actor(),
+                    node_id: node("n1"),
+                    expired_at_ms,
+                }),
+            )
+    };
+    history(1_001).accepted();
+    history(1_050).rejected(Duplicates::Impossible, 1);
+    history(1_050).check(Duplicates::Possible).unwrap();
+    history(900).rejected_always(1);
+}
+
+/// The search gives up, with an error that says so, when the bound is reached.
+#[test]
+fn the_search_bound_is_an_explicit_error() {
+    let hand = two_holders();
+    let ops: Vec<(usize, &HistoryOp)> = hand.ops.iter().enumerate().collect();
+    let history = ActorHistory::new(
+        &hand.ops[0].actor_id,
+        &ops,
+        u64::MAX,
+        Start::empty(),
+        Duplicates::Possible,
+    );
+    match search::check_actor_within(&history, 2) {
+        Err(LinearizabilityError::SearchBound {
+            states_explored, ..
+        }) => assert_eq!(states_explored, 3),
+        other => panic!(
+            "expected the bound, got {:?}",
+            other.map(|o| o.linearizable)
+        ),
+    }
+}
+
+/// A correct store that records what its clients saw: each request takes effect at the given
+/// instant, inside the interval it is recorded with.
+#[derive(Default)]
+struct Recorded {
+    record: Option<LeaseRecord>,
+    ops: Vec<HistoryOp>,
+}
+
+impl Recorded {
+    /// Applies the request at `at_ms` and records it as invoked at `invoked_ms` and answered
+    /// at `responded_ms`; returns the granted token, if any.
+    fn answered(
+        &mut self,
+        request: LeaseRequest,
+        (invoked_ms, at_ms, responded_ms): (u64, u64, u64),
+    ) -> Option<u64> {
+        let reply = self.apply(&request, at_ms);
+        self.ops.push(HistoryOp {
+            actor_id: actor(),
+            request,
+            invoked_ms,
+            outcome: OpOutcome::Returned {
+                responded_ms,
+                reply: reply.clone(),
+            },
+        });
+        reply.as_ref().ok().map(|lease| lease.fencing_token.0)
+    }
+
+    /// Records a request whose outcome the node never learned; applies it at `at_ms` if given.
+    fn unanswered(&mut self, request: LeaseRequest, invoked_ms: u64, at_ms: Option<u64>) {
+        if let Some(at_ms) = at_ms {
+            let _ = self.apply(&request, at_ms);
+        }
+        self.ops.push(HistoryOp {
+            actor_id: actor(),
+            request,
+            invoked_ms,
+            outcome: OpOutcome::Failed {
+                responded_ms: invoked_ms + 200,
+                error: StoreError::CommitUnknown {
+                    reason: "no reply".into(),
+                },
+            },
+        });
+    }
+
+    fn apply(&mut self, request: &LeaseRequest, at_ms: u64) -> Result<Lease, LeaseError> {
+        let decision = decide(&actor(), self.record.as_ref(), request, at_ms);
+        if let Some(written) = decision.write {
+            self.record = Some(written);
+        }
+        decision.reply
+    }
+}
+
+#[test]
+fn a_correct_sequential_history_is_linearizable() {
+    let mut store = Recorded::default();
+    let token = store.answered(request("n1", LeaseOp::Acquire, None), (0, 2, 4));
+    store.answered(request("n2", LeaseOp::Acquire, None), (10, 11, 12));
+    store.answered(request("n1", LeaseOp::Renew, token), (300, 305, 306));
+    store.answered(request("n1", LeaseOp::Release, token), (600, 601, 603));
+    store.answered(request("n2", LeaseOp::Acquire, None), (610, 615, 620));
+    let report = check_history(&store.ops, Duplicates::Impossible).unwrap();
+    assert_eq!(report.operations_checked, 5);
+    assert_eq!(report.actors_checked, 1);
+}
+
+#[test]
+fn concurrent_operations_are_ordered_by_their_effects() {
+    let mut store = Recorded::default();
+    // n2's acquire is invoked first but takes effect after n1's.
+    let n1_token = store.answered(request("n1", LeaseOp::Acquire, None), (5, 8, 30));
+    store.answered(request("n2", LeaseOp::Acquire, None), (0, 20, 25));
+    // A takeover after expiry, concurrent with n1's late renewal that is refused.
+    store.answered(request("n3", LeaseOp::Acquire, None), (1_000, 1_010, 1_040));
+    store.answered(request("n1", LeaseOp::Renew, n1_token), (990, 1_020, 1_030));
+    store.ops.swap(0, 1);
+    check_history(&store.ops, Duplicates::Impossible).unwrap();
+}
+
+#[test]
+fn unanswered_operations_may_have_taken_effect_or_not() {
+    let mut store = Recorded::default();
+    // An acquire whose reply was lost took effect; a later refusal reveals it.
+    store.unanswered(request("n1", LeaseOp::Acquire, None), 0, Some(50));
+    store.answered(request("n2", LeaseOp::Acquire, None), (100, 101, 102));
+    // Its idempotent retry finds the lease, then renewals whose replies were lost count.
+    let token = store.answered(request("n1", LeaseOp::Acquire, None), (200, 201, 202));
+    for at_ms in [300, 400, 500] {
+        store.unanswered(request("n1", LeaseOp::Renew, token), at_ms, Some(at_ms + 1));
+    }
+    store.unanswered(request("n1", LeaseOp::Renew, token), 600, None);
+    store.answered(request("n1", LeaseOp::Renew, token), (700, 702, 703));
+    store.answered(request("n2", LeaseOp::Acquire, None), (800, 801, 802));
+    // A release that never arrived, then another acquire that never arrived.
+    store.unanswered(request("n1", LeaseOp::Release, token), 900, None);
+    store.unanswered(request("n3", LeaseOp::Acquire, None), 950, None);
+    store.answered(request("n2", LeaseOp::Acquire, None), (1_000, 1_001, 1_002));
+    let report = check_history(&store.ops, Duplicates::Impossible).unwrap();
+    assert_eq!(report.unknown_operations, 7);
+}
+
+#[test]
+fn a_stale_renewal_is_caught_with_its_window() {
+    let mut store = Recorded::default();
+    for at_ms in [0, 1_000, 2_000] {
+        store.answered(
+            request("n0", LeaseOp::Acquire, None),
+            (at_ms, at_ms, at_ms + 1),
+        );
+        let token = store.record.as_ref().map(|r| r.fencing_token.0);
+        store.answered(
+            request("n0", LeaseOp::Release, token),
+            (at_ms + 9, at_ms + 9, at_ms + 10),
+        );
+    }
+    let token = store.answered(request("n1", LeaseOp::Acquire, None), (3_000, 3_001, 3_002));
+    let before = store.record.clone();
+    store.answered(request("n1", LeaseOp::Renew, token), (3_100, 3_101, 3_102));
+    // The store decides the next renewal on the record as it was before the last one.
+    store.record = before;
+    store.answered(request("n1", LeaseOp::Renew, token), (3_200, 3_201, 3_202));
+    let error = check_history(&store.ops, Duplicates::Impossible).unwrap_err();
+    let LinearizabilityError::NotLinearizable { actor_id, window } = &error else {
+        panic!("expected a violation, got {error}");
+    };
+    assert_eq!(*actor_id, actor());
+    assert_eq!(
+        window.to_ms, 3_202,
+        "the shortest failing prefix ends there"
+    );
+    assert_eq!(window.history_operations, 9);
+    // The window starts from the last good renewal and holds only the stale one.
+    assert!(window.start.contains("#7"), "{}", window.start);
+    assert_eq!(window.operations.len(), 1, "{error}");
+    assert_eq!(window.operations[0].0, 8);
+    let shown = error.to_string();
+    assert!(
+        shown.contains("renewals 1") && shown.contains("no linearization"),
+        "{shown}"
+    );
+    // With duplicates the stale renewal is still caught: a duplicate of the first renewal
+    // would make the count 2, never 1 again.
+    assert!(check_history(&store.ops, Duplicates::Possible).is_err());
+}
+
+#[test]
+fn the_models_coverage_marks_are_not_counted() {
+    let mut store = Recorded::default();
+    store.answered(request("n1", LeaseOp::Acquire, None), (0, 1, 2));
+    store.answered(request("n2", LeaseOp::Acquire, None), (2_000, 2_001, 2_002));
+    let _ = kelpie_core::coverage::take_hits();
+    kelpie_core::coverage::mark("test.before");
+    check_history(&store.ops, Duplicates::Impossible).unwrap();
+    let hits = kelpie_core::coverage::take_hits();
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    assert_eq!(hits.get("test.before"), Some(&1));
+}
+
+/// One request of a random history: when it was sent, when (if ever) it took effect, a second
+/// effect if the network duplicated it, and whether its reply came back.
+struct Sent {
+    request: LeaseRequest,
+    invoked_ms: u64,
+    at_ms: Option<u64>,
+    duplicate_at_ms: Option<u64>,
+    responded_ms: Option<u64>,
+}
+
+/// A random history of a correct store: three nodes acquire, renew and release (with the
+/// tokens they were granted, or stale ones), requests take effect at random instants within
+/// their intervals, some never arrive, some replies are lost, and with `duplicates` some
+/// requests take effect a second time later.
+fn random_history(seed: u64, duplicates: bool) -> Vec<HistoryOp> {
+    let mut rng = DeterministicRng::new(seed);
+    let nodes = ["n0", "n1", "n2"];
+    let mut tokens = [None; 3];
+    let mut sent = Vec::new();
+    let mut now_ms = 0;
+    for _ in 0..rng.gen_range(5..30) {
+        now_ms += rng.gen_range(0..150u64);
+        let n = rng.gen_range(0..3usize);
+        let op = match rng.gen_range(0..4) {
+            0 | 1 => LeaseOp::Acquire,
+            2 => LeaseOp::Renew,
+            _ => LeaseOp::Release,
+        };
+        let token = match op {
+            LeaseOp::Acquire => None,
+            _ => tokens[n].or(Some(1)),
+        };
+        let mut request = LeaseRequest::new(op, node(nodes[n]), rng.gen_range(100..400u64));
+        request.fencing_token = token.map(FencingToken);
+        let at_ms = (!rng.gen_bool(0.1)).then(|| now_ms + rng.gen_range(0..60u64));
+        let responded_ms = match at_ms {
+            Some(at_ms) if !rng.gen_bool(0.15) => Some(at_ms + rng.gen_range(0..60u64)),
+            _ => None,
+        };
+        let duplicate_at_ms = (duplicates && rng.gen_bool(0.2))
+            .then(|| now_ms + rng.gen_range(0..600u64))
+            .filter(|&at| Some(at) != at_ms);
+        sent.push(Sent {
+            request,
+            invoked_ms: now_ms,
+            at_ms,
+            duplicate_at_ms,
+            responded_ms,
+        });
+        // Renewals and releases carry a token the node may or may not hold (stale, or one
+        // it was never granted): the store must refuse them as `decide` does.
+        if op == LeaseOp::Acquire && rng.gen_bool(0.5) {
+            tokens[n] = Some(rng.gen_range(1..4));
+        }
+    }
+    // Effects in instant order (ties by sending order), the duplicate after the original.
+    let mut effects: Vec<(u64, usize, bool)> = Vec::new();
+    for (i, s) in sent.iter().enumerate() {
+        if let Some(at) = s.at_ms {
+            effects.push((at, i, false));
+        }
+        if let Some(at) = s.duplicate_at_ms {
+            effects.push((at, i, true));
+        }
+    }
+    effects.sort();
+    let mut record: Option<LeaseRecord> = None;
+    let mut replies = vec![None; sent.len()];
+    for (at_ms, i, duplicate) in effects {
+        let decision = decide(&actor(), record.as_ref(), &sent[i].request, at_ms);
+        if let Some(written) = decision.write {
+            record = Some(written);
+        }
+        if !duplicate {
+            replies[i] = Some(decision.reply);
+        }
+    }
+    sent.iter()
+        .zip(replies)
+        .map(|(s, reply)| {
+            let outcome = match (s.responded_ms, reply) {
+                (Some(responded_ms), Some(reply)) => OpOutcome::Returned {
+                    responded_ms,
+                    reply,
+                },
+                _ => OpOutcome::Failed {
+                    responded_ms: s.invoked_ms + 200,
+                    error: StoreError::CommitUnknown {
+                        reason: "no reply".into(),
+                    },
+                },
+            };
+            HistoryOp {
+                actor_id: actor(),
+                request: s.request.clone(),
+                invoked_ms: s.invoked_ms,
+                outcome,
+            }
+        })
+        .collect()
+}
+
+/// Completeness on random histories of a correct store: every one is accepted, with
+/// duplicates allowed exactly where the store duplicated.
+#[test]
+fn random_histories_of_a_correct_store_are_accepted() {
+    for seed in 0..400 {
+        for duplicates in [false, true] {
+            let ops = random_history(seed, duplicates);
+            if let Err(error) = check_history(&ops, Duplicates::possible_if(duplicates)) {
+                let shown: Vec<String> = ops.iter().map(ToString::to_string).collect();
+                panic!(
+                    "seed {seed}, duplicates {duplicates}: {error}\n{}",
+                    shown.join("\n")
+                );
+            }
+        }
+    }
+}

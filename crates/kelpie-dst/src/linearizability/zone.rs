@@ -1,0 +1,159 @@
+//! Store instants nobody observed, kept symbolic: a difference-bound matrix (DBM) over the few
+//! instants the future of the search can still depend on.
+//!
+//! Every timing rule of the lease model compares two instants or an instant with a constant:
+//! an operation takes effect within its interval, effects never go back in time, a lease is
+//! valid while `now < expires`, a renewal extends to `max(now + duration, expires)`, and a
+//! reply names an instant exactly. Each is a difference constraint `x - y <= c`, so the set of
+//! instants consistent with a path of the search is a convex zone, and projecting a
+//! closed DBM on fewer variables is exact: the zone keeps exactly the valuations some
+//! choice of the forgotten instants extends.
+
+/// No bound.
+pub(super) const INF: i64 = i64::MAX / 4;
+
+/// A variable of the zone.
+pub(super) type Slot = usize;
+/// The constant zero: `x - Z <= c` is an upper bound on `x`.
+pub(super) const Z: Slot = 0;
+/// The instant of the last effect placed.
+pub(super) const T: Slot = 1;
+/// The record's acquisition instant.
+pub(super) const A: Slot = 2;
+/// The record's expiry.
+pub(super) const E: Slot = 3;
+/// The instant of the effect being placed (free between steps).
+pub(super) const N: Slot = 4;
+const SLOTS: usize = 5;
+
+/// A closed difference-bound matrix: `bounds[i][j]` is the tightest `c` with `x_i - x_j <= c`.
+/// Free slots have no bound.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Zone {
+    bounds: [[i64; SLOTS]; SLOTS],
+}
+
+fn add(a: i64, b: i64) -> i64 {
+    if a >= INF || b >= INF {
+        INF
+    } else {
+        a + b
+    }
+}
+
+/// A millisecond value as a bound (`u64::MAX` and other huge values mean no bound).
+pub(super) fn ms(value: u64) -> i64 {
+    i64::try_from(value).map_or(INF, |v| v.min(INF))
+}
+
+impl Zone {
+    /// Every slot free.
+    pub(super) fn unconstrained() -> Self {
+        let mut bounds = [[INF; SLOTS]; SLOTS];
+        for (i, row) in bounds.iter_mut().enumerate() {
+            row[i] = 0;
+        }
+        Self { bounds }
+    }
+
+    /// Adds `x - y <= c`; false if the zone became empty (it is then left unusable).
+    #[must_use]
+    pub(super) fn constrain(&mut self, x: Slot, y: Slot, c: i64) -> bool {
+        if c >= self.bounds[x][y] {
+            return true;
+        }
+        if add(c, self.bounds[y][x]) < 0 {
+            self.bounds[x][x] = -1;
+            return false;
+        }
+        // Closing a closed matrix after one tightened edge: every shortest path that improves
+        // goes through it, and the rows and columns it goes through do not change.
+        for i in 0..SLOTS {
+            let to_x = self.bounds[i][x];
+            if to_x >= INF {
+                continue;
+            }
+            for j in 0..SLOTS {
+                let via = add(add(to_x, c), self.bounds[y][j]);
+                if via < self.bounds[i][j] {
+                    self.bounds[i][j] = via;
+                }
+            }
+        }
+        true
+    }
+
+    /// Adds `x = value`.
+    #[must_use]
+    pub(super) fn fix(&mut self, x: Slot, value: i64) -> bool {
+        self.constrain(x, Z, value) && self.constrain(Z, x, -value)
+    }
+
+    /// Forgets `x` (existential projection: exact on a closed matrix).
+    pub(super) fn free(&mut self, x: Slot) {
+        for i in 0..SLOTS {
+            self.bounds[x][i] = INF;
+            self.bounds[i][x] = INF;
+        }
+        self.bounds[x][x] = 0;
+    }
+
+    /// Sets `x := y + offset`, forgetting what `x` was.
+    pub(super) fn assign(&mut self, x: Slot, y: Slot, offset: i64) {
+        debug_assert_ne!(x, y);
+        self.free(x);
+        for j in 0..SLOTS {
+            if j != x {
+                self.bounds[x][j] = add(self.bounds[y][j], offset);
+                self.bounds[j][x] = add(self.bounds[j][y], -offset);
+            }
+        }
+        self.bounds[x][y] = offset;
+        self.bounds[y][x] = -offset;
+    }
+
+    /// Whether every valuation of `other` is one of `self`.
+    pub(super) fn includes(&self, other: &Zone) -> bool {
+        (0..SLOTS).all(|i| (0..SLOTS).all(|j| other.bounds[i][j] <= self.bounds[i][j]))
+    }
+
+    /// The earliest and latest value of `x` (`None` for no bound).
+    #[cfg(test)]
+    pub(super) fn range(&self, x: Slot) -> (Option<i64>, Option<i64>) {
+        let bound = |b: i64| (b < INF).then_some(b);
+        (
+            bound(self.bounds[Z][x]).map(|b| -b),
+            bound(self.bounds[x][Z]),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constraints_close_and_project_exactly() {
+        let mut zone = Zone::unconstrained();
+        assert!(zone.fix(T, 100));
+        assert!(zone.constrain(T, N, 0), "N >= T");
+        assert!(zone.constrain(N, Z, 150), "N <= 150");
+        zone.assign(E, N, 1_000);
+        assert_eq!(zone.range(E), (Some(1_100), Some(1_150)));
+        zone.assign(T, N, 0);
+        zone.free(N);
+        // Revealing the expiry pins the instant that set it.
+        assert!(zone.fix(E, 1_120));
+        assert_eq!(zone.range(T), (Some(120), Some(120)));
+        assert!(
+            !zone.clone().constrain(T, Z, 119),
+            "T = 120 cannot be <= 119"
+        );
+        let wider = {
+            let mut z = Zone::unconstrained();
+            assert!(z.constrain(T, Z, 200));
+            z
+        };
+        assert!(wider.includes(&zone) && !zone.includes(&wider));
+    }
+}

@@ -50,6 +50,15 @@
 //! record was explored with a zone that includes its zone and no more unseen effects used
 //! (Lowe's memoisation with dominance: whatever the skipped state could do, that one could).
 //!
+//! The search runs twice at most. First with unseen effects placed only where an operation
+//! that may go next does not fit, and only effects that may help it (by a node its reply names
+//! or by its own node, releases, acquires while its reply names a later token): on the
+//! histories of a correct store this finds a linearization in a few hundred states where the
+//! exhaustive search can wander through millions of combinations of unseen effects that nobody
+//! observes. It is exact, so what it finds is a linearization; but it may miss one (an unseen
+//! effect that must precede an answered operation that does not see it, say). So if it finds
+//! none, the exhaustive search above runs, and only it reports a violation.
+//!
 //! The search gives up with [`LinearizabilityError::SearchBound`] after
 //! [`LINEARIZABILITY_SEARCH_STATES_MAX`] states. When a history fails, `report.rs` narrows it
 //! to the smallest offending window.

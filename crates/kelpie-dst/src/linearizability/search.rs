@@ -7,9 +7,9 @@
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use kelpie_lease::{decide, LeaseRecord};
+use kelpie_lease::{decide, LeaseOp, LeaseRecord};
 
-use super::actor::ActorHistory;
+use super::actor::{ActorHistory, Definite};
 use super::model::{branches, can_write_again, Record, Req, Seen, Write};
 use super::zone::{ms, Slot, Zone, A, E, INF, N, T, Z};
 use super::{LinearizabilityError, LINEARIZABILITY_SEARCH_STATES_MAX};
@@ -33,19 +33,41 @@ pub(super) fn check_actor_within(
     history: &ActorHistory<'_>,
     states_max: u64,
 ) -> Result<Outcome, LinearizabilityError> {
-    let mut search = Search::new(history, states_max);
-    match search.run() {
-        Some(linearizable) => Ok(Outcome {
-            linearizable,
-            states_explored: search.explored,
-            stuck_at: if linearizable { None } else { search.stuck_at },
-        }),
-        None => Err(LinearizabilityError::SearchBound {
-            actor_id: history.actor_id.clone(),
-            operations: history.operations(),
-            states_explored: search.explored,
-        }),
+    let mut explored = 0;
+    let mut stuck_at = None;
+    // First with unseen effects only where they may help an operation that does not fit (fast
+    // on the histories of a correct store), then, if that finds nothing, everywhere: only the
+    // second, exhaustive search decides a violation. Both are exact, so a linearization either
+    // finds is one.
+    for (everywhere, budget) in [(false, states_max / 2), (true, states_max)] {
+        let mut search = Search::new(history, everywhere, explored, budget);
+        let found = search.run();
+        explored = search.explored.min(budget);
+        match found {
+            Some(true) => {
+                return Ok(Outcome {
+                    linearizable: true,
+                    states_explored: explored,
+                    stuck_at: None,
+                })
+            }
+            // The restricted search only gives up; its dead end is the first guess of where.
+            Some(false) | None if !everywhere => stuck_at = search.stuck_at,
+            Some(false) => stuck_at = search.stuck_at.or(stuck_at),
+            None => {
+                return Err(LinearizabilityError::SearchBound {
+                    actor_id: history.actor_id.clone(),
+                    operations: history.operations(),
+                    states_explored: search.explored,
+                })
+            }
+        }
     }
+    Ok(Outcome {
+        linearizable: false,
+        states_explored: explored,
+        stuck_at,
+    })
 }
 
 /// An effect on the path.
@@ -125,6 +147,9 @@ struct MemoKey {
 struct Search<'h, 'a> {
     history: &'h ActorHistory<'a>,
     memo: BTreeMap<MemoKey, Vec<(Zone, Vec<u32>)>>,
+    /// Whether unseen effects are tried at every state, not only where they may help an
+    /// operation that does not fit there.
+    everywhere: bool,
     explored: u64,
     states_max: u64,
     deepest: usize,
@@ -132,12 +157,18 @@ struct Search<'h, 'a> {
 }
 
 impl<'h, 'a> Search<'h, 'a> {
-    fn new(history: &'h ActorHistory<'a>, states_max: u64) -> Self {
+    fn new(
+        history: &'h ActorHistory<'a>,
+        everywhere: bool,
+        explored: u64,
+        states_max: u64,
+    ) -> Self {
         Self {
             history,
+            everywhere,
             states_max,
             memo: BTreeMap::new(),
-            explored: 0,
+            explored,
             deepest: 0,
             stuck_at: None,
         }
@@ -185,6 +216,7 @@ impl<'h, 'a> Search<'h, 'a> {
                 if self.explored > self.states_max {
                     return None;
                 }
+
                 let mut children = self.expand(&state);
                 match children.len() {
                     0 => {
@@ -270,17 +302,25 @@ impl<'h, 'a> Search<'h, 'a> {
             return Vec::new();
         }
         let mut children = Vec::new();
+        let mut unfit = Vec::new();
         for (index, op) in definite.iter().enumerate().take(end).skip(state.prefix) {
             if state.is_done(index) || op.invoked_ms > hi {
                 continue;
             }
             let placed = Placed::Definite(index);
+            let before = children.len();
             for mut child in self.place(state, &op.req, op.invoked_ms, hi, Some(&op.seen), placed) {
                 child.mark_done(index);
                 children.push(child);
             }
+            if children.len() == before {
+                unfit.push(op);
+            }
         }
         for (kind_index, kind) in self.history.kinds.iter().enumerate() {
+            if !self.everywhere && !unfit.iter().any(|op| may_help(state.record, &kind.req, op)) {
+                continue;
+            }
             let used = state.used[kind_index] as usize;
             let Some(&invoked_ms) = kind.members.get(used) else {
                 continue;
@@ -402,6 +442,25 @@ impl<'h, 'a> Search<'h, 'a> {
         }
         children
     }
+}
+
+/// Whether an unseen effect of `req` may bring the record closer to what `op` saw: it is by a
+/// node the reply names or by the operation's own node, it releases, or it is an acquire while
+/// the reply names a later token. Only the first, restricted search uses it.
+fn may_help(record: Record, req: &Req, op: &Definite<'_>) -> bool {
+    let releases = req.op == LeaseOp::Release;
+    let named = match op.seen {
+        Seen::Lease { holder, token, .. } => {
+            return req.node == holder
+                || releases
+                || (req.op == LeaseOp::Acquire && record.token < token);
+        }
+        Seen::HeldByOther { holder, .. } => Some(holder),
+        Seen::NotHolder { holder } => holder,
+        Seen::Expired { .. } => None,
+        Seen::Impossible => return false,
+    };
+    releases || req.node == op.req.node || named == Some(req.node)
 }
 
 /// A zone with the constraints added to it since a step began, over slots.

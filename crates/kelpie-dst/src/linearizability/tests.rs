@@ -345,7 +345,9 @@ fn an_unseen_renewal_cannot_take_effect_before_it_was_sent() {
 /// Accepted: an unseen renewal took effect at 120, before n3's refused release (at 130 or
 /// later), which does not see it; n2's refusal later names the expiry it gave (1120). A search
 /// that only placed unseen effects after the answered operations already placed (at 130 or
-/// later) would find no linearization: this is the false alarm of clamping.
+/// later) would find no linearization: this is the false alarm of clamping. The restricted
+/// first search misses it too (nothing fails to fit where the renewal must go); the
+/// exhaustive second search finds it.
 #[test]
 fn an_unseen_effect_goes_before_an_answered_operation_that_does_not_see_it() {
     Hand::default()

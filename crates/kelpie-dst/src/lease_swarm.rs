@@ -834,6 +834,11 @@ async fn app_loop(world: Rc<SwarmWorld>, node: Rc<SwarmNode>, keeper: Arc<Keeper
         node.incarnation.get()
     ));
     loop {
+        // The app acts on the keeper's beliefs; its events are read and dropped, as an app's
+        // event loop would, so a long run does not queue every renewal's event.
+        if let Some(events) = node.lost.borrow_mut().as_mut() {
+            while events.try_recv().is_ok() {}
+        }
         match world.phase.get() {
             Phase::Safety => visit_random(&world, &keeper, &mut rng).await,
             Phase::Liveness => visit_wanted(&world, &node, &keeper).await,

@@ -84,7 +84,7 @@ use crate::lease_cluster::{ClusterConfig, SimLeaseCluster};
 use crate::lease_net::{
     serve_leases, serve_leases_with_stale_reads, LeaseMessage, NetLeaseStore, STORE_HOST,
 };
-use crate::linearizability::{check_history, Duplicates, LinearizabilityReport};
+use crate::linearizability::{check_history, Delivery, Duplicates, LinearizabilityReport};
 use crate::mutations::LINEARIZABILITY;
 
 /// What reports a failed liveness check after healing, among the invariants' names.
@@ -647,15 +647,23 @@ impl SwarmWorld {
 
     /// Checks that the history so far is linearizable against the lease store's sequential
     /// model. A request may have reached the store twice only if the run's fault mix includes
-    /// network duplication. The error names the actor and lists the smallest offending window.
+    /// network duplication, and it took effect, if at all, within the longest network delivery
+    /// plus the longest storage request latency of its invocation (both asserted where they
+    /// are drawn). The error names the actor and lists the smallest offending window.
     pub fn check_linearizability(&self) -> Result<LinearizabilityReport, String> {
-        let duplicates = Duplicates::possible_if(
-            self.env
-                .fault_probability(FaultType::NetworkDuplicate)
-                .is_some(),
-        );
+        let delivery = Delivery {
+            duplicates: Duplicates::possible_if(
+                self.env
+                    .fault_probability(FaultType::NetworkDuplicate)
+                    .is_some(),
+            ),
+            effect_within_ms: Some(
+                self.network.delivery_ms_max()
+                    + self.cluster.store().storage().request_latency_ms_max(),
+            ),
+        };
         self.history
-            .with_ops(|ops| check_history(ops, duplicates))
+            .with_ops(|ops| check_history(ops, delivery))
             .map_err(|error| error.to_string())
     }
 

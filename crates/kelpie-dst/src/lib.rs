@@ -50,8 +50,8 @@ pub use lease_swarm::{
     SwarmWorld, LIVENESS, SWARM_COVERAGE_MARKS,
 };
 pub use linearizability::{
-    check_history, Duplicates, LinearizabilityError, LinearizabilityReport, OffendingWindow,
-    LINEARIZABILITY_SEARCH_STATES_MAX,
+    check_history, Delivery, Duplicates, LinearizabilityError, LinearizabilityReport,
+    OffendingWindow, LINEARIZABILITY_SEARCH_STATES_MAX,
 };
 pub use sim_lease_store::{SimLeaseStore, StoreWriteMutation};
 pub use swarm::{swarm_faults, SWARM_LEASE_FAULTS};

@@ -169,6 +169,13 @@ impl<M: Clone + 'static> SimNetwork<M> {
         self.inner.config.hosts
     }
 
+    /// The longest a message can take from send to delivery: the configured latency plus
+    /// the largest delay spike. A message not delivered by then never will be.
+    pub fn delivery_ms_max(&self) -> u64 {
+        let config = &self.inner.config;
+        config.latency_ms_max + config.latency_ms_max.max(1) * NETWORK_DELAY_SPIKE_FACTOR
+    }
+
     /// Sends `message` from `from` to `to`. It arrives after a random latency unless a
     /// partition or a loss fault drops it; a duplicate fault sends a second copy.
     ///
@@ -212,6 +219,11 @@ impl<M: Clone + 'static> SimNetwork<M> {
                 .rng
                 .gen_range(spike_base_ms..=spike_base_ms * NETWORK_DELAY_SPIKE_FACTOR);
         }
+        assert!(
+            latency_ms <= self.delivery_ms_max(),
+            "a message drew {latency_ms} ms, beyond delivery_ms_max {} ms that checkers rely on",
+            self.delivery_ms_max()
+        );
         let deliver_at_ms = env.now_ms().saturating_add(latency_ms);
         let NetworkState {
             in_flight,

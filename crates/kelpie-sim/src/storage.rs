@@ -285,6 +285,13 @@ impl<V: Clone + 'static> SimStorage<V> {
         self.inner.operations.get()
     }
 
+    /// The longest an operation can take from its call to its effect at the store: half the
+    /// configured latency plus the largest spike (the request half of [`Self::execute`]'s
+    /// latency).
+    pub fn request_latency_ms_max(&self) -> u64 {
+        self.inner.request_latency_ms_max()
+    }
+
     /// Runs one operation: request latency, `apply` at the store, reply latency.
     async fn execute<R>(
         &self,
@@ -353,7 +360,17 @@ impl<V: Clone + 'static> StorageInner<V> {
                 rng.gen_range(spike_base_ms..=spike_base_ms * STORAGE_LATENCY_SPIKE_FACTOR);
         }
         let request_ms = latency_ms / 2;
+        assert!(
+            request_ms <= self.request_latency_ms_max(),
+            "a storage request drew {request_ms} ms, beyond request_latency_ms_max {} ms",
+            self.request_latency_ms_max()
+        );
         (request_ms, latency_ms - request_ms)
+    }
+
+    fn request_latency_ms_max(&self) -> u64 {
+        let max_ms = self.env.config().storage_latency_ms_max;
+        (max_ms + max_ms.max(1) * STORAGE_LATENCY_SPIKE_FACTOR) / 2
     }
 
     fn unavailable(&self, key: &str) -> StorageError {

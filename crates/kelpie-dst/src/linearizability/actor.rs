@@ -8,7 +8,7 @@ use kelpie_lease::{LeaseError, LeaseRecord, LeaseRequest};
 
 use super::model::{Holding, Node, Record, Req, Seen};
 use super::zone::ms;
-use super::Duplicates;
+use super::{Delivery, Duplicates};
 use crate::history::{HistoryOp, OpOutcome};
 
 /// An operation the node got an answer to: it took effect exactly once, at one store instant
@@ -24,8 +24,11 @@ pub(super) struct Definite<'a> {
 }
 
 /// Effects nobody saw of one request (node, op, token guard, duration): each took effect at
-/// most once, at any instant from its invocation on. Members are interchangeable but for their
-/// invocation, so the search uses them earliest first.
+/// most once, at any instant from its invocation on (up to [`ActorHistory::effect_within_ms`]
+/// later where that is bounded). Members are interchangeable but for their invocation, so the
+/// search uses them in invocation order: where two of them took effect, the earlier invoked can
+/// always be taken as the earlier effect (their windows have one length, so swapping them keeps
+/// both inside their windows).
 pub(super) struct Kind<'a> {
     pub(super) req: Req,
     pub(super) request: &'a LeaseRequest,
@@ -73,6 +76,8 @@ pub(super) struct ActorHistory<'a> {
     pub(super) start: Start,
     /// The start record in the model's terms.
     pub(super) start_record: Record,
+    /// Every effect takes place within this many ms of its invocation (`None`: any time later).
+    pub(super) effect_within_ms: Option<i64>,
     /// `token_caps[i]`: the smallest token a reply of `definite[i..]` names (tokens never go
     /// down, so the record's token can never exceed it while those are to come).
     pub(super) token_caps: Vec<u64>,
@@ -85,8 +90,9 @@ impl<'a> ActorHistory<'a> {
         ops: &[(usize, &'a HistoryOp)],
         cut_ms: u64,
         start: Start,
-        duplicates: Duplicates,
+        delivery: Delivery,
     ) -> Self {
+        let duplicates = delivery.duplicates;
         let mut table: BTreeMap<NodeId, Node> = BTreeMap::new();
         let mut intern = |node: &NodeId| {
             let next = table.len() as Node;
@@ -161,6 +167,7 @@ impl<'a> ActorHistory<'a> {
         }
         Self {
             actor_id,
+            effect_within_ms: delivery.effect_within_ms.map(ms),
             token_caps,
             definite,
             kinds,

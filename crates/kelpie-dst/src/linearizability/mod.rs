@@ -12,7 +12,12 @@
 //! - where the network can duplicate messages ([`Duplicates::Possible`]), every request may
 //!   take effect once more, unseen, at any instant after its invocation (the protocol is built
 //!   for it: acquire is idempotent, renew and release carry the token). Where it cannot, there
-//!   is no such second effect.
+//!   is no such second effect;
+//! - where the environment bounds how long a request can travel before the store applies it
+//!   ([`Delivery::effect_within_ms`]: the simulator's network and storage latencies, spikes
+//!   included), every effect takes place within that bound of its invocation. Without a bound
+//!   an unseen effect may come arbitrarily late, and each one nobody observed multiplies the
+//!   orders the search must try; with it, only the effects of the last moments are open.
 //!
 //! Leases on different actors are independent, so the history is split per actor and each part
 //! is checked alone (P-compositionality).
@@ -107,6 +112,27 @@ impl Duplicates {
     }
 }
 
+/// What the environment guaranteed about the delivery of requests to the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// Whether a request may have reached the store twice.
+    pub duplicates: Duplicates,
+    /// Every request that takes effect does so within this many ms of its invocation (the
+    /// longest network delivery plus the longest storage request latency); `None`: at any time
+    /// after it.
+    pub effect_within_ms: Option<u64>,
+}
+
+impl From<Duplicates> for Delivery {
+    /// No bound on when a request takes effect.
+    fn from(duplicates: Duplicates) -> Self {
+        Delivery {
+            duplicates,
+            effect_within_ms: None,
+        }
+    }
+}
+
 /// What a successful check covered.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LinearizabilityReport {
@@ -192,18 +218,20 @@ impl fmt::Display for OffendingWindow {
 }
 
 /// Checks every actor's part of `ops` (in any order) and returns what was checked, or the
-/// first actor (in actor id order) whose history is not linearizable. `duplicates` says
-/// whether the network could have delivered a request twice.
+/// first actor (in actor id order) whose history is not linearizable. `delivery` says whether
+/// the network could have delivered a request twice, and how late a request may take effect
+/// (a bare [`Duplicates`] bounds nothing).
 ///
 /// The model's own calls to [`decide`](kelpie_lease::decide) would count as coverage marks of
 /// the store; the marks are put back as they were, so a sweep's coverage still says what the
 /// store did.
 pub fn check_history(
     ops: &[HistoryOp],
-    duplicates: Duplicates,
+    delivery: impl Into<Delivery>,
 ) -> Result<LinearizabilityReport, LinearizabilityError> {
+    let delivery = delivery.into();
     let marks_before = kelpie_core::coverage::take_hits();
-    let result = check_actors(ops, duplicates);
+    let result = check_actors(ops, delivery);
     drop(kelpie_core::coverage::take_hits());
     for (mark, count) in marks_before {
         for _ in 0..count {
@@ -215,7 +243,7 @@ pub fn check_history(
 
 fn check_actors(
     ops: &[HistoryOp],
-    duplicates: Duplicates,
+    delivery: Delivery,
 ) -> Result<LinearizabilityReport, LinearizabilityError> {
     let mut by_actor: BTreeMap<&ActorId, Vec<(usize, &HistoryOp)>> = BTreeMap::new();
     for (index, op) in ops.iter().enumerate() {
@@ -223,7 +251,7 @@ fn check_actors(
     }
     let mut report = LinearizabilityReport::default();
     for (actor_id, ops) in by_actor {
-        let history = ActorHistory::new(actor_id, &ops, u64::MAX, Start::empty(), duplicates);
+        let history = ActorHistory::new(actor_id, &ops, u64::MAX, Start::empty(), delivery);
         report.actors_checked += 1;
         report.operations_checked += ops.len();
         report.unknown_operations += history.unanswered;
@@ -232,7 +260,7 @@ fn check_actors(
         if !outcome.linearizable {
             return Err(LinearizabilityError::NotLinearizable {
                 actor_id: actor_id.clone(),
-                window: report::offending_window(actor_id, &ops, duplicates)?,
+                window: report::offending_window(actor_id, &ops, delivery)?,
             });
         }
     }

@@ -6,7 +6,7 @@ use kelpie_lease::{Lease, LeaseOp, LeaseRecord};
 
 use super::actor::{ActorHistory, Start};
 use super::search::check_actor;
-use super::{Duplicates, LinearizabilityError, OffendingWindow};
+use super::{Delivery, LinearizabilityError, OffendingWindow};
 use crate::history::HistoryOp;
 
 /// Most grants tried as the start of a smaller offending window once a violation is found.
@@ -19,11 +19,11 @@ type IndexedOps<'a> = Vec<(usize, &'a HistoryOp)>;
 pub(super) fn offending_window(
     actor_id: &ActorId,
     ops: &[(usize, &HistoryOp)],
-    duplicates: Duplicates,
+    delivery: Delivery,
 ) -> Result<OffendingWindow, LinearizabilityError> {
-    let cut_ms = shortest_failing_cut(actor_id, ops, duplicates)?;
-    let start = latest_failing_start(actor_id, ops, cut_ms, duplicates)?;
-    let history = ActorHistory::new(actor_id, ops, cut_ms, start.clone(), duplicates);
+    let cut_ms = shortest_failing_cut(actor_id, ops, delivery)?;
+    let start = latest_failing_start(actor_id, ops, cut_ms, delivery)?;
+    let history = ActorHistory::new(actor_id, ops, cut_ms, start.clone(), delivery);
     let stuck_at = check_actor(&history)?.stuck_at.and_then(|i| {
         let op = history.definite.get(i)?;
         Some(format!("#{} {}", op.index, op.op))
@@ -58,7 +58,7 @@ pub(super) fn offending_window(
 fn shortest_failing_cut(
     actor_id: &ActorId,
     ops: &[(usize, &HistoryOp)],
-    duplicates: Duplicates,
+    delivery: Delivery,
 ) -> Result<u64, LinearizabilityError> {
     let mut cuts: Vec<u64> = ops
         .iter()
@@ -75,7 +75,7 @@ fn shortest_failing_cut(
     let (mut low, mut high) = (0, last);
     while low < high {
         let middle = (low + high) / 2;
-        let history = ActorHistory::new(actor_id, ops, cuts[middle], Start::empty(), duplicates);
+        let history = ActorHistory::new(actor_id, ops, cuts[middle], Start::empty(), delivery);
         if check_actor(&history)?.linearizable {
             low = middle + 1;
         } else {
@@ -91,7 +91,7 @@ fn latest_failing_start(
     actor_id: &ActorId,
     ops: &[(usize, &HistoryOp)],
     cut_ms: u64,
-    duplicates: Duplicates,
+    delivery: Delivery,
 ) -> Result<Start, LinearizabilityError> {
     let mut tried = 0;
     for position in (0..ops.len()).rev() {
@@ -115,7 +115,7 @@ fn latest_failing_start(
             settled_ms: Some(responded_ms),
             description: format!("from the record granted by #{index} {op}"),
         };
-        let history = ActorHistory::new(actor_id, ops, cut_ms, start.clone(), duplicates);
+        let history = ActorHistory::new(actor_id, ops, cut_ms, start.clone(), delivery);
         if !check_actor(&history)?.linearizable {
             return Ok(start);
         }

@@ -83,8 +83,8 @@ enum Placed {
     Start,
     /// Answered operation `index` of [`ActorHistory::definite`].
     Definite(usize),
-    /// An unseen effect of kind `kind` invoked at `invoked_ms`.
-    Unseen { kind: usize, invoked_ms: i64 },
+    /// Member `member` of unseen kind `kind`.
+    Unseen { kind: usize, member: usize },
 }
 
 /// One step of a path: what was placed, as instant variable `depth` (0 is zero), and the
@@ -252,15 +252,17 @@ impl<'h, 'a> Search<'h, 'a> {
 
     /// Records a visit; false if a state that stands for this one was explored already.
     fn first_visit(&mut self, state: &State) -> bool {
+        let t_min = state.zone.earliest(T);
         let used: Vec<u32> = self
             .history
             .kinds
             .iter()
             .zip(state.used.iter())
             .map(|(kind, &used)| {
-                // A kind that can never write again is as good as used up.
+                // A kind that can never write again is as good as used up, and so is a member
+                // whose window closed before the last effect.
                 if can_write_again(state.record, &kind.req) {
-                    used
+                    self.first_open(kind.members.as_slice(), used as usize, t_min) as u32
                 } else {
                     kind.members.len() as u32
                 }
@@ -323,27 +325,63 @@ impl<'h, 'a> Search<'h, 'a> {
                 unfit.push(op);
             }
         }
+        let t_min = state.zone.earliest(T);
         for (kind_index, kind) in self.history.kinds.iter().enumerate() {
             if !self.everywhere && !unfit.iter().any(|op| may_help(state.record, &kind.req, op)) {
                 continue;
             }
-            let used = state.used[kind_index] as usize;
-            let Some(&invoked_ms) = kind.members.get(used) else {
-                continue;
-            };
-            if invoked_ms > hi || !can_write_again(state.record, &kind.req) {
+            if !can_write_again(state.record, &kind.req) {
                 continue;
             }
-            let placed = Placed::Unseen {
-                kind: kind_index,
-                invoked_ms,
-            };
-            for mut child in self.place(state, &kind.req, invoked_ms, hi, None, placed) {
-                Rc::make_mut(&mut child.used)[kind_index] += 1;
-                children.push(child);
+            let members = kind.members.as_slice();
+            let first = self.first_open(members, state.used[kind_index] as usize, t_min);
+            for (member, &invoked_ms) in members.iter().enumerate().skip(first) {
+                if invoked_ms > hi {
+                    break;
+                }
+                let (lo, top) = match self.history.effect_within_ms {
+                    // Unbounded windows all end together: the earliest unused member serves
+                    // for every instant.
+                    None if member > first => break,
+                    None => (invoked_ms, hi),
+                    // Member `member` stands for the instants after the previous member's
+                    // window closed (before that, the previous one serves), so the branches
+                    // are disjoint and each leaves every member it can.
+                    Some(within_ms) => {
+                        let lo = match member.checked_sub(1) {
+                            Some(previous) if member > first => {
+                                invoked_ms.max(members[previous] + within_ms + 1)
+                            }
+                            _ => invoked_ms,
+                        };
+                        (lo, hi.min(invoked_ms + within_ms))
+                    }
+                };
+                if lo > top {
+                    continue;
+                }
+                let placed = Placed::Unseen {
+                    kind: kind_index,
+                    member,
+                };
+                for mut child in self.place(state, &kind.req, lo, top, None, placed) {
+                    Rc::make_mut(&mut child.used)[kind_index] = member as u32 + 1;
+                    children.push(child);
+                }
             }
         }
         children
+    }
+
+    /// The first member at or after `used` whose window is still open when the last effect
+    /// was at `t_min` at the earliest: members whose window closed before can never take place.
+    fn first_open(&self, members: &[i64], used: usize, t_min: i64) -> usize {
+        match self.history.effect_within_ms {
+            None => used,
+            Some(within_ms) => {
+                used.max(members.partition_point(|&invoked_ms| invoked_ms + within_ms < t_min))
+            }
+        }
     }
 
     /// The states where `req` took effect next, at an instant in `[lo, hi]` no earlier than
@@ -564,9 +602,15 @@ impl<'h, 'a> Witness<'h, 'a> {
                     }
                     (&op.op.request, op.op.reply())
                 }
-                Placed::Unseen { kind, invoked_ms } => {
-                    if t_ms < invoked_ms {
-                        fail(format!("an unseen effect placed at {t_ms} ms"));
+                Placed::Unseen { kind, member } => {
+                    let invoked_ms = history.kinds[kind].members[member];
+                    let closes_ms = history
+                        .effect_within_ms
+                        .map_or(i64::MAX, |within_ms| invoked_ms + within_ms);
+                    if t_ms < invoked_ms || t_ms > closes_ms {
+                        fail(format!(
+                            "an unseen effect invoked at {invoked_ms} ms placed at {t_ms} ms"
+                        ));
                     }
                     (history.kinds[kind].request, None)
                 }

@@ -92,8 +92,11 @@ impl Hand {
         self
     }
 
-    fn check(&self, duplicates: Duplicates) -> Result<LinearizabilityReport, LinearizabilityError> {
-        check_history(&self.ops, duplicates)
+    fn check(
+        &self,
+        delivery: impl Into<Delivery>,
+    ) -> Result<LinearizabilityReport, LinearizabilityError> {
+        check_history(&self.ops, delivery)
     }
 
     /// Accepted whether or not the network could duplicate.
@@ -107,9 +110,10 @@ impl Hand {
 
     /// Rejected with `duplicates`; returns the window, checking that no linearization gets
     /// past the operation with index `stuck_at`.
-    fn rejected(&self, duplicates: Duplicates, stuck_at: usize) -> OffendingWindow {
-        let error = match self.check(duplicates) {
-            Ok(report) => panic!("accepted with {duplicates:?}: {report:?}"),
+    fn rejected(&self, delivery: impl Into<Delivery>, stuck_at: usize) -> OffendingWindow {
+        let delivery = delivery.into();
+        let error = match self.check(delivery) {
+            Ok(report) => panic!("accepted with {delivery:?}: {report:?}"),
             Err(error) => error,
         };
         let LinearizabilityError::NotLinearizable { actor_id, window } = error else {
@@ -269,6 +273,64 @@ fn a_duplicate_is_possible_only_where_the_network_duplicates() {
         );
     hand.check(Duplicates::Possible).unwrap();
     hand.rejected(Duplicates::Impossible, 2);
+}
+
+/// Delivery with a bound on how late a request takes effect, and no duplicates.
+fn within(effect_within_ms: u64) -> Delivery {
+    Delivery {
+        duplicates: Duplicates::Impossible,
+        effect_within_ms: Some(effect_within_ms),
+    }
+}
+
+/// n2's refusal names n3 as holder until 2300: n3's acquire, sent at 100 and never answered,
+/// took effect at 1300 (after n1's lease ran out at 1001). Accepted where a request may take
+/// effect any time later, or within 1200 ms; rejected where it must within 500 ms: its window
+/// [100, 600] closes while n1 still holds the lease, so nothing can have granted n3 the lease.
+#[test]
+fn an_unseen_effect_takes_place_within_the_delivery_bound_or_not_at_all() {
+    let hand = Hand::default()
+        .answered(
+            request("n1", LeaseOp::Acquire, None),
+            (0, 2),
+            Ok(lease("n1", 1, 1, 1_001, 0)),
+        )
+        .unanswered(request("n3", LeaseOp::Acquire, None), 100)
+        .answered(
+            request("n2", LeaseOp::Acquire, None),
+            (1_500, 1_510),
+            held_by("n3", 2_300),
+        );
+    hand.accepted();
+    hand.check(within(1_200)).unwrap();
+    hand.rejected(within(500), 2);
+    hand.rejected(within(1_199), 2);
+}
+
+/// Two unseen acquires by n3 (sent at 100 and at 1000) and a bound of 500 ms: the first one's
+/// window [100, 600] has closed when the lease frees at 1001, so the grant at 1300 that n2's
+/// refusal names can only be the second one's, which the search must reach past the first.
+/// With both sent early (100 and 200), nothing can have granted it.
+#[test]
+fn a_later_unseen_effect_serves_where_an_earlier_ones_window_closed() {
+    let history = |second_ms: u64| {
+        Hand::default()
+            .answered(
+                request("n1", LeaseOp::Acquire, None),
+                (0, 2),
+                Ok(lease("n1", 1, 1, 1_001, 0)),
+            )
+            .unanswered(request("n3", LeaseOp::Acquire, None), 100)
+            .unanswered(request("n3", LeaseOp::Acquire, None), second_ms)
+            .answered(
+                request("n2", LeaseOp::Acquire, None),
+                (1_500, 1_510),
+                held_by("n3", 2_300),
+            )
+    };
+    history(1_000).check(within(500)).unwrap();
+    history(200).rejected(within(500), 3);
+    history(200).accepted();
 }
 
 /// Rejected: a release answered at 50 returns a lease granted by an acquire invoked at 100: the
@@ -527,7 +589,7 @@ fn the_search_bound_is_an_explicit_error() {
         &ops,
         u64::MAX,
         Start::empty(),
-        Duplicates::Possible,
+        Duplicates::Possible.into(),
     );
     match search::check_actor_within(&history, 2) {
         Err(LinearizabilityError::SearchBound {

@@ -117,6 +117,11 @@ impl Zone {
         (0..SLOTS).all(|i| (0..SLOTS).all(|j| other.bounds[i][j] <= self.bounds[i][j]))
     }
 
+    /// The earliest value of `x` (`-INF` if it has no lower bound).
+    pub(super) fn earliest(&self, x: Slot) -> i64 {
+        -self.bounds[Z][x].min(INF)
+    }
+
     /// The earliest and latest value of `x` (`None` for no bound).
     #[cfg(test)]
     pub(super) fn range(&self, x: Slot) -> (Option<i64>, Option<i64>) {

@@ -15,6 +15,8 @@
 //!   unexpired; and the activity intervals (from each keeper's belief, ending at the global
 //!   instant the belief ends) of two nodes on one actor never overlap;
 //! - the state store accepted tokens in non-decreasing order per actor;
+//! - every activation read the actor's state as the last write accepted before its fence left
+//!   it (the successor continues from its predecessor's last word);
 //! - every write by a node that had lost its lease to a node that then activated the actor
 //!   (fenced the store) was rejected, no other write was, and no write of the lease's current
 //!   holder was. A late write that lands before any successor activated is accepted: the
@@ -25,9 +27,10 @@
 //! `DST_SEEDS=<n>` sets how many seeds run (default [`SEEDS_DEFAULT`]); `DST_SEED=<n>` runs
 //! exactly one. `--nocapture` prints the figures.
 //!
-//! Two deliberately broken variants show the checks failing: a placement whose activation
-//! outlives the lease (caught by SingleActivation) and a state store that accepts a stale
-//! token (caught by the fencing check of the state operations).
+//! Three deliberately broken variants show the checks failing: a placement whose activation
+//! outlives the lease (caught by SingleActivation), a state store that accepts a stale token
+//! (caught by the fencing check of the state operations) and a state store whose activation
+//! reads come from a replica one write behind (caught by the activation-read check).
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -80,6 +83,8 @@ enum Broken {
     ActivationOutlivesLease,
     /// The state store accepts any token, stale ones included.
     StateStoreIgnoresTokens,
+    /// The state an activation reads comes from a replica one write behind.
+    StaleReplicaReads,
 }
 
 /// The state store a run writes to: the production fenced store, or the broken one.
@@ -87,6 +92,12 @@ enum StateStore {
     Fenced(MemoryFencedStateStore),
     /// Accepts every write and fence and remembers the last token, not the highest.
     Lax(RefCell<BTreeMap<ActorId, FencedState>>),
+    /// The production store, but a fence answers with the value before the latest write, as
+    /// a read from a lagging replica would.
+    StaleReplica {
+        store: MemoryFencedStateStore,
+        previous: RefCell<BTreeMap<ActorId, Option<Vec<u8>>>>,
+    },
 }
 
 impl StateStore {
@@ -98,6 +109,13 @@ impl StateStore {
     ) -> Result<(), StateError> {
         match self {
             StateStore::Fenced(store) => store.write(actor_id, token, value).await,
+            StateStore::StaleReplica { store, previous } => {
+                let before = futures_now(store.read(actor_id)).map_err(|e| e.to_string());
+                let before = before.ok().flatten().and_then(|state| state.value);
+                store.write(actor_id, token, value).await?;
+                previous.borrow_mut().insert(actor_id.clone(), before);
+                Ok(())
+            }
             StateStore::Lax(states) => {
                 let state = FencedState {
                     highest_token: token,
@@ -109,9 +127,18 @@ impl StateStore {
         }
     }
 
-    async fn fence(&self, actor_id: &ActorId, token: FencingToken) -> Result<(), StateError> {
+    /// Fences the actor's state with `token`; returns the value the activation reads.
+    async fn fence(
+        &self,
+        actor_id: &ActorId,
+        token: FencingToken,
+    ) -> Result<Option<Vec<u8>>, StateError> {
         match self {
-            StateStore::Fenced(store) => store.fence(actor_id, token).await.map(|_| ()),
+            StateStore::Fenced(store) => Ok(store.fence(actor_id, token).await?.value),
+            StateStore::StaleReplica { store, previous } => {
+                let fresh = store.fence(actor_id, token).await?.value;
+                Ok(previous.borrow().get(actor_id).cloned().unwrap_or(fresh))
+            }
             StateStore::Lax(states) => {
                 let mut states = states.borrow_mut();
                 let state = states.entry(actor_id.clone()).or_insert(FencedState {
@@ -119,14 +146,14 @@ impl StateStore {
                     value: None,
                 });
                 state.highest_token = token;
-                Ok(())
+                Ok(state.value.clone())
             }
         }
     }
 
     fn highest_token(&self, actor_id: &ActorId) -> Result<Option<FencingToken>, String> {
         let state = match self {
-            StateStore::Fenced(store) => {
+            StateStore::Fenced(store) | StateStore::StaleReplica { store, .. } => {
                 futures_now(store.read(actor_id)).map_err(|e| e.to_string())?
             }
             StateStore::Lax(states) => states.borrow().get(actor_id).cloned(),
@@ -143,6 +170,8 @@ struct StateOp {
     token: FencingToken,
     /// An activation's fence rather than a write.
     fence: bool,
+    /// A write's value, or what an accepted fence read.
+    value: Option<Vec<u8>>,
     arrival_ms: u64,
     accepted: bool,
     /// Whether the lease store had the writer as holder with this token, unexpired, when the
@@ -322,6 +351,19 @@ fn test_dst_activation_outliving_its_lease_is_caught_by_single_activation() {
 }
 
 #[test]
+fn test_dst_state_read_from_a_stale_replica_is_caught_by_the_activation_read_check() {
+    let (seeds, error) = caught_within(Broken::StaleReplicaReads);
+    println!("activation reads from a stale replica caught after {seeds} seeds: {error}");
+    let SimError::ScenarioFailed { message, .. } = &error else {
+        panic!("caught otherwise: {error}");
+    };
+    assert!(
+        message.contains("read the state as"),
+        "caught otherwise: {message}"
+    );
+}
+
+#[test]
 fn test_dst_state_store_accepting_stale_tokens_is_caught_by_the_fencing_check() {
     let (seeds, error) = caught_within(Broken::StateStoreIgnoresTokens);
     println!("state store ignoring tokens caught after {seeds} seeds: {error}");
@@ -368,6 +410,10 @@ fn start(env: &SimEnv, broken: Broken) -> Result<Rc<Ctx>, String> {
         broken,
         state: match broken {
             Broken::StateStoreIgnoresTokens => StateStore::Lax(RefCell::default()),
+            Broken::StaleReplicaReads => StateStore::StaleReplica {
+                store: MemoryFencedStateStore::new(),
+                previous: RefCell::default(),
+            },
             _ => StateStore::Fenced(MemoryFencedStateStore::new()),
         },
         ops: RefCell::default(),
@@ -574,15 +620,19 @@ async fn send_state_op(
             && arrival_ms < r.expires_at_ms
     });
     let fence = value.is_none();
-    let result = match value {
-        Some(value) => ctx.state.write(actor_id, token, &value).await,
-        None => ctx.state.fence(actor_id, token).await,
+    let (result, value) = match value {
+        Some(value) => (ctx.state.write(actor_id, token, &value).await, Some(value)),
+        None => match ctx.state.fence(actor_id, token).await {
+            Ok(read) => (Ok(()), read),
+            Err(error) => (Err(error), None),
+        },
     };
     ctx.ops.borrow_mut().push(StateOp {
         actor_id: actor_id.clone(),
         node,
         token,
         fence,
+        value,
         arrival_ms,
         accepted: result.is_ok(),
         held_at_arrival,
@@ -764,7 +814,30 @@ fn check_state_ops(ctx: &Ctx) -> Result<(), String> {
     let ops = ctx.ops.borrow();
     // Per actor: the highest token accepted so far, and by which operation.
     let mut highest: BTreeMap<&ActorId, (FencingToken, usize)> = BTreeMap::new();
+    // Per actor: the last value accepted so far.
+    let mut last_written: BTreeMap<&ActorId, &[u8]> = BTreeMap::new();
     for (position, op) in ops.iter().enumerate() {
+        if op.accepted {
+            let last = last_written.get(&op.actor_id).copied();
+            match (&op.value, op.fence) {
+                (Some(value), false) => {
+                    last_written.insert(&op.actor_id, value);
+                }
+                (read, true) if read.as_deref() != last => {
+                    return Err(format!(
+                        "activation of {} by node-{} (token {}) at {} ms read the state as \
+                         {:?}, but the last write accepted before it was {:?}",
+                        op.actor_id,
+                        op.node,
+                        op.token,
+                        op.arrival_ms,
+                        read.as_deref().map(String::from_utf8_lossy),
+                        last.map(String::from_utf8_lossy)
+                    ));
+                }
+                _ => {}
+            }
+        }
         let before = highest.get(&op.actor_id).copied();
         let superseded = before.filter(|(token, _)| *token > op.token);
         if op.accepted {

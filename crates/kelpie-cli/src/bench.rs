@@ -118,7 +118,7 @@ pub fn run(args: BenchArgs) -> Result<(), CliError> {
 }
 
 /// A store in a new file: a benchmark must not fill someone's lease store.
-fn new_sqlite(path: &Path) -> Result<kelpie_lease::SqliteLeaseStore, CliError> {
+fn new_sqlite(path: &Path) -> Result<kelpie_lease::backend::SqliteLeaseStore, CliError> {
     if path.exists() {
         return Err(CliError::Usage(format!(
             "{} exists; kelpie bench writes thousands of leases, so give it a path that does \

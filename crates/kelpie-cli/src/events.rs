@@ -79,7 +79,7 @@ fn generic(kind: &LeaseEventKind) -> String {
 mod tests {
     use super::*;
     use kelpie_core::{ActorId, FencingToken, NodeId};
-    use kelpie_lease::LeaseOp;
+    use kelpie_lease::backend::LeaseOp;
 
     #[test]
     fn events_print_as_aligned_lines() {

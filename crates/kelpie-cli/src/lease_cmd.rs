@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use clap::{Args, Subcommand};
 use kelpie_core::{ActorId, IdError, NodeId};
+use kelpie_lease::{backend::LeaseStore, Lease, LeaseConfig, LeaseError, LeaseManager};
+use kelpie_lease::{backend::SqliteLeaseStore, SqliteLeaseManager, SqliteOptions};
+use kelpie_lease::{limits::SQLITE_BUSY_TIMEOUT_MS_DEFAULT, limits::SQLITE_BUSY_TIMEOUT_MS_MAX};
 #[cfg(feature = "etcd")]
 use kelpie_lease::{EtcdLeaseManager, EtcdOptions};
-use kelpie_lease::{Lease, LeaseConfig, LeaseError, LeaseManager, LeaseStore};
-use kelpie_lease::{SqliteLeaseManager, SqliteLeaseStore, SqliteOptions};
-use kelpie_lease::{SQLITE_BUSY_TIMEOUT_MS_DEFAULT, SQLITE_BUSY_TIMEOUT_MS_MAX};
 use serde_json::json;
 
 use crate::error::CliError;

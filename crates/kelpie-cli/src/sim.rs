@@ -14,7 +14,7 @@ use clap::Args;
 use kelpie_core::limits::{LEASE_DURATION_MS_MAX, LEASE_DURATION_MS_MIN};
 use kelpie_dst::mutations::Mutation;
 use kelpie_dst::{LeaseEvent, LeaseRunReport, LeaseScenario};
-use kelpie_lease::BeliefConfig;
+use kelpie_lease::machine::BeliefConfig;
 use kelpie_sim::{FaultConfig, SimConfig, SimError};
 use kelpie_sim::{Simulation, SIM_STEPS_MAX_DEFAULT};
 use rand::RngCore;

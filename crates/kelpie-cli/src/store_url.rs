@@ -1,6 +1,6 @@
 //! `--store` values: `sqlite:PATH`, `etcd://HOST:PORT[,HOST:PORT...]` and `memory`.
 //!
-//! etcd endpoints are parsed by the etcd backend's own parser (`kelpie_lease::parse_endpoints`),
+//! etcd endpoints are parsed by the etcd backend's own parser (`kelpie_lease::backend::parse_endpoints`),
 //! so the CLI and the library accept the same lists. A `kelpie` built without the `etcd`
 //! feature refuses `etcd://` with the command that builds it in.
 
@@ -89,7 +89,7 @@ impl FromStr for StoreUrl {
 
 #[cfg(feature = "etcd")]
 fn parse_etcd(given: &str, rest: &str) -> Result<StoreUrl, StoreUrlError> {
-    match kelpie_lease::parse_endpoints(rest) {
+    match kelpie_lease::backend::parse_endpoints(rest) {
         Ok(endpoints) => Ok(StoreUrl::Etcd(endpoints)),
         Err(error) => Err(StoreUrlError::EtcdEndpoints {
             given: given.to_string(),

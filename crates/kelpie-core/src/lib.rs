@@ -21,6 +21,8 @@
 //! # let _ = node;
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod clock;
 pub mod coverage;
 pub mod id;

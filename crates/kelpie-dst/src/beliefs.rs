@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
 use kelpie_core::{ActorId, NodeId};
-use kelpie_lease::HeldBelief;
+use kelpie_lease::machine::HeldBelief;
 
 use crate::checkers::BeliefView;
 use kelpie_sim::SimClock;

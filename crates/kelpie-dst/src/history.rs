@@ -13,7 +13,7 @@ use std::fmt;
 use std::rc::Rc;
 
 use kelpie_core::ActorId;
-use kelpie_lease::{Lease, LeaseError, LeaseOp, LeaseRequest, StoreError};
+use kelpie_lease::{backend::LeaseOp, backend::LeaseRequest, Lease, LeaseError, StoreError};
 
 /// An operation's index in its [`History`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use kelpie_core::ActorId;
 use kelpie_lease::{
-    BeliefConfig, DecideFn, LeaseConfig, LeaseKeeper, LeaseManager, LeaseOp, LeaseRecord,
-    ProtocolLeaseManager,
+    backend::DecideFn, backend::LeaseOp, backend::LeaseRecord, backend::ProtocolLeaseManager,
+    machine::BeliefConfig, LeaseConfig, LeaseKeeper, LeaseManager,
 };
 
 use crate::beliefs::{BeliefBoard, NodeChange};

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 
 use kelpie_core::{ActorId, FencingToken, NodeId};
-use kelpie_lease::LeaseOp;
+use kelpie_lease::backend::LeaseOp;
 use serde::Serialize;
 
 /// Events a run keeps; older ones are dropped first.

@@ -21,7 +21,8 @@ use futures_channel::oneshot;
 use futures_util::future::{select, Either};
 use kelpie_core::ActorId;
 use kelpie_lease::{
-    Decision, LeaseRecord, LeaseRequest, LeaseStore, RecordSnapshot, StoreError, StoreSnapshot,
+    backend::Decision, backend::LeaseRecord, backend::LeaseRequest, backend::LeaseStore,
+    backend::RecordSnapshot, backend::StoreSnapshot, StoreError,
 };
 use send_wrapper::SendWrapper;
 

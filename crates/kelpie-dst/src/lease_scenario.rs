@@ -3,7 +3,7 @@
 //! fault mix, while the checkers judge every step; then everything heals and liveness is
 //! checked ([`crate::lease_swarm`]). `kelpie sim`, the swarm and the lease tests all run it.
 
-use kelpie_lease::decide;
+use kelpie_lease::backend::decide;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 

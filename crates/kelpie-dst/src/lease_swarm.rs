@@ -76,7 +76,7 @@ use futures_channel::mpsc::UnboundedReceiver;
 use futures_channel::oneshot;
 use kelpie_core::{ActorId, NodeId};
 use kelpie_lease::{
-    KeeperConfig, KeeperEvent, LeaseConfig, LeaseError, LeaseKeeper, ProtocolLeaseManager,
+    backend::ProtocolLeaseManager, KeeperConfig, KeeperEvent, LeaseConfig, LeaseError, LeaseKeeper,
 };
 
 use crate::history::History;
@@ -107,7 +107,7 @@ pub const MARK_CLOCK_JUMP_WHILE_BELIEVING: &str = "swarm.clock_jumped_while_beli
 /// Coverage mark: the lease store crashed while it held a valid lease.
 pub const MARK_STORE_CRASH_WITH_LEASES: &str = "swarm.store_crashed_with_valid_leases";
 /// The swarm's own coverage marks, on the fault paths: a sweep fails if any is never hit,
-/// beside the lease code's marks (`kelpie_lease::COVERAGE_MARKS`).
+/// beside the lease code's marks (`kelpie_lease::coverage::COVERAGE_MARKS`).
 pub const SWARM_COVERAGE_MARKS: &[&str] = &[
     MARK_CRASH_WHILE_HOLDING,
     MARK_CLOCK_JUMP_WHILE_BELIEVING,
@@ -694,7 +694,7 @@ impl SwarmWorld {
     }
 
     /// The store's record of `actor_id` now (ground truth).
-    pub fn truth(&self, actor_id: &ActorId) -> Option<kelpie_lease::LeaseRecord> {
+    pub fn truth(&self, actor_id: &ActorId) -> Option<kelpie_lease::backend::LeaseRecord> {
         self.cluster.store().peek(actor_id)
     }
 

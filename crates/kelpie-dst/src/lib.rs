@@ -28,6 +28,8 @@
 //! assert_eq!(report.sim.seed, 42);
 //! ```
 
+#![warn(missing_docs)]
+
 mod beliefs;
 pub mod checkers;
 pub mod history;

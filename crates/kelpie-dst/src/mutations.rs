@@ -6,7 +6,10 @@
 //! `kelpie sim --inject-bug <name>` runs each of them.
 
 use kelpie_core::ActorId;
-use kelpie_lease::{decide, DecideFn, Decision, LeaseError, LeaseOp, LeaseRecord, LeaseRequest};
+use kelpie_lease::{
+    backend::decide, backend::DecideFn, backend::Decision, backend::LeaseOp, backend::LeaseRecord,
+    backend::LeaseRequest, LeaseError,
+};
 
 use crate::sim_lease_store::StoreWriteMutation;
 use crate::LeaseScenario;

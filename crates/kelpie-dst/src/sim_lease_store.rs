@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use kelpie_core::ActorId;
 use kelpie_lease::{
-    decide, DecideFn, Decision, LeaseRecord, LeaseRequest, LeaseStore, RecordSnapshot, StoreError,
-    StoreSnapshot,
+    backend::decide, backend::DecideFn, backend::Decision, backend::LeaseRecord,
+    backend::LeaseRequest, backend::LeaseStore, backend::RecordSnapshot, backend::StoreSnapshot,
+    StoreError,
 };
 
 use send_wrapper::SendWrapper;

@@ -14,7 +14,7 @@ use kelpie_core::{ActorId, NodeId};
 use kelpie_dst::checkers::CheckerSet;
 use kelpie_dst::mutations::Mutation;
 use kelpie_dst::{LeaseScenario, SimLeaseCluster};
-use kelpie_lease::{Lease, LeaseError, LeaseManager, LeaseOp};
+use kelpie_lease::{backend::LeaseOp, Lease, LeaseError, LeaseManager};
 use kelpie_sim::{FaultConfig, FaultType, SimConfig, SimEnv, SimError, SimReport, Simulation};
 
 /// Seeds each test runs when `DST_SEED` is not set.

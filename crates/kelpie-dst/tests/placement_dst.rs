@@ -1,5 +1,5 @@
 //! Placement end to end under faults: many networked nodes activate, use and deactivate the
-//! same few actors through [`Placement`] on production keepers, and write the actors' state
+//! same few actors through [`KeeperPlacement`] on production keepers, and write the actors' state
 //! through a fenced state store, while the swarm's chaos partitions them (both ways and one
 //! way), crashes and restarts them, jumps their clocks and crashes the lease store, and the
 //! seed's fault mix fails and delays storage and messages. Then everything heals.
@@ -45,7 +45,7 @@ use kelpie_dst::{
     SWARM_LEASE_FAULTS,
 };
 use kelpie_lease::{
-    FencedState, FencedStateStore, KeeperEvent, Location, MemoryFencedStateStore, Placement,
+    FencedState, FencedStateStore, KeeperEvent, KeeperPlacement, Location, MemoryFencedStateStore,
     StateError,
 };
 use kelpie_sim::{DeterministicRng, FaultType, SimConfig, SimEnv, SimError, SimReport, Simulation};
@@ -69,7 +69,7 @@ const LONG_DELAY_PROBABILITY: f64 = 0.1;
 /// Longest ordinary network delay of a state write, in ms.
 const SHORT_DELAY_MS_MAX: u64 = 5;
 
-type NodePlacement = Placement<NetLeaseManager>;
+type NodePlacement = KeeperPlacement<NetLeaseManager>;
 
 /// Seeds a deliberately broken variant may survive before its check must have failed.
 const MUTATION_SEEDS_MAX: u64 = 50;
@@ -456,7 +456,7 @@ async fn supervise(ctx: Rc<Ctx>, node: usize) {
             continue;
         };
         incarnation += 1;
-        let placement = Placement::new(Arc::clone(&keeper));
+        let placement = KeeperPlacement::new(Arc::clone(&keeper));
         let placement = match ctx.broken {
             Broken::ActivationOutlivesLease => placement.with_mutation_activation_outlives_lease(),
             _ => placement,

@@ -16,7 +16,7 @@ use kelpie_dst::{
     swarm_faults, sweep_requests_max, LeaseRunReport, LeaseScenario, LivenessBound, LivenessWindow,
     LIVENESS, SWARM_COVERAGE_MARKS, SWARM_LEASE_FAULTS,
 };
-use kelpie_lease::COVERAGE_MARKS;
+use kelpie_lease::coverage::COVERAGE_MARKS;
 use kelpie_sim::{FaultType, SimConfig, SimError, Simulation};
 
 /// Seeds run when `DST_SEEDS` is not set.
@@ -35,6 +35,8 @@ fn seeds() -> Vec<u64> {
 /// timeouts close to the lease, where keeper bugs show (a stale release was found at 200 ms).
 const SWARM_LEASE_DURATIONS_MS: [u64; 3] = [200, 500, 1_000];
 
+/// Seeds of the main sweep one seed of a 200-actor swarm costs about as much as.
+const LARGE_SEED_COST: usize = 100;
 /// Seeds of the large swarm when `DST_SEEDS` is not set.
 const LARGE_SEEDS_DEFAULT: u64 = 10;
 
@@ -300,7 +302,11 @@ fn test_swarm_200_actors_reach_liveness() {
             sized(5, 200, 30).run(simulation),
         );
     }
-    for seed in kelpie_sim::test_seeds(2) {
+    // A 200-actor seed costs about as much as a hundred of the main sweep's, so a DST_SEEDS
+    // sweep runs one of these per hundred of those (at least two).
+    let seeds = kelpie_sim::test_seeds(2);
+    let count = (seeds.len() / LARGE_SEED_COST).clamp(2.min(seeds.len()), seeds.len());
+    for seed in seeds.into_iter().take(count) {
         expect_pass("200 actors, swarm", seed, run_seed(seed, sized(5, 200, 10)));
     }
 }

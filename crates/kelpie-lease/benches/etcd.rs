@@ -40,7 +40,8 @@ use etcd_client::{
 };
 use kelpie_core::{ActorId, NodeId};
 use kelpie_lease::{
-    EtcdLeaseManager, EtcdOptions, EtcdStats, LeaseConfig, LeaseManager, ETCD_ENDPOINTS_ENV,
+    backend::EtcdStats, limits::ETCD_ENDPOINTS_ENV, EtcdLeaseManager, EtcdOptions, LeaseConfig,
+    LeaseManager,
 };
 
 /// Concurrent callers in the throughput cases.

@@ -15,7 +15,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use kelpie_core::{ActorId, NodeId, TokioClock};
-use kelpie_lease::{LeaseConfig, LeaseManager, MemoryLeaseManager, MemoryLeaseStore};
+use kelpie_lease::{backend::MemoryLeaseStore, LeaseConfig, LeaseManager, MemoryLeaseManager};
 
 /// Actors in the throughput loops.
 const ACTORS_THROUGHPUT_COUNT: usize = 100_000;

@@ -13,8 +13,8 @@
 use std::sync::Arc;
 
 use kelpie_core::{ActorId, Clock, NodeId, TokioClock};
+use kelpie_lease::{backend::SqliteLeaseStore, backend::SqliteStats, SqliteOptions};
 use kelpie_lease::{LeaseConfig, LeaseManager, SqliteLeaseManager};
-use kelpie_lease::{SqliteLeaseStore, SqliteOptions, SqliteStats};
 
 /// Concurrency levels measured.
 const CONCURRENCY_LEVELS: [usize; 2] = [1, 64];

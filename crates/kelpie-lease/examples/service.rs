@@ -1,12 +1,16 @@
 //! A tokio service that holds actors under leases, the way a runtime embeds Kelpie: one
-//! [`LeaseSession`] per process on the SQLite store, a campaign per wanted actor, the actor's
-//! state written through a fenced state store with the lease's token while the guard is
-//! valid, and on SIGTERM a shutdown that releases every lease before exiting 0.
+//! [`LeaseSession`] per process on the SQLite store, a [`Placement`] over it that campaigns
+//! for each wanted actor and fences its state store on activation, the actor's state written
+//! through the activation (with the lease's token) while it is active, and on SIGTERM a
+//! shutdown that releases every lease before exiting 0.
 //!
 //! ```sh
 //! cargo run -p kelpie-lease --example service -- --node node-a --actors a1,a2,a3 \
 //!     --store /tmp/leases.db --state /tmp/state.db
 //! ```
+//!
+//! Built with `--features etcd`, `--store etcd://HOST:PORT[,HOST:PORT...]` keeps the leases in
+//! etcd instead (campaigns then wait by watch); the state stays in the SQLite file `--state`.
 //!
 //! Start two with different `--node`s on the same files: each actor is held by one of them at
 //! a time, and `kill -TERM` on one hands its actors to the other. Every line on stdout is one
@@ -23,14 +27,16 @@ use std::time::Duration;
 
 use kelpie_core::{ActorId, NodeId};
 use kelpie_lease::{
-    CancellationToken, FencedStateStore, LeaseConfig, LeaseSession, SessionConfig, SessionError,
-    SqliteFencedStateStore, SqliteLeaseManager, SqliteLeaseStore, StateError,
+    CancellationToken, LeaseConfig, LeaseManager, LeaseSession, Placement, PlacementError,
+    SessionConfig, SessionError, SqliteFencedStateStore, SqliteLeaseManager, StateError,
 };
+
+type ServicePlacement<M> = Placement<M, SqliteFencedStateStore>;
 
 struct Args {
     node: String,
     actors: Vec<String>,
-    store: PathBuf,
+    store: String,
     state: PathBuf,
     lease_ms: u64,
     poll_ms: u64,
@@ -42,7 +48,7 @@ fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         node: String::new(),
         actors: Vec::new(),
-        store: PathBuf::from("kelpie-leases.db"),
+        store: "kelpie-leases.db".into(),
         state: PathBuf::from("kelpie-state.db"),
         lease_ms: 1_000,
         poll_ms: 40,
@@ -60,7 +66,7 @@ fn parse_args() -> Result<Args, String> {
         match flag.as_str() {
             "--node" => args.node = value.clone(),
             "--actors" => args.actors = value.split(',').map(str::to_string).collect(),
-            "--store" => args.store = PathBuf::from(&value),
+            "--store" => args.store = value.clone(),
             "--state" => args.state = PathBuf::from(&value),
             "--lease-ms" => args.lease_ms = number()?,
             "--poll-ms" => args.poll_ms = number()?,
@@ -108,14 +114,44 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let store = SqliteLeaseStore::open(&args.store)?;
-    let manager = Arc::new(SqliteLeaseManager::new(
-        store,
-        LeaseConfig::new(args.lease_ms)?,
-    ));
+    let lease = LeaseConfig::new(args.lease_ms)?;
+    if let Some(endpoints) = args.store.strip_prefix("etcd://") {
+        return run_on_etcd(endpoints, lease, &args).await;
+    }
+    let manager = Arc::new(SqliteLeaseManager::open(&args.store, lease)?);
+    serve(manager, &args).await
+}
+
+#[cfg(feature = "etcd")]
+async fn run_on_etcd(
+    endpoints: &str,
+    lease: LeaseConfig,
+    args: &Args,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use kelpie_lease::{backend::parse_endpoints, EtcdLeaseManager, EtcdOptions};
+    let options = EtcdOptions::new(parse_endpoints(endpoints)?).with_lease_config(lease);
+    let manager = Arc::new(EtcdLeaseManager::connect(options).await?);
+    serve(manager, args).await
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn run_on_etcd(
+    _endpoints: &str,
+    _lease: LeaseConfig,
+    _args: &Args,
+) -> Result<(), Box<dyn std::error::Error>> {
+    Err("this build has no etcd backend: cargo run -p kelpie-lease --features etcd --example service".into())
+}
+
+/// Serves the wanted actors over `manager` until SIGTERM.
+async fn serve<M: LeaseManager + 'static>(
+    manager: Arc<M>,
+    args: &Args,
+) -> Result<(), Box<dyn std::error::Error>> {
     let config = SessionConfig::default().with_campaign_poll_ms_max(args.poll_ms);
     let session = LeaseSession::start(manager, NodeId::new(args.node.as_str())?, config)?;
     let state = Arc::new(SqliteFencedStateStore::open(&args.state)?);
+    let placement = Arc::new(Placement::new(session.clone(), state));
     let stopping = CancellationToken::new();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     say(format!("ready holder={}", session.holder_id()));
@@ -123,8 +159,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     for name in &args.actors {
         let actor = ActorId::new(name.as_str())?;
         let worker = hold(
-            session.clone(),
-            Arc::clone(&state),
+            Arc::clone(&placement),
             actor,
             stopping.clone(),
             (args.write_every_ms, args.work_ms),
@@ -144,46 +179,40 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Holds `actor` whenever this process can: campaign, fence the state store with the new
-/// token, write while the guard is valid, and campaign again when it is lost.
-async fn hold(
-    session: LeaseSession<SqliteLeaseManager>,
-    state: Arc<SqliteFencedStateStore>,
+/// Holds `actor` whenever this process can: campaign (the placement fences the state store
+/// with the new token), write while the activation is active, and campaign again when it
+/// ends.
+async fn hold<M: LeaseManager + 'static>(
+    placement: Arc<ServicePlacement<M>>,
     actor: ActorId,
     stopping: CancellationToken,
     (write_every_ms, work_ms): (u64, u64),
 ) {
     let mut writes = 0u64;
     loop {
-        let guard = tokio::select! {
-            guard = session.campaign(&actor) => guard,
+        let activation = tokio::select! {
+            activation = placement.campaign(&actor) => activation,
             () = stopping.cancelled() => return,
         };
-        let guard = match guard {
-            Ok(guard) => guard,
-            Err(SessionError::ShuttingDown) => return,
+        let activation = match activation {
+            Ok(activation) => activation,
+            Err(PlacementError::Session(SessionError::ShuttingDown)) => return,
             Err(error) => {
                 say(format!("campaign-failed actor={actor} error={error:?}"));
                 pause(write_every_ms.max(10)).await;
                 continue;
             }
         };
-        let token = guard.fencing_token();
+        let token = activation.fencing_token();
         say(format!("acquired actor={actor} token={token}"));
-        // A new holder fences first, so every later write of an earlier holder is refused.
-        if let Err(error) = state.fence(&actor, token).await {
-            say(format!(
-                "fence-refused actor={actor} token={token} error={error}"
-            ));
-            continue;
-        }
-        while guard.is_valid() {
+        while activation.is_active() {
             // The work between checking the lease and writing: a process paused here writes
             // late, with its old token, and the fenced store refuses it.
             pause(work_ms).await;
             writes += 1;
-            let value = format!("write {writes} by {}", session.holder_id());
-            match state.write(&actor, token, value.as_bytes()).await {
+            let holder = placement.session().holder_id();
+            let value = format!("write {writes} by {holder}");
+            match activation.write(value.as_bytes()).await {
                 Ok(()) => say(format!("write actor={actor} token={token} accepted")),
                 Err(StateError::StaleToken { highest_token, .. }) => {
                     say(format!(
@@ -195,10 +224,11 @@ async fn hold(
             }
             tokio::select! {
                 () = pause(write_every_ms) => {}
-                () = guard.cancellation().cancelled() => {}
+                () = activation.cancellation().cancelled() => {}
             }
         }
         say(format!("stopped actor={actor} token={token}"));
-        // Dropping the guard releases the lease (if it is still this node's).
+        // Releases the lease if it is still this node's.
+        let _ = placement.deactivate(&actor).await;
     }
 }

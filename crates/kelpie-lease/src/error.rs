@@ -77,7 +77,7 @@ pub enum StoreError {
         /// What failed.
         reason: String,
     },
-    /// Optimistic concurrency retries ran out ([`crate::STORE_CONFLICT_RETRIES_MAX`]).
+    /// Optimistic concurrency retries ran out ([`crate::limits::STORE_CONFLICT_RETRIES_MAX`]).
     #[error("lease store contention: gave up after {attempts} conflicting attempts")]
     Contention {
         /// How many attempts were made.

@@ -539,7 +539,7 @@ mod tests {
         assert!(error.to_string().contains("garbage.db"), "{error}");
         // A lease store is a SQLite file too, but not a state store.
         let leases = dir.path().join("leases.db");
-        drop(crate::SqliteLeaseStore::open(&leases).unwrap());
+        drop(crate::backend::SqliteLeaseStore::open(&leases).unwrap());
         let error = SqliteFencedStateStore::open(&leases).err().unwrap();
         assert!(error.to_string().contains("application_id"), "{error}");
         let said = error.to_string();
@@ -551,7 +551,7 @@ mod tests {
         // And the other way round.
         let state = dir.path().join("state.db");
         drop(SqliteFencedStateStore::open(&state).unwrap());
-        let error = crate::SqliteLeaseStore::open(&state)
+        let error = crate::backend::SqliteLeaseStore::open(&state)
             .err()
             .unwrap()
             .to_string();

@@ -4,24 +4,30 @@
 //! can be claimed by anyone. Every new holder receives a [`FencingToken`](kelpie_core::FencingToken)
 //! strictly greater than its predecessors', so a resource can refuse a stale holder.
 //!
-//! - `lease`: [`Lease`], the stored [`LeaseRecord`], [`LeaseRequest`], [`LeaseConfig`].
-//! - `protocol`: [`decide`], the pure decision every store applies in its atomic step.
-//! - `store`: the [`LeaseStore`] trait the stores implement.
-//! - `memory`: [`MemoryLeaseStore`].
-//! - `sqlite`: [`SqliteLeaseStore`], durable leases in one file shared by a host's processes,
-//!   with group commit.
-//! - `etcd` (cargo feature `etcd`): `EtcdLeaseManager`, leases in an etcd cluster for deployments beyond one host:
-//!   expiry by etcd's lease TTLs, tokens from etcd revisions, one keepalive per node.
-//! - `manager`: the [`LeaseManager`] trait and [`ProtocolLeaseManager`], the protocol over a store.
-//! - `keeper`: [`LeaseKeeper`], which renews a node's leases and keeps its beliefs: a thin async
-//!   driver around [`KeeperCore`], the pure state machine (clock readings and replies in,
-//!   requests and events out) whose inputs are the TLA+ model's node actions.
-//! - `belief`: [`Belief`], the node's pure state machine of "I hold it until local time T".
-//! - `error`: [`LeaseError`], [`StoreError`], [`ConfigError`].
-//! - `placement`: [`Placement`], which activates an actor on a node only while the node's
-//!   keeper holds its lease, and says where an actor lives.
-//! - `fenced`: [`FencedStateStore`], actor state whose writes carry fencing tokens and are
-//!   refused once a higher token was seen; [`MemoryFencedStateStore`], [`SqliteFencedStateStore`].
+//! # Map
+//!
+//! - **Stores**, behind one [`LeaseManager`] trait: [`SqliteLeaseManager`] (the embedded,
+//!   durable default: one file shared by a host's processes), [`MemoryLeaseManager`] (tests,
+//!   one process) and, with the cargo feature `etcd`, `EtcdLeaseManager` (clusters).
+//! - **A node's session**: [`LeaseSession`] renews the node's leases in the background and
+//!   hands out a [`LeaseGuard`] per held lease, with its fencing token and a
+//!   [`CancellationToken`] that fires before the node's belief ends; [`SessionEvent`]s say what
+//!   happened. [`LeaseKeeper`] is the lower-level renewer it drives.
+//! - **Placement**: [`Placement`] activates an actor on at most one node at a time over a
+//!   session, fencing its state store on activation (an [`Activation`] writes with its
+//!   token), and says where an actor lives. [`KeeperPlacement`] does the same over a bare
+//!   keeper, leaving the fencing to its caller.
+//! - **Fenced state**: [`FencedStateStore`] refuses writes whose token was superseded
+//!   ([`MemoryFencedStateStore`], [`SqliteFencedStateStore`]).
+//! - **Errors**: [`LeaseError`] (refusals), [`StoreError`] (the store failed), [`ConfigError`]
+//!   (refused at construction), [`SessionError`], [`StateError`].
+//! - Modules for fewer readers: [`limits`] (every bound and default), [`backend`] (the stored
+//!   record, the pure decision every store applies, the store trait, for writing a store),
+//!   [`machine`] (the pure state machines the drivers wrap, which the simulator and the TLA+
+//!   mapping speak of) and [`coverage`] (marks for simulation sweeps).
+//!
+//! See `docs/EMBEDDING.md` for a service built on a session, and the session module's
+//! example below for the shortest one.
 //!
 //! ```
 //! use kelpie_core::{ActorId, ManualClock, NodeId};
@@ -39,6 +45,9 @@
 //! # });
 //! ```
 
+#![warn(missing_docs)]
+
+mod activation;
 mod belief;
 mod error;
 #[cfg(feature = "etcd")]
@@ -56,41 +65,77 @@ mod store;
 #[cfg(test)]
 mod test_support;
 
-pub use belief::{Belief, BeliefConfig, HeldBelief, CLOCK_DRIFT_PPM_MAX_LIMIT};
+// The crate root: what a runtime embedding leases uses.
+pub use activation::{Activation, Placed, Placement, PlacementError};
 pub use error::{ConfigError, LeaseError, StoreError};
 #[cfg(feature = "etcd")]
-pub use etcd::{
-    parse_endpoints, EtcdCredentials, EtcdLeaseManager, EtcdOptions, EtcdStats, NodeSession,
-    ETCD_ACQUIRE_ATTEMPTS_MAX, ETCD_CONNECT_TIMEOUT_MS_DEFAULT, ETCD_ENDPOINTS_ENV,
-    ETCD_ENDPOINTS_MAX, ETCD_EXPIRY_CHECK_INTERVAL_MS, ETCD_KEY_PREFIX_BYTES_MAX,
-    ETCD_KEY_PREFIX_DEFAULT, ETCD_PORT_DEFAULT, ETCD_REQUEST_TIMEOUT_MS_DEFAULT,
-    ETCD_SCAN_PAGE_KEYS, ETCD_TIMEOUT_MS_MAX, ETCD_TIMEOUT_MS_MIN, ETCD_WATCH_FAILURES_MAX,
-};
+pub use etcd::{EtcdCredentials, EtcdLeaseManager, EtcdOptions};
 pub use fenced::{
     FencedState, FencedStateStore, MemoryFencedStateStore, SqliteFencedStateStore, StateError,
-    STATE_SQLITE_APPLICATION_ID, STATE_SQLITE_BUSY_TIMEOUT_MS_DEFAULT,
-    STATE_SQLITE_BUSY_TIMEOUT_MS_MAX, STATE_SQLITE_SCHEMA_VERSION, STATE_VALUE_BYTES_MAX,
 };
-pub use keeper::{
-    AcquireTicket, KeeperConfig, KeeperCore, KeeperEvent, KeeperParts, KeeperRequest, KeeperTiming,
-    LeaseKeeper, LostReason, CLOCK_DRIFT_PPM_MAX_DEFAULT, COVERAGE_MARKS, HOLDER_SUFFIX_BYTES_MAX,
-    MARK_BELIEF_ENDED, MARK_COMMIT_UNKNOWN_RESOLVED, MARK_GRANT_OVERTAKEN_BY_RELEASE,
-    MARK_RENEWAL_ABANDONED, MARK_RENEWAL_FAILED, MARK_RENEWAL_REFUSED, RELEASE_ATTEMPTS_MAX,
-};
-pub use lease::{Lease, LeaseConfig, LeaseOp, LeaseRecord, LeaseRequest};
-pub use manager::{LeaseManager, MemoryLeaseManager, ProtocolLeaseManager};
-pub use memory::MemoryLeaseStore;
-pub use placement::{Location, Placement};
-pub use protocol::{assert_record_well_formed, decide, DecideFn, Decision};
+pub use keeper::{KeeperConfig, KeeperEvent, LeaseKeeper, LostReason};
+pub use lease::{Lease, LeaseConfig};
+pub use manager::{LeaseManager, MemoryLeaseManager};
+pub use placement::{KeeperPlacement, Location};
 pub use session::{
     EventsError, LeaseGuard, LeaseSession, SessionConfig, SessionDriver, SessionError,
-    SessionEvent, SessionEvents, SessionTiming, ShutdownReport, SESSION_EVENTS_CAPACITY_DEFAULT,
-    SESSION_EVENTS_CAPACITY_MAX,
+    SessionEvent, SessionEvents, SessionTiming, ShutdownReport,
 };
-pub use sqlite::{
-    SqliteLeaseManager, SqliteLeaseStore, SqliteOptions, SqliteStats, GROUP_COMMIT_BATCH_MAX,
-    SQLITE_APPLICATION_ID, SQLITE_BUSY_TIMEOUT_MS_DEFAULT, SQLITE_BUSY_TIMEOUT_MS_MAX,
-    SQLITE_FILE_MODE, SQLITE_SCHEMA_VERSION,
-};
-pub use store::{LeaseStore, RecordSnapshot, StoreSnapshot, STORE_CONFLICT_RETRIES_MAX};
+pub use sqlite::{SqliteLeaseManager, SqliteOptions};
 pub use tokio_util::sync::CancellationToken;
+
+/// Every bound and default, by the module that enforces it.
+pub mod limits {
+    pub use crate::belief::CLOCK_DRIFT_PPM_MAX_LIMIT;
+    #[cfg(feature = "etcd")]
+    pub use crate::etcd::{
+        ETCD_ACQUIRE_ATTEMPTS_MAX, ETCD_CONNECT_TIMEOUT_MS_DEFAULT, ETCD_ENDPOINTS_ENV,
+        ETCD_ENDPOINTS_MAX, ETCD_EXPIRY_CHECK_INTERVAL_MS, ETCD_KEY_PREFIX_BYTES_MAX,
+        ETCD_KEY_PREFIX_DEFAULT, ETCD_PORT_DEFAULT, ETCD_REQUEST_TIMEOUT_MS_DEFAULT,
+        ETCD_SCAN_PAGE_KEYS, ETCD_TIMEOUT_MS_MAX, ETCD_TIMEOUT_MS_MIN, ETCD_WATCH_FAILURES_MAX,
+    };
+    pub use crate::fenced::{
+        STATE_SQLITE_APPLICATION_ID, STATE_SQLITE_BUSY_TIMEOUT_MS_DEFAULT,
+        STATE_SQLITE_BUSY_TIMEOUT_MS_MAX, STATE_SQLITE_SCHEMA_VERSION, STATE_VALUE_BYTES_MAX,
+    };
+    pub use crate::keeper::{
+        CLOCK_DRIFT_PPM_MAX_DEFAULT, HOLDER_SUFFIX_BYTES_MAX, RELEASE_ATTEMPTS_MAX,
+    };
+    pub use crate::session::{SESSION_EVENTS_CAPACITY_DEFAULT, SESSION_EVENTS_CAPACITY_MAX};
+    pub use crate::sqlite::{
+        GROUP_COMMIT_BATCH_MAX, SQLITE_APPLICATION_ID, SQLITE_BUSY_TIMEOUT_MS_DEFAULT,
+        SQLITE_BUSY_TIMEOUT_MS_MAX, SQLITE_FILE_MODE, SQLITE_SCHEMA_VERSION,
+    };
+    pub use crate::store::STORE_CONFLICT_RETRIES_MAX;
+}
+
+/// For implementing or driving a store directly: the stored record, the request, the pure
+/// decision every store applies in its atomic step, the store trait and the stores.
+pub mod backend {
+    #[cfg(feature = "etcd")]
+    pub use crate::etcd::{parse_endpoints, EtcdStats, NodeSession};
+    pub use crate::lease::{LeaseOp, LeaseRecord, LeaseRequest};
+    pub use crate::manager::ProtocolLeaseManager;
+    pub use crate::memory::MemoryLeaseStore;
+    pub use crate::protocol::{assert_record_well_formed, decide, DecideFn, Decision};
+    pub use crate::sqlite::{SqliteLeaseStore, SqliteStats};
+    pub use crate::store::{LeaseStore, RecordSnapshot, StoreSnapshot};
+}
+
+/// The pure state machines the drivers wrap, and that the simulator and the TLA+ model's
+/// mapping speak of: the keeper's ([`machine::KeeperCore`]) and one belief's
+/// ([`machine::Belief`]).
+pub mod machine {
+    pub use crate::belief::{Belief, BeliefConfig, HeldBelief};
+    pub use crate::keeper::{AcquireTicket, KeeperCore, KeeperParts, KeeperRequest, KeeperTiming};
+}
+
+/// Coverage marks the keeper hits on its rare paths, for simulation sweeps that assert each
+/// was reached (see `kelpie_core::coverage`).
+pub mod coverage {
+    pub use crate::keeper::{
+        COVERAGE_MARKS, MARK_BELIEF_ENDED, MARK_COMMIT_UNKNOWN_RESOLVED,
+        MARK_GRANT_OVERTAKEN_BY_RELEASE, MARK_RENEWAL_ABANDONED, MARK_RENEWAL_FAILED,
+        MARK_RENEWAL_REFUSED,
+    };
+}

@@ -87,6 +87,20 @@ pub trait LeaseManager: Send + Sync {
         &self,
         node_id: &NodeId,
     ) -> impl Future<Output = Result<Vec<Lease>, LeaseError>> + Send;
+
+    /// Waits, where the store can tell without polling (a watch), until nobody holds the
+    /// lease on `actor_id`, for at most `max_wait_ms`: `Ok(Some(true))` once it is free (at
+    /// once if it is), `Ok(Some(false))` if it was still held when the time ran out. Stores
+    /// that cannot watch answer `Ok(None)` at once (the default), and the caller polls.
+    /// [`LeaseSession::campaign`](crate::LeaseSession::campaign) uses it between attempts.
+    fn watch_until_free(
+        &self,
+        actor_id: &ActorId,
+        max_wait_ms: u64,
+    ) -> impl Future<Output = Result<Option<bool>, LeaseError>> + Send {
+        let _ = (actor_id, max_wait_ms);
+        async { Ok(None) }
+    }
 }
 
 fn check_token(

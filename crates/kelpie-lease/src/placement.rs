@@ -1,9 +1,9 @@
-//! Placement: each virtual actor is active on at most one node, and only while that node
-//! holds its lease.
+//! Placement over a bare keeper: each virtual actor is active on at most one node, and only
+//! while that node holds its lease.
 //!
-//! A [`Placement`] activates an actor only after its node's [`LeaseKeeper`] acquired the
+//! A [`KeeperPlacement`] activates an actor only after its node's [`LeaseKeeper`] acquired the
 //! actor's lease, keeps it active exactly while the keeper believes it still holds the lease
-//! ([`Placement::active_token`] is the keeper's belief, read at the moment of asking), and
+//! ([`KeeperPlacement::active_token`] is the keeper's belief, read at the moment of asking), and
 //! forgets it when the keeper reports the lease lost. Safety argument: the keeper's belief is
 //! measured from the moment the acquire or renewal was *sent* and shortened by the drift bound
 //! and a margin, so it ends before the store's expiry; the store grants the lease to another
@@ -22,7 +22,7 @@ use crate::keeper::{KeeperEvent, LeaseKeeper};
 use crate::lease::Lease;
 use crate::manager::LeaseManager;
 
-/// Where an actor lives, as [`Placement::activate_or_locate`] found it.
+/// Where an actor lives, as [`KeeperPlacement::activate_or_locate`] found it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Location {
@@ -43,7 +43,7 @@ pub enum Location {
 /// Activates actors on one node under their leases. Share it with `Arc`; the keeper's
 /// [`run`](LeaseKeeper::run) must be driven elsewhere (it renews the leases), and the keeper's
 /// events should be passed to [`on_keeper_event`](Self::on_keeper_event).
-pub struct Placement<M> {
+pub struct KeeperPlacement<M> {
     keeper: Arc<LeaseKeeper<M>>,
     /// Actors activated here, with the token they were activated under. An entry whose token
     /// the keeper no longer believes in is stale and is dropped when seen.
@@ -53,7 +53,7 @@ pub struct Placement<M> {
     activation_outlives_lease: bool,
 }
 
-impl<M: LeaseManager> Placement<M> {
+impl<M: LeaseManager> KeeperPlacement<M> {
     /// Deliberately wrong: an actor stays active after the keeper's belief in its lease
     /// ended, as a runtime that checked the lease only on activation would. Only for showing
     /// that the simulator's single-activation check catches it.
@@ -226,7 +226,7 @@ mod tests {
     const LEASE_MS: u64 = 900;
 
     struct Node {
-        placement: Placement<MemoryLeaseManager>,
+        placement: KeeperPlacement<MemoryLeaseManager>,
     }
 
     fn cluster(names: &[&str]) -> (ManualClock, Arc<MemoryLeaseManager>, Vec<Node>) {
@@ -245,7 +245,7 @@ mod tests {
                 let (keeper, _events) =
                     LeaseKeeper::new(Arc::clone(&manager), shared, node_id, config).unwrap();
                 Node {
-                    placement: Placement::new(keeper),
+                    placement: KeeperPlacement::new(keeper),
                 }
             })
             .collect();

@@ -19,15 +19,14 @@
 //! ```
 //! use std::sync::Arc;
 //! use kelpie_core::{ActorId, NodeId};
-//! use kelpie_lease::{LeaseConfig, LeaseSession, SessionConfig};
-//! use kelpie_lease::{SqliteLeaseManager, SqliteLeaseStore};
+//! use kelpie_lease::{LeaseConfig, LeaseSession, SessionConfig, SqliteLeaseManager};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # let dir = tempfile::tempdir()?;
 //! # let path = dir.path().join("leases.db");
-//! let store = SqliteLeaseStore::open(&path)?; // the host's wall clock times the leases
-//! let manager = Arc::new(SqliteLeaseManager::new(store, LeaseConfig::new(2_000)?));
+//! // The host's wall clock times the leases in the file.
+//! let manager = Arc::new(SqliteLeaseManager::open(&path, LeaseConfig::new(2_000)?)?);
 //! let node = NodeId::new("node-a")?;
 //! let session = LeaseSession::start(manager, node, SessionConfig::default())?;
 //!
@@ -542,10 +541,13 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
     }
 
     /// Waits until the lease on `actor_id` is held here: tries, and while another node holds
-    /// it (or the store fails) waits a jittered share of
-    /// [`campaign_poll_ms_max`](SessionTiming::campaign_poll_ms_max) and tries again. Reports
-    /// each new holder it meets as [`SessionEvent::HolderChanged`]. Cancel it by dropping the
-    /// future; it ends with [`SessionError::ShuttingDown`] when the session shuts down.
+    /// it, waits for the store to see it freed where the store can watch (etcd:
+    /// [`LeaseManager::watch_until_free`], at most one lease duration per wait) and tries
+    /// again at once; elsewhere (SQLite, memory), or after a store failure, it waits a
+    /// jittered share of [`campaign_poll_ms_max`](SessionTiming::campaign_poll_ms_max).
+    /// Reports each new holder it meets as [`SessionEvent::HolderChanged`]. Cancel it by
+    /// dropping the future; it ends with [`SessionError::ShuttingDown`] when the session shuts
+    /// down.
     ///
     /// # Errors
     /// A refusal other than "held by another node" (which it waits out), and as
@@ -563,6 +565,9 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
                         });
                         seen_holder = Some(holder);
                     }
+                    if self.watched_until_free(actor_id).await? {
+                        continue;
+                    }
                 }
                 Err(SessionError::Lease(LeaseError::Store(_) | LeaseError::Expired { .. })) => {}
                 Err(other) => return Err(other),
@@ -575,6 +580,19 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
             }
         }
         unreachable!("the attempts run until one succeeds or fails")
+    }
+
+    /// Waits for the store to see the lease freed, where it can watch: true if it waited (try
+    /// again at once), false if the store cannot watch or the watch failed (poll instead).
+    async fn watched_until_free(&self, actor_id: &ActorId) -> Result<bool, SessionError> {
+        let manager = self.keeper.manager();
+        let watch = manager.watch_until_free(actor_id, manager.lease_duration_ms());
+        let closing = self.shared.closing.cancelled();
+        match select(std::pin::pin!(watch), std::pin::pin!(closing)).await {
+            Either::Left((Ok(Some(_)), _)) => Ok(true),
+            Either::Left((Ok(None) | Err(_), _)) => Ok(false),
+            Either::Right(_) => Err(SessionError::ShuttingDown),
+        }
     }
 
     /// Half to all of the longest poll, drawn from (holder, actor, attempt): contenders spread
@@ -773,7 +791,7 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
 mod tests {
     use super::*;
     use crate::test_support::FlakyStore;
-    use crate::{LeaseConfig, ProtocolLeaseManager};
+    use crate::{backend::ProtocolLeaseManager, LeaseConfig};
 
     type Manager = ProtocolLeaseManager<FlakyStore>;
 

@@ -2,7 +2,7 @@
 //!
 //! A [`LeaseStore`] keeps one [`LeaseRecord`] per actor and applies a request to it in one
 //! linearizable step: read the record and the store's clock, call the protocol's pure
-//! [`decide`](crate::decide), and write its result only if the record is still the one that was read
+//! [`decide`](crate::backend::decide), and write its result only if the record is still the one that was read
 //! (versioned compare-and-swap, or a lock or transaction that makes it so). Stores stay thin:
 //! they never decide anything themselves, and each store calls the decision function itself:
 //! a caller cannot hand it another protocol.
@@ -40,7 +40,7 @@ pub struct StoreSnapshot {
 /// Durable (or simulated) storage of lease records with an atomic decide-and-write step.
 pub trait LeaseStore: Send + Sync {
     /// Applies `request` to the actor's record in one linearizable step: reads the record and
-    /// the store clock, calls [`decide`](crate::decide), writes `Decision::write` if present,
+    /// the store clock, calls [`decide`](crate::backend::decide), writes `Decision::write` if present,
     /// and returns the
     /// decision. An `Err` means the store failed; [`StoreError::CommitUnknown`] means the
     /// write may have been applied.

@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kelpie_core::{ActorId, Clock, FencingToken, ManualClock, NodeId};
-#[cfg(feature = "etcd")]
-use kelpie_lease::{EtcdLeaseManager, EtcdOptions, ETCD_EXPIRY_CHECK_INTERVAL_MS};
 use kelpie_lease::{
-    LeaseConfig, LeaseError, LeaseManager, MemoryLeaseManager, SqliteLeaseManager,
-    SqliteLeaseStore, SqliteOptions,
+    backend::SqliteLeaseStore, LeaseConfig, LeaseError, LeaseManager, MemoryLeaseManager,
+    SqliteLeaseManager, SqliteOptions,
 };
+#[cfg(feature = "etcd")]
+use kelpie_lease::{limits::ETCD_EXPIRY_CHECK_INTERVAL_MS, EtcdLeaseManager, EtcdOptions};
 
 /// Lease duration every backend is configured with.
 const LEASE_DURATION_MS: u64 = 1_000;

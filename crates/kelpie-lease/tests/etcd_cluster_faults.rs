@@ -37,8 +37,8 @@ use std::time::Duration;
 use etcd_support::{etcd_binary, free_port, sleep_ms, EtcdMember, Stopwatch};
 use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock, TokioClock};
 use kelpie_lease::{
-    EtcdLeaseManager, EtcdOptions, Lease, LeaseConfig, LeaseError, LeaseManager,
-    ETCD_EXPIRY_CHECK_INTERVAL_MS,
+    limits::ETCD_EXPIRY_CHECK_INTERVAL_MS, EtcdLeaseManager, EtcdOptions, Lease, LeaseConfig,
+    LeaseError, LeaseManager,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

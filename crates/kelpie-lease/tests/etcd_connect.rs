@@ -52,7 +52,8 @@ async fn bad_options_are_invalid_option_errors() {
 
 #[test]
 fn a_malformed_endpoint_list_is_an_invalid_option() {
-    let error = kelpie_lease::parse_endpoints("127.0.0.1:2379,,127.0.0.1:2380").unwrap_err();
+    let error =
+        kelpie_lease::backend::parse_endpoints("127.0.0.1:2379,,127.0.0.1:2380").unwrap_err();
     assert!(
         matches!(error, StoreError::InvalidOption { .. }),
         "{error:?}"

@@ -8,8 +8,8 @@ mod etcd_support;
 use etcd_support::{shared_etcd, sleep_ms, Stopwatch};
 use kelpie_core::{ActorId, FencingToken, NodeId};
 use kelpie_lease::{
-    EtcdLeaseManager, EtcdOptions, LeaseConfig, LeaseError, LeaseManager, StoreError,
-    ETCD_EXPIRY_CHECK_INTERVAL_MS,
+    limits::ETCD_EXPIRY_CHECK_INTERVAL_MS, EtcdLeaseManager, EtcdOptions, LeaseConfig, LeaseError,
+    LeaseManager, LeaseSession, SessionConfig, StoreError,
 };
 
 /// The lease duration: etcd's minimum TTL under its default election settings.
@@ -324,4 +324,48 @@ async fn keys_are_the_prefix_plus_the_actor_and_foreign_keys_are_refused() {
         "{error:?}"
     );
     raw.delete(foreign.as_str(), None).await.unwrap();
+}
+
+/// Campaigns wait by watch on etcd: with a poll so long (half a minute at least) that only a
+/// watch can explain it, a campaigning session holds the actor within moments of the holder's
+/// release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_takes_over_by_watch_within_moments_of_a_release() {
+    let Some(options) = shared_etcd("campaign_by_watch") else {
+        return;
+    };
+    /// Longest handover a watch allows; a poll would wait at least half of the minute.
+    const HANDOVER_MS_MAX: u64 = 1_000;
+    let config = SessionConfig::default().with_campaign_poll_ms_max(60_000);
+    let start = |name: &str, manager: EtcdLeaseManager| {
+        LeaseSession::start(std::sync::Arc::new(manager), node(name), config).unwrap()
+    };
+    let a = start("a", manager(&options).await);
+    let b = start("b", manager(&options).await);
+    let wanted = actor("watched");
+    let held = a.acquire(&wanted).await.unwrap();
+    let waiting = {
+        let (b, wanted) = (b.clone(), wanted.clone());
+        tokio::spawn(async move {
+            let guard = b.campaign(&wanted).await;
+            (guard, Stopwatch::start())
+        })
+    };
+    // b has met the holder and is waiting by then.
+    sleep_ms(300).await;
+    assert!(!waiting.is_finished(), "b cannot hold it while a does");
+    let released = Stopwatch::start();
+    a.release(held).await.unwrap();
+    let (guard, _) = waiting.await.unwrap();
+    let handover_ms = released.elapsed_ms();
+    let guard = guard.unwrap();
+    println!("campaign by watch: held {handover_ms} ms after the release");
+    assert!(
+        handover_ms < HANDOVER_MS_MAX,
+        "handover took {handover_ms} ms: the campaign polled instead of watching"
+    );
+    assert_eq!(guard.actor_id(), &wanted);
+    drop(guard);
+    b.shutdown().await;
+    a.shutdown().await;
 }

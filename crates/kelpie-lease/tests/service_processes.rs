@@ -24,14 +24,43 @@ const LEASE_MS: u64 = 1_000;
 /// Longest a test waits for a line it expects.
 const WAIT_MS_MAX: u64 = 15_000;
 
-/// The example binary, built by `cargo test` beside this test (target/<profile>/examples).
+/// The example binary (target/<profile>/examples), rebuilt once per test run: `cargo test`
+/// builds examples, but `cargo test --test service_processes` alone does not, and would run
+/// a stale one.
 fn service_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test knows its path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("tests run from target/<profile>/deps");
-    profile_dir.join("examples").join("service")
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("the test knows its path");
+            let profile_dir = exe
+                .parent()
+                .and_then(Path::parent)
+                .expect("tests run from target/<profile>/deps");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut build = Command::new(cargo);
+            build.args([
+                "build",
+                "--quiet",
+                "-p",
+                "kelpie-lease",
+                "--example",
+                "service",
+            ]);
+            // The same features as this test, so that the etcd variant can run.
+            if cfg!(feature = "etcd") {
+                build.args(["--features", "etcd"]);
+            }
+            if profile_dir
+                .file_name()
+                .is_some_and(|name| name == "release")
+            {
+                build.arg("--release");
+            }
+            let status = build.status().expect("cargo runs");
+            assert!(status.success(), "building the service example failed");
+            profile_dir.join("examples").join("service")
+        })
+        .clone()
 }
 
 /// One event line of a service: its words as `key=value` pairs, and the first word.
@@ -64,6 +93,35 @@ impl Line {
     }
 }
 
+/// Where the services keep their leases; the state is always a SQLite file in the test's
+/// directory.
+#[derive(Clone)]
+enum Store {
+    /// `leases.db` in the test's directory.
+    Sqlite,
+    /// The etcd at these endpoints (`etcd://` URL without the scheme).
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    Etcd(String),
+}
+
+impl Store {
+    fn argument(&self, dir: &Path) -> std::ffi::OsString {
+        match self {
+            Store::Sqlite => dir.join("leases.db").into_os_string(),
+            Store::Etcd(endpoints) => format!("etcd://{endpoints}").into(),
+        }
+    }
+
+    /// The lease duration the services use: etcd's TTLs count in whole seconds, at least two
+    /// under its default election settings.
+    fn lease_ms(&self) -> u64 {
+        match self {
+            Store::Sqlite => LEASE_MS,
+            Store::Etcd(_) => 2 * LEASE_MS,
+        }
+    }
+}
+
 /// A running service and the lines it printed so far.
 struct Service {
     name: &'static str,
@@ -74,13 +132,24 @@ struct Service {
 
 impl Service {
     fn start(name: &'static str, node: &str, dir: &Path, actors: &str, extra: &[&str]) -> Service {
+        Self::start_on(&Store::Sqlite, name, node, dir, actors, extra)
+    }
+
+    fn start_on(
+        store: &Store,
+        name: &'static str,
+        node: &str,
+        dir: &Path,
+        actors: &str,
+        extra: &[&str],
+    ) -> Service {
         let mut child = Command::new(service_binary())
             .args(["--node", node, "--actors", actors])
             .arg("--store")
-            .arg(dir.join("leases.db"))
+            .arg(store.argument(dir))
             .arg("--state")
             .arg(dir.join("state.db"))
-            .args(["--lease-ms", &LEASE_MS.to_string()])
+            .args(["--lease-ms", &store.lease_ms().to_string()])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -188,10 +257,32 @@ fn intervals(services: &[&Service]) -> BTreeMap<String, Vec<(u64, &'static str, 
 
 #[test]
 fn two_services_share_three_actors_and_sigterm_hands_them_over() {
+    two_services_share_three_actors(&Store::Sqlite, "a1,a2,a3");
+}
+
+/// The same on etcd, where the takeover waits by watch. Skipped with a notice without
+/// `KELPIE_ETCD_ENDPOINTS` (a failure under `CI=true`).
+#[cfg(feature = "etcd")]
+#[test]
+fn two_services_on_etcd_share_three_actors_and_sigterm_hands_them_over() {
+    let Ok(endpoints) = std::env::var("KELPIE_ETCD_ENDPOINTS") else {
+        kelpie_core::testing::missing_requirement(
+            "two_services_on_etcd_share_three_actors_and_sigterm_hands_them_over",
+            "KELPIE_ETCD_ENDPOINTS not set",
+            "run it under scripts/with-etcd",
+        );
+        return;
+    };
+    // Actor names of this run only: the shared etcd keeps other runs' keys.
+    let run = std::process::id();
+    let actors = format!("svc-{run}-1,svc-{run}-2,svc-{run}-3");
+    two_services_share_three_actors(&Store::Etcd(endpoints), &actors);
+}
+
+fn two_services_share_three_actors(store: &Store, actors: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let actors = "a1,a2,a3";
-    let mut first = Service::start("first", "node-a", dir.path(), actors, &[]);
-    let mut second = Service::start("second", "node-b", dir.path(), actors, &[]);
+    let mut first = Service::start_on(store, "first", "node-a", dir.path(), actors, &[]);
+    let mut second = Service::start_on(store, "second", "node-b", dir.path(), actors, &[]);
     first.wait_for("ready", |l| l.event == "ready");
     second.wait_for("ready", |l| l.event == "ready");
     // Both campaign for all three; whoever got each, every actor gets a holder.

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use kelpie_core::limits::LEASE_DURATION_MS_MIN;
 use kelpie_core::{ActorId, NodeId};
-use kelpie_lease::{LeaseConfig, LeaseManager, LeaseStore, SqliteLeaseManager};
-use kelpie_lease::{LeaseRecord, SqliteLeaseStore};
+use kelpie_lease::{backend::LeaseRecord, backend::SqliteLeaseStore};
+use kelpie_lease::{backend::LeaseStore, LeaseConfig, LeaseManager, SqliteLeaseManager};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

@@ -15,7 +15,10 @@ use std::time::Duration;
 
 use kelpie_core::limits::LEASE_DURATION_MS_MIN;
 use kelpie_core::{ActorId, Clock, NodeId, TokioClock};
-use kelpie_lease::{LeaseOp, LeaseRecord, LeaseRequest, LeaseStore, SqliteLeaseStore};
+use kelpie_lease::{
+    backend::LeaseOp, backend::LeaseRecord, backend::LeaseRequest, backend::LeaseStore,
+    backend::SqliteLeaseStore,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

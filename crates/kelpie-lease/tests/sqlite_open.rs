@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use kelpie_core::{ActorId, NodeId};
 use kelpie_lease::{
-    LeaseConfig, LeaseManager, SqliteLeaseManager, SqliteLeaseStore, StoreError,
-    SQLITE_APPLICATION_ID, SQLITE_FILE_MODE, SQLITE_SCHEMA_VERSION,
+    backend::SqliteLeaseStore, limits::SQLITE_APPLICATION_ID, limits::SQLITE_FILE_MODE,
+    limits::SQLITE_SCHEMA_VERSION, LeaseConfig, LeaseManager, SqliteLeaseManager, StoreError,
 };
 use rusqlite::Connection;
 

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use kelpie_core::{ActorId, FencingToken, ManualClock, NodeId};
 use kelpie_lease::{
-    LeaseConfig, LeaseError, LeaseManager, LeaseOp, LeaseRequest, LeaseStore, SqliteLeaseManager,
-    SqliteLeaseStore, SqliteOptions, StoreError,
+    backend::LeaseOp, backend::LeaseRequest, backend::LeaseStore, backend::SqliteLeaseStore,
+    LeaseConfig, LeaseError, LeaseManager, SqliteLeaseManager, SqliteOptions, StoreError,
 };
 use rusqlite::Connection;
 

@@ -41,6 +41,8 @@
 //! assert_eq!(report.seed, 42);
 //! ```
 
+#![warn(missing_docs)]
+
 mod clock;
 mod config;
 mod env;

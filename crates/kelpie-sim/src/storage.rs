@@ -285,9 +285,8 @@ impl<V: Clone + 'static> SimStorage<V> {
         self.inner.operations.get()
     }
 
-    /// The longest an operation can take from its call to its effect at the store: half the
-    /// configured latency plus the largest spike (the request half of [`Self::execute`]'s
-    /// latency).
+    /// The longest an operation can take from its call to its effect at the store: the
+    /// request half of the longest latency, spike included.
     pub fn request_latency_ms_max(&self) -> u64 {
         self.inner.request_latency_ms_max()
     }

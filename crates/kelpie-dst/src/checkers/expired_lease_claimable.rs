@@ -1,6 +1,6 @@
 //! ExpiredLeaseClaimable: an expired or free lease never blocks an acquire.
 
-use kelpie_lease::LeaseOp;
+use kelpie_lease::backend::LeaseOp;
 
 use super::{Invariant, LeaseWorld};
 

@@ -19,7 +19,9 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet};
 
 use kelpie_core::{ActorId, NodeId};
-use kelpie_lease::{Decision, HeldBelief, LeaseRecord, LeaseRequest};
+use kelpie_lease::{
+    backend::Decision, backend::LeaseRecord, backend::LeaseRequest, machine::HeldBelief,
+};
 
 pub use belief_consistency::BeliefConsistency;
 pub use expired_lease_claimable::ExpiredLeaseClaimable;

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use kelpie_core::ActorId;
-use kelpie_lease::{LeaseOp, LeaseRecord};
+use kelpie_lease::{backend::LeaseOp, backend::LeaseRecord};
 
 use super::{Invariant, LeaseWorld};
 

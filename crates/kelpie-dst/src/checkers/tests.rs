@@ -5,7 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use kelpie_core::{ActorId, FencingToken, NodeId};
-use kelpie_lease::{decide, Decision, HeldBelief, LeaseError, LeaseOp, LeaseRecord, LeaseRequest};
+use kelpie_lease::{
+    backend::decide, backend::Decision, backend::LeaseOp, backend::LeaseRecord,
+    backend::LeaseRequest, machine::HeldBelief, LeaseError,
+};
 
 use super::{
     BeliefConsistency, BeliefView, DecisionRecord, ExpiredLeaseClaimable, FencingTokenMonotonic,

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use kelpie_core::{ActorId, NodeId};
-use kelpie_lease::{LeaseError, LeaseRecord, LeaseRequest};
+use kelpie_lease::{backend::LeaseRecord, backend::LeaseRequest, LeaseError};
 
 use super::model::{Holding, Node, Record, Req, Seen};
 use super::zone::ms;

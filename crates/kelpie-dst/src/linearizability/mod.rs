@@ -1,7 +1,7 @@
 //! A Wing–Gong linearizability checker for lease histories, with real time.
 //!
 //! The sequential model is the lease store itself: one record per actor and the store's clock,
-//! with [`decide`](kelpie_lease::decide) as the transition. A history is linearizable if its
+//! with [`decide`](kelpie_lease::backend::decide) as the transition. A history is linearizable if its
 //! effects can be put in one order, each at one store instant, instants never going back along
 //! the order, such that:
 //! - every answered operation takes effect exactly once, within its interval (from invocation
@@ -222,7 +222,7 @@ impl fmt::Display for OffendingWindow {
 /// the network could have delivered a request twice, and how late a request may take effect
 /// (a bare [`Duplicates`] bounds nothing).
 ///
-/// The model's own calls to [`decide`](kelpie_lease::decide) would count as coverage marks of
+/// The model's own calls to [`decide`](kelpie_lease::backend::decide) would count as coverage marks of
 /// the store; the marks are put back as they were, so a sweep's coverage still says what the
 /// store did.
 pub fn check_history(

@@ -1,5 +1,5 @@
 //! The lease store's sequential model with symbolic instants: [`branches`] is
-//! [`kelpie_lease::decide`] for an instant known only as a zone slot ([`N`]), split into the
+//! [`kelpie_lease::backend::decide`] for an instant known only as a zone slot ([`N`]), split into the
 //! cases `decide` distinguishes by comparing instants. Each case carries the difference
 //! constraints under which `decide` takes it, its reply and its write, with times as slot
 //! expressions. The discrete parts (holder, token, renewal count) stay concrete: every effect
@@ -11,7 +11,7 @@
 //! a silent acceptance.
 
 use kelpie_core::{ActorId, NodeId};
-use kelpie_lease::{Lease, LeaseError, LeaseOp, LeaseRequest};
+use kelpie_lease::{backend::LeaseOp, backend::LeaseRequest, Lease, LeaseError};
 
 use super::zone::{Slot, A, E, N};
 
@@ -399,7 +399,7 @@ mod tests {
     use super::super::zone::{Zone, T, Z};
     use super::*;
     use kelpie_core::FencingToken;
-    use kelpie_lease::{decide, LeaseRecord};
+    use kelpie_lease::{backend::decide, backend::LeaseRecord};
 
     /// For every small record, request and instant: exactly one case of the model holds when
     /// its instants are fixed, and it gives `decide`'s reply and write.
@@ -461,7 +461,7 @@ mod tests {
         record: Option<&LeaseRecord>,
         req: &Req,
         now_ms: u64,
-        expected: &kelpie_lease::Decision,
+        expected: &kelpie_lease::backend::Decision,
     ) {
         let intern = |node: &NodeId| nodes.iter().position(|n| n == node).unwrap() as Node;
         let discrete = record.map_or(Record::default(), |r| Record {

@@ -2,7 +2,7 @@
 //! the latest quiescent grant it can start from and still fail.
 
 use kelpie_core::ActorId;
-use kelpie_lease::{Lease, LeaseOp, LeaseRecord};
+use kelpie_lease::{backend::LeaseOp, backend::LeaseRecord, Lease};
 
 use super::actor::{ActorHistory, Start};
 use super::search::check_actor;

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use kelpie_lease::{decide, LeaseOp, LeaseRecord};
+use kelpie_lease::{backend::decide, backend::LeaseOp, backend::LeaseRecord};
 
 use super::actor::{ActorHistory, Definite};
 use super::model::{branches, can_write_again, Record, Req, Seen, Write};

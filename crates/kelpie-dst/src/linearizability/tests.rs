@@ -3,7 +3,10 @@
 
 use super::*;
 use kelpie_core::{FencingToken, NodeId};
-use kelpie_lease::{decide, Lease, LeaseError, LeaseOp, LeaseRecord, LeaseRequest, StoreError};
+use kelpie_lease::{
+    backend::decide, backend::LeaseOp, backend::LeaseRecord, backend::LeaseRequest, Lease,
+    LeaseError, StoreError,
+};
 use kelpie_sim::DeterministicRng;
 
 use crate::history::OpOutcome;

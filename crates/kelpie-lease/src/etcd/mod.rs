@@ -1,7 +1,7 @@
 //! The etcd backend: leases for a deployment that outgrew one host, in the store Kubernetes
 //! trusts for exactly this.
 //!
-//! Unlike the in-process stores, this backend does not run [`decide`](crate::decide) on a
+//! Unlike the in-process stores, this backend does not run [`decide`](crate::backend::decide) on a
 //! clock of its own: etcd decides expiry with its lease TTLs, counted on the etcd leader's
 //! clock, and no client clock is ever compared with another. [`EtcdLeaseManager`] therefore
 //! implements [`LeaseManager`] directly, with the semantics the conformance suite holds every
@@ -264,6 +264,15 @@ impl EtcdLeaseManager {
 impl LeaseManager for EtcdLeaseManager {
     fn lease_duration_ms(&self) -> u64 {
         self.lease_duration_ms
+    }
+
+    async fn watch_until_free(
+        &self,
+        actor_id: &ActorId,
+        max_wait_ms: u64,
+    ) -> Result<Option<bool>, LeaseError> {
+        let freed = self.wait_until_free(actor_id, max_wait_ms).await;
+        freed.map(Some).map_err(LeaseError::Store)
     }
 
     async fn acquire(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<Lease, LeaseError> {

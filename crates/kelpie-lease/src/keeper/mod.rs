@@ -549,7 +549,7 @@ impl<M: LeaseManager> LeaseKeeper<M> {
 mod tests {
     use super::*;
     use crate::test_support::FlakyStore;
-    use crate::{LeaseConfig, ProtocolLeaseManager};
+    use crate::{backend::ProtocolLeaseManager, LeaseConfig};
     use kelpie_core::{Clock, ManualClock};
 
     type Manager = ProtocolLeaseManager<FlakyStore>;

@@ -14,6 +14,7 @@
 
 mod open;
 
+use crate::lease::LeaseConfig;
 pub(crate) use open::{corrupt, open_file, FileKind};
 mod rows;
 mod writer;
@@ -136,20 +137,46 @@ pub struct SqliteStats {
 /// The lease protocol over a SQLite file.
 pub type SqliteLeaseManager = ProtocolLeaseManager<SqliteLeaseStore>;
 
+impl ProtocolLeaseManager<SqliteLeaseStore> {
+    /// Opens (creating if missing) the lease file at `path`, timed by the host's wall clock,
+    /// and manages leases of `config`'s duration in it.
+    ///
+    /// # Errors
+    /// As [`SqliteLeaseStore::open`].
+    pub fn open(path: impl AsRef<Path>, config: LeaseConfig) -> Result<Self, StoreError> {
+        Ok(Self::new(SqliteLeaseStore::open(path)?, config))
+    }
+
+    /// Opens the lease file at `path` with `options`.
+    ///
+    /// # Errors
+    /// As [`SqliteLeaseStore::open_with`].
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        options: SqliteOptions,
+        config: LeaseConfig,
+    ) -> Result<Self, StoreError> {
+        Ok(Self::new(
+            SqliteLeaseStore::open_with(path, options)?,
+            config,
+        ))
+    }
+}
+
 /// Lease records in a SQLite file. See the module documentation for the guarantees.
 ///
 /// ```
 /// use kelpie_core::{ActorId, NodeId};
-/// use kelpie_lease::{LeaseConfig, LeaseManager, SqliteLeaseManager, SqliteLeaseStore};
+/// use kelpie_lease::{LeaseConfig, LeaseManager, SqliteLeaseManager};
 /// # futures::executor::block_on(async {
 /// let dir = tempfile::tempdir().unwrap();
 /// let path = dir.path().join("leases.db");
-/// let leases = SqliteLeaseManager::new(SqliteLeaseStore::open(&path)?, LeaseConfig::default());
+/// let leases = SqliteLeaseManager::open(&path, LeaseConfig::default())?;
 /// let (actor, node) = (ActorId::new("counter-1").unwrap(), NodeId::new("node-a").unwrap());
 /// let lease = leases.acquire(&actor, &node).await.unwrap();
 /// drop(leases);
 /// // Acknowledged means committed and fsynced: a later handle, or process, finds it.
-/// let leases = SqliteLeaseManager::new(SqliteLeaseStore::open(&path)?, LeaseConfig::default());
+/// let leases = SqliteLeaseManager::open(&path, LeaseConfig::default())?;
 /// assert_eq!(leases.get(&actor).await.unwrap(), Some(lease));
 /// # Ok::<(), kelpie_lease::StoreError>(())
 /// # }).unwrap();

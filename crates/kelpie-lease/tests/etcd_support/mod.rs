@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use kelpie_lease::{EtcdOptions, ETCD_ENDPOINTS_ENV};
+use kelpie_lease::{limits::ETCD_ENDPOINTS_ENV, EtcdOptions};
 
 /// How long a started etcd member may take to accept connections.
 const ETCD_START_TIMEOUT_MS: u64 = 20_000;

@@ -17,6 +17,8 @@
 //! - [`SimNetwork`]: hosts with mailboxes, latency, partitions and faults.
 //! - [`test_seeds`], [`render_failure`], [`reproduce_command`]: multi-seed tests and the
 //!   `DST_SEED=<n>` failure banner.
+//! - [`Sweep`]: many seeds on several threads, delivered in seed order, optionally one
+//!   [`Shard`] of a sweep split across processes (`sweep`).
 //!
 //! Inside: `runtime` (the run loop: picks ready tasks with the seed, jumps time), `executor`
 //! (the task table, wakers and ready queue), `timer`, `injector` (draws fault decisions and
@@ -57,6 +59,7 @@ mod rng;
 mod runtime;
 mod sim;
 mod storage;
+mod sweep;
 mod task;
 mod timer;
 mod trace;
@@ -80,5 +83,9 @@ pub use report::SimReport;
 pub use rng::{derive_seed, DeterministicRng};
 pub use sim::Simulation;
 pub use storage::{CasOutcome, SimStorage, StorageError, Versioned, STORAGE_LATENCY_SPIKE_FACTOR};
+pub use sweep::{
+    Shard, ShardError, Sweep, SweepEnd, SWEEP_JOBS_MAX, SWEEP_REORDER_WINDOW_PER_JOB,
+    SWEEP_WORKER_STACK_BYTES,
+};
 pub use task::{Cancelled, JoinHandle, YieldNow};
 pub use timer::Sleep;

@@ -223,22 +223,14 @@ impl fmt::Display for OffendingWindow {
 /// (a bare [`Duplicates`] bounds nothing).
 ///
 /// The model's own calls to [`decide`](kelpie_lease::backend::decide) would count as coverage marks of
-/// the store; the marks are put back as they were, so a sweep's coverage still says what the
-/// store did.
+/// the store, so the check runs with marking suspended: a sweep's coverage still says what the
+/// store did, and the check costs the same however many marks the thread has counted before.
 pub fn check_history(
     ops: &[HistoryOp],
     delivery: impl Into<Delivery>,
 ) -> Result<LinearizabilityReport, LinearizabilityError> {
     let delivery = delivery.into();
-    let marks_before = kelpie_core::coverage::take_hits();
-    let result = check_actors(ops, delivery);
-    drop(kelpie_core::coverage::take_hits());
-    for (mark, count) in marks_before {
-        for _ in 0..count {
-            kelpie_core::coverage::mark(mark);
-        }
-    }
-    result
+    kelpie_core::coverage::suspended(|| check_actors(ops, delivery))
 }
 
 fn check_actors(

@@ -7,6 +7,7 @@
 use kelpie_core::IdError;
 use kelpie_lease::{ConfigError, LeaseError, StoreError};
 
+use crate::merge::MergeError;
 use crate::store_url::StoreUrlError;
 
 /// Exit code of a refused lease operation or of a simulation that found a violation.
@@ -43,6 +44,9 @@ pub enum CliError {
     /// already says which ("lease store unavailable: ...", "... write failed ...").
     #[error("{0}")]
     StoreUnavailable(StoreError),
+    /// `kelpie sim merge` was given reports that are not the shards of one sweep.
+    #[error(transparent)]
+    Merge(#[from] MergeError),
     /// A file the command writes could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
@@ -64,6 +68,7 @@ impl CliError {
             | CliError::Config(_)
             | CliError::StoreUrl(_)
             | CliError::StoreConfig(_)
+            | CliError::Merge(_)
             | CliError::Write { .. } => EXIT_USAGE,
         }
     }

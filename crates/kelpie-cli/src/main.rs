@@ -12,6 +12,7 @@ mod error;
 mod events;
 mod faults;
 mod lease_cmd;
+mod merge;
 mod progress;
 mod report;
 mod sim;

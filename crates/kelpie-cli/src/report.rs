@@ -1,12 +1,19 @@
 //! The report of a `kelpie sim` run: totals over seeds, the failure (if any) with its replay
-//! command and last events, as text or JSON, and the timing figures for stderr.
+//! command and last events, every failing seed of a `--keep-going` sweep, as text or JSON,
+//! and the timing figures for stderr.
+//!
+//! A sweep's figures are gathered into one [`Report`], and both the text and the JSON are
+//! rendered from it. The JSON holds all of it and reads back into the same `Report`, so a
+//! report merged from the JSON reports of a sweep's shards (`kelpie sim merge`, in
+//! `merge.rs`) prints exactly what the whole sweep would have printed.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use kelpie_dst::{LeaseEvent, LeaseEventKind, LeaseOpCounts};
-use kelpie_sim::{FaultType, SimError};
-use serde_json::json;
+use kelpie_dst::{LeaseEvent, LeaseEventKind, LeaseOpCounts, SWARM_COVERAGE_MARKS};
+use kelpie_lease::COVERAGE_MARKS;
+use kelpie_sim::{FaultType, Shard, SimError};
+use serde::{Deserialize, Serialize};
 
 use crate::events::format_event;
 use crate::sim::{RunSettings, SeedRun};
@@ -20,13 +27,27 @@ pub const EVENTS_BEFORE_FAILURE_COUNT: usize = 20;
 pub enum Seeds {
     /// One seed.
     Single(u64),
-    /// `count` seeds from `base` upwards (a failure stops the sweep early).
+    /// `count` seeds from `base` upwards (a failure or a time budget may end the sweep early).
     Sweep {
         /// The first seed.
         base: u64,
         /// Seeds asked for.
         count: u64,
     },
+}
+
+/// How a sweep was run, as far as it shapes the report (never the number of jobs: the report
+/// is the same for any).
+#[derive(Debug, Clone)]
+pub struct SweepShape {
+    /// The part of the sweep this process ran.
+    pub shard: Shard,
+    /// Whether failing seeds were collected instead of ending the sweep.
+    pub keep_going: bool,
+    /// The time budget as given, if any.
+    pub time_budget: Option<String>,
+    /// Whether the budget ended the sweep.
+    pub budget_spent: bool,
 }
 
 /// How one fault fared over all seeds.
@@ -41,9 +62,9 @@ pub struct FaultTotal {
 /// Sums over the seeds run.
 #[derive(Debug, Default)]
 pub struct Totals {
-    /// Seeds run, including a failed one.
+    /// Seeds run, including failed ones.
     pub seeds_run: u64,
-    /// Seeds that failed (the sweep stops at the first, so 0 or 1).
+    /// Seeds that failed (without `--keep-going` the sweep stops at the first, so 0 or 1).
     pub violations: u64,
     /// Simulated time, ms.
     pub sim_time_ms: u64,
@@ -55,15 +76,20 @@ pub struct Totals {
     pub ops: LeaseOpCounts,
     /// Per fault, in [`FaultType`] order.
     pub faults: BTreeMap<FaultType, FaultTotal>,
+    /// Hits per coverage mark.
+    pub marks: BTreeMap<&'static str, u64>,
 }
 
 impl Totals {
     /// Adds one seed's figures. A failed seed has no report, only the step and time at
-    /// which it stopped.
+    /// which it stopped (and the marks it hit until then).
     pub fn add(&mut self, run: &SeedRun) {
         self.seeds_run += 1;
         for config in run.faults.iter().filter(|c| c.probability > 0.0) {
             self.faults.entry(config.fault).or_default().seeds_enabled += 1;
+        }
+        for (mark, hits) in &run.marks {
+            *self.marks.entry(mark).or_default() += hits;
         }
         match &run.result {
             Ok(report) => {
@@ -114,32 +140,439 @@ pub fn events_before_failure(events: &[LeaseEvent]) -> &[LeaseEvent] {
     &events[end.saturating_sub(EVENTS_BEFORE_FAILURE_COUNT + 1)..end]
 }
 
-/// The text report. With a failure it starts with `DST_SEED=<n>` and the replay command.
-pub fn render_text(
-    settings: &RunSettings,
-    seeds: Seeds,
-    totals: &Totals,
-    failure: Option<&SeedRun>,
-) -> String {
-    let mut out = String::new();
-    if let Some(run) = failure {
-        render_failure(&mut out, run);
-        out.push('\n');
+/// A sweep's report: what `--json` prints, and what the text is rendered from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    /// The options every seed shared.
+    pub settings: SettingsRecord,
+    /// The first seed (the seed, for a single-seed run).
+    pub base_seed: u64,
+    /// Seeds in the whole sweep.
+    pub seeds_asked: u64,
+    /// Whether this was one seed (`--seed`, `DST_SEED`) rather than a sweep.
+    pub single_seed: bool,
+    /// The shard `I/N` this process ran, `null` for the whole sweep.
+    #[serde(with = "shard_text")]
+    pub shard: Option<Shard>,
+    /// Whether failing seeds were collected rather than ending the sweep.
+    pub keep_going: bool,
+    /// The `--time-budget`, if one was given.
+    pub time_budget: Option<String>,
+    /// Whether the budget ended the sweep before every seed ran.
+    pub budget_spent: bool,
+    /// Seeds run, failed ones included.
+    pub seeds_run: u64,
+    /// Simulated time, ms.
+    pub sim_time_ms: u64,
+    /// Lease operations of the seeds that finished.
+    pub lease_ops: OpsRecord,
+    /// Every fault, in the simulator's order.
+    pub faults: Vec<FaultRecord>,
+    /// Hits per coverage mark, every mark of the lease layer and the swarm included.
+    pub coverage: BTreeMap<String, u64>,
+    /// Invariant evaluations.
+    pub checks_evaluated: u64,
+    /// Executor steps.
+    pub steps: u64,
+    /// Seeds that failed.
+    pub violations: u64,
+    /// The first failing seed in seed order, in full.
+    pub failure: Option<FailureRecord>,
+    /// Every failing seed, in seed order.
+    pub failures: Vec<FailedSeed>,
+}
+
+/// The options every seed of a run shared.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsRecord {
+    /// Simulated nodes.
+    pub nodes: u64,
+    /// Contended actors.
+    pub actors: u64,
+    /// Lease duration, ms.
+    pub lease_ms: u64,
+    /// Simulated seconds per seed.
+    pub sim_secs: u64,
+    /// `--faults` as given.
+    pub faults: String,
+    /// The injected bug's name.
+    pub inject_bug: Option<String>,
+}
+
+/// Lease operations by outcome.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpsRecord {
+    /// All of them.
+    pub total: u64,
+    /// Acquired.
+    pub acquired: u64,
+    /// Renewed.
+    pub renewed: u64,
+    /// Released.
+    pub released: u64,
+    /// Refused by the protocol.
+    pub refused: u64,
+    /// Failed by the store.
+    pub store_failed: u64,
+}
+
+/// How one fault fared.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultRecord {
+    /// Its name.
+    pub fault: String,
+    /// Seeds that ran with it enabled.
+    pub seeds_enabled: u64,
+    /// Times it fired.
+    pub fired: u64,
+}
+
+/// A failed seed in full: what failed, where, and the events before it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailureRecord {
+    /// The seed.
+    pub dst_seed: u64,
+    /// The command that replays it.
+    pub replay: String,
+    /// The kind of failure (`invariant-violated`, `deadlock`, ...).
+    pub kind: String,
+    /// The invariant, for a violation.
+    pub invariant: Option<String>,
+    /// The executor step it failed at.
+    pub step: Option<u64>,
+    /// The simulated time it failed at.
+    pub sim_time_ms: Option<u64>,
+    /// The whole error message.
+    pub message: String,
+    /// What the checker reported (for a violation), or the whole message.
+    pub detail: String,
+    /// The events before it.
+    pub events: Vec<LeaseEvent>,
+}
+
+/// A failed seed in one line: the seed, what failed, and the command that replays it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailedSeed {
+    /// The seed.
+    pub dst_seed: u64,
+    /// The invariant violated, or the kind of failure.
+    pub failed: String,
+    /// The command that replays it.
+    pub replay: String,
+}
+
+impl FailedSeed {
+    /// The line of a failed run.
+    pub fn of(run: &SeedRun) -> Self {
+        Self {
+            dst_seed: run.seed,
+            failed: failure_name(&run.result),
+            replay: run.replay.clone(),
+        }
     }
-    render_totals(&mut out, settings, seeds, totals);
-    let verdict = match failure {
-        None => format!(
-            "PASS: no invariant violated in {}",
-            plural(totals.seeds_run, "seed")
-        ),
-        Some(run) => format!(
-            "FAIL: seed {} failed ({}); replay it with the command above",
-            run.seed,
-            failure_name(run)
-        ),
-    };
-    let _ = writeln!(out, "result:            {verdict}");
-    out
+}
+
+/// The shard as `I/N` text in JSON.
+mod shard_text {
+    use kelpie_sim::Shard;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(shard: &Option<Shard>, out: S) -> Result<S::Ok, S::Error> {
+        match shard {
+            Some(shard) => out.collect_str(shard),
+            None => out.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(input: D) -> Result<Option<Shard>, D::Error> {
+        Option::<String>::deserialize(input)?
+            .map(|text| text.parse().map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// The mark names every report lists, hit or not.
+fn known_marks() -> impl Iterator<Item = &'static str> {
+    COVERAGE_MARKS.iter().chain(SWARM_COVERAGE_MARKS).copied()
+}
+
+impl Report {
+    /// The report of the seeds a sweep ran.
+    pub fn new(
+        settings: &RunSettings,
+        seeds: Seeds,
+        shape: &SweepShape,
+        totals: &Totals,
+        failure: Option<&SeedRun>,
+        failures: Vec<FailedSeed>,
+    ) -> Self {
+        let (base_seed, seeds_asked, single_seed) = match seeds {
+            Seeds::Single(seed) => (seed, 1, true),
+            Seeds::Sweep { base, count } => (base, count, false),
+        };
+        let faults = FaultType::all()
+            .iter()
+            .map(|fault| {
+                let total = totals.faults.get(fault).copied().unwrap_or_default();
+                FaultRecord {
+                    fault: fault.name().to_string(),
+                    seeds_enabled: total.seeds_enabled,
+                    fired: total.fired,
+                }
+            })
+            .collect();
+        let mut coverage: BTreeMap<String, u64> =
+            known_marks().map(|mark| (mark.to_string(), 0)).collect();
+        for (mark, hits) in &totals.marks {
+            *coverage.entry(mark.to_string()).or_default() += hits;
+        }
+        let ops = &totals.ops;
+        Self {
+            settings: SettingsRecord {
+                nodes: settings.nodes,
+                actors: settings.actors,
+                lease_ms: settings.lease_ms,
+                sim_secs: settings.sim_secs,
+                faults: settings.faults.to_string(),
+                inject_bug: settings.inject_bug.map(|m| m.name().to_string()),
+            },
+            base_seed,
+            seeds_asked,
+            single_seed,
+            shard: (!shape.shard.is_whole()).then_some(shape.shard),
+            keep_going: shape.keep_going,
+            time_budget: shape.time_budget.clone(),
+            budget_spent: shape.budget_spent,
+            seeds_run: totals.seeds_run,
+            sim_time_ms: totals.sim_time_ms,
+            lease_ops: OpsRecord {
+                total: ops.total(),
+                acquired: ops.acquired,
+                renewed: ops.renewed,
+                released: ops.released,
+                refused: ops.refused,
+                store_failed: ops.store_failed,
+            },
+            faults,
+            coverage,
+            checks_evaluated: totals.checks_evaluated,
+            steps: totals.steps,
+            violations: totals.violations,
+            failure: failure.and_then(FailureRecord::of),
+            failures,
+        }
+    }
+
+    /// The JSON report: one object, with a `failure` member (null when every seed passed).
+    pub fn to_json(&self) -> String {
+        let mut text = serde_json::to_string_pretty(self).expect("a report serializes");
+        text.push('\n');
+        text
+    }
+
+    /// The text report. With a failure it starts with `DST_SEED=<n>` and the replay command.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        if let Some(failure) = &self.failure {
+            failure.render(&mut out);
+            out.push('\n');
+        }
+        if self.keep_going && !self.failures.is_empty() {
+            self.render_failed_seeds(&mut out);
+            out.push('\n');
+        }
+        self.render_totals(&mut out);
+        let verdict = match (&self.failure, self.failures.len()) {
+            (None, _) => format!(
+                "PASS: no invariant violated in {}",
+                plural(self.seeds_run, "seed")
+            ),
+            (Some(failure), 0 | 1) => format!(
+                "FAIL: seed {} failed ({}); replay it with the command above",
+                failure.dst_seed,
+                failure.name()
+            ),
+            (Some(failure), failed) => format!(
+                "FAIL: {failed} seeds failed; the first, seed {} ({}), replays with the command \
+                 above",
+                failure.dst_seed,
+                failure.name()
+            ),
+        };
+        let _ = writeln!(out, "result:            {verdict}");
+        out
+    }
+
+    fn render_failed_seeds(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "failing seeds:     {}, in seed order; each replays with its command",
+            self.failures.len()
+        );
+        for failed in &self.failures {
+            let _ = writeln!(
+                out,
+                "  DST_SEED={} {}: {}",
+                failed.dst_seed, failed.failed, failed.replay
+            );
+        }
+    }
+
+    fn render_totals(&self, out: &mut String) {
+        let settings = &self.settings;
+        let _ = writeln!(
+            out,
+            "lease scenario:    {} nodes, {} actors, lease {} ms, {} s simulated per seed, faults \
+             {}{}",
+            settings.nodes,
+            settings.actors,
+            settings.lease_ms,
+            settings.sim_secs,
+            settings.faults,
+            settings
+                .inject_bug
+                .as_ref()
+                .map_or(String::new(), |name| format!(", injected bug {name}"))
+        );
+        let _ = writeln!(out, "seeds run:         {}", self.seeds_text());
+        if let Some(budget) = &self.time_budget {
+            let spent = match self.budget_spent {
+                true => "spent, no further seed started",
+                false => "not spent: every seed ran",
+            };
+            let _ = writeln!(out, "time budget:       {budget}, {spent}");
+        }
+        let secs = self.sim_time_ms as f64 / 1_000.0;
+        // A failure in the first simulated second would otherwise read as no time at all.
+        let decimals = if secs < 10.0 { 3 } else { 1 };
+        let _ = writeln!(out, "simulated time:    {secs:.decimals$} s");
+        let ops = &self.lease_ops;
+        let _ = writeln!(
+            out,
+            "lease operations:  {} (acquired {}, renewed {}, released {}, refused {}, store \
+             failed {}){}",
+            ops.total,
+            ops.acquired,
+            ops.renewed,
+            ops.released,
+            ops.refused,
+            ops.store_failed,
+            // A failed seed returns no counts, so they cover the seeds that finished.
+            if self.violations > 0 {
+                " in the seeds that finished"
+            } else {
+                ""
+            }
+        );
+        self.render_faults(out);
+        let _ = writeln!(out, "coverage marks hit:");
+        for (mark, hits) in &self.coverage {
+            let _ = writeln!(out, "  {mark:<40} {hits:>10}");
+        }
+        let _ = writeln!(out, "checks evaluated:  {}", self.checks_evaluated);
+        let _ = writeln!(out, "simulated events:  {} executor steps", self.steps);
+        let _ = writeln!(out, "violations:        {}", self.violations);
+    }
+
+    fn seeds_text(&self) -> String {
+        let (base, count) = (self.base_seed, self.seeds_asked);
+        if self.single_seed {
+            return format!("{} (seed {base})", self.seeds_run);
+        }
+        let mut text = format!(
+            "{} of {count}, seeds {base}..={} (base seed {base})",
+            self.seeds_run,
+            base.wrapping_add(count - 1)
+        );
+        if let Some(shard) = self.shard {
+            let _ = write!(
+                text,
+                ", shard {shard}: the {} seeds whose index is {} modulo {}",
+                shard.seeds_in(count),
+                shard.index(),
+                shard.count()
+            );
+        }
+        text
+    }
+
+    fn render_faults(&self, out: &mut String) {
+        let _ = writeln!(out, "faults fired:");
+        for fault in &self.faults {
+            let enabled = match (fault.seeds_enabled, fault.fired) {
+                (0, 0) => "not enabled".to_string(),
+                // Some counts are consequences, e.g. messages lost to a partition the scenario
+                // set.
+                (0, _) => {
+                    "not enabled itself; counted as a consequence of other faults".to_string()
+                }
+                (n, _) => format!("enabled in {n} of {} seeds", self.seeds_run),
+            };
+            let _ = writeln!(
+                out,
+                "  {:<24} {:>10}  ({enabled})",
+                fault.fault, fault.fired
+            );
+        }
+    }
+}
+
+impl FailureRecord {
+    /// The record of a failed run; `None` if it passed.
+    fn of(run: &SeedRun) -> Option<Self> {
+        let error = run.result.as_ref().err()?;
+        let (invariant, detail) = match error {
+            SimError::InvariantViolated {
+                invariant, message, ..
+            } => (Some(invariant.clone()), message.clone()),
+            other => (None, other.to_string()),
+        };
+        Some(Self {
+            dst_seed: run.seed,
+            replay: run.replay.clone(),
+            kind: error.kind().to_string(),
+            invariant,
+            step: error.step(),
+            sim_time_ms: failure_time_ms(error),
+            message: error.to_string(),
+            detail,
+            events: events_before_failure(&run.events).to_vec(),
+        })
+    }
+
+    /// The invariant, or the kind of failure.
+    fn name(&self) -> &str {
+        self.invariant.as_deref().unwrap_or(&self.kind)
+    }
+
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(out, "DST_SEED={}", self.dst_seed);
+        let _ = writeln!(out, "{}", self.replay);
+        match &self.invariant {
+            Some(invariant) => {
+                let _ = writeln!(out, "invariant: {invariant}");
+            }
+            None => {
+                let _ = writeln!(out, "failure: {}", self.kind);
+            }
+        }
+        let step = self.step.map_or("-".to_string(), |s| s.to_string());
+        let _ = match self.sim_time_ms {
+            Some(ms) => writeln!(out, "step: {step} (simulated time {ms} ms)"),
+            None => writeln!(out, "step: {step}"),
+        };
+        let _ = writeln!(out, "message: {}", self.detail);
+        let _ = writeln!(out, "last {} events before it:", self.events.len());
+        for event in &self.events {
+            let _ = writeln!(out, "{}", format_event(event));
+        }
+    }
 }
 
 /// `1 seed`, `2 seeds`.
@@ -151,181 +584,13 @@ fn plural(count: u64, noun: &str) -> String {
     }
 }
 
-fn failure_name(run: &SeedRun) -> String {
-    match &run.result {
+/// The invariant a run violated, or the kind of its failure.
+fn failure_name(result: &Result<kelpie_dst::LeaseRunReport, SimError>) -> String {
+    match result {
         Err(SimError::InvariantViolated { invariant, .. }) => invariant.clone(),
         Err(error) => error.kind().to_string(),
         Ok(_) => "passed".to_string(),
     }
-}
-
-fn render_failure(out: &mut String, run: &SeedRun) {
-    let Err(error) = &run.result else {
-        return;
-    };
-    let _ = writeln!(out, "DST_SEED={}", run.seed);
-    let _ = writeln!(out, "{}", run.replay);
-    match error {
-        SimError::InvariantViolated {
-            invariant, message, ..
-        } => {
-            let _ = writeln!(out, "invariant: {invariant}");
-            let _ = writeln!(out, "{}", step_line(error));
-            let _ = writeln!(out, "message: {message}");
-        }
-        other => {
-            let _ = writeln!(out, "failure: {}", other.kind());
-            let _ = writeln!(out, "{}", step_line(error));
-            let _ = writeln!(out, "message: {other}");
-        }
-    }
-    let shown = events_before_failure(&run.events);
-    let _ = writeln!(out, "last {} events before it:", shown.len());
-    for event in shown {
-        let _ = writeln!(out, "{}", format_event(event));
-    }
-}
-
-fn step_line(error: &SimError) -> String {
-    let step = error.step().map_or("-".to_string(), |s| s.to_string());
-    match failure_time_ms(error) {
-        Some(ms) => format!("step: {step} (simulated time {ms} ms)"),
-        None => format!("step: {step}"),
-    }
-}
-
-fn render_totals(out: &mut String, settings: &RunSettings, seeds: Seeds, totals: &Totals) {
-    let _ = writeln!(
-        out,
-        "lease scenario:    {} nodes, {} actors, lease {} ms, {} s simulated per seed, faults {}{}",
-        settings.nodes,
-        settings.actors,
-        settings.lease_ms,
-        settings.sim_secs,
-        settings.faults,
-        settings
-            .inject_bug
-            .map_or(String::new(), |m| format!(", injected bug {}", m.name()))
-    );
-    let seeds_text = match seeds {
-        Seeds::Single(seed) => format!("{} (seed {seed})", totals.seeds_run),
-        Seeds::Sweep { base, count } => format!(
-            "{} of {count}, seeds {base}..={} (base seed {base})",
-            totals.seeds_run,
-            base.wrapping_add(count - 1)
-        ),
-    };
-    let _ = writeln!(out, "seeds run:         {seeds_text}");
-    let secs = totals.sim_time_ms as f64 / 1_000.0;
-    // A failure in the first simulated second would otherwise read as no time at all.
-    let decimals = if secs < 10.0 { 3 } else { 1 };
-    let _ = writeln!(out, "simulated time:    {secs:.decimals$} s");
-    let ops = &totals.ops;
-    let _ = writeln!(
-        out,
-        "lease operations:  {} (acquired {}, renewed {}, released {}, refused {}, store failed \
-         {}){}",
-        ops.total(),
-        ops.acquired,
-        ops.renewed,
-        ops.released,
-        ops.refused,
-        ops.store_failed,
-        // A failed seed returns no counts, so they cover the seeds that finished.
-        if totals.violations > 0 {
-            " in the seeds that finished"
-        } else {
-            ""
-        }
-    );
-    let _ = writeln!(out, "faults fired:");
-    for fault in FaultType::all() {
-        let total = totals.faults.get(fault).copied().unwrap_or_default();
-        let enabled = match (total.seeds_enabled, total.fired) {
-            (0, 0) => "not enabled".to_string(),
-            // Some counts are consequences, e.g. messages lost to a partition the scenario set.
-            (0, _) => "not enabled itself; counted as a consequence of other faults".to_string(),
-            (n, _) => format!("enabled in {n} of {} seeds", totals.seeds_run),
-        };
-        let _ = writeln!(
-            out,
-            "  {:<24} {:>10}  ({enabled})",
-            fault.name(),
-            total.fired
-        );
-    }
-    let _ = writeln!(out, "checks evaluated:  {}", totals.checks_evaluated);
-    let _ = writeln!(out, "simulated events:  {} executor steps", totals.steps);
-    let _ = writeln!(out, "violations:        {}", totals.violations);
-}
-
-/// The JSON report: one object, with a `failure` member (null when every seed passed).
-pub fn render_json(
-    settings: &RunSettings,
-    seeds: Seeds,
-    totals: &Totals,
-    failure: Option<&SeedRun>,
-) -> String {
-    let (base_seed, seeds_asked) = match seeds {
-        Seeds::Single(seed) => (seed, 1),
-        Seeds::Sweep { base, count } => (base, count),
-    };
-    let faults: Vec<_> = FaultType::all()
-        .iter()
-        .map(|fault| {
-            let total = totals.faults.get(fault).copied().unwrap_or_default();
-            json!({"fault": fault.name(), "seeds_enabled": total.seeds_enabled, "fired": total.fired})
-        })
-        .collect();
-    let ops = &totals.ops;
-    let value = json!({
-        "settings": {
-            "nodes": settings.nodes,
-            "actors": settings.actors,
-            "lease_ms": settings.lease_ms,
-            "sim_secs": settings.sim_secs,
-            "faults": settings.faults.to_string(),
-            "inject_bug": settings.inject_bug.map(|m| m.name()),
-        },
-        "base_seed": base_seed,
-        "seeds_asked": seeds_asked,
-        "seeds_run": totals.seeds_run,
-        "sim_time_ms": totals.sim_time_ms,
-        "lease_ops": {
-            "total": ops.total(),
-            "acquired": ops.acquired,
-            "renewed": ops.renewed,
-            "released": ops.released,
-            "refused": ops.refused,
-            "store_failed": ops.store_failed,
-        },
-        "faults": faults,
-        "checks_evaluated": totals.checks_evaluated,
-        "steps": totals.steps,
-        "violations": totals.violations,
-        "failure": failure.map(failure_json),
-    });
-    let mut text = serde_json::to_string_pretty(&value).expect("a JSON value serializes");
-    text.push('\n');
-    text
-}
-
-fn failure_json(run: &SeedRun) -> serde_json::Value {
-    let error = run.result.as_ref().err();
-    let invariant = match error {
-        Some(SimError::InvariantViolated { invariant, .. }) => Some(invariant.clone()),
-        _ => None,
-    };
-    json!({
-        "dst_seed": run.seed,
-        "replay": run.replay,
-        "kind": error.map(SimError::kind),
-        "invariant": invariant,
-        "step": error.and_then(SimError::step),
-        "sim_time_ms": error.and_then(failure_time_ms),
-        "message": error.map(ToString::to_string),
-        "events": events_before_failure(&run.events),
-    })
 }
 
 /// The timing line for stderr: these figures differ from run to run, so they stay out of

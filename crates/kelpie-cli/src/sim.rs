@@ -2,29 +2,37 @@
 //!
 //! Every seed is a complete, reproducible run: nodes acquire, renew and release leases on a
 //! few contended actors through the production protocol while faults fire and the TLA+
-//! invariants are checked after every step. The sweep stops at the first failing seed, prints
-//! how to replay it, and exits 1; the replay is that one seed, so there is nothing to gain
-//! from running further seeds first.
+//! invariants are checked after every step. Seeds run on `--jobs` threads through
+//! [`kelpie_sim::Sweep`], which hands their outcomes back in seed order, so the report is the
+//! same for any number of jobs. The sweep stops at the first failing seed in seed order,
+//! prints how to replay it, and exits 1; the replay is that one seed, so there is nothing to
+//! gain from running further seeds first (unless `--keep-going` asks for every failing seed).
+//! `--shard I/N` runs one part of a sweep split across processes, `--time-budget` runs seeds
+//! until the time is spent, and `kelpie sim merge` (`merge.rs`) adds up shards' reports.
 
+use std::collections::BTreeMap;
 use std::io::Write;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::builder::TypedValueParser;
-use clap::Args;
+use clap::{Args, Subcommand};
 use kelpie_core::limits::{LEASE_DURATION_MS_MAX, LEASE_DURATION_MS_MIN};
 use kelpie_dst::mutations::Mutation;
 use kelpie_dst::{LeaseEvent, LeaseRunReport, LeaseScenario};
 use kelpie_lease::machine::BeliefConfig;
-use kelpie_sim::{FaultConfig, SimConfig, SimError};
+use kelpie_sim::{FaultConfig, Shard, SimConfig, SimError, Sweep, SweepEnd, SWEEP_JOBS_MAX};
 use kelpie_sim::{Simulation, SIM_STEPS_MAX_DEFAULT};
 use rand::RngCore;
 
 use crate::error::CliError;
 use crate::faults::{describe, FaultPlan};
+use crate::merge::MergeArgs;
 use crate::progress::Progress;
-use crate::report::{self, Totals};
+use crate::report::{self, FailedSeed, Report, SweepShape, Totals};
 use crate::timeline;
-use crate::timing::Stopwatch;
+use crate::timing::{thread_cpu_time, Stopwatch};
 
 /// Seeds run when neither `--seed`, `--seeds` nor `DST_SEED` is given.
 pub const SEEDS_DEFAULT: u64 = 100;
@@ -49,21 +57,35 @@ is the one seed, otherwise 100 seeds run.
 Faults: swarm (the default) draws a mix per seed; none; or a list like
 storage-write-fail=0.1,partition=0.05 (a unique suffix of a fault's name is enough).
 
-Output: the report goes to stdout and depends only on the options and seeds, so two runs of
-the same --seed print identical stdout. Progress and timing (wall and CPU time, simulated
-events per CPU second, time compression) go to stderr.
+Parallel and split sweeps: --jobs N runs seeds on N threads (default: the available cores);
+the report is the same for any N. --shard I/N runs only the seeds whose index in the sweep is
+I modulo N (with --base-seed, so every shard runs the same sweep): run shards 0/N .. N-1/N
+with --json on N machines, then `kelpie sim merge FILE...` prints the whole sweep's report.
+--time-budget 10m runs consecutive seeds until 10 minutes have passed (no seed starts after
+that; seeds running finish) and reports how many ran; with --seeds N it stops at N at most,
+without, at 1000000.
 
-On the first failing seed the run stops and exits 1. stdout then starts with DST_SEED=<n>,
-followed by the exact command that replays it, the invariant, the step, the message and the
-last events before it (with --json, the same as fields of the JSON object, and DST_SEED=<n>
-with the replay command go first to stderr).
+Output: the report goes to stdout and depends only on the options and seeds (never on
+--jobs), so two runs of the same seeds print identical stdout. Progress and timing (wall and
+CPU time, simulated events per CPU second, time compression, CPU time per seed of the first
+and last tenth of the seeds) go to stderr.
 
-Exit codes: 0 no violation, 1 a seed failed, 2 bad usage.";
+On the first failing seed (in seed order) the run stops and exits 1. stdout then starts with
+DST_SEED=<n>, followed by the exact command that replays it, the invariant, the step, the
+message and the last events before it (with --json, the same as fields of the JSON object,
+and DST_SEED=<n> with the replay command go first to stderr). With --keep-going every seed
+runs and every failing seed is listed (seed, invariant, replay command) after the first one's
+details; the exit code is still 1.
+
+Exit codes: 0 no violation, 1 a seed failed, 2 bad usage (or reports that cannot be merged).";
 
 /// Options of `kelpie sim`.
 #[derive(Debug, Args)]
-#[command(after_help = SIM_AFTER_HELP)]
+#[command(after_help = SIM_AFTER_HELP, args_conflicts_with_subcommands = true)]
 pub struct SimArgs {
+    /// `merge`, or nothing to run seeds.
+    #[command(subcommand)]
+    pub command: Option<SimCommand>,
     /// Run this many seeds, from --base-seed upwards.
     #[arg(
         long,
@@ -119,6 +141,79 @@ pub struct SimArgs {
             .map(|name| Mutation::from_name(&name).expect("offered names are mutations"))
     )]
     pub inject_bug: Option<Mutation>,
+    /// Threads to run seeds on [default: the available cores].
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = clap::value_parser!(u64).range(1..=SWEEP_JOBS_MAX as u64)
+    )]
+    pub jobs: Option<u64>,
+    /// Run only the seeds whose index in the sweep is I modulo N (needs --base-seed).
+    #[arg(
+        long,
+        value_name = "I/N",
+        requires = "base_seed",
+        conflicts_with_all = ["seed", "time_budget", "timeline"]
+    )]
+    pub shard: Option<Shard>,
+    /// Start no seed after this much time (e.g. 90s, 10m, 2h), then report how many ran.
+    #[arg(long, value_name = "DURATION", value_parser = parse_time_budget, conflicts_with = "seed")]
+    pub time_budget: Option<TimeBudget>,
+    /// Run every seed and list every failing one, instead of stopping at the first.
+    #[arg(long)]
+    pub keep_going: bool,
+}
+
+/// Subcommands of `kelpie sim`.
+#[derive(Debug, Subcommand)]
+pub enum SimCommand {
+    /// Merge the --json reports of a sweep's shards into the whole sweep's report.
+    Merge(MergeArgs),
+}
+
+/// A `--time-budget`: the text given and what it means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimeBudget {
+    /// As given, for the report.
+    pub text: String,
+    /// How long.
+    pub duration: Duration,
+}
+
+/// Why a `--time-budget` was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimeBudgetError {
+    /// Not a duration.
+    #[error("{value:?} is not a duration such as 90s, 10m or 2h: {reason}")]
+    Syntax {
+        /// The refused text.
+        value: String,
+        /// What humantime said.
+        reason: String,
+    },
+    /// Zero.
+    #[error("a time budget of {value} runs no seed; give a positive duration")]
+    Zero {
+        /// The refused text.
+        value: String,
+    },
+}
+
+/// Parses a `--time-budget` (humantime: `90s`, `10m`, `1h 30m`).
+fn parse_time_budget(value: &str) -> Result<TimeBudget, TimeBudgetError> {
+    let duration = humantime::parse_duration(value).map_err(|e| TimeBudgetError::Syntax {
+        value: value.to_string(),
+        reason: e.to_string(),
+    })?;
+    if duration.is_zero() {
+        return Err(TimeBudgetError::Zero {
+            value: value.to_string(),
+        });
+    }
+    Ok(TimeBudget {
+        text: value.trim().to_string(),
+        duration,
+    })
 }
 
 /// The settings every seed of one invocation shares.
@@ -151,6 +246,8 @@ pub struct SeedRun {
     pub result: Result<LeaseRunReport, SimError>,
     /// Its events (the most recent ones, if there were very many).
     pub events: Vec<LeaseEvent>,
+    /// The coverage marks it hit.
+    pub marks: BTreeMap<&'static str, u64>,
 }
 
 impl RunSettings {
@@ -220,6 +317,9 @@ impl RunSettings {
         let simulation = faults
             .iter()
             .fold(Simulation::new(config), |sim, fault| sim.with_fault(*fault));
+        // Marks are counted per thread, and a thread runs one seed at a time: the marks taken
+        // after the run are this seed's.
+        let _ = kelpie_core::coverage::take_hits();
         let (result, events) = if record {
             self.scenario().run_recorded(simulation)
         } else {
@@ -231,6 +331,7 @@ impl RunSettings {
             replay,
             result,
             events,
+            marks: kelpie_core::coverage::take_hits(),
         }
     }
 }
@@ -258,41 +359,98 @@ fn seed_plan(args: &SimArgs) -> Result<SeedPlan, CliError> {
     let base = args
         .base_seed
         .unwrap_or_else(|| u64::from(rand::rngs::OsRng.next_u32()));
+    // A time budget without --seeds runs until the budget is spent, within the bound.
+    let count_default = match args.time_budget {
+        Some(_) => SEEDS_MAX,
+        None => SEEDS_DEFAULT,
+    };
     Ok(SeedPlan::Sweep {
         base,
-        count: args.seeds.unwrap_or(SEEDS_DEFAULT),
+        count: args.seeds.unwrap_or(count_default),
     })
+}
+
+/// How the seeds of one invocation are run.
+#[derive(Debug, Clone)]
+struct SweepOptions {
+    jobs: NonZeroUsize,
+    shard: Shard,
+    keep_going: bool,
+    time_budget: Option<TimeBudget>,
+    /// Record the events of a single seed from the start (for its timeline).
+    record_single: bool,
+}
+
+impl SweepOptions {
+    fn from_args(args: &SimArgs) -> Self {
+        let jobs = match args.jobs {
+            Some(jobs) => usize::try_from(jobs).expect("bounded by SWEEP_JOBS_MAX"),
+            None => std::thread::available_parallelism()
+                .map_or(1, NonZeroUsize::get)
+                .min(SWEEP_JOBS_MAX),
+        };
+        Self {
+            jobs: NonZeroUsize::new(jobs).expect("at least one job"),
+            shard: args.shard.unwrap_or(Shard::WHOLE),
+            keep_going: args.keep_going,
+            time_budget: args.time_budget.clone(),
+            record_single: args.timeline.is_some(),
+        }
+    }
 }
 
 /// Runs `kelpie sim`; `Ok(false)` when a seed failed.
 pub fn run(args: SimArgs) -> Result<bool, CliError> {
+    if let Some(SimCommand::Merge(merge)) = args.command {
+        return crate::merge::run(merge);
+    }
     let settings = RunSettings::from_args(&args)?;
+    let options = SweepOptions::from_args(&args);
     let plan = seed_plan(&args)?;
     let stopwatch = Stopwatch::start();
     let (base, count) = match plan {
         SeedPlan::Single(seed) => (seed, 1),
         SeedPlan::Sweep { base, count } => {
+            let shard = match options.shard.is_whole() {
+                true => String::new(),
+                false => format!(", shard {}", options.shard),
+            };
             eprintln!(
-                "kelpie sim: {count} seeds from base seed {base} (repeat with --base-seed {base})"
+                "kelpie sim: {count} seeds from base seed {base}{shard} on {} jobs (repeat with \
+                 --base-seed {base})",
+                options.jobs
             );
             (base, count)
         }
     };
-    let (totals, kept) = sweep(&settings, base, count, args.timeline.is_some());
+    let outcome = sweep(&settings, base, count, &options);
     let elapsed = stopwatch.elapsed();
-    let failure = kept.as_ref().filter(|run| run.result.is_err());
+    let failure = outcome.first_failure.as_ref();
     if let (true, Some(run)) = (args.json, failure) {
         // stdout is one JSON object; the replay instructions still come first, on stderr.
         eprintln!("DST_SEED={}\n{}", run.seed, run.replay);
     }
-    let text = if args.json {
-        report::render_json(&settings, plan_range(plan), &totals, failure)
-    } else {
-        report::render_text(&settings, plan_range(plan), &totals, failure)
+    let shape = SweepShape {
+        shard: options.shard,
+        keep_going: options.keep_going,
+        time_budget: options.time_budget.as_ref().map(|b| b.text.clone()),
+        budget_spent: matches!(outcome.end, SweepEnd::BudgetSpent { .. }),
+    };
+    let report = Report::new(
+        &settings,
+        plan_range(plan),
+        &shape,
+        &outcome.totals,
+        failure,
+        outcome.failures,
+    );
+    let text = match args.json {
+        true => report.to_json(),
+        false => report.to_text(),
     };
     print_stdout(&text);
-    eprintln!("{}", report::render_timing(&totals, &elapsed));
-    if let (Some(path), Some(run)) = (&args.timeline, &kept) {
+    eprintln!("{}", report::render_timing(&outcome.totals, &elapsed));
+    if let (Some(path), Some(run)) = (&args.timeline, outcome.kept.as_ref().or(failure)) {
         write_timeline(&settings, run, path)?;
     }
     Ok(failure.is_none())
@@ -306,50 +464,90 @@ fn plan_range(plan: SeedPlan) -> report::Seeds {
     }
 }
 
-/// Runs seeds `base`, `base + 1`, ... until `count` ran or one failed. Returns the totals
-/// and the run worth keeping: the failed one, or the only one of a single-seed run (for its
-/// timeline). Seeds run without recording their events; a failed seed is run again, with
-/// recording, for its report (the seed replays it exactly), and a single seed records from
-/// the start when a timeline is asked for.
-fn sweep(
-    settings: &RunSettings,
-    base: u64,
-    count: u64,
-    timeline: bool,
-) -> (Totals, Option<SeedRun>) {
-    let mut totals = Totals::default();
-    let mut progress = Progress::new(count);
-    let mut kept = None;
-    for index in 0..count {
-        let seed = base.wrapping_add(index);
-        let run = settings.run_seed(seed, timeline && count == 1);
-        totals.add(&run);
-        if let Err(error) = &run.result {
-            // Before any redraw: the simulator's banner is already on stderr.
-            progress.abandon();
-            let failure = error.to_string();
-            let recorded = match run.events.is_empty() {
-                true => settings.run_seed(seed, true),
-                false => run,
-            };
-            // Recording only observes, so the seed must fail the same way again.
-            assert_eq!(
-                recorded.result.as_ref().err().map(ToString::to_string),
-                Some(failure),
-                "seed {seed} did not replay its failure with recording on"
-            );
-            return (totals, Some(recorded));
-        }
-        progress.seed_done(totals.violations);
-        if count == 1 {
-            kept = Some(run);
-        }
-    }
-    progress.finish();
-    (totals, kept)
+/// What a sweep ran.
+struct SweepOutcome {
+    totals: Totals,
+    /// The first failing seed in seed order, re-run with its events recorded.
+    first_failure: Option<SeedRun>,
+    /// Every failing seed, in seed order.
+    failures: Vec<FailedSeed>,
+    /// The only run of a single-seed invocation that passed (for its timeline).
+    kept: Option<SeedRun>,
+    end: SweepEnd,
 }
 
-fn print_stdout(text: &str) {
+/// A seed's run and the CPU time it took on its thread (for the figures on stderr).
+struct TimedRun {
+    run: SeedRun,
+    cpu: Duration,
+}
+
+/// Runs seeds `base`, `base + 1`, ... (those of the shard) on the option's jobs until `count`
+/// ran, one failed (unless keeping going) or the time budget is spent. Seeds run without
+/// recording their events; the first failed seed is run again, with recording, for its
+/// report (the seed replays it exactly), and a single seed records from the start when a
+/// timeline is asked for.
+fn sweep(settings: &RunSettings, base: u64, count: u64, options: &SweepOptions) -> SweepOutcome {
+    let sweep = Sweep::new(base, count)
+        .with_jobs(options.jobs)
+        .with_shard(options.shard);
+    let budget = options.time_budget.as_ref().map(|b| b.duration);
+    let mut progress = Progress::new(sweep.seeds_count(), budget);
+    let stopwatch = Stopwatch::start();
+    let record = options.record_single && count == 1;
+    let job = |seed| {
+        let cpu_start = thread_cpu_time();
+        let run = settings.run_seed(seed, record);
+        let cpu = thread_cpu_time().saturating_sub(cpu_start);
+        TimedRun { run, cpu }
+    };
+    let stops = |timed: &TimedRun| !options.keep_going && timed.run.result.is_err();
+    let more = || budget.is_none_or(|budget| stopwatch.wall() < budget);
+    let (mut totals, mut failures) = (Totals::default(), Vec::new());
+    let (mut first_failure, mut kept) = (None, None);
+    let end = sweep.run(job, stops, more, |_, TimedRun { run, cpu }| {
+        totals.add(&run);
+        progress.seed_done(totals.violations, cpu);
+        if run.result.is_err() {
+            failures.push(FailedSeed::of(&run));
+            first_failure.get_or_insert(run);
+        } else if count == 1 {
+            kept = Some(run);
+        }
+    });
+    match first_failure.is_some() {
+        true => progress.abandon(),
+        false => progress.finish(),
+    }
+    SweepOutcome {
+        totals,
+        first_failure: first_failure.map(|run| recorded(settings, run)),
+        failures,
+        kept,
+        end,
+    }
+}
+
+/// A failed run with its events: itself if it recorded them, or the seed run again with
+/// recording on.
+fn recorded(settings: &RunSettings, run: SeedRun) -> SeedRun {
+    if !run.events.is_empty() {
+        return run;
+    }
+    let failure = run.result.as_ref().err().map(ToString::to_string);
+    let recorded = settings.run_seed(run.seed, true);
+    // Recording only observes, so the seed must fail the same way again.
+    assert_eq!(
+        recorded.result.as_ref().err().map(ToString::to_string),
+        failure,
+        "seed {} did not replay its failure with recording on",
+        run.seed
+    );
+    recorded
+}
+
+/// Writes `text` to stdout.
+pub fn print_stdout(text: &str) {
     let mut stdout = std::io::stdout().lock();
     // A closed pipe (e.g. `| head`) is not worth a panic; the exit code still tells.
     let _ = stdout.write_all(text.as_bytes());

@@ -46,6 +46,12 @@ impl Stopwatch {
     }
 }
 
+/// CPU time the calling thread has used so far (zero where it cannot be read): what one seed
+/// cost, whatever else the machine runs.
+pub fn thread_cpu_time() -> Duration {
+    cpu_time::ThreadTime::try_now().map_or(Duration::ZERO, |t| t.as_duration())
+}
+
 /// User plus system CPU time this process has used so far (`cpu-time` reads it with
 /// `clock_gettime(CLOCK_PROCESS_CPUTIME_ID)`; zero where it cannot).
 fn process_cpu_time() -> Duration {

@@ -8,13 +8,13 @@ use std::rc::Rc;
 
 use kelpie_core::{ActorId, FencingToken, NodeId};
 use kelpie_lease::backend::LeaseOp;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Events a run keeps; older ones are dropped first.
 pub const EVENTS_KEPT_MAX: usize = 200_000;
 
 /// One thing that happened.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseEvent {
     /// Global simulated time.
     pub at_ms: u64,
@@ -27,7 +27,7 @@ pub struct LeaseEvent {
 }
 
 /// The kinds of event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum LeaseEventKind {

@@ -1,6 +1,7 @@
-//! The `kelpie` binary from the outside: determinism and replay of `sim`, the lease commands
-//! against a temporary SQLite file, exit codes of bad input and unavailable stores, the
-//! timeline page, `--help` everywhere, and a short `bench`.
+//! The `kelpie` binary from the outside: determinism and replay of `sim`, the same report on
+//! any number of jobs, shards merged into the whole sweep, the lease commands against a
+//! temporary SQLite file, exit codes of bad input and unavailable stores, the timeline page,
+//! `--help` everywhere, and a short `bench`.
 
 use std::path::Path;
 
@@ -123,6 +124,220 @@ fn an_injected_bug_fails_and_its_printed_replay_fails_the_same_way() {
         assert_eq!(replay_stdout.lines().next(), Some(first));
         assert_eq!(failure_lines(&replay_stdout), (invariant, step));
     }
+}
+
+/// A small sweep: 24 seeds of two simulated seconds from base seed 100.
+const SMALL_SWEEP: [&str; 7] = [
+    "sim",
+    "--seeds",
+    "24",
+    "--base-seed",
+    "100",
+    "--sim-secs",
+    "2",
+];
+
+/// A sweep with a planted bug that fails some of its seeds.
+const PLANTED_FAILURE_SWEEP: [&str; 7] = [
+    "sim",
+    "--seeds",
+    "200",
+    "--base-seed",
+    "1",
+    "--inject-bug",
+    "renew-ignores-ownership",
+];
+
+/// `args` followed by `extra`.
+fn with(args: &[&str], extra: &[&str]) -> Vec<String> {
+    args.iter().chain(extra).map(|a| a.to_string()).collect()
+}
+
+fn run_owned(args: &[String]) -> (i32, String, String) {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(&args)
+}
+
+#[test]
+fn sim_prints_the_same_report_on_any_number_of_jobs() {
+    let (code, one, _) = run_owned(&with(&SMALL_SWEEP, &["--jobs", "1"]));
+    assert_eq!(code, 0, "{one}");
+    assert!(one.contains("coverage marks hit:"), "{one}");
+    assert!(one.contains("protocol.takeover_after_expiry"), "{one}");
+    for jobs in ["2", "5"] {
+        let (code, many, stderr) = run_owned(&with(&SMALL_SWEEP, &["--jobs", jobs]));
+        assert_eq!(code, 0, "{many}{stderr}");
+        assert_eq!(many, one, "--jobs {jobs}");
+        assert!(stderr.contains(&format!("on {jobs} jobs")), "{stderr}");
+    }
+    let json = |jobs| run_owned(&with(&SMALL_SWEEP, &["--json", "--jobs", jobs])).1;
+    assert_eq!(json("1"), json("3"));
+}
+
+/// Writes the `--json` report of each shard `I/count` of `args` into `dir`; returns the paths.
+fn shard_reports(dir: &Path, args: &[String], count: u64) -> Vec<String> {
+    (0..count)
+        .map(|index| {
+            let shard = format!("{index}/{count}");
+            let (code, stdout, stderr) = run_owned(&with(
+                &args.iter().map(String::as_str).collect::<Vec<_>>(),
+                &["--json", "--shard", &shard],
+            ));
+            assert!(code == 0 || code == 1, "shard {shard}: {stdout}{stderr}");
+            let path = dir.join(format!("shard-{index}.json"));
+            std::fs::write(&path, stdout).unwrap();
+            path.display().to_string()
+        })
+        .collect()
+}
+
+fn merge(files: &[String], json: bool) -> (i32, String, String) {
+    let mut args = vec!["sim".to_string(), "merge".to_string()];
+    if json {
+        args.push("--json".to_string());
+    }
+    args.extend(files.iter().cloned());
+    run_owned(&args)
+}
+
+#[test]
+fn shards_merge_into_the_whole_sweeps_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = with(&SMALL_SWEEP, &[]);
+    let files = shard_reports(dir.path(), &whole, 3);
+    let shard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&files[1]).unwrap()).unwrap();
+    assert_eq!(shard["shard"], "1/3");
+    assert_eq!(shard["seeds_run"], 8);
+    let (code, merged_text, stderr) = merge(&files, false);
+    assert_eq!(code, 0, "{merged_text}{stderr}");
+    assert_eq!(merged_text, run_owned(&whole).1);
+    // In any order, and as JSON too.
+    let reversed: Vec<String> = files.iter().rev().cloned().collect();
+    let (_, merged_json, _) = merge(&reversed, true);
+    assert_eq!(merged_json, run_owned(&with(&SMALL_SWEEP, &["--json"])).1);
+}
+
+#[test]
+fn shards_of_a_failing_sweep_merge_into_its_keep_going_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = with(&PLANTED_FAILURE_SWEEP, &["--keep-going"]);
+    let (code, expected, _) = run_owned(&whole);
+    assert_eq!(code, 1, "{expected}");
+    let files = shard_reports(dir.path(), &whole, 3);
+    let (code, merged, stderr) = merge(&files, false);
+    assert_eq!(
+        code, 1,
+        "a failing sweep merges into a failing report: {stderr}"
+    );
+    assert_eq!(merged, expected);
+    assert!(merged.starts_with("DST_SEED="), "{merged}");
+}
+
+/// The failure's own lines: from `DST_SEED=` to the blank line after its events.
+fn failure_block(stdout: &str) -> &str {
+    assert!(stdout.starts_with("DST_SEED="), "{stdout}");
+    stdout.split("\n\n").next().unwrap()
+}
+
+#[test]
+fn a_planted_failure_is_reported_the_same_on_any_jobs_and_in_its_shard() {
+    let sweep = PLANTED_FAILURE_SWEEP;
+    let (code, one, stderr) = run_owned(&with(&sweep, &["--jobs", "1"]));
+    assert_eq!(code, 1, "{one}{stderr}");
+    let (code, two, _) = run_owned(&with(&sweep, &["--jobs", "2"]));
+    assert_eq!((code, &two), (1, &one), "--jobs 2 reports the same failure");
+    let block = failure_block(&one);
+    let seed: u64 = block.lines().next().unwrap()["DST_SEED=".len()..]
+        .parse()
+        .unwrap();
+    assert!(block
+        .lines()
+        .nth(1)
+        .unwrap()
+        .starts_with(&format!("kelpie sim --seed {seed} ")));
+    // The shard holding that seed reports it the same way, first.
+    let shard = format!("{}/3", (seed - 1) % 3);
+    let (code, sharded, _) = run_owned(&with(&sweep, &["--shard", &shard, "--jobs", "2"]));
+    assert_eq!(code, 1, "{sharded}");
+    assert_eq!(failure_block(&sharded), block);
+    // With --keep-going it is the first of the seeds listed, and every one is listed.
+    let (code, all, _) = run_owned(&with(&sweep, &["--keep-going", "--jobs", "2"]));
+    assert_eq!(code, 1);
+    assert_eq!(failure_block(&all), block);
+    let listed: Vec<&str> = all
+        .lines()
+        .filter(|l| l.starts_with("  DST_SEED="))
+        .collect();
+    assert!(listed[0].starts_with(&format!("  DST_SEED={seed} RenewalRequiresOwnership: ")));
+    assert!(
+        all.contains(&format!("violations:        {}\n", listed.len())),
+        "{all}"
+    );
+    assert!(
+        listed.len() > 1,
+        "the mutation fails more than one of 200 seeds"
+    );
+}
+
+#[test]
+fn a_time_budget_that_is_not_spent_runs_every_seed() {
+    let (code, stdout, _) = run_owned(&with(&SMALL_SWEEP, &["--time-budget", "1h"]));
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("seeds run:         24 of 24"), "{stdout}");
+    assert!(
+        stdout.contains("time budget:       1h, not spent"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bad_sweep_options_and_merges_exit_2_with_a_clear_message() {
+    let sweep = |extra: &[&str]| with(&SMALL_SWEEP, extra);
+    let usage = |args: Vec<String>, expected: &str| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_usage_error(&args, expected);
+    };
+    usage(sweep(&["--shard", "3/3"]), "shard 3/3 does not exist");
+    usage(sweep(&["--shard", "0/0"]), "cannot be split into 0 shards");
+    usage(sweep(&["--shard", "x"]), "is not a shard I/N");
+    usage(sweep(&["--jobs", "0"]), "0 is not in 1..=");
+    usage(sweep(&["--time-budget", "abc"]), "is not a duration");
+    usage(sweep(&["--time-budget", "0s"]), "runs no seed");
+    usage(
+        sweep(&["--shard", "0/2", "--time-budget", "1m"]),
+        "--time-budget",
+    );
+    assert_usage_error(&["sim", "--seeds", "5", "--shard", "0/2"], "--base-seed");
+
+    let dir = tempfile::tempdir().unwrap();
+    let files = shard_reports(dir.path(), &sweep(&[]), 2);
+    let other = shard_reports(&tempdir_in(dir.path()), &sweep(&["--nodes", "4"]), 2);
+    let merge_error = |files: &[&String], expected: &str| {
+        let mut args = vec!["sim", "merge"];
+        args.extend(files.iter().map(|f| f.as_str()));
+        assert_usage_error(&args, expected);
+    };
+    merge_error(&[&files[0], &other[1]], "is not a shard of the same sweep");
+    merge_error(&[&files[0], &files[0]], "shard 0/2 is given twice");
+    merge_error(&[&files[1]], "shard(s) 0/2 are missing");
+    let corrupt = dir.path().join("corrupt.json");
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    std::fs::write(&corrupt, &text[..text.len() / 2]).unwrap();
+    let corrupt = corrupt.display().to_string();
+    merge_error(&[&corrupt, &files[1]], "is not a kelpie sim --json report");
+    let missing = dir.path().join("nothing.json").display().to_string();
+    merge_error(&[&missing], "cannot read");
+    let single = dir.path().join("single.json");
+    std::fs::write(&single, run(&["sim", "--seed", "3", "--json"]).1).unwrap();
+    merge_error(&[&single.display().to_string()], "a single seed's report");
+}
+
+/// A fresh directory inside `parent`.
+fn tempdir_in(parent: &Path) -> std::path::PathBuf {
+    let dir = parent.join("other");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 #[test]
@@ -452,9 +667,10 @@ fn a_failing_seed_s_timeline_marks_the_violation() {
 
 #[test]
 fn every_subcommand_has_help() {
-    let commands: [&[&str]; 9] = [
+    let commands: [&[&str]; 10] = [
         &[],
         &["sim"],
+        &["sim", "merge"],
         &["lease"],
         &["lease", "acquire"],
         &["lease", "renew"],

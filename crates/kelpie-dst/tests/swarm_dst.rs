@@ -4,6 +4,9 @@
 //! operation the nodes made.
 //!
 //! `DST_SEEDS=<n>` sets how many seeds run (default 40); `DST_SEED=<n>` runs exactly one.
+//! Seeds run on every core through [`kelpie_sim::Sweep`] (the runner of `kelpie sim`), which
+//! hands their outcomes back in seed order: the first failing seed in seed order is the one
+//! reported, and each seed's coverage marks are taken on the thread that ran it.
 //! `cargo test -p kelpie-dst --release --test swarm_dst -- --nocapture` prints the figures;
 //! `-- --ignored` adds the large swarm (20 nodes, 1,000 actors).
 
@@ -17,7 +20,7 @@ use kelpie_dst::{
     LIVENESS, SWARM_COVERAGE_MARKS, SWARM_LEASE_FAULTS,
 };
 use kelpie_lease::coverage::COVERAGE_MARKS;
-use kelpie_sim::{FaultType, SimConfig, SimError, Simulation};
+use kelpie_sim::{FaultType, SimConfig, SimError, Simulation, Sweep, SweepEnd};
 
 /// Seeds run when `DST_SEEDS` is not set.
 const SEEDS_DEFAULT: u64 = 40;
@@ -27,8 +30,22 @@ const MUTATION_SEEDS_MAX: u64 = 500;
 /// caught it.
 const STALE_READ_SEEDS_MAX: u64 = 200;
 
-fn seeds() -> Vec<u64> {
-    kelpie_sim::test_seeds(SEEDS_DEFAULT)
+/// A seed's outcome and the coverage marks it hit (taken on the thread that ran it).
+type Marked = (
+    Result<LeaseRunReport, SimError>,
+    BTreeMap<&'static str, u64>,
+);
+
+fn run_seed_marked(seed: u64, scenario: LeaseScenario) -> Marked {
+    let _ = kelpie_core::coverage::take_hits();
+    let result = run_seed(seed, scenario);
+    (result, kelpie_core::coverage::take_hits())
+}
+
+/// `count` seeds from `base` on every core.
+fn sweep_from(base: u64, count: u64) -> Sweep {
+    let jobs = std::thread::available_parallelism().unwrap_or(std::num::NonZeroUsize::MIN);
+    Sweep::new(base, count).with_jobs(jobs)
 }
 
 /// Lease durations the swarm draws from, one per seed: short leases put network delay and
@@ -52,46 +69,54 @@ fn run_seed(seed: u64, mut scenario: LeaseScenario) -> Result<LeaseRunReport, Si
 
 #[test]
 fn test_swarm_lease_safety_and_liveness_with_every_mark_hit() {
-    let seeds = seeds();
+    let sweep = kelpie_sim::test_sweep(SEEDS_DEFAULT);
     let mut faults: BTreeMap<FaultType, u64> = BTreeMap::new();
     let mut marks: BTreeMap<&'static str, u64> = BTreeMap::new();
     let (mut sim_ms, mut ops) = (0u64, 0u64);
     let (mut checked_ops, mut unanswered_ops, mut search_states) = (0, 0, 0);
-    let _ = kelpie_core::coverage::take_hits();
-    for &seed in &seeds {
-        let report = run_seed(seed, LeaseScenario::default()).unwrap_or_else(|error| {
-            let phase = if error.to_string().contains("liveness violation") {
-                "liveness"
-            } else {
-                "safety"
-            };
-            panic!("{phase} failure: {error}")
-        });
-        if std::env::var("DST_CHECK_DETERMINISM").as_deref() == Ok("1") {
-            assert!(
-                report.sim.determinism_checked,
-                "seed {seed} was run twice and compared"
-            );
-        }
-        for (fault, count) in &report.sim.faults_fired {
-            *faults.entry(*fault).or_default() += count;
-        }
-        for (mark, count) in kelpie_core::coverage::take_hits() {
-            *marks.entry(mark).or_default() += count;
-        }
-        sim_ms += report.sim.sim_time_ms;
-        ops += report.ops.total();
-        let checked = report
-            .linearizability
-            .unwrap_or_else(|| panic!("seed {seed}: the history was not checked"));
-        assert!(checked.operations_checked > 0, "seed {seed}: empty history");
-        checked_ops += checked.operations_checked;
-        unanswered_ops += checked.unknown_operations;
-        search_states += checked.states_explored;
-    }
+    let job = |seed| run_seed_marked(seed, LeaseScenario::default());
+    let stops = |(result, _): &Marked| result.is_err();
+    let end = sweep.run(
+        job,
+        stops,
+        || true,
+        |seed, (result, seed_marks)| {
+            let report = result.unwrap_or_else(|error| {
+                let phase = if error.to_string().contains("liveness violation") {
+                    "liveness"
+                } else {
+                    "safety"
+                };
+                panic!("{phase} failure: {error}")
+            });
+            if std::env::var("DST_CHECK_DETERMINISM").as_deref() == Ok("1") {
+                assert!(
+                    report.sim.determinism_checked,
+                    "seed {seed} was run twice and compared"
+                );
+            }
+            for (fault, count) in &report.sim.faults_fired {
+                *faults.entry(*fault).or_default() += count;
+            }
+            for (mark, count) in seed_marks {
+                *marks.entry(mark).or_default() += count;
+            }
+            sim_ms += report.sim.sim_time_ms;
+            ops += report.ops.total();
+            let checked = report
+                .linearizability
+                .unwrap_or_else(|| panic!("seed {seed}: the history was not checked"));
+            assert!(checked.operations_checked > 0, "seed {seed}: empty history");
+            checked_ops += checked.operations_checked;
+            unanswered_ops += checked.unknown_operations;
+            search_states += checked.states_explored;
+        },
+    );
+    let seeds_run = end.seeds_run();
+    assert_eq!(end.seeds_run(), sweep.seeds_count(), "every seed ran");
     println!(
         "swarm: {} seeds, {} simulated s, {ops} lease operations, zero violations",
-        seeds.len(),
+        seeds_run,
         sim_ms / 1000
     );
     println!(
@@ -104,7 +129,7 @@ fn test_swarm_lease_safety_and_liveness_with_every_mark_hit() {
     for (mark, count) in &marks {
         println!("  mark  {mark:<40} hit {count}");
     }
-    if seeds.len() as u64 >= SEEDS_DEFAULT {
+    if seeds_run >= SEEDS_DEFAULT {
         // Every fault of the mix fired somewhere in the sweep: a fault that silently stopped
         // firing would otherwise leave the sweep passing on a world without it.
         for fault in SWARM_LEASE_FAULTS {
@@ -112,14 +137,14 @@ fn test_swarm_lease_safety_and_liveness_with_every_mark_hit() {
                 faults.get(fault).copied().unwrap_or(0) > 0,
                 "fault {} never fired in {} seeds",
                 fault.name(),
-                seeds.len()
+                seeds_run
             );
         }
         for mark in COVERAGE_MARKS.iter().chain(SWARM_COVERAGE_MARKS) {
             assert!(
                 marks.contains_key(mark),
                 "coverage mark {mark} never hit in {} seeds",
-                seeds.len()
+                seeds_run
             );
         }
     }
@@ -134,16 +159,23 @@ fn caught_within_at(
     broken: impl Fn(&mut LeaseScenario),
 ) -> (u64, String) {
     let base = SimConfig::from_env_or_random().seed;
-    for i in 0..MUTATION_SEEDS_MAX {
-        let mut scenario = base_scenario;
-        broken(&mut scenario);
-        match run_seed(base.wrapping_add(i), scenario) {
-            Ok(_) => continue,
-            Err(SimError::InvariantViolated { invariant, .. }) => return (i + 1, invariant),
+    let mut scenario = base_scenario;
+    broken(&mut scenario);
+    let mut caught = None;
+    let end = sweep_from(base, MUTATION_SEEDS_MAX).run(
+        |seed| run_seed(seed, scenario),
+        Result::is_err,
+        || true,
+        |_, result| match result {
+            Ok(_) => {}
+            Err(SimError::InvariantViolated { invariant, .. }) => caught = Some(invariant),
             Err(other) => panic!("broken keeper failed otherwise: {other}"),
-        }
+        },
+    );
+    match (end, caught) {
+        (SweepEnd::Stopped { seeds_run, .. }, Some(invariant)) => (seeds_run, invariant),
+        _ => panic!("a broken keeper survived {MUTATION_SEEDS_MAX} seeds from {base}"),
     }
-    panic!("a broken keeper survived {MUTATION_SEEDS_MAX} seeds from {base}");
 }
 
 #[test]
@@ -177,30 +209,32 @@ fn test_swarm_linearizability_catches_stale_reads() {
 
 fn stale_reads_caught(base_scenario: LeaseScenario) {
     let base = SimConfig::from_env_or_random().seed;
-    for i in 0..STALE_READ_SEEDS_MAX {
-        let mut scenario = base_scenario;
-        scenario.bug_stale_reads = true;
-        scenario.cluster.checkers = CheckerSet::NONE;
-        let message = match run_seed(base.wrapping_add(i), scenario) {
-            Ok(_) => continue,
+    let mut scenario = base_scenario;
+    scenario.bug_stale_reads = true;
+    scenario.cluster.checkers = CheckerSet::NONE;
+    let mut caught = None;
+    let end = sweep_from(base, STALE_READ_SEEDS_MAX).run(
+        |seed| run_seed(seed, scenario),
+        Result::is_err,
+        || true,
+        |_, result| match result {
+            Ok(_) => {}
             Err(SimError::InvariantViolated {
                 invariant, message, ..
-            }) if invariant == LINEARIZABILITY => message,
+            }) if invariant == LINEARIZABILITY => caught = Some(message),
             Err(other) => panic!("the stale store failed otherwise: {other}"),
-        };
-        assert!(
-            message.contains("linearizability violation on actor-"),
-            "the stale store failed otherwise: {message}"
-        );
-        assert!(message.contains("smallest offending window"), "{message}");
-        println!(
-            "stale reads caught by the linearizability check after {} seeds:",
-            i + 1
-        );
-        println!("{message}");
-        return;
-    }
-    panic!("a store serving stale reads survived {STALE_READ_SEEDS_MAX} seeds from {base}");
+        },
+    );
+    let (SweepEnd::Stopped { seeds_run, .. }, Some(message)) = (end, caught) else {
+        panic!("a store serving stale reads survived {STALE_READ_SEEDS_MAX} seeds from {base}");
+    };
+    assert!(
+        message.contains("linearizability violation on actor-"),
+        "the stale store failed otherwise: {message}"
+    );
+    assert!(message.contains("smallest offending window"), "{message}");
+    println!("stale reads caught by the linearizability check after {seeds_run} seeds:");
+    println!("{message}");
 }
 
 /// A scenario of `nodes` nodes and `actors` actors with `sim_secs` of faulty phase.
@@ -340,19 +374,21 @@ fn test_swarm_reports_a_node_that_never_acquires() {
 #[test]
 #[ignore = "large: 20 nodes, 1,000 actors; run with --release -- --ignored"]
 fn test_swarm_20_nodes_1000_actors() {
-    let seeds = kelpie_sim::test_seeds(LARGE_SEEDS_DEFAULT);
+    let sweep = kelpie_sim::test_sweep(LARGE_SEEDS_DEFAULT);
     let mut sim_ms = 0;
-    for &seed in &seeds {
-        let report = expect_pass(
-            "20 nodes, 1,000 actors",
-            seed,
-            run_seed(seed, sized(20, 1_000, 30)),
-        );
-        sim_ms += report.sim.sim_time_ms;
-    }
+    let end = sweep.run(
+        |seed| run_seed(seed, sized(20, 1_000, 30)),
+        Result::is_err,
+        || true,
+        |seed, result| {
+            let report = expect_pass("20 nodes, 1,000 actors", seed, result);
+            sim_ms += report.sim.sim_time_ms;
+        },
+    );
+    let seeds_run = end.seeds_run();
     println!(
         "large swarm: {} seeds of 20 nodes and 1,000 actors, {} simulated s, zero violations",
-        seeds.len(),
+        seeds_run,
         sim_ms / 1_000
     );
 }

@@ -182,6 +182,20 @@ pub fn test_seeds(default_count: u64) -> Vec<u64> {
     (0..count).map(|i| base.wrapping_add(i)).collect()
 }
 
+/// The seeds of [`test_seeds`] as a [`Sweep`](crate::Sweep) on every available core, so a
+/// multi-seed test runs its seeds in parallel and still sees their outcomes in seed order.
+///
+/// # Panics
+/// As [`test_seeds`].
+pub fn test_sweep(default_count: u64) -> crate::Sweep {
+    let seeds = test_seeds(default_count);
+    let jobs = std::thread::available_parallelism()
+        .unwrap_or(std::num::NonZeroUsize::MIN)
+        .min(std::num::NonZeroUsize::new(crate::SWEEP_JOBS_MAX).expect("positive"));
+    let base = seeds.first().copied().unwrap_or(0);
+    crate::Sweep::new(base, seeds.len() as u64).with_jobs(jobs)
+}
+
 /// The seed in `DST_SEED`: `Ok(None)` if unset, an error if set but not a decimal `u64`.
 pub fn seed_from_env() -> Result<Option<u64>, SimError> {
     match std::env::var(DST_SEED_ENV) {

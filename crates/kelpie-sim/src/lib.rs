@@ -17,7 +17,7 @@
 //! - [`SimNetwork`]: hosts with mailboxes, latency, partitions and faults.
 //! - [`test_seeds`], [`render_failure`], [`reproduce_command`]: multi-seed tests and the
 //!   `DST_SEED=<n>` failure banner.
-//! - [`Sweep`]: many seeds on several threads, delivered in seed order, optionally one
+//! - [`Sweep`], [`test_sweep`]: many seeds on several threads, delivered in seed order, optionally one
 //!   [`Shard`] of a sweep split across processes (`sweep`).
 //!
 //! Inside: `runtime` (the run loop: picks ready tasks with the seed, jumps time), `executor`
@@ -66,7 +66,7 @@ mod trace;
 
 pub use clock::{ClockSleep, SimClock, CLOCK_DRIFT_PPM_ABS_MAX};
 pub use config::{
-    check_determinism_from_env, parse_seed, seed_from_env, test_seeds, SimConfig,
+    check_determinism_from_env, parse_seed, seed_from_env, test_seeds, test_sweep, SimConfig,
     DST_CHECK_DETERMINISM_ENV, DST_SEEDS_ENV, DST_SEED_ENV, NETWORK_LATENCY_MS_MAX_DEFAULT,
     NETWORK_LATENCY_MS_MIN_DEFAULT, SIM_STEPS_MAX_DEFAULT, SIM_TIME_MS_MAX_DEFAULT,
     STORAGE_LATENCY_MS_MAX_DEFAULT, STORAGE_LATENCY_MS_MIN_DEFAULT,

@@ -246,14 +246,20 @@ impl Sweep {
         let window = SWEEP_REORDER_WINDOW_PER_JOB * workers;
         let claims = Claims::new(seeds_count, window);
         let (sender, receiver) = mpsc::channel::<(u64, T)>();
+        // Workers take the caller's thread name (a test's name under libtest), so whatever
+        // names the thread, such as the test filter of the DST_SEED banner, names the caller.
+        let name = std::thread::current().name().map(str::to_string);
         std::thread::scope(|scope| {
             let mut handles = Vec::new();
-            for worker in 0..workers {
+            for _ in 0..workers {
                 let (sender, claims) = (sender.clone(), &claims);
                 let (job, stops, more) = (&job, &stops, &more);
-                let handle = std::thread::Builder::new()
-                    .name(format!("sweep-{worker}"))
-                    .stack_size(SWEEP_WORKER_STACK_BYTES)
+                let builder = std::thread::Builder::new().stack_size(SWEEP_WORKER_STACK_BYTES);
+                let builder = match &name {
+                    Some(name) => builder.name(name.clone()),
+                    None => builder,
+                };
+                let handle = builder
                     .spawn_scoped(scope, move || {
                         let _abort_on_panic = AbortOnPanic(claims);
                         while let Some(position) = claims.claim(more) {
@@ -534,6 +540,17 @@ mod tests {
             None => panic.downcast_ref::<String>().cloned().unwrap_or_default(),
         };
         assert!(message.contains("job failed at 77"), "{message}");
+    }
+
+    #[test]
+    fn workers_take_the_callers_thread_name() {
+        let caller = std::thread::current().name().map(str::to_string);
+        Sweep::new(0, 8).with_jobs(jobs(2)).run(
+            |_| std::thread::current().name().map(str::to_string),
+            |_| false,
+            || true,
+            |_, name| assert_eq!(name, caller),
+        );
     }
 
     #[test]

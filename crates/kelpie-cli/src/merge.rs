@@ -17,8 +17,19 @@ use kelpie_sim::Shard;
 use crate::report::{FaultRecord, OpsRecord, Report};
 use crate::sim::print_stdout;
 
+const MERGE_AFTER_HELP: &str = "\
+The files must be every shard 0/N .. N-1/N of one sweep (same options, --base-seed, --seeds and
+--keep-going), each once, in any order; the report printed is the whole sweep's, as
+`kelpie sim` without --shard prints it. Without --keep-going a shard stops at its own first
+failing seed while the others go on, so the merged totals then cover the seeds the shards ran;
+the failure reported is still the first in seed order. Time-budgeted and single-seed reports
+cannot be merged.
+
+Exit codes: 0 no violation, 1 a seed failed, 2 bad usage or reports that cannot be merged.";
+
 /// Options of `kelpie sim merge`.
 #[derive(Debug, Args)]
+#[command(after_help = MERGE_AFTER_HELP)]
 pub struct MergeArgs {
     /// The shards' reports, as written by `kelpie sim --json --shard I/N`.
     #[arg(required = true, value_name = "FILE")]

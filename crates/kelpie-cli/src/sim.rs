@@ -411,14 +411,15 @@ pub fn run(args: SimArgs) -> Result<bool, CliError> {
     let (base, count) = match plan {
         SeedPlan::Single(seed) => (seed, 1),
         SeedPlan::Sweep { base, count } => {
-            let shard = match options.shard.is_whole() {
-                true => String::new(),
-                false => format!(", shard {}", options.shard),
+            let what = match options.shard.is_whole() {
+                true => format!("{count} seeds"),
+                false => format!("shard {} of {count} seeds", options.shard),
             };
+            let jobs = options.jobs.get();
+            let plural = if jobs == 1 { "" } else { "s" };
             eprintln!(
-                "kelpie sim: {count} seeds from base seed {base}{shard} on {} jobs (repeat with \
-                 --base-seed {base})",
-                options.jobs
+                "kelpie sim: {what} from base seed {base} on {jobs} job{plural} (repeat with \
+                 --base-seed {base})"
             );
             (base, count)
         }

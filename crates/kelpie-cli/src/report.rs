@@ -444,7 +444,7 @@ impl Report {
         if let Some(budget) = &self.time_budget {
             let spent = match self.budget_spent {
                 true => "spent, no further seed started",
-                false => "not spent: every seed ran",
+                false => "not spent",
             };
             let _ = writeln!(out, "time budget:       {budget}, {spent}");
         }

@@ -429,14 +429,17 @@ fn test_dst_lease_determinism() {
 #[test]
 #[ignore = "stress: 10,000 seeds (DST_SEEDS sets another count); run with --release -- --ignored"]
 fn test_dst_lease_stress() {
-    let seeds = kelpie_sim::test_seeds(STRESS_SEEDS_DEFAULT);
-    let seeds_count = seeds.len() as u64;
+    // On every core, outcomes in seed order: the first failing seed in order is reported.
+    let sweep = kelpie_sim::test_sweep(STRESS_SEEDS_DEFAULT);
+    let seeds_count = sweep.seeds_count();
     let mut totals = kelpie_dst::LeaseOpCounts::default();
-    for &seed in &seeds {
-        let report = scenario_run(seed, LeaseScenario::default()).unwrap_or_else(|e| panic!("{e}"));
-        totals += report.ops;
-    }
-    let base = seeds[0];
+    sweep.run(
+        |seed| scenario_run(seed, LeaseScenario::default()),
+        Result::is_err,
+        || true,
+        |_, result| totals += result.unwrap_or_else(|e| panic!("{e}")).ops,
+    );
+    let base = sweep.seed_at(0);
     assert!(
         totals.acquired > seeds_count && totals.store_failed > 0,
         "{totals:?}"

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use kelpie_dst::{LeaseEvent, LeaseEventKind, LeaseOpCounts, SWARM_COVERAGE_MARKS};
-use kelpie_lease::COVERAGE_MARKS;
+use kelpie_lease::coverage::COVERAGE_MARKS;
 use kelpie_sim::{FaultType, Shard, SimError};
 use serde::{Deserialize, Serialize};
 

@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Built with `--features etcd`, `--store etcd://HOST:PORT[,HOST:PORT...]` keeps the leases in
-//! etcd instead (campaigns then wait by watch); the state stays in the SQLite file `--state`.
+//! etcd instead (campaigns then wait by watch), and the actors' state beside them in etcd,
+//! fenced by the lease keys themselves (`--state` is then unused).
 //!
 //! Start two with different `--node`s on the same files: each actor is held by one of them at
 //! a time, and `kill -TERM` on one hands its actors to the other. Every line on stdout is one
@@ -27,11 +28,12 @@ use std::time::Duration;
 
 use kelpie_core::{ActorId, NodeId};
 use kelpie_lease::{
-    CancellationToken, LeaseConfig, LeaseManager, LeaseSession, Placement, PlacementError,
-    SessionConfig, SessionError, SqliteFencedStateStore, SqliteLeaseManager, StateError,
+    CancellationToken, FencedStateStore, LeaseConfig, LeaseManager, LeaseSession, Placement,
+    PlacementError, SessionConfig, SessionError, SqliteFencedStateStore, SqliteLeaseManager,
+    StateError,
 };
 
-type ServicePlacement<M> = Placement<M, SqliteFencedStateStore>;
+type ServicePlacement<M, S> = Placement<M, S>;
 
 struct Args {
     node: String,
@@ -119,7 +121,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         return run_on_etcd(endpoints, lease, &args).await;
     }
     let manager = Arc::new(SqliteLeaseManager::open(&args.store, lease)?);
-    serve(manager, &args).await
+    let state = SqliteFencedStateStore::open(&args.state)?;
+    serve(manager, state, &args).await
 }
 
 #[cfg(feature = "etcd")]
@@ -131,7 +134,8 @@ async fn run_on_etcd(
     use kelpie_lease::{backend::parse_endpoints, EtcdLeaseManager, EtcdOptions};
     let options = EtcdOptions::new(parse_endpoints(endpoints)?).with_lease_config(lease);
     let manager = Arc::new(EtcdLeaseManager::connect(options).await?);
-    serve(manager, args).await
+    let state = manager.fenced_state_store();
+    serve(manager, state, args).await
 }
 
 #[cfg(not(feature = "etcd"))]
@@ -144,13 +148,14 @@ async fn run_on_etcd(
 }
 
 /// Serves the wanted actors over `manager` until SIGTERM.
-async fn serve<M: LeaseManager + 'static>(
+async fn serve<M: LeaseManager + 'static, S: FencedStateStore + 'static>(
     manager: Arc<M>,
+    state: S,
     args: &Args,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let config = SessionConfig::default().with_campaign_poll_ms_max(args.poll_ms);
     let session = LeaseSession::start(manager, NodeId::new(args.node.as_str())?, config)?;
-    let state = Arc::new(SqliteFencedStateStore::open(&args.state)?);
+    let state = Arc::new(state);
     let placement = Arc::new(Placement::new(session.clone(), state));
     let stopping = CancellationToken::new();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -182,8 +187,8 @@ async fn serve<M: LeaseManager + 'static>(
 /// Holds `actor` whenever this process can: campaign (the placement fences the state store
 /// with the new token), write while the activation is active, and campaign again when it
 /// ends.
-async fn hold<M: LeaseManager + 'static>(
-    placement: Arc<ServicePlacement<M>>,
+async fn hold<M: LeaseManager + 'static, S: FencedStateStore + 'static>(
+    placement: Arc<ServicePlacement<M, S>>,
     actor: ActorId,
     stopping: CancellationToken,
     (write_every_ms, work_ms): (u64, u64),
@@ -218,6 +223,11 @@ async fn hold<M: LeaseManager + 'static>(
                     say(format!(
                         "write actor={actor} token={token} refused highest={highest_token}"
                     ));
+                    break;
+                }
+                // etcd checks the lease itself: released or expired, with no successor yet.
+                Err(StateError::NotHolder { .. }) => {
+                    say(format!("write actor={actor} token={token} lease-gone"));
                     break;
                 }
                 Err(error) => say(format!("write actor={actor} token={token} error={error}")),

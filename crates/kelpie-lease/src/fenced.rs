@@ -62,6 +62,18 @@ pub enum StateError {
         /// The highest token the store has accepted for the actor.
         highest_token: FencingToken,
     },
+    /// The store ties fencing to the lease itself (etcd) and holds no lease on the actor with
+    /// this token: it expired or was released, and no later holder's token was seen to report.
+    #[error(
+        "no lease on {actor_id} carries token {token} any more (it expired or was released); \
+         write refused"
+    )]
+    NotHolder {
+        /// The actor written.
+        actor_id: ActorId,
+        /// The token the write carried.
+        token: FencingToken,
+    },
     /// Token zero is never issued to a lease holder, so a write carrying it has no lease.
     #[error("fencing token 0 is never issued to a lease holder; write to {actor_id} refused")]
     ZeroToken {
@@ -100,6 +112,7 @@ pub trait FencedStateStore: Send + Sync {
     ///
     /// # Errors
     /// [`StateError::StaleToken`] if a higher token was accepted before (nothing is written),
+    /// [`StateError::NotHolder`] where the store checks the lease itself and it is gone,
     /// [`StateError::ZeroToken`], [`StateError::ValueTooLarge`], or [`StateError::Store`].
     fn write(
         &self,
@@ -131,7 +144,11 @@ pub trait FencedStateStore: Send + Sync {
 }
 
 /// The checks every store makes before touching its data.
-fn check_write(actor_id: &ActorId, token: FencingToken, bytes: usize) -> Result<(), StateError> {
+pub(crate) fn check_write(
+    actor_id: &ActorId,
+    token: FencingToken,
+    bytes: usize,
+) -> Result<(), StateError> {
     if token == FencingToken::ZERO {
         return Err(StateError::ZeroToken {
             actor_id: actor_id.clone(),

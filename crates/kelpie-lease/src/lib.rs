@@ -18,7 +18,8 @@
 //!   token), and says where an actor lives. [`KeeperPlacement`] does the same over a bare
 //!   keeper, leaving the fencing to its caller.
 //! - **Fenced state**: [`FencedStateStore`] refuses writes whose token was superseded
-//!   ([`MemoryFencedStateStore`], [`SqliteFencedStateStore`]).
+//!   ([`MemoryFencedStateStore`], [`SqliteFencedStateStore`]; with the feature `etcd`,
+//!   `EtcdFencedStateStore`, fenced by the lease keys themselves).
 //! - **Errors**: [`LeaseError`] (refusals), [`StoreError`] (the store failed), [`ConfigError`]
 //!   (refused at construction), [`SessionError`], [`StateError`].
 //! - Modules for fewer readers: [`limits`] (every bound and default), [`backend`] (the stored
@@ -69,7 +70,7 @@ mod test_support;
 pub use activation::{Activation, Placed, Placement, PlacementError};
 pub use error::{ConfigError, LeaseError, StoreError};
 #[cfg(feature = "etcd")]
-pub use etcd::{EtcdCredentials, EtcdLeaseManager, EtcdOptions};
+pub use etcd::{EtcdCredentials, EtcdFencedStateStore, EtcdLeaseManager, EtcdOptions};
 pub use fenced::{
     FencedState, FencedStateStore, MemoryFencedStateStore, SqliteFencedStateStore, StateError,
 };

@@ -1,5 +1,5 @@
 //! One suite, generic over the backend: a store is done when it passes the same cases as the
-//! others. Each backend supplies a [`Backend`]: a fresh manager, a way to let time pass on
+//! others, its fenced state store included. Each backend supplies a [`Backend`]: a fresh manager, a way to let time pass on
 //! the store's clock and to read it, and a way to reopen the store (a new process opening the
 //! same SQLite file, a new etcd client) so that what must survive a restart is checked too.
 
@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use kelpie_core::{ActorId, Clock, FencingToken, ManualClock, NodeId};
 use kelpie_lease::{
-    backend::SqliteLeaseStore, LeaseConfig, LeaseError, LeaseManager, MemoryLeaseManager,
-    SqliteLeaseManager, SqliteOptions,
+    backend::SqliteLeaseStore, limits::STATE_VALUE_BYTES_MAX, FencedStateStore, LeaseConfig,
+    LeaseError, LeaseManager, MemoryFencedStateStore, MemoryLeaseManager, SqliteFencedStateStore,
+    SqliteLeaseManager, SqliteOptions, StateError,
 };
 #[cfg(feature = "etcd")]
 use kelpie_lease::{limits::ETCD_EXPIRY_CHECK_INTERVAL_MS, EtcdLeaseManager, EtcdOptions};
@@ -24,8 +25,11 @@ const LEASE_DURATION_MS: u64 = 1_000;
 /// What the suite needs from a backend.
 trait Backend: Send + Sync {
     type Manager: LeaseManager;
+    type State: FencedStateStore;
     /// The manager under test, over an empty store.
     fn manager(&self) -> &Self::Manager;
+    /// The backend's fenced state store, over an empty store.
+    fn state(&self) -> &Self::State;
     /// Lets `duration_ms` pass on the store's clock.
     fn advance_ms(&self, duration_ms: u64) -> impl Future<Output = ()> + Send;
     /// The store's clock now, as the manager stamps leases with it.
@@ -267,6 +271,72 @@ async fn concurrent_acquires_have_exactly_one_winner<B: Backend>(b: B) {
     );
 }
 
+/// Actor state follows the lease: a holder fences the state with its token and writes; its
+/// successor's fence reads that write, and from then on the old token is refused, also after
+/// the stores are reopened. Token zero and oversized values are refused everywhere.
+async fn fenced_state_follows_the_lease(mut backend: impl Backend) {
+    let a = actor("a");
+    let (n1, n2) = (node("n1"), node("n2"));
+    let first = backend.manager().acquire(&a, &n1).await.unwrap();
+    let t1 = first.fencing_token;
+    let fenced = backend.state().fence(&a, t1).await.unwrap();
+    assert_eq!((fenced.highest_token, fenced.value), (t1, None));
+    backend.state().write(&a, t1, b"first").await.unwrap();
+    let read = backend.state().read(&a).await.unwrap().unwrap();
+    assert_eq!(
+        (read.highest_token, read.value.as_deref()),
+        (t1, Some(&b"first"[..]))
+    );
+
+    backend.manager().release(&a, &n1).await.unwrap();
+    let t2 = backend
+        .manager()
+        .acquire(&a, &n2)
+        .await
+        .unwrap()
+        .fencing_token;
+    assert!(t2 > t1);
+    let fenced = backend.state().fence(&a, t2).await.unwrap();
+    assert_eq!(fenced.highest_token, t2);
+    assert_eq!(
+        fenced.value.as_deref(),
+        Some(&b"first"[..]),
+        "the successor reads it"
+    );
+    let late = backend.state().write(&a, t1, b"late").await.unwrap_err();
+    assert!(
+        matches!(late, StateError::StaleToken { highest_token, .. } if highest_token == t2),
+        "{late:?}"
+    );
+    backend.state().write(&a, t2, b"second").await.unwrap();
+
+    backend.reopen().await;
+    let read = backend.state().read(&a).await.unwrap().unwrap();
+    assert_eq!(
+        (read.highest_token, read.value.as_deref()),
+        (t2, Some(&b"second"[..]))
+    );
+    let late = backend.state().write(&a, t1, b"late").await.unwrap_err();
+    assert!(matches!(late, StateError::StaleToken { .. }), "{late:?}");
+    let zero = backend.state().write(&a, FencingToken::ZERO, b"x").await;
+    assert!(
+        matches!(zero, Err(StateError::ZeroToken { .. })),
+        "{zero:?}"
+    );
+    let huge = vec![0u8; STATE_VALUE_BYTES_MAX + 1];
+    let too_large = backend.state().write(&a, t2, &huge).await;
+    assert!(
+        matches!(too_large, Err(StateError::ValueTooLarge { .. })),
+        "{too_large:?}"
+    );
+    let read = backend.state().read(&a).await.unwrap().unwrap();
+    assert_eq!(
+        read.value.as_deref(),
+        Some(&b"second"[..]),
+        "nothing refused was written"
+    );
+}
+
 /// Generates one `#[tokio::test]` per suite case for a backend.
 macro_rules! conformance_suite {
     ($module:ident, $make:expr) => {
@@ -283,7 +353,8 @@ macro_rules! conformance_suite {
                 release_frees_lease_and_tokens_survive_it,
                 tokens_increase_across_many_holders,
                 leases_held_by_lists_only_valid_leases_of_that_node,
-                concurrent_acquires_have_exactly_one_winner);
+                concurrent_acquires_have_exactly_one_winner,
+                fenced_state_follows_the_lease);
         }
     };
     (@cases $make:expr; $($case:ident),*) => {
@@ -301,13 +372,19 @@ macro_rules! conformance_suite {
 struct MemoryBackend {
     clock: ManualClock,
     manager: MemoryLeaseManager,
+    state: MemoryFencedStateStore,
 }
 
 impl Backend for MemoryBackend {
     type Manager = MemoryLeaseManager;
+    type State = MemoryFencedStateStore;
 
     fn manager(&self) -> &MemoryLeaseManager {
         &self.manager
+    }
+
+    fn state(&self) -> &MemoryFencedStateStore {
+        &self.state
     }
 
     async fn advance_ms(&self, duration_ms: u64) {
@@ -325,7 +402,11 @@ async fn memory_backend() -> Option<MemoryBackend> {
     let clock = ManualClock::new(1_000);
     let config = LeaseConfig::new(LEASE_DURATION_MS).unwrap();
     let manager = MemoryLeaseManager::in_memory(Arc::new(clock.clone()), config);
-    Some(MemoryBackend { clock, manager })
+    Some(MemoryBackend {
+        clock,
+        manager,
+        state: MemoryFencedStateStore::new(),
+    })
 }
 
 conformance_suite!(memory, memory_backend());
@@ -336,16 +417,24 @@ struct SqliteBackend {
     clock: ManualClock,
     /// Always `Some` between calls; empty only while reopening.
     manager: Option<SqliteLeaseManager>,
+    /// Likewise.
+    state: Option<SqliteFencedStateStore>,
     path: std::path::PathBuf,
+    state_path: std::path::PathBuf,
     // Declared last so the store (and its writer thread) is dropped before the directory.
     _dir: tempfile::TempDir,
 }
 
 impl Backend for SqliteBackend {
     type Manager = SqliteLeaseManager;
+    type State = SqliteFencedStateStore;
 
     fn manager(&self) -> &SqliteLeaseManager {
         self.manager.as_ref().expect("open between calls")
+    }
+
+    fn state(&self) -> &SqliteFencedStateStore {
+        self.state.as_ref().expect("open between calls")
     }
 
     async fn advance_ms(&self, duration_ms: u64) {
@@ -359,7 +448,9 @@ impl Backend for SqliteBackend {
     /// A new store over the same file, after the old one (and its writer thread) is gone.
     async fn reopen(&mut self) {
         drop(self.manager.take());
+        drop(self.state.take());
         self.manager = Some(sqlite_manager(&self.path, &self.clock));
+        self.state = Some(SqliteFencedStateStore::open(&self.state_path).unwrap());
     }
 }
 
@@ -373,10 +464,13 @@ async fn sqlite_backend() -> Option<SqliteBackend> {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(1_000);
     let path = dir.path().join("leases.db");
+    let state_path = dir.path().join("state.db");
     Some(SqliteBackend {
         manager: Some(sqlite_manager(&path, &clock)),
+        state: Some(SqliteFencedStateStore::open(&state_path).unwrap()),
         clock,
         path,
+        state_path,
         _dir: dir,
     })
 }
@@ -389,6 +483,8 @@ conformance_suite!(sqlite, sqlite_backend());
 /// with its own lease TTLs, so the suite must wait for them.
 struct EtcdBackend {
     manager: EtcdLeaseManager,
+    /// The manager's fenced state store (replaced with it on reopen).
+    state: kelpie_lease::EtcdFencedStateStore,
     /// How to connect again, with the same key prefix and clock.
     options: EtcdOptions,
     clock: kelpie_core::SharedClock,
@@ -405,9 +501,14 @@ const ETCD_LEASE_DURATION_MS: u64 = 2_000;
 #[cfg(feature = "etcd")]
 impl Backend for EtcdBackend {
     type Manager = EtcdLeaseManager;
+    type State = kelpie_lease::EtcdFencedStateStore;
 
     fn manager(&self) -> &EtcdLeaseManager {
         &self.manager
+    }
+
+    fn state(&self) -> &kelpie_lease::EtcdFencedStateStore {
+        &self.state
     }
 
     // etcd expires leases on its leader's clock, so letting time pass means waiting for real.
@@ -430,6 +531,7 @@ impl Backend for EtcdBackend {
         let manager = EtcdLeaseManager::connect(self.options.clone())
             .await
             .expect("etcd answered a moment ago");
+        self.state = manager.fenced_state_store();
         self.previous
             .push(std::mem::replace(&mut self.manager, manager));
     }
@@ -468,6 +570,7 @@ async fn etcd_backend() -> Option<EtcdBackend> {
         .await
         .expect("KELPIE_ETCD_ENDPOINTS is set but etcd cannot be used");
     Some(EtcdBackend {
+        state: manager.fenced_state_store(),
         manager,
         options,
         clock,

@@ -9,9 +9,19 @@
 //! (sometimes two at once, so the cluster loses quorum), and restarts members. Then the faults
 //! stop, every member runs, and the workers keep going for a healing phase.
 //!
+//! Every write also goes to the actors' state in etcd through [`EtcdFencedStateStore`], which
+//! fences with the lease key itself; each new holder first fences it and reads the state.
+//!
 //! Asserted:
 //! - the fenced resource never accepted a write with a token lower than one it had accepted,
 //!   and never accepted one token from two holders (never two holders at once);
+//! - the etcd fenced state store lost no acknowledged write and accepted no stale one: every
+//!   fence (and the final read) sees a write at least as new, by (token, write number), as
+//!   every write acknowledged before the fence was sent (a stale write accepted over a newer
+//!   one would show as an older value). Late writes after a stall are counted (refused once
+//!   etcd expired the lease; accepted while a lost quorum kept it alive, which is safe: nobody
+//!   else can hold it then), and so are writes made in belief that etcd refused (the request
+//!   arrived after the lease ended: slow under faults, not stale);
 //! - tokens strictly increase per actor across holders: each token was granted to one node,
 //!   and a grant that completed before another was requested has the smaller token;
 //! - renewals never change the token, and no write a worker made while it believed it held the
@@ -37,8 +47,8 @@ use std::time::Duration;
 use etcd_support::{etcd_binary, free_port, sleep_ms, EtcdMember, Stopwatch};
 use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock, TokioClock};
 use kelpie_lease::{
-    limits::ETCD_EXPIRY_CHECK_INTERVAL_MS, EtcdLeaseManager, EtcdOptions, Lease, LeaseConfig,
-    LeaseError, LeaseManager,
+    limits::ETCD_EXPIRY_CHECK_INTERVAL_MS, EtcdFencedStateStore, EtcdLeaseManager, EtcdOptions,
+    FencedStateStore, Lease, LeaseConfig, LeaseError, LeaseManager, StateError,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -112,6 +122,45 @@ impl FencedResource {
     fn accepted_total(&self) -> usize {
         self.accepted.lock().unwrap().values().map(Vec::len).sum()
     }
+}
+
+/// What a state write carries, in the order etcd must keep: the writer's token, then the
+/// history position the write was numbered with (a holder writes one at a time).
+type StateKey = (u64, u64);
+
+fn state_value((token, number): StateKey) -> Vec<u8> {
+    format!("{token}:{number}").into_bytes()
+}
+
+fn state_key_of(value: &[u8]) -> StateKey {
+    let text = std::str::from_utf8(value).expect("state values are text");
+    let (token, number) = text.split_once(':').expect("token:number");
+    (token.parse().unwrap(), number.parse().unwrap())
+}
+
+/// Acknowledged writes the etcd state store lost: a fence (or the final read) that saw an
+/// older write than one acknowledged before it was sent.
+fn lost_state_writes(
+    writes: &[(ActorId, StateKey, u64)],
+    fences: &[(ActorId, Option<StateKey>, u64)],
+) -> Vec<String> {
+    let mut lost = Vec::new();
+    for (actor_id, seen, sent_seq) in fences {
+        let newest_acknowledged = writes
+            .iter()
+            .filter(|(a, _, acked_seq)| a == actor_id && acked_seq < sent_seq)
+            .map(|(_, key, _)| *key)
+            .max();
+        if let Some(newest) = newest_acknowledged {
+            if seen.is_none_or(|seen| seen < newest) {
+                lost.push(format!(
+                    "{actor_id}: a read sent at position {sent_seq} saw {seen:?}, but {newest:?} \
+                     was acknowledged before"
+                ));
+            }
+        }
+    }
+    lost
 }
 
 /// One successful acquire, timed on the shared clock.
@@ -247,6 +296,16 @@ struct WorkerStats {
     late_writes_accepted: AtomicU64,
     /// Renewals that returned another token. Must be 0.
     renewals_changing_token: AtomicU64,
+    /// Writes to the etcd state store acknowledged.
+    state_writes_acknowledged: AtomicU64,
+    /// Writes to the etcd state store made in belief and refused: the request reached etcd
+    /// after the lease ended.
+    state_believed_writes_refused: AtomicU64,
+    /// Late writes to the etcd state store after a stall, refused.
+    state_late_writes_refused: AtomicU64,
+    /// Late writes to the etcd state store after a stall, accepted: etcd had not expired the
+    /// lease (a lost quorum keeps leases alive), so nobody else held it.
+    state_late_writes_accepted: AtomicU64,
     /// Operations etcd answered, with a lease or a refusal: the worker is not stuck.
     answered: AtomicU64,
 }
@@ -267,6 +326,10 @@ struct Shared {
     resource: FencedResource,
     grants: Mutex<Vec<Grant>>,
     releases: Mutex<Vec<Release>>,
+    /// Writes the etcd state store acknowledged: (actor, (token, write number), position).
+    state_writes: Mutex<Vec<(ActorId, StateKey, u64)>>,
+    /// Fences of the etcd state store: (actor, what it read, position when it was sent).
+    state_fences: Mutex<Vec<(ActorId, Option<StateKey>, u64)>>,
     observations: Mutex<Vec<Observation>>,
     /// Orders the recorded history: an event whose position is taken after another's
     /// happened after it (the counter is sequentially consistent across workers).
@@ -351,8 +414,23 @@ async fn hold(
         lease.holder.clone(),
         lease.fencing_token,
     );
+    let state = manager.fenced_state_store();
+    let fence_seq = shared.next_seq();
+    match state.fence(&actor_id, token).await {
+        Ok(fenced) => {
+            let seen = fenced.value.as_deref().map(state_key_of);
+            shared
+                .state_fences
+                .lock()
+                .unwrap()
+                .push((actor_id.clone(), seen, fence_seq));
+        }
+        Err(StateError::Store(_)) => bump(&stats.store_errors),
+        // Lost already (the lease expired during a fault): nothing to write under it.
+        Err(_) => return bump(&stats.lost),
+    }
     if rng.gen_ratio(1, STALL_ONE_IN) {
-        return stall_then_write_late(shared, &lease, rng, stats).await;
+        return stall_then_write_late(shared, &state, &lease, rng, stats).await;
     }
     for _ in 0..rng.gen_range(1..=WRITES_PER_HOLD_MAX) {
         // Check the belief and write with nothing in between that could yield.
@@ -365,6 +443,7 @@ async fn hold(
         } else {
             bump(&stats.believed_writes_refused);
         }
+        write_state(shared, &state, &actor_id, token, stats).await;
         sleep_ms(rng.gen_range(100..400)).await;
         match manager.renew_fenced(&actor_id, &me, token).await {
             Ok(renewed) => {
@@ -407,6 +486,31 @@ async fn hold(
     }
 }
 
+/// Writes the actor's state in etcd under `token`, in belief, and records the acknowledgement.
+async fn write_state(
+    shared: &Shared,
+    state: &EtcdFencedStateStore,
+    actor_id: &ActorId,
+    token: FencingToken,
+    stats: &WorkerStats,
+) {
+    let key = (token.0, shared.next_seq());
+    match state.write(actor_id, token, &state_value(key)).await {
+        Ok(()) => {
+            bump(&stats.state_writes_acknowledged);
+            let acked_seq = shared.next_seq();
+            shared
+                .state_writes
+                .lock()
+                .unwrap()
+                .push((actor_id.clone(), key, acked_seq));
+        }
+        Err(StateError::Store(_)) => bump(&stats.store_errors),
+        // The lease ended before the write reached etcd's compare (a slow request).
+        Err(_) => bump(&stats.state_believed_writes_refused),
+    }
+}
+
 /// Reads the actor's lease and records whose token it shows, for the release check.
 async fn observe(
     shared: &Shared,
@@ -429,6 +533,7 @@ async fn observe(
 /// remembered token without checking anything, as a paused process would on waking.
 async fn stall_then_write_late(
     shared: &Shared,
+    state: &EtcdFencedStateStore,
     lease: &Lease,
     rng: &mut ChaCha8Rng,
     stats: &WorkerStats,
@@ -443,6 +548,16 @@ async fn stall_then_write_late(
         bump(&stats.late_writes_accepted);
     } else {
         bump(&stats.late_writes_refused);
+    }
+    let key = (lease.fencing_token.0, shared.next_seq());
+    let value = state_value(key);
+    match state
+        .write(&lease.actor_id, lease.fencing_token, &value)
+        .await
+    {
+        Ok(()) => bump(&stats.state_late_writes_accepted),
+        Err(StateError::Store(_)) => bump(&stats.store_errors),
+        Err(_) => bump(&stats.state_late_writes_refused),
     }
 }
 
@@ -667,6 +782,8 @@ async fn contending_workers_stay_fenced_through_cluster_faults() {
         resource: FencedResource::default(),
         grants: Mutex::new(Vec::new()),
         releases: Mutex::new(Vec::new()),
+        state_writes: Mutex::new(Vec::new()),
+        state_fences: Mutex::new(Vec::new()),
         observations: Mutex::new(Vec::new()),
         sequence: AtomicU64::new(0),
         workers: (0..WORKERS).map(|_| WorkerStats::default()).collect(),
@@ -690,12 +807,44 @@ async fn contending_workers_stay_fenced_through_cluster_faults() {
     let stopping = futures::future::join_all(workers);
     let stopped = tokio::time::timeout(Duration::from_millis(WORKER_STOP_TIMEOUT_MS), stopping);
     assert!(stopped.await.is_ok(), "workers did not stop");
+    final_state_reads(&shared).await;
     let elapsed_s = started.elapsed_ms() / 1_000;
     // The cluster owns a runtime of its own, which may only be dropped outside async code.
     tokio::task::spawn_blocking(move || drop(cluster))
         .await
         .unwrap();
     report_and_check(&shared, &faults, &at_heal, &at_end, elapsed_s);
+}
+
+/// Reads every actor's state once the workers stopped, as fences at the end of the history.
+async fn final_state_reads(shared: &Shared) {
+    let manager = connect_worker_once(shared).await;
+    let state = manager.fenced_state_store();
+    for actor_id in &shared.actors {
+        let sent_seq = shared.next_seq();
+        let read = state
+            .read(actor_id)
+            .await
+            .expect("etcd answers after healing");
+        let seen = read.and_then(|r| r.value).as_deref().map(state_key_of);
+        shared
+            .state_fences
+            .lock()
+            .unwrap()
+            .push((actor_id.clone(), seen, sent_seq));
+    }
+}
+
+async fn connect_worker_once(shared: &Shared) -> EtcdLeaseManager {
+    let options = EtcdOptions::new(shared.endpoints.clone())
+        .with_key_prefix("/kelpie-faults/")
+        .with_lease_config(LeaseConfig::new(LEASE_DURATION_MS).unwrap())
+        .with_request_timeout_ms(REQUEST_TIMEOUT_MS)
+        .with_connect_timeout_ms(CONNECT_TIMEOUT_MS)
+        .with_clock(shared.clock.clone());
+    EtcdLeaseManager::connect(options)
+        .await
+        .expect("etcd answers after healing")
 }
 
 fn report_and_check(
@@ -741,6 +890,20 @@ fn report_and_check(
         sum(|w| &w.late_writes_accepted),
         sum(|w| &w.believed_writes_refused)
     );
+    let state_writes = shared.state_writes.lock().unwrap().clone();
+    let state_fences = shared.state_fences.lock().unwrap().clone();
+    let lost_writes = lost_state_writes(&state_writes, &state_fences);
+    println!(
+        "  etcd fenced state: {} writes acknowledged, {} reads by fences and at the end, \
+         {} acknowledged writes lost; after stalls: {} late writes refused, {} accepted; \
+         {} writes made in belief refused",
+        sum(|w| &w.state_writes_acknowledged),
+        state_fences.len(),
+        lost_writes.len(),
+        sum(|w| &w.state_late_writes_refused),
+        sum(|w| &w.state_late_writes_accepted),
+        sum(|w| &w.state_believed_writes_refused)
+    );
     let releases = shared.releases.lock().unwrap().clone();
     let observations = shared.observations.lock().unwrap().clone();
     let released = release_check(&releases, &grants, &observations);
@@ -766,6 +929,14 @@ fn report_and_check(
 
     let fencing = shared.resource.violations();
     assert!(fencing.is_empty(), "fencing violated: {fencing:#?}");
+    assert!(
+        lost_writes.is_empty(),
+        "acknowledged state writes lost: {lost_writes:#?}"
+    );
+    assert!(
+        sum(|w| &w.state_writes_acknowledged) > 0 && sum(|w| &w.state_late_writes_refused) > 0,
+        "the etcd state store was not exercised"
+    );
     let ordering = grant_violations(&grants);
     assert!(
         ordering.is_empty(),
@@ -805,6 +976,23 @@ fn report_and_check(
 
 /// The release check itself, on a made-up history: it must flag a read or a grant sent after
 /// an acknowledged release that still shows the released token, and nothing else.
+/// The lost-write check flags a read that misses a write acknowledged before it was sent, and
+/// nothing else.
+#[test]
+fn lost_state_writes_flags_only_a_read_older_than_an_earlier_acknowledgement() {
+    let a = ActorId::new("a").unwrap();
+    let writes = vec![(a.clone(), (5, 10), 11), (a.clone(), (7, 20), 21)];
+    let fine = vec![
+        (a.clone(), None, 3),
+        (a.clone(), Some((5, 10)), 12),
+        (a.clone(), Some((7, 20)), 30),
+        (a.clone(), Some((5, 10)), 21),
+    ];
+    assert!(lost_state_writes(&writes, &fine).is_empty());
+    let lost = vec![(a.clone(), Some((5, 10)), 22), (a.clone(), None, 12)];
+    assert_eq!(lost_state_writes(&writes, &lost).len(), 2);
+}
+
 #[test]
 fn release_check_flags_only_a_released_token_seen_after_the_acknowledgement() {
     let actor = ActorId::new("actor-0").unwrap();

@@ -369,3 +369,39 @@ async fn a_campaign_takes_over_by_watch_within_moments_of_a_release() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+/// The etcd fenced state store checks the lease key itself: once the lease is released (no
+/// successor yet) the old holder's write is refused as `NotHolder`, a successor's token as
+/// `StaleToken`; state keys stay outside the lease range, so listing leases never reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_state_writes_need_the_live_lease_and_stay_out_of_lease_scans() {
+    let Some(options) = shared_etcd("etcd_fenced_state") else {
+        return;
+    };
+    use kelpie_lease::{FencedStateStore, StateError};
+    let m = manager(&options).await;
+    let state = m.fenced_state_store();
+    let (a, n1, n2) = (actor("stateful"), node("n1"), node("n2"));
+    let t1 = m.acquire(&a, &n1).await.unwrap().fencing_token;
+    state.fence(&a, t1).await.unwrap();
+    state.write(&a, t1, b"one").await.unwrap();
+    assert_eq!(
+        m.leases_held_by(&n1).await.unwrap().len(),
+        1,
+        "state keys are not leases"
+    );
+    m.release(&a, &n1).await.unwrap();
+    let gone = state.write(&a, t1, b"after release").await.unwrap_err();
+    assert!(matches!(gone, StateError::NotHolder { .. }), "{gone:?}");
+    let gone = state.fence(&a, t1).await.unwrap_err();
+    assert!(matches!(gone, StateError::NotHolder { .. }), "{gone:?}");
+    let t2 = m.acquire(&a, &n2).await.unwrap().fencing_token;
+    let stale = state.write(&a, t1, b"late").await.unwrap_err();
+    assert!(
+        matches!(stale, StateError::StaleToken { highest_token, .. } if highest_token == t2),
+        "{stale:?}"
+    );
+    let fenced = state.fence(&a, t2).await.unwrap();
+    assert_eq!(fenced.value.as_deref(), Some(&b"one"[..]));
+    assert_eq!(m.leases_held_by(&n2).await.unwrap().len(), 1);
+}

@@ -82,6 +82,7 @@
 
 mod codec;
 mod errors;
+mod fenced;
 mod handover;
 mod ops;
 mod options;
@@ -100,6 +101,7 @@ pub use options::{
     ETCD_PORT_DEFAULT, ETCD_REQUEST_TIMEOUT_MS_DEFAULT, ETCD_TIMEOUT_MS_MAX, ETCD_TIMEOUT_MS_MIN,
 };
 
+pub use fenced::EtcdFencedStateStore;
 pub use handover::ETCD_WATCH_FAILURES_MAX;
 
 use crate::error::{LeaseError, StoreError};
@@ -224,6 +226,16 @@ impl EtcdLeaseManager {
             ttl_ms: s.ttl_ms(),
             expires_at_ms: s.expires_at_ms(),
         })
+    }
+
+    /// The fenced state store in the same etcd, beside these leases: its writes are fenced by
+    /// the lease keys themselves (see [`EtcdFencedStateStore`]).
+    pub fn fenced_state_store(&self) -> EtcdFencedStateStore {
+        EtcdFencedStateStore::new(
+            self.connection.client.clone(),
+            self.keys.clone(),
+            self.connection.request_timeout_ms,
+        )
     }
 
     /// Extends every lease the node holds through this manager with one keepalive, and returns

@@ -1,0 +1,204 @@
+//! Actor state in etcd, fenced by the lease keys themselves.
+//!
+//! Every write is one etcd transaction that compares the actor's lease key's
+//! `create_revision` (its fencing token, see `codec.rs`) with the writer's token and only then
+//! puts the state: etcd itself refuses the write of a holder whose lease expired, was released
+//! or passed to another node, however late the write arrives. No highest-token bookkeeping is
+//! needed: the lease key is the fence. A fence (an activation) is the same comparison with a
+//! read of the state, in one transaction, so the new holder reads exactly what the last
+//! accepted write left.
+//!
+//! State keys live beside the lease keys but outside their range: `<prefix end>state/<actor>`,
+//! where the prefix end is the first key after every key under the lease prefix (its last byte
+//! incremented: `/kelpie/leases0state/` for the default `/kelpie/leases/`), so lease scans
+//! never see them and two lease prefixes never share state. The value is the writer's token
+//! (8 bytes, big-endian) followed by the state. State keys are not attached to any lease: they
+//! outlive the holder, which is the point.
+
+use etcd_client::{Client, Compare, CompareOp, KeyValue, Txn, TxnOp, TxnOpResponse, TxnResponse};
+use kelpie_core::{ActorId, FencingToken};
+
+use super::codec::Keys;
+use super::errors::{bounded, Effect};
+use crate::error::StoreError;
+use crate::fenced::{check_write, FencedState, FencedStateStore, StateError};
+
+/// Bytes of the token at the start of a state value.
+const TOKEN_BYTES: usize = 8;
+
+/// Actor state in the etcd of an [`EtcdLeaseManager`](super::EtcdLeaseManager), under its key
+/// prefix; made by [`EtcdLeaseManager::fenced_state_store`](super::EtcdLeaseManager::fenced_state_store)
+/// so that the two cannot disagree on where the leases are. See the module docs.
+#[derive(Clone)]
+pub struct EtcdFencedStateStore {
+    client: Client,
+    keys: Keys,
+    request_timeout_ms: u64,
+}
+
+impl std::fmt::Debug for EtcdFencedStateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdFencedStateStore")
+            .field("lease_prefix", &self.keys.prefix())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdFencedStateStore {
+    pub(super) fn new(client: Client, keys: Keys, request_timeout_ms: u64) -> Self {
+        Self {
+            client,
+            keys,
+            request_timeout_ms,
+        }
+    }
+
+    /// The key of `actor_id`'s state.
+    fn state_key(&self, actor_id: &ActorId) -> Vec<u8> {
+        let mut key = self.keys.prefix_end();
+        key.extend_from_slice(b"state/");
+        key.extend_from_slice(actor_id.as_str().as_bytes());
+        key
+    }
+
+    /// "The actor's lease key was created by the transaction with revision `token`."
+    fn holds(&self, actor_id: &ActorId, token: FencingToken) -> Result<Compare, StateError> {
+        let revision = i64::try_from(token.0).map_err(|_| StateError::NotHolder {
+            actor_id: actor_id.clone(),
+            token,
+        })?;
+        let lease_key = self.keys.actor_key(actor_id);
+        Ok(Compare::create_revision(
+            lease_key,
+            CompareOp::Equal,
+            revision,
+        ))
+    }
+
+    async fn txn(&self, what: &str, effect: Effect, txn: Txn) -> Result<TxnResponse, StateError> {
+        let mut kv = self.client.kv_client();
+        let reply = bounded(what, effect, self.request_timeout_ms, kv.txn(txn)).await;
+        reply.map_err(StateError::Store)
+    }
+
+    /// Why a transaction's comparison failed: the lease key it read in its `else` branch.
+    fn refusal(
+        &self,
+        actor_id: &ActorId,
+        token: FencingToken,
+        response: &TxnResponse,
+    ) -> StateError {
+        let current = last_get(response).map(|kv| kv.create_revision());
+        match current.and_then(|revision| u64::try_from(revision).ok()) {
+            Some(revision) if revision > token.0 => StateError::StaleToken {
+                actor_id: actor_id.clone(),
+                token,
+                highest_token: FencingToken(revision),
+            },
+            _ => StateError::NotHolder {
+                actor_id: actor_id.clone(),
+                token,
+            },
+        }
+    }
+
+    fn decode(&self, actor_id: &ActorId, kv: &KeyValue) -> Result<FencedState, StateError> {
+        let value = kv.value();
+        let token = value
+            .get(..TOKEN_BYTES)
+            .and_then(|bytes| <[u8; TOKEN_BYTES]>::try_from(bytes).ok())
+            .map(u64::from_be_bytes)
+            .filter(|&token| token > 0)
+            .ok_or_else(|| {
+                StateError::Store(StoreError::Corrupt {
+                    location: String::from_utf8_lossy(kv.key()).into_owned(),
+                    reason: format!("the state of {actor_id} does not start with a fencing token"),
+                })
+            })?;
+        Ok(FencedState {
+            highest_token: FencingToken(token),
+            value: Some(value[TOKEN_BYTES..].to_vec()),
+        })
+    }
+}
+
+/// The value of the last `get` of a transaction's branch, if the key existed.
+fn last_get(response: &TxnResponse) -> Option<KeyValue> {
+    response
+        .op_responses()
+        .into_iter()
+        .rev()
+        .find_map(|op| match op {
+            TxnOpResponse::Get(get) => Some(get.kvs().first().cloned()),
+            _ => None,
+        })
+        .flatten()
+}
+
+impl FencedStateStore for EtcdFencedStateStore {
+    async fn write(
+        &self,
+        actor_id: &ActorId,
+        token: FencingToken,
+        value: &[u8],
+    ) -> Result<(), StateError> {
+        check_write(actor_id, token, value.len())?;
+        let lease_key = self.keys.actor_key(actor_id);
+        let mut stored = Vec::with_capacity(TOKEN_BYTES + value.len());
+        stored.extend_from_slice(&token.0.to_be_bytes());
+        stored.extend_from_slice(value);
+        let txn = Txn::new()
+            .when([self.holds(actor_id, token)?])
+            .and_then([TxnOp::put(self.state_key(actor_id), stored, None)])
+            .or_else([TxnOp::get(lease_key, None)]);
+        let response = self.txn("writing actor state", Effect::Write, txn).await?;
+        if response.succeeded() {
+            return Ok(());
+        }
+        Err(self.refusal(actor_id, token, &response))
+    }
+
+    async fn fence(
+        &self,
+        actor_id: &ActorId,
+        token: FencingToken,
+    ) -> Result<FencedState, StateError> {
+        check_write(actor_id, token, 0)?;
+        let lease_key = self.keys.actor_key(actor_id);
+        let txn = Txn::new()
+            .when([self.holds(actor_id, token)?])
+            .and_then([TxnOp::get(self.state_key(actor_id), None)])
+            .or_else([TxnOp::get(lease_key, None)]);
+        let response = self
+            .txn("fencing actor state", Effect::ReadOnly, txn)
+            .await?;
+        if !response.succeeded() {
+            return Err(self.refusal(actor_id, token, &response));
+        }
+        let value = match last_get(&response) {
+            Some(kv) => self.decode(actor_id, &kv)?.value,
+            None => None,
+        };
+        Ok(FencedState {
+            highest_token: token,
+            value,
+        })
+    }
+
+    async fn read(&self, actor_id: &ActorId) -> Result<Option<FencedState>, StateError> {
+        let mut kv = self.client.kv_client();
+        let key = self.state_key(actor_id);
+        let reply = bounded(
+            "reading actor state",
+            Effect::ReadOnly,
+            self.request_timeout_ms,
+            kv.get(key, None),
+        )
+        .await?;
+        reply
+            .kvs()
+            .first()
+            .map(|kv| self.decode(actor_id, kv))
+            .transpose()
+    }
+}

@@ -1,0 +1,328 @@
+----------------------------- MODULE KelpieEtcd -----------------------------
+(***************************************************************************)
+(* Kelpie's etcd lease backend (crates/kelpie-lease/src/etcd), as a        *)
+(* protocol of its own: it does not run decide(); it builds leases from    *)
+(* etcd's primitives.                                                      *)
+(*                                                                         *)
+(*  * Each node has one session: an etcd lease with a TTL, kept alive by   *)
+(*    keepalives.  etcd counts the TTL on its leader's clock; when it runs *)
+(*    out, etcd revokes the session (some time later) and deletes every    *)
+(*    key attached to it.  A new leader extends every lease to its full    *)
+(*    TTL when it takes over (etcd's lessor Promote), expired ones not yet *)
+(*    revoked included.                                                    *)
+(*  * An actor's lease is one key attached to its holder's session.  Its   *)
+(*    fencing token is the key's create_revision: the cluster revision of  *)
+(*    the transaction that created it.  Revisions increase with every      *)
+(*    write, so a key created again has a larger one.                      *)
+(*  * acquire: "if the key's version is 0, put it attached to my session;  *)
+(*    read it" with the session's keepalive sent beside it (ops.rs).       *)
+(*    A key the node already holds is returned as it is.                  *)
+(*  * renew: a keepalive of the session, and "if the key's                 *)
+(*    create_revision is my token, put it again; read it".                 *)
+(*  * release: "if the key's create_revision is my token, delete it".      *)
+(*  * The node believes it holds the lease from a granting reply until its *)
+(*    local clock reaches  sent_local + (Rate - Drift) * TTL - Margin,     *)
+(*    measured from when it SENT the request whose reply granted it (the   *)
+(*    keepalive joined to it refreshed the session no earlier).  A later   *)
+(*    grant with the same token never shortens the belief.                 *)
+(*  * A handover waits for the key's deletion by watch and then acquires   *)
+(*    (handover.rs): the watch event only wakes the waiter; the acquire's  *)
+(*    transaction decides.                                                 *)
+(*                                                                         *)
+(* Time is kept relative, as in KelpieLease.tla: ttl[n] is the session's   *)
+(* remaining TTL in leader ticks, belief[n].left and a request's age are   *)
+(* distances on node n's local clock, and Tick moves every local clock by  *)
+(* Rate - Drift .. Rate + Drift units per leader tick.  The revision is    *)
+(* the one unbounded quantity: the state constraint RevBound bounds it.    *)
+(*                                                                         *)
+(* Assumptions of the model: one actor; one request in flight per node; a  *)
+(* request the node gave up on before etcd applied it is never applied     *)
+(* (Lose).  Each is a simplification the implementation does not rely on: *)
+(* etcd's compares make a late acquire create a key nobody believes in,   *)
+(* and a late renewal or release of an old token fail.                     *)
+(*                                                                         *)
+(* The Bug* constants switch on the backend mutations the simulator also   *)
+(* injects; docs/tla/etcd/*.cfg run each against its invariant.            *)
+(***************************************************************************)
+EXTENDS Naturals, FiniteSets, TLC
+
+CONSTANTS
+    Nodes,
+    None,           \* a model value: no holder
+    TTL,            \* session TTL, in leader ticks
+    Rate,           \* nominal local-clock units per leader tick
+    Drift,          \* local clocks advance Rate +/- Drift per tick
+    Margin,         \* safety margin of the belief, in local units
+    MaxRev,         \* bound on etcd's revision (state constraint)
+    BugBlindPut,          \* acquire puts without comparing the key's version
+    BugModRevisionToken,  \* the token is the key's mod_revision (changes on renew)
+    BugBeliefFromReply,   \* the belief is measured from the reply, not the send
+    BugTrustWatch         \* a watch event of the key's deletion is taken as a grant
+
+ASSUME /\ TTL \in Nat \ {0}
+       /\ Rate \in Nat \ {0} /\ Drift \in Nat /\ Drift < Rate
+       /\ Margin \in Nat \ {0}
+       /\ (Rate - Drift) * TTL > Margin
+       /\ MaxRev \in Nat \ {0}
+       /\ \A b \in {BugBlindPut, BugModRevisionToken, BugBeliefFromReply,
+                    BugTrustWatch} : b \in BOOLEAN
+
+\* How long a grant is believed, in local units from the request's send.
+BeliefDuration == (Rate - Drift) * TTL - Margin
+
+NoKey == [exists |-> FALSE, holder |-> None, create |-> 0, mod |-> 0]
+NoReq == [type |-> "none", token |-> 0, age |-> 0, applied |-> FALSE,
+          ok |-> FALSE, rtoken |-> 0]
+NoBelief == [token |-> 0, left |-> 0]
+NoOp == [type |-> "none", node |-> None, token |-> 0, ok |-> FALSE,
+         rtoken |-> 0, before |-> NoKey, newTenure |-> FALSE, maxBefore |-> 0]
+
+VARIABLES
+    rev,        \* etcd's revision: the last write's
+    alive,      \* alive[n]: node n's session lease exists in etcd
+    ttl,        \* ttl[n]: leader ticks left of it (0: expired, not yet revoked)
+    key,        \* the actor's key
+    req,        \* req[n]: node n's request in flight, or NoReq
+    belief,     \* belief[n]: the token n believes it holds, and for how long
+    maxHanded,  \* the largest token any reply handed out (history)
+    last        \* the last operation etcd applied, for the action invariants
+
+vars == <<rev, alive, ttl, key, req, belief, maxHanded, last>>
+
+Max(a, b) == IF a > b THEN a ELSE b
+Min(a, b) == IF a < b THEN a ELSE b
+
+Tokens == 0..MaxRev + 1
+KeyType == [exists : BOOLEAN, holder : Nodes \cup {None},
+            create : Tokens, mod : Tokens]
+
+TypeOK ==
+    /\ rev \in Tokens
+    /\ alive \in [Nodes -> BOOLEAN]
+    /\ ttl \in [Nodes -> 0..TTL]
+    /\ key \in KeyType
+    /\ req \in [Nodes -> [type : {"none", "acquire", "renew", "release"},
+                          token : Tokens, age : 0..BeliefDuration,
+                          applied : BOOLEAN, ok : BOOLEAN, rtoken : Tokens]]
+    /\ belief \in [Nodes -> [token : Tokens, left : 0..BeliefDuration]]
+    /\ maxHanded \in Tokens
+
+Init ==
+    /\ rev = 0
+    /\ alive = [n \in Nodes |-> FALSE]
+    /\ ttl = [n \in Nodes |-> 0]
+    /\ key = NoKey
+    /\ req = [n \in Nodes |-> NoReq]
+    /\ belief = [n \in Nodes |-> NoBelief]
+    /\ maxHanded = 0
+    /\ last = NoOp
+
+Believes(n) == belief[n].left > 0
+
+\* The token a reply hands out for key k.
+TokenOf(k) == IF BugModRevisionToken THEN k.mod ELSE k.create
+
+\* The compare of renew and release: "the key still carries my token".
+Carries(k, n, t) == k.exists /\ k.holder = n /\ TokenOf(k) = t
+
+-----------------------------------------------------------------------------
+(* Node actions *)
+
+Send(n, type, token) ==
+    req' = [req EXCEPT ![n] = [NoReq EXCEPT !.type = type, !.token = token]]
+
+SendAcquire(n) ==
+    /\ req[n] = NoReq /\ ~Believes(n)
+    /\ Send(n, "acquire", 0)
+    /\ UNCHANGED <<rev, alive, ttl, key, belief, maxHanded, last>>
+
+SendRenew(n) ==
+    /\ req[n] = NoReq /\ Believes(n)
+    /\ Send(n, "renew", belief[n].token)
+    /\ UNCHANGED <<rev, alive, ttl, key, belief, maxHanded, last>>
+
+\* Placement deactivates before it releases: the belief ends at once.
+SendRelease(n) ==
+    /\ req[n] = NoReq /\ Believes(n)
+    /\ Send(n, "release", belief[n].token)
+    /\ belief' = [belief EXCEPT ![n] = NoBelief]
+    /\ UNCHANGED <<rev, alive, ttl, key, maxHanded, last>>
+
+\* The node gives up on its request (timeout, lost request or reply).
+Lose(n) ==
+    /\ req[n] # NoReq
+    /\ req' = [req EXCEPT ![n] = NoReq]
+    /\ UNCHANGED <<rev, alive, ttl, key, belief, maxHanded, last>>
+
+\* The reply arrives.
+Receive(n) ==
+    /\ req[n].applied
+    /\ LET r == req[n]
+           left == IF BugBeliefFromReply THEN BeliefDuration
+                   ELSE BeliefDuration - r.age
+       IN belief' =
+            [belief EXCEPT ![n] =
+                CASE r.type \in {"acquire", "renew"} /\ r.ok ->
+                        IF belief[n].token = r.rtoken
+                        THEN [token |-> r.rtoken, left |-> Max(left, belief[n].left)]
+                        ELSE [token |-> r.rtoken, left |-> left]
+                  [] r.type = "renew" /\ ~r.ok -> NoBelief
+                  [] OTHER -> belief[n]]
+    /\ req' = [req EXCEPT ![n] = NoReq]
+    /\ UNCHANGED <<rev, alive, ttl, key, maxHanded, last>>
+
+\* Mutation: the key's deletion seen by a watch is taken as a grant of a
+\* new tenure, without the acquire's transaction.
+TrustWatch(n) ==
+    /\ BugTrustWatch
+    /\ ~key.exists /\ req[n] = NoReq /\ ~Believes(n) /\ rev < MaxRev
+    /\ belief' = [belief EXCEPT ![n] = [token |-> rev + 1, left |-> BeliefDuration]]
+    /\ UNCHANGED <<rev, alive, ttl, key, req, maxHanded, last>>
+
+-----------------------------------------------------------------------------
+(* etcd applies a request atomically *)
+
+Reply(n, ok, rtoken) ==
+    req' = [req EXCEPT ![n].applied = TRUE, ![n].ok = ok, ![n].rtoken = rtoken]
+
+Record(n, type, ok, rtoken, newTenure) ==
+    last' = [type |-> type, node |-> n, token |-> req[n].token, ok |-> ok,
+             rtoken |-> rtoken, before |-> key, newTenure |-> newTenure,
+             maxBefore |-> maxHanded]
+
+Handed(ok, rtoken) == maxHanded' = IF ok THEN Max(maxHanded, rtoken) ELSE maxHanded
+
+\* A keepalive of n's session (a new session if it has none).
+KeepAlive(n) ==
+    /\ alive' = [alive EXCEPT ![n] = TRUE]
+    /\ ttl' = [ttl EXCEPT ![n] = TTL]
+
+ApplyAcquire(n) ==
+    /\ req[n].type = "acquire" /\ ~req[n].applied /\ rev < MaxRev
+    /\ KeepAlive(n)
+    /\ IF ~key.exists \/ (BugBlindPut /\ key.holder # n)
+       THEN \* put: a key that exists keeps its create_revision (etcd's put)
+            LET k == [exists |-> TRUE, holder |-> n,
+                      create |-> IF key.exists THEN key.create ELSE rev + 1,
+                      mod |-> rev + 1]
+            IN /\ rev' = rev + 1
+               /\ key' = k
+               /\ Reply(n, TRUE, TokenOf(k))
+               /\ Handed(TRUE, TokenOf(k))
+               /\ Record(n, "acquire", TRUE, TokenOf(k), TRUE)
+       ELSE LET ok == key.holder = n
+            IN /\ UNCHANGED <<rev, key>>
+               /\ Reply(n, ok, IF ok THEN TokenOf(key) ELSE 0)
+               /\ Handed(ok, TokenOf(key))
+               /\ Record(n, "acquire", ok, IF ok THEN TokenOf(key) ELSE 0, FALSE)
+    /\ UNCHANGED belief
+
+ApplyRenew(n) ==
+    /\ req[n].type = "renew" /\ ~req[n].applied /\ rev < MaxRev
+    /\ IF alive[n] /\ Carries(key, n, req[n].token)
+       THEN LET k == [key EXCEPT !.mod = rev + 1]
+            IN /\ KeepAlive(n)
+               /\ rev' = rev + 1
+               /\ key' = k
+               /\ Reply(n, TRUE, TokenOf(k))
+               /\ Handed(TRUE, TokenOf(k))
+               /\ Record(n, "renew", TRUE, TokenOf(k), FALSE)
+       ELSE \* the session is gone (lease not found) or the compare failed
+            /\ IF alive[n] THEN KeepAlive(n) ELSE UNCHANGED <<alive, ttl>>
+            /\ UNCHANGED <<rev, key>>
+            /\ Reply(n, FALSE, 0)
+            /\ Handed(FALSE, 0)
+            /\ Record(n, "renew", FALSE, 0, FALSE)
+    /\ UNCHANGED belief
+
+ApplyRelease(n) ==
+    /\ req[n].type = "release" /\ ~req[n].applied /\ rev < MaxRev
+    /\ IF Carries(key, n, req[n].token)
+       THEN /\ rev' = rev + 1
+            /\ key' = NoKey
+            /\ Reply(n, TRUE, 0)
+            /\ Record(n, "release", TRUE, 0, FALSE)
+       ELSE /\ UNCHANGED <<rev, key>>
+            /\ Reply(n, FALSE, 0)
+            /\ Record(n, "release", FALSE, 0, FALSE)
+    /\ UNCHANGED <<alive, ttl, belief, maxHanded>>
+
+\* etcd revokes a session whose TTL ran out, deleting the keys attached to it.
+Expire(n) ==
+    /\ alive[n] /\ ttl[n] = 0
+    /\ alive' = [alive EXCEPT ![n] = FALSE]
+    /\ IF key.exists /\ key.holder = n
+       THEN /\ rev < MaxRev
+            /\ rev' = rev + 1
+            /\ key' = NoKey
+       ELSE UNCHANGED <<rev, key>>
+    /\ last' = NoOp
+    /\ UNCHANGED <<ttl, req, belief, maxHanded>>
+
+\* A new leader extends every lease to its full TTL.
+LeaderChange ==
+    /\ ttl' = [n \in Nodes |-> IF alive[n] THEN TTL ELSE ttl[n]]
+    /\ last' = NoOp
+    /\ UNCHANGED <<rev, alive, key, req, belief, maxHanded>>
+
+\* One tick of the leader's clock; each node's clock moves by its own amount.
+Tick ==
+    /\ \E d \in [Nodes -> (Rate - Drift)..(Rate + Drift)] :
+        /\ belief' = [n \in Nodes |->
+                        IF belief[n].left > d[n]
+                        THEN [belief[n] EXCEPT !.left = @ - d[n]]
+                        ELSE NoBelief]
+        /\ req' = [n \in Nodes |->
+                     IF req[n] = NoReq THEN NoReq
+                     ELSE [req[n] EXCEPT !.age = Min(BeliefDuration, @ + d[n])]]
+    /\ ttl' = [n \in Nodes |-> IF ttl[n] > 0 THEN ttl[n] - 1 ELSE 0]
+    /\ last' = NoOp
+    /\ UNCHANGED <<rev, alive, key, maxHanded>>
+
+Next ==
+    \/ \E n \in Nodes :
+        \/ SendAcquire(n) \/ SendRenew(n) \/ SendRelease(n)
+        \/ Lose(n) \/ Receive(n) \/ TrustWatch(n)
+        \/ ApplyAcquire(n) \/ ApplyRenew(n) \/ ApplyRelease(n) \/ Expire(n)
+    \/ LeaderChange
+    \/ Tick
+
+Spec == Init /\ [][Next]_vars
+
+-----------------------------------------------------------------------------
+(* The properties of KelpieLease.tla, for this backend *)
+
+\* At most one node believes it holds the actor.
+LeaseUniqueness ==
+    Cardinality({n \in Nodes : Believes(n)}) <= 1
+
+\* A node's belief is backed by etcd: its key, with its token, attached to a
+\* session etcd will not revoke yet.
+BeliefConsistency ==
+    \A n \in Nodes :
+        Believes(n) =>
+            /\ key.exists /\ key.holder = n /\ key.create = belief[n].token
+            /\ alive[n] /\ ttl[n] > 0
+
+\* A renewal etcd granted renewed the renewing node's own tenure.
+RenewalRequiresOwnership ==
+    (last.type = "renew" /\ last.ok) =>
+        /\ last.before.exists /\ last.before.holder = last.node
+        /\ last.before.create = last.token
+
+\* An acquire of a key that does not exist (released, or deleted with its
+\* expired session) is granted.
+ExpiredLeaseClaimable ==
+    (last.type = "acquire" /\ ~last.before.exists) => last.ok
+
+\* A renewal keeps the token, and a new tenure's token exceeds every token
+\* handed out before.
+FencingTokenMonotonic ==
+    last.ok =>
+        /\ last.type = "renew" => last.rtoken = last.token
+        /\ last.newTenure => last.rtoken > last.maxBefore
+
+RevBound == rev <= MaxRev
+
+NodeSymmetry == Permutations(Nodes)
+=============================================================================

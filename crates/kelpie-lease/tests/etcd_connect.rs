@@ -225,12 +225,17 @@ async fn tls_with_a_ca_file() {
     assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
 }
 
-/// Paths of a throwaway CA, a server certificate it signed for 127.0.0.1, and an unrelated CA.
+/// Paths of a throwaway CA, a server certificate it signed for 127.0.0.1, client
+/// certificates signed by it and by an unrelated CA, and that CA.
 struct Certificates {
     ca_cert: String,
     other_ca_cert: String,
     server_cert: String,
     server_key: String,
+    /// A client certificate and key signed by `ca_cert`.
+    client: (String, String),
+    /// A client certificate and key signed by `other_ca_cert`.
+    rogue_client: (String, String),
 }
 
 /// Makes [`Certificates`] in `dir` with the openssl command, or `None` if it is missing.
@@ -293,10 +298,125 @@ fn make_certificates(dir: &std::path::Path) -> Option<Certificates> {
         "-extfile",
         &extensions,
     ])?;
+    let client_extensions = path("client.ext");
+    std::fs::write(
+        &client_extensions,
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    let mut clients = Vec::new();
+    for (name, ca) in [("client", "ca"), ("rogue-client", "other-ca")] {
+        let (key, csr, cert) = (
+            path(&format!("{name}.key")),
+            path(&format!("{name}.csr")),
+            path(&format!("{name}.pem")),
+        );
+        let subject = format!("/CN=kelpie-test-{name}");
+        openssl(&[
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj",
+            &subject,
+        ])?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &path(&format!("{ca}.pem")),
+            "-CAkey",
+            &path(&format!("{ca}.key")),
+            "-CAcreateserial",
+            "-out",
+            &cert,
+            "-days",
+            "1",
+            "-extfile",
+            &client_extensions,
+        ])?;
+        clients.push((cert, key));
+    }
+    let rogue_client = clients.pop().expect("two clients");
+    let client = clients.pop().expect("two clients");
     Some(Certificates {
         ca_cert: path("ca.pem"),
         other_ca_cert: path("other-ca.pem"),
         server_cert,
         server_key,
+        client,
+        rogue_client,
     })
+}
+
+/// A cluster that requires client certificates (`--client-cert-auth`): a client presenting a
+/// certificate its CA signed works; one presenting none, or one another CA signed, is refused
+/// within the connect timeout. A client identity without TLS, or files that are not PEM, are
+/// refused before connecting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificates() {
+    let Some(binary) = private_etcd_binary("etcd_connect::client_certificates") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let Some(certs) = make_certificates(dir.path()) else {
+        etcd_support::skip(
+            "etcd_connect::client_certificates",
+            "the openssl command is not available",
+        );
+        return;
+    };
+    let cert_args = [
+        "--cert-file",
+        &certs.server_cert,
+        "--key-file",
+        &certs.server_key,
+        "--client-cert-auth",
+        "--trusted-ca-file",
+        &certs.ca_cert,
+    ];
+    let etcd = EtcdMember::start_single(&binary, dir.path(), "https", &cert_args);
+    let endpoint = format!("https://127.0.0.1:{}", etcd.client_port);
+    let tls = || EtcdOptions::new([endpoint.clone()]).with_tls_ca_file(&certs.ca_cert);
+
+    let (cert, key) = &certs.client;
+    let manager = EtcdLeaseManager::connect(tls().with_tls_client_identity(cert, key))
+        .await
+        .unwrap();
+    let (actor, node) = (ActorId::new("a").unwrap(), NodeId::new("n1").unwrap());
+    manager.acquire(&actor, &node).await.unwrap();
+
+    for (what, options) in [
+        ("no client certificate", tls()),
+        (
+            "a client certificate another CA signed",
+            tls().with_tls_client_identity(&certs.rogue_client.0, &certs.rogue_client.1),
+        ),
+    ] {
+        let watch = Stopwatch::start();
+        let error = connect_error(options.with_connect_timeout_ms(CONNECT_TIMEOUT_MS)).await;
+        assert!(
+            matches!(
+                error,
+                StoreError::Unavailable { .. } | StoreError::AccessDenied { .. }
+            ),
+            "{what}: {error:?}"
+        );
+        assert!(
+            watch.elapsed_ms() <= CONNECT_TIMEOUT_MS + TIMING_SLACK_MS,
+            "{what}: refused after {} ms",
+            watch.elapsed_ms()
+        );
+    }
+
+    let without_tls = EtcdOptions::new([etcd.endpoint()]).with_tls_client_identity(cert, key);
+    let error = connect_error(without_tls).await;
+    assert!(
+        matches!(&error, StoreError::InvalidOption { option, .. } if option == "tls_client_identity"),
+        "{error:?}"
+    );
+    let not_pem = tls().with_tls_client_identity(&certs.ca_cert, &certs.ca_cert);
+    let error = connect_error(not_pem).await;
+    assert!(
+        matches!(&error, StoreError::InvalidOption { reason, .. } if reason.contains("private key")),
+        "{error:?}"
+    );
 }

@@ -7,7 +7,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use etcd_client::{Certificate, ConnectOptions, TlsOptions};
+use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
 use kelpie_core::SharedClock;
 
 use crate::error::StoreError;
@@ -86,6 +86,9 @@ pub struct EtcdOptions {
     pub tls_ca_file: Option<PathBuf>,
     /// The server name to check the servers' certificates against, if not the endpoint's host.
     pub tls_domain_name: Option<String>,
+    /// PEM files with this client's certificate and its private key, for a cluster that
+    /// requires client certificates (`--client-cert-auth`). Needs TLS on (`tls_ca_file`).
+    pub tls_client_identity: Option<(PathBuf, PathBuf)>,
     /// The lease duration. etcd counts lease TTLs in whole seconds, so it is rounded up to a
     /// whole second, and etcd raises it to its own minimum if it is shorter (see
     /// [`EtcdLeaseManager::lease_ttl_ms`](super::EtcdLeaseManager::lease_ttl_ms)).
@@ -106,6 +109,7 @@ impl EtcdOptions {
             credentials: None,
             tls_ca_file: None,
             tls_domain_name: None,
+            tls_client_identity: None,
             lease: LeaseConfig::default(),
             clock: None,
         }
@@ -161,6 +165,18 @@ impl EtcdOptions {
         self
     }
 
+    /// Presents the client certificate in the PEM file `cert` with the private key in the PEM
+    /// file `key` (for clusters that require client certificates). Needs
+    /// [`with_tls_ca_file`](Self::with_tls_ca_file) too.
+    pub fn with_tls_client_identity(
+        mut self,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> Self {
+        self.tls_client_identity = Some((cert.into(), key.into()));
+        self
+    }
+
     /// Checks server certificates against `domain_name` instead of the endpoint's host.
     pub fn with_tls_domain_name(mut self, domain_name: impl Into<String>) -> Self {
         self.tls_domain_name = Some(domain_name.into());
@@ -211,6 +227,12 @@ impl EtcdOptions {
                 "is set but tls_ca_file is not, so TLS is off".to_string(),
             ));
         }
+        if self.tls_client_identity.is_some() && !tls {
+            return Err(invalid(
+                "tls_client_identity",
+                "is set but tls_ca_file is not, so TLS is off".to_string(),
+            ));
+        }
         Ok(())
     }
 
@@ -251,11 +273,34 @@ impl EtcdOptions {
         if let Some(domain_name) = &self.tls_domain_name {
             tls = tls.domain_name(domain_name);
         }
+        if let Some((cert_path, key_path)) = &self.tls_client_identity {
+            let cert = read_pem("tls_client_identity", cert_path, CERTIFICATE_PEM_HEADER)?;
+            let key = read_pem("tls_client_identity", key_path, PRIVATE_KEY_PEM_MARK)?;
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
         Ok(tls)
     }
 }
 
 const CERTIFICATE_PEM_HEADER: &[u8] = b"-----BEGIN CERTIFICATE-----";
+/// In every PEM private key's header (`PRIVATE KEY`, `RSA PRIVATE KEY`, `EC PRIVATE KEY`).
+const PRIVATE_KEY_PEM_MARK: &[u8] = b"PRIVATE KEY-----";
+
+/// The PEM file at `path`, which must contain `mark`.
+fn read_pem(option: &str, path: &PathBuf, mark: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let pem = std::fs::read(path)
+        .map_err(|e| invalid(option, format!("cannot read {}: {e}", path.display())))?;
+    if !pem.windows(mark.len()).any(|w| w == mark) {
+        let what = String::from_utf8_lossy(mark)
+            .trim_matches('-')
+            .to_lowercase();
+        return Err(invalid(
+            option,
+            format!("{} holds no PEM {what}", path.display()),
+        ));
+    }
+    Ok(pem)
+}
 
 impl fmt::Debug for EtcdOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -272,6 +317,7 @@ impl fmt::Debug for EtcdOptions {
             .field("credentials", &self.credentials)
             .field("tls_ca_file", &self.tls_ca_file)
             .field("tls_domain_name", &self.tls_domain_name)
+            .field("tls_client_identity", &self.tls_client_identity)
             .field("lease", &self.lease)
             .field("clock", &clock)
             .finish()

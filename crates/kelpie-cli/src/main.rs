@@ -3,6 +3,7 @@
 //! - `kelpie sim`: the lease scenario in the deterministic simulator over many seeds.
 //! - `kelpie lease`: acquire, renew, release, get and list leases in a store.
 //! - `kelpie bench`: lease operations per second against a store.
+//! - `kelpie node`: a long-running node holding actors under leases, with metrics.
 //!
 //! Exit codes: 0 done, 1 refused or a failing seed, 2 bad usage or configuration, 3 store
 //! unavailable.
@@ -13,6 +14,7 @@ mod events;
 mod faults;
 mod lease_cmd;
 mod merge;
+mod node;
 mod progress;
 mod report;
 mod sim;
@@ -43,6 +45,9 @@ enum Command {
     Lease(lease_cmd::LeaseCommand),
     /// Measure lease operations per second against a store.
     Bench(bench::BenchArgs),
+    /// Run a node: hold actors under leases, write their state fenced, until SIGTERM.
+    #[command(after_help = node::NODE_AFTER_HELP)]
+    Node(node::NodeArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +57,7 @@ fn main() -> ExitCode {
         Command::Sim(args) => sim::run(args),
         Command::Lease(command) => lease_cmd::run(command).map(|()| true),
         Command::Bench(args) => bench::run(args).map(|()| true),
+        Command::Node(args) => node::run(args).map(|()| true),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,

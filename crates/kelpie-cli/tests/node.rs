@@ -1,0 +1,294 @@
+//! `kelpie node` from the outside: its help, its refusals of bad input, and a node on a
+//! temporary SQLite store that activates its actors, writes, serves metrics that a Prometheus
+//! parser reads, and releases every lease on SIGTERM.
+
+// A real process on the real clock: nothing here runs in the simulator.
+#![allow(clippy::disallowed_methods)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Longest a test waits for a line or a count it expects.
+const WAIT_MS_MAX: u64 = 15_000;
+
+fn kelpie() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kelpie"))
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let output = kelpie().args(args).output().expect("kelpie runs");
+    let text = |b: Vec<u8>| String::from_utf8(b).expect("UTF-8");
+    (
+        output.status.code().expect("exited"),
+        text(output.stdout),
+        text(output.stderr),
+    )
+}
+
+#[test]
+fn node_help_documents_every_flag() {
+    let (code, help, _) = run(&["node", "--help"]);
+    assert_eq!(code, 0, "{help}");
+    for flag in [
+        "--node",
+        "--store",
+        "--state",
+        "--actors",
+        "--range",
+        "--share",
+        "--lease-ms",
+        "--write-every-ms",
+        "--store-timeout-ms",
+        "--metrics-addr",
+        "--log-format",
+        "SIGTERM",
+        "Exit codes",
+        "drift",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+    assert!(!help.contains("bug"), "the planted bug is hidden:\n{help}");
+}
+
+#[test]
+fn node_refuses_bad_input_with_exit_2_and_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite:{}", dir.path().join("leases.db").display());
+    let state = dir.path().join("state.db").display().to_string();
+    let base = ["node", "--node", "n1", "--store", &store, "--state", &state];
+    let cases: [(&[&str], &str); 9] = [
+        (
+            &[
+                "node", "--store", &store, "--state", &state, "--actors", "a",
+            ],
+            "--node",
+        ),
+        (&base, "--actors"),
+        (
+            &[&base[..], &["--actors", "a", "--lease-ms", "5"]].concat(),
+            "duration",
+        ),
+        (&[&base[..], &["--range", "acct"]].concat(), "NAME:COUNT"),
+        (
+            &[&base[..], &["--range", "acct:3", "--share", "3/3"]].concat(),
+            "I/N",
+        ),
+        (
+            &[&base[..], &["--actors", "a", "--write-every-ms", "0"]].concat(),
+            "write-every-ms",
+        ),
+        (
+            &[
+                "node", "--node", "n1", "--store", "bogus:x", "--state", &state, "--actors", "a",
+            ],
+            "unknown store",
+        ),
+        (
+            &[
+                "node", "--node", "n1", "--store", "memory", "--state", &state, "--actors", "a",
+            ],
+            "memory",
+        ),
+        (
+            &[&base[..], &["--actors", "a", "--metrics-addr", "nowhere"]].concat(),
+            "metrics-addr",
+        ),
+    ];
+    for (args, expected) in cases {
+        let (code, stdout, stderr) = run(args);
+        assert_eq!(code, 2, "{args:?}: {stdout}{stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: {expected} not in {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    // A state path that is a directory is a configuration error too.
+    let dir_state = dir.path().display().to_string();
+    let args = [
+        "node", "--node", "n1", "--store", &store, "--state", &dir_state, "--actors", "a",
+    ];
+    let (code, _, stderr) = run(&args);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains(&dir_state), "{stderr}");
+}
+
+/// A running node and its stdout lines as JSON.
+struct Node {
+    child: Child,
+    lines: mpsc::Receiver<serde_json::Value>,
+}
+
+impl Node {
+    fn start(dir: &Path, actors: &str) -> Node {
+        let mut child = kelpie()
+            .args(["node", "--node", "node-a", "--actors", actors])
+            .arg("--store")
+            .arg(format!("sqlite:{}", dir.join("leases.db").display()))
+            .arg("--state")
+            .arg(dir.join("state.db"))
+            .args(["--lease-ms", "1000", "--write-every-ms", "20"])
+            .args(["--metrics-addr", "127.0.0.1:0", "--log-format", "json"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("kelpie node starts");
+        let stdout = child.stdout.take().expect("piped");
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+                if sender.send(value).is_err() {
+                    return;
+                }
+            }
+        });
+        Node { child, lines }
+    }
+
+    /// The next line whose message is `message` (and that `wanted` accepts).
+    fn wait_for(
+        &self,
+        message: &str,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_millis(WAIT_MS_MAX);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {message} line within {WAIT_MS_MAX} ms"));
+            if line["message"] == message && wanted(&line) {
+                return line;
+            }
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn scrape(addr: &str) -> String {
+    let mut stream = TcpStream::connect(addr).expect("the metrics endpoint accepts");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: kelpie\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.to_string()
+}
+
+/// The sample of `name` (with `label=value`, if given) in a parsed scrape.
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, label: Option<(&str, &str)>) -> f64 {
+    let found = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)));
+    match found.map(|s| &s.value) {
+        Some(prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v)) => *v,
+        Some(prometheus_parse::Value::Untyped(v)) => *v,
+        other => panic!("{name} {label:?}: {other:?}"),
+    }
+}
+
+#[test]
+fn node_serves_metrics_while_it_writes_and_releases_every_lease_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), "acct-1,acct-2");
+    let ready = node.wait_for("ready", |_| true);
+    let addr = ready["metrics_addr"]
+        .as_str()
+        .expect("the bound address")
+        .to_string();
+    for actor in ["acct-1", "acct-2"] {
+        node.wait_for("write", |l| {
+            l["actor"] == actor && l["outcome"] == "accepted"
+        });
+    }
+    // Renewals every third of the lease: wait for one, so the histogram has an observation.
+    node.wait_for("lease-renewed", |_| true);
+    let body = scrape(&addr);
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    let parsed = prometheus_parse::Scrape::parse(lines).expect("Prometheus text parses");
+    assert_eq!(sample(&parsed, "kelpie_leases_held", None), 2.0, "{body}");
+    assert!(
+        sample(&parsed, "kelpie_lease_acquisitions_total", None) >= 2.0,
+        "{body}"
+    );
+    assert!(
+        sample(&parsed, "kelpie_actor_activations_total", None) >= 2.0,
+        "{body}"
+    );
+    assert!(
+        sample(&parsed, "kelpie_lease_renewals_total", None) >= 1.0,
+        "{body}"
+    );
+    let accepted = Some(("outcome", "accepted"));
+    assert!(
+        sample(&parsed, "kelpie_fenced_writes_total", accepted) >= 2.0,
+        "{body}"
+    );
+    let refused = Some(("outcome", "refused"));
+    assert_eq!(
+        sample(&parsed, "kelpie_fenced_writes_total", refused),
+        0.0,
+        "{body}"
+    );
+    let ran_out = Some(("reason", "belief_expired"));
+    assert_eq!(
+        sample(&parsed, "kelpie_lease_losses_total", ran_out),
+        0.0,
+        "{body}"
+    );
+    let histogram = parsed
+        .samples
+        .iter()
+        .find(|s| s.metric == "kelpie_lease_renewal_duration_seconds")
+        .expect("the renewal latency histogram");
+    match &histogram.value {
+        prometheus_parse::Value::Histogram(buckets) => {
+            assert!(buckets.len() >= 10, "{buckets:?}");
+            let last = buckets.last().unwrap();
+            assert!(
+                last.less_than.is_infinite() && last.count >= 1.0,
+                "{buckets:?}"
+            );
+        }
+        other => panic!("not a histogram: {other:?}"),
+    }
+    let documented = parsed
+        .docs
+        .keys()
+        .filter(|k| k.starts_with("kelpie_"))
+        .count();
+    assert!(documented >= 10, "every family has HELP: {:?}", parsed.docs);
+
+    let pid = i32::try_from(node.child.id()).unwrap();
+    // SAFETY: kill has no memory effects; the pid is our own unreaped child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let shutdown = node.wait_for("shutdown", |_| true);
+    assert_eq!(shutdown["released"], 2, "{shutdown}");
+    assert_eq!(shutdown["unanswered"], 0, "{shutdown}");
+    let mut node = node;
+    let status = node.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "SIGTERM exits 0");
+    let store = format!("sqlite:{}", dir.path().join("leases.db").display());
+    let (code, listed, _) = run(&["lease", "list", "--store", &store]);
+    assert_eq!(code, 0);
+    assert!(
+        listed.contains("no valid leases"),
+        "released on SIGTERM: {listed}"
+    );
+}

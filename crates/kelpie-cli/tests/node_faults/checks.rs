@@ -1,0 +1,216 @@
+//! The checks on the recorded history of every node process, and the state store's final
+//! contents. Pure functions of what was recorded, so that they can be tested on made-up
+//! histories (`checks_flag_each_kind_of_violation` below).
+//!
+//! Order comes from the stores, not from clocks: tokens order the holders of an actor, the
+//! fenced state store's refusal of a write orders the writer after the later holder's fence,
+//! and a process's own lines are in program order.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// One line a node process printed, as the harness received it.
+#[derive(Debug, Clone)]
+pub struct Line {
+    /// Harness time of receipt, ms since the run started (only for figures and bounded waits).
+    pub at_ms: u64,
+    /// Which node (0..5) and which of its processes (0 = first start).
+    pub node: usize,
+    pub generation: u32,
+    pub json: serde_json::Value,
+}
+
+impl Line {
+    pub fn message(&self) -> &str {
+        self.json["message"].as_str().unwrap_or("")
+    }
+
+    pub fn actor(&self) -> &str {
+        self.json["actor"].as_str().unwrap_or("")
+    }
+
+    pub fn number(&self, key: &str) -> u64 {
+        self.json[key].as_u64().unwrap_or(0)
+    }
+
+    pub fn text(&self, key: &str) -> &str {
+        self.json[key].as_str().unwrap_or("")
+    }
+}
+
+/// One run of an actor's final write log: token, holder, first and last sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    pub token: u64,
+    pub holder: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
+/// Parses the value `kelpie node` writes (`TOKEN HOLDER FIRST LAST` per line).
+pub fn parse_runs(value: &[u8]) -> Result<Vec<Run>, String> {
+    let text = std::str::from_utf8(value).map_err(|e| e.to_string())?;
+    text.lines()
+        .map(|line| {
+            let words: Vec<&str> = line.split(' ').collect();
+            let number = |i: usize| words.get(i).and_then(|w| w.parse::<u64>().ok());
+            match (number(0), number(2), number(3), words.len()) {
+                (Some(token), Some(first_seq), Some(last_seq), 4) => Ok(Run {
+                    token,
+                    holder: words[1].to_string(),
+                    first_seq,
+                    last_seq,
+                }),
+                _ => Err(format!("not a run: {line:?}")),
+            }
+        })
+        .collect()
+}
+
+/// What the checks counted and found.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    pub activations: usize,
+    pub writes_accepted: usize,
+    pub writes_refused: usize,
+    /// Refused writes after which the writer no longer acted as holder: fencing stopped a
+    /// late write (a pause, a race with the cancellation).
+    pub late_writes_refused: usize,
+    pub acknowledged_checked: usize,
+    pub violations: Vec<String>,
+}
+
+/// Runs every safety check on the history and on the final state (`final_runs` per actor).
+pub fn check(lines: &[Line], final_runs: &BTreeMap<String, Vec<Run>>) -> Verdict {
+    let mut verdict = Verdict::default();
+    one_holder_per_token(lines, &mut verdict);
+    no_belief_outlives_a_later_fence(lines, &mut verdict);
+    no_stale_token_accepted(lines, &mut verdict);
+    acknowledged_writes_survive(lines, final_runs, &mut verdict);
+    verdict
+}
+
+/// Every (actor, token) was activated by one process only: one holder per grant.
+fn one_holder_per_token(lines: &[Line], verdict: &mut Verdict) {
+    let mut holders: BTreeMap<(String, u64), (usize, u32)> = BTreeMap::new();
+    for line in lines.iter().filter(|l| l.message() == "activated") {
+        verdict.activations += 1;
+        let key = (line.actor().to_string(), line.number("token"));
+        let process = (line.node, line.generation);
+        match holders.get(&key) {
+            Some(first) if *first != process => verdict.violations.push(format!(
+                "two activations of {} with token {}: node {} (process {}) and node {} \
+                 (process {})",
+                key.0, key.1, first.0, first.1, process.0, process.1
+            )),
+            Some(_) => {}
+            None => {
+                holders.insert(key, process);
+            }
+        }
+    }
+}
+
+/// A write refused as stale while its writer still acted as holder afterwards: the store had
+/// fenced a later token (a later activation) while this activation was still in force, so
+/// two activations of the actor existed at one instant.
+fn no_belief_outlives_a_later_fence(lines: &[Line], verdict: &mut Verdict) {
+    for line in lines.iter().filter(|l| l.message() == "write") {
+        match line.text("outcome") {
+            "accepted" => verdict.writes_accepted += 1,
+            "refused" => {
+                verdict.writes_refused += 1;
+                if line.json["acting_after"].as_bool() == Some(true) {
+                    verdict.violations.push(format!(
+                        "two activations of {} at one instant: node {} (process {}) still acted \
+                         with token {} after the store had fenced token {}",
+                        line.actor(),
+                        line.node,
+                        line.generation,
+                        line.number("token"),
+                        line.number("highest")
+                    ));
+                } else {
+                    verdict.late_writes_refused += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Once the store refused a token for an actor, it never accepts that token (or a lower one)
+/// again: checked in each process's program order.
+fn no_stale_token_accepted(lines: &[Line], verdict: &mut Verdict) {
+    let mut refused: BTreeMap<(usize, u32, String), u64> = BTreeMap::new();
+    for line in lines.iter().filter(|l| l.message() == "write") {
+        let key = (line.node, line.generation, line.actor().to_string());
+        let token = line.number("token");
+        match line.text("outcome") {
+            "refused" => {
+                let highest = refused.entry(key).or_insert(0);
+                *highest = (*highest).max(token);
+            }
+            "accepted" => {
+                if refused.get(&key).is_some_and(|r| token <= *r) {
+                    verdict.violations.push(format!(
+                        "stale token accepted: {} token {} by node {} after the store had \
+                         refused it",
+                        line.actor(),
+                        token,
+                        line.node
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Every acknowledged write is in the actor's final log, and the log's tokens increase (a
+/// stale write that was accepted would have cut the later holders' runs off).
+fn acknowledged_writes_survive(
+    lines: &[Line],
+    final_runs: &BTreeMap<String, Vec<Run>>,
+    verdict: &mut Verdict,
+) {
+    for (actor, runs) in final_runs {
+        for pair in runs.windows(2) {
+            if pair[1].token <= pair[0].token {
+                verdict.violations.push(format!(
+                    "{actor}: the final log has token {} after {}",
+                    pair[1].token, pair[0].token
+                ));
+            }
+        }
+    }
+    let mut missing = BTreeSet::new();
+    for line in lines.iter().filter(|l| l.message() == "write") {
+        if line.text("outcome") != "accepted" {
+            continue;
+        }
+        verdict.acknowledged_checked += 1;
+        let (token, seq) = (line.number("token"), line.number("seq"));
+        let runs = final_runs.get(line.actor()).map_or(&[][..], Vec::as_slice);
+        let present = runs
+            .iter()
+            .any(|r| r.token == token && r.first_seq <= seq && seq <= r.last_seq);
+        if !present {
+            missing.insert((line.actor().to_string(), token, seq));
+        }
+    }
+    if let Some((actor, token, seq)) = missing.first() {
+        verdict.violations.push(format!(
+            "{} acknowledged writes missing from the final state, first: {actor} token {token} \
+             seq {seq}",
+            missing.len()
+        ));
+    }
+}
+
+/// The `q`-quantile (0..=1) of `values`, nearest rank; `None` if empty.
+pub fn quantile(values: &[u64], q: f64) -> Option<u64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len().max(1));
+    sorted.get(rank - 1).copied()
+}

@@ -124,11 +124,10 @@ struct Node {
 }
 
 impl Node {
-    fn start(dir: &Path, actors: &str) -> Node {
+    fn start(dir: &Path, store: &str, actors: &str) -> Node {
         let mut child = kelpie()
             .args(["node", "--node", "node-a", "--actors", actors])
-            .arg("--store")
-            .arg(format!("sqlite:{}", dir.join("leases.db").display()))
+            .args(["--store", store])
             .arg("--state")
             .arg(dir.join("state.db"))
             .args(["--lease-ms", "1000", "--write-every-ms", "20"])
@@ -206,7 +205,8 @@ fn sample(scrape: &prometheus_parse::Scrape, name: &str, label: Option<(&str, &s
 #[test]
 fn node_serves_metrics_while_it_writes_and_releases_every_lease_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path(), "acct-1,acct-2");
+    let store = format!("sqlite:{}", dir.path().join("leases.db").display());
+    let node = Node::start(dir.path(), &store, "acct-1,acct-2");
     let ready = node.wait_for("ready", |_| true);
     let addr = ready["metrics_addr"]
         .as_str()
@@ -284,11 +284,50 @@ fn node_serves_metrics_while_it_writes_and_releases_every_lease_on_sigterm() {
     let mut node = node;
     let status = node.child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "SIGTERM exits 0");
-    let store = format!("sqlite:{}", dir.path().join("leases.db").display());
     let (code, listed, _) = run(&["lease", "list", "--store", &store]);
     assert_eq!(code, 0);
     assert!(
         listed.contains("no valid leases"),
         "released on SIGTERM: {listed}"
     );
+}
+
+/// The same node on etcd: it activates, writes and releases on SIGTERM. Skipped with a notice
+/// without `KELPIE_ETCD_ENDPOINTS` (a failure under `CI=true`).
+#[cfg(feature = "etcd")]
+#[test]
+fn node_on_etcd_activates_writes_and_releases_on_sigterm() {
+    let Ok(endpoints) = std::env::var("KELPIE_ETCD_ENDPOINTS") else {
+        kelpie_core::testing::missing_requirement(
+            "node_on_etcd_activates_writes_and_releases_on_sigterm",
+            "KELPIE_ETCD_ENDPOINTS not set",
+            "run it under scripts/with-etcd",
+        );
+        return;
+    };
+    let hosts: Vec<&str> = endpoints
+        .split(',')
+        .map(|e| e.trim_start_matches("http://"))
+        .collect();
+    let store = format!("etcd://{}", hosts.join(","));
+    let dir = tempfile::tempdir().unwrap();
+    // Actor names of this run only: the shared etcd keeps other runs' keys.
+    let actor = format!("node-test-{}", std::process::id());
+    let node = Node::start(dir.path(), &store, &actor);
+    node.wait_for("activated", |l| l["actor"] == actor.as_str());
+    node.wait_for("write", |l| l["outcome"] == "accepted");
+    let pid = i32::try_from(node.child.id()).unwrap();
+    // SAFETY: kill has no memory effects; the pid is our own unreaped child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let shutdown = node.wait_for("shutdown", |_| true);
+    assert_eq!(shutdown["released"], 1, "{shutdown}");
+    let mut node = node;
+    assert_eq!(
+        node.child.wait().unwrap().code(),
+        Some(0),
+        "SIGTERM exits 0"
+    );
+    let (code, got, _) = run(&["lease", "get", "--store", &store, "--actor", &actor]);
+    assert_eq!(code, 0);
+    assert!(got.contains("no valid lease"), "released on SIGTERM: {got}");
 }

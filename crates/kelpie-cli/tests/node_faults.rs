@@ -14,7 +14,7 @@
 //!
 //! Ignored by `cargo test`; `scripts/node-faults sqlite|etcd [--beyond-drift|--planted-bug]`
 //! runs it. Environment: `KELPIE_NODE_FAULTS_STORE` (sqlite or etcd), `KELPIE_FAULT_SEED`
-//! (default 1), `KELPIE_FAULT_ROUNDS` (default 12), `KELPIE_NODE_FAULTS_MODE` (normal,
+//! (default 1), `KELPIE_FAULT_ROUNDS` (default 20), `KELPIE_NODE_FAULTS_MODE` (normal,
 //! beyond-drift: one node's clock at half speed, which is reported, not failed; planted-bug:
 //! node 0 ignores the loss of its leases and must be caught), `ETCD_BIN`, `ETCDCTL_BIN`.
 
@@ -41,7 +41,7 @@ const ACTORS: usize = 4;
 /// Each node wants this many consecutive actors (mod [`ACTORS`]): every actor is wanted by
 /// three or four nodes.
 const WANTED_PER_NODE: usize = 3;
-const ROUNDS_DEFAULT: u64 = 12;
+const ROUNDS_DEFAULT: u64 = 20;
 const SQLITE_LEASE_MS: u64 = 1_000;
 /// etcd counts TTLs in whole seconds, at least two under its default election settings.
 const ETCD_LEASE_MS: u64 = 2_000;
@@ -161,14 +161,17 @@ impl Namespaces {
     }
 
     fn cut(&self, node: usize) {
-        let rules = "table inet kelpie_cut { \
-            chain output { type filter hook output priority 0; policy drop; } \
-            chain input { type filter hook input priority 0; policy drop; } }";
         let ns = &self.names[node];
-        assert!(
-            sh("ip", &["netns", "exec", ns, "nft", rules]),
-            "cut off {ns}"
-        );
+        let nft = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", ns, "nft"];
+            all.extend_from_slice(args);
+            assert!(sh("ip", &all), "cut off {ns}: nft {args:?}");
+        };
+        nft(&["add", "table", "inet", "kelpie_cut"]);
+        for hook in ["output", "input"] {
+            let chain = format!("{{ type filter hook {hook} priority 0; policy drop; }}");
+            nft(&["add", "chain", "inet", "kelpie_cut", hook, &chain]);
+        }
     }
 
     fn heal(&self, node: usize) {
@@ -194,9 +197,21 @@ impl Namespaces {
 
 impl Drop for Namespaces {
     fn drop(&mut self) {
-        // Deleting a namespace deletes its end of the veth pair, and with it the host's end.
-        for ns in &self.names {
+        // The host's end of each veth pair goes with its peer; the namespace itself lives on
+        // until its last process exits (the harness kills the nodes first).
+        for (i, ns) in self.names.iter().enumerate() {
+            let tag = std::process::id() % 100_000;
+            sh("ip", &["link", "del", &format!("kh{tag}n{i}")]);
             sh("ip", &["netns", "del", ns]);
+        }
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }
@@ -498,21 +513,22 @@ impl Harness {
             Some(slot) => *slot = process,
             None => self.nodes.push(process),
         }
-        self.wait_until("the ready line", |lines| {
-            lines
-                .iter()
-                .any(|l| l.node == node && l.generation == generation && l.message() == "ready")
-        });
-    }
-
-    /// Waits (bounded) until `done` holds for the recorded lines.
-    fn wait_until(&self, what: &str, done: impl Fn(&[Line]) -> bool) {
+        let err_path = self
+            .dir
+            .path()
+            .join(format!("node-{node}.{generation}.err"));
         let waited = Instant::now();
-        while !done(&self.lines.lock().unwrap()) {
-            assert!(
-                waited.elapsed() < Duration::from_millis(WAIT_MS_MAX),
-                "no {what} within {WAIT_MS_MAX} ms"
-            );
+        let ready = |lines: &[Line]| {
+            let ours = |l: &&Line| l.node == node && l.generation == generation;
+            lines.iter().filter(ours).any(|l| l.message() == "ready")
+        };
+        while !ready(&self.lines.lock().unwrap()) {
+            if waited.elapsed() > Duration::from_millis(WAIT_MS_MAX) {
+                let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+                panic!(
+                    "node {node} (process {generation}) not ready in {WAIT_MS_MAX} ms: {stderr}"
+                );
+            }
             sleep_ms(10);
         }
     }
@@ -1004,6 +1020,16 @@ fn report(
         verdict.writes_refused,
         verdict.late_writes_refused,
         verdict.acknowledged_checked
+    );
+    let lost = |reason: &str| {
+        let lost = lines.iter().filter(|l| l.message() == "lease-lost");
+        lost.filter(|l| l.text("reason").contains(reason)).count()
+    };
+    println!(
+        "  leases lost: {} beliefs ended before the store's expiry (renewals kept failing), {} \
+         renewals refused by the store",
+        lost("belief ran out"),
+        lost("refused a renewal")
     );
     let max = recoveries.iter().max().copied().unwrap_or(0);
     println!(

@@ -214,3 +214,78 @@ pub fn quantile(values: &[u64], q: f64) -> Option<u64> {
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len().max(1));
     sorted.get(rank - 1).copied()
 }
+
+/// The checks themselves, on made-up histories: a clean one passes, and each kind of
+/// violation is flagged.
+#[test]
+fn checks_flag_each_kind_of_violation() {
+    let line = |node: usize, generation: u32, json: serde_json::Value| Line {
+        at_ms: 0,
+        node,
+        generation,
+        json,
+    };
+    let activated = |node, token| {
+        line(
+            node,
+            0,
+            serde_json::json!({"message": "activated", "actor": "a", "token": token}),
+        )
+    };
+    let write = |node, token, seq, outcome: &str, acting_after: bool| {
+        let json = serde_json::json!({"message": "write", "actor": "a", "token": token,
+            "seq": seq, "outcome": outcome, "highest": token + 1, "acting_after": acting_after});
+        line(node, 0, json)
+    };
+    let run = |token, first_seq, last_seq| Run {
+        token,
+        holder: format!("n@{token}"),
+        first_seq,
+        last_seq,
+    };
+    let clean = vec![
+        activated(0, 1),
+        write(0, 1, 1, "accepted", true),
+        activated(1, 2),
+        write(0, 1, 2, "refused", false),
+        write(1, 2, 1, "accepted", true),
+    ];
+    let state = BTreeMap::from([("a".to_string(), vec![run(1, 1, 1), run(2, 1, 1)])]);
+    let verdict = check(&clean, &state);
+    assert!(verdict.violations.is_empty(), "{:?}", verdict.violations);
+    assert_eq!(
+        (verdict.late_writes_refused, verdict.acknowledged_checked),
+        (1, 2)
+    );
+
+    let mut overlap = clean.clone();
+    overlap[3] = write(0, 1, 2, "refused", true);
+    assert_eq!(
+        check(&overlap, &state).violations.len(),
+        1,
+        "a belief outlived a fence"
+    );
+    let mut twice = clean.clone();
+    twice.push(activated(2, 2));
+    assert_eq!(
+        check(&twice, &state).violations.len(),
+        1,
+        "one token, two holders"
+    );
+    let mut stale = clean.clone();
+    stale.push(write(0, 1, 3, "accepted", true));
+    // Accepted after its refusal, and (so) missing from the final state.
+    assert_eq!(
+        check(&stale, &state).violations.len(),
+        2,
+        "a stale token accepted"
+    );
+    let lost = BTreeMap::from([("a".to_string(), vec![run(2, 1, 1), run(1, 1, 1)])]);
+    assert_eq!(
+        check(&clean, &lost).violations.len(),
+        1,
+        "tokens out of order in the log"
+    );
+    assert_eq!(quantile(&[5, 1, 3, 2, 4], 0.5), Some(3));
+    assert_eq!(quantile(&[], 0.5), None);
+}

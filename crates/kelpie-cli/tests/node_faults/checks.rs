@@ -150,16 +150,14 @@ fn no_stale_token_accepted(lines: &[Line], verdict: &mut Verdict) {
                 let highest = refused.entry(key).or_insert(0);
                 *highest = (*highest).max(token);
             }
-            "accepted" => {
-                if refused.get(&key).is_some_and(|r| token <= *r) {
-                    verdict.violations.push(format!(
-                        "stale token accepted: {} token {} by node {} after the store had \
-                         refused it",
-                        line.actor(),
-                        token,
-                        line.node
-                    ));
-                }
+            "accepted" if refused.get(&key).is_some_and(|r| token <= *r) => {
+                verdict.violations.push(format!(
+                    "stale token accepted: {} token {} by node {} after the store had refused \
+                     it",
+                    line.actor(),
+                    token,
+                    line.node
+                ));
             }
             _ => {}
         }

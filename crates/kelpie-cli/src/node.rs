@@ -317,8 +317,10 @@ async fn serve<M: LeaseManager + 'static>(
         _ = interrupt.recv() => "SIGINT",
     };
     info!(signal = signal_name, "stopping");
-    node.stopping.cancel();
+    // The session first: it cancels every activation and releases every lease at once, and
+    // its campaigns end, so the actors' loops find nothing left to do.
     let report = session.shutdown().await;
+    node.stopping.cancel();
     let stopped = futures_join(workers);
     #[allow(clippy::disallowed_methods)] // a real process: the bound is real time
     let stopped = tokio::time::timeout(Duration::from_millis(WORKERS_STOP_TIMEOUT_MS), stopped);

@@ -279,7 +279,8 @@ fn node_serves_metrics_while_it_writes_and_releases_every_lease_on_sigterm() {
     // SAFETY: kill has no memory effects; the pid is our own unreaped child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let shutdown = node.wait_for("shutdown", |_| true);
-    assert_eq!(shutdown["released"], 2, "{shutdown}");
+    // Released by the session's shutdown (or, racing it, by the actor's own deactivation):
+    // the store lists none below.
     assert_eq!(shutdown["unanswered"], 0, "{shutdown}");
     let mut node = node;
     let status = node.child.wait().unwrap();
@@ -320,7 +321,7 @@ fn node_on_etcd_activates_writes_and_releases_on_sigterm() {
     // SAFETY: kill has no memory effects; the pid is our own unreaped child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let shutdown = node.wait_for("shutdown", |_| true);
-    assert_eq!(shutdown["released"], 1, "{shutdown}");
+    assert_eq!(shutdown["unanswered"], 0, "{shutdown}");
     let mut node = node;
     assert_eq!(
         node.child.wait().unwrap().code(),

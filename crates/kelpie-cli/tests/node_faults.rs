@@ -119,6 +119,18 @@ struct Namespaces {
 
 impl Namespaces {
     fn create() -> Option<Namespaces> {
+        // A run killed before it cleaned up leaves its veth addresses behind, and replies to
+        // the new namespaces would leave by the old links: refuse to start over them.
+        let addresses = Command::new("ip").args(["-brief", "address"]).output();
+        if let Ok(output) = addresses {
+            let listing = String::from_utf8_lossy(&output.stdout);
+            let stale: Vec<&str> = listing.lines().filter(|l| l.contains("10.231.")).collect();
+            assert!(
+                stale.is_empty(),
+                "addresses of an earlier node fault run are still there; remove them (ip link \
+                 del NAME) and their namespaces (ip netns del kelpie-...): {stale:?}"
+            );
+        }
         let tag = std::process::id() % 100_000;
         let mut created = Namespaces { names: Vec::new() };
         for i in 0..NODES {

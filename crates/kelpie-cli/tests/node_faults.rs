@@ -547,11 +547,25 @@ impl Harness {
 
     /// Actor -> (node, token) for every activation of a running process not yet deactivated.
     fn active(&self) -> BTreeMap<String, Vec<(usize, u64)>> {
+        self.active_excluding(None)
+    }
+
+    /// As [`active`](Self::active), leaving out the activations that `stale` (a node, its
+    /// process, and a time) began before that time: a resumed node's activations from before
+    /// its pause, which it has not yet had time to end, show no recovery.
+    fn active_excluding(
+        &self,
+        stale: Option<(usize, u32, u64)>,
+    ) -> BTreeMap<String, Vec<(usize, u64)>> {
         let lines = self.lines.lock().unwrap();
         let mut open: BTreeMap<(usize, u32, String), u64> = BTreeMap::new();
         for line in lines.iter() {
             let key = (line.node, line.generation, line.actor().to_string());
+            let is_stale = stale.is_some_and(|(node, generation, before_ms)| {
+                line.node == node && line.generation == generation && line.at_ms < before_ms
+            });
             match line.message() {
+                "activated" if is_stale => {}
                 "activated" => {
                     open.insert(key, line.number("token"));
                 }
@@ -682,7 +696,11 @@ impl Harness {
         let bound_ms = 2 * self.lease_ms;
         let deadline = applied.heal_ms + bound_ms + WAIT_MS_MAX;
         loop {
-            let active = self.active();
+            let stale = match (applied.fault, applied.node) {
+                (Fault::Pause, Some(node)) => Some((node, applied.generation, applied.heal_ms)),
+                _ => None,
+            };
+            let active = self.active_excluding(stale);
             let missing: Vec<String> = (0..ACTORS)
                 .map(actor_name)
                 .filter(|a| !active.contains_key(a))

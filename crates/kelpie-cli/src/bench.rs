@@ -107,9 +107,9 @@ pub fn run(args: BenchArgs) -> Result<(), CliError> {
         #[cfg(not(feature = "etcd"))]
         StoreUrl::Etcd(_) => return Err(crate::store_url::StoreUrlError::EtcdNotBuilt.into()),
         #[cfg(feature = "etcd")]
-        StoreUrl::Etcd(endpoints) => runtime.block_on(async {
+        StoreUrl::Etcd(url) => runtime.block_on(async {
             let clock = Arc::new(TokioClock::new());
-            let manager = connect_etcd(endpoints, ETCD_TIMEOUT_MS, config, clock).await?;
+            let manager = connect_etcd(url, ETCD_TIMEOUT_MS, config, clock).await?;
             measure_all(Arc::new(manager), &args.concurrency, case).await
         })?,
     };

@@ -57,7 +57,8 @@ pub enum LeaseCommand {
 /// Where the store is and how to print.
 #[derive(Debug, Args)]
 pub struct StoreArgs {
-    /// Where the leases live: sqlite:PATH or etcd://HOST:PORT,HOST:PORT,...
+    /// Where the leases live: sqlite:PATH or etcd://HOST:PORT,HOST:PORT,... (TLS:
+    /// ?ca=PATH, and for client certificates &cert=PATH&key=PATH)
     #[arg(long, value_name = "URL", default_value = STORE_DEFAULT)]
     pub store: StoreUrl,
     /// How long to wait for the store (another process's SQLite lock, an etcd connection or
@@ -218,10 +219,9 @@ async fn open(args: &StoreArgs, config: LeaseConfig) -> Result<Backend, CliError
             Ok(Backend::Sqlite(SqliteLeaseManager::new(store, config)))
         }
         #[cfg(feature = "etcd")]
-        StoreUrl::Etcd(endpoints) => {
+        StoreUrl::Etcd(url) => {
             let clock: kelpie_core::SharedClock = Arc::new(kelpie_core::TokioClock::new());
-            let manager =
-                connect_etcd(endpoints, args.timeout_ms, config, Arc::clone(&clock)).await?;
+            let manager = connect_etcd(url, args.timeout_ms, config, Arc::clone(&clock)).await?;
             Ok(Backend::Etcd(manager, clock))
         }
         #[cfg(not(feature = "etcd"))]
@@ -235,18 +235,25 @@ async fn open(args: &StoreArgs, config: LeaseConfig) -> Result<Backend, CliError
 }
 
 #[cfg(feature = "etcd")]
-/// Connects to etcd, waiting up to `timeout_ms` for the connection and for each request.
+/// Connects to etcd (with TLS and a client certificate if the URL names them), waiting up to
+/// `timeout_ms` for the connection and for each request.
 pub async fn connect_etcd(
-    endpoints: &[String],
+    url: &crate::store_url::EtcdUrl,
     timeout_ms: u64,
     config: LeaseConfig,
     clock: kelpie_core::SharedClock,
 ) -> Result<EtcdLeaseManager, CliError> {
-    let options = EtcdOptions::new(endpoints)
+    let mut options = EtcdOptions::new(url.endpoints.iter().cloned())
         .with_connect_timeout_ms(timeout_ms)
         .with_request_timeout_ms(timeout_ms)
         .with_lease_config(config)
         .with_clock(clock);
+    if let Some(ca) = &url.ca {
+        options = options.with_tls_ca_file(ca);
+    }
+    if let Some((cert, key)) = &url.identity {
+        options = options.with_tls_client_identity(cert, key);
+    }
     Ok(EtcdLeaseManager::connect(options).await?)
 }
 

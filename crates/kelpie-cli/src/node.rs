@@ -71,7 +71,8 @@ pub struct NodeArgs {
     /// gets new, larger fencing tokens.
     #[arg(long, value_name = "ID", value_parser = parse_node)]
     pub node: NodeId,
-    /// Where the leases live: sqlite:PATH or etcd://HOST:PORT,HOST:PORT,... (etcd needs a
+    /// Where the leases live: sqlite:PATH or etcd://HOST:PORT,HOST:PORT,... (TLS: ?ca=PATH,
+    /// and for client certificates &cert=PATH&key=PATH; etcd needs a
     /// kelpie built with the `etcd` feature).
     #[arg(long, value_name = "URL")]
     pub store: StoreUrl,
@@ -238,11 +239,10 @@ async fn open_and_serve(
             .await
         }
         #[cfg(feature = "etcd")]
-        StoreUrl::Etcd(endpoints) => {
+        StoreUrl::Etcd(url) => {
             let clock: kelpie_core::SharedClock = Arc::new(kelpie_core::TokioClock::new());
             let manager =
-                crate::lease_cmd::connect_etcd(endpoints, args.store_timeout_ms, lease, clock)
-                    .await?;
+                crate::lease_cmd::connect_etcd(url, args.store_timeout_ms, lease, clock).await?;
             serve(
                 MeteredManager::new(manager, Arc::clone(&metrics)),
                 metrics,

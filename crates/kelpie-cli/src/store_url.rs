@@ -1,4 +1,5 @@
-//! `--store` values: `sqlite:PATH`, `etcd://HOST:PORT[,HOST:PORT...]` and `memory`.
+//! `--store` values: `sqlite:PATH`, `etcd://HOST:PORT[,HOST:PORT...][?ca=PATH[&cert=PATH&key=PATH]]`
+//! and `memory`.
 //!
 //! etcd endpoints are parsed by the etcd backend's own parser (`kelpie_lease::backend::parse_endpoints`),
 //! so the CLI and the library accept the same lists. A `kelpie` built without the `etcd`
@@ -19,11 +20,25 @@ pub const ETCD_BUILD_COMMAND: &str = "cargo build --release -p kelpie-cli --feat
 pub enum StoreUrl {
     /// A SQLite file on this host.
     Sqlite(PathBuf),
-    /// An etcd cluster: its client endpoints as `HOST:PORT`, checked by the etcd backend.
+    /// An etcd cluster: its client endpoints as `HOST:PORT`, checked by the etcd backend,
+    /// and its TLS files.
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
-    Etcd(Vec<String>),
+    Etcd(EtcdUrl),
     /// A store in this process's memory, gone when it exits (benchmarks only).
     Memory,
+}
+
+/// `etcd://HOST:PORT[,HOST:PORT...][?ca=PATH[&cert=PATH&key=PATH]]`: the endpoints, the CA
+/// that signs the servers' certificates (TLS on) and this client's certificate and key (for a
+/// cluster that requires client certificates).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdUrl {
+    /// The client endpoints.
+    pub endpoints: Vec<String>,
+    /// `ca=`: PEM file of the CA that signs the servers' certificates; turns TLS on.
+    pub ca: Option<PathBuf>,
+    /// `cert=` and `key=`: this client's certificate and private key, PEM files.
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 /// Why a `--store` value was refused.
@@ -48,6 +63,15 @@ pub enum StoreUrlError {
         /// The value as given.
         given: String,
         /// What was wrong, from the etcd backend's parser.
+        reason: String,
+    },
+    /// The etcd URL's `?...` part was malformed.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    #[error("{given:?}: {reason}; the etcd options are ?ca=PATH, and with it cert=PATH&key=PATH")]
+    EtcdQuery {
+        /// The value as given.
+        given: String,
+        /// What was wrong.
         reason: String,
     },
     /// This binary was built without the etcd backend.
@@ -89,13 +113,51 @@ impl FromStr for StoreUrl {
 
 #[cfg(feature = "etcd")]
 fn parse_etcd(given: &str, rest: &str) -> Result<StoreUrl, StoreUrlError> {
-    match kelpie_lease::backend::parse_endpoints(rest) {
-        Ok(endpoints) => Ok(StoreUrl::Etcd(endpoints)),
-        Err(error) => Err(StoreUrlError::EtcdEndpoints {
-            given: given.to_string(),
-            reason: error.to_string(),
-        }),
+    let (list, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let endpoints = match kelpie_lease::backend::parse_endpoints(list) {
+        Ok(endpoints) => endpoints,
+        Err(error) => {
+            return Err(StoreUrlError::EtcdEndpoints {
+                given: given.to_string(),
+                reason: error.to_string(),
+            })
+        }
+    };
+    let bad = |reason: String| StoreUrlError::EtcdQuery {
+        given: given.to_string(),
+        reason,
+    };
+    let (mut ca, mut cert, mut key) = (None, None, None);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair
+            .split_once('=')
+            .ok_or_else(|| bad(format!("{pair:?} is not name=value")))?;
+        if value.is_empty() {
+            return Err(bad(format!("{name}= needs a path")));
+        }
+        let slot = match name {
+            "ca" => &mut ca,
+            "cert" => &mut cert,
+            "key" => &mut key,
+            other => return Err(bad(format!("unknown option {other:?}"))),
+        };
+        if slot.replace(PathBuf::from(value)).is_some() {
+            return Err(bad(format!("{name}= is given twice")));
+        }
     }
+    let identity = match (cert, key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => return Err(bad("cert= and key= go together".into())),
+    };
+    if identity.is_some() && ca.is_none() {
+        return Err(bad("a client certificate needs TLS: add ca=PATH".into()));
+    }
+    Ok(StoreUrl::Etcd(EtcdUrl {
+        endpoints,
+        ca,
+        identity,
+    }))
 }
 
 #[cfg(not(feature = "etcd"))]
@@ -108,7 +170,20 @@ impl fmt::Display for StoreUrl {
         match self {
             StoreUrl::Sqlite(path) => write!(f, "sqlite:{}", path.display()),
             StoreUrl::Memory => f.write_str("memory"),
-            StoreUrl::Etcd(endpoints) => write!(f, "etcd://{}", endpoints.join(",")),
+            StoreUrl::Etcd(url) => {
+                write!(f, "etcd://{}", url.endpoints.join(","))?;
+                let mut query = Vec::new();
+                if let Some(ca) = &url.ca {
+                    query.push(format!("ca={}", ca.display()));
+                }
+                if let Some((cert, key)) = &url.identity {
+                    query.push(format!("cert={}&key={}", cert.display(), key.display()));
+                }
+                if !query.is_empty() {
+                    write!(f, "?{}", query.join("&"))?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -147,6 +222,42 @@ mod tests {
             assert!(
                 matches!(parse(bad), Err(StoreUrlError::EtcdEndpoints { .. })),
                 "{bad}"
+            );
+        }
+    }
+
+    #[cfg(feature = "etcd")]
+    #[test]
+    fn etcd_tls_files_come_in_the_query() {
+        let url = parse("etcd://h:1?ca=/c.pem&cert=/me.pem&key=/me.key").unwrap();
+        let StoreUrl::Etcd(etcd) = &url else {
+            panic!("{url:?}")
+        };
+        assert_eq!(etcd.ca, Some(PathBuf::from("/c.pem")));
+        assert_eq!(
+            etcd.identity,
+            Some((PathBuf::from("/me.pem"), PathBuf::from("/me.key")))
+        );
+        assert_eq!(
+            url.to_string(),
+            "etcd://h:1?ca=/c.pem&cert=/me.pem&key=/me.key"
+        );
+        assert_eq!(
+            parse("etcd://h:1?ca=/c.pem").unwrap().to_string(),
+            "etcd://h:1?ca=/c.pem"
+        );
+        for bad in [
+            "etcd://h:1?cert=/me.pem&key=/me.key",
+            "etcd://h:1?ca=/c.pem&cert=/me.pem",
+            "etcd://h:1?ca=",
+            "etcd://h:1?ca=/a&ca=/b",
+            "etcd://h:1?tls",
+            "etcd://h:1?password=x",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(StoreUrlError::EtcdQuery { .. })),
+                "{bad}: {:?}",
+                parse(bad)
             );
         }
     }

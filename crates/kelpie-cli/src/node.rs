@@ -1,7 +1,7 @@
 //! `kelpie node`: a long-running process that holds actors under leases the way a runtime
 //! embeds Kelpie. One [`LeaseSession`] on the store (`--store`), a [`Placement`] over it that
-//! campaigns for each wanted actor and fences the SQLite state store (`--state`) on each
-//! activation, and, per active actor, a steady stream of fenced writes of its write log
+//! campaigns for each wanted actor and fences the actors' state store on each activation (the
+//! SQLite file `--state`; on etcd, etcd itself unless `--state` is given), and, per active actor, a steady stream of fenced writes of its write log
 //! ([`runs`]). SIGTERM (or SIGINT) releases every lease and exits 0.
 //!
 //! Logs go to stdout, one line per lease event (`--log-format json` for a harness that
@@ -19,8 +19,8 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use kelpie_core::{ActorId, NodeId};
 use kelpie_lease::{
-    Activation, CancellationToken, KeeperEvent, LeaseConfig, LeaseManager, LeaseSession,
-    LostReason, Placement, PlacementError, SessionConfig, SessionError, SessionEvent,
+    Activation, CancellationToken, FencedStateStore, KeeperEvent, LeaseConfig, LeaseManager,
+    LeaseSession, LostReason, Placement, PlacementError, SessionConfig, SessionError, SessionEvent,
     SqliteFencedStateStore, SqliteLeaseManager, StateError,
 };
 use tracing::{error, info, warn};
@@ -77,9 +77,11 @@ pub struct NodeArgs {
     #[arg(long, value_name = "URL")]
     pub store: StoreUrl,
     /// The SQLite file of the fenced state store the actors write to (created if missing;
-    /// shared by the node processes of a host).
+    /// shared by the node processes of a host). Needed with sqlite:; on etcd the actors'
+    /// state is kept in etcd beside the leases, fenced by the lease keys themselves, unless
+    /// this is given.
     #[arg(long, value_name = "PATH")]
-    pub state: PathBuf,
+    pub state: Option<PathBuf>,
     /// The actors this node wants, comma-separated.
     #[arg(long, value_name = "ID,ID,...", value_delimiter = ',', value_parser = parse_actor)]
     pub actors: Vec<ActorId>,
@@ -229,9 +231,16 @@ async fn open_and_serve(
     let metrics = Arc::new(Metrics::default());
     match &args.store {
         StoreUrl::Sqlite(path) => {
+            let Some(state_path) = &args.state else {
+                return Err(CliError::Usage(
+                    "--state PATH is needed with a sqlite: store (the actors' fenced state)".into(),
+                ));
+            };
+            let state = SqliteFencedStateStore::open(state_path).map_err(state_error)?;
             let manager = SqliteLeaseManager::open(path, lease)?;
             serve(
                 MeteredManager::new(manager, Arc::clone(&metrics)),
+                state,
                 metrics,
                 &args,
                 wanted,
@@ -243,8 +252,21 @@ async fn open_and_serve(
             let clock: kelpie_core::SharedClock = Arc::new(kelpie_core::TokioClock::new());
             let manager =
                 crate::lease_cmd::connect_etcd(url, args.store_timeout_ms, lease, clock).await?;
+            if let Some(state_path) = &args.state {
+                let state = SqliteFencedStateStore::open(state_path).map_err(state_error)?;
+                return serve(
+                    MeteredManager::new(manager, Arc::clone(&metrics)),
+                    state,
+                    metrics,
+                    &args,
+                    wanted,
+                )
+                .await;
+            }
+            let state = manager.fenced_state_store();
             serve(
                 MeteredManager::new(manager, Arc::clone(&metrics)),
+                state,
                 metrics,
                 &args,
                 wanted,
@@ -262,21 +284,21 @@ async fn open_and_serve(
 }
 
 /// What every actor loop of the node shares.
-struct Node<M: LeaseManager + 'static> {
-    placement: Placement<M, SqliteFencedStateStore>,
+struct Node<M: LeaseManager + 'static, S: FencedStateStore + 'static> {
+    placement: Placement<M, S>,
     metrics: Arc<Metrics>,
     stopping: CancellationToken,
     write_every_ms: u64,
     bug_ignore_lost: bool,
 }
 
-async fn serve<M: LeaseManager + 'static>(
+async fn serve<M: LeaseManager + 'static, S: FencedStateStore + 'static>(
     manager: M,
+    state: S,
     metrics: Arc<Metrics>,
     args: &NodeArgs,
     wanted: Vec<ActorId>,
 ) -> Result<(), CliError> {
-    let state = SqliteFencedStateStore::open(&args.state).map_err(state_error)?;
     let session = LeaseSession::start(
         Arc::new(manager),
         args.node.clone(),
@@ -449,7 +471,10 @@ async fn pause_ms(duration_ms: u64) {
 
 /// Holds `actor` whenever this node can: campaign, write while active, and campaign again
 /// once the activation ends.
-async fn hold<M: LeaseManager + 'static>(node: Arc<Node<M>>, actor: ActorId) {
+async fn hold<M: LeaseManager + 'static, S: FencedStateStore + 'static>(
+    node: Arc<Node<M, S>>,
+    actor: ActorId,
+) {
     loop {
         let activation = tokio::select! {
             activation = node.placement.campaign(&actor) => activation,
@@ -477,9 +502,9 @@ async fn hold<M: LeaseManager + 'static>(node: Arc<Node<M>>, actor: ActorId) {
 
 /// Whether the node may act as the actor's holder now: its activation was not cancelled and
 /// its belief in the lease holds on its clock now. The planted bug says yes regardless.
-fn acting<M: LeaseManager + 'static>(
-    node: &Node<M>,
-    activation: &Activation<SqliteFencedStateStore>,
+fn acting<M: LeaseManager + 'static, S: FencedStateStore + 'static>(
+    node: &Node<M, S>,
+    activation: &Activation<S>,
 ) -> bool {
     if node.bug_ignore_lost {
         return !node.stopping.is_cancelled();
@@ -490,9 +515,9 @@ fn acting<M: LeaseManager + 'static>(
 }
 
 /// Writes the actor's log while the activation lasts; returns why it ended.
-async fn write_while_active<M: LeaseManager + 'static>(
-    node: &Node<M>,
-    activation: &Activation<SqliteFencedStateStore>,
+async fn write_while_active<M: LeaseManager + 'static, S: FencedStateStore + 'static>(
+    node: &Node<M, S>,
+    activation: &Activation<S>,
 ) -> &'static str {
     let actor = activation.actor_id();
     let token = activation.fencing_token();
@@ -527,6 +552,18 @@ async fn write_while_active<M: LeaseManager + 'static>(
                 warn!(
                     actor = %actor, token = token.0, seq, outcome = "refused",
                     highest = highest_token.0, acting_after, "write"
+                );
+                if !node.bug_ignore_lost {
+                    return "write-refused";
+                }
+            }
+            // The etcd state store checks the lease key itself: it is gone (expired or
+            // released) and nobody holds it yet.
+            Err(StateError::NotHolder { .. }) => {
+                bump(&node.metrics.writes_refused);
+                warn!(
+                    actor = %actor, token = token.0, seq, outcome = "refused",
+                    reason = "lease-gone", acting_after, "write"
                 );
                 if !node.bug_ignore_lost {
                     return "write-refused";

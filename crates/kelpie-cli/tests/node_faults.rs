@@ -479,11 +479,14 @@ impl Harness {
             .args(["node", "--node", &format!("node-{node}")])
             .args(["--actors", &wanted_by(node).join(",")])
             .args(["--store", &self.store_url(node)])
-            .arg("--state")
-            .arg(self.dir.path().join("state.db"))
             .args(["--lease-ms", &self.lease_ms.to_string()])
             .args(["--write-every-ms", &WRITE_EVERY_MS.to_string()])
             .args(["--log-format", "json"]);
+        // On etcd the actors' state is kept in etcd, fenced by the lease keys; on SQLite in a
+        // state file beside the leases.
+        if self.cluster.is_none() {
+            command.arg("--state").arg(self.dir.path().join("state.db"));
+        }
         if self.mode == Mode::PlantedBug && node == 0 {
             command.arg("--bug-ignore-lost");
         }
@@ -748,24 +751,46 @@ impl Harness {
         sleep_ms(200);
     }
 
-    /// Each actor's write log as the state store holds it at the end.
+    /// Each actor's write log as the state store holds it at the end: the SQLite state file,
+    /// or etcd's state keys.
     fn final_runs(&self) -> BTreeMap<String, Vec<Run>> {
-        use kelpie_lease::FencedStateStore;
-        let store =
-            kelpie_lease::SqliteFencedStateStore::open(self.dir.path().join("state.db")).unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
             .build()
             .unwrap();
+        let read = |id: &kelpie_core::ActorId| runtime.block_on(self.read_state(id));
         (0..ACTORS)
             .map(actor_name)
             .map(|actor| {
                 let id = kelpie_core::ActorId::new(actor.as_str()).unwrap();
-                let state = runtime.block_on(store.read(&id)).unwrap();
+                let state = read(&id);
                 let value = state.and_then(|s| s.value).unwrap_or_default();
                 let runs = checks::parse_runs(&value).unwrap_or_else(|e| panic!("{actor}: {e}"));
                 (actor, runs)
             })
             .collect()
+    }
+}
+
+impl Harness {
+    /// One actor's state at the end, from where the nodes kept it.
+    async fn read_state(&self, id: &kelpie_core::ActorId) -> Option<kelpie_lease::FencedState> {
+        use kelpie_lease::FencedStateStore;
+        #[cfg(feature = "etcd")]
+        if let Some(cluster) = &self.cluster {
+            let url = cluster.endpoints_for("127.0.0.1");
+            let endpoints =
+                kelpie_lease::backend::parse_endpoints(&url["etcd://".len()..]).unwrap();
+            let options = kelpie_lease::EtcdOptions::new(endpoints);
+            let manager = kelpie_lease::EtcdLeaseManager::connect(options)
+                .await
+                .unwrap();
+            return manager.fenced_state_store().read(id).await.unwrap();
+        }
+        let store =
+            kelpie_lease::SqliteFencedStateStore::open(self.dir.path().join("state.db")).unwrap();
+        store.read(id).await.unwrap()
     }
 }
 

@@ -41,13 +41,18 @@ pub const SEEDS_MAX: u64 = 1_000_000;
 /// Most simulated nodes.
 pub const NODES_MAX: u64 = 64;
 /// Most contended actors.
-pub const ACTORS_MAX: u64 = 1_000;
+pub const ACTORS_MAX: u64 = 100_000;
 /// Longest simulated run per seed, in seconds (one hour).
 pub const SIM_SECS_MAX: u64 = 3_600;
 /// Executor steps allowed per node per simulated second, far above what the scenario takes
 /// (a node makes a few requests per second, each a handful of steps); the bound only stops a
 /// run that livelocks.
 const STEPS_PER_NODE_SECOND_MAX: u64 = 20_000;
+/// Executor steps allowed per actor per simulated second on top of the nodes' share, far above
+/// what the scenario takes (a held lease is renewed about three times per lease duration, each
+/// renewal a handful of steps): with thousands of actors the renewals, not the nodes, make
+/// most of the steps.
+const STEPS_PER_ACTOR_SECOND_MAX: u64 = 2_000;
 
 const SIM_AFTER_HELP: &str = "\
 Seeds: --seed S runs one seed (a replay); --seeds N runs --base-seed B, B+1, ... B+N-1, with a
@@ -307,8 +312,9 @@ impl RunSettings {
     pub fn run_seed(&self, seed: u64, record: bool) -> SeedRun {
         let faults = self.faults.resolve(seed);
         let replay = self.replay_command(seed, &faults);
-        let steps_max =
-            (STEPS_PER_NODE_SECOND_MAX * self.nodes * self.sim_secs).max(SIM_STEPS_MAX_DEFAULT);
+        let steps_per_second_max =
+            STEPS_PER_NODE_SECOND_MAX * self.nodes + STEPS_PER_ACTOR_SECOND_MAX * self.actors;
+        let steps_max = (steps_per_second_max * self.sim_secs).max(SIM_STEPS_MAX_DEFAULT);
         let config = SimConfig::new(seed)
             .with_steps_max(steps_max)
             .with_reproduce_command(replay.clone())

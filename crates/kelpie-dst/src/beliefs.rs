@@ -5,6 +5,8 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use kelpie_core::{ActorId, NodeId};
 use kelpie_lease::machine::HeldBelief;
@@ -12,12 +14,15 @@ use kelpie_lease::machine::HeldBelief;
 use crate::checkers::BeliefView;
 use kelpie_sim::SimClock;
 
-/// What the board needs from a keeper: its beliefs now and a number that changes with them.
+/// What the board needs from a keeper: its beliefs now, and which of them changed.
 pub trait BeliefSource {
     /// Beliefs in force now.
     fn beliefs(&self) -> Vec<(ActorId, HeldBelief)>;
-    /// Changes whenever a belief starts, is extended or is dropped.
-    fn belief_epoch(&self) -> u64;
+    /// Calls `on_change` after every change of belief, and from then on remembers which
+    /// actors changed.
+    fn watch(&self, on_change: Box<dyn Fn() + Send + Sync>);
+    /// The actors whose belief changed since the last call, with their belief in force now.
+    fn take_changed(&self) -> Vec<(ActorId, Option<HeldBelief>)>;
 }
 
 impl<M: kelpie_lease::LeaseManager> BeliefSource for std::sync::Arc<kelpie_lease::LeaseKeeper<M>> {
@@ -25,53 +30,60 @@ impl<M: kelpie_lease::LeaseManager> BeliefSource for std::sync::Arc<kelpie_lease
         kelpie_lease::LeaseKeeper::beliefs(self)
     }
 
-    fn belief_epoch(&self) -> u64 {
-        kelpie_lease::LeaseKeeper::belief_epoch(self)
+    fn watch(&self, on_change: Box<dyn Fn() + Send + Sync>) {
+        kelpie_lease::LeaseKeeper::watch_beliefs(self, on_change);
+    }
+
+    fn take_changed(&self) -> Vec<(ActorId, Option<HeldBelief>)> {
+        kelpie_lease::LeaseKeeper::take_changed_beliefs(self)
     }
 }
 
-/// One node's beliefs before and after a change.
+/// One node's beliefs that changed: per actor, the view now (`None`: no belief in force).
 pub(crate) struct NodeChange {
     pub(crate) node_id: NodeId,
-    pub(crate) before: BTreeMap<ActorId, BeliefView>,
-    pub(crate) after: BTreeMap<ActorId, BeliefView>,
-}
-
-impl NodeChange {
-    /// The actors whose beliefs differ.
-    pub(crate) fn changed_actors(&self) -> BTreeSet<ActorId> {
-        changed_actors(&self.before, &self.after)
-    }
+    pub(crate) changed: Vec<(ActorId, Option<BeliefView>)>,
 }
 
 struct NodeEntry {
     clock: SimClock,
     keeper: Option<Rc<dyn BeliefSource>>,
-    /// Bumped on every crash, restart or clock jump.
-    local_epoch: u64,
-    /// (keeper epoch, local epoch) when the views below were taken.
-    seen: Option<(u64, u64)>,
+    /// Set by the keeper's watcher when a belief changed.
+    keeper_changed: Arc<AtomicBool>,
+    /// Every belief must be re-read: the node started, crashed or its clock jumped.
+    reread_all: bool,
     /// The node's beliefs as last taken.
     views: BTreeMap<ActorId, BeliefView>,
 }
 
-/// Every node's beliefs, each with the node's clock.
+/// Every node's beliefs, each with the node's clock. A keeper tells the board when its
+/// beliefs change and which, so a step where no belief changed costs one flag read, and a
+/// change costs a re-read of the actors it touched, not of all the node's beliefs.
 #[derive(Clone, Default)]
 pub struct BeliefBoard {
     nodes: Rc<RefCell<BTreeMap<NodeId, NodeEntry>>>,
+    /// Set when any node may have changed since the last [`take_changes`](Self::take_changes).
+    any_changed: Arc<AtomicBool>,
 }
 
 impl BeliefBoard {
     /// Registers (or, after a restart, replaces) the keeper holding a node's beliefs.
     pub fn set_keeper(&self, node_id: &NodeId, clock: SimClock, keeper: Rc<dyn BeliefSource>) {
+        let keeper_changed = Arc::new(AtomicBool::new(false));
+        let (flag, any) = (Arc::clone(&keeper_changed), Arc::clone(&self.any_changed));
+        keeper.watch(Box::new(move || {
+            flag.store(true, Ordering::Relaxed);
+            any.store(true, Ordering::Relaxed);
+        }));
         let entry = NodeEntry {
             clock,
             keeper: Some(keeper),
-            local_epoch: 0,
-            seen: None,
+            keeper_changed,
+            reread_all: true,
             views: BTreeMap::new(),
         };
         self.nodes.borrow_mut().insert(node_id.clone(), entry);
+        self.any_changed.store(true, Ordering::Relaxed);
     }
 
     /// The node crashed: its memory, and so every belief, is gone.
@@ -84,26 +96,29 @@ impl BeliefBoard {
         self.with_node(node_id, |_| {});
     }
 
-    /// Re-reads the nodes whose beliefs may have changed and returns, per changed node, its
-    /// views before and after. Cheap when nothing changed: one epoch comparison per node.
+    /// Re-reads what may have changed and returns, per changed node, the actors whose views
+    /// differ with their views now. Cheap when nothing changed: one flag read.
     pub(crate) fn take_changes(&self) -> Vec<NodeChange> {
+        if !self.any_changed.swap(false, Ordering::Relaxed) {
+            return Vec::new();
+        }
         let mut changes = Vec::new();
         for (node_id, node) in self.nodes.borrow_mut().iter_mut() {
-            let epoch = (
-                node.keeper.as_ref().map_or(0, |k| k.belief_epoch()),
-                node.local_epoch,
-            );
-            if node.seen == Some(epoch) {
+            let keeper_changed = node.keeper_changed.swap(false, Ordering::Relaxed);
+            if !keeper_changed && !node.reread_all {
                 continue;
             }
-            node.seen = Some(epoch);
-            let after = node.read_views(node_id);
-            let before = std::mem::replace(&mut node.views, after.clone());
-            changes.push(NodeChange {
-                node_id: node_id.clone(),
-                before,
-                after,
-            });
+            let changed = match node.reread_all {
+                true => node.reread_all_views(node_id),
+                false => node.reread_changed_views(node_id),
+            };
+            node.reread_all = false;
+            if !changed.is_empty() {
+                changes.push(NodeChange {
+                    node_id: node_id.clone(),
+                    changed,
+                });
+            }
         }
         changes
     }
@@ -112,45 +127,74 @@ impl BeliefBoard {
         let mut nodes = self.nodes.borrow_mut();
         let node = nodes.get_mut(node_id).expect("node registered");
         change(node);
-        node.local_epoch += 1;
+        node.reread_all = true;
+        self.any_changed.store(true, Ordering::Relaxed);
     }
 }
 
 impl NodeEntry {
-    fn read_views(&self, node_id: &NodeId) -> BTreeMap<ActorId, BeliefView> {
+    fn view(&self, node_id: &NodeId, actor_id: &ActorId, held: HeldBelief) -> BeliefView {
+        BeliefView {
+            node_id: node_id.clone(),
+            actor_id: actor_id.clone(),
+            held,
+            until_global_ms: self.clock.global_when_local_reaches(held.until_local_ms),
+        }
+    }
+
+    /// Every belief afresh; returns the actors whose views differ from the last ones.
+    fn reread_all_views(&mut self, node_id: &NodeId) -> Vec<(ActorId, Option<BeliefView>)> {
         let held: Vec<(ActorId, HeldBelief)> = match &self.keeper {
-            Some(keeper) => keeper.beliefs(),
+            Some(keeper) => {
+                // Drained too: every belief is read below.
+                drop(keeper.take_changed());
+                keeper.beliefs()
+            }
             None => Vec::new(),
         };
-        held.into_iter()
-            .map(|(actor_id, held)| {
-                let until_global_ms = self.clock.global_when_local_reaches(held.until_local_ms);
-                let view = BeliefView {
-                    node_id: node_id.clone(),
-                    actor_id: actor_id.clone(),
-                    held,
-                    until_global_ms,
-                };
-                (actor_id, view)
-            })
+        let after: BTreeMap<ActorId, BeliefView> = held
+            .into_iter()
+            .map(|(actor_id, held)| (actor_id.clone(), self.view(node_id, &actor_id, held)))
+            .collect();
+        let before = std::mem::replace(&mut self.views, after);
+        let mut changed: BTreeSet<&ActorId> = before
+            .iter()
+            .filter(|(actor_id, view)| !self.views.get(*actor_id).is_some_and(|v| same(v, view)))
+            .map(|(actor_id, _)| actor_id)
+            .collect();
+        changed.extend(self.views.keys().filter(|a| !before.contains_key(*a)));
+        changed
+            .into_iter()
+            .map(|actor_id| (actor_id.clone(), self.views.get(actor_id).cloned()))
             .collect()
+    }
+
+    /// Only the beliefs the keeper reported changed.
+    fn reread_changed_views(&mut self, node_id: &NodeId) -> Vec<(ActorId, Option<BeliefView>)> {
+        let Some(keeper) = &self.keeper else {
+            return Vec::new();
+        };
+        let mut changed = Vec::new();
+        for (actor_id, held) in keeper.take_changed() {
+            let after = held.map(|held| self.view(node_id, &actor_id, held));
+            let before = match &after {
+                Some(view) => self.views.insert(actor_id.clone(), view.clone()),
+                None => self.views.remove(&actor_id),
+            };
+            let unchanged = match (&before, &after) {
+                (Some(before), Some(after)) => same(before, after),
+                (None, None) => true,
+                _ => false,
+            };
+            if !unchanged {
+                changed.push((actor_id, after));
+            }
+        }
+        changed
     }
 }
 
-/// The actors whose beliefs differ between two views of one node.
-fn changed_actors(
-    old: &BTreeMap<ActorId, BeliefView>,
-    new: &BTreeMap<ActorId, BeliefView>,
-) -> BTreeSet<ActorId> {
-    let mut changed = BTreeSet::new();
-    for (actor_id, view) in old {
-        let same = new
-            .get(actor_id)
-            .is_some_and(|v| v.held == view.held && v.until_global_ms == view.until_global_ms);
-        if !same {
-            changed.insert(actor_id.clone());
-        }
-    }
-    changed.extend(new.keys().filter(|a| !old.contains_key(*a)).cloned());
-    changed
+/// Whether two views of one node's belief in one actor say the same.
+fn same(a: &BeliefView, b: &BeliefView) -> bool {
+    a.held == b.held && a.until_global_ms == b.until_global_ms
 }

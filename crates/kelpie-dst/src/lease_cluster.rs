@@ -13,7 +13,7 @@ use kelpie_lease::{
     machine::BeliefConfig, LeaseConfig, LeaseKeeper, LeaseManager,
 };
 
-use crate::beliefs::{BeliefBoard, NodeChange};
+use crate::beliefs::BeliefBoard;
 use crate::checkers::{BeliefView, CheckerSet, DecisionRecord, LeaseWorld};
 use crate::lease_events::{EventLog, LeaseEventKind};
 use crate::sim_lease_store::{SimLeaseStore, StoreWriteMutation};
@@ -232,21 +232,27 @@ impl StepCache {
             self.changed_actors.insert(actor_id);
         }
         for change in cluster.board.take_changes() {
-            for actor_id in change.changed_actors() {
+            for (actor_id, after) in change.changed {
                 if events.is_enabled() {
-                    self.record_belief_change(events, &change, &actor_id);
+                    self.record_belief_change(events, &change.node_id, &actor_id, after.as_ref());
                 }
                 let views = self.beliefs.entry(actor_id.clone()).or_default();
                 views.retain(|v| v.node_id != change.node_id);
-                views.extend(change.after.get(&actor_id).cloned());
+                views.extend(after);
                 self.changed_actors.insert(actor_id);
             }
         }
     }
 
-    fn record_belief_change(&self, events: &EventLog, change: &NodeChange, actor_id: &ActorId) {
-        let node = Some(&change.node_id);
-        let kind = match change.after.get(actor_id) {
+    fn record_belief_change(
+        &self,
+        events: &EventLog,
+        node_id: &kelpie_core::NodeId,
+        actor_id: &ActorId,
+        after: Option<&BeliefView>,
+    ) {
+        let node = Some(node_id);
+        let kind = match after {
             Some(view) => LeaseEventKind::BeliefStarted {
                 fencing_token: view.held.fencing_token,
                 until_ms: view.until_global_ms,

@@ -107,6 +107,10 @@ pub struct KeeperCore {
     blocked: BTreeSet<ActorId>,
     /// Incremented on every change of belief, so observers can skip unchanged states.
     belief_epoch: u64,
+    /// The actors whose belief changed since [`take_changed_beliefs`](Self::take_changed_beliefs)
+    /// last ran, kept only once an observer asked for them ([`track_changes`](Self::track_changes)),
+    /// so that it can re-read those beliefs instead of all of them.
+    changed: Option<BTreeSet<ActorId>>,
     stopped: bool,
 }
 
@@ -123,7 +127,48 @@ impl KeeperCore {
             releases_begun: BTreeMap::new(),
             blocked: BTreeSet::new(),
             belief_epoch: 0,
+            changed: None,
             stopped: false,
+        }
+    }
+
+    /// From now on, remembers which actors' beliefs change, for
+    /// [`take_changed_beliefs`](Self::take_changed_beliefs).
+    pub fn track_changes(&mut self) {
+        self.changed.get_or_insert_with(BTreeSet::new);
+    }
+
+    /// The actors whose belief started, was extended or was dropped since the last call (in
+    /// actor order), each with its belief in force at `now_ms`, if any. Empty unless
+    /// [`track_changes`](Self::track_changes) was called.
+    pub fn take_changed_beliefs(&mut self, now_ms: u64) -> Vec<(ActorId, Option<HeldBelief>)> {
+        let Some(changed) = self.changed.as_mut() else {
+            return Vec::new();
+        };
+        let changed = std::mem::take(changed);
+        changed
+            .into_iter()
+            .map(|actor_id| {
+                let held = self.held.get(&actor_id);
+                let belief = held.and_then(|h| h.belief.held_at(now_ms));
+                (actor_id, belief)
+            })
+            .collect()
+    }
+
+    /// Whether any belief changed since the changes were last taken (always `false` unless
+    /// [`track_changes`](Self::track_changes) was called).
+    pub fn has_changed_beliefs(&self) -> bool {
+        self.changed.as_ref().is_some_and(|c| !c.is_empty())
+    }
+
+    /// Notes a change of the belief in `actor_id`.
+    fn belief_changed(&mut self, actor_id: &ActorId) {
+        self.belief_epoch += 1;
+        if let Some(changed) = self.changed.as_mut() {
+            if !changed.contains(actor_id) {
+                changed.insert(actor_id.clone());
+            }
         }
     }
 
@@ -205,7 +250,7 @@ impl KeeperCore {
     pub fn begin_release(&mut self, actor_id: &ActorId, now_ms: u64) -> Option<FencingToken> {
         let held = self.held.remove(actor_id)?;
         *self.releases_begun.entry(actor_id.clone()).or_insert(0) += 1;
-        self.belief_epoch += 1;
+        self.belief_changed(actor_id);
         let pending = PendingRelease {
             fencing_token: held.fencing_token,
             attempts: 0,
@@ -263,7 +308,7 @@ impl KeeperCore {
         let mut events = Vec::with_capacity(ran_out.len());
         for actor_id in ran_out {
             let held = self.held.remove(&actor_id).expect("collected above");
-            self.belief_epoch += 1;
+            self.belief_changed(&actor_id);
             kelpie_core::coverage::mark(MARK_BELIEF_ENDED);
             events.push(KeeperEvent::Lost {
                 actor_id,
@@ -345,7 +390,7 @@ impl KeeperCore {
             Err(refusal) => {
                 kelpie_core::coverage::mark(MARK_RENEWAL_REFUSED);
                 self.held.remove(actor_id);
-                self.belief_epoch += 1;
+                self.belief_changed(actor_id);
                 Some(KeeperEvent::Lost {
                     actor_id: actor_id.clone(),
                     fencing_token: token,
@@ -414,8 +459,9 @@ impl KeeperCore {
         held.belief.on_granted(&self.belief_config, base_ms, token);
         held.fencing_token = token;
         held.next_renew_local_ms = next_renew_local_ms;
-        self.belief_epoch += 1;
-        held.belief.held_at(0).map(|b| b.until_local_ms)
+        let until_local_ms = held.belief.held_at(0).map(|b| b.until_local_ms);
+        self.belief_changed(actor_id);
+        until_local_ms
     }
 
     /// The local time a belief is measured from: the send time (the mutation uses now).

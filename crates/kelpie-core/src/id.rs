@@ -76,8 +76,36 @@ fn validate(kind: &'static str, id: &str) -> Result<(), IdError> {
 macro_rules! define_id {
     ($name:ident, $kind:literal, $doc:literal) => {
         #[doc = $doc]
-        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        #[derive(Clone, Hash)]
         pub struct $name(Arc<str>);
+
+        // Ids are compared far more often than built, and most comparisons are of clones of
+        // one id: the same allocation is the same id without reading the bytes.
+        impl PartialEq for $name {
+            #[inline]
+            fn eq(&self, other: &Self) -> bool {
+                Arc::ptr_eq(&self.0, &other.0) || *self.0 == *other.0
+            }
+        }
+
+        impl Eq for $name {}
+
+        impl Ord for $name {
+            #[inline]
+            fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+                if Arc::ptr_eq(&self.0, &other.0) {
+                    return std::cmp::Ordering::Equal;
+                }
+                self.0.cmp(&other.0)
+            }
+        }
+
+        impl PartialOrd for $name {
+            #[inline]
+            fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(other))
+            }
+        }
 
         impl $name {
             /// Validates `id` and wraps it.

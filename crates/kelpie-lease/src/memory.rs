@@ -1,23 +1,218 @@
-//! The in-memory store: a mutex around an insertion-ordered map.
+//! The in-memory store: a mutex around a compact table of records.
+//!
+//! The store keeps, per actor, one 48-byte entry in a vector (the actor id and the record, with
+//! its holder as a small number and its renewal count in 32 bits while it fits, in a side map
+//! beyond) and one 4-byte slot in a hash index over that vector. Holders
+//! are few (one per node process), so each distinct holder id is kept once, with a count of
+//! the records naming it, and dropped when none does. Every request still goes through
+//! [`decide`], the one decision function every store applies: the entry is turned into the
+//! [`LeaseRecord`] it stands for, decided on, and the record written back compactly.
+//!
+//! Records are never removed (a released lease keeps its token, so a later holder's is
+//! larger), so entries only grow and an index into the vector stays valid.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use indexmap::IndexMap;
-use kelpie_core::{ActorId, SharedClock};
+use hashbrown::HashTable;
+use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock};
 
 use crate::error::StoreError;
 use crate::lease::{LeaseRecord, LeaseRequest};
 use crate::protocol::{assert_record_well_formed, decide, Decision};
 use crate::store::{LeaseStore, RecordSnapshot, StoreSnapshot};
 
+/// Marks an entry with no holder (released).
+const NO_HOLDER: u32 = u32::MAX;
+
 /// Lease records in process memory, timed by the given clock. The mutex is the atomic step:
 /// the clock is read, the decision made and the record written while it is held.
 ///
-/// `IndexMap` rather than `HashMap`: lookups are hashed, but iteration follows insertion
-/// order, so a scan is deterministic inside the simulator.
+/// Lookups are hashed with a fixed seed, and iteration follows insertion order, so the store
+/// behaves the same in every run, inside the simulator too.
 pub struct MemoryLeaseStore {
     clock: SharedClock,
-    records: Mutex<IndexMap<ActorId, LeaseRecord>>,
+    table: Mutex<Table>,
+}
+
+/// One actor's record, compactly: what [`LeaseRecord`] holds, with the holder as an index
+/// into [`Holders`].
+struct Entry {
+    actor_id: ActorId,
+    fencing_token: FencingToken,
+    acquired_at_ms: u64,
+    expires_at_ms: u64,
+    /// The renewal count, or [`RENEWALS_SPILLED`] when it is in [`Table::renewals_spilled`].
+    renewal_count: u32,
+    holder: u32,
+}
+
+/// Marks a renewal count too large for an entry: billions of renewals of one tenure.
+const RENEWALS_SPILLED: u32 = u32::MAX;
+
+/// Every holder id some record names, each kept once with the number of records naming it.
+#[derive(Default)]
+struct Holders {
+    slots: Vec<Option<(NodeId, u64)>>,
+    index: HashTable<u32>,
+    free: Vec<u32>,
+}
+
+#[derive(Default)]
+struct Table {
+    entries: Vec<Entry>,
+    index: HashTable<u32>,
+    holders: Holders,
+    /// Renewal counts that do not fit an entry, by entry index.
+    renewals_spilled: BTreeMap<usize, u64>,
+}
+
+fn hash_str(id: &str) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0x6b_656c_7069_65).hash_one(id)
+}
+
+impl Holders {
+    fn get(&self, slot: u32) -> Option<&NodeId> {
+        if slot == NO_HOLDER {
+            return None;
+        }
+        let (node_id, _) = self.slots[slot as usize].as_ref().expect("a live holder slot");
+        Some(node_id)
+    }
+
+    /// The slot of `node_id`, counting one more record naming it.
+    fn retain(&mut self, node_id: &NodeId) -> u32 {
+        let hash = hash_str(node_id.as_str());
+        let slots = &self.slots;
+        let found = self.index.find(hash, |&s| {
+            slots[s as usize].as_ref().is_some_and(|(n, _)| n == node_id)
+        });
+        if let Some(&slot) = found {
+            let (_, count) = self.slots[slot as usize].as_mut().expect("indexed slot");
+            *count += 1;
+            return slot;
+        }
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                let slot = u32::try_from(self.slots.len()).expect("fewer than 2^32 holders");
+                assert!(slot != NO_HOLDER, "holder slots exhausted");
+                self.slots.push(None);
+                slot
+            }
+        };
+        self.slots[slot as usize] = Some((node_id.clone(), 1));
+        let slots = &self.slots;
+        self.index.insert_unique(hash, slot, |&s| {
+            hash_str(slots[s as usize].as_ref().expect("indexed").0.as_str())
+        });
+        slot
+    }
+
+    /// One record fewer names the holder in `slot`; forgets it when none does.
+    fn release(&mut self, slot: u32) {
+        if slot == NO_HOLDER {
+            return;
+        }
+        let (node_id, count) = self.slots[slot as usize].as_mut().expect("a live holder slot");
+        *count -= 1;
+        if *count > 0 {
+            return;
+        }
+        let hash = hash_str(node_id.as_str());
+        if let Ok(found) = self.index.find_entry(hash, |&s| s == slot) {
+            found.remove();
+        }
+        self.slots[slot as usize] = None;
+        self.free.push(slot);
+    }
+}
+
+impl Table {
+    fn find(&self, actor_id: &ActorId) -> Option<usize> {
+        let entries = &self.entries;
+        let found = self.index.find(hash_str(actor_id.as_str()), |&i| {
+            entries[i as usize].actor_id == *actor_id
+        });
+        found.map(|&i| i as usize)
+    }
+
+    fn record(&self, at: usize) -> LeaseRecord {
+        let entry = &self.entries[at];
+        let renewal_count = match entry.renewal_count {
+            RENEWALS_SPILLED => self.renewals_spilled[&at],
+            count => u64::from(count),
+        };
+        LeaseRecord {
+            holder: self.holders.get(entry.holder).cloned(),
+            fencing_token: entry.fencing_token,
+            acquired_at_ms: entry.acquired_at_ms,
+            expires_at_ms: entry.expires_at_ms,
+            renewal_count,
+        }
+    }
+
+    /// `count` as an entry of index `at` keeps it.
+    fn renewal_count_at(&mut self, at: usize, count: u64) -> u32 {
+        match u32::try_from(count) {
+            Ok(count) if count != RENEWALS_SPILLED => {
+                self.renewals_spilled.remove(&at);
+                count
+            }
+            _ => {
+                self.renewals_spilled.insert(at, count);
+                RENEWALS_SPILLED
+            }
+        }
+    }
+
+    /// Writes `record` for `actor_id`, at entry `at` if it has one.
+    fn write(&mut self, actor_id: &ActorId, at: Option<usize>, record: &LeaseRecord) {
+        let old_holder = at.map_or(NO_HOLDER, |i| self.entries[i].holder);
+        let holder = match &record.holder {
+            // The same holder as before (a renewal, a refreshed acquire): no lookup.
+            Some(node_id) if self.holders.get(old_holder) == Some(node_id) => old_holder,
+            Some(node_id) => {
+                let slot = self.holders.retain(node_id);
+                self.holders.release(old_holder);
+                slot
+            }
+            None => {
+                self.holders.release(old_holder);
+                NO_HOLDER
+            }
+        };
+        let i = at.unwrap_or(self.entries.len());
+        let renewal_count = self.renewal_count_at(i, record.renewal_count);
+        match at {
+            Some(i) => {
+                // The stored id is kept: it equals `actor_id`, and one copy is enough.
+                let entry = &mut self.entries[i];
+                entry.fencing_token = record.fencing_token;
+                entry.acquired_at_ms = record.acquired_at_ms;
+                entry.expires_at_ms = record.expires_at_ms;
+                entry.renewal_count = renewal_count;
+                entry.holder = holder;
+            }
+            None => {
+                let i = u32::try_from(self.entries.len()).expect("fewer than 2^32 actors");
+                self.entries.push(Entry {
+                    actor_id: actor_id.clone(),
+                    fencing_token: record.fencing_token,
+                    acquired_at_ms: record.acquired_at_ms,
+                    expires_at_ms: record.expires_at_ms,
+                    renewal_count,
+                    holder,
+                });
+                let entries = &self.entries;
+                self.index
+                    .insert_unique(hash_str(actor_id.as_str()), i, |&j| {
+                        hash_str(entries[j as usize].actor_id.as_str())
+                    });
+            }
+        }
+    }
 }
 
 impl MemoryLeaseStore {
@@ -25,34 +220,39 @@ impl MemoryLeaseStore {
     pub fn new(clock: SharedClock) -> Self {
         Self {
             clock,
-            records: Mutex::new(IndexMap::new()),
+            table: Mutex::new(Table::default()),
         }
     }
 
     /// An empty store with room for `capacity` actors.
     pub fn with_capacity(clock: SharedClock, capacity: usize) -> Self {
+        let table = Table {
+            entries: Vec::with_capacity(capacity),
+            index: HashTable::with_capacity(capacity),
+            holders: Holders::default(),
+            renewals_spilled: BTreeMap::new(),
+        };
         Self {
             clock,
-            records: Mutex::new(IndexMap::with_capacity(capacity)),
+            table: Mutex::new(table),
         }
     }
 
-    fn apply_now(&self, actor_id: &ActorId, request: &LeaseRequest) -> Decision {
-        let mut records = self
-            .records
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table
             .lock()
-            .expect("lease store mutex poisoned by a panic");
+            .expect("lease store mutex poisoned by a panic")
+    }
+
+    fn apply_now(&self, actor_id: &ActorId, request: &LeaseRequest) -> Decision {
+        let mut table = self.lock();
         let store_now_ms = self.clock.now_ms();
-        let slot = records.get_mut(actor_id);
-        let decision = decide(actor_id, slot.as_deref(), request, store_now_ms);
+        let at = table.find(actor_id);
+        let record = at.map(|i| table.record(i));
+        let decision = decide(actor_id, record.as_ref(), request, store_now_ms);
         if let Some(written) = &decision.write {
             assert_record_well_formed(written);
-            match slot {
-                Some(record) => record.clone_from(written),
-                None => {
-                    records.insert(actor_id.clone(), written.clone());
-                }
-            }
+            table.write(actor_id, at, written);
         }
         decision
     }
@@ -68,11 +268,8 @@ impl LeaseStore for MemoryLeaseStore {
     }
 
     async fn load(&self, actor_id: &ActorId) -> Result<RecordSnapshot, StoreError> {
-        let records = self
-            .records
-            .lock()
-            .expect("lease store mutex poisoned by a panic");
-        let record = records.get(actor_id).cloned();
+        let table = self.lock();
+        let record = table.find(actor_id).map(|i| table.record(i));
         Ok(RecordSnapshot {
             record,
             store_now_ms: self.clock.now_ms(),
@@ -80,18 +277,85 @@ impl LeaseStore for MemoryLeaseStore {
     }
 
     async fn scan(&self) -> Result<StoreSnapshot, StoreError> {
-        let records = self
-            .records
-            .lock()
-            .expect("lease store mutex poisoned by a panic");
-        let mut records: Vec<_> = records
+        let table = self.lock();
+        let mut records: Vec<_> = table
+            .entries
             .iter()
-            .map(|(a, r)| (a.clone(), r.clone()))
+            .enumerate()
+            .map(|(i, entry)| (entry.actor_id.clone(), table.record(i)))
             .collect();
         records.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(StoreSnapshot {
             records,
             store_now_ms: self.clock.now_ms(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::LeaseOp;
+    use kelpie_core::ManualClock;
+    use std::sync::Arc;
+
+    fn ready<T>(future: impl std::future::Future<Output = T>) -> T {
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::pin::pin!(future).poll(&mut context) {
+            std::task::Poll::Ready(value) => value,
+            std::task::Poll::Pending => panic!("memory store futures complete at once"),
+        }
+    }
+
+    /// Holder ids are kept once each, and forgotten once no record names them: a store
+    /// that sees many short-lived holders (restarted processes) does not grow with them.
+    #[test]
+    fn holders_are_shared_and_forgotten_when_no_record_names_them() {
+        let clock = ManualClock::new(0);
+        let store = MemoryLeaseStore::new(Arc::new(clock.clone()));
+        let actors: Vec<ActorId> = (0..4)
+            .map(|i| ActorId::new(format!("a{i}")).unwrap())
+            .collect();
+        for round in 0..50u64 {
+            let node = NodeId::new(format!("n@{round}")).unwrap();
+            for actor in &actors {
+                let acquire = LeaseRequest::new(LeaseOp::Acquire, node.clone(), 100);
+                let granted = ready(store.apply(actor, &acquire)).unwrap();
+                assert_eq!(granted.reply.unwrap().holder, node);
+            }
+            assert_eq!(store.lock().holders.index.len(), 1, "one live holder");
+            for actor in &actors {
+                let mut release = LeaseRequest::new(LeaseOp::Release, node.clone(), 100);
+                release.fencing_token = Some(FencingToken(round + 1));
+                ready(store.apply(actor, &release)).unwrap().reply.unwrap();
+            }
+            assert_eq!(store.lock().holders.index.len(), 0, "released: no holder");
+        }
+        let table = store.lock();
+        assert!(table.holders.slots.len() <= 1, "slots are reused");
+        assert_eq!(table.entries.len(), actors.len());
+        let record = table.record(0);
+        assert_eq!((record.holder, record.fencing_token), (None, FencingToken(50)));
+    }
+
+    /// A renewal count beyond 32 bits is kept exactly, beside the entry, and comes back.
+    #[test]
+    fn renewal_counts_beyond_32_bits_are_kept_exactly() {
+        let mut table = Table::default();
+        let actor = ActorId::new("a").unwrap();
+        let mut record = LeaseRecord {
+            holder: Some(NodeId::new("n").unwrap()),
+            fencing_token: FencingToken(1),
+            acquired_at_ms: 1,
+            expires_at_ms: 2,
+            renewal_count: u64::from(u32::MAX) + 7,
+        };
+        table.write(&actor, None, &record);
+        assert_eq!(table.record(0), record);
+        record.renewal_count = 3;
+        table.write(&actor, Some(0), &record);
+        assert_eq!(table.record(0), record);
+        assert!(table.renewals_spilled.is_empty());
+        assert_eq!(std::mem::size_of::<Entry>(), 48);
     }
 }

@@ -10,6 +10,7 @@ use crate::timer::TimerQueue;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::rc::Rc;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Wake, Waker};
 
@@ -82,8 +83,16 @@ impl Wake for TaskWaker {
 
     #[inline]
     fn wake_by_ref(self: &Arc<Self>) {
-        if !self.scheduled.swap(true, Ordering::AcqRel) {
-            self.shared.ready().push(self.key);
+        // A task already queued needs nothing; the flag is only set and cleared while the
+        // ready queue is locked (see `Runtime::poll_next`), so checking it again under the
+        // lock is exact, and the common case (already queued) takes no lock at all.
+        if self.scheduled.load(Ordering::Acquire) {
+            return;
+        }
+        let mut ready = self.shared.ready();
+        if !self.scheduled.load(Ordering::Acquire) {
+            self.scheduled.store(true, Ordering::Release);
+            ready.push(self.key);
         }
     }
 }
@@ -94,7 +103,8 @@ struct TaskEntry {
     id: u64,
     /// `None` while the task is being polled.
     future: Option<LocalTask>,
-    waker: Waker,
+    /// Shared with the poll in progress without touching the waker's atomic reference count.
+    waker: Rc<Waker>,
     flag: Arc<TaskWaker>,
     /// Set when a task is aborted while it is being polled (it aborted itself).
     abort_requested: bool,
@@ -106,7 +116,7 @@ struct Slot {
 }
 
 /// What [`TaskSlab::begin_poll`] hands out: the task's id, its future and its waker.
-pub(crate) type PollTicket = (u64, LocalTask, Waker);
+pub(crate) type PollTicket = (u64, LocalTask, Rc<Waker>);
 
 /// All live tasks.
 #[derive(Default)]
@@ -145,7 +155,7 @@ impl TaskSlab {
             scheduled: AtomicBool::new(true),
             shared: shared.clone(),
         });
-        let waker = Waker::from(flag.clone());
+        let waker = Rc::new(Waker::from(flag.clone()));
         let id = self.spawned;
         self.spawned += 1;
         self.live += 1;
@@ -168,14 +178,15 @@ impl TaskSlab {
         slot.entry.as_mut()
     }
 
-    /// Takes a ready task's future out for polling. `None` if the key is stale.
+    /// Takes a ready task's future out for polling. `None` if the key is stale. Call it with
+    /// the ready queue locked (`_ready`): the task's queued flag changes only under that lock.
     #[inline]
-    pub fn begin_poll(&mut self, key: TaskKey) -> Option<PollTicket> {
+    pub fn begin_poll(&mut self, key: TaskKey, _ready: &mut Vec<TaskKey>) -> Option<PollTicket> {
         let entry = self.entry_mut(key)?;
         // Cleared before the poll, so a wake during the poll queues the task again.
         entry.flag.scheduled.store(false, Ordering::Release);
         let future = entry.future.take()?;
-        Some((entry.id, future, entry.waker.clone()))
+        Some((entry.id, future, Rc::clone(&entry.waker)))
     }
 
     /// Returns a polled future. When the task finished or was aborted meanwhile, frees the
@@ -260,16 +271,16 @@ mod tests {
         let shared = Arc::new(Shared::default());
         let mut slab = TaskSlab::default();
         let (first, first_id) = slab.insert(&shared, noop());
-        let (_, future, _) = slab.begin_poll(first).unwrap();
+        let (_, future, _) = slab.begin_poll(first, &mut shared.ready()).unwrap();
         assert!(slab.end_poll(first, future, true).is_some());
         let (second, second_id) = slab.insert(&shared, noop());
         assert_ne!(first, second);
         assert_ne!(first_id, second_id);
         assert!(
-            slab.begin_poll(first).is_none(),
+            slab.begin_poll(first, &mut shared.ready()).is_none(),
             "stale key reached the new task"
         );
-        assert!(slab.begin_poll(second).is_some());
+        assert!(slab.begin_poll(second, &mut shared.ready()).is_some());
         assert_eq!(slab.live(), 1);
         assert_eq!(slab.spawned(), 2);
     }
@@ -280,7 +291,7 @@ mod tests {
         let mut slab = TaskSlab::default();
         let (key, _) = slab.insert(&shared, noop());
         shared.ready().clear();
-        let (_, future, waker) = slab.begin_poll(key).unwrap();
+        let (_, future, waker) = slab.begin_poll(key, &mut shared.ready()).unwrap();
         waker.wake_by_ref();
         waker.wake_by_ref();
         assert_eq!(shared.ready().len(), 1);

@@ -46,6 +46,8 @@ pub(crate) struct Runtime {
     steps: Cell<u64>,
     checks_evaluated: Cell<u64>,
     timers_fired: Cell<u64>,
+    /// Reused buffer of the timers due at one instant.
+    due_timers: RefCell<Vec<(crate::timer::TimerKey, Waker)>>,
     /// Components created so far, per kind, for naming their random streams.
     components: RefCell<BTreeMap<&'static str, u64>>,
 }
@@ -66,6 +68,7 @@ impl Runtime {
             steps: Cell::new(0),
             checks_evaluated: Cell::new(0),
             timers_fired: Cell::new(0),
+            due_timers: RefCell::new(Vec::new()),
             components: RefCell::new(BTreeMap::new()),
             config,
         }
@@ -147,7 +150,7 @@ impl Runtime {
     /// Polls one ready task chosen by the scheduler stream. `Ok(false)` if none is ready.
     fn poll_next(&self) -> Result<bool, SimError> {
         loop {
-            let key = {
+            let (key, ticket) = {
                 let mut ready = self.shared.ready();
                 let count = ready.len();
                 if count == 0 {
@@ -158,10 +161,12 @@ impl Runtime {
                 } else {
                     self.scheduler_rng.borrow_mut().choose_index(count)
                 };
-                ready.swap_remove(chosen)
+                let key = ready.swap_remove(chosen);
+                // Under the lock: wakers check the task's queued flag under it too.
+                (key, self.tasks.borrow_mut().begin_poll(key, &mut ready))
             };
             // A stale key belongs to a task that finished or was aborted after being woken.
-            let Some((id, future, waker)) = self.tasks.borrow_mut().begin_poll(key) else {
+            let Some((id, future, waker)) = ticket else {
                 continue;
             };
             let step = self.steps.get();
@@ -286,26 +291,34 @@ impl Runtime {
     }
 
     fn fire_timers(&self, now_ms: u64) {
-        loop {
-            // The lock is released before waking: a waker may touch the timers.
-            let Some(((deadline_ms, sequence), waker)) = self.shared.timers().pop_due(now_ms)
-            else {
-                return;
-            };
+        // Every due timer is taken under one lock, then woken with the lock released (a
+        // waker may touch the timers), in deadline then insertion order as before.
+        let mut due = self.due_timers.take();
+        {
+            let mut timers = self.shared.timers();
+            while let Some(timer) = timers.pop_due(now_ms) {
+                due.push(timer);
+            }
+        }
+        for ((deadline_ms, sequence), waker) in due.drain(..) {
             self.timers_fired.set(self.timers_fired.get() + 1);
             self.trace.event(event::TIMER, deadline_ms, sequence);
             waker.wake();
         }
+        self.due_timers.replace(due);
     }
 
     fn fire_sources(&self, now_ms: u64) -> Result<(), SimError> {
-        let sources: Vec<_> = self
-            .sources
-            .borrow()
-            .iter()
-            .filter_map(Weak::upgrade)
-            .collect();
-        for source in sources {
+        // By index, without collecting: a source fired here may register another, which is
+        // then seen in this round too (it has nothing due yet).
+        let mut index = 0;
+        loop {
+            let source = match self.sources.borrow().get(index) {
+                Some(source) => source.upgrade(),
+                None => break,
+            };
+            index += 1;
+            let Some(source) = source else { continue };
             if source
                 .next_deadline_ms()
                 .is_some_and(|due_ms| due_ms <= now_ms)

@@ -79,6 +79,10 @@ pub struct Sleep {
     timer: Option<(TimerKey, Waker)>,
 }
 
+// A timer is popped by the runtime when time reaches its deadline, before any task is polled
+// at that instant; so a sleep past its deadline has no timer left to remove, and skips the
+// lock.
+
 impl Sleep {
     /// A sleep until global time `deadline_ms`.
     pub(crate) fn until(shared: Arc<Shared>, deadline_ms: u64) -> Self {
@@ -96,7 +100,9 @@ impl Sleep {
 
     fn cancel(&mut self) {
         if let Some((key, _)) = self.timer.take() {
-            self.shared.timers().remove(key);
+            if self.shared.now_ms() < self.deadline_ms {
+                self.shared.timers().remove(key);
+            }
         }
     }
 }

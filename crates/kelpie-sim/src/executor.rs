@@ -5,11 +5,17 @@
 //! (the [`kelpie_core::Clock`] contract lets a sleep future travel), so the ready queue, the
 //! clock and the timers live in [`Shared`] behind atomics and mutexes. The simulation never
 //! has a second thread, so those locks are never contended.
+//!
+//! While a runtime drives its tasks, its ready queue moves into a thread-local slot
+//! ([`DrivingGuard`]): a wake on the driving thread, which is every wake of a simulation, then
+//! pushes there with no lock and no atomic read-modify-write. A wake from any other thread
+//! still goes through the mutex, and the runtime takes those in before each step.
 
 use crate::timer::TimerQueue;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Wake, Waker};
@@ -27,8 +33,47 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
     now_ms: AtomicU64,
+    /// Tasks woken while the runtime was not driving, or from another thread.
     ready: Mutex<Vec<TaskKey>>,
+    /// Set when `ready` received a task while the runtime was driving.
+    woken_elsewhere: AtomicBool,
     timers: Mutex<TimerQueue>,
+}
+
+thread_local! {
+    /// The ready queue of the runtime driving on this thread, with that runtime's identity
+    /// (the address of its [`Shared`], unique while it is alive).
+    static DRIVING: RefCell<Option<(usize, Vec<TaskKey>)>> = const { RefCell::new(None) };
+}
+
+/// While alive, the runtime of `shared` is driving on this thread: its ready queue lives in
+/// [`DRIVING`]. Dropping it (on return or unwind) puts the queue back and restores whatever
+/// this thread was driving before.
+pub(crate) struct DrivingGuard {
+    shared: Arc<Shared>,
+    previous: Option<(usize, Vec<TaskKey>)>,
+}
+
+impl DrivingGuard {
+    pub(crate) fn new(shared: &Arc<Shared>) -> Self {
+        let queue = std::mem::take(&mut *shared.ready());
+        let previous = DRIVING.with(|d| d.borrow_mut().replace((shared.id(), queue)));
+        Self {
+            shared: Arc::clone(shared),
+            previous,
+        }
+    }
+}
+
+impl Drop for DrivingGuard {
+    fn drop(&mut self) {
+        let mine = DRIVING.with(|d| std::mem::replace(&mut *d.borrow_mut(), self.previous.take()));
+        if let Some((_, queue)) = mine {
+            let mut ready = self.shared.ready();
+            let arrived = std::mem::replace(&mut *ready, queue);
+            ready.extend(arrived);
+        }
+    }
 }
 
 impl Shared {
@@ -48,10 +93,53 @@ impl Shared {
         self.now_ms.store(now_ms, Ordering::Release);
     }
 
-    /// The queue of tasks ready to be polled.
+    /// The queue of tasks woken while the runtime was not driving on this thread.
     #[inline]
     pub fn ready(&self) -> MutexGuard<'_, Vec<TaskKey>> {
         lock(&self.ready)
+    }
+
+    fn id(&self) -> usize {
+        self as *const Shared as usize
+    }
+
+    /// Queues `key`: on the driving thread's queue if this runtime is driving here, else on
+    /// the shared one.
+    #[inline]
+    pub fn push_ready(&self, key: TaskKey) {
+        let id = self.id();
+        let local = DRIVING.with(|d| match d.borrow_mut().as_mut() {
+            Some((driving, queue)) if *driving == id => {
+                queue.push(key);
+                true
+            }
+            _ => false,
+        });
+        if !local {
+            self.ready().push(key);
+            self.woken_elsewhere.store(true, Ordering::Release);
+        }
+    }
+
+    /// On the driving thread: takes in the tasks woken elsewhere, then removes and returns the
+    /// task `choose(count)` picks among the `count` ready ones; `None` if none is ready.
+    #[inline]
+    pub fn take_ready(&self, choose: impl FnOnce(usize) -> usize) -> Option<TaskKey> {
+        let id = self.id();
+        DRIVING.with(|d| {
+            let mut driving = d.borrow_mut();
+            let (driving_id, queue) = driving.as_mut().expect("take_ready while driving");
+            assert_eq!(*driving_id, id, "take_ready by the runtime driving here");
+            if self.woken_elsewhere.load(Ordering::Acquire) {
+                self.woken_elsewhere.store(false, Ordering::Release);
+                queue.append(&mut self.ready());
+            }
+            match queue.len() {
+                0 => None,
+                1 => queue.pop(),
+                count => Some(queue.swap_remove(choose(count))),
+            }
+        })
     }
 
     /// The pending timers.
@@ -83,17 +171,14 @@ impl Wake for TaskWaker {
 
     #[inline]
     fn wake_by_ref(self: &Arc<Self>) {
-        // A task already queued needs nothing; the flag is only set and cleared while the
-        // ready queue is locked (see `Runtime::poll_next`), so checking it again under the
-        // lock is exact, and the common case (already queued) takes no lock at all.
+        // A task already queued needs nothing. Across threads the check and the set may race
+        // and queue a task twice, which only polls it once more; a wake is never lost, since
+        // the flag is cleared before the poll that answers it (`begin_poll`).
         if self.scheduled.load(Ordering::Acquire) {
             return;
         }
-        let mut ready = self.shared.ready();
-        if !self.scheduled.load(Ordering::Acquire) {
-            self.scheduled.store(true, Ordering::Release);
-            ready.push(self.key);
-        }
+        self.scheduled.store(true, Ordering::Release);
+        self.shared.push_ready(self.key);
     }
 }
 
@@ -166,7 +251,7 @@ impl TaskSlab {
             flag,
             abort_requested: false,
         });
-        shared.ready().push(key);
+        shared.push_ready(key);
         (key, id)
     }
 
@@ -178,10 +263,9 @@ impl TaskSlab {
         slot.entry.as_mut()
     }
 
-    /// Takes a ready task's future out for polling. `None` if the key is stale. Call it with
-    /// the ready queue locked (`_ready`): the task's queued flag changes only under that lock.
+    /// Takes a ready task's future out for polling. `None` if the key is stale.
     #[inline]
-    pub fn begin_poll(&mut self, key: TaskKey, _ready: &mut Vec<TaskKey>) -> Option<PollTicket> {
+    pub fn begin_poll(&mut self, key: TaskKey) -> Option<PollTicket> {
         let entry = self.entry_mut(key)?;
         // Cleared before the poll, so a wake during the poll queues the task again.
         entry.flag.scheduled.store(false, Ordering::Release);
@@ -271,16 +355,16 @@ mod tests {
         let shared = Arc::new(Shared::default());
         let mut slab = TaskSlab::default();
         let (first, first_id) = slab.insert(&shared, noop());
-        let (_, future, _) = slab.begin_poll(first, &mut shared.ready()).unwrap();
+        let (_, future, _) = slab.begin_poll(first).unwrap();
         assert!(slab.end_poll(first, future, true).is_some());
         let (second, second_id) = slab.insert(&shared, noop());
         assert_ne!(first, second);
         assert_ne!(first_id, second_id);
         assert!(
-            slab.begin_poll(first, &mut shared.ready()).is_none(),
+            slab.begin_poll(first).is_none(),
             "stale key reached the new task"
         );
-        assert!(slab.begin_poll(second, &mut shared.ready()).is_some());
+        assert!(slab.begin_poll(second).is_some());
         assert_eq!(slab.live(), 1);
         assert_eq!(slab.spawned(), 2);
     }
@@ -291,7 +375,7 @@ mod tests {
         let mut slab = TaskSlab::default();
         let (key, _) = slab.insert(&shared, noop());
         shared.ready().clear();
-        let (_, future, waker) = slab.begin_poll(key, &mut shared.ready()).unwrap();
+        let (_, future, waker) = slab.begin_poll(key).unwrap();
         waker.wake_by_ref();
         waker.wake_by_ref();
         assert_eq!(shared.ready().len(), 1);

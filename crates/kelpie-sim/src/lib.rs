@@ -21,8 +21,9 @@
 //!   [`Shard`] of a sweep split across processes (`sweep`).
 //!
 //! Inside: `runtime` (the run loop: picks ready tasks with the seed, jumps time), `executor`
-//! (the task table, wakers and ready queue), `timer`, `injector` (draws fault decisions and
-//! counts firings) and `trace` (the hash every decision is folded into).
+//! (the task table, wakers and ready queue), `timer`, `in_flight` (the network's messages by
+//! delivery instant), `injector` (draws fault decisions and counts firings) and `trace` (the
+//! hash every decision is folded into).
 //!
 //! ```
 //! use kelpie_sim::{FaultConfig, FaultType, SimConfig, Simulation};
@@ -52,6 +53,7 @@ mod error;
 mod executor;
 mod failure;
 mod fault;
+mod in_flight;
 mod injector;
 mod network;
 mod report;

@@ -15,7 +15,8 @@ use crate::rng::DeterministicRng;
 use crate::runtime::EventSource;
 use crate::trace::event;
 use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
+use crate::in_flight::InFlightQueue;
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -67,9 +68,9 @@ struct Mailbox<M> {
 struct NetworkState<M> {
     rng: DeterministicRng,
     /// Messages in flight, by delivery instant, in send order within an instant.
-    in_flight: BTreeMap<u64, Vec<InFlight<M>>>,
-    /// Emptied buckets kept for reuse, so steady traffic allocates nothing.
-    spare_buckets: Vec<Vec<InFlight<M>>>,
+    in_flight: InFlightQueue<InFlight<M>>,
+    /// Reused buffer of the messages of one instant being delivered.
+    delivering: Vec<InFlight<M>>,
     mailboxes: Vec<Mailbox<M>>,
     /// `blocked[from * hosts + to]`: whether the link from `from` to `to` is cut.
     blocked: Vec<bool>,
@@ -143,8 +144,8 @@ impl<M: Clone + 'static> SimNetwork<M> {
             .collect();
         let state = NetworkState {
             rng: env.rng(&format!("network/{id}")),
-            in_flight: BTreeMap::new(),
-            spare_buckets: Vec::new(),
+            in_flight: InFlightQueue::new(delivery_ms_max(&config)),
+            delivering: Vec::new(),
             mailboxes,
             blocked: vec![false; config.hosts * config.hosts],
             any_blocked: false,
@@ -172,8 +173,7 @@ impl<M: Clone + 'static> SimNetwork<M> {
     /// The longest a message can take from send to delivery: the configured latency plus
     /// the largest delay spike. A message not delivered by then never will be.
     pub fn delivery_ms_max(&self) -> u64 {
-        let config = &self.inner.config;
-        config.latency_ms_max + config.latency_ms_max.max(1) * NETWORK_DELAY_SPIKE_FACTOR
+        delivery_ms_max(&self.inner.config)
     }
 
     /// Sends `message` from `from` to `to`. It arrives after a random latency unless a
@@ -224,21 +224,15 @@ impl<M: Clone + 'static> SimNetwork<M> {
             "a message drew {latency_ms} ms, beyond delivery_ms_max {} ms that checkers rely on",
             self.delivery_ms_max()
         );
-        let deliver_at_ms = env.now_ms().saturating_add(latency_ms);
-        let NetworkState {
-            in_flight,
-            spare_buckets,
-            ..
-        } = state;
-        let bucket = in_flight
-            .entry(deliver_at_ms)
-            .or_insert_with(|| spare_buckets.pop().unwrap_or_default());
+        let now_ms = env.now_ms();
+        let deliver_at_ms = now_ms.saturating_add(latency_ms);
         // Host indices fit u32: there are at most NETWORK_HOSTS_MAX of them.
-        bucket.push(InFlight {
+        let item = InFlight {
             from: from as u32,
             to: to as u32,
             message,
-        });
+        };
+        state.in_flight.push(now_ms, deliver_at_ms, item);
         state.in_flight_count += 1;
         env.runtime()
             .trace
@@ -326,6 +320,10 @@ impl<M: Clone + 'static> SimNetwork<M> {
 }
 
 /// A route folded into one trace word.
+fn delivery_ms_max(config: &NetworkConfig) -> u64 {
+    config.latency_ms_max + config.latency_ms_max.max(1) * NETWORK_DELAY_SPIKE_FACTOR
+}
+
 fn route_word(from: HostId, to: HostId) -> u64 {
     ((from as u64) << 32) | to as u64
 }
@@ -349,7 +347,7 @@ impl<M> NetworkState<M> {
         &mut self,
         env: &SimEnv,
         config: &NetworkConfig,
-        mut bucket: Vec<InFlight<M>>,
+        bucket: &mut Vec<InFlight<M>>,
     ) {
         let hosts = config.hosts;
         for InFlight { from, to, message } in bucket.drain(..) {
@@ -374,29 +372,22 @@ impl<M> NetworkState<M> {
                 self.wake_buffer.push(waiter);
             }
         }
-        self.spare_buckets.push(bucket);
     }
 }
 
 impl<M> EventSource for NetworkInner<M> {
     fn next_deadline_ms(&self) -> Option<u64> {
-        self.state
-            .borrow()
-            .in_flight
-            .first_key_value()
-            .map(|(&at_ms, _)| at_ms)
+        self.state.borrow().in_flight.next_deadline_ms()
     }
 
     fn fire_due(&self, now_ms: u64) {
         let mut wakers = {
             let mut state = self.state.borrow_mut();
-            while let Some(entry) = state.in_flight.first_entry() {
-                if *entry.key() > now_ms {
-                    break;
-                }
-                let bucket = entry.remove();
-                state.deliver_bucket(&self.env, &self.config, bucket);
+            let mut bucket = std::mem::take(&mut state.delivering);
+            while state.in_flight.take_due(now_ms, &mut bucket) {
+                state.deliver_bucket(&self.env, &self.config, &mut bucket);
             }
+            state.delivering = bucket;
             std::mem::take(&mut state.wake_buffer)
         };
         // Woken outside the borrow, in delivery order, so a waker may touch the network.

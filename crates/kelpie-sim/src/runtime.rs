@@ -4,7 +4,7 @@
 
 use crate::config::SimConfig;
 use crate::error::SimError;
-use crate::executor::{LocalTask, Shared, TaskKey, TaskSlab};
+use crate::executor::{DrivingGuard, LocalTask, Shared, TaskKey, TaskSlab};
 use crate::failure::catch_panic;
 use crate::fault::FaultConfig;
 use crate::injector::FaultInjector;
@@ -135,6 +135,7 @@ impl Runtime {
 
     /// Runs until `main_done` says the scenario finished, or a failure.
     pub fn drive(&self, main_done: &dyn Fn() -> bool) -> Result<(), SimError> {
+        let _driving = DrivingGuard::new(&self.shared);
         loop {
             if main_done() {
                 return Ok(());
@@ -150,23 +151,14 @@ impl Runtime {
     /// Polls one ready task chosen by the scheduler stream. `Ok(false)` if none is ready.
     fn poll_next(&self) -> Result<bool, SimError> {
         loop {
-            let (key, ticket) = {
-                let mut ready = self.shared.ready();
-                let count = ready.len();
-                if count == 0 {
-                    return Ok(false);
-                }
-                let chosen = if count == 1 {
-                    0
-                } else {
-                    self.scheduler_rng.borrow_mut().choose_index(count)
-                };
-                let key = ready.swap_remove(chosen);
-                // Under the lock: wakers check the task's queued flag under it too.
-                (key, self.tasks.borrow_mut().begin_poll(key, &mut ready))
+            let chosen = self
+                .shared
+                .take_ready(|count| self.scheduler_rng.borrow_mut().choose_index(count));
+            let Some(key) = chosen else {
+                return Ok(false);
             };
             // A stale key belongs to a task that finished or was aborted after being woken.
-            let Some((id, future, waker)) = ticket else {
+            let Some((id, future, waker)) = self.tasks.borrow_mut().begin_poll(key) else {
                 continue;
             };
             let step = self.steps.get();

@@ -1,0 +1,188 @@
+//! Messages in flight, by delivery instant: a timing wheel when every delivery falls within a
+//! short window of now (the usual case: latencies of milliseconds), an ordered map otherwise.
+//!
+//! Both deliver the same messages in the same order: by instant, and in send order within an
+//! instant. The wheel has one bucket per millisecond of the window, indexed by instant modulo
+//! its size, and a bitmap of the buckets in use, so a send is an index and a push, and finding
+//! the next instant is a scan of a few words instead of a search of a tree.
+
+use std::collections::BTreeMap;
+
+/// Largest window a wheel covers, in ms; longer latency ranges use the ordered map.
+pub(crate) const WHEEL_SLOTS_MAX: u64 = 4_096;
+
+pub(crate) enum InFlightQueue<T> {
+    Wheel(Wheel<T>),
+    Map {
+        buckets: BTreeMap<u64, Vec<T>>,
+        /// Emptied buckets kept for reuse, so steady traffic allocates nothing.
+        spare: Vec<Vec<T>>,
+    },
+}
+
+pub(crate) struct Wheel<T> {
+    slots: Vec<Vec<T>>,
+    /// Bit `i` set: slot `i` holds messages.
+    occupied: Vec<u64>,
+    /// The earliest instant with messages, if any. Every message in flight is due within one
+    /// turn of the wheel from it.
+    earliest_ms: Option<u64>,
+}
+
+impl<T> InFlightQueue<T> {
+    /// A queue for deliveries at most `delay_ms_max` after their send.
+    pub(crate) fn new(delay_ms_max: u64) -> Self {
+        let slots = (delay_ms_max + 1).next_power_of_two();
+        if slots > WHEEL_SLOTS_MAX {
+            return InFlightQueue::Map {
+                buckets: BTreeMap::new(),
+                spare: Vec::new(),
+            };
+        }
+        let count = usize::try_from(slots).expect("at most WHEEL_SLOTS_MAX");
+        InFlightQueue::Wheel(Wheel {
+            slots: (0..count).map(|_| Vec::new()).collect(),
+            occupied: vec![0; count.div_ceil(64)],
+            earliest_ms: None,
+        })
+    }
+
+    /// Adds `item`, due at `at_ms`, sent at `now_ms`.
+    pub(crate) fn push(&mut self, now_ms: u64, at_ms: u64, item: T) {
+        match self {
+            InFlightQueue::Wheel(wheel) => wheel.push(now_ms, at_ms, item),
+            InFlightQueue::Map { buckets, spare } => buckets
+                .entry(at_ms)
+                .or_insert_with(|| spare.pop().unwrap_or_default())
+                .push(item),
+        }
+    }
+
+    /// The earliest instant with a message due.
+    pub(crate) fn next_deadline_ms(&self) -> Option<u64> {
+        match self {
+            InFlightQueue::Wheel(wheel) => wheel.earliest_ms,
+            InFlightQueue::Map { buckets, .. } => buckets.first_key_value().map(|(&at, _)| at),
+        }
+    }
+
+    /// Moves the messages of the earliest instant, if it is due at `now_ms`, into `out` (which
+    /// must be empty), in send order. Returns whether there were any.
+    pub(crate) fn take_due(&mut self, now_ms: u64, out: &mut Vec<T>) -> bool {
+        match self {
+            InFlightQueue::Wheel(wheel) => wheel.take_due(now_ms, out),
+            InFlightQueue::Map { buckets, spare } => {
+                let Some(entry) = buckets.first_entry() else {
+                    return false;
+                };
+                if *entry.key() > now_ms {
+                    return false;
+                }
+                let mut bucket = entry.remove();
+                out.append(&mut bucket);
+                spare.push(bucket);
+                true
+            }
+        }
+    }
+}
+
+impl<T> Wheel<T> {
+    fn mask(&self) -> u64 {
+        self.slots.len() as u64 - 1
+    }
+
+    fn push(&mut self, now_ms: u64, at_ms: u64, item: T) {
+        assert!(
+            at_ms >= now_ms && at_ms - now_ms < self.slots.len() as u64,
+            "a delivery at {at_ms} ms sent at {now_ms} ms is outside the wheel's window"
+        );
+        let slot = (at_ms & self.mask()) as usize;
+        self.slots[slot].push(item);
+        self.occupied[slot / 64] |= 1 << (slot % 64);
+        self.earliest_ms = Some(self.earliest_ms.map_or(at_ms, |e| e.min(at_ms)));
+    }
+
+    fn take_due(&mut self, now_ms: u64, out: &mut Vec<T>) -> bool {
+        let Some(at_ms) = self.earliest_ms.filter(|&at| at <= now_ms) else {
+            return false;
+        };
+        let slot = (at_ms & self.mask()) as usize;
+        std::mem::swap(out, &mut self.slots[slot]);
+        self.occupied[slot / 64] &= !(1 << (slot % 64));
+        self.earliest_ms = self.next_occupied_after(at_ms);
+        true
+    }
+
+    /// The first instant after `at_ms` with messages: the first occupied slot after its slot,
+    /// going round once (every message in flight is due within one turn of the wheel).
+    fn next_occupied_after(&self, at_ms: u64) -> Option<u64> {
+        let slots = self.slots.len();
+        let start = ((at_ms + 1) & self.mask()) as usize;
+        for (from, to) in [(start, slots), (0, start)] {
+            if let Some(slot) = self.first_occupied(from, to) {
+                let offset = (slot + slots - start) % slots;
+                return Some(at_ms + 1 + offset as u64);
+            }
+        }
+        None
+    }
+
+    /// The first occupied slot in `from..to`.
+    fn first_occupied(&self, from: usize, to: usize) -> Option<usize> {
+        let mut slot = from;
+        while slot < to {
+            let word = self.occupied[slot / 64] >> (slot % 64);
+            if word != 0 {
+                let found = slot + word.trailing_zeros() as usize;
+                return (found < to).then_some(found);
+            }
+            slot = (slot / 64 + 1) * 64;
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wheel and the map deliver the same messages at the same instants in the same order.
+    #[test]
+    fn the_wheel_delivers_as_the_ordered_map_does() {
+        let mut rng = crate::rng::DeterministicRng::new(7);
+        for delay_ms_max in [0, 1, 5, 63, 64, 200] {
+            let mut wheel = InFlightQueue::new(delay_ms_max);
+            assert!(matches!(wheel, InFlightQueue::Wheel(_)));
+            let mut map = InFlightQueue::Map {
+                buckets: BTreeMap::new(),
+                spare: Vec::new(),
+            };
+            let (mut now_ms, mut sent, mut delivered) = (0u64, 0u64, 0u64);
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for _ in 0..5_000 {
+                for _ in 0..rng.gen_range(0..4u64) {
+                    let at_ms = now_ms + rng.gen_range(0..=delay_ms_max);
+                    wheel.push(now_ms, at_ms, sent);
+                    map.push(now_ms, at_ms, sent);
+                    sent += 1;
+                }
+                assert_eq!(wheel.next_deadline_ms(), map.next_deadline_ms());
+                let Some(next_ms) = wheel.next_deadline_ms() else {
+                    now_ms += 1;
+                    continue;
+                };
+                now_ms = next_ms;
+                while wheel.take_due(now_ms, &mut a) {
+                    assert!(map.take_due(now_ms, &mut b));
+                    assert_eq!(a, b);
+                    delivered += a.len() as u64;
+                    a.clear();
+                    b.clear();
+                }
+                assert!(!map.take_due(now_ms, &mut b));
+            }
+            assert!(delivered > 1_000, "{delivered}");
+        }
+    }
+}

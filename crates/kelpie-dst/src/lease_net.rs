@@ -24,7 +24,7 @@ use kelpie_lease::{
     backend::Decision, backend::LeaseRecord, backend::LeaseRequest, backend::LeaseStore,
     backend::RecordSnapshot, backend::StoreSnapshot, StoreError,
 };
-use send_wrapper::SendWrapper;
+use crate::sim_thread::SimThread;
 
 use crate::history::{History, OpOutcome};
 use crate::sim_lease_store::SimLeaseStore;
@@ -73,7 +73,7 @@ struct NetInner {
 
 /// A node's view of the lease store, across the simulated network.
 pub struct NetLeaseStore {
-    inner: SendWrapper<Rc<NetInner>>,
+    inner: SimThread<Rc<NetInner>>,
 }
 
 impl NetLeaseStore {
@@ -104,7 +104,7 @@ impl NetLeaseStore {
         };
         (
             Self {
-                inner: SendWrapper::new(Rc::new(inner)),
+                inner: SimThread::new(Rc::new(inner)),
             },
             router,
         )
@@ -205,18 +205,18 @@ impl LeaseStore for NetLeaseStore {
     ) -> Result<Decision, StoreError> {
         let inner = Rc::clone(&self.inner);
         let call = inner.call(actor_id.clone(), request.clone());
-        SendWrapper::new(call).await
+        SimThread::new(call).await
     }
 
     async fn load(&self, actor_id: &ActorId) -> Result<RecordSnapshot, StoreError> {
         let truth = self.inner.truth.clone();
         let actor_id = actor_id.clone();
-        SendWrapper::new(async move { truth.load(&actor_id).await }).await
+        SimThread::new(async move { truth.load(&actor_id).await }).await
     }
 
     async fn scan(&self) -> Result<StoreSnapshot, StoreError> {
         let truth = self.inner.truth.clone();
-        SendWrapper::new(async move { truth.scan().await }).await
+        SimThread::new(async move { truth.scan().await }).await
     }
 }
 

@@ -14,6 +14,7 @@
 //!   liveness bound ([`LivenessBound`]) and its check ([`LivenessWindow`]).
 //! - [`lease_scenario`]: [`LeaseScenario`], nodes contending for leases under faults.
 //! - [`mutations`]: deliberately broken protocols the checkers must catch.
+//! - `sim_thread`: `SimThread`, a simulation value carried across the lease traits' `Send` bound.
 //! - [`history`]: [`History`], every lease operation's invocation and response as nodes saw them.
 //! - [`linearizability`]: [`check_history`], a Wing–Gong checker of such histories against the
 //!   lease store's sequential model, run at the end of every swarm seed.
@@ -41,6 +42,7 @@ pub mod lease_swarm;
 pub mod linearizability;
 pub mod mutations;
 pub mod sim_lease_store;
+mod sim_thread;
 pub mod swarm;
 
 pub use history::{History, HistoryOp, HistoryOpId, OpOutcome};

@@ -16,7 +16,7 @@ use kelpie_lease::{
     StoreError,
 };
 
-use send_wrapper::SendWrapper;
+use crate::sim_thread::SimThread;
 
 use crate::checkers::DecisionRecord;
 use kelpie_sim::{SimStorage, StorageError, Versioned};
@@ -65,7 +65,7 @@ impl StoreWriteMutation {
 
 /// A [`LeaseStore`] over the simulator's storage.
 pub struct SimLeaseStore {
-    storage: SendWrapper<SimStorage<LeaseRecord>>,
+    storage: SimThread<SimStorage<LeaseRecord>>,
     decisions: Arc<Mutex<Vec<DecisionRecord>>>,
     /// The production [`decide`], or a mutation the test world swapped in: the store owns
     /// its protocol, requests never carry one.
@@ -76,7 +76,7 @@ pub struct SimLeaseStore {
 
 impl Clone for SimLeaseStore {
     fn clone(&self) -> Self {
-        let storage = SendWrapper::new((*self.storage).clone());
+        let storage = SimThread::new((*self.storage).clone());
         Self {
             storage,
             decisions: Arc::clone(&self.decisions),
@@ -96,7 +96,7 @@ impl SimLeaseStore {
     /// [`crate::mutations`]) that the checkers must catch.
     pub fn with_decide_fn(storage: SimStorage<LeaseRecord>, decide: DecideFn) -> Self {
         Self {
-            storage: SendWrapper::new(storage),
+            storage: SimThread::new(storage),
             decisions: Arc::new(Mutex::new(Vec::new())),
             decide,
             write_mutation: None,
@@ -202,7 +202,7 @@ impl LeaseStore for SimLeaseStore {
             (write, decision)
         };
         let storage = (*self.storage).clone();
-        let outcome = SendWrapper::new(async move { storage.transact(&key, step).await }).await;
+        let outcome = SimThread::new(async move { storage.transact(&key, step).await }).await;
         outcome.map_err(store_error)
     }
 
@@ -217,7 +217,7 @@ impl LeaseStore for SimLeaseStore {
             )
         };
         let (storage, key) = ((*self.storage).clone(), actor_id.as_str().to_string());
-        let outcome = SendWrapper::new(async move { storage.transact(&key, read).await }).await;
+        let outcome = SimThread::new(async move { storage.transact(&key, read).await }).await;
         outcome.map_err(store_error)
     }
 

@@ -90,6 +90,14 @@ macro_rules! define_id {
 
         impl Eq for $name {}
 
+        // Consistent with `Eq`, `Ord` and `Hash`, which are the string's: a map keyed by ids
+        // can be searched with a `&str` without building an id.
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl Ord for $name {
             #[inline]
             fn cmp(&self, other: &Self) -> std::cmp::Ordering {

@@ -200,6 +200,8 @@ struct StepCache {
     changed_actors: BTreeSet<ActorId>,
     decisions: Vec<DecisionRecord>,
     beliefs: BTreeMap<ActorId, Vec<BeliefView>>,
+    /// Reused buffer of the store keys written in a step.
+    written_keys: Vec<String>,
 }
 
 impl StepCache {
@@ -210,12 +212,23 @@ impl StepCache {
         self.step = Some(step);
         self.store_now_ms = cluster.store.storage().now_ms();
         self.changed_actors.clear();
-        self.decisions = cluster.store.take_decisions();
+        cluster.store.take_decisions_into(&mut self.decisions);
         if cluster.count_decisions.get() {
             cluster.count(|counts| tally_decisions(counts, &self.decisions));
         }
         let events = &cluster.events;
-        for actor_id in cluster.store.take_changed_actors() {
+        let mut written = std::mem::take(&mut self.written_keys);
+        cluster.store.storage().take_changed_keys_into(&mut written);
+        // In actor order, each once, as the checkers and the event log have always seen them.
+        written.sort_unstable();
+        written.dedup();
+        for key in &written {
+            // The id already known for this key if there is one, so that the maps below
+            // compare pointers, not strings; a new one otherwise.
+            let actor_id = match self.records.get_key_value(key.as_str()) {
+                Some((actor_id, _)) => actor_id.clone(),
+                None => ActorId::new(key).expect("keys are written from valid actor ids"),
+            };
             let record = cluster
                 .store
                 .peek(&actor_id)
@@ -231,6 +244,7 @@ impl StepCache {
             self.records.insert(actor_id.clone(), record);
             self.changed_actors.insert(actor_id);
         }
+        self.written_keys = written;
         for change in cluster.board.take_changes() {
             for (actor_id, after) in change.changed {
                 if events.is_enabled() {

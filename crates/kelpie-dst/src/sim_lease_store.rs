@@ -136,6 +136,14 @@ impl SimLeaseStore {
         std::mem::take(&mut *self.decisions.lock().expect("decision log poisoned"))
     }
 
+    /// Moves the decisions made since the last call into `decisions` (cleared first), keeping
+    /// both buffers' memory, for a checker that asks after every step.
+    pub fn take_decisions_into(&self, decisions: &mut Vec<DecisionRecord>) {
+        decisions.clear();
+        let mut log = self.decisions.lock().expect("decision log poisoned");
+        std::mem::swap(decisions, &mut *log);
+    }
+
     /// The actors whose records were written since the last call.
     pub fn take_changed_actors(&self) -> BTreeSet<ActorId> {
         let keys = self.storage.take_changed_keys();

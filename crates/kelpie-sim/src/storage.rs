@@ -236,6 +236,13 @@ impl<V: Clone + 'static> SimStorage<V> {
         std::mem::take(&mut *self.inner.changed.borrow_mut())
     }
 
+    /// Moves the keys written since the last call into `keys` (cleared first), keeping both
+    /// buffers' memory: a checker that asks after every step allocates nothing for it.
+    pub fn take_changed_keys_into(&self, keys: &mut Vec<String>) {
+        keys.clear();
+        std::mem::swap(keys, &mut *self.inner.changed.borrow_mut());
+    }
+
     /// The stored value of `key`: ground truth for checkers, with no latency, no faults, and
     /// nothing traced.
     pub fn peek(&self, key: &str) -> Option<Versioned<V>> {

@@ -191,7 +191,8 @@ impl LeaseStore for SimLeaseStore {
         let (decide, write_mutation) = (self.decide, self.write_mutation);
         let log = Arc::clone(&self.decisions);
         let (actor_id, request) = (actor_id.clone(), request.clone());
-        let key = actor_id.as_str().to_string();
+        // The key is the id's own string, borrowed: no copy per request.
+        let key = actor_id.clone();
         let step = move |current: Option<&Versioned<LeaseRecord>>, now_ms: u64| {
             let before = current.map(|v| v.value.clone());
             let decision = decide(&actor_id, before.as_ref(), &request, now_ms);
@@ -210,7 +211,8 @@ impl LeaseStore for SimLeaseStore {
             (write, decision)
         };
         let storage = (*self.storage).clone();
-        let outcome = SimThread::new(async move { storage.transact(&key, step).await }).await;
+        let outcome =
+            SimThread::new(async move { storage.transact(key.as_str(), step).await }).await;
         outcome.map_err(store_error)
     }
 

@@ -342,9 +342,16 @@ impl<V: Clone + 'static> StorageInner<V> {
             });
         }
         let version = current_version.unwrap_or(0) + 1;
-        self.data
-            .borrow_mut()
-            .insert(key.to_string(), Versioned { value, version });
+        let versioned = Versioned { value, version };
+        let mut data = self.data.borrow_mut();
+        // The key is copied only the first time it is written.
+        match data.get_mut(key) {
+            Some(slot) => *slot = versioned,
+            None => {
+                data.insert(key.to_string(), versioned);
+            }
+        }
+        drop(data);
         self.changed.borrow_mut().push(key.to_string());
         if self.env.should_inject(FaultType::StorageCommitUnknown) {
             return Err(StorageError::CommitUnknown {

@@ -85,6 +85,50 @@ struct PendingRelease {
     next_attempt_local_ms: u64,
 }
 
+/// When each held lease and pending release next needs the keeper, ordered by time then actor.
+#[derive(Debug, Default)]
+struct Schedule {
+    renewals: BTreeSet<(u64, ActorId)>,
+    belief_ends: BTreeSet<(u64, ActorId)>,
+    release_retries: BTreeSet<(u64, ActorId)>,
+}
+
+impl Schedule {
+    /// The actors of `index` due at or before `now_ms`, in actor order.
+    fn due(index: &BTreeSet<(u64, ActorId)>, now_ms: u64) -> Vec<ActorId> {
+        let mut due: Vec<ActorId> = index
+            .iter()
+            .take_while(|(at_ms, _)| *at_ms <= now_ms)
+            .map(|(_, actor_id)| actor_id.clone())
+            .collect();
+        due.sort_unstable();
+        due
+    }
+
+    fn add_held(&mut self, actor_id: &ActorId, held: &Held) {
+        self.renewals
+            .insert((held.next_renew_local_ms, actor_id.clone()));
+        self.belief_ends.insert((held.until_local_ms(), actor_id.clone()));
+    }
+
+    fn remove_held(&mut self, actor_id: &ActorId, held: &Held) {
+        let renewal = self
+            .renewals
+            .remove(&(held.next_renew_local_ms, actor_id.clone()));
+        let end = self
+            .belief_ends
+            .remove(&(held.until_local_ms(), actor_id.clone()));
+        assert!(renewal && end, "a held lease is scheduled once");
+    }
+}
+
+impl Held {
+    /// The local time the belief ends (0 if the grant supported none).
+    fn until_local_ms(&self) -> u64 {
+        self.belief.held_at(0).map_or(0, |b| b.until_local_ms)
+    }
+}
+
 /// The keeper's state and decisions; see the module docs.
 #[derive(Debug)]
 pub struct KeeperCore {
@@ -105,6 +149,11 @@ pub struct KeeperCore {
     /// Actors whose release never got an answer: acquiring them again under this holder id
     /// could be undone by a copy of that release still in the network.
     blocked: BTreeSet<ActorId>,
+    /// The held leases and pending releases by when they next need the keeper: renewals due,
+    /// beliefs ending, release retries due. A round looks only at what is due, so its cost
+    /// does not grow with the number of leases held (it was a scan of all of them, several
+    /// times per round, and rounds come as often as leases are due).
+    schedule: Schedule,
     /// Incremented on every change of belief, so observers can skip unchanged states.
     belief_epoch: u64,
     /// The actors whose belief changed since [`take_changed_beliefs`](Self::take_changed_beliefs)
@@ -126,6 +175,7 @@ impl KeeperCore {
             releasing: BTreeMap::new(),
             releases_begun: BTreeMap::new(),
             blocked: BTreeSet::new(),
+            schedule: Schedule::default(),
             belief_epoch: 0,
             changed: None,
             stopped: false,
@@ -248,7 +298,7 @@ impl KeeperCore {
     /// `None` if nothing is held. Until the store answers the release, the actor cannot be
     /// acquired again.
     pub fn begin_release(&mut self, actor_id: &ActorId, now_ms: u64) -> Option<FencingToken> {
-        let held = self.held.remove(actor_id)?;
+        let held = self.remove_held(actor_id)?;
         *self.releases_begun.entry(actor_id.clone()).or_insert(0) += 1;
         self.belief_changed(actor_id);
         let pending = PendingRelease {
@@ -256,7 +306,7 @@ impl KeeperCore {
             attempts: 0,
             next_attempt_local_ms: now_ms + self.timing.retry_interval_ms,
         };
-        self.releasing.insert(actor_id.clone(), pending);
+        self.set_releasing(actor_id, Some(pending));
         Some(held.fencing_token)
     }
 
@@ -272,23 +322,27 @@ impl KeeperCore {
         result: &Result<Lease, LeaseError>,
     ) -> Option<KeeperEvent> {
         let retry_at_ms = now_ms + self.timing.retry_interval_ms;
-        let pending = self.releasing.get_mut(actor_id)?;
+        let pending = *self.releasing.get(actor_id)?;
         if pending.fencing_token != token {
             return None;
         }
         match result {
             Err(LeaseError::Store(_)) if pending.attempts + 1 < RELEASE_ATTEMPTS_MAX => {
-                pending.attempts += 1;
-                pending.next_attempt_local_ms = retry_at_ms;
+                let retry = PendingRelease {
+                    attempts: pending.attempts + 1,
+                    next_attempt_local_ms: retry_at_ms,
+                    ..pending
+                };
+                self.set_releasing(actor_id, Some(retry));
                 None
             }
             Err(LeaseError::Store(_)) => {
-                self.releasing.remove(actor_id);
+                self.set_releasing(actor_id, None);
                 self.blocked.insert(actor_id.clone());
                 None
             }
             _ => {
-                self.releasing.remove(actor_id);
+                self.set_releasing(actor_id, None);
                 Some(KeeperEvent::Released {
                     actor_id: actor_id.clone(),
                     fencing_token: token,
@@ -299,15 +353,12 @@ impl KeeperCore {
 
     /// Drops the beliefs that ran out by `now_ms`, returning an event for each.
     pub fn expire(&mut self, now_ms: u64) -> Vec<KeeperEvent> {
-        let ran_out: Vec<ActorId> = self
-            .held
-            .iter()
-            .filter(|(_, h)| h.belief.held_at(now_ms).is_none())
-            .map(|(a, _)| a.clone())
-            .collect();
+        // A belief has run out at `now_ms` when it ends at or before it.
+        let ran_out = Schedule::due(&self.schedule.belief_ends, now_ms);
         let mut events = Vec::with_capacity(ran_out.len());
         for actor_id in ran_out {
-            let held = self.held.remove(&actor_id).expect("collected above");
+            let held = self.remove_held(&actor_id).expect("scheduled means held");
+            assert!(held.belief.held_at(now_ms).is_none(), "only ended beliefs expire");
             self.belief_changed(&actor_id);
             kelpie_core::coverage::mark(MARK_BELIEF_ENDED);
             events.push(KeeperEvent::Lost {
@@ -326,22 +377,24 @@ impl KeeperCore {
             return None;
         }
         let events = self.expire(now_ms);
-        let renewals = self
-            .held
-            .iter()
-            .filter(|(_, h)| h.next_renew_local_ms <= now_ms)
-            .map(|(actor_id, h)| KeeperRequest::Renew {
-                actor_id: actor_id.clone(),
-                fencing_token: h.fencing_token,
-                sent_local_ms: now_ms,
+        let renewals = Schedule::due(&self.schedule.renewals, now_ms)
+            .into_iter()
+            .map(|actor_id| {
+                let fencing_token = self.held[&actor_id].fencing_token;
+                KeeperRequest::Renew {
+                    actor_id,
+                    fencing_token,
+                    sent_local_ms: now_ms,
+                }
             });
-        let releases = self
-            .releasing
-            .iter()
-            .filter(|(_, p)| p.next_attempt_local_ms <= now_ms)
-            .map(|(actor_id, p)| KeeperRequest::Release {
-                actor_id: actor_id.clone(),
-                fencing_token: p.fencing_token,
+        let releases = Schedule::due(&self.schedule.release_retries, now_ms)
+            .into_iter()
+            .map(|actor_id| {
+                let fencing_token = self.releasing[&actor_id].fencing_token;
+                KeeperRequest::Release {
+                    actor_id,
+                    fencing_token,
+                }
             });
         let requests = renewals.chain(releases).collect();
         Some((events, requests))
@@ -360,7 +413,7 @@ impl KeeperCore {
         now_ms: u64,
         result: Result<Lease, LeaseError>,
     ) -> Option<KeeperEvent> {
-        let held = self.held.get_mut(actor_id)?;
+        let held = *self.held.get(actor_id)?;
         if held.fencing_token != token {
             return None;
         }
@@ -380,7 +433,11 @@ impl KeeperCore {
             }
             Err(LeaseError::Store(error)) => {
                 kelpie_core::coverage::mark(MARK_RENEWAL_FAILED);
-                held.next_renew_local_ms = now_ms + self.timing.retry_interval_ms;
+                let retry = Held {
+                    next_renew_local_ms: now_ms + self.timing.retry_interval_ms,
+                    ..held
+                };
+                self.set_held(actor_id, retry);
                 Some(KeeperEvent::RenewalFailed {
                     actor_id: actor_id.clone(),
                     fencing_token: token,
@@ -389,7 +446,7 @@ impl KeeperCore {
             }
             Err(refusal) => {
                 kelpie_core::coverage::mark(MARK_RENEWAL_REFUSED);
-                self.held.remove(actor_id);
+                self.remove_held(actor_id);
                 self.belief_changed(actor_id);
                 Some(KeeperEvent::Lost {
                     actor_id: actor_id.clone(),
@@ -420,23 +477,20 @@ impl KeeperCore {
 
     /// The local time the earliest belief ends, if any is held.
     pub fn earliest_belief_end_ms(&self) -> Option<u64> {
-        let ends = self
-            .held
-            .values()
-            .filter_map(|h| h.belief.held_at(0).map(|b| b.until_local_ms));
-        ends.min()
+        self.schedule.belief_ends.first().map(|(until_ms, _)| *until_ms)
     }
 
     /// The local time of the next round: the earliest renewal, belief end or release retry,
     /// and at most a renew interval after `now_ms`.
     pub fn next_wake_ms(&self, now_ms: u64) -> u64 {
         let far_ms = now_ms + self.timing.renew_interval_ms;
-        let ends = self.held.values().map(|h| {
-            let until_ms = h.belief.held_at(0).map_or(0, |b| b.until_local_ms);
-            h.next_renew_local_ms.min(until_ms)
-        });
-        let retries = self.releasing.values().map(|p| p.next_attempt_local_ms);
-        ends.chain(retries).fold(far_ms, u64::min)
+        let schedule = &self.schedule;
+        let firsts = [
+            schedule.renewals.first(),
+            schedule.belief_ends.first(),
+            schedule.release_retries.first(),
+        ];
+        firsts.into_iter().flatten().map(|(at_ms, _)| *at_ms).fold(far_ms, u64::min)
     }
 
     /// Makes [`poll`](Self::poll) return `None` from now on.
@@ -448,7 +502,7 @@ impl KeeperCore {
     /// the grant arrived too late to support any belief.
     fn believe(&mut self, actor_id: &ActorId, base_ms: u64, token: FencingToken) -> Option<u64> {
         let next_renew_local_ms = base_ms + self.timing.renew_interval_ms;
-        let held = self.held.entry(actor_id.clone()).or_insert(Held {
+        let mut held = self.held.get(actor_id).copied().unwrap_or(Held {
             belief: Belief::new(),
             fencing_token: token,
             next_renew_local_ms,
@@ -460,8 +514,40 @@ impl KeeperCore {
         held.fencing_token = token;
         held.next_renew_local_ms = next_renew_local_ms;
         let until_local_ms = held.belief.held_at(0).map(|b| b.until_local_ms);
+        self.set_held(actor_id, held);
         self.belief_changed(actor_id);
         until_local_ms
+    }
+
+    /// Holds `held` for `actor_id`, rescheduling it.
+    fn set_held(&mut self, actor_id: &ActorId, held: Held) {
+        if let Some(before) = self.held.insert(actor_id.clone(), held) {
+            self.schedule.remove_held(actor_id, &before);
+        }
+        self.schedule.add_held(actor_id, &held);
+    }
+
+    /// Stops holding `actor_id`, unscheduling it.
+    fn remove_held(&mut self, actor_id: &ActorId) -> Option<Held> {
+        let held = self.held.remove(actor_id)?;
+        self.schedule.remove_held(actor_id, &held);
+        Some(held)
+    }
+
+    /// Sets (or with `None` resolves) the pending release of `actor_id`, rescheduling it.
+    fn set_releasing(&mut self, actor_id: &ActorId, pending: Option<PendingRelease>) {
+        let before = match pending {
+            Some(pending) => self.releasing.insert(actor_id.clone(), pending),
+            None => self.releasing.remove(actor_id),
+        };
+        let retries = &mut self.schedule.release_retries;
+        if let Some(before) = before {
+            let removed = retries.remove(&(before.next_attempt_local_ms, actor_id.clone()));
+            assert!(removed, "a pending release is scheduled once");
+        }
+        if let Some(pending) = pending {
+            retries.insert((pending.next_attempt_local_ms, actor_id.clone()));
+        }
     }
 
     /// The local time a belief is measured from: the send time (the mutation uses now).
@@ -526,6 +612,61 @@ mod tests {
         keeper.release_replied(&actor(), FencingToken(1), 15, &granted(1, 2));
         assert!(acquired(&mut keeper, 20, 22, &granted(2, 21)).is_some());
         assert_eq!(keeper.holds(&actor(), 22), Some(FencingToken(2)));
+    }
+
+    /// With many leases acquired at different times, each round renews exactly the leases
+    /// due (in actor order, as the requests always went out), drops exactly the beliefs that
+    /// ran out, and wakes at the earliest next renewal: the schedule a round reads agrees with
+    /// a scan of every lease, which is what it replaced (issue 16: rounds cost a scan of all
+    /// held leases, several times, and come as often as leases are due).
+    #[test]
+    fn rounds_renew_exactly_the_leases_due_among_many() {
+        let mut keeper = core();
+        let renew_ms = keeper.timing.renew_interval_ms;
+        let actors: Vec<ActorId> = (0..300)
+            .map(|i| ActorId::new(format!("actor-{i}")).unwrap())
+            .collect();
+        // Acquired in reverse actor order, one per ms: due times and actor order disagree.
+        for (at_ms, actor_id) in actors.iter().rev().enumerate() {
+            let at_ms = at_ms as u64;
+            let ticket = keeper.begin_acquire(actor_id).unwrap();
+            let lease = Lease {
+                actor_id: actor_id.clone(),
+                ..granted(1, at_ms).unwrap()
+            };
+            keeper.acquire_replied(actor_id, ticket, at_ms, at_ms, &Ok(lease));
+        }
+        for now_ms in [renew_ms - 1, renew_ms + 10, renew_ms + 150] {
+            let mut due: Vec<ActorId> = keeper
+                .held
+                .iter()
+                .filter(|(_, h)| h.next_renew_local_ms <= now_ms)
+                .map(|(a, _)| a.clone())
+                .collect();
+            due.sort();
+            let (events, requests) = keeper.poll(now_ms).unwrap();
+            assert!(events.is_empty());
+            let renewed: Vec<ActorId> = requests
+                .iter()
+                .map(|r| match r {
+                    KeeperRequest::Renew { actor_id, .. } => actor_id.clone(),
+                    other => panic!("only renewals are due: {other:?}"),
+                })
+                .collect();
+            assert_eq!(renewed, due, "at {now_ms} ms");
+            let earliest = keeper.held.values().map(|h| h.next_renew_local_ms).min();
+            assert_eq!(
+                keeper.next_wake_ms(now_ms),
+                earliest.unwrap().min(now_ms + renew_ms)
+            );
+        }
+        // Without renewals answered, every belief runs out, each exactly once.
+        let end_ms = keeper.earliest_belief_end_ms().unwrap();
+        let late_ms = end_ms + actors.len() as u64;
+        let (lost, _) = keeper.poll(late_ms).unwrap();
+        assert_eq!(lost.len(), actors.len());
+        assert!(keeper.held.is_empty() && keeper.schedule.belief_ends.is_empty());
+        assert!(keeper.schedule.renewals.is_empty());
     }
 
     fn unavailable() -> Result<Lease, LeaseError> {

@@ -3,7 +3,7 @@
 //! [`crate::lease_swarm`]), and the checkers judging every step.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -14,7 +14,7 @@ use kelpie_lease::{
 };
 
 use crate::beliefs::BeliefBoard;
-use crate::checkers::{BeliefView, CheckerSet, DecisionRecord, LeaseWorld};
+use crate::checkers::{ActorMap, BeliefView, CheckerSet, DecisionRecord, LeaseWorld};
 use crate::lease_events::{EventLog, LeaseEventKind};
 use crate::sim_lease_store::{SimLeaseStore, StoreWriteMutation};
 use kelpie_sim::SimEnv;
@@ -196,10 +196,10 @@ impl SimLeaseCluster {
 struct StepCache {
     step: Option<u64>,
     store_now_ms: u64,
-    records: BTreeMap<ActorId, LeaseRecord>,
+    records: ActorMap<LeaseRecord>,
     changed_actors: BTreeSet<ActorId>,
     decisions: Vec<DecisionRecord>,
-    beliefs: BTreeMap<ActorId, Vec<BeliefView>>,
+    beliefs: ActorMap<Vec<BeliefView>>,
     /// Reused buffer of the store keys written in a step.
     written_keys: Vec<String>,
 }

@@ -1,7 +1,7 @@
 //! FencingTokenMonotonic: an actor's token never goes down, and every new holder's is larger
 //! than every token issued before for that actor.
 
-use std::collections::BTreeMap;
+use super::ActorMap;
 
 use kelpie_core::{ActorId, FencingToken, NodeId};
 
@@ -10,7 +10,7 @@ use super::{Invariant, LeaseWorld};
 /// Tracks, per actor, the highest token the store ever held and who held it.
 #[derive(Debug, Default)]
 pub struct FencingTokenMonotonic {
-    highest: BTreeMap<ActorId, (FencingToken, Option<NodeId>)>,
+    highest: ActorMap<(FencingToken, Option<NodeId>)>,
 }
 
 impl FencingTokenMonotonic {

@@ -1,8 +1,7 @@
 //! RenewalRequiresOwnership: only the holder of an unexpired lease extends it.
 
-use std::collections::BTreeMap;
+use super::ActorMap;
 
-use kelpie_core::ActorId;
 use kelpie_lease::{backend::LeaseOp, backend::LeaseRecord};
 
 use super::{Invariant, LeaseWorld};
@@ -12,7 +11,7 @@ use super::{Invariant, LeaseWorld};
 /// expiry that moved later, with the holder and token unchanged, was on an unexpired lease).
 #[derive(Debug, Default)]
 pub struct RenewalRequiresOwnership {
-    previous: BTreeMap<ActorId, LeaseRecord>,
+    previous: ActorMap<LeaseRecord>,
 }
 
 impl Invariant for RenewalRequiresOwnership {

@@ -2,7 +2,7 @@
 //! rejecting a wrong world, and the nearest correct world is shown accepted, so a checker
 //! that stopped looking (or looks at the wrong thing) fails here rather than passing sweeps.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use kelpie_core::{ActorId, FencingToken, NodeId};
 use kelpie_lease::{
@@ -11,7 +11,7 @@ use kelpie_lease::{
 };
 
 use super::{
-    BeliefConsistency, BeliefView, DecisionRecord, ExpiredLeaseClaimable, FencingTokenMonotonic,
+    ActorMap, BeliefConsistency, BeliefView, DecisionRecord, ExpiredLeaseClaimable, FencingTokenMonotonic,
     Invariant, LeaseUniqueness, LeaseWorld, RenewalRequiresOwnership,
 };
 
@@ -93,10 +93,10 @@ impl Step {
     }
 
     fn check(&self, checker: &mut dyn Invariant) -> Result<(), String> {
-        let records: BTreeMap<ActorId, LeaseRecord> =
+        let records: ActorMap<LeaseRecord> =
             self.record.iter().map(|r| (actor(), r.clone())).collect();
         let changed: BTreeSet<ActorId> = [actor()].into_iter().collect();
-        let beliefs: BTreeMap<ActorId, Vec<BeliefView>> =
+        let beliefs: ActorMap<Vec<BeliefView>> =
             [(actor(), self.beliefs.clone())].into_iter().collect();
         checker.check(&LeaseWorld {
             store_now_ms: self.now_ms,

@@ -99,12 +99,17 @@ impl BeliefBoard {
     /// Re-reads what may have changed and returns, per changed node, the actors whose views
     /// differ with their views now. Cheap when nothing changed: one flag read.
     pub(crate) fn take_changes(&self) -> Vec<NodeChange> {
-        if !self.any_changed.swap(false, Ordering::Relaxed) {
+        // A plain load on the common path (nothing changed): no read-modify-write per step.
+        if !self.any_changed.load(Ordering::Relaxed) {
             return Vec::new();
         }
+        self.any_changed.store(false, Ordering::Relaxed);
         let mut changes = Vec::new();
         for (node_id, node) in self.nodes.borrow_mut().iter_mut() {
-            let keeper_changed = node.keeper_changed.swap(false, Ordering::Relaxed);
+            let keeper_changed = node.keeper_changed.load(Ordering::Relaxed);
+            if keeper_changed {
+                node.keeper_changed.store(false, Ordering::Relaxed);
+            }
             if !keeper_changed && !node.reread_all {
                 continue;
             }

@@ -7,6 +7,7 @@
 //! kept it from being written or answered.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kelpie_core::ActorId;
@@ -67,6 +68,8 @@ impl StoreWriteMutation {
 pub struct SimLeaseStore {
     storage: SimThread<SimStorage<LeaseRecord>>,
     decisions: Arc<Mutex<Vec<DecisionRecord>>>,
+    /// Set when `decisions` received one since it was last taken.
+    decided: Arc<AtomicBool>,
     /// The production [`decide`], or a mutation the test world swapped in: the store owns
     /// its protocol, requests never carry one.
     decide: DecideFn,
@@ -80,6 +83,7 @@ impl Clone for SimLeaseStore {
         Self {
             storage,
             decisions: Arc::clone(&self.decisions),
+            decided: Arc::clone(&self.decided),
             decide: self.decide,
             write_mutation: self.write_mutation,
         }
@@ -98,6 +102,7 @@ impl SimLeaseStore {
         Self {
             storage: SimThread::new(storage),
             decisions: Arc::new(Mutex::new(Vec::new())),
+            decided: Arc::new(AtomicBool::new(false)),
             decide,
             write_mutation: None,
         }
@@ -133,14 +138,21 @@ impl SimLeaseStore {
 
     /// The decisions made since the last call.
     pub fn take_decisions(&self) -> Vec<DecisionRecord> {
-        std::mem::take(&mut *self.decisions.lock().expect("decision log poisoned"))
+        let mut log = self.decisions.lock().expect("decision log poisoned");
+        self.decided.store(false, Ordering::Release);
+        std::mem::take(&mut *log)
     }
 
     /// Moves the decisions made since the last call into `decisions` (cleared first), keeping
     /// both buffers' memory, for a checker that asks after every step.
     pub fn take_decisions_into(&self, decisions: &mut Vec<DecisionRecord>) {
         decisions.clear();
+        // Most steps decide nothing: a plain load then, not a lock.
+        if !self.decided.load(Ordering::Acquire) {
+            return;
+        }
         let mut log = self.decisions.lock().expect("decision log poisoned");
+        self.decided.store(false, Ordering::Release);
         std::mem::swap(decisions, &mut *log);
     }
 
@@ -189,7 +201,7 @@ impl LeaseStore for SimLeaseStore {
         request: &LeaseRequest,
     ) -> Result<Decision, StoreError> {
         let (decide, write_mutation) = (self.decide, self.write_mutation);
-        let log = Arc::clone(&self.decisions);
+        let (log, decided) = (Arc::clone(&self.decisions), Arc::clone(&self.decided));
         let (actor_id, request) = (actor_id.clone(), request.clone());
         // The key is the id's own string, borrowed: no copy per request.
         let key = actor_id.clone();
@@ -208,6 +220,7 @@ impl LeaseStore for SimLeaseStore {
                 decision: decision.clone(),
             };
             log.lock().expect("decision log poisoned").push(record);
+            decided.store(true, Ordering::Release);
             (write, decision)
         };
         let storage = (*self.storage).clone();

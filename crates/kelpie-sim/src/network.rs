@@ -86,6 +86,8 @@ struct NetworkState<M> {
 struct NetworkInner<M> {
     env: SimEnv,
     config: NetworkConfig,
+    /// Whether the run's fault mix has any fault drawn per message.
+    faults_configured: bool,
     state: RefCell<NetworkState<M>>,
 }
 
@@ -155,9 +157,19 @@ impl<M: Clone + 'static> SimNetwork<M> {
             in_flight_count: 0,
             wake_buffer: Vec::new(),
         };
+        let per_message = [
+            FaultType::NetworkMessageLoss,
+            FaultType::NetworkDuplicate,
+            FaultType::NetworkReorder,
+            FaultType::NetworkDelay,
+        ];
+        let faults_configured = per_message
+            .iter()
+            .any(|&fault| env.fault_probability(fault).is_some());
         let inner = Rc::new(NetworkInner {
             env: env.clone(),
             config,
+            faults_configured,
             state: RefCell::new(state),
         });
         let source: Rc<dyn EventSource> = inner.clone();
@@ -195,11 +207,14 @@ impl<M: Clone + 'static> SimNetwork<M> {
             state.drop_message(env, route, OUTCOME_PARTITIONED);
             return;
         }
-        if env.should_inject(FaultType::NetworkMessageLoss) {
+        // Without network faults in the run's mix there is nothing to draw (an unconfigured
+        // fault neither draws nor traces), so the draws are skipped outright.
+        let faults = self.inner.faults_configured;
+        if faults && env.should_inject(FaultType::NetworkMessageLoss) {
             state.drop_message(env, route, OUTCOME_LOST);
             return;
         }
-        if env.should_inject(FaultType::NetworkDuplicate) {
+        if faults && env.should_inject(FaultType::NetworkDuplicate) {
             self.enqueue(&mut state, from, to, message.clone());
         }
         self.enqueue(&mut state, from, to, message);
@@ -211,9 +226,10 @@ impl<M: Clone + 'static> SimNetwork<M> {
         let mut latency_ms = state
             .rng
             .gen_range(config.latency_ms_min..=config.latency_ms_max);
-        if env.should_inject(FaultType::NetworkReorder) {
+        let faults = self.inner.faults_configured;
+        if faults && env.should_inject(FaultType::NetworkReorder) {
             latency_ms = config.latency_ms_min;
-        } else if env.should_inject(FaultType::NetworkDelay) {
+        } else if faults && env.should_inject(FaultType::NetworkDelay) {
             let spike_base_ms = config.latency_ms_max.max(1);
             latency_ms += state
                 .rng

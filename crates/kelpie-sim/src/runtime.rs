@@ -244,8 +244,7 @@ impl Runtime {
     }
 
     /// The earliest pending timer or source event.
-    fn next_event_ms(&self) -> Option<u64> {
-        let timer_ms = self.shared.timers().next_deadline_ms();
+    fn next_event_ms(&self, timer_ms: Option<u64>) -> Option<u64> {
         let sources = self.sources.borrow();
         let source_ms = sources
             .iter()
@@ -259,7 +258,9 @@ impl Runtime {
 
     /// Nothing is ready: jumps time to the next event and fires everything due then.
     fn advance_time(&self) -> Result<(), SimError> {
-        let Some(next_ms) = self.next_event_ms() else {
+        // The timers are locked once: to find the next deadline and to take what is due.
+        let mut timers = self.shared.timers();
+        let Some(next_ms) = self.next_event_ms(timers.next_deadline_ms()) else {
             return Err(SimError::Deadlock {
                 seed: self.config.seed,
                 step: self.steps.get(),
@@ -278,26 +279,24 @@ impl Runtime {
         let now_ms = next_ms.max(self.shared.now_ms());
         self.shared.set_now_ms(now_ms);
         self.trace.event(event::TIME, now_ms, 0);
-        self.fire_timers(now_ms);
+        let mut due = self.due_timers.take();
+        while let Some(timer) = timers.pop_due(now_ms) {
+            due.push(timer);
+        }
+        drop(timers);
+        self.fire_timers(&mut due);
+        self.due_timers.replace(due);
         self.fire_sources(now_ms)
     }
 
-    fn fire_timers(&self, now_ms: u64) {
-        // Every due timer is taken under one lock, then woken with the lock released (a
-        // waker may touch the timers), in deadline then insertion order as before.
-        let mut due = self.due_timers.take();
-        {
-            let mut timers = self.shared.timers();
-            while let Some(timer) = timers.pop_due(now_ms) {
-                due.push(timer);
-            }
-        }
+    /// Wakes the timers `due` (taken under the timers' lock, in deadline then insertion
+    /// order), with the lock released: a waker may touch the timers.
+    fn fire_timers(&self, due: &mut Vec<(crate::timer::TimerKey, Waker)>) {
         for ((deadline_ms, sequence), waker) in due.drain(..) {
             self.timers_fired.set(self.timers_fired.get() + 1);
             self.trace.event(event::TIMER, deadline_ms, sequence);
             waker.wake();
         }
-        self.due_timers.replace(due);
     }
 
     fn fire_sources(&self, now_ms: u64) -> Result<(), SimError> {

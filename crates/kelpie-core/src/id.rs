@@ -92,8 +92,16 @@ fn cmp_bytes(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
 macro_rules! define_id {
     ($name:ident, $kind:literal, $doc:literal) => {
         #[doc = $doc]
-        #[derive(Clone, Hash)]
+        #[derive(Clone)]
         pub struct $name(Arc<str>);
+
+        // The string's hash, consistent with `Eq` (equal ids have equal strings) and with
+        // `Borrow<str>`.
+        impl std::hash::Hash for $name {
+            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+                (*self.0).hash(state);
+            }
+        }
 
         // Ids are compared far more often than built, and most comparisons are of clones of
         // one id: the same allocation is the same id without reading the bytes.
@@ -195,8 +203,17 @@ mod tests {
     #[test]
     fn ids_order_as_their_strings() {
         let words = [
-            "a", "b", "ab", "actor-9", "actor-10", "actor-1", "node-0@1", "node-0@12",
-            "a-very-long-actor-identifier-1", "a-very-long-actor-identifier-2", "a-very-long",
+            "a",
+            "b",
+            "ab",
+            "actor-9",
+            "actor-10",
+            "actor-1",
+            "node-0@1",
+            "node-0@12",
+            "a-very-long-actor-identifier-1",
+            "a-very-long-actor-identifier-2",
+            "a-very-long",
         ];
         for x in words {
             for y in words {

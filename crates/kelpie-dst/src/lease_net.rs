@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
 
+use crate::sim_thread::SimThread;
 use futures_channel::oneshot;
 use futures_util::future::{select, Either};
 use kelpie_core::ActorId;
@@ -24,7 +25,6 @@ use kelpie_lease::{
     backend::Decision, backend::LeaseRecord, backend::LeaseRequest, backend::LeaseStore,
     backend::RecordSnapshot, backend::StoreSnapshot, StoreError,
 };
-use crate::sim_thread::SimThread;
 
 use crate::history::{History, OpOutcome};
 use crate::sim_lease_store::SimLeaseStore;

@@ -115,9 +115,6 @@ mod tests {
         elsewhere.join().unwrap();
         let future = SimThread::new(async { 7 });
         let mut context = Context::from_waker(std::task::Waker::noop());
-        assert_eq!(
-            std::pin::pin!(future).poll(&mut context),
-            Poll::Ready(7)
-        );
+        assert_eq!(std::pin::pin!(future).poll(&mut context), Poll::Ready(7));
     }
 }

@@ -417,7 +417,11 @@ fn test_swarm_20_nodes_1000_actors_catches_broken_keepers() {
 #[test]
 fn test_swarm_20_nodes_1000_actors_reach_liveness() {
     for seed in [1, 2] {
-        let report = expect_pass("20 nodes, 1,000 actors", seed, run_seed(seed, sized(20, 1_000, 10)));
+        let report = expect_pass(
+            "20 nodes, 1,000 actors",
+            seed,
+            run_seed(seed, sized(20, 1_000, 10)),
+        );
         let checked = report.linearizability.expect("the history was checked");
         assert!(checked.actors_checked > 500, "seed {seed}: {checked:?}");
     }
@@ -433,7 +437,11 @@ fn test_swarm_50_nodes_10000_actors() {
     let mut sim_ms = 0;
     let seeds = kelpie_sim::test_seeds(2);
     for &seed in &seeds {
-        let report = expect_pass("50 nodes, 10,000 actors", seed, run_seed(seed, sized(50, 10_000, 30)));
+        let report = expect_pass(
+            "50 nodes, 10,000 actors",
+            seed,
+            run_seed(seed, sized(50, 10_000, 30)),
+        );
         let checked = report.linearizability.expect("the history was checked");
         assert!(checked.actors_checked > 5_000, "seed {seed}: {checked:?}");
         sim_ms += report.sim.sim_time_ms;

@@ -67,9 +67,12 @@ struct Table {
     renewals_spilled: BTreeMap<usize, u64>,
 }
 
+/// The hash seed: fixed, so the table behaves the same in every process ("kelpie").
+const HASH_SEED: u64 = u64::from_be_bytes(*b"\0\0kelpie");
+
 fn hash_str(id: &str) -> u64 {
     use std::hash::BuildHasher;
-    foldhash::fast::FixedState::with_seed(0x6b_656c_7069_65).hash_one(id)
+    foldhash::fast::FixedState::with_seed(HASH_SEED).hash_one(id)
 }
 
 impl Holders {
@@ -77,7 +80,9 @@ impl Holders {
         if slot == NO_HOLDER {
             return None;
         }
-        let (node_id, _) = self.slots[slot as usize].as_ref().expect("a live holder slot");
+        let (node_id, _) = self.slots[slot as usize]
+            .as_ref()
+            .expect("a live holder slot");
         Some(node_id)
     }
 
@@ -86,7 +91,9 @@ impl Holders {
         let hash = hash_str(node_id.as_str());
         let slots = &self.slots;
         let found = self.index.find(hash, |&s| {
-            slots[s as usize].as_ref().is_some_and(|(n, _)| n == node_id)
+            slots[s as usize]
+                .as_ref()
+                .is_some_and(|(n, _)| n == node_id)
         });
         if let Some(&slot) = found {
             let (_, count) = self.slots[slot as usize].as_mut().expect("indexed slot");
@@ -115,7 +122,9 @@ impl Holders {
         if slot == NO_HOLDER {
             return;
         }
-        let (node_id, count) = self.slots[slot as usize].as_mut().expect("a live holder slot");
+        let (node_id, count) = self.slots[slot as usize]
+            .as_mut()
+            .expect("a live holder slot");
         *count -= 1;
         if *count > 0 {
             return;
@@ -335,7 +344,10 @@ mod tests {
         assert!(table.holders.slots.len() <= 1, "slots are reused");
         assert_eq!(table.entries.len(), actors.len());
         let record = table.record(0);
-        assert_eq!((record.holder, record.fencing_token), (None, FencingToken(50)));
+        assert_eq!(
+            (record.holder, record.fencing_token),
+            (None, FencingToken(50))
+        );
     }
 
     /// A renewal count beyond 32 bits is kept exactly, beside the entry, and comes back.

@@ -11,11 +11,11 @@
 
 use crate::env::SimEnv;
 use crate::fault::FaultType;
+use crate::in_flight::InFlightQueue;
 use crate::rng::DeterministicRng;
 use crate::runtime::EventSource;
 use crate::trace::event;
 use std::cell::RefCell;
-use crate::in_flight::InFlightQueue;
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;

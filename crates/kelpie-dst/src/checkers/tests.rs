@@ -11,8 +11,8 @@ use kelpie_lease::{
 };
 
 use super::{
-    ActorMap, BeliefConsistency, BeliefView, DecisionRecord, ExpiredLeaseClaimable, FencingTokenMonotonic,
-    Invariant, LeaseUniqueness, LeaseWorld, RenewalRequiresOwnership,
+    ActorMap, BeliefConsistency, BeliefView, DecisionRecord, ExpiredLeaseClaimable,
+    FencingTokenMonotonic, Invariant, LeaseUniqueness, LeaseWorld, RenewalRequiresOwnership,
 };
 
 const DURATION_MS: u64 = 1_000;

@@ -108,7 +108,8 @@ impl Schedule {
     fn add_held(&mut self, actor_id: &ActorId, held: &Held) {
         self.renewals
             .insert((held.next_renew_local_ms, actor_id.clone()));
-        self.belief_ends.insert((held.until_local_ms(), actor_id.clone()));
+        self.belief_ends
+            .insert((held.until_local_ms(), actor_id.clone()));
     }
 
     fn remove_held(&mut self, actor_id: &ActorId, held: &Held) {
@@ -358,7 +359,10 @@ impl KeeperCore {
         let mut events = Vec::with_capacity(ran_out.len());
         for actor_id in ran_out {
             let held = self.remove_held(&actor_id).expect("scheduled means held");
-            assert!(held.belief.held_at(now_ms).is_none(), "only ended beliefs expire");
+            assert!(
+                held.belief.held_at(now_ms).is_none(),
+                "only ended beliefs expire"
+            );
             self.belief_changed(&actor_id);
             kelpie_core::coverage::mark(MARK_BELIEF_ENDED);
             events.push(KeeperEvent::Lost {
@@ -477,7 +481,10 @@ impl KeeperCore {
 
     /// The local time the earliest belief ends, if any is held.
     pub fn earliest_belief_end_ms(&self) -> Option<u64> {
-        self.schedule.belief_ends.first().map(|(until_ms, _)| *until_ms)
+        self.schedule
+            .belief_ends
+            .first()
+            .map(|(until_ms, _)| *until_ms)
     }
 
     /// The local time of the next round: the earliest renewal, belief end or release retry,
@@ -490,7 +497,11 @@ impl KeeperCore {
             schedule.belief_ends.first(),
             schedule.release_retries.first(),
         ];
-        firsts.into_iter().flatten().map(|(at_ms, _)| *at_ms).fold(far_ms, u64::min)
+        firsts
+            .into_iter()
+            .flatten()
+            .map(|(at_ms, _)| *at_ms)
+            .fold(far_ms, u64::min)
     }
 
     /// Makes [`poll`](Self::poll) return `None` from now on.

@@ -382,8 +382,8 @@ impl<M: LeaseManager> LeaseKeeper<M> {
         let sent_local_ms = self.clock.now_ms();
         let result = self.manager.acquire(actor_id, &self.holder_id).await;
         let now_ms = self.clock.now_ms();
-        let event =
-            self.change(|core| core.acquire_replied(actor_id, ticket, sent_local_ms, now_ms, &result));
+        let event = self
+            .change(|core| core.acquire_replied(actor_id, ticket, sent_local_ms, now_ms, &result));
         self.notify(event);
         result
     }
@@ -579,7 +579,12 @@ impl<M: LeaseManager> LeaseKeeper<M> {
     }
 
     fn tell_watcher(&self) {
-        if let Some(watcher) = self.watcher.lock().expect("keeper watcher poisoned").as_ref() {
+        if let Some(watcher) = self
+            .watcher
+            .lock()
+            .expect("keeper watcher poisoned")
+            .as_ref()
+        {
             watcher();
         }
     }

@@ -430,7 +430,7 @@ fn test_swarm_20_nodes_1000_actors_reach_liveness() {
 /// The largest size of the README's scale table: 50 nodes and 10,000 actors, a few seeds with
 /// their own fault mixes and lease durations, every checker on.
 /// `DST_SEEDS=3 cargo test -p kelpie-dst --release --test swarm_dst -- --ignored
-/// test_swarm_50_nodes_10000_actors --nocapture` (about ten CPU seconds per seed).
+/// test_swarm_50_nodes_10000_actors --nocapture` (a few CPU seconds per seed).
 #[test]
 #[ignore = "large: 50 nodes, 10,000 actors; run with --release -- --ignored"]
 fn test_swarm_50_nodes_10000_actors() {

@@ -1017,10 +1017,37 @@ fn nodes_stay_fenced_and_recover_through_process_and_store_faults() {
         println!("BEYOND THE DRIFT BOUND: reported above, not failed (the docs state the limit)");
         return;
     }
+    if !verdict.violations.is_empty() {
+        keep_failed_run(&harness, &lines, &verdict.violations, seed);
+    }
     assert!(
         verdict.violations.is_empty(),
         "{} violations (seed {seed})",
         verdict.violations.len()
+    );
+}
+
+/// Copies a failing run's evidence (every violation, every recorded line of every process, the
+/// nodes' stderr) to a directory that outlives the test, and prints where: an intermittent
+/// failure must leave something to read.
+fn keep_failed_run(harness: &Harness, lines: &[Line], violations: &[String], seed: u64) {
+    let kept = std::env::temp_dir().join(format!(
+        "kelpie-node-faults-seed{seed}-pid{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&kept).unwrap();
+    std::fs::write(kept.join("violations.txt"), violations.join("\n") + "\n").unwrap();
+    let recorded: Vec<String> = lines.iter().map(|l| format!("{l:?}")).collect();
+    std::fs::write(kept.join("lines.txt"), recorded.join("\n") + "\n").unwrap();
+    for entry in std::fs::read_dir(harness.dir.path()).unwrap().flatten() {
+        let name = entry.file_name();
+        if name.to_string_lossy().ends_with(".err") {
+            let _ = std::fs::copy(entry.path(), kept.join(&name));
+        }
+    }
+    println!(
+        "the failing run's violations, history and node stderr: {}",
+        kept.display()
     );
 }
 

@@ -759,12 +759,14 @@ impl Harness {
             .enable_all()
             .build()
             .unwrap();
-        let read = |id: &kelpie_core::ActorId| runtime.block_on(self.read_state(id));
-        (0..ACTORS)
-            .map(actor_name)
-            .map(|actor| {
-                let id = kelpie_core::ActorId::new(actor.as_str()).unwrap();
-                let state = read(&id);
+        let ids: Vec<kelpie_core::ActorId> = (0..ACTORS)
+            .map(|i| kelpie_core::ActorId::new(actor_name(i).as_str()).unwrap())
+            .collect();
+        let states = runtime.block_on(self.read_states(&ids));
+        ids.into_iter()
+            .zip(states)
+            .map(|(id, state)| {
+                let actor = id.as_str().to_string();
                 let value = state.and_then(|s| s.value).unwrap_or_default();
                 let runs = checks::parse_runs(&value).unwrap_or_else(|e| panic!("{actor}: {e}"));
                 (actor, runs)
@@ -774,9 +776,11 @@ impl Harness {
 }
 
 impl Harness {
-    /// One actor's state at the end, from where the nodes kept it.
-    async fn read_state(&self, id: &kelpie_core::ActorId) -> Option<kelpie_lease::FencedState> {
-        use kelpie_lease::FencedStateStore;
+    /// The actors' states at the end, from where the nodes kept them.
+    async fn read_states(
+        &self,
+        ids: &[kelpie_core::ActorId],
+    ) -> Vec<Option<kelpie_lease::FencedState>> {
         #[cfg(feature = "etcd")]
         if let Some(cluster) = &self.cluster {
             let url = cluster.endpoints_for("127.0.0.1");
@@ -786,12 +790,24 @@ impl Harness {
             let manager = kelpie_lease::EtcdLeaseManager::connect(options)
                 .await
                 .unwrap();
-            return manager.fenced_state_store().read(id).await.unwrap();
+            return read_all(&manager.fenced_state_store(), ids).await;
         }
         let store =
             kelpie_lease::SqliteFencedStateStore::open(self.dir.path().join("state.db")).unwrap();
-        store.read(id).await.unwrap()
+        read_all(&store, ids).await
     }
+}
+
+/// Every actor's state in `store`, in the order of `ids`.
+async fn read_all(
+    store: &impl kelpie_lease::FencedStateStore,
+    ids: &[kelpie_core::ActorId],
+) -> Vec<Option<kelpie_lease::FencedState>> {
+    let mut states = Vec::with_capacity(ids.len());
+    for id in ids {
+        states.push(store.read(id).await.unwrap());
+    }
+    states
 }
 
 /// Waits (bounded) for a signalled child; its exit code, `None` if killed by a signal.

@@ -345,13 +345,18 @@ impl Shared {
     }
 }
 
-async fn connect_worker(shared: &Shared) -> Option<EtcdLeaseManager> {
-    let options = EtcdOptions::new(shared.endpoints.clone())
+/// How every worker (and the final read) connects.
+fn worker_options(shared: &Shared) -> EtcdOptions {
+    EtcdOptions::new(shared.endpoints.clone())
         .with_key_prefix("/kelpie-faults/")
         .with_lease_config(LeaseConfig::new(LEASE_DURATION_MS).unwrap())
         .with_request_timeout_ms(REQUEST_TIMEOUT_MS)
         .with_connect_timeout_ms(CONNECT_TIMEOUT_MS)
-        .with_clock(shared.clock.clone());
+        .with_clock(shared.clock.clone())
+}
+
+async fn connect_worker(shared: &Shared) -> Option<EtcdLeaseManager> {
+    let options = worker_options(shared);
     while !shared.stop.load(Ordering::SeqCst) {
         match EtcdLeaseManager::connect(options.clone()).await {
             Ok(manager) => return Some(manager),
@@ -818,7 +823,9 @@ async fn contending_workers_stay_fenced_through_cluster_faults() {
 
 /// Reads every actor's state once the workers stopped, as fences at the end of the history.
 async fn final_state_reads(shared: &Shared) {
-    let manager = connect_worker_once(shared).await;
+    let manager = EtcdLeaseManager::connect(worker_options(shared))
+        .await
+        .expect("etcd answers after healing");
     let state = manager.fenced_state_store();
     for actor_id in &shared.actors {
         let sent_seq = shared.next_seq();
@@ -833,18 +840,6 @@ async fn final_state_reads(shared: &Shared) {
             .unwrap()
             .push((actor_id.clone(), seen, sent_seq));
     }
-}
-
-async fn connect_worker_once(shared: &Shared) -> EtcdLeaseManager {
-    let options = EtcdOptions::new(shared.endpoints.clone())
-        .with_key_prefix("/kelpie-faults/")
-        .with_lease_config(LeaseConfig::new(LEASE_DURATION_MS).unwrap())
-        .with_request_timeout_ms(REQUEST_TIMEOUT_MS)
-        .with_connect_timeout_ms(CONNECT_TIMEOUT_MS)
-        .with_clock(shared.clock.clone());
-    EtcdLeaseManager::connect(options)
-        .await
-        .expect("etcd answers after healing")
 }
 
 fn report_and_check(

@@ -11,12 +11,14 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use kelpie_dst::{LeaseEvent, LeaseEventKind, LeaseOpCounts, SWARM_COVERAGE_MARKS};
-use kelpie_lease::coverage::COVERAGE_MARKS;
+use kelpie_lease::coverage::{
+    COVERAGE_MARKS, ETCD_COVERAGE_MARKS, MARK_EXPIRED_LEASE_SEEN, MARK_TAKEOVER_AFTER_EXPIRY,
+};
 use kelpie_sim::{FaultType, Shard, SimError};
 use serde::{Deserialize, Serialize};
 
 use crate::events::format_event;
-use crate::sim::{RunSettings, SeedRun};
+use crate::sim::{RunSettings, SeedRun, StoreChoice};
 use crate::timing::Elapsed;
 
 /// Events shown before a failure.
@@ -199,6 +201,13 @@ pub struct SettingsRecord {
     pub faults: String,
     /// The injected bug's name.
     pub inject_bug: Option<String>,
+    /// The store the seeds ran on (`--store`).
+    #[serde(default = "protocol_store")]
+    pub store: String,
+}
+
+fn protocol_store() -> String {
+    "protocol".to_string()
 }
 
 /// Lease operations by outcome.
@@ -297,9 +306,21 @@ mod shard_text {
     }
 }
 
-/// The mark names every report lists, hit or not.
-fn known_marks() -> impl Iterator<Item = &'static str> {
-    COVERAGE_MARKS.iter().chain(SWARM_COVERAGE_MARKS).copied()
+/// The mark names every report lists, hit or not: the keeper's and the swarm's, with the
+/// protocol's (`decide`) where the seeds ran on it and the etcd backend's where they ran on
+/// etcd.
+pub fn known_marks(store: StoreChoice) -> Vec<&'static str> {
+    let protocol = [MARK_TAKEOVER_AFTER_EXPIRY, MARK_EXPIRED_LEASE_SEEN];
+    let mut marks: Vec<&'static str> = COVERAGE_MARKS
+        .iter()
+        .copied()
+        .filter(|mark| store != StoreChoice::Etcd || !protocol.contains(mark))
+        .chain(SWARM_COVERAGE_MARKS.iter().copied())
+        .collect();
+    if store != StoreChoice::Protocol {
+        marks.extend(ETCD_COVERAGE_MARKS);
+    }
+    marks
 }
 
 impl Report {
@@ -327,8 +348,9 @@ impl Report {
                 }
             })
             .collect();
-        let mut coverage: BTreeMap<String, u64> =
-            known_marks().map(|mark| (mark.to_string(), 0)).collect();
+        let mut coverage: BTreeMap<String, u64> = (known_marks(settings.store).into_iter())
+            .map(|mark| (mark.to_string(), 0))
+            .collect();
         for (mark, hits) in &totals.marks {
             *coverage.entry(mark.to_string()).or_default() += hits;
         }
@@ -341,6 +363,7 @@ impl Report {
                 sim_secs: settings.sim_secs,
                 faults: settings.faults.to_string(),
                 inject_bug: settings.inject_bug.map(|m| m.name().to_string()),
+                store: settings.store.name().to_string(),
             },
             base_seed,
             seeds_asked,
@@ -428,12 +451,13 @@ impl Report {
         let settings = &self.settings;
         let _ = writeln!(
             out,
-            "lease scenario:    {} nodes, {} actors, lease {} ms, {} s simulated per seed, faults \
-             {}{}",
+            "lease scenario:    {} nodes, {} actors, lease {} ms, {} s simulated per seed, store \
+             {}, faults {}{}",
             settings.nodes,
             settings.actors,
             settings.lease_ms,
             settings.sim_secs,
+            settings.store,
             settings.faults,
             settings
                 .inject_bug

@@ -20,7 +20,7 @@ use clap::builder::TypedValueParser;
 use clap::{Args, Subcommand};
 use kelpie_core::limits::{LEASE_DURATION_MS_MAX, LEASE_DURATION_MS_MIN};
 use kelpie_dst::mutations::Mutation;
-use kelpie_dst::{LeaseEvent, LeaseRunReport, LeaseScenario};
+use kelpie_dst::{LeaseEvent, LeaseRunReport, LeaseScenario, SwarmStore};
 use kelpie_lease::machine::BeliefConfig;
 use kelpie_sim::{FaultConfig, Shard, SimConfig, SimError, Sweep, SweepEnd, SWEEP_JOBS_MAX};
 use kelpie_sim::{Simulation, SIM_STEPS_MAX_DEFAULT};
@@ -122,6 +122,11 @@ pub struct SimArgs {
     /// Simulated seconds per seed.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=SIM_SECS_MAX))]
     pub sim_secs: u64,
+    /// The store the nodes use: protocol (the lease protocol's own store, as memory and
+    /// SQLite run it), etcd (the etcd backend over a simulated etcd), or mixed (each seed
+    /// draws one).
+    #[arg(long, value_enum, default_value_t = StoreChoice::Protocol)]
+    pub store: StoreChoice,
     /// Faults to inject: swarm, none, or NAME=PROBABILITY,...
     #[arg(long, default_value = "swarm", value_name = "LIST")]
     pub faults: FaultPlan,
@@ -167,6 +172,44 @@ pub struct SimArgs {
     /// Run every seed and list every failing one, instead of stopping at the first.
     #[arg(long)]
     pub keep_going: bool,
+}
+
+/// `--store`: which simulated store the seeds run on.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreChoice {
+    /// The lease protocol's own store (`decide`), as the memory and SQLite stores run it.
+    Protocol,
+    /// The etcd backend over the simulated etcd.
+    Etcd,
+    /// Each seed runs on one of the two, drawn from the seed.
+    Mixed,
+}
+
+impl StoreChoice {
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreChoice::Protocol => "protocol",
+            StoreChoice::Etcd => "etcd",
+            StoreChoice::Mixed => "mixed",
+        }
+    }
+
+    /// The store `seed` runs on.
+    pub fn for_seed(self, seed: u64) -> SwarmStore {
+        match self {
+            StoreChoice::Protocol => SwarmStore::Protocol,
+            StoreChoice::Etcd => SwarmStore::Etcd,
+            // A mix of the seed's bits, so neighbouring seeds do not simply alternate.
+            StoreChoice::Mixed if seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 63 == 1 => {
+                SwarmStore::Etcd
+            }
+            StoreChoice::Mixed => SwarmStore::Protocol,
+        }
+    }
 }
 
 /// Subcommands of `kelpie sim`.
@@ -236,6 +279,8 @@ pub struct RunSettings {
     pub faults: FaultPlan,
     /// The broken protocol, if any.
     pub inject_bug: Option<Mutation>,
+    /// The store the seeds run on.
+    pub store: StoreChoice,
 }
 
 /// One finished seed.
@@ -264,9 +309,10 @@ impl RunSettings {
             sim_secs: args.sim_secs,
             faults: args.faults.clone(),
             inject_bug: args.inject_bug,
+            store: args.store,
         };
         // Checked here so that a bad combination is a usage error, not a failed seed.
-        let cluster = settings.scenario().cluster;
+        let cluster = settings.scenario(SwarmStore::Protocol).cluster;
         BeliefConfig::new(
             cluster.lease_duration_ms,
             cluster.clock_drift_ppm_max,
@@ -275,13 +321,14 @@ impl RunSettings {
         Ok(settings)
     }
 
-    /// The scenario every seed runs.
-    pub fn scenario(&self) -> LeaseScenario {
+    /// The scenario a seed runs, on `store`.
+    pub fn scenario(&self, store: SwarmStore) -> LeaseScenario {
         let mut scenario = LeaseScenario::default();
         scenario.nodes_count = usize::try_from(self.nodes).expect("bounded by NODES_MAX");
         scenario.actors_count = usize::try_from(self.actors).expect("bounded by ACTORS_MAX");
         scenario.sim_duration_ms = self.sim_secs * 1_000;
         scenario.cluster = scenario.cluster_with_lease_duration_ms(self.lease_ms);
+        scenario.cluster.store = store;
         if let Some(mutation) = self.inject_bug {
             mutation.apply(&mut scenario);
         }
@@ -301,6 +348,10 @@ impl RunSettings {
             self.sim_secs,
             describe(faults)
         );
+        let store = self.store.for_seed(seed);
+        if store != SwarmStore::Protocol {
+            command.push_str(&format!(" --store {}", store.name()));
+        }
         if let Some(mutation) = self.inject_bug {
             command.push_str(&format!(" --inject-bug {}", mutation.name()));
         }
@@ -327,9 +378,13 @@ impl RunSettings {
         // after the run are this seed's.
         let _ = kelpie_core::coverage::take_hits();
         let (result, events) = if record {
-            self.scenario().run_recorded(simulation)
+            self.scenario(self.store.for_seed(seed))
+                .run_recorded(simulation)
         } else {
-            (self.scenario().run(simulation), Vec::new())
+            (
+                self.scenario(self.store.for_seed(seed)).run(simulation),
+                Vec::new(),
+            )
         };
         SeedRun {
             seed,

@@ -16,7 +16,10 @@ use kelpie_lease::{
 use crate::beliefs::BeliefBoard;
 use crate::checkers::{ActorMap, BeliefView, CheckerSet, DecisionRecord, LeaseWorld};
 use crate::lease_events::{EventLog, LeaseEventKind};
+use crate::sim_etcd::SimEtcd;
 use crate::sim_lease_store::{SimLeaseStore, StoreWriteMutation};
+use crate::swarm_manager::SwarmStore;
+use kelpie_lease::limits::ETCD_KEY_PREFIX_DEFAULT;
 use kelpie_sim::SimEnv;
 
 /// Counts of what the nodes did.
@@ -67,12 +70,18 @@ pub struct ClusterConfig {
     pub decide: DecideFn,
     /// A deliberately broken write path of the store, if any.
     pub store_write_mutation: Option<StoreWriteMutation>,
+    /// The store the nodes use: the protocol's own, or etcd. With etcd, the checkers judge the
+    /// simulated etcd's keys (see [`crate::sim_etcd`]); `decide` and the write mutation are
+    /// not used.
+    pub store: SwarmStore,
 }
 
 /// The store, the protocol over it, and every node's belief, with the checkers installed.
 #[derive(Clone)]
 pub struct SimLeaseCluster {
     store: SimLeaseStore,
+    /// The simulated etcd, when the nodes use the etcd backend: then it is the ground truth.
+    etcd: Option<SimEtcd>,
     manager: Arc<ProtocolLeaseManager<SimLeaseStore>>,
     board: BeliefBoard,
     counts: Rc<Cell<LeaseOpCounts>>,
@@ -96,8 +105,11 @@ impl SimLeaseCluster {
         let store = SimLeaseStore::with_decide_fn(env.storage(), config.decide)
             .with_write_mutation(config.store_write_mutation);
         let manager = ProtocolLeaseManager::new(store.clone(), lease_config);
+        let etcd =
+            (config.store == SwarmStore::Etcd).then(|| SimEtcd::new(env, ETCD_KEY_PREFIX_DEFAULT));
         let cluster = Self {
             store,
+            etcd,
             manager: Arc::new(manager),
             board: BeliefBoard::default(),
             counts: Rc::default(),
@@ -111,6 +123,20 @@ impl SimLeaseCluster {
     /// The simulated store.
     pub fn store(&self) -> &SimLeaseStore {
         &self.store
+    }
+
+    /// The simulated etcd, when the nodes use the etcd backend.
+    pub fn etcd(&self) -> Option<&SimEtcd> {
+        self.etcd.as_ref()
+    }
+
+    /// The ground truth of `actor_id`'s lease: the simulated store's record, or what the
+    /// simulated etcd's keys say.
+    pub fn truth(&self, actor_id: &ActorId) -> Option<LeaseRecord> {
+        match &self.etcd {
+            Some(etcd) => etcd.truth(actor_id),
+            None => self.store.peek(actor_id),
+        }
     }
 
     /// The protocol over the store, without belief bookkeeping.
@@ -148,6 +174,7 @@ impl SimLeaseCluster {
                     changed_actors: &cache.changed_actors,
                     decisions: &cache.decisions,
                     beliefs: &cache.beliefs,
+                    held_until_deleted: cluster.etcd.is_some(),
                 };
                 let outcome = checker.borrow_mut().check(&world);
                 if let Err(message) = &outcome {
@@ -210,13 +237,54 @@ impl StepCache {
             return;
         }
         self.step = Some(step);
-        self.store_now_ms = cluster.store.storage().now_ms();
         self.changed_actors.clear();
+        if let Some(etcd) = &cluster.etcd {
+            self.refresh_from_etcd(cluster, etcd);
+        } else {
+            self.refresh_from_store(cluster);
+        }
+        self.refresh_beliefs(cluster);
+    }
+
+    /// Truth and decisions from the simulated etcd.
+    fn refresh_from_etcd(&mut self, cluster: &SimLeaseCluster, etcd: &SimEtcd) {
+        self.store_now_ms = etcd.now_ms();
+        etcd.take_decisions_into(&mut self.decisions);
+        if cluster.count_decisions.get() {
+            cluster.count(|counts| tally_decisions(counts, &self.decisions));
+        }
+        let mut changed = Vec::new();
+        etcd.take_changed_actors_into(&mut changed);
+        for actor_id in changed {
+            let Some(record) = etcd.truth(&actor_id) else {
+                continue;
+            };
+            self.record_truth(cluster, &actor_id, &record);
+            self.records.insert(actor_id.clone(), record);
+            self.changed_actors.insert(actor_id);
+        }
+    }
+
+    fn record_truth(&self, cluster: &SimLeaseCluster, actor_id: &ActorId, record: &LeaseRecord) {
+        if cluster.events.is_enabled() {
+            let kind = LeaseEventKind::Truth {
+                holder: record.holder.clone(),
+                fencing_token: record.fencing_token,
+                expires_at_ms: record.expires_at_ms,
+            };
+            cluster
+                .events
+                .push(self.store_now_ms, None, Some(actor_id), kind);
+        }
+    }
+
+    /// Truth and decisions from the simulated lease store.
+    fn refresh_from_store(&mut self, cluster: &SimLeaseCluster) {
+        self.store_now_ms = cluster.store.storage().now_ms();
         cluster.store.take_decisions_into(&mut self.decisions);
         if cluster.count_decisions.get() {
             cluster.count(|counts| tally_decisions(counts, &self.decisions));
         }
-        let events = &cluster.events;
         let mut written = std::mem::take(&mut self.written_keys);
         cluster.store.storage().take_changed_keys_into(&mut written);
         // In actor order, each once, as the checkers and the event log have always seen them.
@@ -233,18 +301,16 @@ impl StepCache {
                 .store
                 .peek(&actor_id)
                 .expect("a written record exists");
-            if events.is_enabled() {
-                let kind = LeaseEventKind::Truth {
-                    holder: record.holder.clone(),
-                    fencing_token: record.fencing_token,
-                    expires_at_ms: record.expires_at_ms,
-                };
-                events.push(self.store_now_ms, None, Some(&actor_id), kind);
-            }
+            self.record_truth(cluster, &actor_id, &record);
             self.records.insert(actor_id.clone(), record);
             self.changed_actors.insert(actor_id);
         }
         self.written_keys = written;
+    }
+
+    /// The beliefs that changed in this step.
+    fn refresh_beliefs(&mut self, cluster: &SimLeaseCluster) {
+        let events = &cluster.events;
         for change in cluster.board.take_changes() {
             for (actor_id, after) in change.changed {
                 if events.is_enabled() {

@@ -56,6 +56,20 @@ pub enum LeaseMessage {
         /// The decision, or the store's failure.
         outcome: Result<Decision, StoreError>,
     },
+    /// A node's request to the simulated etcd ([`crate::sim_etcd`]).
+    EtcdRequest {
+        /// Matches the reply to the request; unique per node incarnation.
+        request_id: u64,
+        /// The request.
+        request: crate::sim_etcd::EtcdRequest,
+    },
+    /// The simulated etcd's answer.
+    EtcdReply {
+        /// The request answered.
+        request_id: u64,
+        /// The answer, or etcd's refusal.
+        outcome: Result<crate::sim_etcd::EtcdResponse, kelpie_lease::etcd_api::EtcdApiError>,
+    },
 }
 
 type Pending = Rc<RefCell<BTreeMap<u64, oneshot::Sender<Result<Decision, StoreError>>>>>;

@@ -75,8 +75,10 @@ use std::time::Duration;
 use futures_channel::mpsc::UnboundedReceiver;
 use futures_channel::oneshot;
 use kelpie_core::{ActorId, NodeId};
+use kelpie_lease::limits::{ETCD_EXPIRY_CHECK_INTERVAL_MS, ETCD_KEY_PREFIX_DEFAULT};
 use kelpie_lease::{
-    backend::ProtocolLeaseManager, KeeperConfig, KeeperEvent, LeaseConfig, LeaseError, LeaseKeeper,
+    backend::ProtocolLeaseManager, EtcdLeaseManager, KeeperConfig, KeeperEvent, LeaseConfig,
+    LeaseError, LeaseKeeper, LeaseManager,
 };
 
 use crate::history::History;
@@ -86,6 +88,8 @@ use crate::lease_net::{
 };
 use crate::linearizability::{check_history, Delivery, Duplicates, LinearizabilityReport};
 use crate::mutations::LINEARIZABILITY;
+use crate::sim_etcd::{serve_etcd, NetEtcd, ETCD_MIN_TTL_S, SIM_ETCD_ELECTION_MS_MAX};
+use crate::swarm_manager::SwarmManager;
 
 /// What reports a failed liveness check after healing, among the invariants' names.
 pub const LIVENESS: &str = "Liveness";
@@ -97,6 +101,8 @@ use kelpie_sim::{JoinHandle, SimEnv};
 
 /// Interval at which the chaos task draws whether each scripted fault starts.
 pub const CHAOS_TICK_MS: u64 = 250;
+/// Probability that a node refused an actor on etcd waits for it by watch before going on.
+pub const WATCH_PROBABILITY: f64 = 0.5;
 /// Probability that a node holding a lease in the safety phase releases it on a visit.
 const RELEASE_PROBABILITY: f64 = 0.1;
 
@@ -115,10 +121,10 @@ pub const SWARM_COVERAGE_MARKS: &[&str] = &[
 ];
 
 /// A simulated node's keeper: the production keeper over the networked store.
-pub type Keeper = LeaseKeeper<ProtocolLeaseManager<NetLeaseStore>>;
+pub type Keeper = LeaseKeeper<SwarmManager>;
 
 /// A simulated node's lease manager: the production protocol over the networked store.
-pub type NetLeaseManager = ProtocolLeaseManager<NetLeaseStore>;
+pub type NetLeaseManager = SwarmManager;
 
 /// Which phase a run is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,20 +223,42 @@ impl SwarmNode {
         let incarnation = self.incarnation.get() + 1;
         self.incarnation.set(incarnation);
         let timeout_ms = world.settings.request_timeout_ms;
-        let truth = world.cluster.store().clone();
-        let (store, router) = NetLeaseStore::connect(
-            &world.env,
-            world.network.clone(),
-            self.host(),
-            incarnation,
-            self.clock.clone(),
-            timeout_ms,
-            truth,
-        );
-        store.record_history(world.history.clone());
         let lease_config =
             LeaseConfig::new(world.config.lease_duration_ms).map_err(|e| e.to_string())?;
-        let manager = Arc::new(ProtocolLeaseManager::new(store, lease_config));
+        let (manager, router) = if world.cluster.etcd().is_some() {
+            let (etcd, router) = NetEtcd::connect(
+                &world.env,
+                world.network.clone(),
+                self.host(),
+                incarnation,
+                self.clock.clone(),
+            );
+            let clock: kelpie_core::SharedClock = Arc::new(self.clock.clone());
+            let manager = EtcdLeaseManager::with_api(
+                etcd,
+                lease_config,
+                ETCD_KEY_PREFIX_DEFAULT,
+                timeout_ms,
+                clock,
+            )
+            .map_err(|e| e.to_string())?;
+            (SwarmManager::Etcd(manager), router)
+        } else {
+            let truth = world.cluster.store().clone();
+            let (store, router) = NetLeaseStore::connect(
+                &world.env,
+                world.network.clone(),
+                self.host(),
+                incarnation,
+                self.clock.clone(),
+                timeout_ms,
+                truth,
+            );
+            store.record_history(world.history.clone());
+            let manager = ProtocolLeaseManager::new(store, lease_config);
+            (SwarmManager::Protocol(manager), router)
+        };
+        let manager = Arc::new(manager);
         let keeper_config = keeper_config(&world.config, &world.settings);
         let clock = Arc::new(self.clock.clone());
         // The keeper appends the incarnation to the node id (`node-0@2`); in production it
@@ -562,7 +590,9 @@ impl SwarmWorld {
         let network = SimNetwork::new(env, settings.nodes_count + 1);
         let (server_env, server_network, store) =
             (env.clone(), network.clone(), cluster.store().clone());
-        if settings.bug_stale_reads {
+        if let Some(etcd) = cluster.etcd() {
+            drop(env.spawn(serve_etcd(server_env, server_network, etcd.clone())));
+        } else if settings.bug_stale_reads {
             drop(env.spawn(serve_leases_with_stale_reads(
                 server_env,
                 server_network,
@@ -699,7 +729,7 @@ impl SwarmWorld {
 
     /// The store's record of `actor_id` now (ground truth).
     pub fn truth(&self, actor_id: &ActorId) -> Option<kelpie_lease::backend::LeaseRecord> {
-        self.cluster.store().peek(actor_id)
+        self.cluster.truth(actor_id)
     }
 
     /// The actors.
@@ -712,6 +742,9 @@ impl SwarmWorld {
         self.env.set_faults_enabled(false);
         self.network.heal();
         self.cluster.store().storage().restart();
+        if let Some(etcd) = self.cluster.etcd() {
+            etcd.end_election();
+        }
         self.phase.set(Phase::Liveness);
         log_fault(self, "heal all".into());
         for node in self.all_nodes().iter().filter(|n| !n.is_up()) {
@@ -745,8 +778,23 @@ impl SwarmWorld {
             .timing_for(self.config.lease_duration_ms)
             .map_err(|e| e.to_string())?;
         let sim = self.env.config();
+        // On etcd, a lease nobody renews keeps its actor until its node deletes it as abandoned
+        // (at the node's first grant a lease duration after its last renewal) or its session
+        // expires: at most a lease duration plus the session's TTL (whole seconds, at least
+        // etcd's minimum) plus one pass of etcd's revoke loop. An acquire costs up to two
+        // round trips more (a session grant, and a keepalive beside the transaction).
+        let (held_ms, requests_max) = match self.cluster.etcd() {
+            Some(_) => {
+                let ttl_s = self.config.lease_duration_ms.div_ceil(1_000);
+                let ttl_s = ttl_s.max(ETCD_MIN_TTL_S.unsigned_abs());
+                let held_ms =
+                    self.config.lease_duration_ms + ttl_s * 1_000 + ETCD_EXPIRY_CHECK_INTERVAL_MS;
+                (held_ms, requests_max * 3)
+            }
+            None => (self.config.lease_duration_ms, requests_max),
+        };
         let bound = LivenessBound {
-            lease_duration_ms: self.config.lease_duration_ms,
+            lease_duration_ms: held_ms,
             retry_interval_ms: timing.retry_interval_ms,
             think_time_ms_max: self.settings.think_time_ms_max,
             request_timeout_ms: self.settings.request_timeout_ms,
@@ -805,7 +853,7 @@ impl SwarmWorld {
             return Ok(());
         };
         window.check().map_err(|violation| {
-            let record = self.cluster.store().peek(&violation.actor_id);
+            let record = self.cluster.truth(&violation.actor_id);
             format!("{violation}; the store has {record:?}")
         })
     }
@@ -872,7 +920,21 @@ async fn visit_random(world: &SwarmWorld, keeper: &Keeper, rng: &mut Determinist
         return;
     }
     let result = keeper.acquire(actor_id).await;
+    let held_by_other = matches!(result, Err(LeaseError::HeldByOther { .. }));
     count_failure(&world.cluster, result.map(|_| ()));
+    // On etcd, a contender sometimes waits for the holder to let go by watching the key, as
+    // a campaign does, and acquires the moment it is deleted.
+    if held_by_other && world.cluster.etcd().is_some() && rng.gen_bool(WATCH_PROBABILITY) {
+        let max_wait_ms = world.config.lease_duration_ms;
+        let freed = keeper
+            .manager()
+            .watch_until_free(actor_id, max_wait_ms)
+            .await;
+        if let Ok(Some(true)) = freed {
+            let result = keeper.acquire(actor_id).await;
+            count_failure(&world.cluster, result.map(|_| ()));
+        }
+    }
 }
 
 /// One liveness sweep of `node`: in actor order, acquires each actor it wants and does not
@@ -977,7 +1039,19 @@ async fn chaos_loop(world: Rc<SwarmWorld>) {
             world.cluster.board().clock_jumped(&node.holder_id.borrow());
             log_fault(&world, format!("clock jump {} +{jump_ms} ms", node.node_id));
         }
-        if world.env.should_inject(FaultType::StorageCrash) {
+        if let Some(etcd) = world.cluster.etcd() {
+            if world.env.should_inject(FaultType::StorageCrash) {
+                if etcd.holds_leases() {
+                    kelpie_core::coverage::mark(MARK_STORE_CRASH_WITH_LEASES);
+                }
+                let election_ms = rng.gen_range(1..=SIM_ETCD_ELECTION_MS_MAX);
+                etcd.elect(election_ms);
+                log_fault(
+                    &world,
+                    format!("etcd leader lost, election {election_ms} ms"),
+                );
+            }
+        } else if world.env.should_inject(FaultType::StorageCrash) {
             let now_ms = world.env.now_ms();
             let truth = world.cluster.store().truth();
             if truth.values().any(|r| r.valid_holder(now_ms).is_some()) {

@@ -41,9 +41,11 @@ pub mod lease_scenario;
 pub mod lease_swarm;
 pub mod linearizability;
 pub mod mutations;
+pub mod sim_etcd;
 pub mod sim_lease_store;
 mod sim_thread;
 pub mod swarm;
+pub mod swarm_manager;
 
 pub use history::{History, HistoryOp, HistoryOpId, OpOutcome};
 pub use lease_cluster::{ClusterConfig, LeaseOpCounts, SimLeaseCluster};
@@ -57,5 +59,7 @@ pub use linearizability::{
     check_history, Delivery, Duplicates, LinearizabilityError, LinearizabilityReport,
     OffendingWindow, LINEARIZABILITY_SEARCH_STATES_MAX,
 };
+pub use sim_etcd::SimEtcd;
 pub use sim_lease_store::{SimLeaseStore, StoreWriteMutation};
 pub use swarm::{swarm_faults, SWARM_LEASE_FAULTS};
+pub use swarm_manager::{SwarmManager, SwarmStore};

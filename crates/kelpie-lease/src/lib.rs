@@ -51,7 +51,6 @@
 mod activation;
 mod belief;
 mod error;
-#[cfg(feature = "etcd")]
 mod etcd;
 mod fenced;
 mod keeper;
@@ -70,6 +69,7 @@ mod test_support;
 pub use activation::{Activation, Placed, Placement, PlacementError};
 pub use error::{ConfigError, LeaseError, StoreError};
 #[cfg(feature = "etcd")]
+pub use etcd::EtcdClient;
 pub use etcd::{EtcdCredentials, EtcdFencedStateStore, EtcdLeaseManager, EtcdOptions};
 pub use fenced::{
     FencedState, FencedStateStore, MemoryFencedStateStore, SqliteFencedStateStore, StateError,
@@ -88,7 +88,6 @@ pub use tokio_util::sync::CancellationToken;
 /// Every bound and default, by the module that enforces it.
 pub mod limits {
     pub use crate::belief::CLOCK_DRIFT_PPM_MAX_LIMIT;
-    #[cfg(feature = "etcd")]
     pub use crate::etcd::{
         ETCD_ACQUIRE_ATTEMPTS_MAX, ETCD_CONNECT_TIMEOUT_MS_DEFAULT, ETCD_ENDPOINTS_ENV,
         ETCD_ENDPOINTS_MAX, ETCD_EXPIRY_CHECK_INTERVAL_MS, ETCD_KEY_PREFIX_BYTES_MAX,
@@ -113,7 +112,6 @@ pub mod limits {
 /// For implementing or driving a store directly: the stored record, the request, the pure
 /// decision every store applies in its atomic step, the store trait and the stores.
 pub mod backend {
-    #[cfg(feature = "etcd")]
     pub use crate::etcd::{parse_endpoints, EtcdStats, NodeSession};
     pub use crate::lease::{LeaseOp, LeaseRecord, LeaseRequest};
     pub use crate::manager::ProtocolLeaseManager;
@@ -121,6 +119,15 @@ pub mod backend {
     pub use crate::protocol::{assert_record_well_formed, decide, DecideFn, Decision};
     pub use crate::sqlite::{SqliteLeaseStore, SqliteStats};
     pub use crate::store::{LeaseStore, RecordSnapshot, StoreSnapshot};
+}
+
+/// The part of etcd's API the etcd backend uses ([`EtcdApi`](etcd_api::EtcdApi)), for running
+/// [`EtcdLeaseManager`] against another etcd than a real cluster, such as the simulator's.
+pub mod etcd_api {
+    pub use crate::etcd::{
+        Compare, CompareTarget, EtcdApi, EtcdApiError, EtcdKeyValue, LeaseGrant, RangeReply,
+        RangeRequest, Txn, TxnOp, TxnOpResult, TxnReply,
+    };
 }
 
 /// The pure state machines the drivers wrap, and that the simulator and the TLA+ model's
@@ -134,9 +141,14 @@ pub mod machine {
 /// Coverage marks the keeper hits on its rare paths, for simulation sweeps that assert each
 /// was reached (see `kelpie_core::coverage`).
 pub mod coverage {
+    pub use crate::etcd::{
+        ETCD_COVERAGE_MARKS, MARK_ETCD_COMPARE_FAILED, MARK_ETCD_HANDOVER_BY_WATCH,
+        MARK_ETCD_KEEPALIVE_LOST, MARK_ETCD_SESSION_EXPIRED,
+    };
     pub use crate::keeper::{
         COVERAGE_MARKS, MARK_BELIEF_ENDED, MARK_COMMIT_UNKNOWN_RESOLVED,
         MARK_GRANT_OVERTAKEN_BY_RELEASE, MARK_RENEWAL_ABANDONED, MARK_RENEWAL_FAILED,
         MARK_RENEWAL_REFUSED,
     };
+    pub use crate::protocol::{MARK_EXPIRED_LEASE_SEEN, MARK_TAKEOVER_AFTER_EXPIRY};
 }

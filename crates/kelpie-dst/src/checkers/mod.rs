@@ -88,6 +88,12 @@ pub struct LeaseWorld<'a> {
     pub decisions: &'a [DecisionRecord],
     /// Beliefs per actor, including ones that have since ended (see [`BeliefView::held_at`]).
     pub beliefs: &'a ActorMap<Vec<BeliefView>>,
+    /// Whether the store keeps an expired lease held until it deletes it (etcd: a key whose
+    /// session's TTL ran out is deleted only by the revoke loop, and a new leader extends
+    /// every undeleted lease to a full TTL). Then nobody can claim the lease in between, so
+    /// the store extending it is not a renewal after expiry; renewals are still judged one by
+    /// one from the store's decisions.
+    pub held_until_deleted: bool,
 }
 
 impl LeaseWorld<'_> {

@@ -49,7 +49,7 @@ impl Invariant for RenewalRequiresOwnership {
                 && now.holder == before.holder
                 && now.fencing_token == before.fencing_token
                 && now.expires_at_ms > before.expires_at_ms;
-            if extended && before.expires_at_ms <= world.store_now_ms {
+            if extended && before.expires_at_ms <= world.store_now_ms && !world.held_until_deleted {
                 return Err(format!(
                     "lease on {actor_id} was extended after it expired: {before:?} -> {now:?} \
                      at store time {} ms",

@@ -104,6 +104,7 @@ impl Step {
             changed_actors: &changed,
             decisions: &self.decisions,
             beliefs: &beliefs,
+            held_until_deleted: false,
         })
     }
 }

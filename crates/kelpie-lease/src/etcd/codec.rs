@@ -12,9 +12,9 @@
 //! - the renewal count is the key's `version` minus one: version counts the writes to the key
 //!   since it was created, and only the creating acquire and the renewals write it.
 
-use etcd_client::KeyValue;
 use kelpie_core::{ActorId, FencingToken, NodeId};
 
+use super::api::EtcdKeyValue;
 use crate::error::StoreError;
 use crate::lease::Lease;
 
@@ -67,32 +67,32 @@ impl Keys {
     }
 
     /// Reads a lease key back, checking it is one Kelpie wrote.
-    pub fn decode(&self, kv: &KeyValue) -> Result<StoredLease, StoreError> {
-        let key = kv.key();
+    pub fn decode(&self, kv: &EtcdKeyValue) -> Result<StoredLease, StoreError> {
+        let key = kv.key.as_slice();
         let actor_id = self.actor_of(key)?;
-        let holder = std::str::from_utf8(kv.value())
+        let holder = std::str::from_utf8(&kv.value)
             .ok()
             .and_then(|v| NodeId::new(v).ok())
             .ok_or_else(|| corrupt(key, "the value is not a node id"))?;
-        let token = u64::try_from(kv.create_revision())
+        let token = u64::try_from(kv.create_revision)
             .ok()
             .filter(|&r| r > 0)
             .ok_or_else(|| corrupt(key, "create_revision is not positive"))?;
-        let renewal_count = u64::try_from(kv.version())
+        let renewal_count = u64::try_from(kv.version)
             .ok()
             .and_then(|v| v.checked_sub(1))
             .ok_or_else(|| corrupt(key, "version is not positive"))?;
-        if kv.lease() == 0 {
+        if kv.lease == 0 {
             // A key with no etcd lease never expires, so it is not one of ours.
             return Err(corrupt(key, "not attached to an etcd lease"));
         }
         Ok(StoredLease {
             actor_id,
             holder,
-            create_revision: kv.create_revision(),
-            mod_revision: kv.mod_revision(),
+            create_revision: kv.create_revision,
+            mod_revision: kv.mod_revision,
             fencing_token: FencingToken(token),
-            session_lease_id: kv.lease(),
+            session_lease_id: kv.lease,
             renewal_count,
         })
     }

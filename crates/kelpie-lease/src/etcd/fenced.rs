@@ -15,11 +15,14 @@
 //! (8 bytes, big-endian) followed by the state. State keys are not attached to any lease: they
 //! outlive the holder, which is the point.
 
-use etcd_client::{Client, Compare, CompareOp, KeyValue, Txn, TxnOp, TxnOpResponse, TxnResponse};
-use kelpie_core::{ActorId, FencingToken};
+use std::sync::Arc;
 
+use kelpie_core::{ActorId, FencingToken, SharedClock};
+
+use super::api::{Compare, EtcdApi, EtcdKeyValue, Txn, TxnOp, TxnReply};
 use super::codec::Keys;
 use super::errors::{bounded, Effect};
+use super::ops::single_key;
 use crate::error::StoreError;
 use crate::fenced::{check_write, FencedState, FencedStateStore, StateError};
 
@@ -29,14 +32,37 @@ const TOKEN_BYTES: usize = 8;
 /// Actor state in the etcd of an [`EtcdLeaseManager`](super::EtcdLeaseManager), under its key
 /// prefix; made by [`EtcdLeaseManager::fenced_state_store`](super::EtcdLeaseManager::fenced_state_store)
 /// so that the two cannot disagree on where the leases are. See the module docs.
-#[derive(Clone)]
-pub struct EtcdFencedStateStore {
-    client: Client,
+#[cfg(feature = "etcd")]
+pub struct EtcdFencedStateStore<A = super::EtcdClient> {
+    api: Arc<A>,
+    clock: SharedClock,
     keys: Keys,
     request_timeout_ms: u64,
 }
 
-impl std::fmt::Debug for EtcdFencedStateStore {
+/// Actor state in the etcd of an [`EtcdLeaseManager`](super::EtcdLeaseManager), under its key
+/// prefix; made by [`EtcdLeaseManager::fenced_state_store`](super::EtcdLeaseManager::fenced_state_store)
+/// so that the two cannot disagree on where the leases are. See the module docs.
+#[cfg(not(feature = "etcd"))]
+pub struct EtcdFencedStateStore<A> {
+    api: Arc<A>,
+    clock: SharedClock,
+    keys: Keys,
+    request_timeout_ms: u64,
+}
+
+impl<A> Clone for EtcdFencedStateStore<A> {
+    fn clone(&self) -> Self {
+        Self {
+            api: Arc::clone(&self.api),
+            clock: Arc::clone(&self.clock),
+            keys: self.keys.clone(),
+            request_timeout_ms: self.request_timeout_ms,
+        }
+    }
+}
+
+impl<A> std::fmt::Debug for EtcdFencedStateStore<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdFencedStateStore")
             .field("lease_prefix", &self.keys.prefix())
@@ -44,10 +70,16 @@ impl std::fmt::Debug for EtcdFencedStateStore {
     }
 }
 
-impl EtcdFencedStateStore {
-    pub(super) fn new(client: Client, keys: Keys, request_timeout_ms: u64) -> Self {
+impl<A: EtcdApi> EtcdFencedStateStore<A> {
+    pub(super) fn new(
+        api: Arc<A>,
+        clock: SharedClock,
+        keys: Keys,
+        request_timeout_ms: u64,
+    ) -> Self {
         Self {
-            client,
+            api,
+            clock,
             keys,
             request_timeout_ms,
         }
@@ -68,27 +100,18 @@ impl EtcdFencedStateStore {
             token,
         })?;
         let lease_key = self.keys.actor_key(actor_id);
-        Ok(Compare::create_revision(
-            lease_key,
-            CompareOp::Equal,
-            revision,
-        ))
+        Ok(Compare::create_revision(&lease_key, revision))
     }
 
-    async fn txn(&self, what: &str, effect: Effect, txn: Txn) -> Result<TxnResponse, StateError> {
-        let mut kv = self.client.kv_client();
-        let reply = bounded(what, effect, self.request_timeout_ms, kv.txn(txn)).await;
+    async fn txn(&self, what: &str, effect: Effect, txn: Txn) -> Result<TxnReply, StateError> {
+        let timeout_ms = self.request_timeout_ms;
+        let reply = bounded(&self.clock, what, effect, timeout_ms, self.api.txn(txn)).await;
         reply.map_err(StateError::Store)
     }
 
     /// Why a transaction's comparison failed: the lease key it read in its `else` branch.
-    fn refusal(
-        &self,
-        actor_id: &ActorId,
-        token: FencingToken,
-        response: &TxnResponse,
-    ) -> StateError {
-        let current = last_get(response).map(|kv| kv.create_revision());
+    fn refusal(&self, actor_id: &ActorId, token: FencingToken, response: &TxnReply) -> StateError {
+        let current = response.last_key().map(|kv| kv.create_revision);
         match current.and_then(|revision| u64::try_from(revision).ok()) {
             Some(revision) if revision > token.0 => StateError::StaleToken {
                 actor_id: actor_id.clone(),
@@ -102,8 +125,8 @@ impl EtcdFencedStateStore {
         }
     }
 
-    fn decode(&self, actor_id: &ActorId, kv: &KeyValue) -> Result<FencedState, StateError> {
-        let value = kv.value();
+    fn decode(&self, actor_id: &ActorId, kv: &EtcdKeyValue) -> Result<FencedState, StateError> {
+        let value = kv.value.as_slice();
         let token = value
             .get(..TOKEN_BYTES)
             .and_then(|bytes| <[u8; TOKEN_BYTES]>::try_from(bytes).ok())
@@ -111,7 +134,7 @@ impl EtcdFencedStateStore {
             .filter(|&token| token > 0)
             .ok_or_else(|| {
                 StateError::Store(StoreError::Corrupt {
-                    location: String::from_utf8_lossy(kv.key()).into_owned(),
+                    location: String::from_utf8_lossy(&kv.key).into_owned(),
                     reason: format!("the state of {actor_id} does not start with a fencing token"),
                 })
             })?;
@@ -122,20 +145,7 @@ impl EtcdFencedStateStore {
     }
 }
 
-/// The value of the last `get` of a transaction's branch, if the key existed.
-fn last_get(response: &TxnResponse) -> Option<KeyValue> {
-    response
-        .op_responses()
-        .into_iter()
-        .rev()
-        .find_map(|op| match op {
-            TxnOpResponse::Get(get) => Some(get.kvs().first().cloned()),
-            _ => None,
-        })
-        .flatten()
-}
-
-impl FencedStateStore for EtcdFencedStateStore {
+impl<A: EtcdApi> FencedStateStore for EtcdFencedStateStore<A> {
     async fn write(
         &self,
         actor_id: &ActorId,
@@ -147,12 +157,13 @@ impl FencedStateStore for EtcdFencedStateStore {
         let mut stored = Vec::with_capacity(TOKEN_BYTES + value.len());
         stored.extend_from_slice(&token.0.to_be_bytes());
         stored.extend_from_slice(value);
-        let txn = Txn::new()
-            .when([self.holds(actor_id, token)?])
-            .and_then([TxnOp::put(self.state_key(actor_id), stored, None)])
-            .or_else([TxnOp::get(lease_key, None)]);
+        let txn = Txn {
+            compares: vec![self.holds(actor_id, token)?],
+            success: vec![TxnOp::put(&self.state_key(actor_id), &stored, 0)],
+            failure: vec![TxnOp::get(&lease_key)],
+        };
         let response = self.txn("writing actor state", Effect::Write, txn).await?;
-        if response.succeeded() {
+        if response.succeeded {
             return Ok(());
         }
         Err(self.refusal(actor_id, token, &response))
@@ -165,18 +176,19 @@ impl FencedStateStore for EtcdFencedStateStore {
     ) -> Result<FencedState, StateError> {
         check_write(actor_id, token, 0)?;
         let lease_key = self.keys.actor_key(actor_id);
-        let txn = Txn::new()
-            .when([self.holds(actor_id, token)?])
-            .and_then([TxnOp::get(self.state_key(actor_id), None)])
-            .or_else([TxnOp::get(lease_key, None)]);
+        let txn = Txn {
+            compares: vec![self.holds(actor_id, token)?],
+            success: vec![TxnOp::get(&self.state_key(actor_id))],
+            failure: vec![TxnOp::get(&lease_key)],
+        };
         let response = self
             .txn("fencing actor state", Effect::ReadOnly, txn)
             .await?;
-        if !response.succeeded() {
+        if !response.succeeded {
             return Err(self.refusal(actor_id, token, &response));
         }
-        let value = match last_get(&response) {
-            Some(kv) => self.decode(actor_id, &kv)?.value,
+        let value = match response.last_key() {
+            Some(kv) => self.decode(actor_id, kv)?.value,
             None => None,
         };
         Ok(FencedState {
@@ -186,17 +198,13 @@ impl FencedStateStore for EtcdFencedStateStore {
     }
 
     async fn read(&self, actor_id: &ActorId) -> Result<Option<FencedState>, StateError> {
-        let mut kv = self.client.kv_client();
         let key = self.state_key(actor_id);
-        let reply = bounded(
-            "reading actor state",
-            Effect::ReadOnly,
-            self.request_timeout_ms,
-            kv.get(key, None),
-        )
-        .await?;
+        let reading = self.api.range(single_key(&key));
+        let timeout_ms = self.request_timeout_ms;
+        let what = "reading actor state";
+        let reply = bounded(&self.clock, what, Effect::ReadOnly, timeout_ms, reading).await?;
         reply
-            .kvs()
+            .kvs
             .first()
             .map(|kv| self.decode(actor_id, kv))
             .transpose()

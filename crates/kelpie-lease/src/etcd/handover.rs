@@ -1,13 +1,12 @@
 //! Fast handover: waiting for an actor's lease to become free with an etcd watch, so that a
 //! contender acquires right after a release instead of polling.
 
-use std::time::Duration;
-
-use etcd_client::{EventType, WatchFilterType, WatchOptions};
 use kelpie_core::{ActorId, NodeId};
 
-use super::errors::{bounded, Effect};
-use super::{read_error, EtcdLeaseManager};
+use super::api::EtcdApi;
+use super::errors::{store_error, within, Effect};
+use super::ops::single_key;
+use super::EtcdLeaseManager;
 use crate::error::{LeaseError, StoreError};
 use crate::lease::Lease;
 use crate::manager::LeaseManager;
@@ -16,7 +15,7 @@ use crate::manager::LeaseManager;
 /// [`EtcdLeaseManager::wait_until_free`] gives up with the last error.
 pub const ETCD_WATCH_FAILURES_MAX: u32 = 8;
 
-impl EtcdLeaseManager {
+impl<A: EtcdApi> EtcdLeaseManager<A> {
     /// Waits until nobody holds the lease on `actor_id` (its key is deleted by a release or by
     /// etcd at expiry), for at most `max_wait_ms`. Returns `Ok(true)` once it is free (at once
     /// if it already is), `Ok(false)` if it was still held when the time ran out. The lease may
@@ -28,9 +27,9 @@ impl EtcdLeaseManager {
     ) -> Result<bool, StoreError> {
         let key = self.keys.actor_key(actor_id);
         let waiting = self.watch_until_deleted(&key);
-        match tokio::time::timeout(Duration::from_millis(max_wait_ms), waiting).await {
-            Ok(result) => result.map(|()| true),
-            Err(_elapsed) => Ok(false),
+        match within(&self.connection.clock, max_wait_ms, waiting).await {
+            Some(result) => result.map(|()| true),
+            None => Ok(false),
         }
     }
 
@@ -81,52 +80,26 @@ impl EtcdLeaseManager {
 
     /// The revision at which `key` was read, if it exists.
     async fn revision_if_present(&self, key: &[u8]) -> Result<Option<i64>, StoreError> {
-        let mut kv = self.connection.client.kv_client();
-        let timeout_ms = self.connection.request_timeout_ms;
-        let reading = kv.get(key, None);
-        let reply = bounded("reading a lease", Effect::ReadOnly, timeout_ms, reading).await?;
-        if reply.kvs().is_empty() {
+        let reading = self.connection.api.range(single_key(key));
+        let reply = self
+            .bounded("reading a lease", Effect::ReadOnly, reading)
+            .await?;
+        if reply.kvs.is_empty() {
             return Ok(None);
         }
-        Ok(Some(reply.header().map_or(0, |h| h.revision())))
+        Ok(Some(reply.revision))
     }
 
-    /// Watches `key` from `start_revision` until a delete event arrives.
+    /// Watches `key` from `start_revision` until a delete event arrives. No timeout here: a
+    /// held lease may stay held for long, and the caller's limit bounds the wait. A watch
+    /// whose start revision was compacted away fails, and the caller reads again.
     async fn watch_for_delete(&self, key: &[u8], start_revision: i64) -> Result<(), StoreError> {
-        let mut watch = self.connection.client.watch_client();
-        let options = WatchOptions::new()
-            .with_start_revision(start_revision)
-            .with_filters([WatchFilterType::NoPut]);
-        let timeout_ms = self.connection.request_timeout_ms;
-        let opening = watch.watch(key, Some(options));
-        let mut stream = bounded("opening a watch", Effect::ReadOnly, timeout_ms, opening).await?;
-        loop {
-            // No timeout here: a held lease may stay held for long, and the caller's limit
-            // bounds the wait.
-            let message = stream
-                .message()
-                .await
-                .map_err(|e| read_error("watching", &e))?;
-            let Some(response) = message else {
-                let reason = "the watch stream closed".to_string();
-                return Err(StoreError::Unavailable { reason });
-            };
-            if response.canceled() {
-                // Typically the start revision was compacted away; the caller reads again.
-                let reason = format!(
-                    "watch canceled: {:?}, compacted at revision {}",
-                    response.cancel_reason(),
-                    response.compact_revision()
-                );
-                return Err(StoreError::Unavailable { reason });
+        match self.connection.api.watch_delete(key, start_revision).await {
+            Ok(_revision) => {
+                kelpie_core::coverage::mark(super::MARK_ETCD_HANDOVER_BY_WATCH);
+                Ok(())
             }
-            let deleted = response
-                .events()
-                .iter()
-                .any(|e| e.event_type() == EventType::Delete);
-            if deleted {
-                return Ok(());
-            }
+            Err(error) => Err(store_error("watching", Effect::ReadOnly, &error)),
         }
     }
 }

@@ -80,6 +80,9 @@
 //!
 //! The manager spawns tasks, so it must be used inside a tokio runtime.
 
+mod api;
+#[cfg(feature = "etcd")]
+mod client;
 mod codec;
 mod errors;
 mod fenced;
@@ -90,11 +93,15 @@ mod session;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
-use etcd_client::GetOptions;
-use kelpie_core::{ActorId, FencingToken, NodeId, TokioClock};
+use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock};
 
+pub use api::{
+    Compare, CompareTarget, EtcdApi, EtcdApiError, EtcdKeyValue, LeaseGrant, RangeReply,
+    RangeRequest, Txn, TxnOp, TxnOpResult, TxnReply,
+};
+#[cfg(feature = "etcd")]
+pub use client::EtcdClient;
 pub use options::{
     parse_endpoints, EtcdCredentials, EtcdOptions, ETCD_CONNECT_TIMEOUT_MS_DEFAULT,
     ETCD_ENDPOINTS_ENV, ETCD_ENDPOINTS_MAX, ETCD_KEY_PREFIX_BYTES_MAX, ETCD_KEY_PREFIX_DEFAULT,
@@ -105,15 +112,36 @@ pub use fenced::EtcdFencedStateStore;
 pub use handover::ETCD_WATCH_FAILURES_MAX;
 
 use crate::error::{LeaseError, StoreError};
-use crate::lease::Lease;
+use crate::lease::{Lease, LeaseConfig};
 use crate::manager::LeaseManager;
 use codec::Keys;
-use errors::{bounded, store_error, timed_out, Effect};
 use session::{Connection, Counters, KeepAlive, NodeSessions};
 
 /// How often etcd looks for expired leases (its lessor's revoke loop, fixed in etcd 3.4 and
 /// 3.5). A lease whose TTL ran out is deleted up to about this much later.
 pub const ETCD_EXPIRY_CHECK_INTERVAL_MS: u64 = 500;
+
+/// Coverage mark: etcd reported a node's session gone (expired or revoked) to a keepalive or
+/// a transaction.
+pub const MARK_ETCD_SESSION_EXPIRED: &str = "etcd.session_expired";
+/// Coverage mark: a session keepalive got no answer in time (or failed).
+pub const MARK_ETCD_KEEPALIVE_LOST: &str = "etcd.keepalive_lost";
+/// Coverage mark: a watch saw a held lease's key deleted, handing the actor over.
+pub const MARK_ETCD_HANDOVER_BY_WATCH: &str = "etcd.handover_by_watch";
+/// Coverage mark: a renew or release transaction's compare failed.
+pub const MARK_ETCD_COMPARE_FAILED: &str = "etcd.compare_failed";
+
+/// Coverage mark: a key of a live session that nobody renewed for a lease duration was deleted.
+pub const MARK_ETCD_ABANDONED_KEY_DELETED: &str = "etcd.abandoned_key_deleted";
+
+/// Every coverage mark of the etcd backend; an etcd sweep checks each is hit.
+pub const ETCD_COVERAGE_MARKS: &[&str] = &[
+    MARK_ETCD_ABANDONED_KEY_DELETED,
+    MARK_ETCD_SESSION_EXPIRED,
+    MARK_ETCD_KEEPALIVE_LOST,
+    MARK_ETCD_HANDOVER_BY_WATCH,
+    MARK_ETCD_COMPARE_FAILED,
+];
 
 /// How many times an acquire retries when its session expired under it or it deleted a
 /// previous incarnation's key, before giving up with [`StoreError::Contention`].
@@ -125,14 +153,34 @@ pub const ETCD_SCAN_PAGE_KEYS: i64 = 1_000;
 
 /// Leases on actors, in etcd. The comments at the top of `src/etcd/mod.rs` explain the key
 /// layout, the fencing token, node sessions and what the times in a [`Lease`] mean.
-pub struct EtcdLeaseManager {
-    connection: Connection,
+///
+/// Generic over the etcd it talks to: [`EtcdClient`] (a real cluster, the default; feature
+/// `etcd`) or any other [`EtcdApi`], such as the simulator's etcd.
+#[cfg(feature = "etcd")]
+pub struct EtcdLeaseManager<A = EtcdClient> {
+    connection: Connection<A>,
     keys: Keys,
     /// The TTL asked of etcd for each session, in whole seconds.
     ttl_s: i64,
     /// The configured lease duration (at most the TTL): what a keeper measures beliefs with.
     lease_duration_ms: u64,
-    sessions: NodeSessions,
+    sessions: NodeSessions<A>,
+}
+
+/// Leases on actors, in etcd. The comments at the top of `src/etcd/mod.rs` explain the key
+/// layout, the fencing token, node sessions and what the times in a [`Lease`] mean.
+///
+/// Generic over the etcd it talks to (any [`EtcdApi`], such as the simulator's etcd); the
+/// real cluster's client needs the feature `etcd`.
+#[cfg(not(feature = "etcd"))]
+pub struct EtcdLeaseManager<A> {
+    connection: Connection<A>,
+    keys: Keys,
+    /// The TTL asked of etcd for each session, in whole seconds.
+    ttl_s: i64,
+    /// The configured lease duration (at most the TTL): what a keeper measures beliefs with.
+    lease_duration_ms: u64,
+    sessions: NodeSessions<A>,
 }
 
 /// What a manager's sessions cost so far.
@@ -157,7 +205,8 @@ pub struct NodeSession {
     pub expires_at_ms: u64,
 }
 
-impl EtcdLeaseManager {
+#[cfg(feature = "etcd")]
+impl EtcdLeaseManager<EtcdClient> {
     /// Connects to etcd and checks within [`EtcdOptions::connect_timeout_ms`] that it answers
     /// and lets the caller read the key prefix. Fails with [`StoreError::InvalidOption`] for bad
     /// options, [`StoreError::Unavailable`] if etcd cannot be reached in time, and
@@ -167,36 +216,66 @@ impl EtcdLeaseManager {
         let client_options = options.client_options()?;
         let timeout_ms = options.connect_timeout_ms;
         let client = connect_client(&options.endpoints, client_options, timeout_ms).await?;
-        // The client connects lazily, so ask etcd something to find out whether it answers.
-        let mut kv = client.kv_client();
-        let probe = GetOptions::new().with_prefix().with_count_only();
-        let reading = kv.get(options.key_prefix.as_str(), Some(probe));
-        bounded(
-            "reading the key prefix",
-            Effect::ReadOnly,
-            timeout_ms,
-            reading,
-        )
-        .await?;
-        let lease_duration_ms = options.lease.lease_duration_ms;
-        let ttl_s = i64::try_from(lease_duration_ms.div_ceil(1_000))
-            .expect("lease durations are bounded by LEASE_DURATION_MS_MAX");
         let clock = options
             .clock
             .clone()
-            .unwrap_or_else(|| Arc::new(TokioClock::new()));
+            .unwrap_or_else(|| Arc::new(kelpie_core::TokioClock::new()));
+        let api = EtcdClient::new(client);
+        let manager = Self::with_api(
+            api,
+            options.lease,
+            &options.key_prefix,
+            options.request_timeout_ms,
+            clock,
+        )?;
+        // The client connects lazily, so ask etcd something to find out whether it answers.
+        let probe = RangeRequest {
+            key: manager.keys.prefix().as_bytes().to_vec(),
+            range_end: manager.keys.prefix_end(),
+            limit: 1,
+            revision: 0,
+        };
+        let reading = manager.connection.api.range(probe);
+        let clock = &manager.connection.clock;
+        let what = "reading the key prefix";
+        errors::bounded(clock, what, errors::Effect::ReadOnly, timeout_ms, reading).await?;
+        Ok(manager)
+    }
+}
+
+impl<A: EtcdApi> EtcdLeaseManager<A> {
+    /// Leases in the etcd behind `api`, under `key_prefix`, each request bounded by
+    /// `request_timeout_ms` on `clock` (which also times every [`Lease`] this manager returns).
+    /// Fails with [`StoreError::InvalidOption`] for a bad prefix or timeout.
+    pub fn with_api(
+        api: A,
+        lease: LeaseConfig,
+        key_prefix: &str,
+        request_timeout_ms: u64,
+        clock: SharedClock,
+    ) -> Result<Self, StoreError> {
+        options::check_key_prefix(key_prefix)?;
+        options::check_timeout("request_timeout_ms", request_timeout_ms)?;
+        let lease_duration_ms = lease.lease_duration_ms;
+        let ttl_s = i64::try_from(lease_duration_ms.div_ceil(1_000))
+            .expect("lease durations are bounded by LEASE_DURATION_MS_MAX");
         Ok(Self {
             connection: Connection {
-                client,
+                api: Arc::new(api),
                 clock,
-                request_timeout_ms: options.request_timeout_ms,
+                request_timeout_ms,
                 counters: Arc::new(Counters::default()),
             },
-            keys: Keys::new(&options.key_prefix),
+            keys: Keys::new(key_prefix),
             ttl_s,
             lease_duration_ms,
             sessions: NodeSessions::default(),
         })
+    }
+
+    /// The etcd this manager talks to.
+    pub fn api(&self) -> &A {
+        &self.connection.api
     }
 
     /// The prefix every lease key starts with.
@@ -230,9 +309,10 @@ impl EtcdLeaseManager {
 
     /// The fenced state store in the same etcd, beside these leases: its writes are fenced by
     /// the lease keys themselves (see [`EtcdFencedStateStore`]).
-    pub fn fenced_state_store(&self) -> EtcdFencedStateStore {
+    pub fn fenced_state_store(&self) -> EtcdFencedStateStore<A> {
         EtcdFencedStateStore::new(
-            self.connection.client.clone(),
+            Arc::clone(&self.connection.api),
+            Arc::clone(&self.connection.clock),
             self.keys.clone(),
             self.connection.request_timeout_ms,
         )
@@ -262,7 +342,7 @@ impl EtcdLeaseManager {
         let Some(session) = self.sessions.live(node_id) else {
             return Ok(false);
         };
-        session.revoke(&self.connection).await?;
+        session.revoke().await?;
         self.sessions.retire(node_id, &session);
         Ok(true)
     }
@@ -273,7 +353,7 @@ impl EtcdLeaseManager {
     }
 }
 
-impl LeaseManager for EtcdLeaseManager {
+impl<A: EtcdApi> LeaseManager for EtcdLeaseManager<A> {
     fn lease_duration_ms(&self) -> u64 {
         self.lease_duration_ms
     }
@@ -342,13 +422,15 @@ impl LeaseManager for EtcdLeaseManager {
 
 /// Builds the client. With credentials this authenticates, so it talks to etcd; without, it
 /// only parses the endpoints.
+#[cfg(feature = "etcd")]
 async fn connect_client(
     endpoints: &[String],
     client_options: etcd_client::ConnectOptions,
     timeout_ms: u64,
 ) -> Result<etcd_client::Client, StoreError> {
     let connecting = etcd_client::Client::connect(endpoints, Some(client_options));
-    match tokio::time::timeout(Duration::from_millis(timeout_ms), connecting).await {
+    let timeout = std::time::Duration::from_millis(timeout_ms);
+    match tokio::time::timeout(timeout, connecting).await {
         Ok(Ok(client)) => Ok(client),
         Ok(Err(
             error @ (etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_)),
@@ -356,12 +438,15 @@ async fn connect_client(
             option: "endpoints".to_string(),
             reason: error.to_string(),
         }),
-        Ok(Err(error)) => Err(read_error("connecting", &error)),
-        Err(_elapsed) => Err(timed_out("connecting", Effect::ReadOnly, timeout_ms)),
+        Ok(Err(error)) => Err(errors::store_error(
+            "connecting",
+            errors::Effect::ReadOnly,
+            &client::classify(&error),
+        )),
+        Err(_elapsed) => Err(errors::timed_out(
+            "connecting",
+            errors::Effect::ReadOnly,
+            timeout_ms,
+        )),
     }
-}
-
-/// Turns an etcd client error on a read into a [`StoreError`].
-fn read_error(what: &str, error: &etcd_client::Error) -> StoreError {
-    store_error(what, Effect::ReadOnly, error)
 }

@@ -3,30 +3,29 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use etcd_client::{
-    Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
-    TxnResponse,
-};
+use futures_util::future::join;
 use kelpie_core::{ActorId, FencingToken, NodeId};
 
+use super::api::{
+    Compare, EtcdApi, EtcdApiError, EtcdKeyValue, RangeRequest, Txn, TxnOp, TxnReply,
+};
 use super::codec::StoredLease;
-use super::errors::{bounded, is_lease_not_found, store_error, timed_out, Effect};
+use super::errors::{bounded, store_error, timed_out, within, Effect};
 use super::session::{KeepAlive, Session};
-use super::{read_error, EtcdLeaseManager, ETCD_ACQUIRE_ATTEMPTS_MAX, ETCD_SCAN_PAGE_KEYS};
+use super::{EtcdLeaseManager, ETCD_ACQUIRE_ATTEMPTS_MAX, ETCD_SCAN_PAGE_KEYS};
 use crate::error::{LeaseError, StoreError};
 use crate::lease::Lease;
 
 /// How a transaction on a lease key ended.
 enum TxnOutcome {
     /// etcd applied it (or evaluated its comparison as false and ran the other branch).
-    Done(TxnResponse),
+    Done(TxnReply),
     /// etcd refused it because the session lease it attaches the key to is gone.
     SessionGone,
 }
 
-impl EtcdLeaseManager {
+impl<A: EtcdApi> EtcdLeaseManager<A> {
     pub(super) async fn acquire_lease(
         &self,
         actor_id: &ActorId,
@@ -42,6 +41,9 @@ impl EtcdLeaseManager {
             // it is no later than etcd's applying it: the tenure's start.
             let sent_at_ms = self.connection.clock.now_ms();
             let txn = acquire_txn(&key, node_id, session.lease_id());
+            // Until an answer says otherwise, the key may be created on this session: if the
+            // reply is lost, the node must still delete it once nobody renews it.
+            session.note_maybe_acquired(actor_id, sent_at_ms);
             // The new key must last at least a full TTL (which is at least the lease duration)
             // from `sent_at_ms`, since a caller counts its lease from its own send time (see
             // `belief`). If the session's confirmed expiry already covers that, the
@@ -58,7 +60,7 @@ impl EtcdLeaseManager {
                 (self.write_txn("acquire", txn).await, None)
             } else {
                 let (written, kept_alive) =
-                    tokio::join!(self.write_txn("acquire", txn), session.keep_alive());
+                    join(self.write_txn("acquire", txn), session.keep_alive()).await;
                 (written, Some(kept_alive))
             };
             match kept_alive {
@@ -71,7 +73,7 @@ impl EtcdLeaseManager {
                 }
                 Some(Err(error)) => {
                     return Err(match written {
-                        Ok(TxnOutcome::Done(response)) if response.succeeded() => {
+                        Ok(TxnOutcome::Done(response)) if response.succeeded => {
                             // The key was created, but its expiry is unknown; a retry returns
                             // it (acquiring is idempotent) with an expiry known again.
                             StoreError::CommitUnknown {
@@ -98,11 +100,13 @@ impl EtcdLeaseManager {
             // as long as the session, and etcd never shortens a lease. By the choice above it
             // is at least `sent_at_ms` plus the TTL.
             let expires_at_ms = session.expires_at_ms();
-            if response.succeeded() {
+            if response.succeeded {
                 session.remember_acquired(actor_id, stored.create_revision, sent_at_ms);
+                self.delete_stale(&session, node_id).await;
                 return Ok(stored.lease(sent_at_ms, expires_at_ms));
             }
             if stored.holder != *node_id {
+                session.forget_unconfirmed(actor_id);
                 let expires_at_ms = self.observed_expiry_ms(stored.session_lease_id).await?;
                 return Err(LeaseError::HeldByOther {
                     actor_id: actor_id.clone(),
@@ -113,9 +117,11 @@ impl EtcdLeaseManager {
             if stored.session_lease_id == session.lease_id() {
                 // Idempotent: the caller already holds it, now for at least a TTL from
                 // `sent_at_ms` (see above).
+                session.note_granted(actor_id, stored.create_revision, sent_at_ms);
                 let acquired_at_ms = session
                     .acquired_at_ms(actor_id, stored.create_revision)
                     .unwrap_or(sent_at_ms);
+                self.delete_stale(&session, node_id).await;
                 return Ok(stored.lease(acquired_at_ms, expires_at_ms));
             }
             self.delete_other_incarnation(&key, &stored).await?;
@@ -134,13 +140,11 @@ impl EtcdLeaseManager {
         key: &[u8],
         stored: &StoredLease,
     ) -> Result<(), StoreError> {
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key,
-                CompareOp::Equal,
-                stored.mod_revision,
-            )])
-            .and_then([TxnOp::delete(key, None)]);
+        let txn = Txn {
+            compares: vec![Compare::mod_revision(key, stored.mod_revision)],
+            success: vec![TxnOp::delete(key)],
+            failure: Vec::new(),
+        };
         // Whether or not the key changed meanwhile, the next attempt reads it afresh.
         self.write_txn("deleting a previous incarnation's lease", txn)
             .await
@@ -156,6 +160,7 @@ impl EtcdLeaseManager {
         fencing_token: Option<FencingToken>,
     ) -> Result<Lease, LeaseError> {
         let key = self.keys.actor_key(actor_id);
+        let sent_at_ms = self.connection.clock.now_ms();
         let live = self.sessions.live(node_id);
         let guard = token_guard(&key, fencing_token);
         let (Some(session), Some(mut compares)) = (live, guard) else {
@@ -163,16 +168,17 @@ impl EtcdLeaseManager {
             return Err(self.refusal(actor_id, node_id, stored));
         };
         compares.extend([
-            Compare::value(key.as_slice(), CompareOp::Equal, node_id.as_str()),
-            Compare::lease(key.as_slice(), CompareOp::Equal, session.lease_id()),
+            Compare::value(&key, node_id.as_str().as_bytes()),
+            Compare::lease(&key, session.lease_id()),
         ]);
-        let txn = Txn::new()
-            .when(compares)
-            .and_then([
-                TxnOp::put(key.as_slice(), node_id.as_str(), Some(with_lease(&session))),
-                TxnOp::get(key.as_slice(), None),
-            ])
-            .or_else([TxnOp::get(key.as_slice(), None)]);
+        let txn = Txn {
+            compares,
+            success: vec![
+                TxnOp::put(&key, node_id.as_str().as_bytes(), session.lease_id()),
+                TxnOp::get(&key),
+            ],
+            failure: vec![TxnOp::get(&key)],
+        };
         let response = match self.write_txn("renew", txn).await? {
             TxnOutcome::Done(response) => response,
             TxnOutcome::SessionGone => {
@@ -180,11 +186,16 @@ impl EtcdLeaseManager {
             }
         };
         let stored = match self.txn_key(&response)? {
-            Some(stored) if response.succeeded() => stored,
-            stored => return Err(self.refusal(actor_id, node_id, stored)),
+            Some(stored) if response.succeeded => stored,
+            stored => {
+                kelpie_core::coverage::mark(super::MARK_ETCD_COMPARE_FAILED);
+                return Err(self.refusal(actor_id, node_id, stored));
+            }
         };
+        session.note_granted(actor_id, stored.create_revision, sent_at_ms);
         match session.keep_alive().await? {
             KeepAlive::Alive { sent_at_ms } => {
+                self.delete_stale(&session, node_id).await;
                 let acquired_at_ms = session
                     .acquired_at_ms(actor_id, stored.create_revision)
                     .unwrap_or(sent_at_ms);
@@ -194,11 +205,44 @@ impl EtcdLeaseManager {
         }
     }
 
+    /// Deletes the keys of `session` that nobody was granted for a lease duration (see
+    /// [`Session::stale`]): keys the keeper gave up on, or created by an acquire whose reply
+    /// was lost. Without this, the keepalives the node sends for its other actors would keep
+    /// them, and their actors, from everyone for ever. Each delete is guarded by the key still
+    /// naming this node on this session (and by its create revision where known); a failed
+    /// delete is retried at the next grant.
+    async fn delete_stale(&self, session: &Arc<Session<A>>, node_id: &NodeId) {
+        let now_ms = self.connection.clock.now_ms();
+        for (actor_id, create_revision) in session.stale(now_ms, self.lease_duration_ms) {
+            let key = self.keys.actor_key(&actor_id);
+            let mut compares = vec![
+                Compare::value(&key, node_id.as_str().as_bytes()),
+                Compare::lease(&key, session.lease_id()),
+            ];
+            if create_revision != 0 {
+                compares.push(Compare::create_revision(&key, create_revision));
+            }
+            let txn = Txn {
+                compares,
+                success: vec![TxnOp::delete(&key)],
+                failure: Vec::new(),
+            };
+            if self
+                .write_txn("deleting an abandoned lease", txn)
+                .await
+                .is_ok()
+            {
+                kelpie_core::coverage::mark(super::MARK_ETCD_ABANDONED_KEY_DELETED);
+                session.forget(&actor_id);
+            }
+        }
+    }
+
     fn session_expired(
         &self,
         actor_id: &ActorId,
         node_id: &NodeId,
-        session: &Arc<Session>,
+        session: &Arc<Session<A>>,
     ) -> LeaseError {
         self.sessions.retire(node_id, session);
         LeaseError::Expired {
@@ -246,18 +290,12 @@ impl EtcdLeaseManager {
             return Err(not_holder(actor_id, node_id, holder));
         };
         // The holder may release whichever session the key hangs off, even an expired one.
-        compares.push(Compare::value(
-            key.as_slice(),
-            CompareOp::Equal,
-            node_id.as_str(),
-        ));
-        let txn = Txn::new()
-            .when(compares)
-            .and_then([TxnOp::delete(
-                key.as_slice(),
-                Some(DeleteOptions::new().with_prev_key()),
-            )])
-            .or_else([TxnOp::get(key.as_slice(), None)]);
+        compares.push(Compare::value(&key, node_id.as_str().as_bytes()));
+        let txn = Txn {
+            compares,
+            success: vec![TxnOp::delete(&key)],
+            failure: vec![TxnOp::get(&key)],
+        };
         let TxnOutcome::Done(response) = self.write_txn("release", txn).await? else {
             // A delete names no lease, so etcd has no reason to answer this; if it does, the
             // release was refused.
@@ -265,8 +303,11 @@ impl EtcdLeaseManager {
             return Err(StoreError::WriteFailed { reason }.into());
         };
         let stored = match self.txn_key(&response)? {
-            Some(stored) if response.succeeded() => stored,
-            stored => return Err(not_holder(actor_id, node_id, stored.map(|s| s.holder))),
+            Some(stored) if response.succeeded => stored,
+            stored => {
+                kelpie_core::coverage::mark(super::MARK_ETCD_COMPARE_FAILED);
+                return Err(not_holder(actor_id, node_id, stored.map(|s| s.holder)));
+            }
         };
         let lease = self.lease_of(&stored).await?;
         if let Some(session) = self.sessions.live(node_id) {
@@ -290,7 +331,7 @@ impl EtcdLeaseManager {
     }
 
     /// The holder's live session in this manager, if the key hangs off it.
-    fn own_session(&self, stored: &StoredLease) -> Option<Arc<Session>> {
+    fn own_session(&self, stored: &StoredLease) -> Option<Arc<Session<A>>> {
         self.sessions
             .live(&stored.holder)
             .filter(|s| s.lease_id() == stored.session_lease_id)
@@ -300,16 +341,26 @@ impl EtcdLeaseManager {
     /// answer arrived plus its remaining TTL, which etcd truncates to whole seconds, plus one
     /// second. A lease etcd already considers expired gives the time of the answer.
     pub(super) async fn observed_expiry_ms(&self, lease_id: i64) -> Result<u64, StoreError> {
-        let mut lease = self.connection.client.lease_client();
-        let asking = lease.time_to_live(lease_id, None);
+        let asking = self.connection.api.time_to_live(lease_id);
         let what = "reading a lease's remaining TTL";
-        let timeout_ms = self.connection.request_timeout_ms;
-        let reply = bounded(what, Effect::ReadOnly, timeout_ms, asking).await?;
+        let remaining_s = self.bounded(what, Effect::ReadOnly, asking).await?;
         let answered_at_ms = self.connection.clock.now_ms();
-        Ok(match u64::try_from(reply.ttl()) {
-            Ok(remaining_s) => answered_at_ms.saturating_add((remaining_s + 1) * 1_000),
-            Err(_expired) => answered_at_ms,
+        Ok(match remaining_s.and_then(|s| u64::try_from(s).ok()) {
+            Some(remaining_s) => answered_at_ms.saturating_add((remaining_s + 1) * 1_000),
+            None => answered_at_ms,
         })
+    }
+
+    /// `request`, bounded by the request timeout on the manager's clock.
+    pub(super) async fn bounded<T>(
+        &self,
+        what: &str,
+        effect: Effect,
+        request: impl std::future::Future<Output = Result<T, EtcdApiError>>,
+    ) -> Result<T, StoreError> {
+        let connection = &self.connection;
+        let timeout_ms = connection.request_timeout_ms;
+        bounded(&connection.clock, what, effect, timeout_ms, request).await
     }
 
     /// The actor's lease key, read linearizably.
@@ -317,21 +368,12 @@ impl EtcdLeaseManager {
         &self,
         actor_id: &ActorId,
     ) -> Result<Option<StoredLease>, StoreError> {
-        let mut kv = self.connection.client.kv_client();
         let key = self.keys.actor_key(actor_id);
-        let timeout_ms = self.connection.request_timeout_ms;
-        let reply = bounded(
-            "reading a lease",
-            Effect::ReadOnly,
-            timeout_ms,
-            kv.get(key, None),
-        )
-        .await?;
-        reply
-            .kvs()
-            .first()
-            .map(|kv| self.keys.decode(kv))
-            .transpose()
+        let reading = self.connection.api.range(single_key(&key));
+        let reply = self
+            .bounded("reading a lease", Effect::ReadOnly, reading)
+            .await?;
+        reply.kvs.first().map(|kv| self.keys.decode(kv)).transpose()
     }
 
     /// Every valid lease `node_id` holds, in actor id order, read at one etcd revision. Reads
@@ -360,31 +402,28 @@ impl EtcdLeaseManager {
     }
 
     async fn scan(&self) -> Result<Vec<StoredLease>, StoreError> {
-        let mut kv = self.connection.client.kv_client();
         let end = self.keys.prefix_end();
         let mut start = self.keys.prefix().as_bytes().to_vec();
         let mut revision = 0;
         let mut leases = Vec::new();
         loop {
-            let options = GetOptions::new()
-                .with_range(end.clone())
-                .with_limit(ETCD_SCAN_PAGE_KEYS)
-                .with_revision(revision);
-            let timeout = Duration::from_millis(self.connection.request_timeout_ms);
-            let page = tokio::time::timeout(timeout, kv.get(start.clone(), Some(options)))
-                .await
-                .map_err(|_| {
-                    let what = "listing leases";
-                    timed_out(what, Effect::ReadOnly, self.connection.request_timeout_ms)
-                })?
-                .map_err(|e| read_error("listing leases", &e))?;
+            let request = RangeRequest {
+                key: start.clone(),
+                range_end: end.clone(),
+                limit: ETCD_SCAN_PAGE_KEYS,
+                revision,
+            };
+            let reading = self.connection.api.range(request);
+            let page = self
+                .bounded("listing leases", Effect::ReadOnly, reading)
+                .await?;
             // Later pages are read at the first page's revision, so the listing is a snapshot.
-            revision = page.header().map_or(0, |h| h.revision());
-            for kv in page.kvs() {
+            revision = page.revision;
+            for kv in &page.kvs {
                 leases.push(self.keys.decode(kv)?);
             }
-            match page.kvs().last() {
-                Some(last) if page.more() => start = key_after(last),
+            match page.kvs.last() {
+                Some(last) if page.more => start = key_after(last),
                 _ => return Ok(leases),
             }
         }
@@ -392,43 +431,49 @@ impl EtcdLeaseManager {
 
     /// Runs a transaction that writes a lease key.
     async fn write_txn(&self, what: &str, txn: Txn) -> Result<TxnOutcome, StoreError> {
-        let mut kv = self.connection.client.kv_client();
         let timeout_ms = self.connection.request_timeout_ms;
-        match tokio::time::timeout(Duration::from_millis(timeout_ms), kv.txn(txn)).await {
-            Ok(Ok(response)) => Ok(TxnOutcome::Done(response)),
-            Ok(Err(error)) if is_lease_not_found(&error) => Ok(TxnOutcome::SessionGone),
-            Ok(Err(error)) => Err(store_error(what, Effect::Write, &error)),
-            Err(_elapsed) => Err(timed_out(what, Effect::Write, timeout_ms)),
+        let running = self.connection.api.txn(txn);
+        match within(&self.connection.clock, timeout_ms, running).await {
+            Some(Ok(response)) => Ok(TxnOutcome::Done(response)),
+            Some(Err(EtcdApiError::LeaseNotFound)) => {
+                kelpie_core::coverage::mark(super::MARK_ETCD_SESSION_EXPIRED);
+                Ok(TxnOutcome::SessionGone)
+            }
+            Some(Err(error)) => Err(store_error(what, Effect::Write, &error)),
+            None => Err(timed_out(what, Effect::Write, timeout_ms)),
         }
     }
 
     /// The key a lease transaction read (its last `get`), or deleted (its `delete`'s previous
     /// value), if it existed.
-    fn txn_key(&self, response: &TxnResponse) -> Result<Option<StoredLease>, StoreError> {
-        let kv: Option<KeyValue> = response
-            .op_responses()
-            .into_iter()
-            .rev()
-            .find_map(|op| match op {
-                TxnOpResponse::Get(get) => Some(get.kvs().first().cloned()),
-                TxnOpResponse::Delete(delete) => Some(delete.prev_kvs().first().cloned()),
-                _ => None,
-            })
-            .flatten();
-        kv.map(|kv| self.keys.decode(&kv)).transpose()
+    fn txn_key(&self, response: &TxnReply) -> Result<Option<StoredLease>, StoreError> {
+        response
+            .last_key()
+            .map(|kv| self.keys.decode(kv))
+            .transpose()
+    }
+}
+
+/// A read of `key` alone, at the latest revision.
+pub(super) fn single_key(key: &[u8]) -> RangeRequest {
+    RangeRequest {
+        key: key.to_vec(),
+        range_end: Vec::new(),
+        limit: 0,
+        revision: 0,
     }
 }
 
 /// "If the key is absent, create it attached to the session, then read it; else read it."
 fn acquire_txn(key: &[u8], node_id: &NodeId, session_lease_id: i64) -> Txn {
-    let put_options = PutOptions::new().with_lease(session_lease_id);
-    Txn::new()
-        .when([Compare::version(key, CompareOp::Equal, 0)])
-        .and_then([
-            TxnOp::put(key, node_id.as_str(), Some(put_options)),
-            TxnOp::get(key, None),
-        ])
-        .or_else([TxnOp::get(key, None)])
+    Txn {
+        compares: vec![Compare::version(key, 0)],
+        success: vec![
+            TxnOp::put(key, node_id.as_str().as_bytes(), session_lease_id),
+            TxnOp::get(key),
+        ],
+        failure: vec![TxnOp::get(key)],
+    }
 }
 
 /// The comparison "the key still carries `fencing_token`" (none without a token), or `None` if
@@ -438,11 +483,7 @@ fn token_guard(key: &[u8], fencing_token: Option<FencingToken>) -> Option<Vec<Co
         return Some(Vec::new());
     };
     let revision = i64::try_from(token.0).ok()?;
-    Some(vec![Compare::create_revision(
-        key,
-        CompareOp::Equal,
-        revision,
-    )])
+    Some(vec![Compare::create_revision(key, revision)])
 }
 
 fn not_holder(actor_id: &ActorId, node_id: &NodeId, holder: Option<NodeId>) -> LeaseError {
@@ -453,13 +494,9 @@ fn not_holder(actor_id: &ActorId, node_id: &NodeId, holder: Option<NodeId>) -> L
     }
 }
 
-fn with_lease(session: &Session) -> PutOptions {
-    PutOptions::new().with_lease(session.lease_id())
-}
-
 /// The smallest key after `kv`'s.
-fn key_after(kv: &KeyValue) -> Vec<u8> {
-    let mut key = kv.key().to_vec();
+fn key_after(kv: &EtcdKeyValue) -> Vec<u8> {
+    let mut key = kv.key.clone();
     key.push(0);
     key
 }

@@ -5,8 +5,10 @@
 
 use std::fmt;
 use std::path::PathBuf;
+#[cfg(feature = "etcd")]
 use std::time::Duration;
 
+#[cfg(feature = "etcd")]
 use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
 use kelpie_core::SharedClock;
 
@@ -237,6 +239,7 @@ impl EtcdOptions {
     }
 
     /// The etcd client's options: timeouts, credentials and TLS. Reads the CA file.
+    #[cfg(feature = "etcd")]
     pub(super) fn client_options(&self) -> Result<ConnectOptions, StoreError> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_millis(self.connect_timeout_ms))
@@ -253,6 +256,7 @@ impl EtcdOptions {
         Ok(options)
     }
 
+    #[cfg(feature = "etcd")]
     fn tls_options(&self, path: &PathBuf) -> Result<TlsOptions, StoreError> {
         let pem = std::fs::read(path).map_err(|e| {
             invalid(
@@ -282,11 +286,14 @@ impl EtcdOptions {
     }
 }
 
+#[cfg(feature = "etcd")]
 const CERTIFICATE_PEM_HEADER: &[u8] = b"-----BEGIN CERTIFICATE-----";
+#[cfg(feature = "etcd")]
 /// In every PEM private key's header (`PRIVATE KEY`, `RSA PRIVATE KEY`, `EC PRIVATE KEY`).
 const PRIVATE_KEY_PEM_MARK: &[u8] = b"PRIVATE KEY-----";
 
 /// The PEM file at `path`, which must contain `mark`.
+#[cfg(feature = "etcd")]
 fn read_pem(option: &str, path: &PathBuf, mark: &[u8]) -> Result<Vec<u8>, StoreError> {
     let pem = std::fs::read(path)
         .map_err(|e| invalid(option, format!("cannot read {}: {e}", path.display())))?;
@@ -397,7 +404,7 @@ fn check_endpoint(endpoint: &str, tls: bool) -> Result<(), StoreError> {
     }
 }
 
-fn check_key_prefix(prefix: &str) -> Result<(), StoreError> {
+pub(super) fn check_key_prefix(prefix: &str) -> Result<(), StoreError> {
     if prefix.is_empty() {
         // An empty prefix would make every key in the cluster look like a lease.
         return Err(invalid("key_prefix", "is empty".to_string()));
@@ -414,7 +421,7 @@ fn check_key_prefix(prefix: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn check_timeout(option: &str, timeout_ms: u64) -> Result<(), StoreError> {
+pub(super) fn check_timeout(option: &str, timeout_ms: u64) -> Result<(), StoreError> {
     if (ETCD_TIMEOUT_MS_MIN..=ETCD_TIMEOUT_MS_MAX).contains(&timeout_ms) {
         return Ok(());
     }
@@ -514,6 +521,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "etcd")]
     #[test]
     fn missing_or_bogus_ca_file_is_an_invalid_option() {
         let dir = tempfile::tempdir().unwrap();

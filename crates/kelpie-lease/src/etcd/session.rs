@@ -1,10 +1,12 @@
-//! Node sessions: one etcd lease per (manager, node), with one keepalive stream.
+//! Node sessions: one etcd lease per (manager, node).
 //!
 //! Every actor key a node holds through a manager is attached to the node's session lease, so
 //! one keepalive extends all of them, and one expiry (or revocation) deletes all of them at
-//! once. A session's keepalive stream is owned by one spawned task; callers queue keepalive
-//! requests to it, and every request that arrives while one keepalive is in flight is answered
-//! by the next one, so concurrent renewals of many actors cost one round trip.
+//! once. Keepalives of a session take turns, and a caller whose request was made before a
+//! keepalive that etcd then confirmed was *sent* is answered by that one, so concurrent
+//! renewals of many actors cost one round trip each turn. No task is spawned: the caller that
+//! takes the turn sends the keepalive, which is what lets the backend run inside the
+//! simulator as well as on tokio.
 //!
 //! Once etcd reports the session lease gone, the session is dead for good: its keys are (or
 //! are about to be) deleted by etcd, and the node's next acquire grants a new session. A dead
@@ -13,25 +15,20 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use etcd_client::{Client, LeaseClient, LeaseKeepAliveStream, LeaseKeeper};
 use kelpie_core::{ActorId, NodeId, SharedClock};
-use tokio::sync::{mpsc, oneshot};
 
-use super::errors::{bounded, is_lease_not_found, store_error, timed_out, Effect};
+use super::api::EtcdApi;
+use super::errors::{bounded, store_error, timed_out, within, Effect};
 use crate::error::StoreError;
-
-/// Keepalive requests that may wait for a session's task before callers queue behind them.
-const SESSION_KEEPALIVE_QUEUE_MAX: usize = 1_024;
 
 /// How many times [`NodeSessions::current`] looks for (or grants) a live session before giving
 /// up. Two passes suffice unless sessions keep expiring as they are granted.
 const SESSION_GRANT_ATTEMPTS_MAX: u32 = 3;
 
 /// What etcd and the manager's clock are, shared by every session of a manager.
-pub(super) struct Connection {
-    pub client: Client,
+pub(super) struct Connection<A> {
+    pub api: Arc<A>,
     pub clock: SharedClock,
     pub request_timeout_ms: u64,
     pub counters: Arc<Counters>,
@@ -54,93 +51,81 @@ pub(super) enum KeepAlive {
     Expired,
 }
 
-type Waiter = oneshot::Sender<Result<KeepAlive, StoreError>>;
+/// When this manager's node first acquired an actor, by the key's create revision, and when
+/// it last sent a request that etcd granted on it.
+#[derive(Debug, Clone, Copy)]
+struct Acquired {
+    /// The key's create revision; 0 while unknown (an acquire whose reply was lost).
+    create_revision: i64,
+    acquired_at_ms: u64,
+    granted_sent_at_ms: u64,
+}
 
-/// What the session's task and its users share.
-struct SessionState {
+/// One node's etcd lease.
+pub(super) struct Session<A> {
+    api: Arc<A>,
+    clock: SharedClock,
+    counters: Arc<Counters>,
     lease_id: i64,
     ttl_ms: u64,
     /// Send time of the latest keepalive (or the grant) etcd confirmed.
     alive_sent_at_ms: AtomicU64,
     dead: AtomicBool,
-}
-
-/// When this manager's node first acquired an actor, by the key's create revision.
-#[derive(Debug, Clone, Copy)]
-struct Acquired {
-    create_revision: i64,
-    acquired_at_ms: u64,
-}
-
-/// One node's etcd lease and the handle to its keepalive task.
-pub(super) struct Session {
-    state: Arc<SessionState>,
-    requests: mpsc::Sender<Waiter>,
+    /// Keepalives take turns; the holder of the turn sends one.
+    turn: tokio::sync::Mutex<()>,
     acquired: Mutex<BTreeMap<ActorId, Acquired>>,
-    task: tokio::task::JoinHandle<()>,
-    /// How long a caller waits for its keepalive: one in flight ahead of it plus its own.
-    wait_timeout_ms: u64,
+    request_timeout_ms: u64,
 }
 
-impl Session {
-    /// Grants a new etcd lease of `ttl_s` seconds and starts its keepalive task.
-    pub async fn grant(connection: &Connection, ttl_s: i64) -> Result<Session, StoreError> {
-        let mut lease = connection.client.lease_client();
-        let sent_at_ms = connection.clock.now_ms();
+impl<A: EtcdApi> Session<A> {
+    /// Grants a new etcd lease of `ttl_s` seconds.
+    pub async fn grant(connection: &Connection<A>, ttl_s: i64) -> Result<Session<A>, StoreError> {
+        let clock = &connection.clock;
+        let sent_at_ms = clock.now_ms();
         let what = "granting a session lease";
         let timeout_ms = connection.request_timeout_ms;
-        let reply = bounded(what, Effect::ReadOnly, timeout_ms, lease.grant(ttl_s, None)).await?;
+        let granting = connection.api.grant(ttl_s);
+        let reply = bounded(clock, what, Effect::ReadOnly, timeout_ms, granting).await?;
         // etcd may raise the TTL to its minimum; the TTL it answers with is the one it keeps.
-        let ttl_ms = u64::try_from(reply.ttl())
+        let ttl_ms = u64::try_from(reply.ttl_s)
             .ok()
             .filter(|&ttl_s| ttl_s > 0)
             .and_then(|ttl_s| ttl_s.checked_mul(1_000));
-        let (Some(ttl_ms), true) = (ttl_ms, reply.error().is_empty()) else {
-            let reason = format!("{what}: ttl {} s, error {:?}", reply.ttl(), reply.error());
+        let Some(ttl_ms) = ttl_ms else {
+            let reason = format!("{what}: etcd granted a ttl of {} s", reply.ttl_s);
             return Err(StoreError::Unavailable { reason });
         };
         connection
             .counters
             .sessions_granted
             .fetch_add(1, Ordering::Relaxed);
-        let state = Arc::new(SessionState {
-            lease_id: reply.id(),
+        Ok(Session {
+            api: Arc::clone(&connection.api),
+            clock: Arc::clone(&connection.clock),
+            counters: Arc::clone(&connection.counters),
+            lease_id: reply.id,
             ttl_ms,
             alive_sent_at_ms: AtomicU64::new(sent_at_ms),
             dead: AtomicBool::new(false),
-        });
-        let (requests, receiver) = mpsc::channel(SESSION_KEEPALIVE_QUEUE_MAX);
-        let keeper = KeepAliveTask {
-            lease,
-            state: state.clone(),
-            clock: connection.clock.clone(),
-            counters: connection.counters.clone(),
-            timeout_ms,
-            stream: None,
-        };
-        let task = tokio::spawn(keeper.run(receiver));
-        Ok(Session {
-            state,
-            requests,
+            turn: tokio::sync::Mutex::new(()),
             acquired: Mutex::new(BTreeMap::new()),
-            task,
-            wait_timeout_ms: timeout_ms.saturating_mul(2),
+            request_timeout_ms: timeout_ms,
         })
     }
 
     /// The etcd lease id every key of this session is attached to.
     pub fn lease_id(&self) -> i64 {
-        self.state.lease_id
+        self.lease_id
     }
 
     /// The TTL etcd granted.
     pub fn ttl_ms(&self) -> u64 {
-        self.state.ttl_ms
+        self.ttl_ms
     }
 
     /// The manager-clock time when the session was last granted or extended.
     pub fn alive_sent_at_ms(&self) -> u64 {
-        self.state.alive_sent_at_ms.load(Ordering::SeqCst)
+        self.alive_sent_at_ms.load(Ordering::SeqCst)
     }
 
     /// A lower bound of when etcd expires the session, on the manager's clock: the send time
@@ -152,56 +137,70 @@ impl Session {
 
     /// Whether etcd reported the session gone.
     pub fn is_dead(&self) -> bool {
-        self.state.dead.load(Ordering::SeqCst)
+        self.dead.load(Ordering::SeqCst)
     }
 
     fn mark_dead(&self) {
-        self.state.dead.store(true, Ordering::SeqCst);
+        self.dead.store(true, Ordering::SeqCst);
     }
 
-    /// Extends the session (and so every key attached to it) by its TTL. Requests that queue
-    /// while a keepalive is in flight share the next one.
+    /// Extends the session (and so every key attached to it) by its TTL, with a keepalive sent
+    /// no earlier than this call. Callers that wait while another's keepalive is in flight
+    /// share the next one, or that one if it was sent after they called.
     pub async fn keep_alive(&self) -> Result<KeepAlive, StoreError> {
         if self.is_dead() {
             return Ok(KeepAlive::Expired);
         }
-        let (waiter, reply) = oneshot::channel();
-        if self.requests.send(waiter).await.is_err() {
-            // The task stops only once the session is dead.
+        let requested_at_ms = self.clock.now_ms();
+        // One keepalive in flight ahead of this caller, plus its own.
+        let wait_timeout_ms = self.request_timeout_ms.saturating_mul(2);
+        let what = "a session keepalive";
+        let Some(_turn) = within(&self.clock, wait_timeout_ms, self.turn.lock()).await else {
+            return Err(timed_out(what, Effect::ReadOnly, wait_timeout_ms));
+        };
+        if self.is_dead() {
             return Ok(KeepAlive::Expired);
         }
-        let timeout = Duration::from_millis(self.wait_timeout_ms);
-        match tokio::time::timeout(timeout, reply).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(_dropped)) if self.is_dead() => Ok(KeepAlive::Expired),
-            Ok(Err(_dropped)) => Err(StoreError::Unavailable {
-                reason: "the session's keepalive task stopped".to_string(),
-            }),
-            Err(_elapsed) => Err(timed_out(
-                "a session keepalive",
-                Effect::ReadOnly,
-                self.wait_timeout_ms,
-            )),
+        let confirmed_sent_at_ms = self.alive_sent_at_ms();
+        if confirmed_sent_at_ms >= requested_at_ms {
+            // A keepalive sent since this caller asked was confirmed while it waited.
+            return Ok(KeepAlive::Alive {
+                sent_at_ms: confirmed_sent_at_ms,
+            });
+        }
+        let sent_at_ms = self.clock.now_ms();
+        self.counters
+            .keep_alives_sent
+            .fetch_add(1, Ordering::Relaxed);
+        let timeout_ms = self.request_timeout_ms;
+        match within(&self.clock, timeout_ms, self.api.keep_alive(self.lease_id)).await {
+            Some(Ok(true)) => {
+                self.alive_sent_at_ms
+                    .fetch_max(sent_at_ms, Ordering::SeqCst);
+                Ok(KeepAlive::Alive { sent_at_ms })
+            }
+            Some(Ok(false)) => {
+                kelpie_core::coverage::mark(super::MARK_ETCD_SESSION_EXPIRED);
+                self.mark_dead();
+                Ok(KeepAlive::Expired)
+            }
+            Some(Err(error)) => {
+                kelpie_core::coverage::mark(super::MARK_ETCD_KEEPALIVE_LOST);
+                Err(store_error(what, Effect::ReadOnly, &error))
+            }
+            None => {
+                kelpie_core::coverage::mark(super::MARK_ETCD_KEEPALIVE_LOST);
+                Err(timed_out(what, Effect::ReadOnly, timeout_ms))
+            }
         }
     }
 
     /// Revokes the session lease: etcd deletes every key attached to it in one step.
-    pub async fn revoke(&self, connection: &Connection) -> Result<(), StoreError> {
-        let mut lease = connection.client.lease_client();
-        let timeout_ms = connection.request_timeout_ms;
-        match tokio::time::timeout(
-            Duration::from_millis(timeout_ms),
-            lease.revoke(self.lease_id()),
-        )
-        .await
-        {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) if is_lease_not_found(&error) => {}
-            Ok(Err(error)) => return Err(store_error("revoking a session", Effect::Write, &error)),
-            Err(_elapsed) => {
-                return Err(timed_out("revoking a session", Effect::Write, timeout_ms))
-            }
-        }
+    pub async fn revoke(&self) -> Result<(), StoreError> {
+        let what = "revoking a session";
+        let timeout_ms = self.request_timeout_ms;
+        let revoking = self.api.revoke(self.lease_id);
+        bounded(&self.clock, what, Effect::Write, timeout_ms, revoking).await?;
         self.mark_dead();
         Ok(())
     }
@@ -211,8 +210,60 @@ impl Session {
         let acquired = Acquired {
             create_revision,
             acquired_at_ms: at_ms,
+            granted_sent_at_ms: at_ms,
         };
         self.acquired_map().insert(actor_id.clone(), acquired);
+    }
+
+    /// Notes that a request sent at `sent_at_ms` was granted on `actor_id`'s key with
+    /// `create_revision` (an idempotent acquire or a renewal).
+    pub fn note_granted(&self, actor_id: &ActorId, create_revision: i64, sent_at_ms: u64) {
+        let mut acquired = self.acquired_map();
+        let entry = acquired.entry(actor_id.clone()).or_insert(Acquired {
+            create_revision,
+            acquired_at_ms: sent_at_ms,
+            granted_sent_at_ms: sent_at_ms,
+        });
+        if entry.create_revision != create_revision {
+            entry.create_revision = create_revision;
+            entry.acquired_at_ms = sent_at_ms;
+        }
+        entry.granted_sent_at_ms = entry.granted_sent_at_ms.max(sent_at_ms);
+    }
+
+    /// Notes that an acquire of `actor_id` sent at `sent_at_ms` may have created its key on
+    /// this session (its reply was lost).
+    pub fn note_maybe_acquired(&self, actor_id: &ActorId, sent_at_ms: u64) {
+        let mut acquired = self.acquired_map();
+        acquired.entry(actor_id.clone()).or_insert(Acquired {
+            create_revision: 0,
+            acquired_at_ms: sent_at_ms,
+            granted_sent_at_ms: sent_at_ms,
+        });
+    }
+
+    /// Forgets `actor_id` if its key was only possibly created (an answer showed it was not).
+    pub fn forget_unconfirmed(&self, actor_id: &ActorId) {
+        let mut acquired = self.acquired_map();
+        if acquired
+            .get(actor_id)
+            .is_some_and(|a| a.create_revision == 0)
+        {
+            acquired.remove(actor_id);
+        }
+    }
+
+    /// The keys of this session nobody was granted since `lease_duration_ms` before `now_ms`,
+    /// with their create revisions (0: unknown). No caller can believe it holds them any
+    /// more (a belief never outlasts the lease duration from its request's send time), but
+    /// the session's keepalives for its other keys would keep them alive for ever.
+    pub fn stale(&self, now_ms: u64, lease_duration_ms: u64) -> Vec<(ActorId, i64)> {
+        let acquired = self.acquired_map();
+        acquired
+            .iter()
+            .filter(|(_, a)| a.granted_sent_at_ms.saturating_add(lease_duration_ms) <= now_ms)
+            .map(|(actor_id, a)| (actor_id.clone(), a.create_revision))
+            .collect()
     }
 
     /// When this session acquired the key `actor_id` has at `create_revision`, if it did.
@@ -235,92 +286,6 @@ impl Session {
     }
 }
 
-impl Drop for Session {
-    fn drop(&mut self) {
-        // The session lease is left to expire on its TTL, as for a crashed node; stopping the
-        // task only stops the keepalives.
-        self.task.abort();
-    }
-}
-
-/// The task that owns a session's keepalive stream.
-struct KeepAliveTask {
-    lease: LeaseClient,
-    state: Arc<SessionState>,
-    clock: SharedClock,
-    counters: Arc<Counters>,
-    timeout_ms: u64,
-    stream: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
-}
-
-impl KeepAliveTask {
-    async fn run(mut self, mut requests: mpsc::Receiver<Waiter>) {
-        while let Some(first) = requests.recv().await {
-            let mut waiters = vec![first];
-            while let Ok(waiter) = requests.try_recv() {
-                waiters.push(waiter);
-            }
-            // Every waiter queued before this instant, so this keepalive is recent enough for
-            // all of them.
-            let sent_at_ms = self.clock.now_ms();
-            self.counters
-                .keep_alives_sent
-                .fetch_add(1, Ordering::Relaxed);
-            let reply = match self.keep_alive_once().await {
-                Ok(true) => {
-                    let alive = &self.state.alive_sent_at_ms;
-                    alive.fetch_max(sent_at_ms, Ordering::SeqCst);
-                    Ok(KeepAlive::Alive { sent_at_ms })
-                }
-                Ok(false) => {
-                    self.state.dead.store(true, Ordering::SeqCst);
-                    Ok(KeepAlive::Expired)
-                }
-                Err(error) => Err(error),
-            };
-            for waiter in waiters {
-                // A waiter that timed out has gone; nothing to tell it.
-                let _ = waiter.send(reply.clone());
-            }
-            if self.state.dead.load(Ordering::SeqCst) {
-                break;
-            }
-        }
-    }
-
-    /// One keepalive round trip: `Ok(true)` if etcd extended the lease, `Ok(false)` if the
-    /// lease is gone.
-    async fn keep_alive_once(&mut self) -> Result<bool, StoreError> {
-        let timeout = Duration::from_millis(self.timeout_ms);
-        if let Some((keeper, responses)) = self.stream.as_mut() {
-            let exchange = async {
-                keeper.keep_alive().await?;
-                responses.message().await
-            };
-            match tokio::time::timeout(timeout, exchange).await {
-                Ok(Ok(Some(response))) => return Ok(response.ttl() > 0),
-                // The stream closed, failed or timed out (a leader change, a restarted member).
-                // A late answer on it would be taken for the next request's, so it is dropped
-                // and a new one opened, which sends a keepalive of its own.
-                _ => self.stream = None,
-            }
-        }
-        match tokio::time::timeout(timeout, self.lease.keep_alive(self.state.lease_id)).await {
-            Ok(Ok(opened)) => {
-                self.stream = Some(opened);
-                Ok(true)
-            }
-            Ok(Err(error)) if is_lease_not_found(&error) => Ok(false),
-            Ok(Err(error)) => Err(store_error("a session keepalive", Effect::ReadOnly, &error)),
-            Err(_elapsed) => Err(timed_out(
-                "a session keepalive",
-                Effect::ReadOnly,
-                self.timeout_ms,
-            )),
-        }
-    }
-}
-
 /// A dead session, remembered so that renewing one of its leases says `Expired`.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Retired {
@@ -329,21 +294,30 @@ pub(super) struct Retired {
 }
 
 /// One node's current session.
-#[derive(Default)]
-struct NodeSlot {
-    current: Mutex<Option<Arc<Session>>>,
+struct NodeSlot<A> {
+    current: Mutex<Option<Arc<Session<A>>>>,
     /// Held while granting, so that concurrent acquires by one node grant one session.
     granting: tokio::sync::Mutex<()>,
     retired: Mutex<Option<Retired>>,
 }
 
-impl NodeSlot {
-    fn live(&self) -> Option<Arc<Session>> {
+impl<A> Default for NodeSlot<A> {
+    fn default() -> Self {
+        Self {
+            current: Mutex::new(None),
+            granting: tokio::sync::Mutex::new(()),
+            retired: Mutex::new(None),
+        }
+    }
+}
+
+impl<A: EtcdApi> NodeSlot<A> {
+    fn live(&self) -> Option<Arc<Session<A>>> {
         let current = self.current.lock().expect("node slot mutex poisoned");
         current.as_ref().filter(|s| !s.is_dead()).cloned()
     }
 
-    fn retire(&self, session: &Arc<Session>) {
+    fn retire(&self, session: &Arc<Session<A>>) {
         session.mark_dead();
         let mut current = self.current.lock().expect("node slot mutex poisoned");
         if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, session)) {
@@ -357,24 +331,31 @@ impl NodeSlot {
 }
 
 /// The sessions of every node that acquired through one manager.
-#[derive(Default)]
-pub(super) struct NodeSessions {
-    nodes: Mutex<BTreeMap<NodeId, Arc<NodeSlot>>>,
+pub(super) struct NodeSessions<A> {
+    nodes: Mutex<BTreeMap<NodeId, Arc<NodeSlot<A>>>>,
 }
 
-impl NodeSessions {
-    fn slot(&self, node_id: &NodeId) -> Arc<NodeSlot> {
+impl<A> Default for NodeSessions<A> {
+    fn default() -> Self {
+        Self {
+            nodes: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+impl<A: EtcdApi> NodeSessions<A> {
+    fn slot(&self, node_id: &NodeId) -> Arc<NodeSlot<A>> {
         let mut nodes = self.nodes.lock().expect("node sessions mutex poisoned");
         nodes.entry(node_id.clone()).or_default().clone()
     }
 
-    fn existing_slot(&self, node_id: &NodeId) -> Option<Arc<NodeSlot>> {
+    fn existing_slot(&self, node_id: &NodeId) -> Option<Arc<NodeSlot<A>>> {
         let nodes = self.nodes.lock().expect("node sessions mutex poisoned");
         nodes.get(node_id).cloned()
     }
 
     /// The node's session, if it has one etcd has not reported gone.
-    pub fn live(&self, node_id: &NodeId) -> Option<Arc<Session>> {
+    pub fn live(&self, node_id: &NodeId) -> Option<Arc<Session<A>>> {
         self.existing_slot(node_id)?.live()
     }
 
@@ -386,7 +367,7 @@ impl NodeSessions {
     }
 
     /// Marks `session` dead and stops using it for `node_id`.
-    pub fn retire(&self, node_id: &NodeId, session: &Arc<Session>) {
+    pub fn retire(&self, node_id: &NodeId, session: &Arc<Session<A>>) {
         if let Some(slot) = self.existing_slot(node_id) {
             slot.retire(session);
         }
@@ -396,10 +377,10 @@ impl NodeSessions {
     /// no round trip when the node has a session: the caller decides whether to extend it.
     pub async fn current(
         &self,
-        connection: &Connection,
+        connection: &Connection<A>,
         node_id: &NodeId,
         ttl_s: i64,
-    ) -> Result<Arc<Session>, StoreError> {
+    ) -> Result<Arc<Session<A>>, StoreError> {
         let slot = self.slot(node_id);
         for _ in 0..SESSION_GRANT_ATTEMPTS_MAX {
             if let Some(session) = slot.live() {

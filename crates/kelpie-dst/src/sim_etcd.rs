@@ -1,0 +1,884 @@
+//! A simulated etcd: the store the production etcd backend (`EtcdLeaseManager`) runs against
+//! in the swarm, over the simulated network, with etcd's behaviour under faults.
+//!
+//! What it models, and where each rule comes from:
+//!
+//! - **MVCC** (<https://etcd.io/docs/v3.5/learning/data_model/>): one cluster-wide revision,
+//!   incremented by every transaction that writes (one revision per transaction, however many
+//!   keys it touches); a key's `create_revision` is the revision that created it since it was
+//!   last deleted, `mod_revision` the last that wrote it, `version` the writes since creation.
+//!   A deleted key's next put starts again at version 1 with a new `create_revision`.
+//! - **Transactions** (<https://etcd.io/docs/v3.5/learning/api/#transaction>): compares on
+//!   version, create/mod revision, value and lease, all evaluated on one revision, then one
+//!   branch applied atomically. A put naming a lease that does not exist fails the whole
+//!   transaction with "requested lease not found" and applies nothing (etcd checks leases
+//!   before applying, `checkRequestPut`).
+//! - **Leases** (<https://etcd.io/docs/v3.5/learning/api/#lease-api>): TTLs counted on the
+//!   leader's clock (here: global simulated time), raised to etcd's minimum TTL
+//!   ([`ETCD_MIN_TTL_S`]); a keepalive resets the expiry to now + TTL; a keepalive of a
+//!   lease whose TTL ran out but that is not revoked yet answers "lease not found" (etcd
+//!   3.4+ waits for the revocation instead of extending it). Expired leases are revoked, and
+//!   every key attached to them deleted in one revision, by a loop that runs every
+//!   [`ETCD_EXPIRY_CHECK_INTERVAL_MS`] (etcd's `revokeExpiredLeases`), so a key outlives its
+//!   TTL by up to that long.
+//! - **Leader change** (etcd's `lessor.Promote`): while an election runs the cluster answers
+//!   nothing (requests fail as etcd's "leader changed"; a request may already have been
+//!   applied), watches are cancelled and keepalive streams break; the new leader extends
+//!   every lease, expired-but-unrevoked ones included, to a full TTL from its takeover.
+//! - **Watches** (<https://etcd.io/docs/v3.5/learning/api/#watch-api>): events from a start
+//!   revision, replayed from history; a start revision at or below the compaction revision is
+//!   refused as compacted. History is compacted every [`SIM_ETCD_COMPACT_EVERY_REVISIONS`].
+//! - **Faults**, drawn from the run's fault mix: `StorageLatency` delays an apply (slow disk
+//!   or a slow follower), `StorageCommitUnknown` applies a request and loses its reply,
+//!   `StorageWriteFail` loses a request before it is applied, and `StorageCrash` is a leader
+//!   election; the network's own loss, delay, duplication and partitions act on every
+//!   message.
+//!
+//! The server also feeds the checkers: every actor whose lease key changed, the ground truth
+//! per actor as a [`LeaseRecord`] (holder, `create_revision` as token, and the session's TTL
+//! deadline as expiry), and a [`DecisionRecord`] for every lease transaction it applied, read
+//! from the transaction's shape (acquire: "version is 0"; renew: "value and lease"; release:
+//! a delete).
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_channel::oneshot;
+use futures_util::future::{select, Either};
+use kelpie_core::{ActorId, FencingToken, NodeId};
+use kelpie_lease::backend::{Decision, LeaseOp, LeaseRecord, LeaseRequest};
+use kelpie_lease::etcd_api::{
+    CompareTarget, EtcdApi, EtcdApiError, EtcdKeyValue, LeaseGrant, RangeReply, RangeRequest, Txn,
+    TxnOp, TxnOpResult, TxnReply,
+};
+use kelpie_lease::limits::ETCD_EXPIRY_CHECK_INTERVAL_MS;
+use kelpie_lease::{Lease, LeaseError};
+use kelpie_sim::{FaultType, HostId, SimClock, SimEnv, SimNetwork};
+
+use crate::checkers::DecisionRecord;
+use crate::lease_net::{LeaseMessage, STORE_HOST};
+use crate::sim_thread::SimThread;
+
+/// etcd's smallest lease TTL with its default heartbeat (100 ms) and election timeout (1 s):
+/// `ceil(3/2 * election ticks * heartbeat)`, 1.5 s, rounded up to whole seconds.
+pub const ETCD_MIN_TTL_S: i64 = 2;
+
+/// How many revisions of history the simulated etcd keeps before compacting (as an
+/// auto-compaction by revision would).
+pub const SIM_ETCD_COMPACT_EVERY_REVISIONS: i64 = 1_000;
+
+/// Longest election, in ms: the cluster answers nothing for up to this long after its leader
+/// is lost (a few election timeouts).
+pub const SIM_ETCD_ELECTION_MS_MAX: u64 = 3_000;
+
+/// Longest extra time an apply takes under `StorageLatency`.
+pub const SIM_ETCD_SLOW_APPLY_MS_MAX: u64 = 200;
+
+/// A request to the simulated etcd.
+#[derive(Debug, Clone)]
+pub enum EtcdRequest {
+    /// A transaction.
+    Txn(Txn),
+    /// A range read.
+    Range(RangeRequest),
+    /// Grant a lease of this many seconds.
+    Grant(i64),
+    /// Keep a lease alive.
+    KeepAlive(i64),
+    /// Revoke a lease.
+    Revoke(i64),
+    /// A lease's remaining TTL.
+    TimeToLive(i64),
+    /// Watch a key for its deletion from a revision.
+    WatchDelete {
+        /// The key.
+        key: Vec<u8>,
+        /// The first revision watched.
+        start_revision: i64,
+    },
+}
+
+/// The simulated etcd's answer.
+#[derive(Debug, Clone)]
+pub enum EtcdResponse {
+    /// A transaction's.
+    Txn(TxnReply),
+    /// A range read's.
+    Range(RangeReply),
+    /// A grant's.
+    Grant(LeaseGrant),
+    /// A keepalive's: whether the lease was extended.
+    KeepAlive(bool),
+    /// A revoke's.
+    Revoked,
+    /// A time-to-live's: remaining seconds, if the lease exists.
+    TimeToLive(Option<i64>),
+    /// A watch's: the revision of the delete seen.
+    Deleted(i64),
+}
+
+/// One etcd lease.
+#[derive(Debug, Clone)]
+struct SimLease {
+    ttl_s: i64,
+    /// When its TTL runs out, on the leader's clock.
+    expires_at_ms: u64,
+    keys: BTreeSet<Vec<u8>>,
+}
+
+/// A watch waiting for a key's deletion.
+struct Watcher {
+    key: Vec<u8>,
+    start_revision: i64,
+    reply: oneshot::Sender<Result<i64, EtcdApiError>>,
+}
+
+/// etcd's state.
+#[derive(Default)]
+struct EtcdState {
+    revision: i64,
+    compact_revision: i64,
+    keys: BTreeMap<Vec<u8>, EtcdKeyValue>,
+    /// Delete events since the compaction revision: (revision, key).
+    deletes: Vec<(i64, Vec<u8>)>,
+    leases: BTreeMap<i64, SimLease>,
+    next_lease_id: i64,
+    watchers: Vec<Watcher>,
+    /// No leader until this instant (an election is running).
+    electing_until_ms: u64,
+    /// The last token each actor's key had, for the truth of a deleted key.
+    last_tokens: BTreeMap<ActorId, FencingToken>,
+    /// Actors whose lease key changed since the checkers last looked.
+    changed: BTreeSet<ActorId>,
+    decisions: Vec<DecisionRecord>,
+}
+
+/// The simulated etcd cluster, on [`STORE_HOST`].
+#[derive(Clone)]
+pub struct SimEtcd {
+    env: SimEnv,
+    prefix: Rc<Vec<u8>>,
+    state: Rc<RefCell<EtcdState>>,
+}
+
+impl SimEtcd {
+    /// An empty etcd whose lease keys live under `prefix`.
+    pub fn new(env: &SimEnv, prefix: &str) -> Self {
+        let state = EtcdState {
+            next_lease_id: 0x7a00,
+            ..EtcdState::default()
+        };
+        Self {
+            env: env.clone(),
+            prefix: Rc::new(prefix.as_bytes().to_vec()),
+            state: Rc::new(RefCell::new(state)),
+        }
+    }
+
+    /// The leader's clock: global simulated time.
+    pub fn now_ms(&self) -> u64 {
+        self.env.now_ms()
+    }
+
+    /// The actor whose lease key `key` is, if it is one.
+    fn actor_of(&self, key: &[u8]) -> Option<ActorId> {
+        let name = key.strip_prefix(self.prefix.as_slice())?;
+        ActorId::new(std::str::from_utf8(name).ok()?).ok()
+    }
+
+    /// Whether an election is running.
+    pub fn is_electing(&self) -> bool {
+        self.state.borrow().electing_until_ms > self.now_ms()
+    }
+
+    /// The ground truth of `actor_id`'s lease.
+    pub fn truth(&self, actor_id: &ActorId) -> Option<LeaseRecord> {
+        let mut key = self.prefix.to_vec();
+        key.extend_from_slice(actor_id.as_str().as_bytes());
+        let state = self.state.borrow();
+        record_of(&state, &key, actor_id, self.now_ms())
+    }
+
+    /// Moves the actors whose lease key changed since the last call into `actors`.
+    pub fn take_changed_actors_into(&self, actors: &mut Vec<ActorId>) {
+        actors.extend(std::mem::take(&mut self.state.borrow_mut().changed));
+    }
+
+    /// Moves the lease decisions made since the last call into `decisions`.
+    pub fn take_decisions_into(&self, decisions: &mut Vec<DecisionRecord>) {
+        decisions.clear();
+        decisions.append(&mut self.state.borrow_mut().decisions);
+    }
+
+    /// Whether any session lease is alive with keys attached: a leader change now matters.
+    pub fn holds_leases(&self) -> bool {
+        let state = self.state.borrow();
+        state.leases.values().any(|l| !l.keys.is_empty())
+    }
+
+    /// Loses the leader: nothing is answered for `election_ms`, watches are cancelled, and
+    /// the new leader extends every lease to a full TTL from its takeover.
+    pub fn elect(&self, election_ms: u64) {
+        self.env.record_fault(FaultType::StorageCrash);
+        let until_ms = self.now_ms() + election_ms;
+        let mut state = self.state.borrow_mut();
+        state.electing_until_ms = state.electing_until_ms.max(until_ms);
+        for watcher in state.watchers.drain(..) {
+            let reason = "etcdserver: leader changed".to_string();
+            let _ = watcher.reply.send(Err(EtcdApiError::NoAnswer { reason }));
+        }
+        let ttl_of = |l: &SimLease| until_ms + u64::try_from(l.ttl_s).unwrap_or(0) * 1_000;
+        let mut extended = Vec::new();
+        for lease in state.leases.values_mut() {
+            lease.expires_at_ms = ttl_of(lease);
+            extended.extend(lease.keys.iter().cloned());
+        }
+        for key in extended {
+            self.note_change(&mut state, &key);
+        }
+    }
+
+    /// Ends any election at once (the faults are healed).
+    pub fn end_election(&self) {
+        let now_ms = self.now_ms();
+        let mut state = self.state.borrow_mut();
+        state.electing_until_ms = state.electing_until_ms.min(now_ms);
+    }
+
+    /// Revokes every lease whose TTL ran out: etcd's revoke loop, one pass.
+    fn revoke_expired(&self) {
+        let now_ms = self.now_ms();
+        let mut state = self.state.borrow_mut();
+        if state.electing_until_ms > now_ms {
+            return;
+        }
+        let expired: Vec<i64> = (state.leases.iter())
+            .filter(|(_, l)| l.expires_at_ms <= now_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        for lease_id in expired {
+            revoke(&mut state, &self.prefix, lease_id, now_ms);
+        }
+    }
+
+    /// Applies one request at this instant.
+    fn apply(&self, request: EtcdRequest) -> Result<EtcdResponse, EtcdApiError> {
+        let now_ms = self.now_ms();
+        let mut state = self.state.borrow_mut();
+        Ok(match request {
+            EtcdRequest::Txn(txn) => EtcdResponse::Txn(self.txn(&mut state, txn, now_ms)?),
+            EtcdRequest::Range(range) => EtcdResponse::Range(range_of(&state, &range)?),
+            EtcdRequest::Grant(ttl_s) => {
+                let ttl_s = ttl_s.max(ETCD_MIN_TTL_S);
+                state.next_lease_id += 1;
+                let id = state.next_lease_id;
+                let lease = SimLease {
+                    ttl_s,
+                    expires_at_ms: now_ms + u64::try_from(ttl_s).unwrap_or(0) * 1_000,
+                    keys: BTreeSet::new(),
+                };
+                state.leases.insert(id, lease);
+                EtcdResponse::Grant(LeaseGrant { id, ttl_s })
+            }
+            EtcdRequest::KeepAlive(lease_id) => match state.leases.get_mut(&lease_id) {
+                Some(lease) if lease.expires_at_ms > now_ms => {
+                    lease.expires_at_ms = now_ms + u64::try_from(lease.ttl_s).unwrap_or(0) * 1_000;
+                    let keys: Vec<Vec<u8>> = lease.keys.iter().cloned().collect();
+                    // Every key of the lease now lives longer: the checkers must see it.
+                    for key in keys {
+                        self.note_change(&mut state, &key);
+                    }
+                    EtcdResponse::KeepAlive(true)
+                }
+                _ => EtcdResponse::KeepAlive(false),
+            },
+            EtcdRequest::Revoke(lease_id) => {
+                revoke(&mut state, &self.prefix, lease_id, now_ms);
+                EtcdResponse::Revoked
+            }
+            EtcdRequest::TimeToLive(lease_id) => {
+                let remaining = state.leases.get(&lease_id).map(|l| {
+                    let left_ms = l.expires_at_ms.saturating_sub(now_ms);
+                    i64::try_from(left_ms / 1_000).unwrap_or(i64::MAX)
+                });
+                EtcdResponse::TimeToLive(remaining)
+            }
+            EtcdRequest::WatchDelete { .. } => unreachable!("watches are served by `watch`"),
+        })
+    }
+
+    fn txn(&self, state: &mut EtcdState, txn: Txn, now_ms: u64) -> Result<TxnReply, EtcdApiError> {
+        let holds = txn.compares.iter().all(|c| {
+            let kv = state.keys.get(&c.key);
+            match &c.target {
+                CompareTarget::Version(v) => kv.map_or(0, |kv| kv.version) == *v,
+                CompareTarget::CreateRevision(r) => kv.map_or(0, |kv| kv.create_revision) == *r,
+                CompareTarget::ModRevision(r) => kv.map_or(0, |kv| kv.mod_revision) == *r,
+                CompareTarget::Value(v) => kv.is_some_and(|kv| kv.value == *v),
+                CompareTarget::Lease(l) => kv.map_or(0, |kv| kv.lease) == *l,
+            }
+        });
+        let ops = if holds { &txn.success } else { &txn.failure };
+        // etcd checks every lease a put names before applying anything.
+        for op in ops {
+            if let TxnOp::Put { lease, .. } = op {
+                if *lease != 0 && !state.leases.contains_key(lease) {
+                    return Err(EtcdApiError::LeaseNotFound);
+                }
+            }
+        }
+        let writes = ops.iter().any(|op| !matches!(op, TxnOp::Get { .. }));
+        let revision = if writes {
+            state.revision + 1
+        } else {
+            state.revision
+        };
+        let decision = self.lease_decision(state, &txn, now_ms);
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            results.push(match op {
+                TxnOp::Put { key, value, lease } => {
+                    put(state, key, value, *lease, revision);
+                    self.note_change(state, key);
+                    TxnOpResult::Put
+                }
+                TxnOp::Get { key } => TxnOpResult::Get(state.keys.get(key).cloned()),
+                TxnOp::Delete { key } => {
+                    let deleted = delete(state, key, revision);
+                    if deleted.is_some() {
+                        self.note_change(state, key);
+                    }
+                    TxnOpResult::Delete(deleted)
+                }
+            });
+        }
+        state.revision = revision;
+        if writes {
+            notify_watchers(state);
+            compact_if_due(state);
+        }
+        if let Some((actor_id, request, before)) = decision {
+            let reply = lease_reply(state, &actor_id, &request, before.as_ref(), holds, now_ms);
+            state.decisions.push(DecisionRecord {
+                actor_id,
+                request,
+                before,
+                store_now_ms: now_ms,
+                decision: Decision { write: None, reply },
+            });
+        }
+        Ok(TxnReply {
+            succeeded: holds,
+            revision,
+            results,
+        })
+    }
+
+    fn note_change(&self, state: &mut EtcdState, key: &[u8]) {
+        if let Some(actor_id) = self.actor_of(key) {
+            if let Some(kv) = state.keys.get(key) {
+                let token = FencingToken(u64::try_from(kv.create_revision).unwrap_or(0));
+                state.last_tokens.insert(actor_id.clone(), token);
+            }
+            state.changed.insert(actor_id);
+        }
+    }
+
+    /// The lease request a transaction on a lease key stands for, read from its shape, with
+    /// the record as it was before (a key whose TTL ran out but that etcd has not deleted is
+    /// still held: nobody else can create it until it is deleted). `None` for any other
+    /// transaction (a fenced state write, deleting a previous incarnation's key).
+    fn lease_decision(
+        &self,
+        state: &EtcdState,
+        txn: &Txn,
+        now_ms: u64,
+    ) -> Option<(ActorId, LeaseRequest, Option<LeaseRecord>)> {
+        let first = txn.compares.first()?;
+        let actor_id = self.actor_of(&first.key)?;
+        let (op, node) = match (&first.target, txn.success.first()?) {
+            (_, TxnOp::Put { key, .. }) if *key != first.key => return None,
+            (CompareTarget::Version(0), TxnOp::Put { value, .. }) => (LeaseOp::Acquire, value),
+            (_, TxnOp::Put { value, .. }) => (LeaseOp::Renew, value),
+            (_, TxnOp::Delete { .. }) => {
+                let node = txn.compares.iter().find_map(|c| match &c.target {
+                    CompareTarget::Value(v) => Some(v),
+                    _ => None,
+                })?;
+                (LeaseOp::Release, node)
+            }
+            _ => return None,
+        };
+        let node_id = NodeId::new(std::str::from_utf8(node).ok()?).ok()?;
+        let before = record_of(state, &first.key, &actor_id, now_ms)
+            .filter(|r| r.holder.is_some())
+            .map(|mut r| {
+                r.expires_at_ms = r.expires_at_ms.max(now_ms + 1);
+                r
+            });
+        let request = LeaseRequest {
+            op,
+            node_id,
+            lease_duration_ms: 0,
+            fencing_token: None,
+        };
+        Some((actor_id, request, before))
+    }
+
+    /// Registers a watch for `key`'s deletion from `start_revision`; answered at once from
+    /// history if one happened, or refused if the revision was compacted.
+    fn watch(
+        &self,
+        key: Vec<u8>,
+        start_revision: i64,
+    ) -> oneshot::Receiver<Result<i64, EtcdApiError>> {
+        let (sender, receiver) = oneshot::channel();
+        let mut state = self.state.borrow_mut();
+        if start_revision <= state.compact_revision {
+            let compact_revision = state.compact_revision;
+            let _ = sender.send(Err(EtcdApiError::Compacted { compact_revision }));
+            return receiver;
+        }
+        let seen = (state.deletes.iter()).find(|(rev, k)| *rev >= start_revision && *k == key);
+        if let Some((revision, _)) = seen {
+            let _ = sender.send(Ok(*revision));
+            return receiver;
+        }
+        state.watchers.push(Watcher {
+            key,
+            start_revision,
+            reply: sender,
+        });
+        receiver
+    }
+}
+
+/// The reply a lease decision stands for, after its transaction: the lease as stored if the
+/// compares held, a refusal naming the holder otherwise.
+fn lease_reply(
+    state: &EtcdState,
+    actor_id: &ActorId,
+    request: &LeaseRequest,
+    before: Option<&LeaseRecord>,
+    holds: bool,
+    now_ms: u64,
+) -> Result<Lease, LeaseError> {
+    let node_id = &request.node_id;
+    let refused = || LeaseError::NotHolder {
+        actor_id: actor_id.clone(),
+        node_id: node_id.clone(),
+        holder: before.and_then(|b| b.holder.clone()),
+    };
+    if !holds {
+        return Err(refused());
+    }
+    let token = match (request.op, before) {
+        (LeaseOp::Release, Some(before)) => before.fencing_token,
+        _ => *state.last_tokens.get(actor_id).ok_or_else(refused)?,
+    };
+    Ok(Lease {
+        actor_id: actor_id.clone(),
+        holder: node_id.clone(),
+        fencing_token: token,
+        acquired_at_ms: now_ms,
+        expires_at_ms: now_ms,
+        renewal_count: 0,
+    })
+}
+
+/// The truth of the lease key `key` of `actor_id`.
+fn record_of(
+    state: &EtcdState,
+    key: &[u8],
+    actor_id: &ActorId,
+    now_ms: u64,
+) -> Option<LeaseRecord> {
+    match state.keys.get(key) {
+        Some(kv) => {
+            let holder = std::str::from_utf8(&kv.value)
+                .ok()
+                .and_then(|v| NodeId::new(v).ok());
+            let expires_at_ms = state
+                .leases
+                .get(&kv.lease)
+                .map_or(now_ms, |l| l.expires_at_ms);
+            Some(LeaseRecord {
+                holder,
+                fencing_token: FencingToken(u64::try_from(kv.create_revision).unwrap_or(0)),
+                acquired_at_ms: 0,
+                expires_at_ms,
+                renewal_count: u64::try_from(kv.version - 1).unwrap_or(0),
+            })
+        }
+        None => state.last_tokens.get(actor_id).map(|token| LeaseRecord {
+            holder: None,
+            fencing_token: *token,
+            acquired_at_ms: 0,
+            expires_at_ms: 0,
+            renewal_count: 0,
+        }),
+    }
+}
+
+fn put(state: &mut EtcdState, key: &[u8], value: &[u8], lease: i64, revision: i64) {
+    let previous = state.keys.get(key).cloned();
+    if let Some(previous) = &previous {
+        if previous.lease != lease {
+            if let Some(old) = state.leases.get_mut(&previous.lease) {
+                old.keys.remove(key);
+            }
+        }
+    }
+    if let Some(new) = state.leases.get_mut(&lease) {
+        new.keys.insert(key.to_vec());
+    }
+    let kv = EtcdKeyValue {
+        key: key.to_vec(),
+        value: value.to_vec(),
+        create_revision: previous.as_ref().map_or(revision, |p| p.create_revision),
+        mod_revision: revision,
+        version: previous.as_ref().map_or(1, |p| p.version + 1),
+        lease,
+    };
+    state.keys.insert(key.to_vec(), kv);
+}
+
+fn delete(state: &mut EtcdState, key: &[u8], revision: i64) -> Option<EtcdKeyValue> {
+    let deleted = state.keys.remove(key)?;
+    if let Some(lease) = state.leases.get_mut(&deleted.lease) {
+        lease.keys.remove(key);
+    }
+    state.deletes.push((revision, key.to_vec()));
+    Some(deleted)
+}
+
+/// Revokes `lease_id`: deletes every key attached to it, in one revision.
+fn revoke(state: &mut EtcdState, prefix: &[u8], lease_id: i64, _now_ms: u64) {
+    let Some(lease) = state.leases.remove(&lease_id) else {
+        return;
+    };
+    if lease.keys.is_empty() {
+        return;
+    }
+    let revision = state.revision + 1;
+    for key in &lease.keys {
+        if delete(state, key, revision).is_some() {
+            if let Some(name) = key.strip_prefix(prefix) {
+                if let Some(actor_id) = std::str::from_utf8(name)
+                    .ok()
+                    .and_then(|n| ActorId::new(n).ok())
+                {
+                    state.changed.insert(actor_id);
+                }
+            }
+        }
+    }
+    state.revision = revision;
+    notify_watchers(state);
+    compact_if_due(state);
+}
+
+fn notify_watchers(state: &mut EtcdState) {
+    let deletes = &state.deletes;
+    let mut still = Vec::with_capacity(state.watchers.len());
+    for watcher in state.watchers.drain(..) {
+        let seen = deletes
+            .iter()
+            .rev()
+            .take_while(|(rev, _)| *rev >= watcher.start_revision)
+            .find(|(_, k)| *k == watcher.key);
+        match seen {
+            Some((revision, _)) => {
+                let _ = watcher.reply.send(Ok(*revision));
+            }
+            None => still.push(watcher),
+        }
+    }
+    state.watchers = still;
+}
+
+fn compact_if_due(state: &mut EtcdState) {
+    if state.revision - state.compact_revision < 2 * SIM_ETCD_COMPACT_EVERY_REVISIONS {
+        return;
+    }
+    let compact_revision = state.revision - SIM_ETCD_COMPACT_EVERY_REVISIONS;
+    state.compact_revision = compact_revision;
+    state.deletes.retain(|(rev, _)| *rev > compact_revision);
+    let mut still = Vec::with_capacity(state.watchers.len());
+    for watcher in state.watchers.drain(..) {
+        if watcher.start_revision <= compact_revision {
+            let _ = watcher
+                .reply
+                .send(Err(EtcdApiError::Compacted { compact_revision }));
+        } else {
+            still.push(watcher);
+        }
+    }
+    state.watchers = still;
+}
+
+fn range_of(state: &EtcdState, range: &RangeRequest) -> Result<RangeReply, EtcdApiError> {
+    if range.revision != 0 && range.revision != state.revision {
+        // Reads at an older revision are served only while nothing was written since: pages of
+        // one listing that straddle a write start over, as they would after a compaction.
+        if range.revision <= state.compact_revision || range.revision > state.revision {
+            let compact_revision = state.compact_revision;
+            return Err(EtcdApiError::Compacted { compact_revision });
+        }
+    }
+    let in_range = |k: &Vec<u8>| {
+        if range.range_end.is_empty() {
+            *k == range.key
+        } else {
+            *k >= range.key && *k < range.range_end
+        }
+    };
+    let mut kvs: Vec<EtcdKeyValue> = (state.keys.range(range.key.clone()..))
+        .map(|(_, kv)| kv)
+        .take_while(|kv| in_range(&kv.key))
+        .cloned()
+        .collect();
+    let limit = usize::try_from(range.limit).unwrap_or(0);
+    let more = limit > 0 && kvs.len() > limit;
+    if more {
+        kvs.truncate(limit);
+    }
+    Ok(RangeReply {
+        kvs,
+        more,
+        revision: state.revision,
+    })
+}
+
+/// Serves etcd requests arriving at [`STORE_HOST`], and runs etcd's revoke loop.
+pub async fn serve_etcd(env: SimEnv, network: SimNetwork<LeaseMessage>, etcd: SimEtcd) {
+    let revoker = {
+        let (env, etcd) = (env.clone(), etcd.clone());
+        async move {
+            loop {
+                env.sleep(Duration::from_millis(ETCD_EXPIRY_CHECK_INTERVAL_MS))
+                    .await;
+                etcd.revoke_expired();
+            }
+        }
+    };
+    drop(env.spawn(revoker));
+    let mut rng = env.rng("sim-etcd/faults");
+    loop {
+        let (from, message) = network.recv(STORE_HOST).await;
+        let LeaseMessage::EtcdRequest {
+            request_id,
+            request,
+        } = message
+        else {
+            continue;
+        };
+        let slow_ms = if env.should_inject(FaultType::StorageLatency) {
+            rng.gen_range(1..=SIM_ETCD_SLOW_APPLY_MS_MAX)
+        } else {
+            0
+        };
+        let lose_request = env.should_inject(FaultType::StorageWriteFail);
+        let lose_reply = env.should_inject(FaultType::StorageCommitUnknown);
+        let (env, network, etcd) = (env.clone(), network.clone(), etcd.clone());
+        drop(env.clone().spawn(async move {
+            if slow_ms > 0 {
+                env.sleep(Duration::from_millis(slow_ms)).await;
+            }
+            if etcd.is_electing() || lose_request {
+                // No leader, or the request was lost before it was proposed: no answer.
+                return;
+            }
+            let outcome = match request {
+                EtcdRequest::WatchDelete {
+                    key,
+                    start_revision,
+                } => {
+                    let waiting = etcd.watch(key, start_revision);
+                    match waiting.await {
+                        Ok(result) => result.map(EtcdResponse::Deleted),
+                        Err(_cancelled) => return,
+                    }
+                }
+                request => etcd.apply(request),
+            };
+            if lose_reply {
+                // Applied, but the reply is lost (etcd's "request timed out" after commit).
+                return;
+            }
+            network.send(
+                STORE_HOST,
+                from,
+                LeaseMessage::EtcdReply {
+                    request_id,
+                    outcome,
+                },
+            );
+        }));
+    }
+}
+
+type Pending = Rc<RefCell<BTreeMap<u64, oneshot::Sender<Result<EtcdResponse, EtcdApiError>>>>>;
+
+struct NetEtcdInner {
+    network: SimNetwork<LeaseMessage>,
+    host: HostId,
+    pending: Pending,
+    next_request_id: Cell<u64>,
+}
+
+/// A node's connection to the simulated etcd, across the simulated network: the
+/// [`EtcdApi`] the production backend runs on in the swarm. Requests never time out here (a
+/// real client's call may hang as long); the backend bounds each on its own clock.
+pub struct NetEtcd {
+    inner: SimThread<Rc<NetEtcdInner>>,
+}
+
+impl NetEtcd {
+    /// The etcd as seen from `host` (incarnation `incarnation`). Spawns the task that routes
+    /// replies; it stops when the node's tasks are aborted (a crash).
+    pub fn connect(
+        env: &SimEnv,
+        network: SimNetwork<LeaseMessage>,
+        host: HostId,
+        incarnation: u32,
+        _clock: SimClock,
+    ) -> (Self, kelpie_sim::JoinHandle<()>) {
+        let pending: Pending = Rc::default();
+        let router = env.spawn(route_replies(network.clone(), host, Rc::clone(&pending)));
+        let inner = NetEtcdInner {
+            network,
+            host,
+            pending,
+            next_request_id: Cell::new(u64::from(incarnation) << 32),
+        };
+        let etcd = Self {
+            inner: SimThread::new(Rc::new(inner)),
+        };
+        (etcd, router)
+    }
+
+    async fn call(&self, request: EtcdRequest) -> Result<EtcdResponse, EtcdApiError> {
+        let inner = Rc::clone(&self.inner);
+        SimThread::new(async move { inner.exchange(request).await }).await
+    }
+}
+
+async fn route_replies(network: SimNetwork<LeaseMessage>, host: HostId, pending: Pending) {
+    loop {
+        let (_, message) = network.recv(host).await;
+        if let LeaseMessage::EtcdReply {
+            request_id,
+            outcome,
+        } = message
+        {
+            if let Some(waiter) = pending.borrow_mut().remove(&request_id) {
+                let _ = waiter.send(outcome);
+            }
+        }
+    }
+}
+
+impl NetEtcdInner {
+    async fn exchange(&self, request: EtcdRequest) -> Result<EtcdResponse, EtcdApiError> {
+        let request_id = self.next_request_id.get();
+        self.next_request_id.set(request_id + 1);
+        let (sender, receiver) = oneshot::channel();
+        self.pending.borrow_mut().insert(request_id, sender);
+        /// Removes the waiter if the caller gives up (its timeout dropped this future).
+        struct Forget<'a>(&'a Pending, u64);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                self.0.borrow_mut().remove(&self.1);
+            }
+        }
+        let _forget = Forget(&self.pending, request_id);
+        let message = LeaseMessage::EtcdRequest {
+            request_id,
+            request,
+        };
+        self.network.send(self.host, STORE_HOST, message);
+        match receiver.await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(EtcdApiError::NoAnswer {
+                reason: "node stopped".into(),
+            }),
+        }
+    }
+}
+
+fn unexpected(response: EtcdResponse) -> EtcdApiError {
+    EtcdApiError::NoAnswer {
+        reason: format!("unexpected answer {response:?}"),
+    }
+}
+
+impl EtcdApi for NetEtcd {
+    async fn txn(&self, txn: Txn) -> Result<TxnReply, EtcdApiError> {
+        match self.call(EtcdRequest::Txn(txn)).await? {
+            EtcdResponse::Txn(reply) => Ok(reply),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn range(&self, request: RangeRequest) -> Result<RangeReply, EtcdApiError> {
+        match self.call(EtcdRequest::Range(request)).await? {
+            EtcdResponse::Range(reply) => Ok(reply),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn grant(&self, ttl_s: i64) -> Result<LeaseGrant, EtcdApiError> {
+        match self.call(EtcdRequest::Grant(ttl_s)).await? {
+            EtcdResponse::Grant(grant) => Ok(grant),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn keep_alive(&self, lease_id: i64) -> Result<bool, EtcdApiError> {
+        match self.call(EtcdRequest::KeepAlive(lease_id)).await? {
+            EtcdResponse::KeepAlive(alive) => Ok(alive),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn revoke(&self, lease_id: i64) -> Result<(), EtcdApiError> {
+        match self.call(EtcdRequest::Revoke(lease_id)).await? {
+            EtcdResponse::Revoked => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn time_to_live(&self, lease_id: i64) -> Result<Option<i64>, EtcdApiError> {
+        match self.call(EtcdRequest::TimeToLive(lease_id)).await? {
+            EtcdResponse::TimeToLive(ttl) => Ok(ttl),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn watch_delete(&self, key: &[u8], start_revision: i64) -> Result<i64, EtcdApiError> {
+        let request = EtcdRequest::WatchDelete {
+            key: key.to_vec(),
+            start_revision,
+        };
+        match self.call(request).await? {
+            EtcdResponse::Deleted(revision) => Ok(revision),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+/// Races `future` with a sleep of `timeout_ms` on `clock`.
+pub async fn with_timeout<T>(
+    clock: &SimClock,
+    timeout_ms: u64,
+    future: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let sleep = clock.sleep_local(Duration::from_millis(timeout_ms));
+    match select(std::pin::pin!(future), std::pin::pin!(sleep)).await {
+        Either::Left((output, _)) => Some(output),
+        Either::Right(_) => None,
+    }
+}

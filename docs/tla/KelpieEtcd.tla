@@ -27,7 +27,12 @@
 (*    grant with the same token never shortens the belief.                 *)
 (*  * A handover waits for the key's deletion by watch and then acquires   *)
 (*    (handover.rs): the watch event only wakes the waiter; the acquire's  *)
-(*    transaction decides.                                                 *)
+(*    transaction decides.  With Handover, a refused node reads the key    *)
+(*    and, if it exists, watches for its deletion from the revision after  *)
+(*    the read before it acquires again (acquire_waiting); without it, the *)
+(*    node may send its acquire again at once (polling).                   *)
+(*  * With Crashes, a node's process may crash and stay down (never the    *)
+(*    last one up); its session then lives until its TTL runs out.         *)
 (*                                                                         *)
 (* Time is kept relative, as in KelpieLease.tla: ttl[n] is the session's   *)
 (* remaining TTL in leader ticks, belief[n].left and a request's age are   *)
@@ -43,6 +48,11 @@
 (*                                                                         *)
 (* The Bug* constants switch on the backend mutations the simulator also   *)
 (* injects; docs/tla/etcd/*.cfg run each against its invariant.            *)
+(*                                                                         *)
+(* Liveness (end of the module): LiveSpec adds fairness, and a renaming of *)
+(* the revisions (Compact) instead of the state constraint;                *)
+(* EventualLeaseResolution says that once leader changes stop, a live      *)
+(* node holds the actor in etcd again and again.                           *)
 (***************************************************************************)
 EXTENDS Naturals, FiniteSets, TLC
 
@@ -54,18 +64,23 @@ CONSTANTS
     Drift,          \* local clocks advance Rate +/- Drift per tick
     Margin,         \* safety margin of the belief, in local units
     MaxRev,         \* bound on etcd's revision (state constraint)
+    Crashes,        \* a node may crash and stay down (not the last one up)
+    Handover,       \* a refused node waits for the key's deletion by watch
     BugBlindPut,          \* acquire puts without comparing the key's version
     BugModRevisionToken,  \* the token is the key's mod_revision (changes on renew)
     BugBeliefFromReply,   \* the belief is measured from the reply, not the send
-    BugTrustWatch         \* a watch event of the key's deletion is taken as a grant
+    BugTrustWatch,        \* a watch event of the key's deletion is taken as a grant
+    BugWatchFromNow       \* the handover's watch starts when it is opened, not
+                          \* from the revision after the read (liveness mutation)
 
 ASSUME /\ TTL \in Nat \ {0}
        /\ Rate \in Nat \ {0} /\ Drift \in Nat /\ Drift < Rate
        /\ Margin \in Nat \ {0}
        /\ (Rate - Drift) * TTL > Margin
        /\ MaxRev \in Nat \ {0}
-       /\ \A b \in {BugBlindPut, BugModRevisionToken, BugBeliefFromReply,
-                    BugTrustWatch} : b \in BOOLEAN
+       /\ \A b \in {Crashes, Handover, BugBlindPut, BugModRevisionToken,
+                    BugBeliefFromReply, BugTrustWatch, BugWatchFromNow} :
+            b \in BOOLEAN
 
 \* How long a grant is believed, in local units from the request's send.
 BeliefDuration == (Rate - Drift) * TTL - Margin
@@ -85,9 +100,14 @@ VARIABLES
     req,        \* req[n]: node n's request in flight, or NoReq
     belief,     \* belief[n]: the token n believes it holds, and for how long
     maxHanded,  \* the largest token any reply handed out (history)
-    last        \* the last operation etcd applied, for the action invariants
+    last,       \* the last operation etcd applied, for the action invariants
+    up,         \* up[n]: node n's process runs (FALSE: crashed, for ever)
+    hand,       \* hand[n]: n's handover: "idle", "opening" its watch, "watching"
+    seen        \* seen[n]: the key was deleted at a revision the watch of
+                \* n's handover delivers (after its read, or after its
+                \* opening under BugWatchFromNow)
 
-vars == <<rev, alive, ttl, key, req, belief, maxHanded, last>>
+vars == <<rev, alive, ttl, key, req, belief, maxHanded, last, up, hand, seen>>
 
 Max(a, b) == IF a > b THEN a ELSE b
 Min(a, b) == IF a < b THEN a ELSE b
@@ -106,6 +126,9 @@ TypeOK ==
                           applied : BOOLEAN, ok : BOOLEAN, rtoken : Tokens]]
     /\ belief \in [Nodes -> [token : Tokens, left : 0..BeliefDuration]]
     /\ maxHanded \in Tokens
+    /\ up \in [Nodes -> BOOLEAN]
+    /\ hand \in [Nodes -> {"idle", "opening", "watching"}]
+    /\ seen \in [Nodes -> BOOLEAN]
 
 Init ==
     /\ rev = 0
@@ -116,6 +139,9 @@ Init ==
     /\ belief = [n \in Nodes |-> NoBelief]
     /\ maxHanded = 0
     /\ last = NoOp
+    /\ up = [n \in Nodes |-> TRUE]
+    /\ hand = [n \in Nodes |-> "idle"]
+    /\ seen = [n \in Nodes |-> FALSE]
 
 Believes(n) == belief[n].left > 0
 
@@ -131,28 +157,44 @@ Carries(k, n, t) == k.exists /\ k.holder = n /\ TokenOf(k) = t
 Send(n, type, token) ==
     req' = [req EXCEPT ![n] = [NoReq EXCEPT !.type = type, !.token = token]]
 
+NodeVars == <<up, hand, seen>>
+
+\* A node in a handover waits for its watch before it acquires again.
 SendAcquire(n) ==
-    /\ req[n] = NoReq /\ ~Believes(n)
+    /\ up[n] /\ req[n] = NoReq /\ ~Believes(n) /\ hand[n] = "idle"
     /\ Send(n, "acquire", 0)
-    /\ UNCHANGED <<rev, alive, ttl, key, belief, maxHanded, last>>
+    /\ UNCHANGED <<rev, alive, ttl, key, belief, maxHanded, last, NodeVars>>
 
 SendRenew(n) ==
-    /\ req[n] = NoReq /\ Believes(n)
+    /\ up[n] /\ req[n] = NoReq /\ Believes(n)
     /\ Send(n, "renew", belief[n].token)
-    /\ UNCHANGED <<rev, alive, ttl, key, belief, maxHanded, last>>
+    /\ UNCHANGED <<rev, alive, ttl, key, belief, maxHanded, last, NodeVars>>
 
 \* Placement deactivates before it releases: the belief ends at once.
 SendRelease(n) ==
-    /\ req[n] = NoReq /\ Believes(n)
+    /\ up[n] /\ req[n] = NoReq /\ Believes(n)
     /\ Send(n, "release", belief[n].token)
     /\ belief' = [belief EXCEPT ![n] = NoBelief]
-    /\ UNCHANGED <<rev, alive, ttl, key, maxHanded, last>>
+    /\ UNCHANGED <<rev, alive, ttl, key, maxHanded, last, NodeVars>>
 
 \* The node gives up on its request (timeout, lost request or reply).
 Lose(n) ==
     /\ req[n] # NoReq
     /\ req' = [req EXCEPT ![n] = NoReq]
-    /\ UNCHANGED <<rev, alive, ttl, key, belief, maxHanded, last>>
+    /\ UNCHANGED <<rev, alive, ttl, key, belief, maxHanded, last, NodeVars>>
+
+\* The node's process crashes and stays down: it forgets its belief and its
+\* request (which etcd never applies); its session stays in etcd until its
+\* TTL runs out.  Not the last node up (a fault budget: some node stays up).
+Crash(n) ==
+    /\ Crashes /\ up[n] /\ \E m \in Nodes \ {n} : up[m]
+    /\ up' = [up EXCEPT ![n] = FALSE]
+    /\ req' = [req EXCEPT ![n] = NoReq]
+    /\ belief' = [belief EXCEPT ![n] = NoBelief]
+    /\ hand' = [hand EXCEPT ![n] = "idle"]
+    /\ seen' = [seen EXCEPT ![n] = FALSE]
+    /\ last' = NoOp
+    /\ UNCHANGED <<rev, alive, ttl, key, maxHanded>>
 
 \* The reply arrives.
 Receive(n) ==
@@ -169,15 +211,38 @@ Receive(n) ==
                   [] r.type = "renew" /\ ~r.ok -> NoBelief
                   [] OTHER -> belief[n]]
     /\ req' = [req EXCEPT ![n] = NoReq]
-    /\ UNCHANGED <<rev, alive, ttl, key, maxHanded, last>>
+       \* acquire_waiting: a refused node reads the key; if it still exists,
+       \* the node watches for its deletion from the revision after the read
+       \* (handover.rs, watch_until_deleted); if not, it acquires again.
+    /\ IF Handover /\ req[n].type = "acquire" /\ ~req[n].ok /\ key.exists
+       THEN /\ hand' = [hand EXCEPT ![n] = "opening"]
+            /\ seen' = [seen EXCEPT ![n] = FALSE]
+       ELSE UNCHANGED <<hand, seen>>
+    /\ UNCHANGED <<rev, alive, ttl, key, maxHanded, last, up>>
+
+\* The handover's watch is opened: from the revision after the read, so a
+\* deletion since the read is delivered; under BugWatchFromNow from the
+\* revision current at the opening, so such a deletion is missed.
+OpenWatch(n) ==
+    /\ hand[n] = "opening"
+    /\ hand' = [hand EXCEPT ![n] = "watching"]
+    /\ seen' = IF BugWatchFromNow THEN [seen EXCEPT ![n] = FALSE] ELSE seen
+    /\ UNCHANGED <<rev, alive, ttl, key, req, belief, maxHanded, last, up>>
+
+\* The watch delivers the deletion: the handover ends, the node acquires.
+WatchEvent(n) ==
+    /\ hand[n] = "watching" /\ seen[n]
+    /\ hand' = [hand EXCEPT ![n] = "idle"]
+    /\ seen' = [seen EXCEPT ![n] = FALSE]
+    /\ UNCHANGED <<rev, alive, ttl, key, req, belief, maxHanded, last, up>>
 
 \* Mutation: the key's deletion seen by a watch is taken as a grant of a
 \* new tenure, without the acquire's transaction.
 TrustWatch(n) ==
     /\ BugTrustWatch
-    /\ ~key.exists /\ req[n] = NoReq /\ ~Believes(n) /\ rev < MaxRev
+    /\ up[n] /\ ~key.exists /\ req[n] = NoReq /\ ~Believes(n) /\ rev < MaxRev
     /\ belief' = [belief EXCEPT ![n] = [token |-> rev + 1, left |-> BeliefDuration]]
-    /\ UNCHANGED <<rev, alive, ttl, key, req, maxHanded, last>>
+    /\ UNCHANGED <<rev, alive, ttl, key, req, maxHanded, last, NodeVars>>
 
 -----------------------------------------------------------------------------
 (* etcd applies a request atomically *)
@@ -191,6 +256,9 @@ Record(n, type, ok, rtoken, newTenure) ==
              maxBefore |-> maxHanded]
 
 Handed(ok, rtoken) == maxHanded' = IF ok THEN Max(maxHanded, rtoken) ELSE maxHanded
+
+\* The key's deletion reaches every handover's watch that is open or opening.
+Deleted == seen' = [m \in Nodes |-> seen[m] \/ hand[m] # "idle"]
 
 \* A keepalive of n's session (a new session if it has none).
 KeepAlive(n) ==
@@ -215,7 +283,7 @@ ApplyAcquire(n) ==
                /\ Reply(n, ok, IF ok THEN TokenOf(key) ELSE 0)
                /\ Handed(ok, TokenOf(key))
                /\ Record(n, "acquire", ok, IF ok THEN TokenOf(key) ELSE 0, FALSE)
-    /\ UNCHANGED belief
+    /\ UNCHANGED <<belief, NodeVars>>
 
 ApplyRenew(n) ==
     /\ req[n].type = "renew" /\ ~req[n].applied /\ rev < MaxRev
@@ -233,7 +301,7 @@ ApplyRenew(n) ==
             /\ Reply(n, FALSE, 0)
             /\ Handed(FALSE, 0)
             /\ Record(n, "renew", FALSE, 0, FALSE)
-    /\ UNCHANGED belief
+    /\ UNCHANGED <<belief, NodeVars>>
 
 ApplyRelease(n) ==
     /\ req[n].type = "release" /\ ~req[n].applied /\ rev < MaxRev
@@ -242,10 +310,12 @@ ApplyRelease(n) ==
             /\ key' = NoKey
             /\ Reply(n, TRUE, 0)
             /\ Record(n, "release", TRUE, 0, FALSE)
+            /\ Deleted
        ELSE /\ UNCHANGED <<rev, key>>
             /\ Reply(n, FALSE, 0)
             /\ Record(n, "release", FALSE, 0, FALSE)
-    /\ UNCHANGED <<alive, ttl, belief, maxHanded>>
+            /\ UNCHANGED seen
+    /\ UNCHANGED <<alive, ttl, belief, maxHanded, up, hand>>
 
 \* etcd revokes a session whose TTL ran out, deleting the keys attached to it.
 Expire(n) ==
@@ -255,15 +325,16 @@ Expire(n) ==
        THEN /\ rev < MaxRev
             /\ rev' = rev + 1
             /\ key' = NoKey
-       ELSE UNCHANGED <<rev, key>>
+            /\ Deleted
+       ELSE UNCHANGED <<rev, key, seen>>
     /\ last' = NoOp
-    /\ UNCHANGED <<ttl, req, belief, maxHanded>>
+    /\ UNCHANGED <<ttl, req, belief, maxHanded, up, hand>>
 
 \* A new leader extends every lease to its full TTL.
 LeaderChange ==
     /\ ttl' = [n \in Nodes |-> IF alive[n] THEN TTL ELSE ttl[n]]
     /\ last' = NoOp
-    /\ UNCHANGED <<rev, alive, key, req, belief, maxHanded>>
+    /\ UNCHANGED <<rev, alive, key, req, belief, maxHanded, NodeVars>>
 
 \* One tick of the leader's clock; each node's clock moves by its own amount.
 Tick ==
@@ -277,12 +348,13 @@ Tick ==
                      ELSE [req[n] EXCEPT !.age = Min(BeliefDuration, @ + d[n])]]
     /\ ttl' = [n \in Nodes |-> IF ttl[n] > 0 THEN ttl[n] - 1 ELSE 0]
     /\ last' = NoOp
-    /\ UNCHANGED <<rev, alive, key, maxHanded>>
+    /\ UNCHANGED <<rev, alive, key, maxHanded, NodeVars>>
 
 Next ==
     \/ \E n \in Nodes :
         \/ SendAcquire(n) \/ SendRenew(n) \/ SendRelease(n)
-        \/ Lose(n) \/ Receive(n) \/ TrustWatch(n)
+        \/ Lose(n) \/ Receive(n) \/ TrustWatch(n) \/ Crash(n)
+        \/ OpenWatch(n) \/ WatchEvent(n)
         \/ ApplyAcquire(n) \/ ApplyRenew(n) \/ ApplyRelease(n) \/ Expire(n)
     \/ LeaderChange
     \/ Tick
@@ -325,4 +397,99 @@ FencingTokenMonotonic ==
 RevBound == rev <= MaxRev
 
 NodeSymmetry == Permutations(Nodes)
+
+-----------------------------------------------------------------------------
+(* Liveness                                                                *)
+(*                                                                         *)
+(* Revisions.  TLC's liveness check is unsound under a state constraint,   *)
+(* so LiveSpec bounds the revision another way.  The protocol only         *)
+(* compares revisions with each other (=, <) and takes rev + 1 as a fresh  *)
+(* one larger than all; renaming the revisions held in the state by an     *)
+(* order-preserving map that keeps 0 therefore changes no future step.     *)
+(* After every write, Compact renames them to 0, 1, 2, ... (their ranks)   *)
+(* and sets rev to the largest: a stuttering step of the protocol that     *)
+(* keeps the state space finite without cutting any behaviour.  RevRoom    *)
+(* checks that MaxRev never blocks a write in a compacted state.           *)
+
+UsedRevs ==
+    {0, key.create, key.mod, maxHanded}
+        \cup {belief[n].token : n \in Nodes}
+        \cup {req[n].token : n \in Nodes} \cup {req[n].rtoken : n \in Nodes}
+
+Rank(v) == Cardinality({u \in UsedRevs : u < v})
+
+Compacted ==
+    /\ rev = Cardinality(UsedRevs) - 1
+    /\ \A v \in UsedRevs : Rank(v) = v
+
+Compact ==
+    /\ ~Compacted
+    /\ rev' = Cardinality(UsedRevs) - 1
+    /\ key' = [key EXCEPT !.create = Rank(@), !.mod = Rank(@)]
+    /\ maxHanded' = Rank(maxHanded)
+    /\ belief' = [n \in Nodes |-> [belief[n] EXCEPT !.token = Rank(@)]]
+    /\ req' = [n \in Nodes |-> [req[n] EXCEPT !.token = Rank(@), !.rtoken = Rank(@)]]
+    /\ last' = NoOp
+    /\ UNCHANGED <<alive, ttl, NodeVars>>
+
+LiveNext == (Compacted /\ Next) \/ Compact
+
+RevRoom == Compacted => rev < MaxRev
+
+(* Fairness: what must eventually happen once faults stop.                 *)
+(*  * Time passes (WF Tick), and Compact, the model's bookkeeping, runs.   *)
+(*  * etcd's lessor revokes a session whose TTL ran out (WF Expire): it    *)
+(*    stays expired until revoked, since only its holder's keepalive or a  *)
+(*    leader change would extend it.                                       *)
+(*  * A live node that neither believes it holds the actor, nor has a      *)
+(*    request in flight, nor waits in a handover, acquires (WF             *)
+(*    SendAcquire): Placement keeps asking for an actor it wants; a        *)
+(*    keepalive travels with every acquire, so this also keeps the         *)
+(*    session of a node that wants the actor alive.                        *)
+(*  * A node does not wait for ever: a request in flight is eventually     *)
+(*    answered or given up on, by its timeout (WF Receive \/ Lose).        *)
+(*  * A request sent again and again is eventually applied (SF on applying *)
+(*    a node's requests): the network may lose any finite number of them   *)
+(*    (Lose), not all.                                                     *)
+(*  * A handover's watch is eventually opened, and a deletion it delivers  *)
+(*    eventually arrives (WF OpenWatch, WF WatchEvent).                    *)
+(* Leader changes, crashes and lost requests get no fairness.              *)
+
+ApplyAny(n) == ApplyAcquire(n) \/ ApplyRenew(n) \/ ApplyRelease(n)
+
+BaseFairness ==
+    /\ WF_vars(Tick) /\ WF_vars(Compact)
+    /\ \A n \in Nodes :
+        /\ WF_vars(Expire(n))
+        /\ WF_vars(SendAcquire(n))
+        /\ WF_vars(Receive(n) \/ Lose(n))
+        /\ WF_vars(OpenWatch(n)) /\ WF_vars(WatchEvent(n))
+
+LiveSpec ==
+    /\ Init /\ [][LiveNext]_vars /\ BaseFairness
+    /\ \A n \in Nodes : SF_vars(ApplyAny(n))
+
+\* Wrong assumption, for the negative check: only weak fairness on applying
+\* requests, so the network may lose every attempt.
+WeakLiveSpec ==
+    /\ Init /\ [][LiveNext]_vars /\ BaseFairness
+    /\ \A n \in Nodes : WF_vars(ApplyAny(n))
+
+\* The actor's key exists, attached to the unexpired session of a node that
+\* is up.
+HeldByLiveNode ==
+    key.exists /\ up[key.holder] /\ ttl[key.holder] > 0
+
+\* If leader changes eventually stop, then again and again a live node holds
+\* the actor in etcd.  Every live node wants the actor (WF SendAcquire) and
+\* some node stays up (Crash), so: the lease of a node that crashed expires
+\* and is taken over, lost requests are sent again, and a node waiting in a
+\* handover acquires once the key is deleted.
+EventualLeaseResolution ==
+    <>[][~LeaderChange]_vars => []<>HeldByLiveNode
+
+\* The same without the assumption on leader changes: false, since a new
+\* leader extends every lease, a crashed node's too, to its full TTL.
+EventualLeaseResolutionUnderLeaderChurn ==
+    []<>HeldByLiveNode
 =============================================================================

@@ -311,6 +311,21 @@ impl RunSettings {
             inject_bug: args.inject_bug,
             store: args.store,
         };
+        if let Some(mutation) = args.inject_bug {
+            if mutation.etcd().is_some() && args.store != StoreChoice::Etcd {
+                return Err(CliError::Usage(format!(
+                    "--inject-bug {} breaks the etcd backend; run it with --store etcd",
+                    mutation.name()
+                )));
+            }
+            if mutation.etcd().is_none() && args.store != StoreChoice::Protocol {
+                return Err(CliError::Usage(format!(
+                    "--inject-bug {} breaks the lease protocol's store; run it with --store \
+                     protocol",
+                    mutation.name()
+                )));
+            }
+        }
         // Checked here so that a bad combination is a usage error, not a failed seed.
         let cluster = settings.scenario(SwarmStore::Protocol).cluster;
         BeliefConfig::new(

@@ -87,7 +87,7 @@ fn failure_lines(stdout: &str) -> (String, String) {
 #[test]
 fn an_injected_bug_fails_and_its_printed_replay_fails_the_same_way() {
     for mutation in Mutation::ALL {
-        let (code, stdout, stderr) = run(&[
+        let mut args = vec![
             "sim",
             "--seeds",
             "200",
@@ -95,7 +95,9 @@ fn an_injected_bug_fails_and_its_printed_replay_fails_the_same_way() {
             "1",
             "--inject-bug",
             mutation.name(),
-        ]);
+        ];
+        args.extend(mutation.sim_args());
+        let (code, stdout, stderr) = run(&args);
         assert_eq!(code, 1, "{}: {stdout}{stderr}", mutation.name());
         let first = stdout.lines().next().unwrap_or_default();
         assert!(first.starts_with("DST_SEED="), "{first}");
@@ -108,6 +110,9 @@ fn an_injected_bug_fails_and_its_printed_replay_fails_the_same_way() {
             .find(|l| l.starts_with("kelpie sim --seed "))
             .expect("a replay command");
         assert!(replay.contains(&format!("--inject-bug {}", mutation.name())));
+        if mutation.etcd().is_some() {
+            assert!(replay.contains("--store etcd"), "{replay}");
+        }
         let (invariant, step) = failure_lines(&stdout);
         let named = invariant.trim_start_matches("invariant: ");
         let expected = mutation.caught_first_by();
@@ -468,6 +473,21 @@ fn bad_inputs_exit_2_with_a_clear_message() {
         "--timeline",
     );
     assert_usage_error(&["sim", "--inject-bug", "nosuchbug"], "invalid value");
+    assert_usage_error(
+        &["sim", "--inject-bug", "etcd-blind-put"],
+        "run it with --store etcd",
+    );
+    assert_usage_error(
+        &[
+            "sim",
+            "--store",
+            "etcd",
+            "--inject-bug",
+            "acquire-ignores-holder",
+        ],
+        "run it with --store protocol",
+    );
+    assert_usage_error(&["sim", "--store", "zookeeper"], "invalid value");
     assert_usage_error(&["sim", "--lease-ms", "5"], "--lease-ms");
     assert!(!dir.path().join("leases.db").exists(), "nothing was opened");
 }

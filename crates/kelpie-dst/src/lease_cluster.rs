@@ -74,6 +74,8 @@ pub struct ClusterConfig {
     /// simulated etcd's keys (see [`crate::sim_etcd`]); `decide` and the write mutation are
     /// not used.
     pub store: SwarmStore,
+    /// A deliberately broken etcd backend on every node, if any (with `store` etcd).
+    pub etcd_mutation: Option<kelpie_lease::EtcdMutation>,
 }
 
 /// The store, the protocol over it, and every node's belief, with the checkers installed.

@@ -76,6 +76,7 @@ impl Default for LeaseScenario {
                 decide,
                 store_write_mutation: None,
                 store: SwarmStore::Protocol,
+                etcd_mutation: None,
             },
             request_timeout_ms: 200,
             check_liveness: true,

@@ -242,6 +242,10 @@ impl SwarmNode {
                 clock,
             )
             .map_err(|e| e.to_string())?;
+            let manager = match world.config.etcd_mutation {
+                Some(mutation) => manager.with_mutation(mutation),
+                None => manager,
+            };
             (SwarmManager::Etcd(manager), router)
         } else {
             let truth = world.cluster.store().clone();

@@ -12,7 +12,9 @@ use kelpie_lease::{
 };
 
 use crate::sim_lease_store::StoreWriteMutation;
+use crate::swarm_manager::SwarmStore;
 use crate::LeaseScenario;
+use kelpie_lease::EtcdMutation;
 
 /// What reports a failed linearizability check, among the invariants' names.
 pub const LINEARIZABILITY: &str = "Linearizability";
@@ -39,11 +41,19 @@ pub enum Mutation {
     StoreExtendsExpiredLeases,
     /// The store writes a takeover with the previous holder's token.
     StoreKeepsOldToken,
+    /// The etcd backend acquires with a blind put, no compare on the key's version.
+    EtcdBlindPut,
+    /// The etcd backend takes the token from the key's `mod_revision`, which renewals change.
+    EtcdModRevisionToken,
+    /// The etcd backend measures a session's confirmed expiry from a keepalive's reply.
+    EtcdBeliefFromReply,
+    /// The etcd backend trusts a watch's deletion event: its next acquire puts blindly.
+    EtcdTrustWatch,
 }
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 9] = [
+    pub const ALL: [Mutation; 13] = [
         Mutation::AcquireIgnoresHolder,
         Mutation::RenewIgnoresOwnership,
         Mutation::TokenNotIncreased,
@@ -53,6 +63,10 @@ impl Mutation {
         Mutation::StaleReads,
         Mutation::StoreExtendsExpiredLeases,
         Mutation::StoreKeepsOldToken,
+        Mutation::EtcdBlindPut,
+        Mutation::EtcdModRevisionToken,
+        Mutation::EtcdBeliefFromReply,
+        Mutation::EtcdTrustWatch,
     ];
 
     /// Its command-line name.
@@ -67,6 +81,33 @@ impl Mutation {
             Mutation::StaleReads => "stale-reads",
             Mutation::StoreExtendsExpiredLeases => "store-extends-expired-leases",
             Mutation::StoreKeepsOldToken => "store-keeps-old-token",
+            Mutation::EtcdBlindPut => "etcd-blind-put",
+            Mutation::EtcdModRevisionToken => "etcd-mod-revision-token",
+            Mutation::EtcdBeliefFromReply => "etcd-belief-from-reply",
+            Mutation::EtcdTrustWatch => "etcd-trust-watch",
+        }
+    }
+
+    /// The `kelpie sim` options the mutation runs with besides `--inject-bug`: the etcd
+    /// backend's on `--store etcd`, and a keepalive counted from its reply only shows where
+    /// the session's TTL is the lease (2 s: etcd's minimum TTL is 2 s, so at 1 s leases a
+    /// second of slack hides it).
+    pub fn sim_args(self) -> &'static [&'static str] {
+        match self {
+            Mutation::EtcdBeliefFromReply => &["--store", "etcd", "--lease-ms", "2000"],
+            _ if self.etcd().is_some() => &["--store", "etcd"],
+            _ => &[],
+        }
+    }
+
+    /// The etcd backend's mutation this is, if it is one: it runs only on `--store etcd`.
+    pub fn etcd(self) -> Option<EtcdMutation> {
+        match self {
+            Mutation::EtcdBlindPut => Some(EtcdMutation::BlindPut),
+            Mutation::EtcdModRevisionToken => Some(EtcdMutation::ModRevisionToken),
+            Mutation::EtcdBeliefFromReply => Some(EtcdMutation::BeliefFromReply),
+            Mutation::EtcdTrustWatch => Some(EtcdMutation::TrustWatch),
+            _ => None,
         }
     }
 
@@ -105,6 +146,16 @@ impl Mutation {
                 "RenewalRequiresOwnership",
                 LINEARIZABILITY,
             ],
+            // A blind put takes the key from its holder, keeping its create revision: two
+            // believers, one of them no longer backed, or a new holder with the old token.
+            Mutation::EtcdBlindPut | Mutation::EtcdTrustWatch => &[
+                "BeliefConsistency",
+                "LeaseUniqueness",
+                "FencingTokenMonotonic",
+            ],
+            // The first renewal hands the holder a token the key does not carry.
+            Mutation::EtcdModRevisionToken => &["BeliefConsistency", "FencingTokenMonotonic"],
+            Mutation::EtcdBeliefFromReply => &["BeliefConsistency"],
         }
     }
 
@@ -141,6 +192,13 @@ impl Mutation {
             Mutation::StoreKeepsOldToken => {
                 scenario.cluster.store_write_mutation = Some(StoreWriteMutation::KeepsOldToken);
                 scenario.check_linearizability = false;
+            }
+            Mutation::EtcdBlindPut
+            | Mutation::EtcdModRevisionToken
+            | Mutation::EtcdBeliefFromReply
+            | Mutation::EtcdTrustWatch => {
+                scenario.cluster.store = SwarmStore::Etcd;
+                scenario.cluster.etcd_mutation = self.etcd();
             }
             _ => {}
         }

@@ -24,14 +24,15 @@
 //! - **Leader change** (etcd's `lessor.Promote`): while an election runs the cluster answers
 //!   nothing (requests fail as etcd's "leader changed"; a request may already have been
 //!   applied), watches are cancelled and keepalive streams break; the new leader extends
-//!   every lease, expired-but-unrevoked ones included, to a full TTL from its takeover.
+//!   every lease, expired-but-unrevoked ones included, to a full TTL from its takeover (at
+//!   the end of the election).
 //! - **Watches** (<https://etcd.io/docs/v3.5/learning/api/#watch-api>): events from a start
 //!   revision, replayed from history; a start revision at or below the compaction revision is
 //!   refused as compacted. History is compacted every [`SIM_ETCD_COMPACT_EVERY_REVISIONS`].
 //! - **Faults**, drawn from the run's fault mix: `StorageLatency` delays an apply (slow disk
 //!   or a slow follower), `StorageCommitUnknown` applies a request and loses its reply,
-//!   `StorageWriteFail` loses a request before it is applied, and `StorageCrash` is a leader
-//!   election; the network's own loss, delay, duplication and partitions act on every
+//!   `StorageWriteFail` loses a request before it is applied, `StorageReadFail` times out a
+//!   linearizable read, and `StorageCrash` is a leader election; the network's own loss, delay, duplication and partitions act on every
 //!   message.
 //!
 //! The server also feeds the checkers: every actor whose lease key changed, the ground truth
@@ -148,6 +149,8 @@ struct EtcdState {
     watchers: Vec<Watcher>,
     /// No leader until this instant (an election is running).
     electing_until_ms: u64,
+    /// An election ran and its winner has not extended the leases yet.
+    promotion_pending: bool,
     /// The last token each actor's key had, for the truth of a deleted key.
     last_tokens: BTreeMap<ActorId, FencingToken>,
     /// Actors whose lease key changed since the checkers last looked.
@@ -219,24 +222,36 @@ impl SimEtcd {
     }
 
     /// Loses the leader: nothing is answered for `election_ms`, watches are cancelled, and
-    /// the new leader extends every lease to a full TTL from its takeover.
+    /// the new leader, when it takes over, extends every lease to a full TTL from then.
     pub fn elect(&self, election_ms: u64) {
         self.env.record_fault(FaultType::StorageCrash);
         let until_ms = self.now_ms() + election_ms;
         let mut state = self.state.borrow_mut();
         state.electing_until_ms = state.electing_until_ms.max(until_ms);
+        state.promotion_pending = true;
         for watcher in state.watchers.drain(..) {
             let reason = "etcdserver: leader changed".to_string();
             let _ = watcher.reply.send(Err(EtcdApiError::NoAnswer { reason }));
         }
-        let ttl_of = |l: &SimLease| until_ms + u64::try_from(l.ttl_s).unwrap_or(0) * 1_000;
+    }
+
+    /// The new leader's takeover, once the election is over (etcd's `lessor.Promote`): every
+    /// lease, expired-but-unrevoked ones included, lasts a full TTL from the takeover.
+    fn promote_if_elected(&self, state: &mut EtcdState) {
+        let now_ms = self.now_ms();
+        if !state.promotion_pending || state.electing_until_ms > now_ms {
+            return;
+        }
+        state.promotion_pending = false;
+        let takeover_ms = state.electing_until_ms;
         let mut extended = Vec::new();
         for lease in state.leases.values_mut() {
-            lease.expires_at_ms = ttl_of(lease);
+            let ttl_ms = u64::try_from(lease.ttl_s).unwrap_or(0) * 1_000;
+            lease.expires_at_ms = takeover_ms + ttl_ms;
             extended.extend(lease.keys.iter().cloned());
         }
         for key in extended {
-            self.note_change(&mut state, &key);
+            self.note_change(state, &key);
         }
     }
 
@@ -245,6 +260,7 @@ impl SimEtcd {
         let now_ms = self.now_ms();
         let mut state = self.state.borrow_mut();
         state.electing_until_ms = state.electing_until_ms.min(now_ms);
+        self.promote_if_elected(&mut state);
     }
 
     /// Revokes every lease whose TTL ran out: etcd's revoke loop, one pass.
@@ -254,6 +270,7 @@ impl SimEtcd {
         if state.electing_until_ms > now_ms {
             return;
         }
+        self.promote_if_elected(&mut state);
         let expired: Vec<i64> = (state.leases.iter())
             .filter(|(_, l)| l.expires_at_ms <= now_ms)
             .map(|(id, _)| *id)
@@ -267,6 +284,7 @@ impl SimEtcd {
     fn apply(&self, request: EtcdRequest) -> Result<EtcdResponse, EtcdApiError> {
         let now_ms = self.now_ms();
         let mut state = self.state.borrow_mut();
+        self.promote_if_elected(&mut state);
         Ok(match request {
             EtcdRequest::Txn(txn) => EtcdResponse::Txn(self.txn(&mut state, txn, now_ms)?),
             EtcdRequest::Range(range) => EtcdResponse::Range(range_of(&state, &range)?),
@@ -681,6 +699,9 @@ pub async fn serve_etcd(env: SimEnv, network: SimNetwork<LeaseMessage>, etcd: Si
             0
         };
         let lose_request = env.should_inject(FaultType::StorageWriteFail);
+        // A linearizable read that times out (its read index could not be confirmed).
+        let is_read = matches!(request, EtcdRequest::Range(_) | EtcdRequest::TimeToLive(_));
+        let fail_read = is_read && env.should_inject(FaultType::StorageReadFail);
         let lose_reply = env.should_inject(FaultType::StorageCommitUnknown);
         let (env, network, etcd) = (env.clone(), network.clone(), etcd.clone());
         drop(env.clone().spawn(async move {
@@ -692,6 +713,9 @@ pub async fn serve_etcd(env: SimEnv, network: SimNetwork<LeaseMessage>, etcd: Si
                 return;
             }
             let outcome = match request {
+                _ if fail_read => Err(EtcdApiError::NoAnswer {
+                    reason: "etcdserver: request timed out".to_string(),
+                }),
                 EtcdRequest::WatchDelete {
                     key,
                     start_revision,
@@ -880,5 +904,165 @@ pub async fn with_timeout<T>(
     match select(std::pin::pin!(future), std::pin::pin!(sleep)).await {
         Either::Left((output, _)) => Some(output),
         Either::Right(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kelpie_lease::etcd_api::Compare;
+    use kelpie_sim::SimConfig;
+
+    const KEY: &[u8] = b"/p/a";
+
+    /// Runs `check` against a fresh simulated etcd inside a simulation.
+    fn with_etcd(check: impl Fn(&SimEtcd, &SimEnv) + 'static) {
+        let check = Rc::new(check);
+        kelpie_sim::Simulation::new(SimConfig::new(1))
+            .run(move |env| {
+                let check = Rc::clone(&check);
+                async move {
+                    let etcd = SimEtcd::new(&env, "/p/");
+                    check(&etcd, &env);
+                    Ok::<(), String>(())
+                }
+            })
+            .expect("the simulation runs");
+    }
+
+    fn grant(etcd: &SimEtcd, ttl_s: i64) -> LeaseGrant {
+        match etcd.apply(EtcdRequest::Grant(ttl_s)) {
+            Ok(EtcdResponse::Grant(grant)) => grant,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn txn(etcd: &SimEtcd, txn: Txn) -> Result<TxnReply, EtcdApiError> {
+        match etcd.apply(EtcdRequest::Txn(txn)) {
+            Ok(EtcdResponse::Txn(reply)) => Ok(reply),
+            Ok(other) => panic!("{other:?}"),
+            Err(error) => Err(error),
+        }
+    }
+
+    fn create_if_absent(value: &[u8], lease: i64) -> Txn {
+        Txn {
+            compares: vec![Compare::version(KEY, 0)],
+            success: vec![TxnOp::put(KEY, value, lease), TxnOp::get(KEY)],
+            failure: vec![TxnOp::get(KEY)],
+        }
+    }
+
+    #[test]
+    fn revisions_versions_and_create_revision_follow_etcd() {
+        with_etcd(|etcd, _| {
+            let lease = grant(etcd, 5);
+            assert_eq!(lease.ttl_s, 5);
+            let first = txn(etcd, create_if_absent(b"n1", lease.id)).unwrap();
+            assert!(first.succeeded);
+            let kv = first.last_key().unwrap().clone();
+            assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (1, 1, 1));
+            // The compare fails for a second creator; nothing is written.
+            let second = txn(etcd, create_if_absent(b"n2", lease.id)).unwrap();
+            assert!(!second.succeeded);
+            assert_eq!(second.revision, 1);
+            assert_eq!(second.last_key().unwrap().value, b"n1");
+            // A put keeps the create revision and bumps version and mod revision.
+            let rewrite = Txn {
+                compares: vec![Compare::create_revision(KEY, 1)],
+                success: vec![TxnOp::put(KEY, b"n1", lease.id), TxnOp::get(KEY)],
+                failure: vec![],
+            };
+            let kv = txn(etcd, rewrite).unwrap().last_key().unwrap().clone();
+            assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (1, 2, 2));
+            // Deleted and created again: a larger create revision, version 1.
+            let delete = Txn {
+                compares: vec![],
+                success: vec![TxnOp::delete(KEY)],
+                failure: vec![],
+            };
+            assert!(txn(etcd, delete).unwrap().succeeded);
+            let again = txn(etcd, create_if_absent(b"n2", lease.id)).unwrap();
+            let kv = again.last_key().unwrap();
+            assert_eq!((kv.create_revision, kv.version), (4, 1));
+        });
+    }
+
+    #[test]
+    fn a_put_naming_a_missing_lease_applies_nothing() {
+        with_etcd(|etcd, _| {
+            let refused = txn(etcd, create_if_absent(b"n1", 999));
+            assert_eq!(refused, Err(EtcdApiError::LeaseNotFound));
+            assert!(etcd.truth(&ActorId::new("a").unwrap()).is_none());
+            assert_eq!(etcd.state.borrow().revision, 0);
+        });
+    }
+
+    #[test]
+    fn grants_are_raised_to_the_minimum_ttl_and_revocation_deletes_the_keys() {
+        with_etcd(|etcd, _| {
+            let lease = grant(etcd, 1);
+            assert_eq!(lease.ttl_s, ETCD_MIN_TTL_S);
+            txn(etcd, create_if_absent(b"n1", lease.id)).unwrap();
+            let actor = ActorId::new("a").unwrap();
+            assert_eq!(etcd.truth(&actor).unwrap().holder.unwrap().as_str(), "n1");
+            etcd.apply(EtcdRequest::Revoke(lease.id)).unwrap();
+            let truth = etcd.truth(&actor).unwrap();
+            assert_eq!((truth.holder, truth.fencing_token), (None, FencingToken(1)));
+            match etcd.apply(EtcdRequest::KeepAlive(lease.id)) {
+                Ok(EtcdResponse::KeepAlive(alive)) => assert!(!alive),
+                other => panic!("{other:?}"),
+            }
+        });
+    }
+
+    #[test]
+    fn an_expired_lease_is_not_kept_alive_but_a_new_leader_extends_it() {
+        with_etcd(|etcd, env| {
+            let lease = grant(etcd, 2);
+            txn(etcd, create_if_absent(b"n1", lease.id)).unwrap();
+            // Past its TTL but not yet revoked (the revoke loop has not run).
+            etcd.state
+                .borrow_mut()
+                .leases
+                .get_mut(&lease.id)
+                .unwrap()
+                .expires_at_ms = env.now_ms();
+            match etcd.apply(EtcdRequest::KeepAlive(lease.id)) {
+                Ok(EtcdResponse::KeepAlive(alive)) => assert!(!alive),
+                other => panic!("{other:?}"),
+            }
+            etcd.elect(0);
+            etcd.end_election();
+            let expiry = etcd.state.borrow().leases[&lease.id].expires_at_ms;
+            assert_eq!(expiry, env.now_ms() + 2_000, "a full TTL from the takeover");
+            assert_eq!(env.fault_fired(FaultType::StorageCrash), 1);
+        });
+    }
+
+    #[test]
+    fn watches_see_deletes_from_their_start_revision_and_refuse_compacted_ones() {
+        with_etcd(|etcd, _| {
+            let lease = grant(etcd, 5);
+            txn(etcd, create_if_absent(b"n1", lease.id)).unwrap();
+            let delete = Txn {
+                compares: vec![],
+                success: vec![TxnOp::delete(KEY)],
+                failure: vec![],
+            };
+            txn(etcd, delete).unwrap();
+            let mut seen = etcd.watch(KEY.to_vec(), 1);
+            assert_eq!(seen.try_recv().unwrap(), Some(Ok(2)));
+            let mut later = etcd.watch(KEY.to_vec(), 3);
+            assert_eq!(later.try_recv().unwrap(), None, "waits for a later delete");
+            etcd.state.borrow_mut().compact_revision = 2;
+            let mut compacted = etcd.watch(KEY.to_vec(), 2);
+            assert_eq!(
+                compacted.try_recv().unwrap(),
+                Some(Err(EtcdApiError::Compacted {
+                    compact_revision: 2
+                }))
+            );
+        });
     }
 }

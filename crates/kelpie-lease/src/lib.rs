@@ -70,6 +70,8 @@ pub use activation::{Activation, Placed, Placement, PlacementError};
 pub use error::{ConfigError, LeaseError, StoreError};
 #[cfg(feature = "etcd")]
 pub use etcd::EtcdClient;
+#[cfg(feature = "mutations")]
+pub use etcd::EtcdMutation;
 pub use etcd::{EtcdCredentials, EtcdFencedStateStore, EtcdLeaseManager, EtcdOptions};
 pub use fenced::{
     FencedState, FencedStateStore, MemoryFencedStateStore, SqliteFencedStateStore, StateError,
@@ -89,10 +91,11 @@ pub use tokio_util::sync::CancellationToken;
 pub mod limits {
     pub use crate::belief::CLOCK_DRIFT_PPM_MAX_LIMIT;
     pub use crate::etcd::{
-        ETCD_ACQUIRE_ATTEMPTS_MAX, ETCD_CONNECT_TIMEOUT_MS_DEFAULT, ETCD_ENDPOINTS_ENV,
-        ETCD_ENDPOINTS_MAX, ETCD_EXPIRY_CHECK_INTERVAL_MS, ETCD_KEY_PREFIX_BYTES_MAX,
-        ETCD_KEY_PREFIX_DEFAULT, ETCD_PORT_DEFAULT, ETCD_REQUEST_TIMEOUT_MS_DEFAULT,
-        ETCD_SCAN_PAGE_KEYS, ETCD_TIMEOUT_MS_MAX, ETCD_TIMEOUT_MS_MIN, ETCD_WATCH_FAILURES_MAX,
+        ETCD_ACQUIRE_ATTEMPTS_MAX, ETCD_APPLY_LATE_MS_MAX, ETCD_CONNECT_TIMEOUT_MS_DEFAULT,
+        ETCD_ENDPOINTS_ENV, ETCD_ENDPOINTS_MAX, ETCD_EXPIRY_CHECK_INTERVAL_MS,
+        ETCD_KEY_PREFIX_BYTES_MAX, ETCD_KEY_PREFIX_DEFAULT, ETCD_PORT_DEFAULT,
+        ETCD_REQUEST_TIMEOUT_MS_DEFAULT, ETCD_SCAN_PAGE_KEYS, ETCD_STALE_KEYS_PER_GRANT_MAX,
+        ETCD_TIMEOUT_MS_MAX, ETCD_TIMEOUT_MS_MIN, ETCD_WATCH_FAILURES_MAX,
     };
     pub use crate::fenced::{
         STATE_SQLITE_APPLICATION_ID, STATE_SQLITE_BUSY_TIMEOUT_MS_DEFAULT,
@@ -125,8 +128,8 @@ pub mod backend {
 /// [`EtcdLeaseManager`] against another etcd than a real cluster, such as the simulator's.
 pub mod etcd_api {
     pub use crate::etcd::{
-        Compare, CompareTarget, EtcdApi, EtcdApiError, EtcdKeyValue, LeaseGrant, RangeReply,
-        RangeRequest, Txn, TxnOp, TxnOpResult, TxnReply,
+        Compare, CompareTarget, DefaultEtcdApi, EtcdApi, EtcdApiError, EtcdKeyValue, LeaseGrant,
+        RangeReply, RangeRequest, Txn, TxnOp, TxnOpResult, TxnReply,
     };
 }
 

@@ -43,6 +43,16 @@ async fn raw_client(options: &EtcdOptions) -> etcd_client::Client {
         .unwrap()
 }
 
+/// Acquires every actor of `held` for `node_id` at once, well inside one lease duration (one
+/// after the other they can take longer, and the first would then be abandoned: see
+/// `a_key_nobody_renews_is_deleted_though_its_session_lives`).
+async fn acquire_all(m: &EtcdLeaseManager, held: &[ActorId], node_id: &NodeId) {
+    let acquiring = held.iter().map(|a| m.acquire(a, node_id));
+    for acquired in futures::future::join_all(acquiring).await {
+        acquired.unwrap();
+    }
+}
+
 fn actors(count: usize) -> Vec<ActorId> {
     (0..count)
         .map(|i| actor(&format!("actor-{i:03}")))
@@ -57,9 +67,7 @@ async fn one_session_and_one_keepalive_cover_all_of_a_nodes_actors() {
     let m = manager(&options).await;
     let n1 = node("n1");
     let held = actors(ACTORS_PER_NODE);
-    for a in &held {
-        m.acquire(a, &n1).await.unwrap();
-    }
+    acquire_all(&m, &held, &n1).await;
     assert_eq!(m.stats().sessions_granted, 1);
     let session = m.node_session(&n1).unwrap();
     // Every key hangs off the node's one etcd lease.
@@ -90,9 +98,7 @@ async fn concurrent_renewals_share_keepalives() {
     let m = manager(&options).await;
     let n1 = node("n1");
     let held = actors(ACTORS_PER_NODE);
-    for a in &held {
-        m.acquire(a, &n1).await.unwrap();
-    }
+    acquire_all(&m, &held, &n1).await;
     let before = m.stats().keep_alives_sent;
     let renewals = held.iter().map(|a| m.renew(a, &n1));
     for renewed in futures::future::join_all(renewals).await {
@@ -106,8 +112,8 @@ async fn concurrent_renewals_share_keepalives() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn renewing_one_actor_extends_the_nodes_other_leases() {
-    let Some(options) = shared_etcd("renew_extends_session") else {
+async fn a_key_nobody_renews_is_deleted_though_its_session_lives() {
+    let Some(options) = shared_etcd("abandoned_key_deleted") else {
         return;
     };
     let m = manager(&options).await;
@@ -118,8 +124,12 @@ async fn renewing_one_actor_extends_the_nodes_other_leases() {
         sleep_ms(LEASE_DURATION_MS * 2 / 3).await;
         m.renew(&a, &n1).await.unwrap();
     }
-    // Two TTLs have passed and `b` was never renewed, but it shares `a`'s session.
-    assert!(m.is_valid(&b, &n1).await.unwrap());
+    // Two lease durations have passed and `b` was never renewed: its lease ran out, and
+    // although `a`'s renewals keep the session (which `b`'s key hangs off) alive, the manager
+    // deleted `b`'s key at a renewal after that, so another node can take it.
+    assert!(m.is_valid(&a, &n1).await.unwrap());
+    assert!(!m.is_valid(&b, &n1).await.unwrap());
+    m.acquire(&b, &node("n2")).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,12 +22,17 @@ use crate::lease::Lease;
 #[derive(Debug, Clone)]
 pub(super) struct Keys {
     prefix: String,
+    /// Mutation: the token is the key's `mod_revision`.
+    #[cfg(feature = "mutations")]
+    pub mod_revision_token: bool,
 }
 
 impl Keys {
     pub fn new(prefix: &str) -> Self {
         Self {
             prefix: prefix.to_string(),
+            #[cfg(feature = "mutations")]
+            mod_revision_token: false,
         }
     }
 
@@ -74,7 +79,14 @@ impl Keys {
             .ok()
             .and_then(|v| NodeId::new(v).ok())
             .ok_or_else(|| corrupt(key, "the value is not a node id"))?;
-        let token = u64::try_from(kv.create_revision)
+        #[cfg(feature = "mutations")]
+        let token_revision = match self.mod_revision_token {
+            true => kv.mod_revision,
+            false => kv.create_revision,
+        };
+        #[cfg(not(feature = "mutations"))]
+        let token_revision = kv.create_revision;
+        let token = u64::try_from(token_revision)
             .ok()
             .filter(|&r| r > 0)
             .ok_or_else(|| corrupt(key, "create_revision is not positive"))?;

@@ -32,19 +32,7 @@ const TOKEN_BYTES: usize = 8;
 /// Actor state in the etcd of an [`EtcdLeaseManager`](super::EtcdLeaseManager), under its key
 /// prefix; made by [`EtcdLeaseManager::fenced_state_store`](super::EtcdLeaseManager::fenced_state_store)
 /// so that the two cannot disagree on where the leases are. See the module docs.
-#[cfg(feature = "etcd")]
-pub struct EtcdFencedStateStore<A = super::EtcdClient> {
-    api: Arc<A>,
-    clock: SharedClock,
-    keys: Keys,
-    request_timeout_ms: u64,
-}
-
-/// Actor state in the etcd of an [`EtcdLeaseManager`](super::EtcdLeaseManager), under its key
-/// prefix; made by [`EtcdLeaseManager::fenced_state_store`](super::EtcdLeaseManager::fenced_state_store)
-/// so that the two cannot disagree on where the leases are. See the module docs.
-#[cfg(not(feature = "etcd"))]
-pub struct EtcdFencedStateStore<A> {
+pub struct EtcdFencedStateStore<A = super::DefaultEtcdApi> {
     api: Arc<A>,
     clock: SharedClock,
     keys: Keys,

@@ -28,7 +28,11 @@ impl<A: EtcdApi> EtcdLeaseManager<A> {
         let key = self.keys.actor_key(actor_id);
         let waiting = self.watch_until_deleted(&key);
         match within(&self.connection.clock, max_wait_ms, waiting).await {
-            Some(result) => result.map(|()| true),
+            Some(Ok(())) => {
+                self.watched_free(actor_id);
+                Ok(true)
+            }
+            Some(Err(error)) => Err(error),
             None => Ok(false),
         }
     }

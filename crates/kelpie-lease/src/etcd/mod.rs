@@ -42,13 +42,26 @@
 //!
 //! # Node sessions
 //!
-//! Every key a node holds through a manager hangs off the node's one session lease, kept alive
-//! by one keepalive stream owned by one task. One keepalive extends all of the node's leases, so
-//! renewal cost does not grow with the number of actors: call
-//! [`EtcdLeaseManager::keep_alive_node`] once per period, or renew actors individually (their
-//! keepalives are coalesced: renewals queued while one keepalive is in flight share the next).
-//! A side effect worth knowing: renewing one actor extends every lease of that node's session.
-//! [`EtcdLeaseManager::revoke_node`] releases them all in one request.
+//! Every key a node holds through a manager hangs off the node's one session lease. One
+//! keepalive extends all of the node's leases, so renewal cost does not grow with the number
+//! of actors: call [`EtcdLeaseManager::keep_alive_node`] once per period, or renew actors
+//! individually (their keepalives take turns: renewals waiting while one keepalive is in
+//! flight share the next). [`EtcdLeaseManager::revoke_node`] releases them all in one request.
+//!
+//! # Abandoned keys
+//!
+//! Because one keepalive extends every key of a session, a key the node stopped renewing (a
+//! keeper gave up on it, or an acquire whose reply was lost created it) would live as long as
+//! the node renews anything else, and its actor would be lost to everyone: the simulator found
+//! exactly this (`kelpie sim --store etcd`). So the manager notes, per actor, when it last sent
+//! an acquire or renewal, and after each keepalive it confirms it deletes (a few at a time,
+//! [`ETCD_STALE_KEYS_PER_GRANT_MAX`]) the session's keys on which nothing was sent for a lease
+//! duration: by the lease contract they have expired. A delete is guarded by the key's
+//! `mod_revision` as read, and every grant writes the key (a renewal, or an acquire of a key
+//! the node already holds), so a request racing the delete either makes it fail or finds the
+//! key gone. An actor stays noted for [`ETCD_APPLY_LATE_MS_MAX`] after its last request, so a
+//! request etcd applies late is cleaned up too. [`EtcdLeaseManager::keep_alive_node`] counts
+//! as a request on every key: it keeps all of the node's leases.
 //!
 //! # Times in a [`Lease`]
 //!
@@ -143,6 +156,32 @@ pub const ETCD_COVERAGE_MARKS: &[&str] = &[
     MARK_ETCD_COMPARE_FAILED,
 ];
 
+/// Deliberately broken variants of the etcd backend, which the simulator's mutation runs must
+/// catch (feature `mutations`; never in a node's build).
+#[cfg(feature = "mutations")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EtcdMutation {
+    /// Acquire puts the key without comparing its version: a blind put over another holder.
+    BlindPut,
+    /// The fencing token is the key's `mod_revision`, which every renewal changes.
+    ModRevisionToken,
+    /// A session's confirmed expiry is measured from a keepalive's reply, not its send time.
+    BeliefFromReply,
+    /// After a watch saw the key deleted, the next acquire of it puts blindly, trusting the
+    /// event instead of the transaction's compare.
+    TrustWatch,
+}
+
+/// How late after its sending the backend assumes etcd may still apply a request: etcd fails
+/// a proposal it has not committed within its server-side request timeout (5 s plus two
+/// election timeouts, 7 s with the defaults). An abandoned key's actor is tracked at least this
+/// long after the node's last request on it, so an acquire applied late is still cleaned up.
+pub const ETCD_APPLY_LATE_MS_MAX: u64 = 7_000;
+
+/// Most abandoned keys looked at after one grant (a read and a delete each), so that the
+/// grant's caller is not held up; the rest wait for the next grant.
+pub const ETCD_STALE_KEYS_PER_GRANT_MAX: usize = 4;
+
 /// How many times an acquire retries when its session expired under it or it deleted a
 /// previous incarnation's key, before giving up with [`StoreError::Contention`].
 pub const ETCD_ACQUIRE_ATTEMPTS_MAX: u32 = 4;
@@ -151,29 +190,24 @@ pub const ETCD_ACQUIRE_ATTEMPTS_MAX: u32 = 4;
 /// unbounded reply.
 pub const ETCD_SCAN_PAGE_KEYS: i64 = 1_000;
 
-/// Leases on actors, in etcd. The comments at the top of `src/etcd/mod.rs` explain the key
-/// layout, the fencing token, node sessions and what the times in a [`Lease`] mean.
-///
-/// Generic over the etcd it talks to: [`EtcdClient`] (a real cluster, the default; feature
-/// `etcd`) or any other [`EtcdApi`], such as the simulator's etcd.
+/// The etcd a manager talks to unless told otherwise: a real cluster through `etcd-client`
+/// (feature `etcd`).
 #[cfg(feature = "etcd")]
-pub struct EtcdLeaseManager<A = EtcdClient> {
-    connection: Connection<A>,
-    keys: Keys,
-    /// The TTL asked of etcd for each session, in whole seconds.
-    ttl_s: i64,
-    /// The configured lease duration (at most the TTL): what a keeper measures beliefs with.
-    lease_duration_ms: u64,
-    sessions: NodeSessions<A>,
-}
+pub type DefaultEtcdApi = EtcdClient;
+
+/// Without the feature `etcd` there is no real cluster's client: a manager is always given
+/// its [`EtcdApi`] (such as the simulator's etcd), and this uninhabited type only fills the
+/// default.
+#[cfg(not(feature = "etcd"))]
+#[derive(Debug)]
+pub enum DefaultEtcdApi {}
 
 /// Leases on actors, in etcd. The comments at the top of `src/etcd/mod.rs` explain the key
 /// layout, the fencing token, node sessions and what the times in a [`Lease`] mean.
 ///
-/// Generic over the etcd it talks to (any [`EtcdApi`], such as the simulator's etcd); the
-/// real cluster's client needs the feature `etcd`.
-#[cfg(not(feature = "etcd"))]
-pub struct EtcdLeaseManager<A> {
+/// Generic over the etcd it talks to: by default a real cluster (`EtcdClient`, feature
+/// `etcd`), or any other [`EtcdApi`], such as the simulator's etcd.
+pub struct EtcdLeaseManager<A = DefaultEtcdApi> {
     connection: Connection<A>,
     keys: Keys,
     /// The TTL asked of etcd for each session, in whole seconds.
@@ -181,6 +215,11 @@ pub struct EtcdLeaseManager<A> {
     /// The configured lease duration (at most the TTL): what a keeper measures beliefs with.
     lease_duration_ms: u64,
     sessions: NodeSessions<A>,
+    #[cfg(feature = "mutations")]
+    mutation: Option<EtcdMutation>,
+    /// Actors a watch saw freed, for [`EtcdMutation::TrustWatch`].
+    #[cfg(feature = "mutations")]
+    trusted_free: std::sync::Mutex<std::collections::BTreeSet<ActorId>>,
 }
 
 /// What a manager's sessions cost so far.
@@ -265,12 +304,54 @@ impl<A: EtcdApi> EtcdLeaseManager<A> {
                 clock,
                 request_timeout_ms,
                 counters: Arc::new(Counters::default()),
+                #[cfg(feature = "mutations")]
+                belief_from_reply: false,
             },
             keys: Keys::new(key_prefix),
             ttl_s,
             lease_duration_ms,
             sessions: NodeSessions::default(),
+            #[cfg(feature = "mutations")]
+            mutation: None,
+            #[cfg(feature = "mutations")]
+            trusted_free: std::sync::Mutex::new(std::collections::BTreeSet::new()),
         })
+    }
+
+    /// This manager, deliberately broken as `mutation` says, for the simulator's mutation
+    /// runs.
+    #[cfg(feature = "mutations")]
+    pub fn with_mutation(mut self, mutation: EtcdMutation) -> Self {
+        self.mutation = Some(mutation);
+        self.connection.belief_from_reply = mutation == EtcdMutation::BeliefFromReply;
+        self.keys.mod_revision_token = mutation == EtcdMutation::ModRevisionToken;
+        self
+    }
+
+    /// Whether this acquire of `actor_id` puts its key blindly, without comparing its version:
+    /// only ever under a mutation.
+    fn puts_blindly(&self, actor_id: &ActorId) -> bool {
+        #[cfg(feature = "mutations")]
+        match self.mutation {
+            Some(EtcdMutation::BlindPut) => return true,
+            Some(EtcdMutation::TrustWatch) => {
+                let mut trusted = self.trusted_free.lock().expect("mutation set poisoned");
+                return trusted.remove(actor_id);
+            }
+            _ => {}
+        }
+        let _ = actor_id;
+        false
+    }
+
+    /// Notes that a watch saw `actor_id`'s key deleted (used only by a mutation).
+    fn watched_free(&self, actor_id: &ActorId) {
+        #[cfg(feature = "mutations")]
+        if self.mutation == Some(EtcdMutation::TrustWatch) {
+            let mut trusted = self.trusted_free.lock().expect("mutation set poisoned");
+            trusted.insert(actor_id.clone());
+        }
+        let _ = actor_id;
     }
 
     /// The etcd this manager talks to.
@@ -325,6 +406,8 @@ impl<A: EtcdApi> EtcdLeaseManager<A> {
         let Some(session) = self.sessions.live(node_id) else {
             return Ok(None);
         };
+        // The caller asks to keep every lease of the node: none of them is abandoned.
+        session.note_sent_all(self.connection.clock.now_ms());
         match session.keep_alive().await? {
             KeepAlive::Alive { sent_at_ms } => {
                 Ok(Some(sent_at_ms.saturating_add(session.ttl_ms())))

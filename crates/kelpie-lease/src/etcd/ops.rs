@@ -13,7 +13,10 @@ use super::api::{
 use super::codec::StoredLease;
 use super::errors::{bounded, store_error, timed_out, within, Effect};
 use super::session::{KeepAlive, Session};
-use super::{EtcdLeaseManager, ETCD_ACQUIRE_ATTEMPTS_MAX, ETCD_SCAN_PAGE_KEYS};
+use super::{
+    EtcdLeaseManager, ETCD_ACQUIRE_ATTEMPTS_MAX, ETCD_APPLY_LATE_MS_MAX, ETCD_SCAN_PAGE_KEYS,
+    ETCD_STALE_KEYS_PER_GRANT_MAX,
+};
 use crate::error::{LeaseError, StoreError};
 use crate::lease::Lease;
 
@@ -40,10 +43,13 @@ impl<A: EtcdApi> EtcdLeaseManager<A> {
             // Read before the transaction is sent (and after the caller sent its acquire), so
             // it is no later than etcd's applying it: the tenure's start.
             let sent_at_ms = self.connection.clock.now_ms();
-            let txn = acquire_txn(&key, node_id, session.lease_id());
+            let mut txn = acquire_txn(&key, node_id, session.lease_id());
+            if self.puts_blindly(actor_id) {
+                txn.compares.clear();
+            }
             // Until an answer says otherwise, the key may be created on this session: if the
             // reply is lost, the node must still delete it once nobody renews it.
-            session.note_maybe_acquired(actor_id, sent_at_ms);
+            session.note_sent(actor_id, sent_at_ms);
             // The new key must last at least a full TTL (which is at least the lease duration)
             // from `sent_at_ms`, since a caller counts its lease from its own send time (see
             // `belief`). If the session's confirmed expiry already covers that, the
@@ -64,7 +70,11 @@ impl<A: EtcdApi> EtcdLeaseManager<A> {
                 (written, Some(kept_alive))
             };
             match kept_alive {
-                None | Some(Ok(KeepAlive::Alive { .. })) => {}
+                None => {}
+                Some(Ok(KeepAlive::Alive { .. })) => {
+                    // The keepalive extended every key of the session, abandoned ones too.
+                    self.delete_stale(&session, node_id).await;
+                }
                 Some(Ok(KeepAlive::Expired)) => {
                     // A key the transaction may have created hangs off the dead session; etcd
                     // deletes it, or the next attempt deletes it as a previous incarnation's.
@@ -102,11 +112,11 @@ impl<A: EtcdApi> EtcdLeaseManager<A> {
             let expires_at_ms = session.expires_at_ms();
             if response.succeeded {
                 session.remember_acquired(actor_id, stored.create_revision, sent_at_ms);
-                self.delete_stale(&session, node_id).await;
                 return Ok(stored.lease(sent_at_ms, expires_at_ms));
             }
             if stored.holder != *node_id {
-                session.forget_unconfirmed(actor_id);
+                // The actor stays noted: a duplicate or late copy of this request (or of an
+                // earlier one) may still create the key once its holder lets go.
                 let expires_at_ms = self.observed_expiry_ms(stored.session_lease_id).await?;
                 return Err(LeaseError::HeldByOther {
                     actor_id: actor_id.clone(),
@@ -116,12 +126,16 @@ impl<A: EtcdApi> EtcdLeaseManager<A> {
             }
             if stored.session_lease_id == session.lease_id() {
                 // Idempotent: the caller already holds it, now for at least a TTL from
-                // `sent_at_ms` (see above).
-                session.note_granted(actor_id, stored.create_revision, sent_at_ms);
+                // `sent_at_ms` (see above). The key is rewritten, as a renewal would, so that
+                // a deletion of it as abandoned that raced this request fails (see
+                // `delete_stale`).
+                if !self.touch(&key, &stored, &session).await? {
+                    continue;
+                }
+                session.remember_acquired(actor_id, stored.create_revision, sent_at_ms);
                 let acquired_at_ms = session
                     .acquired_at_ms(actor_id, stored.create_revision)
                     .unwrap_or(sent_at_ms);
-                self.delete_stale(&session, node_id).await;
                 return Ok(stored.lease(acquired_at_ms, expires_at_ms));
             }
             self.delete_other_incarnation(&key, &stored).await?;
@@ -162,7 +176,10 @@ impl<A: EtcdApi> EtcdLeaseManager<A> {
         let key = self.keys.actor_key(actor_id);
         let sent_at_ms = self.connection.clock.now_ms();
         let live = self.sessions.live(node_id);
-        let guard = token_guard(&key, fencing_token);
+        if let Some(session) = &live {
+            session.note_sent(actor_id, sent_at_ms);
+        }
+        let guard = self.token_guard(&key, fencing_token);
         let (Some(session), Some(mut compares)) = (live, guard) else {
             let stored = self.read_key(actor_id).await?;
             return Err(self.refusal(actor_id, node_id, stored));
@@ -192,7 +209,6 @@ impl<A: EtcdApi> EtcdLeaseManager<A> {
                 return Err(self.refusal(actor_id, node_id, stored));
             }
         };
-        session.note_granted(actor_id, stored.create_revision, sent_at_ms);
         match session.keep_alive().await? {
             KeepAlive::Alive { sent_at_ms } => {
                 self.delete_stale(&session, node_id).await;
@@ -205,35 +221,105 @@ impl<A: EtcdApi> EtcdLeaseManager<A> {
         }
     }
 
-    /// Deletes the keys of `session` that nobody was granted for a lease duration (see
+    /// The comparison "the key still carries `fencing_token`" (none without a token), or
+    /// `None` if the token cannot be a create revision at all, so no key carries it.
+    fn token_guard(&self, key: &[u8], fencing_token: Option<FencingToken>) -> Option<Vec<Compare>> {
+        let guard = token_guard(key, fencing_token)?;
+        #[cfg(feature = "mutations")]
+        if self.keys.mod_revision_token {
+            let to_mod = |c: Compare| match c.target {
+                super::api::CompareTarget::CreateRevision(r) => Compare::mod_revision(&c.key, r),
+                _ => c,
+            };
+            return Some(guard.into_iter().map(to_mod).collect());
+        }
+        Some(guard)
+    }
+
+    /// Rewrites the caller's own key on its session, unchanged, if it is still `stored`'s
+    /// tenure: `Ok(false)` if it is not (deleted meanwhile).
+    async fn touch(
+        &self,
+        key: &[u8],
+        stored: &StoredLease,
+        session: &Session<A>,
+    ) -> Result<bool, StoreError> {
+        let txn = Txn {
+            compares: vec![
+                Compare::create_revision(key, stored.create_revision),
+                Compare::value(key, stored.holder.as_str().as_bytes()),
+                Compare::lease(key, session.lease_id()),
+            ],
+            success: vec![TxnOp::put(
+                key,
+                stored.holder.as_str().as_bytes(),
+                session.lease_id(),
+            )],
+            failure: Vec::new(),
+        };
+        match self.write_txn("acquire", txn).await? {
+            TxnOutcome::Done(reply) => Ok(reply.succeeded),
+            TxnOutcome::SessionGone => Ok(false),
+        }
+    }
+
+    /// Deletes the keys of `session` on which the node sent nothing for a lease duration (see
     /// [`Session::stale`]): keys the keeper gave up on, or created by an acquire whose reply
     /// was lost. Without this, the keepalives the node sends for its other actors would keep
-    /// them, and their actors, from everyone for ever. Each delete is guarded by the key still
-    /// naming this node on this session (and by its create revision where known); a failed
-    /// delete is retried at the next grant.
-    async fn delete_stale(&self, session: &Arc<Session<A>>, node_id: &NodeId) {
+    /// them, and their actors, from everyone for ever.
+    ///
+    /// Safe against requests racing it: each key is read first, the node is checked to have
+    /// sent nothing on it since (so any grant the read saw was for a request sent at least a
+    /// lease duration ago, whose belief has ended), and the delete is guarded by the key's
+    /// `mod_revision` as read. Every grant writes the key (renewals, and acquires of a key the
+    /// node already holds, see `touch`), so a request sent after the check and granted before
+    /// the delete makes the delete fail; one applied after it finds the key gone.
+    pub(super) async fn delete_stale(&self, session: &Arc<Session<A>>, node_id: &NodeId) {
         let now_ms = self.connection.clock.now_ms();
-        for (actor_id, create_revision) in session.stale(now_ms, self.lease_duration_ms) {
+        // A few per grant, so that the grant this runs after is not held up; the ones looked
+        // at longest ago first, so that every abandoned key is reached.
+        let count = ETCD_STALE_KEYS_PER_GRANT_MAX;
+        for (actor_id, last_sent_ms) in session.stale(now_ms, self.lease_duration_ms, count) {
             let key = self.keys.actor_key(&actor_id);
-            let mut compares = vec![
-                Compare::value(&key, node_id.as_str().as_bytes()),
-                Compare::lease(&key, session.lease_id()),
-            ];
-            if create_revision != 0 {
-                compares.push(Compare::create_revision(&key, create_revision));
+            let reading = self.connection.api.range(single_key(&key));
+            let Ok(read) = self
+                .bounded("reading a lease", Effect::ReadOnly, reading)
+                .await
+            else {
+                continue;
+            };
+            let ours = read.kvs.first().filter(|kv| {
+                kv.value == node_id.as_str().as_bytes() && kv.lease == session.lease_id()
+            });
+            let Some(kv) = ours else {
+                // Not (or no longer) this session's. An acquire sent before the read (or a
+                // duplicate of one) may still be applied after it and create the key, so the
+                // actor is forgotten only once no request sent by then can be applied any more.
+                let applied_by_ms = last_sent_ms
+                    .saturating_add(self.lease_duration_ms)
+                    .saturating_add(ETCD_APPLY_LATE_MS_MAX);
+                if applied_by_ms <= self.connection.clock.now_ms() {
+                    session.forget_unless_sent_since(&actor_id, last_sent_ms);
+                }
+                continue;
+            };
+            if !session.nothing_sent_since(&actor_id, last_sent_ms) {
+                continue;
             }
             let txn = Txn {
-                compares,
+                compares: vec![
+                    Compare::mod_revision(&key, kv.mod_revision),
+                    Compare::lease(&key, session.lease_id()),
+                ],
                 success: vec![TxnOp::delete(&key)],
                 failure: Vec::new(),
             };
-            if self
-                .write_txn("deleting an abandoned lease", txn)
-                .await
-                .is_ok()
-            {
-                kelpie_core::coverage::mark(super::MARK_ETCD_ABANDONED_KEY_DELETED);
-                session.forget(&actor_id);
+            let deleting = self.write_txn("deleting an abandoned lease", txn).await;
+            if let Ok(TxnOutcome::Done(reply)) = deleting {
+                if reply.succeeded {
+                    // Still noted, until no late request can create the key again.
+                    kelpie_core::coverage::mark(super::MARK_ETCD_ABANDONED_KEY_DELETED);
+                }
             }
         }
     }
@@ -285,7 +371,7 @@ impl<A: EtcdApi> EtcdLeaseManager<A> {
         fencing_token: Option<FencingToken>,
     ) -> Result<Lease, LeaseError> {
         let key = self.keys.actor_key(actor_id);
-        let Some(mut compares) = token_guard(&key, fencing_token) else {
+        let Some(mut compares) = self.token_guard(&key, fencing_token) else {
             let holder = self.read_key(actor_id).await?.map(|s| s.holder);
             return Err(not_holder(actor_id, node_id, holder));
         };
@@ -309,11 +395,9 @@ impl<A: EtcdApi> EtcdLeaseManager<A> {
                 return Err(not_holder(actor_id, node_id, stored.map(|s| s.holder)));
             }
         };
-        let lease = self.lease_of(&stored).await?;
-        if let Some(session) = self.sessions.live(node_id) {
-            session.forget(actor_id);
-        }
-        Ok(lease)
+        // The actor stays noted in the session: a late acquire of it could still create the
+        // key again, and the abandoned-key sweep must then find it.
+        Ok(self.lease_of(&stored).await?)
     }
 
     /// The lease as stored, with times on this manager's clock (see the module documentation).

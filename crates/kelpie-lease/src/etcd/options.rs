@@ -29,7 +29,7 @@ pub const ETCD_KEY_PREFIX_BYTES_MAX: usize = 512;
 /// Most endpoints accepted. A real cluster has 3, 5 or 7 members; a longer list is a mistake.
 pub const ETCD_ENDPOINTS_MAX: usize = 64;
 
-/// How long [`EtcdLeaseManager::connect`](super::EtcdLeaseManager::connect) waits for etcd to
+/// How long `EtcdLeaseManager::connect` (feature `etcd`) waits for etcd to
 /// answer, by default.
 pub const ETCD_CONNECT_TIMEOUT_MS_DEFAULT: u64 = 3_000;
 
@@ -66,7 +66,7 @@ impl fmt::Debug for EtcdCredentials {
     }
 }
 
-/// Settings for [`EtcdLeaseManager::connect`](super::EtcdLeaseManager::connect). Build with
+/// Settings for `EtcdLeaseManager::connect` (feature `etcd`). Build with
 /// [`EtcdOptions::new`] or [`EtcdOptions::from_env`] and the `with_*` methods; more settings
 /// may be added.
 #[derive(Clone)]

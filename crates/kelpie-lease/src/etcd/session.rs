@@ -32,6 +32,9 @@ pub(super) struct Connection<A> {
     pub clock: SharedClock,
     pub request_timeout_ms: u64,
     pub counters: Arc<Counters>,
+    /// Mutation: a keepalive counts from its reply, not its send time.
+    #[cfg(feature = "mutations")]
+    pub belief_from_reply: bool,
 }
 
 /// Running totals, for tests and operators to see what sessions cost.
@@ -51,14 +54,17 @@ pub(super) enum KeepAlive {
     Expired,
 }
 
-/// When this manager's node first acquired an actor, by the key's create revision, and when
-/// it last sent a request that etcd granted on it.
+/// What this manager's node knows of one of its session's keys: the create revision (0 while
+/// unknown: an acquire whose reply was lost), when it was acquired, and when the node last
+/// sent a request on it.
 #[derive(Debug, Clone, Copy)]
 struct Acquired {
-    /// The key's create revision; 0 while unknown (an acquire whose reply was lost).
     create_revision: i64,
     acquired_at_ms: u64,
-    granted_sent_at_ms: u64,
+    /// Send time of the node's latest acquire or renewal of the actor, noted before sending.
+    last_sent_ms: u64,
+    /// When the key was last looked at as possibly abandoned.
+    last_checked_ms: u64,
 }
 
 /// One node's etcd lease.
@@ -75,6 +81,8 @@ pub(super) struct Session<A> {
     turn: tokio::sync::Mutex<()>,
     acquired: Mutex<BTreeMap<ActorId, Acquired>>,
     request_timeout_ms: u64,
+    #[cfg(feature = "mutations")]
+    belief_from_reply: bool,
 }
 
 impl<A: EtcdApi> Session<A> {
@@ -110,6 +118,8 @@ impl<A: EtcdApi> Session<A> {
             turn: tokio::sync::Mutex::new(()),
             acquired: Mutex::new(BTreeMap::new()),
             request_timeout_ms: timeout_ms,
+            #[cfg(feature = "mutations")]
+            belief_from_reply: connection.belief_from_reply,
         })
     }
 
@@ -175,6 +185,11 @@ impl<A: EtcdApi> Session<A> {
         let timeout_ms = self.request_timeout_ms;
         match within(&self.clock, timeout_ms, self.api.keep_alive(self.lease_id)).await {
             Some(Ok(true)) => {
+                #[cfg(feature = "mutations")]
+                let sent_at_ms = match self.belief_from_reply {
+                    true => self.clock.now_ms(),
+                    false => sent_at_ms,
+                };
                 self.alive_sent_at_ms
                     .fetch_max(sent_at_ms, Ordering::SeqCst);
                 Ok(KeepAlive::Alive { sent_at_ms })
@@ -205,65 +220,88 @@ impl<A: EtcdApi> Session<A> {
         Ok(())
     }
 
-    /// Notes that this session created `actor_id`'s key at `create_revision` at `at_ms`.
-    pub fn remember_acquired(&self, actor_id: &ActorId, create_revision: i64, at_ms: u64) {
-        let acquired = Acquired {
-            create_revision,
-            acquired_at_ms: at_ms,
-            granted_sent_at_ms: at_ms,
-        };
-        self.acquired_map().insert(actor_id.clone(), acquired);
+    /// Notes that an acquire or renewal of `actor_id` is about to be sent at `sent_at_ms`:
+    /// until a lease duration after it, the key is not abandoned (see [`Session::stale`]).
+    pub fn note_sent(&self, actor_id: &ActorId, sent_at_ms: u64) {
+        let mut acquired = self.acquired_map();
+        let entry = acquired.entry(actor_id.clone()).or_insert(Acquired {
+            create_revision: 0,
+            acquired_at_ms: sent_at_ms,
+            last_sent_ms: sent_at_ms,
+            last_checked_ms: 0,
+        });
+        entry.last_sent_ms = entry.last_sent_ms.max(sent_at_ms);
     }
 
-    /// Notes that a request sent at `sent_at_ms` was granted on `actor_id`'s key with
-    /// `create_revision` (an idempotent acquire or a renewal).
-    pub fn note_granted(&self, actor_id: &ActorId, create_revision: i64, sent_at_ms: u64) {
+    /// Notes a request sent at `sent_at_ms` on every key of the session (a keepalive of the
+    /// whole node).
+    pub fn note_sent_all(&self, sent_at_ms: u64) {
+        for entry in self.acquired_map().values_mut() {
+            entry.last_sent_ms = entry.last_sent_ms.max(sent_at_ms);
+        }
+    }
+
+    /// Notes that this session created `actor_id`'s key at `create_revision` by a request
+    /// sent at `at_ms`.
+    pub fn remember_acquired(&self, actor_id: &ActorId, create_revision: i64, at_ms: u64) {
         let mut acquired = self.acquired_map();
         let entry = acquired.entry(actor_id.clone()).or_insert(Acquired {
             create_revision,
-            acquired_at_ms: sent_at_ms,
-            granted_sent_at_ms: sent_at_ms,
+            acquired_at_ms: at_ms,
+            last_sent_ms: at_ms,
+            last_checked_ms: 0,
         });
         if entry.create_revision != create_revision {
             entry.create_revision = create_revision;
-            entry.acquired_at_ms = sent_at_ms;
+            entry.acquired_at_ms = at_ms;
         }
-        entry.granted_sent_at_ms = entry.granted_sent_at_ms.max(sent_at_ms);
+        entry.last_sent_ms = entry.last_sent_ms.max(at_ms);
     }
 
-    /// Notes that an acquire of `actor_id` sent at `sent_at_ms` may have created its key on
-    /// this session (its reply was lost).
-    pub fn note_maybe_acquired(&self, actor_id: &ActorId, sent_at_ms: u64) {
-        let mut acquired = self.acquired_map();
-        acquired.entry(actor_id.clone()).or_insert(Acquired {
-            create_revision: 0,
-            acquired_at_ms: sent_at_ms,
-            granted_sent_at_ms: sent_at_ms,
-        });
-    }
-
-    /// Forgets `actor_id` if its key was only possibly created (an answer showed it was not).
-    pub fn forget_unconfirmed(&self, actor_id: &ActorId) {
+    /// Forgets `actor_id` if the node sent nothing on it since `last_sent_ms` and its key is
+    /// not a later tenure than `create_revision` (an answer showed the key is not, or no
+    /// longer, this session's).
+    pub fn forget_unless_sent_since(&self, actor_id: &ActorId, last_sent_ms: u64) {
         let mut acquired = self.acquired_map();
         if acquired
             .get(actor_id)
-            .is_some_and(|a| a.create_revision == 0)
+            .is_some_and(|a| a.last_sent_ms <= last_sent_ms)
         {
             acquired.remove(actor_id);
         }
     }
 
-    /// The keys of this session nobody was granted since `lease_duration_ms` before `now_ms`,
-    /// with their create revisions (0: unknown). No caller can believe it holds them any
-    /// more (a belief never outlasts the lease duration from its request's send time), but
-    /// the session's keepalives for its other keys would keep them alive for ever.
-    pub fn stale(&self, now_ms: u64, lease_duration_ms: u64) -> Vec<(ActorId, i64)> {
+    /// Up to `count` of the actors of this session's keys on which the node sent nothing for
+    /// a lease duration before `now_ms`, with the send time of their last request, the ones
+    /// looked at longest ago first (and marked as looked at now). No caller can believe it
+    /// holds them any more (a belief never outlasts the lease duration from its request's
+    /// send time), but the session's keepalives for its other keys keep them alive.
+    pub fn stale(&self, now_ms: u64, lease_duration_ms: u64, count: usize) -> Vec<(ActorId, u64)> {
+        let mut acquired = self.acquired_map();
+        let mut stale: Vec<(u64, ActorId, u64)> = acquired
+            .iter()
+            .filter(|(_, a)| a.last_sent_ms.saturating_add(lease_duration_ms) <= now_ms)
+            .map(|(actor_id, a)| (a.last_checked_ms, actor_id.clone(), a.last_sent_ms))
+            .collect();
+        stale.sort_unstable();
+        stale.truncate(count);
+        for (_, actor_id, _) in &stale {
+            if let Some(entry) = acquired.get_mut(actor_id) {
+                entry.last_checked_ms = now_ms;
+            }
+        }
+        stale
+            .into_iter()
+            .map(|(_, actor_id, last_sent_ms)| (actor_id, last_sent_ms))
+            .collect()
+    }
+
+    /// Whether the node sent nothing on `actor_id` since `last_sent_ms`.
+    pub fn nothing_sent_since(&self, actor_id: &ActorId, last_sent_ms: u64) -> bool {
         let acquired = self.acquired_map();
         acquired
-            .iter()
-            .filter(|(_, a)| a.granted_sent_at_ms.saturating_add(lease_duration_ms) <= now_ms)
-            .map(|(actor_id, a)| (actor_id.clone(), a.create_revision))
-            .collect()
+            .get(actor_id)
+            .is_none_or(|a| a.last_sent_ms <= last_sent_ms)
     }
 
     /// When this session acquired the key `actor_id` has at `create_revision`, if it did.
@@ -272,11 +310,6 @@ impl<A: EtcdApi> Session<A> {
             .get(actor_id)
             .filter(|a| a.create_revision == create_revision)
             .map(|a| a.acquired_at_ms)
-    }
-
-    /// Forgets `actor_id` after its key was deleted.
-    pub fn forget(&self, actor_id: &ActorId) {
-        self.acquired_map().remove(actor_id);
     }
 
     fn acquired_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<ActorId, Acquired>> {

@@ -422,11 +422,21 @@ impl KeeperCore {
             return None;
         }
         match result {
-            Ok(lease) => {
-                assert_eq!(
-                    lease.fencing_token, token,
-                    "a renewal never changes the token"
-                );
+            Ok(lease) if lease.fencing_token != token => {
+                // A renewal never changes the token; a store that says otherwise is broken
+                // (see the etcd backend's mod-revision mutation), and the node stops trusting
+                // it with this lease rather than crash.
+                self.remove_held(actor_id);
+                self.belief_changed(actor_id);
+                Some(KeeperEvent::Lost {
+                    actor_id: actor_id.clone(),
+                    fencing_token: token,
+                    reason: LostReason::TokenChanged {
+                        answered: lease.fencing_token,
+                    },
+                })
+            }
+            Ok(_) => {
                 let base_ms = self.belief_base_ms(sent_local_ms, now_ms);
                 let until_local_ms = self.believe(actor_id, base_ms, token)?;
                 Some(KeeperEvent::Renewed {

@@ -191,6 +191,13 @@ pub enum LostReason {
     Refused(LeaseError),
     /// Renewals failed for so long that the belief ran out.
     BeliefExpired,
+    /// The store answered a renewal with another fencing token than the lease's: it broke the
+    /// lease contract (a renewal keeps the token), so nothing it says about this lease can be
+    /// trusted and the belief ends.
+    TokenChanged {
+        /// The token the store's answer carried.
+        answered: FencingToken,
+    },
 }
 
 impl std::fmt::Display for LostReason {
@@ -199,6 +206,11 @@ impl std::fmt::Display for LostReason {
             LostReason::Refused(refusal) => write!(f, "the store refused a renewal: {refusal}"),
             LostReason::BeliefExpired => f.write_str(
                 "renewals failed until the belief ran out (ended before the store's expiry)",
+            ),
+            LostReason::TokenChanged { answered } => write!(
+                f,
+                "the store answered a renewal with token {answered}, not the lease's: a store \
+                 bug"
             ),
         }
     }
@@ -655,6 +667,10 @@ mod tests {
             refused.starts_with("the store refused a renewal: n1@1"),
             "{refused}"
         );
+        let changed = LostReason::TokenChanged {
+            answered: FencingToken(7),
+        };
+        assert!(changed.to_string().contains("token 7"), "{changed}");
     }
 
     #[test]

@@ -354,6 +354,12 @@ fn checks_flag_each_kind_of_violation() {
 /// acknowledgement after it resumes, after the next holder's activation line: that is no
 /// violation, since the next holder's fence read the write. The same lines with a fence that
 /// did not read the write are one.
+///
+/// Seen on etcd (seed 1, planted-bug mode, so the old check was not run): node 4, paused,
+/// had etcd commit its write of acct-2 token 319 seq 267 before the SIGSTOP took hold; node 0
+/// activated acct-2 with token 1277 at 24.25 s, its fence reading `319 267`; node 4 printed the
+/// acceptance at 26.41 s, after SIGCONT. The check this replaces, which ordered the two lines
+/// by their arrival, would have failed that run.
 #[test]
 fn writes_are_ordered_by_what_the_next_fence_read_not_by_arrival() {
     let line = |at_ms: u64, node: usize, json: serde_json::Value| Line {

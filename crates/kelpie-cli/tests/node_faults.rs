@@ -6,7 +6,8 @@
 //! with clocks 0.5 % fast and slow (libfaketime), within the keeper's 1 % drift bound.
 //!
 //! Every node logs JSON lines; the harness records them all and checks the history
-//! ([`checks`]): one holder per token, no activation still acting after the store fenced a
+//! ([`checks`]): the simulator's `FencingTokenMonotonic` on the tokens the processes saw (one
+//! holder per token, tokens never going back), no activation still acting after the store fenced a
 //! later token (two activations at one instant, ordered by the store, not by clocks), no stale
 //! token accepted, no write accepted after a later holder's fence (what that fence read orders
 //! it; so a paused node lands nothing once it resumes), every acknowledged write present in

@@ -85,7 +85,7 @@ pub struct Verdict {
 /// Runs every safety check on the history and on the final state (`final_runs` per actor).
 pub fn check(lines: &[Line], final_runs: &BTreeMap<String, Vec<Run>>) -> Verdict {
     let mut verdict = Verdict::default();
-    one_holder_per_token(lines, &mut verdict);
+    fencing_token_monotonic(lines, &mut verdict);
     no_belief_outlives_a_later_fence(lines, &mut verdict);
     no_stale_token_accepted(lines, &mut verdict);
     no_write_accepted_after_a_later_fence(lines, &mut verdict);
@@ -93,24 +93,88 @@ pub fn check(lines: &[Line], final_runs: &BTreeMap<String, Vec<Run>>) -> Verdict
     verdict
 }
 
-/// Every (actor, token) was activated by one process only: one holder per grant.
-fn one_holder_per_token(lines: &[Line], verdict: &mut Verdict) {
-    let mut holders: BTreeMap<(String, u64), (usize, u32)> = BTreeMap::new();
-    for line in lines.iter().filter(|l| l.message() == "activated") {
-        verdict.activations += 1;
-        let key = (line.actor().to_string(), line.number("token"));
-        let process = (line.node, line.generation);
-        match holders.get(&key) {
-            Some(first) if *first != process => verdict.violations.push(format!(
-                "two activations of {} with token {}: node {} (process {}) and node {} \
-                 (process {})",
-                key.0, key.1, first.0, first.1, process.0, process.1
-            )),
-            Some(_) => {}
-            None => {
-                holders.insert(key, process);
+/// The simulator's `FencingTokenMonotonic` (kelpie-dst), on what the processes saw of the
+/// store, in orders the store fixed:
+/// - per actor, every activation in token order, each as the record naming its process: a
+///   token activated by two processes is "passed ... with the same token" (one holder per
+///   grant);
+/// - per process and actor, in that process's program order (one task per actor writes its
+///   lines; every store operation it makes is linearizable), the token of each activation and
+///   the store's highest token named by each refusal: the tokens one client sees never go back,
+///   and a token it saw held by another never becomes its own.
+///
+/// The simulator's other checkers judge the store's records and every node's beliefs at each
+/// instant of one global clock (`LeaseUniqueness`, `BeliefConsistency`), or the store's own
+/// decisions (`RenewalRequiresOwnership`, `ExpiredLeaseClaimable`); real processes give neither
+/// a global clock nor the store's internals, so their store-ordered counterparts are the checks
+/// below (a refused write while still believing, a write accepted after a later fence).
+fn fencing_token_monotonic(lines: &[Line], verdict: &mut Verdict) {
+    /// A token and, if known, its holder.
+    type Seen = (u64, Option<String>);
+    use kelpie_dst::checkers::{FencingTokenMonotonic, Invariant};
+    let holder = |line: &Line| format!("node-{}-p{}", line.node, line.generation);
+    let mut granted: BTreeMap<&str, BTreeMap<u64, BTreeSet<String>>> = BTreeMap::new();
+    // (process, actor) -> tokens in program order, each with its holder if it was this one.
+    let mut seen: BTreeMap<(usize, u32, &str), Vec<Seen>> = BTreeMap::new();
+    for line in lines {
+        let token = line.number("token");
+        let key = (line.node, line.generation, line.actor());
+        match (line.message(), line.text("outcome")) {
+            ("activated", _) => {
+                verdict.activations += 1;
+                let by_token = granted.entry(line.actor()).or_default();
+                by_token.entry(token).or_default().insert(holder(line));
+                seen.entry(key)
+                    .or_default()
+                    .push((token, Some(holder(line))));
+            }
+            ("write", "refused") if line.number("highest") > 0 => {
+                seen.entry(key)
+                    .or_default()
+                    .push((line.number("highest"), None));
+            }
+            _ => {}
+        }
+    }
+    let mut feed = |label: String, actor: &str, tokens: &mut dyn Iterator<Item = Seen>| {
+        let Ok(actor_id) = kelpie_core::ActorId::new(actor) else {
+            return;
+        };
+        let mut checker = FencingTokenMonotonic::default();
+        for (token, holder) in tokens {
+            let record = kelpie_lease::backend::LeaseRecord {
+                holder: holder.and_then(|h| kelpie_core::NodeId::new(h).ok()),
+                fencing_token: kelpie_core::FencingToken(token),
+                acquired_at_ms: 0,
+                expires_at_ms: 0,
+                renewal_count: 0,
+            };
+            let mut records = kelpie_dst::checkers::ActorMap::default();
+            records.insert(actor_id.clone(), record);
+            let world = kelpie_dst::checkers::LeaseWorld {
+                store_now_ms: 0,
+                records: &records,
+                changed_actors: &BTreeSet::from([actor_id.clone()]),
+                decisions: &[],
+                beliefs: &kelpie_dst::checkers::ActorMap::default(),
+            };
+            if let Err(violation) = checker.check(&world) {
+                verdict
+                    .violations
+                    .push(format!("{} ({label}): {violation}", checker.name()));
+                return;
             }
         }
+    };
+    for (actor, by_token) in &granted {
+        let mut all = by_token
+            .iter()
+            .flat_map(|(token, holders)| holders.iter().map(|h| (*token, Some(h.clone()))));
+        feed("grants in token order".to_string(), actor, &mut all);
+    }
+    for ((node, generation, actor), tokens) in seen {
+        let label = format!("as node {node} (process {generation}) saw them");
+        feed(label, actor, &mut tokens.into_iter());
     }
 }
 
@@ -339,6 +403,16 @@ fn checks_flag_each_kind_of_violation() {
         check(&stale, &state).violations.len(),
         3,
         "a stale token accepted"
+    );
+    // A process that saw token 2 held by another, then was granted token 2 itself.
+    let mut regrant = clean.clone();
+    regrant.push(activated(0, 2));
+    let violations = check(&regrant, &state).violations;
+    assert!(
+        violations
+            .iter()
+            .any(|v| v.starts_with("FencingTokenMonotonic (as node 0")),
+        "{violations:?}"
     );
     let lost = BTreeMap::from([("a".to_string(), vec![run(2, 1, 1), run(1, 1, 1)])]);
     assert_eq!(

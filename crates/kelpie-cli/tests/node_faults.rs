@@ -581,8 +581,19 @@ impl Harness {
                 _ => {}
             }
         }
+        // An activation a later token of its actor superseded is over, whether or not its
+        // process has printed so yet: by the store's order, not by when lines arrived (a node
+        // stopped just after its fence prints `activated` only once it resumes).
+        let mut latest: BTreeMap<&str, u64> = BTreeMap::new();
+        for line in lines.iter().filter(|l| l.message() == "activated") {
+            let token = latest.entry(line.actor()).or_default();
+            *token = (*token).max(line.number("token"));
+        }
         let mut active: BTreeMap<String, Vec<(usize, u64)>> = BTreeMap::new();
         for ((node, generation, actor), token) in open {
+            if latest.get(actor.as_str()).is_some_and(|l| *l > token) {
+                continue;
+            }
             let process = &self.nodes[node];
             if process.generation == generation && process.child.is_some() {
                 active.entry(actor).or_default().push((node, token));

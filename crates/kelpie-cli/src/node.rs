@@ -529,7 +529,13 @@ async fn write_while_active<M: LeaseManager + 'static, S: FencedStateStore + 'st
             return "state-unreadable";
         }
     };
-    info!(actor = %actor, token = token.0, holder, "activated");
+    // What the fence read, in the store's order: the last write of the previous holders
+    // (token 0 if none ever wrote). The fault test orders every accepted write against this
+    // activation by it, not by when lines arrived.
+    let (read_token, read_seq) = runs
+        .last_written()
+        .map_or((0, 0), |run| (run.token.0, run.last_seq));
+    info!(actor = %actor, token = token.0, holder, read_token, read_seq, "activated");
     runs.begin(token, &holder);
     let mut seq = 0;
     loop {

@@ -55,6 +55,13 @@ impl Runs {
         Ok(Self { runs })
     }
 
+    /// The last run that wrote anything: in the value a fence read, the previous holders'
+    /// last write (its token and sequence number), which places every earlier write before
+    /// that fence in the store's order.
+    pub fn last_written(&self) -> Option<&Run> {
+        self.runs.iter().rev().find(|run| run.first_seq > 0)
+    }
+
     /// Starts the run of a new activation.
     pub fn begin(&mut self, token: FencingToken, holder: &str) {
         if self.runs.len() >= RUNS_MAX {
@@ -104,9 +111,13 @@ mod tests {
         let value = runs.encode();
         assert_eq!(value, b"3 node-a@1 1 2\n");
         let mut back = Runs::parse(Some(&value)).unwrap();
+        let last = back.last_written().unwrap();
+        assert_eq!((last.token, last.last_seq), (FencingToken(3), 2));
         back.begin(FencingToken(7), "node-a@3");
         back.extend(1);
         assert_eq!(back.encode(), b"3 node-a@1 1 2\n7 node-a@3 1 1\n");
+        assert_eq!(back.last_written().unwrap().token, FencingToken(7));
+        assert!(Runs::parse(None).unwrap().last_written().is_none());
         assert!(Runs::parse(Some(b"3 node-a 1")).is_err());
         assert!(Runs::parse(Some(b"x node-a 1 2")).is_err());
     }

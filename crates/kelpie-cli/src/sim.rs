@@ -302,10 +302,21 @@ pub struct SeedRun {
 
 impl RunSettings {
     fn from_args(args: &SimArgs) -> Result<Self, CliError> {
+        let lease_ms = match args.inject_bug {
+            Some(mutation) => mutation.lease_duration_ms(args.lease_ms),
+            None => args.lease_ms,
+        };
+        if lease_ms != args.lease_ms {
+            eprintln!(
+                "kelpie sim: --inject-bug {} runs with --lease-ms {lease_ms} (where the etcd \
+                 session's TTL is the lease)",
+                args.inject_bug.map_or("", Mutation::name)
+            );
+        }
         let settings = Self {
             nodes: args.nodes,
             actors: args.actors,
-            lease_ms: args.lease_ms,
+            lease_ms,
             sim_secs: args.sim_secs,
             faults: args.faults.clone(),
             inject_bug: args.inject_bug,

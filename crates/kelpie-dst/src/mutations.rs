@@ -89,14 +89,23 @@ impl Mutation {
     }
 
     /// The `kelpie sim` options the mutation runs with besides `--inject-bug`: the etcd
-    /// backend's on `--store etcd`, and a keepalive counted from its reply only shows where
-    /// the session's TTL is the lease (2 s: etcd's minimum TTL is 2 s, so at 1 s leases a
-    /// second of slack hides it).
+    /// backend's on `--store etcd`.
     pub fn sim_args(self) -> &'static [&'static str] {
         match self {
-            Mutation::EtcdBeliefFromReply => &["--store", "etcd", "--lease-ms", "2000"],
             _ if self.etcd().is_some() => &["--store", "etcd"],
             _ => &[],
+        }
+    }
+
+    /// The lease duration the mutation runs at when asked for `lease_duration_ms`: a keepalive
+    /// counted from its reply only outlasts etcd's expiry where the session's TTL is the
+    /// lease, so `etcd-belief-from-reply` rounds the lease up to whole seconds, at least etcd's
+    /// 2 s minimum TTL (below that, the TTL's slack makes the mutation harmless). Every other
+    /// mutation runs at the duration asked for.
+    pub fn lease_duration_ms(self, lease_duration_ms: u64) -> u64 {
+        match self {
+            Mutation::EtcdBeliefFromReply => lease_duration_ms.div_ceil(1_000).max(2) * 1_000,
+            _ => lease_duration_ms,
         }
     }
 

@@ -133,10 +133,11 @@ fn test_etcd_swarm_safety_and_liveness_with_every_mark_hit() {
 fn caught(mutation: Mutation) -> (u64, String) {
     let mut scenario = etcd_scenario();
     mutation.apply(&mut scenario);
-    if mutation == Mutation::EtcdBeliefFromReply {
+    let asked_ms = scenario.cluster.lease_duration_ms;
+    if mutation.lease_duration_ms(asked_ms) != asked_ms {
         // Only where the TTL is the lease does a keepalive counted from its reply outlast
         // etcd's expiry; at 1 s leases the 2 s minimum TTL hides it.
-        scenario.cluster.lease_duration_ms = 2_000;
+        scenario.cluster.lease_duration_ms = mutation.lease_duration_ms(asked_ms);
     }
     let mut failure = None;
     let end = Sweep::new(1, MUTATION_SEEDS_MAX).run(

@@ -157,6 +157,8 @@ fn fencing_token_monotonic(lines: &[Line], verdict: &mut Verdict) {
                 changed_actors: &BTreeSet::from([actor_id.clone()]),
                 decisions: &[],
                 beliefs: &kelpie_dst::checkers::ActorMap::default(),
+                // Only FencingTokenMonotonic runs here, which does not read it.
+                held_until_deleted: false,
             };
             if let Err(violation) = checker.check(&world) {
                 verdict

@@ -323,13 +323,14 @@ impl RunSettings {
             store: args.store,
         };
         if let Some(mutation) = args.inject_bug {
-            if mutation.etcd().is_some() && args.store != StoreChoice::Etcd {
+            let on_etcd = mutation.on_etcd();
+            if on_etcd && args.store != StoreChoice::Etcd {
                 return Err(CliError::Usage(format!(
-                    "--inject-bug {} breaks the etcd backend; run it with --store etcd",
+                    "--inject-bug {} breaks the etcd backend or etcd; run it with --store etcd",
                     mutation.name()
                 )));
             }
-            if mutation.etcd().is_none() && args.store != StoreChoice::Protocol {
+            if !on_etcd && args.store != StoreChoice::Protocol {
                 return Err(CliError::Usage(format!(
                     "--inject-bug {} breaks the lease protocol's store; run it with --store \
                      protocol",

@@ -110,7 +110,7 @@ fn an_injected_bug_fails_and_its_printed_replay_fails_the_same_way() {
             .find(|l| l.starts_with("kelpie sim --seed "))
             .expect("a replay command");
         assert!(replay.contains(&format!("--inject-bug {}", mutation.name())));
-        if mutation.etcd().is_some() {
+        if mutation.on_etcd() {
             assert!(replay.contains("--store etcd"), "{replay}");
         }
         let (invariant, step) = failure_lines(&stdout);

@@ -199,10 +199,8 @@ impl LeaseScenario {
             check_liveness: self.check_liveness,
             app_loop: self.app_loop,
             bug_stale_reads: self.bug_stale_reads,
-            // The linearizability model is the protocol's (`decide`); etcd histories are
-            // judged by the invariant checkers and liveness only.
-            check_linearizability: self.check_linearizability
-                && self.cluster.store == SwarmStore::Protocol,
+            // On etcd, the history checked is etcd's own (`crate::etcd_history`).
+            check_linearizability: self.check_linearizability,
             bug_node_never_acquires: self.bug_node_never_acquires,
         }
     }

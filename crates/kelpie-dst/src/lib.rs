@@ -33,6 +33,7 @@
 
 mod beliefs;
 pub mod checkers;
+pub mod etcd_history;
 pub mod history;
 pub mod lease_cluster;
 pub mod lease_events;

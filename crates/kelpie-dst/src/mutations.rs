@@ -49,11 +49,14 @@ pub enum Mutation {
     EtcdBeliefFromReply,
     /// The etcd backend trusts a watch's deletion event: its next acquire puts blindly.
     EtcdTrustWatch,
+    /// The simulated etcd serves range reads from the keys as they were before its latest
+    /// write.
+    EtcdStaleReads,
 }
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 13] = [
+    pub const ALL: [Mutation; 14] = [
         Mutation::AcquireIgnoresHolder,
         Mutation::RenewIgnoresOwnership,
         Mutation::TokenNotIncreased,
@@ -67,6 +70,7 @@ impl Mutation {
         Mutation::EtcdModRevisionToken,
         Mutation::EtcdBeliefFromReply,
         Mutation::EtcdTrustWatch,
+        Mutation::EtcdStaleReads,
     ];
 
     /// Its command-line name.
@@ -85,6 +89,7 @@ impl Mutation {
             Mutation::EtcdModRevisionToken => "etcd-mod-revision-token",
             Mutation::EtcdBeliefFromReply => "etcd-belief-from-reply",
             Mutation::EtcdTrustWatch => "etcd-trust-watch",
+            Mutation::EtcdStaleReads => "etcd-stale-reads",
         }
     }
 
@@ -92,7 +97,7 @@ impl Mutation {
     /// backend's on `--store etcd`.
     pub fn sim_args(self) -> &'static [&'static str] {
         match self {
-            _ if self.etcd().is_some() => &["--store", "etcd"],
+            _ if self.on_etcd() => &["--store", "etcd"],
             _ => &[],
         }
     }
@@ -107,6 +112,12 @@ impl Mutation {
             Mutation::EtcdBeliefFromReply => lease_duration_ms.div_ceil(1_000).max(2) * 1_000,
             _ => lease_duration_ms,
         }
+    }
+
+    /// Whether it breaks the etcd backend or the simulated etcd: it runs only on `--store
+    /// etcd`.
+    pub fn on_etcd(self) -> bool {
+        self.etcd().is_some() || self == Mutation::EtcdStaleReads
     }
 
     /// The etcd backend's mutation this is, if it is one: it runs only on `--store etcd`.
@@ -165,6 +176,9 @@ impl Mutation {
             // The first renewal hands the holder a token the key does not carry.
             Mutation::EtcdModRevisionToken => &["BeliefConsistency", "FencingTokenMonotonic"],
             Mutation::EtcdBeliefFromReply => &["BeliefConsistency"],
+            // The backend guards every write by a compare, so stale reads show only in etcd's
+            // history.
+            Mutation::EtcdStaleReads => &[LINEARIZABILITY],
         }
     }
 
@@ -208,6 +222,12 @@ impl Mutation {
             | Mutation::EtcdTrustWatch => {
                 scenario.cluster.store = SwarmStore::Etcd;
                 scenario.cluster.etcd_mutation = self.etcd();
+                // Atomic and honest at etcd's level: its history would pass.
+                scenario.check_linearizability = false;
+            }
+            Mutation::EtcdStaleReads => {
+                scenario.cluster.store = SwarmStore::Etcd;
+                scenario.bug_stale_reads = true;
             }
             _ => {}
         }

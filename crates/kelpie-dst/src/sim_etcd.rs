@@ -59,6 +59,7 @@ use kelpie_lease::{Lease, LeaseError};
 use kelpie_sim::{FaultType, HostId, SimClock, SimEnv, SimNetwork};
 
 use crate::checkers::DecisionRecord;
+use crate::etcd_history::{Answered, EtcdHistory};
 use crate::lease_net::{LeaseMessage, STORE_HOST};
 use crate::sim_thread::SimThread;
 
@@ -151,6 +152,11 @@ struct EtcdState {
     electing_until_ms: u64,
     /// An election ran and its winner has not extended the leases yet.
     promotion_pending: bool,
+    /// Deliberately broken: range reads are served from the keys as they were before the
+    /// latest write (a lagging follower answering without a read index).
+    stale_reads: bool,
+    /// The keys and revision before the latest write, for `stale_reads`.
+    lagging: Option<(i64, BTreeMap<Vec<u8>, EtcdKeyValue>)>,
     /// The last token each actor's key had, for the truth of a deleted key.
     last_tokens: BTreeMap<ActorId, FencingToken>,
     /// Actors whose lease key changed since the checkers last looked.
@@ -177,6 +183,20 @@ impl SimEtcd {
             env: env.clone(),
             prefix: Rc::new(prefix.as_bytes().to_vec()),
             state: Rc::new(RefCell::new(state)),
+        }
+    }
+
+    /// Makes this etcd serve range reads from the keys as they were before its latest write: a
+    /// deliberately broken store, which the etcd history check must catch.
+    pub fn with_stale_reads(self) -> Self {
+        self.state.borrow_mut().stale_reads = true;
+        self
+    }
+
+    /// Keeps the state before a write, when serving stale reads.
+    fn before_write(state: &mut EtcdState) {
+        if state.stale_reads {
+            state.lagging = Some((state.revision, state.keys.clone()));
         }
     }
 
@@ -287,7 +307,17 @@ impl SimEtcd {
         self.promote_if_elected(&mut state);
         Ok(match request {
             EtcdRequest::Txn(txn) => EtcdResponse::Txn(self.txn(&mut state, txn, now_ms)?),
-            EtcdRequest::Range(range) => EtcdResponse::Range(range_of(&state, &range)?),
+            EtcdRequest::Range(range) => match &state.lagging {
+                Some((revision, keys)) if state.stale_reads => {
+                    let lagging = EtcdState {
+                        revision: *revision,
+                        keys: keys.clone(),
+                        ..EtcdState::default()
+                    };
+                    EtcdResponse::Range(range_of(&lagging, &range)?)
+                }
+                _ => EtcdResponse::Range(range_of(&state, &range)?),
+            },
             EtcdRequest::Grant(ttl_s) => {
                 let ttl_s = ttl_s.max(ETCD_MIN_TTL_S);
                 state.next_lease_id += 1;
@@ -348,6 +378,9 @@ impl SimEtcd {
             }
         }
         let writes = ops.iter().any(|op| !matches!(op, TxnOp::Get { .. }));
+        if writes {
+            Self::before_write(state);
+        }
         let revision = if writes {
             state.revision + 1
         } else {
@@ -580,6 +613,7 @@ fn revoke(state: &mut EtcdState, prefix: &[u8], lease_id: i64, _now_ms: u64) {
     if lease.keys.is_empty() {
         return;
     }
+    SimEtcd::before_write(state);
     let revision = state.revision + 1;
     for key in &lease.keys {
         if delete(state, key, revision).is_some() {
@@ -749,8 +783,10 @@ type Pending = Rc<RefCell<BTreeMap<u64, oneshot::Sender<Result<EtcdResponse, Etc
 struct NetEtcdInner {
     network: SimNetwork<LeaseMessage>,
     host: HostId,
+    clock: SimClock,
     pending: Pending,
     next_request_id: Cell<u64>,
+    history: Option<EtcdHistory>,
 }
 
 /// A node's connection to the simulated etcd, across the simulated network: the
@@ -761,22 +797,26 @@ pub struct NetEtcd {
 }
 
 impl NetEtcd {
-    /// The etcd as seen from `host` (incarnation `incarnation`). Spawns the task that routes
-    /// replies; it stops when the node's tasks are aborted (a crash).
+    /// The etcd as seen from `host` (incarnation `incarnation`), recording every request and
+    /// what its answer showed in `history` (on global time, read from `clock`). Spawns the task
+    /// that routes replies; it stops when the node's tasks are aborted (a crash).
     pub fn connect(
         env: &SimEnv,
         network: SimNetwork<LeaseMessage>,
         host: HostId,
         incarnation: u32,
-        _clock: SimClock,
+        clock: SimClock,
+        history: Option<EtcdHistory>,
     ) -> (Self, kelpie_sim::JoinHandle<()>) {
         let pending: Pending = Rc::default();
         let router = env.spawn(route_replies(network.clone(), host, Rc::clone(&pending)));
         let inner = NetEtcdInner {
             network,
             host,
+            clock,
             pending,
             next_request_id: Cell::new(u64::from(incarnation) << 32),
+            history,
         };
         let etcd = Self {
             inner: SimThread::new(Rc::new(inner)),
@@ -786,7 +826,28 @@ impl NetEtcd {
 
     async fn call(&self, request: EtcdRequest) -> Result<EtcdResponse, EtcdApiError> {
         let inner = Rc::clone(&self.inner);
-        SimThread::new(async move { inner.exchange(request).await }).await
+        SimThread::new(async move {
+            let Some(history) = inner.history.clone() else {
+                return inner.exchange(request).await;
+            };
+            let index = history.invoke(inner.clock.global_now_ms());
+            let outcome = inner.exchange(request.clone()).await;
+            let answered_ms = inner.clock.global_now_ms();
+            let answered = match (&request, &outcome) {
+                (EtcdRequest::Txn(txn), Ok(EtcdResponse::Txn(reply))) => {
+                    Some(Answered::of_txn(answered_ms, txn, reply))
+                }
+                (EtcdRequest::Range(range), Ok(EtcdResponse::Range(reply))) => {
+                    Some(Answered::of_range(answered_ms, range, reply))
+                }
+                _ => None,
+            };
+            if let Some(answered) = answered {
+                history.answer(index, answered);
+            }
+            outcome
+        })
+        .await
     }
 }
 

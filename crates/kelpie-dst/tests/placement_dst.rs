@@ -523,6 +523,12 @@ async fn visit_wanted(
                 let _ = placement.deactivate(actor_id).await;
                 ctx.count(|f| f.deactivations += 1);
             }
+            // Not active here, but the keeper still holds the lease (a grant that arrived
+            // after its activation was given up, say): let it go, or it is renewed for ever.
+            (false, None) if keeper.holds(actor_id).is_some() => {
+                let _ = placement.deactivate(actor_id).await;
+                ctx.count(|f| f.deactivations += 1);
+            }
             (false, None) => {}
         }
     }

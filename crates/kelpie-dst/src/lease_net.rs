@@ -104,7 +104,19 @@ impl NetLeaseStore {
         truth: SimLeaseStore,
     ) -> (Self, kelpie_sim::JoinHandle<()>) {
         let pending: Pending = Rc::default();
-        let router = env.spawn(route_replies(network.clone(), host, Rc::clone(&pending)));
+        let reply = |message| match message {
+            LeaseMessage::Reply {
+                request_id,
+                outcome,
+            } => Some((request_id, outcome)),
+            _ => None,
+        };
+        let router = env.spawn(route_replies(
+            network.clone(),
+            host,
+            Rc::clone(&pending),
+            reply,
+        ));
         let first_id = u64::from(incarnation) << 32;
         let inner = NetInner {
             network,
@@ -131,16 +143,19 @@ impl NetLeaseStore {
     }
 }
 
-async fn route_replies(network: SimNetwork<LeaseMessage>, host: HostId, pending: Pending) {
+/// Hands each reply arriving at `host` (as `reply_of` reads it from a message) to the request
+/// waiting for it. A reply nobody waits for (timed out, duplicated, or for an earlier
+/// incarnation) is dropped, as a real client drops a response to a cancelled call. Shared by
+/// the lease store's and the simulated etcd's connections.
+pub(crate) async fn route_replies<T>(
+    network: SimNetwork<LeaseMessage>,
+    host: HostId,
+    pending: Rc<RefCell<BTreeMap<u64, oneshot::Sender<T>>>>,
+    reply_of: impl Fn(LeaseMessage) -> Option<(u64, T)>,
+) {
     loop {
         let (_, message) = network.recv(host).await;
-        if let LeaseMessage::Reply {
-            request_id,
-            outcome,
-        } = message
-        {
-            // A reply nobody waits for (timed out, duplicated, or for an earlier incarnation)
-            // is dropped, as a real client drops a response to a cancelled call.
+        if let Some((request_id, outcome)) = reply_of(message) {
             if let Some(waiter) = pending.borrow_mut().remove(&request_id) {
                 let _ = waiter.send(outcome);
             }

@@ -47,7 +47,6 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use futures_channel::oneshot;
-use futures_util::future::{select, Either};
 use kelpie_core::{ActorId, FencingToken, NodeId};
 use kelpie_lease::backend::{Decision, LeaseOp, LeaseRecord, LeaseRequest};
 use kelpie_lease::etcd_api::{
@@ -60,7 +59,7 @@ use kelpie_sim::{FaultType, HostId, SimClock, SimEnv, SimNetwork};
 
 use crate::checkers::DecisionRecord;
 use crate::etcd_history::{Answered, EtcdHistory};
-use crate::lease_net::{LeaseMessage, STORE_HOST};
+use crate::lease_net::{route_replies, LeaseMessage, STORE_HOST};
 use crate::sim_thread::SimThread;
 
 /// etcd's smallest lease TTL with its default heartbeat (100 ms) and election timeout (1 s):
@@ -296,7 +295,7 @@ impl SimEtcd {
             .map(|(id, _)| *id)
             .collect();
         for lease_id in expired {
-            revoke(&mut state, &self.prefix, lease_id, now_ms);
+            revoke(&mut state, &self.prefix, lease_id);
         }
     }
 
@@ -343,7 +342,7 @@ impl SimEtcd {
                 _ => EtcdResponse::KeepAlive(false),
             },
             EtcdRequest::Revoke(lease_id) => {
-                revoke(&mut state, &self.prefix, lease_id, now_ms);
+                revoke(&mut state, &self.prefix, lease_id);
                 EtcdResponse::Revoked
             }
             EtcdRequest::TimeToLive(lease_id) => {
@@ -606,7 +605,7 @@ fn delete(state: &mut EtcdState, key: &[u8], revision: i64) -> Option<EtcdKeyVal
 }
 
 /// Revokes `lease_id`: deletes every key attached to it, in one revision.
-fn revoke(state: &mut EtcdState, prefix: &[u8], lease_id: i64, _now_ms: u64) {
+fn revoke(state: &mut EtcdState, prefix: &[u8], lease_id: i64) {
     let Some(lease) = state.leases.remove(&lease_id) else {
         return;
     };
@@ -809,7 +808,15 @@ impl NetEtcd {
         history: Option<EtcdHistory>,
     ) -> (Self, kelpie_sim::JoinHandle<()>) {
         let pending: Pending = Rc::default();
-        let router = env.spawn(route_replies(network.clone(), host, Rc::clone(&pending)));
+        let reply = |message| match message {
+            LeaseMessage::EtcdReply {
+                request_id,
+                outcome,
+            } => Some((request_id, outcome)),
+            _ => None,
+        };
+        let routing = route_replies(network.clone(), host, Rc::clone(&pending), reply);
+        let router = env.spawn(routing);
         let inner = NetEtcdInner {
             network,
             host,
@@ -848,21 +855,6 @@ impl NetEtcd {
             outcome
         })
         .await
-    }
-}
-
-async fn route_replies(network: SimNetwork<LeaseMessage>, host: HostId, pending: Pending) {
-    loop {
-        let (_, message) = network.recv(host).await;
-        if let LeaseMessage::EtcdReply {
-            request_id,
-            outcome,
-        } = message
-        {
-            if let Some(waiter) = pending.borrow_mut().remove(&request_id) {
-                let _ = waiter.send(outcome);
-            }
-        }
     }
 }
 
@@ -952,19 +944,6 @@ impl EtcdApi for NetEtcd {
             EtcdResponse::Deleted(revision) => Ok(revision),
             other => Err(unexpected(other)),
         }
-    }
-}
-
-/// Races `future` with a sleep of `timeout_ms` on `clock`.
-pub async fn with_timeout<T>(
-    clock: &SimClock,
-    timeout_ms: u64,
-    future: impl std::future::Future<Output = T>,
-) -> Option<T> {
-    let sleep = clock.sleep_local(Duration::from_millis(timeout_ms));
-    match select(std::pin::pin!(future), std::pin::pin!(sleep)).await {
-        Either::Left((output, _)) => Some(output),
-        Either::Right(_) => None,
     }
 }
 

@@ -31,10 +31,10 @@ pub use renewal_requires_ownership::RenewalRequiresOwnership;
 
 /// Per-actor state the checkers look up: hashed, since it is only ever looked up by actor (a
 /// sorted map cost a dozen string comparisons, each reading two ids, per lookup at 10,000
-/// actors), with a fixed hasher and insertion-order iteration, so nothing in it depends on
-/// the process.
-pub type ActorMap<V> =
-    indexmap::IndexMap<ActorId, V, std::hash::BuildHasherDefault<std::hash::DefaultHasher>>;
+/// actors), with a fixed hasher (foldhash at its fixed default seed: SipHash cost more than
+/// the lookups it served) and insertion-order iteration, so nothing in it depends on the
+/// process.
+pub type ActorMap<V> = indexmap::IndexMap<ActorId, V, foldhash::fast::FixedState>;
 
 /// A decision the store made, whether or not a fault then kept it from being applied or
 /// answered. Decision-level invariants judge these.

@@ -92,7 +92,7 @@ enum Placed {
 struct Step {
     parent: Option<Rc<Step>>,
     placed: Placed,
-    constraints: Vec<(u32, u32, i64)>,
+    constraints: Box<[(u32, u32, i64)]>,
 }
 
 /// A point of the search.
@@ -204,7 +204,7 @@ impl<'h, 'a> Search<'h, 'a> {
             path: Rc::new(Step {
                 parent: None,
                 placed: Placed::Start,
-                constraints: vec![(0, 1, -t_min), (1, 0, t_max)],
+                constraints: Box::new([(0, 1, -t_min), (1, 0, t_max)]),
             }),
         }
     }
@@ -396,10 +396,7 @@ impl<'h, 'a> Search<'h, 'a> {
         placed: Placed,
     ) -> Vec<State> {
         let var = state.depth + 1;
-        let mut base = Constrained {
-            zone: state.zone.clone(),
-            log: Vec::new(),
-        };
+        let mut base = Constrained::new(state.zone.clone());
         let window = base.add(T, N, 0) && base.add(Z, N, -lo) && (hi >= INF || base.add(N, Z, hi));
         if !window {
             return Vec::new();
@@ -436,7 +433,7 @@ impl<'h, 'a> Search<'h, 'a> {
                 slot => state.aliases[slot],
             };
             let constraints = next
-                .log
+                .log()
                 .iter()
                 .map(|&(x, y, c)| {
                     let ((gx, ox), (gy, oy)) = (alias(x), alias(y));
@@ -507,18 +504,42 @@ fn may_help(record: Record, req: &Req, op: &Definite<'_>) -> bool {
     releases || req.node == op.req.node || named == Some(req.node)
 }
 
-/// A zone with the constraints added to it since a step began, over slots.
+/// Most constraints one step adds: the window (3), a branch's (2) and a reply's two
+/// equalities (2 each).
+const STEP_CONSTRAINTS_MAX: usize = 9;
+
+/// A zone with the constraints added to it since a step began, over slots. The log is inline:
+/// the search copies it for every branch of every step, and a growing vector cost a third of
+/// the search.
 #[derive(Clone)]
 struct Constrained {
     zone: Zone,
-    log: Vec<(Slot, Slot, i64)>,
+    log: [(Slot, Slot, i64); STEP_CONSTRAINTS_MAX],
+    log_len: usize,
 }
 
 impl Constrained {
+    fn new(zone: Zone) -> Self {
+        Self {
+            zone,
+            log: [(0, 0, 0); STEP_CONSTRAINTS_MAX],
+            log_len: 0,
+        }
+    }
+
     #[must_use]
     fn add(&mut self, x: Slot, y: Slot, c: i64) -> bool {
-        self.log.push((x, y, c));
+        assert!(
+            self.log_len < STEP_CONSTRAINTS_MAX,
+            "linearizability checker bug: more than {STEP_CONSTRAINTS_MAX} constraints in a step"
+        );
+        self.log[self.log_len] = (x, y, c);
+        self.log_len += 1;
         self.zone.constrain(x, y, c)
+    }
+
+    fn log(&self) -> &[(Slot, Slot, i64)] {
+        &self.log[..self.log_len]
     }
 }
 

@@ -212,6 +212,8 @@ impl<'h, 'a> Search<'h, 'a> {
     /// `Some(true)` if a linearization exists, `Some(false)` if none does, `None` at the bound.
     fn run(&mut self) -> Option<bool> {
         let mut pending = vec![self.initial()];
+        // One buffer for every state's children: a state is expanded once per search step.
+        let mut children = Vec::new();
         while let Some(mut state) = pending.pop() {
             loop {
                 if state.prefix == self.history.definite.len() {
@@ -223,7 +225,7 @@ impl<'h, 'a> Search<'h, 'a> {
                     return None;
                 }
 
-                let mut children = self.expand(&state);
+                self.expand(&state, &mut children);
                 match children.len() {
                     0 => {
                         self.note_dead_end(&state);
@@ -284,9 +286,11 @@ impl<'h, 'a> Search<'h, 'a> {
         true
     }
 
-    /// The states one step after `state`: each answered operation that may go next, then each
-    /// unseen effect that may take place next, in every case of the model that fits.
-    fn expand(&self, state: &State) -> Vec<State> {
+    /// The states one step after `state`, into `children` (emptied first): each answered
+    /// operation that may go next, then each unseen effect that may take place next, in every
+    /// case of the model that fits.
+    fn expand(&self, state: &State, children: &mut Vec<State>) {
+        children.clear();
         let definite = &self.history.definite;
         // Operations that may go next: none of the others must precede them in real time.
         // Every effect placed now must come before every unplaced operation's response.
@@ -307,9 +311,8 @@ impl<'h, 'a> Search<'h, 'a> {
         }
         // Tokens never go down, so an operation that saw a smaller one can never go.
         if state.record.token > token_cap {
-            return Vec::new();
+            return;
         }
-        let mut children = Vec::new();
         let mut unfit = Vec::new();
         for (index, op) in definite.iter().enumerate().take(end).skip(state.prefix) {
             if state.is_done(index) || op.invoked_ms > hi {
@@ -317,9 +320,9 @@ impl<'h, 'a> Search<'h, 'a> {
             }
             let placed = Placed::Definite(index);
             let before = children.len();
-            for mut child in self.place(state, &op.req, op.invoked_ms, hi, Some(&op.seen), placed) {
+            self.place(state, &op.req, (op.invoked_ms, hi), Some(&op.seen), placed, children);
+            for child in &mut children[before..] {
                 child.mark_done(index);
-                children.push(child);
             }
             if children.len() == before {
                 unfit.push(op);
@@ -364,13 +367,13 @@ impl<'h, 'a> Search<'h, 'a> {
                     kind: kind_index,
                     member,
                 };
-                for mut child in self.place(state, &kind.req, lo, top, None, placed) {
+                let before = children.len();
+                self.place(state, &kind.req, (lo, top), None, placed, children);
+                for child in &mut children[before..] {
                     Rc::make_mut(&mut child.used)[kind_index] = member as u32 + 1;
-                    children.push(child);
                 }
             }
         }
-        children
     }
 
     /// The first member at or after `used` whose window is still open when the last effect
@@ -385,23 +388,23 @@ impl<'h, 'a> Search<'h, 'a> {
     }
 
     /// The states where `req` took effect next, at an instant in `[lo, hi]` no earlier than
-    /// the last effect, with the reply `seen` (or, unseen, changing the record).
+    /// the last effect, with the reply `seen` (or, unseen, changing the record), pushed onto
+    /// `children`.
     fn place(
         &self,
         state: &State,
         req: &Req,
-        lo: i64,
-        hi: i64,
+        (lo, hi): (i64, i64),
         seen: Option<&Seen>,
         placed: Placed,
-    ) -> Vec<State> {
+        children: &mut Vec<State>,
+    ) {
         let var = state.depth + 1;
         let mut base = Constrained::new(state.zone.clone());
         let window = base.add(T, N, 0) && base.add(Z, N, -lo) && (hi >= INF || base.add(N, Z, hi));
         if !window {
-            return Vec::new();
+            return;
         }
-        let mut children = Vec::new();
         for branch in branches(state.record, req) {
             let mut next = base.clone();
             if !branch
@@ -481,7 +484,6 @@ impl<'h, 'a> Search<'h, 'a> {
                 }),
             });
         }
-        children
     }
 }
 

@@ -98,7 +98,7 @@ impl<'a> ActorHistory<'a> {
             let next = table.len() as Node;
             *table.entry(node.clone()).or_insert(next)
         };
-        let mut definite = Vec::new();
+        let mut definite = Vec::with_capacity(ops.len());
         let mut unseen: BTreeMap<Req, (&'a LeaseRequest, Vec<i64>)> = BTreeMap::new();
         let mut unanswered = 0;
         for &(index, op) in ops.iter().filter(|(_, op)| op.invoked_ms <= cut_ms) {

@@ -76,7 +76,6 @@ mod search;
 mod tests;
 mod zone;
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use kelpie_core::ActorId;
@@ -237,10 +236,13 @@ fn check_actors(
     ops: &[HistoryOp],
     delivery: Delivery,
 ) -> Result<LinearizabilityReport, LinearizabilityError> {
-    let mut by_actor: BTreeMap<&ActorId, Vec<(usize, &HistoryOp)>> = BTreeMap::new();
+    // Grouped by hashing (a sorted map cost a tenth of the check), then taken in actor order.
+    let mut by_actor: indexmap::IndexMap<&ActorId, Vec<(usize, &HistoryOp)>, foldhash::fast::FixedState> =
+        indexmap::IndexMap::default();
     for (index, op) in ops.iter().enumerate() {
         by_actor.entry(&op.actor_id).or_default().push((index, op));
     }
+    by_actor.sort_unstable_keys();
     let mut report = LinearizabilityReport::default();
     for (actor_id, ops) in by_actor {
         let history = ActorHistory::new(actor_id, &ops, u64::MAX, Start::empty(), delivery);

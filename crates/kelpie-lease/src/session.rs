@@ -814,12 +814,16 @@ mod tests {
     }
 
     fn session(manager: &Arc<Manager>, clock: &SharedClock, name: &str) -> LeaseSession<Manager> {
-        let built = LeaseSession::new(
-            Arc::clone(manager),
-            Arc::clone(clock),
-            node(name),
-            SessionConfig::default(),
-        );
+        session_with(manager, clock, name, SessionConfig::default())
+    }
+
+    fn session_with(
+        manager: &Arc<Manager>,
+        clock: &SharedClock,
+        name: &str,
+        config: SessionConfig,
+    ) -> LeaseSession<Manager> {
+        let built = LeaseSession::new(Arc::clone(manager), Arc::clone(clock), node(name), config);
         let (session, driver) = built.unwrap();
         drop(tokio::spawn(driver.run()));
         session
@@ -863,11 +867,17 @@ mod tests {
 
     /// Renewals keep failing: the guard's token is cancelled while the node still believes
     /// it holds the lease, so work tied to it stops before the belief (and the lease) ends.
+    ///
+    /// On the real clock, the test reads the time only once its own task runs after the
+    /// cancellation; a lead of half the lease leaves room for a loaded machine's scheduling
+    /// delay (with the default lead, a retry interval, it failed now and then beside other
+    /// builds). The simulator checks the same with the default lead (`session_dst`).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_guard_is_cancelled_before_the_belief_ends() {
         let clock: SharedClock = Arc::new(kelpie_core::TokioClock::new());
         let leases = manager(&clock);
-        let session = session(&leases, &clock, "n1");
+        let config = SessionConfig::default().with_cancel_lead_ms(LEASE_MS / 2);
+        let session = session_with(&leases, &clock, "n1", config);
         let mut events = session.events();
         let guard = session.acquire(&actor("a")).await.unwrap();
         assert!(guard.is_valid());

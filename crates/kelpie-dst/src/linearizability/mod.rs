@@ -237,8 +237,11 @@ fn check_actors(
     delivery: Delivery,
 ) -> Result<LinearizabilityReport, LinearizabilityError> {
     // Grouped by hashing (a sorted map cost a tenth of the check), then taken in actor order.
-    let mut by_actor: indexmap::IndexMap<&ActorId, Vec<(usize, &HistoryOp)>, foldhash::fast::FixedState> =
-        indexmap::IndexMap::default();
+    let mut by_actor: indexmap::IndexMap<
+        &ActorId,
+        Vec<(usize, &HistoryOp)>,
+        foldhash::fast::FixedState,
+    > = indexmap::IndexMap::default();
     for (index, op) in ops.iter().enumerate() {
         by_actor.entry(&op.actor_id).or_default().push((index, op));
     }

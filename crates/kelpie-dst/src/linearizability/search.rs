@@ -320,7 +320,14 @@ impl<'h, 'a> Search<'h, 'a> {
             }
             let placed = Placed::Definite(index);
             let before = children.len();
-            self.place(state, &op.req, (op.invoked_ms, hi), Some(&op.seen), placed, children);
+            self.place(
+                state,
+                &op.req,
+                (op.invoked_ms, hi),
+                Some(&op.seen),
+                placed,
+                children,
+            );
             for child in &mut children[before..] {
                 child.mark_done(index);
             }

@@ -495,30 +495,33 @@ impl<M: LeaseManager> LeaseKeeper<M> {
             return Some(self.lock().next_wake_ms(now_ms));
         }
         let count = requests.len();
-        let sent = requests.into_iter().enumerate().map(|(i, request)| async move {
-            let result = match &request {
-                KeeperRequest::Renew {
-                    actor_id,
-                    fencing_token,
-                    ..
-                } => {
-                    let renewing =
-                        self.manager
-                            .renew_fenced(actor_id, &self.holder_id, *fencing_token);
-                    renewing.await
-                }
-                KeeperRequest::Release {
-                    actor_id,
-                    fencing_token,
-                } => {
-                    let releasing =
-                        self.manager
-                            .release_fenced(actor_id, &self.holder_id, *fencing_token);
-                    releasing.await
-                }
-            };
-            (i, request, result)
-        });
+        let sent = requests
+            .into_iter()
+            .enumerate()
+            .map(|(i, request)| async move {
+                let result = match &request {
+                    KeeperRequest::Renew {
+                        actor_id,
+                        fencing_token,
+                        ..
+                    } => {
+                        let renewing =
+                            self.manager
+                                .renew_fenced(actor_id, &self.holder_id, *fencing_token);
+                        renewing.await
+                    }
+                    KeeperRequest::Release {
+                        actor_id,
+                        fencing_token,
+                    } => {
+                        let releasing =
+                            self.manager
+                                .release_fenced(actor_id, &self.holder_id, *fencing_token);
+                        releasing.await
+                    }
+                };
+                (i, request, result)
+            });
         // Each request is polled when it is woken, not all of them at every wake (as
         // `join_all` does for a few): n answers cost about n polls, not n squared. Answers
         // are applied together and in the order the requests were made, as before.

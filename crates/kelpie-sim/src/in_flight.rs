@@ -22,6 +22,8 @@ pub(crate) enum InFlightQueue<T> {
 
 pub(crate) struct Wheel<T> {
     slots: Vec<Vec<T>>,
+    /// `slots.len() - 1`: the slot of instant `at_ms` is `at_ms & slot_mask`.
+    slot_mask: u64,
     /// Bit `i` set: slot `i` holds messages.
     occupied: Vec<u64>,
     /// The earliest instant with messages, if any. Every message in flight is due within one
@@ -42,12 +44,14 @@ impl<T> InFlightQueue<T> {
         let count = usize::try_from(slots).expect("at most WHEEL_SLOTS_MAX");
         InFlightQueue::Wheel(Wheel {
             slots: (0..count).map(|_| Vec::new()).collect(),
+            slot_mask: slots - 1,
             occupied: vec![0; count.div_ceil(64)],
             earliest_ms: None,
         })
     }
 
     /// Adds `item`, due at `at_ms`, sent at `now_ms`.
+    #[inline]
     pub(crate) fn push(&mut self, now_ms: u64, at_ms: u64, item: T) {
         match self {
             InFlightQueue::Wheel(wheel) => wheel.push(now_ms, at_ms, item),
@@ -89,18 +93,22 @@ impl<T> InFlightQueue<T> {
 
 impl<T> Wheel<T> {
     fn mask(&self) -> u64 {
-        self.slots.len() as u64 - 1
+        self.slot_mask
     }
 
+    #[inline]
     fn push(&mut self, now_ms: u64, at_ms: u64, item: T) {
         assert!(
-            at_ms >= now_ms && at_ms - now_ms < self.slots.len() as u64,
+            at_ms >= now_ms && at_ms - now_ms <= self.slot_mask,
             "a delivery at {at_ms} ms sent at {now_ms} ms is outside the wheel's window"
         );
-        let slot = (at_ms & self.mask()) as usize;
+        let slot = (at_ms & self.slot_mask) as usize;
         self.slots[slot].push(item);
         self.occupied[slot / 64] |= 1 << (slot % 64);
-        self.earliest_ms = Some(self.earliest_ms.map_or(at_ms, |e| e.min(at_ms)));
+        match self.earliest_ms {
+            Some(earliest_ms) if earliest_ms <= at_ms => {}
+            _ => self.earliest_ms = Some(at_ms),
+        }
     }
 
     fn take_due(&mut self, now_ms: u64, out: &mut Vec<T>) -> bool {

@@ -88,6 +88,8 @@ struct NetworkInner<M> {
     config: NetworkConfig,
     /// Whether the run's fault mix has any fault drawn per message.
     faults_configured: bool,
+    /// [`delivery_ms_max`] of `config`, computed once: every send checks against it.
+    delivery_ms_max: u64,
     state: RefCell<NetworkState<M>>,
 }
 
@@ -168,6 +170,7 @@ impl<M: Clone + 'static> SimNetwork<M> {
             .any(|&fault| env.fault_probability(fault).is_some());
         let inner = Rc::new(NetworkInner {
             env: env.clone(),
+            delivery_ms_max: delivery_ms_max(&config),
             config,
             faults_configured,
             state: RefCell::new(state),
@@ -185,7 +188,7 @@ impl<M: Clone + 'static> SimNetwork<M> {
     /// The longest a message can take from send to delivery: the configured latency plus
     /// the largest delay spike. A message not delivered by then never will be.
     pub fn delivery_ms_max(&self) -> u64 {
-        delivery_ms_max(&self.inner.config)
+        self.inner.delivery_ms_max
     }
 
     /// Sends `message` from `from` to `to`. It arrives after a random latency unless a
@@ -193,54 +196,63 @@ impl<M: Clone + 'static> SimNetwork<M> {
     ///
     /// # Panics
     /// If either host is out of range.
+    #[inline]
     pub fn send(&self, from: HostId, to: HostId, message: M) {
-        let hosts = self.inner.config.hosts;
+        let inner = &*self.inner;
+        let hosts = inner.config.hosts;
         assert!(
             from < hosts && to < hosts,
             "send {from}->{to} on a network of {hosts} hosts"
         );
-        let env = &self.inner.env;
-        let mut state = self.inner.state.borrow_mut();
+        let mut state = inner.state.borrow_mut();
         state.sent += 1;
-        let route = route_word(from, to);
         if state.any_blocked && state.blocked[from * hosts + to] {
-            state.drop_message(env, route, OUTCOME_PARTITIONED);
+            state.drop_message(&inner.env, route_word(from, to), OUTCOME_PARTITIONED);
             return;
         }
         // Without network faults in the run's mix there is nothing to draw (an unconfigured
         // fault neither draws nor traces), so the draws are skipped outright.
-        let faults = self.inner.faults_configured;
-        if faults && env.should_inject(FaultType::NetworkMessageLoss) {
-            state.drop_message(env, route, OUTCOME_LOST);
-            return;
+        if inner.faults_configured {
+            self.send_with_faults(&mut state, from, to, message);
+        } else {
+            self.enqueue(&mut state, from, to, message);
         }
-        if faults && env.should_inject(FaultType::NetworkDuplicate) {
-            self.enqueue(&mut state, from, to, message.clone());
-        }
-        self.enqueue(&mut state, from, to, message);
     }
 
-    fn enqueue(&self, state: &mut NetworkState<M>, from: HostId, to: HostId, message: M) {
+    /// [`Self::send`] when the run's fault mix has per-message network faults: draws loss,
+    /// then duplication, then enqueues the copies.
+    #[cold]
+    #[inline(never)]
+    fn send_with_faults(&self, state: &mut NetworkState<M>, from: HostId, to: HostId, message: M) {
         let env = &self.inner.env;
-        let config = &self.inner.config;
+        if env.should_inject(FaultType::NetworkMessageLoss) {
+            state.drop_message(env, route_word(from, to), OUTCOME_LOST);
+            return;
+        }
+        if env.should_inject(FaultType::NetworkDuplicate) {
+            self.enqueue(state, from, to, message.clone());
+        }
+        self.enqueue(state, from, to, message);
+    }
+
+    /// Puts one copy of a message in flight, after a latency drawn from the network's stream.
+    #[inline]
+    fn enqueue(&self, state: &mut NetworkState<M>, from: HostId, to: HostId, message: M) {
+        let inner = &*self.inner;
+        let config = &inner.config;
         let mut latency_ms = state
             .rng
             .gen_range(config.latency_ms_min..=config.latency_ms_max);
-        let faults = self.inner.faults_configured;
-        if faults && env.should_inject(FaultType::NetworkReorder) {
-            latency_ms = config.latency_ms_min;
-        } else if faults && env.should_inject(FaultType::NetworkDelay) {
-            let spike_base_ms = config.latency_ms_max.max(1);
-            latency_ms += state
-                .rng
-                .gen_range(spike_base_ms..=spike_base_ms * NETWORK_DELAY_SPIKE_FACTOR);
+        if inner.faults_configured {
+            latency_ms = self.latency_with_faults_ms(state, latency_ms);
         }
         assert!(
-            latency_ms <= self.delivery_ms_max(),
+            latency_ms <= inner.delivery_ms_max,
             "a message drew {latency_ms} ms, beyond delivery_ms_max {} ms that checkers rely on",
-            self.delivery_ms_max()
+            inner.delivery_ms_max
         );
-        let now_ms = env.now_ms();
+        let runtime = inner.env.runtime();
+        let now_ms = runtime.shared.now_ms();
         let deliver_at_ms = now_ms.saturating_add(latency_ms);
         // Host indices fit u32: there are at most NETWORK_HOSTS_MAX of them.
         let item = InFlight {
@@ -250,9 +262,29 @@ impl<M: Clone + 'static> SimNetwork<M> {
         };
         state.in_flight.push(now_ms, deliver_at_ms, item);
         state.in_flight_count += 1;
-        env.runtime()
+        runtime
             .trace
             .event(event::NET_SEND, route_word(from, to), deliver_at_ms);
+    }
+
+    /// `latency_ms` after the reorder and delay faults, drawn in that order: a reordered
+    /// message takes the shortest latency, a delayed one a spike on top of its latency.
+    #[cold]
+    #[inline(never)]
+    fn latency_with_faults_ms(&self, state: &mut NetworkState<M>, latency_ms: u64) -> u64 {
+        let env = &self.inner.env;
+        let config = &self.inner.config;
+        if env.should_inject(FaultType::NetworkReorder) {
+            return config.latency_ms_min;
+        }
+        if env.should_inject(FaultType::NetworkDelay) {
+            let spike_base_ms = config.latency_ms_max.max(1);
+            return latency_ms
+                + state
+                    .rng
+                    .gen_range(spike_base_ms..=spike_base_ms * NETWORK_DELAY_SPIKE_FACTOR);
+        }
+        latency_ms
     }
 
     /// Waits for the next message to `host`; returns the sender and the message. Each host's
@@ -345,6 +377,10 @@ fn route_word(from: HostId, to: HostId) -> u64 {
 }
 
 impl<M> NetworkState<M> {
+    /// Counts and traces a message that will not be delivered. Rare next to deliveries, so
+    /// kept out of the send and delivery loops.
+    #[cold]
+    #[inline(never)]
     fn drop_message(&mut self, env: &SimEnv, route: u64, outcome: u64) {
         self.dropped += 1;
         if outcome == OUTCOME_PARTITIONED {

@@ -458,6 +458,7 @@ pub struct Recv<'a, M> {
 impl<M> Future for Recv<'_, M> {
     type Output = (HostId, M);
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(HostId, M)> {
         let mut state = self.network.inner.state.borrow_mut();
         let mailbox = &mut state.mailboxes[self.host];

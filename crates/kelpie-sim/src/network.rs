@@ -62,7 +62,12 @@ struct InFlight<M> {
 
 struct Mailbox<M> {
     queue: VecDeque<(HostId, M)>,
+    /// The waker of the last `recv` that found the mailbox empty. Kept after it is woken, so
+    /// that the same receiver waiting again needs no new clone of it.
     waiter: Option<Waker>,
+    /// Whether `waiter` waits for a message: set by a `recv` that found the mailbox empty,
+    /// cleared by the delivery that wakes it.
+    waiting: bool,
 }
 
 struct NetworkState<M> {
@@ -79,8 +84,9 @@ struct NetworkState<M> {
     delivered: u64,
     dropped: u64,
     in_flight_count: u64,
-    /// Reused buffer of wakers to wake after a delivery burst.
-    wake_buffer: Vec<Waker>,
+    /// Reused buffer of the hosts whose waiting receiver to wake after a delivery burst, in
+    /// the order their first message arrived.
+    hosts_to_wake: Vec<HostId>,
 }
 
 struct NetworkInner<M> {
@@ -144,6 +150,7 @@ impl<M: Clone + 'static> SimNetwork<M> {
             .map(|_| Mailbox {
                 queue: VecDeque::new(),
                 waiter: None,
+                waiting: false,
             })
             .collect();
         let state = NetworkState {
@@ -157,7 +164,7 @@ impl<M: Clone + 'static> SimNetwork<M> {
             delivered: 0,
             dropped: 0,
             in_flight_count: 0,
-            wake_buffer: Vec::new(),
+            hosts_to_wake: Vec::new(),
         };
         let per_message = [
             FaultType::NetworkMessageLoss,
@@ -394,7 +401,7 @@ impl<M> NetworkState<M> {
             .event(event::NET_DELIVER, route, outcome);
     }
 
-    /// Delivers one bucket; collects the wakers of hosts that were waiting.
+    /// Delivers one bucket; collects the hosts whose receiver was waiting.
     fn deliver_bucket(
         &mut self,
         env: &SimEnv,
@@ -420,8 +427,9 @@ impl<M> NetworkState<M> {
                 .event(event::NET_DELIVER, route, OUTCOME_DELIVERED);
             let mailbox = &mut self.mailboxes[to];
             mailbox.queue.push_back((from, message));
-            if let Some(waiter) = mailbox.waiter.take() {
-                self.wake_buffer.push(waiter);
+            if mailbox.waiting {
+                mailbox.waiting = false;
+                self.hosts_to_wake.push(to);
             }
         }
     }
@@ -433,18 +441,30 @@ impl<M> EventSource for NetworkInner<M> {
     }
 
     fn fire_due(&self, now_ms: u64) {
-        let mut wakers = {
+        let mut hosts = {
             let mut state = self.state.borrow_mut();
             let mut bucket = std::mem::take(&mut state.delivering);
             while state.in_flight.take_due(now_ms, &mut bucket) {
                 state.deliver_bucket(&self.env, &self.config, &mut bucket);
             }
             state.delivering = bucket;
-            std::mem::take(&mut state.wake_buffer)
+            std::mem::take(&mut state.hosts_to_wake)
         };
-        // Woken outside the borrow, in delivery order, so a waker may touch the network.
-        wakers.drain(..).for_each(Waker::wake);
-        self.state.borrow_mut().wake_buffer = wakers;
+        // Woken outside the borrow, in delivery order, so a waker may touch the network. Each
+        // waker is lent out for its wake and put back unless a newer one replaced it meanwhile:
+        // waking by reference and keeping it spares a clone per wait.
+        for &host in &hosts {
+            let waiter = self.state.borrow_mut().mailboxes[host].waiter.take();
+            if let Some(waker) = waiter {
+                waker.wake_by_ref();
+                let slot = &mut self.state.borrow_mut().mailboxes[host].waiter;
+                if slot.is_none() {
+                    *slot = Some(waker);
+                }
+            }
+        }
+        hosts.clear();
+        self.state.borrow_mut().hosts_to_wake = hosts;
     }
 }
 
@@ -469,6 +489,7 @@ impl<M> Future for Recv<'_, M> {
             Some(waiter) if waiter.will_wake(cx.waker()) => {}
             _ => mailbox.waiter = Some(cx.waker().clone()),
         }
+        mailbox.waiting = true;
         Poll::Pending
     }
 }

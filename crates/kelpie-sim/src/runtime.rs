@@ -272,7 +272,8 @@ impl Runtime {
     fn advance_time(&self) -> Result<(), SimError> {
         // The timers are locked once: to find the next deadline and to take what is due.
         let mut timers = self.shared.timers();
-        let Some(next_ms) = self.next_event_ms(timers.next_deadline_ms()) else {
+        let timer_ms = timers.next_deadline_ms();
+        let Some(next_ms) = self.next_event_ms(timer_ms) else {
             return Err(SimError::Deadlock {
                 seed: self.config.seed,
                 step: self.steps.get(),
@@ -291,13 +292,18 @@ impl Runtime {
         let now_ms = next_ms.max(self.shared.now_ms());
         self.shared.set_now_ms(now_ms);
         self.trace.event(event::TIME, now_ms, 0);
-        let mut due = self.due_timers.take();
-        while let Some(timer) = timers.pop_due(now_ms) {
-            due.push(timer);
+        // Most instants are a source's (messages arriving), with no timer due.
+        if timer_ms.is_some_and(|timer_ms| timer_ms <= now_ms) {
+            let mut due = self.due_timers.take();
+            while let Some(timer) = timers.pop_due(now_ms) {
+                due.push(timer);
+            }
+            drop(timers);
+            self.fire_timers(&mut due);
+            self.due_timers.replace(due);
+        } else {
+            drop(timers);
         }
-        drop(timers);
-        self.fire_timers(&mut due);
-        self.due_timers.replace(due);
         self.fire_sources(now_ms)
     }
 

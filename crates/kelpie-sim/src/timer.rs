@@ -85,6 +85,7 @@ pub struct Sleep {
 
 impl Sleep {
     /// A sleep until global time `deadline_ms`.
+    #[inline]
     pub(crate) fn until(shared: Arc<Shared>, deadline_ms: u64) -> Self {
         Self {
             shared,

@@ -5,6 +5,10 @@
 //! instant. The wheel has one bucket per millisecond of the window, indexed by instant modulo
 //! its size, and a bitmap of the buckets in use, so a send is an index and a push, and finding
 //! the next instant is a scan of a few words instead of a search of a tree.
+//!
+//! The wheel's buckets are lists chained through one slab of entries, not a buffer each:
+//! entries freed by a delivery are reused first by the next sends, so the memory a send
+//! writes is memory just touched, however many buckets the window has.
 
 use std::collections::BTreeMap;
 
@@ -20,10 +24,39 @@ pub(crate) enum InFlightQueue<T> {
     },
 }
 
+/// No entry: the end of a bucket's list, or an empty bucket.
+const ENTRY_NONE: u32 = u32::MAX;
+
+/// A bucket: the first and last entry of its list, in send order.
+#[derive(Debug, Clone, Copy)]
+struct SlotList {
+    head: u32,
+    tail: u32,
+}
+
+impl SlotList {
+    const EMPTY: Self = Self {
+        head: ENTRY_NONE,
+        tail: ENTRY_NONE,
+    };
+}
+
+/// A message in flight and the next entry of its bucket.
+struct Entry<T> {
+    next: u32,
+    /// `None` while the entry is free.
+    item: Option<T>,
+}
+
 pub(crate) struct Wheel<T> {
-    slots: Vec<Vec<T>>,
+    /// One list per slot.
+    slots: Vec<SlotList>,
     /// `slots.len() - 1`: the slot of instant `at_ms` is `at_ms & slot_mask`.
     slot_mask: u64,
+    /// Every message in flight, chained into its slot's list.
+    entries: Vec<Entry<T>>,
+    /// Free entries; the last freed is reused first.
+    free: Vec<u32>,
     /// Bit `i` set: slot `i` holds messages.
     occupied: Vec<u64>,
     /// The earliest instant with messages, if any. Every message in flight is due within one
@@ -43,8 +76,10 @@ impl<T> InFlightQueue<T> {
         }
         let count = usize::try_from(slots).expect("at most WHEEL_SLOTS_MAX");
         InFlightQueue::Wheel(Wheel {
-            slots: (0..count).map(|_| Vec::new()).collect(),
+            slots: vec![SlotList::EMPTY; count],
             slot_mask: slots - 1,
+            entries: Vec::new(),
+            free: Vec::new(),
             occupied: vec![0; count.div_ceil(64)],
             earliest_ms: None,
         })
@@ -70,8 +105,8 @@ impl<T> InFlightQueue<T> {
         }
     }
 
-    /// Moves the messages of the earliest instant, if it is due at `now_ms`, into `out` (which
-    /// must be empty), in send order. Returns whether there were any.
+    /// Moves the messages of the earliest instant, if it is due at `now_ms`, to the end of
+    /// `out`, in send order. Returns whether there were any.
     pub(crate) fn take_due(&mut self, now_ms: u64, out: &mut Vec<T>) -> bool {
         match self {
             InFlightQueue::Wheel(wheel) => wheel.take_due(now_ms, out),
@@ -103,7 +138,31 @@ impl<T> Wheel<T> {
             "a delivery at {at_ms} ms sent at {now_ms} ms is outside the wheel's window"
         );
         let slot = (at_ms & self.slot_mask) as usize;
-        self.slots[slot].push(item);
+        let entry = Entry {
+            next: ENTRY_NONE,
+            item: Some(item),
+        };
+        let index = match self.free.pop() {
+            Some(index) => {
+                self.entries[index as usize] = entry;
+                index
+            }
+            None => {
+                let index = u32::try_from(self.entries.len())
+                    .ok()
+                    .filter(|&index| index != ENTRY_NONE)
+                    .expect("fewer than 2^32 - 1 messages in flight");
+                self.entries.push(entry);
+                index
+            }
+        };
+        let list = &mut self.slots[slot];
+        if list.head == ENTRY_NONE {
+            list.head = index;
+        } else {
+            self.entries[list.tail as usize].next = index;
+        }
+        list.tail = index;
         self.occupied[slot / 64] |= 1 << (slot % 64);
         match self.earliest_ms {
             Some(earliest_ms) if earliest_ms <= at_ms => {}
@@ -116,7 +175,13 @@ impl<T> Wheel<T> {
             return false;
         };
         let slot = (at_ms & self.mask()) as usize;
-        std::mem::swap(out, &mut self.slots[slot]);
+        let mut index = std::mem::replace(&mut self.slots[slot], SlotList::EMPTY).head;
+        while index != ENTRY_NONE {
+            let entry = &mut self.entries[index as usize];
+            out.push(entry.item.take().expect("a listed entry holds a message"));
+            self.free.push(index);
+            index = entry.next;
+        }
         self.occupied[slot / 64] &= !(1 << (slot % 64));
         self.earliest_ms = self.next_occupied_after(at_ms);
         true

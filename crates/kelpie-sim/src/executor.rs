@@ -15,6 +15,7 @@
 use crate::timer::TimerQueue;
 use std::cell::RefCell;
 use std::future::Future;
+use std::ops::{Deref, DerefMut};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,6 +40,42 @@ pub(crate) struct Shared {
     /// Set when `ready` received a task while the runtime was driving.
     woken_elsewhere: AtomicBool,
     timers: Mutex<TimerQueue>,
+    /// Whether any timer is pending, and the earliest deadline: published by [`TimersGuard`]
+    /// whenever the timers change, so the run loop finds the next event without the lock.
+    timer_pending: AtomicBool,
+    next_timer_ms: AtomicU64,
+}
+
+/// The locked timers. Releasing them publishes their earliest deadline in [`Shared`].
+pub(crate) struct TimersGuard<'a> {
+    queue: MutexGuard<'a, TimerQueue>,
+    shared: &'a Shared,
+}
+
+impl Deref for TimersGuard<'_> {
+    type Target = TimerQueue;
+
+    fn deref(&self) -> &TimerQueue {
+        &self.queue
+    }
+}
+
+impl DerefMut for TimersGuard<'_> {
+    fn deref_mut(&mut self) -> &mut TimerQueue {
+        &mut self.queue
+    }
+}
+
+impl Drop for TimersGuard<'_> {
+    fn drop(&mut self) {
+        let next_ms = self.queue.next_deadline_ms();
+        self.shared
+            .next_timer_ms
+            .store(next_ms.unwrap_or(0), Ordering::Release);
+        self.shared
+            .timer_pending
+            .store(next_ms.is_some(), Ordering::Release);
+    }
 }
 
 /// The ready queue of one runtime. The runtime takes from it directly (no lock, no
@@ -169,8 +206,19 @@ impl Shared {
 
     /// The pending timers.
     #[inline]
-    pub fn timers(&self) -> MutexGuard<'_, TimerQueue> {
-        lock(&self.timers)
+    pub fn timers(&self) -> TimersGuard<'_> {
+        TimersGuard {
+            queue: lock(&self.timers),
+            shared: self,
+        }
+    }
+
+    /// The earliest timer's deadline, as of the last release of [`Self::timers`].
+    #[inline]
+    pub fn next_timer_ms(&self) -> Option<u64> {
+        self.timer_pending
+            .load(Ordering::Acquire)
+            .then(|| self.next_timer_ms.load(Ordering::Acquire))
     }
 }
 

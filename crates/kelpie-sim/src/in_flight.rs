@@ -105,11 +105,28 @@ impl<T> InFlightQueue<T> {
         }
     }
 
+    /// A queue with nothing in flight and no memory, to stand in while the real one is
+    /// lent out.
+    pub(crate) const fn placeholder() -> Self {
+        InFlightQueue::Map {
+            buckets: BTreeMap::new(),
+            spare: Vec::new(),
+        }
+    }
+
     /// Moves the messages of the earliest instant, if it is due at `now_ms`, to the end of
     /// `out`, in send order. Returns whether there were any.
+    #[cfg(test)]
     pub(crate) fn take_due(&mut self, now_ms: u64, out: &mut Vec<T>) -> bool {
+        self.take_due_each(now_ms, |item| out.push(item))
+    }
+
+    /// Hands the messages of the earliest instant, if it is due at `now_ms`, to `each`, in
+    /// send order. Returns whether there were any.
+    #[inline]
+    pub(crate) fn take_due_each(&mut self, now_ms: u64, each: impl FnMut(T)) -> bool {
         match self {
-            InFlightQueue::Wheel(wheel) => wheel.take_due(now_ms, out),
+            InFlightQueue::Wheel(wheel) => wheel.take_due_each(now_ms, each),
             InFlightQueue::Map { buckets, spare } => {
                 let Some(entry) = buckets.first_entry() else {
                     return false;
@@ -118,7 +135,7 @@ impl<T> InFlightQueue<T> {
                     return false;
                 }
                 let mut bucket = entry.remove();
-                out.append(&mut bucket);
+                bucket.drain(..).for_each(each);
                 spare.push(bucket);
                 true
             }
@@ -170,7 +187,8 @@ impl<T> Wheel<T> {
         }
     }
 
-    fn take_due(&mut self, now_ms: u64, out: &mut Vec<T>) -> bool {
+    #[inline]
+    fn take_due_each(&mut self, now_ms: u64, mut each: impl FnMut(T)) -> bool {
         let Some(at_ms) = self.earliest_ms.filter(|&at| at <= now_ms) else {
             return false;
         };
@@ -178,7 +196,7 @@ impl<T> Wheel<T> {
         let mut index = std::mem::replace(&mut self.slots[slot], SlotList::EMPTY).head;
         while index != ENTRY_NONE {
             let entry = &mut self.entries[index as usize];
-            out.push(entry.item.take().expect("a listed entry holds a message"));
+            each(entry.item.take().expect("a listed entry holds a message"));
             self.free.push(index);
             index = entry.next;
         }

@@ -74,8 +74,6 @@ struct NetworkState<M> {
     rng: DeterministicRng,
     /// Messages in flight, by delivery instant, in send order within an instant.
     in_flight: InFlightQueue<InFlight<M>>,
-    /// Reused buffer of the messages of one instant being delivered.
-    delivering: Vec<InFlight<M>>,
     mailboxes: Vec<Mailbox<M>>,
     /// `blocked[from * hosts + to]`: whether the link from `from` to `to` is cut.
     blocked: Vec<bool>,
@@ -156,7 +154,6 @@ impl<M: Clone + 'static> SimNetwork<M> {
         let state = NetworkState {
             rng: env.rng(&format!("network/{id}")),
             in_flight: InFlightQueue::new(delivery_ms_max(&config)),
-            delivering: Vec::new(),
             mailboxes,
             blocked: vec![false; config.hosts * config.hosts],
             any_blocked: false,
@@ -401,36 +398,31 @@ impl<M> NetworkState<M> {
             .event(event::NET_DELIVER, route, outcome);
     }
 
-    /// Delivers one bucket; collects the hosts whose receiver was waiting.
-    fn deliver_bucket(
-        &mut self,
-        env: &SimEnv,
-        config: &NetworkConfig,
-        bucket: &mut Vec<InFlight<M>>,
-    ) {
-        let hosts = config.hosts;
-        for InFlight { from, to, message } in bucket.drain(..) {
-            let (from, to) = (from as usize, to as usize);
-            self.in_flight_count -= 1;
-            let route = route_word(from, to);
-            if self.any_blocked && self.blocked[from * hosts + to] {
-                self.drop_message(env, route, OUTCOME_PARTITIONED);
-                continue;
-            }
-            if self.mailboxes[to].queue.len() >= config.mailbox_capacity {
-                self.drop_message(env, route, OUTCOME_OVERFLOW);
-                continue;
-            }
-            self.delivered += 1;
-            env.runtime()
-                .trace
-                .event(event::NET_DELIVER, route, OUTCOME_DELIVERED);
-            let mailbox = &mut self.mailboxes[to];
-            mailbox.queue.push_back((from, message));
-            if mailbox.waiting {
-                mailbox.waiting = false;
-                self.hosts_to_wake.push(to);
-            }
+    /// Delivers one message that arrived (or drops it); notes its host if the receiver was
+    /// waiting.
+    #[inline]
+    fn deliver(&mut self, env: &SimEnv, config: &NetworkConfig, arrived: InFlight<M>) {
+        let InFlight { from, to, message } = arrived;
+        let (from, to) = (from as usize, to as usize);
+        self.in_flight_count -= 1;
+        let route = route_word(from, to);
+        if self.any_blocked && self.blocked[from * config.hosts + to] {
+            self.drop_message(env, route, OUTCOME_PARTITIONED);
+            return;
+        }
+        if self.mailboxes[to].queue.len() >= config.mailbox_capacity {
+            self.drop_message(env, route, OUTCOME_OVERFLOW);
+            return;
+        }
+        self.delivered += 1;
+        env.runtime()
+            .trace
+            .event(event::NET_DELIVER, route, OUTCOME_DELIVERED);
+        let mailbox = &mut self.mailboxes[to];
+        mailbox.queue.push_back((from, message));
+        if mailbox.waiting {
+            mailbox.waiting = false;
+            self.hosts_to_wake.push(to);
         }
     }
 }
@@ -443,11 +435,14 @@ impl<M> EventSource for NetworkInner<M> {
     fn fire_due(&self, now_ms: u64) {
         let mut hosts = {
             let mut state = self.state.borrow_mut();
-            let mut bucket = std::mem::take(&mut state.delivering);
-            while state.in_flight.take_due(now_ms, &mut bucket) {
-                state.deliver_bucket(&self.env, &self.config, &mut bucket);
-            }
-            state.delivering = bucket;
+            let state = &mut *state;
+            // Lent out so that each message goes straight from the queue to its mailbox.
+            let mut in_flight =
+                std::mem::replace(&mut state.in_flight, InFlightQueue::placeholder());
+            while in_flight.take_due_each(now_ms, |arrived| {
+                state.deliver(&self.env, &self.config, arrived)
+            }) {}
+            state.in_flight = in_flight;
             std::mem::take(&mut state.hosts_to_wake)
         };
         // Woken outside the borrow, in delivery order, so a waker may touch the network. Each

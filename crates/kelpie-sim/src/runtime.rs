@@ -270,9 +270,9 @@ impl Runtime {
 
     /// Nothing is ready: jumps time to the next event and fires everything due then.
     fn advance_time(&self) -> Result<(), SimError> {
-        // The timers are locked once: to find the next deadline and to take what is due.
-        let mut timers = self.shared.timers();
-        let timer_ms = timers.next_deadline_ms();
+        // The earliest deadline is read without the lock, which is taken only when a timer is
+        // due (most instants are a source's: messages arriving).
+        let timer_ms = self.shared.next_timer_ms();
         let Some(next_ms) = self.next_event_ms(timer_ms) else {
             return Err(SimError::Deadlock {
                 seed: self.config.seed,
@@ -292,17 +292,15 @@ impl Runtime {
         let now_ms = next_ms.max(self.shared.now_ms());
         self.shared.set_now_ms(now_ms);
         self.trace.event(event::TIME, now_ms, 0);
-        // Most instants are a source's (messages arriving), with no timer due.
         if timer_ms.is_some_and(|timer_ms| timer_ms <= now_ms) {
             let mut due = self.due_timers.take();
+            let mut timers = self.shared.timers();
             while let Some(timer) = timers.pop_due(now_ms) {
                 due.push(timer);
             }
             drop(timers);
             self.fire_timers(&mut due);
             self.due_timers.replace(due);
-        } else {
-            drop(timers);
         }
         self.fire_sources(now_ms)
     }

@@ -212,7 +212,8 @@ impl<T> Wheel<T> {
         let start = ((at_ms + 1) & self.mask()) as usize;
         for (from, to) in [(start, slots), (0, start)] {
             if let Some(slot) = self.first_occupied(from, to) {
-                let offset = (slot + slots - start) % slots;
+                // The slot count is a power of two: the mask is the modulo, without a division.
+                let offset = (slot + slots - start) & (slots - 1);
                 return Some(at_ms + 1 + offset as u64);
             }
         }

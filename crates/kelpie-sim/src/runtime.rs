@@ -308,9 +308,10 @@ impl Runtime {
     /// Wakes the timers `due` (taken under the timers' lock, in deadline then insertion
     /// order), with the lock released: a waker may touch the timers.
     fn fire_timers(&self, due: &mut Vec<(crate::timer::TimerKey, Waker)>) {
-        for ((deadline_ms, sequence), waker) in due.drain(..) {
+        for (key, waker) in due.drain(..) {
             self.timers_fired.set(self.timers_fired.get() + 1);
-            self.trace.event(event::TIMER, deadline_ms, sequence);
+            self.trace
+                .event(event::TIMER, key.deadline_ms, key.sequence);
             waker.wake();
         }
     }

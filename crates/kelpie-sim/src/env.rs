@@ -27,6 +27,7 @@ impl SimEnv {
         Self { runtime }
     }
 
+    #[inline]
     pub(crate) fn runtime(&self) -> &Runtime {
         &self.runtime
     }
@@ -42,6 +43,7 @@ impl SimEnv {
     }
 
     /// Global (true) simulated time, in ms since the start of the run.
+    #[inline]
     pub fn now_ms(&self) -> u64 {
         self.runtime.shared.now_ms()
     }
@@ -68,11 +70,13 @@ impl SimEnv {
     }
 
     /// Completes after `duration_ms` of global simulated time.
+    #[inline]
     pub fn sleep_ms(&self, duration_ms: u64) -> Sleep {
         self.sleep_until_ms(self.now_ms().saturating_add(duration_ms))
     }
 
     /// Completes once global simulated time reaches `deadline_ms`.
+    #[inline]
     pub fn sleep_until_ms(&self, deadline_ms: u64) -> Sleep {
         Sleep::until(self.runtime.shared.clone(), deadline_ms)
     }

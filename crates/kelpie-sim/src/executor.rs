@@ -6,14 +6,16 @@
 //! clock and the timers live in [`Shared`] behind atomics and mutexes. The simulation never
 //! has a second thread, so those locks are never contended.
 //!
-//! While a runtime drives its tasks, its ready queue moves into a thread-local slot
-//! ([`DrivingGuard`]): a wake on the driving thread, which is every wake of a simulation, then
-//! pushes there with no lock and no atomic read-modify-write. A wake from any other thread
-//! still goes through the mutex, and the runtime takes those in before each step.
+//! Each runtime has its own ready queue ([`LocalReady`]) that it takes from directly. While it
+//! drives its tasks, a thread-local slot points at that queue ([`DrivingGuard`]): a wake on the
+//! driving thread, which is every wake of a simulation, then pushes there with no lock and no
+//! atomic read-modify-write. A wake from any other thread still goes through the mutex, and the
+//! runtime takes those in before each step.
 
 use crate::timer::TimerQueue;
 use std::cell::RefCell;
 use std::future::Future;
+use std::ops::{Deref, DerefMut};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,41 +40,115 @@ pub(crate) struct Shared {
     /// Set when `ready` received a task while the runtime was driving.
     woken_elsewhere: AtomicBool,
     timers: Mutex<TimerQueue>,
+    /// Whether any timer is pending, and the earliest deadline: published by [`TimersGuard`]
+    /// whenever the timers change, so the run loop finds the next event without the lock.
+    timer_pending: AtomicBool,
+    next_timer_ms: AtomicU64,
+}
+
+/// The locked timers. Releasing them publishes their earliest deadline in [`Shared`].
+pub(crate) struct TimersGuard<'a> {
+    queue: MutexGuard<'a, TimerQueue>,
+    shared: &'a Shared,
+}
+
+impl Deref for TimersGuard<'_> {
+    type Target = TimerQueue;
+
+    fn deref(&self) -> &TimerQueue {
+        &self.queue
+    }
+}
+
+impl DerefMut for TimersGuard<'_> {
+    fn deref_mut(&mut self) -> &mut TimerQueue {
+        &mut self.queue
+    }
+}
+
+impl Drop for TimersGuard<'_> {
+    fn drop(&mut self) {
+        let next_ms = self.queue.next_deadline_ms();
+        self.shared
+            .next_timer_ms
+            .store(next_ms.unwrap_or(0), Ordering::Release);
+        self.shared
+            .timer_pending
+            .store(next_ms.is_some(), Ordering::Release);
+    }
+}
+
+/// The ready queue of one runtime. The runtime takes from it directly (no lock, no
+/// thread-local lookup); while the runtime drives, a wake on its thread, which is every wake
+/// of a simulation, finds it through [`DRIVING`] and pushes with no lock and no atomic
+/// read-modify-write. Wakes from elsewhere go to [`Shared`]'s mutex and are taken in before
+/// each step.
+#[derive(Debug)]
+pub(crate) struct LocalReady {
+    /// The address of the runtime's [`Shared`]: its identity for wakers, unique while the
+    /// runtime is alive.
+    owner: usize,
+    queue: RefCell<Vec<TaskKey>>,
 }
 
 thread_local! {
-    /// The ready queue of the runtime driving on this thread, with that runtime's identity
-    /// (the address of its [`Shared`], unique while it is alive).
-    static DRIVING: RefCell<Option<(usize, Vec<TaskKey>)>> = const { RefCell::new(None) };
+    /// The ready queue of the runtime driving on this thread, if any.
+    static DRIVING: RefCell<Option<Rc<LocalReady>>> = const { RefCell::new(None) };
 }
 
-/// While alive, the runtime of `shared` is driving on this thread: its ready queue lives in
-/// [`DRIVING`]. Dropping it (on return or unwind) puts the queue back and restores whatever
-/// this thread was driving before.
+impl LocalReady {
+    /// The ready queue of the runtime whose shared part is `shared`.
+    pub(crate) fn new(shared: &Arc<Shared>) -> Self {
+        Self {
+            owner: shared.id(),
+            queue: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Takes in the tasks woken elsewhere, then removes and returns the task `choose(count)`
+    /// picks among the `count` ready ones; `None` if none is ready.
+    #[inline(always)]
+    pub(crate) fn take(
+        &self,
+        shared: &Shared,
+        choose: impl FnOnce(usize) -> usize,
+    ) -> Option<TaskKey> {
+        let mut queue = self.queue.borrow_mut();
+        if shared.woken_elsewhere.load(Ordering::Acquire) {
+            shared.woken_elsewhere.store(false, Ordering::Release);
+            queue.append(&mut shared.ready());
+        }
+        match queue.len() {
+            0 => None,
+            1 => queue.pop(),
+            count => Some(queue.swap_remove(choose(count))),
+        }
+    }
+
+    /// Forgets every queued task (at the end of a run).
+    pub(crate) fn clear(&self) {
+        self.queue.borrow_mut().clear();
+    }
+}
+
+/// While alive, the runtime owning `local` is driving on this thread: wakes here push to its
+/// queue. Dropping it (on return or unwind) restores whatever this thread was driving before.
 pub(crate) struct DrivingGuard {
-    shared: Arc<Shared>,
-    previous: Option<(usize, Vec<TaskKey>)>,
+    previous: Option<Rc<LocalReady>>,
 }
 
 impl DrivingGuard {
-    pub(crate) fn new(shared: &Arc<Shared>) -> Self {
-        let queue = std::mem::take(&mut *shared.ready());
-        let previous = DRIVING.with(|d| d.borrow_mut().replace((shared.id(), queue)));
-        Self {
-            shared: Arc::clone(shared),
-            previous,
-        }
+    pub(crate) fn new(local: &Rc<LocalReady>) -> Self {
+        let previous = DRIVING.with(|d| d.borrow_mut().replace(Rc::clone(local)));
+        Self { previous }
     }
 }
 
 impl Drop for DrivingGuard {
     fn drop(&mut self) {
-        let mine = DRIVING.with(|d| std::mem::replace(&mut *d.borrow_mut(), self.previous.take()));
-        if let Some((_, queue)) = mine {
-            let mut ready = self.shared.ready();
-            let arrived = std::mem::replace(&mut *ready, queue);
-            ready.extend(arrived);
-        }
+        let previous = self.previous.take();
+        let mine = DRIVING.with(|d| std::mem::replace(&mut *d.borrow_mut(), previous));
+        drop(mine);
     }
 }
 
@@ -105,47 +181,44 @@ impl Shared {
 
     /// Queues `key`: on the driving thread's queue if this runtime is driving here, else on
     /// the shared one.
-    #[inline]
+    #[inline(always)]
     pub fn push_ready(&self, key: TaskKey) {
         let id = self.id();
-        let local = DRIVING.with(|d| match d.borrow_mut().as_mut() {
-            Some((driving, queue)) if *driving == id => {
-                queue.push(key);
+        let local = DRIVING.with(|d| match &*d.borrow() {
+            Some(local) if local.owner == id => {
+                local.queue.borrow_mut().push(key);
                 true
             }
             _ => false,
         });
         if !local {
-            self.ready().push(key);
-            self.woken_elsewhere.store(true, Ordering::Release);
+            self.push_ready_elsewhere(key);
         }
     }
 
-    /// On the driving thread: takes in the tasks woken elsewhere, then removes and returns the
-    /// task `choose(count)` picks among the `count` ready ones; `None` if none is ready.
-    #[inline]
-    pub fn take_ready(&self, choose: impl FnOnce(usize) -> usize) -> Option<TaskKey> {
-        let id = self.id();
-        DRIVING.with(|d| {
-            let mut driving = d.borrow_mut();
-            let (driving_id, queue) = driving.as_mut().expect("take_ready while driving");
-            assert_eq!(*driving_id, id, "take_ready by the runtime driving here");
-            if self.woken_elsewhere.load(Ordering::Acquire) {
-                self.woken_elsewhere.store(false, Ordering::Release);
-                queue.append(&mut self.ready());
-            }
-            match queue.len() {
-                0 => None,
-                1 => queue.pop(),
-                count => Some(queue.swap_remove(choose(count))),
-            }
-        })
+    /// [`Self::push_ready`] off the driving thread, or while the runtime is not driving.
+    #[cold]
+    #[inline(never)]
+    fn push_ready_elsewhere(&self, key: TaskKey) {
+        self.ready().push(key);
+        self.woken_elsewhere.store(true, Ordering::Release);
     }
 
     /// The pending timers.
     #[inline]
-    pub fn timers(&self) -> MutexGuard<'_, TimerQueue> {
-        lock(&self.timers)
+    pub fn timers(&self) -> TimersGuard<'_> {
+        TimersGuard {
+            queue: lock(&self.timers),
+            shared: self,
+        }
+    }
+
+    /// The earliest timer's deadline, as of the last release of [`Self::timers`].
+    #[inline]
+    pub fn next_timer_ms(&self) -> Option<u64> {
+        self.timer_pending
+            .load(Ordering::Acquire)
+            .then(|| self.next_timer_ms.load(Ordering::Acquire))
     }
 }
 
@@ -165,6 +238,7 @@ struct TaskWaker {
 }
 
 impl Wake for TaskWaker {
+    #[inline]
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
@@ -255,6 +329,7 @@ impl TaskSlab {
         (key, id)
     }
 
+    #[inline(always)]
     fn entry_mut(&mut self, key: TaskKey) -> Option<&mut TaskEntry> {
         let slot = self.slots.get_mut(key.index as usize)?;
         if slot.generation != key.generation {
@@ -264,7 +339,7 @@ impl TaskSlab {
     }
 
     /// Takes a ready task's future out for polling. `None` if the key is stale.
-    #[inline]
+    #[inline(always)]
     pub fn begin_poll(&mut self, key: TaskKey) -> Option<PollTicket> {
         let entry = self.entry_mut(key)?;
         // Cleared before the poll, so a wake during the poll queues the task again.
@@ -275,7 +350,7 @@ impl TaskSlab {
 
     /// Returns a polled future. When the task finished or was aborted meanwhile, frees the
     /// slot and hands the future back to be dropped by the caller, outside any borrow.
-    #[inline]
+    #[inline(always)]
     pub fn end_poll(
         &mut self,
         key: TaskKey,

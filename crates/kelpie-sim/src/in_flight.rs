@@ -5,6 +5,10 @@
 //! instant. The wheel has one bucket per millisecond of the window, indexed by instant modulo
 //! its size, and a bitmap of the buckets in use, so a send is an index and a push, and finding
 //! the next instant is a scan of a few words instead of a search of a tree.
+//!
+//! The wheel's buckets are lists chained through one slab of entries, not a buffer each:
+//! entries freed by a delivery are reused first by the next sends, so the memory a send
+//! writes is memory just touched, however many buckets the window has.
 
 use std::collections::BTreeMap;
 
@@ -20,8 +24,39 @@ pub(crate) enum InFlightQueue<T> {
     },
 }
 
+/// No entry: the end of a bucket's list, or an empty bucket.
+const ENTRY_NONE: u32 = u32::MAX;
+
+/// A bucket: the first and last entry of its list, in send order.
+#[derive(Debug, Clone, Copy)]
+struct SlotList {
+    head: u32,
+    tail: u32,
+}
+
+impl SlotList {
+    const EMPTY: Self = Self {
+        head: ENTRY_NONE,
+        tail: ENTRY_NONE,
+    };
+}
+
+/// A message in flight and the next entry of its bucket.
+struct Entry<T> {
+    next: u32,
+    /// `None` while the entry is free.
+    item: Option<T>,
+}
+
 pub(crate) struct Wheel<T> {
-    slots: Vec<Vec<T>>,
+    /// One list per slot.
+    slots: Vec<SlotList>,
+    /// `slots.len() - 1`: the slot of instant `at_ms` is `at_ms & slot_mask`.
+    slot_mask: u64,
+    /// Every message in flight, chained into its slot's list.
+    entries: Vec<Entry<T>>,
+    /// Free entries; the last freed is reused first.
+    free: Vec<u32>,
     /// Bit `i` set: slot `i` holds messages.
     occupied: Vec<u64>,
     /// The earliest instant with messages, if any. Every message in flight is due within one
@@ -41,13 +76,17 @@ impl<T> InFlightQueue<T> {
         }
         let count = usize::try_from(slots).expect("at most WHEEL_SLOTS_MAX");
         InFlightQueue::Wheel(Wheel {
-            slots: (0..count).map(|_| Vec::new()).collect(),
+            slots: vec![SlotList::EMPTY; count],
+            slot_mask: slots - 1,
+            entries: Vec::new(),
+            free: Vec::new(),
             occupied: vec![0; count.div_ceil(64)],
             earliest_ms: None,
         })
     }
 
     /// Adds `item`, due at `at_ms`, sent at `now_ms`.
+    #[inline]
     pub(crate) fn push(&mut self, now_ms: u64, at_ms: u64, item: T) {
         match self {
             InFlightQueue::Wheel(wheel) => wheel.push(now_ms, at_ms, item),
@@ -66,11 +105,28 @@ impl<T> InFlightQueue<T> {
         }
     }
 
-    /// Moves the messages of the earliest instant, if it is due at `now_ms`, into `out` (which
-    /// must be empty), in send order. Returns whether there were any.
+    /// A queue with nothing in flight and no memory, to stand in while the real one is
+    /// lent out.
+    pub(crate) const fn placeholder() -> Self {
+        InFlightQueue::Map {
+            buckets: BTreeMap::new(),
+            spare: Vec::new(),
+        }
+    }
+
+    /// Moves the messages of the earliest instant, if it is due at `now_ms`, to the end of
+    /// `out`, in send order. Returns whether there were any.
+    #[cfg(test)]
     pub(crate) fn take_due(&mut self, now_ms: u64, out: &mut Vec<T>) -> bool {
+        self.take_due_each(now_ms, |item| out.push(item))
+    }
+
+    /// Hands the messages of the earliest instant, if it is due at `now_ms`, to `each`, in
+    /// send order. Returns whether there were any.
+    #[inline]
+    pub(crate) fn take_due_each(&mut self, now_ms: u64, each: impl FnMut(T)) -> bool {
         match self {
-            InFlightQueue::Wheel(wheel) => wheel.take_due(now_ms, out),
+            InFlightQueue::Wheel(wheel) => wheel.take_due_each(now_ms, each),
             InFlightQueue::Map { buckets, spare } => {
                 let Some(entry) = buckets.first_entry() else {
                     return false;
@@ -79,7 +135,7 @@ impl<T> InFlightQueue<T> {
                     return false;
                 }
                 let mut bucket = entry.remove();
-                out.append(&mut bucket);
+                bucket.drain(..).for_each(each);
                 spare.push(bucket);
                 true
             }
@@ -89,26 +145,61 @@ impl<T> InFlightQueue<T> {
 
 impl<T> Wheel<T> {
     fn mask(&self) -> u64 {
-        self.slots.len() as u64 - 1
+        self.slot_mask
     }
 
+    #[inline]
     fn push(&mut self, now_ms: u64, at_ms: u64, item: T) {
         assert!(
-            at_ms >= now_ms && at_ms - now_ms < self.slots.len() as u64,
+            at_ms >= now_ms && at_ms - now_ms <= self.slot_mask,
             "a delivery at {at_ms} ms sent at {now_ms} ms is outside the wheel's window"
         );
-        let slot = (at_ms & self.mask()) as usize;
-        self.slots[slot].push(item);
+        let slot = (at_ms & self.slot_mask) as usize;
+        let entry = Entry {
+            next: ENTRY_NONE,
+            item: Some(item),
+        };
+        let index = match self.free.pop() {
+            Some(index) => {
+                self.entries[index as usize] = entry;
+                index
+            }
+            None => {
+                let index = u32::try_from(self.entries.len())
+                    .ok()
+                    .filter(|&index| index != ENTRY_NONE)
+                    .expect("fewer than 2^32 - 1 messages in flight");
+                self.entries.push(entry);
+                index
+            }
+        };
+        let list = &mut self.slots[slot];
+        if list.head == ENTRY_NONE {
+            list.head = index;
+        } else {
+            self.entries[list.tail as usize].next = index;
+        }
+        list.tail = index;
         self.occupied[slot / 64] |= 1 << (slot % 64);
-        self.earliest_ms = Some(self.earliest_ms.map_or(at_ms, |e| e.min(at_ms)));
+        match self.earliest_ms {
+            Some(earliest_ms) if earliest_ms <= at_ms => {}
+            _ => self.earliest_ms = Some(at_ms),
+        }
     }
 
-    fn take_due(&mut self, now_ms: u64, out: &mut Vec<T>) -> bool {
+    #[inline]
+    fn take_due_each(&mut self, now_ms: u64, mut each: impl FnMut(T)) -> bool {
         let Some(at_ms) = self.earliest_ms.filter(|&at| at <= now_ms) else {
             return false;
         };
         let slot = (at_ms & self.mask()) as usize;
-        std::mem::swap(out, &mut self.slots[slot]);
+        let mut index = std::mem::replace(&mut self.slots[slot], SlotList::EMPTY).head;
+        while index != ENTRY_NONE {
+            let entry = &mut self.entries[index as usize];
+            each(entry.item.take().expect("a listed entry holds a message"));
+            self.free.push(index);
+            index = entry.next;
+        }
         self.occupied[slot / 64] &= !(1 << (slot % 64));
         self.earliest_ms = self.next_occupied_after(at_ms);
         true
@@ -121,7 +212,8 @@ impl<T> Wheel<T> {
         let start = ((at_ms + 1) & self.mask()) as usize;
         for (from, to) in [(start, slots), (0, start)] {
             if let Some(slot) = self.first_occupied(from, to) {
-                let offset = (slot + slots - start) % slots;
+                // The slot count is a power of two: the mask is the modulo, without a division.
+                let offset = (slot + slots - start) & (slots - 1);
                 return Some(at_ms + 1 + offset as u64);
             }
         }

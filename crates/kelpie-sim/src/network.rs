@@ -62,15 +62,18 @@ struct InFlight<M> {
 
 struct Mailbox<M> {
     queue: VecDeque<(HostId, M)>,
+    /// The waker of the last `recv` that found the mailbox empty. Kept after it is woken, so
+    /// that the same receiver waiting again needs no new clone of it.
     waiter: Option<Waker>,
+    /// Whether `waiter` waits for a message: set by a `recv` that found the mailbox empty,
+    /// cleared by the delivery that wakes it.
+    waiting: bool,
 }
 
 struct NetworkState<M> {
     rng: DeterministicRng,
     /// Messages in flight, by delivery instant, in send order within an instant.
     in_flight: InFlightQueue<InFlight<M>>,
-    /// Reused buffer of the messages of one instant being delivered.
-    delivering: Vec<InFlight<M>>,
     mailboxes: Vec<Mailbox<M>>,
     /// `blocked[from * hosts + to]`: whether the link from `from` to `to` is cut.
     blocked: Vec<bool>,
@@ -79,8 +82,9 @@ struct NetworkState<M> {
     delivered: u64,
     dropped: u64,
     in_flight_count: u64,
-    /// Reused buffer of wakers to wake after a delivery burst.
-    wake_buffer: Vec<Waker>,
+    /// Reused buffer of the hosts whose waiting receiver to wake after a delivery burst, in
+    /// the order their first message arrived.
+    hosts_to_wake: Vec<HostId>,
 }
 
 struct NetworkInner<M> {
@@ -88,6 +92,8 @@ struct NetworkInner<M> {
     config: NetworkConfig,
     /// Whether the run's fault mix has any fault drawn per message.
     faults_configured: bool,
+    /// [`delivery_ms_max`] of `config`, computed once: every send checks against it.
+    delivery_ms_max: u64,
     state: RefCell<NetworkState<M>>,
 }
 
@@ -142,12 +148,12 @@ impl<M: Clone + 'static> SimNetwork<M> {
             .map(|_| Mailbox {
                 queue: VecDeque::new(),
                 waiter: None,
+                waiting: false,
             })
             .collect();
         let state = NetworkState {
             rng: env.rng(&format!("network/{id}")),
             in_flight: InFlightQueue::new(delivery_ms_max(&config)),
-            delivering: Vec::new(),
             mailboxes,
             blocked: vec![false; config.hosts * config.hosts],
             any_blocked: false,
@@ -155,7 +161,7 @@ impl<M: Clone + 'static> SimNetwork<M> {
             delivered: 0,
             dropped: 0,
             in_flight_count: 0,
-            wake_buffer: Vec::new(),
+            hosts_to_wake: Vec::new(),
         };
         let per_message = [
             FaultType::NetworkMessageLoss,
@@ -168,6 +174,7 @@ impl<M: Clone + 'static> SimNetwork<M> {
             .any(|&fault| env.fault_probability(fault).is_some());
         let inner = Rc::new(NetworkInner {
             env: env.clone(),
+            delivery_ms_max: delivery_ms_max(&config),
             config,
             faults_configured,
             state: RefCell::new(state),
@@ -185,7 +192,7 @@ impl<M: Clone + 'static> SimNetwork<M> {
     /// The longest a message can take from send to delivery: the configured latency plus
     /// the largest delay spike. A message not delivered by then never will be.
     pub fn delivery_ms_max(&self) -> u64 {
-        delivery_ms_max(&self.inner.config)
+        self.inner.delivery_ms_max
     }
 
     /// Sends `message` from `from` to `to`. It arrives after a random latency unless a
@@ -193,54 +200,63 @@ impl<M: Clone + 'static> SimNetwork<M> {
     ///
     /// # Panics
     /// If either host is out of range.
+    #[inline]
     pub fn send(&self, from: HostId, to: HostId, message: M) {
-        let hosts = self.inner.config.hosts;
+        let inner = &*self.inner;
+        let hosts = inner.config.hosts;
         assert!(
             from < hosts && to < hosts,
             "send {from}->{to} on a network of {hosts} hosts"
         );
-        let env = &self.inner.env;
-        let mut state = self.inner.state.borrow_mut();
+        let mut state = inner.state.borrow_mut();
         state.sent += 1;
-        let route = route_word(from, to);
         if state.any_blocked && state.blocked[from * hosts + to] {
-            state.drop_message(env, route, OUTCOME_PARTITIONED);
+            state.drop_message(&inner.env, route_word(from, to), OUTCOME_PARTITIONED);
             return;
         }
         // Without network faults in the run's mix there is nothing to draw (an unconfigured
         // fault neither draws nor traces), so the draws are skipped outright.
-        let faults = self.inner.faults_configured;
-        if faults && env.should_inject(FaultType::NetworkMessageLoss) {
-            state.drop_message(env, route, OUTCOME_LOST);
-            return;
+        if inner.faults_configured {
+            self.send_with_faults(&mut state, from, to, message);
+        } else {
+            self.enqueue(&mut state, from, to, message);
         }
-        if faults && env.should_inject(FaultType::NetworkDuplicate) {
-            self.enqueue(&mut state, from, to, message.clone());
-        }
-        self.enqueue(&mut state, from, to, message);
     }
 
-    fn enqueue(&self, state: &mut NetworkState<M>, from: HostId, to: HostId, message: M) {
+    /// [`Self::send`] when the run's fault mix has per-message network faults: draws loss,
+    /// then duplication, then enqueues the copies.
+    #[cold]
+    #[inline(never)]
+    fn send_with_faults(&self, state: &mut NetworkState<M>, from: HostId, to: HostId, message: M) {
         let env = &self.inner.env;
-        let config = &self.inner.config;
+        if env.should_inject(FaultType::NetworkMessageLoss) {
+            state.drop_message(env, route_word(from, to), OUTCOME_LOST);
+            return;
+        }
+        if env.should_inject(FaultType::NetworkDuplicate) {
+            self.enqueue(state, from, to, message.clone());
+        }
+        self.enqueue(state, from, to, message);
+    }
+
+    /// Puts one copy of a message in flight, after a latency drawn from the network's stream.
+    #[inline]
+    fn enqueue(&self, state: &mut NetworkState<M>, from: HostId, to: HostId, message: M) {
+        let inner = &*self.inner;
+        let config = &inner.config;
         let mut latency_ms = state
             .rng
             .gen_range(config.latency_ms_min..=config.latency_ms_max);
-        let faults = self.inner.faults_configured;
-        if faults && env.should_inject(FaultType::NetworkReorder) {
-            latency_ms = config.latency_ms_min;
-        } else if faults && env.should_inject(FaultType::NetworkDelay) {
-            let spike_base_ms = config.latency_ms_max.max(1);
-            latency_ms += state
-                .rng
-                .gen_range(spike_base_ms..=spike_base_ms * NETWORK_DELAY_SPIKE_FACTOR);
+        if inner.faults_configured {
+            latency_ms = self.latency_with_faults_ms(state, latency_ms);
         }
         assert!(
-            latency_ms <= self.delivery_ms_max(),
+            latency_ms <= inner.delivery_ms_max,
             "a message drew {latency_ms} ms, beyond delivery_ms_max {} ms that checkers rely on",
-            self.delivery_ms_max()
+            inner.delivery_ms_max
         );
-        let now_ms = env.now_ms();
+        let runtime = inner.env.runtime();
+        let now_ms = runtime.shared.now_ms();
         let deliver_at_ms = now_ms.saturating_add(latency_ms);
         // Host indices fit u32: there are at most NETWORK_HOSTS_MAX of them.
         let item = InFlight {
@@ -250,9 +266,29 @@ impl<M: Clone + 'static> SimNetwork<M> {
         };
         state.in_flight.push(now_ms, deliver_at_ms, item);
         state.in_flight_count += 1;
-        env.runtime()
+        runtime
             .trace
             .event(event::NET_SEND, route_word(from, to), deliver_at_ms);
+    }
+
+    /// `latency_ms` after the reorder and delay faults, drawn in that order: a reordered
+    /// message takes the shortest latency, a delayed one a spike on top of its latency.
+    #[cold]
+    #[inline(never)]
+    fn latency_with_faults_ms(&self, state: &mut NetworkState<M>, latency_ms: u64) -> u64 {
+        let env = &self.inner.env;
+        let config = &self.inner.config;
+        if env.should_inject(FaultType::NetworkReorder) {
+            return config.latency_ms_min;
+        }
+        if env.should_inject(FaultType::NetworkDelay) {
+            let spike_base_ms = config.latency_ms_max.max(1);
+            return latency_ms
+                + state
+                    .rng
+                    .gen_range(spike_base_ms..=spike_base_ms * NETWORK_DELAY_SPIKE_FACTOR);
+        }
+        latency_ms
     }
 
     /// Waits for the next message to `host`; returns the sender and the message. Each host's
@@ -345,6 +381,10 @@ fn route_word(from: HostId, to: HostId) -> u64 {
 }
 
 impl<M> NetworkState<M> {
+    /// Counts and traces a message that will not be delivered. Rare next to deliveries, so
+    /// kept out of the send and delivery loops.
+    #[cold]
+    #[inline(never)]
     fn drop_message(&mut self, env: &SimEnv, route: u64, outcome: u64) {
         self.dropped += 1;
         if outcome == OUTCOME_PARTITIONED {
@@ -358,35 +398,31 @@ impl<M> NetworkState<M> {
             .event(event::NET_DELIVER, route, outcome);
     }
 
-    /// Delivers one bucket; collects the wakers of hosts that were waiting.
-    fn deliver_bucket(
-        &mut self,
-        env: &SimEnv,
-        config: &NetworkConfig,
-        bucket: &mut Vec<InFlight<M>>,
-    ) {
-        let hosts = config.hosts;
-        for InFlight { from, to, message } in bucket.drain(..) {
-            let (from, to) = (from as usize, to as usize);
-            self.in_flight_count -= 1;
-            let route = route_word(from, to);
-            if self.any_blocked && self.blocked[from * hosts + to] {
-                self.drop_message(env, route, OUTCOME_PARTITIONED);
-                continue;
-            }
-            if self.mailboxes[to].queue.len() >= config.mailbox_capacity {
-                self.drop_message(env, route, OUTCOME_OVERFLOW);
-                continue;
-            }
-            self.delivered += 1;
-            env.runtime()
-                .trace
-                .event(event::NET_DELIVER, route, OUTCOME_DELIVERED);
-            let mailbox = &mut self.mailboxes[to];
-            mailbox.queue.push_back((from, message));
-            if let Some(waiter) = mailbox.waiter.take() {
-                self.wake_buffer.push(waiter);
-            }
+    /// Delivers one message that arrived (or drops it); notes its host if the receiver was
+    /// waiting.
+    #[inline]
+    fn deliver(&mut self, env: &SimEnv, config: &NetworkConfig, arrived: InFlight<M>) {
+        let InFlight { from, to, message } = arrived;
+        let (from, to) = (from as usize, to as usize);
+        self.in_flight_count -= 1;
+        let route = route_word(from, to);
+        if self.any_blocked && self.blocked[from * config.hosts + to] {
+            self.drop_message(env, route, OUTCOME_PARTITIONED);
+            return;
+        }
+        if self.mailboxes[to].queue.len() >= config.mailbox_capacity {
+            self.drop_message(env, route, OUTCOME_OVERFLOW);
+            return;
+        }
+        self.delivered += 1;
+        env.runtime()
+            .trace
+            .event(event::NET_DELIVER, route, OUTCOME_DELIVERED);
+        let mailbox = &mut self.mailboxes[to];
+        mailbox.queue.push_back((from, message));
+        if mailbox.waiting {
+            mailbox.waiting = false;
+            self.hosts_to_wake.push(to);
         }
     }
 }
@@ -397,18 +433,33 @@ impl<M> EventSource for NetworkInner<M> {
     }
 
     fn fire_due(&self, now_ms: u64) {
-        let mut wakers = {
+        let mut hosts = {
             let mut state = self.state.borrow_mut();
-            let mut bucket = std::mem::take(&mut state.delivering);
-            while state.in_flight.take_due(now_ms, &mut bucket) {
-                state.deliver_bucket(&self.env, &self.config, &mut bucket);
-            }
-            state.delivering = bucket;
-            std::mem::take(&mut state.wake_buffer)
+            let state = &mut *state;
+            // Lent out so that each message goes straight from the queue to its mailbox.
+            let mut in_flight =
+                std::mem::replace(&mut state.in_flight, InFlightQueue::placeholder());
+            while in_flight.take_due_each(now_ms, |arrived| {
+                state.deliver(&self.env, &self.config, arrived)
+            }) {}
+            state.in_flight = in_flight;
+            std::mem::take(&mut state.hosts_to_wake)
         };
-        // Woken outside the borrow, in delivery order, so a waker may touch the network.
-        wakers.drain(..).for_each(Waker::wake);
-        self.state.borrow_mut().wake_buffer = wakers;
+        // Woken outside the borrow, in delivery order, so a waker may touch the network. Each
+        // waker is lent out for its wake and put back unless a newer one replaced it meanwhile:
+        // waking by reference and keeping it spares a clone per wait.
+        for &host in &hosts {
+            let waiter = self.state.borrow_mut().mailboxes[host].waiter.take();
+            if let Some(waker) = waiter {
+                waker.wake_by_ref();
+                let slot = &mut self.state.borrow_mut().mailboxes[host].waiter;
+                if slot.is_none() {
+                    *slot = Some(waker);
+                }
+            }
+        }
+        hosts.clear();
+        self.state.borrow_mut().hosts_to_wake = hosts;
     }
 }
 
@@ -422,6 +473,7 @@ pub struct Recv<'a, M> {
 impl<M> Future for Recv<'_, M> {
     type Output = (HostId, M);
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(HostId, M)> {
         let mut state = self.network.inner.state.borrow_mut();
         let mailbox = &mut state.mailboxes[self.host];
@@ -432,6 +484,7 @@ impl<M> Future for Recv<'_, M> {
             Some(waiter) if waiter.will_wake(cx.waker()) => {}
             _ => mailbox.waiter = Some(cx.waker().clone()),
         }
+        mailbox.waiting = true;
         Poll::Pending
     }
 }

@@ -48,12 +48,16 @@ impl DeterministicRng {
     ///
     /// # Panics
     /// If `range` is empty.
+    #[inline]
     pub fn gen_range<T, R>(&mut self, range: R) -> T
     where
         T: SampleUniform,
         R: SampleRange<T>,
     {
-        Rng::gen_range(&mut self.inner, range)
+        // `Rng::gen_range` is this assertion plus `sample_single`; called directly so that
+        // the sampling inlines into the hot callers (a latency per message, a pick per step).
+        assert!(!range.is_empty(), "cannot sample empty range");
+        range.sample_single(&mut self.inner)
     }
 
     /// `true` with probability `probability`.
@@ -77,12 +81,13 @@ impl DeterministicRng {
     ///
     /// # Panics
     /// If `len` is zero: there is nothing to choose from.
+    #[inline]
     pub fn choose_index(&mut self, len: usize) -> usize {
         assert!(
             len > 0,
             "choose_index needs at least one item to choose from"
         );
-        Rng::gen_range(&mut self.inner, 0..len)
+        (0..len).sample_single(&mut self.inner)
     }
 
     /// Shuffles `items` in place (Fisher-Yates).

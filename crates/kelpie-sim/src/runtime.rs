@@ -4,7 +4,7 @@
 
 use crate::config::SimConfig;
 use crate::error::SimError;
-use crate::executor::{DrivingGuard, LocalTask, Shared, TaskKey, TaskSlab};
+use crate::executor::{DrivingGuard, LocalReady, LocalTask, Shared, TaskKey, TaskSlab};
 use crate::failure::catch_panic;
 use crate::fault::FaultConfig;
 use crate::injector::FaultInjector;
@@ -12,7 +12,7 @@ use crate::rng::DeterministicRng;
 use crate::trace::{event, Trace};
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
-use std::rc::Weak;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::task::{Context, Waker};
 
@@ -36,6 +36,8 @@ struct Invariant {
 pub(crate) struct Runtime {
     pub config: SimConfig,
     pub shared: Arc<Shared>,
+    /// The tasks ready to run.
+    ready: Rc<LocalReady>,
     pub trace: Trace,
     pub faults: FaultInjector,
     root_rng: DeterministicRng,
@@ -56,8 +58,10 @@ impl Runtime {
     /// A runtime for one run; `record_steps` keeps per-step hashes for the determinism check.
     pub fn new(config: SimConfig, faults: &[FaultConfig], record_steps: bool) -> Self {
         let root_rng = DeterministicRng::new(config.seed);
+        let shared = Arc::new(Shared::default());
         Self {
-            shared: Arc::new(Shared::default()),
+            ready: Rc::new(LocalReady::new(&shared)),
+            shared,
             trace: Trace::new(record_steps),
             faults: FaultInjector::new(&root_rng, faults),
             scheduler_rng: RefCell::new(root_rng.fork("scheduler")),
@@ -134,28 +138,36 @@ impl Runtime {
     }
 
     /// Runs until `main_done` says the scenario finished, or a failure.
-    pub fn drive(&self, main_done: &dyn Fn() -> bool) -> Result<(), SimError> {
-        let _driving = DrivingGuard::new(&self.shared);
+    ///
+    /// `main_done` is asked at the start and after every poll of the task `main`: only that
+    /// task's poll can finish the scenario.
+    pub fn drive(&self, main: TaskKey, main_done: &dyn Fn() -> bool) -> Result<(), SimError> {
+        let _driving = DrivingGuard::new(&self.ready);
+        if main_done() {
+            return Ok(());
+        }
         loop {
-            if main_done() {
-                return Ok(());
-            }
-            if self.poll_next()? {
-                self.check_invariants()?;
-            } else {
-                self.advance_time()?;
+            match self.poll_next()? {
+                Some(polled) => {
+                    self.check_invariants()?;
+                    if polled == main && main_done() {
+                        return Ok(());
+                    }
+                }
+                None => self.advance_time()?,
             }
         }
     }
 
-    /// Polls one ready task chosen by the scheduler stream. `Ok(false)` if none is ready.
-    fn poll_next(&self) -> Result<bool, SimError> {
+    /// Polls one ready task chosen by the scheduler stream and returns its key; `Ok(None)` if
+    /// none is ready.
+    fn poll_next(&self) -> Result<Option<TaskKey>, SimError> {
         loop {
-            let chosen = self
-                .shared
-                .take_ready(|count| self.scheduler_rng.borrow_mut().choose_index(count));
+            let chosen = self.ready.take(&self.shared, |count| {
+                self.scheduler_rng.borrow_mut().choose_index(count)
+            });
             let Some(key) = chosen else {
-                return Ok(false);
+                return Ok(None);
             };
             // A stale key belongs to a task that finished or was aborted after being woken.
             let Some((id, future, waker)) = self.tasks.borrow_mut().begin_poll(key) else {
@@ -174,7 +186,7 @@ impl Runtime {
             self.trace.event(event::STEP, step + 1, id);
             self.poll_task(key, future, &waker)?;
             self.trace.end_step();
-            return Ok(true);
+            return Ok(Some(key));
         }
     }
 
@@ -258,9 +270,10 @@ impl Runtime {
 
     /// Nothing is ready: jumps time to the next event and fires everything due then.
     fn advance_time(&self) -> Result<(), SimError> {
-        // The timers are locked once: to find the next deadline and to take what is due.
-        let mut timers = self.shared.timers();
-        let Some(next_ms) = self.next_event_ms(timers.next_deadline_ms()) else {
+        // The earliest deadline is read without the lock, which is taken only when a timer is
+        // due (most instants are a source's: messages arriving).
+        let timer_ms = self.shared.next_timer_ms();
+        let Some(next_ms) = self.next_event_ms(timer_ms) else {
             return Err(SimError::Deadlock {
                 seed: self.config.seed,
                 step: self.steps.get(),
@@ -279,22 +292,26 @@ impl Runtime {
         let now_ms = next_ms.max(self.shared.now_ms());
         self.shared.set_now_ms(now_ms);
         self.trace.event(event::TIME, now_ms, 0);
-        let mut due = self.due_timers.take();
-        while let Some(timer) = timers.pop_due(now_ms) {
-            due.push(timer);
+        if timer_ms.is_some_and(|timer_ms| timer_ms <= now_ms) {
+            let mut due = self.due_timers.take();
+            let mut timers = self.shared.timers();
+            while let Some(timer) = timers.pop_due(now_ms) {
+                due.push(timer);
+            }
+            drop(timers);
+            self.fire_timers(&mut due);
+            self.due_timers.replace(due);
         }
-        drop(timers);
-        self.fire_timers(&mut due);
-        self.due_timers.replace(due);
         self.fire_sources(now_ms)
     }
 
     /// Wakes the timers `due` (taken under the timers' lock, in deadline then insertion
     /// order), with the lock released: a waker may touch the timers.
     fn fire_timers(&self, due: &mut Vec<(crate::timer::TimerKey, Waker)>) {
-        for ((deadline_ms, sequence), waker) in due.drain(..) {
+        for (key, waker) in due.drain(..) {
             self.timers_fired.set(self.timers_fired.get() + 1);
-            self.trace.event(event::TIMER, deadline_ms, sequence);
+            self.trace
+                .event(event::TIMER, key.deadline_ms, key.sequence);
             waker.wake();
         }
     }
@@ -303,13 +320,17 @@ impl Runtime {
         // By index, without collecting: a source fired here may register another, which is
         // then seen in this round too (it has nothing due yet).
         let mut index = 0;
+        let mut any_dropped = false;
         loop {
             let source = match self.sources.borrow().get(index) {
                 Some(source) => source.upgrade(),
                 None => break,
             };
             index += 1;
-            let Some(source) = source else { continue };
+            let Some(source) = source else {
+                any_dropped = true;
+                continue;
+            };
             if source
                 .next_deadline_ms()
                 .is_some_and(|due_ms| due_ms <= now_ms)
@@ -322,9 +343,13 @@ impl Runtime {
                 })?;
             }
         }
-        self.sources
-            .borrow_mut()
-            .retain(|source| source.strong_count() > 0);
+        // Forgetting a dropped source is rare (a network or store went away): only then is
+        // the list rewritten.
+        if any_dropped {
+            self.sources
+                .borrow_mut()
+                .retain(|source| source.strong_count() > 0);
+        }
         Ok(())
     }
 
@@ -341,6 +366,7 @@ impl Runtime {
         }
         self.shared.timers().clear();
         self.shared.ready().clear();
+        self.ready.clear();
         let invariants = self.invariants.take();
         let _ = catch_panic(move || drop(invariants));
         self.sources.borrow_mut().clear();

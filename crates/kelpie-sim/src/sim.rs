@@ -128,12 +128,12 @@ impl Simulation {
         let result = match catch_panic(|| scenario(env)) {
             Ok(future) => {
                 let slot = main_slot.clone();
-                runtime.spawn(Box::pin(async move {
+                let main = runtime.spawn(Box::pin(async move {
                     let outcome = future.await.map_err(|error| error.to_string());
                     *slot.borrow_mut() = Some(outcome);
                 }));
                 runtime
-                    .drive(&|| main_slot.borrow().is_some())
+                    .drive(main, &|| main_slot.borrow().is_some())
                     .and_then(|()| self.finish(&runtime, &main_slot))
             }
             Err(message) => Err(SimError::Panicked {

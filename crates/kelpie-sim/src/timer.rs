@@ -1,62 +1,136 @@
 //! Timers on global simulated time, and the [`Sleep`] future.
 //!
-//! Timers are kept in a map ordered by (deadline, insertion sequence): the earliest deadline
-//! is the next instant time jumps to, and ties fire in the order they were set, so firing
-//! order is deterministic. A dropped sleep removes its timer, so a cancelled timeout never
-//! drags simulated time forward.
+//! Timers are ordered by (deadline, insertion sequence): the earliest deadline is the next
+//! instant time jumps to, and ties fire in the order they were set, so firing order is
+//! deterministic. A dropped sleep removes its timer, so a cancelled timeout never drags
+//! simulated time forward.
+//!
+//! The queue is a binary heap of (deadline, sequence, slot) over a slab of wakers. Removing a
+//! timer frees its slot at once and leaves its heap entry behind; such entries are discarded
+//! when they reach the top, so the top is always a pending timer. Setting and firing a timer
+//! are a heap push and pop, with no allocation once the heap and slab have grown.
 
 use crate::executor::Shared;
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-/// A timer's identity: its deadline and its insertion sequence number.
-pub(crate) type TimerKey = (u64, u64);
+/// A timer's identity: its deadline and insertion sequence (its order), and its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TimerKey {
+    pub deadline_ms: u64,
+    pub sequence: u64,
+    slot: u32,
+}
+
+/// A slab slot: the waker of the timer with this sequence, until it fires or is removed.
+#[derive(Debug)]
+struct TimerSlot {
+    sequence: u64,
+    waker: Option<Waker>,
+}
 
 /// Pending timers, earliest first.
 #[derive(Debug, Default)]
 pub(crate) struct TimerQueue {
-    entries: BTreeMap<TimerKey, Waker>,
+    /// (deadline, sequence, slot), earliest on top. Entries of removed timers stay until they
+    /// reach the top, where they are discarded: the top is always pending.
+    heap: BinaryHeap<Reverse<(u64, u64, u32)>>,
+    slots: Vec<TimerSlot>,
+    /// Free slots.
+    free: Vec<u32>,
     next_sequence: u64,
 }
 
 impl TimerQueue {
     /// Adds a timer that wakes `waker` at `deadline_ms`.
     pub fn insert(&mut self, deadline_ms: u64, waker: Waker) -> TimerKey {
-        let key = (deadline_ms, self.next_sequence);
+        let sequence = self.next_sequence;
         self.next_sequence += 1;
-        self.entries.insert(key, waker);
-        key
+        let filled = TimerSlot {
+            sequence,
+            waker: Some(waker),
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = filled;
+                slot
+            }
+            None => {
+                let slot = u32::try_from(self.slots.len()).expect("fewer than 2^32 timers");
+                self.slots.push(filled);
+                slot
+            }
+        };
+        self.heap.push(Reverse((deadline_ms, sequence, slot)));
+        TimerKey {
+            deadline_ms,
+            sequence,
+            slot,
+        }
     }
 
     /// Removes a timer if it has not fired.
     pub fn remove(&mut self, key: TimerKey) {
-        self.entries.remove(&key);
+        let Some(entry) = self.slots.get_mut(key.slot as usize) else {
+            return;
+        };
+        if entry.sequence != key.sequence || entry.waker.is_none() {
+            return;
+        }
+        entry.waker = None;
+        self.free.push(key.slot);
+        self.discard_removed_top();
     }
 
     /// The earliest deadline.
     pub fn next_deadline_ms(&self) -> Option<u64> {
-        self.entries
-            .first_key_value()
-            .map(|(&(deadline_ms, _), _)| deadline_ms)
+        self.heap
+            .peek()
+            .map(|&Reverse((deadline_ms, _, _))| deadline_ms)
     }
 
     /// Removes and returns the earliest timer if it is due at `now_ms`.
     pub fn pop_due(&mut self, now_ms: u64) -> Option<(TimerKey, Waker)> {
-        let entry = self.entries.first_entry()?;
-        if entry.key().0 > now_ms {
+        let &Reverse((deadline_ms, sequence, slot)) = self.heap.peek()?;
+        if deadline_ms > now_ms {
             return None;
         }
-        let key = *entry.key();
-        Some((key, entry.remove()))
+        self.heap.pop();
+        let waker = self.slots[slot as usize]
+            .waker
+            .take()
+            .expect("the top timer is pending");
+        self.free.push(slot);
+        self.discard_removed_top();
+        let key = TimerKey {
+            deadline_ms,
+            sequence,
+            slot,
+        };
+        Some((key, waker))
+    }
+
+    /// Pops the entries of removed timers off the top, so that the top is pending.
+    fn discard_removed_top(&mut self) {
+        while let Some(&Reverse((_, sequence, slot))) = self.heap.peek() {
+            let entry = &self.slots[slot as usize];
+            if entry.sequence == sequence && entry.waker.is_some() {
+                return;
+            }
+            self.heap.pop();
+        }
     }
 
     /// Drops every timer (at the end of a run, to break waker reference cycles).
     pub fn clear(&mut self) {
-        self.entries.clear();
+        self.heap.clear();
+        self.slots.clear();
+        self.free.clear();
     }
 }
 
@@ -85,6 +159,7 @@ pub struct Sleep {
 
 impl Sleep {
     /// A sleep until global time `deadline_ms`.
+    #[inline]
     pub(crate) fn until(shared: Arc<Shared>, deadline_ms: u64) -> Self {
         Self {
             shared,
@@ -152,6 +227,45 @@ mod tests {
         assert!(timers.pop_due(10).is_none());
         timers.remove(late);
         assert_eq!(timers.next_deadline_ms(), None);
+    }
+
+    /// The heap fires and removes exactly as an ordered map of (deadline, sequence) would,
+    /// including stale keys (fired or removed timers whose slot was reused).
+    #[test]
+    fn the_heap_fires_and_removes_as_an_ordered_map_does() {
+        use std::collections::BTreeMap;
+        let mut rng = crate::rng::DeterministicRng::new(11);
+        let waker = Waker::noop().clone();
+        let mut timers = TimerQueue::default();
+        let mut model: BTreeMap<(u64, u64), ()> = BTreeMap::new();
+        let mut keys: Vec<TimerKey> = Vec::new();
+        let mut now_ms = 0;
+        for _ in 0..20_000 {
+            match rng.gen_range(0..4u32) {
+                0 | 1 => {
+                    let key = timers.insert(now_ms + rng.gen_range(0..50u64), waker.clone());
+                    model.insert((key.deadline_ms, key.sequence), ());
+                    keys.push(key);
+                }
+                2 if !keys.is_empty() => {
+                    let key = keys[rng.choose_index(keys.len())];
+                    timers.remove(key);
+                    model.remove(&(key.deadline_ms, key.sequence));
+                }
+                _ => {
+                    now_ms += rng.gen_range(0..5u64);
+                    while let Some((key, _)) = timers.pop_due(now_ms) {
+                        let first = model.pop_first().map(|(at, ())| at);
+                        assert_eq!(first, Some((key.deadline_ms, key.sequence)));
+                    }
+                    assert!(model
+                        .first_key_value()
+                        .is_none_or(|(&(at, _), ())| at > now_ms));
+                }
+            }
+            let expected = model.first_key_value().map(|(&(at, _), ())| at);
+            assert_eq!(timers.next_deadline_ms(), expected);
+        }
     }
 
     #[test]

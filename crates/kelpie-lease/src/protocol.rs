@@ -132,10 +132,14 @@ fn decide_release(
         return refuse(not_holder(actor_id, record, request, store_now_ms));
     };
     let released_lease = record.lease(actor_id).expect("holder checked above");
+    // Field by field rather than `..record.clone()`, which would clone the holder only to drop
+    // it: an atomic increment and decrement on every release.
     let released = LeaseRecord {
         holder: None,
+        fencing_token: record.fencing_token,
+        acquired_at_ms: record.acquired_at_ms,
         expires_at_ms: store_now_ms,
-        ..record.clone()
+        renewal_count: record.renewal_count,
     };
     Decision {
         write: Some(released),

@@ -51,6 +51,7 @@ pub struct LeaseRecord {
 
 impl LeaseRecord {
     /// The lease this record describes, if it names a holder (valid or expired).
+    #[inline]
     pub fn lease(&self, actor_id: &ActorId) -> Option<Lease> {
         let holder = self.holder.clone()?;
         Some(Lease {
@@ -64,6 +65,7 @@ impl LeaseRecord {
     }
 
     /// The holder of a lease that is valid at `store_now_ms`, if any.
+    #[inline]
     pub fn valid_holder(&self, store_now_ms: u64) -> Option<&NodeId> {
         self.holder
             .as_ref()

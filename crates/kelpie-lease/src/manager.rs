@@ -161,8 +161,12 @@ impl<S: LeaseStore> ProtocolLeaseManager<S> {
     ) -> Result<Lease, LeaseError> {
         let mut request = LeaseRequest::new(op, node_id.clone(), self.config.lease_duration_ms);
         request.fencing_token = fencing_token;
-        let decision = self.store.apply(actor_id, &request).await?;
-        decision.reply
+        // Only the reply is taken out of the decision, not the whole decision first: it is
+        // the larger part of what the store hands back, and each move of it is a copy.
+        match self.store.apply(actor_id, &request).await {
+            Ok(decision) => decision.reply,
+            Err(error) => Err(error.into()),
+        }
     }
 }
 

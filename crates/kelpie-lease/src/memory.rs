@@ -2,9 +2,9 @@
 //!
 //! The store keeps, per actor, one 48-byte entry in a vector (the actor id and the record, with
 //! its holder as a small number and its renewal count in 32 bits while it fits, in a side map
-//! beyond) and one 4-byte slot in a hash index over that vector. Holders
+//! beyond) and one 8-byte bucket in a hash index over that vector ([`EntryIndex`]). Holders
 //! are few (one per node process), so each distinct holder id is kept once, with a count of
-//! the records naming it, and dropped when none does. Every request still goes through
+//! the records naming it, and dropped when none does (but for the last one released). Every request still goes through
 //! [`decide`], the one decision function every store applies: the entry is turned into the
 //! [`LeaseRecord`] it stands for, decided on, and the record written back compactly.
 //!
@@ -50,21 +50,56 @@ struct Entry {
 /// Marks a renewal count too large for an entry: billions of renewals of one tenure.
 const RENEWALS_SPILLED: u32 = u32::MAX;
 
-/// Every holder id some record names, each kept once with the number of records naming it.
+/// Every holder id some record names, each kept once with the number of records naming it,
+/// and the last one that no record names any more ([`Holders::idle`]).
 #[derive(Default)]
 struct Holders {
     slots: Vec<Option<(NodeId, u64)>>,
     index: HashTable<u32>,
     free: Vec<u32>,
+    /// The slot of the holder whose last record was released most recently, still indexed
+    /// with a count of zero. A node that releases its only lease and acquires again (the
+    /// common case for a node with one active actor, or one that cycles through actors) then
+    /// finds its id without hashing it and without forgetting and re-interning it each time.
+    /// One idle holder at most, so the holders kept stay bounded by the live ones plus one.
+    idle: Option<u32>,
 }
 
 #[derive(Default)]
 struct Table {
     entries: Vec<Entry>,
-    index: HashTable<u32>,
+    index: EntryIndex,
     holders: Holders,
     /// Renewal counts that do not fit an entry, by entry index.
     renewals_spilled: BTreeMap<usize, u64>,
+    /// The record a request is decided on, rebuilt here from its entry ([`Table::lend`]).
+    decided: DecidedRecords,
+}
+
+/// Two records kept to lend to [`decide`], one with a holder and one without, overwritten
+/// for each request. Building a fresh [`LeaseRecord`] clones the holder id (an atomic
+/// increment, and a decrement when it is dropped) on every request; here the id is cloned
+/// only when the holder differs from the last one lent, which for a node renewing or
+/// releasing its own leases is never. Each keeps at most one holder id alive beyond the table.
+struct DecidedRecords {
+    held: LeaseRecord,
+    free: LeaseRecord,
+}
+
+impl Default for DecidedRecords {
+    fn default() -> Self {
+        let blank = LeaseRecord {
+            holder: None,
+            fencing_token: FencingToken::ZERO,
+            acquired_at_ms: 0,
+            expires_at_ms: 0,
+            renewal_count: 0,
+        };
+        Self {
+            held: blank.clone(),
+            free: blank,
+        }
+    }
 }
 
 /// The hash seed: fixed, so the table behaves the same in every process ("kelpie").
@@ -88,6 +123,14 @@ impl Holders {
 
     /// The slot of `node_id`, counting one more record naming it.
     fn retain(&mut self, node_id: &NodeId) -> u32 {
+        if let Some(idle) = self.idle {
+            let (idle_id, count) = self.slots[idle as usize].as_mut().expect("an idle slot");
+            if idle_id == node_id {
+                *count = 1;
+                self.idle = None;
+                return idle;
+            }
+        }
         let hash = hash_str(node_id.as_str());
         let slots = &self.slots;
         let found = self.index.find(hash, |&s| {
@@ -98,6 +141,7 @@ impl Holders {
         if let Some(&slot) = found {
             let (_, count) = self.slots[slot as usize].as_mut().expect("indexed slot");
             *count += 1;
+            debug_assert!(self.idle != Some(slot), "the idle holder was checked above");
             return slot;
         }
         let slot = match self.free.pop() {
@@ -117,18 +161,30 @@ impl Holders {
         slot
     }
 
-    /// One record fewer names the holder in `slot`; forgets it when none does.
+    /// One record fewer names the holder in `slot`. When none does, it becomes the idle
+    /// holder, and the one idle before it is forgotten.
     fn release(&mut self, slot: u32) {
         if slot == NO_HOLDER {
             return;
         }
-        let (node_id, count) = self.slots[slot as usize]
+        let (_, count) = self.slots[slot as usize]
             .as_mut()
             .expect("a live holder slot");
         *count -= 1;
         if *count > 0 {
             return;
         }
+        if let Some(idle) = self.idle.replace(slot) {
+            self.forget(idle);
+        }
+    }
+
+    /// Forgets the holder in `slot`, which no record names.
+    fn forget(&mut self, slot: u32) {
+        let (node_id, count) = self.slots[slot as usize]
+            .as_ref()
+            .expect("a live holder slot");
+        assert_eq!(*count, 0, "only a holder no record names is forgotten");
         let hash = hash_str(node_id.as_str());
         if let Ok(found) = self.index.find_entry(hash, |&s| s == slot) {
             found.remove();
@@ -138,13 +194,132 @@ impl Holders {
     }
 }
 
+/// Where a request's actor is in the table: its entry, or the hash to index a new one by
+/// (so the id is hashed once per request).
+#[derive(Clone, Copy)]
+enum Found {
+    At(usize),
+    Absent { hash: u64 },
+}
+
+impl Found {
+    fn at(self) -> Option<usize> {
+        match self {
+            Found::At(i) => Some(i),
+            Found::Absent { .. } => None,
+        }
+    }
+}
+
+/// The hash index over [`Table::entries`]: open addressing with linear probing, one 8-byte
+/// bucket per slot holding the entry's position and the top 32 bits of its id's hash.
+///
+/// A lookup reads one bucket (one cache line, usually) and then the entry it names; a
+/// table whose control bytes and slots are apart (hashbrown's) reads two lines in two places
+/// before the entry, and with many actors each of those is a cache and TLB miss. The bucket
+/// is placed by the top bits of the hash, which it keeps, so growing moves buckets without
+/// hashing any id again. Entries are never removed, so there are no tombstones.
+#[derive(Default)]
+struct EntryIndex {
+    /// `BUCKET_EMPTY`, or `(hash >> 32) << 32 | (entry index + 1)`; a power-of-two length.
+    buckets: Vec<u64>,
+    len: usize,
+}
+
+const BUCKET_EMPTY: u64 = 0;
+/// The fewest buckets an index that has any holds.
+const INDEX_BUCKETS_MIN: usize = 8;
+/// The index grows once more than 7/8 of its buckets are full: linear probing stays short
+/// (about 2.5 buckets for a hit at that load), and a million leases fit in 2^21 buckets,
+/// 16.8 bytes per lease, which keeps a held lease within its 100 bytes.
+const INDEX_LOAD_MAX_EIGHTHS: usize = 7;
+
+impl EntryIndex {
+    fn with_capacity(entries: usize) -> Self {
+        let buckets = if entries == 0 {
+            0
+        } else {
+            (entries * 8)
+                .div_ceil(INDEX_LOAD_MAX_EIGHTHS)
+                .next_power_of_two()
+                .max(INDEX_BUCKETS_MIN)
+        };
+        Self {
+            buckets: vec![BUCKET_EMPTY; buckets],
+            len: 0,
+        }
+    }
+
+    /// The bucket where a probe for a hash with these top 32 bits starts.
+    fn home(&self, hash_top: u32) -> usize {
+        let bits = self.buckets.len().trailing_zeros();
+        debug_assert!((1..=32).contains(&bits), "2 to 2^32 buckets");
+        (hash_top >> (32 - bits)) as usize
+    }
+
+    /// The entry whose id hashes to `hash` and for which `is_match` holds.
+    #[inline]
+    fn find(&self, hash: u64, mut is_match: impl FnMut(usize) -> bool) -> Option<usize> {
+        if self.buckets.is_empty() {
+            return None;
+        }
+        let hash_top = (hash >> 32) as u32;
+        let mask = self.buckets.len() - 1;
+        let mut at = self.home(hash_top);
+        loop {
+            let bucket = self.buckets[at];
+            if bucket == BUCKET_EMPTY {
+                return None;
+            }
+            if (bucket >> 32) as u32 == hash_top {
+                let entry = (bucket as u32 - 1) as usize;
+                if is_match(entry) {
+                    return Some(entry);
+                }
+            }
+            at = (at + 1) & mask;
+        }
+    }
+
+    /// Indexes entry `entry`, whose id hashes to `hash` and is not indexed yet.
+    fn insert(&mut self, hash: u64, entry: usize) {
+        let slot = u32::try_from(entry + 1).expect("fewer than 2^32 - 1 actors");
+        if (self.len + 1) * 8 > self.buckets.len() * INDEX_LOAD_MAX_EIGHTHS {
+            self.grow();
+        }
+        self.place(hash & !u64::from(u32::MAX) | u64::from(slot));
+        self.len += 1;
+    }
+
+    /// Puts `bucket` in the first free bucket from its home.
+    fn place(&mut self, bucket: u64) {
+        let mask = self.buckets.len() - 1;
+        let mut at = self.home((bucket >> 32) as u32);
+        while self.buckets[at] != BUCKET_EMPTY {
+            at = (at + 1) & mask;
+        }
+        self.buckets[at] = bucket;
+    }
+
+    fn grow(&mut self) {
+        let buckets = (self.buckets.len() * 2).max(INDEX_BUCKETS_MIN);
+        // A bucket's home is taken from the 32 hash bits it keeps.
+        assert!(buckets.trailing_zeros() <= 32, "at most 2^32 index buckets");
+        let old = std::mem::replace(&mut self.buckets, vec![BUCKET_EMPTY; buckets]);
+        for bucket in old.into_iter().filter(|&b| b != BUCKET_EMPTY) {
+            self.place(bucket);
+        }
+    }
+}
+
 impl Table {
-    fn find(&self, actor_id: &ActorId) -> Option<usize> {
+    /// The entry of `actor_id`, whose hash is `hash` (taken outside the lock).
+    fn find(&self, actor_id: &ActorId, hash: u64) -> Found {
         let entries = &self.entries;
-        let found = self.index.find(hash_str(actor_id.as_str()), |&i| {
-            entries[i as usize].actor_id == *actor_id
-        });
-        found.map(|&i| i as usize)
+        match self.index.find(hash, |i| entries[i].actor_id == *actor_id) {
+            Some(i) => Found::At(i),
+            None => Found::Absent { hash },
+        }
     }
 
     fn record(&self, at: usize) -> LeaseRecord {
@@ -162,11 +337,39 @@ impl Table {
         }
     }
 
+    /// The record at entry `at`, as [`Table::record`] builds it, in one of the
+    /// [`DecidedRecords`] and lent from there.
+    fn lend(&mut self, at: usize) -> &LeaseRecord {
+        let entry = &self.entries[at];
+        let renewal_count = match entry.renewal_count {
+            RENEWALS_SPILLED => self.renewals_spilled[&at],
+            count => u64::from(count),
+        };
+        let lent = match self.holders.get(entry.holder) {
+            None => &mut self.decided.free,
+            Some(holder) => {
+                let lent = &mut self.decided.held;
+                if lent.holder.as_ref() != Some(holder) {
+                    lent.holder = Some(holder.clone());
+                }
+                lent
+            }
+        };
+        lent.fencing_token = entry.fencing_token;
+        lent.acquired_at_ms = entry.acquired_at_ms;
+        lent.expires_at_ms = entry.expires_at_ms;
+        lent.renewal_count = renewal_count;
+        lent
+    }
+
     /// `count` as an entry of index `at` keeps it.
     fn renewal_count_at(&mut self, at: usize, count: u64) -> u32 {
         match u32::try_from(count) {
             Ok(count) if count != RENEWALS_SPILLED => {
-                self.renewals_spilled.remove(&at);
+                // The map is empty but for billions of renewals of one tenure: skip the call.
+                if !self.renewals_spilled.is_empty() {
+                    self.renewals_spilled.remove(&at);
+                }
                 count
             }
             _ => {
@@ -176,8 +379,9 @@ impl Table {
         }
     }
 
-    /// Writes `record` for `actor_id`, at entry `at` if it has one.
-    fn write(&mut self, actor_id: &ActorId, at: Option<usize>, record: &LeaseRecord) {
+    /// Writes `record` for `actor_id`, at its entry if it has one.
+    fn write(&mut self, actor_id: &ActorId, found: Found, record: &LeaseRecord) {
+        let at = found.at();
         let old_holder = at.map_or(NO_HOLDER, |i| self.entries[i].holder);
         let holder = match &record.holder {
             // The same holder as before (a renewal, a refreshed acquire): no lookup.
@@ -205,7 +409,10 @@ impl Table {
                 entry.holder = holder;
             }
             None => {
-                let i = u32::try_from(self.entries.len()).expect("fewer than 2^32 actors");
+                let Found::Absent { hash } = found else {
+                    unreachable!("an entry that was found has a position")
+                };
+                self.index.insert(hash, self.entries.len());
                 self.entries.push(Entry {
                     actor_id: actor_id.clone(),
                     fencing_token: record.fencing_token,
@@ -214,11 +421,6 @@ impl Table {
                     renewal_count,
                     holder,
                 });
-                let entries = &self.entries;
-                self.index
-                    .insert_unique(hash_str(actor_id.as_str()), i, |&j| {
-                        hash_str(entries[j as usize].actor_id.as_str())
-                    });
             }
         }
     }
@@ -237,9 +439,10 @@ impl MemoryLeaseStore {
     pub fn with_capacity(clock: SharedClock, capacity: usize) -> Self {
         let table = Table {
             entries: Vec::with_capacity(capacity),
-            index: HashTable::with_capacity(capacity),
+            index: EntryIndex::with_capacity(capacity),
             holders: Holders::default(),
             renewals_spilled: BTreeMap::new(),
+            decided: DecidedRecords::default(),
         };
         Self {
             clock,
@@ -253,15 +456,18 @@ impl MemoryLeaseStore {
             .expect("lease store mutex poisoned by a panic")
     }
 
+    #[inline]
     fn apply_now(&self, actor_id: &ActorId, request: &LeaseRequest) -> Decision {
+        // Hashing needs no lock; the lock is held only for what must be one atomic step.
+        let hash = hash_str(actor_id.as_str());
         let mut table = self.lock();
         let store_now_ms = self.clock.now_ms();
-        let at = table.find(actor_id);
-        let record = at.map(|i| table.record(i));
-        let decision = decide(actor_id, record.as_ref(), request, store_now_ms);
+        let found = table.find(actor_id, hash);
+        let record = found.at().map(|at| table.lend(at));
+        let decision = decide(actor_id, record, request, store_now_ms);
         if let Some(written) = &decision.write {
             assert_record_well_formed(written);
-            table.write(actor_id, at, written);
+            table.write(actor_id, found, written);
         }
         decision
     }
@@ -277,8 +483,9 @@ impl LeaseStore for MemoryLeaseStore {
     }
 
     async fn load(&self, actor_id: &ActorId) -> Result<RecordSnapshot, StoreError> {
+        let hash = hash_str(actor_id.as_str());
         let table = self.lock();
-        let record = table.find(actor_id).map(|i| table.record(i));
+        let record = table.find(actor_id, hash).at().map(|i| table.record(i));
         Ok(RecordSnapshot {
             record,
             store_now_ms: self.clock.now_ms(),
@@ -316,8 +523,9 @@ mod tests {
         }
     }
 
-    /// Holder ids are kept once each, and forgotten once no record names them: a store
-    /// that sees many short-lived holders (restarted processes) does not grow with them.
+    /// Holder ids are kept once each, and forgotten once no record names them (but for the one
+    /// released last, kept idle): a store that sees many short-lived holders (restarted
+    /// processes) does not grow with them.
     #[test]
     fn holders_are_shared_and_forgotten_when_no_record_names_them() {
         let clock = ManualClock::new(0);
@@ -332,22 +540,68 @@ mod tests {
                 let granted = ready(store.apply(actor, &acquire)).unwrap();
                 assert_eq!(granted.reply.unwrap().holder, node);
             }
-            assert_eq!(store.lock().holders.index.len(), 1, "one live holder");
+            let indexed = store.lock().holders.index.len();
+            let idle = usize::from(round > 0);
+            assert_eq!(indexed, 1 + idle, "one live holder, and the last one idle");
             for actor in &actors {
                 let mut release = LeaseRequest::new(LeaseOp::Release, node.clone(), 100);
                 release.fencing_token = Some(FencingToken(round + 1));
                 ready(store.apply(actor, &release)).unwrap().reply.unwrap();
             }
-            assert_eq!(store.lock().holders.index.len(), 0, "released: no holder");
+            let table = store.lock();
+            assert_eq!(
+                table.holders.index.len(),
+                1,
+                "released: only the idle holder"
+            );
+            let idle = table
+                .holders
+                .idle
+                .expect("the last holder released is idle");
+            let (idle_id, count) = table.holders.slots[idle as usize].as_ref().unwrap();
+            assert_eq!((idle_id, *count), (&node, 0));
         }
         let table = store.lock();
-        assert!(table.holders.slots.len() <= 1, "slots are reused");
+        assert!(table.holders.slots.len() <= 2, "slots are reused");
         assert_eq!(table.entries.len(), actors.len());
         let record = table.record(0);
         assert_eq!(
             (record.holder, record.fencing_token),
             (None, FencingToken(50))
         );
+    }
+
+    /// The record lent to the decision is the entry's, whoever holds it, after any other.
+    #[test]
+    fn lent_records_are_the_entries_records() {
+        let mut table = Table::default();
+        let actors: Vec<ActorId> = (0..2)
+            .map(|i| ActorId::new(format!("a{i}")).unwrap())
+            .collect();
+        let holders = [
+            Some(NodeId::new("n1").unwrap()),
+            Some(NodeId::new("n2").unwrap()),
+            None,
+            Some(NodeId::new("n1").unwrap()),
+        ];
+        for (round, holder) in (0u64..).zip(holders.iter().cycle().take(12)) {
+            let at = (round % 2) as usize;
+            let actor = &actors[at];
+            let record = LeaseRecord {
+                holder: holder.clone(),
+                fencing_token: FencingToken(round + 1),
+                acquired_at_ms: round,
+                expires_at_ms: round + 10,
+                renewal_count: round * 3,
+            };
+            let found = table.find(actor, hash_str(actor.as_str()));
+            table.write(actor, found, &record);
+            for other in 0..table.entries.len() {
+                let built = table.record(other);
+                assert_eq!(table.lend(other), &built);
+            }
+            assert_eq!(table.lend(at), &record);
+        }
     }
 
     /// A renewal count beyond 32 bits is kept exactly, beside the entry, and comes back.
@@ -362,11 +616,16 @@ mod tests {
             expires_at_ms: 2,
             renewal_count: u64::from(u32::MAX) + 7,
         };
-        table.write(&actor, None, &record);
+        let found = table.find(&actor, hash_str(actor.as_str()));
+        table.write(&actor, found, &record);
         assert_eq!(table.record(0), record);
+        assert_eq!(table.lend(0), &record);
         record.renewal_count = 3;
-        table.write(&actor, Some(0), &record);
+        let found = table.find(&actor, hash_str(actor.as_str()));
+        assert!(matches!(found, Found::At(0)));
+        table.write(&actor, found, &record);
         assert_eq!(table.record(0), record);
+        assert_eq!(table.lend(0), &record);
         assert!(table.renewals_spilled.is_empty());
         assert_eq!(std::mem::size_of::<Entry>(), 48);
     }

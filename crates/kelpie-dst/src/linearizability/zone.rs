@@ -67,14 +67,20 @@ impl Zone {
             return false;
         }
         // Closing a closed matrix after one tightened edge: every shortest path that improves
-        // goes through it, and the rows and columns it goes through do not change.
+        // goes through it, and the rows and columns it goes through do not change. Row `y` is
+        // read once, and unbounded entries of it are skipped (they improve nothing).
+        let from_y = self.bounds[y];
         for i in 0..SLOTS {
             let to_x = self.bounds[i][x];
             if to_x >= INF {
                 continue;
             }
-            for j in 0..SLOTS {
-                let via = add(add(to_x, c), self.bounds[y][j]);
+            let to_y = add(to_x, c);
+            for (j, &y_to) in from_y.iter().enumerate() {
+                if y_to >= INF {
+                    continue;
+                }
+                let via = add(to_y, y_to);
                 if via < self.bounds[i][j] {
                     self.bounds[i][j] = via;
                 }

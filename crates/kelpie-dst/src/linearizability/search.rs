@@ -92,7 +92,15 @@ enum Placed {
 struct Step {
     parent: Option<Rc<Step>>,
     placed: Placed,
-    constraints: Box<[(u32, u32, i64)]>,
+    /// Inline, like [`Constrained`]'s log: one allocation per step of a path, not two.
+    constraints: [(u32, u32, i64); STEP_CONSTRAINTS_MAX],
+    constraints_len: usize,
+}
+
+impl Step {
+    fn constraints(&self) -> &[(u32, u32, i64)] {
+        &self.constraints[..self.constraints_len]
+    }
 }
 
 /// A point of the search.
@@ -204,7 +212,12 @@ impl<'h, 'a> Search<'h, 'a> {
             path: Rc::new(Step {
                 parent: None,
                 placed: Placed::Start,
-                constraints: Box::new([(0, 1, -t_min), (1, 0, t_max)]),
+                constraints: {
+                    let mut constraints = [(0, 0, 0); STEP_CONSTRAINTS_MAX];
+                    constraints[..2].copy_from_slice(&[(0, 1, -t_min), (1, 0, t_max)]);
+                    constraints
+                },
+                constraints_len: 2,
             }),
         }
     }
@@ -442,14 +455,11 @@ impl<'h, 'a> Search<'h, 'a> {
                 N => (var, 0),
                 slot => state.aliases[slot],
             };
-            let constraints = next
-                .log()
-                .iter()
-                .map(|&(x, y, c)| {
-                    let ((gx, ox), (gy, oy)) = (alias(x), alias(y));
-                    (gx, gy, c - ox + oy)
-                })
-                .collect();
+            let mut constraints = [(0, 0, 0); STEP_CONSTRAINTS_MAX];
+            for (to, &(x, y, c)) in constraints.iter_mut().zip(next.log()) {
+                let ((gx, ox), (gy, oy)) = (alias(x), alias(y));
+                *to = (gx, gy, c - ox + oy);
+            }
             let mut zone = next.zone;
             let mut aliases = state.aliases;
             match branch.write {
@@ -488,6 +498,7 @@ impl<'h, 'a> Search<'h, 'a> {
                     parent: Some(Rc::clone(&state.path)),
                     placed,
                     constraints,
+                    constraints_len: next.log_len,
                 }),
             });
         }
@@ -569,7 +580,7 @@ impl<'h, 'a> Witness<'h, 'a> {
         let mut step = Some(&state.path);
         while let Some(s) = step {
             steps.push(s.placed);
-            edges.extend(s.constraints.iter().copied());
+            edges.extend(s.constraints().iter().copied());
             step = s.parent.as_ref();
         }
         steps.reverse();

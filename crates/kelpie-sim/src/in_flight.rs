@@ -105,15 +105,6 @@ impl<T> InFlightQueue<T> {
         }
     }
 
-    /// A queue with nothing in flight and no memory, to stand in while the real one is
-    /// lent out.
-    pub(crate) const fn placeholder() -> Self {
-        InFlightQueue::Map {
-            buckets: BTreeMap::new(),
-            spare: Vec::new(),
-        }
-    }
-
     /// Moves the messages of the earliest instant, if it is due at `now_ms`, to the end of
     /// `out`, in send order. Returns whether there were any.
     #[cfg(test)]

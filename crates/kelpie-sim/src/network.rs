@@ -72,8 +72,6 @@ struct Mailbox<M> {
 
 struct NetworkState<M> {
     rng: DeterministicRng,
-    /// Messages in flight, by delivery instant, in send order within an instant.
-    in_flight: InFlightQueue<InFlight<M>>,
     mailboxes: Vec<Mailbox<M>>,
     /// `blocked[from * hosts + to]`: whether the link from `from` to `to` is cut.
     blocked: Vec<bool>,
@@ -95,6 +93,9 @@ struct NetworkInner<M> {
     /// [`delivery_ms_max`] of `config`, computed once: every send checks against it.
     delivery_ms_max: u64,
     state: RefCell<NetworkState<M>>,
+    /// Messages in flight, by delivery instant, in send order within an instant. Apart from
+    /// `state`, so that a delivery walks the queue while it fills the mailboxes.
+    in_flight: RefCell<InFlightQueue<InFlight<M>>>,
 }
 
 /// A shared handle to a simulated network carrying messages of type `M`.
@@ -153,7 +154,6 @@ impl<M: Clone + 'static> SimNetwork<M> {
             .collect();
         let state = NetworkState {
             rng: env.rng(&format!("network/{id}")),
-            in_flight: InFlightQueue::new(delivery_ms_max(&config)),
             mailboxes,
             blocked: vec![false; config.hosts * config.hosts],
             any_blocked: false,
@@ -178,6 +178,7 @@ impl<M: Clone + 'static> SimNetwork<M> {
             config,
             faults_configured,
             state: RefCell::new(state),
+            in_flight: RefCell::new(InFlightQueue::new(delivery_ms_max(&config))),
         });
         let source: Rc<dyn EventSource> = inner.clone();
         env.runtime().add_source(Rc::downgrade(&source));
@@ -264,7 +265,10 @@ impl<M: Clone + 'static> SimNetwork<M> {
             to: to as u32,
             message,
         };
-        state.in_flight.push(now_ms, deliver_at_ms, item);
+        inner
+            .in_flight
+            .borrow_mut()
+            .push(now_ms, deliver_at_ms, item);
         state.in_flight_count += 1;
         runtime
             .trace
@@ -429,20 +433,17 @@ impl<M> NetworkState<M> {
 
 impl<M> EventSource for NetworkInner<M> {
     fn next_deadline_ms(&self) -> Option<u64> {
-        self.state.borrow().in_flight.next_deadline_ms()
+        self.in_flight.borrow().next_deadline_ms()
     }
 
     fn fire_due(&self, now_ms: u64) {
         let mut hosts = {
             let mut state = self.state.borrow_mut();
-            let state = &mut *state;
-            // Lent out so that each message goes straight from the queue to its mailbox.
-            let mut in_flight =
-                std::mem::replace(&mut state.in_flight, InFlightQueue::placeholder());
+            let mut in_flight = self.in_flight.borrow_mut();
+            // Each message goes straight from the queue to its mailbox.
             while in_flight.take_due_each(now_ms, |arrived| {
                 state.deliver(&self.env, &self.config, arrived)
             }) {}
-            state.in_flight = in_flight;
             std::mem::take(&mut state.hosts_to_wake)
         };
         // Woken outside the borrow, in delivery order, so a waker may touch the network. Each

@@ -239,11 +239,18 @@ impl EntryIndex {
         let buckets = if entries == 0 {
             0
         } else {
-            (entries * 8)
+            entries
+                .checked_mul(8)
+                .expect("a capacity the index can count")
                 .div_ceil(INDEX_LOAD_MAX_EIGHTHS)
                 .next_power_of_two()
                 .max(INDEX_BUCKETS_MIN)
         };
+        // A bucket's home is taken from the 32 hash bits it keeps.
+        assert!(
+            buckets == 0 || buckets.trailing_zeros() <= 32,
+            "at most 2^32 index buckets"
+        );
         Self {
             buckets: vec![BUCKET_EMPTY; buckets],
             len: 0,
@@ -601,6 +608,33 @@ mod tests {
                 assert_eq!(table.lend(other), &built);
             }
             assert_eq!(table.lend(at), &record);
+        }
+    }
+
+    /// The index finds every entry it holds, through growth and through hashes that share
+    /// their top bits (so share a home bucket), and finds nothing for what it does not hold.
+    #[test]
+    fn the_entry_index_finds_what_it_holds_through_growth_and_collisions() {
+        for capacity in [0, 5, 1000] {
+            let mut index = EntryIndex::with_capacity(capacity);
+            // Hashes 0..n spread over homes; every 7th shares the top bits of entry 0's.
+            let hash_of = |entry: usize| -> u64 {
+                let spread = hash_str(&entry.to_string());
+                if entry.is_multiple_of(7) {
+                    (spread & !(u64::from(u32::MAX) << 32)) | (0xdead_beef << 32)
+                } else {
+                    spread
+                }
+            };
+            for entry in 0..3000 {
+                assert_eq!(index.find(hash_of(entry), |i| i == entry), None);
+                index.insert(hash_of(entry), entry);
+                assert!(index.len * 8 <= index.buckets.len() * INDEX_LOAD_MAX_EIGHTHS);
+            }
+            for entry in 0..3000 {
+                assert_eq!(index.find(hash_of(entry), |i| i == entry), Some(entry));
+            }
+            assert_eq!(index.find(hash_of(3000), |_| true), None);
         }
     }
 

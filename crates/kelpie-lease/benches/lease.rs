@@ -162,7 +162,7 @@ fn throughput() {
 /// the figure is everything the store holds and nothing else: its own copy of each actor id
 /// (the id's allocation, 32 bytes for the 13-byte ids here), the entry with the record (holder,
 /// fencing token, acquisition, expiry and renewal count; 48 bytes, in a vector that grows by
-/// doubling) and its bucket in the hash index (8 bytes, at most 7/8 full, so 16 bytes at 1M),
+/// doubling) and its slot in the hash index (4 bytes and a control byte, at most 7/8 full),
 /// and the one holder id all the leases share.
 fn memory() {
     let before_bytes = ALLOCATED_BYTES.load(Ordering::Relaxed);

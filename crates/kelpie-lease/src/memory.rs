@@ -2,7 +2,7 @@
 //!
 //! The store keeps, per actor, one 48-byte entry in a vector (the actor id and the record, with
 //! its holder as a small number and its renewal count in 32 bits while it fits, in a side map
-//! beyond) and one 8-byte bucket in a hash index over that vector ([`EntryIndex`]). Holders
+//! beyond) and one 4-byte slot in a hash index over that vector. Holders
 //! are few (one per node process), so each distinct holder id is kept once, with a count of
 //! the records naming it, and dropped when none does (but for the last one released). Every request still goes through
 //! [`decide`], the one decision function every store applies: the entry is turned into the
@@ -68,7 +68,8 @@ struct Holders {
 #[derive(Default)]
 struct Table {
     entries: Vec<Entry>,
-    index: EntryIndex,
+    /// Entry positions, hashed by actor id.
+    index: HashTable<u32>,
     holders: Holders,
     /// Renewal counts that do not fit an entry, by entry index.
     renewals_spilled: BTreeMap<usize, u64>,
@@ -211,113 +212,15 @@ impl Found {
     }
 }
 
-/// The hash index over [`Table::entries`]: open addressing with linear probing, one 8-byte
-/// bucket per slot holding the entry's position and the top 32 bits of its id's hash.
-///
-/// A lookup reads one bucket (one cache line, usually) and then the entry it names; a
-/// table whose control bytes and slots are apart (hashbrown's) reads two lines in two places
-/// before the entry, and with many actors each of those is a cache and TLB miss. The bucket
-/// is placed by the top bits of the hash, which it keeps, so growing moves buckets without
-/// hashing any id again. Entries are never removed, so there are no tombstones.
-#[derive(Default)]
-struct EntryIndex {
-    /// `BUCKET_EMPTY`, or `(hash >> 32) << 32 | (entry index + 1)`; a power-of-two length.
-    buckets: Vec<u64>,
-    len: usize,
-}
-
-const BUCKET_EMPTY: u64 = 0;
-/// The fewest buckets an index that has any holds.
-const INDEX_BUCKETS_MIN: usize = 8;
-/// The index grows once more than 7/8 of its buckets are full: linear probing stays short
-/// (about 2.5 buckets for a hit at that load), and a million leases fit in 2^21 buckets,
-/// 16.8 bytes per lease, which keeps a held lease within its 100 bytes.
-const INDEX_LOAD_MAX_EIGHTHS: usize = 7;
-
-impl EntryIndex {
-    fn with_capacity(entries: usize) -> Self {
-        let buckets = if entries == 0 {
-            0
-        } else {
-            (entries * 8)
-                .div_ceil(INDEX_LOAD_MAX_EIGHTHS)
-                .next_power_of_two()
-                .max(INDEX_BUCKETS_MIN)
-        };
-        Self {
-            buckets: vec![BUCKET_EMPTY; buckets],
-            len: 0,
-        }
-    }
-
-    /// The bucket where a probe for a hash with these top 32 bits starts.
-    fn home(&self, hash_top: u32) -> usize {
-        let bits = self.buckets.len().trailing_zeros();
-        debug_assert!((1..=32).contains(&bits), "2 to 2^32 buckets");
-        (hash_top >> (32 - bits)) as usize
-    }
-
-    /// The entry whose id hashes to `hash` and for which `is_match` holds.
-    #[inline]
-    fn find(&self, hash: u64, mut is_match: impl FnMut(usize) -> bool) -> Option<usize> {
-        if self.buckets.is_empty() {
-            return None;
-        }
-        let hash_top = (hash >> 32) as u32;
-        let mask = self.buckets.len() - 1;
-        let mut at = self.home(hash_top);
-        loop {
-            let bucket = self.buckets[at];
-            if bucket == BUCKET_EMPTY {
-                return None;
-            }
-            if (bucket >> 32) as u32 == hash_top {
-                let entry = (bucket as u32 - 1) as usize;
-                if is_match(entry) {
-                    return Some(entry);
-                }
-            }
-            at = (at + 1) & mask;
-        }
-    }
-
-    /// Indexes entry `entry`, whose id hashes to `hash` and is not indexed yet.
-    fn insert(&mut self, hash: u64, entry: usize) {
-        let slot = u32::try_from(entry + 1).expect("fewer than 2^32 - 1 actors");
-        if (self.len + 1) * 8 > self.buckets.len() * INDEX_LOAD_MAX_EIGHTHS {
-            self.grow();
-        }
-        self.place(hash & !u64::from(u32::MAX) | u64::from(slot));
-        self.len += 1;
-    }
-
-    /// Puts `bucket` in the first free bucket from its home.
-    fn place(&mut self, bucket: u64) {
-        let mask = self.buckets.len() - 1;
-        let mut at = self.home((bucket >> 32) as u32);
-        while self.buckets[at] != BUCKET_EMPTY {
-            at = (at + 1) & mask;
-        }
-        self.buckets[at] = bucket;
-    }
-
-    fn grow(&mut self) {
-        let buckets = (self.buckets.len() * 2).max(INDEX_BUCKETS_MIN);
-        // A bucket's home is taken from the 32 hash bits it keeps.
-        assert!(buckets.trailing_zeros() <= 32, "at most 2^32 index buckets");
-        let old = std::mem::replace(&mut self.buckets, vec![BUCKET_EMPTY; buckets]);
-        for bucket in old.into_iter().filter(|&b| b != BUCKET_EMPTY) {
-            self.place(bucket);
-        }
-    }
-}
-
 impl Table {
     /// The entry of `actor_id`, whose hash is `hash` (taken outside the lock).
     fn find(&self, actor_id: &ActorId, hash: u64) -> Found {
         let entries = &self.entries;
-        match self.index.find(hash, |i| entries[i].actor_id == *actor_id) {
-            Some(i) => Found::At(i),
+        match self
+            .index
+            .find(hash, |&i| entries[i as usize].actor_id == *actor_id)
+        {
+            Some(&i) => Found::At(i as usize),
             None => Found::Absent { hash },
         }
     }
@@ -412,7 +315,11 @@ impl Table {
                 let Found::Absent { hash } = found else {
                     unreachable!("an entry that was found has a position")
                 };
-                self.index.insert(hash, self.entries.len());
+                let i = u32::try_from(self.entries.len()).expect("fewer than 2^32 actors");
+                let entries = &self.entries;
+                self.index.insert_unique(hash, i, |&j| {
+                    hash_str(entries[j as usize].actor_id.as_str())
+                });
                 self.entries.push(Entry {
                     actor_id: actor_id.clone(),
                     fencing_token: record.fencing_token,
@@ -439,7 +346,7 @@ impl MemoryLeaseStore {
     pub fn with_capacity(clock: SharedClock, capacity: usize) -> Self {
         let table = Table {
             entries: Vec::with_capacity(capacity),
-            index: EntryIndex::with_capacity(capacity),
+            index: HashTable::with_capacity(capacity),
             holders: Holders::default(),
             renewals_spilled: BTreeMap::new(),
             decided: DecidedRecords::default(),

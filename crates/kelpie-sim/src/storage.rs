@@ -90,7 +90,8 @@ struct StorageInner<V> {
     env: SimEnv,
     id: u64,
     name: String,
-    data: RefCell<BTreeMap<String, Versioned<V>>>,
+    /// Looked up by hashing; [`SimStorage::keys`] and [`SimStorage::snapshot`] sort.
+    data: RefCell<indexmap::IndexMap<String, Versioned<V>, foldhash::fast::FixedState>>,
     crashed: Cell<bool>,
     /// Incremented at every crash, so an operation can tell it spanned one.
     epoch: Cell<u64>,
@@ -133,7 +134,7 @@ impl<V: Clone + 'static> SimStorage<V> {
             id,
             rng: RefCell::new(env.rng(&format!("storage/{name}"))),
             name,
-            data: RefCell::new(BTreeMap::new()),
+            data: RefCell::new(indexmap::IndexMap::default()),
             crashed: Cell::new(false),
             epoch: Cell::new(0),
             operations: Cell::new(0),
@@ -251,12 +252,15 @@ impl<V: Clone + 'static> SimStorage<V> {
 
     /// All keys, in order.
     pub fn keys(&self) -> Vec<String> {
-        self.inner.data.borrow().keys().cloned().collect()
+        let mut keys: Vec<String> = self.inner.data.borrow().keys().cloned().collect();
+        keys.sort_unstable();
+        keys
     }
 
     /// A copy of the whole store.
     pub fn snapshot(&self) -> BTreeMap<String, Versioned<V>> {
-        self.inner.data.borrow().clone()
+        let data = self.inner.data.borrow();
+        data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     /// The store's clock: global simulated time.

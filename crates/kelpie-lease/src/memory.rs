@@ -2,11 +2,11 @@
 //!
 //! The store keeps, per actor, one 48-byte entry in a vector (the actor id and the record, with
 //! its holder as a small number and its renewal count in 32 bits while it fits, in a side map
-//! beyond) and one 4-byte slot in a hash index over that vector. Holders
-//! are few (one per node process), so each distinct holder id is kept once, with a count of
-//! the records naming it, and dropped when none does (but for the last one released). Every request still goes through
-//! [`decide`], the one decision function every store applies: the entry is turned into the
-//! [`LeaseRecord`] it stands for, decided on, and the record written back compactly.
+//! beyond) and one 4-byte slot in a hash index over that vector. Holders are few (one per node
+//! process), so each distinct holder id is kept once, with a count of the records naming it,
+//! and dropped when none does (but for the last one released). Every request still goes
+//! through [`decide`], the one decision function every store applies: the entry is turned into
+//! the [`LeaseRecord`] it stands for, decided on, and the record written back compactly.
 //!
 //! Records are never removed (a released lease keeps its token, so a later holder's is
 //! larger), so entries only grow and an index into the vector stays valid.

@@ -3,7 +3,6 @@
 //! [`crate::lease_swarm`]), and the checkers judging every step.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeSet;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -14,7 +13,7 @@ use kelpie_lease::{
 };
 
 use crate::beliefs::BeliefBoard;
-use crate::checkers::{ActorMap, BeliefView, CheckerSet, DecisionRecord, LeaseWorld};
+use crate::checkers::{ActorMap, ActorView, BeliefView, CheckerSet, DecisionRecord, LeaseWorld};
 use crate::lease_events::{EventLog, LeaseEventKind};
 use crate::sim_etcd::SimEtcd;
 use crate::sim_lease_store::{SimLeaseStore, StoreWriteMutation};
@@ -167,15 +166,14 @@ impl SimLeaseCluster {
             env.add_invariant(name, move || {
                 let mut cache = cache.borrow_mut();
                 cache.refresh(&cluster, env_in_check.step());
-                if cache.changed_actors.is_empty() && cache.decisions.is_empty() {
+                if cache.changed.is_empty() && cache.decisions.is_empty() {
                     return Ok(());
                 }
                 let world = LeaseWorld {
                     store_now_ms: cache.store_now_ms,
-                    records: &cache.records,
-                    changed_actors: &cache.changed_actors,
+                    actors: &cache.actors,
+                    changed_indices: &cache.changed,
                     decisions: &cache.decisions,
-                    beliefs: &cache.beliefs,
                     held_until_deleted: cluster.etcd.is_some(),
                 };
                 let outcome = checker.borrow_mut().check(&world);
@@ -225,10 +223,12 @@ impl SimLeaseCluster {
 struct StepCache {
     step: Option<u64>,
     store_now_ms: u64,
-    records: ActorMap<LeaseRecord>,
-    changed_actors: BTreeSet<ActorId>,
+    /// Every actor's record and beliefs, one entry each.
+    actors: ActorMap<ActorView>,
+    /// The indices in `actors` of the actors changed in this step, in actor order, each once
+    /// (sorted at the end of [`StepCache::refresh`]).
+    changed: Vec<usize>,
     decisions: Vec<DecisionRecord>,
-    beliefs: ActorMap<Vec<BeliefView>>,
     /// Reused buffer of the store keys written in a step.
     written_keys: Vec<String>,
 }
@@ -239,13 +239,31 @@ impl StepCache {
             return;
         }
         self.step = Some(step);
-        self.changed_actors.clear();
+        self.changed.clear();
         if let Some(etcd) = &cluster.etcd {
             self.refresh_from_etcd(cluster, etcd);
         } else {
             self.refresh_from_store(cluster);
         }
         self.refresh_beliefs(cluster);
+        // In actor order, each once, as the checkers have always seen them. Indices and
+        // actors correspond one to one, so equal ids sort next to each other.
+        let actors = &self.actors;
+        let id = |index: usize| actors.get_index(index).expect("an actor's index").0;
+        self.changed.sort_unstable_by(|&a, &b| id(a).cmp(id(b)));
+        self.changed.dedup();
+    }
+
+    /// The index of `actor_id` in `actors`, with an empty view if it is new.
+    fn index_of(&mut self, actor_id: &ActorId) -> usize {
+        match self.actors.get_index_of(actor_id) {
+            Some(index) => index,
+            None => {
+                self.actors
+                    .insert_full(actor_id.clone(), ActorView::default())
+                    .0
+            }
+        }
     }
 
     /// Truth and decisions from the simulated etcd.
@@ -262,21 +280,15 @@ impl StepCache {
                 continue;
             };
             self.record_truth(cluster, &actor_id, &record);
-            self.records.insert(actor_id.clone(), record);
-            self.changed_actors.insert(actor_id);
+            let index = self.index_of(&actor_id);
+            self.actors[index].record = Some(record);
+            self.changed.push(index);
         }
     }
 
     fn record_truth(&self, cluster: &SimLeaseCluster, actor_id: &ActorId, record: &LeaseRecord) {
         if cluster.events.is_enabled() {
-            let kind = LeaseEventKind::Truth {
-                holder: record.holder.clone(),
-                fencing_token: record.fencing_token,
-                expires_at_ms: record.expires_at_ms,
-            };
-            cluster
-                .events
-                .push(self.store_now_ms, None, Some(actor_id), kind);
+            record_truth(&cluster.events, self.store_now_ms, actor_id, record);
         }
     }
 
@@ -289,23 +301,28 @@ impl StepCache {
         }
         let mut written = std::mem::take(&mut self.written_keys);
         cluster.store.storage().take_changed_keys_into(&mut written);
-        // In actor order, each once, as the checkers and the event log have always seen them.
+        // In actor order, each once, as the event log has always seen them.
         written.sort_unstable();
         written.dedup();
         for key in &written {
-            // The id already known for this key if there is one, so that the maps below
-            // compare pointers, not strings; a new one otherwise.
-            let actor_id = match self.records.get_key_value(key.as_str()) {
-                Some((actor_id, _)) => actor_id.clone(),
-                None => ActorId::new(key).expect("keys are written from valid actor ids"),
+            let index = match self.actors.get_index_of(key.as_str()) {
+                Some(index) => index,
+                None => {
+                    let actor_id =
+                        ActorId::new(key).expect("keys are written from valid actor ids");
+                    self.index_of(&actor_id)
+                }
             };
+            let (actor_id, view) = self.actors.get_index_mut(index).expect("an actor's index");
             let record = cluster
                 .store
-                .peek(&actor_id)
+                .peek(actor_id)
                 .expect("a written record exists");
-            self.record_truth(cluster, &actor_id, &record);
-            self.records.insert(actor_id.clone(), record);
-            self.changed_actors.insert(actor_id);
+            if cluster.events.is_enabled() {
+                record_truth(&cluster.events, self.store_now_ms, actor_id, &record);
+            }
+            view.record = Some(record);
+            self.changed.push(index);
         }
         self.written_keys = written;
     }
@@ -318,10 +335,11 @@ impl StepCache {
                 if events.is_enabled() {
                     self.record_belief_change(events, &change.node_id, &actor_id, after.as_ref());
                 }
-                let views = self.beliefs.entry(actor_id.clone()).or_default();
+                let index = self.index_of(&actor_id);
+                let views = &mut self.actors[index].beliefs;
                 views.retain(|v| v.node_id != change.node_id);
                 views.extend(after);
-                self.changed_actors.insert(actor_id);
+                self.changed.push(index);
             }
         }
     }
@@ -343,6 +361,16 @@ impl StepCache {
         };
         events.push(self.store_now_ms, node, Some(actor_id), kind);
     }
+}
+
+/// Logs the store's truth for `actor_id`.
+fn record_truth(events: &EventLog, store_now_ms: u64, actor_id: &ActorId, record: &LeaseRecord) {
+    let kind = LeaseEventKind::Truth {
+        holder: record.holder.clone(),
+        fencing_token: record.fencing_token,
+        expires_at_ms: record.expires_at_ms,
+    };
+    events.push(store_now_ms, None, Some(actor_id), kind);
 }
 
 fn tally_decisions(counts: &mut LeaseOpCounts, decisions: &[DecisionRecord]) {

@@ -14,9 +14,9 @@ impl Invariant for BeliefConsistency {
     }
 
     fn check(&mut self, world: &LeaseWorld<'_>) -> Result<(), String> {
-        for actor_id in world.changed_actors {
-            for view in world.beliefs_held(actor_id) {
-                let record = world.records.get(actor_id);
+        for (_, actor_id, actor) in world.changed_actors() {
+            for view in actor.beliefs_held(world.store_now_ms) {
+                let record = actor.record.as_ref();
                 let backed = record.is_some_and(|r| {
                     r.holder.as_ref() == Some(&view.node_id)
                         && r.fencing_token == view.held.fencing_token

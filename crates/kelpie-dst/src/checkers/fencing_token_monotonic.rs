@@ -1,8 +1,6 @@
 //! FencingTokenMonotonic: an actor's token never goes down, and every new holder's is larger
 //! than every token issued before for that actor.
 
-use super::ActorMap;
-
 use kelpie_core::{ActorId, FencingToken, NodeId};
 
 use super::{Invariant, LeaseWorld};
@@ -10,21 +8,27 @@ use super::{Invariant, LeaseWorld};
 /// Tracks, per actor, the highest token the store ever held and who held it.
 #[derive(Debug, Default)]
 pub struct FencingTokenMonotonic {
-    highest: ActorMap<(FencingToken, Option<NodeId>)>,
+    /// By the actor's index in [`LeaseWorld::actors`].
+    highest: Vec<Option<(FencingToken, Option<NodeId>)>>,
 }
 
 impl FencingTokenMonotonic {
     fn observe(
         &mut self,
+        index: usize,
         actor_id: &ActorId,
         token: FencingToken,
         holder: Option<&NodeId>,
     ) -> Result<(), String> {
-        let Some((highest, highest_holder)) = self.highest.get(actor_id).cloned() else {
-            self.highest
-                .insert(actor_id.clone(), (token, holder.cloned()));
+        if self.highest.len() <= index {
+            self.highest.resize(index + 1, None);
+        }
+        let slot = &mut self.highest[index];
+        let Some((highest, highest_holder)) = slot.as_ref() else {
+            *slot = Some((token, holder.cloned()));
             return Ok(());
         };
+        let highest = *highest;
         if token < highest {
             return Err(format!(
                 "token of {actor_id} went back from {highest} to {token}"
@@ -38,8 +42,7 @@ impl FencingTokenMonotonic {
             ));
         }
         if token > highest || new_holder {
-            self.highest
-                .insert(actor_id.clone(), (token, holder.cloned()));
+            *slot = Some((token, holder.cloned()));
         }
         Ok(())
     }
@@ -80,9 +83,14 @@ impl Invariant for FencingTokenMonotonic {
                 ));
             }
         }
-        for actor_id in world.changed_actors {
-            if let Some(record) = world.records.get(actor_id) {
-                self.observe(actor_id, record.fencing_token, record.holder.as_ref())?;
+        for (index, actor_id, view) in world.changed_actors() {
+            if let Some(record) = &view.record {
+                self.observe(
+                    index,
+                    actor_id,
+                    record.fencing_token,
+                    record.holder.as_ref(),
+                )?;
             }
         }
         Ok(())

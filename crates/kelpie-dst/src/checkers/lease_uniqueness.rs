@@ -13,8 +13,8 @@ impl Invariant for LeaseUniqueness {
     }
 
     fn check(&mut self, world: &LeaseWorld<'_>) -> Result<(), String> {
-        for actor_id in world.changed_actors {
-            let mut believers = world.beliefs_held(actor_id);
+        for (_, actor_id, view) in world.changed_actors() {
+            let mut believers = view.beliefs_held(world.store_now_ms);
             let Some(first) = believers.next() else {
                 continue;
             };

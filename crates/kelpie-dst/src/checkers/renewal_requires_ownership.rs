@@ -1,7 +1,5 @@
 //! RenewalRequiresOwnership: only the holder of an unexpired lease extends it.
 
-use super::ActorMap;
-
 use kelpie_lease::{backend::LeaseOp, backend::LeaseRecord};
 
 use super::{Invariant, LeaseWorld};
@@ -11,7 +9,8 @@ use super::{Invariant, LeaseWorld};
 /// expiry that moved later, with the holder and token unchanged, was on an unexpired lease).
 #[derive(Debug, Default)]
 pub struct RenewalRequiresOwnership {
-    previous: ActorMap<LeaseRecord>,
+    /// Each actor's record at the previous change, by its index in [`LeaseWorld::actors`].
+    previous: Vec<Option<LeaseRecord>>,
 }
 
 impl Invariant for RenewalRequiresOwnership {
@@ -39,11 +38,14 @@ impl Invariant for RenewalRequiresOwnership {
                 ));
             }
         }
-        for actor_id in world.changed_actors {
-            let Some(now) = world.records.get(actor_id) else {
+        for (index, actor_id, view) in world.changed_actors() {
+            let Some(now) = &view.record else {
                 continue;
             };
-            let before = self.previous.insert(actor_id.clone(), now.clone());
+            if self.previous.len() <= index {
+                self.previous.resize(index + 1, None);
+            }
+            let before = self.previous[index].replace(now.clone());
             let Some(before) = before else { continue };
             let extended = now.holder.is_some()
                 && now.holder == before.holder

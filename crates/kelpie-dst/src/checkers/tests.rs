@@ -2,8 +2,6 @@
 //! rejecting a wrong world, and the nearest correct world is shown accepted, so a checker
 //! that stopped looking (or looks at the wrong thing) fails here rather than passing sweeps.
 
-use std::collections::BTreeSet;
-
 use kelpie_core::{ActorId, FencingToken, NodeId};
 use kelpie_lease::{
     backend::decide, backend::Decision, backend::LeaseOp, backend::LeaseRecord,
@@ -11,7 +9,7 @@ use kelpie_lease::{
 };
 
 use super::{
-    ActorMap, BeliefConsistency, BeliefView, DecisionRecord, ExpiredLeaseClaimable,
+    ActorMap, ActorView, BeliefConsistency, BeliefView, DecisionRecord, ExpiredLeaseClaimable,
     FencingTokenMonotonic, Invariant, LeaseUniqueness, LeaseWorld, RenewalRequiresOwnership,
 };
 
@@ -93,17 +91,16 @@ impl Step {
     }
 
     fn check(&self, checker: &mut dyn Invariant) -> Result<(), String> {
-        let records: ActorMap<LeaseRecord> =
-            self.record.iter().map(|r| (actor(), r.clone())).collect();
-        let changed: BTreeSet<ActorId> = [actor()].into_iter().collect();
-        let beliefs: ActorMap<Vec<BeliefView>> =
-            [(actor(), self.beliefs.clone())].into_iter().collect();
+        let view = ActorView {
+            record: self.record.clone(),
+            beliefs: self.beliefs.clone(),
+        };
+        let actors: ActorMap<ActorView> = [(actor(), view)].into_iter().collect();
         checker.check(&LeaseWorld {
             store_now_ms: self.now_ms,
-            records: &records,
-            changed_actors: &changed,
+            actors: &actors,
+            changed_indices: &[0],
             decisions: &self.decisions,
-            beliefs: &beliefs,
             held_until_deleted: false,
         })
     }

@@ -50,6 +50,11 @@ enum Command {
     Node(node::NodeArgs),
 }
 
+/// A simulation sweep allocates and frees several small blocks per lease operation; mimalloc
+/// does that in a fraction of glibc's instructions (see the workspace manifest).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // Clap prints usage errors itself and exits with 2.
     let cli = Cli::parse();

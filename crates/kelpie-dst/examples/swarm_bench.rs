@@ -12,6 +12,10 @@
 use kelpie_dst::{swarm_faults, LeaseScenario, SWARM_LEASE_FAULTS};
 use kelpie_sim::{SimConfig, Simulation};
 
+/// The allocator `kelpie sim` runs on, so the figures are the sweep's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// CPU time this process has used; the benchmark runs outside the simulated world.
 fn cpu_secs() -> f64 {
     cpu_time::ProcessTime::now().as_duration().as_secs_f64()

@@ -149,14 +149,18 @@ fn fencing_token_monotonic(lines: &[Line], verdict: &mut Verdict) {
                 expires_at_ms: 0,
                 renewal_count: 0,
             };
-            let mut records = kelpie_dst::checkers::ActorMap::default();
-            records.insert(actor_id.clone(), record);
+            let view = kelpie_dst::checkers::ActorView {
+                record: Some(record),
+                beliefs: Vec::new(),
+            };
+            // One actor, always at index 0: the checker keeps its state by that index.
+            let mut actors = kelpie_dst::checkers::ActorMap::default();
+            actors.insert(actor_id.clone(), view);
             let world = kelpie_dst::checkers::LeaseWorld {
                 store_now_ms: 0,
-                records: &records,
-                changed_actors: &BTreeSet::from([actor_id.clone()]),
+                actors: &actors,
+                changed_indices: &[0],
                 decisions: &[],
-                beliefs: &kelpie_dst::checkers::ActorMap::default(),
                 // Only FencingTokenMonotonic runs here, which does not read it.
                 held_until_deleted: false,
             };

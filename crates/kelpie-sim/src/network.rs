@@ -207,7 +207,7 @@ impl<M: Clone + 'static> SimNetwork<M> {
     ///
     /// # Panics
     /// If either host is out of range.
-    #[inline]
+    #[inline(always)]
     pub fn send(&self, from: HostId, to: HostId, message: M) {
         let inner = &*self.inner;
         let hosts = inner.config.hosts;
@@ -247,7 +247,7 @@ impl<M: Clone + 'static> SimNetwork<M> {
     }
 
     /// Puts one copy of a message in flight, after a latency drawn from the network's stream.
-    #[inline]
+    #[inline(always)]
     fn enqueue(&self, state: &mut NetworkState<M>, from: HostId, to: HostId, message: M) {
         let inner = &*self.inner;
         let config = &inner.config;
@@ -452,9 +452,9 @@ impl<M> EventSource for NetworkInner<M> {
             let mut state = self.state.borrow_mut();
             let mut in_flight = self.in_flight.borrow_mut();
             // Each message goes straight from the queue to its mailbox.
-            while in_flight.take_due_each(now_ms, |arrived| {
-                state.deliver(&self.env, &self.config, arrived)
-            }) {}
+            while let Some(arrived) = in_flight.pop_due(now_ms) {
+                state.deliver(&self.env, &self.config, arrived);
+            }
             std::mem::take(&mut state.hosts_to_wake)
         };
         // Woken outside the borrow, in delivery order, so a waker may touch the network. Each

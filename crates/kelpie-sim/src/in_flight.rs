@@ -85,8 +85,8 @@ impl<T> InFlightQueue<T> {
         })
     }
 
-    /// Adds `item`, due at `at_ms`, sent at `now_ms`.
-    #[inline]
+    /// Adds `item`, due at `at_ms`, sent at `now_ms`. Always inlined: it is most of a send.
+    #[inline(always)]
     pub(crate) fn push(&mut self, now_ms: u64, at_ms: u64, item: T) {
         match self {
             InFlightQueue::Wheel(wheel) => wheel.push(now_ms, at_ms, item),
@@ -145,7 +145,7 @@ impl<T> Wheel<T> {
         self.slot_mask
     }
 
-    #[inline]
+    #[inline(always)]
     fn push(&mut self, now_ms: u64, at_ms: u64, item: T) {
         assert!(
             at_ms >= now_ms && at_ms - now_ms <= self.slot_mask,

@@ -455,6 +455,10 @@ impl<M> EventSource for NetworkInner<M> {
             while let Some(arrived) = in_flight.pop_due(now_ms) {
                 state.deliver(&self.env, &self.config, arrived);
             }
+            // Usually every receiver was a task, woken on delivery.
+            if state.hosts_to_wake.is_empty() {
+                return;
+            }
             std::mem::take(&mut state.hosts_to_wake)
         };
         // Woken outside the borrow, in delivery order, so a waker may touch the network. Each

@@ -125,6 +125,26 @@ impl LocalReady {
         }
     }
 
+    /// Queues `task` exactly as waking its [`Waker`] would while this runtime drives on this
+    /// thread (a wake then lands in this queue), minus the waker's vtable call and
+    /// thread-local lookup: the network wakes its receivers this way, one per message burst.
+    #[inline]
+    pub(crate) fn wake(&self, task: &TaskRef) {
+        debug_assert!(
+            DRIVING.with(|d| d
+                .borrow()
+                .as_ref()
+                .is_some_and(|local| local.owner == self.owner)),
+            "a task was woken directly while its runtime was not driving on this thread"
+        );
+        let flag = &task.0;
+        if flag.scheduled.load(Ordering::Acquire) {
+            return;
+        }
+        flag.scheduled.store(true, Ordering::Release);
+        self.queue.borrow_mut().push(flag.key);
+    }
+
     /// Forgets every queued task (at the end of a run).
     pub(crate) fn clear(&self) {
         self.queue.borrow_mut().clear();
@@ -256,6 +276,12 @@ impl Wake for TaskWaker {
     }
 }
 
+/// A task of one runtime, to wake from inside that runtime with [`LocalReady::wake`]. Holds
+/// the task's wake flag, as its waker does, so a task that finished is "woken" exactly as its
+/// waker would be (its stale key is queued once).
+#[derive(Debug, Clone)]
+pub(crate) struct TaskRef(Arc<TaskWaker>);
+
 /// A live task.
 struct TaskEntry {
     /// Spawn sequence number, folded into the trace (deterministic, unlike slot reuse).
@@ -336,6 +362,19 @@ impl TaskSlab {
             return None;
         }
         slot.entry.as_mut()
+    }
+
+    /// The task `key`, if it is alive and `waker` wakes it and nothing else (its own waker,
+    /// by [`Waker::will_wake`]).
+    pub fn task_ref(&self, key: TaskKey, waker: &Waker) -> Option<TaskRef> {
+        let slot = self.slots.get(key.index as usize)?;
+        if slot.generation != key.generation {
+            return None;
+        }
+        let entry = slot.entry.as_ref()?;
+        waker
+            .will_wake(&entry.waker)
+            .then(|| TaskRef(entry.flag.clone()))
     }
 
     /// Takes a ready task's future out for polling. `None` if the key is stale.

@@ -10,7 +10,7 @@
 //! entries freed by a delivery are reused first by the next sends, so the memory a send
 //! writes is memory just touched, however many buckets the window has.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 /// Largest window a wheel covers, in ms; longer latency ranges use the ordered map.
 pub(crate) const WHEEL_SLOTS_MAX: u64 = 4_096;
@@ -18,9 +18,9 @@ pub(crate) const WHEEL_SLOTS_MAX: u64 = 4_096;
 pub(crate) enum InFlightQueue<T> {
     Wheel(Wheel<T>),
     Map {
-        buckets: BTreeMap<u64, Vec<T>>,
+        buckets: BTreeMap<u64, VecDeque<T>>,
         /// Emptied buckets kept for reuse, so steady traffic allocates nothing.
-        spare: Vec<Vec<T>>,
+        spare: Vec<VecDeque<T>>,
     },
 }
 
@@ -53,10 +53,10 @@ pub(crate) struct Wheel<T> {
     slots: Vec<SlotList>,
     /// `slots.len() - 1`: the slot of instant `at_ms` is `at_ms & slot_mask`.
     slot_mask: u64,
-    /// Every message in flight, chained into its slot's list.
+    /// Every message in flight, chained into its slot's list; free entries are chained too.
     entries: Vec<Entry<T>>,
-    /// Free entries; the last freed is reused first.
-    free: Vec<u32>,
+    /// The first free entry (the last freed, reused first), or `ENTRY_NONE`.
+    free_head: u32,
     /// Bit `i` set: slot `i` holds messages.
     occupied: Vec<u64>,
     /// The earliest instant with messages, if any. Every message in flight is due within one
@@ -79,21 +79,21 @@ impl<T> InFlightQueue<T> {
             slots: vec![SlotList::EMPTY; count],
             slot_mask: slots - 1,
             entries: Vec::new(),
-            free: Vec::new(),
+            free_head: ENTRY_NONE,
             occupied: vec![0; count.div_ceil(64)],
             earliest_ms: None,
         })
     }
 
-    /// Adds `item`, due at `at_ms`, sent at `now_ms`.
-    #[inline]
+    /// Adds `item`, due at `at_ms`, sent at `now_ms`. Always inlined: it is most of a send.
+    #[inline(always)]
     pub(crate) fn push(&mut self, now_ms: u64, at_ms: u64, item: T) {
         match self {
             InFlightQueue::Wheel(wheel) => wheel.push(now_ms, at_ms, item),
             InFlightQueue::Map { buckets, spare } => buckets
                 .entry(at_ms)
                 .or_insert_with(|| spare.pop().unwrap_or_default())
-                .push(item),
+                .push_back(item),
         }
     }
 
@@ -109,26 +109,32 @@ impl<T> InFlightQueue<T> {
     /// `out`, in send order. Returns whether there were any.
     #[cfg(test)]
     pub(crate) fn take_due(&mut self, now_ms: u64, out: &mut Vec<T>) -> bool {
-        self.take_due_each(now_ms, |item| out.push(item))
+        let Some(at_ms) = self.next_deadline_ms().filter(|&at_ms| at_ms <= now_ms) else {
+            return false;
+        };
+        while self.next_deadline_ms() == Some(at_ms) {
+            out.extend(self.pop_due(now_ms));
+        }
+        true
     }
 
-    /// Hands the messages of the earliest instant, if it is due at `now_ms`, to `each`, in
-    /// send order. Returns whether there were any.
+    /// Removes and returns the first message of the earliest instant, if that instant is due
+    /// at `now_ms`: popping until `None` gives every due message, by instant, in send order.
+    /// One at a time, so that the caller's delivery inlines into its loop.
     #[inline]
-    pub(crate) fn take_due_each(&mut self, now_ms: u64, each: impl FnMut(T)) -> bool {
+    pub(crate) fn pop_due(&mut self, now_ms: u64) -> Option<T> {
         match self {
-            InFlightQueue::Wheel(wheel) => wheel.take_due_each(now_ms, each),
+            InFlightQueue::Wheel(wheel) => wheel.pop_due(now_ms),
             InFlightQueue::Map { buckets, spare } => {
-                let Some(entry) = buckets.first_entry() else {
-                    return false;
-                };
+                let mut entry = buckets.first_entry()?;
                 if *entry.key() > now_ms {
-                    return false;
+                    return None;
                 }
-                let mut bucket = entry.remove();
-                bucket.drain(..).for_each(each);
-                spare.push(bucket);
-                true
+                let item = entry.get_mut().pop_front();
+                if entry.get().is_empty() {
+                    spare.push(entry.remove());
+                }
+                item
             }
         }
     }
@@ -139,39 +145,41 @@ impl<T> Wheel<T> {
         self.slot_mask
     }
 
-    #[inline]
+    #[inline(always)]
     fn push(&mut self, now_ms: u64, at_ms: u64, item: T) {
         assert!(
             at_ms >= now_ms && at_ms - now_ms <= self.slot_mask,
             "a delivery at {at_ms} ms sent at {now_ms} ms is outside the wheel's window"
         );
         let slot = (at_ms & self.slot_mask) as usize;
-        let entry = Entry {
-            next: ENTRY_NONE,
-            item: Some(item),
-        };
-        let index = match self.free.pop() {
-            Some(index) => {
-                self.entries[index as usize] = entry;
-                index
-            }
-            None => {
+        let index = match self.free_head {
+            ENTRY_NONE => {
                 let index = u32::try_from(self.entries.len())
                     .ok()
                     .filter(|&index| index != ENTRY_NONE)
                     .expect("fewer than 2^32 - 1 messages in flight");
-                self.entries.push(entry);
+                self.entries.push(Entry {
+                    next: ENTRY_NONE,
+                    item: Some(item),
+                });
+                index
+            }
+            index => {
+                let entry = &mut self.entries[index as usize];
+                self.free_head = entry.next;
+                entry.next = ENTRY_NONE;
+                entry.item = Some(item);
                 index
             }
         };
         let list = &mut self.slots[slot];
         if list.head == ENTRY_NONE {
             list.head = index;
+            self.occupied[slot / 64] |= 1 << (slot % 64);
         } else {
             self.entries[list.tail as usize].next = index;
         }
         list.tail = index;
-        self.occupied[slot / 64] |= 1 << (slot % 64);
         match self.earliest_ms {
             Some(earliest_ms) if earliest_ms <= at_ms => {}
             _ => self.earliest_ms = Some(at_ms),
@@ -179,21 +187,23 @@ impl<T> Wheel<T> {
     }
 
     #[inline]
-    fn take_due_each(&mut self, now_ms: u64, mut each: impl FnMut(T)) -> bool {
-        let Some(at_ms) = self.earliest_ms.filter(|&at| at <= now_ms) else {
-            return false;
-        };
+    fn pop_due(&mut self, now_ms: u64) -> Option<T> {
+        let at_ms = self.earliest_ms.filter(|&at_ms| at_ms <= now_ms)?;
         let slot = (at_ms & self.mask()) as usize;
-        let mut index = std::mem::replace(&mut self.slots[slot], SlotList::EMPTY).head;
-        while index != ENTRY_NONE {
-            let entry = &mut self.entries[index as usize];
-            each(entry.item.take().expect("a listed entry holds a message"));
-            self.free.push(index);
-            index = entry.next;
+        let list = &mut self.slots[slot];
+        // The earliest instant's slot is never empty, so `head` is an entry.
+        let index = list.head;
+        let entry = &mut self.entries[index as usize];
+        let item = entry.item.take().expect("a listed entry holds a message");
+        list.head = entry.next;
+        entry.next = self.free_head;
+        self.free_head = index;
+        if list.head == ENTRY_NONE {
+            *list = SlotList::EMPTY;
+            self.occupied[slot / 64] &= !(1 << (slot % 64));
+            self.earliest_ms = self.next_occupied_after(at_ms);
         }
-        self.occupied[slot / 64] &= !(1 << (slot % 64));
-        self.earliest_ms = self.next_occupied_after(at_ms);
-        true
+        Some(item)
     }
 
     /// The first instant after `at_ms` with messages: the first occupied slot after its slot,

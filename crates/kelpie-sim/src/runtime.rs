@@ -4,7 +4,7 @@
 
 use crate::config::SimConfig;
 use crate::error::SimError;
-use crate::executor::{DrivingGuard, LocalReady, LocalTask, Shared, TaskKey, TaskSlab};
+use crate::executor::{DrivingGuard, LocalReady, LocalTask, Shared, TaskKey, TaskRef, TaskSlab};
 use crate::failure::catch_panic;
 use crate::fault::FaultConfig;
 use crate::injector::FaultInjector;
@@ -22,7 +22,8 @@ use std::task::{Context, Waker};
 pub(crate) trait EventSource {
     /// When the source's next event is due.
     fn next_deadline_ms(&self) -> Option<u64>;
-    /// Delivers every event due at `now_ms`.
+    /// Delivers every event due at `now_ms`; nothing, and cheaply, if none is due (the
+    /// runtime calls it at every instant rather than asking first).
     fn fire_due(&self, now_ms: u64);
 }
 
@@ -46,6 +47,8 @@ pub(crate) struct Runtime {
     invariants: RefCell<Vec<Invariant>>,
     sources: RefCell<Vec<Weak<dyn EventSource>>>,
     steps: Cell<u64>,
+    /// The task of the latest poll (the one in progress, during a poll).
+    polling: Cell<Option<TaskKey>>,
     checks_evaluated: Cell<u64>,
     timers_fired: Cell<u64>,
     /// Reused buffer of the timers due at one instant.
@@ -70,6 +73,7 @@ impl Runtime {
             invariants: RefCell::new(Vec::new()),
             sources: RefCell::new(Vec::new()),
             steps: Cell::new(0),
+            polling: Cell::new(None),
             checks_evaluated: Cell::new(0),
             timers_fired: Cell::new(0),
             due_timers: RefCell::new(Vec::new()),
@@ -105,6 +109,21 @@ impl Runtime {
         let future = self.tasks.borrow_mut().abort(key);
         // Dropped outside the borrow: its destructors may spawn or abort tasks.
         drop(future);
+    }
+
+    /// The task being polled, if `waker` is its own waker: a component called from that poll
+    /// may keep it to wake the task later with [`Self::wake_task`].
+    pub fn polling_task(&self, waker: &Waker) -> Option<TaskRef> {
+        let key = self.polling.get()?;
+        self.tasks.borrow().task_ref(key, waker)
+    }
+
+    /// Wakes `task` as its waker would, without the waker. Only for event sources firing
+    /// ([`EventSource::fire_due`]): the runtime is then driving on this thread, so a wake of
+    /// the waker would land in this runtime's ready queue, where this puts it.
+    #[inline]
+    pub fn wake_task(&self, task: &TaskRef) {
+        self.ready.wake(task);
     }
 
     /// Registers an invariant checked after every step.
@@ -183,6 +202,7 @@ impl Runtime {
                 });
             }
             self.steps.set(step + 1);
+            self.polling.set(Some(key));
             self.trace.event(event::STEP, step + 1, id);
             self.poll_task(key, future, &waker)?;
             self.trace.end_step();
@@ -331,17 +351,12 @@ impl Runtime {
                 any_dropped = true;
                 continue;
             };
-            if source
-                .next_deadline_ms()
-                .is_some_and(|due_ms| due_ms <= now_ms)
-            {
-                catch_panic(|| source.fire_due(now_ms)).map_err(|message| SimError::Panicked {
-                    seed: self.config.seed,
-                    step: self.steps.get(),
-                    sim_time_ms: now_ms,
-                    message,
-                })?;
-            }
+            catch_panic(|| source.fire_due(now_ms)).map_err(|message| SimError::Panicked {
+                seed: self.config.seed,
+                step: self.steps.get(),
+                sim_time_ms: now_ms,
+                message,
+            })?;
         }
         // Forgetting a dropped source is rare (a network or store went away): only then is
         // the list rewritten.

@@ -173,6 +173,12 @@ impl Sleep {
         self.deadline_ms
     }
 
+    /// Whether this sleep's timer is registered and wakes `waker` when it fires.
+    #[inline]
+    pub(crate) fn is_registered_with(&self, waker: &Waker) -> bool {
+        matches!(&self.timer, Some((_, registered)) if registered.will_wake(waker))
+    }
+
     fn cancel(&mut self) {
         if let Some((key, _)) = self.timer.take() {
             if self.shared.now_ms() < self.deadline_ms {
@@ -190,8 +196,7 @@ impl Future for Sleep {
             self.cancel();
             return Poll::Ready(());
         }
-        let registered = matches!(&self.timer, Some((_, waker)) if waker.will_wake(cx.waker()));
-        if !registered {
+        if !self.is_registered_with(cx.waker()) {
             self.cancel();
             let key = self
                 .shared

@@ -85,15 +85,14 @@ impl<T> InFlightQueue<T> {
         })
     }
 
-    /// Adds `item`, due at `at_ms`, sent at `now_ms`. Always inlined: it is most of a send.
+    /// Adds `item`, due at `at_ms`, sent at `now_ms`. Returns whether `at_ms` became the
+    /// earliest instant (rarely: the caller publishes it then, and only then). Always inlined:
+    /// it is most of a send.
     #[inline(always)]
-    pub(crate) fn push(&mut self, now_ms: u64, at_ms: u64, item: T) {
+    pub(crate) fn push(&mut self, now_ms: u64, at_ms: u64, item: T) -> bool {
         match self {
             InFlightQueue::Wheel(wheel) => wheel.push(now_ms, at_ms, item),
-            InFlightQueue::Map { buckets, spare } => buckets
-                .entry(at_ms)
-                .or_insert_with(|| spare.pop().unwrap_or_default())
-                .push_back(item),
+            InFlightQueue::Map { buckets, spare } => push_to_map(buckets, spare, at_ms, item),
         }
     }
 
@@ -140,13 +139,31 @@ impl<T> InFlightQueue<T> {
     }
 }
 
+/// [`InFlightQueue::push`] for the map: kept out of line, so that the send it inlines into
+/// holds the wheel's path only.
+#[cold]
+#[inline(never)]
+fn push_to_map<T>(
+    buckets: &mut BTreeMap<u64, VecDeque<T>>,
+    spare: &mut Vec<VecDeque<T>>,
+    at_ms: u64,
+    item: T,
+) -> bool {
+    let earliest = buckets.first_key_value().is_none_or(|(&at, _)| at_ms < at);
+    buckets
+        .entry(at_ms)
+        .or_insert_with(|| spare.pop().unwrap_or_default())
+        .push_back(item);
+    earliest
+}
+
 impl<T> Wheel<T> {
     fn mask(&self) -> u64 {
         self.slot_mask
     }
 
     #[inline(always)]
-    fn push(&mut self, now_ms: u64, at_ms: u64, item: T) {
+    fn push(&mut self, now_ms: u64, at_ms: u64, item: T) -> bool {
         assert!(
             at_ms >= now_ms && at_ms - now_ms <= self.slot_mask,
             "a delivery at {at_ms} ms sent at {now_ms} ms is outside the wheel's window"
@@ -181,8 +198,11 @@ impl<T> Wheel<T> {
         }
         list.tail = index;
         match self.earliest_ms {
-            Some(earliest_ms) if earliest_ms <= at_ms => {}
-            _ => self.earliest_ms = Some(at_ms),
+            Some(earliest_ms) if earliest_ms <= at_ms => false,
+            _ => {
+                self.earliest_ms = Some(at_ms);
+                true
+            }
         }
     }
 
@@ -256,8 +276,10 @@ mod tests {
             for _ in 0..5_000 {
                 for _ in 0..rng.gen_range(0..4u64) {
                     let at_ms = now_ms + rng.gen_range(0..=delay_ms_max);
-                    wheel.push(now_ms, at_ms, sent);
-                    map.push(now_ms, at_ms, sent);
+                    let before = wheel.next_deadline_ms();
+                    let earliest = wheel.push(now_ms, at_ms, sent);
+                    assert_eq!(earliest, map.push(now_ms, at_ms, sent));
+                    assert_eq!(earliest, before != wheel.next_deadline_ms());
                     sent += 1;
                 }
                 assert_eq!(wheel.next_deadline_ms(), map.next_deadline_ms());

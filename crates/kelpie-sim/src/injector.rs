@@ -7,6 +7,7 @@
 use crate::fault::{FaultConfig, FaultStats, FaultType, FAULT_TYPE_COUNT};
 use crate::rng::DeterministicRng;
 use crate::trace::{event, Trace};
+use rand::distributions::Bernoulli;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 
@@ -14,7 +15,9 @@ use std::collections::BTreeMap;
 #[derive(Debug)]
 pub(crate) struct FaultInjector {
     probabilities: [Option<f64>; FAULT_TYPE_COUNT],
-    streams: RefCell<Vec<Option<DeterministicRng>>>,
+    /// Each configured fault's stream, and its probability as the distribution
+    /// [`rand::Rng::gen_bool`] would build from it on every draw (built once here instead).
+    streams: RefCell<Vec<Option<(DeterministicRng, Bernoulli)>>>,
     fired: [Cell<u64>; FAULT_TYPE_COUNT],
     /// Cleared to heal: no configured fault fires while it is false.
     enabled: Cell<bool>,
@@ -28,7 +31,15 @@ impl FaultInjector {
         for config in faults {
             let index = config.fault.index();
             probabilities[index] = Some(config.probability);
-            streams[index] = Some(root.fork(&format!("fault/{}", config.fault.name())));
+            let bernoulli = Bernoulli::new(config.probability).unwrap_or_else(|_| {
+                panic!(
+                    "fault {} has probability {}, outside 0..=1",
+                    config.fault.name(),
+                    config.probability
+                )
+            });
+            let stream = root.fork(&format!("fault/{}", config.fault.name()));
+            streams[index] = Some((stream, bernoulli));
         }
         Self {
             probabilities,
@@ -48,18 +59,15 @@ impl FaultInjector {
     #[inline]
     pub fn should_inject(&self, fault: FaultType, trace: &Trace) -> bool {
         let index = fault.index();
-        let Some(probability) = self.probabilities[index] else {
-            return false;
-        };
-        if !self.enabled.get() {
+        if self.probabilities[index].is_none() || !self.enabled.get() {
             return false;
         }
         let fires = {
             let mut streams = self.streams.borrow_mut();
-            let stream = streams[index]
+            let (stream, bernoulli) = streams[index]
                 .as_mut()
                 .expect("configured fault has a stream");
-            stream.gen_bool(probability)
+            stream.sample_bernoulli(bernoulli)
         };
         trace.event(event::FAULT, index as u64, u64::from(fires));
         if fires {

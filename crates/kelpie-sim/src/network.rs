@@ -14,7 +14,7 @@ use crate::executor::TaskRef;
 use crate::fault::FaultType;
 use crate::in_flight::InFlightQueue;
 use crate::rng::DeterministicRng;
-use crate::runtime::EventSource;
+use crate::runtime::{EventSource, SourceDeadline};
 use crate::trace::event;
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -101,6 +101,8 @@ struct NetworkInner<M> {
     /// Messages in flight, by delivery instant, in send order within an instant. Apart from
     /// `state`, so that a delivery walks the queue while it fills the mailboxes.
     in_flight: RefCell<InFlightQueue<InFlight<M>>>,
+    /// `in_flight`'s earliest instant, published to the runtime after every change.
+    next_delivery_ms: SourceDeadline,
 }
 
 /// A shared handle to a simulated network carrying messages of type `M`.
@@ -185,9 +187,11 @@ impl<M: Clone + 'static> SimNetwork<M> {
             faults_configured,
             state: RefCell::new(state),
             in_flight: RefCell::new(InFlightQueue::new(delivery_ms_max(&config))),
+            next_delivery_ms: SourceDeadline::default(),
         });
         let source: Rc<dyn EventSource> = inner.clone();
-        env.runtime().add_source(Rc::downgrade(&source));
+        env.runtime()
+            .add_source(Rc::downgrade(&source), inner.next_delivery_ms.clone());
         Self { inner }
     }
 
@@ -271,10 +275,13 @@ impl<M: Clone + 'static> SimNetwork<M> {
             to: to as u32,
             message,
         };
-        inner
+        let earliest = inner
             .in_flight
             .borrow_mut()
             .push(now_ms, deliver_at_ms, item);
+        if earliest {
+            inner.next_delivery_ms.set(Some(deliver_at_ms));
+        }
         state.in_flight_count += 1;
         runtime
             .trace
@@ -455,6 +462,7 @@ impl<M> EventSource for NetworkInner<M> {
             while let Some(arrived) = in_flight.pop_due(now_ms) {
                 state.deliver(&self.env, &self.config, arrived);
             }
+            self.next_delivery_ms.set(in_flight.next_deadline_ms());
             // Usually every receiver was a task, woken on delivery.
             if state.hosts_to_wake.is_empty() {
                 return;

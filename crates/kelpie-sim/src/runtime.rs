@@ -22,9 +22,19 @@ use std::task::{Context, Waker};
 pub(crate) trait EventSource {
     /// When the source's next event is due.
     fn next_deadline_ms(&self) -> Option<u64>;
-    /// Delivers every event due at `now_ms`; nothing, and cheaply, if none is due (the
-    /// runtime calls it at every instant rather than asking first).
+    /// Delivers every event due at `now_ms`; nothing, and cheaply, if none is due.
     fn fire_due(&self, now_ms: u64);
+}
+
+/// A source's next deadline, as the source published it: the source sets it whenever its
+/// earliest event changes (to [`EventSource::next_deadline_ms`]), so that the run loop finds
+/// the next instant, and the sources due at it, without a call into each source.
+pub(crate) type SourceDeadline = Rc<Cell<Option<u64>>>;
+
+/// A registered event source and the deadline it publishes.
+struct SourceEntry {
+    source: Weak<dyn EventSource>,
+    next_ms: SourceDeadline,
 }
 
 /// A named check evaluated after every step.
@@ -45,7 +55,7 @@ pub(crate) struct Runtime {
     scheduler_rng: RefCell<DeterministicRng>,
     tasks: RefCell<TaskSlab>,
     invariants: RefCell<Vec<Invariant>>,
-    sources: RefCell<Vec<Weak<dyn EventSource>>>,
+    sources: RefCell<Vec<SourceEntry>>,
     steps: Cell<u64>,
     /// The task of the latest poll (the one in progress, during a poll).
     polling: Cell<Option<TaskKey>>,
@@ -131,9 +141,12 @@ impl Runtime {
         self.invariants.borrow_mut().push(Invariant { name, check });
     }
 
-    /// Registers a source of timed events.
-    pub fn add_source(&self, source: Weak<dyn EventSource>) {
-        self.sources.borrow_mut().push(source);
+    /// Registers a source of timed events, which keeps `next_ms` equal to its
+    /// [`EventSource::next_deadline_ms`].
+    pub fn add_source(&self, source: Weak<dyn EventSource>, next_ms: SourceDeadline) {
+        self.sources
+            .borrow_mut()
+            .push(SourceEntry { source, next_ms });
     }
 
     /// Steps taken so far.
@@ -275,12 +288,21 @@ impl Runtime {
         Ok(())
     }
 
-    /// The earliest pending timer or source event.
+    /// The earliest pending timer or event of a live source.
+    #[inline]
     fn next_event_ms(&self, timer_ms: Option<u64>) -> Option<u64> {
         let sources = self.sources.borrow();
         let source_ms = sources
             .iter()
-            .filter_map(|s| s.upgrade()?.next_deadline_ms())
+            .filter(|entry| entry.source.strong_count() > 0)
+            .filter_map(|entry| {
+                debug_assert_eq!(
+                    entry.next_ms.get(),
+                    entry.source.upgrade().and_then(|s| s.next_deadline_ms()),
+                    "an event source's published deadline is stale"
+                );
+                entry.next_ms.get()
+            })
             .min();
         match (timer_ms, source_ms) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -336,6 +358,8 @@ impl Runtime {
         }
     }
 
+    /// Fires every live source with an event due at `now_ms`, in registration order. A
+    /// source with nothing due is not called (its `fire_due` would do nothing).
     fn fire_sources(&self, now_ms: u64) -> Result<(), SimError> {
         // By index, without collecting: a source fired here may register another, which is
         // then seen in this round too (it has nothing due yet).
@@ -343,7 +367,14 @@ impl Runtime {
         let mut any_dropped = false;
         loop {
             let source = match self.sources.borrow().get(index) {
-                Some(source) => source.upgrade(),
+                Some(entry) if entry.next_ms.get().is_some_and(|at_ms| at_ms <= now_ms) => {
+                    entry.source.upgrade()
+                }
+                Some(entry) => {
+                    any_dropped |= entry.source.strong_count() == 0;
+                    index += 1;
+                    continue;
+                }
                 None => break,
             };
             index += 1;
@@ -363,7 +394,7 @@ impl Runtime {
         if any_dropped {
             self.sources
                 .borrow_mut()
-                .retain(|source| source.strong_count() > 0);
+                .retain(|entry| entry.source.strong_count() > 0);
         }
         Ok(())
     }

@@ -6,7 +6,7 @@
 //! so a [`SimClock`] honours the [`Clock`] contract of never going backwards.
 
 use crate::executor::{lock, Shared};
-use crate::timer::{duration_to_ms_ceil, Sleep};
+use crate::timer::{duration_to_ms_ceil, slab_put, Sleep};
 use kelpie_core::{Clock, SleepFuture};
 use std::fmt;
 use std::future::Future;
@@ -56,17 +56,7 @@ impl Sleepers {
         let id = self.next_id;
         self.next_id += 1;
         let entry = Some((id, waker.clone()));
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                self.slots[slot as usize] = entry;
-                slot
-            }
-            None => {
-                let slot = u32::try_from(self.slots.len()).expect("fewer than 2^32 sleepers");
-                self.slots.push(entry);
-                slot
-            }
-        };
+        let slot = slab_put(&mut self.slots, &mut self.free, entry);
         SleeperKey { id, slot }
     }
 

@@ -80,17 +80,7 @@ impl TimerQueue {
             sequence,
             waker: Some(waker),
         };
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                self.slots[slot as usize] = filled;
-                slot
-            }
-            None => {
-                let slot = u32::try_from(self.slots.len()).expect("fewer than 2^32 timers");
-                self.slots.push(filled);
-                slot
-            }
-        };
+        let slot = slab_put(&mut self.slots, &mut self.free, filled);
         self.heap
             .push(Reverse(heap_entry(deadline_ms, sequence, slot)));
         TimerKey {
@@ -236,6 +226,22 @@ impl Future for Sleep {
 impl Drop for Sleep {
     fn drop(&mut self) {
         self.cancel();
+    }
+}
+
+/// Puts `value` in a free slot of `slots` (the last one freed) or a new one at the end, and
+/// returns its index: the slabs of timers and of clock sleepers.
+pub(crate) fn slab_put<T>(slots: &mut Vec<T>, free: &mut Vec<u32>, value: T) -> u32 {
+    match free.pop() {
+        Some(slot) => {
+            slots[slot as usize] = value;
+            slot
+        }
+        None => {
+            let slot = u32::try_from(slots.len()).expect("fewer than 2^32 slab slots");
+            slots.push(value);
+            slot
+        }
     }
 }
 

@@ -147,13 +147,51 @@ impl Branch {
     }
 }
 
+/// Most cases `decide` tells apart for one record and request.
+const BRANCHES_MAX: usize = 3;
+
+/// The cases of one decision, inline: the search asks for them at every step, and a vector
+/// cost an allocation each time.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Branches {
+    cases: [Branch; BRANCHES_MAX],
+    len: usize,
+}
+
+impl Branches {
+    fn new() -> Self {
+        let unused = Branch::new(&[], Reply::NotHolder { holder: None }, Write::Keep);
+        Self {
+            cases: [unused; BRANCHES_MAX],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, branch: Branch) {
+        assert!(
+            self.len < BRANCHES_MAX,
+            "linearizability checker bug: more than {BRANCHES_MAX} cases in a decision"
+        );
+        self.cases[self.len] = branch;
+        self.len += 1;
+    }
+}
+
+impl std::ops::Deref for Branches {
+    type Target = [Branch];
+
+    fn deref(&self) -> &[Branch] {
+        &self.cases[..self.len]
+    }
+}
+
 /// The lease is valid at the new instant: `N < E`.
 const VALID: (Slot, Slot, i64) = (N, E, -1);
 /// It expired: `E <= N`.
 const EXPIRED: (Slot, Slot, i64) = (E, N, 0);
 
 /// The cases of `decide(record, req)` at instant [`N`] (at most three).
-pub(super) fn branches(record: Record, req: &Req) -> Vec<Branch> {
+pub(super) fn branches(record: Record, req: &Req) -> Branches {
     let d = req.duration_ms;
     // `max(N + d, E)`: `N + d` when `E <= N + d`, else `E`.
     let extend_to_n = (E, N, d);
@@ -201,7 +239,7 @@ pub(super) fn branches(record: Record, req: &Req) -> Vec<Branch> {
         (reply, write)
     };
     let to_n = Expr { slot: N, offset: d };
-    let mut cases = Vec::with_capacity(3);
+    let mut cases = Branches::new();
     match req.op {
         LeaseOp::Acquire => match record.holding {
             Some(held) if held.holder == req.node => {
@@ -478,7 +516,8 @@ mod tests {
         }
         let value = |zone: &Zone, expr: Expr| zone.range(expr.slot).0.unwrap() + expr.offset;
         let holding: Vec<_> = branches(discrete, req)
-            .into_iter()
+            .iter()
+            .copied()
             .filter(|branch| {
                 let mut zone = zone.clone();
                 branch

@@ -92,7 +92,7 @@ enum Placed {
 struct Step {
     parent: Option<Rc<Step>>,
     placed: Placed,
-    /// Inline, like [`Constrained`]'s log: one allocation per step of a path, not two.
+    /// Inline: one allocation per step of a path, not two.
     constraints: [(u32, u32, i64); STEP_CONSTRAINTS_MAX],
     constraints_len: usize,
 }
@@ -420,35 +420,41 @@ impl<'h, 'a> Search<'h, 'a> {
         children: &mut Vec<State>,
     ) {
         let var = state.depth + 1;
-        let mut base = Constrained::new(state.zone.clone());
-        let window = base.add(T, N, 0) && base.add(Z, N, -lo) && (hi >= INF || base.add(N, Z, hi));
-        if !window {
+        let window = [(T, N, 0), (Z, N, -lo), (N, Z, hi)];
+        let window = &window[..if hi >= INF { 2 } else { 3 }];
+        let mut base = state.zone.clone();
+        if !window.iter().all(|&(x, y, c)| base.constrain(x, y, c)) {
             return;
         }
-        for branch in branches(state.record, req) {
-            let mut next = base.clone();
-            if !branch
-                .constraints()
-                .iter()
-                .all(|&(x, y, c)| next.add(x, y, c))
-            {
-                continue;
-            }
-            match seen {
-                Some(seen) => {
-                    let Some(equalities) = seen.matches(&branch.reply) else {
-                        continue;
-                    };
-                    let fits = equalities.into_iter().flatten().all(|(expr, value)| {
-                        next.add(expr.slot, Z, value - expr.offset)
-                            && next.add(Z, expr.slot, expr.offset - value)
-                    });
-                    if !fits {
-                        continue;
-                    }
-                }
+        for branch in branches(state.record, req).iter() {
+            // The discrete parts first: a case whose reply differs from the one seen, or that
+            // would be placed unseen without changing the record, adds no state whatever its
+            // instants, and is cheaper to rule out than its constraints.
+            let equalities = match seen {
+                Some(seen) => match seen.matches(&branch.reply) {
+                    Some(equalities) => equalities,
+                    None => continue,
+                },
                 None if !branch.write.changes(state.record) => continue,
-                None => {}
+                None => [None, None],
+            };
+            // The case's own constraints, then a reply naming an instant pins it:
+            // `slot + offset = value`.
+            let mut added = [(Z, Z, 0); BRANCH_CONSTRAINTS_MAX];
+            let mut added_len = 0;
+            for &constraint in branch.constraints() {
+                added[added_len] = constraint;
+                added_len += 1;
+            }
+            for (expr, value) in equalities.into_iter().flatten() {
+                added[added_len] = (expr.slot, Z, value - expr.offset);
+                added[added_len + 1] = (Z, expr.slot, expr.offset - value);
+                added_len += 2;
+            }
+            let added = &added[..added_len];
+            let mut zone = base.clone();
+            if !added.iter().all(|&(x, y, c)| zone.constrain(x, y, c)) {
+                continue;
             }
             let alias = |slot: Slot| match slot {
                 Z => (0, 0),
@@ -456,11 +462,11 @@ impl<'h, 'a> Search<'h, 'a> {
                 slot => state.aliases[slot],
             };
             let mut constraints = [(0, 0, 0); STEP_CONSTRAINTS_MAX];
-            for (to, &(x, y, c)) in constraints.iter_mut().zip(next.log()) {
+            for (to, &(x, y, c)) in constraints.iter_mut().zip(window.iter().chain(added)) {
                 let ((gx, ox), (gy, oy)) = (alias(x), alias(y));
                 *to = (gx, gy, c - ox + oy);
             }
-            let mut zone = next.zone;
+            let constraints_len = window.len() + added.len();
             let mut aliases = state.aliases;
             match branch.write {
                 Write::Keep => {}
@@ -498,7 +504,7 @@ impl<'h, 'a> Search<'h, 'a> {
                     parent: Some(Rc::clone(&state.path)),
                     placed,
                     constraints,
-                    constraints_len: next.log_len,
+                    constraints_len,
                 }),
             });
         }
@@ -524,44 +530,13 @@ fn may_help(record: Record, req: &Req, op: &Definite<'_>) -> bool {
     releases || req.node == op.req.node || named == Some(req.node)
 }
 
-/// Most constraints one step adds: the window (3), a branch's (2) and a reply's two
+/// Most constraints a case of the model adds to a step: its own (2) and a reply's two
 /// equalities (2 each).
-const STEP_CONSTRAINTS_MAX: usize = 9;
+const BRANCH_CONSTRAINTS_MAX: usize = 6;
 
-/// A zone with the constraints added to it since a step began, over slots. The log is inline:
-/// the search copies it for every branch of every step, and a growing vector cost a third of
-/// the search.
-#[derive(Clone)]
-struct Constrained {
-    zone: Zone,
-    log: [(Slot, Slot, i64); STEP_CONSTRAINTS_MAX],
-    log_len: usize,
-}
-
-impl Constrained {
-    fn new(zone: Zone) -> Self {
-        Self {
-            zone,
-            log: [(0, 0, 0); STEP_CONSTRAINTS_MAX],
-            log_len: 0,
-        }
-    }
-
-    #[must_use]
-    fn add(&mut self, x: Slot, y: Slot, c: i64) -> bool {
-        assert!(
-            self.log_len < STEP_CONSTRAINTS_MAX,
-            "linearizability checker bug: more than {STEP_CONSTRAINTS_MAX} constraints in a step"
-        );
-        self.log[self.log_len] = (x, y, c);
-        self.log_len += 1;
-        self.zone.constrain(x, y, c)
-    }
-
-    fn log(&self) -> &[(Slot, Slot, i64)] {
-        &self.log[..self.log_len]
-    }
-}
+/// Most constraints one step adds: the window (3) and a case's. Inline in [`Step`]: the search
+/// makes one for every state.
+const STEP_CONSTRAINTS_MAX: usize = 3 + BRANCH_CONSTRAINTS_MAX;
 
 /// A linearization the search found, made concrete: instants that satisfy every constraint of
 /// its path, replayed through [`decide`] itself. The search's model is exact, so this always

@@ -93,10 +93,16 @@ impl<'a> ActorHistory<'a> {
         delivery: Delivery,
     ) -> Self {
         let duplicates = delivery.duplicates;
-        let mut table: BTreeMap<NodeId, Node> = BTreeMap::new();
+        // Nodes numbered in order of appearance; hashed, as a sorted map compared their names
+        // at every operation. An id is cloned only the first time.
+        let mut table: indexmap::IndexSet<NodeId, foldhash::fast::FixedState> =
+            indexmap::IndexSet::default();
         let mut intern = |node: &NodeId| {
-            let next = table.len() as Node;
-            *table.entry(node.clone()).or_insert(next)
+            let index = match table.get_index_of(node) {
+                Some(index) => index,
+                None => table.insert_full(node.clone()).0,
+            };
+            index as Node
         };
         let mut definite = Vec::with_capacity(ops.len());
         let mut unseen: BTreeMap<Req, (&'a LeaseRequest, Vec<i64>)> = BTreeMap::new();

@@ -58,29 +58,36 @@ impl Zone {
 
     /// Adds `x - y <= c`; false if the zone became empty (it is then left unusable).
     #[must_use]
+    #[inline]
     pub(super) fn constrain(&mut self, x: Slot, y: Slot, c: i64) -> bool {
-        if c >= self.bounds[x][y] {
-            return true;
-        }
+        // Most constraints the search adds are implied already: that test is inlined, the
+        // closure is not.
+        c >= self.bounds[x][y] || self.tighten(x, y, c)
+    }
+
+    /// [`Zone::constrain`] with a constraint `x - y <= c` tighter than the zone's.
+    #[must_use]
+    fn tighten(&mut self, x: Slot, y: Slot, c: i64) -> bool {
         if add(c, self.bounds[y][x]) < 0 {
             self.bounds[x][x] = -1;
             return false;
         }
         // Closing a closed matrix after one tightened edge: every shortest path that improves
         // goes through it, and the rows and columns it goes through do not change. Row `y` is
-        // read once, and unbounded entries of it are skipped (they improve nothing).
+        // read once, and unbounded entries of it are skipped (they improve nothing), as are
+        // rows with no bounded path to `y` through the new edge.
         let from_y = self.bounds[y];
         for i in 0..SLOTS {
-            let to_x = self.bounds[i][x];
-            if to_x >= INF {
+            let to_y = add(self.bounds[i][x], c);
+            if to_y >= INF {
                 continue;
             }
-            let to_y = add(to_x, c);
             for (j, &y_to) in from_y.iter().enumerate() {
+                // Both bounded: `add` is the plain sum.
                 if y_to >= INF {
                     continue;
                 }
-                let via = add(to_y, y_to);
+                let via = to_y + y_to;
                 if via < self.bounds[i][j] {
                     self.bounds[i][j] = via;
                 }

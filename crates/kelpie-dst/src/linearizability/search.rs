@@ -420,10 +420,11 @@ impl<'h, 'a> Search<'h, 'a> {
         children: &mut Vec<State>,
     ) {
         let var = state.depth + 1;
+        // The window, as the constraints `Zone::enter` adds (for the path).
         let window = [(T, N, 0), (Z, N, -lo), (N, Z, hi)];
         let window = &window[..if hi >= INF { 2 } else { 3 }];
         let mut base = state.zone.clone();
-        if !window.iter().all(|&(x, y, c)| base.constrain(x, y, c)) {
+        if !base.enter(lo, hi) {
             return;
         }
         for branch in branches(state.record, req).iter() {

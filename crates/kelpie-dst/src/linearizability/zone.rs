@@ -96,6 +96,52 @@ impl Zone {
         true
     }
 
+    /// Adds `T - N <= 0`, `N >= lo` and `N <= hi` (`hi >= INF`: no upper bound) for a free
+    /// `N`; false if the zone became empty. The same zone as those three [`Zone::constrain`]s
+    /// (a closed matrix is unique), in one pass: `N`'s column and row follow from its three
+    /// edges, and every other entry can only improve through `N`.
+    #[must_use]
+    pub(super) fn enter(&mut self, lo: i64, hi: i64) -> bool {
+        debug_assert!(
+            (0..SLOTS).all(|i| i == N || (self.bounds[i][N] >= INF && self.bounds[N][i] >= INF)),
+            "N is free"
+        );
+        let mut to_n = [INF; SLOTS];
+        let mut from_n = [INF; SLOTS];
+        for i in 0..SLOTS {
+            if i != N {
+                // `i - N <= (i - T) + (T - N)` or `(i - Z) + (Z - N)`.
+                to_n[i] = self.bounds[i][T].min(add(self.bounds[i][Z], -lo));
+                // `N - i <= (N - Z) + (Z - i)`.
+                from_n[i] = add(hi, self.bounds[Z][i]);
+            }
+        }
+        to_n[N] = 0;
+        from_n[N] = 0;
+        if add(from_n[Z], to_n[Z]) < 0 {
+            self.bounds[N][N] = -1;
+            return false;
+        }
+        for i in 0..SLOTS {
+            self.bounds[i][N] = to_n[i];
+            self.bounds[N][i] = from_n[i];
+        }
+        if hi < INF {
+            for (i, &i_to_n) in to_n.iter().enumerate() {
+                if i_to_n >= INF {
+                    continue;
+                }
+                for (j, &n_to_j) in from_n.iter().enumerate() {
+                    let via = add(i_to_n, n_to_j);
+                    if via < self.bounds[i][j] {
+                        self.bounds[i][j] = via;
+                    }
+                }
+            }
+        }
+        true
+    }
+
     /// Adds `x = value`.
     #[must_use]
     pub(super) fn fix(&mut self, x: Slot, value: i64) -> bool {
@@ -173,5 +219,43 @@ mod tests {
             z
         };
         assert!(wider.includes(&zone) && !zone.includes(&wider));
+    }
+
+    /// `enter` gives the zone the three constraints it stands for give, or none where they
+    /// leave none.
+    #[test]
+    fn entering_n_is_constraining_it() {
+        let mut checked = 0;
+        for t in [(0, 0), (10, 10), (5, 30), (0, INF)] {
+            for a in [None, Some((0, 5)), Some((20, 20))] {
+                for gap in [None, Some(1_000), Some(3)] {
+                    for (lo, hi) in [(0, INF), (0, 40), (12, 25), (31, 50), (40, 8), (-5, 2)] {
+                        let mut zone = Zone::unconstrained();
+                        let mut ok = zone.constrain(Z, T, -t.0) && zone.constrain(T, Z, t.1);
+                        if let Some((a_lo, a_hi)) = a {
+                            ok = ok && zone.constrain(Z, A, -a_lo) && zone.constrain(A, Z, a_hi);
+                            ok = ok && zone.constrain(A, T, 0);
+                        }
+                        if let Some(gap) = gap {
+                            ok = ok && zone.constrain(E, T, gap);
+                        }
+                        if !ok {
+                            continue; // A after T: no zone to start from.
+                        }
+                        let mut stepwise = zone.clone();
+                        let expected = stepwise.constrain(T, N, 0)
+                            && stepwise.constrain(Z, N, -lo)
+                            && (hi >= INF || stepwise.constrain(N, Z, hi));
+                        let mut entered = zone.clone();
+                        assert_eq!(entered.enter(lo, hi), expected, "{t:?} {a:?} {lo} {hi}");
+                        if expected {
+                            assert_eq!(entered, stepwise, "{t:?} {a:?} {gap:?} {lo} {hi}");
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked >= 3 * 3 * 6, "{checked}");
     }
 }

@@ -17,8 +17,8 @@ use std::sync::Mutex;
 use hashbrown::HashTable;
 use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock};
 
-use crate::error::StoreError;
-use crate::lease::{LeaseRecord, LeaseRequest};
+use crate::error::{LeaseError, StoreError};
+use crate::lease::{Lease, LeaseRecord, LeaseRequest};
 use crate::protocol::{assert_record_well_formed, decide, Decision};
 use crate::store::{LeaseStore, RecordSnapshot, StoreSnapshot};
 
@@ -389,6 +389,14 @@ impl LeaseStore for MemoryLeaseStore {
         Ok(self.apply_now(actor_id, request))
     }
 
+    async fn apply_reply(
+        &self,
+        actor_id: &ActorId,
+        request: &LeaseRequest,
+    ) -> Result<Result<Lease, LeaseError>, StoreError> {
+        Ok(self.apply_now(actor_id, request).reply)
+    }
+
     async fn load(&self, actor_id: &ActorId) -> Result<RecordSnapshot, StoreError> {
         let hash = hash_str(actor_id.as_str());
         let table = self.lock();
@@ -419,16 +427,9 @@ impl LeaseStore for MemoryLeaseStore {
 mod tests {
     use super::*;
     use crate::lease::LeaseOp;
+    use crate::test_support::ready;
     use kelpie_core::ManualClock;
     use std::sync::Arc;
-
-    fn ready<T>(future: impl std::future::Future<Output = T>) -> T {
-        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
-        match std::pin::pin!(future).poll(&mut context) {
-            std::task::Poll::Ready(value) => value,
-            std::task::Poll::Pending => panic!("memory store futures complete at once"),
-        }
-    }
 
     /// Holder ids are kept once each, and forgotten once no record names them (but for the one
     /// released last, kept idle): a store that sees many short-lived holders (restarted

@@ -11,8 +11,8 @@ use std::future::Future;
 
 use kelpie_core::ActorId;
 
-use crate::error::StoreError;
-use crate::lease::{LeaseRecord, LeaseRequest};
+use crate::error::{LeaseError, StoreError};
+use crate::lease::{Lease, LeaseRecord, LeaseRequest};
 use crate::protocol::Decision;
 
 /// How many times a store retries a compare-and-swap that lost a race before giving up
@@ -49,6 +49,17 @@ pub trait LeaseStore: Send + Sync {
         actor_id: &ActorId,
         request: &LeaseRequest,
     ) -> impl Future<Output = Result<Decision, StoreError>> + Send;
+
+    /// [`apply`](Self::apply), answering only the decision's reply: what a
+    /// [`LeaseManager`](crate::LeaseManager) hands its caller. A store that decides in process
+    /// overrides it to drop the written record where it wrote it, rather than hand it back.
+    fn apply_reply(
+        &self,
+        actor_id: &ActorId,
+        request: &LeaseRequest,
+    ) -> impl Future<Output = Result<Result<Lease, LeaseError>, StoreError>> + Send {
+        async move { Ok(self.apply(actor_id, request).await?.reply) }
+    }
 
     /// Reads one actor's record with the store's clock.
     fn load(

@@ -10,6 +10,15 @@ use crate::memory::MemoryLeaseStore;
 use crate::protocol::Decision;
 use crate::store::{LeaseStore, RecordSnapshot, StoreSnapshot};
 
+/// The output of a future that completes on its first poll, as the memory store's do.
+pub(crate) fn ready<T>(future: impl std::future::Future<Output = T>) -> T {
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(future).poll(&mut context) {
+        std::task::Poll::Ready(value) => value,
+        std::task::Poll::Pending => panic!("memory store futures complete on their first poll"),
+    }
+}
+
 /// The memory store, unreachable while it is [`set_down`](Self::set_down).
 pub(crate) struct FlakyStore {
     inner: MemoryLeaseStore,

@@ -657,16 +657,7 @@ mod tests {
     }
 
     fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
-        futures_executor_lite(future)
-    }
-
-    /// Memory-store futures complete on their first poll.
-    fn futures_executor_lite<T>(future: impl std::future::Future<Output = T>) -> T {
-        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
-        match std::pin::pin!(future).poll(&mut context) {
-            std::task::Poll::Ready(value) => value,
-            std::task::Poll::Pending => panic!("memory store futures are ready at once"),
-        }
+        crate::test_support::ready(future)
     }
 
     #[test]

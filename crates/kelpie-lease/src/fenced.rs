@@ -114,6 +114,12 @@ pub trait FencedStateStore: Send + Sync {
     /// [`StateError::StaleToken`] if a higher token was accepted before (nothing is written),
     /// [`StateError::NotHolder`] where the store checks the lease itself and it is gone,
     /// [`StateError::ZeroToken`], [`StateError::ValueTooLarge`], or [`StateError::Store`].
+    /// After [`StateError::Store`] the write may still be applied, later: a remote store
+    /// (etcd) can apply a request whose answer was lost or timed out after the writer has moved
+    /// on, even after the same holder's later writes, since equal tokens are accepted. Fencing
+    /// still holds (a later holder's token refuses it); a holder that needs its own writes in
+    /// order writes nothing else until it has learnt the outcome (a read, or the same write
+    /// again).
     fn write(
         &self,
         actor_id: &ActorId,

@@ -81,8 +81,9 @@ pub struct TokioClock {
 #[cfg(feature = "tokio")]
 impl TokioClock {
     /// A clock whose epoch is now.
-    // This is the one place real time enters the libraries; the simulator substitutes its
-    // own `Clock`, so banning `Instant::now` elsewhere keeps simulated code deterministic.
+    // This and `now_ms` are the one place real time enters the libraries; the simulator
+    // substitutes its own `Clock`, so banning `Instant::now` and quanta's readings elsewhere
+    // (clippy.toml) keeps simulated code deterministic.
     #[allow(clippy::disallowed_methods)]
     pub fn new() -> Self {
         let counter = quanta::Clock::new();
@@ -118,6 +119,7 @@ impl Default for TokioClock {
 
 #[cfg(feature = "tokio")]
 impl Clock for TokioClock {
+    #[allow(clippy::disallowed_methods)] // the real clock, read here only
     fn now_ms(&self) -> u64 {
         const NANOS_PER_MS: u64 = 1_000_000;
         // Nanoseconds in 64 bits last 584 years from the clock's creation.

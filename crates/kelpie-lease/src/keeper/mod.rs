@@ -625,6 +625,7 @@ impl<M: LeaseManager> LeaseKeeper<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::ready as block_on;
     use crate::test_support::FlakyStore;
     use crate::{backend::ProtocolLeaseManager, LeaseConfig};
     use kelpie_core::{Clock, ManualClock};
@@ -654,10 +655,6 @@ mod tests {
     /// Every event sent so far, in order.
     fn drain(events: &mut mpsc::UnboundedReceiver<KeeperEvent>) -> Vec<KeeperEvent> {
         std::iter::from_fn(|| events.try_recv().ok()).collect()
-    }
-
-    fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
-        crate::test_support::ready(future)
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //!
 //! A node activates an actor by acquiring its lease and then fencing the state store with its
 //! token; it writes only while `active_token` says it is active, and every write travels to
-//! the state store on its own, with a delay drawn on the node's clock (sometimes long), while
-//! the node goes on: that delay is how a node that lost its lease ends up writing late.
+//! the state store on its own, with a delay drawn on the node's clock (before healing,
+//! sometimes long), while the node goes on: that delay is how a node that lost its lease ends
+//! up writing late.
 //! Judged, per seed:
 //!
 //! - at no simulated instant are two nodes active on the same actor: after every step, every
@@ -64,8 +65,11 @@ const SETTLE_LEASE_DURATIONS: u64 = 3;
 const THINK_TIME_MS_MAX: u64 = 100;
 /// Probability that a node deactivates an actor it is active on, on a visit.
 const DEACTIVATE_PROBABILITY: f64 = 0.15;
-/// Probability that a state write or fence is held up in the network for long.
+/// Probability that a state write or fence sent before healing is held up in the network for
+/// long.
 const LONG_DELAY_PROBABILITY: f64 = 0.1;
+/// Longest such hold-up, in lease durations.
+const LONG_DELAY_LEASE_DURATIONS_MAX: u64 = 2;
 /// Longest ordinary network delay of a state write, in ms.
 const SHORT_DELAY_MS_MAX: u64 = 5;
 
@@ -217,6 +221,9 @@ struct Figures {
     writes_rejected: u64,
     late_writes_rejected: u64,
     late_writes_accepted_before_successor: u64,
+    /// Fences sent before healing that arrived after it: their nodes' loops waited for them
+    /// into the settling time.
+    fences_in_flight_at_healing: u64,
 }
 
 /// Shared by the nodes' loops and the checks of one run.
@@ -229,6 +236,8 @@ struct Ctx {
     placements: RefCell<Vec<Option<Rc<NodePlacement>>>>,
     figures: Cell<Figures>,
     write_seq: Cell<u64>,
+    /// When the world healed, once it did.
+    healed_at_ms: Cell<Option<u64>>,
 }
 
 impl Ctx {
@@ -252,6 +261,31 @@ fn seeds() -> Vec<u64> {
 /// The node that wants `actor_index` once everything healed.
 fn wanter(actor_index: usize) -> usize {
     actor_index % NODES_COUNT
+}
+
+/// Seeds on which a node's loop was still waiting for a long fence, sent before healing, when
+/// the settling time began. Each failed the liveness check while long delays were still drawn
+/// after healing, when the node's next fence could hold it for as long again.
+const FENCE_IN_FLIGHT_AT_HEALING_SEEDS: [u64; 4] = [
+    11_759_410_557_177_796_010,
+    7_837_172_752_489_467_073,
+    17_529_871_302_299_548_306,
+    408_638_426_989_227_366,
+];
+
+/// Regression: a fence in flight at healing holds its node's loop, so the node reaches its
+/// other actors late; every wanted actor must still be active once the settling time is over.
+#[test]
+fn test_dst_liveness_waits_out_a_fence_in_flight_at_healing() {
+    for seed in FENCE_IN_FLIGHT_AT_HEALING_SEEDS {
+        let (_, figures) = run_seed(seed, Broken::Nothing).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            figures.fences_in_flight_at_healing > 0,
+            "seed {seed} no longer has a fence in flight at healing (the simulation changed): \
+             pick new seeds, ones that fail when `draw_delay_ms` draws long delays after \
+             healing too"
+        );
+    }
 }
 
 #[test]
@@ -325,6 +359,7 @@ fn add(a: Figures, b: Figures) -> Figures {
         late_writes_rejected: a.late_writes_rejected + b.late_writes_rejected,
         late_writes_accepted_before_successor: a.late_writes_accepted_before_successor
             + b.late_writes_accepted_before_successor,
+        fences_in_flight_at_healing: a.fences_in_flight_at_healing + b.fences_in_flight_at_healing,
     }
 }
 
@@ -420,6 +455,7 @@ fn start(env: &SimEnv, broken: Broken) -> Result<Rc<Ctx>, String> {
         placements: RefCell::new(vec![None; NODES_COUNT]),
         figures: Cell::default(),
         write_seq: Cell::new(0),
+        healed_at_ms: Cell::new(None),
     });
     let activations = RefCell::new(Activations::default());
     let watched = Rc::clone(&ctx);
@@ -438,7 +474,11 @@ async fn drive(ctx: &Rc<Ctx>) -> Result<(), String> {
     ctx.env.sleep(Duration::from_millis(SAFETY_PHASE_MS)).await;
     chaos.abort();
     ctx.world.heal()?;
+    ctx.healed_at_ms.set(Some(ctx.env.now_ms()));
     let lease_ms = LeaseScenario::default().cluster.lease_duration_ms;
+    // A node's loop waits for its fences, and one sent just before healing may hold the node
+    // for up to `LONG_DELAY_LEASE_DURATIONS_MAX`: the settling time covers that, and then a
+    // release, a think time and an acquire of each wanted actor.
     let settle_ms = SETTLE_LEASE_DURATIONS * lease_ms;
     ctx.env.sleep(Duration::from_millis(settle_ms)).await;
     check_liveness(ctx).await?;
@@ -548,7 +588,7 @@ async fn activate(
         Ok(Location::Local { fencing_token }) if ctx.is_current(node, keeper) => {
             ctx.count(|f| f.activations += 1);
             let writer = (node, placement.keeper().holder_id().clone());
-            let delay_ms = draw_delay_ms(rng);
+            let delay_ms = draw_delay_ms(ctx, rng);
             let fenced = send_state_op(ctx, writer, actor_id, fencing_token, None, delay_ms).await;
             if matches!(fenced, Err(StateError::StaleToken { .. })) {
                 // Superseded before the activation completed: not ours any more.
@@ -588,18 +628,21 @@ fn write(
     ctx.write_seq.set(seq);
     let value = format!("node-{node} token {token} write {seq}").into_bytes();
     let writer = (node, placement.keeper().holder_id().clone());
-    let delay_ms = draw_delay_ms(rng);
+    let delay_ms = draw_delay_ms(ctx, rng);
     let (sender, actor_id) = (Rc::clone(ctx), actor_id.clone());
     drop(ctx.env.spawn(async move {
         let _ = send_state_op(&sender, writer, &actor_id, token, Some(value), delay_ms).await;
     }));
 }
 
-/// A state message's network delay: mostly short, sometimes up to two lease durations.
-fn draw_delay_ms(rng: &mut DeterministicRng) -> u64 {
+/// A state message's network delay: mostly short, sometimes (before healing) up to
+/// [`LONG_DELAY_LEASE_DURATIONS_MAX`] lease durations. A healed network delays nothing for
+/// long.
+fn draw_delay_ms(ctx: &Ctx, rng: &mut DeterministicRng) -> u64 {
     let lease_ms = LeaseScenario::default().cluster.lease_duration_ms;
-    if rng.gen_bool(LONG_DELAY_PROBABILITY) {
-        rng.gen_range(1..=2 * lease_ms)
+    let faulty = ctx.world.phase() == Phase::Safety;
+    if faulty && rng.gen_bool(LONG_DELAY_PROBABILITY) {
+        rng.gen_range(1..=LONG_DELAY_LEASE_DURATIONS_MAX * lease_ms)
     } else {
         rng.gen_range(1..=SHORT_DELAY_MS_MAX)
     }
@@ -617,8 +660,13 @@ async fn send_state_op(
     delay_ms: u64,
 ) -> Result<(), StateError> {
     let clock = ctx.world.clock(node);
+    let sent_ms = ctx.env.now_ms();
     clock.sleep_local(Duration::from_millis(delay_ms)).await;
     let arrival_ms = ctx.env.now_ms();
+    let healed_in_flight = (ctx.healed_at_ms.get()).is_some_and(|h| sent_ms < h && h < arrival_ms);
+    if value.is_none() && healed_in_flight {
+        ctx.count(|f| f.fences_in_flight_at_healing += 1);
+    }
     // A restarted node is a new holder, so the writer is its incarnation.
     let held_at_arrival = ctx.world.truth(actor_id).is_some_and(|r| {
         r.holder.as_ref() == Some(&writer_id)

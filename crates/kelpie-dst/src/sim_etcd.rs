@@ -763,18 +763,11 @@ fn range_of(state: &EtcdState, range: &RangeRequest) -> Result<RangeReply, EtcdA
             return Err(EtcdApiError::Compacted { compact_revision });
         }
     }
-    let in_range = |k: &Vec<u8>| {
-        if range.range_end.is_empty() {
-            *k == range.key
-        } else {
-            *k >= range.key && *k < range.range_end
-        }
-    };
     let mut kvs: Vec<EtcdKeyValue> = match range.range_end.is_empty() {
         // One key: a lookup, not a walk of the sorted names.
         true => state.keys.get(&range.key).cloned().into_iter().collect(),
         false => (state.keys.from(&range.key))
-            .take_while(|kv| in_range(&kv.key))
+            .take_while(|kv| kv.key < range.range_end)
             .cloned()
             .collect(),
     };

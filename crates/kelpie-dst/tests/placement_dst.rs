@@ -236,8 +236,6 @@ struct Ctx {
     placements: RefCell<Vec<Option<Rc<NodePlacement>>>>,
     figures: Cell<Figures>,
     write_seq: Cell<u64>,
-    /// When the world healed, once it did.
-    healed_at_ms: Cell<Option<u64>>,
 }
 
 impl Ctx {
@@ -455,7 +453,6 @@ fn start(env: &SimEnv, broken: Broken) -> Result<Rc<Ctx>, String> {
         placements: RefCell::new(vec![None; NODES_COUNT]),
         figures: Cell::default(),
         write_seq: Cell::new(0),
-        healed_at_ms: Cell::new(None),
     });
     let activations = RefCell::new(Activations::default());
     let watched = Rc::clone(&ctx);
@@ -474,7 +471,6 @@ async fn drive(ctx: &Rc<Ctx>) -> Result<(), String> {
     ctx.env.sleep(Duration::from_millis(SAFETY_PHASE_MS)).await;
     chaos.abort();
     ctx.world.heal()?;
-    ctx.healed_at_ms.set(Some(ctx.env.now_ms()));
     let lease_ms = LeaseScenario::default().cluster.lease_duration_ms;
     // A node's loop waits for its fences, and one sent just before healing may hold the node
     // for up to `LONG_DELAY_LEASE_DURATIONS_MAX`: the settling time covers that, and then a
@@ -660,10 +656,10 @@ async fn send_state_op(
     delay_ms: u64,
 ) -> Result<(), StateError> {
     let clock = ctx.world.clock(node);
-    let sent_ms = ctx.env.now_ms();
+    let sent_before_healing = ctx.world.phase() == Phase::Safety;
     clock.sleep_local(Duration::from_millis(delay_ms)).await;
     let arrival_ms = ctx.env.now_ms();
-    let healed_in_flight = (ctx.healed_at_ms.get()).is_some_and(|h| sent_ms < h && h < arrival_ms);
+    let healed_in_flight = sent_before_healing && ctx.world.phase() == Phase::Liveness;
     if value.is_none() && healed_in_flight {
         ctx.count(|f| f.fences_in_flight_at_healing += 1);
     }

@@ -61,7 +61,10 @@
 //! the node already holds), so a request racing the delete either makes it fail or finds the
 //! key gone. An actor stays noted for [`ETCD_APPLY_LATE_MS_MAX`] after its last request, so a
 //! request etcd applies late is cleaned up too. [`EtcdLeaseManager::keep_alive_node`] counts
-//! as a request on every key: it keeps all of the node's leases.
+//! as a request on every key: it keeps all of the node's leases. Finding the abandoned keys
+//! costs O(log n) per key that went quiet, not a scan of the node's n keys after every
+//! keepalive (`etcd/tracked.rs`), so a node's renewals cost O(n log n) per lease duration,
+//! not O(n²).
 //!
 //! # Times in a [`Lease`]
 //!
@@ -103,6 +106,7 @@ mod handover;
 mod ops;
 mod options;
 mod session;
+mod tracked;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -212,8 +216,6 @@ pub struct EtcdLeaseManager<A = DefaultEtcdApi> {
     keys: Keys,
     /// The TTL asked of etcd for each session, in whole seconds.
     ttl_s: i64,
-    /// The configured lease duration (at most the TTL): what a keeper measures beliefs with.
-    lease_duration_ms: u64,
     sessions: NodeSessions<A>,
     #[cfg(feature = "mutations")]
     mutation: Option<EtcdMutation>,
@@ -303,13 +305,13 @@ impl<A: EtcdApi> EtcdLeaseManager<A> {
                 api: Arc::new(api),
                 clock,
                 request_timeout_ms,
+                lease_duration_ms,
                 counters: Arc::new(Counters::default()),
                 #[cfg(feature = "mutations")]
                 belief_from_reply: false,
             },
             keys: Keys::new(key_prefix),
             ttl_s,
-            lease_duration_ms,
             sessions: NodeSessions::default(),
             #[cfg(feature = "mutations")]
             mutation: None,
@@ -438,7 +440,7 @@ impl<A: EtcdApi> EtcdLeaseManager<A> {
 
 impl<A: EtcdApi> LeaseManager for EtcdLeaseManager<A> {
     fn lease_duration_ms(&self) -> u64 {
-        self.lease_duration_ms
+        self.connection.lease_duration_ms
     }
 
     async fn watch_until_free(

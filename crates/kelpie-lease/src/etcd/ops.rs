@@ -279,7 +279,7 @@ impl<A: EtcdApi> EtcdLeaseManager<A> {
         // A few per grant, so that the grant this runs after is not held up; the ones looked
         // at longest ago first, so that every abandoned key is reached.
         let count = ETCD_STALE_KEYS_PER_GRANT_MAX;
-        for (actor_id, last_sent_ms) in session.stale(now_ms, self.lease_duration_ms, count) {
+        for (actor_id, last_sent_ms) in session.stale(now_ms, count) {
             let key = self.keys.actor_key(&actor_id);
             let reading = self.connection.api.range(single_key(&key));
             let Ok(read) = self
@@ -296,7 +296,7 @@ impl<A: EtcdApi> EtcdLeaseManager<A> {
                 // duplicate of one) may still be applied after it and create the key, so the
                 // actor is forgotten only once no request sent by then can be applied any more.
                 let applied_by_ms = last_sent_ms
-                    .saturating_add(self.lease_duration_ms)
+                    .saturating_add(self.connection.lease_duration_ms)
                     .saturating_add(ETCD_APPLY_LATE_MS_MAX);
                 if applied_by_ms <= self.connection.clock.now_ms() {
                     session.forget_unless_sent_since(&actor_id, last_sent_ms);

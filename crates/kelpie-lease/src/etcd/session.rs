@@ -20,6 +20,7 @@ use kelpie_core::{ActorId, NodeId, SharedClock};
 
 use super::api::EtcdApi;
 use super::errors::{bounded, store_error, timed_out, within, Effect};
+use super::tracked::Tracked;
 use crate::error::StoreError;
 
 /// How many times [`NodeSessions::current`] looks for (or grants) a live session before giving
@@ -31,6 +32,9 @@ pub(super) struct Connection<A> {
     pub api: Arc<A>,
     pub clock: SharedClock,
     pub request_timeout_ms: u64,
+    /// The configured lease duration (at most the TTL): what a keeper measures beliefs with,
+    /// and how long a key goes without a request before it counts as abandoned.
+    pub lease_duration_ms: u64,
     pub counters: Arc<Counters>,
     /// Mutation: a keepalive counts from its reply, not its send time.
     #[cfg(feature = "mutations")]
@@ -54,19 +58,6 @@ pub(super) enum KeepAlive {
     Expired,
 }
 
-/// What this manager's node knows of one of its session's keys: the create revision (0 while
-/// unknown: an acquire whose reply was lost), when it was acquired, and when the node last
-/// sent a request on it.
-#[derive(Debug, Clone, Copy)]
-struct Acquired {
-    create_revision: i64,
-    acquired_at_ms: u64,
-    /// Send time of the node's latest acquire or renewal of the actor, noted before sending.
-    last_sent_ms: u64,
-    /// When the key was last looked at as possibly abandoned.
-    last_checked_ms: u64,
-}
-
 /// One node's etcd lease.
 pub(super) struct Session<A> {
     api: Arc<A>,
@@ -79,7 +70,8 @@ pub(super) struct Session<A> {
     dead: AtomicBool,
     /// Keepalives take turns; the holder of the turn sends one.
     turn: tokio::sync::Mutex<()>,
-    acquired: Mutex<BTreeMap<ActorId, Acquired>>,
+    /// The keys the node holds (or may hold) through this session.
+    tracked: Mutex<Tracked>,
     request_timeout_ms: u64,
     #[cfg(feature = "mutations")]
     belief_from_reply: bool,
@@ -116,7 +108,7 @@ impl<A: EtcdApi> Session<A> {
             alive_sent_at_ms: AtomicU64::new(sent_at_ms),
             dead: AtomicBool::new(false),
             turn: tokio::sync::Mutex::new(()),
-            acquired: Mutex::new(BTreeMap::new()),
+            tracked: Mutex::new(Tracked::new(connection.lease_duration_ms)),
             request_timeout_ms: timeout_ms,
             #[cfg(feature = "mutations")]
             belief_from_reply: connection.belief_from_reply,
@@ -223,99 +215,53 @@ impl<A: EtcdApi> Session<A> {
     /// Notes that an acquire or renewal of `actor_id` is about to be sent at `sent_at_ms`:
     /// until a lease duration after it, the key is not abandoned (see [`Session::stale`]).
     pub fn note_sent(&self, actor_id: &ActorId, sent_at_ms: u64) {
-        let mut acquired = self.acquired_map();
-        let entry = acquired.entry(actor_id.clone()).or_insert(Acquired {
-            create_revision: 0,
-            acquired_at_ms: sent_at_ms,
-            last_sent_ms: sent_at_ms,
-            last_checked_ms: 0,
-        });
-        entry.last_sent_ms = entry.last_sent_ms.max(sent_at_ms);
+        self.tracked().note_sent(actor_id, sent_at_ms);
     }
 
     /// Notes a request sent at `sent_at_ms` on every key of the session (a keepalive of the
     /// whole node).
     pub fn note_sent_all(&self, sent_at_ms: u64) {
-        for entry in self.acquired_map().values_mut() {
-            entry.last_sent_ms = entry.last_sent_ms.max(sent_at_ms);
-        }
+        self.tracked().note_sent_all(sent_at_ms);
     }
 
     /// Notes that this session created `actor_id`'s key at `create_revision` by a request
     /// sent at `at_ms`.
     pub fn remember_acquired(&self, actor_id: &ActorId, create_revision: i64, at_ms: u64) {
-        let mut acquired = self.acquired_map();
-        let entry = acquired.entry(actor_id.clone()).or_insert(Acquired {
-            create_revision,
-            acquired_at_ms: at_ms,
-            last_sent_ms: at_ms,
-            last_checked_ms: 0,
-        });
-        if entry.create_revision != create_revision {
-            entry.create_revision = create_revision;
-            entry.acquired_at_ms = at_ms;
-        }
-        entry.last_sent_ms = entry.last_sent_ms.max(at_ms);
+        self.tracked()
+            .remember_acquired(actor_id, create_revision, at_ms);
     }
 
-    /// Forgets `actor_id` if the node sent nothing on it since `last_sent_ms` and its key is
-    /// not a later tenure than `create_revision` (an answer showed the key is not, or no
-    /// longer, this session's).
+    /// Forgets `actor_id` if the node sent nothing on it since `last_sent_ms` (an answer
+    /// showed the key is not, or no longer, this session's).
     pub fn forget_unless_sent_since(&self, actor_id: &ActorId, last_sent_ms: u64) {
-        let mut acquired = self.acquired_map();
-        if acquired
-            .get(actor_id)
-            .is_some_and(|a| a.last_sent_ms <= last_sent_ms)
-        {
-            acquired.remove(actor_id);
-        }
+        self.tracked()
+            .forget_unless_sent_since(actor_id, last_sent_ms);
     }
 
     /// Up to `count` of the actors of this session's keys on which the node sent nothing for
     /// a lease duration before `now_ms`, with the send time of their last request, the ones
     /// looked at longest ago first (and marked as looked at now). No caller can believe it
     /// holds them any more (a belief never outlasts the lease duration from its request's
-    /// send time), but the session's keepalives for its other keys keep them alive.
-    pub fn stale(&self, now_ms: u64, lease_duration_ms: u64, count: usize) -> Vec<(ActorId, u64)> {
-        let mut acquired = self.acquired_map();
-        let mut stale: Vec<(u64, ActorId, u64)> = acquired
-            .iter()
-            .filter(|(_, a)| a.last_sent_ms.saturating_add(lease_duration_ms) <= now_ms)
-            .map(|(actor_id, a)| (a.last_checked_ms, actor_id.clone(), a.last_sent_ms))
-            .collect();
-        stale.sort_unstable();
-        stale.truncate(count);
-        for (_, actor_id, _) in &stale {
-            if let Some(entry) = acquired.get_mut(actor_id) {
-                entry.last_checked_ms = now_ms;
-            }
-        }
-        stale
-            .into_iter()
-            .map(|(_, actor_id, last_sent_ms)| (actor_id, last_sent_ms))
-            .collect()
+    /// send time), but the session's keepalives for its other keys keep them alive. Costs
+    /// O(log n) per key found and per key that went quiet since the last call, not O(n).
+    pub fn stale(&self, now_ms: u64, count: usize) -> Vec<(ActorId, u64)> {
+        self.tracked().stale(now_ms, count)
     }
 
     /// Whether the node sent nothing on `actor_id` since `last_sent_ms`.
     pub fn nothing_sent_since(&self, actor_id: &ActorId, last_sent_ms: u64) -> bool {
-        let acquired = self.acquired_map();
-        acquired
-            .get(actor_id)
-            .is_none_or(|a| a.last_sent_ms <= last_sent_ms)
+        self.tracked().nothing_sent_since(actor_id, last_sent_ms)
     }
 
     /// When this session acquired the key `actor_id` has at `create_revision`, if it did.
     pub fn acquired_at_ms(&self, actor_id: &ActorId, create_revision: i64) -> Option<u64> {
-        self.acquired_map()
-            .get(actor_id)
-            .filter(|a| a.create_revision == create_revision)
-            .map(|a| a.acquired_at_ms)
+        self.tracked().acquired_at_ms(actor_id, create_revision)
     }
 
-    fn acquired_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<ActorId, Acquired>> {
-        self.acquired
+    fn tracked(&self) -> std::sync::MutexGuard<'_, Tracked> {
+        self.tracked
             .lock()
-            .expect("session map mutex poisoned by a panic")
+            .expect("session key mutex poisoned by a panic")
     }
 }
 

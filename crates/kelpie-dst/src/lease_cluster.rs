@@ -231,6 +231,11 @@ struct StepCache {
     decisions: Vec<DecisionRecord>,
     /// Reused buffer of the store keys written in a step.
     written_keys: Vec<String>,
+    /// On etcd, by actor index: the etcd lease the actor's key is attached to, whose expiry
+    /// is the record's (`None`: no key).
+    etcd_leases: Vec<Option<i64>>,
+    /// Reused buffer of the etcd leases extended in a step.
+    extended_leases: Vec<i64>,
 }
 
 impl StepCache {
@@ -246,6 +251,9 @@ impl StepCache {
             self.refresh_from_store(cluster);
         }
         self.refresh_beliefs(cluster);
+        if let Some(etcd) = &cluster.etcd {
+            self.refresh_etcd_expiries(etcd);
+        }
         // In actor order, each once, as the checkers have always seen them. Indices and
         // actors correspond one to one, so equal ids sort next to each other.
         let actors = &self.actors;
@@ -276,13 +284,48 @@ impl StepCache {
         let mut changed = Vec::new();
         etcd.take_changed_actors_into(&mut changed);
         for actor_id in changed {
-            let Some(record) = etcd.truth(&actor_id) else {
+            let Some((record, lease_id)) = etcd.truth_and_lease(&actor_id) else {
                 continue;
             };
             self.record_truth(cluster, &actor_id, &record);
             let index = self.index_of(&actor_id);
             self.actors[index].record = Some(record);
+            if self.etcd_leases.len() <= index {
+                self.etcd_leases.resize(index + 1, None);
+            }
+            self.etcd_leases[index] = lease_id;
             self.changed.push(index);
+        }
+        // An extended lease moves the expiry of every key attached to it, hundreds at scale,
+        // and nothing else. No invariant can break by that alone (a later expiry backs every
+        // belief it backed; holder and token stay; on etcd an extension is not judged as a
+        // renewal), so those actors are not judged now: each record's expiry is read from its
+        // lease whenever the actor is judged (`refresh_etcd_expiries`). The event log still
+        // shows every key's new truth.
+        let mut extended = std::mem::take(&mut self.extended_leases);
+        etcd.take_extended_leases_into(&mut extended);
+        if cluster.events.is_enabled() {
+            for &lease_id in &extended {
+                for actor_id in etcd.lease_actors(lease_id) {
+                    if let Some(record) = etcd.truth(&actor_id) {
+                        self.record_truth(cluster, &actor_id, &record);
+                    }
+                }
+            }
+        }
+        extended.clear();
+        self.extended_leases = extended;
+    }
+
+    /// Brings the expiry of each changed actor's record to its etcd lease's now.
+    fn refresh_etcd_expiries(&mut self, etcd: &SimEtcd) {
+        for &index in &self.changed {
+            let Some(&Some(lease_id)) = self.etcd_leases.get(index) else {
+                continue;
+            };
+            if let Some(record) = &mut self.actors[index].record {
+                record.expires_at_ms = etcd.lease_expires_at_ms(lease_id);
+            }
         }
     }
 

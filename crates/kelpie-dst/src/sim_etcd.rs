@@ -37,9 +37,10 @@
 //!
 //! The server also feeds the checkers: every actor whose lease key changed, the ground truth
 //! per actor as a [`LeaseRecord`] (holder, `create_revision` as token, and the session's TTL
-//! deadline as expiry), and a [`DecisionRecord`] for every lease transaction it applied, read
-//! from the transaction's shape (acquire: "version is 0"; renew: "value and lease"; release:
-//! a delete).
+//! deadline as expiry) with the lease that deadline is read from, every lease whose deadline
+//! moved later (a keepalive or a new leader's takeover: one entry, however many keys the lease
+//! carries), and a [`DecisionRecord`] for every lease transaction it applied, read from the
+//! transaction's shape (acquire: "version is 0"; renew: "value and lease"; release: a delete).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
@@ -208,6 +209,8 @@ struct EtcdState {
     last_tokens: IndexMap<ActorId, FencingToken, FixedState>,
     /// Actors whose lease key changed since the checkers last looked.
     changed: BTreeSet<ActorId>,
+    /// Leases extended since the checkers last looked, in order, possibly repeated.
+    extended: Vec<i64>,
     decisions: Vec<DecisionRecord>,
     /// The holders named in lease keys' values, by value: a handful of nodes, read for every
     /// changed actor in every step.
@@ -285,6 +288,13 @@ impl SimEtcd {
 
     /// The ground truth of `actor_id`'s lease.
     pub fn truth(&self, actor_id: &ActorId) -> Option<LeaseRecord> {
+        self.truth_and_lease(actor_id).map(|(record, _)| record)
+    }
+
+    /// The ground truth of `actor_id`'s lease, with the etcd lease its key is attached to
+    /// (`None` once the key is deleted): the record's expiry is that lease's, and moves with
+    /// it (see [`SimEtcd::take_extended_leases_into`]).
+    pub fn truth_and_lease(&self, actor_id: &ActorId) -> Option<(LeaseRecord, Option<i64>)> {
         let mut state = self.state.borrow_mut();
         // The checkers ask for every changed actor in every step: the key is built in a
         // buffer kept for it.
@@ -293,8 +303,35 @@ impl SimEtcd {
         key.extend_from_slice(&self.prefix);
         key.extend_from_slice(actor_id.as_str().as_bytes());
         let record = record_of(&mut state, &key, actor_id, self.now_ms());
+        let lease_id = state.keys.get(&key).map(|kv| kv.lease);
         state.key_buffer = key;
-        record
+        record.map(|record| (record, lease_id))
+    }
+
+    /// When `lease_id`'s TTL runs out, as the expiry of a key attached to it reads now: the
+    /// current instant for a lease that is gone (a key cannot outlive its lease).
+    pub fn lease_expires_at_ms(&self, lease_id: i64) -> u64 {
+        let state = self.state.borrow();
+        (state.leases.get(&lease_id)).map_or(self.now_ms(), |lease| lease.expires_at_ms)
+    }
+
+    /// Moves the leases extended since the last call into `leases`, in order, possibly
+    /// repeated. Extending a lease moves the expiry of every key attached to it, and nothing
+    /// else about them: their actors are not reported changed.
+    pub fn take_extended_leases_into(&self, leases: &mut Vec<i64>) {
+        leases.append(&mut self.state.borrow_mut().extended);
+    }
+
+    /// The actors of the lease keys attached to `lease_id`, in key order.
+    pub fn lease_actors(&self, lease_id: i64) -> Vec<ActorId> {
+        let state = &mut *self.state.borrow_mut();
+        let Some(lease) = state.leases.get(&lease_id) else {
+            return Vec::new();
+        };
+        let actor_ids = &mut state.actor_ids;
+        (lease.keys.iter())
+            .filter_map(|key| self.actor_of(actor_ids, key))
+            .collect()
     }
 
     /// Moves the actors whose lease key changed since the last call into `actors`.
@@ -337,13 +374,11 @@ impl SimEtcd {
         }
         state.promotion_pending = false;
         let takeover_ms = state.electing_until_ms;
-        let mut extended = Vec::new();
-        for lease in state.leases.values_mut() {
+        for (&lease_id, lease) in state.leases.iter_mut() {
             let ttl_ms = u64::try_from(lease.ttl_s).unwrap_or(0) * 1_000;
-            lease.expires_at_ms = takeover_ms + ttl_ms;
-            extended.extend(self.actors_of(&mut state.actor_ids, &lease.keys));
+            extend(lease, takeover_ms + ttl_ms);
+            state.extended.push(lease_id);
         }
-        state.changed.extend(extended);
     }
 
     /// Ends any election at once (the faults are healed).
@@ -406,10 +441,9 @@ impl SimEtcd {
                 match state.leases.get_mut(&lease_id) {
                     Some(lease) if lease.expires_at_ms > now_ms => {
                         let ttl_ms = u64::try_from(lease.ttl_s).unwrap_or(0) * 1_000;
-                        lease.expires_at_ms = now_ms + ttl_ms;
+                        extend(lease, now_ms + ttl_ms);
                         // Every key of the lease now lives longer: the checkers must see it.
-                        let extended = self.actors_of(&mut state.actor_ids, &lease.keys);
-                        state.changed.extend(extended);
+                        state.extended.push(lease_id);
                         EtcdResponse::KeepAlive(true)
                     }
                     _ => EtcdResponse::KeepAlive(false),
@@ -498,14 +532,6 @@ impl SimEtcd {
             revision,
             results,
         })
-    }
-
-    /// The actors of the lease keys among `keys`, whose expiry changes with their lease's.
-    /// Their tokens do not change, so unlike [`note_change`](Self::note_change) this only
-    /// marks them changed.
-    fn actors_of(&self, actor_ids: &mut ActorIds, keys: &BTreeSet<Vec<u8>>) -> Vec<ActorId> {
-        let actor_of = |key: &Vec<u8>| self.actor_of(actor_ids, key);
-        keys.iter().filter_map(actor_of).collect()
     }
 
     fn note_change(&self, state: &mut EtcdState, key: &[u8]) {
@@ -659,6 +685,18 @@ fn record_of(
             renewal_count: 0,
         }),
     }
+}
+
+/// Moves `lease`'s expiry to `expires_at_ms`, which is never earlier: the checkers rely on it
+/// (an extension alone cannot break an invariant, so they judge a key only when it or a
+/// belief in its actor changes, see `StepCache` in `lease_cluster.rs`).
+fn extend(lease: &mut SimLease, expires_at_ms: u64) {
+    assert!(
+        expires_at_ms >= lease.expires_at_ms,
+        "a lease's expiry moved earlier: {} -> {expires_at_ms} ms",
+        lease.expires_at_ms
+    );
+    lease.expires_at_ms = expires_at_ms;
 }
 
 fn put(state: &mut EtcdState, key: &[u8], value: &[u8], lease: i64, revision: i64) {
@@ -1179,6 +1217,53 @@ mod tests {
                 Ok(EtcdResponse::KeepAlive(alive)) => assert!(!alive),
                 other => panic!("{other:?}"),
             }
+        });
+    }
+
+    /// A keepalive reports its lease extended, not each key's actor changed; a key's truth
+    /// names its lease, whose expiry is the record's; a revocation reports the actors.
+    #[test]
+    fn keepalives_report_the_lease_and_truths_name_it() {
+        with_etcd(|etcd, env| {
+            let lease = grant(etcd, 5);
+            txn(etcd, create_if_absent(b"n1", lease.id)).unwrap();
+            let actor = ActorId::new("a").unwrap();
+            let (mut changed, mut extended) = (Vec::new(), Vec::new());
+            etcd.take_changed_actors_into(&mut changed);
+            assert_eq!(changed, vec![actor.clone()]);
+            // As if the lease were granted a while ago.
+            etcd.state
+                .borrow_mut()
+                .leases
+                .get_mut(&lease.id)
+                .unwrap()
+                .expires_at_ms = env.now_ms() + 1;
+            match etcd.apply(EtcdRequest::KeepAlive(lease.id)) {
+                Ok(EtcdResponse::KeepAlive(alive)) => assert!(alive),
+                other => panic!("{other:?}"),
+            }
+            changed.clear();
+            etcd.take_changed_actors_into(&mut changed);
+            etcd.take_extended_leases_into(&mut extended);
+            assert_eq!(
+                (changed.len(), extended.as_slice()),
+                (0, [lease.id].as_slice())
+            );
+            let expires_at_ms = env.now_ms() + 5_000;
+            assert_eq!(etcd.lease_expires_at_ms(lease.id), expires_at_ms);
+            let (record, lease_id) = etcd.truth_and_lease(&actor).unwrap();
+            assert_eq!(
+                (record.expires_at_ms, lease_id),
+                (expires_at_ms, Some(lease.id))
+            );
+            assert_eq!(etcd.lease_actors(lease.id), vec![actor.clone()]);
+            etcd.apply(EtcdRequest::Revoke(lease.id)).unwrap();
+            etcd.take_changed_actors_into(&mut changed);
+            assert_eq!(changed, vec![actor.clone()]);
+            let (record, lease_id) = etcd.truth_and_lease(&actor).unwrap();
+            assert_eq!((record.holder, lease_id), (None, None));
+            assert_eq!(etcd.lease_expires_at_ms(lease.id), env.now_ms(), "gone");
+            assert!(etcd.lease_actors(lease.id).is_empty());
         });
     }
 

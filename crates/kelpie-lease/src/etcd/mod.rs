@@ -64,7 +64,10 @@
 //! as a request on every key: it keeps all of the node's leases. Finding the abandoned keys
 //! costs O(log n) per key that went quiet, not a scan of the node's n keys after every
 //! keepalive (`etcd/tracked.rs`), so a node's renewals cost O(n log n) per lease duration,
-//! not O(n²).
+//! not O(n²). A key looked at is not looked at again for a lease duration: an actor the node
+//! tried and was refused stays noted for [`ETCD_APPLY_LATE_MS_MAX`], and was read after every
+//! keepalive until then (three reads per lease operation in `kelpie sim --store etcd`, each
+//! holding up the renewal it followed); now it is read about once per lease duration.
 //!
 //! # Times in a [`Lease`]
 //!

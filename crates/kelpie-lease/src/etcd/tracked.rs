@@ -126,14 +126,23 @@ impl Tracked {
 
     /// Up to `count` of the keys on which nothing was sent for a lease duration before
     /// `now_ms`, with the send time of their last request, the ones looked at longest ago
-    /// first (ties by actor id), marked as looked at `now_ms`.
+    /// first (ties by actor id), marked as looked at `now_ms`. A key looked at less than a
+    /// lease duration ago is left for later, so each key costs its caller at most one look
+    /// per lease duration, however often it asks.
     pub fn stale(&mut self, now_ms: u64, count: usize) -> Vec<(ActorId, u64)> {
         if self.all_sent_ms.saturating_add(self.lease_duration_ms) > now_ms {
             // A request on every key went out less than a lease duration ago.
             return Vec::new();
         }
         self.sweep(now_ms);
-        let picked: Vec<(u64, ActorId)> = self.due.iter().take(count).cloned().collect();
+        // `due` is ordered by when each key was last looked at, so the ones looked at within
+        // the last lease duration are all at its end.
+        let looked_at_before_ms = now_ms.saturating_sub(self.lease_duration_ms);
+        let picked: Vec<(u64, ActorId)> = (self.due.iter())
+            .take_while(|(last_checked_ms, _)| *last_checked_ms <= looked_at_before_ms)
+            .take(count)
+            .cloned()
+            .collect();
         let mut stale = Vec::with_capacity(picked.len());
         for (last_checked_ms, actor_id) in picked {
             self.due.remove(&(last_checked_ms, actor_id.clone()));
@@ -259,6 +268,7 @@ mod tests {
                 .entries
                 .iter()
                 .filter(|(_, e)| e.2 + LEASE_DURATION_MS <= now_ms)
+                .filter(|(_, e)| e.3 + LEASE_DURATION_MS <= now_ms)
                 .map(|(actor_id, e)| (e.3, actor_id.clone(), e.2))
                 .collect();
             stale.sort_unstable();
@@ -423,27 +433,23 @@ mod tests {
         assert_eq!(tracked.stale(1_099, 5), Vec::new());
         let found = tracked.stale(1_100, 2);
         assert_eq!(found, vec![(actor(0), 100), (actor(1), 100)]);
-        // The one not looked at yet goes first, then the first looked at.
-        assert_eq!(
-            tracked.stale(1_200, 2),
-            vec![(actor(2), 100), (actor(0), 100)]
-        );
-        tracked.note_sent(&actor(1), 1_200);
-        // Both were looked at last at 1,200: ties go by actor id.
-        assert_eq!(
-            tracked.stale(1_300, 5),
-            vec![(actor(0), 100), (actor(2), 100)]
-        );
+        // Only the one not looked at yet: the others were, less than a lease duration ago.
+        assert_eq!(tracked.stale(1_200, 2), vec![(actor(2), 100)]);
+        assert_eq!(tracked.stale(2_099, 5), Vec::new());
+        // The ones looked at longest ago first, ties by actor id.
+        assert_eq!(tracked.stale(2_100, 1), vec![(actor(0), 100)]);
+        tracked.note_sent(&actor(1), 2_100);
+        assert_eq!(tracked.stale(2_200, 5), vec![(actor(2), 100)]);
         // A request on every key makes none stale for a lease duration.
-        tracked.note_sent_all(1_300);
-        assert_eq!(tracked.stale(2_299, 5), Vec::new());
-        // actor-1 was looked at last at 1,100, before the others.
-        assert_eq!(tracked.stale(2_300, 1), vec![(actor(1), 1_300)]);
+        tracked.note_sent_all(2_300);
+        assert_eq!(tracked.stale(3_299, 5), Vec::new());
+        // actor-1 was never looked at since it went quiet again.
+        assert_eq!(tracked.stale(3_300, 1), vec![(actor(1), 2_300)]);
         // Nothing was sent since the time returned, so the key may be forgotten.
-        tracked.forget_unless_sent_since(&actor(1), 1_300);
+        tracked.forget_unless_sent_since(&actor(1), 2_300);
         assert_eq!(tracked.len(), 2);
         // A time before the latest request does not forget the key.
-        tracked.forget_unless_sent_since(&actor(2), 1_299);
+        tracked.forget_unless_sent_since(&actor(0), 2_299);
         assert_eq!(tracked.len(), 2);
     }
 
@@ -454,9 +460,10 @@ mod tests {
         let mut tracked = Tracked::new(LEASE_DURATION_MS);
         tracked.note_sent(&actor(0), 100);
         tracked.note_sent(&actor(1), 600);
-        assert_eq!(tracked.stale(1_700, 5).len(), 2);
+        // Both are quiet at 1,700 (none taken, so none marked as looked at).
+        assert_eq!(tracked.stale(1_700, 0), Vec::new());
         assert_eq!(tracked.stale(1_200, 5), vec![(actor(0), 100)]);
         assert_eq!(tracked.len(), 2);
-        assert_eq!(tracked.stale(1_600, 5).len(), 2);
+        assert_eq!(tracked.stale(1_600, 5), vec![(actor(1), 600)]);
     }
 }

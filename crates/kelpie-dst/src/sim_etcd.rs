@@ -308,11 +308,9 @@ impl SimEtcd {
         record.map(|record| (record, lease_id))
     }
 
-    /// When `lease_id`'s TTL runs out, as the expiry of a key attached to it reads now: the
-    /// current instant for a lease that is gone (a key cannot outlive its lease).
+    /// The expiry of a key attached to `lease_id`, as its truth reads now.
     pub fn lease_expires_at_ms(&self, lease_id: i64) -> u64 {
-        let state = self.state.borrow();
-        (state.leases.get(&lease_id)).map_or(self.now_ms(), |lease| lease.expires_at_ms)
+        key_expires_at_ms(&self.state.borrow(), lease_id, self.now_ms())
     }
 
     /// Moves the leases extended since the last call into `leases`, in order, possibly
@@ -665,10 +663,7 @@ fn record_of(
                     holder
                 }
             };
-            let expires_at_ms = state
-                .leases
-                .get(&kv.lease)
-                .map_or(now_ms, |l| l.expires_at_ms);
+            let expires_at_ms = key_expires_at_ms(state, kv.lease, now_ms);
             Some(LeaseRecord {
                 holder,
                 fencing_token: FencingToken(u64::try_from(kv.create_revision).unwrap_or(0)),
@@ -685,6 +680,12 @@ fn record_of(
             renewal_count: 0,
         }),
     }
+}
+
+/// When the TTL of `lease_id`, which a key is attached to, runs out: `now_ms` for a lease that
+/// is gone (a key cannot outlive its lease).
+fn key_expires_at_ms(state: &EtcdState, lease_id: i64, now_ms: u64) -> u64 {
+    (state.leases.get(&lease_id)).map_or(now_ms, |lease| lease.expires_at_ms)
 }
 
 /// Moves `lease`'s expiry to `expires_at_ms`, which is never earlier: the checkers rely on it

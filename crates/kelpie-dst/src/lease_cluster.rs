@@ -158,35 +158,42 @@ impl SimLeaseCluster {
     /// Registers one invariant per checker. The first checker to run in a step brings the
     /// shared cache up to date with what changed in that step; every checker then judges it.
     fn install_checkers(&self, env: &SimEnv, set: &CheckerSet) {
-        let cache = Rc::new(RefCell::new(StepCache::default()));
-        for checker in set.build() {
-            let (cluster, env_in_check, cache) = (self.clone(), env.clone(), Rc::clone(&cache));
-            let name = checker.name();
-            let checker = RefCell::new(checker);
-            env.add_invariant(name, move || {
-                let mut cache = cache.borrow_mut();
-                cache.refresh(&cluster, env_in_check.step());
-                if cache.changed.is_empty() && cache.decisions.is_empty() {
-                    return Ok(());
-                }
-                let world = LeaseWorld {
-                    store_now_ms: cache.store_now_ms,
-                    actors: &cache.actors,
-                    changed_indices: &cache.changed,
-                    decisions: &cache.decisions,
-                    held_until_deleted: cluster.etcd.is_some(),
-                };
-                let outcome = checker.borrow_mut().check(&world);
-                if let Err(message) = &outcome {
+        let checkers = set.build();
+        if checkers.is_empty() {
+            return;
+        }
+        // One call per step for every checker: what changed is found once, and a step that
+        // changed nothing costs one call, not one per checker.
+        let names = checkers.iter().map(|checker| checker.name()).collect();
+        let checkers = RefCell::new(checkers);
+        let cache = RefCell::new(StepCache::default());
+        let (cluster, env_in_check) = (self.clone(), env.clone());
+        env.add_invariants(names, move |at| {
+            let mut cache = cache.borrow_mut();
+            cache.refresh(&cluster, env_in_check.step());
+            if cache.changed.is_empty() && cache.decisions.is_empty() {
+                return Ok(());
+            }
+            let world = LeaseWorld {
+                store_now_ms: cache.store_now_ms,
+                actors: &cache.actors,
+                changed_indices: &cache.changed,
+                decisions: &cache.decisions,
+                held_until_deleted: cluster.etcd.is_some(),
+            };
+            for (index, checker) in checkers.borrow_mut().iter_mut().enumerate() {
+                at.set(index);
+                if let Err(message) = checker.check(&world) {
                     let kind = LeaseEventKind::Violation {
-                        invariant: name.into(),
+                        invariant: checker.name().into(),
                         message: message.clone(),
                     };
                     cluster.events.push(cache.store_now_ms, None, None, kind);
+                    return Err(message);
                 }
-                outcome
-            });
-        }
+            }
+            Ok(())
+        });
     }
 
     /// Counts grants and refusals from the store's decisions instead of from the clients.

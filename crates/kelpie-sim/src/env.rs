@@ -10,6 +10,7 @@ use crate::storage::SimStorage;
 use crate::task::{join_pair, JoinHandle, YieldNow};
 use crate::timer::{duration_to_ms_ceil, Sleep};
 use crate::trace::event;
+use std::cell::Cell;
 use std::fmt;
 use std::future::Future;
 use std::rc::Rc;
@@ -123,7 +124,23 @@ impl SimEnv {
         name: &'static str,
         check: impl Fn() -> Result<(), String> + 'static,
     ) {
-        self.runtime.add_invariant(name, Box::new(check));
+        self.runtime
+            .add_invariants(vec![name], Box::new(move |_: &Cell<usize>| check()));
+    }
+
+    /// Registers the checks `names` as one call after every executor step, for checks that
+    /// share work (such as finding what a step changed). `check` runs them in order, setting
+    /// its argument to the index in `names` of the one running; an `Err` (or a panic) fails
+    /// the run naming that one. A step that passes counts as `names.len()` evaluations.
+    ///
+    /// # Panics
+    /// If `names` is empty.
+    pub fn add_invariants(
+        &self,
+        names: Vec<&'static str>,
+        check: impl Fn(&Cell<usize>) -> Result<(), String> + 'static,
+    ) {
+        self.runtime.add_invariants(names, Box::new(check));
     }
 
     /// How often `fault` has fired so far.

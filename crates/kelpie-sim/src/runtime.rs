@@ -37,11 +37,16 @@ struct SourceEntry {
     next_ms: SourceDeadline,
 }
 
-/// A named check evaluated after every step.
+/// Named checks evaluated after every step, as one call: a group shares the work of finding
+/// what changed in a step, and sets `at` to the index in `names` of the check it is running,
+/// so that a violation or a panic is reported under that check's name.
 struct Invariant {
-    name: &'static str,
-    check: Box<dyn Fn() -> Result<(), String>>,
+    names: Vec<&'static str>,
+    check: Box<InvariantCheck>,
 }
+
+/// A group's check: `at` is the index of the check running.
+pub(crate) type InvariantCheck = dyn Fn(&Cell<usize>) -> Result<(), String>;
 
 /// Everything one simulation run shares: executor, streams, trace, faults, invariants.
 pub(crate) struct Runtime {
@@ -136,9 +141,15 @@ impl Runtime {
         self.ready.wake(task);
     }
 
-    /// Registers an invariant checked after every step.
-    pub fn add_invariant(&self, name: &'static str, check: Box<dyn Fn() -> Result<(), String>>) {
-        self.invariants.borrow_mut().push(Invariant { name, check });
+    /// Registers invariants checked after every step, by one call (see [`Invariant`]).
+    pub fn add_invariants(&self, names: Vec<&'static str>, check: Box<InvariantCheck>) {
+        assert!(
+            !names.is_empty(),
+            "a group of invariants names at least one"
+        );
+        self.invariants
+            .borrow_mut()
+            .push(Invariant { names, check });
     }
 
     /// Registers a source of timed events, which keeps `next_ms` equal to its
@@ -271,17 +282,27 @@ impl Runtime {
 
     fn evaluate(&self, invariants: &[Invariant]) -> Result<(), SimError> {
         for invariant in invariants {
-            self.checks_evaluated.set(self.checks_evaluated.get() + 1);
-            let message = match catch_panic(|| (invariant.check)()) {
-                Ok(Ok(())) => continue,
+            let at = Cell::new(0);
+            let message = match catch_panic(|| (invariant.check)(&at)) {
+                Ok(Ok(())) => {
+                    // Counted as each member; a failed run reports no count.
+                    let evaluated = invariant.names.len() as u64;
+                    self.checks_evaluated
+                        .set(self.checks_evaluated.get() + evaluated);
+                    continue;
+                }
                 Ok(Err(message)) => message,
                 Err(panic) => format!("the check panicked: {panic}"),
             };
+            let name = *invariant
+                .names
+                .get(at.get())
+                .expect("a group's check names one of its invariants");
             return Err(SimError::InvariantViolated {
                 seed: self.config.seed,
                 step: self.steps.get(),
                 sim_time_ms: self.shared.now_ms(),
-                invariant: invariant.name.to_string(),
+                invariant: name.to_string(),
                 message,
             });
         }

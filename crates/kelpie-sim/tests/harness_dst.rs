@@ -724,16 +724,7 @@ fn test_invariant_violation_names_the_invariant_and_step() {
             Ok(())
         },
     );
-    let err = result.unwrap_err();
-    let SimError::InvariantViolated {
-        invariant,
-        message,
-        step,
-        ..
-    } = err
-    else {
-        panic!("expected an invariant violation, got {err:?}");
-    };
+    let (invariant, message, step) = violation(result.unwrap_err());
     assert_eq!(invariant, "counter stays below 5");
     assert_eq!(message, "counter is 5");
     assert_eq!(
@@ -752,6 +743,76 @@ fn test_invariant_violation_names_the_invariant_and_step() {
         .unwrap();
     assert_eq!(report.steps, 10);
     assert_eq!(report.checks_evaluated, 10);
+}
+
+/// A group of invariants checked by one call reports a violation, or a panic, under the name
+/// of the member that was running, and counts each member it ran as one evaluation.
+#[test]
+fn test_a_group_of_invariants_names_the_member_that_failed() {
+    // Member `failing` of three fails (or panics) once the counter reaches 3.
+    let run = |failing: usize, panics: bool| {
+        Simulation::new(SimConfig::from_env_or_random()).run(move |env| async move {
+            let counter = Rc::new(RefCell::new(0u64));
+            let seen = counter.clone();
+            let names = vec!["first", "second", "third"];
+            env.add_invariants(names, move |at| {
+                for member in 0..3 {
+                    at.set(member);
+                    let value = *seen.borrow();
+                    if member == failing && value >= 3 {
+                        if panics {
+                            panic!("member {member} panicked at {value}");
+                        }
+                        return Err(format!("member {member} failed at {value}"));
+                    }
+                }
+                Ok(())
+            });
+            for _ in 0..5 {
+                *counter.borrow_mut() += 1;
+                env.yield_now().await;
+            }
+            Ok::<(), String>(())
+        })
+    };
+    let mut checked = 0;
+    for (failing, name) in [(0, "first"), (1, "second"), (2, "third")] {
+        for panics in [false, true] {
+            let (invariant, message, step) = violation(run(failing, panics).unwrap_err());
+            assert_eq!(invariant, name, "panics: {panics}");
+            assert_eq!(step, 3, "the counter reaches 3 in step 3");
+            let expected = match panics {
+                true => format!("member {failing} panicked at 3"),
+                false => format!("member {failing} failed at 3"),
+            };
+            assert!(message.contains(&expected), "{message}");
+            assert_eq!(
+                message.starts_with("the check panicked"),
+                panics,
+                "{message}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 6);
+
+    // Passing steps count every member; nothing fails when no member is set to.
+    let report = run(usize::MAX, false).unwrap();
+    assert_eq!(report.steps, 6);
+    assert_eq!(report.checks_evaluated, 3 * 6);
+}
+
+/// The invariant, message and step of an invariant violation.
+fn violation(err: SimError) -> (String, String, u64) {
+    match err {
+        SimError::InvariantViolated {
+            invariant,
+            message,
+            step,
+            ..
+        } => (invariant, message, step),
+        other => panic!("expected an invariant violation, got {other:?}"),
+    }
 }
 
 #[test]

@@ -293,8 +293,8 @@ async fn serve(
             continue;
         };
         let (network, store, stale) = (network.clone(), store.clone(), stale.clone());
-        // Dropping the handle detaches the task: the reply is sent when the store answers.
-        drop(env.spawn(async move {
+        // Detached: the reply is sent when the store answers.
+        env.spawn_detached(async move {
             let outcome = match stale {
                 None => store.apply_local(&actor_id, &request).await,
                 Some(stale) => stale.apply(&store, &actor_id, &request).await,
@@ -307,7 +307,7 @@ async fn serve(
                     outcome,
                 },
             );
-        }));
+        });
     }
 }
 

@@ -856,7 +856,7 @@ pub async fn serve_etcd(env: SimEnv, network: SimNetwork<LeaseMessage>, etcd: Si
         let fail_read = is_read && env.should_inject(FaultType::StorageReadFail);
         let lose_reply = env.should_inject(FaultType::StorageCommitUnknown);
         let (env, network, etcd) = (env.clone(), network.clone(), etcd.clone());
-        drop(env.clone().spawn(async move {
+        env.clone().spawn_detached(async move {
             if slow_ms > 0 {
                 env.sleep(Duration::from_millis(slow_ms)).await;
             }
@@ -892,7 +892,7 @@ pub async fn serve_etcd(env: SimEnv, network: SimNetwork<LeaseMessage>, etcd: Si
                     outcome,
                 },
             );
-        }));
+        });
     }
 }
 

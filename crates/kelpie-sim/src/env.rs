@@ -65,6 +65,13 @@ impl SimEnv {
         make_handle(key)
     }
 
+    /// Spawns `future` as a task nobody joins or aborts: as [`spawn`](Self::spawn) with its
+    /// handle dropped at once (same task id, same place in the schedule), without the join
+    /// state (for servers spawning a task per request).
+    pub fn spawn_detached(&self, future: impl Future<Output = ()> + 'static) {
+        self.runtime.spawn(Box::pin(future));
+    }
+
     /// Completes after `duration` of global simulated time (rounded up to whole ms).
     pub fn sleep(&self, duration: Duration) -> Sleep {
         self.sleep_ms(duration_to_ms_ceil(duration))

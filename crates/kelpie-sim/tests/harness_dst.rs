@@ -154,6 +154,50 @@ fn test_seed_changes_interleaving_of_ten_tasks() {
     );
 }
 
+/// The order in which ten tasks spawned detached, or spawned with their handles dropped,
+/// append their ids, and the run's trace hash.
+fn interleaving_of_ten_unjoined_tasks(seed: u64, detached: bool) -> (Vec<usize>, u64) {
+    let (result, order) = run_with_output(
+        Simulation::new(SimConfig::new(seed)),
+        move |env| async move {
+            let order = Rc::new(RefCell::new(Vec::new()));
+            for task in 0..10 {
+                let (env_in_task, order) = (env.clone(), order.clone());
+                let appends = async move {
+                    for _ in 0..3 {
+                        order.borrow_mut().push(task);
+                        env_in_task.yield_now().await;
+                    }
+                };
+                match detached {
+                    true => env.spawn_detached(appends),
+                    false => drop(env.spawn(appends)),
+                }
+            }
+            env.sleep(Duration::from_millis(1)).await;
+            let order = order.borrow().clone();
+            Ok(order)
+        },
+    );
+    (order.unwrap(), result.unwrap().trace_hash)
+}
+
+/// A detached task runs to the end where a task whose handle was dropped would: same
+/// interleaving, same trace.
+#[test]
+fn test_a_detached_task_runs_as_a_task_whose_handle_was_dropped() {
+    let mut compared = 0;
+    for seed in 21..26 {
+        let (dropped, dropped_hash) = interleaving_of_ten_unjoined_tasks(seed, false);
+        let (detached, detached_hash) = interleaving_of_ten_unjoined_tasks(seed, true);
+        assert_eq!(detached.len(), 30, "every detached task ran to its end");
+        assert_eq!(detached, dropped, "seed {seed}");
+        assert_eq!(detached_hash, dropped_hash, "seed {seed}");
+        compared += 1;
+    }
+    assert_eq!(compared, 5);
+}
+
 #[test]
 // The real-time check measures that a simulated hour costs no real hour; it runs outside
 // the simulated world.

@@ -551,8 +551,10 @@ struct Witness<'h, 'a> {
 
 impl<'h, 'a> Witness<'h, 'a> {
     fn new(history: &'h ActorHistory<'a>, state: &State) -> Self {
-        let mut steps = Vec::new();
-        let mut edges = Vec::new();
+        // One step per instant variable but zero, each with at most STEP_CONSTRAINTS_MAX.
+        let depth = state.depth as usize;
+        let mut steps = Vec::with_capacity(depth);
+        let mut edges = Vec::with_capacity(depth * STEP_CONSTRAINTS_MAX);
         let mut step = Some(&state.path);
         while let Some(s) = step {
             steps.push(s.placed);

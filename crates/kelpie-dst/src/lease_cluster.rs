@@ -155,15 +155,14 @@ impl SimLeaseCluster {
         &self.events
     }
 
-    /// Registers one invariant per checker. The first checker to run in a step brings the
-    /// shared cache up to date with what changed in that step; every checker then judges it.
+    /// Registers the checkers as one group of invariants: after every step the cache is
+    /// brought up to date with what changed in it, then each checker, in order, judges it.
     fn install_checkers(&self, env: &SimEnv, set: &CheckerSet) {
         let checkers = set.build();
         if checkers.is_empty() {
             return;
         }
-        // One call per step for every checker: what changed is found once, and a step that
-        // changed nothing costs one call, not one per checker.
+        // A step that changed nothing costs one call, not one per checker.
         let names = checkers.iter().map(|checker| checker.name()).collect();
         let checkers = RefCell::new(checkers);
         let cache = RefCell::new(StepCache::default());

@@ -166,10 +166,10 @@ impl SimLeaseCluster {
         let names = checkers.iter().map(|checker| checker.name()).collect();
         let checkers = RefCell::new(checkers);
         let cache = RefCell::new(StepCache::default());
-        let (cluster, env_in_check) = (self.clone(), env.clone());
+        let cluster = self.clone();
         env.add_invariants(names, move |at| {
             let mut cache = cache.borrow_mut();
-            cache.refresh(&cluster, env_in_check.step());
+            cache.refresh(&cluster);
             if cache.changed.is_empty() && cache.decisions.is_empty() {
                 return Ok(());
             }
@@ -227,7 +227,6 @@ impl SimLeaseCluster {
 /// Truth, beliefs and decisions as of one executor step, maintained from what changed.
 #[derive(Default)]
 struct StepCache {
-    step: Option<u64>,
     store_now_ms: u64,
     /// Every actor's record and beliefs, one entry each.
     actors: ActorMap<ActorView>,
@@ -245,11 +244,8 @@ struct StepCache {
 }
 
 impl StepCache {
-    fn refresh(&mut self, cluster: &SimLeaseCluster, step: u64) {
-        if self.step == Some(step) {
-            return;
-        }
-        self.step = Some(step);
+    /// Takes in what changed since the last call: the checkers' group calls it once per step.
+    fn refresh(&mut self, cluster: &SimLeaseCluster) {
         self.changed.clear();
         if let Some(etcd) = &cluster.etcd {
             self.refresh_from_etcd(cluster, etcd);

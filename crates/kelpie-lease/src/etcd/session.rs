@@ -241,10 +241,10 @@ impl<A: EtcdApi> Session<A> {
     /// Up to `count` of the actors of this session's keys on which the node sent nothing for
     /// a lease duration before `now_ms`, with the send time of their last request, the ones
     /// looked at longest ago first (and marked as looked at now), none looked at within the
-    /// last lease duration. No caller can believe it
-    /// holds them any more (a belief never outlasts the lease duration from its request's
-    /// send time), but the session's keepalives for its other keys keep them alive. Costs
-    /// O(log n) per key found and per key that went quiet since the last call, not O(n).
+    /// last lease duration. No caller can believe it holds them any more (a belief never
+    /// outlasts the lease duration from its request's send time), but the session's
+    /// keepalives for its other keys keep them alive. Costs O(log n) per key found and per key
+    /// that went quiet since the last call, not O(n).
     pub fn stale(&self, now_ms: u64, count: usize) -> Vec<(ActorId, u64)> {
         self.tracked().stale(now_ms, count)
     }

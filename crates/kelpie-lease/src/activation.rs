@@ -264,7 +264,7 @@ mod tests {
     use crate::backend::ProtocolLeaseManager;
     use crate::fenced::MemoryFencedStateStore;
     use crate::session::SessionConfig;
-    use crate::test_support::FlakyStore;
+    use crate::test_support::{FlakyStore, PausedClock};
     use crate::LeaseConfig;
     use kelpie_core::SharedClock;
     use std::time::Duration;
@@ -272,9 +272,10 @@ mod tests {
     type Manager = ProtocolLeaseManager<FlakyStore>;
     type NodePlacement = Placement<Manager, MemoryFencedStateStore>;
 
-    /// Short leases on the real clock, so the tests take a fraction of a second.
+    /// The production leases' scale, on tokio's paused clock: the tests take no real time,
+    /// and no scheduling delay of a loaded machine can lapse a lease.
     const LEASE_MS: u64 = 300;
-    /// Longest a test waits for something that must happen within a lease or two.
+    /// Longest a test waits (paused time) for something that must happen within a lease or two.
     const WAIT_MS_MAX: u64 = 5_000;
 
     struct World {
@@ -285,7 +286,7 @@ mod tests {
 
     impl World {
         fn new() -> Self {
-            let clock: SharedClock = Arc::new(kelpie_core::TokioClock::new());
+            let clock: SharedClock = PausedClock::shared();
             let store = FlakyStore::new(Arc::clone(&clock));
             let manager = Arc::new(Manager::new(store, LeaseConfig::new(LEASE_MS).unwrap()));
             let state = Arc::new(MemoryFencedStateStore::new());
@@ -323,7 +324,7 @@ mod tests {
     /// The successor's activation reads its predecessor's last write, and the predecessor's
     /// token is refused from then on: by its activation before anything is sent, and by the
     /// state store for a write that was already on its way.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[tokio::test(start_paused = true)]
     async fn activation_fences_the_state_and_reads_the_predecessors_last_write() {
         let world = World::new();
         let (a, b) = (world.node("a"), world.node("b"));
@@ -358,7 +359,7 @@ mod tests {
     /// Renewals fail: the activation is cancelled before the belief ends and the placement no
     /// longer lists it. A write it makes anyway lands while no successor was activated, and
     /// the successor's activation reads it.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[tokio::test(start_paused = true)]
     async fn a_lost_lease_ends_the_activation_and_its_writes() {
         let world = World::new();
         let a = world.node("a");
@@ -388,7 +389,7 @@ mod tests {
 
     /// The state store was fenced by a later token than the one granted (a newer holder got
     /// there first): the activation is refused and its lease released for the next one.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[tokio::test(start_paused = true)]
     async fn a_refused_fence_activates_nothing_and_releases_the_lease() {
         let world = World::new();
         let a = world.node("a");

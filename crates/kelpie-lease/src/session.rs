@@ -790,14 +790,15 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::FlakyStore;
+    use crate::test_support::{FlakyStore, PausedClock};
     use crate::{backend::ProtocolLeaseManager, LeaseConfig};
 
     type Manager = ProtocolLeaseManager<FlakyStore>;
 
-    /// Short leases on the real clock, so the tests take a fraction of a second.
+    /// The production leases' scale, on tokio's paused clock: the tests take no real time,
+    /// and no scheduling delay of a loaded machine can lapse a lease.
     const LEASE_MS: u64 = 300;
-    /// Longest a test waits for something that must happen within a lease or two.
+    /// Longest a test waits (paused time) for something that must happen within a lease or two.
     const WAIT_MS_MAX: u64 = 5_000;
 
     fn manager(clock: &SharedClock) -> Arc<Manager> {
@@ -814,22 +815,14 @@ mod tests {
     }
 
     fn session(manager: &Arc<Manager>, clock: &SharedClock, name: &str) -> LeaseSession<Manager> {
-        session_with(manager, clock, name, SessionConfig::default())
-    }
-
-    fn session_with(
-        manager: &Arc<Manager>,
-        clock: &SharedClock,
-        name: &str,
-        config: SessionConfig,
-    ) -> LeaseSession<Manager> {
+        let config = SessionConfig::default();
         let built = LeaseSession::new(Arc::clone(manager), Arc::clone(clock), node(name), config);
         let (session, driver) = built.unwrap();
         drop(tokio::spawn(driver.run()));
         session
     }
 
-    /// Polls `done` on the real clock until it holds, failing after [`WAIT_MS_MAX`].
+    /// Polls `done` on the test's clock until it holds, failing after [`WAIT_MS_MAX`].
     async fn eventually(clock: &SharedClock, what: &str, done: impl Fn() -> bool) {
         let start_ms = clock.now_ms();
         while !done() {
@@ -867,17 +860,15 @@ mod tests {
 
     /// Renewals keep failing: the guard's token is cancelled while the node still believes
     /// it holds the lease, so work tied to it stops before the belief (and the lease) ends.
-    ///
-    /// On the real clock, the test reads the time only once its own task runs after the
-    /// cancellation; a lead of half the lease leaves room for a loaded machine's scheduling
-    /// delay (with the default lead, a retry interval, it failed now and then beside other
-    /// builds). The simulator checks the same with the default lead (`session_dst`).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    /// With the default lead (a retry interval), which on the real clock failed now and then
+    /// on a loaded machine: paused time moves only when every task waits, so the test reads
+    /// the time at the instant of the cancellation. The simulator checks the same
+    /// (`session_dst`).
+    #[tokio::test(start_paused = true)]
     async fn the_guard_is_cancelled_before_the_belief_ends() {
-        let clock: SharedClock = Arc::new(kelpie_core::TokioClock::new());
+        let clock: SharedClock = PausedClock::shared();
         let leases = manager(&clock);
-        let config = SessionConfig::default().with_cancel_lead_ms(LEASE_MS / 2);
-        let session = session_with(&leases, &clock, "n1", config);
+        let session = session(&leases, &clock, "n1");
         let mut events = session.events();
         let guard = session.acquire(&actor("a")).await.unwrap();
         assert!(guard.is_valid());
@@ -910,9 +901,9 @@ mod tests {
     }
 
     /// Dropping a guard releases its lease; one guard per actor.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[tokio::test(start_paused = true)]
     async fn dropping_the_guard_releases_the_lease() {
-        let clock: SharedClock = Arc::new(kelpie_core::TokioClock::new());
+        let clock: SharedClock = PausedClock::shared();
         let leases = manager(&clock);
         let session = session(&leases, &clock, "n1");
         let guard = session.acquire(&actor("a")).await.unwrap();
@@ -935,9 +926,9 @@ mod tests {
 
     /// A campaign waits while another session holds the actor, reports the holder, and wins
     /// soon after the holder releases.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[tokio::test(start_paused = true)]
     async fn a_campaign_waits_for_the_holder_and_takes_over() {
-        let clock: SharedClock = Arc::new(kelpie_core::TokioClock::new());
+        let clock: SharedClock = PausedClock::shared();
         let leases = manager(&clock);
         let (first, second) = (
             session(&leases, &clock, "n1"),
@@ -959,16 +950,16 @@ mod tests {
         let won = campaign.await.unwrap().unwrap();
         let took_ms = clock.now_ms() - released_ms;
         assert!(
-            took_ms <= second.timing().campaign_poll_ms_max + 50,
+            took_ms <= second.timing().campaign_poll_ms_max,
             "{took_ms} ms"
         );
         assert!(won.is_valid());
     }
 
     /// Shutdown cancels every guard, releases every lease, and ends campaigns.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[tokio::test(start_paused = true)]
     async fn shutdown_releases_everything_within_its_bound() {
-        let clock: SharedClock = Arc::new(kelpie_core::TokioClock::new());
+        let clock: SharedClock = PausedClock::shared();
         let leases = manager(&clock);
         let (first, second) = (
             session(&leases, &clock, "n1"),

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use kelpie_core::{ActorId, SharedClock};
+use kelpie_core::{ActorId, Clock, SharedClock, SleepFuture};
 
 use crate::error::StoreError;
 use crate::lease::LeaseRequest;
@@ -16,6 +16,40 @@ pub(crate) fn ready<T>(future: impl std::future::Future<Output = T>) -> T {
     match std::pin::pin!(future).poll(&mut context) {
         std::task::Poll::Ready(value) => value,
         std::task::Poll::Pending => panic!("memory store futures complete on their first poll"),
+    }
+}
+
+/// Tokio's own clock, for tests on a paused runtime (`#[tokio::test(start_paused = true)]`).
+///
+/// Paused time moves only when every task waits on a timer, straight to the next one, so a
+/// test on real-time leases of a few hundred milliseconds runs in no time and cannot see a
+/// lease lapse because a loaded machine did not schedule its keeper. `TokioClock` reads the
+/// machine's counter instead, which a paused runtime does not stop.
+#[derive(Debug)]
+pub(crate) struct PausedClock {
+    origin: tokio::time::Instant,
+}
+
+impl PausedClock {
+    /// A clock whose epoch is now, as a [`SharedClock`].
+    #[allow(clippy::disallowed_methods)] // tokio's clock, which the paused runtime controls
+    pub(crate) fn shared() -> SharedClock {
+        std::sync::Arc::new(Self {
+            origin: tokio::time::Instant::now(),
+        })
+    }
+}
+
+impl Clock for PausedClock {
+    #[allow(clippy::disallowed_methods)] // as in `shared`
+    fn now_ms(&self) -> u64 {
+        let elapsed = tokio::time::Instant::now() - self.origin;
+        u64::try_from(elapsed.as_millis()).expect("a test runs for less than 584 million years")
+    }
+
+    #[allow(clippy::disallowed_methods)] // as in `shared`
+    fn sleep(&self, duration: std::time::Duration) -> SleepFuture {
+        Box::pin(tokio::time::sleep(duration))
     }
 }
 

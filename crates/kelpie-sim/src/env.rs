@@ -150,6 +150,15 @@ impl SimEnv {
         self.runtime.add_invariants(names, Box::new(check));
     }
 
+    /// Registers `observe` to run after every executor step, where invariants run, for work
+    /// that must keep pace with the run without judging it (draining a log that a check
+    /// would otherwise drain). It is no check: it adds nothing to the count of checks
+    /// evaluated, and it cannot fail the run except by panicking, which is reported under
+    /// `name` as a violation.
+    pub fn add_observer(&self, name: &'static str, observe: impl Fn() + 'static) {
+        self.runtime.add_observer(name, Box::new(observe));
+    }
+
     /// How often `fault` has fired so far.
     pub fn fault_fired(&self, fault: FaultType) -> u64 {
         self.runtime.faults.fired(fault)

@@ -43,6 +43,9 @@ struct SourceEntry {
 struct Invariant {
     names: Vec<&'static str>,
     check: Box<InvariantCheck>,
+    /// Added to [`Runtime::checks_evaluated`] per passing step: one per name, none for an
+    /// observer (which keeps pace with the run without judging it).
+    evaluations_per_pass: u64,
 }
 
 /// A group's check: `at` is the index of the check running.
@@ -147,9 +150,25 @@ impl Runtime {
             !names.is_empty(),
             "a group of invariants names at least one"
         );
-        self.invariants
-            .borrow_mut()
-            .push(Invariant { names, check });
+        let evaluations_per_pass = names.len() as u64;
+        self.invariants.borrow_mut().push(Invariant {
+            names,
+            check,
+            evaluations_per_pass,
+        });
+    }
+
+    /// Registers `observe` to run after every step where invariants run, uncounted; a
+    /// panic in it fails the run naming `name`.
+    pub fn add_observer(&self, name: &'static str, observe: Box<dyn Fn()>) {
+        self.invariants.borrow_mut().push(Invariant {
+            names: vec![name],
+            check: Box::new(move |_: &Cell<usize>| {
+                observe();
+                Ok(())
+            }),
+            evaluations_per_pass: 0,
+        });
     }
 
     /// Registers a source of timed events, which keeps `next_ms` equal to its
@@ -285,8 +304,8 @@ impl Runtime {
             let at = Cell::new(0);
             let message = match catch_panic(|| (invariant.check)(&at)) {
                 Ok(Ok(())) => {
-                    // Counted as each member; a failed run reports no count.
-                    let evaluated = invariant.names.len() as u64;
+                    // A failed run reports no count.
+                    let evaluated = invariant.evaluations_per_pass;
                     self.checks_evaluated
                         .set(self.checks_evaluated.get() + evaluated);
                     continue;

@@ -846,6 +846,48 @@ fn test_a_group_of_invariants_names_the_member_that_failed() {
     assert_eq!(report.checks_evaluated, 3 * 6);
 }
 
+/// An observer runs after every step, as invariants do, but is no check: it adds nothing to
+/// the count of checks evaluated, and only a panic in it fails the run, under its name.
+#[test]
+fn test_an_observer_runs_after_every_step_uncounted() {
+    let run = |panics_at: u64| {
+        let observed = Rc::new(RefCell::new(Vec::new()));
+        let seen = observed.clone();
+        let result = Simulation::new(SimConfig::from_env_or_random()).run(move |env| {
+            let observing = seen.clone();
+            async move {
+                let steps = env.clone();
+                env.add_observer("the observer", move || {
+                    let step = steps.step();
+                    assert!(step != panics_at, "observed step {step}");
+                    observing.borrow_mut().push(step);
+                });
+                env.add_invariant("one", || Ok(()));
+                for _ in 0..5 {
+                    env.yield_now().await;
+                }
+                Ok::<(), String>(())
+            }
+        });
+        let observed = observed.borrow().clone();
+        (result, observed)
+    };
+    let (report, observed) = run(u64::MAX);
+    let report = report.unwrap();
+    assert_eq!(report.steps, 6);
+    assert_eq!(observed, [1, 2, 3, 4, 5, 6], "once after every step");
+    assert_eq!(
+        report.checks_evaluated, 6,
+        "the invariant's, not the observer's"
+    );
+
+    let (error, observed) = run(4);
+    let (invariant, message, step) = violation(error.unwrap_err());
+    assert_eq!((invariant.as_str(), step), ("the observer", 4));
+    assert!(message.contains("observed step 4"), "{message}");
+    assert_eq!(observed, [1, 2, 3]);
+}
+
 /// The invariant, message and step of an invariant violation.
 fn violation(err: SimError) -> (String, String, u64) {
     match err {

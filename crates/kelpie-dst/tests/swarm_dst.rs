@@ -237,14 +237,15 @@ fn stale_reads_caught(base_scenario: LeaseScenario) {
     println!("{message}");
 }
 
-/// Checkers only watch: with none on, a run takes the same path and reports the same
-/// operations, counted from the store's decisions as before (they were counted by the
-/// checkers' step cache alone, so a run without checkers reported 1,107 of 29,275 on
-/// `swarm_bench --seeds 3`, and its decision log grew for the whole run).
+/// Checkers only watch: with none on, a run takes the same path, faults included, and
+/// reports the same operations, counted from the store's decisions (before f932c0c only the
+/// checkers' step cache counted them, and drained the store's decision log).
 #[test]
 fn test_a_run_without_checkers_takes_the_same_path_and_counts_every_operation() {
     let base = SimConfig::from_env_or_random().seed;
+    let mut faults_fired = 0;
     for seed in base..base + 3 {
+        let replay = kelpie_sim::reproduce_command(&SimConfig::new(seed));
         let checked = expect_pass(
             "every checker",
             seed,
@@ -253,19 +254,21 @@ fn test_a_run_without_checkers_takes_the_same_path_and_counts_every_operation() 
         let mut scenario = LeaseScenario::default();
         scenario.cluster.checkers = CheckerSet::NONE;
         let unchecked = expect_pass("no checker", seed, run_seed(seed, scenario));
-        assert!(
-            checked.ops.acquired > 0 && checked.ops.renewed > 0,
-            "seed {seed}"
-        );
-        assert_eq!(unchecked.ops, checked.ops, "seed {seed}");
-        assert_eq!(
-            unchecked.sim.trace_hash, checked.sim.trace_hash,
-            "seed {seed}"
-        );
-        assert_eq!(unchecked.sim.steps, checked.sim.steps, "seed {seed}");
-        assert!(checked.sim.checks_evaluated > 0, "seed {seed}");
-        assert_eq!(unchecked.sim.checks_evaluated, 0, "seed {seed}");
+        let (ops, sim) = (&checked.ops, &checked.sim);
+        assert!(ops.acquired > 0 && ops.renewed > 0, "{replay}");
+        assert_eq!(unchecked.ops, checked.ops, "{replay}");
+        assert_eq!(unchecked.sim.trace_hash, sim.trace_hash, "{replay}");
+        assert_eq!(unchecked.sim.steps, sim.steps, "{replay}");
+        assert_eq!(unchecked.sim.faults_fired, sim.faults_fired, "{replay}");
+        assert!(sim.checks_evaluated > 0, "{replay}");
+        assert_eq!(unchecked.sim.checks_evaluated, 0, "{replay}");
+        faults_fired += sim.faults_fired.values().sum::<u64>();
     }
+    assert!(
+        faults_fired > 0,
+        "no fault fired in seeds {base}..{}",
+        base + 3
+    );
 }
 
 /// A scenario of `nodes` nodes and `actors` actors with `sim_secs` of faulty phase.

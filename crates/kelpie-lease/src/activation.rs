@@ -272,8 +272,8 @@ mod tests {
     type Manager = ProtocolLeaseManager<FlakyStore>;
     type NodePlacement = Placement<Manager, MemoryFencedStateStore>;
 
-    /// The production leases' scale, on tokio's paused clock: the tests take no real time,
-    /// and no scheduling delay of a loaded machine can lapse a lease.
+    /// Short leases, on tokio's paused clock: the tests take no real time, and no scheduling
+    /// delay of a loaded machine can lapse a lease.
     const LEASE_MS: u64 = 300;
     /// Longest a test waits (paused time) for something that must happen within a lease or two.
     const WAIT_MS_MAX: u64 = 5_000;

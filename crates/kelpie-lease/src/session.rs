@@ -795,8 +795,8 @@ mod tests {
 
     type Manager = ProtocolLeaseManager<FlakyStore>;
 
-    /// The production leases' scale, on tokio's paused clock: the tests take no real time,
-    /// and no scheduling delay of a loaded machine can lapse a lease.
+    /// Short leases, on tokio's paused clock: the tests take no real time, and no scheduling
+    /// delay of a loaded machine can lapse a lease.
     const LEASE_MS: u64 = 300;
     /// Longest a test waits (paused time) for something that must happen within a lease or two.
     const WAIT_MS_MAX: u64 = 5_000;
@@ -860,8 +860,8 @@ mod tests {
 
     /// Renewals keep failing: the guard's token is cancelled while the node still believes
     /// it holds the lease, so work tied to it stops before the belief (and the lease) ends.
-    /// With the default lead (a retry interval), which on the real clock failed now and then
-    /// on a loaded machine: paused time moves only when every task waits, so the test reads
+    /// The lead is the default (a retry interval). On the real clock this failed now and then
+    /// on a loaded machine; paused time moves only when every task waits, so the test reads
     /// the time at the instant of the cancellation. The simulator checks the same
     /// (`session_dst`).
     #[tokio::test(start_paused = true)]

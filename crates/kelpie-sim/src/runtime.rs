@@ -160,13 +160,10 @@ impl Runtime {
 
     /// Registers `observe` to run after every step where invariants run, uncounted; a
     /// panic in it fails the run naming `name`.
-    pub fn add_observer(&self, name: &'static str, observe: Box<dyn Fn()>) {
+    pub fn add_observer(&self, name: &'static str, observe: Box<InvariantCheck>) {
         self.invariants.borrow_mut().push(Invariant {
             names: vec![name],
-            check: Box::new(move |_: &Cell<usize>| {
-                observe();
-                Ok(())
-            }),
+            check: observe,
             evaluations_per_pass: 0,
         });
     }

@@ -100,6 +100,11 @@ impl BeliefBoard {
 
     /// Re-reads what may have changed and returns, per changed node, the actors whose views
     /// differ with their views now. Cheap when nothing changed: one flag read.
+    /// Whether [`take_changes`](Self::take_changes) may return anything: one flag read.
+    pub(crate) fn has_changes(&self) -> bool {
+        self.any_changed.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn take_changes(&self) -> Vec<NodeChange> {
         // A plain load on the common path (nothing changed): no read-modify-write per step.
         if !self.any_changed.load(Ordering::Relaxed) {

@@ -337,6 +337,12 @@ impl SimEtcd {
         actors.extend(std::mem::take(&mut self.state.borrow_mut().changed));
     }
 
+    /// Whether a decision, a changed key or an extended lease is waiting to be taken.
+    pub fn has_changes(&self) -> bool {
+        let state = self.state.borrow();
+        !(state.decisions.is_empty() && state.changed.is_empty() && state.extended.is_empty())
+    }
+
     /// Moves the lease decisions made since the last call into `decisions`.
     pub fn take_decisions_into(&self, decisions: &mut Vec<DecisionRecord>) {
         decisions.clear();

@@ -143,6 +143,11 @@ impl SimLeaseStore {
         std::mem::take(&mut *log)
     }
 
+    /// Whether a decision was made since the decisions were last taken.
+    pub fn has_decisions(&self) -> bool {
+        self.decided.load(Ordering::Acquire)
+    }
+
     /// Moves the decisions made since the last call into `decisions` (cleared first), keeping
     /// both buffers' memory, for a checker that asks after every step.
     pub fn take_decisions_into(&self, decisions: &mut Vec<DecisionRecord>) {

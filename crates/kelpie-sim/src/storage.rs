@@ -237,6 +237,11 @@ impl<V: Clone + 'static> SimStorage<V> {
         std::mem::take(&mut *self.inner.changed.borrow_mut())
     }
 
+    /// Whether any key was written since the changed keys were last taken.
+    pub fn has_changed_keys(&self) -> bool {
+        !self.inner.changed.borrow().is_empty()
+    }
+
     /// Moves the keys written since the last call into `keys` (cleared first), keeping both
     /// buffers' memory: a checker that asks after every step allocates nothing for it.
     pub fn take_changed_keys_into(&self, keys: &mut Vec<String>) {

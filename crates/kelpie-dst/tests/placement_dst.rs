@@ -265,10 +265,10 @@ fn wanter(actor_index: usize) -> usize {
 /// the settling time began. Each failed the liveness check while long delays were still drawn
 /// after healing, when the node's next fence could hold it for as long again.
 const FENCE_IN_FLIGHT_AT_HEALING_SEEDS: [u64; 4] = [
-    11_759_410_557_177_796_010,
-    7_837_172_752_489_467_073,
-    17_529_871_302_299_548_306,
-    408_638_426_989_227_366,
+    1_852_398_645_682_458_639,
+    5_647_589_284_279_565_190,
+    8_097_559_823_252_709_875,
+    18_147_960_016_528_422_842,
 ];
 
 /// Regression: a fence in flight at healing holds its node's loop, so the node reaches its

@@ -495,7 +495,7 @@ impl<M: LeaseManager> LeaseKeeper<M> {
             return Some(self.lock().next_wake_ms(now_ms));
         }
         let count = requests.len();
-        let sent = requests
+        let mut sent = requests
             .into_iter()
             .enumerate()
             .map(|(i, request)| async move {
@@ -525,8 +525,15 @@ impl<M: LeaseManager> LeaseKeeper<M> {
         // Each request is polled when it is woken, not all of them at every wake (as
         // `join_all` does for a few): n answers cost about n polls, not n squared. Answers
         // are applied together and in the order the requests were made, as before.
-        let mut in_flight: futures_util::stream::FuturesUnordered<_> = sent.collect();
         let work = std::pin::pin!(async {
+            // Most rounds make one request: it is awaited as it is. A set wakes its task once
+            // more after polling all its futures pending (it yields, to be fair to other
+            // tasks), which for one request is a wasted poll of the keeper every round.
+            if count == 1 {
+                let only = sent.next().expect("one request");
+                return vec![only.await];
+            }
+            let mut in_flight: futures_util::stream::FuturesUnordered<_> = sent.collect();
             let mut answered = Vec::with_capacity(count);
             while let Some(answer) = in_flight.next().await {
                 answered.push(answer);

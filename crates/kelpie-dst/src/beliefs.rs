@@ -98,16 +98,16 @@ impl BeliefBoard {
         self.with_node(node_id, |_| {});
     }
 
-    /// Re-reads what may have changed and returns, per changed node, the actors whose views
-    /// differ with their views now. Cheap when nothing changed: one flag read.
     /// Whether [`take_changes`](Self::take_changes) may return anything: one flag read.
     pub(crate) fn has_changes(&self) -> bool {
         self.any_changed.load(Ordering::Relaxed)
     }
 
+    /// Re-reads what may have changed and returns, per changed node, the actors whose views
+    /// differ with their views now. Cheap when nothing changed: one flag read.
     pub(crate) fn take_changes(&self) -> Vec<NodeChange> {
         // A plain load on the common path (nothing changed): no read-modify-write per step.
-        if !self.any_changed.load(Ordering::Relaxed) {
+        if !self.has_changes() {
             return Vec::new();
         }
         self.any_changed.store(false, Ordering::Relaxed);

@@ -153,7 +153,7 @@ impl SimLeaseStore {
     pub fn take_decisions_into(&self, decisions: &mut Vec<DecisionRecord>) {
         decisions.clear();
         // Most steps decide nothing: a plain load then, not a lock.
-        if !self.decided.load(Ordering::Acquire) {
+        if !self.has_decisions() {
             return;
         }
         let mut log = self.decisions.lock().expect("decision log poisoned");

@@ -58,8 +58,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Keeps the memory a finished seed frees for the next one. mimalloc otherwise hands freed
 /// pages back to the OS soon after (a purge), and a sweep, which builds and drops a world per
 /// seed, faults them back in. With transparent huge pages each fault clears 2 MiB: most of a
-/// sweep's system time, and about 4% of `swarm_bench`'s time. The process keeps its peak heap
-/// instead, which the next seed reuses.
+/// sweep's system time, and up to about 4% of `swarm_bench`'s time. The process keeps its
+/// peak heap instead, which the next seed reuses.
 fn keep_freed_memory() {
     /// `mi_option_purge_delay` in the mimalloc sources the pinned `libmimalloc-sys` bundles
     /// (the crate names no constant for it); -1: never purge.

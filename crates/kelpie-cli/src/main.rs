@@ -55,26 +55,12 @@ enum Command {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Keeps the memory a finished seed frees for the next one. mimalloc otherwise hands freed
-/// pages back to the OS soon after (a purge), and a sweep, which builds and drops a world per
-/// seed, faults them back in. With transparent huge pages each fault clears 2 MiB: most of a
-/// sweep's system time, and up to about 4% of `swarm_bench`'s time. The process keeps its
-/// peak heap instead, which the next seed reuses.
-fn keep_freed_memory() {
-    /// `mi_option_purge_delay` in the mimalloc sources the pinned `libmimalloc-sys` bundles
-    /// (the crate names no constant for it); -1: never purge.
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    // SAFETY: sets one of the allocator's options and takes no pointer. Called before the
-    // process starts any other thread, so no thread reads the option while it is written.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-}
-
 fn main() -> ExitCode {
     // Clap prints usage errors itself and exits with 2.
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Sim(args) => {
-            keep_freed_memory();
+            kelpie_dst::allocator::keep_freed_memory();
             sim::run(args)
         }
         Command::Lease(command) => lease_cmd::run(command).map(|()| true),

@@ -16,20 +16,6 @@ use kelpie_sim::{SimConfig, Simulation};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Keeps the memory a finished seed frees for the next one. mimalloc otherwise hands freed
-/// pages back to the OS soon after (a purge), and a sweep, which builds and drops a world per
-/// seed, faults them back in. With transparent huge pages each fault clears 2 MiB: most of a
-/// sweep's system time, and up to about 4% of this benchmark's time. The process keeps its
-/// peak heap instead, which the next seed reuses.
-fn keep_freed_memory() {
-    /// `mi_option_purge_delay` in the mimalloc sources the pinned `libmimalloc-sys` bundles
-    /// (the crate names no constant for it); -1: never purge.
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    // SAFETY: sets one of the allocator's options and takes no pointer. Called before the
-    // process starts any other thread, so no thread reads the option while it is written.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-}
-
 /// CPU time this process has used; the benchmark runs outside the simulated world.
 fn cpu_secs() -> f64 {
     cpu_time::ProcessTime::now().as_duration().as_secs_f64()
@@ -52,7 +38,7 @@ fn arg(name: &str, default: u64) -> u64 {
 
 fn main() {
     // As `kelpie sim` does.
-    keep_freed_memory();
+    kelpie_dst::allocator::keep_freed_memory();
     let (seeds, first_seed) = (arg("--seeds", 20), arg("--seed", 1));
     let mut scenario = LeaseScenario::default();
     scenario.nodes_count = arg("--nodes", 5) as usize;

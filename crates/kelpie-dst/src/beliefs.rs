@@ -21,8 +21,9 @@ pub trait BeliefSource {
     /// Calls `on_change` after every change of belief, and from then on remembers which
     /// actors changed.
     fn watch(&self, on_change: Box<dyn Fn() + Send + Sync>);
-    /// The actors whose belief changed since the last call, with their belief in force now.
-    fn take_changed(&self) -> Vec<(ActorId, Option<HeldBelief>)>;
+    /// The actors whose belief changed since the last call, with their belief in force now,
+    /// appended to `taken`.
+    fn take_changed(&self, taken: &mut Vec<(ActorId, Option<HeldBelief>)>);
 }
 
 impl<M: kelpie_lease::LeaseManager> BeliefSource for std::sync::Arc<kelpie_lease::LeaseKeeper<M>> {
@@ -34,15 +35,9 @@ impl<M: kelpie_lease::LeaseManager> BeliefSource for std::sync::Arc<kelpie_lease
         kelpie_lease::LeaseKeeper::watch_beliefs(self, on_change);
     }
 
-    fn take_changed(&self) -> Vec<(ActorId, Option<HeldBelief>)> {
-        kelpie_lease::LeaseKeeper::take_changed_beliefs(self)
+    fn take_changed(&self, taken: &mut Vec<(ActorId, Option<HeldBelief>)>) {
+        kelpie_lease::LeaseKeeper::take_changed_beliefs_into(self, taken);
     }
-}
-
-/// One node's beliefs that changed: per actor, the view now (`None`: no belief in force).
-pub(crate) struct NodeChange {
-    pub(crate) node_id: NodeId,
-    pub(crate) changed: Vec<(ActorId, Option<BeliefView>)>,
 }
 
 struct NodeEntry {
@@ -56,6 +51,8 @@ struct NodeEntry {
     /// own order (changes are sorted before they are reported), so hashed: at 10,000 actors
     /// a sorted map's walk was a cache miss per level.
     views: ActorMap<BeliefView>,
+    /// The keeper's changes as last taken: one buffer for every step.
+    taken: Vec<(ActorId, Option<HeldBelief>)>,
 }
 
 /// Every node's beliefs, each with the node's clock. A keeper tells the board when its
@@ -83,6 +80,7 @@ impl BeliefBoard {
             keeper_changed,
             reread_all: true,
             views: ActorMap::default(),
+            taken: Vec::new(),
         };
         self.nodes.borrow_mut().insert(node_id.clone(), entry);
         self.any_changed.store(true, Ordering::Relaxed);
@@ -103,15 +101,15 @@ impl BeliefBoard {
         self.any_changed.load(Ordering::Relaxed)
     }
 
-    /// Re-reads what may have changed and returns, per changed node, the actors whose views
-    /// differ with their views now. Cheap when nothing changed: one flag read.
-    pub(crate) fn take_changes(&self) -> Vec<NodeChange> {
+    /// Re-reads what may have changed and hands `visit` each actor whose view differs, with
+    /// its node and its view now (`None`: no belief in force), node by node. Cheap when
+    /// nothing changed: one flag read.
+    pub(crate) fn take_changes(&self, mut visit: impl FnMut(&NodeId, ActorId, Option<BeliefView>)) {
         // A plain load on the common path (nothing changed): no read-modify-write per step.
         if !self.has_changes() {
-            return Vec::new();
+            return;
         }
         self.any_changed.store(false, Ordering::Relaxed);
-        let mut changes = Vec::new();
         for (node_id, node) in self.nodes.borrow_mut().iter_mut() {
             let keeper_changed = node.keeper_changed.load(Ordering::Relaxed);
             if keeper_changed {
@@ -120,19 +118,17 @@ impl BeliefBoard {
             if !keeper_changed && !node.reread_all {
                 continue;
             }
-            let changed = match node.reread_all {
-                true => node.reread_all_views(node_id),
-                false => node.reread_changed_views(node_id),
-            };
-            node.reread_all = false;
-            if !changed.is_empty() {
-                changes.push(NodeChange {
-                    node_id: node_id.clone(),
-                    changed,
-                });
+            match node.reread_all {
+                true => {
+                    for (actor_id, view) in node.reread_all_views(node_id) {
+                        visit(node_id, actor_id, view);
+                    }
+                }
+                false => node
+                    .reread_changed_views(node_id, |actor_id, view| visit(node_id, actor_id, view)),
             }
+            node.reread_all = false;
         }
-        changes
     }
 
     fn with_node(&self, node_id: &NodeId, change: impl FnOnce(&mut NodeEntry)) {
@@ -159,7 +155,8 @@ impl NodeEntry {
         let held: Vec<(ActorId, HeldBelief)> = match &self.keeper {
             Some(keeper) => {
                 // Drained too: every belief is read below.
-                drop(keeper.take_changed());
+                keeper.take_changed(&mut self.taken);
+                self.taken.clear();
                 keeper.beliefs()
             }
             None => Vec::new(),
@@ -181,13 +178,18 @@ impl NodeEntry {
             .collect()
     }
 
-    /// Only the beliefs the keeper reported changed.
-    fn reread_changed_views(&mut self, node_id: &NodeId) -> Vec<(ActorId, Option<BeliefView>)> {
+    /// Only the beliefs the keeper reported changed: hands `visit` those whose views differ.
+    fn reread_changed_views(
+        &mut self,
+        node_id: &NodeId,
+        mut visit: impl FnMut(ActorId, Option<BeliefView>),
+    ) {
         let Some(keeper) = &self.keeper else {
-            return Vec::new();
+            return;
         };
-        let mut changed = Vec::new();
-        for (actor_id, held) in keeper.take_changed() {
+        let mut taken = std::mem::take(&mut self.taken);
+        keeper.take_changed(&mut taken);
+        for (actor_id, held) in taken.drain(..) {
             let after = held.map(|held| self.view(node_id, &actor_id, held));
             let before = match &after {
                 Some(view) => self.views.insert(actor_id.clone(), view.clone()),
@@ -199,10 +201,10 @@ impl NodeEntry {
                 _ => false,
             };
             if !unchanged {
-                changed.push((actor_id, after));
+                visit(actor_id, after);
             }
         }
-        changed
+        self.taken = taken;
     }
 }
 

@@ -398,18 +398,16 @@ impl StepCache {
     /// The beliefs that changed in this step.
     fn refresh_beliefs(&mut self, cluster: &SimLeaseCluster) {
         let events = &cluster.events;
-        for change in cluster.board.take_changes() {
-            for (actor_id, after) in change.changed {
-                if events.is_enabled() {
-                    self.record_belief_change(events, &change.node_id, &actor_id, after.as_ref());
-                }
-                let index = self.index_of(&actor_id);
-                let views = &mut self.actors[index].beliefs;
-                views.retain(|v| v.node_id != change.node_id);
-                views.extend(after);
-                self.changed.push(index);
+        cluster.board.take_changes(|node_id, actor_id, after| {
+            if events.is_enabled() {
+                self.record_belief_change(events, node_id, &actor_id, after.as_ref());
             }
-        }
+            let index = self.index_of(&actor_id);
+            let views = &mut self.actors[index].beliefs;
+            views.retain(|v| &v.node_id != node_id);
+            views.extend(after);
+            self.changed.push(index);
+        });
     }
 
     fn record_belief_change(

@@ -14,11 +14,13 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use crate::sim_thread::SimThread;
-use futures_channel::oneshot;
 use futures_util::future::{select, Either};
 use kelpie_core::ActorId;
 use kelpie_lease::{
@@ -72,7 +74,104 @@ pub enum LeaseMessage {
     },
 }
 
-type Pending = Rc<RefCell<BTreeMap<u64, oneshot::Sender<Result<Decision, StoreError>>>>>;
+type Pending = Rc<Replies<Result<Decision, StoreError>>>;
+
+/// The replies one node awaits, by request id; [`route_replies`] hands each arriving reply
+/// over. One slot per request in a map, not a channel per request (an allocation and several
+/// atomic operations each, for every request of a run).
+pub(crate) struct Replies<T> {
+    slots: RefCell<BTreeMap<u64, ReplySlot<T>>>,
+}
+
+struct ReplySlot<T> {
+    reply: Option<T>,
+    waker: Option<Waker>,
+}
+
+impl<T> Default for Replies<T> {
+    fn default() -> Self {
+        Self {
+            slots: RefCell::new(BTreeMap::new()),
+        }
+    }
+}
+
+impl<T> Replies<T> {
+    /// Expects a reply to `request_id`: the future resolves with the first to arrive.
+    /// Dropping it forgets the request, so a later reply is dropped, as a real client drops
+    /// the response to a call it gave up on.
+    pub(crate) fn expect(&self, request_id: u64) -> AwaitReply<'_, T> {
+        let slot = ReplySlot {
+            reply: None,
+            waker: None,
+        };
+        let replaced = self.slots.borrow_mut().insert(request_id, slot);
+        assert!(replaced.is_none(), "request id {request_id} awaited twice");
+        AwaitReply {
+            replies: self,
+            request_id,
+            answered: false,
+        }
+    }
+
+    /// Hands `reply` to the request waiting for it. Dropped if none is (it gave up, or it
+    /// is an earlier incarnation's), and if the request has its reply already (a duplicate).
+    fn deliver(&self, request_id: u64, reply: T) {
+        let waker = {
+            let mut slots = self.slots.borrow_mut();
+            let Some(slot) = slots.get_mut(&request_id) else {
+                return;
+            };
+            if slot.reply.is_some() {
+                return;
+            }
+            slot.reply = Some(reply);
+            slot.waker.take()
+        };
+        // Outside the borrow: waking may run code that awaits another reply.
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+/// The reply to one request; see [`Replies::expect`].
+pub(crate) struct AwaitReply<'a, T> {
+    replies: &'a Replies<T>,
+    request_id: u64,
+    answered: bool,
+}
+
+impl<T> Future for AwaitReply<'_, T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        assert!(!self.answered, "a reply awaited after it arrived");
+        let mut slots = self.replies.slots.borrow_mut();
+        let slot = slots
+            .get_mut(&self.request_id)
+            .expect("an awaited request's slot lives until its reply or its drop");
+        if slot.reply.is_none() {
+            match &mut slot.waker {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                waker => *waker = Some(cx.waker().clone()),
+            }
+            return Poll::Pending;
+        }
+        let slot = slots.remove(&self.request_id).expect("the slot just read");
+        drop(slots);
+        self.answered = true;
+        Poll::Ready(slot.reply.expect("a reply arrived"))
+    }
+}
+
+impl<T> Drop for AwaitReply<'_, T> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.replies.slots.borrow_mut().remove(&self.request_id);
+        }
+    }
+}
 
 struct NetInner {
     network: SimNetwork<LeaseMessage>,
@@ -150,15 +249,13 @@ impl NetLeaseStore {
 pub(crate) async fn route_replies<T>(
     network: SimNetwork<LeaseMessage>,
     host: HostId,
-    pending: Rc<RefCell<BTreeMap<u64, oneshot::Sender<T>>>>,
+    pending: Rc<Replies<T>>,
     reply_of: impl Fn(LeaseMessage) -> Option<(u64, T)>,
 ) {
     loop {
         let (_, message) = network.recv(host).await;
         if let Some((request_id, outcome)) = reply_of(message) {
-            if let Some(waiter) = pending.borrow_mut().remove(&request_id) {
-                let _ = waiter.send(outcome);
-            }
+            pending.deliver(request_id, outcome);
         }
     }
 }
@@ -200,8 +297,7 @@ impl NetInner {
     ) -> Result<Decision, StoreError> {
         let request_id = self.next_request_id.get();
         self.next_request_id.set(request_id + 1);
-        let (sender, receiver) = oneshot::channel();
-        self.pending.borrow_mut().insert(request_id, sender);
+        let reply = self.pending.expect(request_id);
         let message = LeaseMessage::Request {
             request_id,
             actor_id,
@@ -211,17 +307,12 @@ impl NetInner {
         let timeout = self
             .clock
             .sleep_local(Duration::from_millis(self.timeout_ms));
-        match select(receiver, std::pin::pin!(timeout)).await {
-            Either::Left((Ok(outcome), _)) => outcome,
-            Either::Left((Err(_), _)) => Err(StoreError::Unavailable {
-                reason: "node stopped".into(),
+        match select(reply, std::pin::pin!(timeout)).await {
+            Either::Left((outcome, _)) => outcome,
+            // The reply is forgotten with its future: one arriving later is dropped.
+            Either::Right(_) => Err(StoreError::CommitUnknown {
+                reason: format!("no reply within {} ms", self.timeout_ms),
             }),
-            Either::Right(_) => {
-                self.pending.borrow_mut().remove(&request_id);
-                Err(StoreError::CommitUnknown {
-                    reason: format!("no reply within {} ms", self.timeout_ms),
-                })
-            }
         }
     }
 }

@@ -63,7 +63,7 @@ use kelpie_sim::{FaultType, HostId, SimClock, SimEnv, SimNetwork};
 
 use crate::checkers::DecisionRecord;
 use crate::etcd_history::{Answered, EtcdHistory};
-use crate::lease_net::{route_replies, LeaseMessage, STORE_HOST};
+use crate::lease_net::{route_replies, LeaseMessage, Replies, STORE_HOST};
 use crate::sim_thread::SimThread;
 
 /// etcd's smallest lease TTL with its default heartbeat (100 ms) and election timeout (1 s):
@@ -902,7 +902,7 @@ pub async fn serve_etcd(env: SimEnv, network: SimNetwork<LeaseMessage>, etcd: Si
     }
 }
 
-type Pending = Rc<RefCell<BTreeMap<u64, oneshot::Sender<Result<EtcdResponse, EtcdApiError>>>>>;
+type Pending = Rc<Replies<Result<EtcdResponse, EtcdApiError>>>;
 
 struct NetEtcdInner {
     network: SimNetwork<LeaseMessage>,
@@ -987,27 +987,15 @@ impl NetEtcdInner {
     async fn exchange(&self, request: EtcdRequest) -> Result<EtcdResponse, EtcdApiError> {
         let request_id = self.next_request_id.get();
         self.next_request_id.set(request_id + 1);
-        let (sender, receiver) = oneshot::channel();
-        self.pending.borrow_mut().insert(request_id, sender);
-        /// Removes the waiter if the caller gives up (its timeout dropped this future).
-        struct Forget<'a>(&'a Pending, u64);
-        impl Drop for Forget<'_> {
-            fn drop(&mut self) {
-                self.0.borrow_mut().remove(&self.1);
-            }
-        }
-        let _forget = Forget(&self.pending, request_id);
+        // Dropped with this future if the caller gives up (its timeout): a later reply is
+        // then dropped.
+        let reply = self.pending.expect(request_id);
         let message = LeaseMessage::EtcdRequest {
             request_id,
             request,
         };
         self.network.send(self.host, STORE_HOST, message);
-        match receiver.await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(EtcdApiError::NoAnswer {
-                reason: "node stopped".into(),
-            }),
-        }
+        reply.await
     }
 }
 

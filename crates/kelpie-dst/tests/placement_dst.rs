@@ -265,10 +265,10 @@ fn wanter(actor_index: usize) -> usize {
 /// the settling time began. Each failed the liveness check while long delays were still drawn
 /// after healing, when the node's next fence could hold it for as long again.
 const FENCE_IN_FLIGHT_AT_HEALING_SEEDS: [u64; 4] = [
-    1_852_398_645_682_458_639,
-    5_647_589_284_279_565_190,
-    8_097_559_823_252_709_875,
-    18_147_960_016_528_422_842,
+    1_078_021_055_283_823_765,
+    4_614_765_226_638_822_717,
+    6_774_610_386_430_882_235,
+    7_388_068_160_148_405_625,
 ];
 
 /// Regression: a fence in flight at healing holds its node's loop, so the node reaches its

@@ -142,7 +142,7 @@ impl LocalReady {
             return;
         }
         flag.scheduled.store(true, Ordering::Release);
-        self.queue.borrow_mut().push(flag.key);
+        self.queue.borrow_mut().push(flag.key());
     }
 
     /// Forgets every queued task (at the end of a run).
@@ -249,12 +249,36 @@ pub(crate) struct TaskKey {
     generation: u32,
 }
 
+impl TaskKey {
+    #[inline(always)]
+    fn pack(self) -> u64 {
+        (u64::from(self.generation) << 32) | u64::from(self.index)
+    }
+
+    #[inline(always)]
+    fn unpack(packed: u64) -> Self {
+        Self {
+            index: packed as u32,
+            generation: (packed >> 32) as u32,
+        }
+    }
+}
+
 /// A task's waker: queues the task once until it is next polled.
 #[derive(Debug)]
 struct TaskWaker {
-    key: TaskKey,
+    /// The task's [`TaskKey`], packed ([`TaskKey::pack`]): rewritten when the slab reuses
+    /// this waker for the slot's next task, which it does only while it holds every reference.
+    key: AtomicU64,
     scheduled: AtomicBool,
     shared: Arc<Shared>,
+}
+
+impl TaskWaker {
+    #[inline(always)]
+    fn key(&self) -> TaskKey {
+        TaskKey::unpack(self.key.load(Ordering::Relaxed))
+    }
 }
 
 impl Wake for TaskWaker {
@@ -272,7 +296,7 @@ impl Wake for TaskWaker {
             return;
         }
         self.scheduled.store(true, Ordering::Release);
-        self.shared.push_ready(self.key);
+        self.shared.push_ready(self.key());
     }
 }
 
@@ -298,6 +322,9 @@ struct TaskEntry {
 struct Slot {
     generation: u32,
     entry: Option<TaskEntry>,
+    /// The waker of the slot's last task, for its next one if nobody else kept a reference
+    /// (two allocations saved per spawn: most tasks, a store's request handlers, are short).
+    spare: Option<(Rc<Waker>, Arc<TaskWaker>)>,
 }
 
 /// What [`TaskSlab::begin_poll`] hands out: the task's id, its future and its waker.
@@ -322,6 +349,7 @@ impl TaskSlab {
                 self.slots.push(Slot {
                     generation: 0,
                     entry: None,
+                    spare: None,
                 });
                 index
             }
@@ -335,12 +363,29 @@ impl TaskSlab {
             index,
             generation: slot.generation,
         };
-        let flag = Arc::new(TaskWaker {
-            key,
-            scheduled: AtomicBool::new(true),
-            shared: shared.clone(),
-        });
-        let waker = Rc::new(Waker::from(flag.clone()));
+        let (waker, flag) = match slot.spare.take() {
+            // Ours alone (the `Rc` here, the `Arc` here and in the `Waker`): no clone of the
+            // old task's waker survives to wake the new task under the old key.
+            Some((waker, flag))
+                if Rc::strong_count(&waker) == 1 && Arc::strong_count(&flag) == 2 =>
+            {
+                debug_assert!(
+                    Arc::ptr_eq(&flag.shared, shared),
+                    "a waker of another runtime"
+                );
+                flag.key.store(key.pack(), Ordering::Relaxed);
+                flag.scheduled.store(true, Ordering::Release);
+                (waker, flag)
+            }
+            _ => {
+                let flag = Arc::new(TaskWaker {
+                    key: AtomicU64::new(key.pack()),
+                    scheduled: AtomicBool::new(true),
+                    shared: shared.clone(),
+                });
+                (Rc::new(Waker::from(flag.clone())), flag)
+            }
+        };
         let id = self.spawned;
         self.spawned += 1;
         self.live += 1;
@@ -425,7 +470,8 @@ impl TaskSlab {
 
     fn free_slot(&mut self, key: TaskKey) {
         let slot = &mut self.slots[key.index as usize];
-        assert!(slot.entry.take().is_some(), "freed an empty task slot");
+        let entry = slot.entry.take().expect("freed an empty task slot");
+        slot.spare = Some((entry.waker, entry.flag));
         slot.generation = slot.generation.wrapping_add(1);
         self.free.push(key.index);
         self.live -= 1;
@@ -481,6 +527,51 @@ mod tests {
         assert!(slab.begin_poll(second).is_some());
         assert_eq!(slab.live(), 1);
         assert_eq!(slab.spawned(), 2);
+    }
+
+    #[test]
+    fn a_slot_reuses_its_waker_only_when_no_clone_survives() {
+        let shared = Arc::new(Shared::default());
+        let mut slab = TaskSlab::default();
+        let run_to_end = |slab: &mut TaskSlab, key| {
+            let (_, future, waker) = slab.begin_poll(key).unwrap();
+            drop(waker);
+            assert!(slab.end_poll(key, future, true).is_some());
+        };
+        let (first, _) = slab.insert(&shared, noop());
+        let first_flag = Arc::as_ptr(&slab.entry_mut(first).unwrap().flag);
+        run_to_end(&mut slab, first);
+        let (second, _) = slab.insert(&shared, noop());
+        let second_entry = slab.entry_mut(second).unwrap();
+        assert_eq!(
+            Arc::as_ptr(&second_entry.flag),
+            first_flag,
+            "spare waker not reused"
+        );
+        assert_eq!(
+            second_entry.flag.key(),
+            second,
+            "a reused waker must wake the new task"
+        );
+        // A clone kept past the task's end (say, by a timer) must not wake the slot's next task.
+        let kept = (*second_entry.waker).clone();
+        run_to_end(&mut slab, second);
+        let (third, _) = slab.insert(&shared, noop());
+        let third_flag = Arc::as_ptr(&slab.entry_mut(third).unwrap().flag);
+        assert_ne!(
+            third_flag, first_flag,
+            "a waker with a surviving clone was reused"
+        );
+        shared.ready().clear();
+        kept.wake();
+        assert_eq!(shared.ready().len(), 1);
+        let stale = shared.ready().pop().unwrap();
+        assert_eq!(stale, second);
+        assert!(
+            slab.begin_poll(stale).is_none(),
+            "the kept clone reached the new task"
+        );
+        assert!(slab.begin_poll(third).is_some());
     }
 
     #[test]

@@ -59,6 +59,17 @@ pub enum KeeperRequest {
     },
 }
 
+impl KeeperRequest {
+    /// The actor the request is about.
+    pub fn actor_id(&self) -> &ActorId {
+        match self {
+            KeeperRequest::Renew { actor_id, .. } | KeeperRequest::Release { actor_id, .. } => {
+                actor_id
+            }
+        }
+    }
+}
+
 /// Coverage mark: an acquire's grant arrived after a release of the same actor was begun
 /// concurrently, and was not believed.
 pub const MARK_GRANT_OVERTAKEN_BY_RELEASE: &str = "keeper.grant_overtaken_by_release";
@@ -96,6 +107,17 @@ struct Schedule {
 }
 
 impl Schedule {
+    /// The actors of `index` due at or before `now_ms`, in time order.
+    fn due_unordered(
+        index: &BTreeSet<(u64, ActorId)>,
+        now_ms: u64,
+    ) -> impl Iterator<Item = &ActorId> {
+        index
+            .iter()
+            .take_while(move |(at_ms, _)| *at_ms <= now_ms)
+            .map(|(_, actor_id)| actor_id)
+    }
+
     /// The actors of `index` due at or before `now_ms`, in actor order.
     fn due(index: &BTreeSet<(u64, ActorId)>, now_ms: u64) -> Vec<ActorId> {
         let mut due: Vec<ActorId> = index
@@ -166,8 +188,47 @@ pub struct KeeperCore {
     /// The actors whose belief changed since [`take_changed_beliefs`](Self::take_changed_beliefs)
     /// last ran, kept only once an observer asked for them ([`track_changes`](Self::track_changes)),
     /// so that it can re-read those beliefs instead of all of them.
-    changed: Option<BTreeSet<ActorId>>,
+    changed: Option<ChangedActors>,
     stopped: bool,
+}
+
+/// Below this many noted changes, [`ChangedActors`] never compacts.
+const CHANGED_COMPACT_MIN: usize = 64;
+
+/// Actors whose belief changed, in a buffer kept across takes: a set's nodes were allocated
+/// afresh after every take, and an observer takes after every step that changed a belief.
+/// Duplicates are removed when taken, and whenever the buffer doubles, so it never holds
+/// more than about twice the actors that changed.
+#[derive(Debug)]
+struct ChangedActors {
+    actors: Vec<ActorId>,
+    compact_at: usize,
+}
+
+impl ChangedActors {
+    fn new() -> Self {
+        Self {
+            actors: Vec::new(),
+            compact_at: CHANGED_COMPACT_MIN,
+        }
+    }
+
+    fn note(&mut self, actor_id: &ActorId) {
+        // A change of the actor noted last (several steps of one reply) needs no second entry.
+        if self.actors.last() != Some(actor_id) {
+            self.actors.push(actor_id.clone());
+        }
+        if self.actors.len() >= self.compact_at {
+            self.compact();
+            self.compact_at = (2 * self.actors.len()).max(CHANGED_COMPACT_MIN);
+        }
+    }
+
+    /// Sorted by actor, each once.
+    fn compact(&mut self) {
+        self.actors.sort_unstable();
+        self.actors.dedup();
+    }
 }
 
 impl KeeperCore {
@@ -192,40 +253,47 @@ impl KeeperCore {
     /// From now on, remembers which actors' beliefs change, for
     /// [`take_changed_beliefs`](Self::take_changed_beliefs).
     pub fn track_changes(&mut self) {
-        self.changed.get_or_insert_with(BTreeSet::new);
+        self.changed.get_or_insert_with(ChangedActors::new);
     }
 
     /// The actors whose belief started, was extended or was dropped since the last call (in
     /// actor order), each with its belief in force at `now_ms`, if any. Empty unless
     /// [`track_changes`](Self::track_changes) was called.
     pub fn take_changed_beliefs(&mut self, now_ms: u64) -> Vec<(ActorId, Option<HeldBelief>)> {
+        let mut taken = Vec::new();
+        self.take_changed_beliefs_into(now_ms, &mut taken);
+        taken
+    }
+
+    /// [`take_changed_beliefs`](Self::take_changed_beliefs), appended to `taken`.
+    pub fn take_changed_beliefs_into(
+        &mut self,
+        now_ms: u64,
+        taken: &mut Vec<(ActorId, Option<HeldBelief>)>,
+    ) {
         let Some(changed) = self.changed.as_mut() else {
-            return Vec::new();
+            return;
         };
-        let changed = std::mem::take(changed);
-        changed
-            .into_iter()
-            .map(|actor_id| {
-                let held = self.held.get(&actor_id);
-                let belief = held.and_then(|h| h.belief.held_at(now_ms));
-                (actor_id, belief)
-            })
-            .collect()
+        changed.compact();
+        changed.compact_at = CHANGED_COMPACT_MIN;
+        let held = &self.held;
+        taken.extend(changed.actors.drain(..).map(|actor_id| {
+            let belief = held.get(&actor_id).and_then(|h| h.belief.held_at(now_ms));
+            (actor_id, belief)
+        }));
     }
 
     /// Whether any belief changed since the changes were last taken (always `false` unless
     /// [`track_changes`](Self::track_changes) was called).
     pub fn has_changed_beliefs(&self) -> bool {
-        self.changed.as_ref().is_some_and(|c| !c.is_empty())
+        self.changed.as_ref().is_some_and(|c| !c.actors.is_empty())
     }
 
     /// Notes a change of the belief in `actor_id`.
     fn belief_changed(&mut self, actor_id: &ActorId) {
         self.belief_epoch += 1;
         if let Some(changed) = self.changed.as_mut() {
-            if !changed.contains(actor_id) {
-                changed.insert(actor_id.clone());
-            }
+            changed.note(actor_id);
         }
     }
 
@@ -387,26 +455,29 @@ impl KeeperCore {
             return None;
         }
         let events = self.expire(now_ms);
-        let renewals = Schedule::due(&self.schedule.renewals, now_ms)
-            .into_iter()
-            .map(|actor_id| {
-                let fencing_token = self.held[&actor_id].fencing_token;
-                KeeperRequest::Renew {
-                    actor_id,
-                    fencing_token,
+        // Built in one vector (not a list of due actors first, then the requests): a round
+        // that renews costs one allocation here.
+        let mut requests: Vec<KeeperRequest> =
+            Schedule::due_unordered(&self.schedule.renewals, now_ms)
+                .map(|actor_id| KeeperRequest::Renew {
+                    actor_id: actor_id.clone(),
+                    fencing_token: self.held[actor_id].fencing_token,
                     sent_local_ms: now_ms,
-                }
-            });
-        let releases = Schedule::due(&self.schedule.release_retries, now_ms)
-            .into_iter()
-            .map(|actor_id| {
-                let fencing_token = self.releasing[&actor_id].fencing_token;
+                })
+                .collect();
+        let renewals = requests.len();
+        requests.extend(
+            Schedule::due_unordered(&self.schedule.release_retries, now_ms).map(|actor_id| {
                 KeeperRequest::Release {
-                    actor_id,
-                    fencing_token,
+                    actor_id: actor_id.clone(),
+                    fencing_token: self.releasing[actor_id].fencing_token,
                 }
-            });
-        let requests = renewals.chain(releases).collect();
+            }),
+        );
+        // Renewals, then release retries, each in actor order.
+        let (renewing, releasing) = requests.split_at_mut(renewals);
+        renewing.sort_unstable_by(|a, b| a.actor_id().cmp(b.actor_id()));
+        releasing.sort_unstable_by(|a, b| a.actor_id().cmp(b.actor_id()));
         Some((events, requests))
     }
 

@@ -465,6 +465,13 @@ impl<M: LeaseManager> LeaseKeeper<M> {
         self.lock().take_changed_beliefs(now_ms)
     }
 
+    /// [`take_changed_beliefs`](Self::take_changed_beliefs), appended to `taken`: an observer
+    /// that takes after every step reuses one buffer.
+    pub fn take_changed_beliefs_into(&self, taken: &mut Vec<(ActorId, Option<HeldBelief>)>) {
+        let now_ms = self.clock.now_ms();
+        self.lock().take_changed_beliefs_into(now_ms, taken);
+    }
+
     /// Makes [`run`](Self::run) return at its next wake-up.
     pub fn stop(&self) {
         self.lock().stop();

@@ -99,6 +99,9 @@ struct StorageInner<V> {
     rng: RefCell<DeterministicRng>,
     /// Keys written since the last [`SimStorage::take_changed_keys`].
     changed: RefCell<Vec<String>>,
+    /// Strings handed back by [`SimStorage::take_changed_keys_into`], reused for the next
+    /// changed keys: a checker that takes them after every step allocates nothing for them.
+    spare_keys: RefCell<Vec<String>>,
 }
 
 /// A shared handle to a simulated store holding values of type `V`. Cloning shares the store.
@@ -139,6 +142,7 @@ impl<V: Clone + 'static> SimStorage<V> {
             epoch: Cell::new(0),
             operations: Cell::new(0),
             changed: RefCell::new(Vec::new()),
+            spare_keys: RefCell::new(Vec::new()),
         };
         Self {
             inner: Rc::new(inner),
@@ -242,10 +246,11 @@ impl<V: Clone + 'static> SimStorage<V> {
         !self.inner.changed.borrow().is_empty()
     }
 
-    /// Moves the keys written since the last call into `keys` (cleared first), keeping both
-    /// buffers' memory: a checker that asks after every step allocates nothing for it.
+    /// Moves the keys written since the last call into `keys`, whose earlier contents the
+    /// store takes back to reuse: a checker that asks after every step, with the same buffer,
+    /// allocates nothing for it.
     pub fn take_changed_keys_into(&self, keys: &mut Vec<String>) {
-        keys.clear();
+        self.inner.spare_keys.borrow_mut().append(keys);
         std::mem::swap(keys, &mut *self.inner.changed.borrow_mut());
     }
 
@@ -361,7 +366,10 @@ impl<V: Clone + 'static> StorageInner<V> {
             }
         }
         drop(data);
-        self.changed.borrow_mut().push(key.to_string());
+        let mut copy = self.spare_keys.borrow_mut().pop().unwrap_or_default();
+        copy.clear();
+        copy.push_str(key);
+        self.changed.borrow_mut().push(copy);
         if self.env.should_inject(FaultType::StorageCommitUnknown) {
             return Err(StorageError::CommitUnknown {
                 key: key.to_string(),
@@ -472,5 +480,39 @@ mod tests {
             report.sim_time_ms >= 5,
             "five operations of at least 1 ms each"
         );
+    }
+
+    #[test]
+    fn changed_keys_are_taken_once_each_and_their_strings_reused() {
+        Simulation::new(SimConfig::new(1).with_check_determinism(false))
+            .run(|env| async move {
+                let store = env.storage::<u32>();
+                let mut keys = Vec::new();
+                store.take_changed_keys_into(&mut keys);
+                assert!(keys.is_empty(), "nothing written yet");
+                assert_eq!(store.put("a", 1).await, Ok(1));
+                assert_eq!(store.put("bb", 2).await, Ok(1));
+                assert_eq!(store.put("a", 3).await, Ok(2));
+                assert!(store.has_changed_keys());
+                store.take_changed_keys_into(&mut keys);
+                assert_eq!(keys, ["a", "bb", "a"]);
+                assert!(!store.has_changed_keys(), "taken");
+                let lent: Vec<*const u8> = keys.iter().map(|k| k.as_ptr()).collect();
+                assert_eq!(store.put("c", 4).await, Ok(1));
+                // Hands the three strings back.
+                store.take_changed_keys_into(&mut keys);
+                assert_eq!(keys, ["c"], "only what was written since");
+                assert_eq!(store.put("d", 5).await, Ok(1));
+                store.take_changed_keys_into(&mut keys);
+                assert_eq!(keys, ["d"]);
+                assert!(
+                    lent.contains(&keys[0].as_ptr()),
+                    "a string handed back was reused"
+                );
+                store.take_changed_keys_into(&mut keys);
+                assert!(keys.is_empty(), "nothing written since");
+                Ok::<(), String>(())
+            })
+            .unwrap();
     }
 }

@@ -538,7 +538,7 @@ impl<M: LeaseManager> LeaseKeeper<M> {
             // tasks), which for one request is a wasted poll of the keeper every round.
             if count == 1 {
                 let only = sent.next().expect("one request");
-                return vec![only.await];
+                return OneOrMore::one(only.await);
             }
             let mut in_flight: futures_util::stream::FuturesUnordered<_> = sent.collect();
             let mut answered = Vec::with_capacity(count);
@@ -546,7 +546,7 @@ impl<M: LeaseManager> LeaseKeeper<M> {
                 answered.push(answer);
             }
             answered.sort_unstable_by_key(|&(i, _, _)| i);
-            answered
+            OneOrMore::many(answered)
         });
         let until_ms = self.lock().earliest_belief_end_ms().unwrap_or(u64::MAX);
         let wait_ms = until_ms.saturating_sub(self.clock.now_ms()).max(1);
@@ -554,7 +554,7 @@ impl<M: LeaseManager> LeaseKeeper<M> {
         match futures_util::future::select(work, belief_ends).await {
             futures_util::future::Either::Left((answered, _)) => {
                 let now_ms = self.clock.now_ms();
-                let mut events = Vec::new();
+                let mut events = OneOrMore::default();
                 let mut core = self.lock();
                 for (_, request, result) in answered {
                     match request {
@@ -636,6 +636,59 @@ impl<M: LeaseManager> LeaseKeeper<M> {
     }
 }
 
+/// A round's answers or events, in order. Most rounds make one request and so have at most
+/// one of each: that one is kept without allocating a vector, for every renewal of a run.
+#[derive(Debug)]
+struct OneOrMore<T> {
+    first: Option<T>,
+    rest: Vec<T>,
+}
+
+impl<T> Default for OneOrMore<T> {
+    fn default() -> Self {
+        Self {
+            first: None,
+            rest: Vec::new(),
+        }
+    }
+}
+
+impl<T> OneOrMore<T> {
+    fn one(only: T) -> Self {
+        Self {
+            first: Some(only),
+            rest: Vec::new(),
+        }
+    }
+
+    fn many(all: Vec<T>) -> Self {
+        Self {
+            first: None,
+            rest: all,
+        }
+    }
+}
+
+impl<T> Extend<T> for OneOrMore<T> {
+    fn extend<I: IntoIterator<Item = T>>(&mut self, items: I) {
+        for item in items {
+            match self.first {
+                None if self.rest.is_empty() => self.first = Some(item),
+                _ => self.rest.push(item),
+            }
+        }
+    }
+}
+
+impl<T> IntoIterator for OneOrMore<T> {
+    type Item = T;
+    type IntoIter = std::iter::Chain<std::option::IntoIter<T>, std::vec::IntoIter<T>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.first.into_iter().chain(self.rest)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -645,6 +698,22 @@ mod tests {
     use kelpie_core::{Clock, ManualClock};
 
     type Manager = ProtocolLeaseManager<FlakyStore>;
+
+    #[test]
+    fn one_or_more_keeps_order() {
+        let mut events = OneOrMore::default();
+        events.extend(None);
+        events.extend(Some(1));
+        events.extend([2, 3]);
+        assert_eq!(events.into_iter().collect::<Vec<_>>(), [1, 2, 3]);
+        let mut answers = OneOrMore::one(1);
+        answers.extend(Some(2));
+        assert_eq!(answers.into_iter().collect::<Vec<_>>(), [1, 2]);
+        let mut answers = OneOrMore::many(vec![1, 2]);
+        answers.extend(Some(3));
+        assert_eq!(answers.into_iter().collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(OneOrMore::<u8>::default().into_iter().count(), 0);
+    }
 
     /// Keeper rounds a test drives before giving up on what it waits for: far more than a
     /// correct keeper needs (a belief of 900 ms ends within a few dozen wake-ups).

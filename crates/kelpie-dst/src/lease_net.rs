@@ -13,7 +13,7 @@
 //! on the previous version of a record, which that check must catch.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -77,10 +77,37 @@ pub enum LeaseMessage {
 type Pending = Rc<Replies<Result<Decision, StoreError>>>;
 
 /// The replies one node awaits, by request id; [`route_replies`] hands each arriving reply
-/// over. One slot per request in a map, not a channel per request (an allocation and several
-/// atomic operations each, for every request of a run).
+/// over. One slot per request, not a channel per request (an allocation and several atomic
+/// operations each, for every request of a run). A node's request ids only grow, so the slots
+/// are a window of consecutive ids: awaiting appends, and a slot freed at the front drops off.
+/// A sorted map shifted its large slots on every removal.
 pub(crate) struct Replies<T> {
-    slots: RefCell<BTreeMap<u64, ReplySlot<T>>>,
+    slots: RefCell<ReplyWindow<T>>,
+}
+
+/// The slots of ids `first_id ..= first_id + slots.len() - 1`; `None` for an id nobody awaits
+/// (any more). The front slot is never `None`.
+struct ReplyWindow<T> {
+    first_id: u64,
+    slots: VecDeque<Option<ReplySlot<T>>>,
+}
+
+impl<T> ReplyWindow<T> {
+    fn get_mut(&mut self, request_id: u64) -> Option<&mut ReplySlot<T>> {
+        let index = usize::try_from(request_id.checked_sub(self.first_id)?).ok()?;
+        self.slots.get_mut(index)?.as_mut()
+    }
+
+    /// Frees the slot of `request_id`, returning it.
+    fn remove(&mut self, request_id: u64) -> Option<ReplySlot<T>> {
+        let index = usize::try_from(request_id.checked_sub(self.first_id)?).ok()?;
+        let slot = self.slots.get_mut(index)?.take();
+        while let Some(None) = self.slots.front() {
+            self.slots.pop_front();
+            self.first_id += 1;
+        }
+        slot
+    }
 }
 
 struct ReplySlot<T> {
@@ -91,22 +118,36 @@ struct ReplySlot<T> {
 impl<T> Default for Replies<T> {
     fn default() -> Self {
         Self {
-            slots: RefCell::new(BTreeMap::new()),
+            slots: RefCell::new(ReplyWindow {
+                first_id: 0,
+                slots: VecDeque::new(),
+            }),
         }
     }
 }
 
 impl<T> Replies<T> {
-    /// Expects a reply to `request_id`: the future resolves with the first to arrive.
-    /// Dropping it forgets the request, so a later reply is dropped, as a real client drops
-    /// the response to a call it gave up on.
+    /// Expects a reply to `request_id`, which is greater than every id awaited before: the
+    /// future resolves with the first reply to arrive. Dropping it forgets the request, so a
+    /// later reply is dropped, as a real client drops the response to a call it gave up on.
     pub(crate) fn expect(&self, request_id: u64) -> AwaitReply<'_, T> {
-        let slot = ReplySlot {
+        let mut window = self.slots.borrow_mut();
+        if window.slots.is_empty() {
+            window.first_id = request_id;
+        }
+        let end_id = window.first_id + window.slots.len() as u64;
+        assert!(
+            request_id >= end_id,
+            "request id {request_id} awaited after id {} was",
+            end_id - 1
+        );
+        for _ in end_id..request_id {
+            window.slots.push_back(None);
+        }
+        window.slots.push_back(Some(ReplySlot {
             reply: None,
             waker: None,
-        };
-        let replaced = self.slots.borrow_mut().insert(request_id, slot);
-        assert!(replaced.is_none(), "request id {request_id} awaited twice");
+        }));
         AwaitReply {
             replies: self,
             request_id,
@@ -118,8 +159,8 @@ impl<T> Replies<T> {
     /// is an earlier incarnation's), and if the request has its reply already (a duplicate).
     fn deliver(&self, request_id: u64, reply: T) {
         let waker = {
-            let mut slots = self.slots.borrow_mut();
-            let Some(slot) = slots.get_mut(&request_id) else {
+            let mut window = self.slots.borrow_mut();
+            let Some(slot) = window.get_mut(request_id) else {
                 return;
             };
             if slot.reply.is_some() {
@@ -132,6 +173,12 @@ impl<T> Replies<T> {
         if let Some(waker) = waker {
             waker.wake();
         }
+    }
+
+    /// How many slots are kept, vacant ones between awaited ids included.
+    #[cfg(test)]
+    fn slots_kept(&self) -> usize {
+        self.slots.borrow().slots.len()
     }
 }
 
@@ -149,7 +196,7 @@ impl<T> Future for AwaitReply<'_, T> {
         assert!(!self.answered, "a reply awaited after it arrived");
         let mut slots = self.replies.slots.borrow_mut();
         let slot = slots
-            .get_mut(&self.request_id)
+            .get_mut(self.request_id)
             .expect("an awaited request's slot lives until its reply or its drop");
         if slot.reply.is_none() {
             match &mut slot.waker {
@@ -158,7 +205,7 @@ impl<T> Future for AwaitReply<'_, T> {
             }
             return Poll::Pending;
         }
-        let slot = slots.remove(&self.request_id).expect("the slot just read");
+        let slot = slots.remove(self.request_id).expect("the slot just read");
         drop(slots);
         self.answered = true;
         Poll::Ready(slot.reply.expect("a reply arrived"))
@@ -168,7 +215,7 @@ impl<T> Future for AwaitReply<'_, T> {
 impl<T> Drop for AwaitReply<'_, T> {
     fn drop(&mut self) {
         if !self.answered {
-            self.replies.slots.borrow_mut().remove(&self.request_id);
+            self.replies.slots.borrow_mut().remove(self.request_id);
         }
     }
 }
@@ -444,5 +491,65 @@ impl StaleReads {
         };
         let outcome = store.storage().transact(&key, step).await;
         outcome.map_err(crate::sim_lease_store::store_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+    use std::task::Waker;
+
+    fn poll<T>(reply: &mut AwaitReply<'_, T>) -> Poll<T> {
+        Pin::new(reply).poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    /// Each awaited id gets its first reply and only that; replies to ids nobody awaits (never,
+    /// or no longer) are dropped; freed slots at the front are let go, so the window spans only
+    /// the ids still awaited.
+    #[test]
+    fn replies_reach_only_their_awaited_request() {
+        let replies = Replies::default();
+        let mut first = replies.expect(10);
+        let mut second = replies.expect(11);
+        // A gap: id 12 is never awaited.
+        let mut fourth = replies.expect(13);
+        assert_eq!(replies.slots_kept(), 4);
+        assert!(poll(&mut first).is_pending());
+
+        replies.deliver(12, "to nobody");
+        replies.deliver(9, "before the window");
+        replies.deliver(14, "after the window");
+        replies.deliver(11, "second");
+        replies.deliver(11, "a duplicate");
+        assert_eq!(poll(&mut second), Poll::Ready("second"));
+        drop(second);
+        assert_eq!(
+            replies.slots_kept(),
+            4,
+            "id 10 is still awaited at the front"
+        );
+
+        // Giving up on the front frees it and the vacant slots behind it.
+        drop(first);
+        assert_eq!(replies.slots_kept(), 1);
+        replies.deliver(10, "too late");
+        assert!(poll(&mut fourth).is_pending());
+        replies.deliver(13, "fourth");
+        assert_eq!(fourth.now_or_never(), Some("fourth"));
+        assert_eq!(replies.slots_kept(), 0);
+
+        // An empty window starts again at any later id.
+        let mut later = replies.expect(1_000);
+        replies.deliver(1_000, "later");
+        assert_eq!(poll(&mut later), Poll::Ready("later"));
+    }
+
+    #[test]
+    #[should_panic(expected = "awaited after")]
+    fn an_id_awaited_out_of_order_is_a_bug() {
+        let replies = Replies::<()>::default();
+        let _second = replies.expect(2);
+        let _first = replies.expect(1);
     }
 }

@@ -164,8 +164,29 @@ pub(crate) fn duration_to_ms_ceil(duration: Duration) -> u64 {
 pub struct Sleep {
     shared: Arc<Shared>,
     deadline_ms: u64,
-    /// The registered timer and the waker it will wake.
-    timer: Option<(TimerKey, Waker)>,
+    /// The registered timer and the identity of the waker it will wake.
+    timer: Option<(TimerKey, WakerIdentity)>,
+}
+
+/// What [`Waker::will_wake`] compares: a waker's data and vtable addresses. A sleep keeps the
+/// identity of the waker its timer holds, not a second clone of it (a reference count up and
+/// down per sleep). The identity cannot be taken by another waker meanwhile: the timer's clone
+/// keeps that waker alive for as long as the sleep holds its identity (until the timer fires,
+/// which is at the deadline, when the sleep completes without looking at it, or until the
+/// sleep removes the timer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct WakerIdentity {
+    data: usize,
+    vtable: usize,
+}
+
+impl WakerIdentity {
+    fn of(waker: &Waker) -> Self {
+        Self {
+            data: waker.data() as usize,
+            vtable: std::ptr::from_ref(waker.vtable()) as usize,
+        }
+    }
 }
 
 // A timer is popped by the runtime when time reaches its deadline, before any task is polled
@@ -191,7 +212,7 @@ impl Sleep {
     /// Whether this sleep's timer is registered and wakes `waker` when it fires.
     #[inline]
     pub(crate) fn is_registered_with(&self, waker: &Waker) -> bool {
-        matches!(&self.timer, Some((_, registered)) if registered.will_wake(waker))
+        matches!(&self.timer, Some((_, registered)) if *registered == WakerIdentity::of(waker))
     }
 
     fn cancel(&mut self) {
@@ -217,7 +238,7 @@ impl Future for Sleep {
                 .shared
                 .timers()
                 .insert(self.deadline_ms, cx.waker().clone());
-            self.timer = Some((key, cx.waker().clone()));
+            self.timer = Some((key, WakerIdentity::of(cx.waker())));
         }
         Poll::Pending
     }
@@ -326,6 +347,41 @@ mod tests {
             let entry = heap_entry(deadline_ms, sequence, slot);
             assert_eq!(heap_fields(entry), (deadline_ms, sequence, slot));
         }
+    }
+
+    /// A sleep polled by another waker moves its timer to that waker; polled again by the
+    /// same waker, it keeps its one timer. Only the last waker is woken, once.
+    #[test]
+    fn a_sleep_wakes_the_last_waker_that_polled_it() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use std::task::Wake;
+        struct Count(AtomicU32);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let (first, second) = (
+            Arc::new(Count(AtomicU32::new(0))),
+            Arc::new(Count(AtomicU32::new(0))),
+        );
+        let (first_waker, second_waker) = (Waker::from(first.clone()), Waker::from(second.clone()));
+        let shared = Arc::new(Shared::default());
+        let mut sleep = Sleep::until(shared.clone(), 10);
+        let mut poll = |waker: &Waker| Pin::new(&mut sleep).poll(&mut Context::from_waker(waker));
+        assert!(poll(&first_waker).is_pending());
+        assert!(poll(&second_waker).is_pending());
+        assert!(poll(&second_waker).is_pending());
+        let (_, waker) = shared.timers().pop_due(10).expect("one timer");
+        assert!(
+            shared.timers().pop_due(10).is_none(),
+            "the first timer was removed"
+        );
+        waker.wake();
+        assert_eq!(first.0.load(Ordering::Relaxed), 0);
+        assert_eq!(second.0.load(Ordering::Relaxed), 1);
+        shared.set_now_ms(10);
+        assert!(poll(&first_waker).is_ready());
     }
 
     #[test]

@@ -100,49 +100,35 @@ struct PendingRelease {
 
 /// When each held lease and pending release next needs the keeper, ordered by time then actor.
 #[derive(Debug, Default)]
+///
+/// Held leases are named by their index in [`KeeperCore::held`], not by actor id: a renewal
+/// reschedules two entries, and integers compare and copy for nothing where ids cost a
+/// reference count each and compare their bytes on ties. The order within an instant is then
+/// the map's, which no caller sees: each sorts what is due by actor.
 struct Schedule {
-    renewals: BTreeSet<(u64, ActorId)>,
-    belief_ends: BTreeSet<(u64, ActorId)>,
+    renewals: BTreeSet<(u64, usize)>,
+    belief_ends: BTreeSet<(u64, usize)>,
     release_retries: BTreeSet<(u64, ActorId)>,
 }
 
 impl Schedule {
-    /// The actors of `index` due at or before `now_ms`, in time order.
-    fn due_unordered(
-        index: &BTreeSet<(u64, ActorId)>,
-        now_ms: u64,
-    ) -> impl Iterator<Item = &ActorId> {
+    /// The entries of `index` due at or before `now_ms`, in time order.
+    fn due_unordered<T>(index: &BTreeSet<(u64, T)>, now_ms: u64) -> impl Iterator<Item = &T> {
         index
             .iter()
             .take_while(move |(at_ms, _)| *at_ms <= now_ms)
-            .map(|(_, actor_id)| actor_id)
+            .map(|(_, entry)| entry)
     }
 
-    /// The actors of `index` due at or before `now_ms`, in actor order.
-    fn due(index: &BTreeSet<(u64, ActorId)>, now_ms: u64) -> Vec<ActorId> {
-        let mut due: Vec<ActorId> = index
-            .iter()
-            .take_while(|(at_ms, _)| *at_ms <= now_ms)
-            .map(|(_, actor_id)| actor_id.clone())
-            .collect();
-        due.sort_unstable();
-        due
+    fn add_held(&mut self, index: usize, held: &Held) {
+        let renewal = self.renewals.insert((held.next_renew_local_ms, index));
+        let end = self.belief_ends.insert((held.until_local_ms(), index));
+        assert!(renewal && end, "a held lease is scheduled once");
     }
 
-    fn add_held(&mut self, actor_id: &ActorId, held: &Held) {
-        self.renewals
-            .insert((held.next_renew_local_ms, actor_id.clone()));
-        self.belief_ends
-            .insert((held.until_local_ms(), actor_id.clone()));
-    }
-
-    fn remove_held(&mut self, actor_id: &ActorId, held: &Held) {
-        let renewal = self
-            .renewals
-            .remove(&(held.next_renew_local_ms, actor_id.clone()));
-        let end = self
-            .belief_ends
-            .remove(&(held.until_local_ms(), actor_id.clone()));
+    fn remove_held(&mut self, index: usize, held: &Held) {
+        let renewal = self.renewals.remove(&(held.next_renew_local_ms, index));
+        let end = self.belief_ends.remove(&(held.until_local_ms(), index));
         assert!(renewal && end, "a held lease is scheduled once");
     }
 }
@@ -429,7 +415,16 @@ impl KeeperCore {
     /// Drops the beliefs that ran out by `now_ms`, returning an event for each.
     pub fn expire(&mut self, now_ms: u64) -> Vec<KeeperEvent> {
         // A belief has run out at `now_ms` when it ends at or before it.
-        let ran_out = Schedule::due(&self.schedule.belief_ends, now_ms);
+        let held = &self.held;
+        let mut ran_out: Vec<ActorId> = Schedule::due_unordered(&self.schedule.belief_ends, now_ms)
+            .map(|&index| {
+                held.get_index(index)
+                    .expect("scheduled means held")
+                    .0
+                    .clone()
+            })
+            .collect();
+        ran_out.sort_unstable();
         let mut events = Vec::with_capacity(ran_out.len());
         for actor_id in ran_out {
             let held = self.remove_held(&actor_id).expect("scheduled means held");
@@ -459,10 +454,14 @@ impl KeeperCore {
         // that renews costs one allocation here.
         let mut requests: Vec<KeeperRequest> =
             Schedule::due_unordered(&self.schedule.renewals, now_ms)
-                .map(|actor_id| KeeperRequest::Renew {
-                    actor_id: actor_id.clone(),
-                    fencing_token: self.held[actor_id].fencing_token,
-                    sent_local_ms: now_ms,
+                .map(|&index| {
+                    let (actor_id, held) =
+                        self.held.get_index(index).expect("scheduled means held");
+                    KeeperRequest::Renew {
+                        actor_id: actor_id.clone(),
+                        fencing_token: held.fencing_token,
+                        sent_local_ms: now_ms,
+                    }
                 })
                 .collect();
         let renewals = requests.len();
@@ -583,15 +582,11 @@ impl KeeperCore {
         let far_ms = now_ms + self.timing.renew_interval_ms;
         let schedule = &self.schedule;
         let firsts = [
-            schedule.renewals.first(),
-            schedule.belief_ends.first(),
-            schedule.release_retries.first(),
+            schedule.renewals.first().map(|&(at_ms, _)| at_ms),
+            schedule.belief_ends.first().map(|&(at_ms, _)| at_ms),
+            schedule.release_retries.first().map(|(at_ms, _)| *at_ms),
         ];
-        firsts
-            .into_iter()
-            .flatten()
-            .map(|(at_ms, _)| *at_ms)
-            .fold(far_ms, u64::min)
+        firsts.into_iter().flatten().fold(far_ms, u64::min)
     }
 
     /// Makes [`poll`](Self::poll) return `None` from now on.
@@ -622,16 +617,30 @@ impl KeeperCore {
 
     /// Holds `held` for `actor_id`, rescheduling it.
     fn set_held(&mut self, actor_id: &ActorId, held: Held) {
-        if let Some(before) = self.held.insert(actor_id.clone(), held) {
-            self.schedule.remove_held(actor_id, &before);
+        match self.held.get_full_mut(actor_id) {
+            Some((index, _, slot)) => {
+                let before = std::mem::replace(slot, held);
+                self.schedule.remove_held(index, &before);
+                self.schedule.add_held(index, &held);
+            }
+            None => {
+                let (index, _) = self.held.insert_full(actor_id.clone(), held);
+                self.schedule.add_held(index, &held);
+            }
         }
-        self.schedule.add_held(actor_id, &held);
     }
 
     /// Stops holding `actor_id`, unscheduling it.
     fn remove_held(&mut self, actor_id: &ActorId) -> Option<Held> {
-        let held = self.held.swap_remove(actor_id)?;
-        self.schedule.remove_held(actor_id, &held);
+        let (index, _, held) = self.held.swap_remove_full(actor_id)?;
+        self.schedule.remove_held(index, &held);
+        // The last lease moved into the freed index: its entries follow it.
+        let moved_from = self.held.len();
+        if index < moved_from {
+            let moved = self.held[index];
+            self.schedule.remove_held(moved_from, &moved);
+            self.schedule.add_held(index, &moved);
+        }
         Some(held)
     }
 
@@ -713,6 +722,100 @@ mod tests {
         keeper.release_replied(&actor(), FencingToken(1), 15, &granted(1, 2));
         assert!(acquired(&mut keeper, 20, 22, &granted(2, 21)).is_some());
         assert_eq!(keeper.holds(&actor(), 22), Some(FencingToken(2)));
+    }
+
+    /// The schedule names every held lease by its index in the held map, once per index:
+    /// the entries a scan of the map gives.
+    fn assert_schedule_matches(keeper: &KeeperCore) {
+        let scan = |at: fn(&Held) -> u64| -> BTreeSet<(u64, usize)> {
+            keeper
+                .held
+                .values()
+                .enumerate()
+                .map(|(i, h)| (at(h), i))
+                .collect()
+        };
+        assert_eq!(keeper.schedule.renewals, scan(|h| h.next_renew_local_ms));
+        assert_eq!(keeper.schedule.belief_ends, scan(Held::until_local_ms));
+    }
+
+    /// Releases in every position of the held map (each moves the last lease into the freed
+    /// index), renewals, failed renewals and beliefs running out keep the schedule equal to a
+    /// scan of the held leases, and rounds renew exactly what the scan says is due.
+    #[test]
+    fn the_schedule_follows_leases_moved_by_releases() {
+        let mut keeper = core();
+        let renew_ms = keeper.timing.renew_interval_ms;
+        let actors: Vec<ActorId> = (0..40)
+            .map(|i| ActorId::new(format!("actor-{i}")).unwrap())
+            .collect();
+        let mut rng = 7u64;
+        let mut next = |below: u64| {
+            rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (rng >> 33) % below
+        };
+        let mut now_ms = 0;
+        let mut moved = 0;
+        for _ in 0..2_000 {
+            now_ms += next(20);
+            let actor_id = &actors[next(actors.len() as u64) as usize];
+            let index = keeper.held.get_index_of(actor_id);
+            match (index, next(4)) {
+                (None, _) => {
+                    if let Ok(ticket) = keeper.begin_acquire(actor_id) {
+                        let lease = Lease {
+                            actor_id: actor_id.clone(),
+                            ..granted(now_ms, now_ms).unwrap()
+                        };
+                        keeper.acquire_replied(actor_id, ticket, now_ms, now_ms, &Ok(lease));
+                    } else if let Some(&pending) = keeper.releasing.get(actor_id) {
+                        let freed = granted(pending.fencing_token.0, now_ms);
+                        keeper.release_replied(actor_id, pending.fencing_token, now_ms, &freed);
+                    }
+                }
+                (Some(index), 0) => {
+                    moved += usize::from(index + 1 < keeper.held.len());
+                    assert!(keeper.begin_release(actor_id, now_ms).is_some());
+                }
+                (Some(index), 1) => {
+                    let token = keeper.held[index].fencing_token;
+                    let lease = Lease {
+                        actor_id: actor_id.clone(),
+                        ..granted(token.0, now_ms).unwrap()
+                    };
+                    keeper.renew_replied(actor_id, token, now_ms, now_ms, Ok(lease));
+                }
+                (Some(index), 2) => {
+                    let token = keeper.held[index].fencing_token;
+                    keeper.renew_replied(actor_id, token, now_ms, now_ms, unavailable());
+                }
+                (Some(_), _) => {
+                    let mut due: Vec<ActorId> = keeper
+                        .held
+                        .iter()
+                        .filter(|(_, h)| h.belief.held_at(now_ms).is_some())
+                        .filter(|(_, h)| h.next_renew_local_ms <= now_ms)
+                        .map(|(a, _)| a.clone())
+                        .collect();
+                    due.sort();
+                    let (_, requests) = keeper.poll(now_ms).unwrap();
+                    let renewed: Vec<ActorId> = requests
+                        .iter()
+                        .filter(|r| matches!(r, KeeperRequest::Renew { .. }))
+                        .map(|r| r.actor_id().clone())
+                        .collect();
+                    assert_eq!(renewed, due, "at {now_ms} ms");
+                }
+            }
+            assert_schedule_matches(&keeper);
+        }
+        assert!(moved >= 50, "releases that moved a lease: {moved}");
+        assert!(
+            keeper.held.len() >= 5,
+            "{} held at the end",
+            keeper.held.len()
+        );
+        assert!(now_ms > 10 * renew_ms, "beliefs had time to run out");
     }
 
     /// With many leases acquired at different times, each round renews exactly the leases

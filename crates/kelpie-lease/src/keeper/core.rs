@@ -724,6 +724,12 @@ mod tests {
         assert_eq!(keeper.holds(&actor(), 22), Some(FencingToken(2)));
     }
 
+    fn many_actors(count: usize) -> Vec<ActorId> {
+        (0..count)
+            .map(|i| ActorId::new(format!("actor-{i}")).unwrap())
+            .collect()
+    }
+
     /// The schedule names every held lease by its index in the held map, once per index:
     /// the entries a scan of the map gives.
     fn assert_schedule_matches(keeper: &KeeperCore) {
@@ -746,9 +752,7 @@ mod tests {
     fn the_schedule_follows_leases_moved_by_releases() {
         let mut keeper = core();
         let renew_ms = keeper.timing.renew_interval_ms;
-        let actors: Vec<ActorId> = (0..40)
-            .map(|i| ActorId::new(format!("actor-{i}")).unwrap())
-            .collect();
+        let actors = many_actors(40);
         let mut rng = 7u64;
         let mut next = |below: u64| {
             rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
@@ -827,9 +831,7 @@ mod tests {
     fn rounds_renew_exactly_the_leases_due_among_many() {
         let mut keeper = core();
         let renew_ms = keeper.timing.renew_interval_ms;
-        let actors: Vec<ActorId> = (0..300)
-            .map(|i| ActorId::new(format!("actor-{i}")).unwrap())
-            .collect();
+        let actors = many_actors(300);
         // Acquired in reverse actor order, one per ms: due times and actor order disagree.
         for (at_ms, actor_id) in actors.iter().rev().enumerate() {
             let at_ms = at_ms as u64;

@@ -158,11 +158,11 @@ impl<V: Clone + 'static> SimStorage<V> {
     pub async fn get(&self, key: &str) -> Result<Option<Versioned<V>>, StorageError> {
         self.execute(OpKind::Get, key, |store, key, _| {
             if store.env.should_inject(FaultType::StorageReadFail) {
-                return Err(StorageError::ReadFailed {
-                    key: key.to_string(),
-                });
+                return store.read_failed(key);
             }
-            Ok(store.data.borrow().get(key).cloned())
+            let current = store.data.borrow().get(key).cloned();
+            let version = current.as_ref().map_or(0, |v| v.version);
+            (Ok(current), version)
         })
         .await
     }
@@ -218,18 +218,18 @@ impl<V: Clone + 'static> SimStorage<V> {
     ) -> Result<R, StorageError> {
         self.execute(kind, key, |store, key, now_ms| {
             if store.env.should_inject(FaultType::StorageReadFail) {
-                return Err(StorageError::ReadFailed {
-                    key: key.to_string(),
-                });
+                return store.read_failed(key);
             }
             // Cloned so that `f` may read the store (say, through `peek`) without a borrow clash.
             let current = store.data.borrow().get(key).cloned();
+            let current_version = current.as_ref().map(|v| v.version);
             let (new_value, result) = f(current.as_ref(), now_ms);
             match new_value {
-                Some(value) => store
-                    .write(key, current.map(|v| v.version), value)
-                    .map(|_| result),
-                None => Ok(result),
+                Some(value) => {
+                    let (written, version) = store.write(key, current_version, value);
+                    (written.map(|_| result), version)
+                }
+                None => (Ok(result), current_version.unwrap_or(0)),
             }
         })
         .await
@@ -317,7 +317,7 @@ impl<V: Clone + 'static> SimStorage<V> {
         &self,
         kind: OpKind,
         key: &str,
-        apply: impl FnOnce(&StorageInner<V>, &str, u64) -> Result<R, StorageError>,
+        apply: impl FnOnce(&StorageInner<V>, &str, u64) -> (Result<R, StorageError>, u64),
     ) -> Result<R, StorageError> {
         let store = &*self.inner;
         store.operations.set(store.operations.get() + 1);
@@ -331,8 +331,8 @@ impl<V: Clone + 'static> SimStorage<V> {
             // The request was lost with the crash; nothing was applied.
             return Err(store.unavailable(key));
         }
-        let result = apply(store, key, store.env.now_ms());
-        store.trace_op(kind, key, &result);
+        let (result, version) = apply(store, key, store.env.now_ms());
+        store.trace_op(kind, key, &result, version);
         store.env.sleep_ms(reply_ms).await;
         if store.crashed.get() || store.epoch.get() != epoch {
             // The reply was lost with the crash; the operation may have been applied.
@@ -343,17 +343,30 @@ impl<V: Clone + 'static> SimStorage<V> {
 }
 
 impl<V: Clone + 'static> StorageInner<V> {
-    /// Writes `value` as the version after `current_version`, drawing write faults.
+    /// A read that failed, with the key's version (which it leaves as it was).
+    #[cold]
+    fn read_failed<R>(&self, key: &str) -> (Result<R, StorageError>, u64) {
+        let version = self.data.borrow().get(key).map_or(0, |v| v.version);
+        let error = StorageError::ReadFailed {
+            key: key.to_string(),
+        };
+        (Err(error), version)
+    }
+
+    /// Writes `value` as the version after `current_version`, drawing write faults. Returns
+    /// the outcome and the key's version afterwards (still `current_version` if the write
+    /// failed).
     fn write(
         &self,
         key: &str,
         current_version: Option<u64>,
         value: V,
-    ) -> Result<u64, StorageError> {
+    ) -> (Result<u64, StorageError>, u64) {
         if self.env.should_inject(FaultType::StorageWriteFail) {
-            return Err(StorageError::WriteFailed {
+            let error = StorageError::WriteFailed {
                 key: key.to_string(),
-            });
+            };
+            return (Err(error), current_version.unwrap_or(0));
         }
         let version = current_version.unwrap_or(0) + 1;
         let versioned = Versioned { value, version };
@@ -371,11 +384,12 @@ impl<V: Clone + 'static> StorageInner<V> {
         copy.push_str(key);
         self.changed.borrow_mut().push(copy);
         if self.env.should_inject(FaultType::StorageCommitUnknown) {
-            return Err(StorageError::CommitUnknown {
+            let error = StorageError::CommitUnknown {
                 key: key.to_string(),
-            });
+            };
+            return (Err(error), version);
         }
-        Ok(version)
+        (Ok(version), version)
     }
 
     /// The request and reply halves of this operation's latency.
@@ -410,7 +424,9 @@ impl<V: Clone + 'static> StorageInner<V> {
         }
     }
 
-    fn trace_op<R>(&self, kind: OpKind, key: &str, result: &Result<R, StorageError>) {
+    /// Folds an operation into the trace: its kind and key, its outcome, and the key's
+    /// version afterwards (`version`, 0 for an absent key).
+    fn trace_op<R>(&self, kind: OpKind, key: &str, result: &Result<R, StorageError>, version: u64) {
         let outcome = match result {
             Ok(_) => 0,
             Err(StorageError::WriteFailed { .. }) => 1,
@@ -418,7 +434,11 @@ impl<V: Clone + 'static> StorageInner<V> {
             Err(StorageError::CommitUnknown { .. }) => 3,
             Err(StorageError::Unavailable { .. }) => 4,
         };
-        let version = self.data.borrow().get(key).map_or(0, |v| v.version);
+        debug_assert_eq!(
+            version,
+            self.data.borrow().get(key).map_or(0, |v| v.version),
+            "the traced version is the key's"
+        );
         self.env.runtime().trace.event(
             event::STORAGE,
             (self.id << 8) | kind as u64,

@@ -93,15 +93,21 @@ struct ReplyWindow<T> {
 }
 
 impl<T> ReplyWindow<T> {
-    fn get_mut(&mut self, request_id: u64) -> Option<&mut ReplySlot<T>> {
+    /// The place of `request_id`'s slot, if the window spans it.
+    fn index(&self, request_id: u64) -> Option<usize> {
         let index = usize::try_from(request_id.checked_sub(self.first_id)?).ok()?;
-        self.slots.get_mut(index)?.as_mut()
+        (index < self.slots.len()).then_some(index)
+    }
+
+    fn get_mut(&mut self, request_id: u64) -> Option<&mut ReplySlot<T>> {
+        let index = self.index(request_id)?;
+        self.slots[index].as_mut()
     }
 
     /// Frees the slot of `request_id`, returning it.
     fn remove(&mut self, request_id: u64) -> Option<ReplySlot<T>> {
-        let index = usize::try_from(request_id.checked_sub(self.first_id)?).ok()?;
-        let slot = self.slots.get_mut(index)?.take();
+        let index = self.index(request_id)?;
+        let slot = self.slots[index].take();
         while let Some(None) = self.slots.front() {
             self.slots.pop_front();
             self.first_id += 1;
@@ -132,16 +138,17 @@ impl<T> Replies<T> {
     /// later reply is dropped, as a real client drops the response to a call it gave up on.
     pub(crate) fn expect(&self, request_id: u64) -> AwaitReply<'_, T> {
         let mut window = self.slots.borrow_mut();
-        if window.slots.is_empty() {
-            window.first_id = request_id;
-        }
+        // Freed slots leave the front with their ids, so this holds for every id ever awaited.
         let end_id = window.first_id + window.slots.len() as u64;
         assert!(
             request_id >= end_id,
             "request id {request_id} awaited after id {} was",
-            end_id - 1
+            end_id.saturating_sub(1)
         );
-        for _ in end_id..request_id {
+        if window.slots.is_empty() {
+            window.first_id = request_id;
+        }
+        for _ in window.first_id + window.slots.len() as u64..request_id {
             window.slots.push_back(None);
         }
         window.slots.push_back(Some(ReplySlot {
@@ -551,5 +558,14 @@ mod tests {
         let replies = Replies::<()>::default();
         let _second = replies.expect(2);
         let _first = replies.expect(1);
+    }
+
+    /// Also once every earlier request was answered or given up on.
+    #[test]
+    #[should_panic(expected = "awaited after")]
+    fn an_id_awaited_again_after_the_window_emptied_is_a_bug() {
+        let replies = Replies::<()>::default();
+        drop(replies.expect(5));
+        let _again = replies.expect(5);
     }
 }

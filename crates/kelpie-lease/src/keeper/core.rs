@@ -750,14 +750,12 @@ mod tests {
     /// scan of the held leases, and rounds renew exactly what the scan says is due.
     #[test]
     fn the_schedule_follows_leases_moved_by_releases() {
+        use rand::{Rng, SeedableRng};
         let mut keeper = core();
         let renew_ms = keeper.timing.renew_interval_ms;
         let actors = many_actors(40);
-        let mut rng = 7u64;
-        let mut next = |below: u64| {
-            rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-            (rng >> 33) % below
-        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut next = |below: u64| rng.gen_range(0..below);
         let mut now_ms = 0;
         let mut moved = 0;
         for _ in 0..2_000 {

@@ -26,6 +26,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use indexmap::IndexMap;
 
+use super::deadlines::Deadlines;
+
 use kelpie_core::{ActorId, FencingToken};
 
 use super::{
@@ -98,7 +100,7 @@ struct PendingRelease {
     next_attempt_local_ms: u64,
 }
 
-/// When each held lease and pending release next needs the keeper, ordered by time then actor.
+/// When each held lease and pending release next needs the keeper.
 #[derive(Debug, Default)]
 ///
 /// Held leases are named by their index in [`KeeperCore::held`], not by actor id: a renewal
@@ -106,30 +108,29 @@ struct PendingRelease {
 /// reference count each and compare their bytes on ties. The order within an instant is then
 /// the map's, which no caller sees: each sorts what is due by actor.
 struct Schedule {
-    renewals: BTreeSet<(u64, usize)>,
-    belief_ends: BTreeSet<(u64, usize)>,
+    renewals: Deadlines,
+    belief_ends: Deadlines,
     release_retries: BTreeSet<(u64, ActorId)>,
 }
 
 impl Schedule {
-    /// The entries of `index` due at or before `now_ms`, in time order.
-    fn due_unordered<T>(index: &BTreeSet<(u64, T)>, now_ms: u64) -> impl Iterator<Item = &T> {
-        index
-            .iter()
-            .take_while(move |(at_ms, _)| *at_ms <= now_ms)
-            .map(|(_, entry)| entry)
+    /// Schedules held lease `index` (a new one, or a new state of it).
+    fn hold(&mut self, index: usize, held: &Held) {
+        self.renewals.set(index, held.next_renew_local_ms);
+        self.belief_ends.set(index, held.until_local_ms());
     }
 
-    fn add_held(&mut self, index: usize, held: &Held) {
-        let renewal = self.renewals.insert((held.next_renew_local_ms, index));
-        let end = self.belief_ends.insert((held.until_local_ms(), index));
+    /// Unschedules held lease `index`.
+    fn unhold(&mut self, index: usize) {
+        let renewal = self.renewals.remove(index);
+        let end = self.belief_ends.remove(index);
         assert!(renewal && end, "a held lease is scheduled once");
     }
 
-    fn remove_held(&mut self, index: usize, held: &Held) {
-        let renewal = self.renewals.remove(&(held.next_renew_local_ms, index));
-        let end = self.belief_ends.remove(&(held.until_local_ms(), index));
-        assert!(renewal && end, "a held lease is scheduled once");
+    /// The held lease at index `from` moved to index `to`.
+    fn rename(&mut self, from: usize, to: usize) {
+        self.renewals.rename(from, to);
+        self.belief_ends.rename(from, to);
     }
 }
 
@@ -416,14 +417,11 @@ impl KeeperCore {
     pub fn expire(&mut self, now_ms: u64) -> Vec<KeeperEvent> {
         // A belief has run out at `now_ms` when it ends at or before it.
         let held = &self.held;
-        let mut ran_out: Vec<ActorId> = Schedule::due_unordered(&self.schedule.belief_ends, now_ms)
-            .map(|&index| {
-                held.get_index(index)
-                    .expect("scheduled means held")
-                    .0
-                    .clone()
-            })
-            .collect();
+        let mut ran_out: Vec<ActorId> = Vec::new();
+        self.schedule.belief_ends.for_each_due(now_ms, |index| {
+            let (actor_id, _) = held.get_index(index).expect("scheduled means held");
+            ran_out.push(actor_id.clone());
+        });
         ran_out.sort_unstable();
         let mut events = Vec::with_capacity(ran_out.len());
         for actor_id in ran_out {
@@ -452,26 +450,25 @@ impl KeeperCore {
         let events = self.expire(now_ms);
         // Built in one vector (not a list of due actors first, then the requests): a round
         // that renews costs one allocation here.
-        let mut requests: Vec<KeeperRequest> =
-            Schedule::due_unordered(&self.schedule.renewals, now_ms)
-                .map(|&index| {
-                    let (actor_id, held) =
-                        self.held.get_index(index).expect("scheduled means held");
-                    KeeperRequest::Renew {
-                        actor_id: actor_id.clone(),
-                        fencing_token: held.fencing_token,
-                        sent_local_ms: now_ms,
-                    }
-                })
-                .collect();
+        let mut requests: Vec<KeeperRequest> = Vec::new();
+        self.schedule.renewals.for_each_due(now_ms, |index| {
+            let (actor_id, held) = self.held.get_index(index).expect("scheduled means held");
+            requests.push(KeeperRequest::Renew {
+                actor_id: actor_id.clone(),
+                fencing_token: held.fencing_token,
+                sent_local_ms: now_ms,
+            });
+        });
         let renewals = requests.len();
+        let retries = &self.schedule.release_retries;
         requests.extend(
-            Schedule::due_unordered(&self.schedule.release_retries, now_ms).map(|actor_id| {
-                KeeperRequest::Release {
+            retries
+                .iter()
+                .take_while(|(at_ms, _)| *at_ms <= now_ms)
+                .map(|(_, actor_id)| KeeperRequest::Release {
                     actor_id: actor_id.clone(),
                     fencing_token: self.releasing[actor_id].fencing_token,
-                }
-            }),
+                }),
         );
         // Renewals, then release retries, each in actor order.
         let (renewing, releasing) = requests.split_at_mut(renewals);
@@ -570,10 +567,7 @@ impl KeeperCore {
 
     /// The local time the earliest belief ends, if any is held.
     pub fn earliest_belief_end_ms(&self) -> Option<u64> {
-        self.schedule
-            .belief_ends
-            .first()
-            .map(|(until_ms, _)| *until_ms)
+        self.schedule.belief_ends.first_ms()
     }
 
     /// The local time of the next round: the earliest renewal, belief end or release retry,
@@ -582,8 +576,8 @@ impl KeeperCore {
         let far_ms = now_ms + self.timing.renew_interval_ms;
         let schedule = &self.schedule;
         let firsts = [
-            schedule.renewals.first().map(|&(at_ms, _)| at_ms),
-            schedule.belief_ends.first().map(|&(at_ms, _)| at_ms),
+            schedule.renewals.first_ms(),
+            schedule.belief_ends.first_ms(),
             schedule.release_retries.first().map(|(at_ms, _)| *at_ms),
         ];
         firsts.into_iter().flatten().fold(far_ms, u64::min)
@@ -619,13 +613,12 @@ impl KeeperCore {
     fn set_held(&mut self, actor_id: &ActorId, held: Held) {
         match self.held.get_full_mut(actor_id) {
             Some((index, _, slot)) => {
-                let before = std::mem::replace(slot, held);
-                self.schedule.remove_held(index, &before);
-                self.schedule.add_held(index, &held);
+                *slot = held;
+                self.schedule.hold(index, &held);
             }
             None => {
                 let (index, _) = self.held.insert_full(actor_id.clone(), held);
-                self.schedule.add_held(index, &held);
+                self.schedule.hold(index, &held);
             }
         }
     }
@@ -633,13 +626,11 @@ impl KeeperCore {
     /// Stops holding `actor_id`, unscheduling it.
     fn remove_held(&mut self, actor_id: &ActorId) -> Option<Held> {
         let (index, _, held) = self.held.swap_remove_full(actor_id)?;
-        self.schedule.remove_held(index, &held);
+        self.schedule.unhold(index);
         // The last lease moved into the freed index: its entries follow it.
         let moved_from = self.held.len();
         if index < moved_from {
-            let moved = self.held[index];
-            self.schedule.remove_held(moved_from, &moved);
-            self.schedule.add_held(index, &moved);
+            self.schedule.rename(moved_from, index);
         }
         Some(held)
     }
@@ -733,16 +724,16 @@ mod tests {
     /// The schedule names every held lease by its index in the held map, once per index:
     /// the entries a scan of the map gives.
     fn assert_schedule_matches(keeper: &KeeperCore) {
-        let scan = |at: fn(&Held) -> u64| -> BTreeSet<(u64, usize)> {
-            keeper
-                .held
-                .values()
-                .enumerate()
+        let scan = |at: fn(&Held) -> u64| -> Vec<(u64, usize)> {
+            let mut entries: Vec<(u64, usize)> = (keeper.held.values().enumerate())
                 .map(|(i, h)| (at(h), i))
-                .collect()
+                .collect();
+            entries.sort_unstable();
+            entries
         };
-        assert_eq!(keeper.schedule.renewals, scan(|h| h.next_renew_local_ms));
-        assert_eq!(keeper.schedule.belief_ends, scan(Held::until_local_ms));
+        let schedule = &keeper.schedule;
+        assert_eq!(schedule.renewals.sorted(), scan(|h| h.next_renew_local_ms));
+        assert_eq!(schedule.belief_ends.sorted(), scan(Held::until_local_ms));
     }
 
     /// Releases in every position of the held map (each moves the last lease into the freed
@@ -869,8 +860,8 @@ mod tests {
         let late_ms = end_ms + actors.len() as u64;
         let (lost, _) = keeper.poll(late_ms).unwrap();
         assert_eq!(lost.len(), actors.len());
-        assert!(keeper.held.is_empty() && keeper.schedule.belief_ends.is_empty());
-        assert!(keeper.schedule.renewals.is_empty());
+        assert!(keeper.held.is_empty() && keeper.schedule.belief_ends.first_ms().is_none());
+        assert!(keeper.schedule.renewals.first_ms().is_none());
     }
 
     fn unavailable() -> Result<Lease, LeaseError> {

@@ -18,6 +18,7 @@ use futures_util::StreamExt;
 use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock};
 
 mod core;
+mod deadlines;
 
 pub use self::core::{AcquireTicket, KeeperCore, KeeperRequest, MARK_GRANT_OVERTAKEN_BY_RELEASE};
 

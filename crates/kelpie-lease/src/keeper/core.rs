@@ -490,7 +490,8 @@ impl KeeperCore {
         now_ms: u64,
         result: Result<Lease, LeaseError>,
     ) -> Option<KeeperEvent> {
-        let held = *self.held.get(actor_id)?;
+        // Looked up once: the belief and the schedule are updated at this index.
+        let (index, _, &held) = self.held.get_full(actor_id)?;
         if held.fencing_token != token {
             return None;
         }
@@ -511,7 +512,7 @@ impl KeeperCore {
             }
             Ok(_) => {
                 let base_ms = self.belief_base_ms(sent_local_ms, now_ms);
-                let until_local_ms = self.believe(actor_id, base_ms, token)?;
+                let until_local_ms = self.believe_at(Some(index), actor_id, base_ms, token)?;
                 Some(KeeperEvent::Renewed {
                     actor_id: actor_id.clone(),
                     fencing_token: token,
@@ -524,7 +525,7 @@ impl KeeperCore {
                     next_renew_local_ms: now_ms + self.timing.retry_interval_ms,
                     ..held
                 };
-                self.set_held(actor_id, retry);
+                self.set_held_at(Some(index), actor_id, retry);
                 Some(KeeperEvent::RenewalFailed {
                     actor_id: actor_id.clone(),
                     fencing_token: token,
@@ -591,8 +592,21 @@ impl KeeperCore {
     /// Starts or extends the belief in `token` from `base_ms`; returns its end, or `None` if
     /// the grant arrived too late to support any belief.
     fn believe(&mut self, actor_id: &ActorId, base_ms: u64, token: FencingToken) -> Option<u64> {
+        let index = self.held.get_index_of(actor_id);
+        self.believe_at(index, actor_id, base_ms, token)
+    }
+
+    /// [`Self::believe`] where `index` is `actor_id`'s index in the held map (`None`: it is
+    /// not held).
+    fn believe_at(
+        &mut self,
+        index: Option<usize>,
+        actor_id: &ActorId,
+        base_ms: u64,
+        token: FencingToken,
+    ) -> Option<u64> {
         let next_renew_local_ms = base_ms + self.timing.renew_interval_ms;
-        let mut held = self.held.get(actor_id).copied().unwrap_or(Held {
+        let mut held = index.map(|index| self.held[index]).unwrap_or(Held {
             belief: Belief::new(),
             fencing_token: token,
             next_renew_local_ms,
@@ -604,23 +618,24 @@ impl KeeperCore {
         held.fencing_token = token;
         held.next_renew_local_ms = next_renew_local_ms;
         let until_local_ms = held.belief.held_at(0).map(|b| b.until_local_ms);
-        self.set_held(actor_id, held);
+        self.set_held_at(index, actor_id, held);
         self.belief_changed(actor_id);
         until_local_ms
     }
 
-    /// Holds `held` for `actor_id`, rescheduling it.
-    fn set_held(&mut self, actor_id: &ActorId, held: Held) {
-        match self.held.get_full_mut(actor_id) {
-            Some((index, _, slot)) => {
+    /// Holds `held` for `actor_id`, rescheduling it. `index` is `actor_id`'s index in the held
+    /// map (`None`: it is not held), which the caller looked up already.
+    fn set_held_at(&mut self, index: Option<usize>, actor_id: &ActorId, held: Held) {
+        let index = match index {
+            Some(index) => {
+                let (at_index, slot) = self.held.get_index_mut(index).expect("a held index");
+                debug_assert_eq!(at_index, actor_id, "the index is the actor's");
                 *slot = held;
-                self.schedule.hold(index, &held);
+                index
             }
-            None => {
-                let (index, _) = self.held.insert_full(actor_id.clone(), held);
-                self.schedule.hold(index, &held);
-            }
-        }
+            None => self.held.insert_full(actor_id.clone(), held).0,
+        };
+        self.schedule.hold(index, &held);
     }
 
     /// Stops holding `actor_id`, unscheduling it.

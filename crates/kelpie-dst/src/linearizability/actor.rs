@@ -8,7 +8,7 @@ use kelpie_lease::{backend::LeaseRecord, backend::LeaseRequest, LeaseError};
 
 use super::model::{Holding, Node, Record, Req, Seen};
 use super::zone::ms;
-use super::{Delivery, Duplicates};
+use super::{prefetch, Delivery, Duplicates, PREFETCH_AHEAD};
 use crate::history::{HistoryOp, OpOutcome};
 
 /// An operation the node got an answer to: it took effect exactly once, at one store instant
@@ -107,7 +107,13 @@ impl<'a> ActorHistory<'a> {
         let mut definite = Vec::with_capacity(ops.len());
         let mut unseen: BTreeMap<Req, (&'a LeaseRequest, Vec<i64>)> = BTreeMap::new();
         let mut unanswered = 0;
-        for &(index, op) in ops.iter().filter(|(_, op)| op.invoked_ms <= cut_ms) {
+        for (at, &(index, op)) in ops.iter().enumerate() {
+            if let Some(&(_, ahead)) = ops.get(at + PREFETCH_AHEAD) {
+                prefetch(ahead);
+            }
+            if op.invoked_ms > cut_ms {
+                continue;
+            }
             let request = &op.request;
             let req = Req {
                 op: request.op,

@@ -232,6 +232,34 @@ pub fn check_history(
     kelpie_core::coverage::suspended(|| check_actors(ops, delivery))
 }
 
+/// How many operations ahead [`prefetch`] is asked for: far enough for a fetch from memory to
+/// arrive before its operation is reached, near enough not to evict what is still in use.
+const PREFETCH_AHEAD: usize = 4;
+
+/// Asks the CPU to bring `op` into cache ahead of its use. Each actor's part of a history is
+/// spread across all of it (a swarm with 100 actors interleaves them), so reading one actor's
+/// operations missed the cache on almost every one: `ActorHistory::new` took 5% of a swarm's
+/// time on 2% of its instructions. A hint only: results never depend on it, and elsewhere than
+/// on x86_64 it does nothing.
+#[inline(always)]
+fn prefetch(op: &HistoryOp) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        const LINE_BYTES: usize = 64;
+        let first = std::ptr::from_ref(op).cast::<i8>();
+        let lines =
+            (first as usize % LINE_BYTES + std::mem::size_of::<HistoryOp>()).div_ceil(LINE_BYTES);
+        for line in 0..lines {
+            let address = first.wrapping_add(line * LINE_BYTES);
+            // SAFETY: a prefetch is a hint: it reads nothing the program sees and faults on no
+            // address, valid or not; `_mm_prefetch` needs only SSE, which every x86_64 has.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(address);
+            }
+        }
+    }
+}
+
 fn check_actors(
     ops: &[HistoryOp],
     delivery: Delivery,

@@ -12,7 +12,7 @@ use kelpie_lease::{backend::decide, backend::LeaseOp, backend::LeaseRecord};
 use super::actor::{ActorHistory, Definite};
 use super::model::{branches, can_write_again, Record, Req, Seen, Write};
 use super::zone::{ms, Slot, Zone, A, E, INF, N, T, Z};
-use super::{LinearizabilityError, LINEARIZABILITY_SEARCH_STATES_MAX};
+use super::{prefetch, LinearizabilityError, LINEARIZABILITY_SEARCH_STATES_MAX, PREFETCH_AHEAD};
 
 /// The restricted first search gets this fraction of the state bound: it is meant to succeed
 /// fast or give way (it needed 594 states where the exhaustive search gave up after 2,000,000;
@@ -607,6 +607,9 @@ impl<'h, 'a> Witness<'h, 'a> {
             )
         };
         for (position, placed) in self.steps.iter().enumerate() {
+            if let Some(&Placed::Definite(ahead)) = self.steps.get(position + PREFETCH_AHEAD) {
+                prefetch(history.definite[ahead].op);
+            }
             let t_ms = self.instants[position + 1];
             if t_ms < last_ms || t_ms < 0 {
                 fail(format!("instant {t_ms} ms goes back from {last_ms} ms"));

@@ -268,23 +268,49 @@ impl ClockSleep {
         }
     }
 
+    #[inline]
     fn unregister_sleeper(&mut self) {
         if let Some(key) = self.sleeper.take() {
-            lock(&self.clock.state.sleepers).remove(key);
+            self.remove_sleeper(key);
         }
+    }
+
+    #[inline(never)]
+    fn remove_sleeper(&self, key: SleeperKey) {
+        lock(&self.clock.state.sleepers).remove(key);
     }
 }
 
 impl Future for ClockSleep {
     type Output = ();
 
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // The usual second poll, after the timer fired: no call for it.
+        if self.clock.now_ms() >= self.target_local_ms {
+            self.finish();
+            return Poll::Ready(());
+        }
+        self.poll_waiting(cx)
+    }
+}
+
+impl ClockSleep {
+    /// Ends the sleep: its sleeper and inner sleep are dropped.
+    #[inline]
+    fn finish(&mut self) {
+        self.unregister_sleeper();
+        self.inner = None;
+    }
+
+    /// [`Future::poll`] while the local clock is short of the target.
+    #[inline(never)]
+    fn poll_waiting(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         // Two rounds suffice: the deadline is exact, so once the inner sleep is due the local
         // clock has reached the target.
         for _ in 0..2 {
             if self.clock.now_ms() >= self.target_local_ms {
-                self.unregister_sleeper();
-                self.inner = None;
+                self.finish();
                 return Poll::Ready(());
             }
             let deadline_ms = self.clock.global_deadline_for(self.target_local_ms);

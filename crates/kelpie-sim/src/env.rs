@@ -180,6 +180,7 @@ impl SimEnv {
 
     /// Draws whether `fault` fires now, from that fault's own stream, with its configured
     /// probability; counts and traces the decision. `false` if the fault is not configured.
+    #[inline]
     pub fn should_inject(&self, fault: FaultType) -> bool {
         self.runtime
             .faults

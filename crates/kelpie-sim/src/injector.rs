@@ -62,6 +62,13 @@ impl FaultInjector {
         if self.probabilities[index].is_none() || !self.enabled.get() {
             return false;
         }
+        self.draw(index, fault, trace)
+    }
+
+    /// [`Self::should_inject`] for a configured fault while faults are on: out of line, so
+    /// that the checks above cost their callers no call.
+    #[inline(never)]
+    fn draw(&self, index: usize, fault: FaultType, trace: &Trace) -> bool {
         let fires = {
             let mut streams = self.streams.borrow_mut();
             let (stream, bernoulli) = streams[index]

@@ -215,30 +215,43 @@ impl Sleep {
         matches!(&self.timer, Some((_, registered)) if *registered == WakerIdentity::of(waker))
     }
 
+    /// Forgets the timer, removing it from the queue if it has not fired. Inline: most sleeps
+    /// end with no timer left to remove (it fired), and a call that saved and restored every
+    /// register around the queue's lock cost more than the check.
+    #[inline]
     fn cancel(&mut self) {
         if let Some((key, _)) = self.timer.take() {
             if self.shared.now_ms() < self.deadline_ms {
-                self.shared.timers().remove(key);
+                self.remove_timer(key);
             }
         }
+    }
+
+    #[inline(never)]
+    fn remove_timer(&self, key: TimerKey) {
+        self.shared.timers().remove(key);
+    }
+
+    /// Sets a timer that wakes `waker` at the deadline, in place of the one set before.
+    #[inline(never)]
+    fn register(&mut self, waker: &Waker) {
+        self.cancel();
+        let key = self.shared.timers().insert(self.deadline_ms, waker.clone());
+        self.timer = Some((key, WakerIdentity::of(waker)));
     }
 }
 
 impl Future for Sleep {
     type Output = ();
 
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         if self.shared.now_ms() >= self.deadline_ms {
             self.cancel();
             return Poll::Ready(());
         }
         if !self.is_registered_with(cx.waker()) {
-            self.cancel();
-            let key = self
-                .shared
-                .timers()
-                .insert(self.deadline_ms, cx.waker().clone());
-            self.timer = Some((key, WakerIdentity::of(cx.waker())));
+            self.register(cx.waker());
         }
         Poll::Pending
     }

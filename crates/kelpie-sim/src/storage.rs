@@ -170,7 +170,11 @@ impl<V: Clone + 'static> SimStorage<V> {
     /// Writes `value` to `key` unconditionally; returns the new version.
     pub async fn put(&self, key: &str, value: V) -> Result<u64, StorageError> {
         self.execute(OpKind::Put, key, |store, key, _| {
-            let current = store.data.borrow().get(key).map(|v| v.version);
+            let current = store
+                .data
+                .borrow()
+                .get_full(key)
+                .map(|(at, _, v)| (at, v.version));
             store.write(key, current, value)
         })
         .await
@@ -221,12 +225,16 @@ impl<V: Clone + 'static> SimStorage<V> {
                 return store.read_failed(key);
             }
             // Cloned so that `f` may read the store (say, through `peek`) without a borrow clash.
-            let current = store.data.borrow().get(key).cloned();
+            let (at, current) = match store.data.borrow().get_full(key) {
+                Some((at, _, current)) => (Some(at), Some(current.clone())),
+                None => (None, None),
+            };
             let current_version = current.as_ref().map(|v| v.version);
             let (new_value, result) = f(current.as_ref(), now_ms);
             match new_value {
                 Some(value) => {
-                    let (written, version) = store.write(key, current_version, value);
+                    let stored = at.zip(current_version);
+                    let (written, version) = store.write(key, stored, value);
                     (written.map(|_| result), version)
                 }
                 None => (Ok(result), current_version.unwrap_or(0)),
@@ -353,15 +361,18 @@ impl<V: Clone + 'static> StorageInner<V> {
         (Err(error), version)
     }
 
-    /// Writes `value` as the version after `current_version`, drawing write faults. Returns
-    /// the outcome and the key's version afterwards (still `current_version` if the write
-    /// failed).
+    /// Writes `value` as the version after the stored one, drawing write faults. `stored` is
+    /// the key's place in the map and its version, as the caller read them in this operation
+    /// (`None`: the key is absent); keys are never removed, so the place stays the key's.
+    /// Returns the outcome and the key's version afterwards (still the stored one if the
+    /// write failed).
     fn write(
         &self,
         key: &str,
-        current_version: Option<u64>,
+        stored: Option<(usize, u64)>,
         value: V,
     ) -> (Result<u64, StorageError>, u64) {
+        let current_version = stored.map(|(_, version)| version);
         if self.env.should_inject(FaultType::StorageWriteFail) {
             let error = StorageError::WriteFailed {
                 key: key.to_string(),
@@ -372,10 +383,15 @@ impl<V: Clone + 'static> StorageInner<V> {
         let versioned = Versioned { value, version };
         let mut data = self.data.borrow_mut();
         // The key is copied only the first time it is written.
-        match data.get_mut(key) {
-            Some(slot) => *slot = versioned,
+        match stored {
+            Some((at, _)) => {
+                let (at_key, slot) = data.get_index_mut(at).expect("a stored key's place");
+                debug_assert_eq!(at_key, key, "the place is the key's");
+                *slot = versioned;
+            }
             None => {
-                data.insert(key.to_string(), versioned);
+                let (_, previous) = data.insert_full(key.to_string(), versioned);
+                debug_assert!(previous.is_none(), "an absent key was absent");
             }
         }
         drop(data);

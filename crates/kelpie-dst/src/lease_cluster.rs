@@ -19,7 +19,7 @@ use crate::sim_etcd::SimEtcd;
 use crate::sim_lease_store::{SimLeaseStore, StoreWriteMutation};
 use crate::swarm_manager::SwarmStore;
 use kelpie_lease::limits::ETCD_KEY_PREFIX_DEFAULT;
-use kelpie_sim::SimEnv;
+use kelpie_sim::{SimEnv, SimStorage};
 
 /// Counts of what the nodes did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -247,6 +247,9 @@ impl SimLeaseCluster {
     }
 }
 
+/// A store place whose actor [`StepCache`] has not looked up yet.
+const ABSENT_INDEX: usize = usize::MAX;
+
 /// Truth, beliefs and decisions as of one executor step, maintained from what changed.
 #[derive(Default)]
 struct StepCache {
@@ -257,8 +260,13 @@ struct StepCache {
     /// (sorted at the end of [`StepCache::refresh`]).
     changed: Vec<usize>,
     decisions: Vec<DecisionRecord>,
-    /// Reused buffer of the store keys written in a step.
-    written_keys: Vec<String>,
+    /// Reused buffer of the store's places written in a step.
+    written_places: Vec<usize>,
+    /// Reused buffer of (index in `actors`, store place) of the records written in a step.
+    written: Vec<(usize, usize)>,
+    /// By the store's place of a key: the index in `actors` of its actor, once seen
+    /// ([`ABSENT_INDEX`] before), so that a written record is found without hashing its key.
+    index_by_place: Vec<usize>,
     /// On etcd, by actor index: the etcd lease the actor's key is attached to, whose expiry
     /// is the record's (`None`: no key).
     etcd_leases: Vec<Option<i64>>,
@@ -367,32 +375,57 @@ impl StepCache {
         if cluster.count_decisions.get() {
             cluster.count(|counts| tally_decisions(counts, &self.decisions));
         }
-        let mut written = std::mem::take(&mut self.written_keys);
-        cluster.store.storage().take_changed_keys_into(&mut written);
+        let storage = cluster.store.storage();
+        let mut places = std::mem::take(&mut self.written_places);
+        storage.take_changed_places_into(&mut places);
+        let mut written = std::mem::take(&mut self.written);
+        written.clear();
+        for &place in &places {
+            written.push((self.index_at_place(storage, place), place));
+        }
         // In actor order, each once, as the event log has always seen them.
-        written.sort_unstable();
+        let actors = &self.actors;
+        let id = |index: usize| actors.get_index(index).expect("an actor's index").0;
+        written.sort_unstable_by(|&(a, _), &(b, _)| id(a).cmp(id(b)));
         written.dedup();
-        for key in &written {
-            let index = match self.actors.get_index_of(key.as_str()) {
-                Some(index) => index,
-                None => {
-                    let actor_id =
-                        ActorId::new(key).expect("keys are written from valid actor ids");
-                    self.index_of(&actor_id)
-                }
-            };
+        for &(index, place) in &written {
             let (actor_id, view) = self.actors.get_index_mut(index).expect("an actor's index");
-            let record = cluster
-                .store
-                .peek(actor_id)
-                .expect("a written record exists");
+            let record = storage
+                .peek_at(place)
+                .expect("a written record exists")
+                .value;
             if cluster.events.is_enabled() {
                 record_truth(&cluster.events, self.store_now_ms, actor_id, &record);
             }
             view.record = Some(record);
             self.changed.push(index);
         }
-        self.written_keys = written;
+        self.written_places = places;
+        self.written = written;
+    }
+
+    /// The index in `actors` of the actor whose record is at `place` in the store.
+    fn index_at_place(&mut self, storage: &SimStorage<LeaseRecord>, place: usize) -> usize {
+        if let Some(&index) = self
+            .index_by_place
+            .get(place)
+            .filter(|&&i| i != ABSENT_INDEX)
+        {
+            return index;
+        }
+        let key = storage.key_at(place).expect("a written key's place");
+        let index = match self.actors.get_index_of(key.as_str()) {
+            Some(index) => index,
+            None => {
+                let actor_id = ActorId::new(&key).expect("keys are written from valid actor ids");
+                self.index_of(&actor_id)
+            }
+        };
+        if place >= self.index_by_place.len() {
+            self.index_by_place.resize(place + 1, ABSENT_INDEX);
+        }
+        self.index_by_place[place] = index;
+        index
     }
 
     /// The beliefs that changed in this step.

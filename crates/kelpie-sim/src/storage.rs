@@ -97,11 +97,9 @@ struct StorageInner<V> {
     epoch: Cell<u64>,
     operations: Cell<u64>,
     rng: RefCell<DeterministicRng>,
-    /// Keys written since the last [`SimStorage::take_changed_keys`].
-    changed: RefCell<Vec<String>>,
-    /// Strings handed back by [`SimStorage::take_changed_keys_into`], reused for the next
-    /// changed keys: a checker that takes them after every step allocates nothing for them.
-    spare_keys: RefCell<Vec<String>>,
+    /// The places in `data` of the keys written since the changed keys were last taken
+    /// ([`SimStorage::take_changed_keys`], [`SimStorage::take_changed_places_into`]).
+    changed: RefCell<Vec<usize>>,
 }
 
 /// A shared handle to a simulated store holding values of type `V`. Cloning shares the store.
@@ -142,7 +140,6 @@ impl<V: Clone + 'static> SimStorage<V> {
             epoch: Cell::new(0),
             operations: Cell::new(0),
             changed: RefCell::new(Vec::new()),
-            spare_keys: RefCell::new(Vec::new()),
         };
         Self {
             inner: Rc::new(inner),
@@ -246,7 +243,10 @@ impl<V: Clone + 'static> SimStorage<V> {
     /// The keys written since the last call (a key written twice appears twice), for checkers
     /// that follow the truth incrementally instead of scanning it.
     pub fn take_changed_keys(&self) -> Vec<String> {
-        std::mem::take(&mut *self.inner.changed.borrow_mut())
+        let places = std::mem::take(&mut *self.inner.changed.borrow_mut());
+        let data = self.inner.data.borrow();
+        let key = |place: usize| data.get_index(place).expect("a written key's place").0;
+        places.into_iter().map(|place| key(place).clone()).collect()
     }
 
     /// Whether any key was written since the changed keys were last taken.
@@ -254,18 +254,32 @@ impl<V: Clone + 'static> SimStorage<V> {
         !self.inner.changed.borrow().is_empty()
     }
 
-    /// Moves the keys written since the last call into `keys`, whose earlier contents the
-    /// store takes back to reuse: a checker that asks after every step, with the same buffer,
-    /// allocates nothing for it.
-    pub fn take_changed_keys_into(&self, keys: &mut Vec<String>) {
-        self.inner.spare_keys.borrow_mut().append(keys);
-        std::mem::swap(keys, &mut *self.inner.changed.borrow_mut());
+    /// Moves the places of the keys written since the changed keys were last taken into
+    /// `places` (cleared first; a key written twice appears twice), keeping both buffers'
+    /// memory: a checker that asks after every step allocates nothing, and reads each key and
+    /// value at its place ([`SimStorage::key_at`], [`SimStorage::peek_at`]) without hashing
+    /// the key. A place is a key's for as long as the store lives: keys are never removed.
+    pub fn take_changed_places_into(&self, places: &mut Vec<usize>) {
+        places.clear();
+        std::mem::swap(places, &mut *self.inner.changed.borrow_mut());
+    }
+
+    /// The key at `place` (see [`SimStorage::take_changed_places_into`]), if there is one.
+    pub fn key_at(&self, place: usize) -> Option<String> {
+        let data = self.inner.data.borrow();
+        data.get_index(place).map(|(key, _)| key.clone())
     }
 
     /// The stored value of `key`: ground truth for checkers, with no latency, no faults, and
     /// nothing traced.
     pub fn peek(&self, key: &str) -> Option<Versioned<V>> {
         self.inner.data.borrow().get(key).cloned()
+    }
+
+    /// [`SimStorage::peek`] of the key at `place`.
+    pub fn peek_at(&self, place: usize) -> Option<Versioned<V>> {
+        let data = self.inner.data.borrow();
+        data.get_index(place).map(|(_, value)| value.clone())
     }
 
     /// All keys, in order.
@@ -383,22 +397,21 @@ impl<V: Clone + 'static> StorageInner<V> {
         let versioned = Versioned { value, version };
         let mut data = self.data.borrow_mut();
         // The key is copied only the first time it is written.
-        match stored {
+        let place = match stored {
             Some((at, _)) => {
                 let (at_key, slot) = data.get_index_mut(at).expect("a stored key's place");
                 debug_assert_eq!(at_key, key, "the place is the key's");
                 *slot = versioned;
+                at
             }
             None => {
-                let (_, previous) = data.insert_full(key.to_string(), versioned);
+                let (at, previous) = data.insert_full(key.to_string(), versioned);
                 debug_assert!(previous.is_none(), "an absent key was absent");
+                at
             }
-        }
+        };
         drop(data);
-        let mut copy = self.spare_keys.borrow_mut().pop().unwrap_or_default();
-        copy.clear();
-        copy.push_str(key);
-        self.changed.borrow_mut().push(copy);
+        self.changed.borrow_mut().push(place);
         if self.env.should_inject(FaultType::StorageCommitUnknown) {
             let error = StorageError::CommitUnknown {
                 key: key.to_string(),
@@ -519,34 +532,49 @@ mod tests {
     }
 
     #[test]
-    fn changed_keys_are_taken_once_each_and_their_strings_reused() {
+    fn changed_keys_are_taken_by_place_once_each() {
         Simulation::new(SimConfig::new(1).with_check_determinism(false))
             .run(|env| async move {
                 let store = env.storage::<u32>();
-                let mut keys = Vec::new();
-                store.take_changed_keys_into(&mut keys);
-                assert!(keys.is_empty(), "nothing written yet");
+                let mut places = vec![99];
+                store.take_changed_places_into(&mut places);
+                assert!(
+                    places.is_empty(),
+                    "nothing written yet, and the buffer cleared"
+                );
                 assert_eq!(store.put("a", 1).await, Ok(1));
                 assert_eq!(store.put("bb", 2).await, Ok(1));
                 assert_eq!(store.put("a", 3).await, Ok(2));
                 assert!(store.has_changed_keys());
-                store.take_changed_keys_into(&mut keys);
+                store.take_changed_places_into(&mut places);
+                let keys: Vec<String> =
+                    (places.iter()).map(|&p| store.key_at(p).unwrap()).collect();
                 assert_eq!(keys, ["a", "bb", "a"]);
-                assert!(!store.has_changed_keys(), "taken");
-                let lent: Vec<*const u8> = keys.iter().map(|k| k.as_ptr()).collect();
-                assert_eq!(store.put("c", 4).await, Ok(1));
-                // Hands the three strings back.
-                store.take_changed_keys_into(&mut keys);
-                assert_eq!(keys, ["c"], "only what was written since");
-                assert_eq!(store.put("d", 5).await, Ok(1));
-                store.take_changed_keys_into(&mut keys);
-                assert_eq!(keys, ["d"]);
-                assert!(
-                    lent.contains(&keys[0].as_ptr()),
-                    "a string handed back was reused"
+                assert_eq!(places[0], places[2], "one place per key");
+                assert_eq!(
+                    store.peek_at(places[0]).map(|v| (v.value, v.version)),
+                    Some((3, 2))
                 );
-                store.take_changed_keys_into(&mut keys);
-                assert!(keys.is_empty(), "nothing written since");
+                assert_eq!(store.peek_at(places[1]), store.peek("bb"));
+                assert!(!store.has_changed_keys(), "taken");
+                let buffer = places.as_ptr();
+                assert_eq!(store.put("c", 4).await, Ok(1));
+                store.take_changed_places_into(&mut places);
+                assert_eq!(places.len(), 1, "only what was written since");
+                assert_eq!(store.key_at(places[0]).as_deref(), Some("c"));
+                assert_eq!(store.put("bb", 5).await, Ok(2));
+                store.take_changed_places_into(&mut places);
+                assert_eq!(store.take_changed_keys(), Vec::<String>::new(), "taken");
+                assert_eq!(
+                    places.as_ptr(),
+                    buffer,
+                    "the buffers are swapped, not reallocated"
+                );
+                assert_eq!(store.key_at(places[0]).as_deref(), Some("bb"));
+                assert_eq!(store.key_at(9), None);
+                assert_eq!(store.peek_at(9), None);
+                assert_eq!(store.put("d", 6).await, Ok(1));
+                assert_eq!(store.take_changed_keys(), ["d"]);
                 Ok::<(), String>(())
             })
             .unwrap();

@@ -60,7 +60,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Sim(args) => {
-            kelpie_dst::allocator::configure_for_sweeps();
+            kelpie_dst::allocator::keep_freed_memory();
             sim::run(args)
         }
         Command::Lease(command) => lease_cmd::run(command).map(|()| true),

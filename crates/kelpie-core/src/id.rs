@@ -177,6 +177,15 @@ macro_rules! define_id {
             pub fn as_str(&self) -> &str {
                 &self.0
             }
+
+            /// Whether `self` and `other` share one allocation (clones of one id), which
+            /// makes them equal without reading their bytes. Equal ids built separately do
+            /// not; a map can swap its key for the caller's clone so that later lookups
+            /// with that clone compare no bytes.
+            #[inline]
+            pub fn same_allocation(&self, other: &Self) -> bool {
+                Arc::ptr_eq(&self.0, &other.0)
+            }
         }
 
         impl fmt::Display for $name {
@@ -223,6 +232,18 @@ define_id!(NodeId, "node", "The id of a node: who holds a lease.");
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clones_share_an_allocation_and_equal_ids_built_apart_do_not() {
+        let a = ActorId::new("actor-1").unwrap();
+        let built_apart = ActorId::new("actor-1").unwrap();
+        assert!(a.same_allocation(&a.clone()));
+        assert_eq!(a, built_apart);
+        assert!(!a.same_allocation(&built_apart));
+        let n = NodeId::new("node-1").unwrap();
+        assert!(n.same_allocation(&n.clone()));
+        assert!(!n.same_allocation(&NodeId::new("node-1").unwrap()));
+    }
 
     /// Ids order, compare and borrow exactly as their strings do, whether or not they share
     /// an allocation, short or long.

@@ -26,10 +26,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use indexmap::IndexMap;
 
-use super::deadlines::Deadlines;
-
 use kelpie_core::{ActorId, FencingToken};
 
+use super::deadlines::Deadlines;
 use super::{
     KeeperEvent, KeeperTiming, LostReason, MARK_BELIEF_ENDED, MARK_COMMIT_UNKNOWN_RESOLVED,
     MARK_RENEWAL_FAILED, MARK_RENEWAL_REFUSED, RELEASE_ATTEMPTS_MAX,

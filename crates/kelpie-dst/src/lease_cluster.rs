@@ -248,6 +248,11 @@ impl SimLeaseCluster {
     }
 }
 
+/// The actor at `index` in the step cache's map.
+fn actor_at(actors: &ActorMap<ActorView>, index: usize) -> &ActorId {
+    actors.get_index(index).expect("an actor's index").0
+}
+
 /// A store place whose actor [`StepCache`] has not looked up yet.
 const ABSENT_INDEX: usize = usize::MAX;
 
@@ -290,8 +295,7 @@ impl StepCache {
         }
         // In actor order, each once, as the checkers have always seen them. Indices and
         // actors correspond one to one, so equal ids sort next to each other.
-        let actors = &self.actors;
-        let id = |index: usize| actors.get_index(index).expect("an actor's index").0;
+        let id = |index: usize| actor_at(&self.actors, index);
         self.changed.sort_unstable_by(|&a, &b| id(a).cmp(id(b)));
         self.changed.dedup();
     }
@@ -403,8 +407,7 @@ impl StepCache {
             written.push((self.index_at_place(storage, place), place));
         }
         // In actor order, each once, as the event log has always seen them.
-        let actors = &self.actors;
-        let id = |index: usize| actors.get_index(index).expect("an actor's index").0;
+        let id = |index: usize| actor_at(&self.actors, index);
         written.sort_unstable_by(|&(a, _), &(b, _)| id(a).cmp(id(b)));
         written.dedup();
         for &(index, place) in &written {
@@ -432,14 +435,10 @@ impl StepCache {
         {
             return index;
         }
+        // Once per place, so the id built here costs nothing that matters.
         let key = storage.key_at(place).expect("a written key's place");
-        let index = match self.actors.get_index_of(key.as_str()) {
-            Some(index) => index,
-            None => {
-                let actor_id = ActorId::new(&key).expect("keys are written from valid actor ids");
-                self.index_of(&actor_id)
-            }
-        };
+        let actor_id = ActorId::new(&key).expect("keys are written from valid actor ids");
+        let index = self.index_of(&actor_id);
         if place >= self.index_by_place.len() {
             self.index_by_place.resize(place + 1, ABSENT_INDEX);
         }

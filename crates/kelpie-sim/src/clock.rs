@@ -279,23 +279,7 @@ impl ClockSleep {
     fn remove_sleeper(&self, key: SleeperKey) {
         lock(&self.clock.state.sleepers).remove(key);
     }
-}
 
-impl Future for ClockSleep {
-    type Output = ();
-
-    #[inline]
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        // The usual second poll, after the timer fired: no call for it.
-        if self.clock.now_ms() >= self.target_local_ms {
-            self.finish();
-            return Poll::Ready(());
-        }
-        self.poll_waiting(cx)
-    }
-}
-
-impl ClockSleep {
     /// Ends the sleep: its sleeper and inner sleep are dropped.
     #[inline]
     fn finish(&mut self) {
@@ -330,6 +314,20 @@ impl ClockSleep {
             }
         }
         panic!("node clock sleep reached its global deadline but not its local target");
+    }
+}
+
+impl Future for ClockSleep {
+    type Output = ();
+
+    #[inline]
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // The usual second poll, after the timer fired: no call for it.
+        if self.clock.now_ms() >= self.target_local_ms {
+            self.finish();
+            return Poll::Ready(());
+        }
+        self.poll_waiting(cx)
     }
 }
 

@@ -222,19 +222,17 @@ impl<V: Clone + 'static> SimStorage<V> {
                 return store.read_failed(key);
             }
             // Cloned so that `f` may read the store (say, through `peek`) without a borrow clash.
-            let (at, current) = match store.data.borrow().get_full(key) {
-                Some((at, _, current)) => (Some(at), Some(current.clone())),
+            let (stored, current) = match store.data.borrow().get_full(key) {
+                Some((at, _, current)) => (Some((at, current.version)), Some(current.clone())),
                 None => (None, None),
             };
-            let current_version = current.as_ref().map(|v| v.version);
             let (new_value, result) = f(current.as_ref(), now_ms);
             match new_value {
                 Some(value) => {
-                    let stored = at.zip(current_version);
                     let (written, version) = store.write(key, stored, value);
                     (written.map(|_| result), version)
                 }
-                None => (Ok(result), current_version.unwrap_or(0)),
+                None => (Ok(result), stored.map_or(0, |(_, version)| version)),
             }
         })
         .await

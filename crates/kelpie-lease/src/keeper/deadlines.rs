@@ -12,7 +12,7 @@
 //! order [`Deadlines::for_each_due`] visits them in, follow from the calls alone.
 
 /// Deadlines of indices `0..`, at most one each.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub(super) struct Deadlines {
     /// (deadline, index), a min-heap: each entry is no later than its children at `2i + 1`
     /// and `2i + 2`.

@@ -348,6 +348,10 @@ impl<'h, 'a> Search<'h, 'a> {
                 unfit.push(op);
             }
         }
+        // The restricted search places unseen effects only where they may help an unfit one.
+        if !self.everywhere && unfit.is_empty() {
+            return;
+        }
         let t_min = state.zone.earliest(T);
         for (kind_index, kind) in self.history.kinds.iter().enumerate() {
             if !self.everywhere && !unfit.iter().any(|op| may_help(state.record, &kind.req, op)) {

@@ -58,7 +58,7 @@ impl Zone {
 
     /// Adds `x - y <= c`; false if the zone became empty (it is then left unusable).
     #[must_use]
-    #[inline]
+    #[inline(always)]
     pub(super) fn constrain(&mut self, x: Slot, y: Slot, c: i64) -> bool {
         // Most constraints the search adds are implied already: that test is inlined, the
         // closure is not.
@@ -67,6 +67,7 @@ impl Zone {
 
     /// [`Zone::constrain`] with a constraint `x - y <= c` tighter than the zone's.
     #[must_use]
+    #[inline(never)]
     fn tighten(&mut self, x: Slot, y: Slot, c: i64) -> bool {
         if add(c, self.bounds[y][x]) < 0 {
             self.bounds[x][x] = -1;

@@ -148,41 +148,20 @@ impl Branch {
 }
 
 /// Most cases `decide` tells apart for one record and request.
+#[cfg(test)]
 const BRANCHES_MAX: usize = 3;
 
-/// The cases of one decision, inline: the search asks for them at every step, and a vector
-/// cost an allocation each time.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Branches {
-    cases: [Branch; BRANCHES_MAX],
-    len: usize,
-}
-
-impl Branches {
-    fn new() -> Self {
-        let unused = Branch::new(&[], Reply::NotHolder { holder: None }, Write::Keep);
-        Self {
-            cases: [unused; BRANCHES_MAX],
-            len: 0,
-        }
-    }
-
-    fn push(&mut self, branch: Branch) {
-        assert!(
-            self.len < BRANCHES_MAX,
-            "linearizability checker bug: more than {BRANCHES_MAX} cases in a decision"
-        );
-        self.cases[self.len] = branch;
-        self.len += 1;
-    }
-}
-
-impl std::ops::Deref for Branches {
-    type Target = [Branch];
-
-    fn deref(&self) -> &[Branch] {
-        &self.cases[..self.len]
-    }
+/// The cases of one decision, collected (the tests look at them together; the search visits
+/// them one by one with [`for_each_branch`]).
+#[cfg(test)]
+pub(super) fn branches(record: Record, req: &Req) -> Vec<Branch> {
+    let mut cases = Vec::new();
+    for_each_branch(record, req, |branch| cases.push(branch));
+    assert!(
+        cases.len() <= BRANCHES_MAX,
+        "linearizability checker bug: more than {BRANCHES_MAX} cases in a decision"
+    );
+    cases
 }
 
 /// The lease is valid at the new instant: `N < E`.
@@ -190,8 +169,11 @@ const VALID: (Slot, Slot, i64) = (N, E, -1);
 /// It expired: `E <= N`.
 const EXPIRED: (Slot, Slot, i64) = (E, N, 0);
 
-/// The cases of `decide(record, req)` at instant [`N`] (at most three).
-pub(super) fn branches(record: Record, req: &Req) -> Branches {
+/// Hands `visit` each case of `decide(record, req)` at instant [`N`] (at most three), in
+/// order. A visitor, not a returned array: the search asks at every step, and the cases are
+/// large enough that building and moving an array of them was a visible part of its cost.
+#[inline(always)]
+pub(super) fn for_each_branch(record: Record, req: &Req, mut visit: impl FnMut(Branch)) {
     let d = req.duration_ms;
     // `max(N + d, E)`: `N + d` when `E <= N + d`, else `E`.
     let extend_to_n = (E, N, d);
@@ -239,29 +221,28 @@ pub(super) fn branches(record: Record, req: &Req) -> Branches {
         (reply, write)
     };
     let to_n = Expr { slot: N, offset: d };
-    let mut cases = Branches::new();
     match req.op {
         LeaseOp::Acquire => match record.holding {
             Some(held) if held.holder == req.node => {
                 let (reply, write) = extended(held, held.renewals, to_n);
-                cases.push(Branch::new(&[VALID, extend_to_n], reply, write));
+                visit(Branch::new(&[VALID, extend_to_n], reply, write));
                 let (reply, write) = extended(held, held.renewals, at(E));
-                cases.push(Branch::new(&[VALID, keep_expiry], reply, write));
+                visit(Branch::new(&[VALID, keep_expiry], reply, write));
                 let (reply, write) = grant();
-                cases.push(Branch::new(&[EXPIRED], reply, write));
+                visit(Branch::new(&[EXPIRED], reply, write));
             }
             Some(held) => {
                 let reply = Reply::HeldByOther {
                     holder: held.holder,
                     expires: at(E),
                 };
-                cases.push(Branch::new(&[VALID], reply, Write::Keep));
+                visit(Branch::new(&[VALID], reply, Write::Keep));
                 let (reply, write) = grant();
-                cases.push(Branch::new(&[EXPIRED], reply, write));
+                visit(Branch::new(&[EXPIRED], reply, write));
             }
             None => {
                 let (reply, write) = grant();
-                cases.push(Branch::new(&[], reply, write));
+                visit(Branch::new(&[], reply, write));
             }
         },
         LeaseOp::Renew | LeaseOp::Release => {
@@ -273,22 +254,22 @@ pub(super) fn branches(record: Record, req: &Req) -> Branches {
                     let reply = Reply::NotHolder {
                         holder: Some(held.holder),
                     };
-                    cases.push(Branch::new(&[VALID], reply, Write::Keep));
+                    visit(Branch::new(&[VALID], reply, Write::Keep));
                     let reply = Reply::NotHolder { holder: None };
-                    cases.push(Branch::new(&[EXPIRED], reply, Write::Keep));
+                    visit(Branch::new(&[EXPIRED], reply, Write::Keep));
                 }
                 (None, None) => {
                     let reply = Reply::NotHolder { holder: None };
-                    cases.push(Branch::new(&[], reply, Write::Keep));
+                    visit(Branch::new(&[], reply, Write::Keep));
                 }
                 (Some(held), _) if req.op == LeaseOp::Renew => {
                     let reply = Reply::Expired { expired_at: at(E) };
-                    cases.push(Branch::new(&[EXPIRED], reply, Write::Keep));
+                    visit(Branch::new(&[EXPIRED], reply, Write::Keep));
                     let renewals = held.renewals.saturating_add(1);
                     let (reply, write) = extended(held, renewals, to_n);
-                    cases.push(Branch::new(&[VALID, extend_to_n], reply, write));
+                    visit(Branch::new(&[VALID, extend_to_n], reply, write));
                     let (reply, write) = extended(held, renewals, at(E));
-                    cases.push(Branch::new(&[VALID, keep_expiry], reply, write));
+                    visit(Branch::new(&[VALID, keep_expiry], reply, write));
                 }
                 (Some(held), _) => {
                     let reply = Reply::Lease {
@@ -298,12 +279,11 @@ pub(super) fn branches(record: Record, req: &Req) -> Branches {
                         acquired: at(A),
                         expires: at(E),
                     };
-                    cases.push(Branch::new(&[], reply, Write::Release));
+                    visit(Branch::new(&[], reply, Write::Release));
                 }
             }
         }
     }
-    cases
 }
 
 /// Whether `req` can ever write again from `record` on: a guarded renewal or release whose

@@ -10,7 +10,7 @@ use std::rc::Rc;
 use kelpie_lease::{backend::decide, backend::LeaseOp, backend::LeaseRecord};
 
 use super::actor::{ActorHistory, Definite};
-use super::model::{branches, can_write_again, Record, Req, Seen, Write};
+use super::model::{can_write_again, for_each_branch, Record, Req, Seen, Write};
 use super::zone::{ms, Slot, Zone, A, E, INF, N, T, Z};
 use super::{prefetch, LinearizabilityError, LINEARIZABILITY_SEARCH_STATES_MAX, PREFETCH_AHEAD};
 
@@ -431,16 +431,16 @@ impl<'h, 'a> Search<'h, 'a> {
         if !base.enter(lo, hi) {
             return;
         }
-        for branch in branches(state.record, req).iter() {
+        for_each_branch(state.record, req, |branch| {
             // The discrete parts first: a case whose reply differs from the one seen, or that
             // would be placed unseen without changing the record, adds no state whatever its
             // instants, and is cheaper to rule out than its constraints.
             let equalities = match seen {
                 Some(seen) => match seen.matches(&branch.reply) {
                     Some(equalities) => equalities,
-                    None => continue,
+                    None => return,
                 },
-                None if !branch.write.changes(state.record) => continue,
+                None if !branch.write.changes(state.record) => return,
                 None => [None, None],
             };
             // The case's own constraints, then a reply naming an instant pins it:
@@ -459,7 +459,7 @@ impl<'h, 'a> Search<'h, 'a> {
             let added = &added[..added_len];
             let mut zone = base.clone();
             if !added.iter().all(|&(x, y, c)| zone.constrain(x, y, c)) {
-                continue;
+                return;
             }
             let alias = |slot: Slot| match slot {
                 Z => (0, 0),
@@ -512,7 +512,7 @@ impl<'h, 'a> Search<'h, 'a> {
                     constraints_len,
                 }),
             });
-        }
+        });
     }
 }
 

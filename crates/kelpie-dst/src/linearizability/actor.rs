@@ -94,14 +94,21 @@ impl<'a> ActorHistory<'a> {
     ) -> Self {
         let duplicates = delivery.duplicates;
         // Nodes numbered in order of appearance; hashed, as a sorted map compared their names
-        // at every operation. An id is cloned only the first time.
+        // at every operation. An id is cloned only the first time. An actor's operations and
+        // the replies to them mostly name the node named just before (a holder renewing), by
+        // the same allocation of its id: that one is compared by address before any hashing.
         let mut table: indexmap::IndexSet<NodeId, foldhash::fast::FixedState> =
             indexmap::IndexSet::default();
+        let mut last = None;
         let mut intern = |node: &NodeId| {
+            if let Some(index) = last.filter(|&index: &usize| table[index].same_allocation(node)) {
+                return index as Node;
+            }
             let index = match table.get_index_of(node) {
                 Some(index) => index,
                 None => table.insert_full(node.clone()).0,
             };
+            last = Some(index);
             index as Node
         };
         let mut definite = Vec::with_capacity(ops.len());

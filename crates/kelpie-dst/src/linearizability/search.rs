@@ -348,7 +348,8 @@ impl<'h, 'a> Search<'h, 'a> {
                 unfit.push(op);
             }
         }
-        // The restricted search places unseen effects only where they may help an unfit one.
+        // The restricted search places unseen effects only where they may help an operation
+        // that does not fit: with none, there is nothing more to try here.
         if !self.everywhere && unfit.is_empty() {
             return;
         }

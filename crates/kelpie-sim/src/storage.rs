@@ -242,9 +242,8 @@ impl<V: Clone + 'static> SimStorage<V> {
     /// that follow the truth incrementally instead of scanning it.
     pub fn take_changed_keys(&self) -> Vec<String> {
         let places = std::mem::take(&mut *self.inner.changed.borrow_mut());
-        let data = self.inner.data.borrow();
-        let key = |place: usize| data.get_index(place).expect("a written key's place").0;
-        places.into_iter().map(|place| key(place).clone()).collect()
+        let key = |place: usize| self.key_at(place).expect("a written key's place");
+        places.into_iter().map(key).collect()
     }
 
     /// Whether any key was written since the changed keys were last taken.

@@ -100,12 +100,12 @@ struct PendingRelease {
 }
 
 /// When each held lease and pending release next needs the keeper.
-#[derive(Debug, Default)]
 ///
 /// Held leases are named by their index in [`KeeperCore::held`], not by actor id: a renewal
 /// reschedules two entries, and integers compare and copy for nothing where ids cost a
 /// reference count each and compare their bytes on ties. The order within an instant is then
 /// the map's, which no caller sees: each sorts what is due by actor.
+#[derive(Debug, Default)]
 struct Schedule {
     renewals: Deadlines,
     belief_ends: Deadlines,

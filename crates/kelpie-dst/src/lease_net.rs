@@ -232,6 +232,8 @@ struct NetInner {
     host: HostId,
     clock: SimClock,
     timeout_ms: u64,
+    /// Why a request timed out, written once: a timeout clones it.
+    timeout_reason: String,
     pending: Pending,
     next_request_id: Cell<u64>,
     truth: SimLeaseStore,
@@ -276,6 +278,7 @@ impl NetLeaseStore {
             host,
             clock,
             timeout_ms,
+            timeout_reason: format!("no reply within {timeout_ms} ms"),
             pending,
             next_request_id: Cell::new(first_id),
             truth,
@@ -365,7 +368,7 @@ impl NetInner {
             Either::Left((outcome, _)) => outcome,
             // The reply is forgotten with its future: one arriving later is dropped.
             Either::Right(_) => Err(StoreError::CommitUnknown {
-                reason: format!("no reply within {} ms", self.timeout_ms),
+                reason: self.timeout_reason.clone(),
             }),
         }
     }

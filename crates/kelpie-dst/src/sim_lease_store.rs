@@ -186,17 +186,24 @@ impl SimLeaseStore {
 
 /// The lease store's view of a simulated storage failure: whether it may have been applied.
 pub(crate) fn store_error(error: StorageError) -> StoreError {
+    let reason = error_reason(&error);
     match error {
-        StorageError::CommitUnknown { .. } => StoreError::CommitUnknown {
-            reason: error.to_string(),
-        },
-        StorageError::WriteFailed { .. } => StoreError::WriteFailed {
-            reason: error.to_string(),
-        },
-        _ => StoreError::Unavailable {
-            reason: error.to_string(),
-        },
+        StorageError::CommitUnknown { .. } => StoreError::CommitUnknown { reason },
+        StorageError::WriteFailed { .. } => StoreError::WriteFailed { reason },
+        _ => StoreError::Unavailable { reason },
     }
+}
+
+/// Room for a storage failure's message on a typical key, so that writing it allocates once
+/// (`to_string` starts empty and grows three or four times).
+const ERROR_REASON_BYTES_TYPICAL: usize = 96;
+
+/// `error`'s message.
+fn error_reason(error: &StorageError) -> String {
+    use std::fmt::Write;
+    let mut reason = String::with_capacity(ERROR_REASON_BYTES_TYPICAL);
+    write!(reason, "{error}").expect("writing to a String cannot fail");
+    reason
 }
 
 impl LeaseStore for SimLeaseStore {

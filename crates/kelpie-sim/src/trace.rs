@@ -68,9 +68,11 @@ impl Trace {
     /// Folds an event tag and two payload words into the hash: one 64 × 64 → 128-bit multiply
     /// of the hash and the first word against the second word and the tag's key, the halves
     /// of the product xored (the folded multiply of wyhash and foldhash, which mixes every
-    /// input bit into the result). A fixed function, unlike `std`'s randomly keyed SipHash, so
-    /// the value is stable across processes. Three multiplies per event before; a delivered
-    /// message traces two events and a step one.
+    /// input bit into the result). A zero operand would clear the hash: the key side cannot be
+    /// zero for the payloads traced (see [`tag_key`]), and the hash side is zero only when a
+    /// first word equals the running hash, a chance of one in 2^64. A fixed function, unlike
+    /// `std`'s randomly keyed SipHash, so the value is stable across processes. One multiply
+    /// per event: a delivered message traces two events, a step one.
     #[inline]
     pub fn event(&self, tag: u64, first: u64, second: u64) {
         let state = self.hash.get() ^ first;

@@ -59,12 +59,6 @@ impl Trace {
         }
     }
 
-    /// Folds one word into the hash, as an event of its own (tag 0).
-    #[cfg(test)]
-    pub fn fold(&self, word: u64) {
-        self.event(0, word, 0);
-    }
-
     /// Folds an event tag and two payload words into the hash: one 64 × 64 → 128-bit multiply
     /// of the hash and the first word against the second word and the tag's key, the halves
     /// of the product xored (the folded multiply of wyhash and foldhash, which mixes every
@@ -154,7 +148,7 @@ mod tests {
         assert_eq!(first_divergent_step(&[1, 2, 3], &[1, 9, 3]), Some(2));
         assert_eq!(first_divergent_step(&[1, 2], &[1, 2, 3]), Some(3));
         let recording = Trace::new(true);
-        recording.fold(5);
+        recording.event(event::USER, 5, 0);
         recording.end_step();
         assert_eq!(recording.take_step_hashes(), vec![recording.hash()]);
     }

@@ -927,7 +927,7 @@ async fn app_loop(world: Rc<SwarmWorld>, node: Rc<SwarmNode>, keeper: Arc<Keeper
             Phase::Safety => visit_random(&world, &keeper, &mut rng).await,
             Phase::Liveness => visit_wanted(&world, &node, &keeper).await,
         }
-        let think_ms = rng.gen_range(1..=world.settings.think_time_ms_max);
+        let think_ms = rng.between(1, world.settings.think_time_ms_max);
         node.clock
             .sleep_local(Duration::from_millis(think_ms))
             .await;

@@ -265,10 +265,10 @@ fn wanter(actor_index: usize) -> usize {
 /// the settling time began. Each failed the liveness check while long delays were still drawn
 /// after healing, when the node's next fence could hold it for as long again.
 const FENCE_IN_FLIGHT_AT_HEALING_SEEDS: [u64; 4] = [
-    1_078_021_055_283_823_765,
-    4_614_765_226_638_822_717,
-    6_774_610_386_430_882_235,
-    7_388_068_160_148_405_625,
+    10_300_756_801_192_037_134,
+    7_244_083_737_020_781_186,
+    1_214_609_015_637_336_390,
+    11_047_997_155_890_146_090,
 ];
 
 /// Regression: a fence in flight at healing holds its node's loop, so the node reaches its

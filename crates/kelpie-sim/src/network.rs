@@ -257,7 +257,7 @@ impl<M: Clone + 'static> SimNetwork<M> {
         let config = &inner.config;
         let mut latency_ms = state
             .rng
-            .gen_range(config.latency_ms_min..=config.latency_ms_max);
+            .between(config.latency_ms_min, config.latency_ms_max);
         if inner.faults_configured {
             latency_ms = self.latency_with_faults_ms(state, latency_ms);
         }
@@ -303,7 +303,7 @@ impl<M: Clone + 'static> SimNetwork<M> {
             return latency_ms
                 + state
                     .rng
-                    .gen_range(spike_base_ms..=spike_base_ms * NETWORK_DELAY_SPIKE_FACTOR);
+                    .between(spike_base_ms, spike_base_ms * NETWORK_DELAY_SPIKE_FACTOR);
         }
         latency_ms
     }

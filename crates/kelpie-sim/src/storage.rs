@@ -447,11 +447,10 @@ impl<V: Clone + 'static> StorageInner<V> {
         let config = self.env.config();
         let (min_ms, max_ms) = (config.storage_latency_ms_min, config.storage_latency_ms_max);
         let mut rng = self.rng.borrow_mut();
-        let mut latency_ms = rng.gen_range(min_ms..=max_ms);
+        let mut latency_ms = rng.between(min_ms, max_ms);
         if self.env.should_inject(FaultType::StorageLatency) {
             let spike_base_ms = max_ms.max(1);
-            latency_ms +=
-                rng.gen_range(spike_base_ms..=spike_base_ms * STORAGE_LATENCY_SPIKE_FACTOR);
+            latency_ms += rng.between(spike_base_ms, spike_base_ms * STORAGE_LATENCY_SPIKE_FACTOR);
         }
         let request_ms = latency_ms / 2;
         assert!(

@@ -168,8 +168,16 @@ mod tests {
                 let ran = Rc::new(Cell::new(false));
                 let flag = ran.clone();
                 let handle = env.spawn(async move { flag.set(true) });
-                env.yield_now().await;
-                assert!(ran.get() && handle.is_finished());
+                // Each yield leaves the scheduler a choice between this task and the spawned
+                // one, drawn from the seed: the spawned one runs at some yield, not forever
+                // never (each pick takes it with probability one half).
+                let mut yields = 0;
+                while !ran.get() {
+                    assert!(yields < 64, "the spawned task never ran in {yields} yields");
+                    env.yield_now().await;
+                    yields += 1;
+                }
+                assert!(yields > 0 && handle.is_finished());
                 let slot = Rc::new(Cell::new(None));
                 let own = slot.clone();
                 let env2 = env.clone();

@@ -445,7 +445,7 @@ async fn serve(
         env.spawn_detached(async move {
             let outcome = match stale {
                 None => store.apply_local(&actor_id, &request).await,
-                Some(stale) => stale.apply(&store, &actor_id, &request).await,
+                Some(stale) => stale.apply_boxed(store, actor_id, request).await,
             };
             network.send(
                 STORE_HOST,
@@ -471,6 +471,18 @@ struct StaleReads {
 }
 
 impl StaleReads {
+    /// [`StaleReads::apply`] as a boxed trait object, polled through a call that is not
+    /// inlined: the server's per-request task then carries only the correct store's code,
+    /// not a second copy of the storage operation for this deliberately broken variant.
+    fn apply_boxed(
+        self,
+        store: SimLeaseStore,
+        actor_id: ActorId,
+        request: LeaseRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<Decision, StoreError>>>> {
+        Box::pin(async move { self.apply(&store, &actor_id, &request).await })
+    }
+
     async fn apply(
         &self,
         store: &SimLeaseStore,

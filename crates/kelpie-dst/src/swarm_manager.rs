@@ -42,12 +42,19 @@ pub enum SwarmManager {
 /// the protocol's (2,320 bytes against 648 for a keeper's renewal, measured), and an enum's
 /// future is as large as its largest arm: every request future is moved into the keeper's
 /// task set, and at 50 nodes those copies were the largest source of cache-missing writes.
-/// So the etcd arm is boxed, and only etcd runs pay for its size.
+/// So the etcd arm is boxed, and only etcd runs pay for its size. It is boxed as a trait
+/// object, polled through a call that is not inlined, for the same reason in machine code: a
+/// concrete box's poll is inlined, and the etcd backend's code then sat inside every keeper
+/// request's poll in a protocol run, where the hot path overflows the instruction cache.
 macro_rules! dispatch {
     ($self:ident, $m:ident => $call:expr) => {
         match $self {
             SwarmManager::Protocol($m) => $call,
-            SwarmManager::Etcd($m) => Box::pin(async move { $call }).await,
+            SwarmManager::Etcd($m) => {
+                let call: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> =
+                    Box::pin(async move { $call });
+                call.await
+            }
         }
     };
 }

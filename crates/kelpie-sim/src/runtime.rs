@@ -63,6 +63,9 @@ pub(crate) struct Runtime {
     scheduler_rng: RefCell<DeterministicRng>,
     tasks: RefCell<TaskSlab>,
     invariants: RefCell<Vec<Invariant>>,
+    /// Invariants registered while `invariants` is being evaluated (by a check): moved into
+    /// it after the pass, so the list is borrowed, not moved out and back, on every step.
+    added_invariants: RefCell<Vec<Invariant>>,
     sources: RefCell<Vec<SourceEntry>>,
     steps: Cell<u64>,
     /// The task of the latest poll (the one in progress, during a poll).
@@ -89,6 +92,7 @@ impl Runtime {
             root_rng,
             tasks: RefCell::new(TaskSlab::default()),
             invariants: RefCell::new(Vec::new()),
+            added_invariants: RefCell::new(Vec::new()),
             sources: RefCell::new(Vec::new()),
             steps: Cell::new(0),
             polling: Cell::new(None),
@@ -151,7 +155,7 @@ impl Runtime {
             "a group of invariants names at least one"
         );
         let evaluations_per_pass = names.len() as u64;
-        self.invariants.borrow_mut().push(Invariant {
+        self.register(Invariant {
             names,
             check,
             evaluations_per_pass,
@@ -161,11 +165,20 @@ impl Runtime {
     /// Registers `observe` to run after every step where invariants run, uncounted; a
     /// panic in it fails the run naming `name`.
     pub fn add_observer(&self, name: &'static str, observe: Box<InvariantCheck>) {
-        self.invariants.borrow_mut().push(Invariant {
+        self.register(Invariant {
             names: vec![name],
             check: observe,
             evaluations_per_pass: 0,
         });
+    }
+
+    /// Adds `invariant` to the list, or, while the list is being evaluated (a check
+    /// registering another), to the ones added after the pass.
+    fn register(&self, invariant: Invariant) {
+        match self.invariants.try_borrow_mut() {
+            Ok(mut invariants) => invariants.push(invariant),
+            Err(_) => self.added_invariants.borrow_mut().push(invariant),
+        }
     }
 
     /// Registers a source of timed events, which keeps `next_ms` equal to its
@@ -284,15 +297,18 @@ impl Runtime {
 
     /// Evaluates every invariant; the first violation (or panic) fails the run.
     fn check_invariants(&self) -> Result<(), SimError> {
-        if self.invariants.borrow().is_empty() {
+        let invariants = self.invariants.borrow();
+        if invariants.is_empty() {
             return Ok(());
         }
-        // Taken out so that a check may register further invariants without a borrow clash.
-        let invariants = self.invariants.take();
+        // A check may register further invariants meanwhile: they wait in `added_invariants`
+        // and join the list after this pass.
         let result = self.evaluate(&invariants);
-        let mut slot = self.invariants.borrow_mut();
-        let added = std::mem::replace(&mut *slot, invariants);
-        slot.extend(added);
+        drop(invariants);
+        let mut added = self.added_invariants.borrow_mut();
+        if !added.is_empty() {
+            self.invariants.borrow_mut().append(&mut added);
+        }
         result
     }
 
@@ -451,7 +467,8 @@ impl Runtime {
         self.shared.ready().clear();
         self.ready.clear();
         let invariants = self.invariants.take();
-        let _ = catch_panic(move || drop(invariants));
+        let added = self.added_invariants.take();
+        let _ = catch_panic(move || drop((invariants, added)));
         self.sources.borrow_mut().clear();
     }
 }

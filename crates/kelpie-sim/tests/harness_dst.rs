@@ -888,6 +888,50 @@ fn test_an_observer_runs_after_every_step_uncounted() {
     assert_eq!(observed, [1, 2, 3]);
 }
 
+/// A check may register another invariant while the list is being evaluated: the new one
+/// is not evaluated in that pass, joins the list after it, is checked after every step from
+/// the next one on, and its violation fails the run under its name.
+#[test]
+fn test_an_invariant_registered_by_a_check_joins_after_the_pass() {
+    let registered_at = Rc::new(std::cell::Cell::new(None));
+    let late_checked = Rc::new(RefCell::new(Vec::new()));
+    let (registered, checked) = (registered_at.clone(), late_checked.clone());
+    let config = SimConfig::new(1).with_check_determinism(false);
+    let result = Simulation::new(config).run(move |env| {
+        let (registered, checked) = (registered.clone(), checked.clone());
+        async move {
+            let registrar = env.clone();
+            env.add_invariant("registrar", move || {
+                if registered.get().is_none() {
+                    registered.set(Some(registrar.step()));
+                    let (late_env, checked) = (registrar.clone(), checked.clone());
+                    registrar.add_invariant("late", move || {
+                        let step = late_env.step();
+                        checked.borrow_mut().push(step);
+                        if step == 4 {
+                            return Err("late fails at step 4".to_string());
+                        }
+                        Ok(())
+                    });
+                }
+                Ok(())
+            });
+            for _ in 0..10 {
+                env.yield_now().await;
+            }
+            Ok::<(), String>(())
+        }
+    });
+    let (invariant, message, step) = violation(result.unwrap_err());
+    assert_eq!((invariant.as_str(), step), ("late", 4), "{message}");
+    assert_eq!(registered_at.get(), Some(1));
+    assert_eq!(
+        *late_checked.borrow(),
+        [2, 3, 4],
+        "from the step after it was added"
+    );
+}
+
 /// The invariant, message and step of an invariant violation.
 fn violation(err: SimError) -> (String, String, u64) {
     match err {

@@ -169,8 +169,8 @@ mod tests {
                 let flag = ran.clone();
                 let handle = env.spawn(async move { flag.set(true) });
                 // Each yield leaves the scheduler a choice between this task and the spawned
-                // one, drawn from the seed: the spawned one runs at some yield, not forever
-                // never (each pick takes it with probability one half).
+                // one, drawn from the seed with even odds, so the spawned one runs within a
+                // few yields; which yield depends on the seed.
                 let mut yields = 0;
                 while !ran.get() {
                     assert!(yields < 64, "the spawned task never ran in {yields} yields");

@@ -45,7 +45,9 @@ impl DeterministicRng {
         Self::new(derive_seed(self.seed, name))
     }
 
-    /// A value drawn uniformly from `range` (for example `1..=20` or `0..len`).
+    /// A value drawn uniformly from `range` (for example `1..=20` or `0..len`), for any type
+    /// `rand` samples. For a `u64` on a hot path, [`Self::between`] and [`Self::below`] take
+    /// one word where this may take two (and give other values).
     ///
     /// # Panics
     /// If `range` is empty.

@@ -3,7 +3,9 @@
 //! Runs the networked lease scenario with each seed's swarm fault mix and every checker on,
 //! one seed after another on one core, and prints one line: time compression (simulated
 //! seconds per CPU second), seeds per CPU second, CPU ns per executor step and per lease
-//! operation, and the number of seeds that failed (each failure is printed with its seed).
+//! operation, how many actors' histories the linearizability check had to search (the rest the
+//! store's log linearized), and the number of seeds that failed (each failure is printed with
+//! its seed).
 //!
 //! Options (defaults in brackets): `--nodes N` [5], `--actors N` [100], `--lease-ms N` [1000],
 //! `--sim-secs N` (the safety phase; healing and the liveness phase follow) [60],
@@ -46,6 +48,7 @@ fn main() {
     scenario.sim_duration_ms = arg("--sim-secs", 60) * 1_000;
     scenario.cluster.lease_duration_ms = arg("--lease-ms", 1_000);
     let (mut sim_ms, mut steps, mut ops, mut failed) = (0u64, 0u64, 0u64, 0u64);
+    let (mut actors_checked, mut actors_searched) = (0, 0);
     let start_secs = cpu_secs();
     for seed in first_seed..first_seed + seeds {
         let mut simulation = Simulation::new(SimConfig::new(seed));
@@ -57,6 +60,11 @@ fn main() {
                 sim_ms += report.sim.sim_time_ms;
                 steps += report.sim.steps;
                 ops += report.ops.total();
+                if let Some(checked) = report.linearizability {
+                    actors_checked += checked.actors_checked;
+                    actors_searched +=
+                        checked.actors_checked - checked.actors_linearized_by_store_log;
+                }
             }
             Err(error) => {
                 failed += 1;
@@ -69,7 +77,8 @@ fn main() {
     println!(
         "seeds={seeds} nodes={} actors={} lease_ms={} sim_secs={:.0} cpu_secs={cpu:.2} \
          seeds_per_cpu_sec={:.2} time_compression={:.0} steps={steps} lease_ops={ops} \
-         ns_per_step={:.0} ns_per_lease_op={:.0} failed={failed}",
+         ns_per_step={:.0} ns_per_lease_op={:.0} actors_searched={actors_searched}/{actors_checked} \
+         failed={failed}",
         scenario.nodes_count,
         scenario.actors_count,
         scenario.cluster.lease_duration_ms,

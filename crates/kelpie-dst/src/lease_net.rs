@@ -494,6 +494,8 @@ impl StaleReads {
         let previous = Rc::clone(&self.previous);
         let key = actor_id.as_str().to_string();
         let step = |current: Option<&Versioned<LeaseRecord>>, now_ms: u64| {
+            // Logged as the request it is: the check must find that its reply does not follow.
+            store.log_effect(actor_id, request, current, now_ms);
             let version = current.map_or(0, |v| v.version);
             let fresh = current.map(|v| v.value.clone());
             let mut previous = previous.borrow_mut();

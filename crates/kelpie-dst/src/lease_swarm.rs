@@ -87,7 +87,9 @@ use crate::lease_cluster::{ClusterConfig, SimLeaseCluster};
 use crate::lease_net::{
     serve_leases, serve_leases_with_stale_reads, LeaseMessage, NetLeaseStore, STORE_HOST,
 };
-use crate::linearizability::{check_history, Delivery, Duplicates, LinearizabilityReport};
+use crate::linearizability::{
+    check_history, check_history_with_store_log, Delivery, Duplicates, LinearizabilityReport,
+};
 use crate::mutations::LINEARIZABILITY;
 use crate::sim_etcd::{serve_etcd, NetEtcd, ETCD_MIN_TTL_S, SIM_ETCD_ELECTION_MS_MAX};
 use crate::swarm_manager::SwarmManager;
@@ -598,6 +600,11 @@ impl SwarmWorld {
         let network = SimNetwork::new(env, settings.nodes_count + 1);
         let (server_env, server_network, store) =
             (env.clone(), network.clone(), cluster.store().clone());
+        if cluster.etcd().is_none() && settings.check_linearizability {
+            // The store logs what it applied; the linearizability check reads that as a
+            // proposed linearization, and verifies it.
+            store.log_effects();
+        }
         if let Some(etcd) = cluster.etcd() {
             let etcd = match settings.bug_stale_reads {
                 true => etcd.clone().with_stale_reads(),
@@ -707,6 +714,7 @@ impl SwarmWorld {
                 operations_checked: report.answered as usize,
                 unknown_operations: report.unanswered as usize,
                 states_explored: report.key_states,
+                actors_linearized_by_store_log: 0,
             });
         }
         let delivery = Delivery {
@@ -720,8 +728,14 @@ impl SwarmWorld {
                     + self.cluster.store().storage().request_latency_ms_max(),
             ),
         };
+        let store = self.cluster.store();
         self.history
-            .with_ops(|ops| check_history(ops, delivery))
+            .with_ops(|ops| {
+                store.with_effects(|effects| match effects {
+                    Some(effects) => check_history_with_store_log(ops, delivery, effects),
+                    None => check_history(ops, delivery),
+                })
+            })
             .map_err(|error| error.to_string())
     }
 

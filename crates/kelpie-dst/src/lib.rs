@@ -59,8 +59,8 @@ pub use lease_swarm::{
     SwarmWorld, LIVENESS, SWARM_COVERAGE_MARKS,
 };
 pub use linearizability::{
-    check_history, Delivery, Duplicates, LinearizabilityError, LinearizabilityReport,
-    OffendingWindow, LINEARIZABILITY_SEARCH_STATES_MAX,
+    check_history, check_history_with_store_log, Delivery, Duplicates, LinearizabilityError,
+    LinearizabilityReport, OffendingWindow, StoreEffect, LINEARIZABILITY_SEARCH_STATES_MAX,
 };
 pub use sim_etcd::SimEtcd;
 pub use sim_lease_store::{SimLeaseStore, StoreWriteMutation};

@@ -20,6 +20,7 @@ use kelpie_lease::{
 use crate::sim_thread::SimThread;
 
 use crate::checkers::DecisionRecord;
+use crate::linearizability::StoreEffect;
 use kelpie_sim::{SimStorage, StorageError, Versioned};
 
 /// A deliberately broken store: it writes something other than what the decision returned,
@@ -75,6 +76,8 @@ pub struct SimLeaseStore {
     decide: DecideFn,
     /// A deliberately broken write path, if any.
     write_mutation: Option<StoreWriteMutation>,
+    /// The requests applied, in order, once [`SimLeaseStore::log_effects`] was called.
+    effects: Arc<Mutex<Option<Vec<StoreEffect>>>>,
 }
 
 impl Clone for SimLeaseStore {
@@ -86,6 +89,7 @@ impl Clone for SimLeaseStore {
             decided: Arc::clone(&self.decided),
             decide: self.decide,
             write_mutation: self.write_mutation,
+            effects: Arc::clone(&self.effects),
         }
     }
 }
@@ -105,6 +109,7 @@ impl SimLeaseStore {
             decided: Arc::new(AtomicBool::new(false)),
             decide,
             write_mutation: None,
+            effects: Arc::default(),
         }
     }
 
@@ -112,6 +117,33 @@ impl SimLeaseStore {
     pub fn with_write_mutation(mut self, mutation: Option<StoreWriteMutation>) -> Self {
         self.write_mutation = mutation;
         self
+    }
+
+    /// From now on, logs every request the store decides, in order, with its instant and the
+    /// version of the record it decided on: the log [`check_history_with_store_log`] reads as
+    /// a proposed linearization (and checks, so a wrong log costs time, never a wrong verdict).
+    ///
+    /// [`check_history_with_store_log`]: crate::check_history_with_store_log
+    pub fn log_effects(&self) {
+        let mut effects = self.effects.lock().expect("effect log poisoned");
+        effects.get_or_insert_with(Vec::new);
+    }
+
+    /// `read` of the effect log, if [`SimLeaseStore::log_effects`] started one.
+    pub fn with_effects<R>(&self, read: impl FnOnce(Option<&[StoreEffect]>) -> R) -> R {
+        read(self.effects.lock().expect("effect log poisoned").as_deref())
+    }
+
+    /// Logs that the store decided `request` on `actor_id` at `store_now_ms`, on the record
+    /// `current`, if effects are logged.
+    pub(crate) fn log_effect(
+        &self,
+        actor_id: &ActorId,
+        request: &LeaseRequest,
+        current: Option<&Versioned<LeaseRecord>>,
+        store_now_ms: u64,
+    ) {
+        log_effect(&self.effects, actor_id, request, current, store_now_ms);
     }
 
     /// The decision function this store applies.
@@ -206,6 +238,25 @@ fn error_reason(error: &StorageError) -> String {
     reason
 }
 
+/// See [`SimLeaseStore::log_effect`].
+fn log_effect(
+    effects: &Mutex<Option<Vec<StoreEffect>>>,
+    actor_id: &ActorId,
+    request: &LeaseRequest,
+    current: Option<&Versioned<LeaseRecord>>,
+    store_now_ms: u64,
+) {
+    let mut effects = effects.lock().expect("effect log poisoned");
+    if let Some(effects) = effects.as_mut() {
+        effects.push(StoreEffect {
+            actor_id: actor_id.clone(),
+            request: request.clone(),
+            store_now_ms,
+            record_version: current.map_or(0, |v| v.version),
+        });
+    }
+}
+
 impl LeaseStore for SimLeaseStore {
     async fn apply(
         &self,
@@ -214,12 +265,14 @@ impl LeaseStore for SimLeaseStore {
     ) -> Result<Decision, StoreError> {
         let (decide, write_mutation) = (self.decide, self.write_mutation);
         let (log, decided) = (Arc::clone(&self.decisions), Arc::clone(&self.decided));
+        let effects = Arc::clone(&self.effects);
         let (actor_id, request) = (actor_id.clone(), request.clone());
         // The key is the id's own string, borrowed: no copy per request.
         let key = actor_id.clone();
         let step = move |current: Option<&Versioned<LeaseRecord>>, now_ms: u64| {
             let before = current.map(|v| v.value.clone());
             let decision = decide(&actor_id, before.as_ref(), &request, now_ms);
+            log_effect(&effects, &actor_id, &request, current, now_ms);
             let write = match write_mutation {
                 Some(mutation) => mutation.write(before.as_ref(), &request, &decision, now_ms),
                 None => decision.write.clone(),

@@ -78,7 +78,7 @@ pub(super) fn check_actor_within(
 
 /// An effect on the path.
 #[derive(Clone, Copy, Debug)]
-enum Placed {
+pub(super) enum Placed {
     /// Where the history starts: the instant of the start record's write.
     Start,
     /// Answered operation `index` of [`ActorHistory::definite`].
@@ -547,14 +547,30 @@ const STEP_CONSTRAINTS_MAX: usize = 3 + BRANCH_CONSTRAINTS_MAX;
 /// A linearization the search found, made concrete: instants that satisfy every constraint of
 /// its path, replayed through [`decide`] itself. The search's model is exact, so this always
 /// succeeds; if it did not, the checker would have accepted a history on a model that is not
-/// the store's, and it says so loudly instead.
-struct Witness<'h, 'a> {
+/// the store's, and it says so loudly instead. A linearization proposed from the store's log
+/// ([`super::store_log`]) is checked the same way, and there a failure only means the proposal
+/// was wrong.
+pub(super) struct Witness<'h, 'a> {
     history: &'h ActorHistory<'a>,
     steps: Vec<Placed>,
     instants: Vec<i64>,
 }
 
 impl<'h, 'a> Witness<'h, 'a> {
+    /// `steps[i]` at instant `instants[i + 1]` (`instants[0]` is zero's; `steps[0]` is
+    /// [`Placed::Start`]).
+    pub(super) fn proposed(
+        history: &'h ActorHistory<'a>,
+        steps: Vec<Placed>,
+        instants: Vec<i64>,
+    ) -> Self {
+        Self {
+            history,
+            steps,
+            instants,
+        }
+    }
+
     fn new(history: &'h ActorHistory<'a>, state: &State) -> Self {
         // One step per instant variable but zero, each with at most STEP_CONSTRAINTS_MAX.
         let depth = state.depth as usize;
@@ -600,42 +616,85 @@ impl<'h, 'a> Witness<'h, 'a> {
     /// Replays the linearization through `decide`; panics if it does not give every answered
     /// operation its reply.
     fn replay(&self) {
+        if let Err(what) = self.verify() {
+            panic!(
+                "linearizability checker bug on {}: the linearization found does not replay \
+                 through decide: {what}; linearization: {:?} at {:?}",
+                self.history.actor_id, self.steps, self.instants
+            )
+        }
+    }
+
+    /// Whether this is a linearization of the history: it starts at the start, places every
+    /// answered operation exactly once, within its interval, where `decide` gives it the reply
+    /// the node saw, and each unseen effect at most once, within its window, where it writes;
+    /// instants never go back. `Err` says the first thing that is not so.
+    pub(super) fn verify(&self) -> Result<(), String> {
         let history = self.history;
         let actor_id = history.actor_id;
+        if self.instants.len() != self.steps.len() + 1 {
+            return Err(format!(
+                "{} instants for {} steps",
+                self.instants.len(),
+                self.steps.len()
+            ));
+        }
         let mut record: Option<LeaseRecord> = history.start.record.clone();
         let mut last_ms = i64::MIN;
-        let fail = |what: String| -> ! {
-            panic!(
-                "linearizability checker bug on {actor_id}: the linearization found does not \
-                 replay through decide: {what}; linearization: {:?} at {:?}",
-                self.steps, self.instants
-            )
-        };
+        let mut placed_definite = vec![false; history.definite.len()];
+        let mut placed_unseen: Vec<Vec<bool>> = history
+            .kinds
+            .iter()
+            .map(|kind| vec![false; kind.members.len()])
+            .collect();
         for (position, placed) in self.steps.iter().enumerate() {
             if let Some(&Placed::Definite(ahead)) = self.steps.get(position + PREFETCH_AHEAD) {
-                prefetch(history.definite[ahead].op);
+                if let Some(ahead) = history.definite.get(ahead) {
+                    prefetch(ahead.op);
+                }
             }
             let t_ms = self.instants[position + 1];
             if t_ms < last_ms || t_ms < 0 {
-                fail(format!("instant {t_ms} ms goes back from {last_ms} ms"));
+                return Err(format!("instant {t_ms} ms goes back from {last_ms} ms"));
             }
             last_ms = t_ms;
             let (request, expected) = match *placed {
-                Placed::Start => continue,
+                Placed::Start if position == 0 => {
+                    let start = &history.start;
+                    if t_ms < ms(start.t_min_ms) || t_ms > ms(start.t_max_ms) {
+                        return Err(format!("the start placed at {t_ms} ms"));
+                    }
+                    continue;
+                }
+                Placed::Start => return Err(format!("a start at position {position}")),
                 Placed::Definite(index) => {
-                    let op = &history.definite[index];
+                    let Some(op) = history.definite.get(index) else {
+                        return Err(format!("no answered operation {index}"));
+                    };
+                    if std::mem::replace(&mut placed_definite[index], true) {
+                        return Err(format!("{} placed twice", op.op));
+                    }
                     if t_ms < op.invoked_ms || t_ms > op.responded_ms {
-                        fail(format!("{} placed at {t_ms} ms", op.op));
+                        return Err(format!("{} placed at {t_ms} ms", op.op));
                     }
                     (&op.op.request, op.op.reply())
                 }
                 Placed::Unseen { kind, member } => {
-                    let invoked_ms = history.kinds[kind].members[member];
+                    let Some(&invoked_ms) =
+                        history.kinds.get(kind).and_then(|k| k.members.get(member))
+                    else {
+                        return Err(format!("no unseen effect {kind}.{member}"));
+                    };
+                    if std::mem::replace(&mut placed_unseen[kind][member], true) {
+                        return Err(format!(
+                            "the unseen effect invoked at {invoked_ms} ms placed twice"
+                        ));
+                    }
                     let closes_ms = history
                         .effect_within_ms
                         .map_or(i64::MAX, |within_ms| invoked_ms + within_ms);
                     if t_ms < invoked_ms || t_ms > closes_ms {
-                        fail(format!(
+                        return Err(format!(
                             "an unseen effect invoked at {invoked_ms} ms placed at {t_ms} ms"
                         ));
                     }
@@ -644,18 +703,29 @@ impl<'h, 'a> Witness<'h, 'a> {
             };
             let decision = decide(actor_id, record.as_ref(), request, t_ms as u64);
             match expected {
-                Some(reply) if *reply != decision.reply => fail(format!(
-                    "at {t_ms} ms decide answers {:?}, the node saw {reply:?}",
-                    decision.reply
-                )),
-                None if decision.write.is_none() => fail(format!(
-                    "the unseen {request:?} at {t_ms} ms writes nothing"
-                )),
+                Some(reply) if *reply != decision.reply => {
+                    return Err(format!(
+                        "at {t_ms} ms decide answers {:?}, the node saw {reply:?}",
+                        decision.reply
+                    ))
+                }
+                None if decision.write.is_none() => {
+                    return Err(format!(
+                        "the unseen {request:?} at {t_ms} ms writes nothing"
+                    ))
+                }
                 _ => {}
             }
             if let Some(written) = decision.write {
                 record = Some(written);
             }
         }
+        if !matches!(self.steps.first(), Some(Placed::Start)) {
+            return Err("the linearization does not begin at the start".into());
+        }
+        if let Some(missing) = placed_definite.iter().position(|placed| !placed) {
+            return Err(format!("{} is not placed", history.definite[missing].op));
+        }
+        Ok(())
     }
 }

@@ -781,6 +781,11 @@ struct Sent {
 /// their intervals, some never arrive, some replies are lost, and with `duplicates` some
 /// requests take effect a second time later.
 fn random_history(seed: u64, duplicates: bool) -> Vec<HistoryOp> {
+    random_history_with_log(seed, duplicates).0
+}
+
+/// [`random_history`] with the log of what its store applied, in order.
+fn random_history_with_log(seed: u64, duplicates: bool) -> (Vec<HistoryOp>, Vec<StoreEffect>) {
     let mut rng = DeterministicRng::new(seed);
     let nodes = ["n0", "n1", "n2"];
     let mut tokens = [None; 3];
@@ -834,16 +839,26 @@ fn random_history(seed: u64, duplicates: bool) -> Vec<HistoryOp> {
     effects.sort();
     let mut record: Option<LeaseRecord> = None;
     let mut replies = vec![None; sent.len()];
+    let mut log = Vec::new();
+    let mut record_version = 0;
     for (at_ms, i, duplicate) in effects {
+        log.push(StoreEffect {
+            actor_id: actor(),
+            request: sent[i].request.clone(),
+            store_now_ms: at_ms,
+            record_version,
+        });
         let decision = decide(&actor(), record.as_ref(), &sent[i].request, at_ms);
         if let Some(written) = decision.write {
             record = Some(written);
+            record_version += 1;
         }
         if !duplicate {
             replies[i] = Some(decision.reply);
         }
     }
-    sent.iter()
+    let ops = sent
+        .iter()
         .zip(replies)
         .map(|(s, reply)| {
             let outcome = match (s.responded_ms, reply) {
@@ -865,7 +880,8 @@ fn random_history(seed: u64, duplicates: bool) -> Vec<HistoryOp> {
                 outcome,
             }
         })
-        .collect()
+        .collect();
+    (ops, log)
 }
 
 /// Completeness on random histories of a correct store: every one is accepted, with
@@ -884,4 +900,245 @@ fn random_histories_of_a_correct_store_are_accepted() {
             }
         }
     }
+}
+
+/// The log of a correct store linearizes its history with no search: one replay, checked.
+#[test]
+fn a_correct_stores_log_linearizes_its_history_without_a_search() {
+    for seed in 0..400 {
+        for duplicates in [false, true] {
+            let (ops, log) = random_history_with_log(seed, duplicates);
+            let delivery = Duplicates::possible_if(duplicates);
+            let report = check_history_with_store_log(&ops, delivery, &log)
+                .unwrap_or_else(|error| panic!("seed {seed}, duplicates {duplicates}: {error}"));
+            assert_eq!(
+                (
+                    report.actors_linearized_by_store_log,
+                    report.states_explored
+                ),
+                (1, 0),
+                "seed {seed}, duplicates {duplicates}: the log was not read as a linearization"
+            );
+        }
+    }
+}
+
+/// `ops` with one answered reply changed (seeded): a grant's token one higher, or a refusal
+/// turned into a grant; mostly no longer linearizable.
+fn with_one_reply_changed(mut ops: Vec<HistoryOp>, rng: &mut DeterministicRng) -> Vec<HistoryOp> {
+    let answered: Vec<usize> = (0..ops.len())
+        .filter(|&i| ops[i].reply().is_some())
+        .collect();
+    if answered.is_empty() {
+        return ops;
+    }
+    let op = &mut ops[answered[rng.gen_range(0..answered.len())]];
+    let node_id = op.request.node_id.to_string();
+    if let OpOutcome::Returned { reply, .. } = &mut op.outcome {
+        *reply = match reply {
+            Ok(lease) => Ok(Lease {
+                fencing_token: FencingToken(lease.fencing_token.0 + 1),
+                ..lease.clone()
+            }),
+            Err(_) => Ok(lease(&node_id, 1, 0, LEASE_MS, 0)),
+        };
+    }
+    ops
+}
+
+/// Logs that are wrong in the ways a store's log could be: instants moved, effects missing,
+/// repeated or out of order, a write taken for one that failed, or nothing logged.
+fn wrong_logs(log: &[StoreEffect], rng: &mut DeterministicRng) -> Vec<Vec<StoreEffect>> {
+    let mut logs = vec![Vec::new()];
+    if log.is_empty() {
+        return logs;
+    }
+    let at = rng.gen_range(0..log.len());
+    let mut moved = log.to_vec();
+    for effect in &mut moved {
+        let shift_ms = rng.gen_range(0..100u64);
+        effect.store_now_ms = match rng.gen_bool(0.5) {
+            true => effect.store_now_ms + shift_ms,
+            false => effect.store_now_ms.saturating_sub(shift_ms),
+        };
+    }
+    let mut missing = log.to_vec();
+    missing.remove(at);
+    let mut repeated = log.to_vec();
+    repeated.insert(at, log[at].clone());
+    // The next effect saw the version this one did: its write taken for one that failed.
+    let mut not_landed = log.to_vec();
+    if let Some(next) = not_landed.get_mut(at + 1) {
+        next.record_version = log[at].record_version;
+    }
+    let mut swapped = log.to_vec();
+    swapped.swap(at, rng.gen_range(0..log.len()));
+    logs.extend([moved, missing, repeated, not_landed, swapped]);
+    logs
+}
+
+/// A log never changes a verdict: with the store's own log, a wrong one or none, every history
+/// (a correct store's, or one with a reply changed) gets the answer the search gives alone.
+#[test]
+fn a_store_log_never_changes_the_verdict() {
+    let (mut rejected, mut accepted_by_log) = (0, 0);
+    for seed in 0..100 {
+        for duplicates in [false, true] {
+            let mut rng = DeterministicRng::new(seed + 1_000_000);
+            let delivery = Duplicates::possible_if(duplicates);
+            let (ops, log) = random_history_with_log(seed, duplicates);
+            let ops = match rng.gen_bool(0.7) {
+                true => with_one_reply_changed(ops, &mut rng),
+                false => ops,
+            };
+            let expected = check_history(&ops, delivery);
+            rejected += usize::from(expected.is_err());
+            let mut logs = wrong_logs(&log, &mut rng);
+            logs.push(log);
+            for log in &logs {
+                let got = check_history_with_store_log(&ops, delivery, log);
+                match (&expected, &got) {
+                    (Err(expected), Err(got)) => assert_eq!(expected, got, "seed {seed}"),
+                    (Ok(expected), Ok(got)) => {
+                        assert_eq!(
+                            (expected.operations_checked, expected.unknown_operations),
+                            (got.operations_checked, got.unknown_operations),
+                            "seed {seed}"
+                        );
+                        accepted_by_log += got.actors_linearized_by_store_log;
+                    }
+                    _ => panic!(
+                        "seed {seed}, duplicates {duplicates}: without a log {expected:?}, \
+                         with {log:?}: {got:?}"
+                    ),
+                }
+            }
+        }
+    }
+    // The changed replies made histories the check rejects, and logs did linearize others.
+    assert!(rejected >= 100, "only {rejected} of 200 histories rejected");
+    assert!(
+        accepted_by_log >= 50,
+        "only {accepted_by_log} actors linearized by a log"
+    );
+}
+
+/// n1 acquires (answered), its release is never answered, then n2 acquires (answered): the
+/// history `Witness::verify` is shown each wrong linearization of.
+fn release_then_grant() -> Vec<HistoryOp> {
+    Hand::default()
+        .answered(
+            request("n1", LeaseOp::Acquire, None),
+            (0, 2),
+            Ok(lease("n1", 1, 1, 1_001, 0)),
+        )
+        .unanswered(request("n1", LeaseOp::Release, Some(1)), 500)
+        .answered(
+            request("n2", LeaseOp::Acquire, None),
+            (600, 602),
+            Ok(lease("n2", 2, 601, 1_601, 0)),
+        )
+        .ops
+}
+
+/// `Witness::verify` accepts the one linearization of `release_then_grant` and rejects each
+/// way of getting it wrong, saying which.
+#[test]
+fn a_proposed_linearization_is_verified_not_trusted() {
+    use super::search::{Placed, Witness};
+    let ops = release_then_grant();
+    let indexed: Vec<(usize, &HistoryOp)> = ops.iter().enumerate().collect();
+    let actor_id = actor();
+    let history = actor::ActorHistory::new(
+        &actor_id,
+        &indexed,
+        u64::MAX,
+        actor::Start::empty(),
+        within(100),
+    );
+    let (d0, d1) = (Placed::Definite(0), Placed::Definite(1));
+    let u = Placed::Unseen { kind: 0, member: 0 };
+    let verify = |steps: &[Placed], instants: &[i64]| {
+        Witness::proposed(&history, steps.to_vec(), instants.to_vec()).verify()
+    };
+    let right = [Placed::Start, d0, u, d1];
+    assert_eq!(verify(&right, &[0, 0, 1, 550, 601]), Ok(()));
+    let wrong: [(&[Placed], &[i64], &str); 13] = [
+        (&right, &[0, 0, 1, 550], "4 instants for 4 steps"),
+        (&right, &[0, 0, 1, 550, 549], "goes back"),
+        (&right, &[0, 1, 1, 550, 601], "the start placed at 1 ms"),
+        (
+            &[Placed::Start, d0, Placed::Start, u, d1],
+            &[0, 0, 1, 1, 550, 601],
+            "a start at",
+        ),
+        (
+            &[d0, u, d1],
+            &[0, 1, 550, 601],
+            "does not begin at the start",
+        ),
+        (
+            &[Placed::Start, Placed::Definite(7)],
+            &[0, 0, 1],
+            "no answered operation 7",
+        ),
+        (
+            &[Placed::Start, d0, d0, u, d1],
+            &[0, 0, 1, 1, 550, 601],
+            "placed twice",
+        ),
+        (
+            &[Placed::Start, d0, u, d1],
+            &[0, 0, 1, 550, 603],
+            "placed at 603 ms",
+        ),
+        (
+            &[Placed::Start, d0, Placed::Unseen { kind: 3, member: 0 }],
+            &[0, 0, 1, 550],
+            "no unseen effect 3.0",
+        ),
+        (
+            &[Placed::Start, d0, u, u, d1],
+            &[0, 0, 1, 550, 560, 601],
+            "placed twice",
+        ),
+        (
+            &[Placed::Start, d0, u, d1],
+            &[0, 0, 1, 499, 601],
+            "invoked at 500 ms placed at 499 ms",
+        ),
+        (
+            &[Placed::Start, d0, d1, u],
+            &[0, 0, 1, 601, 601],
+            "decide answers",
+        ),
+        (&[Placed::Start, d0, u], &[0, 0, 1, 550], "is not placed"),
+    ];
+    for (steps, instants, why) in wrong {
+        match verify(steps, instants) {
+            Ok(()) => panic!("{steps:?} at {instants:?} accepted"),
+            Err(said) => assert!(said.contains(why), "{steps:?} at {instants:?}: {said}"),
+        }
+    }
+    // An unseen effect must write: n2's release of token 1 while n1 holds it writes nothing.
+    let ops = Hand::default()
+        .answered(
+            request("n1", LeaseOp::Acquire, None),
+            (0, 2),
+            Ok(lease("n1", 1, 1, 1_001, 0)),
+        )
+        .unanswered(request("n2", LeaseOp::Release, Some(1)), 100)
+        .ops;
+    let indexed: Vec<(usize, &HistoryOp)> = ops.iter().enumerate().collect();
+    let history = actor::ActorHistory::new(
+        &actor_id,
+        &indexed,
+        u64::MAX,
+        actor::Start::empty(),
+        Duplicates::Impossible.into(),
+    );
+    let said = Witness::proposed(&history, vec![Placed::Start, d0, u], vec![0, 0, 1, 150])
+        .verify()
+        .expect_err("a release that writes nothing, placed unseen");
+    assert!(said.contains("writes nothing"), "{said}");
 }

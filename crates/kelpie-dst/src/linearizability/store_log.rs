@@ -91,15 +91,18 @@ fn propose<'h, 'a>(
             // The write failed: the request changed nothing, and its node got an error.
             continue;
         }
+        // Of the operations this effect can answer (the same request, the same reply), the one
+        // whose response came first: the others can still be answered by a later effect.
         let answered = (first_open..definite.len())
             .take_while(|&index| definite[index].invoked_ms <= t_ms)
-            .find(|&index| {
+            .filter(|&index| {
                 let op = &definite[index];
                 !placed[index]
                     && t_ms <= op.responded_ms
                     && op.op.request == *request
                     && op.op.reply() == Some(&decision.reply)
-            });
+            })
+            .min_by_key(|&index| (definite[index].responded_ms, index));
         match answered {
             Some(index) => {
                 placed[index] = true;

@@ -1142,3 +1142,43 @@ fn a_proposed_linearization_is_verified_not_trusted() {
         .expect_err("a release that writes nothing, placed unseen");
     assert!(said.contains("writes nothing"), "{said}");
 }
+
+/// Two identical releases, both refused, the later one answered first: the store's refusal
+/// at 220 ms answers the one whose response comes first (the later, at 250), so the refusal at
+/// 300 can still answer the earlier (at 400). Pairing the earlier one first would leave the
+/// later one unanswered, and the search to do.
+#[test]
+fn a_logged_effect_answers_the_operation_whose_response_comes_first() {
+    let release = || request("n1", LeaseOp::Release, Some(1));
+    let ops = Hand::default()
+        .answered(
+            request("n1", LeaseOp::Acquire, None),
+            (0, 2),
+            Ok(lease("n1", 1, 1, 1_001, 0)),
+        )
+        .answered(release(), (100, 400), not_holder("n1", None))
+        .answered(release(), (200, 250), not_holder("n1", None))
+        .ops;
+    let logged = |request: LeaseRequest, store_now_ms, record_version| StoreEffect {
+        actor_id: actor(),
+        request,
+        store_now_ms,
+        record_version,
+    };
+    let log = [
+        logged(request("n1", LeaseOp::Acquire, None), 1, 0),
+        // The first release's first delivery: it released, and its reply was never seen.
+        logged(release(), 150, 1),
+        logged(release(), 220, 2),
+        logged(release(), 300, 2),
+    ];
+    let report = check_history_with_store_log(&ops, Duplicates::Possible, &log)
+        .expect("a duplicated release, then two refusals");
+    assert_eq!(
+        (
+            report.actors_linearized_by_store_log,
+            report.states_explored
+        ),
+        (1, 0)
+    );
+}

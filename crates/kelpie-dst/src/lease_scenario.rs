@@ -53,6 +53,11 @@ pub struct LeaseScenario {
     /// decision function: the store applies that one atomically, so checking it against the
     /// production model would only re-detect the mutation the invariant checkers catch.
     pub check_linearizability: bool,
+    /// Whether that check first tries the linearization the store's own log proposes
+    /// ([`crate::check_history_with_store_log`]): the same verdict, without the search on a
+    /// correct store's history. Off, every actor's history is searched, as tests of the search
+    /// on real histories want.
+    pub linearize_from_store_log: bool,
     /// Deliberately wrong app: in the liveness phase node 0 never acquires an actor it wants
     /// as a keeper that never takes a free lease would look. The liveness check must report
     /// it.
@@ -85,6 +90,7 @@ impl Default for LeaseScenario {
             bug_no_drift_margin: false,
             bug_stale_reads: false,
             check_linearizability: true,
+            linearize_from_store_log: true,
             bug_node_never_acquires: false,
         }
     }
@@ -201,6 +207,7 @@ impl LeaseScenario {
             bug_stale_reads: self.bug_stale_reads,
             // On etcd, the history checked is etcd's own (`crate::etcd_history`).
             check_linearizability: self.check_linearizability,
+            linearize_from_store_log: self.linearize_from_store_log,
             bug_node_never_acquires: self.bug_node_never_acquires,
         }
     }

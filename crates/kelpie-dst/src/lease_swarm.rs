@@ -170,6 +170,8 @@ pub(crate) struct SwarmSettings {
     /// atomically, so checking it against the production model would only re-detect the
     /// mutation the invariant checkers are there to catch.
     pub(crate) check_linearizability: bool,
+    /// Whether the store logs what it decided for that check to try first.
+    pub(crate) linearize_from_store_log: bool,
     /// Deliberately wrong app: in the liveness phase node 0 never acquires an actor it wants,
     /// as a keeper that never takes a free lease would look. The liveness check must report it.
     pub(crate) bug_node_never_acquires: bool,
@@ -600,7 +602,10 @@ impl SwarmWorld {
         let network = SimNetwork::new(env, settings.nodes_count + 1);
         let (server_env, server_network, store) =
             (env.clone(), network.clone(), cluster.store().clone());
-        if cluster.etcd().is_none() && settings.check_linearizability {
+        if cluster.etcd().is_none()
+            && settings.check_linearizability
+            && settings.linearize_from_store_log
+        {
             // The store logs what it applied; the linearizability check reads that as a
             // proposed linearization, and verifies it.
             store.log_effects();

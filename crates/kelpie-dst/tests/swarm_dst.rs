@@ -16,8 +16,8 @@ use kelpie_core::{ActorId, NodeId};
 use kelpie_dst::checkers::CheckerSet;
 use kelpie_dst::mutations::LINEARIZABILITY;
 use kelpie_dst::{
-    swarm_faults, sweep_requests_max, LeaseRunReport, LeaseScenario, LivenessBound, LivenessWindow,
-    LIVENESS, SWARM_COVERAGE_MARKS, SWARM_LEASE_FAULTS,
+    swarm_faults, sweep_requests_max, LeaseRunReport, LeaseScenario, LinearizabilityReport,
+    LivenessBound, LivenessWindow, LIVENESS, SWARM_COVERAGE_MARKS, SWARM_LEASE_FAULTS,
 };
 use kelpie_lease::coverage::COVERAGE_MARKS;
 use kelpie_sim::{FaultType, SimConfig, SimError, Simulation, Sweep, SweepEnd};
@@ -74,6 +74,7 @@ fn test_swarm_lease_safety_and_liveness_with_every_mark_hit() {
     let mut marks: BTreeMap<&'static str, u64> = BTreeMap::new();
     let (mut sim_ms, mut ops) = (0u64, 0u64);
     let (mut checked_ops, mut unanswered_ops, mut search_states) = (0, 0, 0);
+    let (mut actors_checked, mut actors_by_log) = (0, 0);
     let job = |seed| run_seed_marked(seed, LeaseScenario::default());
     let stops = |(result, _): &Marked| result.is_err();
     let end = sweep.run(
@@ -110,6 +111,8 @@ fn test_swarm_lease_safety_and_liveness_with_every_mark_hit() {
             checked_ops += checked.operations_checked;
             unanswered_ops += checked.unknown_operations;
             search_states += checked.states_explored;
+            actors_checked += checked.actors_checked;
+            actors_by_log += checked.actors_linearized_by_store_log;
         },
     );
     let seeds_run = end.seeds_run();
@@ -121,7 +124,8 @@ fn test_swarm_lease_safety_and_liveness_with_every_mark_hit() {
     );
     println!(
         "  linearizable: {checked_ops} recorded operations ({unanswered_ops} unanswered), \
-         {search_states} search states"
+         {actors_by_log} of {actors_checked} actors' histories linearized by the store's log, \
+         {search_states} search states for the rest"
     );
     for (fault, count) in &faults {
         println!("  fault {:<24} fired {count}", fault.name());
@@ -485,4 +489,35 @@ fn test_swarm_50_nodes_10000_actors() {
         seeds.len(),
         sim_ms / 1_000
     );
+}
+
+/// The store's log saves the search and changes nothing else: the same seeds with and without
+/// it take the same path and pass with the same operations checked. With it, nearly every
+/// actor's history is linearized by one replay of the log (a pairing it gets wrong falls back
+/// to the search); without it, every actor is searched, so the search still runs on real
+/// swarm histories.
+#[test]
+fn test_swarm_histories_pass_the_search_alone_as_with_the_store_log() {
+    let base = SimConfig::from_env_or_random().seed;
+    for seed in base..base + 4 {
+        let replay = kelpie_sim::reproduce_command(&SimConfig::new(seed));
+        let logged = expect_pass("store log", seed, run_seed(seed, LeaseScenario::default()));
+        let mut scenario = LeaseScenario::default();
+        scenario.linearize_from_store_log = false;
+        let searched = expect_pass("search alone", seed, run_seed(seed, scenario));
+        assert_eq!(logged.sim.trace_hash, searched.sim.trace_hash, "{replay}");
+        let with_log = logged.linearizability.expect("checked with the log");
+        let alone = searched.linearizability.expect("checked by the search");
+        let covered = |r: &LinearizabilityReport| {
+            (r.actors_checked, r.operations_checked, r.unknown_operations)
+        };
+        assert_eq!(covered(&with_log), covered(&alone), "{replay}");
+        assert_eq!(alone.actors_linearized_by_store_log, 0, "{replay}");
+        assert!(alone.states_explored > 0, "{replay}: {alone:?}");
+        assert!(
+            with_log.actors_linearized_by_store_log * 10 >= with_log.actors_checked * 9,
+            "{replay}: {with_log:?}"
+        );
+        assert!(with_log.states_explored < alone.states_explored, "{replay}");
+    }
 }

@@ -196,6 +196,18 @@ impl<'a> ActorHistory<'a> {
         }
     }
 
+    /// The first of a kind's `members` at or after `used` whose window is still open when the
+    /// last effect was at `t_min` at the earliest: members whose window closed before can
+    /// never take place.
+    pub(super) fn first_open(&self, members: &[i64], used: usize, t_min: i64) -> usize {
+        match self.effect_within_ms {
+            None => used,
+            Some(within_ms) => {
+                used.max(members.partition_point(|&invoked_ms| invoked_ms + within_ms < t_min))
+            }
+        }
+    }
+
     /// Operations in the search: answered ones and unseen effects' requests.
     pub(super) fn operations(&self) -> usize {
         self.definite.len() + self.unanswered

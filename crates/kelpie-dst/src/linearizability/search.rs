@@ -277,7 +277,9 @@ impl<'h, 'a> Search<'h, 'a> {
                 // A kind that can never write again is as good as used up, and so is a member
                 // whose window closed before the last effect.
                 if can_write_again(state.record, &kind.req) {
-                    self.first_open(kind.members.as_slice(), used as usize, t_min) as u32
+                    self.history
+                        .first_open(kind.members.as_slice(), used as usize, t_min)
+                        as u32
                 } else {
                     kind.members.len() as u32
                 }
@@ -362,7 +364,9 @@ impl<'h, 'a> Search<'h, 'a> {
                 continue;
             }
             let members = kind.members.as_slice();
-            let first = self.first_open(members, state.used[kind_index] as usize, t_min);
+            let first = self
+                .history
+                .first_open(members, state.used[kind_index] as usize, t_min);
             for (member, &invoked_ms) in members.iter().enumerate().skip(first) {
                 if invoked_ms > hi {
                     break;
@@ -397,17 +401,6 @@ impl<'h, 'a> Search<'h, 'a> {
                 for child in &mut children[before..] {
                     Rc::make_mut(&mut child.used)[kind_index] = member as u32 + 1;
                 }
-            }
-        }
-    }
-
-    /// The first member at or after `used` whose window is still open when the last effect
-    /// was at `t_min` at the earliest: members whose window closed before can never take place.
-    fn first_open(&self, members: &[i64], used: usize, t_min: i64) -> usize {
-        match self.history.effect_within_ms {
-            None => used,
-            Some(within_ms) => {
-                used.max(members.partition_point(|&invoked_ms| invoked_ms + within_ms < t_min))
             }
         }
     }

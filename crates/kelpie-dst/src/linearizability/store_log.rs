@@ -22,7 +22,7 @@ use kelpie_lease::backend::{decide, LeaseRecord, LeaseRequest};
 
 use super::actor::ActorHistory;
 use super::search::{Placed, Witness};
-use super::zone::{ms, INF};
+use super::zone::ms;
 
 /// One request the store applied, in the order it applied them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +51,6 @@ fn propose<'h, 'a>(
     effects: &[&StoreEffect],
 ) -> Option<Witness<'h, 'a>> {
     let definite = &history.definite;
-    let within_ms = history.effect_within_ms.unwrap_or(INF);
     let start_ms = ms(history.start.t_max_ms);
     let mut steps = Vec::with_capacity(definite.len() + 1);
     let mut instants = Vec::with_capacity(definite.len() + 2);
@@ -116,10 +115,7 @@ fn propose<'h, 'a>(
                     .iter()
                     .position(|kind| kind.request == request)?;
                 let members = &history.kinds[kind].members;
-                let mut member = next_member[kind];
-                while member < members.len() && members[member].saturating_add(within_ms) < t_ms {
-                    member += 1;
-                }
+                let member = history.first_open(members, next_member[kind], t_ms);
                 if members
                     .get(member)
                     .is_none_or(|&invoked_ms| invoked_ms > t_ms)

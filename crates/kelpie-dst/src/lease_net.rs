@@ -398,7 +398,9 @@ impl LeaseStore for NetLeaseStore {
 }
 
 /// Serves lease requests arriving at [`STORE_HOST`]: each is applied to the simulated store
-/// on its own task (so one slow write does not hold up the others) and answered.
+/// and answered when the store replies, with no task of its own: the store's timed events
+/// carry it ([`kelpie_sim::SimStorage::transact_then`]), so one slow write does not hold up
+/// the others, and a request costs no task, future or poll.
 pub async fn serve_leases(env: SimEnv, network: SimNetwork<LeaseMessage>, store: SimLeaseStore) {
     serve(env, network, store, None).await;
 }
@@ -440,22 +442,25 @@ async fn serve(
         else {
             continue;
         };
-        let (network, store, stale) = (network.clone(), store.clone(), stale.clone());
-        // Detached: the reply is sent when the store answers.
-        env.spawn_detached(async move {
-            let outcome = match stale {
-                None => store.apply_local(&actor_id, &request).await,
-                Some(stale) => stale.apply_boxed(store, actor_id, request).await,
+        let network = network.clone();
+        let answer = move |outcome| {
+            let reply = LeaseMessage::Reply {
+                request_id,
+                outcome,
             };
-            network.send(
-                STORE_HOST,
-                from,
-                LeaseMessage::Reply {
-                    request_id,
-                    outcome,
-                },
-            );
-        });
+            network.send(STORE_HOST, from, reply);
+        };
+        match &stale {
+            // No task: the store's events carry the request and the reply.
+            None => store.apply_then(actor_id, request, answer),
+            Some(stale) => {
+                let (stale, store) = (stale.clone(), store.clone());
+                // Detached: the reply is sent when the store answers.
+                env.spawn_detached(async move {
+                    answer(stale.apply_boxed(store, actor_id, request).await);
+                });
+            }
+        }
     }
 }
 
@@ -471,9 +476,8 @@ struct StaleReads {
 }
 
 impl StaleReads {
-    /// [`StaleReads::apply`] as a boxed trait object, polled through a call that is not
-    /// inlined: the server's per-request task then carries only the correct store's code,
-    /// not a second copy of the storage operation for this deliberately broken variant.
+    /// [`StaleReads::apply`] as a boxed trait object, polled on a task of its own per request
+    /// (this deliberately broken variant keeps the task the correct store no longer needs).
     fn apply_boxed(
         self,
         store: SimLeaseStore,

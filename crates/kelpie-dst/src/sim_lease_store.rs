@@ -206,13 +206,52 @@ impl SimLeaseStore {
         self.storage.peek(actor_id.as_str()).map(|v| v.value)
     }
 
-    /// Applies `request` at the store, for a server that received it over the network.
-    pub(crate) async fn apply_local(
+    /// Applies `request` at the store, for a server that received it over the network, and
+    /// calls `answer` with the outcome when the store replies: the same operation as
+    /// [`LeaseStore::apply`], as timed events of the store instead of a task
+    /// ([`SimStorage::transact_then`]).
+    pub(crate) fn apply_then(
         &self,
-        actor_id: &ActorId,
-        request: &LeaseRequest,
-    ) -> Result<Decision, StoreError> {
-        LeaseStore::apply(self, actor_id, request).await
+        actor_id: ActorId,
+        request: LeaseRequest,
+        answer: impl FnOnce(Result<Decision, StoreError>) + 'static,
+    ) {
+        let step = self.decision_step(actor_id.clone(), request);
+        let done =
+            move |outcome: Result<Decision, StorageError>| answer(outcome.map_err(store_error));
+        self.storage.transact_then(actor_id, step, done);
+    }
+
+    /// The atomic step of applying `request`: the decision on the stored record at the
+    /// store's instant, logged for the checkers (and the effect log), and the write.
+    fn decision_step(
+        &self,
+        actor_id: ActorId,
+        request: LeaseRequest,
+    ) -> impl FnOnce(Option<&Versioned<LeaseRecord>>, u64) -> (Option<LeaseRecord>, Decision) + 'static
+    {
+        let (decide, write_mutation) = (self.decide, self.write_mutation);
+        let (log, decided) = (Arc::clone(&self.decisions), Arc::clone(&self.decided));
+        let effects = Arc::clone(&self.effects);
+        move |current: Option<&Versioned<LeaseRecord>>, now_ms: u64| {
+            let before = current.map(|v| v.value.clone());
+            let decision = decide(&actor_id, before.as_ref(), &request, now_ms);
+            log_effect(&effects, &actor_id, &request, current, now_ms);
+            let write = match write_mutation {
+                Some(mutation) => mutation.write(before.as_ref(), &request, &decision, now_ms),
+                None => decision.write.clone(),
+            };
+            let record = DecisionRecord {
+                actor_id,
+                request,
+                before,
+                store_now_ms: now_ms,
+                decision: decision.clone(),
+            };
+            log.lock().expect("decision log poisoned").push(record);
+            decided.store(true, Ordering::Release);
+            (write, decision)
+        }
     }
 }
 
@@ -263,31 +302,9 @@ impl LeaseStore for SimLeaseStore {
         actor_id: &ActorId,
         request: &LeaseRequest,
     ) -> Result<Decision, StoreError> {
-        let (decide, write_mutation) = (self.decide, self.write_mutation);
-        let (log, decided) = (Arc::clone(&self.decisions), Arc::clone(&self.decided));
-        let effects = Arc::clone(&self.effects);
-        let (actor_id, request) = (actor_id.clone(), request.clone());
         // The key is the id's own string, borrowed: no copy per request.
         let key = actor_id.clone();
-        let step = move |current: Option<&Versioned<LeaseRecord>>, now_ms: u64| {
-            let before = current.map(|v| v.value.clone());
-            let decision = decide(&actor_id, before.as_ref(), &request, now_ms);
-            log_effect(&effects, &actor_id, &request, current, now_ms);
-            let write = match write_mutation {
-                Some(mutation) => mutation.write(before.as_ref(), &request, &decision, now_ms),
-                None => decision.write.clone(),
-            };
-            let record = DecisionRecord {
-                actor_id,
-                request,
-                before,
-                store_now_ms: now_ms,
-                decision: decision.clone(),
-            };
-            log.lock().expect("decision log poisoned").push(record);
-            decided.store(true, Ordering::Release);
-            (write, decision)
-        };
+        let step = self.decision_step(actor_id.clone(), request.clone());
         let storage = (*self.storage).clone();
         let outcome =
             SimThread::new(async move { storage.transact(key.as_str(), step).await }).await;

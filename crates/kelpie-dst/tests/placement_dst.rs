@@ -265,10 +265,10 @@ fn wanter(actor_index: usize) -> usize {
 /// the settling time began. Each failed the liveness check while long delays were still drawn
 /// after healing, when the node's next fence could hold it for as long again.
 const FENCE_IN_FLIGHT_AT_HEALING_SEEDS: [u64; 4] = [
-    10_300_756_801_192_037_134,
-    7_244_083_737_020_781_186,
-    1_214_609_015_637_336_390,
-    11_047_997_155_890_146_090,
+    4_661_102_665_875_836_281,
+    4_989_904_292_946_530_422,
+    12_149_685_703_045_694_181,
+    8_025_300_239_028_220_047,
 ];
 
 /// Regression: a fence in flight at healing holds its node's loop, so the node reaches its

@@ -124,8 +124,9 @@ impl SimEnv {
         SimNetwork::new(self, hosts)
     }
 
-    /// Registers a check evaluated after every executor step; an `Err` fails the run with
-    /// [`crate::SimError::InvariantViolated`] naming `name`.
+    /// Registers a check evaluated after every executor step, and after the instant a
+    /// storage operation without a task takes effect ([`SimStorage::transact_then`]); an
+    /// `Err` fails the run with [`crate::SimError::InvariantViolated`] naming `name`.
     pub fn add_invariant(
         &self,
         name: &'static str,

@@ -1,6 +1,6 @@
 //! The executor's run loop: picks ready tasks with the scheduler stream, polls them, checks
 //! invariants after every step, and jumps simulated time to the next event when nothing is
-//! ready.
+//! ready (checking invariants again if an event changed what they judge).
 
 use crate::config::SimConfig;
 use crate::error::SimError;
@@ -24,6 +24,9 @@ pub(crate) trait EventSource {
     fn next_deadline_ms(&self) -> Option<u64>;
     /// Delivers every event due at `now_ms`; nothing, and cheaply, if none is due.
     fn fire_due(&self, now_ms: u64);
+    /// Drops every pending event at the end of the run: an event may hold handles that
+    /// lead back to the source.
+    fn teardown(&self) {}
 }
 
 /// A source's next deadline, as the source published it: the source sets it whenever its
@@ -71,6 +74,8 @@ pub(crate) struct Runtime {
     /// The task of the latest poll (the one in progress, during a poll).
     polling: Cell<Option<TaskKey>>,
     checks_evaluated: Cell<u64>,
+    /// Set by an event source that changed what invariants judge ([`Self::request_check`]).
+    check_requested: Cell<bool>,
     timers_fired: Cell<u64>,
     /// Reused buffer of the timers due at one instant.
     due_timers: RefCell<Vec<(crate::timer::TimerKey, Waker)>>,
@@ -97,6 +102,7 @@ impl Runtime {
             steps: Cell::new(0),
             polling: Cell::new(None),
             checks_evaluated: Cell::new(0),
+            check_requested: Cell::new(false),
             timers_fired: Cell::new(0),
             due_timers: RefCell::new(Vec::new()),
             components: RefCell::new(BTreeMap::new()),
@@ -189,6 +195,13 @@ impl Runtime {
             .push(SourceEntry { source, next_ms });
     }
 
+    /// Asks for the invariants to be evaluated once the events due at this instant have
+    /// fired: for an event source whose events change state that invariants judge (a storage
+    /// operation taking effect), as a task's step does.
+    pub fn request_check(&self) {
+        self.check_requested.set(true);
+    }
+
     /// Steps taken so far.
     pub fn steps(&self) -> u64 {
         self.steps.get()
@@ -226,7 +239,12 @@ impl Runtime {
                         return Ok(());
                     }
                 }
-                None => self.advance_time()?,
+                None => {
+                    self.advance_time()?;
+                    if self.check_requested.replace(false) {
+                        self.check_invariants()?;
+                    }
+                }
             }
         }
     }
@@ -469,6 +487,9 @@ impl Runtime {
         let invariants = self.invariants.take();
         let added = self.added_invariants.take();
         let _ = catch_panic(move || drop((invariants, added)));
-        self.sources.borrow_mut().clear();
+        let sources = std::mem::take(&mut *self.sources.borrow_mut());
+        for source in sources.iter().filter_map(|entry| entry.source.upgrade()) {
+            let _ = catch_panic(|| source.teardown());
+        }
     }
 }

@@ -6,10 +6,17 @@
 //! are drawn at that instant: a failed read or write applies nothing; a commit-unknown write
 //! is applied but the caller gets an error. The store is durable: a crash makes it
 //! unavailable, and everything applied before the crash is still there after a restart.
+//!
+//! An operation is awaited on the caller's task, or submitted without one
+//! ([`SimStorage::transact_then`]): then the store's own timed events carry it, as the network's
+//! carry messages. Operations due at one instant take effect in the order they were submitted,
+//! before any task runs at that instant, and the invariants are evaluated after them.
 
 use crate::env::SimEnv;
 use crate::fault::FaultType;
+use crate::in_flight::InFlightQueue;
 use crate::rng::{fnv1a, DeterministicRng};
+use crate::runtime::{EventSource, SourceDeadline};
 use crate::trace::event;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -124,6 +131,62 @@ struct StorageInner<V> {
     /// The places in `data` of the keys written since the changed keys were last taken
     /// ([`SimStorage::take_changed_keys`], [`SimStorage::take_changed_places_into`]).
     changed: RefCell<Vec<usize>>,
+    /// The operations submitted with [`SimStorage::transact_then`], by the instant of their
+    /// next phase; created (and the store registered as an event source) by the first.
+    pending: RefCell<Option<InFlightQueue<Box<dyn PendingOp<V>>>>>,
+    /// `pending`'s earliest instant, published to the runtime after every change.
+    next_pending_ms: SourceDeadline,
+}
+
+/// An operation submitted with [`SimStorage::transact_then`], between its phases: its request
+/// on the way to the store, then its reply on the way back.
+trait PendingOp<V> {
+    /// Runs the operation's next phase at `now_ms`: the effect at the store, or the answer.
+    /// Returns when the phase after it is due; `None` once the operation is answered.
+    fn fire(&mut self, store: &StorageInner<V>, now_ms: u64) -> Option<u64>;
+}
+
+/// A [`SimStorage::transact_then`] in flight.
+struct Transaction<K, F, R, D> {
+    key: K,
+    /// The store's crash count at the call: a crash since loses the request or the reply.
+    epoch: u64,
+    reply_ms: u64,
+    /// The step, until the request reaches the store.
+    step: Option<F>,
+    /// The outcome, from the effect until the reply arrives.
+    result: Option<Result<R, StorageError>>,
+    /// Called with the outcome, once.
+    done: Option<D>,
+}
+
+impl<V, K, F, R, D> PendingOp<V> for Transaction<K, F, R, D>
+where
+    V: Clone + 'static,
+    K: AsRef<str>,
+    F: FnOnce(Option<&Versioned<V>>, u64) -> (Option<V>, R),
+    D: FnOnce(Result<R, StorageError>),
+{
+    fn fire(&mut self, store: &StorageInner<V>, now_ms: u64) -> Option<u64> {
+        let key = self.key.as_ref();
+        let lost = store.crashed.get() || store.epoch.get() != self.epoch;
+        let result = match self.step.take() {
+            // The request was lost with the crash; nothing was applied.
+            Some(_) if lost => Err(store.unavailable(key)),
+            Some(step) => {
+                let (result, version) = store.read_modify_write_at(key, step, now_ms);
+                store.trace_op(OpKind::Transact, key, &result, version);
+                store.env.runtime().request_check();
+                self.result = Some(result);
+                return Some(now_ms + self.reply_ms);
+            }
+            // The reply was lost with the crash; the operation may have been applied.
+            None if lost => Err(store.unavailable(key)),
+            None => self.result.take().expect("an applied operation's outcome"),
+        };
+        (self.done.take().expect("an operation is answered once"))(result);
+        None
+    }
 }
 
 /// A shared handle to a simulated store holding values of type `V`. Cloning shares the store.
@@ -164,6 +227,8 @@ impl<V: Clone + 'static> SimStorage<V> {
             epoch: Cell::new(0),
             operations: Cell::new(0),
             changed: RefCell::new(Vec::new()),
+            pending: RefCell::new(None),
+            next_pending_ms: SourceDeadline::default(),
         };
         Self {
             inner: Rc::new(inner),
@@ -242,24 +307,51 @@ impl<V: Clone + 'static> SimStorage<V> {
         f: impl FnOnce(Option<&Versioned<V>>, u64) -> (Option<V>, R),
     ) -> Result<R, StorageError> {
         self.execute(kind, key, |store, key, now_ms| {
-            if store.env.should_inject(FaultType::StorageReadFail) {
-                return store.read_failed(key);
-            }
-            // Cloned so that `f` may read the store (say, through `peek`) without a borrow clash.
-            let (stored, current) = match store.data.borrow().get_full(key) {
-                Some((at, _, current)) => (Some((at, current.version)), Some(current.clone())),
-                None => (None, None),
-            };
-            let (new_value, result) = f(current.as_ref(), now_ms);
-            match new_value {
-                Some(value) => {
-                    let (written, version) = store.write(key, stored, value);
-                    (written.map(|_| result), version)
-                }
-                None => (Ok(result), stored.map_or(0, |(_, version)| version)),
-            }
+            store.read_modify_write_at(key, f, now_ms)
         })
         .await
+    }
+
+    /// [`SimStorage::transact`] without a task: `done` is called with the outcome when the
+    /// reply arrives, from the store's own timed events, as the network delivers messages.
+    /// The operation takes the same course (latency drawn at the call, effect when the request
+    /// arrives, faults, crashes), with no future to poll: at each phase a task would be woken
+    /// and polled, an event fires instead, and the invariants are evaluated after the effect
+    /// as after a task's step. If the store is crashed, `done` is called at once.
+    pub fn transact_then<K, R, F, D>(&self, key: K, f: F, done: D)
+    where
+        K: AsRef<str> + 'static,
+        R: 'static,
+        F: FnOnce(Option<&Versioned<V>>, u64) -> (Option<V>, R) + 'static,
+        D: FnOnce(Result<R, StorageError>) + 'static,
+    {
+        let store = &*self.inner;
+        store.operations.set(store.operations.get() + 1);
+        if store.crashed.get() {
+            done(Err(store.unavailable(key.as_ref())));
+            return;
+        }
+        let (request_ms, reply_ms) = store.draw_latency_ms();
+        let operation = Transaction {
+            key,
+            epoch: store.epoch.get(),
+            reply_ms,
+            step: Some(f),
+            result: None,
+            done: Some(done),
+        };
+        let now_ms = store.env.now_ms();
+        let mut pending = store.pending.borrow_mut();
+        let queue = pending.get_or_insert_with(|| {
+            let source: Rc<dyn EventSource> = self.inner.clone();
+            store
+                .env
+                .runtime()
+                .add_source(Rc::downgrade(&source), store.next_pending_ms.clone());
+            InFlightQueue::new(store.latency_ms_max())
+        });
+        queue.push(now_ms, now_ms + request_ms, Box::new(operation));
+        store.next_pending_ms.set(queue.next_deadline_ms());
     }
 
     /// The keys written since the last call (a key written twice appears twice), for checkers
@@ -385,7 +477,62 @@ impl<V: Clone + 'static> SimStorage<V> {
     }
 }
 
+impl<V: Clone + 'static> EventSource for StorageInner<V> {
+    fn next_deadline_ms(&self) -> Option<u64> {
+        self.pending.borrow().as_ref()?.next_deadline_ms()
+    }
+
+    fn fire_due(&self, now_ms: u64) {
+        loop {
+            // Out of the queue while it fires: its answer may submit another operation.
+            let due = (self.pending.borrow_mut().as_mut()).and_then(|queue| queue.pop_due(now_ms));
+            let Some(mut operation) = due else { break };
+            if let Some(at_ms) = operation.fire(self, now_ms) {
+                let mut pending = self.pending.borrow_mut();
+                let queue = pending
+                    .as_mut()
+                    .expect("a store with operations has a queue");
+                queue.push(now_ms, at_ms, operation);
+            }
+        }
+        self.next_pending_ms.set(self.next_deadline_ms());
+    }
+
+    fn teardown(&self) {
+        // Dropped outside the borrow: an operation's answer may hold this store.
+        let pending = self.pending.take();
+        drop(pending);
+        self.next_pending_ms.set(None);
+    }
+}
+
 impl<V: Clone + 'static> StorageInner<V> {
+    /// The read-modify-write step of `transact` and `compare_and_swap` at `now_ms`, the
+    /// instant its request reaches the store: read faults, `f`, then the write with its faults.
+    fn read_modify_write_at<R>(
+        &self,
+        key: &str,
+        f: impl FnOnce(Option<&Versioned<V>>, u64) -> (Option<V>, R),
+        now_ms: u64,
+    ) -> (Result<R, StorageError>, u64) {
+        if self.env.should_inject(FaultType::StorageReadFail) {
+            return self.read_failed(key);
+        }
+        // Cloned so that `f` may read the store (say, through `peek`) without a borrow clash.
+        let (stored, current) = match self.data.borrow().get_full(key) {
+            Some((at, _, current)) => (Some((at, current.version)), Some(current.clone())),
+            None => (None, None),
+        };
+        let (new_value, result) = f(current.as_ref(), now_ms);
+        match new_value {
+            Some(value) => {
+                let (written, version) = self.write(key, stored, value);
+                (written.map(|_| result), version)
+            }
+            None => (Ok(result), stored.map_or(0, |(_, version)| version)),
+        }
+    }
+
     /// A read that failed, with the key's version (which it leaves as it was).
     #[cold]
     fn read_failed<R>(&self, key: &str) -> (Result<R, StorageError>, u64) {
@@ -461,6 +608,12 @@ impl<V: Clone + 'static> StorageInner<V> {
         (request_ms, latency_ms - request_ms)
     }
 
+    /// The longest latency an operation can draw, spike included.
+    fn latency_ms_max(&self) -> u64 {
+        let max_ms = self.env.config().storage_latency_ms_max;
+        max_ms + max_ms.max(1) * STORAGE_LATENCY_SPIKE_FACTOR
+    }
+
     fn request_latency_ms_max(&self) -> u64 {
         let max_ms = self.env.config().storage_latency_ms_max;
         (max_ms + max_ms.max(1) * STORAGE_LATENCY_SPIKE_FACTOR) / 2
@@ -513,7 +666,7 @@ impl<V> fmt::Debug for SimStorage<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{SimConfig, Simulation};
+    use crate::{SimConfig, SimError, Simulation};
 
     /// A key shows in errors exactly as `{:?}` shows it, whether written in one piece or
     /// escaped.
@@ -628,5 +781,148 @@ mod tests {
                 Ok::<(), String>(())
             })
             .unwrap();
+    }
+
+    /// The outcome of a [`SimStorage::transact_then`], with the instant it was answered.
+    type Answer<R> = Rc<RefCell<Option<(Result<R, StorageError>, u64)>>>;
+
+    /// Submits a write of `value` to `k` whose answer lands in the returned cell.
+    fn submit(env: &SimEnv, store: &SimStorage<u32>, value: u32) -> Answer<u64> {
+        let answer: Answer<u64> = Rc::default();
+        let (slot, answer_env) = (Rc::clone(&answer), env.clone());
+        store.transact_then(
+            "k",
+            move |_, now_ms| (Some(value), now_ms),
+            move |result| *slot.borrow_mut() = Some((result, answer_env.now_ms())),
+        );
+        answer
+    }
+
+    /// Storage latency of exactly 10 ms: 5 ms to the store, 5 ms back.
+    fn fixed_latency() -> SimConfig {
+        SimConfig::new(1)
+            .with_check_determinism(false)
+            .with_storage_latency_ms(10, 10)
+    }
+
+    /// Without a task, an operation takes the course `transact` takes: its effect when the
+    /// request arrives, its answer when the reply does, with nothing in between.
+    #[test]
+    fn an_operation_without_a_task_takes_effect_on_arrival_and_is_answered_on_reply() {
+        Simulation::new(fixed_latency())
+            .run(|env| async move {
+                let store = env.storage::<u32>();
+                let answer = submit(&env, &store, 7);
+                assert_eq!(store.operations(), 1);
+                env.sleep_ms(4).await;
+                assert_eq!(store.peek("k"), None, "still on its way");
+                env.sleep_until_ms(5).await;
+                let applied = store.peek("k").map(|v| (v.value, v.version));
+                assert_eq!(applied, Some((7, 1)), "applied on arrival");
+                assert!(answer.borrow().is_none(), "the reply is on its way");
+                env.sleep_until_ms(10).await;
+                assert_eq!(
+                    answer.take(),
+                    Some((Ok(5), 10)),
+                    "decided at 5, answered at 10"
+                );
+                // `transact` takes the same course.
+                let awaited = store.transact("k", |_, now_ms| (Some(8), now_ms)).await;
+                assert_eq!((awaited, env.now_ms()), (Ok(15), 20));
+                Ok::<(), String>(())
+            })
+            .unwrap();
+    }
+
+    /// A crash loses the request (nothing applied) or the reply (applied); a crashed store
+    /// answers at once. Each answer says the operation may or may not have been applied.
+    #[test]
+    fn a_crash_loses_an_operations_request_or_its_reply() {
+        Simulation::new(fixed_latency())
+            .run(|env| async move {
+                let store = env.storage::<u32>();
+                let unavailable = Err(store.inner.unavailable("k"));
+
+                store.crash();
+                let at_once = submit(&env, &store, 1);
+                assert_eq!(at_once.take(), Some((unavailable.clone(), 0)));
+                store.restart();
+
+                let request_lost = submit(&env, &store, 2);
+                env.sleep_ms(2).await;
+                store.crash();
+                store.restart();
+                env.sleep_until_ms(10).await;
+                assert_eq!(request_lost.take(), Some((unavailable.clone(), 5)));
+                assert_eq!(store.peek("k"), None, "the lost request applied nothing");
+
+                let reply_lost = submit(&env, &store, 3);
+                env.sleep_ms(7).await;
+                assert_eq!(store.peek("k").map(|v| v.value), Some(3));
+                store.crash();
+                store.restart();
+                env.sleep_ms(10).await;
+                assert_eq!(reply_lost.take(), Some((unavailable, 20)));
+                assert_eq!(
+                    store.peek("k").map(|v| v.value),
+                    Some(3),
+                    "applied all the same"
+                );
+                assert_eq!(store.operations(), 3);
+                Ok::<(), String>(())
+            })
+            .unwrap();
+    }
+
+    /// The invariants judge an operation's effect at its instant, as they judge a task's step,
+    /// though no task runs then: here the next task's step comes 95 ms later.
+    #[test]
+    fn invariants_are_evaluated_after_an_operations_effect() {
+        let error = Simulation::new(fixed_latency())
+            .run(|env| async move {
+                let store = env.storage::<u32>();
+                let judged = store.clone();
+                env.add_invariant("k is never written", move || match judged.peek("k") {
+                    Some(_) => Err("k was written".to_string()),
+                    None => Ok(()),
+                });
+                let _answer = submit(&env, &store, 1);
+                env.sleep_ms(100).await;
+                Ok::<(), String>(())
+            })
+            .unwrap_err();
+        match error {
+            SimError::InvariantViolated {
+                sim_time_ms,
+                invariant,
+                ..
+            } => assert_eq!((sim_time_ms, invariant.as_str()), (5, "k is never written")),
+            other => panic!("expected the invariant to fail at the effect, got {other}"),
+        }
+    }
+
+    /// An operation still in flight when the run ends is dropped with it, although its
+    /// answer holds the store that holds the operation.
+    #[test]
+    fn operations_in_flight_at_the_end_are_dropped() {
+        let kept = Rc::new(RefCell::new(None));
+        let slot = Rc::clone(&kept);
+        Simulation::new(fixed_latency())
+            .run(move |env| {
+                let slot = Rc::clone(&slot);
+                async move {
+                    let store = env.storage::<u32>();
+                    let held = store.clone();
+                    store.transact_then("k", |_, _| (Some(1), ()), move |_| drop(held));
+                    *slot.borrow_mut() = Some(Rc::downgrade(&store.inner));
+                    Ok::<(), String>(())
+                }
+            })
+            .unwrap();
+        let store = kept.take().expect("the scenario ran");
+        assert!(
+            store.upgrade().is_none(),
+            "the store and its operation were dropped"
+        );
     }
 }

@@ -247,17 +247,17 @@ pub struct NetLeaseStore {
 
 impl NetLeaseStore {
     /// The store as seen from `host` (incarnation `incarnation`), timing out requests after
-    /// `timeout_ms` on the node's `clock`. Spawns the task that routes replies; it stops when
-    /// the node's tasks are aborted (a crash). `truth` serves administrative scans.
+    /// `timeout_ms` on the node's `clock`. Replies arriving at `host` go to this connection
+    /// from now on (the host's network handler); those to an earlier incarnation's requests are
+    /// dropped. `truth` serves administrative scans.
     pub fn connect(
-        env: &SimEnv,
         network: SimNetwork<LeaseMessage>,
         host: HostId,
         incarnation: u32,
         clock: SimClock,
         timeout_ms: u64,
         truth: SimLeaseStore,
-    ) -> (Self, kelpie_sim::JoinHandle<()>) {
+    ) -> Self {
         let pending: Pending = Rc::default();
         let reply = |message| match message {
             LeaseMessage::Reply {
@@ -266,12 +266,7 @@ impl NetLeaseStore {
             } => Some((request_id, outcome)),
             _ => None,
         };
-        let router = env.spawn(route_replies(
-            network.clone(),
-            host,
-            Rc::clone(&pending),
-            reply,
-        ));
+        route_replies(&network, host, Rc::clone(&pending), reply);
         let first_id = u64::from(incarnation) << 32;
         let inner = NetInner {
             network,
@@ -284,12 +279,9 @@ impl NetLeaseStore {
             truth,
             history: RefCell::new(None),
         };
-        (
-            Self {
-                inner: SimThread::new(Rc::new(inner)),
-            },
-            router,
-        )
+        Self {
+            inner: SimThread::new(Rc::new(inner)),
+        }
     }
 
     /// Records every request from now on in `history`: its invocation and outcome, on global
@@ -299,22 +291,22 @@ impl NetLeaseStore {
     }
 }
 
-/// Hands each reply arriving at `host` (as `reply_of` reads it from a message) to the request
-/// waiting for it. A reply nobody waits for (timed out, duplicated, or for an earlier
+/// From now on, hands each reply arriving at `host` (as `reply_of` reads it from a message)
+/// to the request waiting for it, at its delivery: the host's network handler, replacing the
+/// previous incarnation's. A reply nobody waits for (timed out, duplicated, or for an earlier
 /// incarnation) is dropped, as a real client drops a response to a cancelled call. Shared by
 /// the lease store's and the simulated etcd's connections.
-pub(crate) async fn route_replies<T>(
-    network: SimNetwork<LeaseMessage>,
+pub(crate) fn route_replies<T: 'static>(
+    network: &SimNetwork<LeaseMessage>,
     host: HostId,
     pending: Rc<Replies<T>>,
-    reply_of: impl Fn(LeaseMessage) -> Option<(u64, T)>,
+    reply_of: impl Fn(LeaseMessage) -> Option<(u64, T)> + 'static,
 ) {
-    loop {
-        let (_, message) = network.recv(host).await;
+    network.set_handler(host, move |_, message| {
         if let Some((request_id, outcome)) = reply_of(message) {
             pending.deliver(request_id, outcome);
         }
-    }
+    });
 }
 
 impl NetInner {
@@ -397,71 +389,84 @@ impl LeaseStore for NetLeaseStore {
     }
 }
 
-/// Serves lease requests arriving at [`STORE_HOST`]: each is applied to the simulated store
-/// and answered when the store replies, with no task of its own: the store's timed events
+/// Serves lease requests arriving at [`STORE_HOST`] from now on: each is applied to the
+/// simulated store and answered when the store replies. No task runs the server: the store
+/// host's network handler submits each request as it arrives, and the store's timed events
 /// carry it ([`kelpie_sim::SimStorage::transact_then`]), so one slow write does not hold up
 /// the others, and a request costs no task, future or poll.
-pub async fn serve_leases(env: SimEnv, network: SimNetwork<LeaseMessage>, store: SimLeaseStore) {
-    serve(env, network, store, None).await;
+pub fn serve_leases(network: &SimNetwork<LeaseMessage>, store: SimLeaseStore) {
+    serve(network, move |actor_id, request, answer| {
+        store.apply_then(actor_id, request, move |outcome| answer.send(outcome));
+    });
 }
 
 /// Probability that the stale-read server decides a request on the previous version of the
 /// record rather than the current one.
 pub const STALE_READ_PROBABILITY: f64 = 0.2;
 
-/// Like [`serve_leases`], but deliberately broken: with probability
-/// [`STALE_READ_PROBABILITY`] (drawn from the seed) a request is decided on the record as it
-/// was before its latest write, as a store reading from a lagging replica would, and the
-/// decision is written over the current record. Decisions it makes this way do not reach the
-/// decision-level checkers; the linearizability check must catch it.
-pub async fn serve_leases_with_stale_reads(
-    env: SimEnv,
-    network: SimNetwork<LeaseMessage>,
+/// Like [`serve_leases`] (but with a task per request), and deliberately broken: with
+/// probability [`STALE_READ_PROBABILITY`] (drawn from the seed) a request is decided on the
+/// record as it was before its latest write, as a store reading from a lagging replica would,
+/// and the decision is written over the current record. Decisions it makes this way do not
+/// reach the decision-level checkers; the linearizability check must catch it.
+pub fn serve_leases_with_stale_reads(
+    env: &SimEnv,
+    network: &SimNetwork<LeaseMessage>,
     store: SimLeaseStore,
 ) {
     let stale = StaleReads {
         rng: Rc::new(RefCell::new(env.rng("lease-net/stale-reads"))),
         previous: Rc::default(),
     };
-    serve(env, network, store, Some(stale)).await;
+    let env = env.clone();
+    serve(network, move |actor_id, request, answer| {
+        let (stale, store) = (stale.clone(), store.clone());
+        // Detached: the reply is sent when the store answers.
+        env.spawn_detached(async move {
+            answer.send(stale.apply(&store, &actor_id, &request).await);
+        });
+    });
 }
 
-async fn serve(
-    env: SimEnv,
+/// Where the answer to one request goes.
+struct Answer {
     network: SimNetwork<LeaseMessage>,
-    store: SimLeaseStore,
-    stale: Option<StaleReads>,
+    to: HostId,
+    request_id: u64,
+}
+
+impl Answer {
+    fn send(self, outcome: Result<Decision, StoreError>) {
+        let reply = LeaseMessage::Reply {
+            request_id: self.request_id,
+            outcome,
+        };
+        self.network.send(STORE_HOST, self.to, reply);
+    }
+}
+
+/// Sets the store host's handler: each lease request arriving goes to `apply`, with where
+/// its answer goes; anything else is ignored.
+fn serve(
+    network: &SimNetwork<LeaseMessage>,
+    apply: impl Fn(ActorId, LeaseRequest, Answer) + 'static,
 ) {
-    loop {
-        let (from, message) = network.recv(STORE_HOST).await;
-        let LeaseMessage::Request {
+    let replies = network.clone();
+    network.set_handler(STORE_HOST, move |from, message| {
+        if let LeaseMessage::Request {
             request_id,
             actor_id,
             request,
         } = message
-        else {
-            continue;
-        };
-        let network = network.clone();
-        let answer = move |outcome| {
-            let reply = LeaseMessage::Reply {
+        {
+            let answer = Answer {
+                network: replies.clone(),
+                to: from,
                 request_id,
-                outcome,
             };
-            network.send(STORE_HOST, from, reply);
-        };
-        match &stale {
-            // No task: the store's events carry the request and the reply.
-            None => store.apply_then(actor_id, request, answer),
-            Some(stale) => {
-                let (stale, store) = (stale.clone(), store.clone());
-                // Detached: the reply is sent when the store answers.
-                env.spawn_detached(async move {
-                    answer(stale.apply_boxed(store, actor_id, request).await);
-                });
-            }
+            apply(actor_id, request, answer);
         }
-    }
+    });
 }
 
 /// The version a write created, and the record it replaced.
@@ -476,17 +481,6 @@ struct StaleReads {
 }
 
 impl StaleReads {
-    /// [`StaleReads::apply`] as a boxed trait object, polled on a task of its own per request
-    /// (this deliberately broken variant keeps the task the correct store no longer needs).
-    fn apply_boxed(
-        self,
-        store: SimLeaseStore,
-        actor_id: ActorId,
-        request: LeaseRequest,
-    ) -> Pin<Box<dyn Future<Output = Result<Decision, StoreError>>>> {
-        Box::pin(async move { self.apply(&store, &actor_id, &request).await })
-    }
-
     async fn apply(
         &self,
         store: &SimLeaseStore,

@@ -232,9 +232,8 @@ impl SwarmNode {
         let timeout_ms = world.settings.request_timeout_ms;
         let lease_config =
             LeaseConfig::new(world.config.lease_duration_ms).map_err(|e| e.to_string())?;
-        let (manager, router) = if world.cluster.etcd().is_some() {
-            let (etcd, router) = NetEtcd::connect(
-                &world.env,
+        let manager = if world.cluster.etcd().is_some() {
+            let etcd = NetEtcd::connect(
                 world.network.clone(),
                 self.host(),
                 incarnation,
@@ -254,11 +253,10 @@ impl SwarmNode {
                 Some(mutation) => manager.with_mutation(mutation),
                 None => manager,
             };
-            (SwarmManager::Etcd(manager), router)
+            SwarmManager::Etcd(manager)
         } else {
             let truth = world.cluster.store().clone();
-            let (store, router) = NetLeaseStore::connect(
-                &world.env,
+            let store = NetLeaseStore::connect(
                 world.network.clone(),
                 self.host(),
                 incarnation,
@@ -268,7 +266,7 @@ impl SwarmNode {
             );
             store.record_history(world.history.clone());
             let manager = ProtocolLeaseManager::new(store, lease_config);
-            (SwarmManager::Protocol(manager), router)
+            SwarmManager::Protocol(manager)
         };
         let manager = Arc::new(manager);
         let keeper_config = keeper_config(&world.config, &world.settings);
@@ -291,7 +289,7 @@ impl SwarmNode {
             Rc::new(Arc::clone(&keeper)),
         );
         let renewer = Arc::clone(&keeper);
-        let mut tasks = vec![router, world.env.spawn(async move { renewer.run().await })];
+        let mut tasks = vec![world.env.spawn(async move { renewer.run().await })];
         if world.settings.app_loop {
             let app = app_loop(Rc::clone(world), Rc::clone(self), Arc::clone(&keeper));
             tasks.push(world.env.spawn(app));
@@ -617,13 +615,9 @@ impl SwarmWorld {
             };
             drop(env.spawn(serve_etcd(server_env, server_network, etcd)));
         } else if settings.bug_stale_reads {
-            drop(env.spawn(serve_leases_with_stale_reads(
-                server_env,
-                server_network,
-                store,
-            )));
+            serve_leases_with_stale_reads(&server_env, &server_network, store);
         } else {
-            drop(env.spawn(serve_leases(server_env, server_network, store)));
+            serve_leases(&server_network, store);
         }
         let actors: Vec<ActorId> = (0..settings.actors_count)
             .map(|i| ActorId::new(format!("actor-{i}")).expect("valid actor id"))

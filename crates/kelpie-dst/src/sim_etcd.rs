@@ -922,16 +922,16 @@ pub struct NetEtcd {
 
 impl NetEtcd {
     /// The etcd as seen from `host` (incarnation `incarnation`), recording every request and
-    /// what its answer showed in `history` (on global time, read from `clock`). Spawns the task
-    /// that routes replies; it stops when the node's tasks are aborted (a crash).
+    /// what its answer showed in `history` (on global time, read from `clock`). Replies
+    /// arriving at `host` go to this connection from now on; those to an earlier incarnation's
+    /// requests are dropped.
     pub fn connect(
-        env: &SimEnv,
         network: SimNetwork<LeaseMessage>,
         host: HostId,
         incarnation: u32,
         clock: SimClock,
         history: Option<EtcdHistory>,
-    ) -> (Self, kelpie_sim::JoinHandle<()>) {
+    ) -> Self {
         let pending: Pending = Rc::default();
         let reply = |message| match message {
             LeaseMessage::EtcdReply {
@@ -940,8 +940,7 @@ impl NetEtcd {
             } => Some((request_id, outcome)),
             _ => None,
         };
-        let routing = route_replies(network.clone(), host, Rc::clone(&pending), reply);
-        let router = env.spawn(routing);
+        route_replies(&network, host, Rc::clone(&pending), reply);
         let inner = NetEtcdInner {
             network,
             host,
@@ -950,10 +949,9 @@ impl NetEtcd {
             next_request_id: Cell::new(u64::from(incarnation) << 32),
             history,
         };
-        let etcd = Self {
+        Self {
             inner: SimThread::new(Rc::new(inner)),
-        };
-        (etcd, router)
+        }
     }
 
     async fn call(&self, request: EtcdRequest) -> Result<EtcdResponse, EtcdApiError> {

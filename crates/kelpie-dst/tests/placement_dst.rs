@@ -89,6 +89,10 @@ enum Broken {
     StateStoreIgnoresTokens,
     /// The state an activation reads comes from a replica one write behind.
     StaleReplicaReads,
+    /// The scenario, not the placement: state messages are still sometimes delayed by up to
+    /// [`LONG_DELAY_LEASE_DURATIONS_MAX`] lease durations after healing, which breaks the
+    /// scenario's own liveness bound (as it did before 99675a9).
+    LongDelaysAfterHealing,
 }
 
 /// The state store a run writes to: the production fenced store, or the broken one.
@@ -262,13 +266,16 @@ fn wanter(actor_index: usize) -> usize {
 }
 
 /// Seeds on which a node's loop was still waiting for a long fence, sent before healing, when
-/// the settling time began. Each failed the liveness check while long delays were still drawn
-/// after healing, when the node's next fence could hold it for as long again.
+/// the settling time began. Each fails the liveness check when long delays are still drawn
+/// after healing ([`Broken::LongDelaysAfterHealing`]), when the node's next fence can hold it
+/// for as long again. A change to the simulation changes every trajectory: then
+/// `scan_for_fence_in_flight_at_healing_seeds` (ignored; run it with `--ignored --nocapture`)
+/// prints new ones.
 const FENCE_IN_FLIGHT_AT_HEALING_SEEDS: [u64; 4] = [
-    4_661_102_665_875_836_281,
-    4_989_904_292_946_530_422,
-    12_149_685_703_045_694_181,
-    8_025_300_239_028_220_047,
+    16_040_201_659_723_823_271,
+    1_687_145_351_602_768_648,
+    9_854_459_343_226_082_217,
+    9_816_668_459_971_265_711,
 ];
 
 /// Regression: a fence in flight at healing holds its node's loop, so the node reaches its
@@ -277,13 +284,50 @@ const FENCE_IN_FLIGHT_AT_HEALING_SEEDS: [u64; 4] = [
 fn test_dst_liveness_waits_out_a_fence_in_flight_at_healing() {
     for seed in FENCE_IN_FLIGHT_AT_HEALING_SEEDS {
         let (_, figures) = run_seed(seed, Broken::Nothing).unwrap_or_else(|e| panic!("{e}"));
+        let stale = "the simulation changed: pick new seeds with \
+             `scan_for_fence_in_flight_at_healing_seeds`";
         assert!(
             figures.fences_in_flight_at_healing > 0,
-            "seed {seed} no longer has a fence in flight at healing (the simulation changed): \
-             pick new seeds, ones that fail when `draw_delay_ms` draws long delays after \
-             healing too"
+            "seed {seed} no longer has a fence in flight at healing ({stale})"
+        );
+        assert!(
+            fails_liveness_with_long_delays_after_healing(seed),
+            "seed {seed} no longer fails liveness with long delays after healing ({stale})"
         );
     }
+}
+
+/// Whether `seed` fails the liveness check when long delays are drawn after healing too.
+fn fails_liveness_with_long_delays_after_healing(seed: u64) -> bool {
+    match run_seed(seed, Broken::LongDelaysAfterHealing) {
+        Err(SimError::ScenarioFailed { message, .. }) => message.contains("liveness violation"),
+        _ => false,
+    }
+}
+
+/// Prints seeds for [`FENCE_IN_FLIGHT_AT_HEALING_SEEDS`]: ones that fail liveness with long
+/// delays after healing, and pass, with a fence in flight at healing, without them. About
+/// one seed in 2,500 fails; this scans up to 20,000 (a few minutes in release).
+#[test]
+#[ignore = "a seed scan, run by hand when the simulation changed"]
+fn scan_for_fence_in_flight_at_healing_seeds() {
+    let mut rng = DeterministicRng::new(0x5eed_2026_1204);
+    let mut found = 0;
+    for _ in 0..20_000 {
+        let seed = rng.next_u64();
+        if !fails_liveness_with_long_delays_after_healing(seed) {
+            continue;
+        }
+        let (_, figures) = run_seed(seed, Broken::Nothing).unwrap_or_else(|e| panic!("{e}"));
+        if figures.fences_in_flight_at_healing > 0 {
+            println!("seed {seed}");
+            found += 1;
+            if found == FENCE_IN_FLIGHT_AT_HEALING_SEEDS.len() {
+                return;
+            }
+        }
+    }
+    panic!("found {found} seeds in 20,000");
 }
 
 #[test]
@@ -636,7 +680,8 @@ fn write(
 /// long.
 fn draw_delay_ms(ctx: &Ctx, rng: &mut DeterministicRng) -> u64 {
     let lease_ms = LeaseScenario::default().cluster.lease_duration_ms;
-    let faulty = ctx.world.phase() == Phase::Safety;
+    let faulty =
+        ctx.world.phase() == Phase::Safety || matches!(ctx.broken, Broken::LongDelaysAfterHealing);
     if faulty && rng.gen_bool(LONG_DELAY_PROBABILITY) {
         rng.gen_range(1..=LONG_DELAY_LEASE_DURATIONS_MAX * lease_ms)
     } else {

@@ -3,7 +3,10 @@
 //! Messages in flight are not tasks and have no wakers: they sit in buckets keyed by their
 //! delivery instant, and the executor asks the network for its next instant when nothing is
 //! ready. Within one instant, messages are delivered in the order they were sent, so delivery
-//! order is deterministic. Each host has a mailbox with one consumer (`recv`).
+//! order is deterministic. Each host has a mailbox with one consumer (`recv`), or a handler
+//! ([`SimNetwork::set_handler`]) called with each message at its delivery instant, for a host
+//! that would only pass its messages on (a server submitting them to a store, a client handing
+//! replies to the calls awaiting them): no task, and no step, per message.
 //!
 //! Loss, duplication and delay spikes are [`FaultType`]s drawn per message; partitions are
 //! set by the scenario and every message they drop is counted as
@@ -84,6 +87,11 @@ struct NetworkState<M> {
     delivered: u64,
     dropped: u64,
     in_flight_count: u64,
+    /// `handled[host]`: whether `host`'s messages go to its handler instead of its mailbox.
+    handled: Vec<bool>,
+    /// Messages delivered to hosts with a handler, in delivery order, waiting for the handlers
+    /// to be called once the delivery burst is over (a handler may send).
+    to_handle: Vec<(HostId, HostId, M)>,
     /// Reused buffer of the hosts whose waiting receiver to wake after a delivery burst, in
     /// the order their first message arrived. A receiver that is a task of the runtime is
     /// woken on delivery instead, while this is empty (so wakes keep their order).
@@ -98,12 +106,18 @@ struct NetworkInner<M> {
     /// [`delivery_ms_max`] of `config`, computed once: every send checks against it.
     delivery_ms_max: u64,
     state: RefCell<NetworkState<M>>,
+    /// Per host, the handler its messages go to (see [`SimNetwork::set_handler`]). Apart from
+    /// `state`, which a handler's sends borrow.
+    handlers: RefCell<Vec<Option<Handler<M>>>>,
     /// Messages in flight, by delivery instant, in send order within an instant. Apart from
     /// `state`, so that a delivery walks the queue while it fills the mailboxes.
     in_flight: RefCell<InFlightQueue<InFlight<M>>>,
     /// `in_flight`'s earliest instant, published to the runtime after every change.
     next_delivery_ms: SourceDeadline,
 }
+
+/// A host's handler: called with the sender and each message delivered to the host.
+type Handler<M> = Box<dyn Fn(HostId, M)>;
 
 /// A shared handle to a simulated network carrying messages of type `M`.
 pub struct SimNetwork<M> {
@@ -169,6 +183,8 @@ impl<M: Clone + 'static> SimNetwork<M> {
             delivered: 0,
             dropped: 0,
             in_flight_count: 0,
+            handled: vec![false; config.hosts],
+            to_handle: Vec::new(),
             hosts_to_wake: Vec::new(),
         };
         let per_message = [
@@ -186,6 +202,7 @@ impl<M: Clone + 'static> SimNetwork<M> {
             config,
             faults_configured,
             state: RefCell::new(state),
+            handlers: RefCell::new((0..config.hosts).map(|_| None).collect()),
             in_flight: RefCell::new(InFlightQueue::new(delivery_ms_max(&config))),
             next_delivery_ms: SourceDeadline::default(),
         });
@@ -323,6 +340,27 @@ impl<M: Clone + 'static> SimNetwork<M> {
         }
     }
 
+    /// From now on, calls `handle(from, message)` with each message delivered to `host`, at
+    /// its delivery instant, instead of queueing it in the host's mailbox: for a host whose
+    /// receiver would only pass each message on. `handle` runs as an event, not a task (it may
+    /// send, submit storage operations and wake tasks); the messages delivered at one instant
+    /// are handled in delivery order, and the handler is dropped with the run. Replaces the
+    /// host's previous handler; messages already in its mailbox stay there.
+    ///
+    /// # Panics
+    /// If `host` is out of range.
+    pub fn set_handler(&self, host: HostId, handle: impl Fn(HostId, M) + 'static) {
+        assert!(
+            host < self.hosts(),
+            "a handler for host {host} of a network of {} hosts",
+            self.hosts()
+        );
+        let previous = self.inner.handlers.borrow_mut()[host].replace(Box::new(handle));
+        self.inner.state.borrow_mut().handled[host] = true;
+        // Dropped outside the borrow: it may hold handles that lead back here.
+        drop(previous);
+    }
+
     /// The next message to `host`, if one has arrived.
     pub fn try_recv(&self, host: HostId) -> Option<(HostId, M)> {
         self.inner.state.borrow_mut().mailboxes[host]
@@ -427,6 +465,14 @@ impl<M> NetworkState<M> {
             self.drop_message(env, route, OUTCOME_PARTITIONED);
             return;
         }
+        if self.handled[to] {
+            self.delivered += 1;
+            env.runtime()
+                .trace
+                .event(event::NET_DELIVER, route, OUTCOME_DELIVERED);
+            self.to_handle.push((from, to, message));
+            return;
+        }
         if self.mailboxes[to].queue.len() >= config.mailbox_capacity {
             self.drop_message(env, route, OUTCOME_OVERFLOW);
             return;
@@ -455,20 +501,33 @@ impl<M> EventSource for NetworkInner<M> {
     }
 
     fn fire_due(&self, now_ms: u64) {
-        let mut hosts = {
+        let (mut to_handle, mut hosts) = {
             let mut state = self.state.borrow_mut();
             let mut in_flight = self.in_flight.borrow_mut();
-            // Each message goes straight from the queue to its mailbox.
+            // Each message goes straight from the queue to its mailbox (or its handler's list).
             while let Some(arrived) = in_flight.pop_due(now_ms) {
                 state.deliver(&self.env, &self.config, arrived);
             }
             self.next_delivery_ms.set(in_flight.next_deadline_ms());
             // Usually every receiver was a task, woken on delivery.
-            if state.hosts_to_wake.is_empty() {
+            if state.hosts_to_wake.is_empty() && state.to_handle.is_empty() {
                 return;
             }
-            std::mem::take(&mut state.hosts_to_wake)
+            (
+                std::mem::take(&mut state.to_handle),
+                std::mem::take(&mut state.hosts_to_wake),
+            )
         };
+        // Handled outside the borrows: a handler may send.
+        if !to_handle.is_empty() {
+            let handlers = self.handlers.borrow();
+            for (from, to, message) in to_handle.drain(..) {
+                let handle = handlers[to].as_ref().expect("a handled host has a handler");
+                handle(from, message);
+            }
+            drop(handlers);
+            self.state.borrow_mut().to_handle = to_handle;
+        }
         // Woken outside the borrow, in delivery order, so a waker may touch the network. Each
         // waker is lent out for its wake and put back unless a newer one replaced it meanwhile:
         // waking by reference and keeping it spares a clone per wait.
@@ -484,6 +543,12 @@ impl<M> EventSource for NetworkInner<M> {
         }
         hosts.clear();
         self.state.borrow_mut().hosts_to_wake = hosts;
+    }
+
+    fn teardown(&self) {
+        // Dropped outside the borrow: a handler may hold this network.
+        let handlers = std::mem::take(&mut *self.handlers.borrow_mut());
+        drop(handlers);
     }
 }
 
@@ -608,5 +673,85 @@ mod tests {
                 .unwrap();
             assert_eq!(report.fault_fired(fault), 10);
         }
+    }
+
+    /// A host with a handler gets each message at its delivery instant, in delivery order,
+    /// with no task: the handler may send (here, an echo back), and a partition keeps
+    /// messages from it as from a mailbox. Replacing the handler takes effect for the next
+    /// delivery.
+    #[test]
+    fn a_handler_gets_each_message_at_its_delivery_instant() {
+        let config = SimConfig::new(7)
+            .with_check_determinism(true)
+            .with_network_latency_ms(5, 5);
+        Simulation::new(config)
+            .run(|env| async move {
+                let network = env.network::<u32>(2);
+                let handled = Rc::new(std::cell::RefCell::new(Vec::new()));
+                let (echo, seen, clock) = (network.clone(), handled.clone(), env.clone());
+                network.set_handler(1, move |from, message| {
+                    seen.borrow_mut().push((from, message, clock.now_ms()));
+                    echo.send(1, from, message + 100);
+                });
+                (0..3).for_each(|i| network.send(0, 1, i));
+                env.sleep_ms(2).await;
+                network.send(0, 1, 3);
+                env.sleep_ms(20).await;
+                let expected = vec![(0, 0, 5), (0, 1, 5), (0, 2, 5), (0, 3, 7)];
+                assert_eq!(*handled.borrow(), expected);
+                let echoes: Vec<u32> = std::iter::from_fn(|| network.try_recv(0))
+                    .map(|(_, message)| message)
+                    .collect();
+                assert_eq!(echoes, [100, 101, 102, 103], "the handler's sends arrived");
+                assert_eq!(
+                    network.try_recv(1),
+                    None,
+                    "nothing went to host 1's mailbox"
+                );
+
+                network.partition(&[0], &[1]);
+                network.send(0, 1, 4);
+                env.sleep_ms(20).await;
+                assert_eq!(
+                    handled.borrow().len(),
+                    4,
+                    "partitioned away from the handler"
+                );
+                network.heal();
+
+                let replaced = Rc::new(Cell::new(0));
+                let count = replaced.clone();
+                network.set_handler(1, move |_, _| count.set(count.get() + 1));
+                network.send(0, 1, 5);
+                env.sleep_ms(20).await;
+                assert_eq!((handled.borrow().len(), replaced.get()), (4, 1));
+                Ok::<(), String>(())
+            })
+            .unwrap();
+    }
+
+    /// A handler holding its own network (as a server that replies does) is dropped with the
+    /// run, and the network with it.
+    #[test]
+    fn a_handler_is_dropped_with_the_run() {
+        let kept = Rc::new(std::cell::RefCell::new(None));
+        let slot = kept.clone();
+        Simulation::new(SimConfig::new(1).with_check_determinism(false))
+            .run(move |env| {
+                let slot = slot.clone();
+                async move {
+                    let network = env.network::<u32>(2);
+                    let held = network.clone();
+                    network.set_handler(1, move |from, message| held.send(1, from, message));
+                    *slot.borrow_mut() = Some(Rc::downgrade(&network.inner));
+                    Ok::<(), String>(())
+                }
+            })
+            .unwrap();
+        let network = kept.take().expect("the scenario ran");
+        assert!(
+            network.upgrade().is_none(),
+            "the network and its handler were dropped"
+        );
     }
 }

@@ -75,6 +75,8 @@ struct Mailbox<M> {
     /// Whether `waiter` waits for a message: set by a `recv` that found the mailbox empty,
     /// cleared by the delivery that wakes it.
     waiting: bool,
+    /// Whether the host's messages go to its handler instead of this mailbox.
+    handled: bool,
 }
 
 struct NetworkState<M> {
@@ -87,8 +89,6 @@ struct NetworkState<M> {
     delivered: u64,
     dropped: u64,
     in_flight_count: u64,
-    /// `handled[host]`: whether `host`'s messages go to its handler instead of its mailbox.
-    handled: Vec<bool>,
     /// Messages delivered to hosts with a handler, in delivery order, waiting for the handlers
     /// to be called once the delivery burst is over (a handler may send).
     to_handle: Vec<(HostId, HostId, M)>,
@@ -172,6 +172,7 @@ impl<M: Clone + 'static> SimNetwork<M> {
                 waiter: None,
                 waiter_task: None,
                 waiting: false,
+                handled: false,
             })
             .collect();
         let state = NetworkState {
@@ -183,7 +184,6 @@ impl<M: Clone + 'static> SimNetwork<M> {
             delivered: 0,
             dropped: 0,
             in_flight_count: 0,
-            handled: vec![false; config.hosts],
             to_handle: Vec::new(),
             hosts_to_wake: Vec::new(),
         };
@@ -356,7 +356,7 @@ impl<M: Clone + 'static> SimNetwork<M> {
             self.hosts()
         );
         let previous = self.inner.handlers.borrow_mut()[host].replace(Box::new(handle));
-        self.inner.state.borrow_mut().handled[host] = true;
+        self.inner.state.borrow_mut().mailboxes[host].handled = true;
         // Dropped outside the borrow: it may hold handles that lead back here.
         drop(previous);
     }
@@ -465,14 +465,7 @@ impl<M> NetworkState<M> {
             self.drop_message(env, route, OUTCOME_PARTITIONED);
             return;
         }
-        if self.handled[to] {
-            self.delivered += 1;
-            env.runtime()
-                .trace
-                .event(event::NET_DELIVER, route, OUTCOME_DELIVERED);
-            self.to_handle.push((from, to, message));
-            return;
-        }
+        // A handled host's mailbox stays empty, so it never overflows.
         if self.mailboxes[to].queue.len() >= config.mailbox_capacity {
             self.drop_message(env, route, OUTCOME_OVERFLOW);
             return;
@@ -482,6 +475,10 @@ impl<M> NetworkState<M> {
             .trace
             .event(event::NET_DELIVER, route, OUTCOME_DELIVERED);
         let mailbox = &mut self.mailboxes[to];
+        if mailbox.handled {
+            self.to_handle.push((from, to, message));
+            return;
+        }
         mailbox.queue.push_back((from, message));
         if mailbox.waiting {
             mailbox.waiting = false;
@@ -501,7 +498,7 @@ impl<M> EventSource for NetworkInner<M> {
     }
 
     fn fire_due(&self, now_ms: u64) {
-        let (mut to_handle, mut hosts) = {
+        {
             let mut state = self.state.borrow_mut();
             let mut in_flight = self.in_flight.borrow_mut();
             // Each message goes straight from the queue to its mailbox (or its handler's list).
@@ -509,16 +506,28 @@ impl<M> EventSource for NetworkInner<M> {
                 state.deliver(&self.env, &self.config, arrived);
             }
             self.next_delivery_ms.set(in_flight.next_deadline_ms());
-            // Usually every receiver was a task, woken on delivery.
+            // Usually every receiver was a task, woken on delivery, and no host has a handler.
             if state.hosts_to_wake.is_empty() && state.to_handle.is_empty() {
                 return;
             }
-            (
-                std::mem::take(&mut state.to_handle),
-                std::mem::take(&mut state.hosts_to_wake),
-            )
-        };
-        // Handled outside the borrows: a handler may send.
+        }
+        self.finish_burst();
+    }
+
+    fn teardown(&self) {
+        // Dropped outside the borrow: a handler may hold this network.
+        let handlers = std::mem::take(&mut *self.handlers.borrow_mut());
+        drop(handlers);
+    }
+}
+
+impl<M> NetworkInner<M> {
+    /// After a delivery burst, outside the borrows: calls the handlers with their messages
+    /// (a handler may send), then wakes the receivers that wait behind a waker of their own.
+    /// Out of line, so that the delivery loop stays small where neither is needed.
+    #[inline(never)]
+    fn finish_burst(&self) {
+        let mut to_handle = std::mem::take(&mut self.state.borrow_mut().to_handle);
         if !to_handle.is_empty() {
             let handlers = self.handlers.borrow();
             for (from, to, message) in to_handle.drain(..) {
@@ -528,9 +537,10 @@ impl<M> EventSource for NetworkInner<M> {
             drop(handlers);
             self.state.borrow_mut().to_handle = to_handle;
         }
-        // Woken outside the borrow, in delivery order, so a waker may touch the network. Each
-        // waker is lent out for its wake and put back unless a newer one replaced it meanwhile:
-        // waking by reference and keeping it spares a clone per wait.
+        let mut hosts = std::mem::take(&mut self.state.borrow_mut().hosts_to_wake);
+        // Woken in delivery order, so a waker may touch the network. Each waker is lent out
+        // for its wake and put back unless a newer one replaced it meanwhile: waking by
+        // reference and keeping it spares a clone per wait.
         for &host in &hosts {
             let waiter = self.state.borrow_mut().mailboxes[host].waiter.take();
             if let Some(waker) = waiter {
@@ -543,12 +553,6 @@ impl<M> EventSource for NetworkInner<M> {
         }
         hosts.clear();
         self.state.borrow_mut().hosts_to_wake = hosts;
-    }
-
-    fn teardown(&self) {
-        // Dropped outside the borrow: a handler may hold this network.
-        let handlers = std::mem::take(&mut *self.handlers.borrow_mut());
-        drop(handlers);
     }
 }
 

@@ -232,19 +232,20 @@ impl Runtime {
             return Ok(());
         }
         loop {
-            match self.poll_next()? {
-                Some(polled) => {
-                    self.check_invariants()?;
-                    if polled == main && main_done() {
-                        return Ok(());
-                    }
-                }
+            let polled = match self.poll_next()? {
+                Some(polled) => Some(polled),
                 None => {
                     self.advance_time()?;
-                    if self.check_requested.replace(false) {
-                        self.check_invariants()?;
+                    if !self.check_requested.replace(false) {
+                        continue;
                     }
+                    None
                 }
+            };
+            // One call site, so that the pass inlines into the loop.
+            self.check_invariants()?;
+            if polled == Some(main) && main_done() {
+                return Ok(());
             }
         }
     }

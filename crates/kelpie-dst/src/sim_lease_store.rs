@@ -1,8 +1,10 @@
 //! The lease protocol's store inside the simulator: [`SimStorage`] as a [`LeaseStore`].
 //!
-//! Each `apply` is one `transact` on the simulated store, so the production decision function
-//! runs at the single simulated instant the request reaches the store, with every storage
-//! fault (write failure, read failure, commit unknown, latency, crash) applied around it.
+//! Each `apply` is one `transact` on the simulated store (`apply_then`, the network server's,
+//! one `transact_then`, the same operation without a task), so the production decision
+//! function runs at the single simulated instant the request reaches the store, with every
+//! storage fault (write failure, read failure, commit unknown, latency, crash) applied around
+//! it.
 //! Every decision is also logged for the decision-level checkers, whether or not a fault then
 //! kept it from being written or answered.
 

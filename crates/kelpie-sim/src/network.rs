@@ -348,7 +348,7 @@ impl<M: Clone + 'static> SimNetwork<M> {
     /// host's previous handler; messages already in its mailbox stay there.
     ///
     /// # Panics
-    /// If `host` is out of range.
+    /// If `host` is out of range, or if called by a handler (handlers are set by tasks).
     pub fn set_handler(&self, host: HostId, handle: impl Fn(HostId, M) + 'static) {
         assert!(
             host < self.hosts(),

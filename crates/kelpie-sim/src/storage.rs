@@ -614,9 +614,9 @@ impl<V: Clone + 'static> StorageInner<V> {
         max_ms + max_ms.max(1) * STORAGE_LATENCY_SPIKE_FACTOR
     }
 
+    /// The request half of [`Self::latency_ms_max`].
     fn request_latency_ms_max(&self) -> u64 {
-        let max_ms = self.env.config().storage_latency_ms_max;
-        (max_ms + max_ms.max(1) * STORAGE_LATENCY_SPIKE_FACTOR) / 2
+        self.latency_ms_max() / 2
     }
 
     fn unavailable(&self, key: &str) -> StorageError {

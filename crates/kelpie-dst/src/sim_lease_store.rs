@@ -70,16 +70,58 @@ impl StoreWriteMutation {
 /// A [`LeaseStore`] over the simulator's storage.
 pub struct SimLeaseStore {
     storage: SimThread<SimStorage<LeaseRecord>>,
-    decisions: Arc<Mutex<Vec<DecisionRecord>>>,
-    /// Set when `decisions` received one since it was last taken.
-    decided: Arc<AtomicBool>,
+    /// What the store logs as it decides; shared by its clones.
+    logs: Arc<Logs>,
     /// The production [`decide`], or a mutation the test world swapped in: the store owns
     /// its protocol, requests never carry one.
     decide: DecideFn,
     /// A deliberately broken write path, if any.
     write_mutation: Option<StoreWriteMutation>,
+}
+
+/// The store's logs: the decisions for the checkers, and the effects for the linearizability
+/// check. One lock for both, since each decision writes to both, and one handle for a
+/// decision step to hold.
+#[derive(Default)]
+struct Logs {
+    written: Mutex<Logged>,
+    /// Set when a decision was logged since the decisions were last taken.
+    decided: AtomicBool,
+}
+
+#[derive(Default)]
+struct Logged {
+    /// The decisions since the checkers last took them.
+    decisions: Vec<DecisionRecord>,
     /// The requests applied, in order, once [`SimLeaseStore::log_effects`] was called.
-    effects: Arc<Mutex<Option<Vec<StoreEffect>>>>,
+    effects: Option<Vec<StoreEffect>>,
+}
+
+impl Logs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Logged> {
+        self.written.lock().expect("the store's logs poisoned")
+    }
+}
+
+impl Logged {
+    /// Logs that the store decided `request` on `actor_id` at `store_now_ms`, on the record
+    /// `current`, if effects are logged.
+    fn log_effect(
+        &mut self,
+        actor_id: &ActorId,
+        request: &LeaseRequest,
+        current: Option<&Versioned<LeaseRecord>>,
+        store_now_ms: u64,
+    ) {
+        if let Some(effects) = self.effects.as_mut() {
+            effects.push(StoreEffect {
+                actor_id: actor_id.clone(),
+                request: request.clone(),
+                store_now_ms,
+                record_version: current.map_or(0, |v| v.version),
+            });
+        }
+    }
 }
 
 impl Clone for SimLeaseStore {
@@ -87,11 +129,9 @@ impl Clone for SimLeaseStore {
         let storage = SimThread::new((*self.storage).clone());
         Self {
             storage,
-            decisions: Arc::clone(&self.decisions),
-            decided: Arc::clone(&self.decided),
+            logs: Arc::clone(&self.logs),
             decide: self.decide,
             write_mutation: self.write_mutation,
-            effects: Arc::clone(&self.effects),
         }
     }
 }
@@ -107,11 +147,9 @@ impl SimLeaseStore {
     pub fn with_decide_fn(storage: SimStorage<LeaseRecord>, decide: DecideFn) -> Self {
         Self {
             storage: SimThread::new(storage),
-            decisions: Arc::new(Mutex::new(Vec::new())),
-            decided: Arc::new(AtomicBool::new(false)),
+            logs: Arc::default(),
             decide,
             write_mutation: None,
-            effects: Arc::default(),
         }
     }
 
@@ -127,13 +165,12 @@ impl SimLeaseStore {
     ///
     /// [`check_history_with_store_log`]: crate::check_history_with_store_log
     pub fn log_effects(&self) {
-        let mut effects = self.effects.lock().expect("effect log poisoned");
-        effects.get_or_insert_with(Vec::new);
+        self.logs.lock().effects.get_or_insert_with(Vec::new);
     }
 
     /// `read` of the effect log, if [`SimLeaseStore::log_effects`] started one.
     pub fn with_effects<R>(&self, read: impl FnOnce(Option<&[StoreEffect]>) -> R) -> R {
-        read(self.effects.lock().expect("effect log poisoned").as_deref())
+        read(self.logs.lock().effects.as_deref())
     }
 
     /// Logs that the store decided `request` on `actor_id` at `store_now_ms`, on the record
@@ -145,7 +182,7 @@ impl SimLeaseStore {
         current: Option<&Versioned<LeaseRecord>>,
         store_now_ms: u64,
     ) {
-        log_effect(&self.effects, actor_id, request, current, store_now_ms);
+        (self.logs.lock()).log_effect(actor_id, request, current, store_now_ms);
     }
 
     /// The decision function this store applies.
@@ -172,14 +209,14 @@ impl SimLeaseStore {
 
     /// The decisions made since the last call.
     pub fn take_decisions(&self) -> Vec<DecisionRecord> {
-        let mut log = self.decisions.lock().expect("decision log poisoned");
-        self.decided.store(false, Ordering::Release);
-        std::mem::take(&mut *log)
+        let mut logged = self.logs.lock();
+        self.logs.decided.store(false, Ordering::Release);
+        std::mem::take(&mut logged.decisions)
     }
 
     /// Whether a decision was made since the decisions were last taken.
     pub fn has_decisions(&self) -> bool {
-        self.decided.load(Ordering::Acquire)
+        self.logs.decided.load(Ordering::Acquire)
     }
 
     /// Moves the decisions made since the last call into `decisions` (cleared first), keeping
@@ -190,9 +227,9 @@ impl SimLeaseStore {
         if !self.has_decisions() {
             return;
         }
-        let mut log = self.decisions.lock().expect("decision log poisoned");
-        self.decided.store(false, Ordering::Release);
-        std::mem::swap(decisions, &mut *log);
+        let mut logged = self.logs.lock();
+        self.logs.decided.store(false, Ordering::Release);
+        std::mem::swap(decisions, &mut logged.decisions);
     }
 
     /// The actors whose records were written since the last call.
@@ -233,12 +270,12 @@ impl SimLeaseStore {
     ) -> impl FnOnce(Option<&Versioned<LeaseRecord>>, u64) -> (Option<LeaseRecord>, Decision) + 'static
     {
         let (decide, write_mutation) = (self.decide, self.write_mutation);
-        let (log, decided) = (Arc::clone(&self.decisions), Arc::clone(&self.decided));
-        let effects = Arc::clone(&self.effects);
+        let logs = Arc::clone(&self.logs);
         move |current: Option<&Versioned<LeaseRecord>>, now_ms: u64| {
             let before = current.map(|v| v.value.clone());
             let decision = decide(&actor_id, before.as_ref(), &request, now_ms);
-            log_effect(&effects, &actor_id, &request, current, now_ms);
+            let mut logged = logs.lock();
+            logged.log_effect(&actor_id, &request, current, now_ms);
             let write = match write_mutation {
                 Some(mutation) => mutation.write(before.as_ref(), &request, &decision, now_ms),
                 None => decision.write.clone(),
@@ -250,8 +287,9 @@ impl SimLeaseStore {
                 store_now_ms: now_ms,
                 decision: decision.clone(),
             };
-            log.lock().expect("decision log poisoned").push(record);
-            decided.store(true, Ordering::Release);
+            logged.decisions.push(record);
+            drop(logged);
+            logs.decided.store(true, Ordering::Release);
             (write, decision)
         }
     }
@@ -277,25 +315,6 @@ fn error_reason(error: &StorageError) -> String {
     let mut reason = String::with_capacity(ERROR_REASON_BYTES_TYPICAL);
     write!(reason, "{error}").expect("writing to a String cannot fail");
     reason
-}
-
-/// See [`SimLeaseStore::log_effect`].
-fn log_effect(
-    effects: &Mutex<Option<Vec<StoreEffect>>>,
-    actor_id: &ActorId,
-    request: &LeaseRequest,
-    current: Option<&Versioned<LeaseRecord>>,
-    store_now_ms: u64,
-) {
-    let mut effects = effects.lock().expect("effect log poisoned");
-    if let Some(effects) = effects.as_mut() {
-        effects.push(StoreEffect {
-            actor_id: actor_id.clone(),
-            request: request.clone(),
-            store_now_ms,
-            record_version: current.map_or(0, |v| v.version),
-        });
-    }
 }
 
 impl LeaseStore for SimLeaseStore {

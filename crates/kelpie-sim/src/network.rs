@@ -75,7 +75,9 @@ struct Mailbox<M> {
     /// Whether `waiter` waits for a message: set by a `recv` that found the mailbox empty,
     /// cleared by the delivery that wakes it.
     waiting: bool,
-    /// Whether the host's messages go to its handler instead of this mailbox.
+    /// Whether the host's messages go to its handler instead of this mailbox: whether
+    /// `NetworkInner::handlers` has one for it, mirrored here (set with it) so that a delivery
+    /// reads it with the queue, without borrowing the handlers.
     handled: bool,
 }
 
@@ -738,24 +740,13 @@ mod tests {
     /// run, and the network with it.
     #[test]
     fn a_handler_is_dropped_with_the_run() {
-        let kept = Rc::new(std::cell::RefCell::new(None));
-        let slot = kept.clone();
-        Simulation::new(SimConfig::new(1).with_check_determinism(false))
-            .run(move |env| {
-                let slot = slot.clone();
-                async move {
-                    let network = env.network::<u32>(2);
-                    let held = network.clone();
-                    network.set_handler(1, move |from, message| held.send(1, from, message));
-                    *slot.borrow_mut() = Some(Rc::downgrade(&network.inner));
-                    Ok::<(), String>(())
-                }
-            })
-            .unwrap();
-        let network = kept.take().expect("the scenario ran");
-        assert!(
-            network.upgrade().is_none(),
-            "the network and its handler were dropped"
-        );
+        let config = SimConfig::new(1).with_check_determinism(false);
+        let dropped = crate::sim::dropped_with_the_run(config, |env| {
+            let network = env.network::<u32>(2);
+            let held = network.clone();
+            network.set_handler(1, move |from, message| held.send(1, from, message));
+            Rc::downgrade(&network.inner)
+        });
+        assert!(dropped, "the network and its handler were dropped");
     }
 }

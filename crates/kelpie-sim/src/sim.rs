@@ -185,3 +185,23 @@ fn describe(result: &Result<SimReport, SimError>) -> String {
         Err(error) => format!("failed ({error})"),
     }
 }
+
+/// Whether what `keep` built in a run (and returns a weak handle to) is gone once the run
+/// ends: for tests that a component, and what it holds that holds it back, is dropped with
+/// the run.
+#[cfg(test)]
+pub(crate) fn dropped_with_the_run<T: 'static>(
+    config: SimConfig,
+    keep: impl Fn(&SimEnv) -> std::rc::Weak<T> + 'static,
+) -> bool {
+    let kept = std::rc::Rc::new(RefCell::new(None));
+    let slot = std::rc::Rc::clone(&kept);
+    Simulation::new(config)
+        .run(move |env| {
+            *slot.borrow_mut() = Some(keep(&env));
+            async { Ok::<(), String>(()) }
+        })
+        .expect("the run ends");
+    let kept = kept.take().expect("the scenario ran");
+    kept.upgrade().is_none()
+}

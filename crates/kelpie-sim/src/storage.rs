@@ -152,12 +152,19 @@ struct Transaction<K, F, R, D> {
     /// The store's crash count at the call: a crash since loses the request or the reply.
     epoch: u64,
     reply_ms: u64,
-    /// The step, until the request reaches the store.
-    step: Option<F>,
-    /// The outcome, from the effect until the reply arrives.
-    result: Option<Result<R, StorageError>>,
+    phase: Phase<F, R>,
     /// Called with the outcome, once.
     done: Option<D>,
+}
+
+/// Where a [`Transaction`] is.
+enum Phase<F, R> {
+    /// On its way to the store, with its step.
+    Request(F),
+    /// Applied, its outcome on its way back.
+    Reply(Result<R, StorageError>),
+    /// Answered.
+    Answered,
 }
 
 impl<V, K, F, R, D> PendingOp<V> for Transaction<K, F, R, D>
@@ -169,20 +176,21 @@ where
 {
     fn fire(&mut self, store: &StorageInner<V>, now_ms: u64) -> Option<u64> {
         let key = self.key.as_ref();
-        let lost = store.crashed.get() || store.epoch.get() != self.epoch;
-        let result = match self.step.take() {
+        let lost = store.lost_since(self.epoch);
+        let result = match std::mem::replace(&mut self.phase, Phase::Answered) {
             // The request was lost with the crash; nothing was applied.
-            Some(_) if lost => Err(store.unavailable(key)),
-            Some(step) => {
+            Phase::Request(_) if lost => Err(store.unavailable(key)),
+            Phase::Request(step) => {
                 let (result, version) = store.read_modify_write_at(key, step, now_ms);
                 store.trace_op(OpKind::Transact, key, &result, version);
                 store.env.runtime().request_check();
-                self.result = Some(result);
+                self.phase = Phase::Reply(result);
                 return Some(now_ms + self.reply_ms);
             }
             // The reply was lost with the crash; the operation may have been applied.
-            None if lost => Err(store.unavailable(key)),
-            None => self.result.take().expect("an applied operation's outcome"),
+            Phase::Reply(_) if lost => Err(store.unavailable(key)),
+            Phase::Reply(result) => result,
+            Phase::Answered => unreachable!("an answered operation fired again"),
         };
         (self.done.take().expect("an operation is answered once"))(result);
         None
@@ -326,18 +334,15 @@ impl<V: Clone + 'static> SimStorage<V> {
         D: FnOnce(Result<R, StorageError>) + 'static,
     {
         let store = &*self.inner;
-        store.operations.set(store.operations.get() + 1);
-        if store.crashed.get() {
-            done(Err(store.unavailable(key.as_ref())));
-            return;
-        }
-        let (request_ms, reply_ms) = store.draw_latency_ms();
+        let (epoch, request_ms, reply_ms) = match store.begin(key.as_ref()) {
+            Ok(begun) => begun,
+            Err(unavailable) => return done(Err(unavailable)),
+        };
         let operation = Transaction {
             key,
-            epoch: store.epoch.get(),
+            epoch,
             reply_ms,
-            step: Some(f),
-            result: None,
+            phase: Phase::Request(f),
             done: Some(done),
         };
         let now_ms = store.env.now_ms();
@@ -455,21 +460,16 @@ impl<V: Clone + 'static> SimStorage<V> {
         apply: impl FnOnce(&StorageInner<V>, &str, u64) -> (Result<R, StorageError>, u64),
     ) -> Result<R, StorageError> {
         let store = &*self.inner;
-        store.operations.set(store.operations.get() + 1);
-        let epoch = store.epoch.get();
-        if store.crashed.get() {
-            return Err(store.unavailable(key));
-        }
-        let (request_ms, reply_ms) = store.draw_latency_ms();
+        let (epoch, request_ms, reply_ms) = store.begin(key)?;
         store.env.sleep_ms(request_ms).await;
-        if store.crashed.get() || store.epoch.get() != epoch {
+        if store.lost_since(epoch) {
             // The request was lost with the crash; nothing was applied.
             return Err(store.unavailable(key));
         }
         let (result, version) = apply(store, key, store.env.now_ms());
         store.trace_op(kind, key, &result, version);
         store.env.sleep_ms(reply_ms).await;
-        if store.crashed.get() || store.epoch.get() != epoch {
+        if store.lost_since(epoch) {
             // The reply was lost with the crash; the operation may have been applied.
             return Err(store.unavailable(key));
         }
@@ -507,6 +507,24 @@ impl<V: Clone + 'static> EventSource for StorageInner<V> {
 }
 
 impl<V: Clone + 'static> StorageInner<V> {
+    /// Starts an operation on `key`: counts it and, unless the store is crashed (then it is
+    /// unavailable at once), draws its latency. Returns the crash count it started in, and the
+    /// request and reply halves of its latency.
+    fn begin(&self, key: &str) -> Result<(u64, u64, u64), StorageError> {
+        self.operations.set(self.operations.get() + 1);
+        if self.crashed.get() {
+            return Err(self.unavailable(key));
+        }
+        let (request_ms, reply_ms) = self.draw_latency_ms();
+        Ok((self.epoch.get(), request_ms, reply_ms))
+    }
+
+    /// Whether an operation begun in crash count `epoch` lost its request or its reply: the
+    /// store is down, or crashed (and maybe restarted) since.
+    fn lost_since(&self, epoch: u64) -> bool {
+        self.crashed.get() || self.epoch.get() != epoch
+    }
+
     /// The read-modify-write step of `transact` and `compare_and_swap` at `now_ms`, the
     /// instant its request reaches the store: read faults, `f`, then the write with its faults.
     fn read_modify_write_at<R>(
@@ -905,24 +923,12 @@ mod tests {
     /// answer holds the store that holds the operation.
     #[test]
     fn operations_in_flight_at_the_end_are_dropped() {
-        let kept = Rc::new(RefCell::new(None));
-        let slot = Rc::clone(&kept);
-        Simulation::new(fixed_latency())
-            .run(move |env| {
-                let slot = Rc::clone(&slot);
-                async move {
-                    let store = env.storage::<u32>();
-                    let held = store.clone();
-                    store.transact_then("k", |_, _| (Some(1), ()), move |_| drop(held));
-                    *slot.borrow_mut() = Some(Rc::downgrade(&store.inner));
-                    Ok::<(), String>(())
-                }
-            })
-            .unwrap();
-        let store = kept.take().expect("the scenario ran");
-        assert!(
-            store.upgrade().is_none(),
-            "the store and its operation were dropped"
-        );
+        let dropped = crate::sim::dropped_with_the_run(fixed_latency(), |env| {
+            let store = env.storage::<u32>();
+            let held = store.clone();
+            store.transact_then("k", |_, _| (Some(1), ()), move |_| drop(held));
+            Rc::downgrade(&store.inner)
+        });
+        assert!(dropped, "the store and its operation were dropped");
     }
 }

@@ -5,14 +5,14 @@
 //! positive this is monotone in global time, and `jump_forward` only ever adds to the offset,
 //! so a [`SimClock`] honours the [`Clock`] contract of never going backwards.
 
-use crate::executor::{lock, Shared};
-use crate::timer::{duration_to_ms_ceil, slab_put, Sleep};
+use crate::executor::Shared;
+use crate::timer::{duration_to_ms_ceil, Sleep};
 use kelpie_core::{Clock, SleepFuture};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -25,65 +25,11 @@ const PPM_PER_UNIT: i128 = 1_000_000;
 /// The state a node clock shares between its clones.
 #[derive(Debug)]
 struct ClockState {
+    /// Tags the timers of this clock's sleeps, which `jump_forward` wakes so they can finish
+    /// early: unique within the run, never [`GLOBAL_TIME`](crate::timer::GLOBAL_TIME).
+    id: u64,
     offset_ms: AtomicU64,
     drift_ppm: i64,
-    /// Wakers of pending sleeps, woken by `jump_forward` so they can finish early.
-    sleepers: Mutex<Sleepers>,
-}
-
-/// Where a registered sleep's waker is: its order of registration (the order `jump_forward`
-/// wakes in) and its slot.
-#[derive(Debug, Clone, Copy)]
-struct SleeperKey {
-    id: u64,
-    slot: u32,
-}
-
-/// The wakers of a clock's pending sleeps, in a slab: registering and removing one (once per
-/// sleep, on the hot path of every timeout) is an index, not a search of an ordered map. The
-/// rare `jump_forward` sorts them by id to wake them in registration order.
-#[derive(Debug, Default)]
-struct Sleepers {
-    /// `(id, waker)` of the sleep in each slot; `None` while the slot is free.
-    slots: Vec<Option<(u64, Waker)>>,
-    free: Vec<u32>,
-    next_id: u64,
-}
-
-impl Sleepers {
-    /// Registers a new sleeper waking `waker`.
-    fn insert(&mut self, waker: &Waker) -> SleeperKey {
-        let id = self.next_id;
-        self.next_id += 1;
-        let entry = Some((id, waker.clone()));
-        let slot = slab_put(&mut self.slots, &mut self.free, entry);
-        SleeperKey { id, slot }
-    }
-
-    /// The registered sleeper `key`'s entry.
-    fn entry_mut(&mut self, key: SleeperKey) -> &mut (u64, Waker) {
-        match &mut self.slots[key.slot as usize] {
-            Some(entry) if entry.0 == key.id => entry,
-            _ => panic!("sleeper {} is not in its slot {}", key.id, key.slot),
-        }
-    }
-
-    /// Forgets the sleeper `key`.
-    fn remove(&mut self, key: SleeperKey) {
-        self.entry_mut(key);
-        self.slots[key.slot as usize] = None;
-        self.free.push(key.slot);
-    }
-
-    /// Every registered waker, in registration order.
-    fn wakers_in_order(&self) -> Vec<Waker> {
-        let mut entries: Vec<&(u64, Waker)> = self.slots.iter().flatten().collect();
-        entries.sort_unstable_by_key(|&&(id, _)| id);
-        entries
-            .into_iter()
-            .map(|(_, waker)| waker.clone())
-            .collect()
-    }
 }
 
 /// A node's local simulated clock. Cloning shares it; it is `Send + Sync` and implements
@@ -106,9 +52,9 @@ impl SimClock {
             "node clock drift {drift_ppm} ppm is beyond ±{CLOCK_DRIFT_PPM_ABS_MAX} ppm"
         );
         let state = ClockState {
+            id: shared.new_clock_id(),
             offset_ms: AtomicU64::new(offset_ms),
             drift_ppm,
-            sleepers: Mutex::new(Sleepers::default()),
         };
         Self {
             shared,
@@ -140,7 +86,8 @@ impl SimClock {
     /// are re-evaluated and may complete at once.
     pub fn jump_forward(&self, jump_ms: u64) {
         self.state.offset_ms.fetch_add(jump_ms, Ordering::AcqRel);
-        let wakers = lock(&self.state.sleepers).wakers_in_order();
+        // Woken outside the timers' lock: a waker may run code that sets a timer.
+        let wakers = self.shared.timers().wakers_of_clock(self.state.id);
         wakers.into_iter().for_each(Waker::wake);
     }
 
@@ -151,7 +98,6 @@ impl SimClock {
             clock: self.clone(),
             target_local_ms,
             inner: None,
-            sleeper: None,
         }
     }
 
@@ -250,43 +196,12 @@ impl Clock for SimClock {
 pub struct ClockSleep {
     clock: SimClock,
     target_local_ms: u64,
+    /// The sleep on global time until the instant the local clock reaches the target, as
+    /// last computed. Its timer carries the clock's id, so a jump of the clock wakes it.
     inner: Option<Sleep>,
-    sleeper: Option<SleeperKey>,
 }
 
 impl ClockSleep {
-    fn register_sleeper(&mut self, waker: &Waker) {
-        let mut sleepers = lock(&self.clock.state.sleepers);
-        match self.sleeper {
-            None => self.sleeper = Some(sleepers.insert(waker)),
-            Some(key) => {
-                let (_, existing) = sleepers.entry_mut(key);
-                if !existing.will_wake(waker) {
-                    *existing = waker.clone();
-                }
-            }
-        }
-    }
-
-    #[inline]
-    fn unregister_sleeper(&mut self) {
-        if let Some(key) = self.sleeper.take() {
-            self.remove_sleeper(key);
-        }
-    }
-
-    #[inline(never)]
-    fn remove_sleeper(&self, key: SleeperKey) {
-        lock(&self.clock.state.sleepers).remove(key);
-    }
-
-    /// Ends the sleep: its sleeper and inner sleep are dropped.
-    #[inline]
-    fn finish(&mut self) {
-        self.unregister_sleeper();
-        self.inner = None;
-    }
-
     /// [`Future::poll`] while the local clock is short of the target.
     #[inline(never)]
     fn poll_waiting(&mut self, cx: &mut Context<'_>) -> Poll<()> {
@@ -294,19 +209,15 @@ impl ClockSleep {
         // clock has reached the target.
         for _ in 0..2 {
             if self.clock.now_ms() >= self.target_local_ms {
-                self.finish();
+                self.inner = None;
                 return Poll::Ready(());
             }
+            // A jump moves the deadline sooner: the jump woke this sleep through its timer,
+            // and the timer moves here.
             let deadline_ms = self.clock.global_deadline_for(self.target_local_ms);
             if self.inner.as_ref().map(Sleep::deadline_ms) != Some(deadline_ms) {
-                self.inner = Some(Sleep::until(self.clock.shared.clone(), deadline_ms));
-            }
-            // A pending poll leaves the sleeper and the inner sleep's timer registered with
-            // the same waker, and only a poll changes either: so while the inner timer still
-            // wakes this waker, so does the sleeper, and the clock's lock is not needed.
-            let inner = self.inner.as_ref().expect("inner sleep was just set");
-            if self.sleeper.is_none() || !inner.is_registered_with(cx.waker()) {
-                self.register_sleeper(cx.waker());
+                let (shared, clock_id) = (self.clock.shared.clone(), self.clock.state.id);
+                self.inner = Some(Sleep::until_for_clock(shared, deadline_ms, clock_id));
             }
             let inner = self.inner.as_mut().expect("inner sleep was just set");
             if Pin::new(inner).poll(cx).is_pending() {
@@ -324,16 +235,10 @@ impl Future for ClockSleep {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         // The usual second poll, after the timer fired: no call for it.
         if self.clock.now_ms() >= self.target_local_ms {
-            self.finish();
+            self.inner = None;
             return Poll::Ready(());
         }
         self.poll_waiting(cx)
-    }
-}
-
-impl Drop for ClockSleep {
-    fn drop(&mut self) {
-        self.unregister_sleeper();
     }
 }
 
@@ -404,10 +309,10 @@ mod tests {
         }
     }
 
-    /// A jump wakes every pending sleeper once, in the order they first registered, however
-    /// the slab reused their slots.
+    /// A jump wakes the pending timers of that clock's sleeps, in the order they were set,
+    /// however the slab reused their slots; not another clock's, nor a global sleep's.
     #[test]
-    fn a_jump_wakes_sleepers_in_registration_order() {
+    fn a_jump_wakes_its_clocks_sleeps_in_the_order_their_timers_were_set() {
         use std::sync::Mutex as StdMutex;
         struct Record(usize, Arc<StdMutex<Vec<usize>>>);
         impl std::task::Wake for Record {
@@ -417,15 +322,41 @@ mod tests {
         }
         let woken = Arc::new(StdMutex::new(Vec::new()));
         let waker = |n| Waker::from(Arc::new(Record(n, woken.clone())));
-        let mut sleepers = Sleepers::default();
-        let keys: Vec<SleeperKey> = (0..5).map(|n| sleepers.insert(&waker(n))).collect();
-        sleepers.remove(keys[1]);
-        sleepers.remove(keys[3]);
-        let late = sleepers.insert(&waker(5));
-        sleepers.insert(&waker(6));
-        sleepers.entry_mut(late).1 = waker(7);
-        sleepers.wakers_in_order().into_iter().for_each(Waker::wake);
-        assert_eq!(*woken.lock().unwrap(), vec![0, 2, 4, 7, 6]);
+        let shared = Arc::new(Shared::default());
+        let (jumping, other) = (
+            SimClock::new(shared.clone(), 0, 0),
+            SimClock::new(shared.clone(), 0, 0),
+        );
+        let mut sleeps: Vec<ClockSleep> = (0..5)
+            .map(|n| jumping.sleep_local(Duration::from_millis(100 + n)))
+            .collect();
+        let poll = |sleep: &mut ClockSleep, n: usize| {
+            let waker = waker(n);
+            Pin::new(sleep).poll(&mut Context::from_waker(&waker))
+        };
+        for (n, sleep) in sleeps.iter_mut().enumerate() {
+            assert!(poll(sleep, n).is_pending());
+        }
+        drop(sleeps.remove(3));
+        drop(sleeps.remove(1));
+        let mut late = jumping.sleep_local(Duration::from_millis(50));
+        assert!(poll(&mut late, 5).is_pending());
+        let mut another = other.sleep_local(Duration::from_millis(50));
+        assert!(poll(&mut another, 6).is_pending());
+        let mut global = Sleep::until(shared.clone(), 50);
+        assert!(Pin::new(&mut global)
+            .poll(&mut Context::from_waker(&waker(7)))
+            .is_pending());
+        assert!(poll(&mut late, 8).is_pending(), "polled by another waker");
+        jumping.jump_forward(10);
+        assert_eq!(*woken.lock().unwrap(), vec![0, 2, 4, 8]);
+        // Woken, each sleep moves its timer sooner, and a jump past its target ends it.
+        assert!(poll(&mut late, 9).is_pending());
+        assert_eq!(shared.timers().next_deadline_ms(), Some(40));
+        jumping.jump_forward(60);
+        assert!(poll(&mut late, 9).is_ready());
+        assert!(poll(&mut sleeps[0], 0).is_pending());
+        assert_eq!(shared.timers().next_deadline_ms(), Some(30));
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub(crate) struct Shared {
     /// whenever the timers change, so the run loop finds the next event without the lock.
     timer_pending: AtomicBool,
     next_timer_ms: AtomicU64,
+    /// The last node clock id handed out ([`Self::new_clock_id`]).
+    last_clock_id: AtomicU64,
 }
 
 /// The locked timers. Releasing them publishes their earliest deadline in [`Shared`].
@@ -222,6 +224,12 @@ impl Shared {
     fn push_ready_elsewhere(&self, key: TaskKey) {
         self.ready().push(key);
         self.woken_elsewhere.store(true, Ordering::Release);
+    }
+
+    /// A new node clock's id: unique within the run, and never
+    /// [`GLOBAL_TIME`](crate::timer::GLOBAL_TIME).
+    pub fn new_clock_id(&self) -> u64 {
+        self.last_clock_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// The pending timers.

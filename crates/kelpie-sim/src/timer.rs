@@ -35,7 +35,13 @@ pub(crate) struct TimerKey {
 struct TimerSlot {
     sequence: u64,
     waker: Option<Waker>,
+    /// The node clock whose sleep set the timer, or [`GLOBAL_TIME`]: a jump of that clock
+    /// wakes it early ([`TimerQueue::wakers_of_clock`]).
+    clock_id: u64,
 }
+
+/// The clock id of a timer set on global simulated time, not for a node clock's sleep.
+pub(crate) const GLOBAL_TIME: u64 = 0;
 
 /// Bits of a heap entry that hold the slot, below the sequence's.
 const TIMER_SLOT_BITS: u32 = 24;
@@ -72,13 +78,15 @@ pub(crate) struct TimerQueue {
 }
 
 impl TimerQueue {
-    /// Adds a timer that wakes `waker` at `deadline_ms`.
-    pub fn insert(&mut self, deadline_ms: u64, waker: Waker) -> TimerKey {
+    /// Adds a timer that wakes `waker` at `deadline_ms`, set for a sleep on node clock
+    /// `clock_id` (or on [`GLOBAL_TIME`]).
+    pub fn insert(&mut self, deadline_ms: u64, waker: Waker, clock_id: u64) -> TimerKey {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
         let filled = TimerSlot {
             sequence,
             waker: Some(waker),
+            clock_id,
         };
         let slot = slab_put(&mut self.slots, &mut self.free, filled);
         self.heap
@@ -141,6 +149,25 @@ impl TimerQueue {
         }
     }
 
+    /// The wakers of the pending timers set for node clock `clock_id`, in the order the timers
+    /// were set: a jump of that clock wakes them, as their sleeps may now end sooner. Each
+    /// timer stays set; a woken sleep moves or keeps it. A jump is rare, so it scans the slab,
+    /// and a sleep registers nowhere but here.
+    pub fn wakers_of_clock(&self, clock_id: u64) -> Vec<Waker> {
+        assert_ne!(clock_id, GLOBAL_TIME, "global time does not jump");
+        let mut pending: Vec<(u64, &Waker)> = self
+            .slots
+            .iter()
+            .filter(|slot| slot.clock_id == clock_id)
+            .filter_map(|slot| Some((slot.sequence, slot.waker.as_ref()?)))
+            .collect();
+        pending.sort_unstable_by_key(|&(sequence, _)| sequence);
+        pending
+            .into_iter()
+            .map(|(_, waker)| waker.clone())
+            .collect()
+    }
+
     /// Drops every timer (at the end of a run, to break waker reference cycles).
     pub fn clear(&mut self) {
         self.heap.clear();
@@ -164,6 +191,8 @@ pub(crate) fn duration_to_ms_ceil(duration: Duration) -> u64 {
 pub struct Sleep {
     shared: Arc<Shared>,
     deadline_ms: u64,
+    /// The node clock this sleep serves ([`GLOBAL_TIME`] if none): its timer is tagged with it.
+    clock_id: u64,
     /// The registered timer and the identity of the waker it will wake.
     timer: Option<(TimerKey, WakerIdentity)>,
 }
@@ -197,9 +226,17 @@ impl Sleep {
     /// A sleep until global time `deadline_ms`.
     #[inline]
     pub(crate) fn until(shared: Arc<Shared>, deadline_ms: u64) -> Self {
+        Self::until_for_clock(shared, deadline_ms, GLOBAL_TIME)
+    }
+
+    /// A sleep until global time `deadline_ms`, on behalf of a sleep on node clock
+    /// `clock_id`, which a jump of that clock wakes.
+    #[inline]
+    pub(crate) fn until_for_clock(shared: Arc<Shared>, deadline_ms: u64, clock_id: u64) -> Self {
         Self {
             shared,
             deadline_ms,
+            clock_id,
             timer: None,
         }
     }
@@ -236,7 +273,10 @@ impl Sleep {
     #[inline(never)]
     fn register(&mut self, waker: &Waker) {
         self.cancel();
-        let key = self.shared.timers().insert(self.deadline_ms, waker.clone());
+        let key = self
+            .shared
+            .timers()
+            .insert(self.deadline_ms, waker.clone(), self.clock_id);
         self.timer = Some((key, WakerIdentity::of(waker)));
     }
 }
@@ -287,9 +327,9 @@ mod tests {
     fn timers_pop_in_deadline_then_insertion_order() {
         let mut timers = TimerQueue::default();
         let waker = Waker::noop().clone();
-        let late = timers.insert(30, waker.clone());
-        let first = timers.insert(10, waker.clone());
-        let second = timers.insert(10, waker.clone());
+        let late = timers.insert(30, waker.clone(), GLOBAL_TIME);
+        let first = timers.insert(10, waker.clone(), GLOBAL_TIME);
+        let second = timers.insert(10, waker.clone(), GLOBAL_TIME);
         assert_eq!(timers.next_deadline_ms(), Some(10));
         assert!(timers.pop_due(9).is_none());
         assert_eq!(timers.pop_due(10).map(|(key, _)| key), Some(first));
@@ -313,7 +353,8 @@ mod tests {
         for _ in 0..20_000 {
             match rng.gen_range(0..4u32) {
                 0 | 1 => {
-                    let key = timers.insert(now_ms + rng.gen_range(0..50u64), waker.clone());
+                    let deadline_ms = now_ms + rng.gen_range(0..50u64);
+                    let key = timers.insert(deadline_ms, waker.clone(), GLOBAL_TIME);
                     model.insert((key.deadline_ms, key.sequence), ());
                     keys.push(key);
                 }

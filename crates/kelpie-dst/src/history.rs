@@ -13,6 +13,8 @@ use std::fmt;
 use std::rc::Rc;
 
 use kelpie_core::ActorId;
+
+use crate::recycled::Recycled;
 use kelpie_lease::{backend::LeaseOp, backend::LeaseRequest, Lease, LeaseError, StoreError};
 
 /// An operation's index in its [`History`].
@@ -124,14 +126,9 @@ pub struct History {
     ops: Rc<RefCell<Ops>>,
 }
 
-/// The operations, in a vector whose allocation outlives the history: a dropped history's
-/// vector, emptied, is kept for the next history on its thread. A sweep builds one history
-/// per seed, and growing each from empty copied it over and over (about 1% of a swarm seed)
-/// and touched fresh memory.
-struct Ops(Vec<HistoryOp>);
-
-/// Largest allocation kept for the next history; a larger one is freed.
-const SPARE_HISTORY_BYTES_MAX: usize = 256 << 20;
+/// The operations. A sweep builds one history per seed: a dropped history's allocation is
+/// kept for the next on its thread ([`Recycled`]).
+struct Ops(Recycled<HistoryOp>);
 
 thread_local! {
     /// The emptied vector of the last history dropped on this thread.
@@ -140,24 +137,7 @@ thread_local! {
 
 impl Default for Ops {
     fn default() -> Self {
-        Self(SPARE_OPS.with_borrow_mut(std::mem::take))
-    }
-}
-
-impl Drop for Ops {
-    fn drop(&mut self) {
-        let mut ops = std::mem::take(&mut self.0);
-        ops.clear();
-        if ops.capacity() * std::mem::size_of::<HistoryOp>() > SPARE_HISTORY_BYTES_MAX {
-            return;
-        }
-        // `try_`: at thread exit the spare may be gone already; the vector is freed then.
-        let _ = SPARE_OPS.try_with(|spare| {
-            let mut spare = spare.borrow_mut();
-            if ops.capacity() > spare.capacity() {
-                *spare = ops;
-            }
-        });
+        Self(Recycled::new(&SPARE_OPS))
     }
 }
 
@@ -212,7 +192,7 @@ impl History {
 
     /// Runs `f` on the operations, in invocation order, without copying them.
     pub fn with_ops<R>(&self, f: impl FnOnce(&[HistoryOp]) -> R) -> R {
-        f(&self.ops.borrow().0)
+        f(&self.ops.borrow().0[..])
     }
 
     /// A copy of the operations, in invocation order.

@@ -44,6 +44,7 @@ pub mod lease_scenario;
 pub mod lease_swarm;
 pub mod linearizability;
 pub mod mutations;
+mod recycled;
 pub mod sim_etcd;
 pub mod sim_lease_store;
 mod sim_thread;

@@ -8,6 +8,7 @@
 //! Every decision is also logged for the decision-level checkers, whether or not a fault then
 //! kept it from being written or answered.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +20,7 @@ use kelpie_lease::{
     StoreError,
 };
 
+use crate::recycled::Recycled;
 use crate::sim_thread::SimThread;
 
 use crate::checkers::DecisionRecord;
@@ -94,7 +96,12 @@ struct Logged {
     /// The decisions since the checkers last took them.
     decisions: Vec<DecisionRecord>,
     /// The requests applied, in order, once [`SimLeaseStore::log_effects`] was called.
-    effects: Option<Vec<StoreEffect>>,
+    effects: Option<Recycled<StoreEffect>>,
+}
+
+thread_local! {
+    /// The emptied effect log of the last store dropped on this thread ([`Recycled`]).
+    static SPARE_EFFECTS: RefCell<Vec<StoreEffect>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Logs {
@@ -165,12 +172,15 @@ impl SimLeaseStore {
     ///
     /// [`check_history_with_store_log`]: crate::check_history_with_store_log
     pub fn log_effects(&self) {
-        self.logs.lock().effects.get_or_insert_with(Vec::new);
+        self.logs
+            .lock()
+            .effects
+            .get_or_insert_with(|| Recycled::new(&SPARE_EFFECTS));
     }
 
     /// `read` of the effect log, if [`SimLeaseStore::log_effects`] started one.
     pub fn with_effects<R>(&self, read: impl FnOnce(Option<&[StoreEffect]>) -> R) -> R {
-        read(self.logs.lock().effects.as_deref())
+        read(self.logs.lock().effects.as_deref().map(Vec::as_slice))
     }
 
     /// Logs that the store decided `request` on `actor_id` at `store_now_ms`, on the record

@@ -6,8 +6,9 @@
 //! so a [`SimClock`] honours the [`Clock`] contract of never going backwards.
 
 use crate::executor::Shared;
-use crate::timer::{duration_to_ms_ceil, Sleep};
+use crate::timer::{duration_to_ms_ceil, Timer};
 use kelpie_core::{Clock, SleepFuture};
+use std::borrow::Borrow;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -92,13 +93,8 @@ impl SimClock {
     }
 
     /// A future that completes once this clock has advanced by `duration`.
-    pub fn sleep_local(&self, duration: Duration) -> ClockSleep {
-        let target_local_ms = self.now_ms().saturating_add(duration_to_ms_ceil(duration));
-        ClockSleep {
-            clock: self.clone(),
-            target_local_ms,
-            inner: None,
-        }
+    pub fn sleep_local(&self, duration: Duration) -> ClockSleep<&SimClock> {
+        ClockSleep::new(self, duration)
     }
 
     /// The first global instant (not before now) at which this clock reads `local_ms`, if it
@@ -185,7 +181,7 @@ impl Clock for SimClock {
     }
 
     fn sleep(&self, duration: Duration) -> SleepFuture {
-        Box::pin(self.sleep_local(duration))
+        Box::pin(ClockSleep::new(self.clone(), duration))
     }
 }
 
@@ -193,34 +189,65 @@ impl Clock for SimClock {
 /// the local clock has reached its target.
 #[derive(Debug)]
 #[must_use = "a ClockSleep does nothing unless awaited"]
-pub struct ClockSleep {
-    clock: SimClock,
+pub struct ClockSleep<C: Borrow<SimClock> = SimClock> {
+    /// The clock, owned (a [`Clock`]'s boxed sleep) or borrowed (a sleep awaited in place,
+    /// which then touches no reference count).
+    clock: C,
     target_local_ms: u64,
-    /// The sleep on global time until the instant the local clock reaches the target, as
-    /// last computed. Its timer carries the clock's id, so a jump of the clock wakes it.
-    inner: Option<Sleep>,
+    /// The deadline on global time at which the local clock reaches the target, as last
+    /// computed, and its timer. The timer carries the clock's id, so a jump of the clock wakes
+    /// it.
+    timer: Option<Timer>,
 }
 
-impl ClockSleep {
+impl<C: Borrow<SimClock>> ClockSleep<C> {
+    /// A sleep of `duration` on `clock`, from now.
+    pub fn new(clock: C, duration: Duration) -> Self {
+        let now_ms = clock.borrow().now_ms();
+        Self {
+            clock,
+            target_local_ms: now_ms.saturating_add(duration_to_ms_ceil(duration)),
+            timer: None,
+        }
+    }
+
+    /// Ends the sleep: its timer, if still set, is removed.
+    #[inline]
+    fn finish(&mut self) {
+        if let Some(mut timer) = self.timer.take() {
+            timer.cancel(&self.clock.borrow().shared);
+        }
+    }
+
     /// [`Future::poll`] while the local clock is short of the target.
     #[inline(never)]
     fn poll_waiting(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        // Two rounds suffice: the deadline is exact, so once the inner sleep is due the local
-        // clock has reached the target.
+        let Self {
+            clock,
+            target_local_ms,
+            timer,
+        } = self;
+        let clock: &SimClock = (*clock).borrow();
+        // Two rounds suffice: the deadline is exact, so once the timer is due the local clock
+        // has reached the target.
         for _ in 0..2 {
-            if self.clock.now_ms() >= self.target_local_ms {
-                self.inner = None;
+            if clock.now_ms() >= *target_local_ms {
+                if let Some(mut timer) = timer.take() {
+                    timer.cancel(&clock.shared);
+                }
                 return Poll::Ready(());
             }
             // A jump moves the deadline sooner: the jump woke this sleep through its timer,
             // and the timer moves here.
-            let deadline_ms = self.clock.global_deadline_for(self.target_local_ms);
-            if self.inner.as_ref().map(Sleep::deadline_ms) != Some(deadline_ms) {
-                let (shared, clock_id) = (self.clock.shared.clone(), self.clock.state.id);
-                self.inner = Some(Sleep::until_for_clock(shared, deadline_ms, clock_id));
+            let deadline_ms = clock.global_deadline_for(*target_local_ms);
+            if timer.as_ref().map(Timer::deadline_ms) != Some(deadline_ms) {
+                if let Some(mut moved) = timer.take() {
+                    moved.cancel(&clock.shared);
+                }
+                *timer = Some(Timer::at(deadline_ms, clock.state.id));
             }
-            let inner = self.inner.as_mut().expect("inner sleep was just set");
-            if Pin::new(inner).poll(cx).is_pending() {
+            let set = timer.as_mut().expect("the timer was just set");
+            if set.poll(&clock.shared, cx).is_pending() {
                 return Poll::Pending;
             }
         }
@@ -228,23 +255,32 @@ impl ClockSleep {
     }
 }
 
-impl Future for ClockSleep {
+impl<C: Borrow<SimClock> + Unpin> Future for ClockSleep<C> {
     type Output = ();
 
     #[inline]
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // Neither the clock handle nor the timer is pinned: the sleep moves freely.
+        let this = self.get_mut();
         // The usual second poll, after the timer fired: no call for it.
-        if self.clock.now_ms() >= self.target_local_ms {
-            self.inner = None;
+        if this.clock.borrow().now_ms() >= this.target_local_ms {
+            this.finish();
             return Poll::Ready(());
         }
-        self.poll_waiting(cx)
+        this.poll_waiting(cx)
+    }
+}
+
+impl<C: Borrow<SimClock>> Drop for ClockSleep<C> {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::timer::Sleep;
 
     /// `kelpie_core::Clock` requires `Send + Sync`; this fails to compile if that breaks.
     const _: fn() = || {
@@ -327,10 +363,10 @@ mod tests {
             SimClock::new(shared.clone(), 0, 0),
             SimClock::new(shared.clone(), 0, 0),
         );
-        let mut sleeps: Vec<ClockSleep> = (0..5)
+        let mut sleeps: Vec<ClockSleep<&SimClock>> = (0..5)
             .map(|n| jumping.sleep_local(Duration::from_millis(100 + n)))
             .collect();
-        let poll = |sleep: &mut ClockSleep, n: usize| {
+        let poll = |sleep: &mut ClockSleep<&SimClock>, n: usize| {
             let waker = waker(n);
             Pin::new(sleep).poll(&mut Context::from_waker(&waker))
         };

@@ -190,11 +190,19 @@ pub(crate) fn duration_to_ms_ceil(duration: Duration) -> u64 {
 #[must_use = "a Sleep does nothing unless awaited"]
 pub struct Sleep {
     shared: Arc<Shared>,
+    timer: Timer,
+}
+
+/// A deadline and the timer set for it, for a future that holds the executor's [`Shared`]
+/// however it likes ([`Sleep`] in an `Arc`, a node clock's sleep through its clock). Its owner
+/// calls [`Timer::cancel`] when dropped.
+#[derive(Debug)]
+pub(crate) struct Timer {
     deadline_ms: u64,
-    /// The node clock this sleep serves ([`GLOBAL_TIME`] if none): its timer is tagged with it.
+    /// The node clock it serves ([`GLOBAL_TIME`] if none): its timer is tagged with it.
     clock_id: u64,
     /// The registered timer and the identity of the waker it will wake.
-    timer: Option<(TimerKey, WakerIdentity)>,
+    set: Option<(TimerKey, WakerIdentity)>,
 }
 
 /// What [`Waker::will_wake`] compares: a waker's data and vtable addresses. A sleep keeps the
@@ -222,62 +230,79 @@ impl WakerIdentity {
 // at that instant; so a sleep past its deadline has no timer left to remove, and skips the
 // lock.
 
-impl Sleep {
-    /// A sleep until global time `deadline_ms`.
+impl Timer {
+    /// A deadline at global time `deadline_ms`, for a sleep on node clock `clock_id` (whose
+    /// jumps wake it) or on [`GLOBAL_TIME`]. No timer is set until it is polled.
     #[inline]
-    pub(crate) fn until(shared: Arc<Shared>, deadline_ms: u64) -> Self {
-        Self::until_for_clock(shared, deadline_ms, GLOBAL_TIME)
-    }
-
-    /// A sleep until global time `deadline_ms`, on behalf of a sleep on node clock
-    /// `clock_id`, which a jump of that clock wakes.
-    #[inline]
-    pub(crate) fn until_for_clock(shared: Arc<Shared>, deadline_ms: u64, clock_id: u64) -> Self {
+    pub(crate) fn at(deadline_ms: u64, clock_id: u64) -> Self {
         Self {
-            shared,
             deadline_ms,
             clock_id,
-            timer: None,
+            set: None,
         }
     }
 
-    /// The global simulated time at which this sleep completes.
-    pub fn deadline_ms(&self) -> u64 {
+    /// The global simulated time at which it is due.
+    #[inline]
+    pub(crate) fn deadline_ms(&self) -> u64 {
         self.deadline_ms
     }
 
-    /// Whether this sleep's timer is registered and wakes `waker` when it fires.
+    /// Ready once global time reaches the deadline; else a timer wakes `cx`'s waker then.
     #[inline]
-    pub(crate) fn is_registered_with(&self, waker: &Waker) -> bool {
-        matches!(&self.timer, Some((_, registered)) if *registered == WakerIdentity::of(waker))
+    pub(crate) fn poll(&mut self, shared: &Shared, cx: &Context<'_>) -> Poll<()> {
+        if shared.now_ms() >= self.deadline_ms {
+            self.cancel(shared);
+            return Poll::Ready(());
+        }
+        let waker = cx.waker();
+        if !matches!(&self.set, Some((_, set)) if *set == WakerIdentity::of(waker)) {
+            self.register(shared, waker);
+        }
+        Poll::Pending
     }
 
     /// Forgets the timer, removing it from the queue if it has not fired. Inline: most sleeps
     /// end with no timer left to remove (it fired), and a call that saved and restored every
     /// register around the queue's lock cost more than the check.
     #[inline]
-    fn cancel(&mut self) {
-        if let Some((key, _)) = self.timer.take() {
-            if self.shared.now_ms() < self.deadline_ms {
-                self.remove_timer(key);
+    pub(crate) fn cancel(&mut self, shared: &Shared) {
+        if let Some((key, _)) = self.set.take() {
+            if shared.now_ms() < self.deadline_ms {
+                remove_timer(shared, key);
             }
         }
     }
 
-    #[inline(never)]
-    fn remove_timer(&self, key: TimerKey) {
-        self.shared.timers().remove(key);
-    }
-
     /// Sets a timer that wakes `waker` at the deadline, in place of the one set before.
     #[inline(never)]
-    fn register(&mut self, waker: &Waker) {
-        self.cancel();
-        let key = self
-            .shared
+    fn register(&mut self, shared: &Shared, waker: &Waker) {
+        self.cancel(shared);
+        let key = shared
             .timers()
             .insert(self.deadline_ms, waker.clone(), self.clock_id);
-        self.timer = Some((key, WakerIdentity::of(waker)));
+        self.set = Some((key, WakerIdentity::of(waker)));
+    }
+}
+
+#[inline(never)]
+fn remove_timer(shared: &Shared, key: TimerKey) {
+    shared.timers().remove(key);
+}
+
+impl Sleep {
+    /// A sleep until global time `deadline_ms`.
+    #[inline]
+    pub(crate) fn until(shared: Arc<Shared>, deadline_ms: u64) -> Self {
+        Self {
+            shared,
+            timer: Timer::at(deadline_ms, GLOBAL_TIME),
+        }
+    }
+
+    /// The global simulated time at which this sleep completes.
+    pub fn deadline_ms(&self) -> u64 {
+        self.timer.deadline_ms()
     }
 }
 
@@ -286,20 +311,14 @@ impl Future for Sleep {
 
     #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.shared.now_ms() >= self.deadline_ms {
-            self.cancel();
-            return Poll::Ready(());
-        }
-        if !self.is_registered_with(cx.waker()) {
-            self.register(cx.waker());
-        }
-        Poll::Pending
+        let Self { shared, timer } = &mut *self;
+        timer.poll(shared, cx)
     }
 }
 
 impl Drop for Sleep {
     fn drop(&mut self) {
-        self.cancel();
+        self.timer.cancel(&self.shared);
     }
 }
 

@@ -282,18 +282,18 @@ impl SimLeaseStore {
         let (decide, write_mutation) = (self.decide, self.write_mutation);
         let logs = Arc::clone(&self.logs);
         move |current: Option<&Versioned<LeaseRecord>>, now_ms: u64| {
-            let before = current.map(|v| v.value.clone());
-            let decision = decide(&actor_id, before.as_ref(), &request, now_ms);
+            let before = current.map(|v| &v.value);
+            let decision = decide(&actor_id, before, &request, now_ms);
             let mut logged = logs.lock();
             logged.log_effect(&actor_id, &request, current, now_ms);
             let write = match write_mutation {
-                Some(mutation) => mutation.write(before.as_ref(), &request, &decision, now_ms),
+                Some(mutation) => mutation.write(before, &request, &decision, now_ms),
                 None => decision.write.clone(),
             };
             let record = DecisionRecord {
                 actor_id,
                 request,
-                before,
+                before: before.cloned(),
                 store_now_ms: now_ms,
                 decision: decision.clone(),
             };

@@ -536,12 +536,16 @@ impl<V: Clone + 'static> StorageInner<V> {
         if self.env.should_inject(FaultType::StorageReadFail) {
             return self.read_failed(key);
         }
-        // Cloned so that `f` may read the store (say, through `peek`) without a borrow clash.
-        let (stored, current) = match self.data.borrow().get_full(key) {
-            Some((at, _, current)) => (Some((at, current.version)), Some(current.clone())),
-            None => (None, None),
+        // `f` sees the stored value in place, not a clone (whose fields' reference counts
+        // would go up and down for nothing): the data stays borrowed while it runs, so `f`
+        // may read the store (say, through `peek`) but not write it, which it has no way to.
+        let (stored, new_value, result) = {
+            let data = self.data.borrow();
+            let found = data.get_full(key);
+            let stored = found.map(|(at, _, current)| (at, current.version));
+            let (new_value, result) = f(found.map(|(_, _, current)| current), now_ms);
+            (stored, new_value, result)
         };
-        let (new_value, result) = f(current.as_ref(), now_ms);
         match new_value {
             Some(value) => {
                 let (written, version) = self.write(key, stored, value);

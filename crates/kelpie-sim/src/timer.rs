@@ -323,8 +323,8 @@ impl Drop for Sleep {
 }
 
 /// Puts `value` in a free slot of `slots` (the last one freed) or a new one at the end, and
-/// returns its index: the slabs of timers and of clock sleepers.
-pub(crate) fn slab_put<T>(slots: &mut Vec<T>, free: &mut Vec<u32>, value: T) -> u32 {
+/// returns its index: the timers' slab.
+fn slab_put<T>(slots: &mut Vec<T>, free: &mut Vec<u32>, value: T) -> u32 {
     match free.pop() {
         Some(slot) => {
             slots[slot as usize] = value;

@@ -214,9 +214,7 @@ impl<C: Borrow<SimClock>> ClockSleep<C> {
     /// Ends the sleep: its timer, if still set, is removed.
     #[inline]
     fn finish(&mut self) {
-        if let Some(mut timer) = self.timer.take() {
-            timer.cancel(&self.clock.borrow().shared);
-        }
+        drop_timer(&mut self.timer, &self.clock.borrow().shared);
     }
 
     /// [`Future::poll`] while the local clock is short of the target.
@@ -232,18 +230,14 @@ impl<C: Borrow<SimClock>> ClockSleep<C> {
         // has reached the target.
         for _ in 0..2 {
             if clock.now_ms() >= *target_local_ms {
-                if let Some(mut timer) = timer.take() {
-                    timer.cancel(&clock.shared);
-                }
+                drop_timer(timer, &clock.shared);
                 return Poll::Ready(());
             }
             // A jump moves the deadline sooner: the jump woke this sleep through its timer,
             // and the timer moves here.
             let deadline_ms = clock.global_deadline_for(*target_local_ms);
             if timer.as_ref().map(Timer::deadline_ms) != Some(deadline_ms) {
-                if let Some(mut moved) = timer.take() {
-                    moved.cancel(&clock.shared);
-                }
+                drop_timer(timer, &clock.shared);
                 *timer = Some(Timer::at(deadline_ms, clock.state.id));
             }
             let set = timer.as_mut().expect("the timer was just set");
@@ -252,6 +246,14 @@ impl<C: Borrow<SimClock>> ClockSleep<C> {
             }
         }
         panic!("node clock sleep reached its global deadline but not its local target");
+    }
+}
+
+/// Removes `timer` from the queue if it is set and has not fired, and forgets it.
+#[inline]
+fn drop_timer(timer: &mut Option<Timer>, shared: &Shared) {
+    if let Some(mut timer) = timer.take() {
+        timer.cancel(shared);
     }
 }
 

@@ -299,6 +299,12 @@ impl<V: Clone + 'static> SimStorage<V> {
     /// next version (subject to write faults: a write failure applies nothing, a
     /// commit-unknown applies it but returns an error); with `(None, r)` nothing is written.
     /// Read faults apply either way. Returns `r`.
+    ///
+    /// `current` is the stored value itself, not a copy: the store stays borrowed while `f`
+    /// runs, so `f` may read it (say, through [`SimStorage::peek`]) but must not write it.
+    ///
+    /// # Panics
+    /// If `f` writes to this store: the step's own write is what it returns.
     pub async fn transact<R>(
         &self,
         key: &str,
@@ -538,7 +544,8 @@ impl<V: Clone + 'static> StorageInner<V> {
         }
         // `f` sees the stored value in place, not a clone (whose fields' reference counts
         // would go up and down for nothing): the data stays borrowed while it runs, so `f`
-        // may read the store (say, through `peek`) but not write it, which it has no way to.
+        // may read the store (say, through `peek`), and a write from `f` panics (see
+        // `SimStorage::transact`).
         let (stored, new_value, result) = {
             let data = self.data.borrow();
             let found = data.get_full(key);
@@ -754,6 +761,28 @@ mod tests {
             report.sim_time_ms >= 5,
             "five operations of at least 1 ms each"
         );
+    }
+
+    /// A transaction's step sees the stored value in place, and may read the store meanwhile.
+    #[test]
+    fn a_transactions_step_may_read_its_store() {
+        Simulation::new(SimConfig::new(1).with_check_determinism(false))
+            .run(|env| async move {
+                let store = env.storage::<u32>();
+                for (key, value) in [("a", 1), ("b", 2)] {
+                    store.put(key, value).await.map_err(|e| e.to_string())?;
+                }
+                let reader = store.clone();
+                let step = move |current: Option<&Versioned<u32>>, _| {
+                    let other = reader.peek("b").map(|v| v.value);
+                    let value = current.map(|v| v.value);
+                    (value.map(|value| value + 10), (value, other))
+                };
+                assert_eq!(store.transact("a", step).await, Ok((Some(1), Some(2))));
+                assert_eq!(store.peek("a").map(|v| (v.value, v.version)), Some((11, 2)));
+                Ok::<(), String>(())
+            })
+            .unwrap();
     }
 
     #[test]

@@ -285,6 +285,15 @@ impl Timer {
     }
 }
 
+// A timer cannot remove itself when dropped (it does not hold the executor): its owner
+// cancels it first, on every path, or the queue keeps waking a sleep nobody awaits and drags
+// simulated time to its deadline.
+impl Drop for Timer {
+    fn drop(&mut self) {
+        debug_assert!(self.set.is_none(), "a timer dropped without `cancel`");
+    }
+}
+
 #[inline(never)]
 fn remove_timer(shared: &Shared, key: TimerKey) {
     shared.timers().remove(key);
@@ -455,6 +464,20 @@ mod tests {
         assert_eq!(second.0.load(Ordering::Relaxed), 1);
         shared.set_now_ms(10);
         assert!(poll(&first_waker).is_ready());
+    }
+
+    /// Its owner cancels a timer before dropping it: one dropped while set would stay in the
+    /// queue. Debug builds check it.
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "a timer dropped without `cancel`")]
+    fn a_timer_dropped_while_set_is_a_bug() {
+        let shared = Arc::new(Shared::default());
+        let mut timer = Timer::at(10, GLOBAL_TIME);
+        assert!(timer
+            .poll(&shared, &Context::from_waker(Waker::noop()))
+            .is_pending());
+        drop(timer);
     }
 
     #[test]

@@ -49,8 +49,9 @@ struct NodeEntry {
     reread_all: bool,
     /// The node's beliefs as last taken. Only looked up and compared, never listed in its
     /// own order (changes are sorted before they are reported), so hashed: at 10,000 actors
-    /// a sorted map's walk was a cache miss per level.
-    views: ActorMap<BeliefView>,
+    /// a sorted map's walk was a cache miss per level. A [`BeliefView`] (with the node's id)
+    /// is built only for a belief that changed.
+    views: ActorMap<Seen>,
     /// The keeper's changes as last taken: one buffer for every step.
     taken: Vec<(ActorId, Option<HeldBelief>)>,
 }
@@ -140,11 +141,27 @@ impl BeliefBoard {
     }
 }
 
-impl NodeEntry {
-    fn view(&self, node_id: &NodeId, actor_id: &ActorId, held: HeldBelief) -> BeliefView {
+/// A node's belief in one actor as the board last saw it: what [`BeliefView`] says beside
+/// the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    held: HeldBelief,
+    until_global_ms: u64,
+}
+
+impl Seen {
+    fn view(self, node_id: &NodeId) -> BeliefView {
         BeliefView {
             node_id: node_id.clone(),
-            actor_id: actor_id.clone(),
+            held: self.held,
+            until_global_ms: self.until_global_ms,
+        }
+    }
+}
+
+impl NodeEntry {
+    fn seen(&self, held: HeldBelief) -> Seen {
+        Seen {
             held,
             until_global_ms: self.clock.global_when_local_reaches(held.until_local_ms),
         }
@@ -161,20 +178,23 @@ impl NodeEntry {
             }
             None => Vec::new(),
         };
-        let after: ActorMap<BeliefView> = held
+        let after: ActorMap<Seen> = held
             .into_iter()
-            .map(|(actor_id, held)| (actor_id.clone(), self.view(node_id, &actor_id, held)))
+            .map(|(actor_id, held)| (actor_id, self.seen(held)))
             .collect();
         let before = std::mem::replace(&mut self.views, after);
         let mut changed: BTreeSet<&ActorId> = before
             .iter()
-            .filter(|(actor_id, view)| !self.views.get(*actor_id).is_some_and(|v| same(v, view)))
+            .filter(|(actor_id, seen)| self.views.get(*actor_id) != Some(seen))
             .map(|(actor_id, _)| actor_id)
             .collect();
         changed.extend(self.views.keys().filter(|a| !before.contains_key(*a)));
         changed
             .into_iter()
-            .map(|actor_id| (actor_id.clone(), self.views.get(actor_id).cloned()))
+            .map(|actor_id| {
+                let view = self.views.get(actor_id).map(|seen| seen.view(node_id));
+                (actor_id.clone(), view)
+            })
             .collect()
     }
 
@@ -190,25 +210,18 @@ impl NodeEntry {
         let mut taken = std::mem::take(&mut self.taken);
         keeper.take_changed(&mut taken);
         for (actor_id, held) in taken.drain(..) {
-            let after = held.map(|held| self.view(node_id, &actor_id, held));
-            let before = match &after {
-                Some(view) => self.views.insert(actor_id.clone(), view.clone()),
-                None => self.views.swap_remove(&actor_id),
+            let after = held.map(|held| self.seen(held));
+            // Replaced in place where the actor has an entry, so its key is not cloned again.
+            let changed = match (after, self.views.get_mut(&actor_id)) {
+                (Some(after), Some(before)) => std::mem::replace(before, after) != after,
+                (Some(after), None) => self.views.insert(actor_id.clone(), after).is_none(),
+                (None, Some(_)) => self.views.swap_remove(&actor_id).is_some(),
+                (None, None) => false,
             };
-            let unchanged = match (&before, &after) {
-                (Some(before), Some(after)) => same(before, after),
-                (None, None) => true,
-                _ => false,
-            };
-            if !unchanged {
-                visit(actor_id, after);
+            if changed {
+                visit(actor_id, after.map(|seen| seen.view(node_id)));
             }
         }
         self.taken = taken;
     }
-}
-
-/// Whether two views of one node's belief in one actor say the same.
-fn same(a: &BeliefView, b: &BeliefView) -> bool {
-    a.held == b.held && a.until_global_ms == b.until_global_ms
 }

@@ -53,10 +53,9 @@ pub struct DecisionRecord {
 /// A belief a node holds, with the global instant it ends.
 #[derive(Debug, Clone)]
 pub struct BeliefView {
-    /// The believing node.
+    /// The believing node. (The actor is where the view is kept: its entry in the checkers'
+    /// map, or in a node's beliefs.)
     pub node_id: NodeId,
-    /// The actor it believes it holds.
-    pub actor_id: ActorId,
     /// The belief, on the node's clock.
     pub held: HeldBelief,
     /// The global instant the belief ends: the first instant the node's clock reads

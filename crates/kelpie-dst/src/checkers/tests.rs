@@ -36,7 +36,6 @@ fn record(holder: Option<&str>, token: u64, acquired_ms: u64, expires_ms: u64) -
 fn belief(holder: &str, token: u64, until_ms: u64) -> BeliefView {
     BeliefView {
         node_id: node(holder),
-        actor_id: actor(),
         held: HeldBelief {
             fencing_token: FencingToken(token),
             until_local_ms: until_ms,

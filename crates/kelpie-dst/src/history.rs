@@ -120,24 +120,23 @@ fn granted_word(op: LeaseOp) -> &'static str {
 }
 
 /// A shared, append-only log of lease operations. Cloning shares it. It lives inside one
-/// simulation, on its single thread.
-#[derive(Clone, Default)]
+/// simulation, on its single thread. A sweep builds one history per seed: a dropped history's
+/// allocation is kept for the next on its thread ([`Recycled`]).
+#[derive(Clone)]
 pub struct History {
-    ops: Rc<RefCell<Ops>>,
+    ops: Rc<RefCell<Recycled<HistoryOp>>>,
 }
-
-/// The operations. A sweep builds one history per seed: a dropped history's allocation is
-/// kept for the next on its thread ([`Recycled`]).
-struct Ops(Recycled<HistoryOp>);
 
 thread_local! {
     /// The emptied vector of the last history dropped on this thread.
     static SPARE_OPS: RefCell<Vec<HistoryOp>> = const { RefCell::new(Vec::new()) };
 }
 
-impl Default for Ops {
+impl Default for History {
     fn default() -> Self {
-        Self(Recycled::new(&SPARE_OPS))
+        Self {
+            ops: Rc::new(RefCell::new(Recycled::new(&SPARE_OPS))),
+        }
     }
 }
 
@@ -154,7 +153,7 @@ impl History {
         request: &LeaseRequest,
         invoked_ms: u64,
     ) -> HistoryOpId {
-        let ops = &mut self.ops.borrow_mut().0;
+        let mut ops = self.ops.borrow_mut();
         ops.push(HistoryOp {
             actor_id: actor_id.clone(),
             request: request.clone(),
@@ -170,7 +169,7 @@ impl History {
     /// If `id` is not an operation of this history, or it already ended, or it ended before
     /// it was invoked: each would be a bug in the recorder's caller.
     pub fn respond(&self, id: HistoryOpId, outcome: OpOutcome) {
-        let ops = &mut self.ops.borrow_mut().0;
+        let mut ops = self.ops.borrow_mut();
         let op = ops.get_mut(id.0).expect("the id came from invoke");
         assert_eq!(op.outcome, OpOutcome::Pending, "an operation ends once");
         assert!(
@@ -182,22 +181,22 @@ impl History {
 
     /// Operations recorded so far.
     pub fn len(&self) -> usize {
-        self.ops.borrow().0.len()
+        self.ops.borrow().len()
     }
 
     /// Whether nothing was recorded.
     pub fn is_empty(&self) -> bool {
-        self.ops.borrow().0.is_empty()
+        self.ops.borrow().is_empty()
     }
 
     /// Runs `f` on the operations, in invocation order, without copying them.
     pub fn with_ops<R>(&self, f: impl FnOnce(&[HistoryOp]) -> R) -> R {
-        f(&self.ops.borrow().0[..])
+        f(&self.ops.borrow())
     }
 
     /// A copy of the operations, in invocation order.
     pub fn to_vec(&self) -> Vec<HistoryOp> {
-        self.ops.borrow().0.clone()
+        self.ops.borrow().to_vec()
     }
 }
 
@@ -291,16 +290,16 @@ mod tests {
         for at_ms in 0..100 {
             first.invoke(&actor, &request(LeaseOp::Acquire), at_ms);
         }
-        let capacity = first.ops.borrow().0.capacity();
-        let address = first.ops.borrow().0.as_ptr();
+        let capacity = first.ops.borrow().capacity();
+        let address = first.ops.borrow().as_ptr();
         let alive = History::new();
         alive.invoke(&actor, &request(LeaseOp::Renew), 5);
-        assert_ne!(alive.ops.borrow().0.as_ptr(), address, "in use");
+        assert_ne!(alive.ops.borrow().as_ptr(), address, "in use");
         drop(first);
         let second = History::new();
         assert!(second.is_empty());
-        assert_eq!(second.ops.borrow().0.capacity(), capacity);
-        assert_eq!(second.ops.borrow().0.as_ptr(), address);
+        assert_eq!(second.ops.borrow().capacity(), capacity);
+        assert_eq!(second.ops.borrow().as_ptr(), address);
         assert_eq!(alive.len(), 1);
         second.invoke(&actor, &request(LeaseOp::Release), 7);
         assert_eq!(second.to_vec()[0].invoked_ms, 7);

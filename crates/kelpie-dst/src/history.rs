@@ -120,10 +120,11 @@ fn granted_word(op: LeaseOp) -> &'static str {
 }
 
 /// A shared, append-only log of lease operations. Cloning shares it. It lives inside one
-/// simulation, on its single thread. A sweep builds one history per seed: a dropped history's
-/// allocation is kept for the next on its thread ([`Recycled`]).
+/// simulation, on its single thread.
 #[derive(Clone)]
 pub struct History {
+    /// A sweep builds one history per seed: a dropped history's allocation is kept for the
+    /// next on its thread ([`Recycled`]).
     ops: Rc<RefCell<Recycled<HistoryOp>>>,
 }
 

@@ -104,15 +104,19 @@ impl<T> ReplyWindow<T> {
         self.slots[index].as_mut()
     }
 
-    /// Frees the slot of `request_id`, returning it.
-    fn remove(&mut self, request_id: u64) -> Option<ReplySlot<T>> {
+    /// Frees the slot of `request_id` where it lies, returning its reply. The slot is not
+    /// moved out: it is as large as a reply, and moving it cost a copy per request.
+    fn free(&mut self, request_id: u64) -> Option<T> {
         let index = self.index(request_id)?;
-        let slot = self.slots[index].take();
+        let reply = self.slots[index]
+            .as_mut()
+            .and_then(|slot| slot.reply.take());
+        self.slots[index] = None;
         while let Some(None) = self.slots.front() {
             self.slots.pop_front();
             self.first_id += 1;
         }
-        slot
+        reply
     }
 }
 
@@ -212,17 +216,17 @@ impl<T> Future for AwaitReply<'_, T> {
             }
             return Poll::Pending;
         }
-        let slot = slots.remove(self.request_id).expect("the slot just read");
+        let reply = slots.free(self.request_id).expect("a reply arrived");
         drop(slots);
         self.answered = true;
-        Poll::Ready(slot.reply.expect("a reply arrived"))
+        Poll::Ready(reply)
     }
 }
 
 impl<T> Drop for AwaitReply<'_, T> {
     fn drop(&mut self) {
         if !self.answered {
-            self.replies.slots.borrow_mut().remove(self.request_id);
+            self.replies.slots.borrow_mut().free(self.request_id);
         }
     }
 }

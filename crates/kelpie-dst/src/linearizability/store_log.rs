@@ -23,6 +23,7 @@ use kelpie_lease::backend::{decide, LeaseRecord, LeaseRequest};
 use super::actor::ActorHistory;
 use super::search::{Placed, Witness};
 use super::zone::ms;
+use super::{prefetch, PREFETCH_AHEAD};
 
 /// One request the store applied, in the order it applied them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +65,9 @@ fn propose<'h, 'a>(
     // the search: their windows have one length).
     let mut next_member = vec![0; history.kinds.len()];
     for (at, effect) in effects.iter().enumerate() {
+        if let Some(&ahead) = effects.get(at + PREFETCH_AHEAD) {
+            prefetch(ahead);
+        }
         let landed = effects
             .get(at + 1)
             .is_none_or(|next| next.record_version != effect.record_version);

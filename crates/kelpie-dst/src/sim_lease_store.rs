@@ -8,10 +8,9 @@
 //! Every decision is also logged for the decision-level checkers, whether or not a fault then
 //! kept it from being written or answered.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell, RefMut};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::rc::Rc;
 
 use kelpie_core::ActorId;
 use kelpie_lease::{
@@ -72,8 +71,9 @@ impl StoreWriteMutation {
 /// A [`LeaseStore`] over the simulator's storage.
 pub struct SimLeaseStore {
     storage: SimThread<SimStorage<LeaseRecord>>,
-    /// What the store logs as it decides; shared by its clones.
-    logs: Arc<Logs>,
+    /// What the store logs as it decides; shared by its clones. On the simulation's thread,
+    /// as the storage is: a decision takes no lock and no atomic reference count.
+    logs: SimThread<Rc<Logs>>,
     /// The production [`decide`], or a mutation the test world swapped in: the store owns
     /// its protocol, requests never carry one.
     decide: DecideFn,
@@ -82,13 +82,13 @@ pub struct SimLeaseStore {
 }
 
 /// The store's logs: the decisions for the checkers, and the effects for the linearizability
-/// check. One lock for both, since each decision writes to both, and one handle for a
+/// check. One borrow for both, since each decision writes to both, and one handle for a
 /// decision step to hold.
 #[derive(Default)]
 struct Logs {
-    written: Mutex<Logged>,
+    written: RefCell<Logged>,
     /// Set when a decision was logged since the decisions were last taken.
-    decided: AtomicBool,
+    decided: Cell<bool>,
 }
 
 #[derive(Default)]
@@ -105,8 +105,8 @@ thread_local! {
 }
 
 impl Logs {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Logged> {
-        self.written.lock().expect("the store's logs poisoned")
+    fn lock(&self) -> RefMut<'_, Logged> {
+        self.written.borrow_mut()
     }
 }
 
@@ -136,7 +136,7 @@ impl Clone for SimLeaseStore {
         let storage = SimThread::new((*self.storage).clone());
         Self {
             storage,
-            logs: Arc::clone(&self.logs),
+            logs: SimThread::new(Rc::clone(&self.logs)),
             decide: self.decide,
             write_mutation: self.write_mutation,
         }
@@ -154,7 +154,7 @@ impl SimLeaseStore {
     pub fn with_decide_fn(storage: SimStorage<LeaseRecord>, decide: DecideFn) -> Self {
         Self {
             storage: SimThread::new(storage),
-            logs: Arc::default(),
+            logs: SimThread::new(Rc::default()),
             decide,
             write_mutation: None,
         }
@@ -220,25 +220,25 @@ impl SimLeaseStore {
     /// The decisions made since the last call.
     pub fn take_decisions(&self) -> Vec<DecisionRecord> {
         let mut logged = self.logs.lock();
-        self.logs.decided.store(false, Ordering::Release);
+        self.logs.decided.set(false);
         std::mem::take(&mut logged.decisions)
     }
 
     /// Whether a decision was made since the decisions were last taken.
     pub fn has_decisions(&self) -> bool {
-        self.logs.decided.load(Ordering::Acquire)
+        self.logs.decided.get()
     }
 
     /// Moves the decisions made since the last call into `decisions` (cleared first), keeping
     /// both buffers' memory, for a checker that asks after every step.
     pub fn take_decisions_into(&self, decisions: &mut Vec<DecisionRecord>) {
         decisions.clear();
-        // Most steps decide nothing: a plain load then, not a lock.
+        // Most steps decide nothing: a flag read then, not a borrow.
         if !self.has_decisions() {
             return;
         }
         let mut logged = self.logs.lock();
-        self.logs.decided.store(false, Ordering::Release);
+        self.logs.decided.set(false);
         std::mem::swap(decisions, &mut logged.decisions);
     }
 
@@ -280,7 +280,7 @@ impl SimLeaseStore {
     ) -> impl FnOnce(Option<&Versioned<LeaseRecord>>, u64) -> (Option<LeaseRecord>, Decision) + 'static
     {
         let (decide, write_mutation) = (self.decide, self.write_mutation);
-        let logs = Arc::clone(&self.logs);
+        let logs = Rc::clone(&self.logs);
         move |current: Option<&Versioned<LeaseRecord>>, now_ms: u64| {
             let before = current.map(|v| &v.value);
             let decision = decide(&actor_id, before, &request, now_ms);
@@ -299,7 +299,7 @@ impl SimLeaseStore {
             };
             logged.decisions.push(record);
             drop(logged);
-            logs.decided.store(true, Ordering::Release);
+            logs.decided.set(true);
             (write, decision)
         }
     }

@@ -8,7 +8,7 @@
 //! Every decision is also logged for the decision-level checkers, whether or not a fault then
 //! kept it from being written or answered.
 
-use std::cell::{Cell, RefCell, RefMut};
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
@@ -86,7 +86,7 @@ pub struct SimLeaseStore {
 /// decision step to hold.
 #[derive(Default)]
 struct Logs {
-    written: RefCell<Logged>,
+    logged: RefCell<Logged>,
     /// Set when a decision was logged since the decisions were last taken.
     decided: Cell<bool>,
 }
@@ -102,12 +102,6 @@ struct Logged {
 thread_local! {
     /// The emptied effect log of the last store dropped on this thread ([`Recycled`]).
     static SPARE_EFFECTS: RefCell<Vec<StoreEffect>> = const { RefCell::new(Vec::new()) };
-}
-
-impl Logs {
-    fn lock(&self) -> RefMut<'_, Logged> {
-        self.written.borrow_mut()
-    }
 }
 
 impl Logged {
@@ -173,14 +167,16 @@ impl SimLeaseStore {
     /// [`check_history_with_store_log`]: crate::check_history_with_store_log
     pub fn log_effects(&self) {
         self.logs
-            .lock()
+            .logged
+            .borrow_mut()
             .effects
             .get_or_insert_with(|| Recycled::new(&SPARE_EFFECTS));
     }
 
     /// `read` of the effect log, if [`SimLeaseStore::log_effects`] started one.
     pub fn with_effects<R>(&self, read: impl FnOnce(Option<&[StoreEffect]>) -> R) -> R {
-        read(self.logs.lock().effects.as_deref().map(Vec::as_slice))
+        let logged = self.logs.logged.borrow();
+        read(logged.effects.as_deref().map(Vec::as_slice))
     }
 
     /// Logs that the store decided `request` on `actor_id` at `store_now_ms`, on the record
@@ -192,7 +188,8 @@ impl SimLeaseStore {
         current: Option<&Versioned<LeaseRecord>>,
         store_now_ms: u64,
     ) {
-        (self.logs.lock()).log_effect(actor_id, request, current, store_now_ms);
+        let mut logged = self.logs.logged.borrow_mut();
+        logged.log_effect(actor_id, request, current, store_now_ms);
     }
 
     /// The decision function this store applies.
@@ -219,7 +216,7 @@ impl SimLeaseStore {
 
     /// The decisions made since the last call.
     pub fn take_decisions(&self) -> Vec<DecisionRecord> {
-        let mut logged = self.logs.lock();
+        let mut logged = self.logs.logged.borrow_mut();
         self.logs.decided.set(false);
         std::mem::take(&mut logged.decisions)
     }
@@ -237,7 +234,7 @@ impl SimLeaseStore {
         if !self.has_decisions() {
             return;
         }
-        let mut logged = self.logs.lock();
+        let mut logged = self.logs.logged.borrow_mut();
         self.logs.decided.set(false);
         std::mem::swap(decisions, &mut logged.decisions);
     }
@@ -284,7 +281,7 @@ impl SimLeaseStore {
         move |current: Option<&Versioned<LeaseRecord>>, now_ms: u64| {
             let before = current.map(|v| &v.value);
             let decision = decide(&actor_id, before, &request, now_ms);
-            let mut logged = logs.lock();
+            let mut logged = logs.logged.borrow_mut();
             logged.log_effect(&actor_id, &request, current, now_ms);
             let write = match write_mutation {
                 Some(mutation) => mutation.write(before, &request, &decision, now_ms),

@@ -7,7 +7,9 @@
 //!
 //! The queue is a binary heap of (deadline, sequence, slot) over a slab of wakers. Removing a
 //! timer frees its slot at once and leaves its heap entry behind; such entries are discarded
-//! when they reach the top, so the top is always a pending timer. Setting and firing a timer
+//! when they reach the top, so the top is always a pending timer, or all at once when they
+//! outnumber the pending ones (most timers are request timeouts, removed when the reply
+//! comes, long before their deadline). Setting and firing a timer
 //! are a heap push and pop, with no allocation once the heap and slab have grown. Each heap
 //! entry is one `u128` (deadline, then sequence, then slot, high bits first), so that a sift
 //! step compares one wide integer and moves 16 bytes: ordered exactly as the tuple, since
@@ -40,6 +42,19 @@ struct TimerSlot {
     clock_id: u64,
 }
 
+/// Fewest removed timers' entries swept at once ([`TimerQueue::remove`]): below it, a small
+/// heap is left to discard them as they reach the top.
+const REMOVED_IN_HEAP_SWEPT_MIN: usize = 32;
+
+/// Whether heap `entry` is a pending timer's: its slot still holds its sequence and a waker
+/// (a removed or fired timer's slot has none, or was reused by a later sequence).
+#[inline]
+fn is_pending(slots: &[TimerSlot], entry: u128) -> bool {
+    let (_, sequence, slot) = heap_fields(entry);
+    let slot = &slots[slot as usize];
+    slot.sequence == sequence && slot.waker.is_some()
+}
+
 /// The clock id of a timer set on global simulated time, not for a node clock's sleep.
 pub(crate) const GLOBAL_TIME: u64 = 0;
 
@@ -69,8 +84,11 @@ fn heap_fields(entry: u128) -> (u64, u64, u32) {
 #[derive(Debug, Default)]
 pub(crate) struct TimerQueue {
     /// [`heap_entry`]s, earliest on top. Entries of removed timers stay until they reach the
-    /// top, where they are discarded: the top is always pending.
+    /// top, where they are discarded (the top is always pending), or until they are more than
+    /// half of the heap, when they all go in one pass.
     heap: BinaryHeap<Reverse<u128>>,
+    /// How many entries of `heap` are of removed timers.
+    removed_in_heap: usize,
     slots: Vec<TimerSlot>,
     /// Free slots.
     free: Vec<u32>,
@@ -108,7 +126,13 @@ impl TimerQueue {
         }
         entry.waker = None;
         self.free.push(key.slot);
+        self.removed_in_heap += 1;
         self.discard_removed_top();
+        if self.removed_in_heap > REMOVED_IN_HEAP_SWEPT_MIN
+            && self.removed_in_heap > self.heap.len() / 2
+        {
+            self.sweep_removed();
+        }
     }
 
     /// The earliest deadline.
@@ -140,13 +164,21 @@ impl TimerQueue {
     /// Pops the entries of removed timers off the top, so that the top is pending.
     fn discard_removed_top(&mut self) {
         while let Some(&Reverse(entry)) = self.heap.peek() {
-            let (_, sequence, slot) = heap_fields(entry);
-            let entry = &self.slots[slot as usize];
-            if entry.sequence == sequence && entry.waker.is_some() {
+            if is_pending(&self.slots, entry) {
                 return;
             }
             self.heap.pop();
+            self.removed_in_heap -= 1;
         }
+    }
+
+    /// Drops every removed timer's entry in one pass, rebuilding the heap from the pending
+    /// ones: linear in the heap, where popping each at its deadline costs a sift of the heap's
+    /// height, and a heap kept to the pending timers is lower for every push and pop.
+    fn sweep_removed(&mut self) {
+        let (slots, heap) = (&self.slots, &mut self.heap);
+        heap.retain(|&Reverse(entry)| is_pending(slots, entry));
+        self.removed_in_heap = 0;
     }
 
     /// The wakers of the pending timers set for node clock `clock_id`, in the order the timers
@@ -168,8 +200,15 @@ impl TimerQueue {
             .collect()
     }
 
+    /// Entries in the heap, removed timers' included.
+    #[cfg(test)]
+    fn heap_len(&self) -> usize {
+        self.heap.len()
+    }
+
     /// Drops every timer (at the end of a run, to break waker reference cycles).
     pub fn clear(&mut self) {
+        self.removed_in_heap = 0;
         self.heap.clear();
         self.slots.clear();
         self.free.clear();
@@ -405,6 +444,35 @@ mod tests {
             let expected = model.first_key_value().map(|(&(at, _), ())| at);
             assert_eq!(timers.next_deadline_ms(), expected);
         }
+    }
+
+    /// Timeouts removed long before their deadline (a request answered) do not pile up in
+    /// the heap: once they outnumber the pending timers they are swept, and the timers left
+    /// still fire in order.
+    #[test]
+    fn removed_timers_are_swept_once_they_outnumber_the_pending() {
+        let waker = Waker::noop().clone();
+        let mut timers = TimerQueue::default();
+        let pending: Vec<TimerKey> = (0..10)
+            .map(|i| timers.insert(1_000 + i, waker.clone(), GLOBAL_TIME))
+            .collect();
+        for i in 0..10_000 {
+            // Later than every pending timer, so never at the top when removed.
+            let timeout = timers.insert(5_000 + i, waker.clone(), GLOBAL_TIME);
+            timers.remove(timeout);
+            let bound = 2 * pending.len() + 2 * REMOVED_IN_HEAP_SWEPT_MIN + 2;
+            assert!(
+                timers.heap_len() <= bound,
+                "{} heap entries for {} pending timers",
+                timers.heap_len(),
+                pending.len()
+            );
+        }
+        let fired: Vec<TimerKey> = std::iter::from_fn(|| timers.pop_due(u64::MAX))
+            .map(|(key, _)| key)
+            .collect();
+        assert_eq!(fired, pending);
+        assert_eq!(timers.heap_len(), 0);
     }
 
     /// Heap entries order as (deadline, sequence) tuples do, and give their fields back.

@@ -6,10 +6,10 @@
 //! simulated time forward.
 //!
 //! The queue is a binary heap of (deadline, sequence, slot) over a slab of wakers. Removing a
-//! timer frees its slot at once and leaves its heap entry behind; such entries are discarded
-//! when they reach the top, so the top is always a pending timer, or all at once when they
-//! outnumber the pending ones (most timers are request timeouts, removed when the reply
-//! comes, long before their deadline). Setting and firing a timer
+//! timer frees its slot at once and leaves its heap entry behind. Such an entry is discarded
+//! when it reaches the top, so the top is always a pending timer; and once such entries
+//! outnumber the pending ones, all are swept in one pass (most timers are request timeouts,
+//! removed when the reply comes, long before their deadline). Setting and firing a timer
 //! are a heap push and pop, with no allocation once the heap and slab have grown. Each heap
 //! entry is one `u128` (deadline, then sequence, then slot, high bits first), so that a sift
 //! step compares one wide integer and moves 16 bytes: ordered exactly as the tuple, since

@@ -541,7 +541,11 @@ impl<M: LeaseManager> LeaseKeeper<M> {
                 let only = sent.next().expect("one request");
                 return OneOrMore::one(only.await);
             }
-            let mut in_flight: futures_util::stream::FuturesUnordered<_> = sent.collect();
+            // Each request is boxed before it joins the set. A set's task holds its future,
+            // and building one copied the whole request future (hundreds of bytes) three times
+            // on its way into the task's allocation; a boxed request is copied once.
+            let mut in_flight: futures_util::stream::FuturesUnordered<_> =
+                sent.map(Box::pin).collect();
             let mut answered = Vec::with_capacity(count);
             while let Some(answer) = in_flight.next().await {
                 answered.push(answer);

@@ -13,7 +13,7 @@
 //! on the previous version of a record, which that check must catch.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -79,50 +79,106 @@ type Pending = Rc<Replies<Result<Decision, StoreError>>>;
 /// The replies one node awaits, by request id; [`route_replies`] hands each arriving reply
 /// over. One slot per request, not a channel per request (an allocation and several atomic
 /// operations each, for every request of a run). A node's request ids only grow, so the slots
-/// are a window of consecutive ids: awaiting appends, and a slot freed at the front drops off.
-/// A sorted map shifted its large slots on every removal.
+/// are a window of consecutive ids: awaiting opens a slot at the end, and a slot freed at the
+/// front drops off. A sorted map shifted its large slots on every removal.
 pub(crate) struct Replies<T> {
     slots: RefCell<ReplyWindow<T>>,
 }
 
-/// The slots of ids `first_id ..= first_id + slots.len() - 1`; `None` for an id nobody awaits
-/// (any more). The front slot is never `None`.
+/// The slots of ids `first_id .. first_id + len`, in a ring that is reused. A slot is as large
+/// as a reply, so it is never moved: awaiting, answering and freeing write its fields where it
+/// lies. (A queue of slots copied one in when it was pushed and again when it was popped.)
 struct ReplyWindow<T> {
     first_id: u64,
-    slots: VecDeque<Option<ReplySlot<T>>>,
+    /// Where the slot of `first_id` is in `ring`.
+    head: usize,
+    /// How many ids the window spans; the first is awaited, if any is.
+    len: usize,
+    /// Empty or a power of two long. Every slot not awaited is vacant: no reply, no waker.
+    ring: Vec<ReplySlot<T>>,
 }
 
 impl<T> ReplyWindow<T> {
-    /// The place of `request_id`'s slot, if the window spans it.
-    fn index(&self, request_id: u64) -> Option<usize> {
-        let index = usize::try_from(request_id.checked_sub(self.first_id)?).ok()?;
-        (index < self.slots.len()).then_some(index)
+    /// Where `request_id`'s slot is in the ring, if the window spans it.
+    fn place(&self, request_id: u64) -> Option<usize> {
+        let offset = usize::try_from(request_id.checked_sub(self.first_id)?).ok()?;
+        (offset < self.len).then(|| (self.head + offset) & (self.ring.len() - 1))
     }
 
+    /// The slot of `request_id`, if it is awaited.
     fn get_mut(&mut self, request_id: u64) -> Option<&mut ReplySlot<T>> {
-        let index = self.index(request_id)?;
-        self.slots[index].as_mut()
+        let place = self.place(request_id)?;
+        let slot = &mut self.ring[place];
+        slot.awaited.then_some(slot)
     }
 
-    /// Frees the slot of `request_id` where it lies, returning its reply. The slot is not
-    /// moved out: it is as large as a reply, and moving it cost a copy per request.
+    /// Extends the window to `request_id`, past its end, and awaits that id.
+    fn open(&mut self, request_id: u64) {
+        if self.len == 0 {
+            self.first_id = request_id;
+        }
+        let len = usize::try_from(request_id - self.first_id + 1)
+            .expect("a node's awaited ids span less than memory");
+        if len > self.ring.len() {
+            self.grow(len);
+        }
+        self.len = len;
+        let place = (self.head + len - 1) & (self.ring.len() - 1);
+        let slot = &mut self.ring[place];
+        debug_assert!(slot.is_vacant(), "a slot past the window is vacant");
+        slot.awaited = true;
+    }
+
+    /// A ring of at least `len` slots, the window's first at its start.
+    fn grow(&mut self, len: usize) {
+        let mut ring = std::mem::take(&mut self.ring);
+        ring.rotate_left(self.head);
+        let slots = len.next_power_of_two().max(REPLY_SLOTS_MIN);
+        ring.resize_with(slots, ReplySlot::vacant);
+        self.ring = ring;
+        self.head = 0;
+    }
+
+    /// Frees the slot of `request_id`, returning its reply; then the vacant slots at the
+    /// front leave the window.
     fn free(&mut self, request_id: u64) -> Option<T> {
-        let index = self.index(request_id)?;
-        let reply = self.slots[index]
-            .as_mut()
-            .and_then(|slot| slot.reply.take());
-        self.slots[index] = None;
-        while let Some(None) = self.slots.front() {
-            self.slots.pop_front();
+        let place = self.place(request_id)?;
+        let slot = &mut self.ring[place];
+        slot.awaited = false;
+        slot.waker = None;
+        let reply = slot.reply.take();
+        let mask = self.ring.len() - 1;
+        while self.len > 0 && !self.ring[self.head].awaited {
+            debug_assert!(self.ring[self.head].is_vacant());
+            self.head = (self.head + 1) & mask;
+            self.len -= 1;
             self.first_id += 1;
         }
         reply
     }
 }
 
+/// The ring's smallest size: most nodes await a few requests at a time.
+const REPLY_SLOTS_MIN: usize = 8;
+
 struct ReplySlot<T> {
+    awaited: bool,
     reply: Option<T>,
     waker: Option<Waker>,
+}
+
+impl<T> ReplySlot<T> {
+    fn vacant() -> Self {
+        Self {
+            awaited: false,
+            reply: None,
+            waker: None,
+        }
+    }
+
+    fn is_vacant(&self) -> bool {
+        !self.awaited && self.reply.is_none() && self.waker.is_none()
+    }
 }
 
 impl<T> Default for Replies<T> {
@@ -130,7 +186,9 @@ impl<T> Default for Replies<T> {
         Self {
             slots: RefCell::new(ReplyWindow {
                 first_id: 0,
-                slots: VecDeque::new(),
+                head: 0,
+                len: 0,
+                ring: Vec::new(),
             }),
         }
     }
@@ -143,22 +201,13 @@ impl<T> Replies<T> {
     pub(crate) fn expect(&self, request_id: u64) -> AwaitReply<'_, T> {
         let mut window = self.slots.borrow_mut();
         // Freed slots leave the front with their ids, so this holds for every id ever awaited.
-        let end_id = window.first_id + window.slots.len() as u64;
+        let end_id = window.first_id + window.len as u64;
         assert!(
             request_id >= end_id,
             "request id {request_id} awaited after id {} was",
             end_id.saturating_sub(1)
         );
-        if window.slots.is_empty() {
-            window.first_id = request_id;
-        }
-        for _ in window.first_id + window.slots.len() as u64..request_id {
-            window.slots.push_back(None);
-        }
-        window.slots.push_back(Some(ReplySlot {
-            reply: None,
-            waker: None,
-        }));
+        window.open(request_id);
         AwaitReply {
             replies: self,
             request_id,
@@ -189,7 +238,7 @@ impl<T> Replies<T> {
     /// How many slots are kept, vacant ones between awaited ids included.
     #[cfg(test)]
     fn slots_kept(&self) -> usize {
-        self.slots.borrow().slots.len()
+        self.slots.borrow().len
     }
 }
 
@@ -524,6 +573,7 @@ impl StaleReads {
 mod tests {
     use super::*;
     use futures_util::FutureExt;
+    use std::collections::VecDeque;
     use std::task::Waker;
 
     fn poll<T>(reply: &mut AwaitReply<'_, T>) -> Poll<T> {
@@ -569,6 +619,56 @@ mod tests {
         let mut later = replies.expect(1_000);
         replies.deliver(1_000, "later");
         assert_eq!(poll(&mut later), Poll::Ready("later"));
+    }
+
+    /// The window's ring wraps around as ids come and go, and grows (in id order) when more
+    /// ids are awaited at once than it holds: every reply still reaches its own id.
+    #[test]
+    fn the_ring_wraps_and_grows_with_each_reply_kept_by_its_id() {
+        let replies = Replies::default();
+        let mut awaiting = VecDeque::new();
+        let mut next_id = 100_u64;
+        // Five awaited at a time, the oldest answered each round: the front walks round the
+        // ring and stops mid-ring.
+        for _ in 0..5 {
+            awaiting.push_back((next_id, replies.expect(next_id)));
+            next_id += 1;
+        }
+        for _ in 0..3 * REPLY_SLOTS_MIN + 3 {
+            let (id, mut oldest) = awaiting.pop_front().expect("five awaited");
+            replies.deliver(id, id * 10);
+            assert_eq!(poll(&mut oldest), Poll::Ready(id * 10));
+            drop(oldest);
+            awaiting.push_back((next_id, replies.expect(next_id)));
+            next_id += 1;
+            assert_eq!(replies.slots_kept(), 5);
+        }
+        // One of them answered early, and one given up on: the slots differ before the ring
+        // grows to four times its first size, from a front in mid-ring.
+        let (early_id, _) = awaiting[1];
+        replies.deliver(early_id, early_id * 10);
+        let (given_up_id, given_up) = awaiting.remove(3).expect("five awaited");
+        drop(given_up);
+        for _ in 0..4 * REPLY_SLOTS_MIN {
+            awaiting.push_back((next_id, replies.expect(next_id)));
+            next_id += 1;
+        }
+        assert_eq!(replies.slots_kept(), awaiting.len() + 1);
+        replies.deliver(given_up_id, 0);
+        let (_, mut early) = awaiting.remove(1).expect("the early one");
+        assert_eq!(poll(&mut early), Poll::Ready(early_id * 10));
+        for (id, reply) in &mut awaiting {
+            assert!(poll(reply).is_pending(), "id {id} has no reply yet");
+        }
+        // Answered newest first, so the front stays until the end.
+        for (id, _) in awaiting.iter().rev() {
+            replies.deliver(*id, *id * 10);
+        }
+        for (id, reply) in &mut awaiting {
+            assert_eq!(poll(reply), Poll::Ready(*id * 10));
+        }
+        drop(awaiting);
+        assert_eq!(replies.slots_kept(), 0);
     }
 
     #[test]

@@ -653,6 +653,7 @@ mod tests {
             awaiting.push_back((next_id, replies.expect(next_id)));
             next_id += 1;
         }
+        // The given-up id is no longer awaited, but the window still spans its vacant slot.
         assert_eq!(replies.slots_kept(), awaiting.len() + 1);
         replies.deliver(given_up_id, 0);
         let (_, mut early) = awaiting.remove(1).expect("the early one");

@@ -40,8 +40,9 @@ pub enum SwarmManager {
 
 /// Calls the manager a node runs. The etcd backend's futures are several times the size of
 /// the protocol's (2,320 bytes against 648 for a keeper's renewal, measured), and an enum's
-/// future is as large as its largest arm: every request future is moved into the keeper's
-/// task set, and at 50 nodes those copies were the largest source of cache-missing writes.
+/// future is as large as its largest arm: every request future is copied into its keeper's
+/// round (into a box when the round makes several requests), and at 50 nodes those copies
+/// were the largest source of cache-missing writes.
 /// So the etcd arm is boxed, and only etcd runs pay for its size. It is boxed as a trait
 /// object, polled through a call that is not inlined, for the same reason in machine code: a
 /// concrete box's poll is inlined, and the etcd backend's code then sat inside every keeper

@@ -87,10 +87,8 @@ pub(crate) struct TimerQueue {
     /// top, where they are discarded (the top is always pending), or until they are more than
     /// half of the heap, when they all go in one pass.
     heap: BinaryHeap<Reverse<u128>>,
-    /// How many entries of `heap` are of removed timers.
-    removed_in_heap: usize,
     slots: Vec<TimerSlot>,
-    /// Free slots.
+    /// Free slots: every slot not holding a pending timer (a removed or fired one's).
     free: Vec<u32>,
     next_sequence: u64,
 }
@@ -126,11 +124,9 @@ impl TimerQueue {
         }
         entry.waker = None;
         self.free.push(key.slot);
-        self.removed_in_heap += 1;
         self.discard_removed_top();
-        if self.removed_in_heap > REMOVED_IN_HEAP_SWEPT_MIN
-            && self.removed_in_heap > self.heap.len() / 2
-        {
+        let removed_in_heap = self.removed_in_heap();
+        if removed_in_heap > REMOVED_IN_HEAP_SWEPT_MIN && removed_in_heap > self.heap.len() / 2 {
             self.sweep_removed();
         }
     }
@@ -168,8 +164,14 @@ impl TimerQueue {
                 return;
             }
             self.heap.pop();
-            self.removed_in_heap -= 1;
         }
+    }
+
+    /// How many entries of the heap are of removed timers: each pending timer has one entry,
+    /// and every slot not in `free` holds a pending timer.
+    fn removed_in_heap(&self) -> usize {
+        let pending = self.slots.len() - self.free.len();
+        self.heap.len() - pending
     }
 
     /// Drops every removed timer's entry in one pass, rebuilding the heap from the pending
@@ -178,7 +180,6 @@ impl TimerQueue {
     fn sweep_removed(&mut self) {
         let (slots, heap) = (&self.slots, &mut self.heap);
         heap.retain(|&Reverse(entry)| is_pending(slots, entry));
-        self.removed_in_heap = 0;
     }
 
     /// The wakers of the pending timers set for node clock `clock_id`, in the order the timers
@@ -208,7 +209,6 @@ impl TimerQueue {
 
     /// Drops every timer (at the end of a run, to break waker reference cycles).
     pub fn clear(&mut self) {
-        self.removed_in_heap = 0;
         self.heap.clear();
         self.slots.clear();
         self.free.clear();
@@ -443,6 +443,10 @@ mod tests {
             }
             let expected = model.first_key_value().map(|(&(at, _), ())| at);
             assert_eq!(timers.next_deadline_ms(), expected);
+            let stale = (timers.heap.iter())
+                .filter(|&&Reverse(entry)| !is_pending(&timers.slots, entry))
+                .count();
+            assert_eq!(timers.removed_in_heap(), stale, "removed timers' entries");
         }
     }
 

@@ -993,7 +993,9 @@ impl NetEtcdInner {
             request,
         };
         self.network.send(self.host, STORE_HOST, message);
-        reply.await
+        reply
+            .await
+            .expect("a reply awaited without a deadline is never given up")
     }
 }
 

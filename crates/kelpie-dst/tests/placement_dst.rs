@@ -272,10 +272,10 @@ fn wanter(actor_index: usize) -> usize {
 /// `scan_for_fence_in_flight_at_healing_seeds` (ignored; run it with `--ignored --nocapture`)
 /// prints new ones.
 const FENCE_IN_FLIGHT_AT_HEALING_SEEDS: [u64; 4] = [
-    16_040_201_659_723_823_271,
-    1_687_145_351_602_768_648,
-    9_854_459_343_226_082_217,
-    9_816_668_459_971_265_711,
+    17_782_116_925_025_022_222,
+    15_111_559_859_484_886_382,
+    17_800_109_109_169_111_655,
+    11_317_570_546_773_990_350,
 ];
 
 /// Regression: a fence in flight at healing holds its node's loop, so the node reaches its

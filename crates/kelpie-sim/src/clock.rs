@@ -97,6 +97,11 @@ impl SimClock {
         ClockSleep::new(self, duration)
     }
 
+    /// A future that completes once this clock reads `local_ms` (at once if it already does).
+    pub fn sleep_until_local(&self, local_ms: u64) -> ClockSleep<&SimClock> {
+        ClockSleep::until(self, local_ms)
+    }
+
     /// The first global instant (not before now) at which this clock reads `local_ms`, if it
     /// neither jumps nor changes rate before then.
     pub fn global_when_local_reaches(&self, local_ms: u64) -> u64 {
@@ -204,9 +209,14 @@ impl<C: Borrow<SimClock>> ClockSleep<C> {
     /// A sleep of `duration` on `clock`, from now.
     pub fn new(clock: C, duration: Duration) -> Self {
         let now_ms = clock.borrow().now_ms();
+        Self::until(clock, now_ms.saturating_add(duration_to_ms_ceil(duration)))
+    }
+
+    /// A sleep on `clock` until it reads `target_local_ms`.
+    pub fn until(clock: C, target_local_ms: u64) -> Self {
         Self {
             clock,
-            target_local_ms: now_ms.saturating_add(duration_to_ms_ceil(duration)),
+            target_local_ms,
             timer: None,
         }
     }

@@ -54,6 +54,12 @@ impl SimEnv {
         self.runtime.steps()
     }
 
+    /// Tasks alive now (spawned and not finished or aborted), the running one included: for
+    /// tests that a component's tasks end with it.
+    pub fn tasks_alive(&self) -> u64 {
+        self.runtime.tasks_alive()
+    }
+
     /// Runs `future` as a new task. The returned handle gives its output; dropping the handle
     /// detaches the task.
     pub fn spawn<T: 'static>(&self, future: impl Future<Output = T> + 'static) -> JoinHandle<T> {

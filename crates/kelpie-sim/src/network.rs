@@ -219,6 +219,11 @@ impl<M: Clone + 'static> SimNetwork<M> {
         self.inner.config.hosts
     }
 
+    /// The simulation this network runs in (to spawn the tasks of a protocol over it).
+    pub fn env(&self) -> &SimEnv {
+        &self.inner.env
+    }
+
     /// The longest a message can take from send to delivery: the configured latency plus
     /// the largest delay spike. A message not delivered by then never will be.
     pub fn delivery_ms_max(&self) -> u64 {

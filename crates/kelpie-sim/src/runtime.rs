@@ -222,6 +222,11 @@ impl Runtime {
         self.tasks.borrow().spawned()
     }
 
+    /// Tasks alive now.
+    pub fn tasks_alive(&self) -> u64 {
+        self.tasks.borrow().live()
+    }
+
     /// Runs until `main_done` says the scenario finished, or a failure.
     ///
     /// `main_done` is asked at the start and after every poll of the task `main`: only that

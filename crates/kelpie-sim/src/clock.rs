@@ -23,9 +23,11 @@ pub const CLOCK_DRIFT_PPM_ABS_MAX: i64 = 500_000;
 /// Parts per million in one.
 const PPM_PER_UNIT: i128 = 1_000_000;
 
-/// The state a node clock shares between its clones.
+/// The state a node clock shares between its clones, the simulation's time included: one
+/// reference count per clone (a boxed sleep owns one), not two.
 #[derive(Debug)]
 struct ClockState {
+    shared: Arc<Shared>,
     /// Tags the timers of this clock's sleeps, which `jump_forward` wakes so they can finish
     /// early: unique within the run, never [`GLOBAL_TIME`](crate::timer::GLOBAL_TIME).
     id: u64,
@@ -37,7 +39,6 @@ struct ClockState {
 /// [`kelpie_core::Clock`], so code under test reads time through it.
 #[derive(Clone)]
 pub struct SimClock {
-    shared: Arc<Shared>,
     state: Arc<ClockState>,
 }
 
@@ -54,23 +55,23 @@ impl SimClock {
         );
         let state = ClockState {
             id: shared.new_clock_id(),
+            shared,
             offset_ms: AtomicU64::new(offset_ms),
             drift_ppm,
         };
         Self {
-            shared,
             state: Arc::new(state),
         }
     }
 
     /// Local time now, in ms.
     pub fn now_ms(&self) -> u64 {
-        self.local_at(self.shared.now_ms())
+        self.local_at(self.state.shared.now_ms())
     }
 
     /// Global (true) simulated time now, in ms.
     pub fn global_now_ms(&self) -> u64 {
-        self.shared.now_ms()
+        self.state.shared.now_ms()
     }
 
     /// The current offset, in ms (grows with [`SimClock::jump_forward`]).
@@ -88,7 +89,7 @@ impl SimClock {
     pub fn jump_forward(&self, jump_ms: u64) {
         self.state.offset_ms.fetch_add(jump_ms, Ordering::AcqRel);
         // Woken outside the timers' lock: a waker may run code that sets a timer.
-        let wakers = self.shared.timers().wakers_of_clock(self.state.id);
+        let wakers = self.state.shared.timers().wakers_of_clock(self.state.id);
         wakers.into_iter().for_each(Waker::wake);
     }
 
@@ -132,7 +133,7 @@ impl SimClock {
     /// The first global instant (not before now) at which local time reaches `target_ms`.
     #[inline]
     fn global_deadline_for(&self, target_ms: u64) -> u64 {
-        let now_global_ms = self.shared.now_ms();
+        let now_global_ms = self.state.shared.now_ms();
         let Some(needed_ms) = target_ms
             .checked_sub(self.offset_ms())
             .filter(|&needed_ms| needed_ms > 0)
@@ -224,7 +225,7 @@ impl<C: Borrow<SimClock>> ClockSleep<C> {
     /// Ends the sleep: its timer, if still set, is removed.
     #[inline]
     fn finish(&mut self) {
-        drop_timer(&mut self.timer, &self.clock.borrow().shared);
+        drop_timer(&mut self.timer, &self.clock.borrow().state.shared);
     }
 
     /// [`Future::poll`] while the local clock is short of the target.
@@ -240,18 +241,18 @@ impl<C: Borrow<SimClock>> ClockSleep<C> {
         // has reached the target.
         for _ in 0..2 {
             if clock.now_ms() >= *target_local_ms {
-                drop_timer(timer, &clock.shared);
+                drop_timer(timer, &clock.state.shared);
                 return Poll::Ready(());
             }
             // A jump moves the deadline sooner: the jump woke this sleep through its timer,
             // and the timer moves here.
             let deadline_ms = clock.global_deadline_for(*target_local_ms);
             if timer.as_ref().map(Timer::deadline_ms) != Some(deadline_ms) {
-                drop_timer(timer, &clock.shared);
+                drop_timer(timer, &clock.state.shared);
                 *timer = Some(Timer::at(deadline_ms, clock.state.id));
             }
             let set = timer.as_mut().expect("the timer was just set");
-            if set.poll(&clock.shared, cx).is_pending() {
+            if set.poll(&clock.state.shared, cx).is_pending() {
                 return Poll::Pending;
             }
         }

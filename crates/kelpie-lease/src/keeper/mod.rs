@@ -879,6 +879,40 @@ mod tests {
         );
     }
 
+    /// A round renews every lease due whatever its size (one request awaited alone, more in
+    /// a set), and reports the renewals in actor order.
+    #[test]
+    fn rounds_of_every_size_renew_every_lease_due_in_actor_order() {
+        for count in [1, 2, 7] {
+            let (clock, manager, keeper, mut events) = setup();
+            // Acquired in reverse order, so that actor order is not acquisition order.
+            let actors: Vec<ActorId> = (0..count)
+                .rev()
+                .map(|i| ActorId::new(format!("actor-{i:02}")).unwrap())
+                .collect();
+            for actor in &actors {
+                block_on(keeper.acquire(actor)).unwrap();
+            }
+            drain(&mut events);
+            clock.advance_ms(300);
+            assert_eq!(block_on(keeper.tick()), Some(600), "{count} leases");
+            let renewed: Vec<ActorId> = drain(&mut events)
+                .into_iter()
+                .map(|event| match event {
+                    KeeperEvent::Renewed { actor_id, .. } => actor_id,
+                    other => panic!("{count} leases: {other:?}"),
+                })
+                .collect();
+            let mut in_order = actors.clone();
+            in_order.sort();
+            assert_eq!(renewed, in_order, "{count} leases");
+            for actor in &actors {
+                let lease = block_on(manager.get(actor)).unwrap().unwrap();
+                assert_eq!(lease.expires_at_ms, 1_200, "{count} leases: {actor}");
+            }
+        }
+    }
+
     #[test]
     fn belief_runs_out_before_store_expiry_and_owner_is_told() {
         let (clock, manager, keeper, mut events) = setup();

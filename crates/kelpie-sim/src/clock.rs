@@ -27,6 +27,7 @@ const PPM_PER_UNIT: i128 = 1_000_000;
 /// reference count per clone (a boxed sleep owns one), not two.
 #[derive(Debug)]
 struct ClockState {
+    /// The simulation's global time and timers.
     shared: Arc<Shared>,
     /// Tags the timers of this clock's sleeps, which `jump_forward` wakes so they can finish
     /// early: unique within the run, never [`GLOBAL_TIME`](crate::timer::GLOBAL_TIME).

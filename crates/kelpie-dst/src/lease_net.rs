@@ -905,17 +905,11 @@ mod tests {
     #[test]
     fn an_unanswered_request_gives_up_at_its_deadline_on_the_nodes_clock() {
         use kelpie_lease::backend::LeaseOp;
-        use kelpie_sim::{NetworkConfig, SimConfig, Simulation};
+        use kelpie_sim::{SimConfig, Simulation};
         Simulation::new(SimConfig::new(1))
             .run(|env| async move {
-                let config = NetworkConfig {
-                    hosts: 2,
-                    latency_ms_min: 1,
-                    latency_ms_max: 1,
-                    mailbox_capacity: 16,
-                };
                 // No server: requests reach the store host and nobody answers.
-                let network = SimNetwork::with_config(&env, config);
+                let network = env.network::<LeaseMessage>(2);
                 let clock = env.node_clock(0, 0);
                 let tasks_before = env.tasks_alive();
                 let truth = SimLeaseStore::new(env.storage());

@@ -3,12 +3,16 @@
 //! An id is 1 to [`ID_LENGTH_BYTES_MAX`] bytes of ASCII letters, digits and the punctuation
 //! `-`, `_`, `.`, `:`, `/`, `@`. The set is small on purpose: ids appear in store keys (etcd
 //! prefixes, SQLite rows), log lines and command lines, and none of those should need quoting.
-//! Ids are reference counted, so cloning one is a counter increment, never a copy.
+//! An id of up to [`ID_INLINE_BYTES_MAX`] bytes is stored inline, so cloning or dropping one
+//! copies two words and touches no shared counter; a longer one is reference counted, so
+//! cloning it is a counter increment, never a copy of the string.
 
 use crate::limits::ID_LENGTH_BYTES_MAX;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
-use std::sync::Arc;
+
+mod repr;
+use repr::Repr;
 
 /// Why a string was refused as an id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,6 +77,9 @@ fn validate(kind: &'static str, id: &str) -> Result<(), IdError> {
     Ok(())
 }
 
+/// Ids this long or shorter are stored inline (see [`ActorId::is_inline`]).
+pub const ID_INLINE_BYTES_MAX: usize = repr::INLINE_BYTES_MAX;
+
 /// Bytes this long or shorter are compared inline ([`cmp_bytes`]).
 const INLINE_COMPARE_BYTES_MAX: usize = 16;
 
@@ -119,39 +126,41 @@ macro_rules! define_id {
     ($name:ident, $kind:literal, $doc:literal) => {
         #[doc = $doc]
         #[derive(Clone)]
-        pub struct $name(Arc<str>);
+        pub struct $name(Repr);
 
-        // The string's hash, consistent with `Eq` (equal ids have equal strings) and with
-        // `Borrow<str>`.
+        // Consistent with `Eq`: a short id hashes its two words, a long one its string (the
+        // two are never equal). Not the string's hash, so ids do not implement `Borrow<str>`.
         impl std::hash::Hash for $name {
+            #[inline]
             fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-                (*self.0).hash(state);
+                match self.0.inline_words() {
+                    Some([head, tail]) => {
+                        state.write_u64(head);
+                        state.write_u64(tail);
+                    }
+                    None => self.0.as_str().hash(state),
+                }
             }
         }
 
-        // Ids are compared far more often than built, and most comparisons are of clones of
-        // one id: the same allocation is the same id without reading the bytes.
+        // Ids are compared far more often than built: two short ones (or two clones of a
+        // long one) by their two words, without reading a string.
         impl PartialEq for $name {
             #[inline]
             fn eq(&self, other: &Self) -> bool {
-                Arc::ptr_eq(&self.0, &other.0) || *self.0 == *other.0
+                self.0 == other.0
             }
         }
 
         impl Eq for $name {}
 
-        // Consistent with `Eq`, `Ord` and `Hash`, which are the string's: a map keyed by ids
-        // can be searched with a `&str` without building an id.
-        impl std::borrow::Borrow<str> for $name {
-            fn borrow(&self) -> &str {
-                &self.0
-            }
-        }
-
         impl Ord for $name {
             #[inline]
             fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-                if Arc::ptr_eq(&self.0, &other.0) {
+                if let Some(order) = self.0.cmp_inline(&other.0) {
+                    return order;
+                }
+                if self.0.identical(&other.0) {
                     return std::cmp::Ordering::Equal;
                 }
                 cmp_bytes(self.0.as_bytes(), other.0.as_bytes())
@@ -170,39 +179,46 @@ macro_rules! define_id {
             pub fn new(id: impl AsRef<str>) -> Result<Self, IdError> {
                 let id = id.as_ref();
                 validate($kind, id)?;
-                Ok(Self(Arc::from(id)))
+                Ok(Self(Repr::new(id)))
             }
 
             /// The id as a string slice.
             pub fn as_str(&self) -> &str {
-                &self.0
+                self.0.as_str()
             }
 
-            /// Whether `self` and `other` share one allocation (clones of one id), which
-            /// makes them equal without reading their bytes. Equal ids built separately do
-            /// not; a map can swap its key for the caller's clone so that later lookups
-            /// with that clone compare no bytes.
+            /// Whether the id is stored inline (at most [`ID_INLINE_BYTES_MAX`] bytes): its
+            /// clones are copies, compared by their two words.
+            #[inline]
+            pub fn is_inline(&self) -> bool {
+                self.0.is_inline()
+            }
+
+            /// Whether `self` and `other` are clones of one long id, sharing its allocation,
+            /// which makes them equal without reading their bytes. Equal ids built separately
+            /// do not, nor do short (inline) ones; a map can swap its key for the caller's
+            /// clone of a long id so that later lookups with that clone compare no bytes.
             #[inline]
             pub fn same_allocation(&self, other: &Self) -> bool {
-                Arc::ptr_eq(&self.0, &other.0)
+                self.0.same_allocation(&other.0)
             }
         }
 
         impl AsRef<str> for $name {
             fn as_ref(&self) -> &str {
-                &self.0
+                self.0.as_str()
             }
         }
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
+                f.write_str(self.0.as_str())
             }
         }
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{:?}", &*self.0)
+                write!(f, "{:?}", self.0.as_str())
             }
         }
 
@@ -215,7 +231,7 @@ macro_rules! define_id {
 
         impl Serialize for $name {
             fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                serializer.serialize_str(&self.0)
+                serializer.serialize_str(self.0.as_str())
             }
         }
 
@@ -240,15 +256,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn clones_share_an_allocation_and_equal_ids_built_apart_do_not() {
-        let a = ActorId::new("actor-1").unwrap();
-        let built_apart = ActorId::new("actor-1").unwrap();
-        assert!(a.same_allocation(&a.clone()));
-        assert_eq!(a, built_apart);
-        assert!(!a.same_allocation(&built_apart));
-        let n = NodeId::new("node-1").unwrap();
+    fn short_ids_are_inline_and_clones_of_long_ones_share_an_allocation() {
+        let short = ActorId::new("actor-1").unwrap();
+        assert!(short.is_inline());
+        assert!(!short.same_allocation(&short.clone()));
+        assert_eq!(short, short.clone());
+        assert!(NodeId::new("a".repeat(ID_INLINE_BYTES_MAX))
+            .unwrap()
+            .is_inline());
+        let long_name = "a".repeat(ID_INLINE_BYTES_MAX + 1);
+        let long = ActorId::new(&long_name).unwrap();
+        let built_apart = ActorId::new(&long_name).unwrap();
+        assert!(!long.is_inline());
+        assert!(long.same_allocation(&long.clone()));
+        assert_eq!(long, built_apart);
+        assert!(!long.same_allocation(&built_apart));
+        let n = NodeId::new(format!("node-{long_name}")).unwrap();
         assert!(n.same_allocation(&n.clone()));
-        assert!(!n.same_allocation(&NodeId::new("node-1").unwrap()));
+        assert!(!n.same_allocation(&NodeId::new(n.as_str()).unwrap()));
     }
 
     /// Ids order, compare and borrow exactly as their strings do, whether or not they share
@@ -274,8 +299,7 @@ mod tests {
                 assert_eq!(a.cmp(&b), x.cmp(y), "{x} vs {y}");
                 assert_eq!(a == b, x == y, "{x} vs {y}");
                 assert_eq!(a.cmp(&a.clone()), std::cmp::Ordering::Equal);
-                let borrowed: &str = std::borrow::Borrow::borrow(&a);
-                assert_eq!(borrowed, x);
+                assert_eq!(a.as_str(), x);
             }
         }
     }

@@ -313,14 +313,15 @@ impl StepCache {
     }
 
     /// [`Self::index_of`] for an id a keeper reported (the world's clone of it), which the map
-    /// then keeps as its key: an actor first seen in the store has a key built from the
-    /// store's string, while its beliefs, looked up after every change, come with the world's
-    /// clone. Once the key is that clone, their lookups compare pointers instead of bytes (at
-    /// 10,000 actors, a cache miss on each of two strings).
+    /// then keeps as its key if it is a long one: an actor first seen in the store has a key
+    /// built from the store's string, while its beliefs, looked up after every change, come
+    /// with the world's clone. Once the key is that clone, their lookups compare pointers
+    /// instead of bytes (at 10,000 actors, a cache miss on each of two strings). A short id is
+    /// compared by its two words wherever it came from.
     fn believer_index_of(&mut self, actor_id: &ActorId) -> usize {
         match self.actors.get_full_mut2(actor_id) {
             Some((index, key, _)) => {
-                if !key.same_allocation(actor_id) {
+                if !actor_id.is_inline() && !key.same_allocation(actor_id) {
                     // Equal ids, so the map's hashing and order are unchanged.
                     *key = actor_id.clone();
                 }

@@ -95,13 +95,14 @@ impl<'a> ActorHistory<'a> {
         let duplicates = delivery.duplicates;
         // Nodes numbered in order of appearance; hashed, as a sorted map compared their names
         // at every operation. An id is cloned only the first time. An actor's operations and
-        // the replies to them mostly name the node named just before (a holder renewing), by
-        // the same allocation of its id: that one is compared by address before any hashing.
+        // the replies to them mostly name the node named just before (a holder renewing): that
+        // one is compared (two words, for a short id or a clone of a long one) before any
+        // hashing.
         let mut table: indexmap::IndexSet<NodeId, foldhash::fast::FixedState> =
             indexmap::IndexSet::default();
         let mut last = None;
         let mut intern = |node: &NodeId| {
-            if let Some(index) = last.filter(|&index: &usize| table[index].same_allocation(node)) {
+            if let Some(index) = last.filter(|&index: &usize| table[index] == *node) {
                 return index as Node;
             }
             let index = match table.get_index_of(node) {

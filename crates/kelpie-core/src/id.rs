@@ -134,9 +134,9 @@ macro_rules! define_id {
             #[inline]
             fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
                 match self.0.inline_words() {
+                    // One 128-bit word: one round of a hasher's mixing, not two.
                     Some([head, tail]) => {
-                        state.write_u64(head);
-                        state.write_u64(tail);
+                        state.write_u128(u128::from(head) | u128::from(tail) << 64)
                     }
                     None => self.0.as_str().hash(state),
                 }
@@ -274,6 +274,17 @@ mod tests {
         let n = NodeId::new(format!("node-{long_name}")).unwrap();
         assert!(n.same_allocation(&n.clone()));
         assert!(!n.same_allocation(&NodeId::new(n.as_str()).unwrap()));
+        // Equal ids hash alike, short or long, built apart or cloned.
+        let hash = |id: &ActorId| {
+            use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+            BuildHasherDefault::<DefaultHasher>::default().hash_one(id)
+        };
+        for name in ["a", "actor-1", &"b".repeat(ID_INLINE_BYTES_MAX), &long_name] {
+            let (one, other) = (ActorId::new(name).unwrap(), ActorId::new(name).unwrap());
+            assert_eq!(hash(&one), hash(&other), "{name}");
+            assert_eq!(hash(&one), hash(&one.clone()), "{name}");
+        }
+        assert_ne!(hash(&short), hash(&ActorId::new("actor-2").unwrap()));
     }
 
     /// Ids order, compare and borrow exactly as their strings do, whether or not they share

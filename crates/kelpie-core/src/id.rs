@@ -287,8 +287,8 @@ mod tests {
         assert_ne!(hash(&short), hash(&ActorId::new("actor-2").unwrap()));
     }
 
-    /// Ids order, compare and borrow exactly as their strings do, whether or not they share
-    /// an allocation, short or long.
+    /// Ids order, compare and read back exactly as their strings do, short (inline) or long,
+    /// and whether or not two long ones share an allocation.
     #[test]
     fn ids_order_as_their_strings() {
         let words = [

@@ -80,48 +80,6 @@ fn validate(kind: &'static str, id: &str) -> Result<(), IdError> {
 /// Ids this long or shorter are stored inline (see [`ActorId::is_inline`]).
 pub const ID_INLINE_BYTES_MAX: usize = repr::INLINE_BYTES_MAX;
 
-/// Bytes this long or shorter are compared inline ([`cmp_bytes`]).
-const INLINE_COMPARE_BYTES_MAX: usize = 16;
-
-/// Byte-wise (so `str`) order. Ids are short and sorted maps compare them constantly, mostly
-/// ids with a long common prefix (`actor-0001234`): ids of 8 to 16 bytes are compared as two
-/// big-endian words each, zero-padded, then by length (exact: padded words are equal only if
-/// the shorter id is a prefix of the longer, which then sorts after it), shorter ones byte by
-/// byte; both are cheaper than a call to `memcmp`.
-#[inline]
-fn cmp_bytes(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
-    let inline = |s: &[u8]| (8..=INLINE_COMPARE_BYTES_MAX).contains(&s.len());
-    if inline(a) && inline(b) {
-        let key = |s: &[u8]| (be_word_at(s, 0), be_word_at(s, 8), s.len());
-        return key(a).cmp(&key(b));
-    }
-    if a.len().min(b.len()) > INLINE_COMPARE_BYTES_MAX {
-        return a.cmp(b);
-    }
-    for (x, y) in a.iter().zip(b) {
-        if x != y {
-            return x.cmp(y);
-        }
-    }
-    a.len().cmp(&b.len())
-}
-
-/// The 8 bytes of `s` from `from` as a big-endian word, zero-padded past the end; `s` has at
-/// least 8 bytes, so a short tail is read as the last 8 bytes, shifted.
-#[inline]
-fn be_word_at(s: &[u8], from: usize) -> u64 {
-    debug_assert!(s.len() >= 8);
-    let end = s.len().min(from + 8);
-    if end <= from {
-        return 0;
-    }
-    let word = u64::from_be_bytes(s[end - 8..end].try_into().expect("8 bytes"));
-    match end - from {
-        8 => word,
-        kept => word << (8 * (8 - kept)),
-    }
-}
-
 macro_rules! define_id {
     ($name:ident, $kind:literal, $doc:literal) => {
         #[doc = $doc]
@@ -163,7 +121,7 @@ macro_rules! define_id {
                 if self.0.identical(&other.0) {
                     return std::cmp::Ordering::Equal;
                 }
-                cmp_bytes(self.0.as_bytes(), other.0.as_bytes())
+                self.0.as_bytes().cmp(other.0.as_bytes())
             }
         }
 
@@ -315,32 +273,30 @@ mod tests {
         }
     }
 
-    /// The word-wise comparison agrees with `str`'s order on every pair of short strings over
-    /// a small alphabet (long common prefixes, every length around the 8 and 16 byte bounds).
+    /// Ids order as their strings on every pair of a few thousand over a small alphabet (long
+    /// common prefixes, every length around the 8 and 16 byte bounds, short and long ids
+    /// mixed).
     #[test]
-    fn inline_comparison_agrees_with_str_order() {
-        let mut words = vec![String::new()];
+    fn order_agrees_with_str_order() {
+        let mut words = Vec::new();
         let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
         for _ in 0..2_000 {
             state = state
                 .wrapping_mul(6_364_136_223_846_793_005)
                 .wrapping_add(1);
-            let length = (state >> 33) as usize % 20;
+            let length = 1 + (state >> 33) as usize % 20;
             let word: String = (0..length)
                 .map(|i| ['a', 'b', '0'][((state >> (i % 30)) % 3) as usize])
                 .collect();
             words.push(format!("actor-{word}"));
             words.push(word);
         }
-        for x in &words {
-            for y in words.iter().step_by(7) {
-                let expected = x.as_bytes().cmp(y.as_bytes());
-                assert_eq!(
-                    cmp_bytes(x.as_bytes(), y.as_bytes()),
-                    expected,
-                    "{x:?} vs {y:?}"
-                );
-                assert_eq!(cmp_bytes(y.as_bytes(), x.as_bytes()), expected.reverse());
+        let ids: Vec<ActorId> = words.iter().map(|w| ActorId::new(w).unwrap()).collect();
+        for (x, a) in words.iter().zip(&ids) {
+            for (y, b) in words.iter().zip(&ids).step_by(7) {
+                let expected = x.cmp(y);
+                assert_eq!(a.cmp(b), expected, "{x:?} vs {y:?}");
+                assert_eq!(b.cmp(a), expected.reverse());
             }
         }
     }

@@ -301,6 +301,55 @@ mod tests {
         }
     }
 
+    /// Random ids of the allowed characters, every length to the limit, and near-equal pairs
+    /// of them (a copy, a copy with one or two bytes changed, a prefix): each reads back,
+    /// compares, orders and hashes as its string, and a clone outlives its original.
+    #[test]
+    fn random_ids_behave_as_their_strings() {
+        const ALLOWED: &[u8] =
+            b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/@";
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = |bound: usize| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) as usize % bound
+        };
+        let hash = |id: &NodeId| {
+            use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+            BuildHasherDefault::<DefaultHasher>::default().hash_one(id)
+        };
+        for _ in 0..3_000 {
+            let length = 1 + next(ID_LENGTH_BYTES_MAX);
+            let x: String = (0..length)
+                .map(|_| ALLOWED[next(ALLOWED.len())] as char)
+                .collect();
+            let mut change = |s: &str| {
+                let mut bytes = s.as_bytes().to_vec();
+                bytes[next(length)] = ALLOWED[next(ALLOWED.len())];
+                String::from_utf8(bytes).unwrap()
+            };
+            let changed = change(&x);
+            let changed_twice = change(&changed);
+            let prefix = x[..1 + next(length)].to_string();
+            let a = NodeId::new(&x).unwrap();
+            assert_eq!(a.as_str(), x);
+            assert_eq!(a.is_inline(), x.len() <= ID_INLINE_BYTES_MAX);
+            for y in [&x, &changed, &changed_twice, &prefix] {
+                let b = NodeId::new(y).unwrap();
+                assert_eq!(a == b, x == *y, "{x} vs {y}");
+                assert_eq!(a.cmp(&b), x.cmp(y), "{x} vs {y}");
+                if x == *y {
+                    assert_eq!(hash(&a), hash(&b), "{x}");
+                }
+            }
+            let clone = a.clone();
+            drop(a);
+            assert_eq!(clone.as_str(), x);
+            assert_eq!(hash(&clone), hash(&NodeId::new(&x).unwrap()));
+        }
+    }
+
     #[test]
     fn accepts_the_documented_character_set() {
         let id = ActorId::new("Az09-_.:/@").unwrap();

@@ -213,6 +213,12 @@ define_id!(NodeId, "node", "The id of a node: who holds a lease.");
 mod tests {
     use super::*;
 
+    /// `id`'s hash with a fixed hasher.
+    fn hash(id: &impl std::hash::Hash) -> u64 {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        BuildHasherDefault::<DefaultHasher>::default().hash_one(id)
+    }
+
     #[test]
     fn short_ids_are_inline_and_clones_of_long_ones_share_an_allocation() {
         let short = ActorId::new("actor-1").unwrap();
@@ -233,10 +239,6 @@ mod tests {
         assert!(n.same_allocation(&n.clone()));
         assert!(!n.same_allocation(&NodeId::new(n.as_str()).unwrap()));
         // Equal ids hash alike, short or long, built apart or cloned.
-        let hash = |id: &ActorId| {
-            use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-            BuildHasherDefault::<DefaultHasher>::default().hash_one(id)
-        };
         for name in ["a", "actor-1", &"b".repeat(ID_INLINE_BYTES_MAX), &long_name] {
             let (one, other) = (ActorId::new(name).unwrap(), ActorId::new(name).unwrap());
             assert_eq!(hash(&one), hash(&other), "{name}");
@@ -314,10 +316,6 @@ mod tests {
                 .wrapping_mul(6_364_136_223_846_793_005)
                 .wrapping_add(1_442_695_040_888_963_407);
             (state >> 33) as usize % bound
-        };
-        let hash = |id: &NodeId| {
-            use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-            BuildHasherDefault::<DefaultHasher>::default().hash_one(id)
         };
         for _ in 0..3_000 {
             let length = 1 + next(ID_LENGTH_BYTES_MAX);

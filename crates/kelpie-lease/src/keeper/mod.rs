@@ -649,8 +649,8 @@ impl<M: LeaseManager> LeaseKeeper<M> {
 }
 
 /// The most requests of one round that are joined ([`futures_util::future::join_all`]) rather
-/// than put in a set that polls each only when it is woken: for rounds of two to four in the
-/// lease swarm, 3% less CPU per lease operation (`swarm_bench`, median of 21 runs each).
+/// than put in a set that polls each only when it is woken: for the lease swarm's rounds of two
+/// to four, 2-3% less CPU per lease operation (`swarm_bench`, medians of 21 alternated runs).
 const JOINED_REQUESTS_MAX: usize = 8;
 
 /// A round's answers or events, in order. Most rounds make one request and so have at most

@@ -533,9 +533,8 @@ impl<M: LeaseManager> LeaseKeeper<M> {
         // Answers are applied together and in the order the requests were made, however
         // the requests are awaited.
         let work = std::pin::pin!(async {
-            // Most rounds make one request: it is awaited as it is. A set wakes its task once
-            // more after polling all its futures pending (it yields, to be fair to other
-            // tasks), which for one request is a wasted poll of the keeper every round.
+            // Most rounds make one request: it is awaited as it is, without the boxed slice
+            // `join_all` keeps its futures in or the vector of answers.
             if count == 1 {
                 let only = sent.next().expect("one request");
                 return OneOrMore::one(only.await);

@@ -1,6 +1,5 @@
 //! The [`LeaseManager`] trait and its one implementation over any [`LeaseStore`].
 
-use std::cell::Cell;
 use std::future::Future;
 
 use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock};
@@ -120,27 +119,6 @@ fn check_token(
     }
 }
 
-thread_local! {
-    /// The node id of the last request this thread built, kept to build the next one from.
-    ///
-    /// A request owns its node id, and the caller lends one, so building a request clones it:
-    /// an atomic increment, and a decrement when the request is dropped. On the memory store
-    /// those two were about a third of an operation's time (113 against 79 ns in the mixed
-    /// loop of `cargo bench --bench lease`): each locked instruction waits for every earlier
-    /// store to drain. A node asks with its one id again and again, so the id is kept here
-    /// between requests and reused when it is the same: one id per thread stays alive until the
-    /// thread asks for another node or ends.
-    static SPARE_NODE_ID: Cell<Option<NodeId>> = const { Cell::new(None) };
-}
-
-/// `node_id` as a request owns it: the spare one when it is the same id, else a clone.
-fn spare_node_id(node_id: &NodeId) -> NodeId {
-    match SPARE_NODE_ID.take() {
-        Some(spare) if spare == *node_id => spare,
-        _ => node_id.clone(),
-    }
-}
-
 /// The lease protocol over a store: every operation is one [`LeaseStore::apply`] of the
 /// protocol's decision function.
 pub struct ProtocolLeaseManager<S> {
@@ -183,16 +161,14 @@ impl<S: LeaseStore> ProtocolLeaseManager<S> {
     ) -> Result<Lease, LeaseError> {
         let request = LeaseRequest {
             op,
-            node_id: spare_node_id(node_id),
+            node_id: node_id.clone(),
             lease_duration_ms: self.config.lease_duration_ms,
             fencing_token,
         };
-        let reply = match self.store.apply_reply(actor_id, &request).await {
+        match self.store.apply_reply(actor_id, &request).await {
             Ok(reply) => reply,
             Err(error) => Err(error.into()),
-        };
-        SPARE_NODE_ID.set(Some(request.node_id));
-        reply
+        }
     }
 }
 

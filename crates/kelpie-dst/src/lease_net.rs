@@ -23,7 +23,7 @@ use crate::sim_thread::SimThread;
 use kelpie_core::ActorId;
 use kelpie_lease::{
     backend::Decision, backend::LeaseRecord, backend::LeaseRequest, backend::LeaseStore,
-    backend::RecordSnapshot, backend::StoreSnapshot, StoreError,
+    backend::RecordSnapshot, backend::StoreSnapshot, Lease, LeaseError, StoreError,
 };
 
 use crate::history::{History, OpOutcome};
@@ -48,13 +48,24 @@ pub enum LeaseMessage {
         actor_id: ActorId,
         /// The request. The store decides it with its own decision function.
         request: LeaseRequest,
+        /// What the node asks back.
+        wants: Wants,
     },
-    /// The store's answer.
+    /// The store's answer to a request that wants the reply alone.
     Reply {
         /// The request answered.
         request_id: u64,
+        /// The decision's reply, or the store's failure.
+        outcome: Result<Result<Lease, LeaseError>, StoreError>,
+    },
+    /// The store's answer to a request that wants the whole decision; boxed, so that the
+    /// record it carries does not make every message larger (a message is copied into the
+    /// network's queue and out of it: at 88 bytes inline, at 128 through `memcpy`).
+    Decision {
+        /// The request answered.
+        request_id: u64,
         /// The decision, or the store's failure.
-        outcome: Result<Decision, StoreError>,
+        outcome: Box<Result<Decision, StoreError>>,
     },
     /// A node's request to the simulated etcd ([`crate::sim_etcd`]).
     EtcdRequest {
@@ -72,7 +83,44 @@ pub enum LeaseMessage {
     },
 }
 
-type Pending = Rc<Replies<Result<Decision, StoreError>>>;
+/// What a lease request asks the store to send back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wants {
+    /// The decision's reply alone: what a lease manager hands its caller
+    /// ([`LeaseStore::apply_reply`]).
+    Reply,
+    /// The whole decision, written record included ([`LeaseStore::apply`]).
+    Decision,
+}
+
+/// An answer as it reached the node, in the form its request wanted.
+enum Answered {
+    Reply(Result<Result<Lease, LeaseError>, StoreError>),
+    Decision(Box<Result<Decision, StoreError>>),
+}
+
+impl Answered {
+    /// The answer to a request that got none, in the form it wanted.
+    fn failed(wants: Wants, error: StoreError) -> Self {
+        match wants {
+            Wants::Reply => Answered::Reply(Err(error)),
+            Wants::Decision => Answered::Decision(Box::new(Err(error))),
+        }
+    }
+
+    /// The reply, or the store's failure.
+    fn reply(&self) -> Result<&Result<Lease, LeaseError>, &StoreError> {
+        match self {
+            Answered::Reply(outcome) => outcome.as_ref(),
+            Answered::Decision(outcome) => outcome.as_ref().as_ref().map(|d| &d.reply),
+        }
+    }
+}
+
+type Pending = Rc<Replies<Answered>>;
+
+// What the `Decision` variant's box is for: a lease message is copied inline, not by `memcpy`.
+const _: () = assert!(std::mem::size_of::<LeaseMessage>() <= 88);
 
 /// The replies one node awaits, by request id; [`route_replies`] hands each arriving reply
 /// over. One slot per request, not a channel per request (an allocation and several atomic
@@ -437,7 +485,11 @@ impl NetLeaseStore {
             LeaseMessage::Reply {
                 request_id,
                 outcome,
-            } => Some((request_id, outcome)),
+            } => Some((request_id, Answered::Reply(outcome))),
+            LeaseMessage::Decision {
+                request_id,
+                outcome,
+            } => Some((request_id, Answered::Decision(outcome))),
             _ => None,
         };
         route_replies(&network, host, Rc::clone(&pending), reply);
@@ -490,19 +542,20 @@ impl NetInner {
         self: Rc<Self>,
         actor_id: ActorId,
         request: LeaseRequest,
-    ) -> Result<Decision, StoreError> {
+        wants: Wants,
+    ) -> Answered {
         let history = self.history.borrow().clone();
         let recorded = history.map(|history| {
             let id = history.invoke(&actor_id, &request, self.clock.global_now_ms());
             (history, id)
         });
-        let outcome = self.exchange(actor_id, request).await;
+        let answered = self.exchange(actor_id, request, wants).await;
         if let Some((history, id)) = recorded {
             let responded_ms = self.clock.global_now_ms();
-            let outcome = match &outcome {
-                Ok(decision) => OpOutcome::Returned {
+            let outcome = match answered.reply() {
+                Ok(reply) => OpOutcome::Returned {
                     responded_ms,
-                    reply: decision.reply.clone(),
+                    reply: reply.clone(),
                 },
                 Err(error) => OpOutcome::Failed {
                     responded_ms,
@@ -511,15 +564,11 @@ impl NetInner {
             };
             history.respond(id, outcome);
         }
-        outcome
+        answered
     }
 
-    /// Sends the request and waits for its reply, up to the timeout.
-    async fn exchange(
-        &self,
-        actor_id: ActorId,
-        request: LeaseRequest,
-    ) -> Result<Decision, StoreError> {
+    /// Sends the request and waits for its answer, up to the timeout.
+    async fn exchange(&self, actor_id: ActorId, request: LeaseRequest, wants: Wants) -> Answered {
         let request_id = self.next_request_id.get();
         self.next_request_id.set(request_id + 1);
         let deadline_local_ms = self.clock.now_ms().saturating_add(self.timeout_ms);
@@ -528,14 +577,18 @@ impl NetInner {
             request_id,
             actor_id,
             request,
+            wants,
         };
         self.network.send(self.host, STORE_HOST, message);
         match reply.await {
-            Some(outcome) => outcome,
+            Some(answered) => answered,
             // The reply is forgotten with its slot: one arriving later is dropped.
-            None => Err(StoreError::CommitUnknown {
-                reason: self.timeout_reason.clone(),
-            }),
+            None => Answered::failed(
+                wants,
+                StoreError::CommitUnknown {
+                    reason: self.timeout_reason.clone(),
+                },
+            ),
         }
     }
 }
@@ -553,8 +606,25 @@ impl LeaseStore for NetLeaseStore {
         request: &LeaseRequest,
     ) -> Result<Decision, StoreError> {
         let inner = Rc::clone(&self.inner);
-        let call = inner.call(actor_id.clone(), request.clone());
-        SimThread::new(call).await
+        let call = inner.call(actor_id.clone(), request.clone(), Wants::Decision);
+        match SimThread::new(call).await {
+            Answered::Decision(outcome) => *outcome,
+            Answered::Reply(_) => unreachable!("the store answers a request as it wants"),
+        }
+    }
+
+    /// The reply alone crosses the network: a smaller message than the whole decision.
+    async fn apply_reply(
+        &self,
+        actor_id: &ActorId,
+        request: &LeaseRequest,
+    ) -> Result<Result<Lease, LeaseError>, StoreError> {
+        let inner = Rc::clone(&self.inner);
+        let call = inner.call(actor_id.clone(), request.clone(), Wants::Reply);
+        match SimThread::new(call).await {
+            Answered::Reply(outcome) => outcome,
+            Answered::Decision(_) => unreachable!("the store answers a request as it wants"),
+        }
     }
 
     async fn load(&self, actor_id: &ActorId) -> Result<RecordSnapshot, StoreError> {
@@ -608,20 +678,28 @@ pub fn serve_leases_with_stale_reads(
     });
 }
 
-/// Where the answer to one request goes.
+/// Where the answer to one request goes, and in what form.
 struct Answer {
     network: SimNetwork<LeaseMessage>,
     to: HostId,
     request_id: u64,
+    wants: Wants,
 }
 
 impl Answer {
     fn send(self, outcome: Result<Decision, StoreError>) {
-        let reply = LeaseMessage::Reply {
-            request_id: self.request_id,
-            outcome,
+        let request_id = self.request_id;
+        let answer = match self.wants {
+            Wants::Reply => LeaseMessage::Reply {
+                request_id,
+                outcome: outcome.map(|decision| decision.reply),
+            },
+            Wants::Decision => LeaseMessage::Decision {
+                request_id,
+                outcome: Box::new(outcome),
+            },
         };
-        self.network.send(STORE_HOST, self.to, reply);
+        self.network.send(STORE_HOST, self.to, answer);
     }
 }
 
@@ -637,12 +715,14 @@ fn serve(
             request_id,
             actor_id,
             request,
+            wants,
         } = message
         {
             let answer = Answer {
                 network: replies.clone(),
                 to: from,
                 request_id,
+                wants,
             };
             apply(actor_id, request, answer);
         }
@@ -930,6 +1010,13 @@ mod tests {
                 let start_ms = env.now_ms();
                 assert!(timed_out(store.apply(&actor_id, &request).await));
                 assert_eq!(env.now_ms() - start_ms, 50);
+                // Also where the request wants the reply alone.
+                let start_ms = env.now_ms();
+                let reply = store.apply_reply(&actor_id, &request).await;
+                assert!(timed_out(
+                    reply.map(|reply| Decision { write: None, reply })
+                ));
+                assert_eq!(env.now_ms() - start_ms, 50);
 
                 // 20 ms in, the node's clock jumps 25 ms: it reads the deadline 5 ms later.
                 let jump = {
@@ -947,6 +1034,58 @@ mod tests {
                 drop(store);
                 env.yield_now().await;
                 assert_eq!(env.tasks_alive(), tasks_before, "the watcher ended");
+                Ok::<(), String>(())
+            })
+            .expect("the simulation runs");
+    }
+
+    /// A request that wants the whole decision gets it, written record included; one that
+    /// wants the reply alone gets the reply the store gave. Both are recorded in the history
+    /// with the reply the node saw.
+    #[test]
+    fn the_store_answers_each_request_in_the_form_it_wants() {
+        use kelpie_lease::backend::LeaseOp;
+        use kelpie_sim::{SimConfig, Simulation};
+        Simulation::new(SimConfig::new(1))
+            .run(|env| async move {
+                let network = env.network::<LeaseMessage>(2);
+                let truth = SimLeaseStore::new(env.storage());
+                serve_leases(&network, truth.clone());
+                let clock = env.node_clock(0, 0);
+                let store = NetLeaseStore::connect(network, 1, 1, clock, 1_000, truth.clone());
+                let history = History::new();
+                store.record_history(history.clone());
+                let actor_id = ActorId::new("actor").unwrap();
+                let node_id = kelpie_core::NodeId::new("node-1").unwrap();
+                let acquire = LeaseRequest {
+                    op: LeaseOp::Acquire,
+                    node_id: node_id.clone(),
+                    lease_duration_ms: 1_000,
+                    fencing_token: None,
+                };
+                let decision = store.apply(&actor_id, &acquire).await.unwrap();
+                let lease = decision.reply.clone().unwrap();
+                let written = decision.write.expect("an acquire of a free actor writes");
+                assert_eq!(written.holder.as_ref(), Some(&node_id));
+                assert_eq!(written.fencing_token, lease.fencing_token);
+                let stored = truth.load(&actor_id).await.unwrap();
+                assert_eq!(stored.record, Some(written));
+
+                let renew = LeaseRequest {
+                    op: LeaseOp::Renew,
+                    fencing_token: Some(lease.fencing_token),
+                    ..acquire
+                };
+                let renewed = store.apply_reply(&actor_id, &renew).await.unwrap().unwrap();
+                assert_eq!(renewed.fencing_token, lease.fencing_token);
+                assert_eq!(renewed.holder, node_id);
+
+                let replies: Vec<_> = history
+                    .to_vec()
+                    .iter()
+                    .map(|op| op.reply().cloned())
+                    .collect();
+                assert_eq!(replies, [Some(Ok(lease)), Some(Ok(renewed))]);
                 Ok::<(), String>(())
             })
             .expect("the simulation runs");

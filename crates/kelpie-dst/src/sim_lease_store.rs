@@ -316,11 +316,12 @@ pub(crate) fn store_error(error: StorageError) -> StoreError {
 /// (`to_string` starts empty and grows three or four times).
 const ERROR_REASON_BYTES_TYPICAL: usize = 96;
 
-/// `error`'s message.
+/// `error`'s message, appended in pieces ([`StorageError::write_message`]).
 fn error_reason(error: &StorageError) -> String {
-    use std::fmt::Write;
     let mut reason = String::with_capacity(ERROR_REASON_BYTES_TYPICAL);
-    write!(reason, "{error}").expect("writing to a String cannot fail");
+    error
+        .write_message(&mut reason)
+        .expect("writing to a String cannot fail");
     reason
 }
 

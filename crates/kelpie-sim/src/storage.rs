@@ -55,31 +55,21 @@ pub enum CasOutcome {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StorageError {
     /// The write failed and nothing was applied.
-    #[error("write to {} failed; nothing was applied", Quoted(.key))]
     WriteFailed {
         /// The key written.
         key: String,
     },
     /// The read failed.
-    #[error("read of {} failed", Quoted(.key))]
     ReadFailed {
         /// The key read.
         key: String,
     },
     /// The write was applied, but the caller cannot know that.
-    #[error(
-        "write to {} returned an error but may have been applied (commit unknown)",
-        Quoted(.key)
-    )]
     CommitUnknown {
         /// The key written.
         key: String,
     },
     /// The store was crashed; the operation may or may not have been applied.
-    #[error(
-        "store {store:?} is unavailable; the operation on {} may or may not have been applied",
-        Quoted(.key)
-    )]
     Unavailable {
         /// The store's name.
         store: String,
@@ -88,23 +78,58 @@ pub enum StorageError {
     },
 }
 
-/// A key as `{:?}` shows it (quoted, escaped), written in one piece when it needs no escape:
-/// keys are mostly ids, and the swarm's storage faults format thousands of these a seed.
-struct Quoted<'a>(&'a str);
-
-impl fmt::Display for Quoted<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let plain = self
-            .0
-            .bytes()
-            .all(|b| matches!(b, b' '..=b'~') && b != b'"' && b != b'\\');
-        if plain {
-            f.write_str("\"")?;
-            f.write_str(self.0)?;
-            f.write_str("\"")
-        } else {
-            write!(f, "{:?}", self.0)
+impl StorageError {
+    /// Writes this error's message (its [`Display`](fmt::Display)) to `out`.
+    ///
+    /// Into a `String`, the pieces are appended directly, without the formatting machinery a
+    /// `{}` goes through: the swarm's storage faults turn thousands of these into a lease
+    /// store's error message a seed, and `format!` cost five times as much.
+    pub fn write_message(&self, out: &mut impl fmt::Write) -> fmt::Result {
+        match self {
+            StorageError::WriteFailed { key } => {
+                out.write_str("write to ")?;
+                write_quoted(out, key)?;
+                out.write_str(" failed; nothing was applied")
+            }
+            StorageError::ReadFailed { key } => {
+                out.write_str("read of ")?;
+                write_quoted(out, key)?;
+                out.write_str(" failed")
+            }
+            StorageError::CommitUnknown { key } => {
+                out.write_str("write to ")?;
+                write_quoted(out, key)?;
+                out.write_str(" returned an error but may have been applied (commit unknown)")
+            }
+            StorageError::Unavailable { store, key } => {
+                out.write_str("store ")?;
+                write_quoted(out, store)?;
+                out.write_str(" is unavailable; the operation on ")?;
+                write_quoted(out, key)?;
+                out.write_str(" may or may not have been applied")
+            }
         }
+    }
+}
+
+impl fmt::Display for StorageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write_message(f)
+    }
+}
+
+/// Writes `text` as `{:?}` shows it (quoted, escaped), in one piece when it needs no escape:
+/// keys are mostly ids.
+fn write_quoted(out: &mut impl fmt::Write, text: &str) -> fmt::Result {
+    let plain = text
+        .bytes()
+        .all(|b| matches!(b, b' '..=b'~') && b != b'"' && b != b'\\');
+    if plain {
+        out.write_char('"')?;
+        out.write_str(text)?;
+        out.write_char('"')
+    } else {
+        write!(out, "{text:?}")
     }
 }
 
@@ -716,15 +741,39 @@ mod tests {
             "{}",
         ];
         for key in keys {
-            assert_eq!(Quoted(key).to_string(), format!("{key:?}"), "{key:?}");
+            let mut quoted = String::new();
+            write_quoted(&mut quoted, key).unwrap();
+            assert_eq!(quoted, format!("{key:?}"), "{key:?}");
         }
-        let error = StorageError::WriteFailed {
-            key: "a\"b".to_string(),
-        };
-        assert_eq!(
-            error.to_string(),
-            "write to \"a\\\"b\" failed; nothing was applied"
-        );
+        let key = || "a\"b".to_string();
+        let messages = [
+            (
+                StorageError::WriteFailed { key: key() },
+                "write to \"a\\\"b\" failed; nothing was applied",
+            ),
+            (
+                StorageError::ReadFailed { key: key() },
+                "read of \"a\\\"b\" failed",
+            ),
+            (
+                StorageError::CommitUnknown { key: key() },
+                "write to \"a\\\"b\" returned an error but may have been applied (commit unknown)",
+            ),
+            (
+                StorageError::Unavailable {
+                    store: "s\n1".to_string(),
+                    key: "k".to_string(),
+                },
+                "store \"s\\n1\" is unavailable; the operation on \"k\" may or may not have been \
+                 applied",
+            ),
+        ];
+        for (error, message) in messages {
+            assert_eq!(error.to_string(), message);
+            let mut written = String::new();
+            error.write_message(&mut written).unwrap();
+            assert_eq!(written, message);
+        }
     }
 
     #[test]

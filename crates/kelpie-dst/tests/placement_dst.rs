@@ -272,10 +272,10 @@ fn wanter(actor_index: usize) -> usize {
 /// `scan_for_fence_in_flight_at_healing_seeds` (ignored; run it with `--ignored --nocapture`)
 /// prints new ones.
 const FENCE_IN_FLIGHT_AT_HEALING_SEEDS: [u64; 4] = [
-    17_782_116_925_025_022_222,
-    15_111_559_859_484_886_382,
-    17_800_109_109_169_111_655,
-    11_317_570_546_773_990_350,
+    1_614_217_335_114_699_332,
+    5_337_464_400_014_422_413,
+    9_702_415_035_684_651_014,
+    18_198_943_039_087_412_347,
 ];
 
 /// Regression: a fence in flight at healing holds its node's loop, so the node reaches its

@@ -7,17 +7,17 @@
 use crate::fault::{FaultConfig, FaultStats, FaultType, FAULT_TYPE_COUNT};
 use crate::rng::DeterministicRng;
 use crate::trace::{event, Trace};
-use rand::distributions::Bernoulli;
-use std::cell::{Cell, RefCell};
+use crate::trials::BernoulliTrials;
+use std::cell::Cell;
 use std::collections::BTreeMap;
 
 /// Per-fault probabilities, streams and counters.
 #[derive(Debug)]
 pub(crate) struct FaultInjector {
     probabilities: [Option<f64>; FAULT_TYPE_COUNT],
-    /// Each configured fault's stream, and its probability as the distribution
-    /// [`rand::Rng::gen_bool`] would build from it on every draw (built once here instead).
-    streams: RefCell<Vec<Option<(DeterministicRng, Bernoulli)>>>,
+    /// Each configured fault's trials, drawn from its own stream a gap between firings at a
+    /// time.
+    streams: [Option<BernoulliTrials>; FAULT_TYPE_COUNT],
     fired: [Cell<u64>; FAULT_TYPE_COUNT],
     /// Cleared to heal: no configured fault fires while it is false.
     enabled: Cell<bool>,
@@ -27,23 +27,22 @@ impl FaultInjector {
     /// An injector for `faults`; a fault listed twice keeps its last probability.
     pub fn new(root: &DeterministicRng, faults: &[FaultConfig]) -> Self {
         let mut probabilities = [None; FAULT_TYPE_COUNT];
-        let mut streams = vec![None; FAULT_TYPE_COUNT];
+        let mut streams = [const { None }; FAULT_TYPE_COUNT];
         for config in faults {
             let index = config.fault.index();
             probabilities[index] = Some(config.probability);
-            let bernoulli = Bernoulli::new(config.probability).unwrap_or_else(|_| {
-                panic!(
-                    "fault {} has probability {}, outside 0..=1",
-                    config.fault.name(),
-                    config.probability
-                )
-            });
+            assert!(
+                (0.0..=1.0).contains(&config.probability),
+                "fault {} has probability {}, outside 0..=1",
+                config.fault.name(),
+                config.probability
+            );
             let stream = root.fork(&format!("fault/{}", config.fault.name()));
-            streams[index] = Some((stream, bernoulli));
+            streams[index] = Some(BernoulliTrials::new(stream, config.probability));
         }
         Self {
             probabilities,
-            streams: RefCell::new(streams),
+            streams,
             fired: Default::default(),
             enabled: Cell::new(true),
         }
@@ -56,26 +55,19 @@ impl FaultInjector {
 
     /// Draws whether `fault` fires now; counts and traces the decision. Always `false`, with
     /// no draw, if the fault is not configured.
+    ///
+    /// Inline: most trials of a configured fault fall within a gap between firings
+    /// ([`BernoulliTrials`]), where deciding is a decrement.
     #[inline]
     pub fn should_inject(&self, fault: FaultType, trace: &Trace) -> bool {
         let index = fault.index();
-        if self.probabilities[index].is_none() || !self.enabled.get() {
+        let Some(trials) = &self.streams[index] else {
+            return false;
+        };
+        if !self.enabled.get() {
             return false;
         }
-        self.draw(index, fault, trace)
-    }
-
-    /// [`Self::should_inject`] for a configured fault while faults are on: out of line, so
-    /// that the checks above cost their callers no call.
-    #[inline(never)]
-    fn draw(&self, index: usize, fault: FaultType, trace: &Trace) -> bool {
-        let fires = {
-            let mut streams = self.streams.borrow_mut();
-            let (stream, bernoulli) = streams[index]
-                .as_mut()
-                .expect("configured fault has a stream");
-            stream.sample_bernoulli(bernoulli)
-        };
+        let fires = trials.next();
         trace.event(event::FAULT, index as u64, u64::from(fires));
         if fires {
             self.record(fault);

@@ -65,6 +65,7 @@ mod sweep;
 mod task;
 mod timer;
 mod trace;
+mod trials;
 
 pub use clock::{ClockSleep, SimClock, CLOCK_DRIFT_PPM_ABS_MAX};
 pub use config::{

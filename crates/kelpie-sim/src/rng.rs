@@ -6,7 +6,6 @@
 //! therefore does not shift the draws of any other.
 
 use rand::distributions::uniform::{SampleRange, SampleUniform};
-use rand::distributions::{Bernoulli, Distribution};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -101,13 +100,6 @@ impl DeterministicRng {
             "gen_bool needs a probability in 0..=1, got {probability}"
         );
         Rng::gen_bool(&mut self.inner, probability)
-    }
-
-    /// `true` with `bernoulli`'s probability: the draw [`Self::gen_bool`] makes for that
-    /// probability, without converting it again on every call.
-    #[inline]
-    pub(crate) fn sample_bernoulli(&mut self, bernoulli: &Bernoulli) -> bool {
-        bernoulli.sample(&mut self.inner)
     }
 
     /// The next 64 random bits.

@@ -752,8 +752,6 @@ impl StaleReads {
         let previous = Rc::clone(&self.previous);
         let key = actor_id.as_str().to_string();
         let step = |current: Option<&Versioned<LeaseRecord>>, now_ms: u64| {
-            // Logged as the request it is: the check must find that its reply does not follow.
-            store.log_effect(actor_id, request, current, now_ms);
             let version = current.map_or(0, |v| v.version);
             let fresh = current.map(|v| v.value.clone());
             let mut previous = previous.borrow_mut();
@@ -766,6 +764,10 @@ impl StaleReads {
                 _ => fresh.clone(),
             };
             let decision = decide(actor_id, seen.as_ref(), request, now_ms);
+            // Logged as the request it is, with the reply it got: the check must find that the
+            // reply does not follow.
+            let decided = (&decision.reply, decision.write.is_some());
+            store.log_effect(actor_id, request, current, now_ms, decided);
             if decision.write.is_some() {
                 previous.insert(actor_id.clone(), (version + 1, fresh));
             }

@@ -16,7 +16,7 @@ use kelpie_core::ActorId;
 use kelpie_lease::{
     backend::decide, backend::DecideFn, backend::Decision, backend::LeaseRecord,
     backend::LeaseRequest, backend::LeaseStore, backend::RecordSnapshot, backend::StoreSnapshot,
-    StoreError,
+    Lease, LeaseError, StoreError,
 };
 
 use crate::recycled::Recycled;
@@ -113,13 +113,17 @@ impl Logged {
         request: &LeaseRequest,
         current: Option<&Versioned<LeaseRecord>>,
         store_now_ms: u64,
+        decided: (&Result<Lease, LeaseError>, bool),
     ) {
         if let Some(effects) = self.effects.as_mut() {
+            let (reply, wrote) = decided;
             effects.push(StoreEffect {
                 actor_id: actor_id.clone(),
                 request: request.clone(),
                 store_now_ms,
                 record_version: current.map_or(0, |v| v.version),
+                reply: reply.clone(),
+                wrote,
             });
         }
     }
@@ -180,16 +184,17 @@ impl SimLeaseStore {
     }
 
     /// Logs that the store decided `request` on `actor_id` at `store_now_ms`, on the record
-    /// `current`, if effects are logged.
+    /// `current`, with `decided` (its reply, and whether it writes), if effects are logged.
     pub(crate) fn log_effect(
         &self,
         actor_id: &ActorId,
         request: &LeaseRequest,
         current: Option<&Versioned<LeaseRecord>>,
         store_now_ms: u64,
+        decided: (&Result<Lease, LeaseError>, bool),
     ) {
         let mut logged = self.logs.logged.borrow_mut();
-        logged.log_effect(actor_id, request, current, store_now_ms);
+        logged.log_effect(actor_id, request, current, store_now_ms, decided);
     }
 
     /// The decision function this store applies.
@@ -281,12 +286,13 @@ impl SimLeaseStore {
         move |current: Option<&Versioned<LeaseRecord>>, now_ms: u64| {
             let before = current.map(|v| &v.value);
             let decision = decide(&actor_id, before, &request, now_ms);
-            let mut logged = logs.logged.borrow_mut();
-            logged.log_effect(&actor_id, &request, current, now_ms);
             let write = match write_mutation {
                 Some(mutation) => mutation.write(before, &request, &decision, now_ms),
                 None => decision.write.clone(),
             };
+            let mut logged = logs.logged.borrow_mut();
+            let decided = (&decision.reply, write.is_some());
+            logged.log_effect(&actor_id, &request, current, now_ms, decided);
             let record = DecisionRecord {
                 actor_id,
                 request,

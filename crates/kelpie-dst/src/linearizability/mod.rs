@@ -67,7 +67,8 @@
 //! # The store's log
 //!
 //! A simulated store can log what it decided ([`StoreEffect`]: each request, at its instant, in
-//! its order, with the version of the record it decided on). [`check_history_with_store_log`]
+//! its order, with the version of the record it decided on and the reply it decided).
+//! [`check_history_with_store_log`]
 //! first reads that log, actor by actor, as a proposed linearization (`store_log.rs`), and
 //! checks it as it checks one the search found: replayed through `decide`, every answered
 //! operation exactly once, within its interval, with its reply; every unseen effect a distinct

@@ -1,11 +1,12 @@
 //! A linearization proposed by the store's own log, checked and never trusted.
 //!
 //! The simulated store can log every request it applied, in the order it applied them, with
-//! the instant of each ([`StoreEffect`]). Read against the history, that log is a candidate
-//! linearization: each logged effect is paired with the operation that sent it, an answered
-//! one if `decide`, replayed along the log, gives it the reply its node saw, else an unseen
-//! effect of the same request (an unanswered operation, or a duplicate delivery) whose window
-//! is still open. The candidate is then checked like a linearization the search found
+//! the instant and the reply of each ([`StoreEffect`]). Read against the history, that log is a
+//! candidate linearization: each logged effect is paired with the operation that sent it, an
+//! answered one if the logged reply is the one its node saw, else an unseen effect of the same
+//! request (an unanswered operation, or a duplicate delivery) whose window is still open. The
+//! log's replies are taken only for the pairing (`decide` is not run twice per effect): the
+//! candidate is then checked like a linearization the search found
 //! ([`Witness::verify`]): every answered operation exactly once, within its interval, with its
 //! reply; every unseen effect a distinct one, within its window, and writing; instants never
 //! going back. If it passes, the history is linearizable: a linearization is its own proof,
@@ -18,7 +19,8 @@
 //! checked in one replay instead of a search.
 
 use kelpie_core::ActorId;
-use kelpie_lease::backend::{decide, LeaseRecord, LeaseRequest};
+use kelpie_lease::backend::LeaseRequest;
+use kelpie_lease::{Lease, LeaseError};
 
 use super::actor::ActorHistory;
 use super::search::{Placed, Witness};
@@ -38,6 +40,12 @@ pub struct StoreEffect {
     /// landed. A decision's write landed if the actor's next effect saw a later version (a
     /// write can fail after the decision; the last effect's is taken to have landed).
     pub record_version: u64,
+    /// The reply the store decided on (the node saw it if the write, if any, landed and the
+    /// answer arrived). The proposal pairs the effect with an operation by it; whether it is
+    /// the reply `decide` gives there, the replay checks.
+    pub reply: Result<Lease, LeaseError>,
+    /// Whether the store's decision wrote the record.
+    pub wrote: bool,
 }
 
 /// Whether `effects` (one actor's, in the store's order) read as a linearization of `history`
@@ -57,7 +65,6 @@ fn propose<'h, 'a>(
     let mut instants = Vec::with_capacity(definite.len() + 2);
     steps.push(Placed::Start);
     instants.extend([0, start_ms]);
-    let mut record: Option<LeaseRecord> = history.start.record.clone();
     let mut placed = vec![false; definite.len()];
     // Every answered operation before this one is placed.
     let mut first_open = 0;
@@ -84,13 +91,7 @@ fn propose<'h, 'a>(
             return None;
         }
         let request = &effect.request;
-        let decision = decide(
-            history.actor_id,
-            record.as_ref(),
-            request,
-            effect.store_now_ms,
-        );
-        if decision.write.is_some() && !landed {
+        if effect.wrote && !landed {
             // The write failed: the request changed nothing, and its node got an error.
             continue;
         }
@@ -103,7 +104,7 @@ fn propose<'h, 'a>(
                 !placed[index]
                     && t_ms <= op.responded_ms
                     && op.op.request == *request
-                    && op.op.reply() == Some(&decision.reply)
+                    && op.op.reply() == Some(&effect.reply)
             })
             .min_by_key(|&index| (definite[index].responded_ms, index));
         match answered {
@@ -112,7 +113,7 @@ fn propose<'h, 'a>(
                 steps.push(Placed::Definite(index));
             }
             // Unseen, an effect that writes nothing leaves no trace: it is left out.
-            None if decision.write.is_none() => continue,
+            None if !effect.wrote => continue,
             None => {
                 let kind = history
                     .kinds
@@ -131,9 +132,6 @@ fn propose<'h, 'a>(
             }
         }
         instants.push(t_ms);
-        if let Some(written) = decision.write {
-            record = Some(written);
-        }
     }
     Some(Witness::proposed(history, steps, instants))
 }

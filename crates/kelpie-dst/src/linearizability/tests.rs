@@ -842,13 +842,15 @@ fn random_history_with_log(seed: u64, duplicates: bool) -> (Vec<HistoryOp>, Vec<
     let mut log = Vec::new();
     let mut record_version = 0;
     for (at_ms, i, duplicate) in effects {
+        let decision = decide(&actor(), record.as_ref(), &sent[i].request, at_ms);
         log.push(StoreEffect {
             actor_id: actor(),
             request: sent[i].request.clone(),
             store_now_ms: at_ms,
             record_version,
+            reply: decision.reply.clone(),
+            wrote: decision.write.is_some(),
         });
-        let decision = decide(&actor(), record.as_ref(), &sent[i].request, at_ms);
         if let Some(written) = decision.write {
             record = Some(written);
             record_version += 1;
@@ -973,7 +975,18 @@ fn wrong_logs(log: &[StoreEffect], rng: &mut DeterministicRng) -> Vec<Vec<StoreE
     }
     let mut swapped = log.to_vec();
     swapped.swap(at, rng.gen_range(0..log.len()));
-    logs.extend([moved, missing, repeated, not_landed, swapped]);
+    // A reply the store did not give: another effect's, or an error.
+    let mut misreplied = log.to_vec();
+    misreplied[at].reply = match rng.gen_bool(0.5) {
+        true => log[rng.gen_range(0..log.len())].reply.clone(),
+        false => not_holder("n1", None),
+    };
+    // A write taken for no write, or the other way round.
+    let mut miswritten = log.to_vec();
+    miswritten[at].wrote = !log[at].wrote;
+    logs.extend([
+        moved, missing, repeated, not_landed, swapped, misreplied, miswritten,
+    ]);
     logs
 }
 
@@ -1159,11 +1172,22 @@ fn a_logged_effect_answers_the_operation_whose_response_comes_first() {
         .answered(release(), (100, 400), not_holder("n1", None))
         .answered(release(), (200, 250), not_holder("n1", None))
         .ops;
-    let logged = |request: LeaseRequest, store_now_ms, record_version| StoreEffect {
-        actor_id: actor(),
-        request,
-        store_now_ms,
-        record_version,
+    // The store's log: each request with the reply it decided on the record before it.
+    let mut record = None;
+    let mut logged = |request: LeaseRequest, store_now_ms, record_version| {
+        let decision = decide(&actor(), record.as_ref(), &request, store_now_ms);
+        let wrote = decision.write.is_some();
+        if let Some(written) = decision.write {
+            record = Some(written);
+        }
+        StoreEffect {
+            actor_id: actor(),
+            request,
+            store_now_ms,
+            record_version,
+            reply: decision.reply,
+            wrote,
+        }
     };
     let log = [
         logged(request("n1", LeaseOp::Acquire, None), 1, 0),

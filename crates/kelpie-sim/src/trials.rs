@@ -56,11 +56,11 @@ impl BernoulliTrials {
             (0.0..=1.0).contains(&probability),
             "trial probability {probability} outside 0..=1"
         );
-        // The probability of one failure, in 64-bit fixed point (a product of two floats is
-        // exact to the last bit on every IEEE machine; the cast saturates at 1.0).
-        // At zero the table is never read.
+        // The probability of one failure, in 64-bit fixed point: a difference and a product
+        // of floats, each rounded alike on every IEEE machine, and a cast that saturates (at
+        // `probability` 0, whose table is never read). Then its powers, in integers.
         let fail = u128::from(((1.0 - probability) * SCALE) as u64);
-        let mut survive = Box::new([u64::MAX; GAP_TABLE_LEN]);
+        let mut survive = Box::new([0u64; GAP_TABLE_LEN]);
         let mut all_fail = 1u128 << 64;
         for entry in survive.iter_mut() {
             all_fail = (all_fail * fail) >> 64;

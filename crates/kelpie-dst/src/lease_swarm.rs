@@ -72,13 +72,12 @@ use crate::lease_scenario::LeaseScenario;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_channel::mpsc::UnboundedReceiver;
 use futures_channel::oneshot;
 use kelpie_core::{ActorId, NodeId};
 use kelpie_lease::limits::{ETCD_EXPIRY_CHECK_INTERVAL_MS, ETCD_KEY_PREFIX_DEFAULT};
 use kelpie_lease::{
-    backend::ProtocolLeaseManager, EtcdLeaseManager, KeeperConfig, KeeperEvent, LeaseConfig,
-    LeaseError, LeaseKeeper, LeaseManager,
+    backend::ProtocolLeaseManager, EtcdLeaseManager, KeeperConfig, KeeperEvent, KeeperEvents,
+    LeaseConfig, LeaseError, LeaseKeeper, LeaseManager,
 };
 
 use crate::etcd_history::{check_etcd_history, EtcdHistory};
@@ -212,7 +211,7 @@ struct SwarmNode {
     holder_id: RefCell<NodeId>,
     keeper: RefCell<Option<Arc<Keeper>>>,
     manager: RefCell<Option<Arc<NetLeaseManager>>>,
-    lost: RefCell<Option<UnboundedReceiver<KeeperEvent>>>,
+    lost: RefCell<Option<KeeperEvents>>,
     tasks: RefCell<Vec<JoinHandle<()>>>,
 }
 
@@ -934,7 +933,7 @@ async fn app_loop(world: Rc<SwarmWorld>, node: Rc<SwarmNode>, keeper: Arc<Keeper
         // The app acts on the keeper's beliefs; its events are read and dropped, as an app's
         // event loop would, so a long run does not queue every renewal's event.
         if let Some(events) = node.lost.borrow_mut().as_mut() {
-            while events.try_recv().is_ok() {}
+            events.drain().for_each(drop);
         }
         match world.phase.get() {
             Phase::Safety => visit_random(&world, &keeper, &mut rng).await,

@@ -47,9 +47,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_channel::mpsc;
 use futures_util::future::{select, Either};
-use futures_util::StreamExt;
 use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock};
 use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
@@ -379,7 +377,7 @@ impl<M> Clone for LeaseSession<M> {
 /// [`run`](Self::run) on a task; it returns after [`LeaseSession::shutdown`].
 pub struct SessionDriver<M> {
     session: LeaseSession<M>,
-    keeper_events: mpsc::UnboundedReceiver<KeeperEvent>,
+    keeper_events: crate::keeper::KeeperEvents,
 }
 
 impl<M: LeaseManager + 'static> LeaseSession<M> {
@@ -673,7 +671,7 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
         select(renewals, watch).await;
     }
 
-    async fn watch(mut self) {
+    async fn watch(self) {
         let session = self.session.clone();
         loop {
             while let Ok(event) = self.keeper_events.try_recv() {
@@ -695,9 +693,9 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
             };
             let changed = std::pin::pin!(session.shared.changed.notified());
             let closing = std::pin::pin!(session.shared.closing.cancelled());
-            let event = self.keeper_events.next();
+            let event = self.keeper_events.recv_async();
             let woken = select(select(changed, closing), select(sleep, event));
-            if let Either::Right((Either::Right((Some(event), _)), _)) = woken.await {
+            if let Either::Right((Either::Right((Ok(event), _)), _)) = woken.await {
                 self.on_keeper_event(event);
             }
         }

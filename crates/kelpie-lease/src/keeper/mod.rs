@@ -10,10 +10,9 @@
 //! the owner, and only after that can the store's expiry pass and another node be granted the
 //! lease. The keeper never reads another node's clock or the store's.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use futures_channel::mpsc;
 use futures_util::StreamExt;
 use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock};
 
@@ -288,17 +287,23 @@ pub struct LeaseKeeper<M> {
     holder_id: NodeId,
     timing: KeeperTiming,
     core: Mutex<KeeperCore>,
-    events: mpsc::UnboundedSender<KeeperEvent>,
+    events: flume::Sender<KeeperEvent>,
     /// Told after every step that changed a belief, once an observer asked
-    /// ([`watch_beliefs`](Self::watch_beliefs)).
-    watcher: Mutex<Option<BeliefWatcher>>,
+    /// ([`watch_beliefs`](Self::watch_beliefs)). Set once, so that telling it takes no lock:
+    /// it is read after nearly every renewal.
+    watcher: OnceLock<BeliefWatcher>,
 }
 
 /// What [`LeaseKeeper::watch_beliefs`] calls after a step that changed a belief.
 pub type BeliefWatcher = Box<dyn Fn() + Send + Sync>;
 
 /// A keeper and the receiver of its [`KeeperEvent`]s.
-pub type KeeperParts<M> = (Arc<LeaseKeeper<M>>, mpsc::UnboundedReceiver<KeeperEvent>);
+pub type KeeperParts<M> = (Arc<LeaseKeeper<M>>, KeeperEvents);
+
+/// The receiver of a keeper's [`KeeperEvent`]s, in the order they happened: unbounded, so
+/// read them (`try_recv`, `drain`, `recv_async`) or drop it. A channel with one lock per
+/// send and per receive: a keeper sends an event for nearly every renewal.
+pub type KeeperEvents = flume::Receiver<KeeperEvent>;
 
 impl<M: LeaseManager> LeaseKeeper<M> {
     /// A keeper for one process lifetime of `node_id`, renewing through `manager` with the
@@ -345,7 +350,7 @@ impl<M: LeaseManager> LeaseKeeper<M> {
                 ),
             }
         })?;
-        let (events, receiver) = mpsc::unbounded();
+        let (events, receiver) = flume::unbounded();
         #[cfg(feature = "mutations")]
         let belief_from_reply = config.belief_from_reply;
         #[cfg(not(feature = "mutations"))]
@@ -359,7 +364,7 @@ impl<M: LeaseManager> LeaseKeeper<M> {
             timing,
             core: Mutex::new(core),
             events,
-            watcher: Mutex::new(None),
+            watcher: OnceLock::new(),
         };
         Ok((Arc::new(keeper), receiver))
     }
@@ -453,10 +458,15 @@ impl<M: LeaseManager> LeaseKeeper<M> {
     /// belief, and from then on remembers which actors changed, for
     /// [`take_changed_beliefs`](Self::take_changed_beliefs). An observer (the simulator's
     /// checkers) thus re-reads only what changed, instead of every belief after every step.
-    /// Replaces any earlier watcher.
+    ///
+    /// # Panics
+    /// If the keeper has a watcher already: it has at most one.
     pub fn watch_beliefs(&self, on_change: BeliefWatcher) {
         self.lock().track_changes();
-        *self.watcher.lock().expect("keeper watcher poisoned") = Some(on_change);
+        assert!(
+            self.watcher.set(on_change).is_ok(),
+            "a keeper's beliefs are watched by one watcher"
+        );
     }
 
     /// The actors whose belief changed since the last call, each with its belief in force
@@ -497,10 +507,17 @@ impl<M: LeaseManager> LeaseKeeper<M> {
     /// waiting for them and drops it at once, so the owner hears before the store's expiry.
     async fn tick(&self) -> Option<u64> {
         let now_ms = self.clock.now_ms();
-        let (events, requests) = self.change(|core| core.poll(now_ms))?;
+        // One lock for what the round starts from: what is due, and when the first belief ends
+        // (or, with nothing to send, when the next round is).
+        let (events, requests, until_ms, idle_wake_ms) = self.change(|core| {
+            let (events, requests) = core.poll(now_ms)?;
+            let idle_wake_ms = requests.is_empty().then(|| core.next_wake_ms(now_ms));
+            let until_ms = core.earliest_belief_end_ms().unwrap_or(u64::MAX);
+            Some((events, requests, until_ms, idle_wake_ms))
+        })?;
         self.notify(events);
-        if requests.is_empty() {
-            return Some(self.lock().next_wake_ms(now_ms));
+        if let Some(wake_ms) = idle_wake_ms {
+            return Some(wake_ms);
         }
         let count = requests.len();
         let mut sent = requests
@@ -559,10 +576,10 @@ impl<M: LeaseManager> LeaseKeeper<M> {
             answered.sort_unstable_by_key(|&(i, _, _)| i);
             OneOrMore::many(answered)
         });
-        let until_ms = self.lock().earliest_belief_end_ms().unwrap_or(u64::MAX);
         let wait_ms = until_ms.saturating_sub(self.clock.now_ms()).max(1);
         let belief_ends = self.clock.sleep(Duration::from_millis(wait_ms));
-        match futures_util::future::select(work, belief_ends).await {
+        // The next round's time is read under the lock that applies this one's outcome.
+        let next_wake_ms = match futures_util::future::select(work, belief_ends).await {
             futures_util::future::Either::Left((answered, _)) => {
                 let now_ms = self.clock.now_ms();
                 let mut events = OneOrMore::default();
@@ -592,29 +609,32 @@ impl<M: LeaseManager> LeaseKeeper<M> {
                     }
                 }
                 let changed = core.has_changed_beliefs();
+                let next_wake_ms = core.next_wake_ms(now_ms);
                 drop(core);
                 if changed {
                     self.tell_watcher();
                 }
                 self.notify(events);
+                next_wake_ms
             }
             // The requests still in flight are abandoned; renewals that were applied only
             // extend the store's lease, and the next round renews what is still believed.
             futures_util::future::Either::Right(_) => {
                 kelpie_core::coverage::mark(MARK_RENEWAL_ABANDONED);
                 let now_ms = self.clock.now_ms();
-                let events = self.change(|core| core.expire(now_ms));
+                let (events, next_wake_ms) =
+                    self.change(|core| (core.expire(now_ms), core.next_wake_ms(now_ms)));
                 self.notify(events);
+                next_wake_ms
             }
-        }
-        let now_ms = self.clock.now_ms();
-        Some(self.lock().next_wake_ms(now_ms))
+        };
+        Some(next_wake_ms)
     }
 
     fn notify(&self, events: impl IntoIterator<Item = KeeperEvent>) {
         for event in events {
             // The owner may have stopped listening; the belief is dropped either way.
-            let _ = self.events.unbounded_send(event);
+            let _ = self.events.send(event);
         }
     }
 
@@ -632,12 +652,7 @@ impl<M: LeaseManager> LeaseKeeper<M> {
     }
 
     fn tell_watcher(&self) {
-        if let Some(watcher) = self
-            .watcher
-            .lock()
-            .expect("keeper watcher poisoned")
-            .as_ref()
-        {
+        if let Some(watcher) = self.watcher.get() {
             watcher();
         }
     }
@@ -739,7 +754,7 @@ mod tests {
         ManualClock,
         Arc<Manager>,
         Arc<LeaseKeeper<Manager>>,
-        mpsc::UnboundedReceiver<KeeperEvent>,
+        KeeperEvents,
     ) {
         let clock = ManualClock::new(0);
         let store = FlakyStore::new(Arc::new(clock.clone()));
@@ -752,8 +767,16 @@ mod tests {
     }
 
     /// Every event sent so far, in order.
-    fn drain(events: &mut mpsc::UnboundedReceiver<KeeperEvent>) -> Vec<KeeperEvent> {
-        std::iter::from_fn(|| events.try_recv().ok()).collect()
+    fn drain(events: &mut KeeperEvents) -> Vec<KeeperEvent> {
+        events.drain().collect()
+    }
+
+    #[test]
+    #[should_panic(expected = "watched by one watcher")]
+    fn a_second_belief_watcher_is_a_bug() {
+        let (_, _, keeper, _) = setup();
+        keeper.watch_beliefs(Box::new(|| {}));
+        keeper.watch_beliefs(Box::new(|| {}));
     }
 
     #[test]

@@ -666,8 +666,9 @@ impl<M: LeaseManager> LeaseKeeper<M> {
 /// than put in a set that polls each only when it is woken: for the lease swarm's rounds of two
 /// to four, 2-3% less CPU per lease operation (`swarm_bench`, medians of 21 alternated runs).
 /// Raised from 8: a sixth of the swarm's renewals go in rounds of more than 8, and up to 16 the
-/// set's allocations and atomic operations per request cost more time than the repolls, though
-/// fewer instructions (about 1.5% less CPU over 200 seeds, 0.5% more instructions per lease op).
+/// set's allocations and atomic operations per request cost more time than polling the pending
+/// requests again, though the repolls take more instructions (joined up to 16: about 1.5% less
+/// CPU over 200 seeds, 0.5% more instructions per lease op).
 const JOINED_REQUESTS_MAX: usize = 16;
 
 /// A round's answers or events, in order. Most rounds make one request and so have at most
@@ -770,7 +771,7 @@ mod tests {
     }
 
     /// Every event sent so far, in order.
-    fn drain(events: &mut KeeperEvents) -> Vec<KeeperEvent> {
+    fn drain(events: &KeeperEvents) -> Vec<KeeperEvent> {
         events.drain().collect()
     }
 
@@ -921,7 +922,7 @@ mod tests {
     #[test]
     fn rounds_of_every_size_renew_every_lease_due_in_actor_order() {
         for count in [1, 2, JOINED_REQUESTS_MAX, JOINED_REQUESTS_MAX + 1, 20] {
-            let (clock, manager, keeper, mut events) = setup();
+            let (clock, manager, keeper, events) = setup();
             // Acquired in reverse order, so that actor order is not acquisition order.
             let actors: Vec<ActorId> = (0..count)
                 .rev()
@@ -930,10 +931,10 @@ mod tests {
             for actor in &actors {
                 block_on(keeper.acquire(actor)).unwrap();
             }
-            drain(&mut events);
+            drain(&events);
             clock.advance_ms(300);
             assert_eq!(block_on(keeper.tick()), Some(600), "{count} leases");
-            let renewed: Vec<ActorId> = drain(&mut events)
+            let renewed: Vec<ActorId> = drain(&events)
                 .into_iter()
                 .map(|event| match event {
                     KeeperEvent::Renewed { actor_id, .. } => actor_id,
@@ -952,7 +953,7 @@ mod tests {
 
     #[test]
     fn belief_runs_out_before_store_expiry_and_owner_is_told() {
-        let (clock, manager, keeper, mut events) = setup();
+        let (clock, manager, keeper, events) = setup();
         let actor = ActorId::new("a").unwrap();
         let lease = block_on(keeper.acquire(&actor)).unwrap();
         manager.store().set_down(true);
@@ -975,7 +976,7 @@ mod tests {
             "{ended_at_ms} >= {}",
             lease.expires_at_ms
         );
-        let seen = drain(&mut events);
+        let seen = drain(&events);
         let acquired = KeeperEvent::Acquired {
             actor_id: actor.clone(),
             fencing_token: lease.fencing_token,
@@ -994,7 +995,7 @@ mod tests {
 
     #[test]
     fn refused_renewal_drops_belief_and_release_drops_it_first() {
-        let (clock, manager, keeper, mut events) = setup();
+        let (clock, manager, keeper, events) = setup();
         let (a, b) = (ActorId::new("a").unwrap(), ActorId::new("b").unwrap());
         block_on(keeper.acquire(&a)).unwrap();
         block_on(keeper.acquire(&b)).unwrap();
@@ -1004,7 +1005,7 @@ mod tests {
         clock.advance_ms(300);
         block_on(keeper.tick());
         assert_eq!(keeper.holds(&a), None);
-        let seen = drain(&mut events);
+        let seen = drain(&events);
         let lost = seen
             .into_iter()
             .find(|e| matches!(e, KeeperEvent::Lost { .. }))

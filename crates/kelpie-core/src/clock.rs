@@ -10,8 +10,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The future returned by [`Clock::sleep`].
-pub type SleepFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+/// The future returned by [`Clock::sleep`]. It may borrow the clock, so that a sleep need not
+/// take a reference count on it (a keeper sleeps twice a round).
+pub type SleepFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 /// A clock shared between tasks.
 pub type SharedClock = Arc<dyn Clock>;
@@ -22,7 +23,7 @@ pub trait Clock: Send + Sync + 'static {
     fn now_ms(&self) -> u64;
 
     /// Completes once `duration` has passed on this clock.
-    fn sleep(&self, duration: Duration) -> SleepFuture;
+    fn sleep(&self, duration: Duration) -> SleepFuture<'_>;
 }
 
 /// A clock that moves only when told to: for unit and conformance tests that must expire a
@@ -53,7 +54,7 @@ impl Clock for ManualClock {
         self.now_ms.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    fn sleep(&self, duration: Duration) -> SleepFuture {
+    fn sleep(&self, duration: Duration) -> SleepFuture<'_> {
         let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
         let clock = self.clone();
         // Time moves when the sleep is first polled, not when it is created, so a sleep that
@@ -130,7 +131,7 @@ impl Clock for TokioClock {
     }
 
     #[allow(clippy::disallowed_methods)]
-    fn sleep(&self, duration: Duration) -> SleepFuture {
+    fn sleep(&self, duration: Duration) -> SleepFuture<'_> {
         Box::pin(tokio::time::sleep(duration))
     }
 }

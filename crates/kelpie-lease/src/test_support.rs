@@ -48,7 +48,7 @@ impl Clock for PausedClock {
     }
 
     #[allow(clippy::disallowed_methods)] // as in `shared`
-    fn sleep(&self, duration: std::time::Duration) -> SleepFuture {
+    fn sleep(&self, duration: std::time::Duration) -> SleepFuture<'_> {
         Box::pin(tokio::time::sleep(duration))
     }
 }

@@ -187,8 +187,9 @@ impl Clock for SimClock {
         SimClock::now_ms(self)
     }
 
-    fn sleep(&self, duration: Duration) -> SleepFuture {
-        Box::pin(ClockSleep::new(self.clone(), duration))
+    fn sleep(&self, duration: Duration) -> SleepFuture<'_> {
+        // Borrows the clock: no reference count up and down per sleep.
+        Box::pin(ClockSleep::new(self, duration))
     }
 }
 

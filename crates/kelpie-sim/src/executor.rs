@@ -3,8 +3,9 @@
 //! Tasks live in a slab of slots addressed by index and generation, so a waker that outlives
 //! its task can never wake a newer task that reused the slot. Wakers must be `Send + Sync`
 //! (the [`kelpie_core::Clock`] contract lets a sleep future travel), so the ready queue, the
-//! clock and the timers live in [`Shared`] behind atomics and mutexes. The simulation never
-//! has a second thread, so those locks are never contended.
+//! clock and the timers live in [`Shared`]: the clock in atomics, the queue of wakes from other
+//! threads behind a mutex, and the timers owned by the simulation's thread
+//! ([`ThreadOwned`](crate::owned::ThreadOwned): reached from another thread, they panic).
 //!
 //! Each runtime has its own ready queue ([`LocalReady`]) that it takes from directly. While it
 //! drives its tasks, a thread-local slot points at that queue ([`DrivingGuard`]): a wake on the
@@ -12,6 +13,7 @@
 //! atomic read-modify-write. A wake from any other thread still goes through the mutex, and the
 //! runtime takes those in before each step.
 
+use crate::owned::{OwnedGuard, ThreadOwned};
 use crate::timer::TimerQueue;
 use std::cell::RefCell;
 use std::future::Future;
@@ -39,7 +41,8 @@ pub(crate) struct Shared {
     ready: Mutex<Vec<TaskKey>>,
     /// Set when `ready` received a task while the runtime was driving.
     woken_elsewhere: AtomicBool,
-    timers: Mutex<TimerQueue>,
+    /// Set, removed and fired at nearly every step, always on the simulation's thread.
+    timers: ThreadOwned<TimerQueue>,
     /// Whether any timer is pending, and the earliest deadline: published by [`TimersGuard`]
     /// whenever the timers change, so the run loop finds the next event without the lock.
     timer_pending: AtomicBool,
@@ -48,9 +51,9 @@ pub(crate) struct Shared {
     last_clock_id: AtomicU64,
 }
 
-/// The locked timers. Releasing them publishes their earliest deadline in [`Shared`].
+/// The borrowed timers. Releasing them publishes their earliest deadline in [`Shared`].
 pub(crate) struct TimersGuard<'a> {
-    queue: MutexGuard<'a, TimerQueue>,
+    queue: OwnedGuard<'a, TimerQueue>,
     shared: &'a Shared,
 }
 
@@ -236,7 +239,7 @@ impl Shared {
     #[inline]
     pub fn timers(&self) -> TimersGuard<'_> {
         TimersGuard {
-            queue: lock(&self.timers),
+            queue: self.timers.borrow(),
             shared: self,
         }
     }

@@ -56,6 +56,7 @@ mod fault;
 mod in_flight;
 mod injector;
 mod network;
+mod owned;
 mod report;
 mod rng;
 mod runtime;

@@ -3,7 +3,8 @@
 //! tokio, while the simulator is single-threaded and its store and network are `Rc`-based).
 //!
 //! It does what `send_wrapper::SendWrapper` did here, with a cheaper check: the thread is
-//! identified by a [`ThreadId`] cached in a thread-local, instead of asking
+//! identified by a [`ThreadId`] cached in a thread-local ([`current_thread_id`], which the
+//! simulator's timers check too), instead of asking
 //! `std::thread::current()` (an atomic reference count taken and dropped) on every access and
 //! every poll, which cost several per cent of a swarm run.
 
@@ -14,14 +15,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::thread::ThreadId;
 
-thread_local! {
-    /// This thread's id, taken once. `ThreadId`s are never reused.
-    static THREAD_ID: ThreadId = std::thread::current().id();
-}
-
-fn current_thread() -> ThreadId {
-    THREAD_ID.with(|id| *id)
-}
+use kelpie_sim::current_thread_id;
 
 /// A value usable only on the thread that made it. Touching it (deref, poll) from another
 /// thread panics; dropping it on another thread leaks it (and panics, unless that thread is
@@ -44,14 +38,14 @@ impl<T> SimThread<T> {
     pub fn new(value: T) -> Self {
         Self {
             value: ManuallyDrop::new(value),
-            thread: current_thread(),
+            thread: current_thread_id(),
         }
     }
 
     #[inline]
     fn assert_on_thread(&self) {
         assert!(
-            current_thread() == self.thread,
+            current_thread_id() == self.thread,
             "a simulation value was used on a thread other than the simulation's"
         );
     }
@@ -77,7 +71,7 @@ impl<T> DerefMut for SimThread<T> {
 
 impl<T> Drop for SimThread<T> {
     fn drop(&mut self) {
-        if current_thread() == self.thread {
+        if current_thread_id() == self.thread {
             // SAFETY: dropped once, here, on its own thread; never used afterwards.
             unsafe { ManuallyDrop::drop(&mut self.value) };
         } else if !std::thread::panicking() {

@@ -11,10 +11,9 @@ use crate::trials::BernoulliTrials;
 use std::cell::Cell;
 use std::collections::BTreeMap;
 
-/// Per-fault probabilities, streams and counters.
+/// Per-fault trials (with their probabilities) and counters.
 #[derive(Debug)]
 pub(crate) struct FaultInjector {
-    probabilities: [Option<f64>; FAULT_TYPE_COUNT],
     /// Each configured fault's trials, drawn from its own stream a gap between firings at a
     /// time.
     streams: [Option<BernoulliTrials>; FAULT_TYPE_COUNT],
@@ -26,11 +25,9 @@ pub(crate) struct FaultInjector {
 impl FaultInjector {
     /// An injector for `faults`; a fault listed twice keeps its last probability.
     pub fn new(root: &DeterministicRng, faults: &[FaultConfig]) -> Self {
-        let mut probabilities = [None; FAULT_TYPE_COUNT];
         let mut streams = [const { None }; FAULT_TYPE_COUNT];
         for config in faults {
             let index = config.fault.index();
-            probabilities[index] = Some(config.probability);
             assert!(
                 (0.0..=1.0).contains(&config.probability),
                 "fault {} has probability {}, outside 0..=1",
@@ -41,7 +38,6 @@ impl FaultInjector {
             streams[index] = Some(BernoulliTrials::new(stream, config.probability));
         }
         Self {
-            probabilities,
             streams,
             fired: Default::default(),
             enabled: Cell::new(true),
@@ -50,7 +46,9 @@ impl FaultInjector {
 
     /// The configured probability of `fault`, if configured.
     pub fn probability(&self, fault: FaultType) -> Option<f64> {
-        self.probabilities[fault.index()]
+        self.streams[fault.index()]
+            .as_ref()
+            .map(BernoulliTrials::probability)
     }
 
     /// Draws whether `fault` fires now; counts and traces the decision. Always `false`, with
@@ -113,6 +111,8 @@ mod tests {
         let always = FaultConfig::new(FaultType::StorageReadFail, 1.0).unwrap();
         let injector = FaultInjector::new(&root, &[always]);
         let trace = Trace::new(false);
+        assert_eq!(injector.probability(FaultType::StorageReadFail), Some(1.0));
+        assert_eq!(injector.probability(FaultType::StorageWriteFail), None);
         assert!(!injector.should_inject(FaultType::StorageWriteFail, &trace));
         assert!(injector.should_inject(FaultType::StorageReadFail, &trace));
         injector.record(FaultType::NetworkPartition);

@@ -83,6 +83,7 @@ pub use network::{
     HostId, NetworkConfig, Recv, SimNetwork, NETWORK_DELAY_SPIKE_FACTOR, NETWORK_HOSTS_MAX,
     NETWORK_MAILBOX_CAPACITY_DEFAULT,
 };
+pub use owned::current_thread_id;
 pub use report::SimReport;
 pub use rng::{derive_seed, DeterministicRng};
 pub use sim::Simulation;

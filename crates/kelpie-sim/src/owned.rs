@@ -17,8 +17,11 @@ thread_local! {
     static THREAD_ID: ThreadId = std::thread::current().id();
 }
 
+/// The current thread's id, cached in a thread-local: for values bound to a simulation's
+/// thread, which check it on every touch. `std::thread::current()` takes and drops an atomic
+/// reference count on each call.
 #[inline]
-fn current_thread() -> ThreadId {
+pub fn current_thread_id() -> ThreadId {
     THREAD_ID.with(|id| *id)
 }
 
@@ -42,7 +45,7 @@ impl<T> ThreadOwned<T> {
     /// `value`, owned by the current thread.
     pub(crate) fn new(value: T) -> Self {
         Self {
-            owner: current_thread(),
+            owner: current_thread_id(),
             borrowed: Cell::new(false),
             value: UnsafeCell::new(value),
         }
@@ -56,7 +59,7 @@ impl<T> ThreadOwned<T> {
     #[inline]
     pub(crate) fn borrow(&self) -> OwnedGuard<'_, T> {
         assert!(
-            current_thread() == self.owner,
+            current_thread_id() == self.owner,
             "a simulation's timers were reached from a thread other than the simulation's"
         );
         assert!(

@@ -27,6 +27,8 @@ const SCALE: f64 = 18_446_744_073_709_551_616.0;
 /// flag to check; only the trial that ends a gap borrows the stream.
 #[derive(Debug)]
 pub(crate) struct BernoulliTrials {
+    /// As configured (the table holds it rounded).
+    probability: f64,
     /// Failures to hand out before the next decision.
     failures_left: Cell<u32>,
     gaps: RefCell<Gaps>,
@@ -74,9 +76,15 @@ impl BernoulliTrials {
         };
         let failures = gaps.draw();
         Self {
+            probability,
             failures_left: Cell::new(failures),
             gaps: RefCell::new(gaps),
         }
+    }
+
+    /// The probability of a success, as configured.
+    pub(crate) fn probability(&self) -> f64 {
+        self.probability
     }
 
     /// Whether the next trial succeeds.

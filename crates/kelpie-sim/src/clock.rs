@@ -89,7 +89,7 @@ impl SimClock {
     /// are re-evaluated and may complete at once.
     pub fn jump_forward(&self, jump_ms: u64) {
         self.state.offset_ms.fetch_add(jump_ms, Ordering::AcqRel);
-        // Woken outside the timers' lock: a waker may run code that sets a timer.
+        // Woken outside the timers' borrow: a waker may run code that sets a timer.
         let wakers = self.state.shared.timers().wakers_of_clock(self.state.id);
         wakers.into_iter().for_each(Waker::wake);
     }

@@ -44,7 +44,7 @@ pub(crate) struct Shared {
     /// Set, removed and fired at nearly every step, always on the simulation's thread.
     timers: ThreadOwned<TimerQueue>,
     /// Whether any timer is pending, and the earliest deadline: published by [`TimersGuard`]
-    /// whenever the timers change, so the run loop finds the next event without the lock.
+    /// whenever the timers change, so the run loop finds the next event without borrowing them.
     timer_pending: AtomicBool,
     next_timer_ms: AtomicU64,
     /// The last node clock id handed out ([`Self::new_clock_id`]).

@@ -389,8 +389,8 @@ impl Runtime {
 
     /// Nothing is ready: jumps time to the next event and fires everything due then.
     fn advance_time(&self) -> Result<(), SimError> {
-        // The earliest deadline is read without the lock, which is taken only when a timer is
-        // due (most instants are a source's: messages arriving).
+        // The earliest deadline is read without borrowing the timers, which are borrowed only
+        // when one is due (most instants are a source's: messages arriving).
         let timer_ms = self.shared.next_timer_ms();
         let Some(next_ms) = self.next_event_ms(timer_ms) else {
             return Err(SimError::Deadlock {
@@ -424,8 +424,8 @@ impl Runtime {
         self.fire_sources(now_ms)
     }
 
-    /// Wakes the timers `due` (taken under the timers' lock, in deadline then insertion
-    /// order), with the lock released: a waker may touch the timers.
+    /// Wakes the timers `due` (taken from the borrowed timers, in deadline then insertion
+    /// order), with the borrow released: a waker may touch the timers.
     fn fire_timers(&self, due: &mut Vec<(crate::timer::TimerKey, Waker)>) {
         for (key, waker) in due.drain(..) {
             self.timers_fired.set(self.timers_fired.get() + 1);

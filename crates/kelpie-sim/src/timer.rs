@@ -267,7 +267,7 @@ impl WakerIdentity {
 
 // A timer is popped by the runtime when time reaches its deadline, before any task is polled
 // at that instant; so a sleep past its deadline has no timer left to remove, and skips the
-// lock.
+// queue.
 
 impl Timer {
     /// A deadline at global time `deadline_ms`, for a sleep on node clock `clock_id` (whose
@@ -303,7 +303,7 @@ impl Timer {
 
     /// Forgets the timer, removing it from the queue if it has not fired. Inline: most sleeps
     /// end with no timer left to remove (it fired), and a call that saved and restored every
-    /// register around the queue's lock cost more than the check.
+    /// register around the queue's borrow cost more than the check.
     #[inline]
     pub(crate) fn cancel(&mut self, shared: &Shared) {
         if let Some((key, _)) = self.set.take() {

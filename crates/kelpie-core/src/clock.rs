@@ -56,10 +56,9 @@ impl Clock for ManualClock {
 
     fn sleep(&self, duration: Duration) -> SleepFuture<'_> {
         let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
-        let clock = self.clone();
         // Time moves when the sleep is first polled, not when it is created, so a sleep that
         // loses a race (a timeout next to a reply that is already there) moves nothing.
-        Box::pin(async move { clock.advance_ms(duration_ms) })
+        Box::pin(async move { self.advance_ms(duration_ms) })
     }
 }
 

@@ -60,7 +60,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Sim(args) => {
-            kelpie_dst::allocator::keep_freed_memory();
+            kelpie_dst::allocator::set_sweep_policy();
             sim::run(args)
         }
         Command::Lease(command) => lease_cmd::run(command).map(|()| true),

@@ -40,7 +40,7 @@ fn arg(name: &str, default: u64) -> u64 {
 
 fn main() {
     // As `kelpie sim` does.
-    kelpie_dst::allocator::keep_freed_memory();
+    kelpie_dst::allocator::set_sweep_policy();
     let (seeds, first_seed) = (arg("--seeds", 20), arg("--seed", 1));
     let mut scenario = LeaseScenario::default();
     scenario.nodes_count = arg("--nodes", 5) as usize;

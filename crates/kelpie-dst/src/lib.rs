@@ -19,7 +19,7 @@
 //! - [`linearizability`]: [`check_history`], a Wing–Gong checker of such histories against the
 //!   lease store's sequential model, run at the end of every swarm seed.
 //! - [`swarm`]: [`swarm_faults`], a fault mix drawn per seed.
-//! - [`allocator`]: [`allocator::keep_freed_memory`], the sweeping processes' allocator policy.
+//! - [`allocator`]: [`allocator::set_sweep_policy`], the sweeping processes' allocator policy.
 //!
 //! ```
 //! use kelpie_dst::LeaseScenario;

@@ -10,8 +10,8 @@
 ///   process keeps its peak heap instead, which the next seed reuses.
 /// - **No transparent huge pages.** mimalloc asks for them on its arenas (`MADV_HUGEPAGE`), and
 ///   a fault on one clears 2 MiB of memory the OS may not have used for a while. On this
-///   project's 2-core VM that clearing cost from 4% of a default `swarm_bench` run to half of
-///   a 50 × 10,000 one, and varied fivefold from process to process; 4 KiB faults mostly get
+///   project's 2-core VM that clearing cost 4-10% of a default `swarm_bench` run and half of a
+///   50 × 10,000 one, and varied sixfold from process to process; 4 KiB faults mostly get
 ///   recently freed pages. See `docs/SPEED.md`, "Small pages".
 ///
 /// Both are performance settings: if the OS refuses one, the process runs as it would have.
@@ -41,5 +41,18 @@ fn no_transparent_huge_pages() {
         // SAFETY: PR_SET_THP_DISABLE takes integers only and changes no memory the program
         // sees. Its result is ignored on purpose: an OS without the flag keeps huge pages.
         let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    /// The flag is the process's: the test harness's threads share it, and it changes no
+    /// result, only the size of the pages behind new memory.
+    #[test]
+    fn transparent_huge_pages_are_off_after_the_policy() {
+        super::no_transparent_huge_pages();
+        // SAFETY: PR_GET_THP_DISABLE takes no pointer and returns the flag.
+        let disabled = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
+        assert_eq!(disabled, 1, "PR_GET_THP_DISABLE after the policy");
     }
 }

@@ -50,6 +50,16 @@ fn check(dir: &Path) -> (i32, String, String) {
     )
 }
 
+/// Runs the check on `dir`, asserts it rejected (exit 1, not "identical") with `message` on
+/// stderr, and returns stderr.
+fn rejected(dir: &Path, case: &str, message: &str) -> String {
+    let (code, stdout, stderr) = check(dir);
+    assert_eq!(code, 1, "{case}: {stdout}{stderr}");
+    assert!(stderr.contains(message), "{case}: {stderr}");
+    assert!(!stdout.contains("identical reports"), "{case}: {stdout}");
+    stderr
+}
+
 #[test]
 fn pgo_check_accepts_agreeing_builds_and_rejects_the_rest() {
     let host = host();
@@ -74,36 +84,22 @@ fn pgo_check_accepts_agreeing_builds_and_rejects_the_rest() {
         "use",
         r#"case "$*" in *etcd*) echo "result: FAIL";; *) echo "report of $*";; esac"#,
     );
-    let (code, stdout, stderr) = check(dir.path());
-    assert_eq!(code, 1, "a differing report: {stdout}{stderr}");
-    assert!(
-        stderr.contains(
-            "'kelpie sim --seeds 40 --base-seed 900002000 --store etcd' reports differently \
-             with and without PGO"
-        ),
-        "a differing report: {stderr}"
+    let stderr = rejected(
+        dir.path(),
+        "a differing report",
+        "'kelpie sim --seeds 40 --base-seed 900002000 --store etcd' reports differently with \
+         and without PGO",
     );
     assert!(stderr.contains("> result: FAIL"), "the diff: {stderr}");
-    assert!(!stdout.contains("identical reports"), "{stdout}");
 
     // The optimised build fails a sweep: rejected.
     stand_in(dir.path(), &host, "use", "exit 3");
-    let (code, stdout, stderr) = check(dir.path());
-    assert_eq!(code, 1, "a failing build: {stdout}{stderr}");
-    assert!(
-        stderr.contains("failed with the use build"),
-        "a failing build: {stderr}"
-    );
+    rejected(dir.path(), "a failing build", "failed with the use build");
 
     // No optimised build at all: rejected before any sweep runs.
     let empty = tempfile::tempdir().expect("temporary directory");
     stand_in(empty.path(), &host, "gen", same);
-    let (code, stdout, stderr) = check(empty.path());
-    assert_eq!(code, 1, "a missing build: {stdout}{stderr}");
-    assert!(
-        stderr.contains("no use build of kelpie"),
-        "a missing build: {stderr}"
-    );
+    rejected(empty.path(), "a missing build", "no use build of kelpie");
     assert!(
         !empty.path().join("reports").exists(),
         "no sweep ran without a build to compare"

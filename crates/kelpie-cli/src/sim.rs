@@ -23,7 +23,7 @@ use kelpie_dst::mutations::Mutation;
 use kelpie_dst::{LeaseEvent, LeaseRunReport, LeaseScenario, SwarmStore};
 use kelpie_lease::machine::BeliefConfig;
 use kelpie_sim::{FaultConfig, Shard, SimConfig, SimError, Sweep, SweepEnd, SWEEP_JOBS_MAX};
-use kelpie_sim::{Simulation, SIM_STEPS_MAX_DEFAULT};
+use kelpie_sim::{Simulation, SIM_STEPS_MAX_DEFAULT, SIM_TIME_MS_MAX_DEFAULT};
 use rand::RngCore;
 
 use crate::error::CliError;
@@ -345,6 +345,9 @@ impl RunSettings {
             cluster.clock_drift_ppm_max,
             cluster.safety_margin_ms,
         )?;
+        for store in [SwarmStore::Protocol, SwarmStore::Etcd] {
+            settings.planned_duration_ms_max(store, 0)?;
+        }
         Ok(settings)
     }
 
@@ -360,6 +363,14 @@ impl RunSettings {
             mutation.apply(&mut scenario);
         }
         scenario
+    }
+
+    /// The latest simulated instant a seed's run on `store` can reach
+    /// ([`LeaseScenario::planned_duration_ms_max`], at the simulator's default latencies).
+    fn planned_duration_ms_max(&self, store: SwarmStore, seed: u64) -> Result<u64, CliError> {
+        self.scenario(store)
+            .planned_duration_ms_max(&SimConfig::new(seed))
+            .map_err(CliError::Usage)
     }
 
     /// The command that replays `seed` exactly: every option that shapes the run, with the
@@ -392,9 +403,19 @@ impl RunSettings {
         let replay = self.replay_command(seed, &faults);
         let steps_per_second_max =
             STEPS_PER_NODE_SECOND_MAX * self.nodes + STEPS_PER_ACTOR_SECOND_MAX * self.actors;
-        let steps_max = (steps_per_second_max * self.sim_secs).max(SIM_STEPS_MAX_DEFAULT);
+        // The bounds on steps and simulated time only stop a run gone wrong: they follow the
+        // run's planned length, which the liveness phase stretches by a few lease durations
+        // (a day's leases need days of simulated time).
+        let planned_ms = self
+            .planned_duration_ms_max(self.store.for_seed(seed), seed)
+            .expect("checked when the settings were made");
+        let steps_max = steps_per_second_max
+            .saturating_mul(planned_ms.div_ceil(1_000))
+            .max(SIM_STEPS_MAX_DEFAULT);
+        let sim_time_ms_max = planned_ms.saturating_mul(2).max(SIM_TIME_MS_MAX_DEFAULT);
         let config = SimConfig::new(seed)
             .with_steps_max(steps_max)
+            .with_sim_time_ms_max(sim_time_ms_max)
             .with_reproduce_command(replay.clone())
             // The command prints DST_SEED and the replay command first itself, on stdout.
             .with_failure_banner(false);

@@ -22,7 +22,9 @@ use crate::swarm_manager::SwarmStore;
 use kelpie_lease::limits::ETCD_KEY_PREFIX_DEFAULT;
 use kelpie_sim::{SimEnv, SimStorage};
 
-/// Counts of what the nodes did.
+/// Counts of the nodes' lease requests by outcome, each request once. On the simulated lease
+/// store they are counted as the store answers them ([`SimLeaseStore::outcome_counts`]): a
+/// request lost on the network before it reached the store is not counted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LeaseOpCounts {
     /// Acquires granted.
@@ -33,7 +35,8 @@ pub struct LeaseOpCounts {
     pub released: u64,
     /// Requests the protocol refused.
     pub refused: u64,
-    /// Requests the store failed (including commit unknown).
+    /// Requests the store failed (including commit unknown, and a decision whose write
+    /// failed).
     pub store_failed: u64,
 }
 
@@ -87,8 +90,10 @@ pub struct SimLeaseCluster {
     manager: Arc<ProtocolLeaseManager<SimLeaseStore>>,
     board: BeliefBoard,
     counts: Rc<Cell<LeaseOpCounts>>,
-    /// Whether granted and refused requests are counted from the store's decisions (for
-    /// nodes whose keepers renew out of sight) rather than by the clients.
+    /// Whether requests are counted where the store answers them (for nodes whose keepers
+    /// renew out of sight) rather than by the clients: the simulated lease store counts each
+    /// answer by its outcome ([`SimLeaseStore::outcome_counts`]); on etcd, grants and
+    /// refusals are counted from its decisions and store failures by the clients.
     count_decisions: Rc<Cell<bool>>,
     events: EventLog,
 }
@@ -148,7 +153,11 @@ impl SimLeaseCluster {
 
     /// What the nodes did so far.
     pub fn counts(&self) -> LeaseOpCounts {
-        self.counts.get()
+        let mut counts = self.counts.get();
+        if self.etcd.is_none() && self.count_decisions.get() {
+            counts += self.store.outcome_counts();
+        }
+        counts
     }
 
     /// Every event of the run so far.
@@ -219,7 +228,8 @@ impl SimLeaseCluster {
         store_changed || self.board.has_changes()
     }
 
-    /// Counts grants and refusals from the store's decisions instead of from the clients.
+    /// Counts requests where the store answers them instead of by the clients (see
+    /// [`SimLeaseCluster::counts`]).
     pub fn count_decisions(&self, enabled: bool) {
         self.count_decisions.set(enabled);
     }
@@ -396,9 +406,6 @@ impl StepCache {
     fn refresh_from_store(&mut self, cluster: &SimLeaseCluster) {
         self.store_now_ms = cluster.store.storage().now_ms();
         cluster.store.take_decisions_into(&mut self.decisions);
-        if cluster.count_decisions.get() {
-            cluster.count(|counts| tally_decisions(counts, &self.decisions));
-        }
         let storage = cluster.store.storage();
         let mut places = std::mem::take(&mut self.written_places);
         storage.take_changed_places_into(&mut places);

@@ -10,11 +10,11 @@ use std::rc::Rc;
 use crate::checkers::CheckerSet;
 use crate::lease_cluster::{ClusterConfig, LeaseOpCounts, SimLeaseCluster};
 use crate::lease_events::{EventLog, LeaseEvent};
-use crate::lease_swarm::{run_swarm, SwarmSettings};
+use crate::lease_swarm::{liveness_bound, run_swarm, sweep_requests_max, SwarmSettings};
 use crate::swarm_manager::SwarmStore;
 
 use crate::linearizability::LinearizabilityReport;
-use kelpie_sim::{SimEnv, SimError, SimReport, Simulation};
+use kelpie_sim::{SimConfig, SimEnv, SimError, SimReport, Simulation};
 
 /// Shortest request timeout: two network hops at the longest default latency plus the
 /// store's longest default latency, with room to spare.
@@ -132,6 +132,28 @@ impl LeaseScenario {
             .request_timeout_ms
             .min(self.cluster.lease_duration_ms / 2);
         capped_ms.max(REQUEST_TIMEOUT_MS_MIN)
+    }
+
+    /// The latest global instant a run of this scenario under `sim`'s latencies can reach:
+    /// the safety phase, then (when liveness is checked) the liveness bound at its worst, as
+    /// if each node wanted every actor and believed it held every other at healing. For the
+    /// simulation's bounds on time and steps, which stop only a run gone wrong, and which a
+    /// long lease stretches (the liveness phase lasts a few lease durations).
+    pub fn planned_duration_ms_max(&self, sim: &SimConfig) -> Result<u64, String> {
+        if !self.check_liveness {
+            return Ok(self.sim_duration_ms);
+        }
+        let actors = self.actors_count as u64;
+        let on_etcd = self.cluster.store == SwarmStore::Etcd;
+        let requests_max = sweep_requests_max(actors, actors);
+        let bound = liveness_bound(
+            &self.cluster,
+            &self.swarm_settings(),
+            sim,
+            on_etcd,
+            requests_max,
+        )?;
+        Ok(self.sim_duration_ms.saturating_add(bound.total_ms()))
     }
 
     /// Runs the scenario under `simulation`.

@@ -98,6 +98,7 @@ pub const LIVENESS: &str = "Liveness";
 use kelpie_sim::DeterministicRng;
 use kelpie_sim::FaultType;
 use kelpie_sim::SimClock;
+use kelpie_sim::SimConfig;
 use kelpie_sim::{HostId, SimNetwork};
 use kelpie_sim::{JoinHandle, SimEnv};
 
@@ -410,6 +411,44 @@ pub struct LivenessBound {
 /// (`unwanted_held`), and one for the visit in progress at healing.
 pub fn sweep_requests_max(wanted: u64, unwanted_held: u64) -> u64 {
     wanted + unwanted_held + 1
+}
+
+/// The liveness bound of a run of `config` and `settings` on `sim`'s latencies, on etcd or
+/// on the lease store, where one sweep of a node makes at most `requests_max` requests
+/// ([`sweep_requests_max`]).
+pub(crate) fn liveness_bound(
+    config: &ClusterConfig,
+    settings: &SwarmSettings,
+    sim: &SimConfig,
+    on_etcd: bool,
+    requests_max: u64,
+) -> Result<LivenessBound, String> {
+    let timing = keeper_config(config, settings)
+        .timing_for(config.lease_duration_ms)
+        .map_err(|e| e.to_string())?;
+    // On etcd, a lease nobody renews keeps its actor until its node deletes it as abandoned
+    // (at the node's first grant a lease duration after its last renewal) or its session
+    // expires: at most a lease duration plus the session's TTL (whole seconds, at least
+    // etcd's minimum) plus one pass of etcd's revoke loop. An acquire costs up to two round
+    // trips more (a session grant, and a keepalive beside the transaction).
+    let (held_ms, requests_max) = if on_etcd {
+        let ttl_s = config.lease_duration_ms.div_ceil(1_000);
+        let ttl_s = ttl_s.max(ETCD_MIN_TTL_S.unsigned_abs());
+        let held_ms = config.lease_duration_ms + ttl_s * 1_000 + ETCD_EXPIRY_CHECK_INTERVAL_MS;
+        (held_ms, requests_max * 3)
+    } else {
+        (config.lease_duration_ms, requests_max)
+    };
+    Ok(LivenessBound {
+        lease_duration_ms: held_ms,
+        retry_interval_ms: timing.retry_interval_ms,
+        think_time_ms_max: settings.think_time_ms_max,
+        request_timeout_ms: settings.request_timeout_ms,
+        clock_drift_ppm_max: config.clock_drift_ppm_max,
+        network_latency_ms_max: sim.network_latency_ms_max,
+        storage_latency_ms_max: sim.storage_latency_ms_max,
+        sweep_requests_max: requests_max,
+    })
 }
 
 impl LivenessBound {
@@ -810,35 +849,14 @@ impl SwarmWorld {
                 .count() as u64;
             requests_max = requests_max.max(sweep_requests_max(wanted, unwanted_held));
         }
-        let timing = keeper_config(&self.config, &self.settings)
-            .timing_for(self.config.lease_duration_ms)
-            .map_err(|e| e.to_string())?;
-        let sim = self.env.config();
-        // On etcd, a lease nobody renews keeps its actor until its node deletes it as abandoned
-        // (at the node's first grant a lease duration after its last renewal) or its session
-        // expires: at most a lease duration plus the session's TTL (whole seconds, at least
-        // etcd's minimum) plus one pass of etcd's revoke loop. An acquire costs up to two
-        // round trips more (a session grant, and a keepalive beside the transaction).
-        let (held_ms, requests_max) = match self.cluster.etcd() {
-            Some(_) => {
-                let ttl_s = self.config.lease_duration_ms.div_ceil(1_000);
-                let ttl_s = ttl_s.max(ETCD_MIN_TTL_S.unsigned_abs());
-                let held_ms =
-                    self.config.lease_duration_ms + ttl_s * 1_000 + ETCD_EXPIRY_CHECK_INTERVAL_MS;
-                (held_ms, requests_max * 3)
-            }
-            None => (self.config.lease_duration_ms, requests_max),
-        };
-        let bound = LivenessBound {
-            lease_duration_ms: held_ms,
-            retry_interval_ms: timing.retry_interval_ms,
-            think_time_ms_max: self.settings.think_time_ms_max,
-            request_timeout_ms: self.settings.request_timeout_ms,
-            clock_drift_ppm_max: self.config.clock_drift_ppm_max,
-            network_latency_ms_max: sim.network_latency_ms_max,
-            storage_latency_ms_max: sim.storage_latency_ms_max,
-            sweep_requests_max: requests_max,
-        };
+        let on_etcd = self.cluster.etcd().is_some();
+        let bound = liveness_bound(
+            &self.config,
+            &self.settings,
+            self.env.config(),
+            on_etcd,
+            requests_max,
+        )?;
         let now_ms = self.env.now_ms();
         let mut window = LivenessWindow::new(now_ms, bound);
         for (index, actor_id) in self.actors.iter().enumerate() {
@@ -1012,11 +1030,15 @@ async fn visit_wanted(world: &SwarmWorld, node: &SwarmNode, keeper: &Keeper) {
     }
 }
 
-/// Counts a store failure seen by a node; grants and refusals are counted from the store's
-/// decisions, where the keeper's renewals show up too.
+/// Counts a store failure seen by a node on etcd, whose grants and refusals are counted from
+/// its decisions, where the keeper's renewals show up too. The lease store counts every
+/// request it answers by its outcome, failures included, so that a decision whose write
+/// failed is counted once, as a failure.
 fn count_failure(cluster: &SimLeaseCluster, result: Result<(), LeaseError>) {
-    if let Err(LeaseError::Store(_)) = result {
-        cluster.count(|c| c.store_failed += 1);
+    if cluster.etcd().is_some() {
+        if let Err(LeaseError::Store(_)) = result {
+            cluster.count(|c| c.store_failed += 1);
+        }
     }
 }
 

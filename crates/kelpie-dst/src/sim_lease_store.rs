@@ -14,7 +14,7 @@ use std::rc::Rc;
 
 use kelpie_core::ActorId;
 use kelpie_lease::{
-    backend::decide, backend::DecideFn, backend::Decision, backend::LeaseRecord,
+    backend::decide, backend::DecideFn, backend::Decision, backend::LeaseOp, backend::LeaseRecord,
     backend::LeaseRequest, backend::LeaseStore, backend::RecordSnapshot, backend::StoreSnapshot,
     Lease, LeaseError, StoreError,
 };
@@ -23,6 +23,7 @@ use crate::recycled::Recycled;
 use crate::sim_thread::SimThread;
 
 use crate::checkers::DecisionRecord;
+use crate::lease_cluster::LeaseOpCounts;
 use crate::linearizability::StoreEffect;
 use kelpie_sim::{SimStorage, StorageError, Versioned};
 
@@ -89,6 +90,27 @@ struct Logs {
     logged: RefCell<Logged>,
     /// Set when a decision was logged since the decisions were last taken.
     decided: Cell<bool>,
+    /// Each request the store answered, counted once by its outcome.
+    outcomes: Cell<LeaseOpCounts>,
+}
+
+impl Logs {
+    /// Counts a request on `op` the store answered with `outcome`: a grant, a refusal, or a
+    /// storage failure, whichever the store's answer says. A decision whose write then failed
+    /// (or whose answer a crash lost) counts as a failure, not a grant: its node never got one.
+    fn count_outcome(&self, op: LeaseOp, outcome: &Result<Decision, StorageError>) {
+        let mut counts = self.outcomes.get();
+        match outcome.as_ref().map(|decision| &decision.reply) {
+            Err(_) => counts.store_failed += 1,
+            Ok(Err(_)) => counts.refused += 1,
+            Ok(Ok(_)) => match op {
+                LeaseOp::Acquire => counts.acquired += 1,
+                LeaseOp::Renew => counts.renewed += 1,
+                LeaseOp::Release => counts.released += 1,
+            },
+        }
+        self.outcomes.set(counts);
+    }
 }
 
 #[derive(Default)]
@@ -226,6 +248,13 @@ impl SimLeaseStore {
         std::mem::take(&mut logged.decisions)
     }
 
+    /// The requests the store answered so far, each counted once by its answer: granted,
+    /// refused, or failed by the storage (a write that failed after the decision, a read that
+    /// failed, a commit of unknown outcome, an answer lost in a crash).
+    pub fn outcome_counts(&self) -> LeaseOpCounts {
+        self.logs.outcomes.get()
+    }
+
     /// Whether a decision was made since the decisions were last taken.
     pub fn has_decisions(&self) -> bool {
         self.logs.decided.get()
@@ -267,9 +296,13 @@ impl SimLeaseStore {
         request: LeaseRequest,
         answer: impl FnOnce(Result<Decision, StoreError>) + 'static,
     ) {
+        let op = request.op;
         let step = self.decision_step(actor_id.clone(), request);
-        let done =
-            move |outcome: Result<Decision, StorageError>| answer(outcome.map_err(store_error));
+        let logs = Rc::clone(&self.logs);
+        let done = move |outcome: Result<Decision, StorageError>| {
+            logs.count_outcome(op, &outcome);
+            answer(outcome.map_err(store_error));
+        };
         self.storage.transact_then(actor_id, step, done);
     }
 
@@ -343,6 +376,7 @@ impl LeaseStore for SimLeaseStore {
         let storage = (*self.storage).clone();
         let outcome =
             SimThread::new(async move { storage.transact(key.as_str(), step).await }).await;
+        self.logs.count_outcome(request.op, &outcome);
         outcome.map_err(store_error)
     }
 

@@ -475,6 +475,27 @@ fn test_dst_lease_scenario_under_storage_faults() {
 }
 
 #[test]
+fn test_dst_lease_counts_a_failed_write_as_a_failure() {
+    // Every write fails for the whole run (no healing): no request can take effect, so none
+    // may be counted as granted. A decision whose write then failed was counted twice, once
+    // as granted (from the store's decision) and once as failed (by the node that saw it).
+    for seed in seeds() {
+        let mut scenario = LeaseScenario::default();
+        scenario.check_liveness = false;
+        let simulation = Simulation::new(SimConfig::new(seed))
+            .with_fault(FaultConfig::new(FaultType::StorageWriteFail, 1.0).unwrap());
+        let report = scenario.run(simulation).unwrap_or_else(|e| panic!("{e}"));
+        let write_failures = report.sim.fault_fired(FaultType::StorageWriteFail);
+        assert!(write_failures > 0, "no write failed");
+        let ops = report.ops;
+        assert_eq!(ops.acquired + ops.renewed + ops.released, 0, "{ops:?}");
+        // Each failed write was a request answered with a failure (no crash loses answers
+        // here); releases of leases never held are refused without a write.
+        assert_eq!(ops.store_failed, write_failures, "{ops:?}");
+    }
+}
+
+#[test]
 fn test_dst_lease_determinism() {
     let seed = seeds()[0];
     let first = scenario_run(seed, LeaseScenario::default()).unwrap();

@@ -528,6 +528,37 @@ fn a_sqlite_path_under_a_regular_file_is_a_configuration_error() {
 }
 
 #[test]
+fn reads_refuse_a_sqlite_path_no_write_could_open_and_create_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let missing_dir = dir.path().join("missing-dir");
+    for path in [missing_dir.join("leases.db"), file.join("leases.db")] {
+        let store = format!("sqlite:{}", path.display());
+        let get = ["lease", "get", "--actor", "a", "--store", &store];
+        let list = ["lease", "list", "--store", &store];
+        for read in [&get[..], &list[..]] {
+            // The same refusal (exit 2) as a write gets, not an empty store (exit 0).
+            assert_usage_error(read, "cannot open lease store");
+            let mut json = read.to_vec();
+            json.push("--json");
+            assert_usage_error(&json, "cannot open lease store");
+        }
+    }
+    assert!(!missing_dir.exists(), "a read creates no directory");
+    // A missing file in a directory that exists is an empty store, and stays missing.
+    let store = store_arg(dir.path());
+    let (code, stdout, _) = run(&["lease", "get", "--actor", "a", "--store", &store]);
+    assert_eq!((code, stdout.as_str()), (0, "a: no valid lease\n"));
+    let (code, stdout, _) = run(&["lease", "list", "--store", &store, "--json"]);
+    assert_eq!((code, stdout.as_str()), (0, "[]\n"));
+    assert!(
+        !dir.path().join("leases.db").exists(),
+        "a read creates no file"
+    );
+}
+
+#[test]
 fn a_store_locked_past_the_timeout_is_unavailable() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_arg(dir.path());

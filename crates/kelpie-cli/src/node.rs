@@ -89,7 +89,14 @@ pub struct NodeArgs {
     #[arg(long, value_name = "NAME:COUNT", conflicts_with = "actors")]
     pub range: Option<String>,
     /// With --range: only share I of N, the actors whose index is I modulo N.
-    #[arg(long, value_name = "I/N", requires = "range")]
+    // `requires` alone lets `--actors` through: clap waives a requirement that conflicts with
+    // an argument given, and --range conflicts with --actors.
+    #[arg(
+        long,
+        value_name = "I/N",
+        requires = "range",
+        conflicts_with = "actors"
+    )]
     pub share: Option<String>,
     /// How long a granted or renewed lease lasts, in ms (etcd rounds it up to whole seconds).
     #[arg(long, value_name = "MS", default_value_t = 2_000)]

@@ -19,8 +19,30 @@ fn kelpie() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kelpie"))
 }
 
+/// Runs kelpie with `args` to its exit. A node that starts instead of refusing its options
+/// would run until a signal, so it is killed after [`WAIT_MS_MAX`] and fails the test rather
+/// than hanging it.
 fn run(args: &[&str]) -> (i32, String, String) {
-    let output = kelpie().args(args).output().expect("kelpie runs");
+    let mut child = kelpie()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kelpie runs");
+    let deadline = Instant::now() + Duration::from_millis(WAIT_MS_MAX);
+    while child
+        .try_wait()
+        .expect("kelpie can be waited for")
+        .is_none()
+    {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("kelpie {args:?} still ran after {WAIT_MS_MAX} ms");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let output = child.wait_with_output().expect("kelpie's output is read");
     let text = |b: Vec<u8>| String::from_utf8(b).expect("UTF-8");
     (
         output.status.code().expect("exited"),
@@ -60,7 +82,7 @@ fn node_refuses_bad_input_with_exit_2_and_a_reason() {
     let store = format!("sqlite:{}", dir.path().join("leases.db").display());
     let state = dir.path().join("state.db").display().to_string();
     let base = ["node", "--node", "n1", "--store", &store, "--state", &state];
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 11] = [
         (
             &[
                 "node", "--store", &store, "--state", &state, "--actors", "a",
@@ -77,6 +99,12 @@ fn node_refuses_bad_input_with_exit_2_and_a_reason() {
             &[&base[..], &["--range", "acct:3", "--share", "3/3"]].concat(),
             "I/N",
         ),
+        // --share picks from a --range; with --actors it would be ignored.
+        (
+            &[&base[..], &["--actors", "a", "--share", "0/2"]].concat(),
+            "'--actors <ID,ID,...>' cannot be used with '--share <I/N>'",
+        ),
+        (&[&base[..], &["--share", "0/2"]].concat(), "--range"),
         (
             &[&base[..], &["--actors", "a", "--write-every-ms", "0"]].concat(),
             "write-every-ms",

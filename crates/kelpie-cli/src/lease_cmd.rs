@@ -306,10 +306,13 @@ async fn write_op(op: Op, args: &OpArgs) -> Result<(), CliError> {
     };
     match result {
         Ok(lease) => {
-            if args.store.json {
-                print_json(&json!(lease));
-            } else {
-                println!("{} {}", op.done(), describe(&lease, backend.now()));
+            match (op, args.store.json) {
+                (Op::Release, true) => print_json(&released_json(&lease)),
+                (Op::Release, false) => {
+                    println!("{} {}", op.done(), describe_released(&lease, backend.now()));
+                }
+                (_, true) => print_json(&json!(lease)),
+                (_, false) => println!("{} {}", op.done(), describe(&lease, backend.now())),
             }
             Ok(())
         }
@@ -445,6 +448,30 @@ fn describe(lease: &Lease, now: StoreNow) -> String {
         seconds(acquired_ms),
         lease.renewal_count
     )
+}
+
+/// A released lease for a person: whose it was, and since when. `release` answers with the
+/// lease as it was before, so its expiry is the one the release cut short (the store wrote the
+/// release instant instead); it is left out rather than shown as if the lease still ran.
+fn describe_released(lease: &Lease, now: StoreNow) -> String {
+    format!(
+        "{} holder={} token={}, acquired {} ago, renewals={}",
+        lease.actor_id,
+        lease.holder,
+        lease.fencing_token,
+        seconds(now.store_ms.saturating_sub(lease.acquired_at_ms)),
+        lease.renewal_count
+    )
+}
+
+/// A released lease as JSON: the lease's fields but its expiry, for the reason given at
+/// [`describe_released`].
+fn released_json(lease: &Lease) -> serde_json::Value {
+    let mut value = json!(lease);
+    if let Some(fields) = value.as_object_mut() {
+        fields.remove("expires_at_ms");
+    }
+    value
 }
 
 /// `1234` ms as `1.234 s`.

@@ -423,7 +423,14 @@ fn lease_commands_against_a_sqlite_file() {
     );
 
     assert_eq!(op("release", "node-b").0, 1);
-    assert_eq!(op("release", "node-a").0, 0);
+    let (code, stdout, _) = op("release", "node-a");
+    assert_eq!(code, 0);
+    // The lease has ended: no expiry in the future (nor the one the release cut short).
+    assert!(
+        stdout.starts_with("released actor-1 holder=node-a token=1, acquired "),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("expire"), "{stdout}");
     let (_, stdout, _) = run(&json);
     assert_eq!(stdout.trim(), "null");
     let (code, stdout, _) = op("acquire", "node-b");
@@ -432,6 +439,15 @@ fn lease_commands_against_a_sqlite_file() {
         stdout.contains("token=2"),
         "a new holder gets a larger token: {stdout}"
     );
+    let release_json = [
+        "lease", "release", "--node", "node-b", "--actor", "actor-1", "--store", &store, "--json",
+    ];
+    let (code, stdout, _) = run(&release_json);
+    assert_eq!(code, 0, "{stdout}");
+    let released: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(released["holder"], "node-b");
+    assert_eq!(released["fencing_token"], 2);
+    assert!(released.get("expires_at_ms").is_none(), "{stdout}");
 }
 
 #[test]

@@ -44,6 +44,11 @@ pub enum CliError {
     /// already says which ("lease store unavailable: ...", "... write failed ...").
     #[error("{0}")]
     StoreUnavailable(StoreError),
+    /// The actors' fenced state store (`kelpie node --state`) could not be opened. It shares
+    /// the SQLite lease store's opening code, whose messages name the lease store; this names
+    /// the state store. Exits as the same error of the lease store would.
+    #[error("{}", state_store_message(.0))]
+    StateStore(StoreError),
     /// `kelpie sim merge` was given reports that are not the shards of one sweep.
     #[error(transparent)]
     Merge(#[from] MergeError),
@@ -63,6 +68,8 @@ impl CliError {
         match self {
             CliError::Refused(_) => EXIT_REFUSED,
             CliError::StoreUnavailable(_) => EXIT_UNAVAILABLE,
+            CliError::StateStore(error) if is_configuration(error) => EXIT_USAGE,
+            CliError::StateStore(_) => EXIT_UNAVAILABLE,
             CliError::Usage(_)
             | CliError::Id(_)
             | CliError::Config(_)
@@ -84,18 +91,44 @@ impl From<LeaseError> for CliError {
 }
 
 impl From<StoreError> for CliError {
-    /// A path that cannot be opened, a store from a newer Kelpie, an option the store refuses
-    /// and refused credentials are configuration problems: only a different `--store` (or
-    /// binary, or credentials) fixes them. Everything else is the store failing or being out
-    /// of reach at run time, which a retry may get past.
     fn from(error: StoreError) -> Self {
-        match error {
-            StoreError::Open { .. }
+        match is_configuration(&error) {
+            true => CliError::StoreConfig(error),
+            false => CliError::StoreUnavailable(error),
+        }
+    }
+}
+
+/// A path that cannot be opened, a store from a newer Kelpie, an option the store refuses and
+/// refused credentials are configuration problems: only a different `--store` (or binary, or
+/// credentials) fixes them. Everything else is the store failing or being out of reach at run
+/// time, which a retry may get past.
+fn is_configuration(error: &StoreError) -> bool {
+    matches!(
+        error,
+        StoreError::Open { .. }
             | StoreError::SchemaTooNew { .. }
             | StoreError::InvalidOption { .. }
-            | StoreError::AccessDenied { .. } => CliError::StoreConfig(error),
-            other => CliError::StoreUnavailable(other),
+            | StoreError::AccessDenied { .. }
+    )
+}
+
+/// A state store's error in the state store's name: the two that name the lease store when
+/// a file is opened are reworded, and anything else is prefixed.
+fn state_store_message(error: &StoreError) -> String {
+    match error {
+        StoreError::Open { path, reason } => {
+            format!("cannot open state store {path} (--state): {reason}")
         }
+        StoreError::SchemaTooNew {
+            path,
+            found_version,
+            supported_version,
+        } => format!(
+            "state store {path} (--state) has schema version {found_version}, newer than \
+             version {supported_version} which this build supports; refusing to touch it"
+        ),
+        other => format!("state store (--state): {other}"),
     }
 }
 
@@ -123,5 +156,31 @@ mod tests {
         let down = CliError::from(LeaseError::Store(down));
         assert_eq!(down.exit_code(), EXIT_UNAVAILABLE);
         assert_eq!(CliError::Usage("x".into()).exit_code(), EXIT_USAGE);
+    }
+
+    #[test]
+    fn a_state_store_error_names_the_state_store() {
+        let open = StoreError::Open {
+            path: "/s".into(),
+            reason: "it is a directory".into(),
+        };
+        let state = CliError::StateStore(open);
+        assert_eq!(
+            state.to_string(),
+            "cannot open state store /s (--state): it is a directory"
+        );
+        assert_eq!(state.exit_code(), EXIT_USAGE);
+        let newer = StoreError::SchemaTooNew {
+            path: "/s".into(),
+            found_version: 9,
+            supported_version: 1,
+        };
+        let newer = CliError::StateStore(newer).to_string();
+        assert!(
+            newer.starts_with("state store /s (--state) has schema version 9"),
+            "{newer}"
+        );
+        let down = CliError::StateStore(StoreError::Unavailable { reason: "x".into() });
+        assert_eq!(down.exit_code(), EXIT_UNAVAILABLE);
     }
 }

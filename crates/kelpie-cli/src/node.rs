@@ -373,9 +373,10 @@ fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::
         .map_err(|e| CliError::Usage(format!("cannot install a signal handler: {e}")))
 }
 
+/// Why the actors' state store (--state) could not be opened, in its own name.
 fn state_error(error: StateError) -> CliError {
     match error {
-        StateError::Store(store) => CliError::from(store),
+        StateError::Store(store) => CliError::StateStore(store),
         other => CliError::Usage(format!("--state: {other}")),
     }
 }

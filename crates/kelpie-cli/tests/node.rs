@@ -135,14 +135,20 @@ fn node_refuses_bad_input_with_exit_2_and_a_reason() {
         );
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
-    // A state path that is a directory is a configuration error too.
+    // A state path that is a directory, or under a missing directory, is a configuration
+    // error too, named as the state store's (not the lease store's).
     let dir_state = dir.path().display().to_string();
-    let args = [
-        "node", "--node", "n1", "--store", &store, "--state", &dir_state, "--actors", "a",
-    ];
-    let (code, _, stderr) = run(&args);
-    assert_eq!(code, 2, "{stderr}");
-    assert!(stderr.contains(&dir_state), "{stderr}");
+    let orphan_state = dir.path().join("missing").join("state.db");
+    let orphan_state = orphan_state.display().to_string();
+    for state in [&dir_state, &orphan_state] {
+        let args = [
+            "node", "--node", "n1", "--store", &store, "--state", state, "--actors", "a",
+        ];
+        let (code, _, stderr) = run(&args);
+        assert_eq!(code, 2, "{stderr}");
+        let named = format!("cannot open state store {state} (--state): ");
+        assert!(stderr.contains(&named), "{stderr}");
+    }
 }
 
 /// A running node and its stdout lines as JSON.

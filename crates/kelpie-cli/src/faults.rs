@@ -35,6 +35,17 @@ pub enum FaultsError {
         /// The refused name.
         name: String,
     },
+    /// The name is the last part of more than one fault type's name.
+    #[error(
+        "{name:?} is short for more than one fault: {}; give one of them in full",
+        candidates.join(", ")
+    )]
+    AmbiguousFault {
+        /// The refused name.
+        name: String,
+        /// The faults whose names end with it, in the simulator's order.
+        candidates: Vec<String>,
+    },
     /// The probability was not a number in 0..=1.
     #[error("fault {name} has probability {value:?}; it must be a number in 0..=1")]
     BadProbability {
@@ -56,18 +67,28 @@ fn known_names() -> String {
     format!("{} (or swarm, or none)", names.join(", "))
 }
 
-/// The fault type called `name`, or the only one whose name ends with `-name`.
-pub fn fault_by_name(name: &str) -> Option<FaultType> {
+/// The fault type called `name`, or the only one whose name ends with `-name`. A name that
+/// ends several is refused with their names, so the user can pick one rather than be told
+/// the name is unknown.
+pub fn fault_by_name(name: &str) -> Result<FaultType, FaultsError> {
     if let Some(fault) = FaultType::from_name(name) {
-        return Some(fault);
+        return Ok(fault);
     }
     let suffix = format!("-{name}");
-    let mut matches = FaultType::all()
+    let matches: Vec<FaultType> = FaultType::all()
         .iter()
-        .filter(|fault| fault.name().ends_with(&suffix));
-    match (matches.next(), matches.next()) {
-        (Some(fault), None) => Some(*fault),
-        _ => None,
+        .copied()
+        .filter(|fault| fault.name().ends_with(&suffix))
+        .collect();
+    match matches.as_slice() {
+        [fault] => Ok(*fault),
+        [] => Err(FaultsError::UnknownFault {
+            name: name.to_string(),
+        }),
+        several => Err(FaultsError::AmbiguousFault {
+            name: name.to_string(),
+            candidates: several.iter().map(|f| f.name().to_string()).collect(),
+        }),
     }
 }
 
@@ -86,9 +107,7 @@ impl FromStr for FaultPlan {
                 entry: entry.to_string(),
             })?;
             let (name, probability) = (name.trim(), probability.trim());
-            let fault = fault_by_name(name).ok_or(FaultsError::UnknownFault {
-                name: name.to_string(),
-            })?;
+            let fault = fault_by_name(name)?;
             let bad_probability = || FaultsError::BadProbability {
                 name: fault.name().to_string(),
                 value: probability.to_string(),
@@ -169,13 +188,34 @@ mod tests {
     #[test]
     fn a_unique_suffix_names_a_fault() {
         // Either a fault of its own or short for network-partition.
-        assert!(fault_by_name("partition").is_some());
-        assert_eq!(
-            fault_by_name("write-fail"),
-            Some(FaultType::StorageWriteFail)
-        );
+        assert!(fault_by_name("partition").is_ok());
+        assert_eq!(fault_by_name("write-fail"), Ok(FaultType::StorageWriteFail));
         // Not unique: storage-write-fail and storage-read-fail both end with it.
-        assert_eq!(fault_by_name("fail"), None);
+        assert!(matches!(
+            fault_by_name("fail"),
+            Err(FaultsError::AmbiguousFault { .. })
+        ));
+        assert!(matches!(
+            fault_by_name("nosuchfault"),
+            Err(FaultsError::UnknownFault { .. })
+        ));
+    }
+
+    #[test]
+    fn an_ambiguous_suffix_is_refused_with_the_faults_it_could_mean() {
+        let error = "crash=0.1".parse::<FaultPlan>().unwrap_err();
+        assert_eq!(
+            error,
+            FaultsError::AmbiguousFault {
+                name: "crash".to_string(),
+                candidates: vec!["node-crash".to_string(), "storage-crash".to_string()],
+            }
+        );
+        assert_eq!(
+            error.to_string(),
+            "\"crash\" is short for more than one fault: node-crash, storage-crash; give one \
+             of them in full"
+        );
     }
 
     #[test]

@@ -505,6 +505,10 @@ fn bad_inputs_exit_2_with_a_clear_message() {
         &["sim", "--faults", "nosuchfault=0.1"],
         "no fault is called",
     );
+    assert_usage_error(
+        &["sim", "--faults", "crash=0.1"],
+        "\"crash\" is short for more than one fault: node-crash, storage-crash",
+    );
     assert_usage_error(&["sim", "--seeds", "0"], "0 is not in 1..=");
     assert_usage_error(
         &["sim", "--seeds", "3", "--timeline", "x.html"],

@@ -141,11 +141,12 @@ pub struct SimArgs {
         conflicts_with_all = ["seeds", "base_seed"]
     )]
     pub timeline: Option<PathBuf>,
-    /// Replace the protocol's decision with a deliberately broken one, to show the checkers
-    /// catch it.
+    /// Break one part on purpose, to show the checkers catch it: the run should fail.
+    ///
+    /// The part is the protocol, a keeper, the store, the etcd backend or the simulated etcd;
+    /// the etcd-* bugs need --store etcd, the others --store protocol.
     #[arg(
         long,
-        hide = true,
         value_name = "NAME",
         value_parser = clap::builder::PossibleValuesParser::new(Mutation::ALL.map(Mutation::name))
             .map(|name| Mutation::from_name(&name).expect("offered names are mutations"))

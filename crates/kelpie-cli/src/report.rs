@@ -505,15 +505,32 @@ impl Report {
     }
 
     fn seeds_text(&self) -> String {
-        let (base, count) = (self.base_seed, self.seeds_asked);
+        let (base, count, run) = (self.base_seed, self.seeds_asked, self.seeds_run);
         if self.single_seed {
-            return format!("{} (seed {base})", self.seeds_run);
+            return format!("{run} (seed {base})");
         }
-        let mut text = format!(
-            "{} of {count}, seeds {base}..={} (base seed {base})",
-            self.seeds_run,
-            base.wrapping_add(count - 1)
-        );
+        let planned = format!("{base}..={}", base.wrapping_add(count - 1));
+        let shard = self.shard.unwrap_or(Shard::WHOLE);
+        let mut text = if run == shard.seeds_in(count) {
+            format!("{run} of {count}, seeds {planned} (base seed {base})")
+        } else if self.budget_spent {
+            // A time budget runs the whole sweep (it refuses --shard), and the sweep starts
+            // seeds in order and finishes every one it started (kelpie_sim::Sweep), so the
+            // seeds run are the first ones, however many jobs ran them.
+            match run.checked_sub(1) {
+                Some(last) => format!(
+                    "{run} of {count}: seeds {base}..={}, the first {run} of the planned \
+                     {planned} (base seed {base})",
+                    base.wrapping_add(last)
+                ),
+                None => format!("0 of {count}: none of the planned {planned} (base seed {base})"),
+            }
+        } else {
+            // Stopped at a failure: the seeds before it in this shard ran, but in a report
+            // merged from shards that each stopped at their own failure they are no one
+            // range, so the range is only what was planned.
+            format!("{run} of {count}, planned seeds {planned} (base seed {base})")
+        };
         if let Some(shard) = self.shard {
             let _ = write!(
                 text,

@@ -274,6 +274,11 @@ fn a_planted_failure_is_reported_the_same_on_any_jobs_and_in_its_shard() {
     assert_eq!(code, 1, "{one}{stderr}");
     let (code, two, _) = run_owned(&with(&sweep, &["--jobs", "2"]));
     assert_eq!((code, &two), (1, &one), "--jobs 2 reports the same failure");
+    // The sweep stopped early: the range is what was planned, not what ran.
+    assert!(
+        one.contains(" of 200, planned seeds 1..=200 (base seed 1)\n"),
+        "{one}"
+    );
     let block = failure_block(&one);
     let seed: u64 = block.lines().next().unwrap()["DST_SEED=".len()..]
         .parse()
@@ -316,6 +321,72 @@ fn a_time_budget_that_is_not_spent_runs_every_seed() {
         stdout.contains("time budget:       1h, not spent"),
         "{stdout}"
     );
+}
+
+#[test]
+fn a_spent_time_budget_reports_the_first_seeds_as_the_ones_run() {
+    let budgeted = [
+        "sim",
+        "--time-budget",
+        "1s",
+        "--jobs",
+        "2",
+        "--base-seed",
+        "77",
+        "--sim-secs",
+        "1",
+    ];
+    let (code, stdout, stderr) = run(&budgeted);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let line = |report: &str, prefix: &str| {
+        let found = report.lines().find(|l| l.starts_with(prefix));
+        found
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{report}"))
+            .to_string()
+    };
+    let seeds_line = line(&stdout, "seeds run:");
+    let ran: u64 = seeds_line["seeds run:".len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{seeds_line}"));
+    assert!(ran > 0 && ran < 1_000_000, "{seeds_line}");
+    // The seeds that ran, and the planned range labelled as such.
+    assert_eq!(
+        seeds_line,
+        format!(
+            "seeds run:         {ran} of 1000000: seeds 77..={}, the first {ran} of the planned \
+             77..=1000076 (base seed 77)",
+            76 + ran
+        )
+    );
+    assert!(
+        line(&stdout, "time budget:").ends_with(", spent, no further seed started"),
+        "{stdout}"
+    );
+    // Those seeds, run by count, give the same figures: they are the seeds that ran.
+    let count = ran.to_string();
+    let counted = [
+        "sim",
+        "--seeds",
+        &count,
+        "--jobs",
+        "2",
+        "--base-seed",
+        "77",
+        "--sim-secs",
+        "1",
+    ];
+    let (code, expected, _) = run(&counted);
+    assert_eq!(code, 0, "{expected}");
+    let figures = |report: &str| -> Vec<String> {
+        let own = ["seeds run:", "time budget:"];
+        let lines = report
+            .lines()
+            .filter(|l| !own.iter().any(|p| l.starts_with(p)));
+        lines.map(str::to_string).collect()
+    };
+    assert_eq!(figures(&stdout), figures(&expected));
 }
 
 #[test]

@@ -46,6 +46,14 @@ pub enum FaultsError {
         /// The faults whose names end with it, in the simulator's order.
         candidates: Vec<String>,
     },
+    /// The fault only counts what something else dropped: no probability injects it.
+    #[error("fault {name} cannot be given a probability: {reason}")]
+    NotInjectable {
+        /// The fault's name.
+        name: String,
+        /// What it counts instead.
+        reason: &'static str,
+    },
     /// The probability was not a number in 0..=1.
     #[error("fault {name} has probability {value:?}; it must be a number in 0..=1")]
     BadProbability {
@@ -63,7 +71,10 @@ pub enum FaultsError {
 }
 
 fn known_names() -> String {
-    let names: Vec<&str> = FaultType::all().iter().map(FaultType::name).collect();
+    let names: Vec<&str> = (FaultType::all().iter())
+        .filter(|fault| fault.is_injectable())
+        .map(FaultType::name)
+        .collect();
     format!("{} (or swarm, or none)", names.join(", "))
 }
 
@@ -108,6 +119,12 @@ impl FromStr for FaultPlan {
             })?;
             let (name, probability) = (name.trim(), probability.trim());
             let fault = fault_by_name(name)?;
+            if let Some(reason) = fault.counted_only_reason() {
+                return Err(FaultsError::NotInjectable {
+                    name: fault.name().to_string(),
+                    reason,
+                });
+            }
             let bad_probability = || FaultsError::BadProbability {
                 name: fault.name().to_string(),
                 value: probability.to_string(),
@@ -216,6 +233,25 @@ mod tests {
             "\"crash\" is short for more than one fault: node-crash, storage-crash; give one \
              of them in full"
         );
+    }
+
+    #[test]
+    fn a_fault_that_only_counts_drops_is_refused_with_what_to_set_instead() {
+        for (entry, hint) in [
+            ("network-partition=1", "partition-one-way"),
+            ("queue-overflow=0.5", "mailbox_capacity"),
+        ] {
+            let error = entry.parse::<FaultPlan>().unwrap_err();
+            assert!(
+                matches!(error, FaultsError::NotInjectable { .. }),
+                "{error}"
+            );
+            assert!(error.to_string().contains(hint), "{error}");
+        }
+        // Nor are they offered in the list of known faults.
+        let error = "nosuchfault=0.1".parse::<FaultPlan>().unwrap_err();
+        assert!(!error.to_string().contains("network-partition"), "{error}");
+        assert!(error.to_string().contains("partition-one-way"), "{error}");
     }
 
     #[test]

@@ -124,6 +124,14 @@ pub enum SimError {
         /// The refused probability.
         probability: f64,
     },
+    /// A probability was given for a fault that only counts what something else dropped.
+    #[error("fault {fault} cannot be given a probability: {reason}")]
+    NotInjectable {
+        /// The fault.
+        fault: FaultType,
+        /// What it counts instead.
+        reason: &'static str,
+    },
     /// `DST_SEED` was set but not a decimal `u64`.
     #[error("DST_SEED={value:?} is not a decimal u64 seed; unset it for a random seed")]
     InvalidSeed {
@@ -150,6 +158,7 @@ impl SimError {
             | SimError::Panicked { seed, .. }
             | SimError::Nondeterministic { seed, .. } => Some(*seed),
             SimError::InvalidProbability { .. }
+            | SimError::NotInjectable { .. }
             | SimError::InvalidSeed { .. }
             | SimError::InvalidConfig { .. } => None,
         }
@@ -168,6 +177,7 @@ impl SimError {
             | SimError::Panicked { step, .. }
             | SimError::Nondeterministic { step, .. } => Some(*step),
             SimError::InvalidProbability { .. }
+            | SimError::NotInjectable { .. }
             | SimError::InvalidSeed { .. }
             | SimError::InvalidConfig { .. } => None,
         }
@@ -184,6 +194,7 @@ impl SimError {
             SimError::Panicked { .. } => "panicked",
             SimError::Nondeterministic { .. } => "nondeterministic",
             SimError::InvalidProbability { .. } => "invalid-probability",
+            SimError::NotInjectable { .. } => "not-injectable",
             SimError::InvalidSeed { .. } => "invalid-seed",
             SimError::InvalidConfig { .. } => "invalid-config",
         }

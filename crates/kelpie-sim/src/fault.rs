@@ -112,6 +112,27 @@ impl FaultType {
         )
     }
 
+    /// Why no probability can be set for this fault, if none can: it only counts the messages
+    /// something else dropped. `None` for a fault a probability injects.
+    pub fn counted_only_reason(self) -> Option<&'static str> {
+        match self {
+            FaultType::NetworkPartition => Some(
+                "it counts the messages partitions drop; partitions are injected as partition \
+                 or partition-one-way",
+            ),
+            FaultType::NetworkQueueOverflow => Some(
+                "it counts the messages full mailboxes drop; the mailboxes' bound \
+                 (NetworkConfig::mailbox_capacity) decides when that happens",
+            ),
+            _ => None,
+        }
+    }
+
+    /// Whether a probability injects this fault (see [`FaultType::counted_only_reason`]).
+    pub fn is_injectable(self) -> bool {
+        self.counted_only_reason().is_none()
+    }
+
     /// The fault type whose [`name`](FaultType::name) is `name`.
     pub fn from_name(name: &str) -> Option<FaultType> {
         ALL_FAULT_TYPES
@@ -158,6 +179,12 @@ impl FaultConfig {
     ///
     /// [`Simulation`]: crate::Simulation
     pub fn validate(&self) -> Result<(), SimError> {
+        if let Some(reason) = self.fault.counted_only_reason() {
+            return Err(SimError::NotInjectable {
+                fault: self.fault,
+                reason,
+            });
+        }
         if self.probability.is_finite() && (0.0..=1.0).contains(&self.probability) {
             Ok(())
         } else {
@@ -205,6 +232,30 @@ impl FaultStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fault_that_only_counts_drops_is_refused_a_probability() {
+        for fault in [FaultType::NetworkPartition, FaultType::NetworkQueueOverflow] {
+            assert!(!fault.is_injectable());
+            let refused = FaultConfig::new(fault, 0.5).unwrap_err();
+            assert!(
+                matches!(refused, SimError::NotInjectable { fault: f, .. } if f == fault),
+                "{refused}"
+            );
+            // A config built field by field is checked again before a run.
+            let built = FaultConfig {
+                fault,
+                probability: 0.5,
+            };
+            assert!(built.validate().is_err());
+        }
+        let injectable: Vec<_> = FaultType::all()
+            .iter()
+            .filter(|f| f.is_injectable())
+            .collect();
+        assert_eq!(injectable.len(), FaultType::all().len() - 2);
+        assert!(FaultConfig::new(FaultType::PartitionTwoWay, 0.5).is_ok());
+    }
 
     #[test]
     fn names_round_trip_and_are_kebab_case() {

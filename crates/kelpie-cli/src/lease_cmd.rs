@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::{Args, Subcommand};
 use kelpie_core::{ActorId, IdError, NodeId};
-use kelpie_lease::{backend::LeaseStore, Lease, LeaseConfig, LeaseError, LeaseManager, StoreError};
+use kelpie_lease::{backend::LeaseStore, Lease, LeaseConfig, LeaseError, LeaseManager};
 use kelpie_lease::{backend::SqliteLeaseStore, SqliteLeaseManager, SqliteOptions};
 use kelpie_lease::{limits::SQLITE_BUSY_TIMEOUT_MS_DEFAULT, limits::SQLITE_BUSY_TIMEOUT_MS_MAX};
 #[cfg(feature = "etcd")]
@@ -214,41 +214,10 @@ pub fn open_sqlite(path: &Path, timeout_ms: u64) -> Result<SqliteLeaseStore, Cli
 
 /// Whether a read (get, list) finds no store at `path` and so reads it as empty: the file is
 /// missing from a directory that exists. A read creates nothing, not even the default file in
-/// whatever directory it runs in; but a path that no write could open either (a parent that is
-/// missing or a regular file, or one the file system refuses to look up) is refused, as the
-/// writes refuse it, rather than read as an empty store. A path that exists is left to
-/// [`open_sqlite`], which refuses a directory or a file that is not a database.
-///
-/// The opening code of the store creates a missing file, so it cannot be asked; this repeats
-/// its checks of the parent, in its words, so a read and a write refuse a path alike.
+/// whatever directory it runs in; a path no write could open either (a parent that is missing
+/// or a regular file) is refused as the writes refuse it, not read as an empty store.
 fn sqlite_store_absent(path: &Path) -> Result<bool, CliError> {
-    let refused = |reason: String| {
-        Err(CliError::from(StoreError::Open {
-            path: path.display().to_string(),
-            reason,
-        }))
-    };
-    match std::fs::metadata(path) {
-        Ok(_) => return Ok(false),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        // E.g. a parent that is a regular file: "Not a directory".
-        Err(error) => return refused(error.to_string()),
-    }
-    let parent = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    match std::fs::metadata(parent) {
-        Ok(metadata) if metadata.is_dir() => Ok(true),
-        Ok(_) => refused(format!(
-            "its parent {} is not a directory",
-            parent.display()
-        )),
-        Err(error) => refused(format!(
-            "its parent directory {}: {error}",
-            parent.display()
-        )),
-    }
+    Ok(!SqliteLeaseStore::exists(path)?)
 }
 
 async fn open(args: &StoreArgs, config: LeaseConfig) -> Result<Backend, CliError> {

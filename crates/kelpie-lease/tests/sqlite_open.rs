@@ -196,6 +196,27 @@ fn a_parent_that_is_a_file_is_refused() {
     assert!(matches!(error, StoreError::Open { .. }), "{error:?}");
 }
 
+#[test]
+fn exists_answers_without_creating_and_refuses_what_opening_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("leases.db");
+    assert!(!SqliteLeaseStore::exists(&missing).unwrap());
+    assert!(!missing.exists(), "asking created nothing");
+    drop(SqliteLeaseStore::open(&missing).unwrap());
+    assert!(SqliteLeaseStore::exists(&missing).unwrap());
+    let file = dir.path().join("plain-file");
+    fs::write(&file, b"x").unwrap();
+    for path in [
+        dir.path().join("no-such-dir").join("leases.db"),
+        file.join("leases.db"),
+    ] {
+        let error = SqliteLeaseStore::exists(&path).unwrap_err();
+        assert!(matches!(error, StoreError::Open { .. }), "{error:?}");
+        // The same refusal as opening gives.
+        assert_eq!(error.to_string(), open_error(&path).to_string());
+    }
+}
+
 /// A directory with mode 0500: nobody but root can create a file in it.
 fn read_only_dir() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();

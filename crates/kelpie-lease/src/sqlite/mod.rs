@@ -200,6 +200,19 @@ impl SqliteLeaseStore {
         Self::open_with(path, SqliteOptions::default())
     }
 
+    /// Whether a file is at `path`, for a reader that must not create a store: `Ok(false)`
+    /// for a missing file in a directory that exists (which [`SqliteLeaseStore::open`] would
+    /// create), `Ok(true)` for an existing path (which opening then checks is a store).
+    ///
+    /// # Errors
+    /// [`StoreError::Open`], as opening would give it, for a path where no store could be
+    /// created: a parent that is missing or not a directory, or a path the file system
+    /// refuses to look up.
+    pub fn exists(path: impl AsRef<Path>) -> Result<bool, StoreError> {
+        let path = path.as_ref();
+        open::file_exists(path, &path.display().to_string())
+    }
+
     /// Opens the store at `path`, creating it if missing.
     ///
     /// # Errors

@@ -175,22 +175,43 @@ pub(crate) fn prepare_file(path: &Path, shown: &str) -> Result<(), StoreError> {
     }
 }
 
-fn create_file(path: &Path, shown: &str) -> Result<(), StoreError> {
+/// Whether a file is at `path`: `Ok(false)` for a missing file in a directory that exists
+/// (which opening would create), an error for a path where no store could be created (a parent
+/// that is missing or not a directory, a path the file system refuses to look up). Whether an
+/// existing path is a store is left to opening it.
+pub(crate) fn file_exists(path: &Path, shown: &str) -> Result<bool, StoreError> {
+    match std::fs::metadata(path) {
+        Ok(_) => Ok(true),
+        Err(error) if error.kind() == ErrorKind::NotFound => {
+            parent_dir(path, shown)?;
+            Ok(false)
+        }
+        // E.g. a parent that is a regular file: "Not a directory".
+        Err(error) => Err(open_error(shown, error.to_string())),
+    }
+}
+
+/// The directory a missing file at `path` would be created in, refused unless it is one.
+fn parent_dir<'p>(path: &'p Path, shown: &str) -> Result<&'p Path, StoreError> {
     let parent = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
     };
     match std::fs::metadata(parent) {
-        Ok(metadata) if metadata.is_dir() => {}
+        Ok(metadata) if metadata.is_dir() => Ok(parent),
         Ok(_) => {
             let reason = format!("its parent {} is not a directory", parent.display());
-            return Err(open_error(shown, reason));
+            Err(open_error(shown, reason))
         }
         Err(error) => {
             let reason = format!("its parent directory {}: {error}", parent.display());
-            return Err(open_error(shown, reason));
+            Err(open_error(shown, reason))
         }
     }
+}
+
+fn create_file(path: &Path, shown: &str) -> Result<(), StoreError> {
+    let parent = parent_dir(path, shown)?;
     let created = OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -44,10 +44,9 @@ pub enum CliError {
     /// already says which ("lease store unavailable: ...", "... write failed ...").
     #[error("{0}")]
     StoreUnavailable(StoreError),
-    /// The actors' fenced state store (`kelpie node --state`) could not be opened. It shares
-    /// the SQLite lease store's opening code, whose messages name the lease store; this names
-    /// the state store. Exits as the same error of the lease store would.
-    #[error("{}", state_store_message(.0))]
+    /// The actors' fenced state store (`kelpie node --state`) failed: named by the option, as
+    /// the node has two stores. Exits as the same error of the lease store would.
+    #[error("--state: {0}")]
     StateStore(StoreError),
     /// `kelpie sim merge` was given reports that are not the shards of one sweep.
     #[error(transparent)]
@@ -113,25 +112,6 @@ fn is_configuration(error: &StoreError) -> bool {
     )
 }
 
-/// A state store's error in the state store's name: the two that name the lease store when
-/// a file is opened are reworded, and anything else is prefixed.
-fn state_store_message(error: &StoreError) -> String {
-    match error {
-        StoreError::Open { path, reason } => {
-            format!("cannot open state store {path} (--state): {reason}")
-        }
-        StoreError::SchemaTooNew {
-            path,
-            found_version,
-            supported_version,
-        } => format!(
-            "state store {path} (--state) has schema version {found_version}, newer than \
-             version {supported_version} which this build supports; refusing to touch it"
-        ),
-        other => format!("state store (--state): {other}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +128,7 @@ mod tests {
         };
         assert_eq!(CliError::from(refused).exit_code(), EXIT_REFUSED);
         let open = StoreError::Open {
+            store: "lease store",
             path: "x".into(),
             reason: "parent is a file".into(),
         };
@@ -161,25 +142,28 @@ mod tests {
     #[test]
     fn a_state_store_error_names_the_state_store() {
         let open = StoreError::Open {
+            store: "state store",
             path: "/s".into(),
             reason: "it is a directory".into(),
         };
         let state = CliError::StateStore(open);
         assert_eq!(
             state.to_string(),
-            "cannot open state store /s (--state): it is a directory"
+            "--state: cannot open state store /s: it is a directory"
         );
         assert_eq!(state.exit_code(), EXIT_USAGE);
         let newer = StoreError::SchemaTooNew {
+            store: "state store",
             path: "/s".into(),
             found_version: 9,
             supported_version: 1,
         };
-        let newer = CliError::StateStore(newer).to_string();
+        let newer = CliError::StateStore(newer);
         assert!(
-            newer.starts_with("state store /s (--state) has schema version 9"),
+            (newer.to_string()).starts_with("--state: state store /s has schema version 9"),
             "{newer}"
         );
+        assert_eq!(newer.exit_code(), EXIT_USAGE);
         let down = CliError::StateStore(StoreError::Unavailable { reason: "x".into() });
         assert_eq!(down.exit_code(), EXIT_UNAVAILABLE);
     }

@@ -146,7 +146,7 @@ fn node_refuses_bad_input_with_exit_2_and_a_reason() {
         ];
         let (code, _, stderr) = run(&args);
         assert_eq!(code, 2, "{stderr}");
-        let named = format!("cannot open state store {state} (--state): ");
+        let named = format!("--state: cannot open state store {state}: ");
         assert!(stderr.contains(&named), "{stderr}");
     }
 }

@@ -93,8 +93,11 @@ pub enum StoreError {
     },
     /// The store's file could not be opened or created: the path is a directory, its parent
     /// is missing or read-only, or the file system refused. Nothing was written.
-    #[error("cannot open lease store {path}: {reason}")]
+    #[error("cannot open {store} {path}: {reason}")]
     Open {
+        /// Which store the file is for: `"lease store"`, or `"state store"` for the fenced
+        /// state store, which is opened by the same code.
+        store: &'static str,
         /// The path that was asked for.
         path: String,
         /// What failed.
@@ -103,10 +106,12 @@ pub enum StoreError {
     /// The store was written by a newer version of Kelpie, with a schema this build does not
     /// know. It is left untouched rather than rewritten.
     #[error(
-        "lease store {path} has schema version {found_version}, newer than version \
+        "{store} {path} has schema version {found_version}, newer than version \
          {supported_version} which this build supports; refusing to touch it"
     )]
     SchemaTooNew {
+        /// Which store the file is for, as in [`StoreError::Open`].
+        store: &'static str,
         /// The store's file.
         path: String,
         /// The schema version found in the file.

@@ -435,6 +435,7 @@ fn token_to_sql(path: &Path, token: FencingToken) -> Result<i64, StateError> {
 
 /// The fenced state store's file, opened by the same code as the lease store's.
 const STATE_FILE: FileKind = FileKind {
+    store: "state store",
     what: "Kelpie fenced state store",
     application_id: STATE_SQLITE_APPLICATION_ID,
     schema_version: STATE_SQLITE_SCHEMA_VERSION,
@@ -587,6 +588,14 @@ mod tests {
             directory,
             StateError::Store(StoreError::Open { .. })
         ));
+        // Named as the state store it is, though the lease store's code checked the path.
+        assert!(
+            (directory.to_string()).contains(&format!(
+                "cannot open state store {}: it is a directory",
+                dir.path().display()
+            )),
+            "{directory}"
+        );
         let timeout = STATE_SQLITE_BUSY_TIMEOUT_MS_MAX + 1;
         let refused = SqliteFencedStateStore::open_with_busy_timeout_ms(&garbage, timeout);
         assert!(matches!(
@@ -606,7 +615,13 @@ mod tests {
         drop(conn);
         let error = SqliteFencedStateStore::open(&path).err().unwrap();
         assert!(
-            matches!(error, StateError::Store(StoreError::SchemaTooNew { .. })),
+            matches!(
+                error,
+                StateError::Store(StoreError::SchemaTooNew {
+                    store: "state store",
+                    ..
+                })
+            ),
             "{error}"
         );
     }

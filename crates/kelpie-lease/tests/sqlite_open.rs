@@ -148,6 +148,7 @@ fn a_newer_schema_is_refused() {
     assert_eq!(
         error,
         StoreError::SchemaTooNew {
+            store: "lease store",
             path: path.display().to_string(),
             found_version: i64::from(SQLITE_SCHEMA_VERSION) + 1,
             supported_version: i64::from(SQLITE_SCHEMA_VERSION),

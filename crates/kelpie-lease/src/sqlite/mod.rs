@@ -239,6 +239,7 @@ impl SqliteLeaseStore {
             .name("kelpie-sqlite-writer".to_string())
             .spawn(move || writer.run(queue))
             .map_err(|error| StoreError::Open {
+                store: open::LEASE_STORE,
                 path: path.display().to_string(),
                 reason: format!("cannot start the writer thread: {error}"),
             })?;

@@ -50,6 +50,8 @@ const SCHEMA_V1_SQL: &str = "
 /// One kind of Kelpie SQLite file: the lease store's or the fenced state store's. Both are
 /// opened by [`open_file`], which only these settings tell apart.
 pub(crate) struct FileKind {
+    /// Which store, in [`StoreError::Open`] and [`StoreError::SchemaTooNew`]: "lease store".
+    pub(crate) store: &'static str,
     /// What the file is, in messages: "Kelpie lease store".
     pub(crate) what: &'static str,
     /// `PRAGMA application_id` of the kind.
@@ -65,8 +67,12 @@ pub(crate) struct FileKind {
     pub(crate) check_tables: fn(&Connection, &str) -> Result<(), StoreError>,
 }
 
+/// The lease store, as its errors name it.
+pub(crate) const LEASE_STORE: &str = "lease store";
+
 /// The lease store's file.
 const LEASE_FILE: FileKind = FileKind {
+    store: LEASE_STORE,
     what: "Kelpie lease store",
     application_id: SQLITE_APPLICATION_ID,
     schema_version: SQLITE_SCHEMA_VERSION,
@@ -87,6 +93,38 @@ pub(super) fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connec
 /// `kind.check_tables` before the first write to it (the switch to WAL mode); then
 /// `synchronous = FULL`. Every error names the path, and none writes to a file not ours.
 pub(crate) fn open_file(
+    path: &Path,
+    busy_timeout_ms: u64,
+    kind: &FileKind,
+) -> Result<Connection, StoreError> {
+    open_file_of_kind(path, busy_timeout_ms, kind).map_err(|error| named(error, kind.store))
+}
+
+/// `error`, naming `store` if it is an error of opening a file (the checks of a path name
+/// the lease store, and are shared by both kinds).
+fn named(error: StoreError, store: &'static str) -> StoreError {
+    match error {
+        StoreError::Open { path, reason, .. } => StoreError::Open {
+            store,
+            path,
+            reason,
+        },
+        StoreError::SchemaTooNew {
+            path,
+            found_version,
+            supported_version,
+            ..
+        } => StoreError::SchemaTooNew {
+            store,
+            path,
+            found_version,
+            supported_version,
+        },
+        other => other,
+    }
+}
+
+fn open_file_of_kind(
     path: &Path,
     busy_timeout_ms: u64,
     kind: &FileKind,
@@ -329,6 +367,7 @@ fn check_ours(conn: &Connection, shown: &str, kind: &FileKind) -> Result<(), Sto
     }
     if state.user_version > i64::from(kind.schema_version) {
         return Err(StoreError::SchemaTooNew {
+            store: kind.store,
             path: shown.to_string(),
             found_version: state.user_version,
             supported_version: i64::from(kind.schema_version),
@@ -403,6 +442,7 @@ pub(crate) fn sqlite_open_error(shown: &str, step: &str, error: rusqlite::Error)
 
 pub(crate) fn open_error(shown: &str, reason: impl Into<String>) -> StoreError {
     StoreError::Open {
+        store: LEASE_STORE,
         path: shown.to_string(),
         reason: reason.into(),
     }

@@ -482,6 +482,7 @@ fn test_dst_lease_counts_a_failed_write_as_a_failure() {
     for seed in seeds() {
         let mut scenario = LeaseScenario::default();
         scenario.check_liveness = false;
+        let scenario_nodes = scenario.nodes_count;
         let simulation = Simulation::new(SimConfig::new(seed))
             .with_fault(FaultConfig::new(FaultType::StorageWriteFail, 1.0).unwrap());
         let report = scenario.run(simulation).unwrap_or_else(|e| panic!("{e}"));
@@ -489,9 +490,16 @@ fn test_dst_lease_counts_a_failed_write_as_a_failure() {
         assert!(write_failures > 0, "no write failed");
         let ops = report.ops;
         assert_eq!(ops.acquired + ops.renewed + ops.released, 0, "{ops:?}");
-        // Each failed write was a request answered with a failure (no crash loses answers
-        // here); releases of leases never held are refused without a write.
-        assert_eq!(ops.store_failed, write_failures, "{ops:?}");
+        // Each failed write is one request answered with a failure (releases of leases never
+        // held are refused without a write), but for the answers still on their way when the
+        // run ends: with nothing held nothing is renewed, so a node has at most its one
+        // acquire in flight.
+        let in_flight_max = scenario_nodes as u64;
+        assert!(ops.store_failed <= write_failures, "{ops:?}");
+        assert!(
+            ops.store_failed + in_flight_max >= write_failures,
+            "{ops:?}"
+        );
     }
 }
 

@@ -54,7 +54,7 @@ impl BeliefConfig {
             safety_margin_ms,
             lease_duration_ms,
         };
-        if config.belief_duration_ms() * 2 < lease_duration_ms {
+        if config.belief_duration_ms().saturating_mul(2) < lease_duration_ms {
             return invalid(format!(
                 "drift {clock_drift_ppm_max} ppm and margin {safety_margin_ms} ms leave less \
                  than half of the {lease_duration_ms} ms lease"
@@ -65,7 +65,16 @@ impl BeliefConfig {
 
     /// Local milliseconds a grant may be believed, counted from the request's send time.
     pub fn belief_duration_ms(&self) -> u64 {
-        let drift_ms = (self.lease_duration_ms * self.clock_drift_ppm_max).div_ceil(PPM_PER_UNIT);
+        let drift_ms = match self.lease_duration_ms.checked_mul(self.clock_drift_ppm_max) {
+            Some(product) => product.div_ceil(PPM_PER_UNIT),
+            // Only for a lease far beyond any the store grants; in 128 bits, exact.
+            None => {
+                let product =
+                    u128::from(self.lease_duration_ms) * u128::from(self.clock_drift_ppm_max);
+                let drift_ms = product.div_ceil(u128::from(PPM_PER_UNIT));
+                u64::try_from(drift_ms).unwrap_or(u64::MAX)
+            }
+        };
         self.lease_duration_ms
             .saturating_sub(drift_ms)
             .saturating_sub(self.safety_margin_ms)
@@ -124,6 +133,18 @@ impl Belief {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_settings_give_a_verdict_not_an_overflow() {
+        // A lease far beyond any the store grants, with the largest drift bound: refused or
+        // accepted, never a panic (the drift was a u64 product).
+        for lease_duration_ms in [u64::MAX, u64::MAX / 2, 1 << 50] {
+            let verdict = BeliefConfig::new(lease_duration_ms, CLOCK_DRIFT_PPM_MAX_LIMIT, 1);
+            let config = verdict.unwrap();
+            assert!(config.belief_duration_ms() < lease_duration_ms);
+            assert!(config.belief_duration_ms() >= lease_duration_ms / 2);
+        }
+    }
 
     #[test]
     fn belief_is_shortened_by_drift_and_margin() {

@@ -48,6 +48,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::{select, Either};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock};
 use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
@@ -514,14 +515,27 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
             }));
         };
         let cancel = CancellationToken::new();
-        {
+        let shut_down = {
             let mut guards = self.shared.lock_guards();
             if guards.contains_key(actor_id) {
                 return Err(SessionError::AlreadyGuarded {
                     actor_id: actor_id.clone(),
                 });
             }
-            guards.insert(actor_id.clone(), (token, cancel.clone()));
+            // Checked under the guards' lock, which shutdown takes after it starts closing:
+            // either shutdown finds this guard and cancels it, or this sees the session closing.
+            // A guard handed out after shutdown took the guards would never be cancelled (the
+            // driver has stopped), though the lease is no longer renewed.
+            let shut_down = self.shared.closing.is_cancelled();
+            if !shut_down {
+                guards.insert(actor_id.clone(), (token, cancel.clone()));
+            }
+            shut_down
+        };
+        if shut_down {
+            // The lease was granted while the session shut down: give it back.
+            let _ = self.keeper.release(actor_id).await;
+            return Err(SessionError::ShuttingDown);
         }
         // A guard on this lease dropped a moment ago and not yet released: the new guard takes
         // the lease over, so the driver must not release it under the new guard.
@@ -607,7 +621,18 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
     ///
     /// # Errors
     /// The store's answer if it refused or failed (the lease then expires on its own).
+    /// [`LeaseError::NotHolder`] for a guard another session handed out: that guard is
+    /// dropped, so the session it came from releases its lease, as for any dropped guard.
     pub async fn release(&self, mut guard: LeaseGuard) -> Result<(), LeaseError> {
+        if !Arc::ptr_eq(&guard.shared, &self.shared) {
+            let actor_id = guard.actor_id.clone();
+            drop(guard);
+            return Err(LeaseError::NotHolder {
+                actor_id,
+                node_id: self.holder_id().clone(),
+                holder: None,
+            });
+        }
         guard.released = true;
         guard.cancel.cancel();
         {
@@ -673,6 +698,10 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
 
     async fn watch(self) {
         let session = self.session.clone();
+        // Releases in flight, awaited beside the loop's waits: a release the store does not
+        // answer must not hold up the cancellation of every other guard, whose beliefs end
+        // on their own schedule.
+        let mut releasing = FuturesUnordered::new();
         loop {
             while let Ok(event) = self.keeper_events.try_recv() {
                 self.on_keeper_event(event);
@@ -681,7 +710,19 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
                 return;
             }
             let next_deadline_ms = self.cancel_due_guards();
-            self.release_dropped().await;
+            for actor_id in self.dropped_to_release() {
+                let keeper = Arc::clone(&session.keeper);
+                // A failed release is retried by the keeper until the store answers.
+                releasing.push(async move {
+                    let _ = keeper.release(&actor_id).await;
+                });
+            }
+            let released = async {
+                match releasing.is_empty() {
+                    true => futures_util::future::pending().await,
+                    false => releasing.next().await,
+                }
+            };
             let now_ms = session.clock.now_ms();
             // With no guard there is no deadline to wake for: wait for a change only.
             let sleep = match next_deadline_ms {
@@ -694,7 +735,9 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
             let changed = std::pin::pin!(session.shared.changed.notified());
             let closing = std::pin::pin!(session.shared.closing.cancelled());
             let event = self.keeper_events.recv_async();
-            let woken = select(select(changed, closing), select(sleep, event));
+            let released = std::pin::pin!(released);
+            let changed_or_released = select(changed, released);
+            let woken = select(select(changed_or_released, closing), select(sleep, event));
             if let Either::Right((Either::Right((Ok(event), _)), _)) = woken.await {
                 self.on_keeper_event(event);
             }
@@ -766,22 +809,19 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
         next_deadline_ms
     }
 
-    /// Releases the leases of guards that were dropped or cancelled, unless a new guard holds
-    /// the same lease again.
-    async fn release_dropped(&self) {
+    /// The leases of guards that were dropped or cancelled, to release now: those still
+    /// believed with the guard's token, unless a new guard holds the same lease again.
+    fn dropped_to_release(&self) -> Vec<ActorId> {
         let dropped = std::mem::take(&mut *self.session.shared.lock_release());
-        for (actor_id, token) in dropped {
-            let guarded = self
-                .session
-                .shared
-                .lock_guards()
-                .get(&actor_id)
-                .is_some_and(|(t, _)| *t == token);
-            if !guarded && self.session.keeper.holds(&actor_id) == Some(token) {
-                // A failed release is retried by the keeper until the store answers.
-                let _ = self.session.keeper.release(&actor_id).await;
-            }
-        }
+        dropped
+            .into_iter()
+            .filter(|(actor_id, token)| {
+                let guarded = (self.session.shared.lock_guards().get(actor_id))
+                    .is_some_and(|(t, _)| t == token);
+                !guarded && self.session.keeper.holds(actor_id) == Some(*token)
+            })
+            .map(|(actor_id, _)| actor_id)
+            .collect()
     }
 }
 
@@ -789,7 +829,7 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
 mod tests {
     use super::*;
     use crate::test_support::{FlakyStore, PausedClock};
-    use crate::{backend::ProtocolLeaseManager, LeaseConfig};
+    use crate::{backend::LeaseOp, backend::ProtocolLeaseManager, LeaseConfig};
 
     type Manager = ProtocolLeaseManager<FlakyStore>;
 
@@ -820,6 +860,14 @@ mod tests {
         session
     }
 
+    /// Sessions of nodes `n1` and `n2` on one store.
+    fn two_sessions(
+        manager: &Arc<Manager>,
+        clock: &SharedClock,
+    ) -> (LeaseSession<Manager>, LeaseSession<Manager>) {
+        (session(manager, clock, "n1"), session(manager, clock, "n2"))
+    }
+
     /// Polls `done` on the test's clock until it holds, failing after [`WAIT_MS_MAX`].
     async fn eventually(clock: &SharedClock, what: &str, done: impl Fn() -> bool) {
         let start_ms = clock.now_ms();
@@ -830,6 +878,17 @@ mod tests {
             );
             clock.sleep(Duration::from_millis(2)).await;
         }
+    }
+
+    /// Waits until the store has no lease on `name` (released), failing after
+    /// [`WAIT_MS_MAX`].
+    async fn eventually_free(clock: &SharedClock, leases: &Arc<Manager>, name: &str) {
+        let (store, actor_id) = (Arc::clone(leases), actor(name));
+        eventually(clock, &format!("the release of {name}"), move || {
+            futures_util::FutureExt::now_or_never(store.get(&actor_id))
+                .is_some_and(|lease| lease.unwrap().is_none())
+        })
+        .await;
     }
 
     #[test]
@@ -913,13 +972,7 @@ mod tests {
         let cancellation = guard.cancellation().clone();
         drop(guard);
         assert!(cancellation.is_cancelled());
-        let store = Arc::clone(&leases);
-        let a = actor("a");
-        eventually(&clock, "the release", move || {
-            futures_util::FutureExt::now_or_never(store.get(&a))
-                .is_some_and(|lease| lease.unwrap().is_none())
-        })
-        .await;
+        eventually_free(&clock, &leases, "a").await;
     }
 
     /// A campaign waits while another session holds the actor, reports the holder, and wins
@@ -928,10 +981,7 @@ mod tests {
     async fn a_campaign_waits_for_the_holder_and_takes_over() {
         let clock: SharedClock = PausedClock::shared();
         let leases = manager(&clock);
-        let (first, second) = (
-            session(&leases, &clock, "n1"),
-            session(&leases, &clock, "n2"),
-        );
+        let (first, second) = two_sessions(&leases, &clock);
         let mut events = second.events();
         let held = first.acquire(&actor("a")).await.unwrap();
         let campaigner = second.clone();
@@ -954,15 +1004,86 @@ mod tests {
         assert!(won.is_valid());
     }
 
+    /// An acquire the store answers after shutdown began hands out no guard: the driver has
+    /// stopped, so nothing would cancel it before its belief ended. The lease is given back.
+    #[tokio::test(start_paused = true)]
+    async fn a_grant_that_arrives_during_shutdown_is_refused_and_released() {
+        let clock: SharedClock = PausedClock::shared();
+        let leases = manager(&clock);
+        let session = session(&leases, &clock, "n1");
+        leases.store().hold(Some(LeaseOp::Acquire));
+        let acquiring = session.clone();
+        let acquire = tokio::spawn(async move { acquiring.acquire(&actor("a")).await });
+        let store = Arc::clone(&leases);
+        eventually(&clock, "the acquire reaching the store", move || {
+            store.store().waiting() == 1
+        })
+        .await;
+        let report = session.shutdown().await;
+        assert_eq!(report, ShutdownReport::default(), "nothing held yet");
+        leases.store().hold(None);
+        let refused = acquire.await.unwrap().err();
+        assert_eq!(refused, Some(SessionError::ShuttingDown));
+        assert_eq!(leases.get(&actor("a")).await.unwrap(), None, "given back");
+    }
+
+    /// A release the store never answers holds up no other guard's cancellation.
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_release_does_not_delay_another_guards_cancellation() {
+        let clock: SharedClock = PausedClock::shared();
+        let leases = manager(&clock);
+        let session = session(&leases, &clock, "n1");
+        let dropped = session.acquire(&actor("a")).await.unwrap();
+        let kept = session.acquire(&actor("b")).await.unwrap();
+        leases.store().hold(Some(LeaseOp::Release));
+        drop(dropped);
+        let store = Arc::clone(&leases);
+        eventually(&clock, "the release reaching the store", move || {
+            store.store().waiting() == 1
+        })
+        .await;
+        // Renewals fail from now on: the kept guard must be cancelled within its belief.
+        leases.store().set_down(true);
+        let until_ms = session
+            .keeper
+            .beliefs()
+            .iter()
+            .find_map(|(actor_id, belief)| {
+                (*actor_id == actor("b")).then_some(belief.until_local_ms)
+            });
+        let until_ms = until_ms.expect("b is believed");
+        let wait = Duration::from_millis(until_ms - clock.now_ms());
+        let cancelled = tokio::time::timeout(wait, kept.cancellation().cancelled()).await;
+        assert!(cancelled.is_ok(), "not cancelled by the belief's end");
+        assert!(
+            leases.store().waiting() >= 1,
+            "the first release still hangs"
+        );
+    }
+
+    /// A guard from another session is not this one's to release: refused, and dropped, so
+    /// its own session releases the lease (it was left held and renewed).
+    #[tokio::test(start_paused = true)]
+    async fn another_sessions_guard_is_refused_and_its_lease_released_by_its_own() {
+        let clock: SharedClock = PausedClock::shared();
+        let leases = manager(&clock);
+        let (first, second) = two_sessions(&leases, &clock);
+        let guard = first.acquire(&actor("a")).await.unwrap();
+        let refused = second.release(guard).await.err();
+        assert!(
+            matches!(refused, Some(LeaseError::NotHolder { .. })),
+            "{refused:?}"
+        );
+        eventually_free(&clock, &leases, "a").await;
+        assert!(first.acquire(&actor("a")).await.is_ok(), "not left guarded");
+    }
+
     /// Shutdown cancels every guard, releases every lease, and ends campaigns.
     #[tokio::test(start_paused = true)]
     async fn shutdown_releases_everything_within_its_bound() {
         let clock: SharedClock = PausedClock::shared();
         let leases = manager(&clock);
-        let (first, second) = (
-            session(&leases, &clock, "n1"),
-            session(&leases, &clock, "n2"),
-        );
+        let (first, second) = two_sessions(&leases, &clock);
         let guards = [
             first.acquire(&actor("a")).await.unwrap(),
             first.acquire(&actor("b")).await.unwrap(),

@@ -1,11 +1,12 @@
 //! Shared by the crate's unit tests.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use kelpie_core::{ActorId, Clock, SharedClock, SleepFuture};
 
 use crate::error::StoreError;
-use crate::lease::LeaseRequest;
+use crate::lease::{LeaseOp, LeaseRequest};
 use crate::memory::MemoryLeaseStore;
 use crate::protocol::Decision;
 use crate::store::{LeaseStore, RecordSnapshot, StoreSnapshot};
@@ -53,10 +54,17 @@ impl Clock for PausedClock {
     }
 }
 
-/// The memory store, unreachable while it is [`set_down`](Self::set_down).
+/// The memory store, unreachable while it is [`set_down`](Self::set_down), and hanging the
+/// requests of one kind while they are [`held`](Self::hold).
 pub(crate) struct FlakyStore {
     inner: MemoryLeaseStore,
     down: AtomicBool,
+    /// Requests of this kind wait, neither answered nor failed, until it changes.
+    held: Mutex<Option<LeaseOp>>,
+    /// Wakes the held requests when `held` changes.
+    let_go: tokio::sync::Notify,
+    /// Requests waiting because they are held.
+    waiting: AtomicUsize,
 }
 
 impl FlakyStore {
@@ -65,6 +73,40 @@ impl FlakyStore {
         Self {
             inner: MemoryLeaseStore::new(clock),
             down: AtomicBool::new(false),
+            held: Mutex::new(None),
+            let_go: tokio::sync::Notify::new(),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// Makes every request of kind `op` wait (`None`: lets them all go on). A held request
+    /// waits before anything else, so it hangs even while the store is down.
+    pub(crate) fn hold(&self, op: Option<LeaseOp>) {
+        *self.held.lock().expect("not poisoned") = op;
+        self.let_go.notify_waiters();
+    }
+
+    /// How many requests are waiting because they are held.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    async fn wait_if_held(&self, op: LeaseOp) {
+        let mut counted = false;
+        loop {
+            let mut let_go = std::pin::pin!(self.let_go.notified());
+            let_go.as_mut().enable();
+            if *self.held.lock().expect("not poisoned") != Some(op) {
+                break;
+            }
+            if !counted {
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                counted = true;
+            }
+            let_go.await;
+        }
+        if counted {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -89,6 +131,7 @@ impl LeaseStore for FlakyStore {
         actor_id: &ActorId,
         request: &LeaseRequest,
     ) -> Result<Decision, StoreError> {
+        self.wait_if_held(request.op).await;
         self.check()?;
         self.inner.apply(actor_id, request).await
     }

@@ -151,7 +151,7 @@ impl KeeperConfig {
             return invalid("renew and retry intervals must be positive".into());
         }
         // Two renewal attempts must fit inside one belief, or a single lost renewal would end it.
-        if timing.renew_interval_ms * 2 > belief.belief_duration_ms() {
+        if timing.renew_interval_ms.saturating_mul(2) > belief.belief_duration_ms() {
             return invalid(format!(
                 "renew interval {} ms is not well below the belief of {} ms (at most half)",
                 timing.renew_interval_ms,
@@ -733,6 +733,14 @@ mod tests {
     use kelpie_core::{Clock, ManualClock};
 
     type Manager = ProtocolLeaseManager<FlakyStore>;
+
+    #[test]
+    fn an_interval_too_long_is_refused_not_an_overflow() {
+        // renew_interval_ms * 2 overflowed: a panic in place of the ConfigError.
+        let config = KeeperConfig::default().with_renew_interval_ms(u64::MAX);
+        let refused = config.timing_for(1_000).unwrap_err();
+        assert!(matches!(refused, ConfigError::Keeper { .. }), "{refused}");
+    }
 
     #[test]
     fn one_or_more_keeps_order() {

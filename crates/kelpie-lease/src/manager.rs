@@ -9,15 +9,50 @@ use crate::lease::{Lease, LeaseConfig, LeaseOp, LeaseRequest};
 use crate::memory::MemoryLeaseStore;
 use crate::store::LeaseStore;
 
-/// What a node can do with leases. Every backend offers the same semantics; the conformance
-/// suite (`tests/conformance.rs`) holds each to them.
+/// What a node can do with leases. The conformance suite (`tests/conformance.rs`) holds every
+/// backend to the same answers, except in who counts as the holder of a lease:
+///
+/// - On the protocol's stores ([`MemoryLeaseManager`], [`SqliteLeaseManager`]), the holder is
+///   the [`NodeId`] alone: every caller naming it, through any manager or process, is the
+///   holder. Its acquire of a lease it holds keeps the fencing token, and it may renew and
+///   release the lease.
+/// - On etcd ([`EtcdLeaseManager`]), the holder is the node id *and* the manager's etcd
+///   session. An acquire under the same node id through another manager (a previous
+///   incarnation of the node), or through this one after etcd expired the session the key
+///   hangs off, deletes the lease's key and creates it again: the caller gets a new, larger
+///   token, and renewals through the old session are refused. A release without a token
+///   still needs only the node id.
+///
+/// # One node id per process lifetime
+///
+/// So on SQLite and memory, two processes that use a manager directly with the same node id (a
+/// paused old process and the restarted process that replaced it, say) share one lease and
+/// one fencing token, and a fenced resource cannot tell their writes apart. Give each process
+/// lifetime its own node id when you call a manager directly. [`LeaseSession`] and
+/// [`LeaseKeeper`] do it for you: they hold leases as `<node id>@<incarnation>`
+/// ([`LeaseKeeper::holder_id`]), with an incarnation drawn at random when they are built, so a
+/// restarted process is a new holder and gets a larger token on every backend.
+///
+/// [`SqliteLeaseManager`]: crate::SqliteLeaseManager
+/// [`EtcdLeaseManager`]: crate::EtcdLeaseManager
+/// [`LeaseSession`]: crate::LeaseSession
+/// [`LeaseKeeper`]: crate::LeaseKeeper
+/// [`LeaseKeeper::holder_id`]: crate::LeaseKeeper::holder_id
 pub trait LeaseManager: Send + Sync {
     /// The duration of every lease this manager grants or renews. A keeper reads it from here,
     /// so the node's belief and the store's grant are measured against one duration.
     fn lease_duration_ms(&self) -> u64;
 
     /// Takes the lease on a free or expired actor with a fencing token larger than any issued
-    /// for it before, or returns the caller's own lease unchanged if it already holds it.
+    /// for it before; refuses with [`LeaseError::HeldByOther`] while another holder's lease
+    /// is valid.
+    ///
+    /// If `node_id` already holds a valid lease on the actor (a retry after a lost reply, say),
+    /// the lease is granted again with its expiry refreshed as a renewal would refresh it. Its
+    /// fencing token is kept on memory and SQLite, and on etcd while the lease hangs off this
+    /// manager's current session; otherwise etcd re-creates the lease with a larger token (see
+    /// the trait's documentation, which also says why each process lifetime needs its own
+    /// node id).
     fn acquire(
         &self,
         actor_id: &ActorId,
@@ -119,8 +154,10 @@ fn check_token(
     }
 }
 
-/// The lease protocol over a store: every operation is one [`LeaseStore::apply`] of the
-/// protocol's decision function.
+/// The lease protocol over a store: acquire, renew and release (fenced or not) are each one
+/// [`LeaseStore::apply_reply`], in which the store runs the protocol's decision function
+/// ([`decide`](crate::backend::decide)) in its atomic step; the reads are one
+/// [`LeaseStore::load`] or [`LeaseStore::scan`].
 pub struct ProtocolLeaseManager<S> {
     store: S,
     config: LeaseConfig,

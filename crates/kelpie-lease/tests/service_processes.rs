@@ -93,8 +93,9 @@ impl Line {
     }
 }
 
-/// Where the services keep their leases; the state is always a SQLite file in the test's
-/// directory.
+/// Where the services keep their leases. The state is the SQLite file `state.db` in the test's
+/// directory with SQLite leases, and in etcd beside the leases on etcd (the example then
+/// ignores the `--state` it is given).
 #[derive(Clone)]
 enum Store {
     /// `leases.db` in the test's directory.

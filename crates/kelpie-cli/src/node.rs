@@ -20,7 +20,7 @@ use clap::{Args, ValueEnum};
 use kelpie_core::{ActorId, NodeId};
 use kelpie_lease::{
     Activation, CancellationToken, FencedStateStore, KeeperEvent, LeaseConfig, LeaseManager,
-    LeaseSession, LostReason, Placement, PlacementError, SessionConfig, SessionError, SessionEvent,
+    LeaseSession, Placement, PlacementError, SessionConfig, SessionError, SessionEvent,
     SqliteFencedStateStore, SqliteLeaseManager, StateError,
 };
 use tracing::{error, info, warn};
@@ -462,10 +462,7 @@ fn log_keeper_event(event: KeeperEvent, metrics: &Metrics) {
             fencing_token,
             reason,
         } => {
-            match &reason {
-                LostReason::BeliefExpired => bump(&metrics.beliefs_ended_before_expiry),
-                _ => bump(&metrics.losses_refused),
-            }
+            metrics.count_loss(&reason);
             warn!(actor = %actor_id, token = fencing_token.0, reason = %reason, "lease-lost");
         }
         other => info!(event = ?other, "lease-event"),

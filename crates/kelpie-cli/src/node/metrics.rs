@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use kelpie_lease::LostReason;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -23,6 +24,9 @@ pub const RENEWAL_BUCKETS_SECONDS: [f64; 12] = [
 const REQUEST_HEAD_BYTES_MAX: usize = 8 * 1024;
 /// Longest the endpoint waits for a request head.
 const REQUEST_READ_TIMEOUT_MS: u64 = 2_000;
+
+/// Every `reason` label of `kelpie_lease_losses_total`, in the order rendered.
+pub const LOSS_REASON_LABELS: [&str; 4] = ["refused", "belief_expired", "token_changed", "other"];
 
 /// A cumulative histogram of durations.
 #[derive(Debug, Default)]
@@ -54,7 +58,15 @@ pub struct Metrics {
     pub renewals: AtomicU64,
     pub renewal_failures: AtomicU64,
     pub renewal_latency: Histogram,
+    /// Leases lost because the store refused a renewal (`LostReason::Refused`).
     pub losses_refused: AtomicU64,
+    /// Leases lost because the store answered a renewal with another token
+    /// (`LostReason::TokenChanged`: a store bug).
+    pub losses_token_changed: AtomicU64,
+    /// Leases lost for a reason newer than this code (`LostReason` is non-exhaustive).
+    pub losses_other: AtomicU64,
+    /// Beliefs that ran out (`LostReason::BeliefExpired`): both
+    /// `kelpie_lease_beliefs_ended_before_expiry_total` and the `belief_expired` loss.
     pub beliefs_ended_before_expiry: AtomicU64,
     pub releases: AtomicU64,
     pub activations: AtomicU64,
@@ -72,7 +84,32 @@ fn get(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }
 
+/// The `reason` label of `kelpie_lease_losses_total` that counts a loss for `reason`.
+pub fn loss_reason_label(reason: &LostReason) -> &'static str {
+    match reason {
+        LostReason::Refused(_) => "refused",
+        LostReason::BeliefExpired => "belief_expired",
+        LostReason::TokenChanged { .. } => "token_changed",
+        _ => "other",
+    }
+}
+
 impl Metrics {
+    /// Counts a lost lease under the label [`loss_reason_label`] gives its reason.
+    pub fn count_loss(&self, reason: &LostReason) {
+        bump(self.loss_counter(loss_reason_label(reason)));
+    }
+
+    /// The counter behind one `reason` label of `kelpie_lease_losses_total`.
+    fn loss_counter(&self, label: &str) -> &AtomicU64 {
+        match label {
+            "refused" => &self.losses_refused,
+            "belief_expired" => &self.beliefs_ended_before_expiry,
+            "token_changed" => &self.losses_token_changed,
+            _ => &self.losses_other,
+        }
+    }
+
     /// The text exposition, with `leases_held` (read from the keeper's beliefs at the scrape).
     pub fn render(&self, leases_held: usize) -> String {
         let mut out = String::new();
@@ -108,16 +145,16 @@ impl Metrics {
         let losses = "kelpie_lease_losses_total";
         let _ = writeln!(
             out,
-            "# HELP {losses} Leases lost, by reason: the store refused a renewal, or the belief ran out."
+            "# HELP {losses} Leases lost, by reason: refused (the store refused a renewal), \
+             belief_expired (renewals failed until the belief ran out), token_changed (the store \
+             answered a renewal with another token: a store bug), other (a reason newer than this \
+             build's labels)."
         );
         let _ = writeln!(out, "# TYPE {losses} counter");
-        let _ = writeln!(
-            out,
-            "{losses}{{reason=\"refused\"}} {}",
-            get(&self.losses_refused)
-        );
-        let ran_out = get(&self.beliefs_ended_before_expiry);
-        let _ = writeln!(out, "{losses}{{reason=\"belief_expired\"}} {ran_out}");
+        for label in LOSS_REASON_LABELS {
+            let value = get(self.loss_counter(label));
+            let _ = writeln!(out, "{losses}{{reason=\"{label}\"}} {value}");
+        }
         let writes = "kelpie_fenced_writes_total";
         let _ = writeln!(
             out,
@@ -218,6 +255,8 @@ async fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kelpie_core::{ActorId, FencingToken, NodeId};
+    use kelpie_lease::LeaseError;
 
     #[test]
     fn histogram_buckets_are_cumulative_and_counted() {
@@ -250,6 +289,48 @@ mod tests {
         );
         assert!(
             text.contains("kelpie_fenced_writes_total{outcome=\"accepted\"} 1\n"),
+            "{text}"
+        );
+    }
+
+    /// Each reason a keeper gives for a lost lease is counted under its own label; a store
+    /// answering a renewal with another token is a store bug, not a refusal.
+    #[test]
+    fn losses_are_counted_by_reason() {
+        let metrics = Metrics::default();
+        let refusal = LeaseError::NotHolder {
+            actor_id: ActorId::new("a1").unwrap(),
+            node_id: NodeId::new("n1").unwrap(),
+            holder: None,
+        };
+        let reasons = [
+            (LostReason::Refused(refusal), "refused"),
+            (LostReason::BeliefExpired, "belief_expired"),
+            (
+                LostReason::TokenChanged {
+                    answered: FencingToken(7),
+                },
+                "token_changed",
+            ),
+        ];
+        for (count, (reason, label)) in (1..).zip(&reasons) {
+            assert_eq!(loss_reason_label(reason), *label);
+            for _ in 0..count {
+                metrics.count_loss(reason);
+            }
+        }
+        let text = metrics.render(0);
+        for (expected, label) in [
+            (1, "refused"),
+            (2, "belief_expired"),
+            (3, "token_changed"),
+            (0, "other"),
+        ] {
+            let line = format!("kelpie_lease_losses_total{{reason=\"{label}\"}} {expected}\n");
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        assert!(
+            text.contains("kelpie_lease_beliefs_ended_before_expiry_total 2\n"),
             "{text}"
         );
     }

@@ -351,7 +351,6 @@ async fn serve<M: LeaseManager + 'static, S: FencedStateStore + 'static>(
     let report = session.shutdown().await;
     node.stopping.cancel();
     let stopped = futures_join(workers);
-    #[allow(clippy::disallowed_methods)] // a real process: the bound is real time
     let stopped = tokio::time::timeout(Duration::from_millis(WORKERS_STOP_TIMEOUT_MS), stopped);
     let _ = stopped.await;
     info!(

@@ -218,7 +218,6 @@ async fn answer(
         }
         Ok::<(), std::io::Error>(())
     };
-    #[allow(clippy::disallowed_methods)] // a real process: the timeout is real time
     let timed = tokio::time::timeout(Duration::from_millis(REQUEST_READ_TIMEOUT_MS), reading);
     if timed.await.is_err() {
         return Ok(());

@@ -295,6 +295,16 @@ mod tests {
     }
 
     #[test]
+    fn a_key_created_after_its_last_write_is_rejected() {
+        let ops = [op(0, 1, 5, Some(kv(b"a", 4, 3)))];
+        let error = check_etcd_history(&ops).unwrap_err();
+        assert!(
+            error.contains("was written at 3 and created at 4"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn a_state_contradicting_a_later_unwritten_key_is_rejected() {
         // Shown as last written at 2 as of revision 6, so as of 4 it must be the same key;
         // an answer showing it absent at 4 contradicts it.

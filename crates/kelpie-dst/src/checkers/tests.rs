@@ -51,6 +51,8 @@ struct Step {
     record: Option<LeaseRecord>,
     decisions: Vec<DecisionRecord>,
     beliefs: Vec<BeliefView>,
+    /// The etcd mode: a lease is held until its key is deleted.
+    held_until_deleted: bool,
 }
 
 impl Step {
@@ -63,6 +65,12 @@ impl Step {
 
     fn record(mut self, record: LeaseRecord) -> Self {
         self.record = Some(record);
+        self
+    }
+
+    /// In the etcd mode, where a lease is held until its key is deleted.
+    fn held_until_deleted(mut self) -> Self {
+        self.held_until_deleted = true;
         self
     }
 
@@ -100,7 +108,7 @@ impl Step {
             actors: &actors,
             changed_indices: &[0],
             decisions: &self.decisions,
-            held_until_deleted: false,
+            held_until_deleted: self.held_until_deleted,
         })
     }
 }
@@ -241,6 +249,33 @@ fn renewal_requires_ownership_rejects_a_store_that_extends_an_expired_lease() {
     rejects(late.check(&mut checker), "extended after it expired");
 }
 
+/// In the etcd mode a key outlives its record's expiry until etcd deletes it, so the
+/// store-truth half is off there: the same late extension is accepted. The decision half is
+/// not: a renewal granted to a non-owner is still rejected.
+#[test]
+fn renewal_requires_ownership_in_the_etcd_mode_judges_decisions_not_stored_expiries() {
+    let mut checker = RenewalRequiresOwnership::default();
+    let first = Step::at(0)
+        .held_until_deleted()
+        .record(record(Some("n1"), 1, 0, 1_000));
+    assert_eq!(first.check(&mut checker), Ok(()));
+    let late = Step::at(2_000)
+        .held_until_deleted()
+        .record(record(Some("n1"), 1, 0, 3_000));
+    assert_eq!(late.check(&mut checker), Ok(()));
+
+    let held = record(Some("n1"), 1, 0, 1_000);
+    let by_another = Step::at(500).held_until_deleted().decided(
+        request(LeaseOp::Renew, "n2", Some(1)),
+        Some(held),
+        granting(record(Some("n2"), 1, 0, 1_500)),
+    );
+    rejects(
+        by_another.check(&mut RenewalRequiresOwnership::default()),
+        "granted at store time",
+    );
+}
+
 #[test]
 fn expired_lease_claimable_rejects_a_refused_free_or_expired_lease() {
     let expired = record(Some("n1"), 1, 0, 1_000);
@@ -287,6 +322,29 @@ fn expired_lease_claimable_rejects_a_refused_free_or_expired_lease() {
     assert_eq!(valid.check(&mut ExpiredLeaseClaimable), Ok(()));
 }
 
+/// The etcd mode changes nothing for acquires: a refused expired lease is still rejected.
+#[test]
+fn expired_lease_claimable_in_the_etcd_mode_rejects_a_refused_expired_lease() {
+    let expired = record(Some("n1"), 1, 0, 1_000);
+    let granted = Step::at(1_000)
+        .held_until_deleted()
+        .decided_correctly(request(LeaseOp::Acquire, "n2", None), Some(expired.clone()));
+    assert_eq!(granted.check(&mut ExpiredLeaseClaimable), Ok(()));
+    let refused = Step::at(1_000).held_until_deleted().decided(
+        request(LeaseOp::Acquire, "n2", None),
+        Some(expired),
+        Decision {
+            write: None,
+            reply: Err(LeaseError::HeldByOther {
+                actor_id: actor(),
+                holder: node("n1"),
+                expires_at_ms: 1_000,
+            }),
+        },
+    );
+    rejects(refused.check(&mut ExpiredLeaseClaimable), "was not granted");
+}
+
 #[test]
 fn fencing_token_monotonic_rejects_decisions_that_lower_or_reuse_a_token() {
     let expired = record(Some("n1"), 5, 0, 1_000);
@@ -310,6 +368,37 @@ fn fencing_token_monotonic_rejects_decisions_that_lower_or_reuse_a_token() {
     rejects(
         reused.check(&mut FencingTokenMonotonic::default()),
         "wrote token 5 over token 5",
+    );
+}
+
+/// The holder itself lowering its token (a renew or a release that writes a lower one): no
+/// new holder, so only the "lower than before" half can catch it.
+#[test]
+fn fencing_token_monotonic_rejects_a_holder_that_lowers_its_own_token() {
+    let held = record(Some("n1"), 5, 0, 1_000);
+    let renewed =
+        Step::at(500).decided_correctly(request(LeaseOp::Renew, "n1", Some(5)), Some(held.clone()));
+    assert_eq!(renewed.check(&mut FencingTokenMonotonic::default()), Ok(()));
+    let renew_lowered = Step::at(500).decided(
+        request(LeaseOp::Renew, "n1", Some(5)),
+        Some(held.clone()),
+        granting(record(Some("n1"), 4, 0, 1_500)),
+    );
+    rejects(
+        renew_lowered.check(&mut FencingTokenMonotonic::default()),
+        "renew on a by n1 wrote token 4 over token 5",
+    );
+    let release_lowered = Step::at(500).decided(
+        request(LeaseOp::Release, "n1", Some(5)),
+        Some(held.clone()),
+        Decision {
+            write: Some(record(None, 4, 0, 1_000)),
+            reply: Ok(held.lease(&actor()).expect("held")),
+        },
+    );
+    rejects(
+        release_lowered.check(&mut FencingTokenMonotonic::default()),
+        "release on a by n1 wrote token 4 over token 5",
     );
 }
 

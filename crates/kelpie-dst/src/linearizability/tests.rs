@@ -554,6 +554,64 @@ fn replies_the_store_cannot_give_are_rejected() {
         .rejected_always(1);
 }
 
+/// Rejected: a reply that is right in every part but names another actor is one the store
+/// cannot give for this one (`Seen::Impossible`). Each history is accepted with this actor.
+#[test]
+fn a_reply_about_another_actor_is_rejected() {
+    let other = ActorId::new("b").unwrap();
+    let grant = |actor_id: ActorId| {
+        Hand::default().answered(
+            request("n1", LeaseOp::Acquire, None),
+            (0, 2),
+            Ok(Lease {
+                actor_id,
+                ..lease("n1", 1, 1, 1_001, 0)
+            }),
+        )
+    };
+    grant(actor()).accepted();
+    grant(other.clone()).rejected_always(0);
+
+    let refusal = |actor_id: ActorId| {
+        grant(actor()).answered(
+            request("n2", LeaseOp::Acquire, None),
+            (10, 12),
+            Err(LeaseError::HeldByOther {
+                actor_id,
+                holder: node("n1"),
+                expires_at_ms: 1_001,
+            }),
+        )
+    };
+    refusal(actor()).accepted();
+    refusal(other).rejected_always(1);
+}
+
+/// Rejected: an expired-lease refusal of n1's renewal that names n2, though it is right in
+/// every other part (accepted naming n1).
+#[test]
+fn an_expired_refusal_naming_another_node_is_rejected() {
+    let history = |node_name: &str| {
+        Hand::default()
+            .answered(
+                request("n1", LeaseOp::Acquire, None),
+                (0, 2),
+                Ok(lease("n1", 1, 1, 1_001, 0)),
+            )
+            .answered(
+                request("n1", LeaseOp::Renew, Some(1)),
+                (1_100, 1_102),
+                Err(LeaseError::Expired {
+                    actor_id: actor(),
+                    node_id: node(node_name),
+                    expired_at_ms: 1_001,
+                }),
+            )
+    };
+    history("n1").accepted();
+    history("n2").rejected_always(1);
+}
+
 /// Rejected: an expired-lease refusal naming an expiry other than the record's (1001).
 /// Where the network duplicates, a second delivery of the acquire at 50 refreshes the expiry
 /// to 1050, so 1050 is accepted then; 900 never is (expiries only grow within a tenure).
@@ -1076,9 +1134,15 @@ fn a_proposed_linearization_is_verified_not_trusted() {
     };
     let right = [Placed::Start, d0, u, d1];
     assert_eq!(verify(&right, &[0, 0, 1, 550, 601]), Ok(()));
-    let wrong: [(&[Placed], &[i64], &str); 13] = [
+    let wrong: [(&[Placed], &[i64], &str); 16] = [
         (&right, &[0, 0, 1, 550], "4 instants for 4 steps"),
         (&right, &[0, 0, 1, 550, 549], "goes back"),
+        // Before time began (the first instant, so nothing earlier to go back from).
+        (
+            &right,
+            &[0, -1, 1, 550, 601],
+            "instant -1 ms goes back from -9223372036854775808 ms",
+        ),
         (&right, &[0, 1, 1, 550, 601], "the start placed at 1 ms"),
         (
             &[Placed::Start, d0, Placed::Start, u, d1],
@@ -1098,12 +1162,20 @@ fn a_proposed_linearization_is_verified_not_trusted() {
         (
             &[Placed::Start, d0, d0, u, d1],
             &[0, 0, 1, 1, 550, 601],
-            "placed twice",
+            "n1 acquire [0 ms .. 2 ms] -> granted token 1, acquired 1 ms, expires 1001 ms, \
+             renewals 0 placed twice",
         ),
         (
             &[Placed::Start, d0, u, d1],
             &[0, 0, 1, 550, 603],
             "placed at 603 ms",
+        ),
+        // n2's acquire, invoked at 600, placed before it was sent.
+        (
+            &[Placed::Start, d0, u, d1],
+            &[0, 0, 1, 550, 599],
+            "n2 acquire [600 ms .. 602 ms] -> granted token 2, acquired 601 ms, expires 1601 ms, \
+             renewals 0 placed at 599 ms",
         ),
         (
             &[Placed::Start, d0, Placed::Unseen { kind: 3, member: 0 }],
@@ -1113,7 +1185,13 @@ fn a_proposed_linearization_is_verified_not_trusted() {
         (
             &[Placed::Start, d0, u, u, d1],
             &[0, 0, 1, 550, 560, 601],
-            "placed twice",
+            "the unseen effect invoked at 500 ms placed twice",
+        ),
+        // The release, sent at 500 and bound to take effect within 100 ms, placed at 601.
+        (
+            &[Placed::Start, d0, u, d1],
+            &[0, 0, 1, 601, 601],
+            "an unseen effect invoked at 500 ms placed at 601 ms",
         ),
         (
             &[Placed::Start, d0, u, d1],
@@ -1133,6 +1211,18 @@ fn a_proposed_linearization_is_verified_not_trusted() {
             Err(said) => assert!(said.contains(why), "{steps:?} at {instants:?}: {said}"),
         }
     }
+    // A start whose record was written no earlier than 5 ms, placed at 3 ms.
+    let late_start = actor::Start {
+        t_min_ms: 5,
+        t_max_ms: 10,
+        ..actor::Start::empty()
+    };
+    let history_late_start =
+        actor::ActorHistory::new(&actor_id, &indexed, u64::MAX, late_start, within(100));
+    let said = Witness::proposed(&history_late_start, right.to_vec(), vec![0, 3, 3, 550, 601])
+        .verify()
+        .expect_err("a start placed before its record was written");
+    assert!(said.contains("the start placed at 3 ms"), "{said}");
     // An unseen effect must write: n2's release of token 1 while n1 holds it writes nothing.
     let ops = Hand::default()
         .answered(

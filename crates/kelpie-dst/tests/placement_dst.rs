@@ -425,6 +425,210 @@ fn test_dst_activation_outliving_its_lease_is_caught_by_single_activation() {
         matches!(&error, SimError::InvariantViolated { invariant, .. } if invariant == "SingleActivation"),
         "caught otherwise: {error}"
     );
+    // By the check at each step that the store agrees (the intervals come from the keepers'
+    // beliefs, which the broken placement does not change).
+    let SimError::InvariantViolated { message, .. } = &error else {
+        unreachable!()
+    };
+    assert!(
+        message.contains("but the store has"),
+        "caught otherwise: {message}"
+    );
+}
+
+// The checks fed wrong inputs directly: each branch that reports a violation, rejecting.
+
+/// Runs `judge` on a world whose nodes are started and nothing else runs (see [`new_ctx`]);
+/// returns what it reported.
+fn rejection<Fut>(judge: impl Fn(Rc<Ctx>) -> Fut) -> String
+where
+    Fut: std::future::Future<Output = Result<(), String>> + 'static,
+{
+    let outcome = Simulation::new(SimConfig::new(1)).run(|env| {
+        let judged = new_ctx(&env, Broken::Nothing).map(&judge);
+        async move { judged?.await }
+    });
+    match outcome {
+        Err(SimError::ScenarioFailed { message, .. }) => message,
+        other => panic!("the check did not reject: {other:?}"),
+    }
+}
+
+fn actor(name: &str) -> ActorId {
+    ActorId::new(name).unwrap()
+}
+
+fn interval(node: usize, token: u64, start_ms: u64, end_ms: u64) -> Interval {
+    Interval {
+        node,
+        token: FencingToken(token),
+        start_ms,
+        end_ms,
+    }
+}
+
+#[test]
+fn test_single_activation_rejects_two_nodes_active_at_once_and_only_that() {
+    let check = |all: Vec<(ActorId, Interval)>| {
+        let last = all.len() - 1;
+        Activations {
+            seen: Vec::new(),
+            all,
+        }
+        .check(last)
+    };
+    let a = actor("a");
+    let overlapping = vec![
+        (a.clone(), interval(0, 1, 0, 100)),
+        (a.clone(), interval(1, 2, 50, 150)),
+    ];
+    let message = check(overlapping).expect_err("two nodes active at once accepted");
+    assert!(
+        message.contains(
+            "a is active on node-1 (token 2, 50..150 ms) and on node-0 (token 1, 0..100 ms) \
+             at once"
+        ),
+        "{message}"
+    );
+    // One after the other, on one node twice, or on two actors: fine.
+    let handed_over = vec![
+        (a.clone(), interval(0, 1, 0, 100)),
+        (a.clone(), interval(1, 2, 100, 150)),
+    ];
+    assert_eq!(check(handed_over), Ok(()));
+    let same_node = vec![
+        (a.clone(), interval(0, 1, 0, 100)),
+        (a.clone(), interval(0, 2, 50, 150)),
+    ];
+    assert_eq!(check(same_node), Ok(()));
+    let two_actors = vec![
+        (a, interval(0, 1, 0, 100)),
+        (actor("b"), interval(1, 2, 50, 150)),
+    ];
+    assert_eq!(check(two_actors), Ok(()));
+}
+
+/// Makes node 0 active on the first actor with a placement whose activation outlives the
+/// lease, then releases the lease behind its back: node 0 is still active, and the store has
+/// no holder.
+async fn active_without_a_lease(ctx: &Ctx) -> Result<(ActorId, FencingToken), String> {
+    let keeper = ctx.world.keeper(0).ok_or("node-0 runs")?;
+    let placement =
+        KeeperPlacement::new(Arc::clone(&keeper)).with_mutation_activation_outlives_lease();
+    let actor_id = ctx.world.actors()[0].clone();
+    let token = match placement.activate_or_locate(&actor_id).await {
+        Ok(Location::Local { fencing_token }) => fencing_token,
+        other => return Err(format!("activation failed: {other:?}")),
+    };
+    keeper.release(&actor_id).await.map_err(|e| e.to_string())?;
+    ctx.placements.borrow_mut()[0] = Some(Rc::new(placement));
+    Ok((actor_id, token))
+}
+
+#[test]
+fn test_single_activation_rejects_an_activation_the_store_does_not_back() {
+    let message = rejection(|ctx| async move {
+        check_active_under_lease(&ctx, ctx.env.now_ms())?;
+        let (actor_id, token) = active_without_a_lease(&ctx).await?;
+        assert_eq!(
+            ctx.placements.borrow()[0]
+                .as_ref()
+                .unwrap()
+                .active_token(&actor_id),
+            Some(token)
+        );
+        check_active_under_lease(&ctx, ctx.env.now_ms())
+    });
+    assert!(
+        message.contains("is active on node-0 with token 1 at")
+            && message.contains("but the store has Some(LeaseRecord { holder: None"),
+        "{message}"
+    );
+}
+
+#[test]
+fn test_liveness_check_rejects_a_node_not_running() {
+    let message = rejection(|ctx| async move { check_liveness(&ctx).await });
+    assert!(message.contains("node-0 is not running"), "{message}");
+}
+
+#[test]
+fn test_liveness_check_rejects_an_activation_the_store_names_no_one_for() {
+    let message = rejection(|ctx| async move {
+        active_without_a_lease(&ctx).await?;
+        check_liveness(&ctx).await
+    });
+    assert!(
+        message.contains("is active on node-0 but the store names None"),
+        "{message}"
+    );
+}
+
+fn state_op(node: usize, token: u64, accepted: bool, held_at_arrival: bool) -> StateOp {
+    StateOp {
+        actor_id: actor("a"),
+        node,
+        token: FencingToken(token),
+        fence: false,
+        value: Some(format!("node-{node} token {token}").into_bytes()),
+        arrival_ms: 0,
+        accepted,
+        held_at_arrival,
+    }
+}
+
+/// Writes `op` to the state store for real (it is accepted), and records it.
+async fn write_accepted(ctx: &Ctx, op: StateOp) -> Result<(), String> {
+    let value = op.value.clone().unwrap_or_default();
+    ctx.state
+        .write(&op.actor_id, op.token, &value)
+        .await
+        .map_err(|e| e.to_string())?;
+    ctx.ops.borrow_mut().push(op);
+    Ok(())
+}
+
+#[test]
+fn test_state_ops_check_rejects_a_rejection_nothing_superseded() {
+    let message = rejection(|ctx| async move {
+        ctx.ops.borrow_mut().push(state_op(0, 1, false, false));
+        check_state_ops(&ctx)
+    });
+    assert!(
+        message.contains("state store rejected an operation nothing superseded"),
+        "{message}"
+    );
+}
+
+#[test]
+fn test_state_ops_check_rejects_a_rejected_write_of_the_current_holder() {
+    let message = rejection(|ctx| async move {
+        write_accepted(&ctx, state_op(1, 2, true, true)).await?;
+        // Superseded by token 2, so rightly rejected, unless its writer still held the lease.
+        ctx.ops.borrow_mut().push(state_op(0, 1, false, false));
+        check_state_ops(&ctx)?;
+        ctx.ops.borrow_mut().push(state_op(0, 1, false, true));
+        check_state_ops(&ctx)
+    });
+    assert!(
+        message.contains("a write of the lease's current holder was rejected"),
+        "{message}"
+    );
+}
+
+#[test]
+fn test_state_ops_check_rejects_a_store_whose_highest_token_differs() {
+    let message = rejection(|ctx| async move {
+        write_accepted(&ctx, state_op(0, 1, true, true)).await?;
+        check_state_ops(&ctx)?;
+        // Recorded as accepted, but never reached the store.
+        ctx.ops.borrow_mut().push(state_op(1, 2, true, true));
+        check_state_ops(&ctx)
+    });
+    assert!(
+        message.contains("a: the store's highest token is Some(FencingToken(1)), not 2"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -475,6 +679,21 @@ fn run_seed(seed: u64, broken: Broken) -> Result<(SimReport, Figures), SimError>
 
 /// Builds the world, its nodes' loops and the activation check.
 fn start(env: &SimEnv, broken: Broken) -> Result<Rc<Ctx>, String> {
+    let ctx = new_ctx(env, broken)?;
+    let activations = RefCell::new(Activations::default());
+    let watched = Rc::clone(&ctx);
+    env.add_invariant("SingleActivation", move || {
+        activations.borrow_mut().observe(&watched)
+    });
+    for node in 0..NODES_COUNT {
+        drop(env.spawn(supervise(Rc::clone(&ctx), node)));
+    }
+    Ok(ctx)
+}
+
+/// Builds the world with its nodes started, and nothing running on them: no placement, no
+/// state operation, no activation check.
+fn new_ctx(env: &SimEnv, broken: Broken) -> Result<Rc<Ctx>, String> {
     let mut scenario = LeaseScenario::default();
     (scenario.nodes_count, scenario.actors_count) = (NODES_COUNT, ACTORS_COUNT);
     scenario.app_loop = false;
@@ -498,14 +717,6 @@ fn start(env: &SimEnv, broken: Broken) -> Result<Rc<Ctx>, String> {
         figures: Cell::default(),
         write_seq: Cell::new(0),
     });
-    let activations = RefCell::new(Activations::default());
-    let watched = Rc::clone(&ctx);
-    env.add_invariant("SingleActivation", move || {
-        activations.borrow_mut().observe(&watched)
-    });
-    for node in 0..NODES_COUNT {
-        drop(env.spawn(supervise(Rc::clone(&ctx), node)));
-    }
     Ok(ctx)
 }
 

@@ -18,8 +18,10 @@ use std::time::Duration;
 
 use kelpie_core::{ActorId, NodeId};
 use kelpie_dst::{swarm_faults, LeaseScenario, SimLeaseCluster, SwarmWorld, SWARM_LEASE_FAULTS};
-use kelpie_lease::{KeeperConfig, LeaseGuard, LeaseSession, SessionConfig, SessionError};
-use kelpie_sim::{FaultType, SimConfig, SimEnv, SimReport, Simulation};
+use kelpie_lease::{
+    KeeperConfig, LeaseGuard, LeaseSession, SessionConfig, SessionDriver, SessionError,
+};
+use kelpie_sim::{FaultType, SimConfig, SimEnv, SimError, SimReport, Simulation};
 
 /// Seeds run when `DST_SEEDS` is not set.
 const SEEDS_DEFAULT: u64 = 16;
@@ -108,31 +110,9 @@ async fn drive(env: SimEnv, figures: Rc<RefCell<(u64, u64)>>) -> Result<(), Stri
     world.start_all()?;
     let mut nodes = Vec::new();
     for index in 0..NODES_COUNT {
-        let manager = world.manager(index).ok_or("the node runs")?;
-        let clock = world.clock(index);
-        let node_id = NodeId::new(format!("session-{index}")).map_err(|e| e.to_string())?;
-        // The node clocks drift up to the scenario's bound; the keeper must be told it.
-        let drift = (
-            scenario.cluster.clock_drift_ppm_max,
-            scenario.cluster.safety_margin_ms,
-        );
-        let keeper = KeeperConfig::default().with_belief_bounds(drift.0, drift.1);
-        let config = SessionConfig::default().with_keeper(keeper);
-        let incarnation = 1;
-        let (session, driver) = LeaseSession::with_incarnation(
-            manager,
-            Arc::new(clock.clone()),
-            node_id,
-            incarnation,
-            config,
-        )
-        .map_err(|e| e.to_string())?;
-        cluster.watch_keeper(session.keeper(), clock);
+        let (node, driver) = new_node(&world, &cluster, &scenario, index)?;
         drop(env.spawn(driver.run()));
-        nodes.push(Rc::new(Node {
-            session,
-            guards: RefCell::default(),
-        }));
+        nodes.push(node);
     }
     let watched = nodes.clone();
     env.add_invariant("GuardInsideBelief", move || guards_inside_beliefs(&watched));
@@ -151,6 +131,41 @@ async fn drive(env: SimEnv, figures: Rc<RefCell<(u64, u64)>>) -> Result<(), Stri
         node.session.shutdown().await;
     }
     Ok(())
+}
+
+/// Node `index`'s session over the world's manager, on the node's clock, and its driver (not
+/// running yet).
+fn new_node(
+    world: &SwarmWorld,
+    cluster: &SimLeaseCluster,
+    scenario: &LeaseScenario,
+    index: usize,
+) -> Result<(Rc<Node>, SessionDriver<kelpie_dst::NetLeaseManager>), String> {
+    let manager = world.manager(index).ok_or("the node runs")?;
+    let clock = world.clock(index);
+    let node_id = NodeId::new(format!("session-{index}")).map_err(|e| e.to_string())?;
+    // The node clocks drift up to the scenario's bound; the keeper must be told it.
+    let drift = (
+        scenario.cluster.clock_drift_ppm_max,
+        scenario.cluster.safety_margin_ms,
+    );
+    let keeper = KeeperConfig::default().with_belief_bounds(drift.0, drift.1);
+    let config = SessionConfig::default().with_keeper(keeper);
+    let incarnation = 1;
+    let (session, driver) = LeaseSession::with_incarnation(
+        manager,
+        Arc::new(clock.clone()),
+        node_id,
+        incarnation,
+        config,
+    )
+    .map_err(|e| e.to_string())?;
+    cluster.watch_keeper(session.keeper(), clock);
+    let node = Rc::new(Node {
+        session,
+        guards: RefCell::default(),
+    });
+    Ok((node, driver))
 }
 
 /// A node's life: campaign for a random actor (giving up after a while), hold the guard for
@@ -209,4 +224,44 @@ fn guards_inside_beliefs(nodes: &[Rc<Node>]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// GuardInsideBelief fed a wrong world: a guard still valid after its keeper stopped believing
+/// in the lease. The keeper releases the lease behind the session's back, and the session's
+/// driver, which would cancel the guard, is not running.
+#[test]
+fn test_guard_inside_belief_rejects_a_valid_guard_its_keeper_does_not_back() {
+    let outcome = Simulation::new(SimConfig::new(1)).run(|env| async move {
+        let mut scenario = LeaseScenario::default();
+        (scenario.nodes_count, scenario.actors_count) = (1, 1);
+        scenario.app_loop = false;
+        scenario.check_liveness = false;
+        let cluster = SimLeaseCluster::new(&env, scenario.cluster)?;
+        let world = SwarmWorld::new(&env, cluster.clone(), scenario);
+        world.start_all()?;
+        let (node, _driver) = new_node(&world, &cluster, &scenario, 0)?;
+        let actor = world.actors()[0].clone();
+        let guard = node
+            .session
+            .acquire(&actor)
+            .await
+            .map_err(|e| e.to_string())?;
+        node.guards.borrow_mut().push(guard);
+        let nodes = [node];
+        guards_inside_beliefs(&nodes)?;
+        nodes[0]
+            .session
+            .keeper()
+            .release(&actor)
+            .await
+            .map_err(|e| e.to_string())?;
+        guards_inside_beliefs(&nodes)
+    });
+    let Err(SimError::ScenarioFailed { message, .. }) = outcome else {
+        panic!("the check did not reject: {outcome:?}");
+    };
+    assert!(
+        message.contains("still has a valid guard on") && message.contains("but believes None"),
+        "{message}"
+    );
 }

@@ -175,6 +175,7 @@ fn range_actors(range: &str, share: Option<&str>) -> Result<Vec<ActorId>, CliErr
     let usage = |what: String| CliError::Usage(what);
     let (name, count) = range
         .rsplit_once(':')
+        .filter(|(name, _)| !name.is_empty())
         .ok_or_else(|| usage(format!("--range {range:?}: expected NAME:COUNT")))?;
     let count: usize = count
         .parse()

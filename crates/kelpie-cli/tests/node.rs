@@ -82,7 +82,7 @@ fn node_refuses_bad_input_with_exit_2_and_a_reason() {
     let store = format!("sqlite:{}", dir.path().join("leases.db").display());
     let state = dir.path().join("state.db").display().to_string();
     let base = ["node", "--node", "n1", "--store", &store, "--state", &state];
-    let cases: [(&[&str], &str); 11] = [
+    let cases: [(&[&str], &str); 12] = [
         (
             &[
                 "node", "--store", &store, "--state", &state, "--actors", "a",
@@ -95,6 +95,8 @@ fn node_refuses_bad_input_with_exit_2_and_a_reason() {
             "duration",
         ),
         (&[&base[..], &["--range", "acct"]].concat(), "NAME:COUNT"),
+        // An empty NAME made actors `-0`, `-1`, ...
+        (&[&base[..], &["--range", ":2"]].concat(), "NAME:COUNT"),
         (
             &[&base[..], &["--range", "acct:3", "--share", "3/3"]].concat(),
             "I/N",

@@ -146,7 +146,7 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP {losses} Leases lost, by reason: refused (the store refused a renewal), \
-             belief_expired (renewals failed until the belief ran out), token_changed (the store \
+             belief_expired (no renewal was confirmed before the belief ran out), token_changed (the store \
              answered a renewal with another token: a store bug), other (a reason newer than this \
              build's labels)."
         );

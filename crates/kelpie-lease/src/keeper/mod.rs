@@ -206,7 +206,8 @@ impl std::fmt::Display for LostReason {
         match self {
             LostReason::Refused(refusal) => write!(f, "the store refused a renewal: {refusal}"),
             LostReason::BeliefExpired => f.write_str(
-                "renewals failed until the belief ran out (ended before the store's expiry)",
+                "no renewal was confirmed before the belief ran out (renewals failed or answered too \
+                 late; ended before the store's expiry)",
             ),
             LostReason::TokenChanged { answered } => write!(
                 f,

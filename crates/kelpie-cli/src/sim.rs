@@ -56,11 +56,12 @@ const STEPS_PER_ACTOR_SECOND_MAX: u64 = 2_000;
 
 const SIM_AFTER_HELP: &str = "\
 Seeds: --seed S runs one seed (a replay); --seeds N runs --base-seed B, B+1, ... B+N-1, with a
-random base printed on stderr when --base-seed is not given. With neither, DST_SEED (if set)
-is the one seed, otherwise 100 seeds run.
+random base printed on stderr when --base-seed is not given. With none of --seed, --seeds and
+--base-seed, DST_SEED (if set) is the one seed, otherwise 100 seeds run.
 
 Faults: swarm (the default) draws a mix per seed; none; or a list like
-storage-write-fail=0.1,partition=0.05 (a unique suffix of a fault's name is enough).
+storage-write-fail=0.1,partition=0.05 (a name's unique last hyphenated part, such as
+write-fail, is enough).
 
 Parallel and split sweeps: --jobs N runs seeds on N threads (default: the available cores);
 the report is the same for any N. --shard I/N runs only the seeds whose index in the sweep is

@@ -68,8 +68,8 @@ pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
 }
 
 /// The command that reproduces a failed run: `config.reproduce_command` if set, otherwise
-/// one derived from the running binary (`cargo test -p <pkg> --test <binary> <test> -- --exact`
-/// for a test, `cargo run -p <pkg> --example <name>` for an example).
+/// one derived from the running binary (`cargo test -p <pkg> --test <binary> <test> -- --exact
+/// --include-ignored` for a test, `cargo run -p <pkg> --example <name>` for an example).
 pub fn reproduce_command(config: &SimConfig) -> String {
     if let Some(command) = &config.reproduce_command {
         return command.clone();
@@ -105,7 +105,9 @@ pub fn reproduce_command(config: &SimConfig) -> String {
         format!(" --test {binary}")
     };
     let filter = match std::thread::current().name() {
-        Some(name) if name != "main" => format!(" {name} -- --exact"),
+        // `--include-ignored`: the test may be a long run kept behind `#[ignore]` (a stress
+        // sweep), which the harness would otherwise skip, replaying nothing.
+        Some(name) if name != "main" => format!(" {name} -- --exact --include-ignored"),
         _ => String::new(),
     };
     format!("{prefix} cargo test{package_arg}{target}{filter}")
@@ -132,7 +134,7 @@ pub fn render_failure(config: &SimConfig, error: &SimError) -> String {
         .map(|step| format!(" at step {step}"))
         .unwrap_or_default();
     format!(
-        "DST_SEED={seed}\n{command}\nkelpie-dst: simulation failed ({kind}){step}\n{error}\n",
+        "DST_SEED={seed}\n{command}\nkelpie-sim: simulation failed ({kind}){step}\n{error}\n",
         command = reproduce_command(config),
         kind = error.kind(),
     )

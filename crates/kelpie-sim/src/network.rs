@@ -433,11 +433,12 @@ impl<M: Clone + 'static> SimNetwork<M> {
     }
 }
 
-/// A route folded into one trace word.
+/// The longest a message can take on `config`'s links: the slowest latency plus a spike.
 fn delivery_ms_max(config: &NetworkConfig) -> u64 {
     config.latency_ms_max + config.latency_ms_max.max(1) * NETWORK_DELAY_SPIKE_FACTOR
 }
 
+/// A route folded into one trace word.
 fn route_word(from: HostId, to: HostId) -> u64 {
     ((from as u64) << 32) | to as u64
 }

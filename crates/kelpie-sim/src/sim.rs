@@ -54,7 +54,8 @@ impl Simulation {
     /// `scenario` is `Fn`, not `FnOnce`, so that with `DST_CHECK_DETERMINISM=1` (or
     /// [`SimConfig::check_determinism`]) it can be run twice and the traces compared. On any
     /// failure the first line printed to stderr is `DST_SEED=<n>`, followed by the command
-    /// that reproduces it.
+    /// that reproduces it, unless [`SimConfig::with_failure_banner`] turned the banner off (a
+    /// caller that prints its own, as `kelpie sim` does).
     pub fn run<F, Fut, E>(self, scenario: F) -> Result<SimReport, SimError>
     where
         F: Fn(SimEnv) -> Fut,

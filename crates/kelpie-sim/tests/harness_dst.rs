@@ -558,7 +558,8 @@ fn test_canary_failure_prints_seed_and_replays_at_same_step() {
         .map(|p| format!(" -p {p}"))
         .unwrap_or_default();
     let expected = format!(
-        "DST_SEED={seed} cargo test{package} --test harness_dst {CANARY_CHILD_TEST} -- --exact"
+        "DST_SEED={seed} cargo test{package} --test harness_dst {CANARY_CHILD_TEST} -- --exact \
+         --include-ignored"
     );
     assert!(
         command.ends_with(&expected),

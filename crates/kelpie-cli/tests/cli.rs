@@ -325,18 +325,9 @@ fn a_time_budget_that_is_not_spent_runs_every_seed() {
 
 #[test]
 fn a_spent_time_budget_reports_the_first_seeds_as_the_ones_run() {
-    let budgeted = [
-        "sim",
-        "--time-budget",
-        "1s",
-        "--jobs",
-        "2",
-        "--base-seed",
-        "77",
-        "--sim-secs",
-        "1",
-    ];
-    let (code, stdout, stderr) = run(&budgeted);
+    // The same sweep, ended by a budget here and by a count below.
+    let sweep = ["--jobs", "2", "--base-seed", "77", "--sim-secs", "1"];
+    let (code, stdout, stderr) = run_owned(&with(&["sim", "--time-budget", "1s"], &sweep));
     assert_eq!(code, 0, "{stdout}{stderr}");
     let line = |report: &str, prefix: &str| {
         let found = report.lines().find(|l| l.starts_with(prefix));
@@ -366,18 +357,7 @@ fn a_spent_time_budget_reports_the_first_seeds_as_the_ones_run() {
     );
     // Those seeds, run by count, give the same figures: they are the seeds that ran.
     let count = ran.to_string();
-    let counted = [
-        "sim",
-        "--seeds",
-        &count,
-        "--jobs",
-        "2",
-        "--base-seed",
-        "77",
-        "--sim-secs",
-        "1",
-    ];
-    let (code, expected, _) = run(&counted);
+    let (code, expected, _) = run_owned(&with(&["sim", "--seeds", &count], &sweep));
     assert_eq!(code, 0, "{expected}");
     let figures = |report: &str| -> Vec<String> {
         let own = ["seeds run:", "time budget:"];

@@ -591,25 +591,28 @@ fn a_reply_about_another_actor_is_rejected() {
 /// every other part (accepted naming n1).
 #[test]
 fn an_expired_refusal_naming_another_node_is_rejected() {
-    let history = |node_name: &str| {
-        Hand::default()
-            .answered(
-                request("n1", LeaseOp::Acquire, None),
-                (0, 2),
-                Ok(lease("n1", 1, 1, 1_001, 0)),
-            )
-            .answered(
-                request("n1", LeaseOp::Renew, Some(1)),
-                (1_100, 1_102),
-                Err(LeaseError::Expired {
-                    actor_id: actor(),
-                    node_id: node(node_name),
-                    expired_at_ms: 1_001,
-                }),
-            )
-    };
-    history("n1").accepted();
-    history("n2").rejected_always(1);
+    expired_renewal("n1", 1_001).accepted();
+    expired_renewal("n2", 1_001).rejected_always(1);
+}
+
+/// n1 acquires (expiry 1001), then its renewal at 1100 is refused as expired, the refusal
+/// naming `node_name` and `expired_at_ms`.
+fn expired_renewal(node_name: &str, expired_at_ms: u64) -> Hand {
+    Hand::default()
+        .answered(
+            request("n1", LeaseOp::Acquire, None),
+            (0, 2),
+            Ok(lease("n1", 1, 1, 1_001, 0)),
+        )
+        .answered(
+            request("n1", LeaseOp::Renew, Some(1)),
+            (1_100, 1_102),
+            Err(LeaseError::Expired {
+                actor_id: actor(),
+                node_id: node(node_name),
+                expired_at_ms,
+            }),
+        )
 }
 
 /// Rejected: an expired-lease refusal naming an expiry other than the record's (1001).
@@ -617,23 +620,7 @@ fn an_expired_refusal_naming_another_node_is_rejected() {
 /// to 1050, so 1050 is accepted then; 900 never is (expiries only grow within a tenure).
 #[test]
 fn an_expiry_the_record_does_not_have_is_rejected() {
-    let history = |expired_at_ms: u64| {
-        Hand::default()
-            .answered(
-                request("n1", LeaseOp::Acquire, None),
-                (0, 2),
-                Ok(lease("n1", 1, 1, 1_001, 0)),
-            )
-            .answered(
-                request("n1", LeaseOp::Renew, Some(1)),
-                (1_100, 1_102),
-                Err(LeaseError::Expired {
-                    actor_id: actor(),
-                    node_id: node("n1"),
-                    expired_at_ms,
-                }),
-            )
-    };
+    let history = |expired_at_ms: u64| expired_renewal("n1", expired_at_ms);
     history(1_001).accepted();
     history(1_050).rejected(Duplicates::Impossible, 1);
     history(1_050).check(Duplicates::Possible).unwrap();

@@ -272,10 +272,10 @@ fn wanter(actor_index: usize) -> usize {
 /// `scan_for_fence_in_flight_at_healing_seeds` (ignored; run it with `--ignored --nocapture`)
 /// prints new ones.
 const FENCE_IN_FLIGHT_AT_HEALING_SEEDS: [u64; 4] = [
-    1_614_217_335_114_699_332,
     5_337_464_400_014_422_413,
-    9_702_415_035_684_651_014,
-    18_198_943_039_087_412_347,
+    9_956_041_164_160_841_063,
+    14_613_779_381_774_901_768,
+    14_765_858_938_097_040_774,
 ];
 
 /// Regression: a fence in flight at healing holds its node's loop, so the node reaches its

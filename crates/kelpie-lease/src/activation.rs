@@ -37,7 +37,7 @@ pub enum PlacementError {
     /// The state store refused the fence or failed; the lease was released again. A
     /// [`StateError::StaleToken`] here means a later holder fenced the actor first: this
     /// node's lease is already superseded.
-    #[error("{actor_id} was not activated: its state store refused the fence: {source}")]
+    #[error("{actor_id} was not activated: fencing it at the state store failed: {source}")]
     Fence {
         /// The actor.
         actor_id: ActorId,

@@ -91,8 +91,36 @@ pub enum StateError {
         bytes_max: usize,
     },
     /// The store failed: it could not be opened, read or written, or its file is not ours.
-    #[error(transparent)]
+    #[error("{}", StateStoreFailure(.0))]
     Store(#[from] StoreError),
+}
+
+/// A [`StoreError`] of the state store, worded for it: the lease store's wording of a store
+/// failure ("lease store unavailable: …") would name the wrong store.
+struct StateStoreFailure<'a>(&'a StoreError);
+
+impl std::fmt::Display for StateStoreFailure<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            StoreError::Unavailable { reason } => write!(f, "state store unavailable: {reason}"),
+            StoreError::WriteFailed { reason } => {
+                write!(f, "state store write failed, not applied: {reason}")
+            }
+            StoreError::CommitUnknown { reason } => write!(
+                f,
+                "state store outcome unknown, the write may have been applied: {reason}"
+            ),
+            StoreError::AccessDenied { reason } => {
+                write!(f, "state store refused access: {reason}")
+            }
+            StoreError::Contention { attempts } => write!(
+                f,
+                "state store contention: gave up after {attempts} conflicting attempts"
+            ),
+            // The others name their store or file themselves.
+            other => write!(f, "{other}"),
+        }
+    }
 }
 
 /// An actor's state as the store keeps it.
@@ -624,5 +652,30 @@ mod tests {
             ),
             "{error}"
         );
+    }
+
+    /// A state store's failure names the state store: it read "lease store unavailable",
+    /// which sent an operator to the wrong file.
+    #[test]
+    fn a_state_store_failure_names_the_state_store() {
+        let reason = || "s.db: attempt to write a readonly database".to_string();
+        let failures = [
+            StoreError::Unavailable { reason: reason() },
+            StoreError::WriteFailed { reason: reason() },
+            StoreError::CommitUnknown { reason: reason() },
+            StoreError::AccessDenied { reason: reason() },
+            StoreError::Contention { attempts: 3 },
+        ];
+        for failure in failures {
+            let shown = StateError::Store(failure.clone()).to_string();
+            assert!(shown.starts_with("state store "), "{shown}");
+            assert!(!shown.contains("lease store"), "{shown}");
+            let lease_shown = failure.to_string();
+            assert_eq!(
+                shown.strip_prefix("state store "),
+                lease_shown.strip_prefix("lease store "),
+                "the same words but the store's name"
+            );
+        }
     }
 }

@@ -281,6 +281,33 @@ async fn a_write_lock_held_too_long_is_a_write_failure_that_applied_nothing() {
     m.acquire(&actor("a"), &node("n1")).await.unwrap();
 }
 
+/// A file another process keeps locked past the busy timeout at open is a store that is
+/// there but not answering (exit 3 in the CLI), not a bad path or setting (exit 2): it was
+/// reported as `StoreError::Open`, so a supervisor read "fix your configuration".
+#[test]
+fn a_file_locked_past_the_busy_timeout_at_open_is_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("leases.db");
+    drop(SqliteLeaseStore::open(&path).unwrap());
+    let other = Connection::open(&path).unwrap();
+    other
+        .execute_batch("PRAGMA locking_mode=EXCLUSIVE; BEGIN EXCLUSIVE; SELECT 1 FROM meta;")
+        .unwrap();
+    let options = SqliteOptions::default().with_busy_timeout_ms(50);
+    match SqliteLeaseStore::open_with(&path, options) {
+        Err(StoreError::Unavailable { reason }) => {
+            assert!(reason.contains(&path.display().to_string()), "{reason}");
+            assert!(reason.contains("locked"), "{reason}");
+        }
+        other => panic!("expected Unavailable, got {:?}", other.err()),
+    }
+    other
+        .execute_batch("COMMIT; PRAGMA locking_mode=NORMAL;")
+        .unwrap();
+    drop(other);
+    SqliteLeaseStore::open(&path).unwrap();
+}
+
 #[test]
 fn handles_opening_a_new_file_at_once_initialise_it_once() {
     // The first open creates the schema; `BEGIN IMMEDIATE` and a second look inside the

@@ -31,7 +31,7 @@ use kelpie_core::{ActorId, FencingToken};
 use super::deadlines::Deadlines;
 use super::{
     KeeperEvent, KeeperTiming, LostReason, MARK_BELIEF_ENDED, MARK_COMMIT_UNKNOWN_RESOLVED,
-    MARK_RENEWAL_FAILED, MARK_RENEWAL_REFUSED, RELEASE_ATTEMPTS_MAX,
+    MARK_RENEWAL_FAILED, MARK_RENEWAL_REFUSED, RELEASE_BACKOFF_INTERVALS_MAX,
 };
 use crate::belief::{Belief, BeliefConfig, HeldBelief};
 use crate::error::{LeaseError, StoreError};
@@ -161,9 +161,6 @@ pub struct KeeperCore {
     /// was begun (sent concurrently, by another task) must not start a belief, since the
     /// release may be applied after the grant and free it.
     releases_begun: BTreeMap<ActorId, u64>,
-    /// Actors whose release never got an answer: acquiring them again under this holder id
-    /// could be undone by a copy of that release still in the network.
-    blocked: BTreeSet<ActorId>,
     /// The held leases and pending releases by when they next need the keeper: renewals due,
     /// beliefs ending, release retries due. A round looks only at what is due, so its cost
     /// does not grow with the number of leases held (it was a scan of all of them, several
@@ -217,6 +214,19 @@ impl ChangedActors {
     }
 }
 
+/// The wait before the next attempt at a release that failed `failures` times in a row: the
+/// retry interval, doubled per failure after the first, at most
+/// [`RELEASE_BACKOFF_INTERVALS_MAX`] retry intervals.
+fn release_backoff_ms(retry_interval_ms: u64, failures: u32) -> u64 {
+    debug_assert!(failures >= 1, "a backoff follows a failure");
+    let doublings = failures.saturating_sub(1).min(u64::BITS - 1);
+    let intervals = 1u64
+        .checked_shl(doublings)
+        .unwrap_or(u64::MAX)
+        .min(RELEASE_BACKOFF_INTERVALS_MAX);
+    retry_interval_ms.saturating_mul(intervals)
+}
+
 impl KeeperCore {
     /// A keeper holding nothing, with validated `timing`.
     pub fn new(timing: KeeperTiming) -> Self {
@@ -228,7 +238,6 @@ impl KeeperCore {
             unknown_acquires: BTreeSet::new(),
             releasing: BTreeMap::new(),
             releases_begun: BTreeMap::new(),
-            blocked: BTreeSet::new(),
             schedule: Schedule::default(),
             belief_epoch: 0,
             changed: None,
@@ -294,9 +303,9 @@ impl KeeperCore {
     /// ticket goes back with the reply to [`acquire_replied`](Self::acquire_replied).
     ///
     /// # Errors
-    /// [`StoreError::Unavailable`] while the release is in flight or was never answered.
+    /// [`StoreError::Unavailable`] while the release is in flight or not yet answered.
     pub fn begin_acquire(&self, actor_id: &ActorId) -> Result<AcquireTicket, LeaseError> {
-        if self.releasing.contains_key(actor_id) || self.blocked.contains(actor_id) {
+        if self.releasing.contains_key(actor_id) {
             return Err(LeaseError::Store(StoreError::Unavailable {
                 reason: format!("the release of {actor_id} is still in flight; retry later"),
             }));
@@ -372,9 +381,9 @@ impl KeeperCore {
     }
 
     /// The reply to a release of `token`: an answer (applied or refused) resolves it and
-    /// returns [`KeeperEvent::Released`]; a store failure schedules another attempt, or after
-    /// [`RELEASE_ATTEMPTS_MAX`] blocks the actor for this keeper (safe: other nodes can take
-    /// it once the lease expires).
+    /// returns [`KeeperEvent::Released`]; a store failure schedules another attempt, after
+    /// twice the last wait, at most [`RELEASE_BACKOFF_INTERVALS_MAX`] retry intervals. There
+    /// is always another attempt: the actor cannot be acquired here until one is answered.
     pub fn release_replied(
         &mut self,
         actor_id: &ActorId,
@@ -382,24 +391,22 @@ impl KeeperCore {
         now_ms: u64,
         result: &Result<Lease, LeaseError>,
     ) -> Option<KeeperEvent> {
-        let retry_at_ms = now_ms + self.timing.retry_interval_ms;
         let pending = *self.releasing.get(actor_id)?;
         if pending.fencing_token != token {
             return None;
         }
         match result {
-            Err(LeaseError::Store(_)) if pending.attempts + 1 < RELEASE_ATTEMPTS_MAX => {
+            Err(LeaseError::Store(_)) => {
+                let attempts = pending.attempts.saturating_add(1);
                 let retry = PendingRelease {
-                    attempts: pending.attempts + 1,
-                    next_attempt_local_ms: retry_at_ms,
+                    attempts,
+                    next_attempt_local_ms: now_ms.saturating_add(release_backoff_ms(
+                        self.timing.retry_interval_ms,
+                        attempts,
+                    )),
                     ..pending
                 };
                 self.set_releasing(actor_id, Some(retry));
-                None
-            }
-            Err(LeaseError::Store(_)) => {
-                self.set_releasing(actor_id, None);
-                self.blocked.insert(actor_id.clone());
                 None
             }
             _ => {
@@ -955,7 +962,7 @@ mod tests {
     }
 
     /// A release drops the belief first and blocks re-acquiring until the store answers;
-    /// its retries come from `poll`; after the last attempt the actor stays blocked.
+    /// its retries come from `poll`.
     #[test]
     fn an_unresolved_release_blocks_re_acquiring() {
         let mut keeper = core();
@@ -975,22 +982,44 @@ mod tests {
         );
         keeper.release_replied(&actor(), FencingToken(1), 30, &granted(1, 2));
         assert!(keeper.begin_acquire(&actor()).is_ok());
+    }
 
-        let mut stubborn = core();
-        acquired(&mut stubborn, 0, 5, &granted(1, 2));
-        stubborn.begin_release(&actor(), 10);
-        for attempt in 0..RELEASE_ATTEMPTS_MAX {
-            assert!(
-                stubborn.begin_acquire(&actor()).is_err(),
-                "attempt {attempt}"
-            );
-            stubborn.release_replied(&actor(), FencingToken(1), 20, &unavailable());
+    /// A release the store fails again and again is retried at a growing interval, up to
+    /// `RELEASE_BACKOFF_INTERVALS_MAX` retry intervals, for as long as it takes: the first
+    /// answer frees the actor. The keeper used to give up after 1,000 failures (83 lease
+    /// durations at the default retry interval) and block the actor for the rest of the
+    /// process, so an outage of that length left actors that no node here could acquire.
+    #[test]
+    fn a_release_is_retried_until_answered_however_long_the_store_fails() {
+        let mut keeper = core();
+        let retry_ms = keeper.timing.retry_interval_ms;
+        acquired(&mut keeper, 0, 5, &granted(1, 2));
+        keeper.begin_release(&actor(), 10);
+        let mut now_ms = 10;
+        let mut waits_ms = Vec::new();
+        for failure in 0..5_000 {
+            assert!(keeper.begin_acquire(&actor()).is_err(), "failure {failure}");
+            keeper.release_replied(&actor(), FencingToken(1), now_ms, &unavailable());
+            let (due_ms, _) = *keeper
+                .schedule
+                .release_retries
+                .first()
+                .expect("a retry is due");
+            assert!(keeper.poll(due_ms - 1).unwrap().1.is_empty());
+            let (_, requests) = keeper.poll(due_ms).unwrap();
+            assert_eq!(requests.len(), 1, "failure {failure}: the retry is sent");
+            waits_ms.push(due_ms - now_ms);
+            now_ms = due_ms;
         }
-        assert!(
-            stubborn.begin_acquire(&actor()).is_err(),
-            "blocked for good"
+        let cap_ms = retry_ms * RELEASE_BACKOFF_INTERVALS_MAX;
+        assert_eq!(
+            &waits_ms[..4],
+            &[retry_ms, 2 * retry_ms, 4 * retry_ms, 8 * retry_ms]
         );
-        assert!(stubborn.poll(1_000_000).unwrap().1.is_empty());
+        assert!(waits_ms.iter().all(|&wait_ms| wait_ms <= cap_ms));
+        assert_eq!(waits_ms.last(), Some(&cap_ms));
+        keeper.release_replied(&actor(), FencingToken(1), now_ms, &granted(1, 2));
+        assert!(keeper.begin_acquire(&actor()).is_ok());
     }
 
     #[test]

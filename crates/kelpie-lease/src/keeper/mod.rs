@@ -61,8 +61,12 @@ pub const COVERAGE_MARKS: &[&str] = &[
     MARK_RENEWAL_ABANDONED,
 ];
 
-/// Attempts at a release before the keeper stops retrying it and blocks the actor.
-pub const RELEASE_ATTEMPTS_MAX: u32 = 1_000;
+/// A release the store does not answer is retried until it answers, its retry interval
+/// doubling after each failure up to this many retry intervals (with the default
+/// retry interval, a twelfth of the lease, about two-thirds of a lease duration). Until it is
+/// answered the actor cannot be acquired again by this keeper, so the keeper never gives up:
+/// giving up would leave the actor blocked for the rest of the process.
+pub const RELEASE_BACKOFF_INTERVALS_MAX: u64 = 8;
 
 /// Default bound on clock drift between a node and the store: 1 %.
 pub const CLOCK_DRIFT_PPM_MAX_DEFAULT: u64 = 10_000;

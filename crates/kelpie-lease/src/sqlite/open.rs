@@ -436,6 +436,11 @@ pub(crate) fn sqlite_open_error(shown: &str, step: &str, error: rusqlite::Error)
     let reason = format!("{step}: {error}");
     match error.sqlite_error_code() {
         Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => corrupt(shown, reason),
+        // Another process held the file locked past the busy timeout: the store is there and
+        // will answer once the lock goes; nothing is wrong with the path or its settings.
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Unavailable {
+            reason: format!("{shown}: {reason}"),
+        },
         _ => open_error(shown, reason),
     }
 }

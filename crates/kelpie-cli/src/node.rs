@@ -11,17 +11,18 @@ mod metered;
 mod metrics;
 mod runs;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use kelpie_core::{ActorId, NodeId};
+use kelpie_core::{ActorId, FencingToken, NodeId};
 use kelpie_lease::{
-    Activation, CancellationToken, FencedStateStore, KeeperEvent, LeaseConfig, LeaseManager,
-    LeaseSession, Placement, PlacementError, SessionConfig, SessionError, SessionEvent,
-    SqliteFencedStateStore, SqliteLeaseManager, StateError,
+    Activation, CancelReason, CancellationToken, FencedStateStore, KeeperEvent, LeaseConfig,
+    LeaseManager, LeaseSession, LostReason, Placement, PlacementError, SessionConfig, SessionError,
+    SessionEvent, SqliteFencedStateStore, SqliteLeaseManager, StateError,
 };
 use tracing::{error, info, warn};
 
@@ -398,9 +399,11 @@ async fn start_metrics<M: LeaseManager + 'static>(
     Ok(bound)
 }
 
-/// One log line per session event, and the counters they drive.
+/// One log line per session event (a failing campaign's, at its 1st, 2nd, 4th, 8th ...
+/// failure in a row), and the counters they drive.
 async fn log_events<M: LeaseManager + 'static>(session: LeaseSession<M>, metrics: Arc<Metrics>) {
     let mut events = session.events();
+    let mut losses = Losses::default();
     loop {
         let event = match events.recv().await {
             Ok(event) => event,
@@ -411,20 +414,70 @@ async fn log_events<M: LeaseManager + 'static>(session: LeaseSession<M>, metrics
             Err(_) => return,
         };
         match event {
-            SessionEvent::Lease(event) => log_keeper_event(event, &metrics),
+            SessionEvent::Lease(event) => log_keeper_event(event, &metrics, &mut losses),
             SessionEvent::HolderChanged { actor_id, holder } => {
                 info!(actor = %actor_id, holder = %holder, "holder-changed");
             }
             SessionEvent::GuardCancelled {
                 actor_id,
                 fencing_token,
+                reason: CancelReason::BeliefEnding,
+            } => {
+                // The lease is lost to this node, as surely as if its belief had run out: the
+                // session releases it. The keeper reports no loss of its own (unless the belief
+                // runs out before the release begins; `Losses` counts that once).
+                if losses.first(&actor_id, fencing_token) {
+                    metrics.count_loss(&LostReason::BeliefExpired);
+                }
+                warn!(
+                    actor = %actor_id,
+                    token = fencing_token.0,
+                    reason = "no renewal was confirmed before the guard's cancel lead",
+                    "lease-lost"
+                );
+                info!(actor = %actor_id, token = fencing_token.0, "guard-cancelled");
+            }
+            SessionEvent::GuardCancelled {
+                actor_id,
+                fencing_token,
+                ..
             } => info!(actor = %actor_id, token = fencing_token.0, "guard-cancelled"),
+            SessionEvent::AcquireFailed {
+                actor_id,
+                attempts,
+                error,
+            } => {
+                bump(&metrics.acquire_failures);
+                if attempts.is_power_of_two() {
+                    warn!(actor = %actor_id, attempts, error = %error, "acquire-failed");
+                }
+            }
             other => info!(event = ?other, "session-event"),
         }
     }
 }
 
-fn log_keeper_event(event: KeeperEvent, metrics: &Metrics) {
+/// The leases counted as lost, until the keeper's last word on them: a lease whose guard was
+/// cancelled ahead of its belief's end is counted then, and not again if its belief then runs
+/// out before the session's release begins.
+#[derive(Default)]
+struct Losses {
+    counted: BTreeSet<(ActorId, FencingToken)>,
+}
+
+impl Losses {
+    /// Whether this is the first loss reported for this lease (and remembers it).
+    fn first(&mut self, actor_id: &ActorId, fencing_token: FencingToken) -> bool {
+        self.counted.insert((actor_id.clone(), fencing_token))
+    }
+
+    /// The keeper's last word on the lease: forget it. Whether it was counted already.
+    fn settled(&mut self, actor_id: &ActorId, fencing_token: FencingToken) -> bool {
+        self.counted.remove(&(actor_id.clone(), fencing_token))
+    }
+}
+
+fn log_keeper_event(event: KeeperEvent, metrics: &Metrics, losses: &mut Losses) {
     match event {
         KeeperEvent::Acquired {
             actor_id,
@@ -454,6 +507,7 @@ fn log_keeper_event(event: KeeperEvent, metrics: &Metrics) {
             actor_id,
             fencing_token,
         } => {
+            losses.settled(&actor_id, fencing_token);
             bump(&metrics.releases);
             info!(actor = %actor_id, token = fencing_token.0, "lease-released");
         }
@@ -462,7 +516,9 @@ fn log_keeper_event(event: KeeperEvent, metrics: &Metrics) {
             fencing_token,
             reason,
         } => {
-            metrics.count_loss(&reason);
+            if !losses.settled(&actor_id, fencing_token) {
+                metrics.count_loss(&reason);
+            }
             warn!(actor = %actor_id, token = fencing_token.0, reason = %reason, "lease-lost");
         }
         other => info!(event = ?other, "lease-event"),

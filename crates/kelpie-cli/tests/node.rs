@@ -337,6 +337,54 @@ fn node_serves_metrics_while_it_writes_and_releases_every_lease_on_sigterm() {
     );
 }
 
+/// A lease store that stalls past the lease (another process holds its write lock for 2.5
+/// leases): the node's renewals are answered too late, the session cancels its guards before
+/// the beliefs end and releases the leases. Those leases are lost to the node, and the loss
+/// metric says so: it stayed at 0, the losses showing up only as plain releases.
+#[test]
+fn leases_lost_to_a_stalled_store_are_counted_as_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("leases.db");
+    let store = format!("sqlite:{}", path.display());
+    let node = Node::start(dir.path(), &store, "stall-1,stall-2");
+    let ready = node.wait_for("ready", |_| true);
+    let addr = ready["metrics_addr"].as_str().expect("the bound address");
+    let addr = addr.to_string();
+    for actor in ["stall-1", "stall-2"] {
+        node.wait_for("write", |l| {
+            l["actor"] == actor && l["outcome"] == "accepted"
+        });
+    }
+    let blocker = rusqlite::Connection::open(&path).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    std::thread::sleep(Duration::from_millis(2_500));
+    blocker.execute_batch("ROLLBACK").unwrap();
+    let lost = node.wait_for("lease-lost", |_| true);
+    // Back: the node holds its actors again, with new tokens.
+    node.wait_for("lease-acquired", |l| {
+        l["token"].as_u64() > lost["token"].as_u64()
+    });
+    let body = scrape(&addr);
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    let parsed = prometheus_parse::Scrape::parse(lines).expect("Prometheus text parses");
+    let belief_expired = Some(("reason", "belief_expired"));
+    let losses = sample(&parsed, "kelpie_lease_losses_total", belief_expired);
+    assert!(losses >= 1.0, "{body}");
+    let ended = sample(
+        &parsed,
+        "kelpie_lease_beliefs_ended_before_expiry_total",
+        None,
+    );
+    assert_eq!(ended, losses, "the same count: {body}");
+    // Two actors, each lost at most once per tenure: not counted twice.
+    let acquired = sample(&parsed, "kelpie_lease_acquisitions_total", None);
+    assert!(losses <= acquired, "{body}");
+    assert!(
+        sample(&parsed, "kelpie_lease_acquire_failures_total", None) >= 0.0,
+        "{body}"
+    );
+}
+
 /// The same node on etcd: it activates, writes and releases on SIGTERM. Skipped with a notice
 /// without `KELPIE_ETCD_ENDPOINTS` (a failure under `CI=true`).
 #[cfg(feature = "etcd")]

@@ -81,8 +81,8 @@ pub use lease::{Lease, LeaseConfig};
 pub use manager::{LeaseManager, MemoryLeaseManager};
 pub use placement::{KeeperPlacement, Location};
 pub use session::{
-    EventsError, LeaseGuard, LeaseSession, SessionConfig, SessionDriver, SessionError,
-    SessionEvent, SessionEvents, SessionTiming, ShutdownReport,
+    CancelReason, EventsError, LeaseGuard, LeaseSession, SessionConfig, SessionDriver,
+    SessionError, SessionEvent, SessionEvents, SessionTiming, ShutdownReport,
 };
 pub use sqlite::{SqliteLeaseManager, SqliteOptions};
 pub use tokio_util::sync::CancellationToken;

@@ -192,7 +192,34 @@ pub enum SessionEvent {
         actor_id: ActorId,
         /// The guard's token.
         fencing_token: FencingToken,
+        /// Why: the belief was about to end, or the keeper had already dropped it.
+        reason: CancelReason,
     },
+    /// A campaign's attempt to acquire failed other than by the lease being held elsewhere:
+    /// the store failed or could not be reached, or its grant came too late to believe. The
+    /// campaign waits and tries again; this says why it has not got the lease yet.
+    AcquireFailed {
+        /// The actor.
+        actor_id: ActorId,
+        /// The campaign's failed attempts in a row so far, this one included (1 for the first).
+        attempts: u64,
+        /// What failed.
+        error: LeaseError,
+    },
+}
+
+/// Why a guard was cancelled ([`SessionEvent::GuardCancelled`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CancelReason {
+    /// The keeper still believed the lease, but its belief ends within the cancel lead: no
+    /// renewal was confirmed in time (the store failed, or answered too late). The lease is
+    /// lost to this node; the session releases it. No [`KeeperEvent::Lost`] follows for it
+    /// unless the belief runs out before the release begins.
+    BeliefEnding,
+    /// The keeper no longer believed the guard's lease: it was lost, released or replaced,
+    /// which the keeper reported with its own event.
+    BeliefGone,
 }
 
 /// Why reading a session's events failed.
@@ -557,8 +584,9 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
     /// [`LeaseManager::watch_until_free`], at most one lease duration per wait) and tries
     /// again at once; elsewhere (SQLite, memory), or after a store failure, it waits a
     /// jittered share of [`campaign_poll_ms_max`](SessionTiming::campaign_poll_ms_max).
-    /// Reports each new holder it meets as [`SessionEvent::HolderChanged`]. Cancel it by
-    /// dropping the future; it ends with [`SessionError::ShuttingDown`] when the session shuts
+    /// Reports each new holder it meets as [`SessionEvent::HolderChanged`], and each attempt
+    /// that failed otherwise (the store failed, or its grant came too late) as
+    /// [`SessionEvent::AcquireFailed`]. Cancel it by dropping the future; it ends with [`SessionError::ShuttingDown`] when the session shuts
     /// down.
     ///
     /// # Errors
@@ -566,10 +594,12 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
     /// [`acquire`](Self::acquire).
     pub async fn campaign(&self, actor_id: &ActorId) -> Result<LeaseGuard, SessionError> {
         let mut seen_holder: Option<NodeId> = None;
+        let mut failures = 0u64;
         for attempt in 0u64.. {
             match self.acquire(actor_id).await {
                 Ok(guard) => return Ok(guard),
                 Err(SessionError::Lease(LeaseError::HeldByOther { holder, .. })) => {
+                    failures = 0;
                     if seen_holder.as_ref() != Some(&holder) {
                         self.shared.emit(SessionEvent::HolderChanged {
                             actor_id: actor_id.clone(),
@@ -581,7 +611,16 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
                         continue;
                     }
                 }
-                Err(SessionError::Lease(LeaseError::Store(_) | LeaseError::Expired { .. })) => {}
+                Err(SessionError::Lease(
+                    error @ (LeaseError::Store(_) | LeaseError::Expired { .. }),
+                )) => {
+                    failures += 1;
+                    self.shared.emit(SessionEvent::AcquireFailed {
+                        actor_id: actor_id.clone(),
+                        attempts: failures,
+                        error,
+                    });
+                }
                 Err(other) => return Err(other),
             }
             let wait_ms = self.campaign_wait_ms(actor_id, attempt);
@@ -782,9 +821,11 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
         let mut cancelled = Vec::new();
         let mut guards = session.shared.lock_guards();
         guards.retain(|actor_id, (token, cancel)| {
-            let deadline_ms = match beliefs.get(actor_id) {
-                Some((held, until_ms)) if held == token => until_ms.saturating_sub(lead_ms),
-                _ => 0,
+            let (deadline_ms, reason) = match beliefs.get(actor_id) {
+                Some((held, until_ms)) if held == token => {
+                    (until_ms.saturating_sub(lead_ms), CancelReason::BeliefEnding)
+                }
+                _ => (0, CancelReason::BeliefGone),
             };
             if deadline_ms > now_ms {
                 next_deadline_ms =
@@ -792,11 +833,11 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
                 return true;
             }
             cancel.cancel();
-            cancelled.push((actor_id.clone(), *token));
+            cancelled.push((actor_id.clone(), *token, reason));
             false
         });
         drop(guards);
-        for (actor_id, fencing_token) in cancelled {
+        for (actor_id, fencing_token, reason) in cancelled {
             session
                 .shared
                 .lock_release()
@@ -804,6 +845,7 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
             session.shared.emit(SessionEvent::GuardCancelled {
                 actor_id,
                 fencing_token,
+                reason,
             });
         }
         next_deadline_ms
@@ -951,10 +993,49 @@ mod tests {
             "cancelled at {cancelled_ms} ms, the belief ended at {until_ms} ms"
         );
         let position = |wanted: fn(&SessionEvent) -> bool| seen.iter().position(wanted);
-        let cancelled = position(|e| matches!(e, SessionEvent::GuardCancelled { .. }));
+        // Cancelled while the keeper still believed it: a loss the event names as such (a
+        // node counts it; the keeper reports none unless the belief runs out first).
+        let cancelled = position(|e| {
+            matches!(
+                e,
+                SessionEvent::GuardCancelled {
+                    reason: CancelReason::BeliefEnding,
+                    ..
+                }
+            )
+        });
         let lost = position(|e| matches!(e, SessionEvent::Lease(KeeperEvent::Lost { .. })));
         assert!(cancelled.is_some(), "{seen:?}");
         assert!(lost.is_none_or(|lost| Some(lost) > cancelled), "{seen:?}");
+    }
+
+    /// A campaign against a store that fails reports each failed attempt, counted, instead of
+    /// retrying in silence (a node on a read-only store said only "ready"), and gets the
+    /// lease once the store is back.
+    #[tokio::test(start_paused = true)]
+    async fn a_campaign_reports_each_failed_attempt() {
+        let clock: SharedClock = PausedClock::shared();
+        let leases = manager(&clock);
+        let session = session(&leases, &clock, "n1");
+        let mut events = session.events();
+        leases.store().set_down(true);
+        let campaigner = session.clone();
+        let campaign = tokio::spawn(async move { campaigner.campaign(&actor("a")).await });
+        let mut attempts_seen = Vec::new();
+        while attempts_seen.len() < 3 {
+            match events.recv().await.unwrap() {
+                SessionEvent::AcquireFailed {
+                    actor_id,
+                    attempts,
+                    error: LeaseError::Store(_),
+                } if actor_id == actor("a") => attempts_seen.push(attempts),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(attempts_seen, [1, 2, 3]);
+        leases.store().set_down(false);
+        let guard = campaign.await.unwrap().unwrap();
+        assert!(guard.is_valid());
     }
 
     /// Dropping a guard releases its lease; one guard per actor.

@@ -58,6 +58,9 @@ pub struct Metrics {
     pub renewals: AtomicU64,
     pub renewal_failures: AtomicU64,
     pub renewal_latency: Histogram,
+    /// Campaign attempts that failed other than by the lease being held elsewhere
+    /// (`SessionEvent::AcquireFailed`).
+    pub acquire_failures: AtomicU64,
     /// Leases lost because the store refused a renewal (`LostReason::Refused`).
     pub losses_refused: AtomicU64,
     /// Leases lost because the store answered a renewal with another token
@@ -65,7 +68,8 @@ pub struct Metrics {
     pub losses_token_changed: AtomicU64,
     /// Leases lost for a reason newer than this code (`LostReason` is non-exhaustive).
     pub losses_other: AtomicU64,
-    /// Beliefs that ran out (`LostReason::BeliefExpired`): both
+    /// Beliefs that ran out (`LostReason::BeliefExpired`), or whose guard the session
+    /// cancelled as they were about to (`CancelReason::BeliefEnding`): both
     /// `kelpie_lease_beliefs_ended_before_expiry_total` and the `belief_expired` loss.
     pub beliefs_ended_before_expiry: AtomicU64,
     pub releases: AtomicU64,
@@ -116,8 +120,13 @@ impl Metrics {
         let held = "kelpie_leases_held";
         let _ = writeln!(out, "# HELP {held} Leases this node believes it holds now.");
         let _ = writeln!(out, "# TYPE {held} gauge\n{held} {leases_held}");
-        let counters: [(&str, &str, u64); 6] = [
+        let counters: [(&str, &str, u64); 7] = [
             ("kelpie_lease_acquisitions_total", "Leases granted to this node.", get(&self.acquisitions)),
+            (
+                "kelpie_lease_acquire_failures_total",
+                "Attempts to acquire that failed other than by the lease being held elsewhere: the store failed, or its grant came too late (retried).",
+                get(&self.acquire_failures),
+            ),
             ("kelpie_lease_renewals_total", "Renewals the store granted.", get(&self.renewals)),
             (
                 "kelpie_lease_renewal_failures_total",
@@ -127,7 +136,7 @@ impl Metrics {
             ("kelpie_lease_releases_total", "Releases the store answered.", get(&self.releases)),
             (
                 "kelpie_lease_beliefs_ended_before_expiry_total",
-                "Beliefs that ran out before the store's expiry because renewals kept failing.",
+                "Beliefs that ran out before the store's expiry, or whose guard was cancelled as they were about to, because no renewal was confirmed in time.",
                 get(&self.beliefs_ended_before_expiry),
             ),
             (
@@ -146,7 +155,8 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP {losses} Leases lost, by reason: refused (the store refused a renewal), \
-             belief_expired (no renewal was confirmed before the belief ran out), token_changed (the store \
+             belief_expired (no renewal was confirmed before the belief ran out, or before its guard's \
+             cancel lead), token_changed (the store \
              answered a renewal with another token: a store bug), other (a reason newer than this \
              build's labels)."
         );

@@ -7,9 +7,13 @@
 (*  * Each node has one session: an etcd lease with a TTL, kept alive by   *)
 (*    keepalives.  etcd counts the TTL on its leader's clock; when it runs *)
 (*    out, etcd revokes the session (some time later) and deletes every    *)
-(*    key attached to it.  A new leader extends every lease to its full    *)
-(*    TTL when it takes over (etcd's lessor Promote), expired ones not yet *)
-(*    revoked included.                                                    *)
+(*    key attached to it.  A keepalive of a session whose TTL ran out but  *)
+(*    that is not revoked yet extends nothing and answers "lease not       *)
+(*    found" (etcd's lessor Renew waits for the revocation), though a put  *)
+(*    may still attach a key to it; the node then does not believe the     *)
+(*    grant (ops.rs: KeepAlive::Expired).  A new leader extends every      *)
+(*    lease to its full TTL when it takes over (etcd's lessor Promote),    *)
+(*    expired ones not yet revoked included.                               *)
 (*  * An actor's lease is one key attached to its holder's session.  Its   *)
 (*    fencing token is the key's create_revision: the cluster revision of  *)
 (*    the transaction that created it.  Revisions increase with every      *)
@@ -70,8 +74,10 @@ CONSTANTS
     BugModRevisionToken,  \* the token is the key's mod_revision (changes on renew)
     BugBeliefFromReply,   \* the belief is measured from the reply, not the send
     BugTrustWatch,        \* a watch event of the key's deletion is taken as a grant
-    BugWatchFromNow       \* the handover's watch starts when it is opened, not
+    BugWatchFromNow,      \* the handover's watch starts when it is opened, not
                           \* from the revision after the read (liveness mutation)
+    BugIgnoreExpiredKeepAlive  \* a grant is believed though the keepalive sent
+                               \* with it found the session expired
 
 ASSUME /\ TTL \in Nat \ {0}
        /\ Rate \in Nat \ {0} /\ Drift \in Nat /\ Drift < Rate
@@ -79,7 +85,8 @@ ASSUME /\ TTL \in Nat \ {0}
        /\ (Rate - Drift) * TTL > Margin
        /\ MaxRev \in Nat \ {0}
        /\ \A b \in {Crashes, Handover, BugBlindPut, BugModRevisionToken,
-                    BugBeliefFromReply, BugTrustWatch, BugWatchFromNow} :
+                    BugBeliefFromReply, BugTrustWatch, BugWatchFromNow,
+                    BugIgnoreExpiredKeepAlive} :
             b \in BOOLEAN
 
 \* How long a grant is believed, in local units from the request's send.
@@ -260,13 +267,46 @@ Handed(ok, rtoken) == maxHanded' = IF ok THEN Max(maxHanded, rtoken) ELSE maxHan
 \* The key's deletion reaches every handover's watch that is open or opening.
 Deleted == seen' = [m \in Nodes |-> seen[m] \/ hand[m] # "idle"]
 
-\* A keepalive of n's session (a new session if it has none).
+\* Whether a keepalive of n's session succeeds now: not while its TTL has run
+\* out and etcd has not revoked it yet ("lease not found"); with no session,
+\* the node grants a new one.
+KeptAlive(n) == ~alive[n] \/ ttl[n] > 0
+
+\* A keepalive of n's session (a new session if it has none).  It extends an
+\* expired session not yet revoked by nothing: only a leader change does.
 KeepAlive(n) ==
     /\ alive' = [alive EXCEPT ![n] = TRUE]
-    /\ ttl' = [ttl EXCEPT ![n] = TTL]
+    /\ ttl' = [ttl EXCEPT ![n] = IF KeptAlive(n) THEN TTL ELSE 0]
 
-ApplyAcquire(n) ==
-    /\ req[n].type = "acquire" /\ ~req[n].applied /\ rev < MaxRev
+\* The reply to n's renewal whose transaction etcd applied with outcome ok: a
+\* grant only if the keepalive sent beside it succeeded too (ops.rs answers
+\* KeepAlive::Expired with a refusal and retires the session).  etcd's own
+\* decision, ok, is what Record keeps for the action invariants.
+Granted(n, ok) == ok /\ (KeptAlive(n) \/ BugIgnoreExpiredKeepAlive)
+
+\* The keepalive sent beside n's acquire finds n's session expired, not yet
+\* revoked (ops.rs: KeepAlive::Expired).  The node retires the session and
+\* tries again on a new one, first deleting its own key on the old session
+\* (delete_other_incarnation): the key this transaction put there, or one an
+\* earlier grant put there.  One step here, which leaves n with no session and
+\* no key, and no grant: a put of an absent key that the node deletes at once
+\* changes nothing but revisions nobody holds.
+RetireExpiredSession(n) ==
+    /\ alive' = [alive EXCEPT ![n] = FALSE]
+    /\ ttl' = [ttl EXCEPT ![n] = 0]
+    /\ IF key.exists /\ key.holder = n
+       THEN /\ rev' = rev + 1
+            /\ key' = NoKey
+            /\ Deleted
+       ELSE UNCHANGED <<rev, key, seen>>
+    /\ Reply(n, FALSE, 0)
+    /\ last' = NoOp
+    /\ UNCHANGED <<belief, maxHanded, up, hand>>
+
+\* An acquire whose keepalive kept n's session (or made a new one); under
+\* BugIgnoreExpiredKeepAlive also one whose keepalive found it expired, whose
+\* grant the node then believes.
+ApplyAcquireOnSession(n) ==
     /\ KeepAlive(n)
     /\ IF ~key.exists \/ (BugBlindPut /\ key.holder # n)
        THEN \* put: a key that exists keeps its create_revision (etcd's put)
@@ -285,6 +325,12 @@ ApplyAcquire(n) ==
                /\ Record(n, "acquire", ok, IF ok THEN TokenOf(key) ELSE 0, FALSE)
     /\ UNCHANGED <<belief, NodeVars>>
 
+ApplyAcquire(n) ==
+    /\ req[n].type = "acquire" /\ ~req[n].applied /\ rev < MaxRev
+    /\ IF ~KeptAlive(n) /\ ~BugIgnoreExpiredKeepAlive
+       THEN RetireExpiredSession(n)
+       ELSE ApplyAcquireOnSession(n)
+
 ApplyRenew(n) ==
     /\ req[n].type = "renew" /\ ~req[n].applied /\ rev < MaxRev
     /\ IF alive[n] /\ Carries(key, n, req[n].token)
@@ -292,8 +338,8 @@ ApplyRenew(n) ==
             IN /\ KeepAlive(n)
                /\ rev' = rev + 1
                /\ key' = k
-               /\ Reply(n, TRUE, TokenOf(k))
-               /\ Handed(TRUE, TokenOf(k))
+               /\ Reply(n, Granted(n, TRUE), TokenOf(k))
+               /\ Handed(Granted(n, TRUE), TokenOf(k))
                /\ Record(n, "renew", TRUE, TokenOf(k), FALSE)
        ELSE \* the session is gone (lease not found) or the compare failed
             /\ IF alive[n] THEN KeepAlive(n) ELSE UNCHANGED <<alive, ttl>>
@@ -439,8 +485,8 @@ RevRoom == Compacted => rev < MaxRev
 (* Fairness: what must eventually happen once faults stop.                 *)
 (*  * Time passes (WF Tick), and Compact, the model's bookkeeping, runs.   *)
 (*  * etcd's lessor revokes a session whose TTL ran out (WF Expire): it    *)
-(*    stays expired until revoked, since only its holder's keepalive or a  *)
-(*    leader change would extend it.                                       *)
+(*    stays expired until revoked, since only a leader change extends it   *)
+(*    (a keepalive of it finds it expired).                                *)
 (*  * A live node that neither believes it holds the actor, nor has a      *)
 (*    request in flight, nor waits in a handover, acquires (WF             *)
 (*    SendAcquire): Placement keeps asking for an actor it wants; a        *)

@@ -49,6 +49,8 @@ pub enum Mutation {
     EtcdBeliefFromReply,
     /// The etcd backend trusts a watch's deletion event: its next acquire puts blindly.
     EtcdTrustWatch,
+    /// The etcd backend takes a keepalive that found its session expired as one that kept it.
+    EtcdIgnoreExpiredKeepAlive,
     /// The simulated etcd serves range reads from the keys as they were before its latest
     /// write.
     EtcdStaleReads,
@@ -56,7 +58,7 @@ pub enum Mutation {
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 14] = [
+    pub const ALL: [Mutation; 15] = [
         Mutation::AcquireIgnoresHolder,
         Mutation::RenewIgnoresOwnership,
         Mutation::TokenNotIncreased,
@@ -70,6 +72,7 @@ impl Mutation {
         Mutation::EtcdModRevisionToken,
         Mutation::EtcdBeliefFromReply,
         Mutation::EtcdTrustWatch,
+        Mutation::EtcdIgnoreExpiredKeepAlive,
         Mutation::EtcdStaleReads,
     ];
 
@@ -89,6 +92,7 @@ impl Mutation {
             Mutation::EtcdModRevisionToken => "etcd-mod-revision-token",
             Mutation::EtcdBeliefFromReply => "etcd-belief-from-reply",
             Mutation::EtcdTrustWatch => "etcd-trust-watch",
+            Mutation::EtcdIgnoreExpiredKeepAlive => "etcd-ignore-expired-keepalive",
             Mutation::EtcdStaleReads => "etcd-stale-reads",
         }
     }
@@ -127,6 +131,7 @@ impl Mutation {
             Mutation::EtcdModRevisionToken => Some(EtcdMutation::ModRevisionToken),
             Mutation::EtcdBeliefFromReply => Some(EtcdMutation::BeliefFromReply),
             Mutation::EtcdTrustWatch => Some(EtcdMutation::TrustWatch),
+            Mutation::EtcdIgnoreExpiredKeepAlive => Some(EtcdMutation::IgnoreExpiredKeepAlive),
             _ => None,
         }
     }
@@ -176,6 +181,9 @@ impl Mutation {
             // The first renewal hands the holder a token the key does not carry.
             Mutation::EtcdModRevisionToken => &["BeliefConsistency", "FencingTokenMonotonic"],
             Mutation::EtcdBeliefFromReply => &["BeliefConsistency"],
+            // A grant on a session etcd already counts as expired: etcd deletes the key when
+            // it revokes the session, under the believer.
+            Mutation::EtcdIgnoreExpiredKeepAlive => &["BeliefConsistency", "LeaseUniqueness"],
             // The backend guards every write by a compare, so stale reads show only in etcd's
             // history.
             Mutation::EtcdStaleReads => &[LINEARIZABILITY],
@@ -219,7 +227,8 @@ impl Mutation {
             Mutation::EtcdBlindPut
             | Mutation::EtcdModRevisionToken
             | Mutation::EtcdBeliefFromReply
-            | Mutation::EtcdTrustWatch => {
+            | Mutation::EtcdTrustWatch
+            | Mutation::EtcdIgnoreExpiredKeepAlive => {
                 scenario.cluster.store = SwarmStore::Etcd;
                 scenario.cluster.etcd_mutation = self.etcd();
                 // Atomic and honest at etcd's level: its history would pass.

@@ -176,7 +176,7 @@ fn test_etcd_mutations_are_caught_by_the_invariant_they_break() {
         seen += 1;
     }
     assert_eq!(
-        seen, 5,
-        "the four etcd backend mutations and the stale-read etcd"
+        seen, 6,
+        "the five etcd backend mutations and the stale-read etcd"
     );
 }

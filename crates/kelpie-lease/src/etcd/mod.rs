@@ -177,6 +177,9 @@ pub enum EtcdMutation {
     /// After a watch saw the key deleted, the next acquire of it puts blindly, trusting the
     /// event instead of the transaction's compare.
     TrustWatch,
+    /// A keepalive that finds the session expired (its TTL ran out, maybe not revoked yet) is
+    /// taken as one that extended it: grants on the dying session are believed.
+    IgnoreExpiredKeepAlive,
 }
 
 /// How late after its sending the backend assumes etcd may still apply a request: etcd fails
@@ -312,6 +315,8 @@ impl<A: EtcdApi> EtcdLeaseManager<A> {
                 counters: Arc::new(Counters::default()),
                 #[cfg(feature = "mutations")]
                 belief_from_reply: false,
+                #[cfg(feature = "mutations")]
+                ignore_expired_keepalive: false,
             },
             keys: Keys::new(key_prefix),
             ttl_s,
@@ -329,6 +334,7 @@ impl<A: EtcdApi> EtcdLeaseManager<A> {
     pub fn with_mutation(mut self, mutation: EtcdMutation) -> Self {
         self.mutation = Some(mutation);
         self.connection.belief_from_reply = mutation == EtcdMutation::BeliefFromReply;
+        self.connection.ignore_expired_keepalive = mutation == EtcdMutation::IgnoreExpiredKeepAlive;
         self.keys.mod_revision_token = mutation == EtcdMutation::ModRevisionToken;
         self
     }

@@ -39,6 +39,9 @@ pub(super) struct Connection<A> {
     /// Mutation: a keepalive counts from its reply, not its send time.
     #[cfg(feature = "mutations")]
     pub belief_from_reply: bool,
+    /// Mutation: a keepalive that finds the session expired is taken as one that kept it.
+    #[cfg(feature = "mutations")]
+    pub ignore_expired_keepalive: bool,
 }
 
 /// Running totals, for tests and operators to see what sessions cost.
@@ -75,6 +78,8 @@ pub(super) struct Session<A> {
     request_timeout_ms: u64,
     #[cfg(feature = "mutations")]
     belief_from_reply: bool,
+    #[cfg(feature = "mutations")]
+    ignore_expired_keepalive: bool,
 }
 
 impl<A: EtcdApi> Session<A> {
@@ -112,6 +117,8 @@ impl<A: EtcdApi> Session<A> {
             request_timeout_ms: timeout_ms,
             #[cfg(feature = "mutations")]
             belief_from_reply: connection.belief_from_reply,
+            #[cfg(feature = "mutations")]
+            ignore_expired_keepalive: connection.ignore_expired_keepalive,
         })
     }
 
@@ -182,6 +189,14 @@ impl<A: EtcdApi> Session<A> {
                     true => self.clock.now_ms(),
                     false => sent_at_ms,
                 };
+                self.alive_sent_at_ms
+                    .fetch_max(sent_at_ms, Ordering::SeqCst);
+                Ok(KeepAlive::Alive { sent_at_ms })
+            }
+            #[cfg(feature = "mutations")]
+            Some(Ok(false)) if self.ignore_expired_keepalive => {
+                // Broken on purpose: etcd said the session expired (its TTL ran out, maybe not
+                // revoked yet); this believes it was extended.
                 self.alive_sent_at_ms
                     .fetch_max(sent_at_ms, Ordering::SeqCst);
                 Ok(KeepAlive::Alive { sent_at_ms })

@@ -169,11 +169,14 @@ impl Backend {
     fn now(&self) -> StoreNow {
         let wall = wall_now();
         let store_ms = match self {
-            // The SQLite store times leases by the wall clock, in ms since the UNIX epoch
-            // (never below its persisted high-water mark, so at most this).
-            Backend::Sqlite(_) => wall
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            // The SQLite store's own clock: ms since the UNIX epoch where it started, since
+            // run on the monotonic clock, so not the wall clock after a step of it. If it
+            // cannot be read now (the command's own read succeeded a moment ago), the wall
+            // clock is the best guess for showing times.
+            Backend::Sqlite(manager) => manager.store().now_ms().unwrap_or_else(|_| {
+                wall.duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            }),
             #[cfg(feature = "etcd")]
             Backend::Etcd(_, clock) => clock.now_ms(),
         };

@@ -6,9 +6,11 @@
 //!   before reading, so the read-decide-write step is atomic across processes too.
 //! - Group commit: one writer thread per store applies all operations that arrived while the
 //!   previous commit ran in one transaction, with one fsync (see `writer`).
-//! - Time: the host's wall clock (or a given clock), never below a high-water mark persisted
-//!   in every write transaction, so store time does not go backwards across restarts or
-//!   between processes.
+//! - Time: a mark persisted in every write transaction plus the host's monotonic clock since
+//!   (`CLOCK_MONOTONIC`, shared by the processes of a boot), so store time neither goes
+//!   backwards across restarts or between processes nor moves when the wall clock is stepped;
+//!   the wall clock only where that mark cannot be used (a new file, a new boot), never below
+//!   it (see `rows::StoreClock`). Or a given clock, for tests.
 //! - Safety of the file: created with mode 0600; a file that is not ours, has a newer schema
 //!   or is damaged is refused with an error naming it, and never written to.
 
@@ -69,8 +71,9 @@ const _: () = assert!(SQLITE_BUSY_TIMEOUT_MS_MAX <= i32::MAX as u64);
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct SqliteOptions {
-    /// The store's time source; `None` means the host's wall clock in ms since the UNIX epoch.
-    /// Either way, store time never goes below the high-water mark persisted in the file.
+    /// The store's time source; `None` means the host's clocks: ms since the UNIX epoch on the
+    /// wall clock to start from, then on the monotonic clock (see the module docs). Either way,
+    /// store time never goes below the high-water mark persisted in the file.
     pub clock: Option<SharedClock>,
     /// Whether concurrent operations share one transaction and one fsync (the default).
     /// `false` gives every operation its own transaction, for comparison.
@@ -138,7 +141,7 @@ pub struct SqliteStats {
 pub type SqliteLeaseManager = ProtocolLeaseManager<SqliteLeaseStore>;
 
 impl ProtocolLeaseManager<SqliteLeaseStore> {
-    /// Opens (creating if missing) the lease file at `path`, timed by the host's wall clock,
+    /// Opens (creating if missing) the lease file at `path`, timed by the host's clocks,
     /// and manages leases of `config`'s duration in it.
     ///
     /// # Errors
@@ -195,7 +198,7 @@ pub struct SqliteLeaseStore {
 }
 
 impl SqliteLeaseStore {
-    /// Opens the store at `path`, creating it if missing, timed by the host's wall clock.
+    /// Opens the store at `path`, creating it if missing, timed by the host's clocks.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         Self::open_with(path, SqliteOptions::default())
     }
@@ -266,6 +269,17 @@ impl SqliteLeaseStore {
         }
     }
 
+    /// Store time now, as a decision made now would read it (for showing a lease's times
+    /// relative to now: it need not be the wall clock, see the module docs).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] if the file cannot be read; [`StoreError::Corrupt`] if its
+    /// clock rows are damaged.
+    pub fn now_ms(&self) -> Result<u64, StoreError> {
+        self.read(|_, _| Ok(()))
+            .map(|((), store_now_ms)| store_now_ms)
+    }
+
     /// Runs `read` in one read transaction on the reader connection, with store time taken
     /// right after the transaction's snapshot was fixed by reading the high-water mark.
     fn read<T>(
@@ -281,8 +295,8 @@ impl SqliteLeaseStore {
             .lock()
             .expect("reader mutex poisoned by a panic");
         let transaction = conn.transaction().map_err(failed)?;
-        let result = rows::load_high_water_ms(&transaction, &shown).and_then(|high_water_ms| {
-            let store_now_ms = self.clock.now_ms(high_water_ms);
+        let result = rows::load_clock_mark(&transaction, &shown).and_then(|mark| {
+            let store_now_ms = self.clock.now(&mark).store_now_ms;
             Ok((read(&transaction, &shown)?, store_now_ms))
         });
         let (value, store_now_ms) = result.map_err(|error| match error {
@@ -355,7 +369,8 @@ impl LeaseStore for SqliteLeaseStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kelpie_core::ManualClock;
+    use crate::manager::LeaseManager;
+    use kelpie_core::{ActorId, ManualClock, NodeId};
 
     #[test]
     fn options_default_to_wall_clock_group_commit_and_build_up() {
@@ -373,6 +388,28 @@ mod tests {
             shown.contains("given") && shown.contains("false"),
             "{shown}"
         );
+    }
+
+    /// The store's own time, for showing a lease's times: the store's clock (given here),
+    /// not the reader's wall clock, and never below the mark a write left in the file.
+    #[test]
+    fn now_is_the_stores_clock_and_never_below_its_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leases.db");
+        let clock = ManualClock::new(5_000);
+        let options = SqliteOptions::default().with_clock(Arc::new(clock.clone()));
+        let store = SqliteLeaseStore::open_with(&path, options).unwrap();
+        assert_eq!(store.now_ms().unwrap(), 5_000);
+        clock.advance_ms(250);
+        assert_eq!(store.now_ms().unwrap(), 5_250);
+        let manager = ProtocolLeaseManager::new(store, LeaseConfig::default());
+        let (actor, node) = (ActorId::new("a").unwrap(), NodeId::new("n").unwrap());
+        futures::executor::block_on(manager.acquire(&actor, &node)).unwrap();
+        drop(manager);
+        // Another handle whose clock is behind reads the mark, not its clock.
+        let behind = SqliteOptions::default().with_clock(Arc::new(ManualClock::new(10)));
+        let reopened = SqliteLeaseStore::open_with(&path, behind).unwrap();
+        assert!(reopened.now_ms().unwrap() >= 5_250);
     }
 
     #[test]

@@ -17,6 +17,13 @@ use crate::protocol::assert_record_well_formed;
 
 /// The `meta` key under which the store clock's high-water mark is persisted.
 pub(super) const CLOCK_HIGH_WATER_KEY: &str = "clock_high_water_ms";
+/// The `meta` keys of the monotonic mark ([`MonoMark`]): the boot it was taken in, the
+/// monotonic clock's reading then, and the high-water mark it belongs to. Files written before
+/// it lack them, and a build that does not know them updates only the high-water mark, which
+/// the third key then no longer matches: either way the mark is not used.
+const CLOCK_MONO_BOOT_KEY: &str = "clock_mono_boot";
+const CLOCK_MONO_MS_KEY: &str = "clock_mono_ms";
+const CLOCK_MONO_AT_KEY: &str = "clock_mono_at_high_water_ms";
 
 const LOAD_RECORD_SQL: &str = "SELECT holder, fencing_token, acquired_at_ms, expires_at_ms, \
      renewal_count FROM leases WHERE actor_id = ?1";
@@ -29,6 +36,9 @@ const STORE_RECORD_SQL: &str = "INSERT INTO leases (actor_id, holder, fencing_to
      expires_at_ms = excluded.expires_at_ms, renewal_count = excluded.renewal_count";
 const LOAD_HIGH_WATER_SQL: &str = "SELECT value FROM meta WHERE key = ?1";
 const STORE_HIGH_WATER_SQL: &str = "UPDATE meta SET value = ?2 WHERE key = ?1 AND value < ?2";
+const STORE_META_SQL: &str = "INSERT INTO meta (key, value) VALUES (?1, ?2) \
+     ON CONFLICT (key) DO UPDATE SET value = excluded.value";
+const DELETE_MONO_MARK_SQL: &str = "DELETE FROM meta WHERE key IN (?1, ?2, ?3)";
 
 /// A failed read: either SQLite failed, or it returned data that is not a valid record.
 #[derive(Debug)]
@@ -54,6 +64,8 @@ pub(super) fn check_statements(conn: &Connection) -> rusqlite::Result<()> {
         STORE_RECORD_SQL,
         LOAD_HIGH_WATER_SQL,
         STORE_HIGH_WATER_SQL,
+        STORE_META_SQL,
+        DELETE_MONO_MARK_SQL,
     ] {
         conn.prepare_cached(sql)?;
     }
@@ -140,28 +152,84 @@ pub(super) fn store_record(
 
 /// Reads the persisted high-water mark of the store clock.
 pub(super) fn load_high_water_ms(conn: &Connection, path: &str) -> Result<u64, RowError> {
-    let mut statement = conn.prepare_cached(LOAD_HIGH_WATER_SQL)?;
-    let mut rows = statement.query(params![CLOCK_HIGH_WATER_KEY])?;
-    let corrupt = |reason: String| {
-        RowError::Corrupt(StoreError::Corrupt {
-            location: format!("{path} (meta table)"),
-            reason,
-        })
-    };
-    let Some(row) = rows.next()? else {
-        return Err(corrupt(format!(
-            "the {CLOCK_HIGH_WATER_KEY} row is missing"
-        )));
-    };
-    let value: Value = row.get(0)?;
-    non_negative(&value, CLOCK_HIGH_WATER_KEY).map_err(corrupt)
+    match load_meta(conn, path, CLOCK_HIGH_WATER_KEY)? {
+        Some(high_water_ms) => Ok(high_water_ms),
+        None => Err(meta_corrupt(
+            path,
+            format!("the {CLOCK_HIGH_WATER_KEY} row is missing"),
+        )),
+    }
 }
 
-/// Raises the persisted high-water mark to `store_now_ms`; never lowers it.
-pub(super) fn store_high_water_ms(conn: &Connection, store_now_ms: u64) -> rusqlite::Result<()> {
+/// Reads the store clock's persisted state: the high-water mark, and the monotonic mark if
+/// there is one that belongs to it.
+pub(super) fn load_clock_mark(conn: &Connection, path: &str) -> Result<ClockMark, RowError> {
+    let high_water_ms = load_high_water_ms(conn, path)?;
+    let boot = load_meta(conn, path, CLOCK_MONO_BOOT_KEY)?;
+    let mono_ms = load_meta(conn, path, CLOCK_MONO_MS_KEY)?;
+    let at_high_water_ms = load_meta(conn, path, CLOCK_MONO_AT_KEY)?;
+    let mono = match (boot, mono_ms, at_high_water_ms) {
+        (Some(boot), Some(mono_ms), Some(at_ms)) if at_ms == high_water_ms => {
+            Some(MonoMark { boot, mono_ms })
+        }
+        _ => None,
+    };
+    Ok(ClockMark {
+        high_water_ms,
+        mono,
+    })
+}
+
+/// Persists the store clock's state after a write transaction at `now`: raises the
+/// high-water mark to its time (never lowers it) and records the monotonic reading it was
+/// taken with, or removes the monotonic mark where there is none.
+pub(super) fn store_clock_mark(conn: &Connection, now: &StoreNow) -> rusqlite::Result<()> {
     let mut statement = conn.prepare_cached(STORE_HIGH_WATER_SQL)?;
-    statement.execute(params![CLOCK_HIGH_WATER_KEY, sql_integer(store_now_ms)?])?;
+    statement.execute(params![
+        CLOCK_HIGH_WATER_KEY,
+        sql_integer(now.store_now_ms)?
+    ])?;
+    match now.mono {
+        Some(mark) => {
+            let mut statement = conn.prepare_cached(STORE_META_SQL)?;
+            for (key, value) in [
+                (CLOCK_MONO_BOOT_KEY, mark.boot),
+                (CLOCK_MONO_MS_KEY, mark.mono_ms),
+                (CLOCK_MONO_AT_KEY, now.store_now_ms),
+            ] {
+                statement.execute(params![key, sql_integer(value)?])?;
+            }
+        }
+        None => {
+            let mut statement = conn.prepare_cached(DELETE_MONO_MARK_SQL)?;
+            statement.execute(params![
+                CLOCK_MONO_BOOT_KEY,
+                CLOCK_MONO_MS_KEY,
+                CLOCK_MONO_AT_KEY
+            ])?;
+        }
+    }
     Ok(())
+}
+
+/// One non-negative integer of the `meta` table, or `None` if its row is missing.
+fn load_meta(conn: &Connection, path: &str, key: &str) -> Result<Option<u64>, RowError> {
+    let mut statement = conn.prepare_cached(LOAD_HIGH_WATER_SQL)?;
+    let mut rows = statement.query(params![key])?;
+    let Some(row) = rows.next()? else {
+        return Ok(None);
+    };
+    let value: Value = row.get(0)?;
+    non_negative(&value, key)
+        .map(Some)
+        .map_err(|reason| meta_corrupt(path, reason))
+}
+
+fn meta_corrupt(path: &str, reason: String) -> RowError {
+    RowError::Corrupt(StoreError::Corrupt {
+        location: format!("{path} (meta table)"),
+        reason,
+    })
 }
 
 /// Validates the five record columns (holder, token, acquired, expires, renewals).
@@ -217,27 +285,63 @@ fn sql_integer(value: u64) -> rusqlite::Result<i64> {
     i64::try_from(value).map_err(|error| rusqlite::Error::ToSqlConversionFailure(Box::new(error)))
 }
 
-/// Where store time comes from before the persisted high-water mark is applied.
+/// Where store time comes from: a wall clock, to start from, and a monotonic clock shared by
+/// every process of the boot, to run on.
 #[derive(Clone)]
 pub(super) enum TimeSource {
-    /// The host's wall clock, in ms since the UNIX epoch.
+    /// The host's wall clock (ms since the UNIX epoch) and its monotonic clock
+    /// (`CLOCK_MONOTONIC`, with the boot it counts from), where it has one.
     Wall,
-    /// A given clock, for tests.
+    /// A given clock, for tests: it is both clocks.
     Given(SharedClock),
+    /// A wall clock and a monotonic one that can disagree, for the clock's own tests.
+    #[cfg(test)]
+    Split {
+        wall: SharedClock,
+        mono: SharedClock,
+        boot: u64,
+    },
 }
 
+/// The boot a given clock counts from: one that no host's boot id maps to (see
+/// [`boot_key`]), so a file a test wrote never reads as written in this boot.
+const GIVEN_CLOCK_BOOT: u64 = u64::MAX >> 1;
+
 impl TimeSource {
-    fn now_ms(&self) -> u64 {
+    /// The wall clock, in ms.
+    fn wall_ms(&self) -> u64 {
         match self {
             TimeSource::Wall => wall_clock_now_ms(),
             TimeSource::Given(clock) => clock.now_ms(),
+            #[cfg(test)]
+            TimeSource::Split { wall, .. } => wall.now_ms(),
+        }
+    }
+
+    /// The monotonic clock, in ms, with the boot it counts from; `None` where the host has no
+    /// monotonic clock shared by its processes that this build can read (not Linux).
+    fn mono(&self, boot: Option<u64>) -> Option<MonoMark> {
+        match self {
+            TimeSource::Wall => Some(MonoMark {
+                boot: boot?,
+                mono_ms: monotonic_now_ms()?,
+            }),
+            TimeSource::Given(clock) => Some(MonoMark {
+                boot: GIVEN_CLOCK_BOOT,
+                mono_ms: clock.now_ms(),
+            }),
+            #[cfg(test)]
+            TimeSource::Split { mono, boot, .. } => Some(MonoMark {
+                boot: *boot,
+                mono_ms: mono.now_ms(),
+            }),
         }
     }
 }
 
 // The SQLite store never runs inside the simulator: it is a real file shared by processes on
-// one host, and the host's wall clock is the only clock those processes have in common, so
-// reading it here is the point rather than a leak of real time into simulated code.
+// one host, and the host's clocks are the only clocks those processes have in common, so
+// reading them here is the point rather than a leak of real time into simulated code.
 #[allow(clippy::disallowed_methods)]
 fn wall_clock_now_ms() -> u64 {
     // A clock set before 1970 reads as the epoch; the high-water mark keeps time from going
@@ -248,27 +352,113 @@ fn wall_clock_now_ms() -> u64 {
     u64::try_from(since_epoch.as_millis()).expect("wall clock is within 2^64 ms of 1970")
 }
 
-/// The store's clock: its time source, never below the high-water mark persisted in the file
-/// nor below any earlier reading in this process.
+/// `CLOCK_MONOTONIC` in ms: one clock for every process of a boot, which no setting of the
+/// wall clock moves, and which stops, as the nodes' lease clocks do, while the host sleeps.
+#[cfg(target_os = "linux")]
+fn monotonic_now_ms() -> Option<u64> {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let secs = u64::try_from(now.tv_sec).ok()?;
+    let millis = u64::try_from(now.tv_nsec / 1_000_000).ok()?;
+    secs.checked_mul(1_000)?.checked_add(millis)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn monotonic_now_ms() -> Option<u64> {
+    None
+}
+
+/// This boot, as a number that fits the file's integers: the first 62 bits of the kernel's
+/// boot id (a random UUID per boot). `None` where there is none to read.
+fn boot_key() -> Option<u64> {
+    #[allow(clippy::disallowed_methods)] // a file of the kernel's, read once per store
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let hex: String = boot_id
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(16)
+        .collect();
+    let bits = u64::from_str_radix(&hex, 16).ok()?;
+    // Below GIVEN_CLOCK_BOOT, and non-negative as an SQLite integer.
+    Some(bits >> 2)
+}
+
+/// A monotonic clock reading and the boot it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct MonoMark {
+    /// The boot the reading counts from ([`boot_key`]).
+    pub(super) boot: u64,
+    /// The monotonic clock's reading, in ms.
+    pub(super) mono_ms: u64,
+}
+
+/// The store clock's persisted state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ClockMark {
+    /// No store time is ever below it.
+    pub(super) high_water_ms: u64,
+    /// The monotonic reading taken when store time was the high-water mark, if it was taken
+    /// this way by a build that keeps it.
+    pub(super) mono: Option<MonoMark>,
+}
+
+/// A reading of the store clock, with the monotonic reading it was taken with (persisted by
+/// [`store_clock_mark`] after a write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct StoreNow {
+    pub(super) store_now_ms: u64,
+    pub(super) mono: Option<MonoMark>,
+}
+
+/// The store's clock. Store time starts from the wall clock and then runs on the host's
+/// monotonic clock: it is the high-water mark persisted in the file plus the monotonic time
+/// elapsed since the mark was taken, in the same boot. So a step of the wall clock moves
+/// nothing: one forward would end every lease early against its holder's belief (which runs on
+/// the node's monotonic clock), and one backward would hold store time still until the wall
+/// clock caught up (a 1 s lease lasting as long as the step). The wall clock is read only
+/// where the monotonic mark cannot be used: a new file, a new boot (no process of the last one
+/// survives), a mark written by a build that did not keep it; store time is then the wall
+/// clock, never below the high-water mark. Nor is it ever below an earlier reading in this
+/// process.
 pub(super) struct StoreClock {
     source: TimeSource,
+    /// This boot ([`boot_key`]), read once.
+    boot: Option<u64>,
     last_ms: AtomicU64,
 }
 
 impl StoreClock {
     /// A clock over `source` that has read nothing yet.
     pub(super) fn new(source: TimeSource) -> Self {
+        let boot = match source {
+            TimeSource::Wall => boot_key(),
+            _ => None,
+        };
         Self {
             source,
+            boot,
             last_ms: AtomicU64::new(0),
         }
     }
 
-    /// Store time, given the high-water mark just read from the file.
-    pub(super) fn now_ms(&self, high_water_ms: u64) -> u64 {
-        let now_ms = self.source.now_ms().max(high_water_ms);
+    /// Store time, given the clock's state just read from the file.
+    pub(super) fn now(&self, mark: &ClockMark) -> StoreNow {
+        let mono = self.source.mono(self.boot);
+        let elapsed_ms = match (mark.mono, mono) {
+            (Some(then), Some(now)) if then.boot == now.boot => {
+                // A reading behind the mark (another process's clock, faked) counts as none.
+                Some(now.mono_ms.saturating_sub(then.mono_ms))
+            }
+            _ => None,
+        };
+        let now_ms = match elapsed_ms {
+            Some(elapsed_ms) => mark.high_water_ms.saturating_add(elapsed_ms),
+            None => self.source.wall_ms().max(mark.high_water_ms),
+        };
         let previous_ms = self.last_ms.fetch_max(now_ms, Ordering::SeqCst);
-        now_ms.max(previous_ms)
+        StoreNow {
+            store_now_ms: now_ms.max(previous_ms),
+            mono,
+        }
     }
 }
 
@@ -314,25 +504,166 @@ mod tests {
             .contains("not an integer"));
     }
 
+    /// A wall clock the test can set anywhere, backwards too (a `Clock` never goes back).
+    #[derive(Clone, Default)]
+    struct SteppedWall(Arc<AtomicU64>);
+
+    impl SteppedWall {
+        fn set_ms(&self, now_ms: u64) {
+            self.0.store(now_ms, Ordering::SeqCst);
+        }
+    }
+
+    impl kelpie_core::Clock for SteppedWall {
+        fn now_ms(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
+        }
+
+        fn sleep(&self, _: Duration) -> kelpie_core::SleepFuture<'_> {
+            unreachable!("the store clock never sleeps")
+        }
+    }
+
+    /// A store clock over a wall clock and a monotonic clock that the test moves apart.
+    fn split_clock(boot: u64) -> (SteppedWall, ManualClock, StoreClock) {
+        let (wall, mono) = (SteppedWall::default(), ManualClock::new(50));
+        wall.set_ms(10_000_000);
+        let source = TimeSource::Split {
+            wall: Arc::new(wall.clone()),
+            mono: Arc::new(mono.clone()),
+            boot,
+        };
+        (wall, mono, StoreClock::new(source))
+    }
+
+    /// The mark a write at `now` persists.
+    fn persisted(now: StoreNow) -> ClockMark {
+        ClockMark {
+            high_water_ms: now.store_now_ms,
+            mono: now.mono,
+        }
+    }
+
     #[test]
     fn store_clock_never_goes_backwards() {
         let manual = ManualClock::new(100);
         let clock = StoreClock::new(TimeSource::Given(Arc::new(manual.clone())));
-        assert_eq!(clock.now_ms(0), 100);
-        assert_eq!(clock.now_ms(500), 500, "the persisted high-water mark wins");
-        assert_eq!(
-            clock.now_ms(0),
-            500,
-            "an earlier reading in this process wins"
-        );
+        let unmarked = |high_water_ms| ClockMark {
+            high_water_ms,
+            mono: None,
+        };
+        assert_eq!(clock.now(&unmarked(0)).store_now_ms, 100);
+        let high = clock.now(&unmarked(500)).store_now_ms;
+        assert_eq!(high, 500, "the persisted high-water mark wins");
+        let again = clock.now(&unmarked(0)).store_now_ms;
+        assert_eq!(again, 500, "an earlier reading in this process wins");
         manual.advance_ms(1_000);
-        assert_eq!(clock.now_ms(0), 1_100);
+        assert_eq!(clock.now(&unmarked(0)).store_now_ms, 1_100);
+    }
+
+    /// The wall clock steps back an hour, then forward two: store time keeps running at the
+    /// monotonic clock's pace through both. It stood still for the hour (every lease granted
+    /// meanwhile lasting that long), and would have jumped an hour ahead of the nodes' beliefs.
+    #[test]
+    fn store_time_runs_on_the_monotonic_clock_through_wall_clock_steps() {
+        let (wall, mono, clock) = split_clock(7);
+        let first = clock.now(&ClockMark {
+            high_water_ms: 0,
+            mono: None,
+        });
+        assert_eq!(
+            first.store_now_ms, 10_000_000,
+            "a new file starts at the wall clock"
+        );
+        let mut mark = persisted(first);
+        let hour_ms = 3_600_000;
+        wall.set_ms(10_000_000 - hour_ms);
+        mono.advance_ms(1_000);
+        let later = clock.now(&mark);
+        assert_eq!(
+            later.store_now_ms, 10_001_000,
+            "a step back holds nothing still"
+        );
+        mark = persisted(later);
+        wall.set_ms(10_000_000 + hour_ms);
+        mono.advance_ms(1_000);
+        let later = clock.now(&mark);
+        assert_eq!(
+            later.store_now_ms, 10_002_000,
+            "a step forward jumps nothing"
+        );
+    }
+
+    /// Where the monotonic mark cannot be used, store time is the wall clock, never below the
+    /// high-water mark: a mark from another boot, or one a build that does not keep it has
+    /// left behind (its high-water mark moved on without it, so `load_clock_mark` drops it).
+    #[test]
+    fn another_boots_mark_falls_back_to_the_wall_clock() {
+        let (wall, _mono, clock) = split_clock(7);
+        let other_boot = ClockMark {
+            high_water_ms: 20_000_000,
+            mono: Some(MonoMark {
+                boot: 8,
+                mono_ms: 10,
+            }),
+        };
+        assert_eq!(clock.now(&other_boot).store_now_ms, 20_000_000);
+        wall.set_ms(30_000_000);
+        assert_eq!(clock.now(&other_boot).store_now_ms, 30_000_000);
+    }
+
+    #[test]
+    fn the_clock_mark_round_trips_and_a_stale_one_is_dropped() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL) STRICT;
+             INSERT INTO meta (key, value) VALUES ('clock_high_water_ms', 0);",
+        )
+        .unwrap();
+        let unmarked = load_clock_mark(&conn, "t.db").unwrap();
+        assert_eq!(unmarked.mono, None, "a file from before the mark");
+        let now = StoreNow {
+            store_now_ms: 1_234,
+            mono: Some(MonoMark {
+                boot: 7,
+                mono_ms: 55,
+            }),
+        };
+        store_clock_mark(&conn, &now).unwrap();
+        assert_eq!(load_clock_mark(&conn, "t.db").unwrap(), persisted(now));
+        // An older build moves only the high-water mark on.
+        conn.execute(
+            "UPDATE meta SET value = 2000 WHERE key = 'clock_high_water_ms'",
+            [],
+        )
+        .unwrap();
+        let stale = load_clock_mark(&conn, "t.db").unwrap();
+        assert_eq!(stale.high_water_ms, 2_000);
+        assert_eq!(stale.mono, None, "a mark that no longer belongs to it");
+        store_clock_mark(
+            &conn,
+            &StoreNow {
+                store_now_ms: 2_500,
+                mono: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(load_clock_mark(&conn, "t.db").unwrap().mono, None);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn this_host_has_a_boot_and_a_monotonic_clock() {
+        let boot = boot_key().expect("Linux has a boot id");
+        assert!(boot < GIVEN_CLOCK_BOOT);
+        let first = monotonic_now_ms().expect("Linux has CLOCK_MONOTONIC");
+        assert!(monotonic_now_ms().unwrap() >= first);
     }
 
     #[test]
     fn wall_clock_reads_milliseconds_since_the_epoch() {
         // 2020-01-01 in ms since the epoch: any host running this is past it.
-        assert!(TimeSource::Wall.now_ms() > 1_577_836_800_000);
+        assert!(TimeSource::Wall.wall_ms() > 1_577_836_800_000);
     }
 
     #[test]

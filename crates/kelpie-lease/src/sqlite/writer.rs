@@ -18,7 +18,7 @@ use futures_channel::oneshot;
 use kelpie_core::ActorId;
 use rusqlite::Connection;
 
-use super::rows::{load_high_water_ms, load_record, store_high_water_ms, store_record};
+use super::rows::{load_clock_mark, load_record, store_clock_mark, store_record, ClockMark};
 use super::rows::{RowError, StoreClock};
 use super::GROUP_COMMIT_BATCH_MAX;
 use crate::error::StoreError;
@@ -127,18 +127,24 @@ impl Writer {
         batch: &mut Vec<WriteJob>,
         jobs: &Receiver<WriteJob>,
     ) -> Result<Vec<Result<Decision, StoreError>>, BatchOutcome> {
-        let mut high_water_ms = match load_high_water_ms(&self.conn, &self.path) {
-            Ok(high_water_ms) => high_water_ms,
+        let mut mark = match load_clock_mark(&self.conn, &self.path) {
+            Ok(mark) => mark,
             Err(RowError::Corrupt(error)) => return Err(BatchOutcome::Failed(error)),
             Err(RowError::Sql(error)) => {
                 return Err(BatchOutcome::Failed(self.not_applied(&error)));
             }
         };
         let mut results = Vec::with_capacity(batch.len());
+        let mut now = None;
         loop {
             for (index, job) in batch.iter().enumerate().skip(results.len()) {
-                let store_now_ms = self.clock.now_ms(high_water_ms);
-                high_water_ms = store_now_ms;
+                let store_now = self.clock.now(&mark);
+                let store_now_ms = store_now.store_now_ms;
+                mark = ClockMark {
+                    high_water_ms: store_now_ms,
+                    mono: store_now.mono,
+                };
+                now = Some(store_now);
                 match catch_unwind(AssertUnwindSafe(|| self.apply_job(job, store_now_ms))) {
                     Ok(Ok(result)) => results.push(result),
                     Ok(Err(error)) => return Err(BatchOutcome::Failed(self.not_applied(&error))),
@@ -150,9 +156,12 @@ impl Writer {
             }
         }
         // Persisting the clock with every write transaction is what keeps store time from
-        // going backwards across restarts and between processes sharing the file.
-        store_high_water_ms(&self.conn, high_water_ms)
-            .map_err(|error| BatchOutcome::Failed(self.not_applied(&error)))?;
+        // going backwards across restarts and between processes sharing the file, and lets
+        // the next reader run on from it on the monotonic clock.
+        if let Some(now) = now {
+            store_clock_mark(&self.conn, &now)
+                .map_err(|error| BatchOutcome::Failed(self.not_applied(&error)))?;
+        }
         Ok(results)
     }
 

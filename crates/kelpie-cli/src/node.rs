@@ -245,8 +245,10 @@ async fn open_and_serve(
                     "--state PATH is needed with a sqlite: store (the actors' fenced state)".into(),
                 ));
             };
-            let state = SqliteFencedStateStore::open(state_path).map_err(state_error)?;
+            // The lease store first: a node that cannot open it must not leave a new state
+            // file behind.
             let manager = SqliteLeaseManager::open(path, lease)?;
+            let state = SqliteFencedStateStore::open(state_path).map_err(state_error)?;
             serve(
                 MeteredManager::new(manager, Arc::clone(&metrics)),
                 state,

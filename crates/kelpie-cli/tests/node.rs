@@ -153,6 +153,25 @@ fn node_refuses_bad_input_with_exit_2_and_a_reason() {
     }
 }
 
+/// A lease store that cannot be opened (a file of random bytes) is refused before the state
+/// store is touched: the node created the state file, then exited 3, leaving it behind.
+#[test]
+fn a_bad_lease_store_is_refused_before_the_state_file_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let leases = dir.path().join("leases.db");
+    std::fs::write(&leases, [0x5a_u8; 4096]).unwrap();
+    let state = dir.path().join("state.db");
+    let store = format!("sqlite:{}", leases.display());
+    let state_arg = state.display().to_string();
+    let args = [
+        "node", "--node", "n1", "--store", &store, "--state", &state_arg, "--actors", "a",
+    ];
+    let (code, stdout, stderr) = run(&args);
+    assert_eq!(code, 3, "{stdout}{stderr}");
+    assert!(stderr.contains("corrupt or not ours"), "{stderr}");
+    assert!(!state.exists(), "the state file was created: {stderr}");
+}
+
 /// A running node and its stdout lines as JSON.
 struct Node {
     child: Child,

@@ -533,14 +533,9 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
             });
         }
         let lease = self.keeper.acquire(actor_id).await?;
-        // A reply that came too late supports no belief: nothing to guard.
-        let Some(token) = self.keeper.holds(actor_id) else {
-            return Err(SessionError::Lease(LeaseError::Expired {
-                actor_id: actor_id.clone(),
-                node_id: self.holder_id().clone(),
-                expired_at_ms: lease.expires_at_ms,
-            }));
-        };
+        let token = self
+            .believed_beyond_the_cancel_lead(actor_id, lease.expires_at_ms)
+            .await?;
         let cancel = CancellationToken::new();
         let shut_down = {
             let mut guards = self.shared.lock_guards();
@@ -577,6 +572,51 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
             shared: Arc::clone(&self.shared),
             released: false,
         })
+    }
+
+    /// The token to guard, once the belief in the lease just granted on `actor_id` ends
+    /// beyond the cancel lead. A grant whose reply came late starts a belief that ends within
+    /// the lead, and a guard on it would be cancelled as it was handed out, its lease released
+    /// and taken again with a new token. The keeper's renewal of it is due already, so this
+    /// waits for that renewal instead, until the belief ends.
+    ///
+    /// # Errors
+    /// [`LeaseError::Expired`] if no belief holds (a reply that came too late supports none)
+    /// or it ran out before a renewal; [`SessionError::ShuttingDown`], the lease released.
+    async fn believed_beyond_the_cancel_lead(
+        &self,
+        actor_id: &ActorId,
+        expired_at_ms: u64,
+    ) -> Result<FencingToken, SessionError> {
+        // Subscribed before the belief is read: a renewal between the two is not missed.
+        let mut events = self.shared.events.subscribe();
+        loop {
+            let now_ms = self.clock.now_ms();
+            let Some(belief) = self.keeper.belief(actor_id) else {
+                return Err(SessionError::Lease(LeaseError::Expired {
+                    actor_id: actor_id.clone(),
+                    node_id: self.holder_id().clone(),
+                    expired_at_ms,
+                }));
+            };
+            let deadline_ms = belief
+                .until_local_ms
+                .saturating_sub(self.timing.cancel_lead_ms);
+            if deadline_ms > now_ms {
+                return Ok(belief.fencing_token);
+            }
+            // Until this actor's belief changes (any event may be it: each is checked above),
+            // or it ends, or the session shuts down.
+            let changed = std::pin::pin!(events.recv());
+            let ends = self
+                .clock
+                .sleep(Duration::from_millis(belief.until_local_ms - now_ms));
+            let closing = std::pin::pin!(self.shared.closing.cancelled());
+            if let Either::Right(_) = select(select(changed, ends), closing).await {
+                let _ = self.keeper.release(actor_id).await;
+                return Err(SessionError::ShuttingDown);
+            }
+        }
     }
 
     /// Waits until the lease on `actor_id` is held here: tries, and while another node holds
@@ -1007,6 +1047,56 @@ mod tests {
         let lost = position(|e| matches!(e, SessionEvent::Lease(KeeperEvent::Lost { .. })));
         assert!(cancelled.is_some(), "{seen:?}");
         assert!(lost.is_none_or(|lost| Some(lost) > cancelled), "{seen:?}");
+    }
+
+    /// An acquire whose reply comes back when most of the belief is gone (a slow store, a
+    /// node starting with many actors) gets a guard that lasts: the session waits for the
+    /// keeper's renewal, which is due, instead of handing out a guard it cancels at once (its
+    /// lease then released and taken again with a new token).
+    #[tokio::test(start_paused = true)]
+    async fn a_late_grant_is_guarded_once_renewed_not_cancelled_as_handed_out() {
+        let clock: SharedClock = PausedClock::shared();
+        let leases = manager(&clock);
+        let session = session(&leases, &clock, "n1");
+        let mut events = session.events();
+        let belief_ms = session
+            .keeper()
+            .timing()
+            .belief_config()
+            .belief_duration_ms();
+        let lead_ms = session.timing().cancel_lead_ms;
+        leases.store().hold(Some(LeaseOp::Acquire));
+        let acquirer = session.clone();
+        let acquiring = tokio::spawn(async move { acquirer.acquire(&actor("a")).await });
+        let store = Arc::clone(&leases);
+        eventually(&clock, "the acquire reaching the store", move || {
+            store.store().waiting() == 1
+        })
+        .await;
+        // The grant arrives with half the cancel lead of its belief left, and the renewal the
+        // keeper sends at once takes a quarter of the lead.
+        clock
+            .sleep(Duration::from_millis(belief_ms - lead_ms / 2))
+            .await;
+        leases.store().hold(Some(LeaseOp::Renew));
+        let (store, renewal_clock) = (Arc::clone(&leases), Arc::clone(&clock));
+        drop(tokio::spawn(async move {
+            renewal_clock
+                .sleep(Duration::from_millis(lead_ms / 4))
+                .await;
+            store.store().hold(None);
+        }));
+        let guard = acquiring.await.unwrap().unwrap();
+        assert!(guard.is_valid(), "handed out cancelled");
+        clock.sleep(Duration::from_millis(lead_ms)).await;
+        assert!(guard.is_valid(), "cancelled right after it was handed out");
+        assert_eq!(guard.fencing_token(), FencingToken(1), "no second tenure");
+        while let Some(Ok(event)) = events.try_recv() {
+            assert!(
+                !matches!(event, SessionEvent::GuardCancelled { .. }),
+                "{event:?}"
+            );
+        }
     }
 
     /// A campaign against a store that fails reports each failed attempt, counted, instead of

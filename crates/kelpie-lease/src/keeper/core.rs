@@ -557,6 +557,19 @@ impl KeeperCore {
         held.belief.held_at(now_ms).map(|h| h.fencing_token)
     }
 
+    /// Whether a renewal is due at or before `now_ms`.
+    pub fn renewal_due_by(&self, now_ms: u64) -> bool {
+        self.schedule
+            .renewals
+            .first_ms()
+            .is_some_and(|due_ms| due_ms <= now_ms)
+    }
+
+    /// The belief in the lease on `actor_id` in force at `now_ms`, if any.
+    pub fn belief(&self, actor_id: &ActorId, now_ms: u64) -> Option<HeldBelief> {
+        self.held.get(actor_id)?.belief.held_at(now_ms)
+    }
+
     /// Every belief in force at `now_ms`, in actor order.
     pub fn beliefs(&self, now_ms: u64) -> Vec<(ActorId, HeldBelief)> {
         let held = self.held.iter();

@@ -297,6 +297,10 @@ pub struct LeaseKeeper<M> {
     /// ([`watch_beliefs`](Self::watch_beliefs)). Set once, so that telling it takes no lock:
     /// it is read after nearly every renewal.
     watcher: OnceLock<BeliefWatcher>,
+    /// Wakes [`run`](Self::run) before its planned wake-up: a grant arrived whose renewal is
+    /// due already (its reply came late), which the loop, asleep until its next renewal or
+    /// belief end, would otherwise reach only then, perhaps after the new belief ended.
+    overdue: tokio::sync::Notify,
 }
 
 /// What [`LeaseKeeper::watch_beliefs`] calls after a step that changed a belief.
@@ -370,6 +374,7 @@ impl<M: LeaseManager> LeaseKeeper<M> {
             core: Mutex::new(core),
             events,
             watcher: OnceLock::new(),
+            overdue: tokio::sync::Notify::new(),
         };
         Ok((Arc::new(keeper), receiver))
     }
@@ -406,9 +411,15 @@ impl<M: LeaseManager> LeaseKeeper<M> {
         let sent_local_ms = self.clock.now_ms();
         let result = self.manager.acquire(actor_id, &self.holder_id).await;
         let now_ms = self.clock.now_ms();
-        let event = self
-            .change(|core| core.acquire_replied(actor_id, ticket, sent_local_ms, now_ms, &result));
+        let (event, overdue) = self.change(|core| {
+            let event = core.acquire_replied(actor_id, ticket, sent_local_ms, now_ms, &result);
+            (event, core.renewal_due_by(now_ms))
+        });
         self.notify(event);
+        if overdue {
+            // Stores a permit if the loop is mid-round: its next sleep then ends at once.
+            self.overdue.notify_one();
+        }
         result
     }
 
@@ -446,6 +457,12 @@ impl<M: LeaseManager> LeaseKeeper<M> {
     pub fn holds(&self, actor_id: &ActorId) -> Option<FencingToken> {
         let now_ms = self.clock.now_ms();
         self.lock().holds(actor_id, now_ms)
+    }
+
+    /// The belief in the lease on `actor_id` in force now, if any: its token and its end.
+    pub fn belief(&self, actor_id: &ActorId) -> Option<HeldBelief> {
+        let now_ms = self.clock.now_ms();
+        self.lock().belief(actor_id, now_ms)
     }
 
     /// Every belief in force now.
@@ -501,7 +518,9 @@ impl<M: LeaseManager> LeaseKeeper<M> {
                 return;
             };
             let sleep_ms = wake_local_ms.saturating_sub(self.clock.now_ms()).max(1);
-            self.clock.sleep(Duration::from_millis(sleep_ms)).await;
+            let sleep = self.clock.sleep(Duration::from_millis(sleep_ms));
+            let overdue = std::pin::pin!(self.overdue.notified());
+            futures_util::future::select(sleep, overdue).await;
         }
     }
 

@@ -420,3 +420,160 @@ async fn tls_with_client_certificates() {
         "{error:?}"
     );
 }
+
+/// Rounds of a fresh manager and a lease's whole life in `a_dead_endpoint_is_passed_over`:
+/// with the requests balanced over a live and a dead member, about half of them failed, so
+/// all of these rounds passed by chance about once in 2^(6 × this).
+const DEAD_ENDPOINT_ROUNDS: usize = 5;
+
+/// One member of the endpoint list is down (nothing listens on its port): connecting, every
+/// lease operation and a fenced state write still succeed, each time, whichever place in the
+/// list the dead member has. Each request that meets the dead member is sent again to the live
+/// one, inside the request timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_endpoint_is_passed_over() {
+    let Some(options) = etcd_support::shared_etcd("etcd_connect::dead_endpoint") else {
+        return;
+    };
+    let live = options.endpoints[0].clone();
+    let dead = format!("http://127.0.0.1:{}", etcd_support::free_port());
+    let (actor, node) = (ActorId::new("a").unwrap(), NodeId::new("n1").unwrap());
+    for endpoints in [[&dead, &live], [&live, &dead]] {
+        for round in 0..DEAD_ENDPOINT_ROUNDS {
+            let what = format!("{endpoints:?}, round {round}");
+            let mut options = options.clone();
+            options.endpoints = endpoints.iter().map(|e| e.to_string()).collect();
+            let manager = EtcdLeaseManager::connect(options)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: connect: {e}"));
+            let lease = (manager.acquire(&actor, &node).await)
+                .unwrap_or_else(|e| panic!("{what}: acquire: {e}"));
+            let state = manager.fenced_state_store();
+            kelpie_lease::FencedStateStore::fence(&state, &actor, lease.fencing_token)
+                .await
+                .unwrap_or_else(|e| panic!("{what}: fence: {e}"));
+            kelpie_lease::FencedStateStore::write(&state, &actor, lease.fencing_token, b"v")
+                .await
+                .unwrap_or_else(|e| panic!("{what}: state write: {e}"));
+            let got = manager.get(&actor).await;
+            let got = got.unwrap_or_else(|e| panic!("{what}: get: {e}"));
+            assert_eq!(got.map(|l| l.fencing_token), Some(lease.fencing_token));
+            (manager.renew(&actor, &node).await).unwrap_or_else(|e| panic!("{what}: renew: {e}"));
+            (manager.release(&actor, &node).await)
+                .unwrap_or_else(|e| panic!("{what}: release: {e}"));
+        }
+    }
+}
+
+/// Members of the cluster in `writes_move_on_when_their_member_dies`.
+const CLUSTER_MEMBERS: usize = 3;
+
+/// How long the test waits for a freshly started cluster to elect a leader, or for leadership
+/// to move.
+const LEADER_WAIT_MS: u64 = 20_000;
+
+/// A three-member cluster; the member the manager's requests go to (never the leader, so that
+/// no election follows) is killed while the manager holds a lease. The next writes, whose first
+/// attempt meets the dead member, are sent to the next member and succeed: the renewal, a new
+/// acquire and a fenced state write, and the requests go to a live member from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_move_on_when_their_member_dies() {
+    let Some(binary) = private_etcd_binary("etcd_connect::member_dies") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<(u16, u16)> = (0..CLUSTER_MEMBERS)
+        .map(|_| (etcd_support::free_port(), etcd_support::free_port()))
+        .collect();
+    let cluster = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut members: Vec<EtcdMember> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| EtcdMember::new(&binary, dir.path(), &format!("m{i}"), p, &cluster))
+        .collect();
+    for member in &mut members {
+        member.start();
+    }
+    let endpoints: Vec<String> = members.iter().map(EtcdMember::endpoint).collect();
+    let leader = wait_for_leader(&endpoints).await;
+    let manager = EtcdLeaseManager::connect(EtcdOptions::new(endpoints.clone()))
+        .await
+        .unwrap();
+    let (a, b, node) = (
+        ActorId::new("a").unwrap(),
+        ActorId::new("b").unwrap(),
+        NodeId::new("n1").unwrap(),
+    );
+    manager.acquire(&a, &node).await.unwrap();
+    let preferred = manager.api().preferred_endpoint().to_string();
+    if preferred == endpoints[leader] {
+        move_leadership_away(&preferred, &endpoints).await;
+    }
+    let victim = endpoints.iter().position(|e| *e == preferred).unwrap();
+    members[victim].kill();
+    // Let the client's connection to it see the close, so that the next request is not sent
+    // on it (which would make its outcome unknown) but finds no connection to make.
+    etcd_support::sleep_ms(300).await;
+
+    let renewed = manager.renew(&a, &node).await;
+    assert!(renewed.is_ok(), "renew after its member died: {renewed:?}");
+    let lease = manager.acquire(&b, &node).await.unwrap();
+    let state = manager.fenced_state_store();
+    kelpie_lease::FencedStateStore::fence(&state, &b, lease.fencing_token)
+        .await
+        .unwrap();
+    kelpie_lease::FencedStateStore::write(&state, &b, lease.fencing_token, b"v")
+        .await
+        .unwrap();
+    assert_ne!(manager.api().preferred_endpoint(), preferred);
+}
+
+/// The index of the member that leads, once one does.
+async fn wait_for_leader(endpoints: &[String]) -> usize {
+    let waited = Stopwatch::start();
+    loop {
+        for (index, endpoint) in endpoints.iter().enumerate() {
+            if let Some((own, leader)) = member_status(endpoint).await {
+                if own == leader {
+                    return index;
+                }
+            }
+        }
+        assert!(waited.elapsed_ms() < LEADER_WAIT_MS, "no leader elected");
+        etcd_support::sleep_ms(100).await;
+    }
+}
+
+/// A member's own id and the id of the leader it knows, if it answers.
+async fn member_status(endpoint: &str) -> Option<(u64, u64)> {
+    let asking = async {
+        let mut client = etcd_client::Client::connect([endpoint], None).await?;
+        client.status().await
+    };
+    let timeout = std::time::Duration::from_millis(500);
+    let status = tokio::time::timeout(timeout, asking).await.ok()?.ok()?;
+    Some((status.header()?.member_id(), status.leader()))
+}
+
+/// Hands leadership from the member at `leader` to another and waits until it moved.
+async fn move_leadership_away(leader: &str, endpoints: &[String]) {
+    let other = endpoints.iter().find(|e| *e != leader).unwrap();
+    let (target, _) = member_status(other)
+        .await
+        .expect("the other member answers");
+    let mut client = etcd_client::Client::connect([leader], None).await.unwrap();
+    client.move_leader(target).await.unwrap();
+    let waited = Stopwatch::start();
+    while endpoints[wait_for_leader(endpoints).await] == leader {
+        assert!(
+            waited.elapsed_ms() < LEADER_WAIT_MS,
+            "leadership did not move"
+        );
+        etcd_support::sleep_ms(100).await;
+    }
+}

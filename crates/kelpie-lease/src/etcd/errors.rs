@@ -25,9 +25,9 @@ pub(super) enum Effect {
 }
 
 /// Runs `request`, failing it with a timeout error if etcd has not answered within
-/// `timeout_ms` on `clock`. A real client has its own per-request timeout, but a balanced
-/// channel with no reachable endpoint can wait for one indefinitely before that timer starts,
-/// and a simulated request has none.
+/// `timeout_ms` on `clock`. A real client has its own per-request timeout, but it starts anew
+/// on each member a request is passed on to (see `client.rs`), and a simulated request has
+/// none. This bound covers the request's every attempt.
 pub(super) async fn bounded<T>(
     clock: &SharedClock,
     what: &str,

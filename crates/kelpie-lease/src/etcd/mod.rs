@@ -260,14 +260,12 @@ impl EtcdLeaseManager<EtcdClient> {
     /// [`StoreError::AccessDenied`] if it refuses the credentials.
     pub async fn connect(options: EtcdOptions) -> Result<Self, StoreError> {
         options.validate()?;
-        let client_options = options.client_options()?;
         let timeout_ms = options.connect_timeout_ms;
-        let client = connect_client(&options.endpoints, client_options, timeout_ms).await?;
+        let api = connect_client(&options).await?;
         let clock = options
             .clock
             .clone()
             .unwrap_or_else(|| Arc::new(kelpie_core::TokioClock::new()));
-        let api = EtcdClient::new(client);
         let manager = Self::with_api(
             api,
             options.lease,
@@ -276,6 +274,8 @@ impl EtcdLeaseManager<EtcdClient> {
             clock,
         )?;
         // The client connects lazily, so ask etcd something to find out whether it answers.
+        // The read goes to one member after another while they cannot be connected to (see
+        // `client.rs`), so this succeeds if any member answers in time.
         let probe = RangeRequest {
             key: manager.keys.prefix().as_bytes().to_vec(),
             range_end: manager.keys.prefix_end(),
@@ -514,33 +514,26 @@ impl<A: EtcdApi> LeaseManager for EtcdLeaseManager<A> {
     }
 }
 
-/// Builds the client. With credentials this authenticates, so it talks to etcd; without, it
-/// only parses the endpoints.
+/// Builds one client per endpoint, contacting nothing yet: a malformed endpoint is refused here.
 #[cfg(feature = "etcd")]
-async fn connect_client(
-    endpoints: &[String],
-    client_options: etcd_client::ConnectOptions,
-    timeout_ms: u64,
-) -> Result<etcd_client::Client, StoreError> {
-    let connecting = etcd_client::Client::connect(endpoints, Some(client_options));
-    let timeout = std::time::Duration::from_millis(timeout_ms);
-    match tokio::time::timeout(timeout, connecting).await {
-        Ok(Ok(client)) => Ok(client),
-        Ok(Err(
-            error @ (etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_)),
-        )) => Err(StoreError::InvalidOption {
-            option: "endpoints".to_string(),
-            reason: error.to_string(),
-        }),
-        Ok(Err(error)) => Err(errors::store_error(
+async fn connect_client(options: &EtcdOptions) -> Result<EtcdClient, StoreError> {
+    let client_options = options.client_options(true)?;
+    let anonymous = options.client_options(false)?;
+    let authenticates = options.credentials.is_some();
+    let connecting =
+        EtcdClient::connect(&options.endpoints, client_options, anonymous, authenticates);
+    match connecting.await {
+        Ok(client) => Ok(client),
+        Err(error @ (etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_))) => {
+            Err(StoreError::InvalidOption {
+                option: "endpoints".to_string(),
+                reason: error.to_string(),
+            })
+        }
+        Err(error) => Err(errors::store_error(
             "connecting",
             errors::Effect::ReadOnly,
             &client::classify(&error),
-        )),
-        Err(_elapsed) => Err(errors::timed_out(
-            "connecting",
-            errors::Effect::ReadOnly,
-            timeout_ms,
         )),
     }
 }

@@ -73,7 +73,9 @@ impl fmt::Debug for EtcdCredentials {
 #[non_exhaustive]
 pub struct EtcdOptions {
     /// The cluster's client URLs: `http://host:port`, `https://host:port` or `host:port` (which
-    /// means `https` when a CA file is set, `http` otherwise). Requests are balanced across them.
+    /// means `https` when a CA file is set, `http` otherwise). Requests go to one member at a
+    /// time; one that cannot be connected to is passed over for the next within the same
+    /// request, and one that stops answering is left for the next (see `EtcdClient`).
     pub endpoints: Vec<String>,
     /// Prefix of every lease key; see [`ETCD_KEY_PREFIX_DEFAULT`].
     pub key_prefix: String,
@@ -238,16 +240,29 @@ impl EtcdOptions {
         Ok(())
     }
 
-    /// The etcd client's options: timeouts, credentials and TLS. Reads the CA file.
+    /// The options of each member's etcd client: timeouts, TLS and, if `with_credentials`,
+    /// the credentials. Reads the CA file.
+    ///
+    /// A member that cannot be connected to is passed over for the next one within one
+    /// request (see `client.rs`), so each member's connect attempt gets an equal share of the
+    /// connect timeout: one pass over every member, each of them unreachable without a word
+    /// (a host that is down drops the connection attempt rather than refusing it), then fits
+    /// in the connect timeout, and a request still reaches the one member that answers.
     #[cfg(feature = "etcd")]
-    pub(super) fn client_options(&self) -> Result<ConnectOptions, StoreError> {
+    pub(super) fn client_options(
+        &self,
+        with_credentials: bool,
+    ) -> Result<ConnectOptions, StoreError> {
+        let members = u64::try_from(self.endpoints.len().max(1)).unwrap_or(u64::MAX);
+        let member_connect_timeout_ms =
+            (self.connect_timeout_ms / members).max(ETCD_TIMEOUT_MS_MIN);
         let mut options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_millis(self.connect_timeout_ms))
+            .with_connect_timeout(Duration::from_millis(member_connect_timeout_ms))
             .with_timeout(Duration::from_millis(self.request_timeout_ms))
             // A member cut off from the cluster fails requests (and watches) at once instead
             // of serving stale reads or hanging: the client then moves on to another member.
             .with_require_leader(true);
-        if let Some(credentials) = &self.credentials {
+        if let Some(credentials) = self.credentials.as_ref().filter(|_| with_credentials) {
             options = options.with_user(&credentials.username, &credentials.password);
         }
         if let Some(path) = &self.tls_ca_file {
@@ -530,7 +545,7 @@ mod tests {
         std::fs::write(&bogus_path, "not a certificate").unwrap();
         let bogus = EtcdOptions::new(["127.0.0.1:2379"]).with_tls_ca_file(&bogus_path);
         for options in [missing, bogus] {
-            let err = options.client_options().unwrap_err();
+            let err = options.client_options(true).unwrap_err();
             assert!(
                 matches!(err, StoreError::InvalidOption { ref option, .. } if option == "tls_ca_file"),
                 "{err:?}"

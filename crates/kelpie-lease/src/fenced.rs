@@ -26,7 +26,8 @@ use crate::error::StoreError;
 use crate::sqlite::{corrupt, open_file, FileKind};
 
 /// Largest state value accepted for one actor: 16 MiB. A bigger value is refused with
-/// [`StateError::ValueTooLarge`] rather than stored.
+/// [`StateError::ValueTooLarge`] rather than stored. The etcd store accepts less, as etcd
+/// refuses large requests: `ETCD_STATE_VALUE_BYTES_MAX` (1 MiB).
 pub const STATE_VALUE_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 /// `PRAGMA application_id` of a Kelpie fenced state file ("KLPS" in ASCII). A file with any
@@ -80,7 +81,8 @@ pub enum StateError {
         /// The actor written.
         actor_id: ActorId,
     },
-    /// The value exceeds [`STATE_VALUE_BYTES_MAX`].
+    /// The value exceeds the store's bound: [`STATE_VALUE_BYTES_MAX`], or in etcd the smaller
+    /// `ETCD_STATE_VALUE_BYTES_MAX`; `bytes_max` says which.
     #[error("state of {actor_id} is {bytes} bytes, over the limit of {bytes_max} bytes")]
     ValueTooLarge {
         /// The actor written.

@@ -415,3 +415,47 @@ async fn etcd_state_writes_need_the_live_lease_and_stay_out_of_lease_scans() {
     assert_eq!(fenced.value.as_deref(), Some(&b"one"[..]));
     assert_eq!(m.leases_held_by(&n2).await.unwrap().len(), 1);
 }
+
+/// etcd refuses a request over its `--max-request-bytes` (1.5 MiB by default) with an error
+/// that says nothing of the value ("etcdserver: request is too large"). The etcd state store
+/// refuses a value over `ETCD_STATE_VALUE_BYTES_MAX` itself, as `ValueTooLarge` naming that
+/// bound, from just over it up to the 16 MiB the other stores accept; a value of exactly the
+/// bound is written and read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_state_values_over_the_etcd_bound_are_refused_as_too_large() {
+    let Some(options) = shared_etcd("etcd_state_value_bound") else {
+        return;
+    };
+    use kelpie_lease::limits::{ETCD_STATE_VALUE_BYTES_MAX, STATE_VALUE_BYTES_MAX};
+    use kelpie_lease::{FencedStateStore, StateError};
+    let m = manager(&options).await;
+    let state = m.fenced_state_store();
+    let (a, n1) = (actor("large-state"), node("n1"));
+    let token = m.acquire(&a, &n1).await.unwrap().fencing_token;
+    state.fence(&a, token).await.unwrap();
+    let largest = vec![7u8; ETCD_STATE_VALUE_BYTES_MAX];
+    state.write(&a, token, &largest).await.unwrap();
+    let read = state.read(&a).await.unwrap().and_then(|s| s.value);
+    assert!(read == Some(largest), "the largest value did not read back");
+    let etcd_request_limit_bytes = 1_536 * 1_024;
+    for bytes in [
+        ETCD_STATE_VALUE_BYTES_MAX + 1,
+        etcd_request_limit_bytes,
+        STATE_VALUE_BYTES_MAX,
+    ] {
+        match state.write(&a, token, &vec![0u8; bytes]).await {
+            Err(StateError::ValueTooLarge {
+                bytes: refused,
+                bytes_max,
+                ..
+            }) => {
+                assert_eq!(refused, bytes);
+                assert_eq!(bytes_max, ETCD_STATE_VALUE_BYTES_MAX);
+            }
+            other => panic!("{bytes} bytes: expected ValueTooLarge, got {other:?}"),
+        }
+    }
+    // Nothing was written by the refused writes.
+    let read = state.read(&a).await.unwrap().and_then(|s| s.value);
+    assert_eq!(read.map(|v| v.len()), Some(ETCD_STATE_VALUE_BYTES_MAX));
+}

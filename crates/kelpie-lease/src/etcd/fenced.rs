@@ -17,17 +17,44 @@
 
 use std::sync::Arc;
 
+use kelpie_core::limits::ID_LENGTH_BYTES_MAX;
 use kelpie_core::{ActorId, FencingToken, SharedClock};
 
 use super::api::{Compare, EtcdApi, EtcdKeyValue, Txn, TxnOp, TxnReply};
 use super::codec::Keys;
 use super::errors::{bounded, Effect};
 use super::ops::single_key;
+use super::options::ETCD_KEY_PREFIX_BYTES_MAX;
 use crate::error::StoreError;
 use crate::fenced::{check_write, FencedState, FencedStateStore, StateError};
 
 /// Bytes of the token at the start of a state value.
 const TOKEN_BYTES: usize = 8;
+
+/// etcd's default `--max-request-bytes`: the largest request its members accept (1.5 MiB). A
+/// bigger one is refused with "etcdserver: request is too large" (or, far bigger, by gRPC's
+/// message size limit).
+const ETCD_MAX_REQUEST_BYTES_DEFAULT: usize = 1_536 * 1_024;
+
+/// Largest state value the etcd fenced state store accepts for one actor: 1 MiB. A write is
+/// one etcd request carrying the value, the token and two keys, and etcd refuses requests over
+/// its `--max-request-bytes` (1.5 MiB by default) with an error that says nothing of the
+/// value; a bigger value is refused here instead, with [`StateError::ValueTooLarge`] naming
+/// this bound, before anything is sent. It is below the general
+/// [`STATE_VALUE_BYTES_MAX`](crate::limits::STATE_VALUE_BYTES_MAX) the other stores allow.
+pub const ETCD_STATE_VALUE_BYTES_MAX: usize = 1_024 * 1_024;
+
+/// Room for everything a state write sends besides the value: the token, the lease key in the
+/// compare and the state key in the put (each at most the prefix, `state/` and an actor id),
+/// and protobuf's framing, with a wide margin.
+const ETCD_STATE_WRITE_OVERHEAD_BYTES_MAX: usize =
+    TOKEN_BYTES + 2 * (ETCD_KEY_PREFIX_BYTES_MAX + ID_LENGTH_BYTES_MAX + 16) + 4 * 1_024;
+
+const _: () = assert!(
+    ETCD_STATE_VALUE_BYTES_MAX + ETCD_STATE_WRITE_OVERHEAD_BYTES_MAX
+        <= ETCD_MAX_REQUEST_BYTES_DEFAULT
+);
+const _: () = assert!(ETCD_STATE_VALUE_BYTES_MAX <= crate::fenced::STATE_VALUE_BYTES_MAX);
 
 /// Actor state in the etcd of an [`EtcdLeaseManager`](super::EtcdLeaseManager), under its key
 /// prefix; made by [`EtcdLeaseManager::fenced_state_store`](super::EtcdLeaseManager::fenced_state_store)
@@ -141,6 +168,13 @@ impl<A: EtcdApi> FencedStateStore for EtcdFencedStateStore<A> {
         value: &[u8],
     ) -> Result<(), StateError> {
         check_write(actor_id, token, value.len())?;
+        if value.len() > ETCD_STATE_VALUE_BYTES_MAX {
+            return Err(StateError::ValueTooLarge {
+                actor_id: actor_id.clone(),
+                bytes: value.len(),
+                bytes_max: ETCD_STATE_VALUE_BYTES_MAX,
+            });
+        }
         let lease_key = self.keys.actor_key(actor_id);
         let mut stored = Vec::with_capacity(TOKEN_BYTES + value.len());
         stored.extend_from_slice(&token.0.to_be_bytes());

@@ -128,7 +128,7 @@ pub use options::{
     ETCD_PORT_DEFAULT, ETCD_REQUEST_TIMEOUT_MS_DEFAULT, ETCD_TIMEOUT_MS_MAX, ETCD_TIMEOUT_MS_MIN,
 };
 
-pub use fenced::EtcdFencedStateStore;
+pub use fenced::{EtcdFencedStateStore, ETCD_STATE_VALUE_BYTES_MAX};
 pub use handover::ETCD_WATCH_FAILURES_MAX;
 
 use crate::error::{LeaseError, StoreError};

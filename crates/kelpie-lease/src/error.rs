@@ -17,7 +17,7 @@ pub enum LeaseError {
         expires_at_ms: u64,
     },
     /// The caller asked to renew or release a lease it does not hold.
-    #[error("{node_id} does not hold the lease on {actor_id} (holder: {})", display_holder(.holder))]
+    #[error("{}", not_holder_message(.actor_id, .node_id, .holder))]
     NotHolder {
         /// The actor asked for.
         actor_id: ActorId,
@@ -41,10 +41,21 @@ pub enum LeaseError {
     Store(#[from] StoreError),
 }
 
-fn display_holder(holder: &Option<NodeId>) -> String {
-    holder
-        .as_ref()
-        .map_or_else(|| "none".to_string(), NodeId::to_string)
+/// "`n1` does not hold the lease (holder: `n2`)"; when the holder is the caller's own node id
+/// (on etcd, where a lease belongs to the session of the process that acquired it: another
+/// process of the node, or an earlier session), it says so instead of naming the caller as
+/// both.
+fn not_holder_message(actor_id: &ActorId, node_id: &NodeId, holder: &Option<NodeId>) -> String {
+    match holder {
+        Some(holder) if holder == node_id => format!(
+            "the lease on {actor_id} is held by {node_id} through another session (another \
+             process of {node_id}, or an earlier session), not this one"
+        ),
+        Some(holder) => {
+            format!("{node_id} does not hold the lease on {actor_id} (holder: {holder})")
+        }
+        None => format!("{node_id} does not hold the lease on {actor_id} (holder: none)"),
+    }
 }
 
 impl LeaseError {
@@ -163,4 +174,33 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn not_holder(node: &str, holder: Option<&str>) -> String {
+        LeaseError::NotHolder {
+            actor_id: ActorId::new("c1").unwrap(),
+            node_id: NodeId::new(node).unwrap(),
+            holder: holder.map(|h| NodeId::new(h).unwrap()),
+        }
+        .to_string()
+    }
+
+    #[test]
+    fn a_refusal_never_names_the_caller_as_both_refused_and_holder() {
+        assert_eq!(
+            not_holder("n1", Some("n2")),
+            "n1 does not hold the lease on c1 (holder: n2)"
+        );
+        assert_eq!(
+            not_holder("n1", None),
+            "n1 does not hold the lease on c1 (holder: none)"
+        );
+        let own = not_holder("n1", Some("n1"));
+        assert!(!own.contains("does not hold"), "{own}");
+        assert!(own.contains("another session"), "{own}");
+    }
 }

@@ -76,7 +76,9 @@ pub use etcd::{EtcdCredentials, EtcdFencedStateStore, EtcdLeaseManager, EtcdOpti
 pub use fenced::{
     FencedState, FencedStateStore, MemoryFencedStateStore, SqliteFencedStateStore, StateError,
 };
-pub use keeper::{KeeperConfig, KeeperEvent, KeeperEvents, LeaseKeeper, LostReason};
+pub use keeper::{
+    is_node_or_incarnation, KeeperConfig, KeeperEvent, KeeperEvents, LeaseKeeper, LostReason,
+};
 pub use lease::{Lease, LeaseConfig};
 pub use manager::{LeaseManager, MemoryLeaseManager};
 pub use placement::{KeeperPlacement, Location};

@@ -441,6 +441,15 @@ impl<A: EtcdApi> EtcdLeaseManager<A> {
         Ok(true)
     }
 
+    /// Every valid lease held by `node_id` itself or by one of its incarnations
+    /// (`node_id@<incarnation>`, as a `LeaseSession` or `kelpie node` holds them; see
+    /// [`is_node_or_incarnation`](crate::is_node_or_incarnation)), in actor id order, read at
+    /// one etcd revision. [`LeaseManager::leases_held_by`] matches the holder exactly.
+    pub async fn leases_of_node(&self, node_id: &NodeId) -> Result<Vec<Lease>, StoreError> {
+        let holds = |holder: &NodeId| crate::keeper::is_node_or_incarnation(holder, node_id);
+        self.scan_held_by(holds).await
+    }
+
     /// The lease key of `actor_id`, for tools and tests that look at etcd directly.
     pub fn actor_key(&self, actor_id: &ActorId) -> Vec<u8> {
         self.keys.actor_key(actor_id)
@@ -510,7 +519,7 @@ impl<A: EtcdApi> LeaseManager for EtcdLeaseManager<A> {
     }
 
     async fn leases_held_by(&self, node_id: &NodeId) -> Result<Vec<Lease>, LeaseError> {
-        Ok(self.scan_held_by(node_id).await?)
+        Ok(self.scan_held_by(|holder| holder == node_id).await?)
     }
 }
 

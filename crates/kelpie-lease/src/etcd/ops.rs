@@ -460,14 +460,17 @@ impl<A: EtcdApi> EtcdLeaseManager<A> {
         reply.kvs.first().map(|kv| self.keys.decode(kv)).transpose()
     }
 
-    /// Every valid lease `node_id` holds, in actor id order, read at one etcd revision. Reads
-    /// every lease key under the prefix (in pages), whoever holds it.
-    pub(super) async fn scan_held_by(&self, node_id: &NodeId) -> Result<Vec<Lease>, StoreError> {
+    /// Every valid lease whose holder `holds` accepts, in actor id order, read at one etcd
+    /// revision. Reads every lease key under the prefix (in pages), whoever holds it.
+    pub(super) async fn scan_held_by(
+        &self,
+        holds: impl Fn(&NodeId) -> bool,
+    ) -> Result<Vec<Lease>, StoreError> {
         let mut held = Vec::new();
         // Leases held through other managers share sessions; ask etcd once per session.
         let mut expiries: BTreeMap<i64, u64> = BTreeMap::new();
         for stored in self.scan().await? {
-            if stored.holder != *node_id {
+            if !holds(&stored.holder) {
                 continue;
             }
             if self.own_session(&stored).is_some() {

@@ -275,6 +275,22 @@ pub enum KeeperEvent {
 /// Bytes the keeper appends to a node id: `@` and a decimal `u64` incarnation.
 pub const HOLDER_SUFFIX_BYTES_MAX: usize = 1 + 20;
 
+/// Whether `holder`, as a store reports it, is `node_id`: the node id itself (a
+/// [`LeaseManager`] called directly), or one of the holder ids its keepers hold leases under,
+/// `<node id>@<incarnation>` with a decimal incarnation (a [`LeaseKeeper`], and so a
+/// `LeaseSession` and `kelpie node`). `n1@7` is `n1`'s; `n1@x@7` is node `n1@x`'s, not `n1`'s.
+pub fn is_node_or_incarnation(holder: &NodeId, node_id: &NodeId) -> bool {
+    let Some(rest) = holder.as_str().strip_prefix(node_id.as_str()) else {
+        return false;
+    };
+    match rest.strip_prefix('@') {
+        None => rest.is_empty(),
+        Some(incarnation) => {
+            !incarnation.is_empty() && incarnation.bytes().all(|b| b.is_ascii_digit())
+        }
+    }
+}
+
 /// Renews a node's leases and keeps its beliefs. Share it with `Arc`; drive
 /// [`run`](Self::run) on a task of the node's runtime (tokio in a process, the simulator in
 /// tests).
@@ -757,6 +773,28 @@ mod tests {
     use kelpie_core::{Clock, ManualClock};
 
     type Manager = ProtocolLeaseManager<FlakyStore>;
+
+    #[test]
+    fn a_node_s_incarnations_are_its_holders_and_no_other_node_s() {
+        let id = |s: &str| NodeId::new(s).unwrap();
+        for (holder, node, expected) in [
+            ("m1", "m1", true),
+            ("m1@7", "m1", true),
+            ("m1@18446744073709551615", "m1", true),
+            ("m1@", "m1", false),
+            ("m1@x", "m1", false),
+            ("m1@x@7", "m1", false),
+            ("m1@x@7", "m1@x", true),
+            ("m10@7", "m1", false),
+            ("m1", "m10", false),
+        ] {
+            assert_eq!(
+                is_node_or_incarnation(&id(holder), &id(node)),
+                expected,
+                "{holder} of {node}"
+            );
+        }
+    }
 
     #[test]
     fn an_interval_too_long_is_refused_not_an_overflow() {

@@ -32,9 +32,15 @@ pub enum CliError {
     /// `--store` did not parse.
     #[error(transparent)]
     StoreUrl(#[from] StoreUrlError),
-    /// The store refused the operation on the protocol's terms.
-    #[error("refused: {0}")]
-    Refused(LeaseError),
+    /// The store refused the operation on the protocol's terms. `message` says so for a
+    /// person (a lease command words the store's times as durations from now).
+    #[error("refused: {message}")]
+    Refused {
+        /// The refusal.
+        error: LeaseError,
+        /// What to print.
+        message: String,
+    },
     /// The store given by `--store` cannot be used by this build: its path cannot be opened
     /// as a database, or a newer Kelpie wrote it. Retrying will not help; the option must
     /// change.
@@ -65,7 +71,7 @@ impl CliError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            CliError::Refused(_) => EXIT_REFUSED,
+            CliError::Refused { .. } => EXIT_REFUSED,
             CliError::StoreUnavailable(_) => EXIT_UNAVAILABLE,
             CliError::StateStore(error) if is_configuration(error) => EXIT_USAGE,
             CliError::StateStore(_) => EXIT_UNAVAILABLE,
@@ -84,7 +90,10 @@ impl From<LeaseError> for CliError {
     fn from(error: LeaseError) -> Self {
         match error {
             LeaseError::Store(store) => CliError::from(store),
-            refusal => CliError::Refused(refusal),
+            error => CliError::Refused {
+                message: error.to_string(),
+                error,
+            },
         }
     }
 }

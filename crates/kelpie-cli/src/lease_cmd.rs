@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use clap::{Args, Subcommand};
 use kelpie_core::{ActorId, IdError, NodeId};
+use kelpie_lease::is_node_or_incarnation;
 use kelpie_lease::{backend::LeaseStore, Lease, LeaseConfig, LeaseError, LeaseManager};
 use kelpie_lease::{backend::SqliteLeaseStore, SqliteLeaseManager, SqliteOptions};
 use kelpie_lease::{limits::SQLITE_BUSY_TIMEOUT_MS_DEFAULT, limits::SQLITE_BUSY_TIMEOUT_MS_MAX};
@@ -32,7 +33,17 @@ Exit codes:
 With etcd, a lease hangs off an etcd session of the kelpie process that acquired it and
 expires --duration-ms (rounded up to whole seconds) after that process's last keepalive.
 A later kelpie process cannot renew it (refused, exit 1); acquiring it again from the same
-node takes it over under the new process, with a new, larger token. list needs --node.";
+node takes it over under the new process, with a new, larger token. etcd keeps no record of
+when a lease was acquired, so get, list and release show that time as unknown. list needs
+--node there.
+
+list --node N also lists the leases held by N's incarnations, N@<number>: the holder ids
+under which kelpie node and a LeaseSession hold leases.
+
+--json prints a lease's fields: actor_id, holder, fencing_token, renewal_count, and
+acquired_at_ms and expires_at_ms in ms on the store's clock (SQLite's: ms since the UNIX
+epoch; etcd's: ms since this command connected). acquired_at_ms is null on etcd unless this
+command acquired the lease. A refusal prints {refused, holder, message}.";
 
 /// The lease commands.
 #[derive(Debug, Subcommand)]
@@ -165,6 +176,30 @@ enum Backend {
 }
 
 impl Backend {
+    /// Whether a lease this command read (or, with `acquired_here`, acquired) carries the time
+    /// it was acquired. SQLite stores it with the lease. etcd stores no such time: a lease
+    /// acquired through another process's session (every lease a `get`, `list` or `release`
+    /// sees, since each command is a process of its own) comes back with the time this
+    /// command read it, which is not when it was acquired.
+    #[cfg_attr(not(feature = "etcd"), allow(unused_variables))]
+    fn knows_acquisition(&self, acquired_here: bool) -> bool {
+        match self {
+            Backend::Sqlite(_) => true,
+            #[cfg(feature = "etcd")]
+            Backend::Etcd(..) => acquired_here,
+        }
+    }
+
+    /// Whether the store's expiries are upper bounds of the real ones rather than exact
+    /// (etcd's, for a lease held through another process's session: see `EtcdLeaseManager`).
+    fn expiry_is_upper_bound(&self) -> bool {
+        match self {
+            Backend::Sqlite(_) => false,
+            #[cfg(feature = "etcd")]
+            Backend::Etcd(..) => true,
+        }
+    }
+
     /// The store's clock now, to show a lease's times relative to now and on the wall clock.
     fn now(&self) -> StoreNow {
         let wall = wall_now();
@@ -278,19 +313,25 @@ async fn write_op(op: Op, args: &OpArgs) -> Result<(), CliError> {
     };
     match result {
         Ok(lease) => {
+            let known = backend.knows_acquisition(matches!(op, Op::Acquire));
+            let shown = Shown {
+                lease: &lease,
+                acquisition_known: known,
+            };
             match (op, args.store.json) {
-                (Op::Release, true) => print_json(&released_json(&lease)),
+                (Op::Release, true) => print_json(&released_json(shown)),
                 (Op::Release, false) => {
-                    println!("{} {}", op.done(), describe_released(&lease, backend.now()));
+                    println!("{} {}", op.done(), describe_released(shown, backend.now()));
                 }
-                (_, true) => print_json(&json!(lease)),
-                (_, false) => println!("{} {}", op.done(), describe(&lease, backend.now())),
+                (_, true) => print_json(&lease_json(shown)),
+                (_, false) => println!("{} {}", op.done(), describe(shown, backend.now())),
             }
             Ok(())
         }
         Err(error) => {
+            let message = refusal_message(&error, &backend, backend.now());
             if args.store.json && error.is_refusal() {
-                print_json(&refusal_json(&error));
+                print_json(&refusal_json(&error, &message));
             }
             #[cfg(feature = "etcd")]
             if let (Backend::Etcd(..), LeaseError::NotHolder { holder, .. }) = (&backend, &error) {
@@ -301,7 +342,10 @@ async fn write_op(op: Op, args: &OpArgs) -> Result<(), CliError> {
                     );
                 }
             }
-            Err(CliError::from(error))
+            match error {
+                LeaseError::Store(error) => Err(CliError::from(error)),
+                error => Err(CliError::Refused { error, message }),
+            }
         }
     }
 }
@@ -319,15 +363,51 @@ async fn apply<M: LeaseManager>(
     }
 }
 
+/// A refusal for a person: as the store words it, but with the store's times as durations
+/// from now and wall-clock times, as `describe` shows a lease's (a time on the store's clock
+/// means nothing to a reader: on etcd it counts from when this command connected).
+fn refusal_message(error: &LeaseError, backend: &Backend, now: StoreNow) -> String {
+    match error {
+        LeaseError::HeldByOther {
+            actor_id,
+            holder,
+            expires_at_ms,
+        } => {
+            let left_ms = expires_at_ms.saturating_sub(now.store_ms);
+            let at = humantime::format_rfc3339_millis(now.wall_at(*expires_at_ms));
+            match backend.expiry_is_upper_bound() {
+                false => format!(
+                    "lease on {actor_id} is held by {holder}, expiring in {} (at {at})",
+                    seconds(left_ms)
+                ),
+                true => format!(
+                    "lease on {actor_id} is held by {holder}, expiring within {} (by {at}) \
+                     unless its holder renews it",
+                    seconds(left_ms)
+                ),
+            }
+        }
+        LeaseError::Expired {
+            actor_id,
+            node_id,
+            expired_at_ms,
+        } => format!(
+            "lease on {actor_id} held by {node_id} expired {} ago",
+            seconds(now.store_ms.saturating_sub(*expired_at_ms))
+        ),
+        other => other.to_string(),
+    }
+}
+
 /// A refusal as JSON, so a script can read who holds the lease.
-fn refusal_json(error: &LeaseError) -> serde_json::Value {
+fn refusal_json(error: &LeaseError, message: &str) -> serde_json::Value {
     let (reason, holder) = match error {
         LeaseError::HeldByOther { holder, .. } => ("held-by-other", Some(holder.clone())),
         LeaseError::NotHolder { holder, .. } => ("not-holder", holder.clone()),
         LeaseError::Expired { .. } => ("expired", None),
         _ => ("refused", None),
     };
-    json!({"refused": reason, "holder": holder, "message": error.to_string()})
+    json!({"refused": reason, "holder": holder, "message": message})
 }
 
 async fn get(args: &GetArgs) -> Result<(), CliError> {
@@ -340,39 +420,62 @@ async fn get(args: &GetArgs) -> Result<(), CliError> {
                 #[cfg(feature = "etcd")]
                 Backend::Etcd(manager, _) => manager.get(&args.actor).await?,
             };
-            lease.map(|lease| (lease, backend.now()))
+            let known = backend.knows_acquisition(false);
+            lease.map(|lease| (lease, known, backend.now()))
         }
     };
-    match (found, args.store.json) {
-        (found, true) => print_json(&json!(found.map(|(lease, _)| lease))),
-        (Some((lease, now)), false) => println!("{}", describe(&lease, now)),
+    let shown = found.as_ref().map(|(lease, known, now)| {
+        let shown = Shown {
+            lease,
+            acquisition_known: *known,
+        };
+        (shown, *now)
+    });
+    match (shown, args.store.json) {
+        (None, true) => print_json(&serde_json::Value::Null),
+        (Some((shown, _)), true) => print_json(&lease_json(shown)),
+        (Some((shown, now)), false) => println!("{}", describe(shown, now)),
         (None, false) => println!("{}: no valid lease", args.actor),
     }
     Ok(())
 }
 
 async fn list(args: &ListArgs) -> Result<(), CliError> {
-    let (leases, now) = match &args.store.store {
-        StoreUrl::Sqlite(path) if sqlite_store_absent(path)? => (Vec::new(), None),
+    // A usage error is found before the store is contacted, so that it exits 2 whether or not
+    // the store can be reached.
+    if let (StoreUrl::Etcd(_), None) = (&args.store.store, &args.node) {
+        return Err(CliError::Usage(
+            "with etcd, list needs --node: the etcd backend lists one node's leases".to_string(),
+        ));
+    }
+    let (leases, now, known) = match &args.store.store {
+        StoreUrl::Sqlite(path) if sqlite_store_absent(path)? => (Vec::new(), None, true),
         _ => {
             let backend = open(&args.store, LeaseConfig::default()).await?;
-            let leases =
-                match (&backend, &args.node) {
-                    (Backend::Sqlite(manager), Some(node)) => manager.leases_held_by(node).await?,
-                    (Backend::Sqlite(manager), None) => all_valid(manager.store()).await?,
-                    #[cfg(feature = "etcd")]
-                    (Backend::Etcd(manager, _), Some(node)) => manager.leases_held_by(node).await?,
-                    #[cfg(feature = "etcd")]
-                    (Backend::Etcd(..), None) => return Err(CliError::Usage(
-                        "with etcd, list needs --node: the etcd backend lists one node's leases"
-                            .to_string(),
-                    )),
-                };
-            (leases, Some(backend.now()))
+            let leases = match (&backend, &args.node) {
+                (Backend::Sqlite(manager), node) => {
+                    let all = all_valid(manager.store()).await?;
+                    let held = |l: &Lease| {
+                        node.as_ref()
+                            .is_none_or(|n| is_node_or_incarnation(&l.holder, n))
+                    };
+                    all.into_iter().filter(held).collect()
+                }
+                #[cfg(feature = "etcd")]
+                (Backend::Etcd(manager, _), Some(node)) => manager.leases_of_node(node).await?,
+                #[cfg(feature = "etcd")]
+                (Backend::Etcd(..), None) => unreachable!("checked before opening the store"),
+            };
+            let known = backend.knows_acquisition(false);
+            (leases, Some(backend.now()), known)
         }
     };
+    let shown = leases.iter().map(|lease| Shown {
+        lease,
+        acquisition_known: known,
+    });
     if args.store.json {
-        print_json(&json!(leases));
+        print_json(&serde_json::Value::Array(shown.map(lease_json).collect()));
     } else if leases.is_empty() {
         match &args.node {
             Some(node) => println!("no valid leases held by {node}"),
@@ -380,8 +483,8 @@ async fn list(args: &ListArgs) -> Result<(), CliError> {
         }
     } else {
         let now = now.expect("leases were read from an open store");
-        for lease in &leases {
-            println!("{}", describe(lease, now));
+        for shown in shown {
+            println!("{}", describe(shown, now));
         }
     }
     Ok(())
@@ -399,10 +502,42 @@ async fn all_valid<S: LeaseStore>(store: &S) -> Result<Vec<Lease>, LeaseError> {
         .collect())
 }
 
-/// `actor-1 holder=node-a token=3 expires_at_ms=... renewals=0`; times are the store's clock.
+/// A lease to show, and whether its `acquired_at_ms` is when it was acquired (see
+/// [`Backend::knows_acquisition`]).
+#[derive(Clone, Copy)]
+struct Shown<'a> {
+    lease: &'a Lease,
+    acquisition_known: bool,
+}
+
+impl Shown<'_> {
+    /// How long ago the lease was acquired, for a person: `1.234 s ago`, or that it is unknown.
+    fn acquired(&self, now: StoreNow) -> String {
+        match self.acquisition_known {
+            true => format!(
+                "acquired {} ago",
+                seconds(now.store_ms.saturating_sub(self.lease.acquired_at_ms))
+            ),
+            false => "acquired at an unknown time (etcd does not record it)".to_string(),
+        }
+    }
+}
+
+/// A lease as JSON: its fields, with `acquired_at_ms` null where the store does not know it.
+fn lease_json(shown: Shown<'_>) -> serde_json::Value {
+    let mut value = json!(shown.lease);
+    if let (false, Some(fields)) = (shown.acquisition_known, value.as_object_mut()) {
+        fields.insert("acquired_at_ms".to_string(), serde_json::Value::Null);
+    }
+    value
+}
+
+/// `actor-1 holder=node-a token=3 expires in 9.998 s (at ...), acquired ... ago, renewals=0`.
 /// A lease for a person: its expiry as a duration from now and as a wall-clock time (UTC),
-/// when it was acquired, and its renewals. `--json` keeps the store's raw fields.
-fn describe(lease: &Lease, now: StoreNow) -> String {
+/// when it was acquired (if the store knows), and its renewals. `--json` keeps the store's
+/// raw fields.
+fn describe(shown: Shown<'_>, now: StoreNow) -> String {
+    let lease = shown.lease;
     let expiry = match lease.expires_at_ms.checked_sub(now.store_ms) {
         Some(left_ms) => format!("expires in {}", seconds(left_ms)),
         None => format!(
@@ -410,14 +545,13 @@ fn describe(lease: &Lease, now: StoreNow) -> String {
             seconds(now.store_ms - lease.expires_at_ms)
         ),
     };
-    let acquired_ms = now.store_ms.saturating_sub(lease.acquired_at_ms);
     format!(
-        "{} holder={} token={} {expiry} (at {}), acquired {} ago, renewals={}",
+        "{} holder={} token={} {expiry} (at {}), {}, renewals={}",
         lease.actor_id,
         lease.holder,
         lease.fencing_token,
         humantime::format_rfc3339_millis(now.wall_at(lease.expires_at_ms)),
-        seconds(acquired_ms),
+        shown.acquired(now),
         lease.renewal_count
     )
 }
@@ -425,21 +559,22 @@ fn describe(lease: &Lease, now: StoreNow) -> String {
 /// A released lease for a person: whose it was, and since when. `release` answers with the
 /// lease as it was before, so its expiry is the one the release cut short (the store wrote the
 /// release instant instead); it is left out rather than shown as if the lease still ran.
-fn describe_released(lease: &Lease, now: StoreNow) -> String {
+fn describe_released(shown: Shown<'_>, now: StoreNow) -> String {
+    let lease = shown.lease;
     format!(
-        "{} holder={} token={}, acquired {} ago, renewals={}",
+        "{} holder={} token={}, {}, renewals={}",
         lease.actor_id,
         lease.holder,
         lease.fencing_token,
-        seconds(now.store_ms.saturating_sub(lease.acquired_at_ms)),
+        shown.acquired(now),
         lease.renewal_count
     )
 }
 
 /// A released lease as JSON: the lease's fields but its expiry, for the reason given at
 /// [`describe_released`].
-fn released_json(lease: &Lease) -> serde_json::Value {
-    let mut value = json!(lease);
+fn released_json(shown: Shown<'_>) -> serde_json::Value {
+    let mut value = lease_json(shown);
     if let Some(fields) = value.as_object_mut() {
         fields.remove("expires_at_ms");
     }

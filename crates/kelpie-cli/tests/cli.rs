@@ -437,7 +437,9 @@ fn lease_commands_against_a_sqlite_file() {
 
     let (code, _, stderr) = op("acquire", "node-b");
     assert_eq!(code, 1);
-    assert!(stderr.contains("held by node-a"), "{stderr}");
+    // The holder's expiry as a duration from now and a wall-clock time, not a store time.
+    assert!(stderr.contains("held by node-a, expiring in "), "{stderr}");
+    assert!(!stderr.contains("store time"), "{stderr}");
     let (code, _, stderr) = op("renew", "node-b");
     assert_eq!(code, 1);
     assert!(stderr.contains("node-a"), "{stderr}");
@@ -647,6 +649,36 @@ fn a_store_locked_past_the_timeout_is_unavailable() {
     lock.execute_batch("ROLLBACK").unwrap();
 }
 
+/// `list --node m1` lists the leases of `m1`'s incarnations (`m1@<n>`, how `kelpie node` and a
+/// `LeaseSession` hold leases) with `m1`'s own, and no other node's (`m10`, `m1@x@7`).
+#[test]
+fn list_by_node_includes_the_node_s_incarnations() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_arg(dir.path());
+    for (node, actor) in [
+        ("m1", "a1"),
+        ("m1@42", "a2"),
+        ("m10@42", "a3"),
+        ("m1@x@7", "a4"),
+    ] {
+        let args = [
+            "lease", "acquire", "--node", node, "--actor", actor, "--store", &store,
+        ];
+        assert_eq!(run(&args).0, 0, "{node}");
+    }
+    let (code, stdout, _) = run(&["lease", "list", "--node", "m1", "--store", &store, "--json"]);
+    assert_eq!(code, 0, "{stdout}");
+    let leases: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let mut actors: Vec<&str> = leases
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["actor_id"].as_str().unwrap())
+        .collect();
+    actors.sort_unstable();
+    assert_eq!(actors, ["a1", "a2"], "{stdout}");
+}
+
 /// Built without the `etcd` feature, `--store etcd://...` is a usage error (exit 2) that
 /// names the build command adding the backend.
 #[cfg(not(feature = "etcd"))]
@@ -700,6 +732,9 @@ fn an_unreachable_etcd_is_unavailable() {
         "1",
     ];
     assert_usage_error(&args, "connect_timeout_ms");
+    // list needs --node on etcd: a usage error, found before the store is contacted.
+    let args = ["lease", "list", "--store", store, "--timeout-ms", "200"];
+    assert_usage_error(&args, "list needs --node");
 }
 
 /// The etcd endpoint of `scripts/with-etcd`, as a `--store` value.
@@ -749,6 +784,123 @@ fn lease_commands_against_etcd() {
         "lease", "get", "--actor", &actor, "--store", &store, "--json",
     ]);
     assert_eq!(stdout.trim(), "null");
+}
+
+/// etcd keeps no acquisition time and counts expiries on the reading process's clock: a lease
+/// another process acquired is shown as acquired at an unknown time (null in JSON), a refusal
+/// gives the holder's expiry as a duration from now, and a renewal refused because another
+/// process of the same node holds the lease says so without naming the node as both.
+#[cfg(feature = "etcd")]
+#[test]
+fn etcd_output_shows_only_what_etcd_knows() {
+    let Some(store) = etcd_store() else {
+        kelpie_core::testing::missing_requirement(
+            "etcd_output_shows_only_what_etcd_knows",
+            "KELPIE_ETCD_ENDPOINTS not set",
+            "run it under scripts/with-etcd",
+        );
+        return;
+    };
+    let actor = format!("cli-output-{}", std::process::id());
+    let node = format!("cli-node-{}", std::process::id());
+    let op = |verb: &str, node: &str, json: bool| {
+        let mut args = vec![
+            "lease", verb, "--node", node, "--actor", &actor, "--store", &store,
+        ];
+        if json {
+            args.push("--json");
+        }
+        run(&args)
+    };
+    let (code, stdout, stderr) = op("acquire", &node, false);
+    assert_eq!(code, 0, "{stderr}");
+    // This command acquired it, so it knows when.
+    assert!(stdout.contains(", acquired 0."), "{stdout}");
+    let get = ["lease", "get", "--actor", &actor, "--store", &store];
+    let (_, stdout, _) = run(&get);
+    assert!(stdout.contains("acquired at an unknown time"), "{stdout}");
+    assert!(!stdout.contains("s ago"), "{stdout}");
+    let mut get_json = get.to_vec();
+    get_json.push("--json");
+    let (_, stdout, _) = run(&get_json);
+    let lease: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(lease["acquired_at_ms"].is_null(), "{stdout}");
+    assert_eq!(lease["holder"], node.as_str());
+    let list = [
+        "lease", "list", "--node", &node, "--store", &store, "--json",
+    ];
+    let (_, stdout, _) = run(&list);
+    let leases: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(leases[0]["acquired_at_ms"].is_null(), "{stdout}");
+
+    let (code, _, stderr) = op("acquire", "cli-other", false);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("held by {node}, expiring within ")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("store time"), "{stderr}");
+    let (_, stdout, _) = op("acquire", "cli-other", true);
+    let refusal: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let message = refusal["message"].as_str().unwrap();
+    assert!(message.contains("expiring within "), "{message}");
+
+    let (code, _, stderr) = op("renew", &node, false);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        !stderr.contains(&format!("{node} does not hold")),
+        "names the node as both refused and holder: {stderr}"
+    );
+    assert!(stderr.contains("another session"), "{stderr}");
+
+    let (code, stdout, stderr) = op("release", &node, false);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("acquired at an unknown time"), "{stdout}");
+}
+
+/// `list --node` on etcd finds the leases `kelpie node` holds, as `<node>@<incarnation>`.
+#[cfg(feature = "etcd")]
+#[test]
+fn etcd_list_by_node_includes_the_node_s_incarnations() {
+    let Some(store) = etcd_store() else {
+        kelpie_core::testing::missing_requirement(
+            "etcd_list_by_node_includes_the_node_s_incarnations",
+            "KELPIE_ETCD_ENDPOINTS not set",
+            "run it under scripts/with-etcd",
+        );
+        return;
+    };
+    let node = format!("cli-m{}", std::process::id());
+    let incarnation = format!("{node}@42");
+    let actor = format!("cli-incarnation-{}", std::process::id());
+    let acquire = [
+        "lease",
+        "acquire",
+        "--node",
+        &incarnation,
+        "--actor",
+        &actor,
+        "--store",
+        &store,
+    ];
+    assert_eq!(run(&acquire).0, 0);
+    let (code, stdout, stderr) = run(&["lease", "list", "--node", &node, "--store", &store]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains(&format!("{actor} holder={incarnation} ")),
+        "{stdout}"
+    );
+    let release = [
+        "lease",
+        "release",
+        "--node",
+        &incarnation,
+        "--actor",
+        &actor,
+        "--store",
+        &store,
+    ];
+    assert_eq!(run(&release).0, 0);
 }
 
 #[test]

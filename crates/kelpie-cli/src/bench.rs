@@ -6,6 +6,11 @@
 //! acquire, renew, release on one actor each. Every counted operation was acknowledged by the
 //! store, which for SQLite means committed and fsynced. The figures are one run each, on a
 //! machine whose other load they include: compare them with each other, not across hosts.
+//!
+//! A benchmark never writes into a store's leases: SQLite is measured in a new file, removed
+//! afterwards, and etcd under a key prefix of the run's own (`/kelpie/bench/<pid>-<ms>/`, which
+//! nests with no deployment's default `/kelpie/leases/`), whose leases are released at the end
+//! by revoking every benchmark node's session, whether the run succeeded or not.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,7 +23,7 @@ use serde_json::json;
 
 use crate::error::CliError;
 #[cfg(feature = "etcd")]
-use crate::lease_cmd::connect_etcd;
+use crate::lease_cmd::etcd_options;
 use crate::lease_cmd::open_sqlite;
 use crate::store_url::StoreUrl;
 use crate::timing::Stopwatch;
@@ -41,6 +46,8 @@ const ETCD_TIMEOUT_MS: u64 = 5_000;
 #[command(after_help = "\
 The SQLite store is benchmarked in a new file (by default in the temporary directory), which
 is removed afterwards; an existing file is refused rather than filled with benchmark leases.
+etcd is benchmarked under a key prefix of the run's own, /kelpie/bench/<pid>-<ms>/ (printed),
+never among the leases of /kelpie/leases/; every lease the run took is released at its end.
 
 Exit codes: 0 done, 1 the store refused an operation the benchmark expected to succeed,
 2 bad usage or configuration, 3 store unavailable.")]
@@ -107,14 +114,55 @@ pub fn run(args: BenchArgs) -> Result<(), CliError> {
         #[cfg(not(feature = "etcd"))]
         StoreUrl::Etcd(_) => return Err(crate::store_url::StoreUrlError::EtcdNotBuilt.into()),
         #[cfg(feature = "etcd")]
-        StoreUrl::Etcd(url) => runtime.block_on(async {
-            let clock = Arc::new(TokioClock::new());
-            let manager = connect_etcd(url, ETCD_TIMEOUT_MS, config, clock).await?;
-            measure_all(Arc::new(manager), &args.concurrency, case).await
-        })?,
+        StoreUrl::Etcd(url) => {
+            let prefix = bench_key_prefix();
+            let rows = runtime.block_on(measure_etcd(url, &prefix, config, &args, case))?;
+            print_rows(&store, Some(&prefix), &args, &rows);
+            return Ok(());
+        }
     };
-    print_rows(&store, &args, &rows);
+    print_rows(&store, None, &args, &rows);
     Ok(())
+}
+
+/// The key prefix of this run's etcd leases: under `/kelpie/bench/`, which no deployment's
+/// prefix nests with by default, and unique per run (the process id and the wall clock), so
+/// that two runs, or a run and a node, never touch each other's keys.
+#[cfg(feature = "etcd")]
+#[allow(clippy::disallowed_methods)] // names a run's keys; no lease decision reads it
+fn bench_key_prefix() -> String {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    let ms = since_epoch.map_or(0, |d| d.as_millis());
+    format!("/kelpie/bench/{}-{ms}/", std::process::id())
+}
+
+/// Measures etcd under `prefix`, then releases every lease the run took by revoking the
+/// sessions of all its nodes (one request each), also when a case failed. A release that
+/// fails is reported on stderr: those leases then expire with their sessions.
+#[cfg(feature = "etcd")]
+async fn measure_etcd(
+    url: &crate::store_url::EtcdUrl,
+    prefix: &str,
+    config: LeaseConfig,
+    args: &BenchArgs,
+    case: Duration,
+) -> Result<Vec<Row>, CliError> {
+    let clock = Arc::new(TokioClock::new());
+    let options = etcd_options(url, ETCD_TIMEOUT_MS, config, clock).with_key_prefix(prefix);
+    let manager = Arc::new(kelpie_lease::EtcdLeaseManager::connect(options).await?);
+    let measured = measure_all(Arc::clone(&manager), &args.concurrency, case).await;
+    let callers = args.concurrency.iter().copied().max().unwrap_or(0);
+    for index in 0..callers {
+        let node = Caller::node(index)?;
+        if let Err(error) = manager.revoke_node(&node).await {
+            eprintln!(
+                "kelpie bench: could not release the leases of {node} under {prefix}: {error}; \
+                 they expire {} s after the run",
+                BENCH_LEASE_DURATION_MS / 1_000
+            );
+        }
+    }
+    measured
 }
 
 /// A store in a new file: a benchmark must not fill someone's lease store.
@@ -193,9 +241,14 @@ struct Caller {
 }
 
 impl Caller {
+    /// The node of caller `index` (of every concurrency level).
+    fn node(index: u64) -> Result<NodeId, CliError> {
+        Ok(NodeId::new(format!("bench-node-{index}"))?)
+    }
+
     fn new(concurrency: u64, index: u64) -> Result<Self, CliError> {
         Ok(Self {
-            node: NodeId::new(format!("bench-node-{index}"))?,
+            node: Self::node(index)?,
             prefix: format!("bench-c{concurrency}-w{index}"),
             held: Vec::new(),
         })
@@ -305,7 +358,8 @@ async fn run_phase<M: LeaseManager>(
     Ok((taken, operations))
 }
 
-fn print_rows(store: &StoreUrl, args: &BenchArgs, rows: &[Row]) {
+/// Prints the table (or JSON), naming the etcd key prefix the run used, if any.
+fn print_rows(store: &StoreUrl, key_prefix: Option<&str>, args: &BenchArgs, rows: &[Row]) {
     if args.json {
         let rows: Vec<_> = rows
             .iter()
@@ -319,7 +373,10 @@ fn print_rows(store: &StoreUrl, args: &BenchArgs, rows: &[Row]) {
                 })
             })
             .collect();
-        let value = json!({"store": store.to_string(), "case_ms": args.case_ms, "rows": rows});
+        let mut value = json!({"store": store.to_string(), "case_ms": args.case_ms, "rows": rows});
+        if let (Some(prefix), Some(fields)) = (key_prefix, value.as_object_mut()) {
+            fields.insert("key_prefix".to_string(), json!(prefix));
+        }
         println!(
             "{}",
             serde_json::to_string_pretty(&value).expect("JSON serializes")
@@ -330,6 +387,10 @@ fn print_rows(store: &StoreUrl, args: &BenchArgs, rows: &[Row]) {
         StoreUrl::Sqlite(_) => " (WAL, synchronous=FULL, group commit: each op is on disk)",
         StoreUrl::Memory => " (in this process, nothing durable)",
         StoreUrl::Etcd(_) => " (each op is committed by the etcd cluster)",
+    };
+    let durability = match key_prefix {
+        Some(prefix) => format!("{durability}, under key prefix {prefix} (released at the end)"),
+        None => durability.to_string(),
     };
     println!(
         "kelpie bench: {store}{durability}, {} ms per timed case",

@@ -289,6 +289,18 @@ pub async fn connect_etcd(
     config: LeaseConfig,
     clock: kelpie_core::SharedClock,
 ) -> Result<EtcdLeaseManager, CliError> {
+    let options = etcd_options(url, timeout_ms, config, clock);
+    Ok(EtcdLeaseManager::connect(options).await?)
+}
+
+#[cfg(feature = "etcd")]
+/// The options [`connect_etcd`] connects with, under the default key prefix.
+pub fn etcd_options(
+    url: &crate::store_url::EtcdUrl,
+    timeout_ms: u64,
+    config: LeaseConfig,
+    clock: kelpie_core::SharedClock,
+) -> EtcdOptions {
     let mut options = EtcdOptions::new(url.endpoints.iter().cloned())
         .with_connect_timeout_ms(timeout_ms)
         .with_request_timeout_ms(timeout_ms)
@@ -300,7 +312,7 @@ pub async fn connect_etcd(
     if let Some((cert, key)) = &url.identity {
         options = options.with_tls_client_identity(cert, key);
     }
-    Ok(EtcdLeaseManager::connect(options).await?)
+    options
 }
 
 async fn write_op(op: Op, args: &OpArgs) -> Result<(), CliError> {

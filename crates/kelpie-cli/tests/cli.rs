@@ -903,6 +903,67 @@ fn etcd_list_by_node_includes_the_node_s_incarnations() {
     assert_eq!(run(&release).0, 0);
 }
 
+/// `kelpie bench` on etcd works under a key prefix of its own and leaves no lease behind:
+/// none under it, and no more benchmark leases under the production prefix than before.
+#[cfg(feature = "etcd")]
+#[test]
+fn bench_on_etcd_leaves_no_lease_behind() {
+    let Ok(endpoints) = std::env::var("KELPIE_ETCD_ENDPOINTS") else {
+        kelpie_core::testing::missing_requirement(
+            "bench_on_etcd_leaves_no_lease_behind",
+            "KELPIE_ETCD_ENDPOINTS not set",
+            "run it under scripts/with-etcd",
+        );
+        return;
+    };
+    let store = etcd_store().unwrap();
+    let callers_max = 3;
+    let bench_leases = |prefix: &str| -> usize {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let options = kelpie_lease::EtcdOptions::new(endpoints.split(',').map(str::trim))
+                .with_key_prefix(prefix);
+            let manager = kelpie_lease::EtcdLeaseManager::connect(options)
+                .await
+                .unwrap();
+            let mut held = 0;
+            for index in 0..callers_max {
+                let node = kelpie_core::NodeId::new(format!("bench-node-{index}")).unwrap();
+                held += manager.leases_of_node(&node).await.unwrap().len();
+            }
+            held
+        })
+    };
+    let default_prefix = kelpie_lease::limits::ETCD_KEY_PREFIX_DEFAULT;
+    let before = bench_leases(default_prefix);
+    let args = [
+        "bench",
+        "--store",
+        &store,
+        "--case-ms",
+        "150",
+        "--concurrency",
+        "1,3",
+        "--json",
+    ];
+    let (code, stdout, stderr) = run(&args);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let prefix = report["key_prefix"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(prefix.starts_with("/kelpie/bench/"), "{prefix}");
+    assert_eq!(bench_leases(prefix), 0, "leases left under {prefix}");
+    assert_eq!(
+        bench_leases(default_prefix),
+        before,
+        "leases left under {default_prefix}"
+    );
+}
+
 #[test]
 fn the_timeline_is_one_self_contained_page_with_a_row_per_actor() {
     let dir = tempfile::tempdir().unwrap();

@@ -19,7 +19,9 @@ use crate::lease::LeaseConfig;
 pub const ETCD_ENDPOINTS_ENV: &str = "KELPIE_ETCD_ENDPOINTS";
 
 /// Key prefix used when none is configured. Every lease key is this prefix followed by the
-/// actor id, and nothing else is stored under it.
+/// actor id, and nothing else is stored under it. Two deployments sharing a cluster need
+/// prefixes that do not nest (neither may start with the other): under `/demo/` the keys of
+/// `/demo/tenant-b/` look like leases of actors named `tenant-b/...`.
 pub const ETCD_KEY_PREFIX_DEFAULT: &str = "/kelpie/leases/";
 
 /// Longest key prefix accepted. etcd keys are limited in size by its request size limit, and
@@ -77,7 +79,8 @@ pub struct EtcdOptions {
     /// time; one that cannot be connected to is passed over for the next within the same
     /// request, and one that stops answering is left for the next (see `EtcdClient`).
     pub endpoints: Vec<String>,
-    /// Prefix of every lease key; see [`ETCD_KEY_PREFIX_DEFAULT`].
+    /// Prefix of every lease key; see [`ETCD_KEY_PREFIX_DEFAULT`]. Must not nest with another
+    /// deployment's prefix on the same cluster: neither may start with the other.
     pub key_prefix: String,
     /// How long connecting (and the first request, which checks that etcd answers) may take.
     pub connect_timeout_ms: u64,

@@ -21,6 +21,8 @@ use kelpie_core::{ActorId, NodeId, TokioClock};
 use kelpie_lease::{LeaseConfig, LeaseManager, MemoryLeaseManager, SqliteLeaseManager};
 use serde_json::json;
 
+use tokio::signal::unix::SignalKind;
+
 use crate::error::CliError;
 #[cfg(feature = "etcd")]
 use crate::lease_cmd::etcd_options;
@@ -49,8 +51,10 @@ is removed afterwards; an existing file is refused rather than filled with bench
 etcd is benchmarked under a key prefix of the run's own, /kelpie/bench/<pid>-<ms>/ (printed),
 never among the leases of /kelpie/leases/; every lease the run took is released at its end.
 
+SIGINT or SIGTERM stops the run after removing the file (or releasing the etcd leases).
+
 Exit codes: 0 done, 1 the store refused an operation the benchmark expected to succeed,
-2 bad usage or configuration, 3 store unavailable.")]
+2 bad usage or configuration, 3 store unavailable, 130 stopped by SIGINT or SIGTERM.")]
 pub struct BenchArgs {
     /// The store to measure: sqlite:PATH (a new file), memory, or etcd://HOST:PORT
     /// [default: sqlite: in the temporary directory].
@@ -186,16 +190,37 @@ fn remove_sqlite(path: &Path) {
     }
 }
 
+/// Every level's rows, or [`CliError::Interrupted`] as soon as SIGINT or SIGTERM arrives, so
+/// that the caller still removes the benchmark's file or releases its leases (the signal's
+/// default action would end the process with them left behind).
 async fn measure_all<M: LeaseManager + 'static>(
     manager: Arc<M>,
     levels: &[u64],
     case: Duration,
 ) -> Result<Vec<Row>, CliError> {
-    let mut rows = Vec::new();
-    for &concurrency in levels {
-        rows.extend(measure_level(&manager, concurrency, case).await?);
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let measuring = async {
+        let mut rows = Vec::new();
+        for &concurrency in levels {
+            rows.extend(measure_level(&manager, concurrency, case).await?);
+        }
+        Ok(rows)
+    };
+    let interrupted = |signal| CliError::Interrupted {
+        signal,
+        cleaned_up: "the benchmark's file was removed, or its etcd leases released",
+    };
+    tokio::select! {
+        rows = measuring => rows,
+        _ = interrupt.recv() => Err(interrupted("SIGINT")),
+        _ = terminate.recv() => Err(interrupted("SIGTERM")),
     }
-    Ok(rows)
+}
+
+fn signal(kind: SignalKind) -> Result<tokio::signal::unix::Signal, CliError> {
+    tokio::signal::unix::signal(kind)
+        .map_err(|error| CliError::Usage(format!("cannot handle signals: {error}")))
 }
 
 /// The four cases at one concurrency level.

@@ -16,6 +16,8 @@ pub const EXIT_REFUSED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 /// Exit code of a store that could not be reached or failed the operation.
 pub const EXIT_UNAVAILABLE: u8 = 3;
+/// Exit code of a command stopped by SIGINT or SIGTERM after it cleaned up (a shell's 128 + 2).
+pub const EXIT_INTERRUPTED: u8 = 130;
 
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +59,14 @@ pub enum CliError {
     /// `kelpie sim merge` was given reports that are not the shards of one sweep.
     #[error(transparent)]
     Merge(#[from] MergeError),
+    /// A signal stopped the command; what it had written was cleaned up first.
+    #[error("stopped by {signal}; {cleaned_up}")]
+    Interrupted {
+        /// The signal: "SIGINT" or "SIGTERM".
+        signal: &'static str,
+        /// What was cleaned up.
+        cleaned_up: &'static str,
+    },
     /// A file the command writes could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
@@ -72,6 +82,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Refused { .. } => EXIT_REFUSED,
+            CliError::Interrupted { .. } => EXIT_INTERRUPTED,
             CliError::StoreUnavailable(_) => EXIT_UNAVAILABLE,
             CliError::StateStore(error) if is_configuration(error) => EXIT_USAGE,
             CliError::StateStore(_) => EXIT_UNAVAILABLE,

@@ -1055,6 +1055,39 @@ fn every_subcommand_has_help() {
         .stdout(predicate::str::contains("etcd-stale-reads"));
 }
 
+/// Ctrl-C (SIGINT) during a benchmark removes its file before the process exits: it was left
+/// behind with its WAL, and the next run on that path was refused because it existed.
+#[test]
+fn an_interrupted_bench_removes_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bench.db");
+    let store = format!("sqlite:{}", path.display());
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kelpie"))
+        .args(["bench", "--store", &store, "--case-ms", "5000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kelpie bench starts");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !path.exists() {
+        assert!(std::time::Instant::now() < deadline, "no benchmark file");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // Past its start-up, into the measuring.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill has no memory effects; the pid is our own unreaped child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("stopped by SIGINT"), "{stderr}");
+    for suffix in ["", "-wal", "-shm"] {
+        let leftover = format!("{}{suffix}", path.display());
+        assert!(!Path::new(&leftover).exists(), "{leftover} left behind");
+    }
+}
+
 #[test]
 fn bench_prints_a_table_and_leaves_no_file() {
     let dir = tempfile::tempdir().unwrap();

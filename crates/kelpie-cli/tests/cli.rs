@@ -1058,6 +1058,7 @@ fn every_subcommand_has_help() {
 /// Ctrl-C (SIGINT) during a benchmark removes its file before the process exits: it was left
 /// behind with its WAL, and the next run on that path was refused because it existed.
 #[test]
+#[allow(clippy::disallowed_methods)] // a real process on the real clock
 fn an_interrupted_bench_removes_its_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bench.db");

@@ -21,12 +21,11 @@ use kelpie_core::{ActorId, NodeId, TokioClock};
 use kelpie_lease::{LeaseConfig, LeaseManager, MemoryLeaseManager, SqliteLeaseManager};
 use serde_json::json;
 
-use tokio::signal::unix::SignalKind;
-
 use crate::error::CliError;
 #[cfg(feature = "etcd")]
 use crate::lease_cmd::etcd_options;
 use crate::lease_cmd::open_sqlite;
+use crate::stop_signals::StopSignals;
 use crate::store_url::StoreUrl;
 use crate::timing::Stopwatch;
 
@@ -198,8 +197,7 @@ async fn measure_all<M: LeaseManager + 'static>(
     levels: &[u64],
     case: Duration,
 ) -> Result<Vec<Row>, CliError> {
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
+    let mut stop = StopSignals::install()?;
     let measuring = async {
         let mut rows = Vec::new();
         for &concurrency in levels {
@@ -207,20 +205,13 @@ async fn measure_all<M: LeaseManager + 'static>(
         }
         Ok(rows)
     };
-    let interrupted = |signal| CliError::Interrupted {
-        signal,
-        cleaned_up: "the benchmark's file was removed, or its etcd leases released",
-    };
     tokio::select! {
         rows = measuring => rows,
-        _ = interrupt.recv() => Err(interrupted("SIGINT")),
-        _ = terminate.recv() => Err(interrupted("SIGTERM")),
+        signal = stop.first() => Err(CliError::Interrupted {
+            signal,
+            cleaned_up: "the benchmark's file was removed, or its etcd leases released",
+        }),
     }
-}
-
-fn signal(kind: SignalKind) -> Result<tokio::signal::unix::Signal, CliError> {
-    tokio::signal::unix::signal(kind)
-        .map_err(|error| CliError::Usage(format!("cannot handle signals: {error}")))
 }
 
 /// The four cases at one concurrency level.

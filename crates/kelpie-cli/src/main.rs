@@ -18,6 +18,7 @@ mod node;
 mod progress;
 mod report;
 mod sim;
+mod stop_signals;
 mod store_url;
 mod timeline;
 mod timing;

@@ -27,6 +27,7 @@ use kelpie_lease::{
 use tracing::{error, info, warn};
 
 use crate::error::CliError;
+use crate::stop_signals::StopSignals;
 use crate::store_url::StoreUrl;
 use metered::MeteredManager;
 use metrics::{bump, Metrics};
@@ -319,8 +320,7 @@ async fn serve<M: LeaseManager + 'static, S: FencedStateStore + 'static>(
         Some(addr) => Some(start_metrics(addr, &session, Arc::clone(&metrics)).await?),
         None => None,
     };
-    let mut terminate = signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut interrupt = signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut stop = StopSignals::install()?;
     drop(tokio::spawn(log_events(
         session.clone(),
         Arc::clone(&metrics),
@@ -345,10 +345,7 @@ async fn serve<M: LeaseManager + 'static, S: FencedStateStore + 'static>(
         .into_iter()
         .map(|actor| tokio::spawn(hold(Arc::clone(&node), actor)))
         .collect();
-    let signal_name = tokio::select! {
-        _ = terminate.recv() => "SIGTERM",
-        _ = interrupt.recv() => "SIGINT",
-    };
+    let signal_name = stop.first().await;
     info!(signal = signal_name, "stopping");
     // The session first: it cancels every activation and releases every lease at once, and
     // its campaigns end, so the actors' loops find nothing left to do.
@@ -369,11 +366,6 @@ async fn futures_join(workers: Vec<tokio::task::JoinHandle<()>>) {
     for worker in workers {
         let _ = worker.await;
     }
-}
-
-fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::Signal, CliError> {
-    tokio::signal::unix::signal(kind)
-        .map_err(|e| CliError::Usage(format!("cannot install a signal handler: {e}")))
 }
 
 /// Why the actors' state store (--state) could not be opened, in its own name.

@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_support::{etcd_binary, free_port, sleep_ms, EtcdMember, Stopwatch};
+use etcd_support::{etcd_binary, sleep_ms, EtcdMember, Stopwatch};
 use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock, TokioClock};
 use kelpie_lease::{
     limits::ETCD_EXPIRY_CHECK_INTERVAL_MS, EtcdFencedStateStore, EtcdLeaseManager, EtcdOptions,
@@ -613,22 +613,7 @@ struct Cluster {
 
 impl Cluster {
     fn start(binary: &Path, dir: &Path) -> Self {
-        let ports: Vec<(u16, u16)> = (0..MEMBERS).map(|_| (free_port(), free_port())).collect();
-        let initial_cluster = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut members: Vec<EtcdMember> = ports
-            .iter()
-            .enumerate()
-            .map(|(i, &p)| EtcdMember::new(binary, dir, &format!("m{i}"), p, &initial_cluster))
-            .collect();
-        for member in &mut members {
-            member.set_extra_args(&ETCD_TIMING_ARGS);
-            member.start();
-        }
+        let members = EtcdMember::start_cluster(binary, dir, MEMBERS, &ETCD_TIMING_ARGS);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -482,23 +482,7 @@ async fn writes_move_on_when_their_member_dies() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<(u16, u16)> = (0..CLUSTER_MEMBERS)
-        .map(|_| (etcd_support::free_port(), etcd_support::free_port()))
-        .collect();
-    let cluster = ports
-        .iter()
-        .enumerate()
-        .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut members: Vec<EtcdMember> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, &p)| EtcdMember::new(&binary, dir.path(), &format!("m{i}"), p, &cluster))
-        .collect();
-    for member in &mut members {
-        member.start();
-    }
+    let mut members = EtcdMember::start_cluster(&binary, dir.path(), CLUSTER_MEMBERS, &[]);
     let endpoints: Vec<String> = members.iter().map(EtcdMember::endpoint).collect();
     let leader = wait_for_leader(&endpoints).await;
     let manager = EtcdLeaseManager::connect(EtcdOptions::new(endpoints.clone()))

@@ -155,6 +155,33 @@ impl EtcdMember {
         }
     }
 
+    /// A new cluster of `count` members named `m0`, `m1`, ..., each started (accepting
+    /// connections) with `extra_args`; a leader may not be elected yet.
+    pub fn start_cluster(
+        binary: &Path,
+        dir: &Path,
+        count: usize,
+        extra_args: &[&str],
+    ) -> Vec<Self> {
+        let ports: Vec<(u16, u16)> = (0..count).map(|_| (free_port(), free_port())).collect();
+        let cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members: Vec<Self> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| Self::new(binary, dir, &format!("m{i}"), p, &cluster))
+            .collect();
+        for member in &mut members {
+            member.set_extra_args(extra_args);
+            member.start();
+        }
+        members
+    }
+
     /// A single-member cluster with `extra_args`, started and answering.
     pub fn start_single(binary: &Path, dir: &Path, scheme: &str, extra_args: &[&str]) -> Self {
         let (client_port, peer_port) = (free_port(), free_port());

@@ -561,3 +561,30 @@ async fn move_leadership_away(leader: &str, endpoints: &[String]) {
         etcd_support::sleep_ms(100).await;
     }
 }
+
+/// A write that no member received (the only member is down, so every attempt failed to
+/// connect) was never sent: it is reported as unavailable, nothing applied, not as an outcome
+/// unknown, which a caller must treat as maybe applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_no_member_received_is_unavailable_not_unknown() {
+    let Some(binary) = private_etcd_binary("etcd_connect::no_member_received") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut member = EtcdMember::start_single(&binary, dir.path(), "http", &[]);
+    let options = EtcdOptions::new([member.endpoint()]);
+    let manager = EtcdLeaseManager::connect(options).await.unwrap();
+    let (actor, node) = (ActorId::new("a").unwrap(), NodeId::new("n1").unwrap());
+    manager.acquire(&actor, &node).await.unwrap();
+    member.kill();
+    // Let the client's connection see the close (as in `writes_move_on_when_their_member_dies`):
+    // a request sent on it before that may have reached etcd.
+    etcd_support::sleep_ms(300).await;
+    // A renewal's transaction comes before its keepalive: its failure is the write's own.
+    match manager.renew(&actor, &node).await {
+        Err(LeaseError::Store(StoreError::Unavailable { reason })) => {
+            assert!(reason.contains("not sent"), "{reason}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}

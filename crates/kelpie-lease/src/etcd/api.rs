@@ -235,6 +235,12 @@ pub enum EtcdApiError {
         /// What happened.
         reason: String,
     },
+    /// No member could be connected to, so the request was never sent: nothing was applied.
+    #[error("no member reachable, not sent: {reason}")]
+    Unreachable {
+        /// What happened.
+        reason: String,
+    },
     /// A watch's start revision was compacted away; read again and watch from a later one.
     #[error("watch start revision compacted (compaction at revision {compact_revision})")]
     Compacted {

@@ -270,6 +270,19 @@ fn status_error(status: &tonic::Status) -> &(dyn std::error::Error + 'static) {
     status
 }
 
+/// The [`EtcdApiError`] for the error [`EtcdClient::call`] ended with. It returns a failure
+/// that proves the request was never sent ([`never_sent`]) only once every member failed so,
+/// so the request reached no member and nothing was applied: [`EtcdApiError::Unreachable`],
+/// which the backend reports as unavailable even for a write, not as an unknown outcome.
+fn classify_call(error: &etcd_client::Error) -> EtcdApiError {
+    match never_sent(error) {
+        true => EtcdApiError::Unreachable {
+            reason: error.to_string(),
+        },
+        false => classify(error),
+    }
+}
+
 /// The [`EtcdApiError`] for an `etcd-client` error.
 pub(super) fn classify(error: &etcd_client::Error) -> EtcdApiError {
     let reason = error.to_string();
@@ -355,7 +368,7 @@ impl EtcdApi for EtcdClient {
                 .or_else(txn.failure.iter().map(client_op).collect::<Vec<_>>());
             async move { client.kv_client().txn(request).await }
         };
-        let (_, reply) = self.call(sending).await.map_err(|e| classify(&e))?;
+        let (_, reply) = self.call(sending).await.map_err(|e| classify_call(&e))?;
         let results = reply
             .op_responses()
             .into_iter()
@@ -387,7 +400,7 @@ impl EtcdApi for EtcdClient {
             let (key, options) = (request.key.clone(), options.clone());
             async move { client.kv_client().get(key, Some(options)).await }
         };
-        let (_, reply) = self.call(sending).await.map_err(|e| classify(&e))?;
+        let (_, reply) = self.call(sending).await.map_err(|e| classify_call(&e))?;
         Ok(RangeReply {
             kvs: reply.kvs().iter().map(key_value).collect(),
             more: reply.more(),
@@ -398,7 +411,7 @@ impl EtcdApi for EtcdClient {
     async fn grant(&self, ttl_s: i64) -> Result<LeaseGrant, EtcdApiError> {
         let sending =
             |client: Client| async move { client.lease_client().grant(ttl_s, None).await };
-        let (_, reply) = self.call(sending).await.map_err(|e| classify(&e))?;
+        let (_, reply) = self.call(sending).await.map_err(|e| classify_call(&e))?;
         if !reply.error().is_empty() {
             let reason = format!("granting a lease: {}", reply.error());
             return Err(EtcdApiError::Refused { reason });
@@ -444,7 +457,7 @@ impl EtcdApi for EtcdClient {
                 self.streams_map().insert(lease_id, stream);
                 Ok(true)
             }
-            Err(error) => match classify(&error) {
+            Err(error) => match classify_call(&error) {
                 EtcdApiError::LeaseNotFound => Ok(false),
                 other => Err(other),
             },
@@ -456,7 +469,7 @@ impl EtcdApi for EtcdClient {
         let sending = |client: Client| async move { client.lease_client().revoke(lease_id).await };
         match self.call(sending).await {
             Ok(_) => Ok(()),
-            Err(error) => match classify(&error) {
+            Err(error) => match classify_call(&error) {
                 EtcdApiError::LeaseNotFound => Ok(()),
                 other => Err(other),
             },
@@ -467,7 +480,7 @@ impl EtcdApi for EtcdClient {
         let sending = |client: Client| async move {
             client.lease_client().time_to_live(lease_id, None).await
         };
-        let (_, reply) = self.call(sending).await.map_err(|e| classify(&e))?;
+        let (_, reply) = self.call(sending).await.map_err(|e| classify_call(&e))?;
         Ok((reply.ttl() >= 0).then_some(reply.ttl()))
     }
 
@@ -479,7 +492,7 @@ impl EtcdApi for EtcdClient {
             let (key, options) = (key.to_vec(), options.clone());
             async move { client.watch_client().watch(key, Some(options)).await }
         };
-        let (member, mut stream) = self.call(opening).await.map_err(|e| classify(&e))?;
+        let (member, mut stream) = self.call(opening).await.map_err(|e| classify_call(&e))?;
         // Waiting on the watch is not an attempt: the caller stops waiting whenever it likes,
         // which says nothing about the member. A stream that breaks does.
         loop {

@@ -75,6 +75,8 @@ pub(super) fn store_error(what: &str, effect: Effect, error: &EtcdApiError) -> S
             StoreError::WriteFailed { reason }
         }
         (EtcdApiError::NoAnswer { .. }, Effect::Write) => StoreError::CommitUnknown { reason },
+        // Never sent (no member could be connected to): nothing was applied, write or not.
+        (EtcdApiError::Unreachable { .. }, _) => StoreError::Unavailable { reason },
         (_, _) => StoreError::Unavailable { reason },
     }
 }

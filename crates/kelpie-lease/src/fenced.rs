@@ -469,6 +469,7 @@ const STATE_FILE: FileKind = FileKind {
     what: "Kelpie fenced state store",
     application_id: STATE_SQLITE_APPLICATION_ID,
     schema_version: STATE_SQLITE_SCHEMA_VERSION,
+    upgrades_from: &[],
     schema_sql: STATE_SCHEMA_V1_SQL,
     busy_timeout_ms_max: STATE_SQLITE_BUSY_TIMEOUT_MS_MAX,
     check_tables: check_state_tables,

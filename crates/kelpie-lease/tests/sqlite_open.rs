@@ -156,6 +156,41 @@ fn a_newer_schema_is_refused() {
     );
 }
 
+/// A store of schema version 1, which timed decisions by the wall clock alone, is upgraded to
+/// version 2 when this build opens it, with its leases intact; from then on a version 1 build
+/// refuses it (as `a_newer_schema_is_refused` shows for any newer version), so the two never
+/// share it. A version this build never released is refused, untouched.
+#[test]
+fn a_version_1_store_is_upgraded_and_an_unknown_version_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("leases.db");
+    populated_store(&path);
+    let conn = Connection::open(&path).unwrap();
+    conn.pragma_update(None, "user_version", 1).unwrap();
+    drop(conn);
+    let store = SqliteLeaseStore::open(&path).unwrap();
+    let version: i64 = Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(version, i64::from(SQLITE_SCHEMA_VERSION));
+    let manager = SqliteLeaseManager::new(store, LeaseConfig::default());
+    let actor = ActorId::new("a1").unwrap();
+    let held = futures::executor::block_on(manager.get(&actor)).unwrap();
+    assert_eq!(held.map(|l| l.holder), Some(NodeId::new("n1").unwrap()));
+    drop(manager);
+
+    let other = dir.path().join("other.db");
+    populated_store(&other);
+    let conn = Connection::open(&other).unwrap();
+    conn.pragma_update(None, "user_version", 0).unwrap();
+    drop(conn);
+    match refused_untouched(&other) {
+        StoreError::Corrupt { reason, .. } => assert!(reason.contains("never released")),
+        error => panic!("expected Corrupt, got {error:?}"),
+    }
+}
+
 #[test]
 fn a_store_missing_its_clock_is_corrupt() {
     let dir = tempfile::tempdir().unwrap();

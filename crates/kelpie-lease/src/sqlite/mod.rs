@@ -45,7 +45,13 @@ pub const SQLITE_APPLICATION_ID: i32 = 0x4B4C_504C;
 
 /// The schema version this build creates and reads, kept in `PRAGMA user_version`. A file with
 /// a newer version is refused with [`StoreError::SchemaTooNew`].
-pub const SQLITE_SCHEMA_VERSION: i32 = 1;
+///
+/// Version 2 keeps the store clock's monotonic mark in `meta` (see `rows::StoreClock`); its
+/// tables are version 1's. A version 1 file is upgraded when a build of version 2 opens it, so
+/// that builds of version 1, which time decisions by the wall clock alone and move only the
+/// high-water mark on, refuse it from then on: sharing a file, the two could read one lease's
+/// expiry at different times.
+pub const SQLITE_SCHEMA_VERSION: i32 = 2;
 
 /// Most operations applied in one group-commit transaction. Bounds how long the first
 /// operation of a batch waits behind the others, and the memory a batch holds.

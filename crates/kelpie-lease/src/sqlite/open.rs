@@ -27,9 +27,9 @@ const WAL_SWITCH_PAUSE_MS_MAX: u64 = 50;
 /// How many problems `PRAGMA quick_check` reports before stopping.
 const QUICK_CHECK_ERRORS_MAX: u32 = 8;
 
-/// Schema version 1. `STRICT` makes SQLite itself refuse a value of the wrong type, and the
-/// checks restate the record invariants so that not even a buggy writer can store a record
-/// the protocol would refuse to read.
+/// The tables of schema versions 1 and 2 (2 only adds rows to `meta`). `STRICT` makes SQLite
+/// itself refuse a value of the wrong type, and the checks restate the record invariants so
+/// that not even a buggy writer can store a record the protocol would refuse to read.
 const SCHEMA_V1_SQL: &str = "
     CREATE TABLE meta (
         key   TEXT PRIMARY KEY NOT NULL,
@@ -58,6 +58,9 @@ pub(crate) struct FileKind {
     pub(crate) application_id: i32,
     /// `PRAGMA user_version` this build creates and reads.
     pub(crate) schema_version: i32,
+    /// Earlier versions this build upgrades in place to `schema_version` when it opens them,
+    /// by setting `user_version` alone: their tables are the same.
+    pub(crate) upgrades_from: &'static [i64],
     /// The schema and first rows of a new file, run in the transaction that creates it.
     pub(crate) schema_sql: &'static str,
     /// Longest busy timeout accepted.
@@ -76,6 +79,7 @@ const LEASE_FILE: FileKind = FileKind {
     what: "Kelpie lease store",
     application_id: SQLITE_APPLICATION_ID,
     schema_version: SQLITE_SCHEMA_VERSION,
+    upgrades_from: &[1],
     schema_sql: SCHEMA_V1_SQL,
     busy_timeout_ms_max: SQLITE_BUSY_TIMEOUT_MS_MAX,
     check_tables: check_lease_tables,
@@ -140,9 +144,12 @@ fn open_file_of_kind(
     prepare_file(path, &shown)?;
     let conn = connect(path, &shown, busy_timeout_ms)?;
     initialise_if_empty(&conn, &shown, kind)?;
-    check_ours(&conn, &shown, kind)?;
+    let upgrade = check_ours(&conn, &shown, kind)?;
     check_integrity(&conn, &shown)?;
     (kind.check_tables)(&conn, &shown)?;
+    if upgrade {
+        upgrade_schema(&conn, &shown, kind)?;
+    }
     let journal_mode = enable_wal(&conn, busy_timeout_ms)
         .map_err(|error| sqlite_open_error(&shown, "enabling WAL", error))?;
     if !journal_mode.eq_ignore_ascii_case("wal") {
@@ -351,8 +358,9 @@ fn initialise_if_empty(conn: &Connection, shown: &str, kind: &FileKind) -> Resul
     initialise().map_err(|error| sqlite_open_error(shown, "creating the schema", error))
 }
 
-/// Refuses a file that another program wrote, or a newer Kelpie.
-fn check_ours(conn: &Connection, shown: &str, kind: &FileKind) -> Result<(), StoreError> {
+/// Refuses a file that another program wrote, or a newer Kelpie. `Ok(true)` if it is of an
+/// earlier version that this build upgrades ([`FileKind::upgrades_from`]).
+fn check_ours(conn: &Connection, shown: &str, kind: &FileKind) -> Result<bool, StoreError> {
     let state = FileState::read(conn)
         .map_err(|error| sqlite_open_error(shown, "checking it is ours", error))?;
     if state.application_id != i64::from(kind.application_id) {
@@ -374,14 +382,30 @@ fn check_ours(conn: &Connection, shown: &str, kind: &FileKind) -> Result<(), Sto
         });
     }
     if state.user_version < i64::from(kind.schema_version) {
-        // No earlier schema was ever released, so there is nothing to migrate from.
+        if kind.upgrades_from.contains(&state.user_version) {
+            return Ok(true);
+        }
         let reason = format!(
             "its schema version {} was never released",
             state.user_version
         );
         return Err(corrupt(shown, reason));
     }
-    Ok(())
+    Ok(false)
+}
+
+/// Raises an earlier version's file to this build's, in one write transaction (once, however
+/// many processes open it at once: the version is read again inside it).
+fn upgrade_schema(conn: &Connection, shown: &str, kind: &FileKind) -> Result<(), StoreError> {
+    let upgrade = || -> rusqlite::Result<()> {
+        let transaction = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+        let version: i64 = transaction.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        if kind.upgrades_from.contains(&version) {
+            transaction.pragma_update(None, "user_version", kind.schema_version)?;
+        }
+        transaction.commit()
+    };
+    upgrade().map_err(|error| sqlite_open_error(shown, "upgrading its schema version", error))
 }
 
 /// Names the other kind of Kelpie file, for a message about opening one as the other.

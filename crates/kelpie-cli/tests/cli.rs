@@ -25,6 +25,21 @@ fn run(args: &[&str]) -> (i32, String, String) {
     (output.status.code().expect("exited"), stdout, stderr)
 }
 
+/// Runs `kelpie lease <verb> --node <node> --actor <actor> --store <store>`, then `extra`.
+fn lease(
+    verb: &str,
+    node: &str,
+    actor: &str,
+    store: &str,
+    extra: &[&str],
+) -> (i32, String, String) {
+    let mut args = vec![
+        "lease", verb, "--node", node, "--actor", actor, "--store", store,
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
 fn store_arg(dir: &Path) -> String {
     format!("sqlite:{}", dir.join("leases.db").display())
 }
@@ -422,12 +437,7 @@ fn tempdir_in(parent: &Path) -> std::path::PathBuf {
 fn lease_commands_against_a_sqlite_file() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_arg(dir.path());
-    let op = |verb: &str, node: &str| {
-        let args = [
-            "lease", verb, "--node", node, "--actor", "actor-1", "--store", &store,
-        ];
-        run(&args)
-    };
+    let op = |verb: &str, node: &str| lease(verb, node, "actor-1", &store, &[]);
     let (code, stdout, _) = op("acquire", "node-a");
     assert_eq!(code, 0);
     assert!(
@@ -661,10 +671,7 @@ fn list_by_node_includes_the_node_s_incarnations() {
         ("m10@42", "a3"),
         ("m1@x@7", "a4"),
     ] {
-        let args = [
-            "lease", "acquire", "--node", node, "--actor", actor, "--store", &store,
-        ];
-        assert_eq!(run(&args).0, 0, "{node}");
+        assert_eq!(lease("acquire", node, actor, &store, &[]).0, 0, "{node}");
     }
     let (code, stdout, _) = run(&["lease", "list", "--node", "m1", "--store", &store, "--json"]);
     assert_eq!(code, 0, "{stdout}");
@@ -764,11 +771,7 @@ fn lease_commands_against_etcd() {
     };
     // Unique per run, so that leases left by an earlier run cannot interfere.
     let actor = format!("cli-test-{}", std::process::id());
-    let op = |verb: &str, node: &str| {
-        run(&[
-            "lease", verb, "--node", node, "--actor", &actor, "--store", &store,
-        ])
-    };
+    let op = |verb: &str, node: &str| lease(verb, node, &actor, &store, &[]);
     let (code, stdout, stderr) = op("acquire", "node-a");
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("holder=node-a"), "{stdout}");
@@ -803,13 +806,8 @@ fn etcd_output_shows_only_what_etcd_knows() {
     let actor = format!("cli-output-{}", std::process::id());
     let node = format!("cli-node-{}", std::process::id());
     let op = |verb: &str, node: &str, json: bool| {
-        let mut args = vec![
-            "lease", verb, "--node", node, "--actor", &actor, "--store", &store,
-        ];
-        if json {
-            args.push("--json");
-        }
-        run(&args)
+        let extra: &[&str] = if json { &["--json"] } else { &[] };
+        lease(verb, node, &actor, &store, extra)
     };
     let (code, stdout, stderr) = op("acquire", &node, false);
     assert_eq!(code, 0, "{stderr}");
@@ -867,34 +865,14 @@ fn etcd_list_by_node_includes_the_node_s_incarnations() {
     let node = format!("cli-m{}", std::process::id());
     let incarnation = format!("{node}@42");
     let actor = format!("cli-incarnation-{}", std::process::id());
-    let acquire = [
-        "lease",
-        "acquire",
-        "--node",
-        &incarnation,
-        "--actor",
-        &actor,
-        "--store",
-        &store,
-    ];
-    assert_eq!(run(&acquire).0, 0);
+    assert_eq!(lease("acquire", &incarnation, &actor, &store, &[]).0, 0);
     let (code, stdout, stderr) = run(&["lease", "list", "--node", &node, "--store", &store]);
     assert_eq!(code, 0, "{stderr}");
     assert!(
         stdout.contains(&format!("{actor} holder={incarnation} ")),
         "{stdout}"
     );
-    let release = [
-        "lease",
-        "release",
-        "--node",
-        &incarnation,
-        "--actor",
-        &actor,
-        "--store",
-        &store,
-    ];
-    assert_eq!(run(&release).0, 0);
+    assert_eq!(lease("release", &incarnation, &actor, &store, &[]).0, 0);
 }
 
 /// `kelpie bench` on etcd works under a key prefix of its own and leaves no lease behind:

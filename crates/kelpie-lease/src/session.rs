@@ -588,8 +588,9 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
         actor_id: &ActorId,
         expired_at_ms: u64,
     ) -> Result<FencingToken, SessionError> {
-        // Subscribed before the belief is read: a renewal between the two is not missed.
-        let mut events = self.shared.events.subscribe();
+        // Subscribed only for a grant that must wait (most need not), and then before the
+        // belief is read again: a renewal between the two is not missed.
+        let mut events: Option<broadcast::Receiver<SessionEvent>> = None;
         loop {
             let now_ms = self.clock.now_ms();
             let Some(belief) = self.keeper.belief(actor_id) else {
@@ -605,6 +606,10 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
             if deadline_ms > now_ms {
                 return Ok(belief.fencing_token);
             }
+            let Some(events) = events.as_mut() else {
+                events = Some(self.shared.events.subscribe());
+                continue;
+            };
             // Until this actor's belief changes (any event may be it: each is checked above),
             // or it ends, or the session shuts down.
             let changed = std::pin::pin!(events.recv());

@@ -60,6 +60,16 @@ struct Hand {
     ops: Vec<HistoryOp>,
 }
 
+/// A hand-written history that starts with n1's acquire, answered at 2 ms with token 1 until
+/// 1001: the opening most of these histories share.
+fn n1_acquired() -> Hand {
+    Hand::default().answered(
+        request("n1", LeaseOp::Acquire, None),
+        (0, 2),
+        Ok(lease("n1", 1, 1, 1_001, 0)),
+    )
+}
+
 impl Hand {
     fn answered(
         mut self,
@@ -141,12 +151,7 @@ impl Hand {
 /// n1 holds token 1 until 1001; n3's refusal, answered at 900, names n2 as the holder; n2 got
 /// token 2 at 201. The history of issue 13, without its unanswered release.
 fn two_holders() -> Hand {
-    Hand::default()
-        .answered(
-            request("n1", LeaseOp::Acquire, None),
-            (0, 2),
-            Ok(lease("n1", 1, 1, 1_001, 0)),
-        )
+    n1_acquired()
         .answered(
             request("n3", LeaseOp::Acquire, None),
             (100, 900),
@@ -181,12 +186,7 @@ fn two_concurrent_holders_are_rejected() {
 /// [500, 501], then n2 got token 2 at 501 and n3, answered at 900, saw n2 hold it.
 #[test]
 fn an_unanswered_release_explains_a_later_grant() {
-    Hand::default()
-        .answered(
-            request("n1", LeaseOp::Acquire, None),
-            (0, 2),
-            Ok(lease("n1", 1, 1, 1_001, 0)),
-        )
+    n1_acquired()
         .answered(
             request("n3", LeaseOp::Acquire, None),
             (100, 900),
@@ -206,12 +206,7 @@ fn an_unanswered_release_explains_a_later_grant() {
 #[test]
 fn an_unanswered_release_explains_a_later_refusal_but_not_an_earlier_one() {
     let before = |renew_ms: u64| {
-        Hand::default()
-            .answered(
-                request("n1", LeaseOp::Acquire, None),
-                (0, 2),
-                Ok(lease("n1", 1, 1, 1_001, 0)),
-            )
+        n1_acquired()
             .unanswered(request("n1", LeaseOp::Release, Some(1)), 100)
             .answered(
                 request("n1", LeaseOp::Renew, Some(1)),
@@ -258,12 +253,7 @@ fn an_unanswered_acquire_explains_a_later_held_by_refusal() {
 /// refusal names. Without duplication nothing can have granted n1 the lease again.
 #[test]
 fn a_duplicate_is_possible_only_where_the_network_duplicates() {
-    let hand = Hand::default()
-        .answered(
-            request("n1", LeaseOp::Acquire, None),
-            (0, 2),
-            Ok(lease("n1", 1, 1, 1_001, 0)),
-        )
+    let hand = n1_acquired()
         .answered(
             request("n1", LeaseOp::Release, Some(1)),
             (10, 12),
@@ -292,12 +282,7 @@ fn within(effect_within_ms: u64) -> Delivery {
 /// [100, 600] closes while n1 still holds the lease, so nothing can have granted n3 the lease.
 #[test]
 fn an_unseen_effect_takes_place_within_the_delivery_bound_or_not_at_all() {
-    let hand = Hand::default()
-        .answered(
-            request("n1", LeaseOp::Acquire, None),
-            (0, 2),
-            Ok(lease("n1", 1, 1, 1_001, 0)),
-        )
+    let hand = n1_acquired()
         .unanswered(request("n3", LeaseOp::Acquire, None), 100)
         .answered(
             request("n2", LeaseOp::Acquire, None),
@@ -317,12 +302,7 @@ fn an_unseen_effect_takes_place_within_the_delivery_bound_or_not_at_all() {
 #[test]
 fn a_later_unseen_effect_serves_where_an_earlier_ones_window_closed() {
     let history = |second_ms: u64| {
-        Hand::default()
-            .answered(
-                request("n1", LeaseOp::Acquire, None),
-                (0, 2),
-                Ok(lease("n1", 1, 1, 1_001, 0)),
-            )
+        n1_acquired()
             .unanswered(request("n3", LeaseOp::Acquire, None), 100)
             .unanswered(request("n3", LeaseOp::Acquire, None), second_ms)
             .answered(
@@ -359,12 +339,7 @@ fn an_operation_cannot_see_one_invoked_after_it_completed() {
 #[test]
 fn renewals_follow_real_time_order() {
     let renewals = |first: (u64, u64), first_reply: Lease| {
-        Hand::default()
-            .answered(
-                request("n1", LeaseOp::Acquire, None),
-                (0, 2),
-                Ok(lease("n1", 1, 1, 1_001, 0)),
-            )
+        n1_acquired()
             .answered(
                 request("n1", LeaseOp::Renew, Some(1)),
                 first,
@@ -387,12 +362,7 @@ fn renewals_follow_real_time_order() {
 #[test]
 fn an_unseen_renewal_cannot_take_effect_before_it_was_sent() {
     let history = |expires_ms: u64| {
-        Hand::default()
-            .answered(
-                request("n1", LeaseOp::Acquire, None),
-                (0, 2),
-                Ok(lease("n1", 1, 1, 1_001, 0)),
-            )
+        n1_acquired()
             .unanswered(request("n1", LeaseOp::Renew, Some(1)), 500)
             .answered(
                 request("n2", LeaseOp::Acquire, None),
@@ -415,12 +385,7 @@ fn an_unseen_renewal_cannot_take_effect_before_it_was_sent() {
 /// exhaustive second search finds it.
 #[test]
 fn an_unseen_effect_goes_before_an_answered_operation_that_does_not_see_it() {
-    Hand::default()
-        .answered(
-            request("n1", LeaseOp::Acquire, None),
-            (0, 2),
-            Ok(lease("n1", 1, 1, 1_001, 0)),
-        )
+    n1_acquired()
         .unanswered(request("n1", LeaseOp::Renew, Some(1)), 100)
         .answered(
             request("n3", LeaseOp::Release, Some(1)),
@@ -458,12 +423,7 @@ fn a_chain_of_unseen_effects_explains_a_refusal() {
 /// prunes every state past n2's grant.
 #[test]
 fn a_repeated_token_is_rejected() {
-    Hand::default()
-        .answered(
-            request("n1", LeaseOp::Acquire, None),
-            (0, 2),
-            Ok(lease("n1", 1, 1, 1_001, 0)),
-        )
+    n1_acquired()
         .answered(
             request("n2", LeaseOp::Acquire, None),
             (2_000, 2_002),
@@ -481,12 +441,7 @@ fn a_repeated_token_is_rejected() {
 /// hand-over (a new holder always takes a new token).
 #[test]
 fn two_holders_with_one_token_are_rejected() {
-    Hand::default()
-        .answered(
-            request("n1", LeaseOp::Acquire, None),
-            (0, 2),
-            Ok(lease("n1", 1, 1, 1_001, 0)),
-        )
+    n1_acquired()
         .unanswered(request("n1", LeaseOp::Release, Some(1)), 5)
         .answered(
             request("n2", LeaseOp::Acquire, None),
@@ -501,12 +456,7 @@ fn two_holders_with_one_token_are_rejected() {
 /// (n1's first tenure), cannot end n1's second tenure.
 #[test]
 fn unanswered_requests_that_cannot_write_explain_nothing() {
-    Hand::default()
-        .answered(
-            request("n1", LeaseOp::Acquire, None),
-            (0, 2),
-            Ok(lease("n1", 1, 1, 1_001, 0)),
-        )
+    n1_acquired()
         .answered(
             request("n1", LeaseOp::Release, Some(1)),
             (10, 12),
@@ -598,21 +548,15 @@ fn an_expired_refusal_naming_another_node_is_rejected() {
 /// n1 acquires (expiry 1001), then its renewal at 1100 is refused as expired, the refusal
 /// naming `node_name` and `expired_at_ms`.
 fn expired_renewal(node_name: &str, expired_at_ms: u64) -> Hand {
-    Hand::default()
-        .answered(
-            request("n1", LeaseOp::Acquire, None),
-            (0, 2),
-            Ok(lease("n1", 1, 1, 1_001, 0)),
-        )
-        .answered(
-            request("n1", LeaseOp::Renew, Some(1)),
-            (1_100, 1_102),
-            Err(LeaseError::Expired {
-                actor_id: actor(),
-                node_id: node(node_name),
-                expired_at_ms,
-            }),
-        )
+    n1_acquired().answered(
+        request("n1", LeaseOp::Renew, Some(1)),
+        (1_100, 1_102),
+        Err(LeaseError::Expired {
+            actor_id: actor(),
+            node_id: node(node_name),
+            expired_at_ms,
+        }),
+    )
 }
 
 /// Rejected: an expired-lease refusal naming an expiry other than the record's (1001).
@@ -1084,12 +1028,7 @@ fn a_store_log_never_changes_the_verdict() {
 /// n1 acquires (answered), its release is never answered, then n2 acquires (answered): the
 /// history `Witness::verify` is shown each wrong linearization of.
 fn release_then_grant() -> Vec<HistoryOp> {
-    Hand::default()
-        .answered(
-            request("n1", LeaseOp::Acquire, None),
-            (0, 2),
-            Ok(lease("n1", 1, 1, 1_001, 0)),
-        )
+    n1_acquired()
         .unanswered(request("n1", LeaseOp::Release, Some(1)), 500)
         .answered(
             request("n2", LeaseOp::Acquire, None),
@@ -1211,12 +1150,7 @@ fn a_proposed_linearization_is_verified_not_trusted() {
         .expect_err("a start placed before its record was written");
     assert!(said.contains("the start placed at 3 ms"), "{said}");
     // An unseen effect must write: n2's release of token 1 while n1 holds it writes nothing.
-    let ops = Hand::default()
-        .answered(
-            request("n1", LeaseOp::Acquire, None),
-            (0, 2),
-            Ok(lease("n1", 1, 1, 1_001, 0)),
-        )
+    let ops = n1_acquired()
         .unanswered(request("n2", LeaseOp::Release, Some(1)), 100)
         .ops;
     let indexed: Vec<(usize, &HistoryOp)> = ops.iter().enumerate().collect();
@@ -1240,12 +1174,7 @@ fn a_proposed_linearization_is_verified_not_trusted() {
 #[test]
 fn a_logged_effect_answers_the_operation_whose_response_comes_first() {
     let release = || request("n1", LeaseOp::Release, Some(1));
-    let ops = Hand::default()
-        .answered(
-            request("n1", LeaseOp::Acquire, None),
-            (0, 2),
-            Ok(lease("n1", 1, 1, 1_001, 0)),
-        )
+    let ops = n1_acquired()
         .answered(release(), (100, 400), not_holder("n1", None))
         .answered(release(), (200, 250), not_holder("n1", None))
         .ops;

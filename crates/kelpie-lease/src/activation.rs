@@ -90,9 +90,15 @@ impl<S: FencedStateStore> Activation<S> {
         &self.cancel
     }
 
-    /// Whether the actor may still act here (its cancellation has not fired).
+    /// Whether the actor may still act here: its cancellation has not fired, and the node's
+    /// belief in its lease, read against the clock now, ends beyond the session's cancel lead
+    /// (see [`LeaseGuard::is_valid`]; this does not depend on the session's driver having run).
     pub fn is_active(&self) -> bool {
-        !self.cancel.is_cancelled()
+        if self.cancel.is_cancelled() {
+            return false;
+        }
+        let guard = self.guard.lock().expect("activation poisoned by a panic");
+        guard.as_ref().is_some_and(LeaseGuard::is_valid)
     }
 
     /// The actor's state as the activation's fence read it: the last value its previous
@@ -263,7 +269,7 @@ mod tests {
     use super::*;
     use crate::backend::ProtocolLeaseManager;
     use crate::fenced::MemoryFencedStateStore;
-    use crate::session::SessionConfig;
+    use crate::session::{SessionConfig, SessionDriver};
     use crate::test_support::{FlakyStore, PausedClock};
     use crate::LeaseConfig;
     use kelpie_core::SharedClock;
@@ -298,6 +304,13 @@ mod tests {
         }
 
         fn node(&self, name: &str) -> NodePlacement {
+            let (placement, driver) = self.node_and_driver(name);
+            drop(tokio::spawn(driver.run()));
+            placement
+        }
+
+        /// A node whose session driver is the caller's to run, or not.
+        fn node_and_driver(&self, name: &str) -> (NodePlacement, SessionDriver<Manager>) {
             let (session, driver) = LeaseSession::new(
                 Arc::clone(&self.manager),
                 Arc::clone(&self.clock),
@@ -305,8 +318,7 @@ mod tests {
                 SessionConfig::default(),
             )
             .unwrap();
-            drop(tokio::spawn(driver.run()));
-            Placement::new(session, Arc::clone(&self.state))
+            (Placement::new(session, Arc::clone(&self.state)), driver)
         }
     }
 
@@ -353,6 +365,37 @@ mod tests {
         assert!(
             !a.deactivate(&actor()).await.unwrap(),
             "a is not active any more"
+        );
+    }
+
+    /// The session's driver does not run (a runtime too busy to schedule it): the activation
+    /// stops being active at its deadline all the same, and activating the actor again on
+    /// the same node, while the store still counts it as holder, fences out the first
+    /// activation's writes: the two never share a token.
+    #[tokio::test(start_paused = true)]
+    async fn an_activation_ends_on_time_without_its_driver_and_its_successor_here_fences_it() {
+        let world = World::new();
+        let (a, _driver) = world.node_and_driver("a");
+        let first = local(&a).await;
+        let session = a.session();
+        let belief = session.keeper().belief(&actor()).unwrap();
+        let deadline_ms = belief.until_local_ms - session.timing().cancel_lead_ms;
+        world
+            .clock
+            .sleep(Duration::from_millis(deadline_ms - world.clock.now_ms()))
+            .await;
+        assert!(!first.is_active(), "past its deadline, driver or not");
+        assert!(a.active(&actor()).is_none());
+
+        let second = local(&a).await;
+        assert!(second.fencing_token() > first.fencing_token());
+        let late = first.write(b"late").await.unwrap_err();
+        assert!(matches!(late, StateError::StaleToken { .. }), "{late}");
+        second.write(b"second").await.unwrap();
+        drop(first);
+        assert!(
+            second.is_active(),
+            "the first's drop leaves the second's lease alone"
         );
     }
 

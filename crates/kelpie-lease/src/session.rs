@@ -25,7 +25,7 @@
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # let dir = tempfile::tempdir()?;
 //! # let path = dir.path().join("leases.db");
-//! // The host's wall clock times the leases in the file.
+//! // The store times the leases in the file on the host's monotonic clock.
 //! let manager = Arc::new(SqliteLeaseManager::open(&path, LeaseConfig::new(2_000)?)?);
 //! let node = NodeId::new("node-a")?;
 //! let session = LeaseSession::start(manager, node, SessionConfig::default())?;
@@ -53,8 +53,10 @@ use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock};
 use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{ConfigError, LeaseError};
+use crate::belief::HeldBelief;
+use crate::error::{ConfigError, LeaseError, StoreError};
 use crate::keeper::{KeeperConfig, KeeperEvent, KeeperTiming, LeaseKeeper};
+use crate::lease::Lease;
 use crate::manager::LeaseManager;
 
 /// Most events a session keeps for a slow reader before the oldest are dropped (the reader
@@ -322,9 +324,23 @@ impl LeaseGuard {
         &self.cancel
     }
 
-    /// Whether the lease may still be acted on (its token not cancelled).
+    /// Whether the lease may still be acted on: its token not cancelled, and the node's belief
+    /// in the lease, read against the clock now, ending beyond the cancel lead. The second
+    /// half does not wait for the session's driver, which cancels the token on its own
+    /// schedule: a runtime too busy to run it, or one that stopped it, leaves the token
+    /// uncancelled past the deadline, and this answers `false` (and cancels it) regardless.
     pub fn is_valid(&self) -> bool {
-        !self.cancel.is_cancelled()
+        if self.cancel.is_cancelled() {
+            return false;
+        }
+        if self
+            .shared
+            .believed_beyond_the_lead(&self.actor_id, self.fencing_token)
+        {
+            return true;
+        }
+        self.cancel.cancel();
+        false
     }
 }
 
@@ -338,11 +354,23 @@ impl Drop for LeaseGuard {
     }
 }
 
+/// The keeper's belief in the lease on an actor now, for guards, which are not generic over
+/// the manager.
+type BeliefNow = Box<dyn Fn(&ActorId) -> Option<HeldBelief> + Send + Sync>;
+
 /// The state a session shares with its guards and its driver.
-#[derive(Debug)]
 struct Shared {
-    /// Actors with a live guard: the guard's token and cancellation.
+    /// Actors with a live guard: the guard's token and cancellation. A token is guarded at
+    /// most once (see `guarded_max`), so (actor, token) names one guard.
     guards: Mutex<BTreeMap<ActorId, (FencingToken, CancellationToken)>>,
+    /// The highest token this session ever handed out a guard for, per actor (one entry per
+    /// actor ever guarded). A new guard's token must be higher: a guard keeps its token after
+    /// it is cancelled, and a fence cannot tell a cancelled guard that runs late from a new
+    /// one with the same token.
+    guarded_max: Mutex<BTreeMap<ActorId, FencingToken>>,
+    belief_now: BeliefNow,
+    clock: SharedClock,
+    cancel_lead_ms: u64,
     /// Leases whose guard was dropped or cancelled: the driver releases them.
     to_release: Mutex<Vec<(ActorId, FencingToken)>>,
     /// Wakes the driver: a guard came or went.
@@ -351,7 +379,53 @@ struct Shared {
     closing: CancellationToken,
 }
 
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("guards", &self.guards)
+            .field("to_release", &self.to_release)
+            .field("cancel_lead_ms", &self.cancel_lead_ms)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Shared {
+    /// Whether the node believes it holds the lease on `actor_id` with `token` beyond the
+    /// cancel lead from now.
+    fn believed_beyond_the_lead(&self, actor_id: &ActorId, token: FencingToken) -> bool {
+        let Some(belief) = (self.belief_now)(actor_id) else {
+            return false;
+        };
+        let deadline_ms = belief.until_local_ms.saturating_sub(self.cancel_lead_ms);
+        belief.fencing_token == token && deadline_ms > self.clock.now_ms()
+    }
+
+    /// Whether `actor_id` has a guard that is still valid. A guard that is not (cancelled, or
+    /// its deadline passed while the driver did not run) gives way: it is cancelled and its
+    /// lease queued for release, as the driver would have done.
+    fn has_live_guard(&self, actor_id: &ActorId) -> bool {
+        let mut guards = self.lock_guards();
+        let Some((token, cancel)) = guards.get(actor_id) else {
+            return false;
+        };
+        let token = *token;
+        if !cancel.is_cancelled() && self.believed_beyond_the_lead(actor_id, token) {
+            return true;
+        }
+        cancel.cancel();
+        guards.remove(actor_id);
+        drop(guards);
+        self.lock_release().push((actor_id.clone(), token));
+        self.changed.notify_one();
+        false
+    }
+
+    /// The highest token guarded on `actor_id` so far.
+    fn guarded_max(&self, actor_id: &ActorId) -> FencingToken {
+        let guarded = self.guarded_max.lock().expect("guarded tokens poisoned");
+        guarded.get(actor_id).copied().unwrap_or(FencingToken::ZERO)
+    }
+
     fn drop_guard(&self, actor_id: &ActorId, token: FencingToken) {
         let mut guards = self.lock_guards();
         if guards.get(actor_id).is_some_and(|(t, _)| *t == token) {
@@ -471,8 +545,13 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
         timing: SessionTiming,
     ) -> (Self, SessionDriver<M>) {
         let (events, _) = broadcast::channel(timing.events_capacity);
+        let believer = Arc::clone(&keeper);
         let shared = Arc::new(Shared {
             guards: Mutex::new(BTreeMap::new()),
+            guarded_max: Mutex::new(BTreeMap::new()),
+            belief_now: Box::new(move |actor_id| believer.belief(actor_id)),
+            clock: Arc::clone(&clock),
+            cancel_lead_ms: timing.cancel_lead_ms,
             to_release: Mutex::new(Vec::new()),
             changed: Notify::new(),
             events,
@@ -527,19 +606,22 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
         if self.shared.closing.is_cancelled() {
             return Err(SessionError::ShuttingDown);
         }
-        if self.shared.lock_guards().contains_key(actor_id) {
+        if self.shared.has_live_guard(actor_id) {
             return Err(SessionError::AlreadyGuarded {
                 actor_id: actor_id.clone(),
             });
         }
-        let lease = self.keeper.acquire(actor_id).await?;
+        let lease = self.acquire_unguarded_token(actor_id).await?;
         let token = self
             .believed_beyond_the_cancel_lead(actor_id, lease.expires_at_ms)
             .await?;
         let cancel = CancellationToken::new();
         let shut_down = {
             let mut guards = self.shared.lock_guards();
-            if guards.contains_key(actor_id) {
+            // Another acquire of this session guarded the actor meanwhile (this one's token,
+            // if that guard already went stale).
+            let taken = guards.contains_key(actor_id) || token <= self.shared.guarded_max(actor_id);
+            if taken {
                 return Err(SessionError::AlreadyGuarded {
                     actor_id: actor_id.clone(),
                 });
@@ -551,6 +633,13 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
             let shut_down = self.shared.closing.is_cancelled();
             if !shut_down {
                 guards.insert(actor_id.clone(), (token, cancel.clone()));
+                let mut guarded = self
+                    .shared
+                    .guarded_max
+                    .lock()
+                    .expect("guarded tokens poisoned");
+                let before = guarded.insert(actor_id.clone(), token);
+                assert!(before.is_none_or(|b| b < token), "a token is guarded once");
             }
             shut_down
         };
@@ -559,11 +648,6 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
             let _ = self.keeper.release(actor_id).await;
             return Err(SessionError::ShuttingDown);
         }
-        // A guard on this lease dropped a moment ago and not yet released: the new guard takes
-        // the lease over, so the driver must not release it under the new guard.
-        self.shared
-            .lock_release()
-            .retain(|(a, t)| !(a == actor_id && *t == token));
         self.shared.changed.notify_one();
         Ok(LeaseGuard {
             actor_id: actor_id.clone(),
@@ -572,6 +656,49 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
             shared: Arc::clone(&self.shared),
             released: false,
         })
+    }
+
+    /// Acquires the lease on `actor_id` with a token no guard of this session had. The store
+    /// answers an acquire by the holder it already counts with the same token (idempotent):
+    /// after a guard was dropped or cancelled while the store still counted this process
+    /// (its release not yet sent, or its belief run out on a runtime too busy to release it),
+    /// that would hand the new guard the old one's token, and the old guard, if still at
+    /// work, would pass every fence the new one passes. That lease is released first, so the
+    /// store grants a new token.
+    ///
+    /// # Errors
+    /// As [`LeaseKeeper::acquire`] and [`LeaseKeeper::release`]; [`LeaseError::Expired`] if
+    /// the stale grant's reply came too late to be believed (nothing to release from here);
+    /// [`StoreError::Corrupt`] if the store grants a used token again after the release.
+    async fn acquire_unguarded_token(&self, actor_id: &ActorId) -> Result<Lease, SessionError> {
+        let lease = self.keeper.acquire(actor_id).await?;
+        let guarded_max = self.shared.guarded_max(actor_id);
+        if lease.fencing_token > guarded_max {
+            return Ok(lease);
+        }
+        if self.keeper.holds(actor_id).is_none() {
+            return Err(SessionError::Lease(LeaseError::Expired {
+                actor_id: actor_id.clone(),
+                node_id: self.holder_id().clone(),
+                expired_at_ms: lease.expires_at_ms,
+            }));
+        }
+        self.keeper.release(actor_id).await?;
+        let lease = self.keeper.acquire(actor_id).await?;
+        if lease.fencing_token > guarded_max {
+            return Ok(lease);
+        }
+        let _ = self.keeper.release(actor_id).await;
+        Err(SessionError::Lease(LeaseError::Store(
+            StoreError::Corrupt {
+                location: format!("the lease on {actor_id}"),
+                reason: format!(
+                    "the store granted {actor_id} with token {} after this process released it, \
+                 though it had guarded token {} before: tokens must rise with each grant",
+                    lease.fencing_token.0, guarded_max.0
+                ),
+            },
+        )))
     }
 
     /// The token to guard, once the belief in the lease just granted on `actor_id` ends
@@ -897,16 +1024,12 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
     }
 
     /// The leases of guards that were dropped or cancelled, to release now: those still
-    /// believed with the guard's token, unless a new guard holds the same lease again.
+    /// believed with the guard's token (no later guard has it: each token is guarded once).
     fn dropped_to_release(&self) -> Vec<ActorId> {
         let dropped = std::mem::take(&mut *self.session.shared.lock_release());
         dropped
             .into_iter()
-            .filter(|(actor_id, token)| {
-                let guarded = (self.session.shared.lock_guards().get(actor_id))
-                    .is_some_and(|(t, _)| t == token);
-                !guarded && self.session.keeper.holds(actor_id) == Some(*token)
-            })
+            .filter(|(actor_id, token)| self.session.keeper.holds(actor_id) == Some(*token))
             .map(|(actor_id, _)| actor_id)
             .collect()
     }
@@ -1149,6 +1272,93 @@ mod tests {
         drop(guard);
         assert!(cancellation.is_cancelled());
         eventually_free(&clock, &leases, "a").await;
+    }
+
+    /// A session whose driver never runs (a runtime too busy to schedule it, or one that
+    /// dropped it): nothing renews or cancels, and the guards must see the clock themselves.
+    fn session_without_driver(
+        manager: &Arc<Manager>,
+        clock: &SharedClock,
+        name: &str,
+    ) -> LeaseSession<Manager> {
+        let config = SessionConfig::default();
+        let built = LeaseSession::new(Arc::clone(manager), Arc::clone(clock), node(name), config);
+        built.unwrap().0
+    }
+
+    /// A guard whose belief ran out while its driver did not run answers `is_valid() ==
+    /// false` (and is cancelled) at its deadline. The store still counts the process as holder
+    /// then, and a new acquire must not get the old guard's token (the store's idempotent
+    /// answer): the late old guard would pass every fence the new one passes. Dropping the old
+    /// guard afterwards must not release the new guard's lease.
+    #[tokio::test(start_paused = true)]
+    async fn a_guard_whose_belief_ran_out_unseen_is_invalid_and_its_token_never_guarded_again() {
+        let clock: SharedClock = PausedClock::shared();
+        let leases = manager(&clock);
+        let session = session_without_driver(&leases, &clock, "n1");
+        let old = session.acquire(&actor("a")).await.unwrap();
+        let deadline_ms = session.keeper().belief(&actor("a")).unwrap().until_local_ms
+            - session.timing().cancel_lead_ms;
+        clock
+            .sleep(Duration::from_millis(deadline_ms - clock.now_ms() - 1))
+            .await;
+        assert!(old.is_valid(), "valid until its deadline");
+        clock.sleep(Duration::from_millis(1)).await;
+        assert!(!old.is_valid(), "invalid at its deadline, with no driver");
+        assert!(old.cancellation().is_cancelled());
+
+        // Past the belief, before the store's expiry: the store still counts n1's process.
+        clock
+            .sleep(Duration::from_millis(session.timing().cancel_lead_ms))
+            .await;
+        assert!(session.keeper().belief(&actor("a")).is_none());
+        let stored = leases
+            .get(&actor("a"))
+            .await
+            .unwrap()
+            .expect("not expired yet");
+        assert_eq!(stored.fencing_token, old.fencing_token());
+
+        let new = session.acquire(&actor("a")).await;
+        let new = new.unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(
+            new.fencing_token() > old.fencing_token(),
+            "{:?} guarded twice",
+            new.fencing_token()
+        );
+        drop(old);
+        assert!(new.is_valid());
+        let stored = leases.get(&actor("a")).await.unwrap().expect("held");
+        assert_eq!(
+            (stored.holder, stored.fencing_token),
+            (session.holder_id().clone(), new.fencing_token())
+        );
+        assert_eq!(
+            session.shared.lock_guards().len(),
+            1,
+            "the new guard's entry stays"
+        );
+    }
+
+    /// A guard dropped and acquired again before the driver released its lease: the new
+    /// guard gets a new token, and the driver then releases nothing under it.
+    #[tokio::test(start_paused = true)]
+    async fn a_guard_dropped_and_acquired_again_gets_a_new_token() {
+        let clock: SharedClock = PausedClock::shared();
+        let leases = manager(&clock);
+        let session = session(&leases, &clock, "n1");
+        let first = session.acquire(&actor("a")).await.unwrap();
+        let first_token = first.fencing_token();
+        drop(first);
+        let second = session.acquire(&actor("a")).await.unwrap();
+        assert!(second.fencing_token() > first_token);
+        clock.sleep(Duration::from_millis(3 * LEASE_MS)).await;
+        assert!(
+            second.is_valid(),
+            "renewed by the driver, released by nobody"
+        );
+        let stored = leases.get(&actor("a")).await.unwrap().expect("held");
+        assert_eq!(stored.fencing_token, second.fencing_token());
     }
 
     /// A campaign waits while another session holds the actor, reports the holder, and wins

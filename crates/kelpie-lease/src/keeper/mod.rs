@@ -367,6 +367,18 @@ impl<M: LeaseManager> LeaseKeeper<M> {
         config: KeeperConfig,
     ) -> Result<KeeperParts<M>, ConfigError> {
         let timing = config.timing_for(manager.lease_duration_ms())?;
+        // Checked against the longest suffix, not this incarnation's: a node id accepted once
+        // is accepted on every restart, whatever incarnation the next process draws.
+        let node_id_bytes_max = kelpie_core::limits::ID_LENGTH_BYTES_MAX - HOLDER_SUFFIX_BYTES_MAX;
+        if node_id.as_str().len() > node_id_bytes_max {
+            return Err(ConfigError::Keeper {
+                reason: format!(
+                    "node id {node_id} is {} bytes; at most {node_id_bytes_max} leave room for \
+                     the incarnation suffix ({HOLDER_SUFFIX_BYTES_MAX} bytes)",
+                    node_id.as_str().len()
+                ),
+            });
+        }
         let holder_id = NodeId::new(format!("{node_id}@{incarnation}")).map_err(|error| {
             ConfigError::Keeper {
                 reason: format!(
@@ -802,6 +814,42 @@ mod tests {
         let config = KeeperConfig::default().with_renew_interval_ms(u64::MAX);
         let refused = config.timing_for(1_000).unwrap_err();
         assert!(matches!(refused, ConfigError::Keeper { .. }), "{refused}");
+    }
+
+    /// A node id is judged by its length alone: one that fits the longest incarnation is
+    /// taken with every incarnation, one byte more with none (before, a 108-byte id was taken
+    /// or refused by the decimal length of the incarnation drawn).
+    #[test]
+    fn a_node_id_fits_every_incarnation_or_none() {
+        let shared: SharedClock = Arc::new(ManualClock::new(0));
+        let manager = Arc::new(crate::MemoryLeaseManager::in_memory(
+            Arc::clone(&shared),
+            LeaseConfig::new(1_000).unwrap(),
+        ));
+        let longest = kelpie_core::limits::ID_LENGTH_BYTES_MAX - HOLDER_SUFFIX_BYTES_MAX;
+        for incarnation in [0, 7, u64::MAX] {
+            let build = |bytes: usize| {
+                let node = NodeId::new("n".repeat(bytes)).unwrap();
+                let config = KeeperConfig::default();
+                LeaseKeeper::build(
+                    Arc::clone(&manager),
+                    Arc::clone(&shared),
+                    node,
+                    incarnation,
+                    config,
+                )
+            };
+            let (keeper, _events) = build(longest).unwrap();
+            assert!(keeper
+                .holder_id()
+                .as_str()
+                .ends_with(&format!("@{incarnation}")));
+            let refused = build(longest + 1).err().expect("one byte too long");
+            assert!(
+                refused.to_string().contains("incarnation suffix"),
+                "{refused}"
+            );
+        }
     }
 
     #[test]

@@ -103,7 +103,8 @@ pub enum StoreError {
         reason: String,
     },
     /// The store's file could not be opened or created: the path is a directory, its parent
-    /// is missing or read-only, or the file system refused. Nothing was written.
+    /// is missing or read-only, the file is read-only for this process, or the file system
+    /// refused. Nothing was written.
     #[error("cannot open {store} {path}: {reason}")]
     Open {
         /// Which store the file is for: `"lease store"`, or `"state store"` for the fenced

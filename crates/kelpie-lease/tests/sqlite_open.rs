@@ -347,6 +347,25 @@ fn a_read_only_directory_is_refused() {
     fs::set_permissions(&locked, fs::Permissions::from_mode(0o700)).unwrap();
 }
 
+/// A store file this process may only read (mode 0400) is refused at open, untouched, rather
+/// than opened read-only by SQLite to fail on the first write.
+#[test]
+fn a_read_only_store_file_is_refused_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("leases.db");
+    populated_store(&path);
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+    // Root writes through mode 0400 as through a 0500 directory.
+    if fs::OpenOptions::new().append(true).open(&path).is_err() {
+        let error = refused_untouched(&path);
+        assert!(matches!(error, StoreError::Open { .. }), "{error:?}");
+        assert!(error.to_string().contains("read-only"), "{error}");
+    } else {
+        rerun_unprivileged("a_read_only_store_file_is_refused_at_open");
+    }
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 #[test]
 fn an_existing_store_in_a_read_only_directory_is_refused() {
     // WAL needs to create its -wal and -shm files beside the database, so a store in a

@@ -225,8 +225,8 @@ impl SqliteLeaseStore {
     /// Opens the store at `path`, creating it if missing.
     ///
     /// # Errors
-    /// [`StoreError::Open`] if the path is a directory, its parent is missing or read-only, or
-    /// SQLite cannot open it; [`StoreError::Corrupt`] if the file is not a SQLite database, not
+    /// [`StoreError::Open`] if the path is a directory, its parent is missing or read-only, the
+    /// file is read-only for this process, or SQLite cannot open it; [`StoreError::Corrupt`] if the file is not a SQLite database, not
     /// a Kelpie lease store, or fails `quick_check`; [`StoreError::SchemaTooNew`] if a newer
     /// Kelpie wrote it. Each names the path, and none writes to an existing file.
     pub fn open_with(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self, StoreError> {

@@ -309,6 +309,18 @@ fn connect(path: &Path, shown: &str, busy_timeout_ms: u64) -> Result<Connection,
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)
         .map_err(|error| sqlite_open_error(shown, "opening", error))?;
+    // SQLite opens a file this process may not write read-only, without an error: every
+    // write would then fail instead, long after the open was taken as a success.
+    let read_only = conn
+        .is_readonly(rusqlite::MAIN_DB)
+        .map_err(|error| sqlite_open_error(shown, "checking write access", error))?;
+    if read_only {
+        return Err(open_error(
+            shown,
+            "the file is read-only for this process (its permissions or the file system); \
+             the store writes on every operation",
+        ));
+    }
     conn.busy_timeout(Duration::from_millis(busy_timeout_ms))
         .map_err(|error| sqlite_open_error(shown, "setting the busy timeout", error))?;
     Ok(conn)

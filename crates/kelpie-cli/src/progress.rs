@@ -86,9 +86,13 @@ impl Progress {
                 let seeds_line = self.done.is_multiple_of(*every) || self.done == self.total;
                 let budget_line = budget.is_some() && wall >= *next_budget_line;
                 if budget_line {
-                    while *next_budget_line <= wall {
-                        *next_budget_line += budget.unwrap_or_default() / PLAIN_LINES_COUNT as u32;
-                    }
+                    // The first multiple of a tenth of the budget after now, in one step: a
+                    // budget of a few nanoseconds has tenths of zero.
+                    let budget_ns = budget.unwrap_or_default().as_nanos();
+                    let step_ns = (budget_ns / PLAIN_LINES_COUNT as u128).max(1);
+                    let next_ns = (wall.as_nanos() / step_ns + 1) * step_ns;
+                    *next_budget_line =
+                        Duration::from_nanos(u64::try_from(next_ns).unwrap_or(u64::MAX));
                 }
                 if seeds_line || budget_line {
                     let secs = wall.as_secs_f64();

@@ -68,11 +68,12 @@ the report is the same for any N. --shard I/N runs only the seeds whose index in
 I modulo N (with --base-seed, so every shard runs the same sweep): run shards 0/N .. N-1/N
 with --json on N machines, then `kelpie sim merge FILE...` prints the whole sweep's report.
 --time-budget 10m runs consecutive seeds until 10 minutes have passed (no seed starts after
-that; seeds running finish) and reports how many ran; with --seeds N it stops at N at most,
-without, at 1000000.
+that, except the first, which always runs; seeds running finish) and reports how many ran;
+with --seeds N it stops at N at most, without, at 1000000.
 
 Output: the report goes to stdout and depends only on the options and seeds (never on
---jobs), so two runs of the same seeds print identical stdout. Progress and timing (wall and
+--jobs, nor on DST_CHECK_DETERMINISM, which only the tests read), so two runs of the same
+seeds print identical stdout. Progress and timing (wall and
 CPU time, simulated events per CPU second, time compression, CPU time per seed of the first
 and last tenth of the seeds) go to stderr.
 
@@ -420,7 +421,11 @@ impl RunSettings {
             .with_sim_time_ms_max(sim_time_ms_max)
             .with_reproduce_command(replay.clone())
             // The command prints DST_SEED and the replay command first itself, on stdout.
-            .with_failure_banner(false);
+            .with_failure_banner(false)
+            // DST_CHECK_DETERMINISM is the test harness's: read here it would run each seed
+            // twice and count its coverage marks twice, and the report must depend only on
+            // the options and seeds. A sweep's determinism is checked by running it again.
+            .with_check_determinism(false);
         let simulation = faults
             .iter()
             .fold(Simulation::new(config), |sim, fault| sim.with_fault(*fault));
@@ -614,7 +619,13 @@ fn sweep(settings: &RunSettings, base: u64, count: u64, options: &SweepOptions) 
         TimedRun { run, cpu }
     };
     let stops = |timed: &TimedRun| !options.keep_going && timed.run.result.is_err();
-    let more = || budget.is_none_or(|budget| stopwatch.wall() < budget);
+    // The first seed always starts: a budget spent before any seed ran would report a pass
+    // that checked nothing.
+    let first_started = std::sync::atomic::AtomicBool::new(false);
+    let more = || {
+        let first = !first_started.swap(true, std::sync::atomic::Ordering::Relaxed);
+        first || budget.is_none_or(|budget| stopwatch.wall() < budget)
+    };
     let (mut totals, mut failures) = (Totals::default(), Vec::new());
     let (mut first_failure, mut kept) = (None, None);
     let end = sweep.run(job, stops, more, |_, TimedRun { run, cpu }| {

@@ -55,6 +55,22 @@ fn sim_same_seed_twice_prints_identical_stdout() {
     assert!(first.contains("violations:        0"), "{first}");
 }
 
+/// The test harness's DST_CHECK_DETERMINISM ran each seed twice under `kelpie sim` and
+/// doubled every coverage count in the report.
+#[test]
+fn sim_ignores_the_test_harness_determinism_switch() {
+    let args = ["sim", "--seeds", "3", "--base-seed", "7"];
+    let (code, plain, _) = run(&args);
+    assert_eq!(code, 0, "{plain}");
+    let output = kelpie()
+        .env("DST_CHECK_DETERMINISM", "1")
+        .args(args)
+        .output()
+        .expect("kelpie runs");
+    assert_eq!(String::from_utf8(output.stdout).unwrap(), plain);
+    assert!(plain.contains("coverage marks"), "{plain}");
+}
+
 #[test]
 fn sim_sweep_reports_figures_and_timing() {
     let (code, stdout, stderr) = run(&["sim", "--seeds", "5", "--base-seed", "100"]);
@@ -334,6 +350,22 @@ fn a_time_budget_that_is_not_spent_runs_every_seed() {
     assert!(stdout.contains("seeds run:         24 of 24"), "{stdout}");
     assert!(
         stdout.contains("time budget:       1h, not spent"),
+        "{stdout}"
+    );
+}
+
+/// A budget spent before the first seed could start (1 ns) still runs that seed: it
+/// reported a pass over 0 seeds before, exit 0, having checked nothing.
+#[test]
+fn a_budget_too_short_for_any_seed_still_runs_the_first() {
+    let (code, stdout, stderr) = run(&["sim", "--time-budget", "1ns", "--base-seed", "5"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("seeds run:         1 of 1000000: seeds 5..=5"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("PASS: no invariant violated in 1 seed"),
         "{stdout}"
     );
 }

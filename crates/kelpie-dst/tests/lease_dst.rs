@@ -208,6 +208,8 @@ fn test_dst_lease_race_winner_depends_on_seed() {
         simulation
             .run(move |env| {
                 let winners = winners.clone();
+                // Each run of the seed (two under DST_CHECK_DETERMINISM) counts afresh.
+                winners.borrow_mut().clear();
                 async move {
                     let world = world(&env, 5, 1)?;
                     let actor_id = world.actors()[0].clone();

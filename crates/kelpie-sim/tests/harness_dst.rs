@@ -857,6 +857,8 @@ fn test_an_observer_runs_after_every_step_uncounted() {
         let seen = observed.clone();
         let result = Simulation::new(SimConfig::from_env_or_random()).run(move |env| {
             let observing = seen.clone();
+            // Each run of the seed (two under DST_CHECK_DETERMINISM) observes afresh.
+            observing.borrow_mut().clear();
             async move {
                 let steps = env.clone();
                 env.add_observer("the observer", move || {

@@ -146,7 +146,9 @@ pub struct SimArgs {
     /// Break one part on purpose, to show the checkers catch it: the run should fail.
     ///
     /// The part is the protocol, a keeper, the store, the etcd backend or the simulated etcd;
-    /// the etcd-* bugs need --store etcd, the others --store protocol.
+    /// the etcd-* bugs need --store etcd, the others --store protocol. etcd-belief-from-reply
+    /// and etcd-ignore-expired-keepalive run with at least 5 nodes, 20 actors and 60 s per
+    /// seed, where they are met often enough to fail 100 seeds.
     #[arg(
         long,
         value_name = "NAME",
@@ -316,11 +318,22 @@ impl RunSettings {
                 args.inject_bug.map_or("", Mutation::name)
             );
         }
+        let size_min = args.inject_bug.map(Mutation::sim_size_min);
+        let nodes = size_min.map_or(args.nodes, |min| args.nodes.max(min.nodes));
+        let actors = size_min.map_or(args.actors, |min| args.actors.max(min.actors));
+        let sim_secs = size_min.map_or(args.sim_secs, |min| args.sim_secs.max(min.sim_secs));
+        if (nodes, actors, sim_secs) != (args.nodes, args.actors, args.sim_secs) {
+            eprintln!(
+                "kelpie sim: --inject-bug {} runs with --nodes {nodes} --actors {actors} \
+                 --sim-secs {sim_secs} at least (smaller runs rarely meet it)",
+                args.inject_bug.map_or("", Mutation::name)
+            );
+        }
         let settings = Self {
-            nodes: args.nodes,
-            actors: args.actors,
+            nodes,
+            actors,
             lease_ms,
-            sim_secs: args.sim_secs,
+            sim_secs,
             faults: args.faults.clone(),
             inject_bug: args.inject_bug,
             store: args.store,

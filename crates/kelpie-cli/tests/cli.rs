@@ -140,10 +140,11 @@ fn failure_lines(stdout: &str) -> (String, String) {
 #[test]
 fn an_injected_bug_fails_and_its_printed_replay_fails_the_same_way() {
     for mutation in Mutation::ALL {
+        // The number of seeds `--inject-bug`'s help promises to fail.
         let mut args = vec![
             "sim",
             "--seeds",
-            "200",
+            "100",
             "--base-seed",
             "1",
             "--inject-bug",
@@ -163,6 +164,11 @@ fn an_injected_bug_fails_and_its_printed_replay_fails_the_same_way() {
             .find(|l| l.starts_with("kelpie sim --seed "))
             .expect("a replay command");
         assert!(replay.contains(&format!("--inject-bug {}", mutation.name())));
+        // Run at the mutation's smallest size, or the default where that is larger.
+        let size = mutation.sim_size_min();
+        let (nodes, actors) = (size.nodes.max(3), size.actors.max(2));
+        let sized = format!("--nodes {nodes} --actors {actors} ");
+        assert!(replay.contains(&sized), "{replay}");
         if mutation.on_etcd() {
             assert!(replay.contains("--store etcd"), "{replay}");
         }

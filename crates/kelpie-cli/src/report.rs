@@ -487,19 +487,19 @@ impl Report {
             ops.released,
             ops.refused,
             ops.store_failed,
-            // A failed seed returns no counts, so they cover the seeds that finished.
-            if self.violations > 0 {
-                " in the seeds that finished"
-            } else {
-                ""
-            }
+            self.finished_only()
         );
         self.render_faults(out);
         let _ = writeln!(out, "coverage marks hit:");
         for (mark, hits) in &self.coverage {
             let _ = writeln!(out, "  {mark:<40} {hits:>10}");
         }
-        let _ = writeln!(out, "checks evaluated:  {}", self.checks_evaluated);
+        let _ = writeln!(
+            out,
+            "checks evaluated:  {}{}",
+            self.checks_evaluated,
+            self.finished_only()
+        );
         let _ = writeln!(out, "simulated events:  {} executor steps", self.steps);
         let _ = writeln!(out, "violations:        {}", self.violations);
     }
@@ -543,8 +543,17 @@ impl Report {
         text
     }
 
+    /// A failed seed returns no counts (only its step and time), so the counts of a run
+    /// with a failure cover the seeds that finished: said after each.
+    fn finished_only(&self) -> &'static str {
+        match self.violations > 0 {
+            true => " in the seeds that finished",
+            false => "",
+        }
+    }
+
     fn render_faults(&self, out: &mut String) {
-        let _ = writeln!(out, "faults fired:");
+        let _ = writeln!(out, "faults fired{}:", self.finished_only());
         for fault in &self.faults {
             let enabled = match (fault.seeds_enabled, fault.fired) {
                 (0, 0) => "not enabled".to_string(),
@@ -609,7 +618,7 @@ impl FailureRecord {
             None => writeln!(out, "step: {step}"),
         };
         let _ = writeln!(out, "message: {}", self.detail);
-        let _ = writeln!(out, "last {} events before it:", self.events.len());
+        let _ = writeln!(out, "last {} events, up to the failure:", self.events.len());
         for event in &self.events {
             let _ = writeln!(out, "{}", format_event(event));
         }

@@ -181,6 +181,12 @@ fn an_injected_bug_fails_and_its_printed_replay_fails_the_same_way() {
             mutation.name()
         );
         assert!(stdout.contains("last "), "events before the violation");
+        // The failed seed returns no counts: the totals say whose they are.
+        for counted in ["faults fired in", "checks evaluated:"] {
+            let line = stdout.lines().find(|l| l.starts_with(counted));
+            let line = line.unwrap_or_else(|| panic!("no {counted} line in:\n{stdout}"));
+            assert!(line.contains(" in the seeds that finished"), "{line}");
+        }
 
         let args: Vec<&str> = replay.split_whitespace().skip(1).collect();
         let (replay_code, replay_stdout, _) = run(&args);

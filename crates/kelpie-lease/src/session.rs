@@ -476,7 +476,9 @@ impl<M> Clone for LeaseSession<M> {
 }
 
 /// The work of a session: renewals, guard cancellation, releases of dropped guards. Drive
-/// [`run`](Self::run) on a task; it returns after [`LeaseSession::shutdown`].
+/// [`run`](Self::run) on a task; it returns after [`LeaseSession::shutdown`], and only then:
+/// the driver holds the session, so dropping every handle of it does not stop the task (nor
+/// release the leases of guards still alive). End a session with `shutdown`.
 pub struct SessionDriver<M> {
     session: LeaseSession<M>,
     keeper_events: crate::keeper::KeeperEvents,
@@ -1063,11 +1065,20 @@ mod tests {
     }
 
     fn session(manager: &Arc<Manager>, clock: &SharedClock, name: &str) -> LeaseSession<Manager> {
-        let config = SessionConfig::default();
-        let built = LeaseSession::new(Arc::clone(manager), Arc::clone(clock), node(name), config);
-        let (session, driver) = built.unwrap();
+        let (session, driver) = session_and_driver(manager, clock, name);
         drop(tokio::spawn(driver.run()));
         session
+    }
+
+    /// A session of node `name` with default settings, and its driver, not started.
+    fn session_and_driver(
+        manager: &Arc<Manager>,
+        clock: &SharedClock,
+        name: &str,
+    ) -> (LeaseSession<Manager>, SessionDriver<Manager>) {
+        let config = SessionConfig::default();
+        let built = LeaseSession::new(Arc::clone(manager), Arc::clone(clock), node(name), config);
+        built.unwrap()
     }
 
     /// Sessions of nodes `n1` and `n2` on one store.
@@ -1274,18 +1285,6 @@ mod tests {
         eventually_free(&clock, &leases, "a").await;
     }
 
-    /// A session whose driver never runs (a runtime too busy to schedule it, or one that
-    /// dropped it): nothing renews or cancels, and the guards must see the clock themselves.
-    fn session_without_driver(
-        manager: &Arc<Manager>,
-        clock: &SharedClock,
-        name: &str,
-    ) -> LeaseSession<Manager> {
-        let config = SessionConfig::default();
-        let built = LeaseSession::new(Arc::clone(manager), Arc::clone(clock), node(name), config);
-        built.unwrap().0
-    }
-
     /// A guard whose belief ran out while its driver did not run answers `is_valid() ==
     /// false` (and is cancelled) at its deadline. The store still counts the process as holder
     /// then, and a new acquire must not get the old guard's token (the store's idempotent
@@ -1295,7 +1294,9 @@ mod tests {
     async fn a_guard_whose_belief_ran_out_unseen_is_invalid_and_its_token_never_guarded_again() {
         let clock: SharedClock = PausedClock::shared();
         let leases = manager(&clock);
-        let session = session_without_driver(&leases, &clock, "n1");
+        // Its driver never runs (a runtime too busy to schedule it, or one that dropped it):
+        // nothing renews or cancels, and the guard must see the clock itself.
+        let (session, _driver) = session_and_driver(&leases, &clock, "n1");
         let old = session.acquire(&actor("a")).await.unwrap();
         let deadline_ms = session.keeper().belief(&actor("a")).unwrap().until_local_ms
             - session.timing().cancel_lead_ms;

@@ -24,11 +24,19 @@ impl Invariant for ExpiredLeaseClaimable {
                 .before
                 .as_ref()
                 .is_none_or(|b| b.valid_holder(d.store_now_ms).is_none());
-            let granted = d
-                .decision
-                .reply
-                .as_ref()
-                .is_ok_and(|l| l.holder == d.request.node_id);
+            // A grant is a reply naming the requester and, where the store writes through
+            // the decision (not etcd's, whose decisions are read off its transactions), a
+            // write that does too: a reply alone leaves the lease where it was.
+            let written = world.held_until_deleted
+                || d.decision
+                    .write
+                    .as_ref()
+                    .is_some_and(|w| w.holder.as_ref() == Some(&d.request.node_id));
+            let granted = written
+                && d.decision
+                    .reply
+                    .as_ref()
+                    .is_ok_and(|l| l.holder == d.request.node_id);
             if claimable && !granted {
                 return Err(format!(
                     "acquire of {} by {} at store time {} ms was not granted although the \

@@ -2,6 +2,7 @@
 //! than every token issued before for that actor.
 
 use kelpie_core::{ActorId, FencingToken, NodeId};
+use kelpie_lease::backend::LeaseOp;
 
 use super::{Invariant, LeaseWorld};
 
@@ -41,7 +42,9 @@ impl FencingTokenMonotonic {
                  {token}"
             ));
         }
-        if token > highest || new_holder {
+        // A released record (no holder) is remembered as such: whoever holds the lease next,
+        // its former holder too, is a new holder and must bring a larger token.
+        if token > highest || new_holder || holder.is_none() {
             *slot = Some((token, holder.cloned()));
         }
         Ok(())
@@ -69,6 +72,25 @@ impl Invariant for FencingTokenMonotonic {
                 .as_ref()
                 .and_then(|b| b.valid_holder(d.store_now_ms));
             let new_holder = written.holder.is_some() && written.holder.as_ref() != before_holder;
+            // A grant hands its holder the token written: a reply with another would fence
+            // by a token the store does not hold.
+            let handed_other = matches!(d.request.op, LeaseOp::Acquire | LeaseOp::Renew)
+                && d.decision.reply.as_ref().is_ok_and(|lease| {
+                    lease.fencing_token != written.fencing_token
+                        || written.holder.as_ref() != Some(&lease.holder)
+                });
+            if handed_other {
+                return Err(format!(
+                    "{} on {} by {} wrote token {} ({:?}) but replied {:?} at store time {} ms",
+                    d.request.op.name(),
+                    d.actor_id,
+                    d.request.node_id,
+                    written.fencing_token,
+                    written.holder,
+                    d.decision.reply,
+                    d.store_now_ms
+                ));
+            }
             if written.fencing_token < before_token
                 || (new_holder && written.fencing_token <= before_token)
             {

@@ -5,7 +5,7 @@ use kelpie_lease::{backend::LeaseOp, backend::LeaseRecord};
 use super::{Invariant, LeaseWorld};
 
 /// Checked twice: on every renewal the store decided to grant (the requester held the
-/// unexpired lease it saw, and the token stayed), and on the store's truth between steps (an
+/// unexpired lease it saw with the token it sent, and the token stayed), and on the store's truth between steps (an
 /// expiry that moved later, with the holder and token unchanged, was on an unexpired lease).
 #[derive(Debug, Default)]
 pub struct RenewalRequiresOwnership {
@@ -27,9 +27,12 @@ impl Invariant for RenewalRequiresOwnership {
             let Ok(lease) = &d.decision.reply else {
                 continue;
             };
+            // The request's token, where it carries one, must be the lease's: a renewal from
+            // an earlier tenure of the same holder id extends nothing.
             let owned = d.before.as_ref().is_some_and(|b| {
                 b.valid_holder(d.store_now_ms) == Some(&d.request.node_id)
                     && b.fencing_token == lease.fencing_token
+                    && d.request.fencing_token.is_none_or(|t| t == b.fencing_token)
             });
             if !owned {
                 return Err(format!(

@@ -422,3 +422,137 @@ fn fencing_token_monotonic_rejects_stored_records_that_go_back() {
     let same_token = Step::at(1_200).record(record(Some("n2"), 3, 1_200, 2_200));
     rejects(same_token.check(&mut checker), "with the same token");
 }
+
+/// The store-truth half: a holder that takes its own released lease back with the token it
+/// had (a store keeping the old token) is a new holder like any other.
+#[test]
+fn fencing_token_monotonic_rejects_a_holder_retaking_its_released_lease_with_its_token() {
+    let steps = |retaken_token: u64| {
+        let mut checker = FencingTokenMonotonic::default();
+        let held = Step::at(0).record(record(Some("n1"), 3, 0, 1_000));
+        assert_eq!(held.check(&mut checker), Ok(()));
+        let released = Step::at(600).record(record(None, 3, 0, 600));
+        assert_eq!(released.check(&mut checker), Ok(()));
+        let retaken = Step::at(700).record(record(Some("n1"), retaken_token, 700, 1_700));
+        retaken.check(&mut checker)
+    };
+    assert_eq!(steps(4), Ok(()));
+    rejects(
+        steps(3),
+        "passed from None to Some(\"n1\") with the same token 3",
+    );
+}
+
+/// The decision half: a grant that writes one token and replies with another (or names
+/// another holder in its reply) hands its holder a token the store does not hold.
+#[test]
+fn fencing_token_monotonic_rejects_a_grant_whose_reply_is_not_what_it_wrote() {
+    let expired = record(Some("n1"), 5, 0, 1_000);
+    let written = record(Some("n2"), 6, 1_000, 2_000);
+    let replying = |reply: LeaseRecord| {
+        Step::at(1_000).decided(
+            request(LeaseOp::Acquire, "n2", None),
+            Some(expired.clone()),
+            Decision {
+                write: Some(written.clone()),
+                reply: Ok(reply.lease(&actor()).expect("a holder")),
+            },
+        )
+    };
+    let ok = replying(written.clone());
+    assert_eq!(ok.check(&mut FencingTokenMonotonic::default()), Ok(()));
+    for token in [5, 4, 7] {
+        let other = replying(record(Some("n2"), token, 1_000, 2_000));
+        rejects(
+            other.check(&mut FencingTokenMonotonic::default()),
+            "wrote token 6",
+        );
+    }
+    let other_holder = replying(record(Some("n3"), 6, 1_000, 2_000));
+    rejects(
+        other_holder.check(&mut FencingTokenMonotonic::default()),
+        "but replied",
+    );
+    let held = record(Some("n1"), 5, 0, 1_000);
+    let renewal = Step::at(500).decided(
+        request(LeaseOp::Renew, "n1", Some(5)),
+        Some(held),
+        Decision {
+            write: Some(record(Some("n1"), 5, 0, 1_500)),
+            reply: Ok(record(Some("n1"), 4, 0, 1_500).lease(&actor()).unwrap()),
+        },
+    );
+    rejects(
+        renewal.check(&mut FencingTokenMonotonic::default()),
+        "renew on a by n1 wrote token 5",
+    );
+}
+
+/// A renewal carrying the token of an earlier tenure of the same holder id is refused by
+/// the store; one granted anyway extended a lease the requester no longer held.
+#[test]
+fn renewal_requires_ownership_rejects_a_renewal_with_an_earlier_tenures_token() {
+    let held = record(Some("n1"), 2, 400, 1_400);
+    for token in [Some(2), None] {
+        let ok = Step::at(500)
+            .decided_correctly(request(LeaseOp::Renew, "n1", token), Some(held.clone()));
+        assert!(
+            ok.decisions[0].decision.reply.is_ok(),
+            "{token:?} is renewed"
+        );
+        assert_eq!(ok.check(&mut RenewalRequiresOwnership::default()), Ok(()));
+    }
+    let stale = request(LeaseOp::Renew, "n1", Some(1));
+    assert!(decide(&actor(), Some(&held), &stale, 500).reply.is_err());
+    let granted = Step::at(500).decided(
+        stale,
+        Some(held),
+        granting(record(Some("n1"), 2, 400, 1_500)),
+    );
+    rejects(
+        granted.check(&mut RenewalRequiresOwnership::default()),
+        "renewal of a by n1 granted",
+    );
+}
+
+/// An acquire of an expired lease answered "granted" without writing the grant leaves the
+/// lease with its old holder: it was not claimed. (etcd's decisions, read off its
+/// transactions, carry no write, and are judged by their replies.)
+#[test]
+fn expired_lease_claimable_rejects_a_grant_that_writes_nothing() {
+    let expired = record(Some("n1"), 1, 0, 1_000);
+    let ok = Step::at(1_000)
+        .decided_correctly(request(LeaseOp::Acquire, "n2", None), Some(expired.clone()));
+    assert_eq!(ok.check(&mut ExpiredLeaseClaimable), Ok(()));
+    let reply_only = Decision {
+        write: None,
+        reply: Ok(record(Some("n2"), 2, 1_000, 2_000).lease(&actor()).unwrap()),
+    };
+    let unwritten = Step::at(1_000).decided(
+        request(LeaseOp::Acquire, "n2", None),
+        Some(expired.clone()),
+        reply_only.clone(),
+    );
+    rejects(
+        unwritten.check(&mut ExpiredLeaseClaimable),
+        "was not granted",
+    );
+    let in_etcd = Step::at(1_000).held_until_deleted().decided(
+        request(LeaseOp::Acquire, "n2", None),
+        Some(expired.clone()),
+        reply_only,
+    );
+    assert_eq!(in_etcd.check(&mut ExpiredLeaseClaimable), Ok(()));
+    let written_to_another = Step::at(1_000).decided(
+        request(LeaseOp::Acquire, "n2", None),
+        Some(expired),
+        Decision {
+            write: Some(record(Some("n3"), 2, 1_000, 2_000)),
+            reply: Ok(record(Some("n2"), 2, 1_000, 2_000).lease(&actor()).unwrap()),
+        },
+    );
+    rejects(
+        written_to_another.check(&mut ExpiredLeaseClaimable),
+        "was not granted",
+    );
+}

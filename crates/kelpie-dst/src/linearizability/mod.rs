@@ -181,6 +181,22 @@ pub enum LinearizabilityError {
         /// The smallest part of its history found to be non-linearizable already.
         window: OffendingWindow,
     },
+    /// An operation's answer came before its request: not a history any run records (the
+    /// recorder's times are one clock's), so the history was built wrong.
+    #[error(
+        "malformed history: operation {index} on {actor_id} responded at {responded_ms} ms, \
+         before it was invoked at {invoked_ms} ms"
+    )]
+    MalformedHistory {
+        /// The operation's index in the history.
+        index: usize,
+        /// Its actor.
+        actor_id: ActorId,
+        /// When it was invoked.
+        invoked_ms: u64,
+        /// When it responded.
+        responded_ms: u64,
+    },
     /// The search explored [`LINEARIZABILITY_SEARCH_STATES_MAX`] states without an answer.
     #[error(
         "linearizability check of {actor_id} gave up after {states_explored} search states \
@@ -313,6 +329,18 @@ fn check_actors(
     delivery: Delivery,
     effects: Option<&[StoreEffect]>,
 ) -> Result<LinearizabilityReport, LinearizabilityError> {
+    let backwards = ops.iter().enumerate().find_map(|(index, op)| {
+        let responded_ms = op.responded_ms()?;
+        (responded_ms < op.invoked_ms).then_some((index, op, responded_ms))
+    });
+    if let Some((index, op, responded_ms)) = backwards {
+        return Err(LinearizabilityError::MalformedHistory {
+            index,
+            actor_id: op.actor_id.clone(),
+            invoked_ms: op.invoked_ms,
+            responded_ms,
+        });
+    }
     let mut ops_by_actor = by_actor(
         ops.iter()
             .enumerate()

@@ -1212,3 +1212,32 @@ fn a_logged_effect_answers_the_operation_whose_response_comes_first() {
         (1, 0)
     );
 }
+
+/// An answer before its request is no history a run records: it is refused as malformed,
+/// with the operation named, where it panicked inside the search's narrowing before.
+#[test]
+fn a_reply_before_its_request_is_a_malformed_history_not_a_panic() {
+    let backwards = n1_acquired().answered(
+        request("n1", LeaseOp::Renew, Some(1)),
+        (400, 300),
+        Ok(lease("n1", 1, 1, 1_300, 1)),
+    );
+    for duplicates in [Duplicates::Impossible, Duplicates::Possible] {
+        match backwards.check(duplicates) {
+            Err(LinearizabilityError::MalformedHistory {
+                index: 1,
+                invoked_ms: 400,
+                responded_ms: 300,
+                ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    // The same operation answered at its invocation instant is well formed.
+    let instant = n1_acquired().answered(
+        request("n1", LeaseOp::Renew, Some(1)),
+        (400, 400),
+        Ok(lease("n1", 1, 1, 1_400, 1)),
+    );
+    instant.accepted();
+}

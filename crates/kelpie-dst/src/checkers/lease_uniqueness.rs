@@ -1,9 +1,16 @@
 //! LeaseUniqueness: at most one node believes it holds a valid lease on an actor.
 
+use kelpie_lease::backend::LeaseOp;
+
 use super::{Invariant, LeaseWorld};
 
 /// At most one node believes it holds each actor's lease, at every instant. Beliefs only end
 /// between changes, so checking the changed actors at each step covers every instant.
+///
+/// And the store's side of it: no acquire is granted to a node while the record the store
+/// decided on names another valid holder. The beliefs alone miss a store that hands a lease
+/// on a little early, while the holder's belief (ended early by its drift margin) is already
+/// over: it breaks the promise the store made the holder, and only the margin hides it.
 #[derive(Debug, Default)]
 pub struct LeaseUniqueness;
 
@@ -13,6 +20,25 @@ impl Invariant for LeaseUniqueness {
     }
 
     fn check(&mut self, world: &LeaseWorld<'_>) -> Result<(), String> {
+        for d in world.decisions {
+            if d.request.op != LeaseOp::Acquire || d.decision.reply.is_err() {
+                continue;
+            }
+            let holder = d
+                .before
+                .as_ref()
+                .and_then(|b| b.valid_holder(d.store_now_ms));
+            if let Some(holder) = holder.filter(|h| **h != d.request.node_id) {
+                return Err(format!(
+                    "acquire of {} by {} granted at store time {} ms while {holder} held it \
+                     until {} ms",
+                    d.actor_id,
+                    d.request.node_id,
+                    d.store_now_ms,
+                    d.before.as_ref().map_or(0, |b| b.expires_at_ms)
+                ));
+            }
+        }
         for (_, actor_id, view) in world.changed_actors() {
             let mut believers = view.beliefs_held(world.store_now_ms);
             let Some(first) = believers.next() else {

@@ -154,6 +154,34 @@ fn lease_uniqueness_rejects_two_believers_only() {
     assert_eq!(same.check(&mut LeaseUniqueness), Ok(()));
 }
 
+/// The store's side: an acquire granted to n2 one millisecond before n1's lease expires,
+/// when n1's belief (shortened by its margin) has already ended, leaves no two believers,
+/// yet the store broke its promise to n1. At the expiry instant, or to n1 itself, it is fine.
+#[test]
+fn lease_uniqueness_rejects_a_grant_over_another_valid_holder() {
+    let valid = record(Some("n1"), 1, 0, 1_000);
+    let early = Step::at(999)
+        .record(record(Some("n2"), 2, 999, 1_999))
+        .belief(belief("n1", 1, 990))
+        .belief(belief("n2", 2, 1_990))
+        .decided(
+            request(LeaseOp::Acquire, "n2", None),
+            Some(valid.clone()),
+            granting(record(Some("n2"), 2, 999, 1_999)),
+        );
+    rejects(
+        early.check(&mut LeaseUniqueness),
+        "acquire of a by n2 granted at store time 999 ms while n1 held it until 1000 ms",
+    );
+    let on_time = Step::at(1_000)
+        .decided_correctly(request(LeaseOp::Acquire, "n2", None), Some(valid.clone()));
+    assert!(on_time.decisions[0].decision.reply.is_ok());
+    assert_eq!(on_time.check(&mut LeaseUniqueness), Ok(()));
+    let own = Step::at(500).decided_correctly(request(LeaseOp::Acquire, "n1", None), Some(valid));
+    assert!(own.decisions[0].decision.reply.is_ok());
+    assert_eq!(own.check(&mut LeaseUniqueness), Ok(()));
+}
+
 #[test]
 fn belief_consistency_rejects_every_unbacked_belief() {
     let backed = record(Some("n1"), 3, 0, 1_000);

@@ -396,8 +396,14 @@ impl Shared {
         let Some(belief) = (self.belief_now)(actor_id) else {
             return false;
         };
-        let deadline_ms = belief.until_local_ms.saturating_sub(self.cancel_lead_ms);
-        belief.fencing_token == token && deadline_ms > self.clock.now_ms()
+        belief.fencing_token == token
+            && self.deadline_ms(belief.until_local_ms) > self.clock.now_ms()
+    }
+
+    /// When a guard on a belief ending at `until_local_ms` is cancelled: the cancel lead
+    /// before it.
+    fn deadline_ms(&self, until_local_ms: u64) -> u64 {
+        until_local_ms.saturating_sub(self.cancel_lead_ms)
     }
 
     /// Whether `actor_id` has a guard that is still valid. A guard that is not (cancelled, or
@@ -729,10 +735,7 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
                     expired_at_ms,
                 }));
             };
-            let deadline_ms = belief
-                .until_local_ms
-                .saturating_sub(self.timing.cancel_lead_ms);
-            if deadline_ms > now_ms {
+            if self.shared.deadline_ms(belief.until_local_ms) > now_ms {
                 return Ok(belief.fencing_token);
             }
             let Some(events) = events.as_mut() else {
@@ -990,15 +993,15 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
             .into_iter()
             .map(|(a, b)| (a, (b.fencing_token, b.until_local_ms)))
             .collect();
-        let lead_ms = session.timing.cancel_lead_ms;
         let mut next_deadline_ms: Option<u64> = None;
         let mut cancelled = Vec::new();
         let mut guards = session.shared.lock_guards();
         guards.retain(|actor_id, (token, cancel)| {
             let (deadline_ms, reason) = match beliefs.get(actor_id) {
-                Some((held, until_ms)) if held == token => {
-                    (until_ms.saturating_sub(lead_ms), CancelReason::BeliefEnding)
-                }
+                Some((held, until_ms)) if held == token => (
+                    session.shared.deadline_ms(*until_ms),
+                    CancelReason::BeliefEnding,
+                ),
                 _ => (0, CancelReason::BeliefGone),
             };
             if deadline_ms > now_ms {

@@ -79,31 +79,23 @@ impl Invariant for FencingTokenMonotonic {
                     lease.fencing_token != written.fencing_token
                         || written.holder.as_ref() != Some(&lease.holder)
                 });
-            if handed_other {
-                return Err(format!(
-                    "{} on {} by {} wrote token {} ({:?}) but replied {:?} at store time {} ms",
-                    d.request.op.name(),
-                    d.actor_id,
-                    d.request.node_id,
-                    written.fencing_token,
-                    written.holder,
-                    d.decision.reply,
-                    d.store_now_ms
-                ));
-            }
-            if written.fencing_token < before_token
+            let wrong = if handed_other {
+                format!("({:?}) but replied {:?}", written.holder, d.decision.reply)
+            } else if written.fencing_token < before_token
                 || (new_holder && written.fencing_token <= before_token)
             {
-                return Err(format!(
-                    "{} on {} by {} wrote token {} over token {} at store time {} ms",
-                    d.request.op.name(),
-                    d.actor_id,
-                    d.request.node_id,
-                    written.fencing_token,
-                    before_token,
-                    d.store_now_ms
-                ));
-            }
+                format!("over token {before_token}")
+            } else {
+                continue;
+            };
+            return Err(format!(
+                "{} on {} by {} wrote token {} {wrong} at store time {} ms",
+                d.request.op.name(),
+                d.actor_id,
+                d.request.node_id,
+                written.fencing_token,
+                d.store_now_ms
+            ));
         }
         for (index, actor_id, view) in world.changed_actors() {
             if let Some(record) = &view.record {

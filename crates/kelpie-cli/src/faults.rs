@@ -111,7 +111,9 @@ impl FromStr for FaultPlan {
     fn from_str(value: &str) -> Result<Self, Self::Err> {
         match value.trim() {
             "swarm" => return Ok(FaultPlan::Swarm),
-            "none" | "" => return Ok(FaultPlan::List(Vec::new())),
+            // An empty value is refused as an entry, not taken for `none`: `--faults ""` is more
+            // likely an unset variable than a choice.
+            "none" => return Ok(FaultPlan::List(Vec::new())),
             _ => {}
         }
         let mut list: Vec<FaultConfig> = Vec::new();
@@ -265,6 +267,9 @@ mod tests {
         let error = "nosuchfault=0.1".parse::<FaultPlan>().unwrap_err();
         assert!(error.to_string().contains("storage-write-fail"), "{error}");
         for bad in [
+            "",
+            " ",
+            ",",
             "storage-write-fail",
             "storage-write-fail=x",
             "storage-write-fail=NaN",

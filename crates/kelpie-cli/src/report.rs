@@ -509,7 +509,7 @@ impl Report {
         if self.single_seed {
             return format!("{run} (seed {base})");
         }
-        let planned = format!("{base}..={}", base.wrapping_add(count - 1));
+        let planned = seed_range(base, count);
         let shard = self.shard.unwrap_or(Shard::WHOLE);
         let mut text = if run == shard.seeds_in(count) {
             format!("{run} of {count}, seeds {planned} (base seed {base})")
@@ -519,9 +519,9 @@ impl Report {
             // seeds run are the first ones, however many jobs ran them.
             match run.checked_sub(1) {
                 Some(last) => format!(
-                    "{run} of {count}: seeds {base}..={}, the first {run} of the planned \
-                     {planned} (base seed {base})",
-                    base.wrapping_add(last)
+                    "{run} of {count}: seeds {}, the first {run} of the planned {planned} (base \
+                     seed {base})",
+                    seed_range(base, last + 1)
                 ),
                 None => format!("0 of {count}: none of the planned {planned} (base seed {base})"),
             }
@@ -625,6 +625,20 @@ impl FailureRecord {
     }
 }
 
+/// The `count` seeds from `base`, which wrap past `u64::MAX` to 0 as a sweep's seeds do: a
+/// wrapped range is shown as its two parts, not as `18446744073709551614..=1`.
+fn seed_range(base: u64, count: u64) -> String {
+    assert!(count > 0, "a range of no seeds");
+    match base.checked_add(count - 1) {
+        Some(last) => format!("{base}..={last}"),
+        None => format!(
+            "{base}..={} and 0..={}",
+            u64::MAX,
+            base.wrapping_add(count - 1)
+        ),
+    }
+}
+
 /// `1 seed`, `2 seeds`.
 fn plural(count: u64, noun: &str) -> String {
     if count == 1 {
@@ -673,6 +687,22 @@ fn si(value: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sweep's seeds wrap past u64::MAX to 0; their range read as empty
+    /// (`18446744073709551614..=1`) before.
+    #[test]
+    fn a_wrapped_seed_range_is_shown_as_its_two_parts() {
+        assert_eq!(seed_range(5, 1), "5..=5");
+        assert_eq!(seed_range(5, 10), "5..=14");
+        assert_eq!(
+            seed_range(u64::MAX - 1, 2),
+            "18446744073709551614..=18446744073709551615"
+        );
+        assert_eq!(
+            seed_range(u64::MAX - 1, 4),
+            "18446744073709551614..=18446744073709551615 and 0..=1"
+        );
+    }
 
     fn event(at_ms: u64, kind: LeaseEventKind) -> LeaseEvent {
         LeaseEvent {

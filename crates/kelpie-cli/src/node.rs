@@ -45,9 +45,9 @@ the new token, the node writes the actor's write log (one line per activation: t
 first and last sequence number) through the activation every --write-every-ms, each write
 carrying the lease's fencing token. A write refused as stale ends the activation.
 
-Log lines (stdout): ready, activated, write, deactivated, and the session's lease events
-(lease-acquired, lease-renewed, renewal-failed, lease-released, lease-lost, holder-changed,
-guard-cancelled), then shutdown. --log-format json prints one JSON object per line.
+Log lines (stdout): ready, activated, write, deactivated, acquire-failed, and the session's
+lease events (lease-acquired, lease-renewed, renewal-failed, lease-released, lease-lost,
+holder-changed, guard-cancelled), then stopping and shutdown. --log-format json prints one JSON object per line.
 
 Signals: SIGTERM or SIGINT releases every lease (bounded by one lease duration) and exits 0.
 

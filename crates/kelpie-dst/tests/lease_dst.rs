@@ -580,7 +580,7 @@ fn assert_caught_first(mutation: Mutation) {
 }
 
 #[test]
-fn test_dst_broken_acquire_is_caught_by_lease_uniqueness() {
+fn test_dst_broken_acquire_is_caught_by_lease_uniqueness_or_belief_consistency() {
     assert_caught_first(Mutation::AcquireIgnoresHolder);
 }
 

@@ -193,6 +193,11 @@ fn check_alone(path: &str, report: &Report) -> Result<(), MergeError> {
         path: path.to_string(),
         reason,
     };
+    if report.seeds_asked == 0 {
+        return Err(inconsistent(
+            "a sweep of 0 seeds, which kelpie sim never runs".into(),
+        ));
+    }
     let shard = report.shard.unwrap_or(Shard::WHOLE);
     let seeds_in_shard = shard.seeds_in(report.seeds_asked);
     if report.seeds_run > seeds_in_shard {

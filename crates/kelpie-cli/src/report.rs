@@ -626,15 +626,18 @@ impl FailureRecord {
 }
 
 /// The `count` seeds from `base`, which wrap past `u64::MAX` to 0 as a sweep's seeds do: a
-/// wrapped range is shown as its two parts, not as `18446744073709551614..=1`.
+/// wrapped range is shown as its two parts, not as `18446744073709551614..=1`. (A report read
+/// back from JSON may say anything: no count is a panic.)
 fn seed_range(base: u64, count: u64) -> String {
-    assert!(count > 0, "a range of no seeds");
-    match base.checked_add(count - 1) {
+    let Some(last_offset) = count.checked_sub(1) else {
+        return "no seeds".to_string();
+    };
+    match base.checked_add(last_offset) {
         Some(last) => format!("{base}..={last}"),
         None => format!(
             "{base}..={} and 0..={}",
             u64::MAX,
-            base.wrapping_add(count - 1)
+            base.wrapping_add(last_offset)
         ),
     }
 }
@@ -692,6 +695,7 @@ mod tests {
     /// (`18446744073709551614..=1`) before.
     #[test]
     fn a_wrapped_seed_range_is_shown_as_its_two_parts() {
+        assert_eq!(seed_range(5, 0), "no seeds");
         assert_eq!(seed_range(5, 1), "5..=5");
         assert_eq!(seed_range(5, 10), "5..=14");
         assert_eq!(

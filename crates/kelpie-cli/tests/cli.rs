@@ -468,6 +468,12 @@ fn bad_sweep_options_and_merges_exit_2_with_a_clear_message() {
     let single = dir.path().join("single.json");
     std::fs::write(&single, run(&["sim", "--seed", "3", "--json"]).1).unwrap();
     merge_error(&[&single.display().to_string()], "a single seed's report");
+    // A report edited to 0 seeds is refused, not a panic in its seed range.
+    let mut report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    report["seeds_asked"] = serde_json::json!(0);
+    let no_seeds = dir.path().join("no-seeds.json");
+    std::fs::write(&no_seeds, report.to_string()).unwrap();
+    merge_error(&[&no_seeds.display().to_string()], "a sweep of 0 seeds");
 }
 
 /// A fresh directory inside `parent`.

@@ -465,7 +465,6 @@ impl Shared {
 /// A node's lease session; see the module docs. Cheap to clone.
 pub struct LeaseSession<M> {
     keeper: Arc<LeaseKeeper<M>>,
-    clock: SharedClock,
     timing: SessionTiming,
     shared: Arc<Shared>,
 }
@@ -474,7 +473,6 @@ impl<M> Clone for LeaseSession<M> {
     fn clone(&self) -> Self {
         Self {
             keeper: Arc::clone(&self.keeper),
-            clock: Arc::clone(&self.clock),
             timing: self.timing,
             shared: Arc::clone(&self.shared),
         }
@@ -558,7 +556,7 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
             guards: Mutex::new(BTreeMap::new()),
             guarded_max: Mutex::new(BTreeMap::new()),
             belief_now: Box::new(move |actor_id| believer.belief(actor_id)),
-            clock: Arc::clone(&clock),
+            clock,
             cancel_lead_ms: timing.cancel_lead_ms,
             to_release: Mutex::new(Vec::new()),
             changed: Notify::new(),
@@ -567,7 +565,6 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
         });
         let session = Self {
             keeper,
-            clock,
             timing,
             shared,
         };
@@ -586,6 +583,11 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
     /// The identity the store sees: the node id and this process's incarnation.
     pub fn holder_id(&self) -> &NodeId {
         self.keeper.holder_id()
+    }
+
+    /// The session's clock: the node's, which its keeper and guards read too.
+    fn clock(&self) -> &SharedClock {
+        &self.shared.clock
     }
 
     /// The keeper the session drives (its beliefs, timing and manager).
@@ -727,7 +729,7 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
         // belief is read again: a renewal between the two is not missed.
         let mut events: Option<broadcast::Receiver<SessionEvent>> = None;
         loop {
-            let now_ms = self.clock.now_ms();
+            let now_ms = self.clock().now_ms();
             let Some(belief) = self.keeper.belief(actor_id) else {
                 return Err(SessionError::Lease(LeaseError::Expired {
                     actor_id: actor_id.clone(),
@@ -746,7 +748,7 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
             // or it ends, or the session shuts down.
             let changed = std::pin::pin!(events.recv());
             let ends = self
-                .clock
+                .clock()
                 .sleep(Duration::from_millis(belief.until_local_ms - now_ms));
             let closing = std::pin::pin!(self.shared.closing.cancelled());
             if let Either::Right(_) = select(select(changed, ends), closing).await {
@@ -801,7 +803,7 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
                 Err(other) => return Err(other),
             }
             let wait_ms = self.campaign_wait_ms(actor_id, attempt);
-            let waiting = self.clock.sleep(Duration::from_millis(wait_ms));
+            let waiting = self.clock().sleep(Duration::from_millis(wait_ms));
             let closing = self.shared.closing.cancelled();
             if let Either::Right(_) = select(waiting, std::pin::pin!(closing)).await {
                 return Err(SessionError::ShuttingDown);
@@ -879,7 +881,7 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
         let releases = held.iter().map(|actor_id| self.keeper.release(actor_id));
         let all = futures_util::future::join_all(releases);
         let bound = self
-            .clock
+            .clock()
             .sleep(Duration::from_millis(self.timing.shutdown_timeout_ms));
         let report = match select(std::pin::pin!(all), bound).await {
             Either::Left((results, _)) => {
@@ -939,12 +941,12 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
                     false => releasing.next().await,
                 }
             };
-            let now_ms = session.clock.now_ms();
+            let now_ms = session.clock().now_ms();
             // With no guard there is no deadline to wake for: wait for a change only.
             let sleep = match next_deadline_ms {
                 Some(deadline_ms) => {
                     let wait_ms = deadline_ms.saturating_sub(now_ms).max(1);
-                    Either::Left(session.clock.sleep(Duration::from_millis(wait_ms)))
+                    Either::Left(session.clock().sleep(Duration::from_millis(wait_ms)))
                 }
                 None => Either::Right(futures_util::future::pending::<()>()),
             };
@@ -986,7 +988,7 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
     /// its lease for release; returns the earliest deadline of the others.
     fn cancel_due_guards(&self) -> Option<u64> {
         let session = &self.session;
-        let now_ms = session.clock.now_ms();
+        let now_ms = session.clock().now_ms();
         let beliefs: BTreeMap<ActorId, (FencingToken, u64)> = session
             .keeper
             .beliefs()

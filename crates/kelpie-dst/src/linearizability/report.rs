@@ -5,8 +5,8 @@ use kelpie_core::ActorId;
 use kelpie_lease::{backend::LeaseOp, backend::LeaseRecord, Lease};
 
 use super::actor::{ActorHistory, Start};
-use super::search::check_actor;
-use super::{Delivery, LinearizabilityError, OffendingWindow};
+use super::search::check_actor_within;
+use super::{Delivery, LinearizabilityError, OffendingWindow, LINEARIZABILITY_SEARCH_STATES_MAX};
 use crate::history::HistoryOp;
 
 /// Most grants tried as the start of a smaller offending window once a violation is found.
@@ -20,14 +20,61 @@ pub(super) fn offending_window(
     actor_id: &ActorId,
     ops: &[(usize, &HistoryOp)],
     delivery: Delivery,
+) -> OffendingWindow {
+    offending_window_within(actor_id, ops, delivery, LINEARIZABILITY_SEARCH_STATES_MAX)
+}
+
+/// [`offending_window`], each search of the narrowing bounded by `states_max` states. The
+/// whole history has been shown not linearizable already; a narrowing search that gives up
+/// only loses the narrowing, so the window is then the whole history, never an error that
+/// would turn the proven violation into a [`LinearizabilityError::SearchBound`].
+pub(super) fn offending_window_within(
+    actor_id: &ActorId,
+    ops: &[(usize, &HistoryOp)],
+    delivery: Delivery,
+    states_max: u64,
+) -> OffendingWindow {
+    narrowed_window(actor_id, ops, delivery, states_max).unwrap_or_else(|_| {
+        let mut start = Start::empty();
+        start.description = format!(
+            "{} (the narrowing gave up after {states_max} search states)",
+            start.description
+        );
+        // Every operation: the last answer, or the last request if that is later.
+        let last_ms = ops
+            .iter()
+            .map(|(_, op)| op.responded_ms().unwrap_or(op.invoked_ms))
+            .max()
+            .unwrap_or(0);
+        window_of(ops, last_ms, &start, None)
+    })
+}
+
+fn narrowed_window(
+    actor_id: &ActorId,
+    ops: &[(usize, &HistoryOp)],
+    delivery: Delivery,
+    states_max: u64,
 ) -> Result<OffendingWindow, LinearizabilityError> {
-    let cut_ms = shortest_failing_cut(actor_id, ops, delivery)?;
-    let start = latest_failing_start(actor_id, ops, cut_ms, delivery)?;
+    let cut_ms = shortest_failing_cut(actor_id, ops, delivery, states_max)?;
+    let start = latest_failing_start(actor_id, ops, cut_ms, delivery, states_max)?;
     let history = ActorHistory::new(actor_id, ops, cut_ms, start.clone(), delivery);
-    let stuck_at = check_actor(&history)?.stuck_at.and_then(|i| {
-        let op = history.definite.get(i)?;
-        Some(format!("#{} {}", op.index, op.op))
-    });
+    let stuck_at = check_actor_within(&history, states_max)?
+        .stuck_at
+        .and_then(|i| {
+            let op = history.definite.get(i)?;
+            Some(format!("#{} {}", op.index, op.op))
+        });
+    Ok(window_of(ops, cut_ms, &start, stuck_at))
+}
+
+/// The window of `ops` from `start` to `cut_ms`.
+fn window_of(
+    ops: &[(usize, &HistoryOp)],
+    cut_ms: u64,
+    start: &Start,
+    stuck_at: Option<String>,
+) -> OffendingWindow {
     // Unanswered operations from before the window's start are part of the check (they may
     // take effect inside it) but are only counted, not listed.
     let from_ms = start.t_min_ms;
@@ -40,17 +87,17 @@ pub(super) fn offending_window(
         .filter(|(_, op)| op.invoked_ms >= from_ms && op.invoked_ms <= cut_ms && !settled(op))
         .collect();
     operations.sort_by_key(|(index, _)| *index);
-    Ok(OffendingWindow {
+    OffendingWindow {
         from_ms,
         to_ms: cut_ms,
-        start: start.description,
+        start: start.description.clone(),
         stuck_at,
         operations: operations
             .into_iter()
             .map(|(index, op)| (index, op.to_string()))
             .collect(),
         history_operations: ops.len(),
-    })
+    }
 }
 
 /// The earliest response time such that the history cut there is already not linearizable.
@@ -59,6 +106,7 @@ fn shortest_failing_cut(
     actor_id: &ActorId,
     ops: &[(usize, &HistoryOp)],
     delivery: Delivery,
+    states_max: u64,
 ) -> Result<u64, LinearizabilityError> {
     let mut cuts: Vec<u64> = ops
         .iter()
@@ -76,7 +124,7 @@ fn shortest_failing_cut(
     while low < high {
         let middle = (low + high) / 2;
         let history = ActorHistory::new(actor_id, ops, cuts[middle], Start::empty(), delivery);
-        if check_actor(&history)?.linearizable {
+        if check_actor_within(&history, states_max)?.linearizable {
             low = middle + 1;
         } else {
             high = middle;
@@ -92,6 +140,7 @@ fn latest_failing_start(
     ops: &[(usize, &HistoryOp)],
     cut_ms: u64,
     delivery: Delivery,
+    states_max: u64,
 ) -> Result<Start, LinearizabilityError> {
     let mut tried = 0;
     for position in (0..ops.len()).rev() {
@@ -116,7 +165,7 @@ fn latest_failing_start(
             description: format!("from the record granted by #{index} {op}"),
         };
         let history = ActorHistory::new(actor_id, ops, cut_ms, start.clone(), delivery);
-        if !check_actor(&history)?.linearizable {
+        if !check_actor_within(&history, states_max)?.linearizable {
             return Ok(start);
         }
     }

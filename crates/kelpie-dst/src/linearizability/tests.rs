@@ -700,24 +700,8 @@ fn unanswered_operations_may_have_taken_effect_or_not() {
 
 #[test]
 fn a_stale_renewal_is_caught_with_its_window() {
-    let mut store = Recorded::default();
-    for at_ms in [0, 1_000, 2_000] {
-        store.answered(
-            request("n0", LeaseOp::Acquire, None),
-            (at_ms, at_ms, at_ms + 1),
-        );
-        let token = store.record.as_ref().map(|r| r.fencing_token.0);
-        store.answered(
-            request("n0", LeaseOp::Release, token),
-            (at_ms + 9, at_ms + 9, at_ms + 10),
-        );
-    }
-    let token = store.answered(request("n1", LeaseOp::Acquire, None), (3_000, 3_001, 3_002));
-    let before = store.record.clone();
-    store.answered(request("n1", LeaseOp::Renew, token), (3_100, 3_101, 3_102));
-    // The store decides the next renewal on the record as it was before the last one.
-    store.record = before;
-    store.answered(request("n1", LeaseOp::Renew, token), (3_200, 3_201, 3_202));
+    // The store decides the last renewal on the record as it was before the one before.
+    let store = stale_renewal_history();
     let error = check_history(&store.ops, Duplicates::Impossible).unwrap_err();
     let LinearizabilityError::NotLinearizable { actor_id, window } = &error else {
         panic!("expected a violation, got {error}");
@@ -740,6 +724,50 @@ fn a_stale_renewal_is_caught_with_its_window() {
     // With duplicates the stale renewal is still caught: a duplicate of the first renewal
     // would make the count 2, never 1 again.
     assert!(check_history(&store.ops, Duplicates::Possible).is_err());
+}
+
+/// The history of [`a_stale_renewal_is_caught_with_its_window`]: nine operations, the last a
+/// renewal decided on a stale record.
+fn stale_renewal_history() -> Recorded {
+    let mut store = Recorded::default();
+    for at_ms in [0, 1_000, 2_000] {
+        store.answered(
+            request("n0", LeaseOp::Acquire, None),
+            (at_ms, at_ms, at_ms + 1),
+        );
+        let token = store.record.as_ref().map(|r| r.fencing_token.0);
+        store.answered(
+            request("n0", LeaseOp::Release, token),
+            (at_ms + 9, at_ms + 9, at_ms + 10),
+        );
+    }
+    let token = store.answered(request("n1", LeaseOp::Acquire, None), (3_000, 3_001, 3_002));
+    let before = store.record.clone();
+    store.answered(request("n1", LeaseOp::Renew, token), (3_100, 3_101, 3_102));
+    store.record = before;
+    store.answered(request("n1", LeaseOp::Renew, token), (3_200, 3_201, 3_202));
+    store
+}
+
+#[test]
+fn a_narrowing_that_gives_up_reports_the_whole_history_not_a_search_bound() {
+    let store = stale_renewal_history();
+    let ops: Vec<(usize, &HistoryOp)> = store.ops.iter().enumerate().collect();
+    let delivery = Delivery::from(Duplicates::Impossible);
+    // With room to search, the window narrows to the stale renewal alone.
+    let narrowed = report::offending_window(&actor(), &ops, delivery);
+    assert_eq!(narrowed.operations.len(), 1, "{narrowed}");
+    // A narrowing whose every search gives up still reports the violation, over the whole
+    // history, and says why it is not smaller.
+    let whole = report::offending_window_within(&actor(), &ops, delivery, 1);
+    assert_eq!(whole.operations.len(), 9, "{whole}");
+    assert_eq!(whole.history_operations, 9);
+    assert_eq!((whole.from_ms, whole.to_ms), (0, 3_202));
+    assert!(
+        whole.start.contains("gave up after 1 search states"),
+        "{whole}"
+    );
+    assert_eq!(whole.stuck_at, None);
 }
 
 #[test]

@@ -135,11 +135,10 @@ pub struct SimArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
-    /// Write an HTML page with an SVG timeline of the run (needs --seed).
+    /// Write an HTML page with an SVG timeline of the run (needs one seed: --seed or DST_SEED).
     #[arg(
         long,
         value_name = "FILE.html",
-        requires = "seed",
         conflicts_with_all = ["seeds", "base_seed"]
     )]
     pub timeline: Option<PathBuf>,
@@ -536,6 +535,11 @@ pub fn run(args: SimArgs) -> Result<bool, CliError> {
     let settings = RunSettings::from_args(&args)?;
     let options = SweepOptions::from_args(&args);
     let plan = seed_plan(&args)?;
+    if let (Some(_), SeedPlan::Sweep { .. }) = (&args.timeline, &plan) {
+        return Err(CliError::Usage(
+            "--timeline draws one seed: give it --seed <N>, or set DST_SEED".into(),
+        ));
+    }
     let stopwatch = Stopwatch::start();
     let (base, count) = match plan {
         SeedPlan::Single(seed) => (seed, 1),

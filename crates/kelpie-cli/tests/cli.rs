@@ -627,6 +627,10 @@ fn bad_inputs_exit_2_with_a_clear_message() {
         &["sim", "--seeds", "3", "--timeline", "x.html"],
         "--timeline",
     );
+    assert_usage_error(
+        &["sim", "--timeline", "x.html"],
+        "--timeline draws one seed: give it --seed <N>, or set DST_SEED",
+    );
     assert_usage_error(&["sim", "--inject-bug", "nosuchbug"], "invalid value");
     assert_usage_error(
         &["sim", "--inject-bug", "etcd-blind-put"],
@@ -1002,6 +1006,24 @@ fn the_timeline_is_one_self_contained_page_with_a_row_per_actor() {
     assert_eq!(html.matches("class=\"actor-row\"").count(), 3);
     assert!(!html.contains("http"), "no network references");
     assert!(html.contains("#1"), "bars are labelled with tokens");
+}
+
+#[test]
+fn a_timeline_draws_the_seed_in_dst_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("timeline.html");
+    let path_arg = path.display().to_string();
+    let output = kelpie()
+        .env("DST_SEED", "5")
+        .args(["sim", "--actors", "3", "--timeline", &path_arg])
+        .output()
+        .expect("kelpie runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let html = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(html.matches("class=\"actor-row\"").count(), 3);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("seed 5"), "{stdout}");
 }
 
 #[test]

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use kelpie_dst::{LeaseEvent, LeaseEventKind, LeaseOpCounts, SWARM_COVERAGE_MARKS};
+use kelpie_dst::{LeaseEvent, LeaseEventKind, LeaseOpCounts, SwarmStore, SWARM_COVERAGE_MARKS};
 use kelpie_lease::coverage::{
     COVERAGE_MARKS, ETCD_COVERAGE_MARKS, MARK_EXPIRED_LEASE_SEEN, MARK_TAKEOVER_AFTER_EXPIRY,
 };
@@ -204,10 +204,21 @@ pub struct SettingsRecord {
     /// The store the seeds ran on (`--store`).
     #[serde(default = "protocol_store")]
     pub store: String,
+    /// The bound on each node's clock drift against the store's, in parts per million. Every
+    /// seed's clocks drift, whatever `--faults` says: half the nodes at the bound.
+    #[serde(default = "scenario_clock_drift_ppm_max")]
+    pub clock_drift_ppm_max: u64,
 }
 
 fn protocol_store() -> String {
     "protocol".to_string()
+}
+
+/// The drift bound of reports written before it was recorded: the scenario's, unchanged since.
+fn scenario_clock_drift_ppm_max() -> u64 {
+    kelpie_dst::LeaseScenario::default()
+        .cluster
+        .clock_drift_ppm_max
 }
 
 /// Lease operations by outcome.
@@ -364,6 +375,10 @@ impl Report {
                 faults: settings.faults.to_string(),
                 inject_bug: settings.inject_bug.map(|m| m.name().to_string()),
                 store: settings.store.name().to_string(),
+                clock_drift_ppm_max: settings
+                    .scenario(SwarmStore::Protocol)
+                    .cluster
+                    .clock_drift_ppm_max,
             },
             base_seed,
             seeds_asked,
@@ -451,12 +466,13 @@ impl Report {
         let settings = &self.settings;
         let _ = writeln!(
             out,
-            "lease scenario:    {} nodes, {} actors, lease {} ms, {} s simulated per seed, store \
-             {}, faults {}{}",
+            "lease scenario:    {} nodes, {} actors, lease {} ms, {} s simulated per seed, clock \
+             drift up to {} ppm, store {}, faults {}{}",
             settings.nodes,
             settings.actors,
             settings.lease_ms,
             settings.sim_secs,
+            settings.clock_drift_ppm_max,
             settings.store,
             settings.faults,
             settings
@@ -706,6 +722,15 @@ mod tests {
             seed_range(u64::MAX - 1, 4),
             "18446744073709551614..=18446744073709551615 and 0..=1"
         );
+    }
+
+    /// A report written before the drift bound was recorded reads with the scenario's.
+    #[test]
+    fn settings_without_the_drift_bound_read_with_the_scenarios() {
+        let json = r#"{"nodes":3,"actors":2,"lease_ms":1000,"sim_secs":20,"faults":"swarm",
+            "inject_bug":null,"store":"protocol"}"#;
+        let settings: SettingsRecord = serde_json::from_str(json).unwrap();
+        assert_eq!(settings.clock_drift_ppm_max, 50_000);
     }
 
     fn event(at_ms: u64, kind: LeaseEventKind) -> LeaseEvent {

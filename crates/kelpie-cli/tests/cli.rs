@@ -77,6 +77,8 @@ fn sim_sweep_reports_figures_and_timing() {
     assert_eq!(code, 0, "{stdout}{stderr}");
     for field in [
         "seeds run:         5",
+        // Drift is no fault that fires: every seed's clocks drift, half at the bound.
+        "clock drift up to 50000 ppm",
         "simulated time:",
         "lease operations:",
         "storage-write-fail",
@@ -101,6 +103,7 @@ fn sim_json_parses() {
     assert_eq!(value["violations"], 0);
     assert!(value["failure"].is_null());
     assert!(value["faults"].as_array().is_some_and(|f| !f.is_empty()));
+    assert_eq!(value["settings"]["clock_drift_ppm_max"], 50_000);
 }
 
 /// The invariant and step lines of a failure report.

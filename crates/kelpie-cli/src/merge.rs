@@ -206,6 +206,12 @@ fn check_alone(path: &str, report: &Report) -> Result<(), MergeError> {
             report.seeds_run, report.seeds_asked
         )));
     }
+    if let Some(on_etcd) = report.seeds_on_etcd.filter(|&n| n > report.seeds_run) {
+        return Err(inconsistent(format!(
+            "{on_etcd} seeds run on etcd, of {} seeds run",
+            report.seeds_run
+        )));
+    }
     if report.violations != report.failures.len() as u64
         || report.failure.is_some() != (report.violations > 0)
     {
@@ -290,6 +296,11 @@ fn sum(reports: impl Iterator<Item = Report>) -> Report {
     let earlier = |a: u64, b: u64| a.wrapping_sub(base) < b.wrapping_sub(base);
     for report in reports {
         total.seeds_run += report.seeds_run;
+        // Known for the whole only if known for every part.
+        total.seeds_on_etcd = total
+            .seeds_on_etcd
+            .zip(report.seeds_on_etcd)
+            .map(|(a, b)| a + b);
         total.sim_time_ms += report.sim_time_ms;
         add_ops(&mut total.lease_ops, &report.lease_ops);
         add_faults(&mut total.faults, &report.faults);

@@ -66,6 +66,8 @@ pub struct FaultTotal {
 pub struct Totals {
     /// Seeds run, including failed ones.
     pub seeds_run: u64,
+    /// Of those, seeds run on the simulated etcd (`--store etcd` or `mixed`).
+    pub seeds_on_etcd: u64,
     /// Seeds that failed (without `--keep-going` the sweep stops at the first, so 0 or 1).
     pub violations: u64,
     /// Simulated time, ms.
@@ -87,6 +89,7 @@ impl Totals {
     /// which it stopped (and the marks it hit until then).
     pub fn add(&mut self, run: &SeedRun) {
         self.seeds_run += 1;
+        self.seeds_on_etcd += u64::from(run.store == SwarmStore::Etcd);
         for config in run.faults.iter().filter(|c| c.probability > 0.0) {
             self.faults.entry(config.fault).or_default().seeds_enabled += 1;
         }
@@ -165,6 +168,10 @@ pub struct Report {
     pub budget_spent: bool,
     /// Seeds run, failed ones included.
     pub seeds_run: u64,
+    /// Of those, seeds run on the simulated etcd; the others ran on the protocol's store.
+    /// `null` in reports written before it was counted, and in a merge of one.
+    #[serde(default)]
+    pub seeds_on_etcd: Option<u64>,
     /// Simulated time, ms.
     pub sim_time_ms: u64,
     /// Lease operations of the seeds that finished.
@@ -388,6 +395,7 @@ impl Report {
             time_budget: shape.time_budget.clone(),
             budget_spent: shape.budget_spent,
             seeds_run: totals.seeds_run,
+            seeds_on_etcd: Some(totals.seeds_on_etcd),
             sim_time_ms: totals.sim_time_ms,
             lease_ops: OpsRecord {
                 total: ops.total(),
@@ -481,6 +489,16 @@ impl Report {
                 .map_or(String::new(), |name| format!(", injected bug {name}"))
         );
         let _ = writeln!(out, "seeds run:         {}", self.seeds_text());
+        if let (true, Some(on_etcd)) = (
+            self.settings.store == StoreChoice::Mixed.name(),
+            self.seeds_on_etcd,
+        ) {
+            let on_protocol = self.seeds_run.saturating_sub(on_etcd);
+            let _ = writeln!(
+                out,
+                "stores:            {on_protocol} seeds on protocol, {on_etcd} on etcd"
+            );
+        }
         if let Some(budget) = &self.time_budget {
             let spent = match self.budget_spent {
                 true => "spent, no further seed started",

@@ -292,6 +292,8 @@ pub struct RunSettings {
 pub struct SeedRun {
     /// The seed.
     pub seed: u64,
+    /// The store it ran on.
+    pub store: SwarmStore,
     /// The faults it ran with.
     pub faults: Vec<FaultConfig>,
     /// The command that replays it.
@@ -444,17 +446,15 @@ impl RunSettings {
         // Marks are counted per thread, and a thread runs one seed at a time: the marks taken
         // after the run are this seed's.
         let _ = kelpie_core::coverage::take_hits();
+        let store = self.store.for_seed(seed);
         let (result, events) = if record {
-            self.scenario(self.store.for_seed(seed))
-                .run_recorded(simulation)
+            self.scenario(store).run_recorded(simulation)
         } else {
-            (
-                self.scenario(self.store.for_seed(seed)).run(simulation),
-                Vec::new(),
-            )
+            (self.scenario(store).run(simulation), Vec::new())
         };
         SeedRun {
             seed,
+            store,
             faults,
             replay,
             result,

@@ -291,6 +291,56 @@ fn shards_merge_into_the_whole_sweeps_report() {
     assert_eq!(merged_json, run_owned(&with(&SMALL_SWEEP, &["--json"])).1);
 }
 
+/// A mixed sweep says how many of its seeds ran on each store, and its shards add up to it.
+#[test]
+fn a_mixed_sweep_counts_its_seeds_on_each_store() {
+    let sweep = |store: &str, extra: &[&str]| {
+        let mut args = vec![
+            "sim",
+            "--seeds",
+            "12",
+            "--base-seed",
+            "40",
+            "--store",
+            store,
+        ];
+        args.extend_from_slice(extra);
+        let (code, stdout, stderr) = run(&args);
+        assert_eq!(code, 0, "{stdout}{stderr}");
+        stdout
+    };
+    let on_etcd = |json: &str| {
+        let value: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(value["seeds_run"], 12);
+        value["seeds_on_etcd"].as_u64().unwrap()
+    };
+    assert_eq!(on_etcd(&sweep("protocol", &["--json"])), 0);
+    let mixed = on_etcd(&sweep("mixed", &["--json"]));
+    assert!(0 < mixed && mixed < 12, "{mixed} of 12 seeds on etcd");
+    let text = sweep("mixed", &[]);
+    let line = format!(
+        "stores:            {} seeds on protocol, {mixed} on etcd",
+        12 - mixed
+    );
+    assert!(text.contains(&line), "{text}");
+    assert!(!sweep("protocol", &[]).contains("stores:"));
+    let dir = tempfile::tempdir().unwrap();
+    let whole = [
+        "sim",
+        "--seeds",
+        "12",
+        "--base-seed",
+        "40",
+        "--store",
+        "mixed",
+    ]
+    .map(String::from);
+    let files = shard_reports(dir.path(), &whole, 3);
+    let (code, merged, stderr) = merge(&files, false);
+    assert_eq!(code, 0, "{merged}{stderr}");
+    assert_eq!(merged, text);
+}
+
 #[test]
 fn shards_of_a_failing_sweep_merge_into_its_keep_going_report() {
     let dir = tempfile::tempdir().unwrap();
@@ -477,6 +527,15 @@ fn bad_sweep_options_and_merges_exit_2_with_a_clear_message() {
     let no_seeds = dir.path().join("no-seeds.json");
     std::fs::write(&no_seeds, report.to_string()).unwrap();
     merge_error(&[&no_seeds.display().to_string()], "a sweep of 0 seeds");
+    // More seeds on etcd than seeds run is refused, not a wrapped count of protocol seeds.
+    let mut report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    report["seeds_on_etcd"] = serde_json::json!(1_000);
+    let too_many = dir.path().join("too-many-on-etcd.json");
+    std::fs::write(&too_many, report.to_string()).unwrap();
+    merge_error(
+        &[&too_many.display().to_string(), &files[1]],
+        "1000 seeds run on etcd, of 12 seeds run",
+    );
 }
 
 /// A fresh directory inside `parent`.

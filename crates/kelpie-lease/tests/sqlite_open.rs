@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use kelpie_core::{ActorId, NodeId};
 use kelpie_lease::{
     backend::SqliteLeaseStore, limits::SQLITE_APPLICATION_ID, limits::SQLITE_FILE_MODE,
-    limits::SQLITE_SCHEMA_VERSION, LeaseConfig, LeaseManager, SqliteLeaseManager, StoreError,
+    limits::SQLITE_SCHEMA_VERSION, limits::SQLITE_STORE_TIME_MS_MAX, LeaseConfig, LeaseManager,
+    SqliteLeaseManager, StoreError,
 };
 use rusqlite::Connection;
 
@@ -203,6 +204,39 @@ fn a_store_missing_its_clock_is_corrupt() {
     match &error {
         StoreError::Corrupt { reason, .. } => assert!(reason.contains("clock_high_water_ms")),
         other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+/// A clock row edited past any time this store writes is refused at open, and the file left
+/// as it was: a high-water mark near `i64::MAX` made every write fail later, and a monotonic
+/// mark there held store time still, so no lease ever expired.
+#[test]
+fn a_store_whose_clock_rows_were_edited_past_any_time_is_corrupt() {
+    for (key, value) in [
+        ("clock_high_water_ms", i64::MAX),
+        ("clock_mono_ms", i64::MAX),
+        ("clock_high_water_ms", SQLITE_STORE_TIME_MS_MAX as i64 + 1),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leases.db");
+        populated_store(&path);
+        let conn = Connection::open(&path).unwrap();
+        let changed = conn
+            .execute(
+                "UPDATE meta SET value = ?2 WHERE key = ?1",
+                rusqlite::params![key, value],
+            )
+            .unwrap();
+        assert_eq!(changed, 1, "{key} is a row the store writes");
+        drop(conn);
+        let error = refused_untouched(&path);
+        match &error {
+            StoreError::Corrupt { reason, .. } => {
+                assert!(reason.contains(key), "{reason}");
+                assert!(reason.contains("SQLITE_STORE_TIME_MS_MAX"), "{reason}");
+            }
+            other => panic!("{key} = {value}: expected Corrupt, got {other:?}"),
+        }
     }
 }
 

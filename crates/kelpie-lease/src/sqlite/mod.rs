@@ -53,6 +53,14 @@ pub const SQLITE_APPLICATION_ID: i32 = 0x4B4C_504C;
 /// expiry at different times.
 pub const SQLITE_SCHEMA_VERSION: i32 = 2;
 
+/// The latest store time a file may hold, in ms since the UNIX epoch: 10000-01-01T00:00:00Z.
+/// Store time starts from the wall clock and runs on the monotonic clock, so no store this
+/// code writes gets near it. A clock row past it (or a monotonic reading past it, which would
+/// be millennia of uptime) is damage or an edit, refused as [`StoreError::Corrupt`], where it
+/// would otherwise stop store time or make every write fail; likewise a lease row acquired
+/// past it, or expiring later than the longest lease after it.
+pub const SQLITE_STORE_TIME_MS_MAX: u64 = 253_402_300_800_000;
+
 /// Most operations applied in one group-commit transaction. Bounds how long the first
 /// operation of a batch waits behind the others, and the memory a batch holds.
 pub const GROUP_COMMIT_BATCH_MAX: usize = 256;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavior};
 
-use super::rows::{check_statements, load_high_water_ms, RowError};
+use super::rows::{check_statements, load_clock_mark, RowError};
 use super::{SqliteOptions, SQLITE_APPLICATION_ID, SQLITE_BUSY_TIMEOUT_MS_MAX};
 use super::{SQLITE_FILE_MODE, SQLITE_SCHEMA_VERSION};
 use crate::error::StoreError;
@@ -459,7 +459,7 @@ fn check_lease_tables(conn: &Connection, shown: &str) -> Result<(), StoreError> 
             format!("its tables are not Kelpie's lease schema: {error}"),
         )
     })?;
-    match load_high_water_ms(conn, shown) {
+    match load_clock_mark(conn, shown) {
         Ok(_) => Ok(()),
         Err(RowError::Corrupt(error)) => Err(error),
         Err(RowError::Sql(error)) => Err(sqlite_open_error(shown, "reading the clock", error)),

@@ -7,10 +7,12 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use kelpie_core::limits::LEASE_DURATION_MS_MAX;
 use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock};
 use rusqlite::types::Value;
 use rusqlite::{params, Connection};
 
+use super::SQLITE_STORE_TIME_MS_MAX;
 use crate::error::StoreError;
 use crate::lease::LeaseRecord;
 use crate::protocol::assert_record_well_formed;
@@ -168,6 +170,18 @@ pub(super) fn load_clock_mark(conn: &Connection, path: &str) -> Result<ClockMark
     let boot = load_meta(conn, path, CLOCK_MONO_BOOT_KEY)?;
     let mono_ms = load_meta(conn, path, CLOCK_MONO_MS_KEY)?;
     let at_high_water_ms = load_meta(conn, path, CLOCK_MONO_AT_KEY)?;
+    for (key, value) in [
+        (CLOCK_HIGH_WATER_KEY, Some(high_water_ms)),
+        (CLOCK_MONO_MS_KEY, mono_ms),
+        (CLOCK_MONO_AT_KEY, at_high_water_ms),
+    ] {
+        if let Some(ms) = value.filter(|&ms| ms > SQLITE_STORE_TIME_MS_MAX) {
+            return Err(meta_corrupt(
+                path,
+                format!("{key} {ms} is past SQLITE_STORE_TIME_MS_MAX ({SQLITE_STORE_TIME_MS_MAX})"),
+            ));
+        }
+    }
     let mono = match (boot, mono_ms, at_high_water_ms) {
         (Some(boot), Some(mono_ms), Some(at_ms)) if at_ms == high_water_ms => {
             Some(MonoMark { boot, mono_ms })
@@ -250,6 +264,15 @@ fn decode_record(values: &[Value; 5]) -> Result<LeaseRecord, String> {
     };
     if record.fencing_token == FencingToken::ZERO {
         return Err("fencing_token is 0, which no holder is ever issued".to_string());
+    }
+    if record.acquired_at_ms > SQLITE_STORE_TIME_MS_MAX
+        || record.expires_at_ms > SQLITE_STORE_TIME_MS_MAX + LEASE_DURATION_MS_MAX
+    {
+        return Err(format!(
+            "acquired at {} ms, expiring at {} ms: past SQLITE_STORE_TIME_MS_MAX \
+             ({SQLITE_STORE_TIME_MS_MAX}) and the longest lease after it",
+            record.acquired_at_ms, record.expires_at_ms
+        ));
     }
     if record.holder.is_some() && record.expires_at_ms <= record.acquired_at_ms {
         return Err(format!(
@@ -444,9 +467,12 @@ impl StoreClock {
     pub(super) fn now(&self, mark: &ClockMark) -> StoreNow {
         let mono = self.source.mono(self.boot);
         let elapsed_ms = match (mark.mono, mono) {
-            (Some(then), Some(now)) if then.boot == now.boot => {
-                // A reading behind the mark (another process's clock, faked) counts as none.
-                Some(now.mono_ms.saturating_sub(then.mono_ms))
+            // A reading behind the mark counts as none: the mark is read under the file's
+            // lock and the reading taken after, and every process of a boot reads one
+            // monotonic clock, so only an edited or faked mark is ahead. Counted as no time
+            // elapsed, it would hold store time still until this clock caught up with it.
+            (Some(then), Some(now)) if then.boot == now.boot && now.mono_ms >= then.mono_ms => {
+                Some(now.mono_ms - then.mono_ms)
             }
             _ => None,
         };
@@ -492,6 +518,14 @@ mod tests {
             (row(text("n1"), -1, 0, 10), "negative"),
             (row(text("n1"), 1, 10, 10), "not after it was acquired"),
             (row(text("n1"), 1, 10, 5), "not after it was acquired"),
+            (
+                row(text("n1"), 1, i64::MAX - 1, i64::MAX),
+                "past SQLITE_STORE_TIME_MS_MAX",
+            ),
+            (
+                row(Value::Null, 1, 10, i64::MAX),
+                "past SQLITE_STORE_TIME_MS_MAX",
+            ),
         ];
         for (values, expected) in cases {
             let reason = decode_record(&values).unwrap_err();
@@ -610,6 +644,25 @@ mod tests {
         assert_eq!(clock.now(&other_boot).store_now_ms, 20_000_000);
         wall.set_ms(30_000_000);
         assert_eq!(clock.now(&other_boot).store_now_ms, 30_000_000);
+    }
+
+    /// A mark ahead of this boot's monotonic clock can only be an edit or a fake: it counts as
+    /// none, and store time follows the wall clock, where counting no time elapsed since it
+    /// held store time still until the monotonic clock caught up.
+    #[test]
+    fn a_mark_ahead_of_the_monotonic_clock_falls_back_to_the_wall_clock() {
+        let (wall, mono, clock) = split_clock(7);
+        let ahead = ClockMark {
+            high_water_ms: 20_000_000,
+            mono: Some(MonoMark {
+                boot: 7,
+                mono_ms: 1_000_000,
+            }),
+        };
+        assert_eq!(clock.now(&ahead).store_now_ms, 20_000_000);
+        wall.set_ms(30_000_000);
+        mono.advance_ms(1_000);
+        assert_eq!(clock.now(&ahead).store_now_ms, 30_000_000);
     }
 
     #[test]

@@ -77,7 +77,8 @@ pub use fenced::{
     FencedState, FencedStateStore, MemoryFencedStateStore, SqliteFencedStateStore, StateError,
 };
 pub use keeper::{
-    is_node_or_incarnation, KeeperConfig, KeeperEvent, KeeperEvents, LeaseKeeper, LostReason,
+    is_node_or_incarnation, ClosingProgress, KeeperConfig, KeeperEvent, KeeperEvents, LeaseKeeper,
+    LostReason,
 };
 pub use lease::{Lease, LeaseConfig};
 pub use manager::{LeaseManager, MemoryLeaseManager};

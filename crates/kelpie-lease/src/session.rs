@@ -289,9 +289,13 @@ pub enum SessionError {
 /// What a shutdown did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ShutdownReport {
-    /// Leases the store released (or found already not this node's).
+    /// Releases the store answered once the shutdown began: leases released (or found already
+    /// not this node's), by the shutdown itself, by guards released or dropped meanwhile, and
+    /// by acquires granted after it began.
     pub released: usize,
-    /// Releases the store did not answer within the bound; those leases expire on their own.
+    /// What was left when the bound ran out: leases still believed, releases the store had
+    /// not answered, and acquires still in flight (the store may grant them). Those leases
+    /// expire on their own.
     pub unanswered: usize,
 }
 
@@ -866,10 +870,11 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
         self.keeper.release(&guard.actor_id).await.map(|_| ())
     }
 
-    /// Releases every lease this session holds and stops it: guards are cancelled at once,
-    /// then every release is sent and the store's answers awaited for at most
-    /// [`shutdown_timeout_ms`](SessionTiming::shutdown_timeout_ms) (leases not answered by
-    /// then expire on their own). The driver returns afterwards.
+    /// Releases every lease this session holds and stops it: guards are cancelled at once and
+    /// no acquire is sent from then on; acquires already in flight are awaited, since the
+    /// store may yet grant them, and every lease held is released, those granted meanwhile
+    /// too. All of it for at most [`shutdown_timeout_ms`](SessionTiming::shutdown_timeout_ms):
+    /// leases still held or in flight then expire on their own. The driver returns afterwards.
     pub async fn shutdown(&self) -> ShutdownReport {
         self.shared.closing.cancel();
         let guards = std::mem::take(&mut *self.shared.lock_guards());
@@ -877,29 +882,41 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
             cancel.cancel();
         }
         self.shared.lock_release().clear();
-        let held: Vec<ActorId> = self.keeper.beliefs().into_iter().map(|(a, _)| a).collect();
-        let releases = held.iter().map(|actor_id| self.keeper.release(actor_id));
-        let all = futures_util::future::join_all(releases);
-        let bound = self
-            .clock()
-            .sleep(Duration::from_millis(self.timing.shutdown_timeout_ms));
-        let report = match select(std::pin::pin!(all), bound).await {
-            Either::Left((results, _)) => {
-                let answered = |r: &&Result<_, LeaseError>| !matches!(r, Err(LeaseError::Store(_)));
-                let released = results.iter().filter(answered).count();
-                ShutdownReport {
-                    released,
-                    unanswered: results.len() - released,
-                }
+        self.keeper.close();
+        let clock = self.clock();
+        let deadline_ms = clock
+            .now_ms()
+            .saturating_add(self.timing.shutdown_timeout_ms);
+        // Until nothing is held, in flight or unanswered: each pass releases what is believed
+        // now (a grant of an acquire in flight may have started a belief since the last), and
+        // waits for those releases, or a retry interval while only others are outstanding
+        // (acquires in flight; releases the keeper's loop retries).
+        loop {
+            let now_ms = clock.now_ms();
+            if self.keeper.closing_progress().is_done() || now_ms >= deadline_ms {
+                break;
             }
-            Either::Right(_) => ShutdownReport {
-                released: 0,
-                unanswered: held.len(),
-            },
-        };
+            let held: Vec<ActorId> = self.keeper.beliefs().into_iter().map(|(a, _)| a).collect();
+            let left_ms = deadline_ms - now_ms;
+            if held.is_empty() {
+                let retry_ms = self.keeper.timing().retry_interval_ms;
+                clock
+                    .sleep(Duration::from_millis(retry_ms.min(left_ms)))
+                    .await;
+                continue;
+            }
+            let releases = held.iter().map(|actor_id| self.keeper.release(actor_id));
+            let all = futures_util::future::join_all(releases);
+            let bound = clock.sleep(Duration::from_millis(left_ms));
+            select(std::pin::pin!(all), bound).await;
+        }
+        let progress = self.keeper.closing_progress();
         self.keeper.stop();
         self.shared.changed.notify_one();
-        report
+        ShutdownReport {
+            released: progress.released,
+            unanswered: progress.beliefs + progress.acquires_in_flight + progress.releases_pending,
+        }
     }
 }
 
@@ -911,7 +928,11 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
         let keeper = Arc::clone(&self.session.keeper);
         let renewals = std::pin::pin!(keeper.run());
         let watch = std::pin::pin!(self.watch());
-        select(renewals, watch).await;
+        if let Either::Right(((), renewals)) = select(renewals, watch).await {
+            // Shutdown began: the keeper's loop goes on renewing what is not yet released and
+            // retrying releases the store did not answer, until the shutdown stops it.
+            renewals.await;
+        }
     }
 
     async fn watch(self) {
@@ -1397,7 +1418,8 @@ mod tests {
     }
 
     /// An acquire the store answers after shutdown began hands out no guard: the driver has
-    /// stopped, so nothing would cancel it before its belief ended. The lease is given back.
+    /// stopped, so nothing would cancel it before its belief ended. The shutdown waits for
+    /// that answer and gives the lease back, and the acquire is refused.
     #[tokio::test(start_paused = true)]
     async fn a_grant_that_arrives_during_shutdown_is_refused_and_released() {
         let clock: SharedClock = PausedClock::shared();
@@ -1406,17 +1428,72 @@ mod tests {
         leases.store().hold(Some(LeaseOp::Acquire));
         let acquiring = session.clone();
         let acquire = tokio::spawn(async move { acquiring.acquire(&actor("a")).await });
-        let store = Arc::clone(&leases);
-        eventually(&clock, "the acquire reaching the store", move || {
-            store.store().waiting() == 1
-        })
-        .await;
-        let report = session.shutdown().await;
-        assert_eq!(report, ShutdownReport::default(), "nothing held yet");
+        let shutdown = shutdown_while_an_acquire_waits(&session, &leases, &clock).await;
+        assert!(
+            !shutdown.is_finished(),
+            "it waits for the acquire in flight"
+        );
         leases.store().hold(None);
         let refused = acquire.await.unwrap().err();
         assert_eq!(refused, Some(SessionError::ShuttingDown));
+        let report = shutdown.await.unwrap();
+        assert_eq!(
+            report,
+            ShutdownReport {
+                released: 1,
+                unanswered: 0
+            }
+        );
         assert_eq!(leases.get(&actor("a")).await.unwrap(), None, "given back");
+    }
+
+    /// The caller of an acquire in flight stops waiting once the shutdown returns, as a
+    /// process that exits does: the shutdown must not return before the store answered it.
+    /// It used to return at once, and the grant that came after it stayed held, with nobody
+    /// left to release it, until it expired (`kelpie node` on SIGTERM during start-up).
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_releases_the_grant_of_an_acquire_whose_caller_then_gave_up() {
+        let clock: SharedClock = PausedClock::shared();
+        let leases = manager(&clock);
+        let session = session(&leases, &clock, "n1");
+        leases.store().hold(Some(LeaseOp::Acquire));
+        let acquiring = session.clone();
+        let acquire = tokio::spawn(async move { acquiring.acquire(&actor("a")).await });
+        let shutdown = shutdown_while_an_acquire_waits(&session, &leases, &clock).await;
+        leases.store().hold(None);
+        let report = shutdown.await.unwrap();
+        acquire.abort();
+        assert_eq!(
+            report,
+            ShutdownReport {
+                released: 1,
+                unanswered: 0
+            }
+        );
+        assert_eq!(leases.get(&actor("a")).await.unwrap(), None, "released");
+        assert!(session.keeper.beliefs().is_empty());
+    }
+
+    /// Starts a shutdown while an acquire waits at the store; returns its task once it has
+    /// begun.
+    async fn shutdown_while_an_acquire_waits(
+        session: &LeaseSession<Manager>,
+        leases: &Arc<Manager>,
+        clock: &SharedClock,
+    ) -> tokio::task::JoinHandle<ShutdownReport> {
+        let store = Arc::clone(leases);
+        eventually(clock, "the acquire reaching the store", move || {
+            store.store().waiting() == 1
+        })
+        .await;
+        let stopping = session.clone();
+        let shutdown = tokio::spawn(async move { stopping.shutdown().await });
+        let closing = session.clone();
+        eventually(clock, "the shutdown beginning", move || {
+            closing.shared.closing.is_cancelled()
+        })
+        .await;
+        shutdown
     }
 
     /// A release the store never answers holds up no other guard's cancellation.

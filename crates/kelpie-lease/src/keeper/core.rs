@@ -173,6 +173,32 @@ pub struct KeeperCore {
     /// so that it can re-read those beliefs instead of all of them.
     changed: Option<ChangedActors>,
     stopped: bool,
+    /// Closed for shutdown ([`close`](Self::close)): no acquire is sent from then on.
+    closed: bool,
+    /// Acquires sent whose caller has not yet had the reply (or stopped waiting for it).
+    acquires_in_flight: usize,
+    /// Releases the store answered since [`close`](Self::close).
+    released_since_close: usize,
+}
+
+/// How far a closed keeper's shutdown has come ([`KeeperCore::closing_progress`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClosingProgress {
+    /// Beliefs still in force: leases not yet released.
+    pub beliefs: usize,
+    /// Acquires still in flight: each may yet be granted, and its lease then believed.
+    pub acquires_in_flight: usize,
+    /// Releases sent that the store has not answered yet (the keeper's loop retries them).
+    pub releases_pending: usize,
+    /// Releases the store answered since the keeper closed.
+    pub released: usize,
+}
+
+impl ClosingProgress {
+    /// Whether nothing is held, being acquired or being released any more.
+    pub fn is_done(&self) -> bool {
+        self.beliefs == 0 && self.acquires_in_flight == 0 && self.releases_pending == 0
+    }
 }
 
 /// Below this many noted changes, [`ChangedActors`] never compacts.
@@ -242,6 +268,9 @@ impl KeeperCore {
             belief_epoch: 0,
             changed: None,
             stopped: false,
+            closed: false,
+            acquires_in_flight: 0,
+            released_since_close: 0,
         }
     }
 
@@ -304,12 +333,18 @@ impl KeeperCore {
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] while the release is in flight or not yet answered.
-    pub fn begin_acquire(&self, actor_id: &ActorId) -> Result<AcquireTicket, LeaseError> {
+    pub fn begin_acquire(&mut self, actor_id: &ActorId) -> Result<AcquireTicket, LeaseError> {
+        if self.closed {
+            return Err(LeaseError::Store(StoreError::Unavailable {
+                reason: format!("the keeper is shutting down: {actor_id} is not acquired"),
+            }));
+        }
         if self.releasing.contains_key(actor_id) {
             return Err(LeaseError::Store(StoreError::Unavailable {
                 reason: format!("the release of {actor_id} is still in flight; retry later"),
             }));
         }
+        self.acquires_in_flight += 1;
         Ok(AcquireTicket {
             releases_begun: self.releases_begun.get(actor_id).copied().unwrap_or(0),
         })
@@ -411,6 +446,7 @@ impl KeeperCore {
             }
             _ => {
                 self.set_releasing(actor_id, None);
+                self.released_since_close += usize::from(self.closed);
                 Some(KeeperEvent::Released {
                     actor_id: actor_id.clone(),
                     fencing_token: token,
@@ -606,6 +642,33 @@ impl KeeperCore {
     /// Makes [`poll`](Self::poll) return `None` from now on.
     pub fn stop(&mut self) {
         self.stopped = true;
+    }
+
+    /// The caller of an acquire begun with [`begin_acquire`](Self::begin_acquire) has its
+    /// reply, or stopped waiting for it.
+    pub fn acquire_ended(&mut self) {
+        assert!(
+            self.acquires_in_flight > 0,
+            "an acquire ends once, after it began"
+        );
+        self.acquires_in_flight -= 1;
+    }
+
+    /// Closes the keeper for shutdown: every acquire is refused from now on, and the releases
+    /// the store answers are counted ([`closing_progress`](Self::closing_progress)). Renewals
+    /// and release retries go on until [`stop`](Self::stop).
+    pub fn close(&mut self) {
+        self.closed = true;
+    }
+
+    /// How far the shutdown has come, at `now_ms`.
+    pub fn closing_progress(&self, now_ms: u64) -> ClosingProgress {
+        ClosingProgress {
+            beliefs: self.beliefs(now_ms).len(),
+            acquires_in_flight: self.acquires_in_flight,
+            releases_pending: self.releasing.len(),
+            released: self.released_since_close,
+        }
     }
 
     /// Starts or extends the belief in `token` from `base_ms`; returns its end, or `None` if

@@ -19,7 +19,9 @@ use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock};
 mod core;
 mod deadlines;
 
-pub use self::core::{AcquireTicket, KeeperCore, KeeperRequest, MARK_GRANT_OVERTAKEN_BY_RELEASE};
+pub use self::core::{
+    AcquireTicket, ClosingProgress, KeeperCore, KeeperRequest, MARK_GRANT_OVERTAKEN_BY_RELEASE,
+};
 
 use crate::belief::{BeliefConfig, HeldBelief};
 use crate::error::{ConfigError, LeaseError, StoreError};
@@ -436,6 +438,9 @@ impl<M: LeaseManager> LeaseKeeper<M> {
     /// actor is unresolved (retry later).
     pub async fn acquire(&self, actor_id: &ActorId) -> Result<Lease, LeaseError> {
         let ticket = self.lock().begin_acquire(actor_id)?;
+        // Counted in flight until the reply is applied or this future is dropped: a shutdown
+        // waits for it, since its grant may still come.
+        let _in_flight = AcquireInFlight { keeper: self };
         let sent_local_ms = self.clock.now_ms();
         let result = self.manager.acquire(actor_id, &self.holder_id).await;
         let now_ms = self.clock.now_ms();
@@ -533,9 +538,24 @@ impl<M: LeaseManager> LeaseKeeper<M> {
         self.lock().take_changed_beliefs_into(now_ms, taken);
     }
 
-    /// Makes [`run`](Self::run) return at its next wake-up.
+    /// Makes [`run`](Self::run) return, waking it if it sleeps.
     pub fn stop(&self) {
         self.lock().stop();
+        self.overdue.notify_one();
+    }
+
+    /// Closes the keeper for shutdown: every [`acquire`](Self::acquire) is refused from now
+    /// on, and the releases the store answers are counted. Acquires already in flight may
+    /// still be granted, and their leases believed: release those too before stopping
+    /// ([`closing_progress`](Self::closing_progress) says when nothing is left).
+    pub fn close(&self) {
+        self.lock().close();
+    }
+
+    /// How far the shutdown begun with [`close`](Self::close) has come.
+    pub fn closing_progress(&self) -> ClosingProgress {
+        let now_ms = self.clock.now_ms();
+        self.lock().closing_progress(now_ms)
     }
 
     /// The renewal loop: renews every lease that is due, drops every belief that ran out,
@@ -711,6 +731,21 @@ impl<M: LeaseManager> LeaseKeeper<M> {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, KeeperCore> {
         self.core.lock().expect("keeper state poisoned by a panic")
+    }
+}
+
+/// An acquire in flight, counted by the keeper's core until its reply is applied or its
+/// future is dropped.
+struct AcquireInFlight<'a, M: LeaseManager> {
+    keeper: &'a LeaseKeeper<M>,
+}
+
+impl<M: LeaseManager> Drop for AcquireInFlight<'_, M> {
+    fn drop(&mut self) {
+        // A panic elsewhere poisons the lock; the count no longer matters then.
+        if let Ok(mut core) = self.keeper.core.lock() {
+            core.acquire_ended();
+        }
     }
 }
 

@@ -62,6 +62,13 @@ pub struct LeaseScenario {
     /// as a keeper that never takes a free lease would look. The liveness check must report
     /// it.
     pub bug_node_never_acquires: bool,
+    /// Deliberately wrong app: in the liveness phase every node releases each actor it wants
+    /// as soon as it is granted, so each is held only for a moment. The liveness check must
+    /// report that it is not kept.
+    pub bug_app_lets_go: bool,
+    /// Deliberately wrong store: it crashes at healing and stays down. The liveness check
+    /// must report it, though every actor may be held at that instant.
+    pub bug_store_dies_at_heal: bool,
 }
 
 impl Default for LeaseScenario {
@@ -92,6 +99,8 @@ impl Default for LeaseScenario {
             check_linearizability: true,
             linearize_from_store_log: true,
             bug_node_never_acquires: false,
+            bug_app_lets_go: false,
+            bug_store_dies_at_heal: false,
         }
     }
 }
@@ -231,6 +240,8 @@ impl LeaseScenario {
             check_linearizability: self.check_linearizability,
             linearize_from_store_log: self.linearize_from_store_log,
             bug_node_never_acquires: self.bug_node_never_acquires,
+            bug_app_lets_go: self.bug_app_lets_go,
+            bug_store_dies_at_heal: self.bug_store_dies_at_heal,
         }
     }
 }

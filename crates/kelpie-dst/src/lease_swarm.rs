@@ -60,9 +60,18 @@
 //! node that wants it (at healing, or when that node's visit finds it held or acquires it),
 //! and the run fails if any actor was not held by `t0 + bound`, however soon before the
 //! deadline its belief started (the old check sampled every twentieth of a lease and missed
-//! beliefs started in the last sample interval). The phase ends
-//! as soon as every wanted actor was held, so the bound only lengthens runs that fail. A node
-//! that never acquires a free actor it wants is still reported, after `bound`.
+//! beliefs started in the last sample interval). A node that never acquires a free actor it
+//! wants is reported, after `bound`.
+//!
+//! Held once is not enough: a keeper that never renews, an app that lets go of what it just
+//! acquired, a store that dies at healing (every actor held then) all get every actor held for
+//! a moment. So once every wanted actor was held, each must be kept: held by its node without
+//! a break, with one token, for `kept = L'` (the lease duration on the slowest clock), which
+//! no belief from a single grant lasts, by `t0 + bound + kept`. The window learns of breaks
+//! from the visits (only a visit acquires, and it looks first), and the check also asks the
+//! node whether it holds the actor with that token at the end. The phase ends as soon as every
+//! actor is kept, about `kept` after the last was first held, so the bound only lengthens runs
+//! that fail.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -73,7 +82,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_channel::oneshot;
-use kelpie_core::{ActorId, NodeId};
+use kelpie_core::{ActorId, FencingToken, NodeId};
 use kelpie_lease::limits::{ETCD_EXPIRY_CHECK_INTERVAL_MS, ETCD_KEY_PREFIX_DEFAULT};
 use kelpie_lease::{
     backend::ProtocolLeaseManager, EtcdLeaseManager, KeeperConfig, KeeperEvent, KeeperEvents,
@@ -175,6 +184,14 @@ pub(crate) struct SwarmSettings {
     /// Deliberately wrong app: in the liveness phase node 0 never acquires an actor it wants,
     /// as a keeper that never takes a free lease would look. The liveness check must report it.
     pub(crate) bug_node_never_acquires: bool,
+    /// Deliberately wrong app: in the liveness phase every node releases each actor it wants
+    /// as soon as its acquire is granted, so every actor is held, each for a moment. The
+    /// liveness check must report that it is not kept.
+    pub(crate) bug_app_lets_go: bool,
+    /// Deliberately wrong store: it crashes at healing and stays down, so every actor held
+    /// then is held until its belief runs out, and none is renewed or held again. The
+    /// liveness check must report it.
+    pub(crate) bug_store_dies_at_heal: bool,
 }
 
 /// The networked lease world: the store host serving leases, and nodes with production
@@ -360,7 +377,12 @@ pub(crate) async fn run_swarm(
     // held at the deadline's very millisecond is on record before the check.
     let past_deadline_ms = deadline_ms + 1 - env.now_ms();
     let past_deadline = env.sleep(Duration::from_millis(past_deadline_ms));
-    futures_util::future::select(all_held, std::pin::pin!(past_deadline)).await;
+    if let futures_util::future::Either::Left(_) =
+        futures_util::future::select(all_held, std::pin::pin!(past_deadline)).await
+    {
+        // Held once is not enough: each must then be kept, its lease renewed.
+        world.wait_until_kept().await;
+    }
     // A history that is not linearizable is the deeper failure, so it is judged first.
     let checked = match check_history(&world) {
         Ok(checked) => checked,
@@ -525,11 +547,15 @@ pub struct LivenessWindow {
     /// Per wanted actor, in the order wanted: the node that wants it and when it was first
     /// seen held by it.
     wanted: Vec<(ActorId, NodeId, Option<u64>)>,
+    /// Per wanted actor, in the same order: since when (global) its node has held it without
+    /// a break, and the token, as its node's visits saw it (only a visit acquires, and it
+    /// looks first, so a visit sees every break).
+    held_since: Vec<Option<(u64, FencingToken)>>,
     index: BTreeMap<ActorId, usize>,
     unheld: usize,
 }
 
-/// A wanted actor that was not held by its node within the bound.
+/// A wanted actor that was not held by its node within the bound, or not kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LivenessViolation {
     /// The actor.
@@ -542,6 +568,20 @@ pub struct LivenessViolation {
     pub heal_ms: u64,
     /// The bound it missed.
     pub bound: LivenessBound,
+    /// Set if it was held in time but not kept: when the check ran, and since when (and with
+    /// which token) its node had held it without a break, if it held it then.
+    pub not_kept: Option<NotKept>,
+}
+
+/// An actor held in time but not kept for [`LivenessWindow::kept_ms`] by the kept deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotKept {
+    /// When the check ran (global).
+    pub checked_ms: u64,
+    /// Since when its node held it without a break, and the token, if it held it then.
+    pub held_since: Option<(u64, FencingToken)>,
+    /// How long it had to be held without a break.
+    pub kept_ms: u64,
 }
 
 impl std::fmt::Display for LivenessViolation {
@@ -551,6 +591,26 @@ impl std::fmt::Display for LivenessViolation {
             Some(at_ms) => format!("first held at {at_ms} ms"),
             None => "never held".to_string(),
         };
+        if let Some(not_kept) = &self.not_kept {
+            let since = match not_kept.held_since {
+                Some((since_ms, token)) => {
+                    format!("held since {since_ms} ms with token {}", token.0)
+                }
+                None => "not held".to_string(),
+            };
+            return write!(
+                f,
+                "liveness violation: {}, wanted by {}, was held ({held}) but not kept: at {} \
+                 ms it was {since}, short of {} ms without a break, which no single grant's \
+                 belief lasts (healing at {} ms, deadline {deadline_ms} ms; bound {})",
+                self.actor_id,
+                self.wanter,
+                not_kept.checked_ms,
+                not_kept.kept_ms,
+                self.heal_ms,
+                self.bound
+            );
+        }
         write!(
             f,
             "liveness violation: {}, wanted by {}, was not held by it within the liveness \
@@ -567,6 +627,7 @@ impl LivenessWindow {
             heal_ms,
             bound,
             wanted: Vec::new(),
+            held_since: Vec::new(),
             index: BTreeMap::new(),
             unheld: 0,
         }
@@ -579,19 +640,91 @@ impl LivenessWindow {
         }
         self.index.insert(actor_id.clone(), self.wanted.len());
         self.wanted.push((actor_id, wanter, None));
+        self.held_since.push(None);
         self.unheld += 1;
     }
 
-    /// Its node was seen holding `actor_id` at `at_ms` (global); only the first time counts.
-    pub fn held(&mut self, actor_id: &ActorId, at_ms: u64) {
+    /// Its node was seen holding `actor_id` with `token` at `at_ms` (global). The first time
+    /// counts for the deadline; a new token starts a new stretch held without a break.
+    pub fn held(&mut self, actor_id: &ActorId, at_ms: u64, token: FencingToken) {
         let Some(&index) = self.index.get(actor_id) else {
             return;
         };
+        let at_ms = at_ms.max(self.heal_ms);
         let held_at_ms = &mut self.wanted[index].2;
         if held_at_ms.is_none() {
-            *held_at_ms = Some(at_ms.max(self.heal_ms));
+            *held_at_ms = Some(at_ms);
             self.unheld -= 1;
         }
+        let since = &mut self.held_since[index];
+        if since.is_none_or(|(_, held_token)| held_token != token) {
+            *since = Some((at_ms, token));
+        }
+    }
+
+    /// Its node was seen not holding `actor_id`: the stretch held without a break ends.
+    pub fn unheld(&mut self, actor_id: &ActorId) {
+        if let Some(&index) = self.index.get(actor_id) {
+            self.held_since[index] = None;
+        }
+    }
+
+    /// How long each wanted actor must then be held without a break: longer than any belief
+    /// a single grant gives lasts on any node's clock (shorter than a lease duration on the
+    /// node's clock, [`LivenessBound::slowest_ms`] of it in global time), so only a lease its
+    /// node renewed passes. Held once is not enough: a keeper that never renews, an app that
+    /// lets go of what it just acquired, a store that answers nothing after healing all get
+    /// every actor held for a moment.
+    pub fn kept_ms(&self) -> u64 {
+        self.bound.slowest_ms(self.bound.lease_duration_ms)
+    }
+
+    /// The last instant (global) by which every wanted actor must have been held without a
+    /// break for [`kept_ms`](Self::kept_ms): after the deadline for holding it at all, the
+    /// time to keep it.
+    pub fn kept_deadline_ms(&self) -> u64 {
+        self.deadline_ms() + self.kept_ms()
+    }
+
+    /// When every wanted actor held without a break now will have been held for
+    /// [`kept_ms`](Self::kept_ms); `None` while some is not held.
+    pub fn kept_at_ms(&self) -> Option<u64> {
+        let kept_ms = self.kept_ms();
+        self.held_since.iter().try_fold(0, |latest_ms, since| {
+            since.map(|(since_ms, _)| latest_ms.max(since_ms + kept_ms))
+        })
+    }
+
+    /// The first wanted actor (in the order wanted) that at `now_ms` has not been held by its
+    /// node without a break for [`kept_ms`](Self::kept_ms), with the token its node holds now
+    /// (`holds`), if any.
+    pub fn check_kept(
+        &self,
+        now_ms: u64,
+        holds: impl Fn(&ActorId) -> Option<FencingToken>,
+    ) -> Result<(), Box<LivenessViolation>> {
+        let kept_ms = self.kept_ms();
+        let wanted = self.wanted.iter().zip(&self.held_since);
+        for ((actor_id, wanter, held_at_ms), since) in wanted {
+            let kept = since.is_some_and(|(since_ms, token)| {
+                holds(actor_id) == Some(token) && since_ms + kept_ms <= now_ms
+            });
+            if !kept {
+                return Err(Box::new(LivenessViolation {
+                    actor_id: actor_id.clone(),
+                    wanter: wanter.clone(),
+                    held_at_ms: *held_at_ms,
+                    heal_ms: self.heal_ms,
+                    bound: self.bound,
+                    not_kept: Some(NotKept {
+                        checked_ms: now_ms,
+                        held_since: *since,
+                        kept_ms,
+                    }),
+                }));
+            }
+        }
+        Ok(())
     }
 
     /// Whether every wanted actor was held.
@@ -610,7 +743,7 @@ impl LivenessWindow {
     }
 
     /// The first wanted actor (in the order wanted) not held by the deadline, if any.
-    pub fn check(&self) -> Result<(), LivenessViolation> {
+    pub fn check(&self) -> Result<(), Box<LivenessViolation>> {
         let deadline_ms = self.deadline_ms();
         let late = self
             .wanted
@@ -618,13 +751,14 @@ impl LivenessWindow {
             .find(|(_, _, held)| held.is_none_or(|at_ms| at_ms > deadline_ms));
         match late {
             None => Ok(()),
-            Some((actor_id, wanter, held_at_ms)) => Err(LivenessViolation {
+            Some((actor_id, wanter, held_at_ms)) => Err(Box::new(LivenessViolation {
                 actor_id: actor_id.clone(),
                 wanter: wanter.clone(),
                 held_at_ms: *held_at_ms,
                 heal_ms: self.heal_ms,
                 bound: self.bound,
-            }),
+                not_kept: None,
+            })),
         }
     }
 }
@@ -816,7 +950,10 @@ impl SwarmWorld {
     pub fn heal(self: &Rc<Self>) -> Result<(), String> {
         self.env.set_faults_enabled(false);
         self.network.heal();
-        self.cluster.store().storage().restart();
+        match self.settings.bug_store_dies_at_heal {
+            true => self.cluster.store().storage().crash(),
+            false => self.cluster.store().storage().restart(),
+        }
         if let Some(etcd) = self.cluster.etcd() {
             etcd.end_election();
         }
@@ -863,8 +1000,8 @@ impl SwarmWorld {
             let node = &nodes[wanter(index, nodes.len())];
             window.want(actor_id.clone(), node.holder_id.borrow().clone());
             let keeper = node.keeper.borrow();
-            if keeper.as_ref().and_then(|k| k.holds(actor_id)).is_some() {
-                window.held(actor_id, now_ms);
+            if let Some(token) = keeper.as_ref().and_then(|k| k.holds(actor_id)) {
+                window.held(actor_id, now_ms, token);
             }
         }
         let (sender, receiver) = oneshot::channel();
@@ -880,12 +1017,60 @@ impl SwarmWorld {
         window.as_ref().map_or(0, LivenessWindow::deadline_ms)
     }
 
-    /// The node that wants `actor_id` holds it now (once the liveness window is open).
-    fn seen_held(&self, actor_id: &ActorId) {
+    /// The node that wants `actor_id` holds it now with `token` (once the liveness window is
+    /// open).
+    fn seen_held(&self, actor_id: &ActorId, token: FencingToken) {
         if let Some(window) = self.liveness.borrow_mut().as_mut() {
-            window.held(actor_id, self.env.now_ms());
+            window.held(actor_id, self.env.now_ms(), token);
         }
         self.notify_if_all_held();
+    }
+
+    /// The node that wants `actor_id` does not hold it now.
+    fn seen_unheld(&self, actor_id: &ActorId) {
+        if let Some(window) = self.liveness.borrow_mut().as_mut() {
+            window.unheld(actor_id);
+        }
+    }
+
+    /// Waits, once every wanted actor was held, until each has been held by its node without
+    /// a break for the window's [`kept_ms`](LivenessWindow::kept_ms), or the kept deadline.
+    async fn wait_until_kept(&self) {
+        loop {
+            let (kept_at_ms, kept_deadline_ms) = {
+                let window = self.liveness.borrow();
+                let Some(window) = window.as_ref() else {
+                    return;
+                };
+                (window.kept_at_ms(), window.kept_deadline_ms())
+            };
+            let now_ms = self.env.now_ms();
+            let until_ms = kept_at_ms.unwrap_or(kept_deadline_ms).min(kept_deadline_ms);
+            if until_ms <= now_ms && (self.all_kept(now_ms) || now_ms >= kept_deadline_ms) {
+                return;
+            }
+            // A break seen meanwhile moves the instant on; past it, look again a little later.
+            let wait_ms = until_ms.saturating_sub(now_ms).max(1);
+            self.env.sleep(Duration::from_millis(wait_ms)).await;
+        }
+    }
+
+    /// Whether every wanted actor has been held by its node without a break for the window's
+    /// [`kept_ms`](LivenessWindow::kept_ms) at `now_ms`.
+    fn all_kept(&self, now_ms: u64) -> bool {
+        let window = self.liveness.borrow();
+        window
+            .as_ref()
+            .is_some_and(|w| w.check_kept(now_ms, |a| self.wanter_holds(a)).is_ok())
+    }
+
+    /// The token of the lease on `actor_id` its wanter holds now, if any.
+    fn wanter_holds(&self, actor_id: &ActorId) -> Option<FencingToken> {
+        let index = *self.actor_indices.get(actor_id)?;
+        let nodes = self.all_nodes();
+        let node = &nodes[wanter(index, nodes.len())];
+        let keeper = node.keeper.borrow();
+        keeper.as_ref().and_then(|k| k.holds(actor_id))
     }
 
     fn notify_if_all_held(&self) {
@@ -906,7 +1091,11 @@ impl SwarmWorld {
         let Some(window) = window.as_ref() else {
             return Ok(());
         };
-        window.check().map_err(|violation| {
+        let now_ms = self.env.now_ms();
+        let checked = window
+            .check()
+            .and_then(|()| window.check_kept(now_ms, |actor_id| self.wanter_holds(actor_id)));
+        checked.map_err(|violation| {
             let record = self.cluster.truth(&violation.actor_id);
             format!("{violation}; the store has {record:?}")
         })
@@ -1014,14 +1203,28 @@ async fn visit_wanted(world: &SwarmWorld, node: &SwarmNode, keeper: &Keeper) {
         let held = keeper.holds(actor_id).is_some();
         if wanted {
             let idle = world.settings.bug_node_never_acquires && node.index == 0;
+            if !held {
+                world.seen_unheld(actor_id);
+            }
             if !held && !idle {
                 let result = keeper.acquire(actor_id).await;
+                let granted = result.is_ok();
                 count_failure(&world.cluster, result.map(|_| ()));
+                if world.settings.bug_app_lets_go && granted {
+                    let result = keeper.release(actor_id).await;
+                    let released = result.as_ref().ok().map(|lease| lease.fencing_token);
+                    count_failure(&world.cluster, result.map(|_| ()));
+                    // Seen held for the moment between the two, as a check of "held once"
+                    // would see it.
+                    if let Some(token) = released {
+                        world.seen_held(actor_id, token);
+                    }
+                }
             }
             // Held when the visit ends, whether it was already (say, acquired by the visit in
             // progress at healing) or the acquire just made it so.
-            if keeper.holds(actor_id).is_some() {
-                world.seen_held(actor_id);
+            if let Some(token) = keeper.holds(actor_id) {
+                world.seen_held(actor_id, token);
             }
         } else if held {
             let result = keeper.release(actor_id).await;

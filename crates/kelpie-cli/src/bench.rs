@@ -25,6 +25,7 @@ use crate::error::CliError;
 #[cfg(feature = "etcd")]
 use crate::lease_cmd::etcd_options;
 use crate::lease_cmd::open_sqlite;
+use crate::lease_cmd::say;
 use crate::stop_signals::StopSignals;
 use crate::store_url::StoreUrl;
 use crate::timing::Stopwatch;
@@ -120,12 +121,10 @@ pub fn run(args: BenchArgs) -> Result<(), CliError> {
         StoreUrl::Etcd(url) => {
             let prefix = bench_key_prefix();
             let rows = runtime.block_on(measure_etcd(url, &prefix, config, &args, case))?;
-            print_rows(&store, Some(&prefix), &args, &rows);
-            return Ok(());
+            return print_rows(&store, Some(&prefix), &args, &rows);
         }
     };
-    print_rows(&store, None, &args, &rows);
-    Ok(())
+    print_rows(&store, None, &args, &rows)
 }
 
 /// The key prefix of this run's etcd leases: under `/kelpie/bench/`, which no deployment's
@@ -375,7 +374,12 @@ async fn run_phase<M: LeaseManager>(
 }
 
 /// Prints the table (or JSON), naming the etcd key prefix the run used, if any.
-fn print_rows(store: &StoreUrl, key_prefix: Option<&str>, args: &BenchArgs, rows: &[Row]) {
+fn print_rows(
+    store: &StoreUrl,
+    key_prefix: Option<&str>,
+    args: &BenchArgs,
+    rows: &[Row],
+) -> Result<(), CliError> {
     if args.json {
         let rows: Vec<_> = rows
             .iter()
@@ -393,11 +397,7 @@ fn print_rows(store: &StoreUrl, key_prefix: Option<&str>, args: &BenchArgs, rows
         if let (Some(prefix), Some(fields)) = (key_prefix, value.as_object_mut()) {
             fields.insert("key_prefix".to_string(), json!(prefix));
         }
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&value).expect("JSON serializes")
-        );
-        return;
+        return say(&serde_json::to_string_pretty(&value).expect("JSON serializes"));
     }
     let durability = match store {
         StoreUrl::Sqlite(_) => " (WAL, synchronous=FULL, group commit: each op is on disk)",
@@ -408,22 +408,23 @@ fn print_rows(store: &StoreUrl, key_prefix: Option<&str>, args: &BenchArgs, rows
         Some(prefix) => format!("{durability}, under key prefix {prefix} (released at the end)"),
         None => durability.to_string(),
     };
-    println!(
+    say(&format!(
         "kelpie bench: {store}{durability}, {} ms per timed case",
         args.case_ms
-    );
-    println!(
+    ))?;
+    say(&format!(
         "{:<24} {:>11} {:>10} {:>9} {:>12}",
         "operation", "concurrency", "ops", "ms", "ops/s"
-    );
+    ))?;
     for row in rows {
-        println!(
+        say(&format!(
             "{:<24} {:>11} {:>10} {:>9} {:>12.0}",
             row.operation,
             row.concurrency,
             row.operations,
             row.elapsed.as_millis(),
             row.ops_per_sec()
-        );
+        ))?;
     }
+    Ok(())
 }

@@ -2,7 +2,8 @@
 //!
 //! Exit codes are part of the command-line interface, so they are decided here in one place:
 //! 0 done, 1 refused or a simulation failure, 2 bad usage or configuration, 3 store
-//! unavailable. Clap's own usage errors already exit with 2.
+//! unavailable, 4 done but the answer could not be written to stdout. Clap's own usage errors
+//! already exit with 2.
 
 use kelpie_core::IdError;
 use kelpie_lease::{ConfigError, LeaseError, StoreError};
@@ -16,6 +17,9 @@ pub const EXIT_REFUSED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 /// Exit code of a store that could not be reached or failed the operation.
 pub const EXIT_UNAVAILABLE: u8 = 3;
+/// Exit code of a command whose answer could not be written to stdout (a full disk, a closed
+/// pipe): what it did is done, its answer lost.
+pub const EXIT_OUTPUT: u8 = 4;
 /// Exit code of a command stopped by SIGINT or SIGTERM after it cleaned up (a shell's 128 + 2).
 pub const EXIT_INTERRUPTED: u8 = 130;
 
@@ -67,6 +71,15 @@ pub enum CliError {
         /// What was cleaned up.
         cleaned_up: &'static str,
     },
+    /// The command's answer could not be written to stdout. `done` says what was done
+    /// already (a lease acquired, renewed or released), if anything was.
+    #[error("{}could not write the answer to stdout: {source}", done.map_or(String::new(), |done| format!("{done}, but ")))]
+    Output {
+        /// What was done before the answer was lost, for a write.
+        done: Option<&'static str>,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A file the command writes could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
@@ -83,6 +96,7 @@ impl CliError {
         match self {
             CliError::Refused { .. } => EXIT_REFUSED,
             CliError::Interrupted { .. } => EXIT_INTERRUPTED,
+            CliError::Output { .. } => EXIT_OUTPUT,
             CliError::StoreUnavailable(_) => EXIT_UNAVAILABLE,
             CliError::StateStore(error) if is_configuration(error) => EXIT_USAGE,
             CliError::StateStore(_) => EXIT_UNAVAILABLE,

@@ -29,6 +29,8 @@ Exit codes:
      Kelpie, or an option or credentials the store refuses
   3  store unavailable: the SQLite file stayed locked by another process past --timeout-ms,
      an I/O failure, a damaged store, or etcd unreachable within --timeout-ms
+  4  done, but the answer could not be written to stdout (a full disk, a closed pipe): an
+     acquire, renew or release was applied all the same, and stderr says which
 
 With etcd, a lease hangs off an etcd session of the kelpie process that acquired it and
 expires --duration-ms (rounded up to whole seconds) after that process's last keepalive.
@@ -139,6 +141,15 @@ enum Op {
 }
 
 impl Op {
+    /// What was done, for a person told its answer was lost.
+    fn applied(self) -> &'static str {
+        match self {
+            Op::Acquire => "the lease was acquired",
+            Op::Renew => "the lease was renewed",
+            Op::Release => "the lease was released",
+        }
+    }
+
     fn done(self) -> &'static str {
         match self {
             Op::Acquire => "acquired",
@@ -226,13 +237,26 @@ struct StoreNow {
     wall: std::time::SystemTime,
 }
 
+/// The first instant RFC 3339 cannot show, in seconds since the UNIX epoch: 10000-01-01.
+const RFC3339_END_S: u64 = 253_402_300_800;
+
 impl StoreNow {
-    /// `store_time_ms` as a wall-clock instant.
-    fn wall_at(&self, store_time_ms: u64) -> std::time::SystemTime {
+    /// `store_time_ms` as a wall-clock time (UTC, RFC 3339), for a person. The time comes
+    /// from the store, which may hold anything a file can: one RFC 3339 cannot show (before
+    /// 1970, after 9999) reads as such, where formatting it panicked.
+    fn wall_text(&self, store_time_ms: u64) -> String {
         let offset = std::time::Duration::from_millis(store_time_ms.abs_diff(self.store_ms));
-        match store_time_ms >= self.store_ms {
-            true => self.wall + offset,
-            false => self.wall - offset,
+        let wall = match store_time_ms >= self.store_ms {
+            true => self.wall.checked_add(offset),
+            false => self.wall.checked_sub(offset),
+        };
+        let shown = wall.filter(|wall| {
+            wall.duration_since(std::time::UNIX_EPOCH)
+                .is_ok_and(|since| since.as_secs() < RFC3339_END_S)
+        });
+        match shown {
+            Some(wall) => humantime::format_rfc3339_millis(wall).to_string(),
+            None => "a wall-clock time outside 1970..=9999".to_string(),
         }
     }
 }
@@ -330,20 +354,26 @@ async fn write_op(op: Op, args: &OpArgs) -> Result<(), CliError> {
                 lease: &lease,
                 acquisition_known: known,
             };
-            match (op, args.store.json) {
-                (Op::Release, true) => print_json(&released_json(shown)),
+            let answer = match (op, args.store.json) {
+                (Op::Release, true) => json_text(&released_json(shown)),
                 (Op::Release, false) => {
-                    println!("{} {}", op.done(), describe_released(shown, backend.now()));
+                    format!("{} {}", op.done(), describe_released(shown, backend.now()))
                 }
-                (_, true) => print_json(&lease_json(shown)),
-                (_, false) => println!("{} {}", op.done(), describe(shown, backend.now())),
-            }
-            Ok(())
+                (_, true) => json_text(&lease_json(shown)),
+                (_, false) => format!("{} {}", op.done(), describe(shown, backend.now())),
+            };
+            say(&answer).map_err(|error| match error {
+                CliError::Output { source, .. } => CliError::Output {
+                    done: Some(op.applied()),
+                    source,
+                },
+                other => other,
+            })
         }
         Err(error) => {
             let message = refusal_message(&error, &backend, backend.now());
             if args.store.json && error.is_refusal() {
-                print_json(&refusal_json(&error, &message));
+                say(&json_text(&refusal_json(&error, &message)))?;
             }
             #[cfg(feature = "etcd")]
             if let (Backend::Etcd(..), LeaseError::NotHolder { holder, .. }) = (&backend, &error) {
@@ -386,7 +416,7 @@ fn refusal_message(error: &LeaseError, backend: &Backend, now: StoreNow) -> Stri
             expires_at_ms,
         } => {
             let left_ms = expires_at_ms.saturating_sub(now.store_ms);
-            let at = humantime::format_rfc3339_millis(now.wall_at(*expires_at_ms));
+            let at = now.wall_text(*expires_at_ms);
             match backend.expiry_is_upper_bound() {
                 false => format!(
                     "lease on {actor_id} is held by {holder}, expiring in {} (at {at})",
@@ -443,13 +473,13 @@ async fn get(args: &GetArgs) -> Result<(), CliError> {
         };
         (shown, *now)
     });
-    match (shown, args.store.json) {
-        (None, true) => print_json(&serde_json::Value::Null),
-        (Some((shown, _)), true) => print_json(&lease_json(shown)),
-        (Some((shown, now)), false) => println!("{}", describe(shown, now)),
-        (None, false) => println!("{}: no valid lease", args.actor),
-    }
-    Ok(())
+    let answer = match (shown, args.store.json) {
+        (None, true) => json_text(&serde_json::Value::Null),
+        (Some((shown, _)), true) => json_text(&lease_json(shown)),
+        (Some((shown, now)), false) => describe(shown, now),
+        (None, false) => format!("{}: no valid lease", args.actor),
+    };
+    say(&answer)
 }
 
 async fn list(args: &ListArgs) -> Result<(), CliError> {
@@ -487,16 +517,18 @@ async fn list(args: &ListArgs) -> Result<(), CliError> {
         acquisition_known: known,
     });
     if args.store.json {
-        print_json(&serde_json::Value::Array(shown.map(lease_json).collect()));
+        say(&json_text(&serde_json::Value::Array(
+            shown.map(lease_json).collect(),
+        )))?;
     } else if leases.is_empty() {
         match &args.node {
-            Some(node) => println!("no valid leases held by {node}"),
-            None => println!("no valid leases"),
+            Some(node) => say(&format!("no valid leases held by {node}"))?,
+            None => say("no valid leases")?,
         }
     } else {
         let now = now.expect("leases were read from an open store");
         for shown in shown {
-            println!("{}", describe(shown, now));
+            say(&describe(shown, now))?;
         }
     }
     Ok(())
@@ -562,7 +594,7 @@ fn describe(shown: Shown<'_>, now: StoreNow) -> String {
         lease.actor_id,
         lease.holder,
         lease.fencing_token,
-        humantime::format_rfc3339_millis(now.wall_at(lease.expires_at_ms)),
+        now.wall_text(lease.expires_at_ms),
         shown.acquired(now),
         lease.renewal_count
     )
@@ -598,9 +630,16 @@ fn seconds(ms: u64) -> String {
     format!("{}.{:03} s", ms / 1_000, ms % 1_000)
 }
 
-fn print_json(value: &serde_json::Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).expect("a JSON value serializes")
-    );
+fn json_text(value: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(value).expect("a JSON value serializes")
+}
+
+/// Writes `text` and a newline to stdout. A failure (a full disk, a closed pipe) is an error
+/// that says so, where `println!` panicked: after a write, that read as if nothing was done.
+pub(crate) fn say(text: &str) -> Result<(), CliError> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{text}")
+        .and_then(|()| stdout.flush())
+        .map_err(|source| CliError::Output { done: None, source })
 }

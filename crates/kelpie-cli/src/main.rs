@@ -6,7 +6,7 @@
 //! - `kelpie node`: a long-running node holding actors under leases, with metrics.
 //!
 //! Exit codes: 0 done, 1 refused or a failing seed, 2 bad usage or configuration, 3 store
-//! unavailable.
+//! unavailable, 4 done but the answer could not be written to stdout.
 
 mod bench;
 mod error;

@@ -545,6 +545,78 @@ fn tempdir_in(parent: &Path) -> std::path::PathBuf {
     dir
 }
 
+/// A lease row whose expiry lies past the year 9999 (the file edited; SQLite's own checks
+/// find nothing wrong) is shown, and refused, without a panic: formatting it as a wall-clock
+/// time panicked, after a renewal had been applied.
+#[test]
+fn a_lease_expiring_past_the_year_9999_is_shown_without_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_arg(dir.path());
+    assert_eq!(lease("acquire", "node-a", "actor-1", &store, &[]).0, 0);
+    let path = dir.path().join("leases.db");
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let changed = conn
+        .execute(
+            // An hour into the year 10000: the wall clock and the store's differ by a few ms.
+            "UPDATE leases SET expires_at_ms = 253402304400000 WHERE actor_id = 'actor-1'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(conn);
+    let outside = "a wall-clock time outside 1970..=9999";
+    for (args, code) in [
+        (
+            vec!["lease", "get", "--actor", "actor-1", "--store", &store],
+            0,
+        ),
+        (vec!["lease", "list", "--store", &store], 0),
+    ] {
+        let (got, stdout, stderr) = run(&args);
+        assert_eq!(got, code, "{args:?}: {stdout}{stderr}");
+        assert!(stdout.contains(outside), "{args:?}: {stdout}");
+    }
+    let (code, _, stderr) = lease("acquire", "node-b", "actor-1", &store, &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(outside) && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    let (code, stdout, stderr) = lease("renew", "node-a", "actor-1", &store, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(outside), "{stdout}");
+}
+
+/// An answer that cannot be written to stdout (here a full device) exits 4 and says what was
+/// done, where `println!` panicked (exit 101) after the lease had been acquired.
+#[test]
+fn an_answer_stdout_cannot_take_exits_4_and_says_what_was_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_arg(dir.path());
+    let full = std::fs::File::create("/dev/full").expect("Linux has /dev/full");
+    let args = [
+        "lease", "acquire", "--node", "n", "--actor", "a", "--store", &store,
+    ];
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kelpie"))
+        .args(args)
+        .stdout(full)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(4), "{stderr}");
+    assert!(
+        stderr.contains("the lease was acquired, but could not write the answer to stdout"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let (code, stdout, _) = run(&["lease", "get", "--actor", "a", "--store", &store]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("holder=n token=1"),
+        "acquired all the same: {stdout}"
+    );
+}
+
 #[test]
 fn lease_commands_against_a_sqlite_file() {
     let dir = tempfile::tempdir().unwrap();

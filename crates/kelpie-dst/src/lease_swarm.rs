@@ -1253,19 +1253,29 @@ async fn chaos_loop(world: Rc<SwarmWorld>) {
         let node = Rc::clone(&nodes[rng.choose_index(nodes.len())]);
         let window_ms =
             rng.gen_range(world.config.lease_duration_ms / 4..=world.config.lease_duration_ms * 3);
-        if world.env.should_inject(FaultType::PartitionTwoWay) {
+        // Each fault is counted only where it took effect: a node already down is not
+        // crashed, a link already cut not cut (the draws, and so the run, are the same).
+        let reachable = |from, to| world.network.is_reachable(from, to);
+        if world.env.draw_fault(FaultType::PartitionTwoWay) {
+            if reachable(node.host(), STORE_HOST) || reachable(STORE_HOST, node.host()) {
+                world.env.count_fault(FaultType::PartitionTwoWay);
+            }
             world.network.partition(&[node.host()], &[STORE_HOST]);
             spawn_heal(&world, window_ms, format!("partition {}", node.node_id));
-        } else if world.env.should_inject(FaultType::PartitionOneWay) {
+        } else if world.env.draw_fault(FaultType::PartitionOneWay) {
             let (from, to) = if rng.gen_bool(0.5) {
                 (node.host(), STORE_HOST)
             } else {
                 (STORE_HOST, node.host())
             };
+            if reachable(from, to) {
+                world.env.count_fault(FaultType::PartitionOneWay);
+            }
             world.network.partition_one_way(&[from], &[to]);
             spawn_heal(&world, window_ms, format!("partition one way {from}->{to}"));
         }
-        if world.env.should_inject(FaultType::NodeCrash) && node.is_up() {
+        if world.env.draw_fault(FaultType::NodeCrash) && node.is_up() {
+            world.env.count_fault(FaultType::NodeCrash);
             if node
                 .keeper
                 .borrow()
@@ -1301,7 +1311,8 @@ async fn chaos_loop(world: Rc<SwarmWorld>) {
             log_fault(&world, format!("clock jump {} +{jump_ms} ms", node.node_id));
         }
         if let Some(etcd) = world.cluster.etcd() {
-            if world.env.should_inject(FaultType::StorageCrash) {
+            // `elect` counts the leader's loss itself.
+            if world.env.draw_fault(FaultType::StorageCrash) {
                 if etcd.holds_leases() {
                     kelpie_core::coverage::mark(MARK_STORE_CRASH_WITH_LEASES);
                 }
@@ -1312,7 +1323,10 @@ async fn chaos_loop(world: Rc<SwarmWorld>) {
                     format!("etcd leader lost, election {election_ms} ms"),
                 );
             }
-        } else if world.env.should_inject(FaultType::StorageCrash) {
+        } else if world.env.draw_fault(FaultType::StorageCrash) {
+            if !world.cluster.store().storage().is_crashed() {
+                world.env.count_fault(FaultType::StorageCrash);
+            }
             let now_ms = world.env.now_ms();
             let truth = world.cluster.store().truth();
             if truth.values().any(|r| r.valid_holder(now_ms).is_some()) {

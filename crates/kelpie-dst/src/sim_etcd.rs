@@ -856,24 +856,34 @@ pub async fn serve_etcd(env: SimEnv, network: SimNetwork<LeaseMessage>, etcd: Si
         } else {
             0
         };
-        let lose_request = env.should_inject(FaultType::StorageWriteFail);
+        // Drawn now, counted where they take effect: a request lost while no leader would
+        // have answered it, or a reply lost for a request that was never applied, did nothing.
+        let lose_request = env.draw_fault(FaultType::StorageWriteFail);
         // A linearizable read that times out (its read index could not be confirmed).
         let is_read = matches!(request, EtcdRequest::Range(_) | EtcdRequest::TimeToLive(_));
-        let fail_read = is_read && env.should_inject(FaultType::StorageReadFail);
-        let lose_reply = env.should_inject(FaultType::StorageCommitUnknown);
+        let fail_read = is_read && env.draw_fault(FaultType::StorageReadFail);
+        let lose_reply = env.draw_fault(FaultType::StorageCommitUnknown);
         let (env, network, etcd) = (env.clone(), network.clone(), etcd.clone());
         env.clone().spawn_detached(async move {
             if slow_ms > 0 {
                 env.sleep(Duration::from_millis(slow_ms)).await;
             }
-            if etcd.is_electing() || lose_request {
-                // No leader, or the request was lost before it was proposed: no answer.
+            if etcd.is_electing() {
+                // No leader: no answer.
+                return;
+            }
+            if lose_request {
+                // Lost before it was proposed: no answer.
+                env.count_fault(FaultType::StorageWriteFail);
                 return;
             }
             let outcome = match request {
-                _ if fail_read => Err(EtcdApiError::NoAnswer {
-                    reason: "etcdserver: request timed out".to_string(),
-                }),
+                _ if fail_read => {
+                    env.count_fault(FaultType::StorageReadFail);
+                    Err(EtcdApiError::NoAnswer {
+                        reason: "etcdserver: request timed out".to_string(),
+                    })
+                }
                 EtcdRequest::WatchDelete {
                     key,
                     start_revision,
@@ -888,6 +898,7 @@ pub async fn serve_etcd(env: SimEnv, network: SimNetwork<LeaseMessage>, etcd: Si
             };
             if lose_reply {
                 // Applied, but the reply is lost (etcd's "request timed out" after commit).
+                env.count_fault(FaultType::StorageCommitUnknown);
                 return;
             }
             network.send(

@@ -201,6 +201,20 @@ impl SimEnv {
         self.trace(u64::from(enabled));
     }
 
+    /// Whether `fault` fires now, as [`should_inject`](Self::should_inject) draws it, without
+    /// counting it: for a scenario whose fault may find nothing to do (a node already down, a
+    /// link already cut), which counts with [`count_fault`](Self::count_fault) only the firings
+    /// that took effect. The same draws as `should_inject`, so a run takes the same course.
+    pub fn draw_fault(&self, fault: FaultType) -> bool {
+        self.runtime.faults.draw(fault, &self.runtime.trace)
+    }
+
+    /// Counts a firing of `fault` drawn with [`draw_fault`](Self::draw_fault) that took effect
+    /// (the draw is in the trace already).
+    pub fn count_fault(&self, fault: FaultType) {
+        self.runtime.faults.record(fault);
+    }
+
     /// Counts one firing of `fault` that the scenario decided itself (a crash it caused, say).
     pub fn record_fault(&self, fault: FaultType) {
         self.runtime.faults.record(fault);

@@ -58,6 +58,17 @@ impl FaultInjector {
     /// ([`BernoulliTrials`]), where deciding is a decrement.
     #[inline]
     pub fn should_inject(&self, fault: FaultType, trace: &Trace) -> bool {
+        let fires = self.draw(fault, trace);
+        if fires {
+            self.record(fault);
+        }
+        fires
+    }
+
+    /// [`should_inject`](Self::should_inject) without counting the firing: for a caller whose
+    /// fault may find nothing to do, which then counts only what took effect
+    /// ([`record`](Self::record)).
+    pub fn draw(&self, fault: FaultType, trace: &Trace) -> bool {
         let index = fault.index();
         let Some(trials) = &self.streams[index] else {
             return false;
@@ -67,9 +78,6 @@ impl FaultInjector {
         }
         let fires = trials.next();
         trace.event(event::FAULT, index as u64, u64::from(fires));
-        if fires {
-            self.record(fault);
-        }
         fires
     }
 

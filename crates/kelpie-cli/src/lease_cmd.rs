@@ -53,12 +53,13 @@ pub enum LeaseCommand {
     /// Take the lease on an actor, or confirm it if this node already holds it.
     #[command(after_help = EXIT_CODES_HELP)]
     Acquire(OpArgs),
-    /// Extend this node's unexpired lease on an actor by --duration-ms.
+    /// Extend this node's unexpired lease on an actor: it then expires --duration-ms from now,
+    /// or when it did if that is later (a renewal never shortens a lease).
     #[command(after_help = EXIT_CODES_HELP)]
     Renew(OpArgs),
     /// Give up this node's lease on an actor.
     #[command(after_help = EXIT_CODES_HELP)]
-    Release(OpArgs),
+    Release(ReleaseArgs),
     /// Show the valid lease on an actor, if any.
     #[command(after_help = EXIT_CODES_HELP)]
     Get(GetArgs),
@@ -102,6 +103,32 @@ pub struct OpArgs {
     pub duration_ms: u64,
     #[command(flatten)]
     pub store: StoreArgs,
+}
+
+/// Options of release: those of acquire and renew but the duration, which a release has no use
+/// for.
+#[derive(Debug, Args)]
+pub struct ReleaseArgs {
+    /// The node asking.
+    #[arg(long, value_name = "ID", value_parser = parse_node)]
+    pub node: NodeId,
+    /// The actor.
+    #[arg(long, value_name = "ID", value_parser = parse_actor)]
+    pub actor: ActorId,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+impl From<ReleaseArgs> for OpArgs {
+    fn from(args: ReleaseArgs) -> Self {
+        OpArgs {
+            node: args.node,
+            actor: args.actor,
+            // Unused by a release; any valid duration opens the store.
+            duration_ms: kelpie_core::limits::LEASE_DURATION_MS_DEFAULT,
+            store: args.store,
+        }
+    }
 }
 
 /// Options of get.
@@ -169,7 +196,7 @@ pub fn run(command: LeaseCommand) -> Result<(), CliError> {
         match command {
             LeaseCommand::Acquire(args) => write_op(Op::Acquire, &args).await,
             LeaseCommand::Renew(args) => write_op(Op::Renew, &args).await,
-            LeaseCommand::Release(args) => write_op(Op::Release, &args).await,
+            LeaseCommand::Release(args) => write_op(Op::Release, &args.into()).await,
             LeaseCommand::Get(args) => get(&args).await,
             LeaseCommand::List(args) => list(&args).await,
         }
@@ -277,9 +304,17 @@ pub fn open_sqlite(path: &Path, timeout_ms: u64) -> Result<SqliteLeaseStore, Cli
 /// Whether a read (get, list) finds no store at `path` and so reads it as empty: the file is
 /// missing from a directory that exists. A read creates nothing, not even the default file in
 /// whatever directory it runs in; a path no write could open either (a parent that is missing
-/// or a regular file) is refused as the writes refuse it, not read as an empty store.
+/// or a regular file) is refused as the writes refuse it, not read as an empty store. A store
+/// read as empty says so on stderr: a mistyped path reads as "no valid lease" too.
 fn sqlite_store_absent(path: &Path) -> Result<bool, CliError> {
-    Ok(!SqliteLeaseStore::exists(path)?)
+    let absent = !SqliteLeaseStore::exists(path)?;
+    if absent {
+        eprintln!(
+            "kelpie: no lease store at {} yet (no write has created it): read as empty",
+            path.display()
+        );
+    }
+    Ok(absent)
 }
 
 async fn open(args: &StoreArgs, config: LeaseConfig) -> Result<Backend, CliError> {

@@ -47,7 +47,8 @@ carrying the lease's fencing token. A write refused as stale ends the activation
 
 Log lines (stdout): ready, activated, write, deactivated, acquire-failed, and the session's
 lease events (lease-acquired, lease-renewed, renewal-failed, lease-released, lease-lost,
-holder-changed, guard-cancelled), then stopping and shutdown. --log-format json prints one JSON object per line.
+holder-changed, guard-cancelled; events-lagged when the log fell behind and missed some),
+then stopping and shutdown. --log-format json prints one JSON object per line.
 
 Signals: SIGTERM or SIGINT releases every lease (bounded by one lease duration) and exits 0.
 

@@ -747,6 +747,18 @@ fn bad_inputs_exit_2_with_a_clear_message() {
         "lease", "acquire", "--node", "n", "--actor", "a", "--store", "bogus:x",
     ];
     assert_usage_error(&bogus, "unknown store");
+    // A release has no duration: the option is refused, not validated and ignored.
+    let release = [
+        "lease",
+        "release",
+        "--node",
+        "n",
+        "--actor",
+        "a",
+        "--duration-ms",
+        "5",
+    ];
+    assert_usage_error(&release, "unexpected argument '--duration-ms'");
     assert_usage_error(&["sim", "--faults", "storage-write-fail=1.5"], "0..=1");
     assert_usage_error(
         &["sim", "--faults", "nosuchfault=0.1"],
@@ -817,12 +829,19 @@ fn reads_refuse_a_sqlite_path_no_write_could_open_and_create_nothing() {
         }
     }
     assert!(!missing_dir.exists(), "a read creates no directory");
-    // A missing file in a directory that exists is an empty store, and stays missing.
+    // A missing file in a directory that exists is an empty store, and stays missing; stderr
+    // says so, since a mistyped path reads the same.
     let store = store_arg(dir.path());
-    let (code, stdout, _) = run(&["lease", "get", "--actor", "a", "--store", &store]);
+    let absent = format!(
+        "no lease store at {} yet (no write has created it): read as empty",
+        dir.path().join("leases.db").display()
+    );
+    let (code, stdout, stderr) = run(&["lease", "get", "--actor", "a", "--store", &store]);
     assert_eq!((code, stdout.as_str()), (0, "a: no valid lease\n"));
-    let (code, stdout, _) = run(&["lease", "list", "--store", &store, "--json"]);
+    assert!(stderr.contains(&absent), "{stderr}");
+    let (code, stdout, stderr) = run(&["lease", "list", "--store", &store, "--json"]);
     assert_eq!((code, stdout.as_str()), (0, "[]\n"));
+    assert!(stderr.contains(&absent), "{stderr}");
     assert!(
         !dir.path().join("leases.db").exists(),
         "a read creates no file"

@@ -363,18 +363,11 @@ fn test_dst_single_activation_under_faults() {
                 .map(|f| faults.get(f).copied().unwrap_or(0))
                 .sum::<u64>()
         };
-        assert!(
-            fired(&[FaultType::PartitionTwoWay, FaultType::PartitionOneWay]) > 0,
-            "no partition"
-        );
-        assert!(fired(&[FaultType::NodeCrash]) > 0, "no node crash");
-        assert!(fired(&[FaultType::ClockJump]) > 0, "no clock jump");
-        let storage = [
-            FaultType::StorageWriteFail,
-            FaultType::StorageCommitUnknown,
-            FaultType::StorageCrash,
-        ];
-        assert!(fired(&storage) > 0, "no storage fault");
+        // Every fault of the swarm's mix took effect somewhere in the sweep (a replay of one
+        // seed, or a few, need not meet each).
+        for fault in SWARM_LEASE_FAULTS {
+            assert!(fired(&[*fault]) > 0, "{} never fired", fault.name());
+        }
         assert!(
             total.late_writes_rejected > 0,
             "the fence never had to reject a late write"

@@ -62,14 +62,17 @@ fn test_dst_session_guards_are_cancelled_before_their_beliefs_end() {
     println!("faults fired: {faults:?}");
     assert!(granted > 0, "no guard was ever granted");
     if seeds().len() as u64 >= SEEDS_DEFAULT {
-        // The faults that end beliefs under a held guard fired, and guards were cancelled.
+        // Every fault of the mix took effect somewhere in the sweep (a replay of one seed, or
+        // a few, need not meet each), and guards were cancelled.
         let fired = |f: FaultType| faults.get(&f).copied().unwrap_or(0);
-        let partitions = fired(FaultType::PartitionTwoWay) + fired(FaultType::PartitionOneWay);
-        assert!(partitions > 0, "no partition in {} seeds", seeds().len());
-        assert!(
-            fired(FaultType::StorageWriteFail) > 0,
-            "no storage write failure"
-        );
+        for fault in session_faults() {
+            assert!(
+                fired(fault) > 0,
+                "{} never fired in {} seeds",
+                fault.name(),
+                seeds().len()
+            );
+        }
         assert!(
             cancelled > 0,
             "no guard was ever cancelled by its belief running out"
@@ -77,15 +80,20 @@ fn test_dst_session_guards_are_cancelled_before_their_beliefs_end() {
     }
 }
 
-/// One seed; returns the report and (guards granted, guards cancelled while held).
-fn run_seed(seed: u64) -> (SimReport, (u64, u64)) {
-    let mut simulation = Simulation::new(SimConfig::new(seed));
-    let faults = SWARM_LEASE_FAULTS
+/// The faults the sessions run under: the swarm's, but for node crashes and clock jumps, which
+/// this scenario does not drive.
+fn session_faults() -> Vec<FaultType> {
+    SWARM_LEASE_FAULTS
         .iter()
         .copied()
         .filter(|f| *f != FaultType::ClockJump && *f != FaultType::NodeCrash)
-        .collect::<Vec<_>>();
-    for fault in swarm_faults(seed, &faults) {
+        .collect()
+}
+
+/// One seed; returns the report and (guards granted, guards cancelled while held).
+fn run_seed(seed: u64) -> (SimReport, (u64, u64)) {
+    let mut simulation = Simulation::new(SimConfig::new(seed));
+    for fault in swarm_faults(seed, &session_faults()) {
         simulation = simulation.with_fault(fault);
     }
     let figures = Rc::new(RefCell::new((0u64, 0u64)));

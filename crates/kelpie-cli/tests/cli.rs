@@ -294,8 +294,8 @@ fn shards_merge_into_the_whole_sweeps_report() {
 /// A mixed sweep says how many of its seeds ran on each store, and its shards add up to it.
 #[test]
 fn a_mixed_sweep_counts_its_seeds_on_each_store() {
-    let sweep = |store: &str, extra: &[&str]| {
-        let mut args = vec![
+    let args = |store: &str| {
+        [
             "sim",
             "--seeds",
             "12",
@@ -303,9 +303,14 @@ fn a_mixed_sweep_counts_its_seeds_on_each_store() {
             "40",
             "--store",
             store,
-        ];
-        args.extend_from_slice(extra);
-        let (code, stdout, stderr) = run(&args);
+        ]
+        .map(String::from)
+    };
+    let sweep = |store: &str, extra: &[&str]| {
+        let (code, stdout, stderr) = run_owned(&with(
+            &args(store).iter().map(String::as_str).collect::<Vec<_>>(),
+            extra,
+        ));
         assert_eq!(code, 0, "{stdout}{stderr}");
         stdout
     };
@@ -325,17 +330,7 @@ fn a_mixed_sweep_counts_its_seeds_on_each_store() {
     assert!(text.contains(&line), "{text}");
     assert!(!sweep("protocol", &[]).contains("stores:"));
     let dir = tempfile::tempdir().unwrap();
-    let whole = [
-        "sim",
-        "--seeds",
-        "12",
-        "--base-seed",
-        "40",
-        "--store",
-        "mixed",
-    ]
-    .map(String::from);
-    let files = shard_reports(dir.path(), &whole, 3);
+    let files = shard_reports(dir.path(), &args("mixed"), 3);
     let (code, merged, stderr) = merge(&files, false);
     assert_eq!(code, 0, "{merged}{stderr}");
     assert_eq!(merged, text);

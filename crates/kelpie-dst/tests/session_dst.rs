@@ -117,13 +117,7 @@ fn run_seed(seed: u64) -> (SimReport, (u64, u64)) {
 }
 
 async fn drive(env: SimEnv, figures: Rc<RefCell<(u64, u64)>>) -> Result<(), String> {
-    let mut scenario = LeaseScenario::default();
-    (scenario.nodes_count, scenario.actors_count) = (NODES_COUNT, ACTORS_COUNT);
-    scenario.app_loop = false;
-    scenario.check_liveness = false;
-    let cluster = SimLeaseCluster::new(&env, scenario.cluster)?;
-    let world = SwarmWorld::new(&env, cluster.clone(), scenario);
-    world.start_all()?;
+    let (world, cluster, scenario) = world_of(&env, NODES_COUNT, ACTORS_COUNT)?;
     let mut nodes = Vec::new();
     for index in 0..NODES_COUNT {
         let (node, driver) = new_node(&world, &cluster, &scenario, index)?;
@@ -147,6 +141,23 @@ async fn drive(env: SimEnv, figures: Rc<RefCell<(u64, u64)>>) -> Result<(), Stri
         node.session.shutdown().await;
     }
     Ok(())
+}
+
+/// A world of `nodes` started nodes (their keepers driven by the sessions, not an app loop)
+/// and `actors` actors, without a liveness phase; its cluster and scenario.
+fn world_of(
+    env: &SimEnv,
+    nodes: usize,
+    actors: usize,
+) -> Result<(Rc<SwarmWorld>, SimLeaseCluster, LeaseScenario), String> {
+    let mut scenario = LeaseScenario::default();
+    (scenario.nodes_count, scenario.actors_count) = (nodes, actors);
+    scenario.app_loop = false;
+    scenario.check_liveness = false;
+    let cluster = SimLeaseCluster::new(env, scenario.cluster)?;
+    let world = SwarmWorld::new(env, cluster.clone(), scenario);
+    world.start_all()?;
+    Ok((world, cluster, scenario))
 }
 
 /// Node `index`'s session over the world's manager, on the node's clock, and its driver (not
@@ -250,13 +261,7 @@ fn guards_inside_beliefs(nodes: &[Rc<Node>]) -> Result<(), String> {
 #[test]
 fn test_guard_inside_belief_rejects_a_valid_guard_its_keeper_does_not_back() {
     let outcome = Simulation::new(SimConfig::new(1)).run(|env| async move {
-        let mut scenario = LeaseScenario::default();
-        (scenario.nodes_count, scenario.actors_count) = (1, 1);
-        scenario.app_loop = false;
-        scenario.check_liveness = false;
-        let cluster = SimLeaseCluster::new(&env, scenario.cluster)?;
-        let world = SwarmWorld::new(&env, cluster.clone(), scenario);
-        world.start_all()?;
+        let (world, cluster, scenario) = world_of(&env, 1, 1)?;
         let (node, _driver) = new_node(&world, &cluster, &scenario, 0)?;
         let actor = world.actors()[0].clone();
         let guard = node
@@ -358,13 +363,7 @@ async fn drive_placement(
     env: SimEnv,
     figures: Rc<RefCell<PlacementFigures>>,
 ) -> Result<(), String> {
-    let mut scenario = LeaseScenario::default();
-    (scenario.nodes_count, scenario.actors_count) = (NODES_COUNT, ACTORS_COUNT);
-    scenario.app_loop = false;
-    scenario.check_liveness = false;
-    let cluster = SimLeaseCluster::new(&env, scenario.cluster)?;
-    let world = SwarmWorld::new(&env, cluster.clone(), scenario);
-    world.start_all()?;
+    let (world, cluster, scenario) = world_of(&env, NODES_COUNT, ACTORS_COUNT)?;
     let state = Arc::new(State::new());
     let mut nodes = Vec::new();
     for index in 0..NODES_COUNT {
@@ -548,13 +547,7 @@ fn test_writes_under_belief_rejects_a_token_going_down() {
 #[test]
 fn test_placement_checks_reject_an_activation_and_a_write_its_keeper_does_not_back() {
     let outcome = Simulation::new(SimConfig::new(1)).run(|env| async move {
-        let mut scenario = LeaseScenario::default();
-        (scenario.nodes_count, scenario.actors_count) = (1, 1);
-        scenario.app_loop = false;
-        scenario.check_liveness = false;
-        let cluster = SimLeaseCluster::new(&env, scenario.cluster)?;
-        let world = SwarmWorld::new(&env, cluster.clone(), scenario);
-        world.start_all()?;
+        let (world, cluster, scenario) = world_of(&env, 1, 1)?;
         let (node, _driver) = new_node(&world, &cluster, &scenario, 0)?;
         let placement = Placement::new(node.session.clone(), Arc::new(State::new()));
         let node = Rc::new(PlacementNode {

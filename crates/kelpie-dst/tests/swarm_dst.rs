@@ -299,9 +299,10 @@ fn expect_pass(what: &str, seed: u64, result: Result<LeaseRunReport, SimError>) 
 /// its window closed at 32,420 ms with the last sample at 32,370 ms, so it missed that belief,
 /// and two sweeps of 40 wanted actors do not fit in two lease durations anyway. The bound of
 /// the run is 9,217 ms, and the check counts a belief started at any instant up to it.
-#[test]
-fn test_liveness_check_on_the_seed_7_timeline() {
-    let bound = LivenessBound {
+/// The liveness bound of the seed-7 run below (1 s leases, 5 % drift), with sweeps of
+/// `sweep_requests_max` requests.
+fn seed_7_bound(sweep_requests_max: u64) -> LivenessBound {
+    LivenessBound {
         lease_duration_ms: 1_000,
         retry_interval_ms: 83,
         think_time_ms_max: 250,
@@ -309,9 +310,14 @@ fn test_liveness_check_on_the_seed_7_timeline() {
         clock_drift_ppm_max: 50_000,
         network_latency_ms_max: 20,
         storage_latency_ms_max: 5,
-        // The busiest node wants 40 actors and held 38 others at healing.
-        sweep_requests_max: sweep_requests_max(40, 38),
-    };
+        sweep_requests_max,
+    }
+}
+
+#[test]
+fn test_liveness_check_on_the_seed_7_timeline() {
+    // The busiest node wants 40 actors and held 38 others at healing.
+    let bound = seed_7_bound(sweep_requests_max(40, 38));
     // x' = ceil(x / 0.95) + 1: think 265, timeout 212, retry 89. R = 2·20 + 5 = 45.
     // D = 11·20 + 11·5 + 212 = 487; sweep = 265 + 79·45 = 3,820;
     // freed = max(3,820 + 45 + 1,000, 1,000 + 89 + 2·45) = 4,865; bound = 487 + 4,865 + 3,820 + 45.
@@ -369,16 +375,7 @@ fn test_liveness_check_on_the_seed_7_timeline() {
 /// that is reported: not held when checked, held too briefly, held with another token.
 #[test]
 fn test_liveness_check_wants_each_actor_kept() {
-    let bound = LivenessBound {
-        lease_duration_ms: 1_000,
-        retry_interval_ms: 83,
-        think_time_ms_max: 250,
-        request_timeout_ms: 200,
-        clock_drift_ppm_max: 50_000,
-        network_latency_ms_max: 20,
-        storage_latency_ms_max: 5,
-        sweep_requests_max: sweep_requests_max(1, 0),
-    };
+    let bound = seed_7_bound(sweep_requests_max(1, 0));
     let (heal_ms, a, n) = (
         30_000,
         ActorId::new("a").unwrap(),

@@ -1422,13 +1422,7 @@ mod tests {
     /// that answer and gives the lease back, and the acquire is refused.
     #[tokio::test(start_paused = true)]
     async fn a_grant_that_arrives_during_shutdown_is_refused_and_released() {
-        let clock: SharedClock = PausedClock::shared();
-        let leases = manager(&clock);
-        let session = session(&leases, &clock, "n1");
-        leases.store().hold(Some(LeaseOp::Acquire));
-        let acquiring = session.clone();
-        let acquire = tokio::spawn(async move { acquiring.acquire(&actor("a")).await });
-        let shutdown = shutdown_while_an_acquire_waits(&session, &leases, &clock).await;
+        let (leases, _session, acquire, shutdown) = shutdown_while_an_acquire_waits().await;
         assert!(
             !shutdown.is_finished(),
             "it waits for the acquire in flight"
@@ -1453,13 +1447,7 @@ mod tests {
     /// left to release it, until it expired (`kelpie node` on SIGTERM during start-up).
     #[tokio::test(start_paused = true)]
     async fn a_shutdown_releases_the_grant_of_an_acquire_whose_caller_then_gave_up() {
-        let clock: SharedClock = PausedClock::shared();
-        let leases = manager(&clock);
-        let session = session(&leases, &clock, "n1");
-        leases.store().hold(Some(LeaseOp::Acquire));
-        let acquiring = session.clone();
-        let acquire = tokio::spawn(async move { acquiring.acquire(&actor("a")).await });
-        let shutdown = shutdown_while_an_acquire_waits(&session, &leases, &clock).await;
+        let (leases, session, acquire, shutdown) = shutdown_while_an_acquire_waits().await;
         leases.store().hold(None);
         let report = shutdown.await.unwrap();
         acquire.abort();
@@ -1474,26 +1462,33 @@ mod tests {
         assert!(session.keeper.beliefs().is_empty());
     }
 
-    /// Starts a shutdown while an acquire waits at the store; returns its task once it has
-    /// begun.
-    async fn shutdown_while_an_acquire_waits(
-        session: &LeaseSession<Manager>,
-        leases: &Arc<Manager>,
-        clock: &SharedClock,
-    ) -> tokio::task::JoinHandle<ShutdownReport> {
-        let store = Arc::clone(leases);
-        eventually(clock, "the acquire reaching the store", move || {
+    /// A session of "n1" whose acquire of "a" waits at the store (held there), and its
+    /// shutdown, begun meanwhile: the manager, the session and the two tasks.
+    async fn shutdown_while_an_acquire_waits() -> (
+        Arc<Manager>,
+        LeaseSession<Manager>,
+        tokio::task::JoinHandle<Result<LeaseGuard, SessionError>>,
+        tokio::task::JoinHandle<ShutdownReport>,
+    ) {
+        let clock: SharedClock = PausedClock::shared();
+        let leases = manager(&clock);
+        let session = session(&leases, &clock, "n1");
+        leases.store().hold(Some(LeaseOp::Acquire));
+        let acquiring = session.clone();
+        let acquire = tokio::spawn(async move { acquiring.acquire(&actor("a")).await });
+        let store = Arc::clone(&leases);
+        eventually(&clock, "the acquire reaching the store", move || {
             store.store().waiting() == 1
         })
         .await;
         let stopping = session.clone();
         let shutdown = tokio::spawn(async move { stopping.shutdown().await });
         let closing = session.clone();
-        eventually(clock, "the shutdown beginning", move || {
+        eventually(&clock, "the shutdown beginning", move || {
             closing.shared.closing.is_cancelled()
         })
         .await;
-        shutdown
+        (leases, session, acquire, shutdown)
     }
 
     /// A release the store never answers holds up no other guard's cancellation.

@@ -1009,6 +1009,12 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
     /// its lease for release; returns the earliest deadline of the others.
     fn cancel_due_guards(&self) -> Option<u64> {
         let session = &self.session;
+        // The beliefs are read under the guards' lock (the order `has_live_guard` takes them
+        // in too): a guard is inserted once its belief started, so every guard in the map
+        // has its belief in the read, unless it ended. Read before the lock, an acquire on
+        // another thread could start a belief and insert its guard in between, and the
+        // guard was cancelled at once as if its belief were gone (kelpie node, 2,000 actors).
+        let mut guards = session.shared.lock_guards();
         let now_ms = session.clock().now_ms();
         let beliefs: BTreeMap<ActorId, (FencingToken, u64)> = session
             .keeper
@@ -1018,7 +1024,6 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
             .collect();
         let mut next_deadline_ms: Option<u64> = None;
         let mut cancelled = Vec::new();
-        let mut guards = session.shared.lock_guards();
         guards.retain(|actor_id, (token, cancel)| {
             let (deadline_ms, reason) = match beliefs.get(actor_id) {
                 Some((held, until_ms)) if held == token => (

@@ -56,6 +56,12 @@ pub enum StoreUrlError {
     /// `sqlite:` without a path.
     #[error("sqlite: needs a file path, e.g. sqlite:./kelpie-leases.db")]
     SqliteNoPath,
+    /// A `sqlite:` path that starts or ends with white space.
+    #[error("sqlite:{path:?}: the path starts or ends with white space; remove it")]
+    SqlitePathSpaces {
+        /// The path as given.
+        path: String,
+    },
     /// The etcd endpoint list did not parse.
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     #[error("{given:?}: {reason}")]
@@ -102,6 +108,13 @@ impl FromStr for StoreUrl {
             let path = rest.strip_prefix("//").unwrap_or(rest);
             if path.is_empty() {
                 return Err(StoreUrlError::SqliteNoPath);
+            }
+            // A space at either end (the value was trimmed, so after the scheme) is almost
+            // always a quoting slip, and would name a file no one means ("sqlite: leases.db").
+            if path.trim() != path {
+                return Err(StoreUrlError::SqlitePathSpaces {
+                    path: path.to_string(),
+                });
             }
             return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
         }
@@ -208,6 +221,13 @@ mod tests {
         );
         assert_eq!(parse(STORE_DEFAULT).unwrap().to_string(), STORE_DEFAULT);
         assert_eq!(parse("sqlite:"), Err(StoreUrlError::SqliteNoPath));
+        // The whole value is trimmed first; a space after the scheme is in the path.
+        for spaced in ["sqlite: t.db", "sqlite:// t.db", "sqlite:\tt.db"] {
+            assert!(
+                matches!(parse(spaced), Err(StoreUrlError::SqlitePathSpaces { .. })),
+                "{spaced:?}"
+            );
+        }
     }
 
     #[cfg(feature = "etcd")]

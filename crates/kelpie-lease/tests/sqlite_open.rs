@@ -240,6 +240,20 @@ fn a_store_whose_clock_rows_were_edited_past_any_time_is_corrupt() {
     }
 }
 
+/// Names SQLite reads as an in-memory database or a URI are refused before anything is
+/// created: the open used to create an empty file of that name in the working directory, then
+/// fail on it (WAL cannot be enabled in memory), and leave it behind.
+#[test]
+fn names_sqlite_does_not_read_as_files_are_refused_and_nothing_is_created() {
+    for name in [":memory:", "file:kelpie-test-uri.db?mode=ro"] {
+        let path = Path::new(name);
+        let error = open_error(path);
+        assert!(matches!(error, StoreError::Open { .. }), "{error:?}");
+        assert!(error.to_string().contains("not a file path"), "{error}");
+        assert!(!path.exists(), "{name} was created");
+    }
+}
+
 #[test]
 fn a_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -211,6 +211,16 @@ pub(super) fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connec
 /// (SQLite would create it with the umask's permissions), and refuses an existing file that
 /// does not start with SQLite's header, without SQLite ever opening it.
 pub(crate) fn prepare_file(path: &Path, shown: &str) -> Result<(), StoreError> {
+    // Names SQLite reads as something other than a file: checked before a file of that name
+    // is created (it was, and then left behind, empty, when the open failed).
+    let name = path.as_os_str().as_encoded_bytes();
+    if name == b":memory:" || name.starts_with(b"file:") {
+        return Err(open_error(
+            shown,
+            "SQLite reads this name as an in-memory database or a URI, not a file path (write \
+             ./:memory: or ./file:... for a file of that name)",
+        ));
+    }
     match std::fs::metadata(path) {
         Ok(metadata) if metadata.is_dir() => Err(open_error(shown, "it is a directory")),
         Ok(metadata) if !metadata.is_file() => Err(open_error(shown, "it is not a regular file")),

@@ -143,10 +143,10 @@ pub(super) fn store_record(
     let changed = statement.execute(params![
         actor_id.as_str(),
         record.holder.as_ref().map(NodeId::as_str),
-        sql_integer(record.fencing_token.0)?,
-        sql_integer(record.acquired_at_ms)?,
-        sql_integer(record.expires_at_ms)?,
-        sql_integer(record.renewal_count)?,
+        sql_integer(record.fencing_token.0, "fencing_token")?,
+        sql_integer(record.acquired_at_ms, "acquired_at_ms")?,
+        sql_integer(record.expires_at_ms, "expires_at_ms")?,
+        sql_integer(record.renewal_count, "renewal_count")?,
     ])?;
     assert_eq!(changed, 1, "an upsert changes exactly one row");
     Ok(())
@@ -201,7 +201,7 @@ pub(super) fn store_clock_mark(conn: &Connection, now: &StoreNow) -> rusqlite::R
     let mut statement = conn.prepare_cached(STORE_HIGH_WATER_SQL)?;
     statement.execute(params![
         CLOCK_HIGH_WATER_KEY,
-        sql_integer(now.store_now_ms)?
+        sql_integer(now.store_now_ms, CLOCK_HIGH_WATER_KEY)?
     ])?;
     match now.mono {
         Some(mark) => {
@@ -211,7 +211,7 @@ pub(super) fn store_clock_mark(conn: &Connection, now: &StoreNow) -> rusqlite::R
                 (CLOCK_MONO_MS_KEY, mark.mono_ms),
                 (CLOCK_MONO_AT_KEY, now.store_now_ms),
             ] {
-                statement.execute(params![key, sql_integer(value)?])?;
+                statement.execute(params![key, sql_integer(value, key)?])?;
             }
         }
         None => {
@@ -304,8 +304,15 @@ fn corrupt_row(path: &str, actor_id: &ActorId, reason: String) -> RowError {
 
 /// SQLite integers are signed 64-bit; a value past `i64::MAX` (which no clock or token
 /// reaches in practice) is refused rather than wrapped.
-fn sql_integer(value: u64) -> rusqlite::Result<i64> {
-    i64::try_from(value).map_err(|error| rusqlite::Error::ToSqlConversionFailure(Box::new(error)))
+fn sql_integer(value: u64, column: &str) -> rusqlite::Result<i64> {
+    i64::try_from(value).map_err(|_| {
+        let reason = format!(
+            "{column} {value} is past the largest integer SQLite stores ({}): the store has run \
+             out of them",
+            i64::MAX
+        );
+        rusqlite::Error::ToSqlConversionFailure(reason.into())
+    })
 }
 
 /// Where store time comes from: a wall clock, to start from, and a monotonic clock shared by
@@ -721,7 +728,13 @@ mod tests {
 
     #[test]
     fn sql_integer_refuses_values_past_i64() {
-        assert_eq!(sql_integer(7).unwrap(), 7);
-        assert!(sql_integer(u64::MAX).is_err());
+        assert_eq!(sql_integer(7, "fencing_token").unwrap(), 7);
+        let error = sql_integer(u64::MAX, "fencing_token")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("fencing_token 18446744073709551615 is past the largest integer"),
+            "{error}"
+        );
     }
 }

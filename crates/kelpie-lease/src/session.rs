@@ -381,6 +381,9 @@ struct Shared {
     changed: Notify,
     events: broadcast::Sender<SessionEvent>,
     closing: CancellationToken,
+    /// Cancelled when the shutdown has done all it will: the driver, which keeps the
+    /// keeper's loop running until then, returns.
+    stopped: CancellationToken,
 }
 
 impl std::fmt::Debug for Shared {
@@ -566,6 +569,7 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
             changed: Notify::new(),
             events,
             closing: CancellationToken::new(),
+            stopped: CancellationToken::new(),
         });
         let session = Self {
             keeper,
@@ -888,30 +892,36 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
             .now_ms()
             .saturating_add(self.timing.shutdown_timeout_ms);
         // Until nothing is held, in flight or unanswered: each pass releases what is believed
-        // now (a grant of an acquire in flight may have started a belief since the last), and
-        // waits for those releases, or a retry interval while only others are outstanding
-        // (acquires in flight; releases the keeper's loop retries).
+        // now (a grant of an acquire in flight may have started a belief since the last),
+        // and waits for one of the releases in flight to be answered, or a retry interval
+        // (acquires in flight; releases the keeper's loop retries; a release that hangs must
+        // not keep a grant that comes meanwhile from being released).
+        let retry_ms = self.keeper.timing().retry_interval_ms;
+        let mut releasing = FuturesUnordered::new();
         loop {
             let now_ms = clock.now_ms();
             if self.keeper.closing_progress().is_done() || now_ms >= deadline_ms {
                 break;
             }
-            let held: Vec<ActorId> = self.keeper.beliefs().into_iter().map(|(a, _)| a).collect();
-            let left_ms = deadline_ms - now_ms;
-            if held.is_empty() {
-                let retry_ms = self.keeper.timing().retry_interval_ms;
-                clock
-                    .sleep(Duration::from_millis(retry_ms.min(left_ms)))
-                    .await;
-                continue;
+            for (actor_id, _) in self.keeper.beliefs() {
+                let keeper = &self.keeper;
+                releasing.push(async move {
+                    let _ = keeper.release(&actor_id).await;
+                });
             }
-            let releases = held.iter().map(|actor_id| self.keeper.release(actor_id));
-            let all = futures_util::future::join_all(releases);
-            let bound = clock.sleep(Duration::from_millis(left_ms));
-            select(std::pin::pin!(all), bound).await;
+            let answered = async {
+                match releasing.is_empty() {
+                    true => futures_util::future::pending().await,
+                    false => releasing.next().await,
+                }
+            };
+            let wait_ms = retry_ms.min(deadline_ms - now_ms);
+            let tick = clock.sleep(Duration::from_millis(wait_ms));
+            select(std::pin::pin!(answered), tick).await;
         }
         let progress = self.keeper.closing_progress();
         self.keeper.stop();
+        self.shared.stopped.cancel();
         self.shared.changed.notify_one();
         ShutdownReport {
             released: progress.released,
@@ -926,12 +936,15 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
     /// guards. Returns after [`LeaseSession::shutdown`].
     pub async fn run(self) {
         let keeper = Arc::clone(&self.session.keeper);
+        let shared = Arc::clone(&self.session.shared);
         let renewals = std::pin::pin!(keeper.run());
         let watch = std::pin::pin!(self.watch());
         if let Either::Right(((), renewals)) = select(renewals, watch).await {
             // Shutdown began: the keeper's loop goes on renewing what is not yet released and
-            // retrying releases the store did not answer, until the shutdown stops it.
-            renewals.await;
+            // retrying releases the store did not answer, until the shutdown is over. Then
+            // the driver returns, even from a round waiting on a store that never answers.
+            let stopped = std::pin::pin!(shared.stopped.cancelled());
+            select(renewals, stopped).await;
         }
     }
 
@@ -1494,6 +1507,29 @@ mod tests {
         })
         .await;
         (leases, session, acquire, shutdown)
+    }
+
+    /// The driver returns once the shutdown is over, even while the keeper's loop waits on a
+    /// release the store never answers: it went on awaiting that loop, which only a round's
+    /// end lets see the stop, and never returned (a task, and the session, leaked).
+    #[tokio::test(start_paused = true)]
+    async fn the_driver_returns_after_a_shutdown_whose_release_hangs() {
+        let clock: SharedClock = PausedClock::shared();
+        let leases = manager(&clock);
+        let (session, driver) = session_and_driver(&leases, &clock, "n1");
+        let driving = tokio::spawn(driver.run());
+        std::mem::forget(session.acquire(&actor("a")).await.unwrap());
+        leases.store().hold(Some(LeaseOp::Release));
+        let report = session.shutdown().await;
+        assert_eq!(
+            report,
+            ShutdownReport {
+                released: 0,
+                unanswered: 1
+            }
+        );
+        let waited = tokio::time::timeout(Duration::from_millis(WAIT_MS_MAX), driving).await;
+        assert!(waited.is_ok(), "the driver did not return");
     }
 
     /// A release the store never answers holds up no other guard's cancellation.

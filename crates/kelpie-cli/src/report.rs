@@ -596,6 +596,12 @@ impl Report {
                 (0, _) => {
                     "not enabled itself; counted as a consequence of other faults".to_string()
                 }
+                // Enabled and never taking effect: the run did not test what it was asked to.
+                (n, 0) => format!(
+                    "enabled in {n} of {} seeds, never took effect: raise its probability or \
+                     run more seeds to test it",
+                    self.seeds_run
+                ),
                 (n, _) => format!("enabled in {n} of {} seeds", self.seeds_run),
             };
             let _ = writeln!(

@@ -94,6 +94,38 @@ fn sim_sweep_reports_figures_and_timing() {
     assert!(stderr.contains("5/5 seeds"), "{stderr}");
 }
 
+/// A fault enabled but never taking effect says so in the report: the run passed without
+/// testing it.
+#[test]
+fn a_fault_enabled_that_never_took_effect_is_pointed_out() {
+    let args = [
+        "sim",
+        "--seeds",
+        "3",
+        "--base-seed",
+        "1",
+        "--faults",
+        "node-crash=0.0001,storage-latency=0.5",
+    ];
+    let (code, stdout, stderr) = run(&args);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let line = |fault: &str| {
+        stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(fault))
+            .unwrap_or_else(|| panic!("no {fault} line in {stdout}"))
+            .to_string()
+    };
+    assert!(
+        line("node-crash").contains("enabled in 3 of 3 seeds, never took effect"),
+        "{stdout}"
+    );
+    assert!(
+        !line("storage-latency").contains("never took effect"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn sim_json_parses() {
     let (code, stdout, _) = run(&["sim", "--seed", "7", "--json"]);

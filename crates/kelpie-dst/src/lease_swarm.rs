@@ -410,8 +410,12 @@ async fn fail_as_invariant(env: &SimEnv, invariant: &'static str, message: Strin
 /// from healing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LivenessBound {
-    /// `L`: the lease duration.
+    /// `L`: the lease duration (on etcd, how long a lease nobody renews keeps its actor: the
+    /// lease duration, the session's TTL and a pass of etcd's revoke loop).
     pub lease_duration_ms: u64,
+    /// The longest a node's belief from a single grant lasts, on its clock: the configured
+    /// lease duration (a belief ends short of it), on etcd too, whose `L` is longer.
+    pub belief_duration_ms_max: u64,
     /// `retry`: the keeper's retry interval (local).
     pub retry_interval_ms: u64,
     /// `think`: the longest pause between two sweeps of a node's app loop (local).
@@ -463,6 +467,7 @@ pub(crate) fn liveness_bound(
     };
     Ok(LivenessBound {
         lease_duration_ms: held_ms,
+        belief_duration_ms_max: config.lease_duration_ms,
         retry_interval_ms: timing.retry_interval_ms,
         think_time_ms_max: settings.think_time_ms_max,
         request_timeout_ms: settings.request_timeout_ms,
@@ -670,13 +675,14 @@ impl LivenessWindow {
     }
 
     /// How long each wanted actor must then be held without a break: longer than any belief
-    /// a single grant gives lasts on any node's clock (shorter than a lease duration on the
-    /// node's clock, [`LivenessBound::slowest_ms`] of it in global time), so only a lease its
-    /// node renewed passes. Held once is not enough: a keeper that never renews, an app that
+    /// a single grant gives lasts on any node's clock ([`LivenessBound::slowest_ms`] of
+    /// [`LivenessBound::belief_duration_ms_max`] in global time), so only a lease its node
+    /// renewed passes. Not the bound's `L`, which on etcd is several times longer: a stretch
+    /// of that many renewals without a break is not what liveness promises. Held once is not enough: a keeper that never renews, an app that
     /// lets go of what it just acquired, a store that answers nothing after healing all get
     /// every actor held for a moment.
     pub fn kept_ms(&self) -> u64 {
-        self.bound.slowest_ms(self.bound.lease_duration_ms)
+        self.bound.slowest_ms(self.bound.belief_duration_ms_max)
     }
 
     /// The last instant (global) by which every wanted actor must have been held without a

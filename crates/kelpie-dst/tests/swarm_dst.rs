@@ -304,6 +304,7 @@ fn expect_pass(what: &str, seed: u64, result: Result<LeaseRunReport, SimError>) 
 fn seed_7_bound(sweep_requests_max: u64) -> LivenessBound {
     LivenessBound {
         lease_duration_ms: 1_000,
+        belief_duration_ms_max: 1_000,
         retry_interval_ms: 83,
         think_time_ms_max: 250,
         request_timeout_ms: 200,
@@ -385,6 +386,13 @@ fn test_liveness_check_wants_each_actor_kept() {
     window.want(a.clone(), n);
     // 1,000 ms on the slowest clock: ceil(1,000 / 0.95) + 1.
     assert_eq!(window.kept_ms(), 1_054);
+    // On etcd `L` is how long a lease nobody renews keeps its actor (the lease, the session's
+    // TTL, a pass of the revoke loop); a belief still ends within the configured lease.
+    let etcd = LivenessBound {
+        lease_duration_ms: 2_500,
+        ..bound
+    };
+    assert_eq!(LivenessWindow::new(heal_ms, etcd).kept_ms(), 1_054);
     assert_eq!(window.kept_deadline_ms(), window.deadline_ms() + 1_054);
     assert_eq!(window.kept_at_ms(), None, "not held yet");
     let other = FencingToken(TOKEN.0 + 1);

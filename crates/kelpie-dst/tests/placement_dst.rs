@@ -272,9 +272,9 @@ fn wanter(actor_index: usize) -> usize {
 /// `scan_for_fence_in_flight_at_healing_seeds` (ignored; run it with `--ignored --nocapture`)
 /// prints new ones.
 const FENCE_IN_FLIGHT_AT_HEALING_SEEDS: [u64; 3] = [
-    3_026_144_072_880_489_422,
-    11_759_357_241_278_526_940,
     17_203_065_060_558_666_848,
+    5_795_344_249_658_711_942,
+    14_557_931_686_390_300_070,
 ];
 
 /// Regression: a fence in flight at healing holds its node's loop, so the node reaches its

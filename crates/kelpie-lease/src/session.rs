@@ -663,7 +663,7 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
         };
         if shut_down {
             // The lease was granted while the session shut down: give it back.
-            let _ = self.keeper.release(actor_id).await;
+            let _ = self.keeper.release_token(actor_id, token).await;
             return Err(SessionError::ShuttingDown);
         }
         self.shared.changed.notify_one();
@@ -701,12 +701,42 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
                 expired_at_ms: lease.expires_at_ms,
             }));
         }
-        self.keeper.release(actor_id).await?;
+        // A live guard of this session holds that token: another acquire of the actor, on
+        // another thread, was granted it first and guards it. Releasing it would end that
+        // guard's lease under it.
+        let guarded = self
+            .shared
+            .lock_guards()
+            .get(actor_id)
+            .is_some_and(|(token, cancel)| *token == lease.fencing_token && !cancel.is_cancelled());
+        if guarded {
+            return Err(SessionError::AlreadyGuarded {
+                actor_id: actor_id.clone(),
+            });
+        }
+        // Only that tenure's lease: a later one begun meanwhile is not this call's to end. If
+        // it is no longer believed (the driver began releasing a dropped guard's lease, or
+        // another acquire on another thread moved on), the lease changed hands meanwhile:
+        // the caller retries, as after a store failure.
+        let released = self.keeper.release_token(actor_id, lease.fencing_token);
+        match released.await {
+            Ok(_) => {}
+            Err(LeaseError::NotHolder { .. }) => {
+                let reason =
+                    format!("the lease on {actor_id} changed hands while it was acquired; retry");
+                let error = LeaseError::Store(StoreError::Unavailable { reason });
+                return Err(SessionError::Lease(error));
+            }
+            Err(error) => return Err(error.into()),
+        }
         let lease = self.keeper.acquire(actor_id).await?;
         if lease.fencing_token > guarded_max {
             return Ok(lease);
         }
-        let _ = self.keeper.release(actor_id).await;
+        let _ = self
+            .keeper
+            .release_token(actor_id, lease.fencing_token)
+            .await;
         Err(SessionError::Lease(LeaseError::Store(
             StoreError::Corrupt {
                 location: format!("the lease on {actor_id}"),
@@ -760,7 +790,10 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
                 .sleep(Duration::from_millis(belief.until_local_ms - now_ms));
             let closing = std::pin::pin!(self.shared.closing.cancelled());
             if let Either::Right(_) = select(select(changed, ends), closing).await {
-                let _ = self.keeper.release(actor_id).await;
+                let _ = self
+                    .keeper
+                    .release_token(actor_id, belief.fencing_token)
+                    .await;
                 return Err(SessionError::ShuttingDown);
             }
         }
@@ -871,7 +904,12 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
             }
         }
         self.shared.changed.notify_one();
-        self.keeper.release(&guard.actor_id).await.map(|_| ())
+        // The guard's own lease: a later guard's, begun since this one was cancelled, is not
+        // this call's to release.
+        let releasing = self
+            .keeper
+            .release_token(&guard.actor_id, guard.fencing_token);
+        releasing.await.map(|_| ())
     }
 
     /// Releases every lease this session holds and stops it: guards are cancelled at once and
@@ -903,10 +941,10 @@ impl<M: LeaseManager + 'static> LeaseSession<M> {
             if self.keeper.closing_progress().is_done() || now_ms >= deadline_ms {
                 break;
             }
-            for (actor_id, _) in self.keeper.beliefs() {
+            for (actor_id, belief) in self.keeper.beliefs() {
                 let keeper = &self.keeper;
                 releasing.push(async move {
-                    let _ = keeper.release(&actor_id).await;
+                    let _ = keeper.release_token(&actor_id, belief.fencing_token).await;
                 });
             }
             let answered = async {
@@ -962,11 +1000,12 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
                 return;
             }
             let next_deadline_ms = self.cancel_due_guards();
-            for actor_id in self.dropped_to_release() {
+            for (actor_id, token) in self.dropped_to_release() {
                 let keeper = Arc::clone(&session.keeper);
-                // A failed release is retried by the keeper until the store answers.
+                // A failed release is retried by the keeper until the store answers. By token:
+                // by the time this runs, the actor may have been acquired again.
                 releasing.push(async move {
-                    let _ = keeper.release(&actor_id).await;
+                    let _ = keeper.release_token(&actor_id, token).await;
                 });
             }
             let released = async {
@@ -1071,12 +1110,11 @@ impl<M: LeaseManager + 'static> SessionDriver<M> {
 
     /// The leases of guards that were dropped or cancelled, to release now: those still
     /// believed with the guard's token (no later guard has it: each token is guarded once).
-    fn dropped_to_release(&self) -> Vec<ActorId> {
+    fn dropped_to_release(&self) -> Vec<(ActorId, FencingToken)> {
         let dropped = std::mem::take(&mut *self.session.shared.lock_release());
         dropped
             .into_iter()
             .filter(|(actor_id, token)| self.session.keeper.holds(actor_id) == Some(*token))
-            .map(|(actor_id, _)| actor_id)
             .collect()
     }
 }

@@ -161,6 +161,10 @@ pub struct KeeperCore {
     /// was begun (sent concurrently, by another task) must not start a belief, since the
     /// release may be applied after the grant and free it.
     releases_begun: BTreeMap<ActorId, u64>,
+    /// Grants not believed for that reason, to release once the actor's pending release is
+    /// answered: the store may have applied that release first and then granted, and the
+    /// grant, renewed by no one, would keep the actor from every other node until it expired.
+    disowned: BTreeMap<ActorId, FencingToken>,
     /// The held leases and pending releases by when they next need the keeper: renewals due,
     /// beliefs ending, release retries due. A round looks only at what is due, so its cost
     /// does not grow with the number of leases held (it was a scan of all of them, several
@@ -264,6 +268,7 @@ impl KeeperCore {
             unknown_acquires: BTreeSet::new(),
             releasing: BTreeMap::new(),
             releases_begun: BTreeMap::new(),
+            disowned: BTreeMap::new(),
             schedule: Schedule::default(),
             belief_epoch: 0,
             changed: None,
@@ -365,8 +370,9 @@ impl KeeperCore {
     ) -> Option<KeeperEvent> {
         let was_unknown = self.unknown_acquires.remove(actor_id);
         let releases_begun = self.releases_begun.get(actor_id).copied().unwrap_or(0);
-        if result.is_ok() && releases_begun != ticket.releases_begun {
+        if let (Ok(lease), true) = (result, releases_begun != ticket.releases_begun) {
             kelpie_core::coverage::mark(MARK_GRANT_OVERTAKEN_BY_RELEASE);
+            self.disown(actor_id, lease.fencing_token, now_ms);
             return None;
         }
         match result {
@@ -399,10 +405,58 @@ impl KeeperCore {
         }
     }
 
+    /// A grant of `token` on `actor_id` that is not believed is released like any other lease
+    /// (retried until answered; the actor cannot be acquired again meanwhile), once the
+    /// actor's pending release, if any, is answered.
+    fn disown(&mut self, actor_id: &ActorId, token: FencingToken, now_ms: u64) {
+        if let Some(pending) = self.releasing.get(actor_id) {
+            // The release of that very token: the store applied the acquire first (a grant
+            // to a holder keeps its token), and the release then frees it.
+            if pending.fencing_token == token {
+                return;
+            }
+            let disowned = self.disowned.entry(actor_id.clone()).or_insert(token);
+            *disowned = (*disowned).max(token);
+            return;
+        }
+        let pending = PendingRelease {
+            fencing_token: token,
+            attempts: 0,
+            next_attempt_local_ms: now_ms,
+        };
+        self.set_releasing(actor_id, Some(pending));
+    }
+
+    /// Whether a release is due now that no round has sent yet: a disowned grant's.
+    pub fn release_due_by(&self, now_ms: u64) -> bool {
+        self.schedule
+            .release_retries
+            .first()
+            .is_some_and(|(at_ms, _)| *at_ms <= now_ms)
+    }
+
     /// Stops believing in the lease on `actor_id` and returns the token to release, or
     /// `None` if nothing is held. Until the store answers the release, the actor cannot be
     /// acquired again.
     pub fn begin_release(&mut self, actor_id: &ActorId, now_ms: u64) -> Option<FencingToken> {
+        self.begin_release_of(actor_id, None, now_ms)
+    }
+
+    /// [`begin_release`](Self::begin_release) of the lease on `actor_id` only if the belief
+    /// in it carries `token` (any, with `None`): a caller releasing the lease of one tenure
+    /// (a guard's) must not release a later one that started meanwhile.
+    pub fn begin_release_of(
+        &mut self,
+        actor_id: &ActorId,
+        token: Option<FencingToken>,
+        now_ms: u64,
+    ) -> Option<FencingToken> {
+        if let Some(token) = token {
+            let believed = self.held.get(actor_id).map(|held| held.fencing_token);
+            if believed != Some(token) {
+                return None;
+            }
+        }
         let held = self.remove_held(actor_id)?;
         *self.releases_begun.entry(actor_id.clone()).or_insert(0) += 1;
         self.belief_changed(actor_id);
@@ -446,6 +500,9 @@ impl KeeperCore {
             }
             _ => {
                 self.set_releasing(actor_id, None);
+                if let Some(token) = self.disowned.remove(actor_id) {
+                    self.disown(actor_id, token, now_ms);
+                }
                 self.released_since_close += usize::from(self.closed);
                 Some(KeeperEvent::Released {
                     actor_id: actor_id.clone(),
@@ -810,6 +867,40 @@ mod tests {
         keeper.release_replied(&actor(), FencingToken(1), 15, &granted(1, 2));
         assert!(acquired(&mut keeper, 20, 22, &granted(2, 21)).is_some());
         assert_eq!(keeper.holds(&actor(), 22), Some(FencingToken(2)));
+    }
+
+    /// A grant overtaken by a release that the store applied first carries a new token and
+    /// is held at the store, renewed by no one: the keeper releases it once the release it
+    /// raced is answered, and no acquire of the actor goes out until that is answered too.
+    /// It was left held, keeping the actor from every node until it expired.
+    #[test]
+    fn a_grant_overtaken_by_a_release_applied_first_is_released_in_turn() {
+        let mut keeper = core();
+        acquired(&mut keeper, 0, 5, &granted(1, 2));
+        let ticket = keeper.begin_acquire(&actor()).unwrap();
+        assert_eq!(keeper.begin_release(&actor(), 10), Some(FencingToken(1)));
+        // The store applied the release, then granted the acquire a new token.
+        let reply = keeper.acquire_replied(&actor(), ticket, 10, 12, &granted(2, 11));
+        assert_eq!(reply, None);
+        assert_eq!(keeper.holds(&actor(), 12), None);
+        keeper.release_replied(&actor(), FencingToken(1), 15, &granted(1, 2));
+        assert!(
+            keeper.release_due_by(15),
+            "the disowned grant's release is due"
+        );
+        assert!(
+            keeper.begin_acquire(&actor()).is_err(),
+            "blocked until it is answered"
+        );
+        let (_, requests) = keeper.poll(15).unwrap();
+        let release = KeeperRequest::Release {
+            actor_id: actor(),
+            fencing_token: FencingToken(2),
+        };
+        assert!(requests.contains(&release), "{requests:?}");
+        keeper.release_replied(&actor(), FencingToken(2), 17, &granted(2, 11));
+        assert!(acquired(&mut keeper, 20, 22, &granted(3, 21)).is_some());
+        assert_eq!(keeper.holds(&actor(), 22), Some(FencingToken(3)));
     }
 
     fn many_actors(count: usize) -> Vec<ActorId> {

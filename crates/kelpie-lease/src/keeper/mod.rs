@@ -446,7 +446,11 @@ impl<M: LeaseManager> LeaseKeeper<M> {
         let now_ms = self.clock.now_ms();
         let (event, overdue) = self.change(|core| {
             let event = core.acquire_replied(actor_id, ticket, sent_local_ms, now_ms, &result);
-            (event, core.renewal_due_by(now_ms))
+            // A grant disowned just now is released by the loop's next round.
+            (
+                event,
+                core.renewal_due_by(now_ms) || core.release_due_by(now_ms),
+            )
         });
         self.notify(event);
         if overdue {
@@ -468,8 +472,33 @@ impl<M: LeaseManager> LeaseKeeper<M> {
     /// [`LeaseError::NotHolder`] if no lease on the actor is believed; the store's answer
     /// otherwise.
     pub async fn release(&self, actor_id: &ActorId) -> Result<Lease, LeaseError> {
+        self.release_of(actor_id, None).await
+    }
+
+    /// [`release`](Self::release) of the lease on `actor_id` only if the node believes it
+    /// with `fencing_token`: the lease of one tenure, never a later one of the same actor
+    /// that started meanwhile (a guard dropped, and the actor acquired again, on another
+    /// thread).
+    ///
+    /// # Errors
+    /// [`LeaseError::NotHolder`] if no lease on the actor is believed with that token; the
+    /// store's answer otherwise.
+    pub async fn release_token(
+        &self,
+        actor_id: &ActorId,
+        fencing_token: FencingToken,
+    ) -> Result<Lease, LeaseError> {
+        self.release_of(actor_id, Some(fencing_token)).await
+    }
+
+    async fn release_of(
+        &self,
+        actor_id: &ActorId,
+        fencing_token: Option<FencingToken>,
+    ) -> Result<Lease, LeaseError> {
         let now_ms = self.clock.now_ms();
-        let Some(token) = self.change(|core| core.begin_release(actor_id, now_ms)) else {
+        let begun = self.change(|core| core.begin_release_of(actor_id, fencing_token, now_ms));
+        let Some(token) = begun else {
             return Err(LeaseError::NotHolder {
                 actor_id: actor_id.clone(),
                 node_id: self.holder_id.clone(),
@@ -481,8 +510,16 @@ impl<M: LeaseManager> LeaseKeeper<M> {
             .release_fenced(actor_id, &self.holder_id, token)
             .await;
         let now_ms = self.clock.now_ms();
-        let events = self.change(|core| core.release_replied(actor_id, token, now_ms, &result));
+        let (events, due) = self.change(|core| {
+            let events = core.release_replied(actor_id, token, now_ms, &result);
+            (events, core.release_due_by(now_ms))
+        });
         self.notify(events);
+        if due {
+            // A disowned grant's release, due once this one was answered: the loop's next
+            // round sends it.
+            self.overdue.notify_one();
+        }
         result
     }
 

@@ -419,6 +419,10 @@ impl KeeperCore {
             *disowned = (*disowned).max(token);
             return;
         }
+        // A release begun like any other: an acquire already in flight (sent once the raced
+        // release was answered) may be answered with this very token, and must not be
+        // believed, or this release would end it under its guard.
+        *self.releases_begun.entry(actor_id.clone()).or_insert(0) += 1;
         let pending = PendingRelease {
             fencing_token: token,
             attempts: 0,
@@ -901,6 +905,28 @@ mod tests {
         keeper.release_replied(&actor(), FencingToken(2), 17, &granted(2, 11));
         assert!(acquired(&mut keeper, 20, 22, &granted(3, 21)).is_some());
         assert_eq!(keeper.holds(&actor(), 22), Some(FencingToken(3)));
+    }
+
+    /// An acquire sent once the raced release was answered, and answered with the grant the
+    /// keeper then disowns, is not believed either: that grant's release would end it under
+    /// its guard.
+    #[test]
+    fn an_acquire_answered_with_a_disowned_grant_is_not_believed() {
+        let mut keeper = core();
+        acquired(&mut keeper, 0, 5, &granted(1, 2));
+        let overtaken = keeper.begin_acquire(&actor()).unwrap();
+        assert_eq!(keeper.begin_release(&actor(), 10), Some(FencingToken(1)));
+        keeper.release_replied(&actor(), FencingToken(1), 12, &granted(1, 2));
+        let later = keeper.begin_acquire(&actor()).unwrap();
+        assert_eq!(
+            keeper.acquire_replied(&actor(), overtaken, 10, 14, &granted(2, 11)),
+            None
+        );
+        assert_eq!(
+            keeper.acquire_replied(&actor(), later, 13, 15, &granted(2, 11)),
+            None
+        );
+        assert_eq!(keeper.holds(&actor(), 15), None);
     }
 
     fn many_actors(count: usize) -> Vec<ActorId> {

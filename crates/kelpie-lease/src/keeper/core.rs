@@ -9,8 +9,8 @@
 //! | input | TLA+ action |
 //! |---|---|
 //! | [`KeeperCore::begin_acquire`] | `SendAcquire` (refused while a release is unresolved: the model's guard that a re-acquire never races its own release) |
-//! | [`KeeperCore::acquire_replied`] | `Receive` of an acquire reply (belief from the *send* time) |
-//! | [`KeeperCore::begin_release`] | `SendRelease` (the belief ends first) |
+//! | [`KeeperCore::acquire_replied`] | `Receive` of an acquire reply (belief from the *send* time); a grant overtaken by a release of the actor is not believed (`overtaken`), and is released in turn once the raced release is answered: a release of a token the node was granted, decided by the store as any release, but not in the model, whose `SendRelease` needs a belief |
+//! | [`KeeperCore::begin_release`], [`KeeperCore::begin_release_of`] | `SendRelease` (the belief ends first; `_of` only if the belief carries the given token) |
 //! | [`KeeperCore::release_replied`] | `Receive` of a release reply |
 //! | [`KeeperCore::poll`] | `BeliefExpires` for every belief that ran out, then `SendRenew` for every renewal due and `RetryRelease` for every unresolved release due |
 //! | [`KeeperCore::renew_replied`] | `Receive` of a renewal reply |

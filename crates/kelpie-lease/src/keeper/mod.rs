@@ -440,11 +440,15 @@ impl<M: LeaseManager> LeaseKeeper<M> {
         let ticket = self.lock().begin_acquire(actor_id)?;
         // Counted in flight until the reply is applied or this future is dropped: a shutdown
         // waits for it, since its grant may still come.
-        let _in_flight = AcquireInFlight { keeper: self };
+        let in_flight = AcquireInFlight { keeper: self };
         let sent_local_ms = self.clock.now_ms();
         let result = self.manager.acquire(actor_id, &self.holder_id).await;
         let now_ms = self.clock.now_ms();
+        // The reply is applied and the acquire ends under one lock; the guard's own lock is
+        // only for a future dropped before this.
+        std::mem::forget(in_flight);
         let (event, overdue) = self.change(|core| {
+            core.acquire_ended();
             let event = core.acquire_replied(actor_id, ticket, sent_local_ms, now_ms, &result);
             // A grant disowned just now is released by the loop's next round.
             (
@@ -771,8 +775,8 @@ impl<M: LeaseManager> LeaseKeeper<M> {
     }
 }
 
-/// An acquire in flight, counted by the keeper's core until its reply is applied or its
-/// future is dropped.
+/// An acquire in flight, counted by the keeper's core until its reply is applied (which ends
+/// it under the same lock, and forgets this) or its future is dropped (this ends it).
 struct AcquireInFlight<'a, M: LeaseManager> {
     keeper: &'a LeaseKeeper<M>,
 }

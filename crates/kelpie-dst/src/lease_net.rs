@@ -2,8 +2,11 @@
 //!
 //! A node's [`NetLeaseStore`] sends each request to the store host and waits for the reply on
 //! its own clock, giving up after a timeout with [`StoreError::CommitUnknown`] (the request may
-//! have been applied). The server on the store host ([`serve_leases`]) applies each request to the
-//! simulated store with the production decision function and sends the reply back. Messages
+//! have been applied). A keeper's round of several requests ([`LeaseStore::apply_replies`])
+//! goes as one message and is answered with one, as a client batching its calls on one
+//! connection would send it. The server on the store host ([`serve_leases`]) applies each
+//! request to the simulated store with the production decision function, in a storage
+//! transaction of its own, and sends the reply back. Messages
 //! can be lost, duplicated, delayed and partitioned; a duplicated or delayed request is
 //! harmless because acquire is idempotent and renew and release carry the fencing token.
 //!
@@ -51,6 +54,22 @@ pub enum LeaseMessage {
         /// What the node asks back.
         wants: Wants,
     },
+    /// A node asks the store to apply several requests, each on its own: a keeper's round
+    /// ([`LeaseStore::apply_replies`]).
+    Round {
+        /// Matches the answer to the round; unique per node incarnation.
+        request_id: u64,
+        /// The requests, each decided by the store in its own atomic step.
+        requests: Vec<(ActorId, LeaseRequest)>,
+    },
+    /// The store's answers to a round, once it has answered all its requests: each request's
+    /// reply or the store's failure, in the round's order.
+    RoundReplies {
+        /// The round answered.
+        request_id: u64,
+        /// One outcome per request.
+        outcomes: Vec<RoundOutcome>,
+    },
     /// The store's answer to a request that wants the reply alone.
     Reply {
         /// The request answered.
@@ -83,6 +102,9 @@ pub enum LeaseMessage {
     },
 }
 
+/// The outcome of one request of a round: its reply, or the store's failure.
+pub type RoundOutcome = Result<Result<Lease, LeaseError>, StoreError>;
+
 /// What a lease request asks the store to send back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wants {
@@ -97,6 +119,7 @@ pub enum Wants {
 enum Answered {
     Reply(Result<Result<Lease, LeaseError>, StoreError>),
     Decision(Box<Result<Decision, StoreError>>),
+    Round(Vec<RoundOutcome>),
 }
 
 impl Answered {
@@ -113,6 +136,7 @@ impl Answered {
         match self {
             Answered::Reply(outcome) => outcome.as_ref(),
             Answered::Decision(outcome) => outcome.as_ref().as_ref().map(|d| &d.reply),
+            Answered::Round(_) => unreachable!("a round's answer has one reply per request"),
         }
     }
 }
@@ -490,6 +514,10 @@ impl NetLeaseStore {
                 request_id,
                 outcome,
             } => Some((request_id, Answered::Decision(outcome))),
+            LeaseMessage::RoundReplies {
+                request_id,
+                outcomes,
+            } => Some((request_id, Answered::Round(outcomes))),
             _ => None,
         };
         route_replies(&network, host, Rc::clone(&pending), reply);
@@ -549,47 +577,94 @@ impl NetInner {
             let id = history.invoke(&actor_id, &request, self.clock.global_now_ms());
             (history, id)
         });
-        let answered = self.exchange(actor_id, request, wants).await;
-        if let Some((history, id)) = recorded {
-            let responded_ms = self.clock.global_now_ms();
-            let outcome = match answered.reply() {
-                Ok(reply) => OpOutcome::Returned {
-                    responded_ms,
-                    reply: reply.clone(),
-                },
-                Err(error) => OpOutcome::Failed {
-                    responded_ms,
-                    error: error.clone(),
-                },
-            };
-            history.respond(id, outcome);
-        }
-        answered
-    }
-
-    /// Sends the request and waits for its answer, up to the timeout.
-    async fn exchange(&self, actor_id: ActorId, request: LeaseRequest, wants: Wants) -> Answered {
-        let request_id = self.next_request_id.get();
-        self.next_request_id.set(request_id + 1);
-        let deadline_local_ms = self.clock.now_ms().saturating_add(self.timeout_ms);
-        let reply = self.pending.expect_until(request_id, deadline_local_ms);
-        let message = LeaseMessage::Request {
+        let message = |request_id| LeaseMessage::Request {
             request_id,
             actor_id,
             request,
             wants,
         };
-        self.network.send(self.host, STORE_HOST, message);
-        match reply.await {
+        let answered = match self.exchange(message).await {
             Some(answered) => answered,
-            // The reply is forgotten with its slot: one arriving later is dropped.
-            None => Answered::failed(
-                wants,
-                StoreError::CommitUnknown {
-                    reason: self.timeout_reason.clone(),
-                },
-            ),
+            None => Answered::failed(wants, self.timed_out()),
+        };
+        if let Some((history, id)) = recorded {
+            let responded_ms = self.clock.global_now_ms();
+            history.respond(id, op_outcome(answered.reply(), responded_ms));
         }
+        answered
+    }
+
+    /// Sends a round as one message and waits for its answers, up to the timeout.
+    async fn call_round(
+        self: Rc<Self>,
+        requests: Vec<(ActorId, LeaseRequest)>,
+    ) -> Vec<RoundOutcome> {
+        if requests.is_empty() {
+            return Vec::new();
+        }
+        let history = self.history.borrow().clone();
+        let recorded = history.map(|history| {
+            let invoked_ms = self.clock.global_now_ms();
+            let ids: Vec<_> = requests
+                .iter()
+                .map(|(actor_id, request)| history.invoke(actor_id, request, invoked_ms))
+                .collect();
+            (history, ids)
+        });
+        let count = requests.len();
+        let message = |request_id| LeaseMessage::Round {
+            request_id,
+            requests,
+        };
+        let outcomes = match self.exchange(message).await {
+            Some(Answered::Round(outcomes)) => outcomes,
+            Some(_) => unreachable!("the store answers a round with the round's replies"),
+            None => vec![Err(self.timed_out()); count],
+        };
+        assert_eq!(outcomes.len(), count, "one outcome per request of a round");
+        if let Some((history, ids)) = recorded {
+            let responded_ms = self.clock.global_now_ms();
+            for (id, outcome) in ids.into_iter().zip(&outcomes) {
+                history.respond(id, op_outcome(outcome.as_ref(), responded_ms));
+            }
+        }
+        outcomes
+    }
+
+    /// Sends the message `message` builds with a fresh request id and waits for its answer,
+    /// up to the timeout: `None` if none came (one arriving later is dropped with its slot).
+    async fn exchange(&self, message: impl FnOnce(u64) -> LeaseMessage) -> Option<Answered> {
+        let request_id = self.next_request_id.get();
+        self.next_request_id.set(request_id + 1);
+        let deadline_local_ms = self.clock.now_ms().saturating_add(self.timeout_ms);
+        let reply = self.pending.expect_until(request_id, deadline_local_ms);
+        self.network
+            .send(self.host, STORE_HOST, message(request_id));
+        reply.await
+    }
+
+    /// What a request whose answer did not come in time ends with: it may have been applied.
+    fn timed_out(&self) -> StoreError {
+        StoreError::CommitUnknown {
+            reason: self.timeout_reason.clone(),
+        }
+    }
+}
+
+/// A request's outcome as the history records it.
+fn op_outcome(
+    reply: Result<&Result<Lease, LeaseError>, &StoreError>,
+    responded_ms: u64,
+) -> OpOutcome {
+    match reply {
+        Ok(reply) => OpOutcome::Returned {
+            responded_ms,
+            reply: reply.clone(),
+        },
+        Err(error) => OpOutcome::Failed {
+            responded_ms,
+            error: error.clone(),
+        },
     }
 }
 
@@ -609,7 +684,9 @@ impl LeaseStore for NetLeaseStore {
         let call = inner.call(actor_id.clone(), request.clone(), Wants::Decision);
         match SimThread::new(call).await {
             Answered::Decision(outcome) => *outcome,
-            Answered::Reply(_) => unreachable!("the store answers a request as it wants"),
+            Answered::Reply(_) | Answered::Round(_) => {
+                unreachable!("the store answers a request as it wants")
+            }
         }
     }
 
@@ -623,8 +700,16 @@ impl LeaseStore for NetLeaseStore {
         let call = inner.call(actor_id.clone(), request.clone(), Wants::Reply);
         match SimThread::new(call).await {
             Answered::Reply(outcome) => outcome,
-            Answered::Decision(_) => unreachable!("the store answers a request as it wants"),
+            Answered::Decision(_) | Answered::Round(_) => {
+                unreachable!("the store answers a request as it wants")
+            }
         }
+    }
+
+    /// The round crosses the network as one message, and its answers as one.
+    async fn apply_replies(&self, requests: Vec<(ActorId, LeaseRequest)>) -> Vec<RoundOutcome> {
+        let inner = Rc::clone(&self.inner);
+        SimThread::new(inner.call_round(requests)).await
     }
 
     async fn load(&self, actor_id: &ActorId) -> Result<RecordSnapshot, StoreError> {
@@ -679,46 +764,99 @@ pub fn serve_leases_with_stale_reads(
 }
 
 /// Where the answer to one request goes, and in what form.
-struct Answer {
-    network: SimNetwork<LeaseMessage>,
-    to: HostId,
-    request_id: u64,
-    wants: Wants,
+enum Answer {
+    /// A request of its own: answered with a message of its own.
+    One {
+        network: SimNetwork<LeaseMessage>,
+        to: HostId,
+        request_id: u64,
+        wants: Wants,
+    },
+    /// The `index`th request of a round, answered with the round.
+    InRound {
+        round: Rc<RoundAnswer>,
+        index: usize,
+    },
 }
 
 impl Answer {
     fn send(self, outcome: Result<Decision, StoreError>) {
-        let request_id = self.request_id;
-        let answer = match self.wants {
-            Wants::Reply => LeaseMessage::Reply {
+        match self {
+            Answer::One {
+                network,
+                to,
                 request_id,
-                outcome: outcome.map(|decision| decision.reply),
-            },
-            Wants::Decision => LeaseMessage::Decision {
-                request_id,
-                outcome: Box::new(outcome),
-            },
+                wants,
+            } => {
+                let answer = match wants {
+                    Wants::Reply => LeaseMessage::Reply {
+                        request_id,
+                        outcome: outcome.map(|decision| decision.reply),
+                    },
+                    Wants::Decision => LeaseMessage::Decision {
+                        request_id,
+                        outcome: Box::new(outcome),
+                    },
+                };
+                network.send(STORE_HOST, to, answer);
+            }
+            Answer::InRound { round, index } => round.answer(index, outcome),
+        }
+    }
+}
+
+/// A round the store is answering: its answers so far. Sent once every request has one; a
+/// request the store never answers (its storage crashed) leaves the round unanswered, and the
+/// node times out on all of it.
+struct RoundAnswer {
+    network: SimNetwork<LeaseMessage>,
+    to: HostId,
+    request_id: u64,
+    outcomes: RefCell<Vec<Option<RoundOutcome>>>,
+    unanswered: Cell<usize>,
+}
+
+impl RoundAnswer {
+    fn answer(&self, index: usize, outcome: Result<Decision, StoreError>) {
+        let mut outcomes = self.outcomes.borrow_mut();
+        assert!(
+            outcomes[index].is_none(),
+            "request {index} of a round answered twice"
+        );
+        outcomes[index] = Some(outcome.map(|decision| decision.reply));
+        let unanswered = self.unanswered.get() - 1;
+        self.unanswered.set(unanswered);
+        if unanswered > 0 {
+            return;
+        }
+        let outcomes = std::mem::take(&mut *outcomes)
+            .into_iter()
+            .map(|outcome| outcome.expect("every request of the round answered"))
+            .collect();
+        let answer = LeaseMessage::RoundReplies {
+            request_id: self.request_id,
+            outcomes,
         };
         self.network.send(STORE_HOST, self.to, answer);
     }
 }
 
 /// Sets the store host's handler: each lease request arriving goes to `apply`, with where
-/// its answer goes; anything else is ignored.
+/// its answer goes (each request of a round on its own, answered with the round); anything
+/// else is ignored.
 fn serve(
     network: &SimNetwork<LeaseMessage>,
     apply: impl Fn(ActorId, LeaseRequest, Answer) + 'static,
 ) {
     let replies = network.clone();
-    network.set_handler(STORE_HOST, move |from, message| {
-        if let LeaseMessage::Request {
+    network.set_handler(STORE_HOST, move |from, message| match message {
+        LeaseMessage::Request {
             request_id,
             actor_id,
             request,
             wants,
-        } = message
-        {
-            let answer = Answer {
+        } => {
+            let answer = Answer::One {
                 network: replies.clone(),
                 to: from,
                 request_id,
@@ -726,6 +864,23 @@ fn serve(
             };
             apply(actor_id, request, answer);
         }
+        LeaseMessage::Round {
+            request_id,
+            requests,
+        } => {
+            let round = Rc::new(RoundAnswer {
+                network: replies.clone(),
+                to: from,
+                request_id,
+                outcomes: RefCell::new(requests.iter().map(|_| None).collect()),
+                unanswered: Cell::new(requests.len()),
+            });
+            for (index, (actor_id, request)) in requests.into_iter().enumerate() {
+                let round = Rc::clone(&round);
+                apply(actor_id, request, Answer::InRound { round, index });
+            }
+        }
+        _ => {}
     });
 }
 
@@ -1041,6 +1196,25 @@ mod tests {
             .expect("the simulation runs");
     }
 
+    /// A node's connection (host 1, timeout 1 s) to a served store, recording its requests.
+    fn connect_served(
+        env: &SimEnv,
+    ) -> (
+        SimNetwork<LeaseMessage>,
+        SimLeaseStore,
+        NetLeaseStore,
+        History,
+    ) {
+        let network = env.network::<LeaseMessage>(2);
+        let truth = SimLeaseStore::new(env.storage());
+        serve_leases(&network, truth.clone());
+        let clock = env.node_clock(0, 0);
+        let store = NetLeaseStore::connect(network.clone(), 1, 1, clock, 1_000, truth.clone());
+        let history = History::new();
+        store.record_history(history.clone());
+        (network, truth, store, history)
+    }
+
     /// A request that wants the whole decision gets it, written record included; one that
     /// wants the reply alone gets the reply the store gave. Both are recorded in the history
     /// with the reply the node saw.
@@ -1050,13 +1224,7 @@ mod tests {
         use kelpie_sim::{SimConfig, Simulation};
         Simulation::new(SimConfig::new(1))
             .run(|env| async move {
-                let network = env.network::<LeaseMessage>(2);
-                let truth = SimLeaseStore::new(env.storage());
-                serve_leases(&network, truth.clone());
-                let clock = env.node_clock(0, 0);
-                let store = NetLeaseStore::connect(network, 1, 1, clock, 1_000, truth.clone());
-                let history = History::new();
-                store.record_history(history.clone());
+                let (_, truth, store, history) = connect_served(&env);
                 let actor_id = ActorId::new("actor").unwrap();
                 let node_id = kelpie_core::NodeId::new("node-1").unwrap();
                 let acquire = LeaseRequest {
@@ -1088,6 +1256,104 @@ mod tests {
                     .map(|op| op.reply().cloned())
                     .collect();
                 assert_eq!(replies, [Some(Ok(lease)), Some(Ok(renewed))]);
+                Ok::<(), String>(())
+            })
+            .expect("the simulation runs");
+    }
+
+    /// A round crosses the network as one message and is answered with one, once the store
+    /// has decided each of its requests on its own; the history records each request with the
+    /// reply the node saw. A round nobody answers gives up whole, each request unknown.
+    #[test]
+    fn a_round_travels_as_one_message_and_each_request_is_decided_on_its_own() {
+        use kelpie_lease::backend::LeaseOp;
+        use kelpie_sim::{SimConfig, Simulation};
+        Simulation::new(SimConfig::new(1))
+            .run(|env| async move {
+                let (network, truth, store, history) = connect_served(&env);
+                let actor = |name: &str| ActorId::new(name).unwrap();
+                let (me, other) = (
+                    kelpie_core::NodeId::new("node-1").unwrap(),
+                    kelpie_core::NodeId::new("node-2").unwrap(),
+                );
+                let request = |op, node_id: &kelpie_core::NodeId, token| LeaseRequest {
+                    op,
+                    node_id: node_id.clone(),
+                    lease_duration_ms: 1_000,
+                    fencing_token: token,
+                };
+                let mine = store
+                    .apply_reply(&actor("a"), &request(LeaseOp::Acquire, &me, None))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let theirs = store
+                    .apply_reply(&actor("b"), &request(LeaseOp::Acquire, &other, None))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let token = Some(mine.fencing_token);
+                let round = vec![
+                    (actor("a"), request(LeaseOp::Renew, &me, token)),
+                    (
+                        actor("b"),
+                        request(LeaseOp::Release, &me, Some(theirs.fencing_token)),
+                    ),
+                    (actor("a"), request(LeaseOp::Release, &me, token)),
+                ];
+                let sent_before = network.sent();
+                let outcomes = store.apply_replies(round).await;
+                assert_eq!(network.sent() - sent_before, 2, "one round, one answer");
+                let renewed = outcomes[0].clone().unwrap().unwrap();
+                assert_eq!(renewed.renewal_count, 1);
+                assert!(matches!(outcomes[1], Ok(Err(LeaseError::NotHolder { .. }))));
+                assert_eq!(
+                    outcomes[2].clone().unwrap().unwrap().fencing_token,
+                    mine.fencing_token
+                );
+                assert_eq!(truth.peek(&actor("a")).and_then(|r| r.holder), None);
+                assert_eq!(truth.peek(&actor("b")).and_then(|r| r.holder), Some(other));
+                let recorded: Vec<_> = history
+                    .to_vec()
+                    .iter()
+                    .skip(2)
+                    .map(|op| op.reply().cloned())
+                    .collect();
+                let seen: Vec<_> = outcomes.iter().map(|o| o.clone().ok()).collect();
+                assert_eq!(recorded, seen);
+
+                // Nothing is sent for an empty round.
+                let sent_before = network.sent();
+                assert!(store.apply_replies(Vec::new()).await.is_empty());
+                assert_eq!(network.sent(), sent_before);
+
+                // Cut off from the store: the round gives up after the timeout, whole.
+                network.partition(&[1], &[STORE_HOST]);
+                let start_ms = env.now_ms();
+                let round = vec![
+                    (actor("a"), request(LeaseOp::Acquire, &me, None)),
+                    (actor("c"), request(LeaseOp::Acquire, &me, None)),
+                ];
+                let outcomes = store.apply_replies(round).await;
+                assert_eq!(env.now_ms() - start_ms, 1_000);
+                assert_eq!(outcomes.len(), 2);
+                for outcome in &outcomes {
+                    assert!(
+                        matches!(outcome, Err(StoreError::CommitUnknown { .. })),
+                        "{outcome:?}"
+                    );
+                }
+                let unknown = history
+                    .to_vec()
+                    .iter()
+                    .rev()
+                    .take(2)
+                    .filter(|op| op.reply().is_none())
+                    .count();
+                assert_eq!(
+                    unknown, 2,
+                    "each request of the round recorded as unanswered"
+                );
                 Ok::<(), String>(())
             })
             .expect("the simulation runs");

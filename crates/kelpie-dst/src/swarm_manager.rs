@@ -4,7 +4,7 @@
 
 use kelpie_core::{ActorId, FencingToken, NodeId};
 use kelpie_lease::backend::ProtocolLeaseManager;
-use kelpie_lease::{EtcdLeaseManager, Lease, LeaseError, LeaseManager};
+use kelpie_lease::{EtcdLeaseManager, FencedRequest, Lease, LeaseError, LeaseManager};
 
 use crate::lease_net::NetLeaseStore;
 use crate::sim_etcd::NetEtcd;
@@ -96,6 +96,14 @@ impl LeaseManager for SwarmManager {
         fencing_token: FencingToken,
     ) -> Result<Lease, LeaseError> {
         dispatch!(self, m => m.release_fenced(actor_id, node_id, fencing_token).await)
+    }
+
+    async fn fenced_round(
+        &self,
+        node_id: &NodeId,
+        requests: &[FencedRequest],
+    ) -> Vec<Result<Lease, LeaseError>> {
+        dispatch!(self, m => m.fenced_round(node_id, requests).await)
     }
 
     async fn is_valid(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<bool, LeaseError> {

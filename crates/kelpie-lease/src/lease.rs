@@ -95,6 +95,40 @@ impl LeaseOp {
     }
 }
 
+/// What a fenced request of a round asks ([`LeaseManager::fenced_round`]).
+///
+/// [`LeaseManager::fenced_round`]: crate::LeaseManager::fenced_round
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FencedOp {
+    /// [`LeaseManager::renew_fenced`](crate::LeaseManager::renew_fenced).
+    Renew,
+    /// [`LeaseManager::release_fenced`](crate::LeaseManager::release_fenced).
+    Release,
+}
+
+impl From<FencedOp> for LeaseOp {
+    fn from(op: FencedOp) -> Self {
+        match op {
+            FencedOp::Renew => LeaseOp::Renew,
+            FencedOp::Release => LeaseOp::Release,
+        }
+    }
+}
+
+/// One request of a round ([`LeaseManager::fenced_round`]): renew or release the caller's
+/// lease on `actor_id` only if it still carries `fencing_token`.
+///
+/// [`LeaseManager::fenced_round`]: crate::LeaseManager::fenced_round
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FencedRequest {
+    /// Renew or release.
+    pub op: FencedOp,
+    /// The actor.
+    pub actor_id: ActorId,
+    /// The token the caller believes it holds.
+    pub fencing_token: FencingToken,
+}
+
 /// A node's request, as it reaches the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseRequest {

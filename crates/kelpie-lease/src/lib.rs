@@ -53,6 +53,7 @@ mod belief;
 mod error;
 mod etcd;
 mod fenced;
+mod join;
 mod keeper;
 mod lease;
 mod manager;
@@ -80,7 +81,7 @@ pub use keeper::{
     is_node_or_incarnation, ClosingProgress, KeeperConfig, KeeperEvent, KeeperEvents, LeaseKeeper,
     LostReason,
 };
-pub use lease::{Lease, LeaseConfig};
+pub use lease::{FencedOp, FencedRequest, Lease, LeaseConfig};
 pub use manager::{LeaseManager, MemoryLeaseManager};
 pub use placement::{KeeperPlacement, Location};
 pub use session::{

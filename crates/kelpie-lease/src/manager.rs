@@ -4,8 +4,9 @@ use std::future::Future;
 
 use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock};
 
-use crate::error::LeaseError;
-use crate::lease::{Lease, LeaseConfig, LeaseOp, LeaseRequest};
+use crate::error::{LeaseError, StoreError};
+use crate::join::join_in_order;
+use crate::lease::{FencedOp, FencedRequest, Lease, LeaseConfig, LeaseOp, LeaseRequest};
 use crate::memory::MemoryLeaseStore;
 use crate::store::LeaseStore;
 
@@ -102,6 +103,26 @@ pub trait LeaseManager: Send + Sync {
             check_token(self.get(actor_id).await?, actor_id, node_id, fencing_token)?;
             self.release(actor_id, node_id).await
         }
+    }
+
+    /// [`renew_fenced`](Self::renew_fenced) or [`release_fenced`](Self::release_fenced) of
+    /// each request, all at once, with their outcomes in the order of `requests`: a
+    /// [`LeaseKeeper`](crate::LeaseKeeper)'s round. Each request is decided on its own, as its
+    /// own call would be (one may be granted while another is refused or fails); only how they
+    /// travel differs. The default awaits each request's own call, all at once; the protocol's
+    /// managers hand the round to their store whole ([`LeaseStore::apply_replies`]).
+    fn fenced_round(
+        &self,
+        node_id: &NodeId,
+        requests: &[FencedRequest],
+    ) -> impl Future<Output = Vec<Result<Lease, LeaseError>>> + Send {
+        join_in_order(requests.iter().map(move |request| async move {
+            let (actor_id, token) = (&request.actor_id, request.fencing_token);
+            match request.op {
+                FencedOp::Renew => self.renew_fenced(actor_id, node_id, token).await,
+                FencedOp::Release => self.release_fenced(actor_id, node_id, token).await,
+            }
+        }))
     }
 
     /// Whether `node_id` holds a valid lease on the actor, on the store's clock.
@@ -246,6 +267,33 @@ impl<S: LeaseStore> LeaseManager for ProtocolLeaseManager<S> {
     ) -> Result<Lease, LeaseError> {
         self.request(LeaseOp::Release, actor_id, node_id, Some(fencing_token))
             .await
+    }
+
+    /// The round goes to the store as one batch, each request decided on its own.
+    async fn fenced_round(
+        &self,
+        node_id: &NodeId,
+        requests: &[FencedRequest],
+    ) -> Vec<Result<Lease, LeaseError>> {
+        let batch = requests
+            .iter()
+            .map(|request| {
+                let lease_request = LeaseRequest {
+                    op: request.op.into(),
+                    node_id: node_id.clone(),
+                    lease_duration_ms: self.config.lease_duration_ms,
+                    fencing_token: Some(request.fencing_token),
+                };
+                (request.actor_id.clone(), lease_request)
+            })
+            .collect();
+        let outcomes = self.store.apply_replies(batch).await;
+        debug_assert_eq!(outcomes.len(), requests.len(), "one outcome per request");
+        let outcome = |outcome: Result<Result<Lease, LeaseError>, StoreError>| match outcome {
+            Ok(reply) => reply,
+            Err(error) => Err(error.into()),
+        };
+        outcomes.into_iter().map(outcome).collect()
     }
 
     async fn is_valid(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<bool, LeaseError> {

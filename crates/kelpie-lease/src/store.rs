@@ -61,6 +61,22 @@ pub trait LeaseStore: Send + Sync {
         async move { Ok(self.apply(actor_id, request).await?.reply) }
     }
 
+    /// [`apply_reply`](Self::apply_reply) of each request, all at once, with their outcomes
+    /// in the order of `requests`. Each is applied in its own atomic step, as its own call
+    /// would be; a store may carry them together (one message, one lock). The default awaits
+    /// each request's own call, all at once.
+    fn apply_replies(
+        &self,
+        requests: Vec<(ActorId, LeaseRequest)>,
+    ) -> impl Future<Output = Vec<Result<Result<Lease, LeaseError>, StoreError>>> + Send {
+        async move {
+            let calls = requests
+                .iter()
+                .map(|(actor_id, request)| self.apply_reply(actor_id, request));
+            crate::join::join_in_order(calls).await
+        }
+    }
+
     /// Reads one actor's record with the store's clock.
     fn load(
         &self,

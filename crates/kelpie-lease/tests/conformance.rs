@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use kelpie_core::{ActorId, Clock, FencingToken, ManualClock, NodeId};
 use kelpie_lease::{
-    backend::SqliteLeaseStore, limits::STATE_VALUE_BYTES_MAX, FencedStateStore, LeaseConfig,
-    LeaseError, LeaseManager, MemoryFencedStateStore, MemoryLeaseManager, SqliteFencedStateStore,
-    SqliteLeaseManager, SqliteOptions, StateError,
+    backend::SqliteLeaseStore, limits::STATE_VALUE_BYTES_MAX, FencedOp, FencedRequest,
+    FencedStateStore, LeaseConfig, LeaseError, LeaseManager, MemoryFencedStateStore,
+    MemoryLeaseManager, SqliteFencedStateStore, SqliteLeaseManager, SqliteOptions, StateError,
 };
 #[cfg(feature = "etcd")]
 use kelpie_lease::{limits::ETCD_EXPIRY_CHECK_INTERVAL_MS, EtcdLeaseManager, EtcdOptions};
@@ -164,6 +164,59 @@ async fn non_holder_cannot_renew_or_release<B: Backend>(b: B) {
         m.get(&a).await.unwrap().map(|l| l.fencing_token),
         Some(lease.fencing_token)
     );
+}
+
+/// A keeper's round: each request decided on its own, as its own call would be, and answered
+/// in the round's order, whether the backend carries the round whole or call by call.
+async fn a_round_answers_each_request_on_its_own<B: Backend>(b: B) {
+    let (m, n1, n2) = (b.manager(), node("n1"), node("n2"));
+    let actors: Vec<ActorId> = (1..=5).map(|i| actor(&format!("a{i}"))).collect();
+    let mut tokens = Vec::new();
+    for a in &actors[..3] {
+        tokens.push(m.acquire(a, &n1).await.unwrap().fencing_token);
+    }
+    let others = m.acquire(&actors[3], &n2).await.unwrap();
+    b.advance_ms(b.lease_duration_ms() / 2).await;
+    let request = |op, i: usize, fencing_token| FencedRequest {
+        op,
+        actor_id: actors[i].clone(),
+        fencing_token,
+    };
+    let stale = FencingToken(tokens[1].0 + 1_000);
+    let round = [
+        request(FencedOp::Renew, 0, tokens[0]),
+        request(FencedOp::Renew, 1, stale),
+        request(FencedOp::Release, 2, tokens[2]),
+        request(FencedOp::Renew, 3, others.fencing_token),
+        request(FencedOp::Release, 4, FencingToken(1)),
+    ];
+    let before_ms = b.now_ms();
+    let answers = m.fenced_round(&n1, &round).await;
+    assert_eq!(answers.len(), round.len(), "{answers:?}");
+    let renewed = answers[0].as_ref().expect("renewal with the held token");
+    assert_eq!(renewed.fencing_token, tokens[0]);
+    assert!(renewed.expires_at_ms >= before_ms + b.lease_duration_ms());
+    assert_eq!(renewed.renewal_count, 1);
+    for refused in [1, 3, 4] {
+        assert!(
+            matches!(answers[refused], Err(LeaseError::NotHolder { .. })),
+            "request {refused}: {:?}",
+            answers[refused]
+        );
+    }
+    let released = answers[2].as_ref().expect("release with the held token");
+    assert_eq!(released.fencing_token, tokens[2]);
+    assert_eq!(m.get(&actors[2]).await.unwrap(), None);
+    // The refused requests changed nothing.
+    let kept = m.get(&actors[1]).await.unwrap().expect("a2 still held");
+    assert_eq!((kept.fencing_token, kept.renewal_count), (tokens[1], 0));
+    let untouched = m.get(&actors[3]).await.unwrap().expect("a4 still held");
+    assert_eq!(
+        (untouched.holder, untouched.fencing_token),
+        (n2, others.fencing_token)
+    );
+    assert_eq!(m.get(&actors[4]).await.unwrap(), None);
+    assert!(m.fenced_round(&n1, &[]).await.is_empty());
 }
 
 async fn expired_lease_cannot_be_renewed<B: Backend>(b: B) {
@@ -349,6 +402,7 @@ macro_rules! conformance_suite {
                 acquire_by_holder_is_idempotent,
                 renew_extends_validity_and_keeps_token,
                 non_holder_cannot_renew_or_release,
+                a_round_answers_each_request_on_its_own,
                 expired_lease_cannot_be_renewed,
                 expired_lease_is_claimable_with_larger_token,
                 release_frees_lease_and_tokens_survive_it,

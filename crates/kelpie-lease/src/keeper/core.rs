@@ -35,7 +35,7 @@ use super::{
 };
 use crate::belief::{Belief, BeliefConfig, HeldBelief};
 use crate::error::{LeaseError, StoreError};
-use crate::lease::Lease;
+use crate::lease::{FencedOp, FencedRequest, Lease};
 
 /// A request the driver must send to the store now, and report back with the same values.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +61,26 @@ pub enum KeeperRequest {
 }
 
 impl KeeperRequest {
+    /// The request as a manager's round carries it ([`crate::LeaseManager::fenced_round`]).
+    pub fn fenced(&self) -> FencedRequest {
+        let (op, actor_id, fencing_token) = match self {
+            KeeperRequest::Renew {
+                actor_id,
+                fencing_token,
+                ..
+            } => (FencedOp::Renew, actor_id, fencing_token),
+            KeeperRequest::Release {
+                actor_id,
+                fencing_token,
+            } => (FencedOp::Release, actor_id, fencing_token),
+        };
+        FencedRequest {
+            op,
+            actor_id: actor_id.clone(),
+            fencing_token: *fencing_token,
+        }
+    }
+
     /// The actor the request is about.
     pub fn actor_id(&self) -> &ActorId {
         match self {

@@ -13,7 +13,6 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use kelpie_core::{ActorId, FencingToken, NodeId, SharedClock};
 
 mod core;
@@ -25,7 +24,7 @@ pub use self::core::{
 
 use crate::belief::{BeliefConfig, HeldBelief};
 use crate::error::{ConfigError, LeaseError, StoreError};
-use crate::lease::Lease;
+use crate::lease::{FencedRequest, Lease};
 use crate::manager::LeaseManager;
 
 /// Coverage mark: a renewal failed at the store or in the network (for instance a partition).
@@ -632,12 +631,12 @@ impl<M: LeaseManager> LeaseKeeper<M> {
         if let Some(wake_ms) = idle_wake_ms {
             return Some(wake_ms);
         }
-        let count = requests.len();
-        let mut sent = requests
-            .into_iter()
-            .enumerate()
-            .map(|(i, request)| async move {
-                let result = match &request {
+        // Answers are applied together and in the order the requests were made.
+        let work = std::pin::pin!(async {
+            // Most rounds make one request: it is awaited as it is, without the vectors of a
+            // round.
+            if let [only] = &requests[..] {
+                let result = match only {
                     KeeperRequest::Renew {
                         actor_id,
                         fencing_token,
@@ -658,36 +657,14 @@ impl<M: LeaseManager> LeaseKeeper<M> {
                         releasing.await
                     }
                 };
-                (i, request, result)
-            });
-        // Answers are applied together and in the order the requests were made, however
-        // the requests are awaited.
-        let work = std::pin::pin!(async {
-            // Most rounds make one request: it is awaited as it is, without the boxed slice
-            // `join_all` keeps its futures in or the vector of answers.
-            if count == 1 {
-                let only = sent.next().expect("one request");
-                return OneOrMore::one(only.await);
+                let only = requests.into_iter().next().expect("one request");
+                return OneOrMore::one((only, result));
             }
-            // A few requests are joined: all polled again at each wake of the keeper, with its
-            // waker. A set gives each its own task, waker and queue entry, whose atomic
-            // reference counts and queue cost more than polling a few pending requests again.
-            if count <= JOINED_REQUESTS_MAX {
-                return OneOrMore::many(futures_util::future::join_all(sent).await);
-            }
-            // More are polled each when it is woken, not all at every wake: n answers cost
-            // about n polls, not n squared. Each request is boxed before it joins the set. A
-            // set's task holds its future, and building one copied the whole request future
-            // (hundreds of bytes) three times on its way into the task's allocation; a boxed
-            // request is copied once.
-            let mut in_flight: futures_util::stream::FuturesUnordered<_> =
-                sent.map(Box::pin).collect();
-            let mut answered = Vec::with_capacity(count);
-            while let Some(answer) = in_flight.next().await {
-                answered.push(answer);
-            }
-            answered.sort_unstable_by_key(|&(i, _, _)| i);
-            OneOrMore::many(answered)
+            // More go to the manager as one round, which a store may carry as one batch.
+            let round: Vec<FencedRequest> = requests.iter().map(KeeperRequest::fenced).collect();
+            let results = self.manager.fenced_round(&self.holder_id, &round).await;
+            debug_assert_eq!(results.len(), requests.len(), "one result per request");
+            OneOrMore::many(requests.into_iter().zip(results).collect())
         });
         let wait_ms = until_ms.saturating_sub(self.clock.now_ms()).max(1);
         let belief_ends = self.clock.sleep(Duration::from_millis(wait_ms));
@@ -697,7 +674,7 @@ impl<M: LeaseManager> LeaseKeeper<M> {
                 let now_ms = self.clock.now_ms();
                 let mut events = OneOrMore::default();
                 let mut core = self.lock();
-                for (_, request, result) in answered {
+                for (request, result) in answered {
                     match request {
                         KeeperRequest::Renew {
                             actor_id,
@@ -789,15 +766,6 @@ impl<M: LeaseManager> Drop for AcquireInFlight<'_, M> {
         }
     }
 }
-
-/// The most requests of one round that are joined ([`futures_util::future::join_all`]) rather
-/// than put in a set that polls each only when it is woken: for the lease swarm's rounds of two
-/// to four, 2-3% less CPU per lease operation (`swarm_bench`, medians of 21 alternated runs).
-/// Raised from 8: a sixth of the swarm's renewals go in rounds of more than 8, and up to 16 the
-/// set's allocations and atomic operations per request cost more time than polling the pending
-/// requests again, though the repolls take more instructions (joined up to 16: about 1.5% less
-/// CPU over 200 seeds, 0.5% more instructions per lease op).
-const JOINED_REQUESTS_MAX: usize = 16;
 
 /// A round's answers or events, in order. Most rounds make one request and so have at most
 /// one of each: that one is kept without allocating a vector, for every renewal of a run.
@@ -1111,10 +1079,12 @@ mod tests {
         );
     }
 
-    /// A round renews every lease due whatever its size (one request awaited alone, a few
-    /// joined, more in a set), and reports the renewals in actor order.
+    /// A round renews every lease due whatever its size (one request awaited alone, more as
+    /// the manager's round, which this store awaits a few joined and more in a set), and
+    /// reports the renewals in actor order.
     #[test]
     fn rounds_of_every_size_renew_every_lease_due_in_actor_order() {
+        use crate::join::JOINED_REQUESTS_MAX;
         for count in [1, 2, JOINED_REQUESTS_MAX, JOINED_REQUESTS_MAX + 1, 20] {
             let (clock, manager, keeper, events) = setup();
             // Acquired in reverse order, so that actor order is not acquisition order.

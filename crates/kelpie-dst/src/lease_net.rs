@@ -805,9 +805,8 @@ impl Answer {
     }
 }
 
-/// A round the store is answering: its answers so far. Sent once every request has one; a
-/// request the store never answers (its storage crashed) leaves the round unanswered, and the
-/// node times out on all of it.
+/// A round the store is answering: its answers so far, sent together once every request has
+/// one (the storage answers each, a crash with `Unavailable`).
 struct RoundAnswer {
     network: SimNetwork<LeaseMessage>,
     to: HostId,
@@ -1282,45 +1281,57 @@ mod tests {
                     lease_duration_ms: 1_000,
                     fencing_token: token,
                 };
-                let mine = store
-                    .apply_reply(&actor("a"), &request(LeaseOp::Acquire, &me, None))
-                    .await
-                    .unwrap()
-                    .unwrap();
-                let theirs = store
-                    .apply_reply(&actor("b"), &request(LeaseOp::Acquire, &other, None))
-                    .await
-                    .unwrap()
-                    .unwrap();
-                let token = Some(mine.fencing_token);
+                let acquire = |name: &str, node_id| {
+                    let store = &store;
+                    let acquire = request(LeaseOp::Acquire, node_id, None);
+                    let actor_id = actor(name);
+                    async move {
+                        let reply = store.apply_reply(&actor_id, &acquire).await;
+                        reply.unwrap().unwrap().fencing_token
+                    }
+                };
+                let (a, b, c) = (
+                    acquire("a", &me).await,
+                    acquire("b", &other).await,
+                    acquire("c", &me).await,
+                );
+                // Each answer tells its request apart: the actor it names, a renewal or a
+                // release, a grant or a refusal.
                 let round = vec![
-                    (actor("a"), request(LeaseOp::Renew, &me, token)),
-                    (
-                        actor("b"),
-                        request(LeaseOp::Release, &me, Some(theirs.fencing_token)),
-                    ),
-                    (actor("a"), request(LeaseOp::Release, &me, token)),
+                    (actor("a"), request(LeaseOp::Renew, &me, Some(a))),
+                    (actor("b"), request(LeaseOp::Release, &me, Some(b))),
+                    (actor("c"), request(LeaseOp::Release, &me, Some(c))),
                 ];
                 let sent_before = network.sent();
-                let outcomes = store.apply_replies(round).await;
+                let outcomes = store.apply_replies(round.clone()).await;
                 assert_eq!(network.sent() - sent_before, 2, "one round, one answer");
                 let renewed = outcomes[0].clone().unwrap().unwrap();
-                assert_eq!(renewed.renewal_count, 1);
-                assert!(matches!(outcomes[1], Ok(Err(LeaseError::NotHolder { .. }))));
+                assert_eq!((renewed.actor_id.as_str(), renewed.renewal_count), ("a", 1));
+                match &outcomes[1] {
+                    Ok(Err(LeaseError::NotHolder {
+                        actor_id, holder, ..
+                    })) => assert_eq!((actor_id.as_str(), holder), ("b", &Some(other.clone()))),
+                    refused => panic!("{refused:?}"),
+                }
+                let released = outcomes[2].clone().unwrap().unwrap();
                 assert_eq!(
-                    outcomes[2].clone().unwrap().unwrap().fencing_token,
-                    mine.fencing_token
+                    (released.actor_id.as_str(), released.fencing_token),
+                    ("c", c)
                 );
-                assert_eq!(truth.peek(&actor("a")).and_then(|r| r.holder), None);
-                assert_eq!(truth.peek(&actor("b")).and_then(|r| r.holder), Some(other));
-                let recorded: Vec<_> = history
-                    .to_vec()
-                    .iter()
-                    .skip(2)
-                    .map(|op| op.reply().cloned())
-                    .collect();
-                let seen: Vec<_> = outcomes.iter().map(|o| o.clone().ok()).collect();
-                assert_eq!(recorded, seen);
+                let holder = |name: &str| truth.peek(&actor(name)).and_then(|r| r.holder);
+                assert_eq!(
+                    [holder("a"), holder("b"), holder("c")],
+                    [Some(me.clone()), Some(other), None]
+                );
+                // The history has each request with the reply to it.
+                let recorded = history.to_vec();
+                let recorded = &recorded[3..];
+                assert_eq!(recorded.len(), round.len());
+                for ((op, (actor_id, sent)), outcome) in recorded.iter().zip(&round).zip(&outcomes)
+                {
+                    assert_eq!((&op.actor_id, &op.request), (actor_id, sent));
+                    assert_eq!(op.reply(), outcome.as_ref().ok());
+                }
 
                 // Nothing is sent for an empty round.
                 let sent_before = network.sent();

@@ -110,7 +110,11 @@ pub trait LeaseManager: Send + Sync {
     /// [`LeaseKeeper`](crate::LeaseKeeper)'s round. Each request is decided on its own, as its
     /// own call would be (one may be granted while another is refused or fails); only how they
     /// travel differs. The default awaits each request's own call, all at once; the protocol's
-    /// managers hand the round to their store whole ([`LeaseStore::apply_replies`]).
+    /// managers hand the round to their store whole ([`LeaseStore::apply_replies`]). A wrapper
+    /// that adds to `renew_fenced` or `release_fenced` (metrics, say) and forwards this method
+    /// to the manager it wraps skips its additions for rounds: leave it the default, or add
+    /// them here too. Answering with fewer or more outcomes than requests is a bug (the keeper
+    /// panics).
     fn fenced_round(
         &self,
         node_id: &NodeId,
@@ -288,7 +292,11 @@ impl<S: LeaseStore> LeaseManager for ProtocolLeaseManager<S> {
             })
             .collect();
         let outcomes = self.store.apply_replies(batch).await;
-        debug_assert_eq!(outcomes.len(), requests.len(), "one outcome per request");
+        assert_eq!(
+            outcomes.len(),
+            requests.len(),
+            "one outcome per request of a round"
+        );
         let outcome = |outcome: Result<Result<Lease, LeaseError>, StoreError>| match outcome {
             Ok(reply) => reply,
             Err(error) => Err(error.into()),

@@ -13,7 +13,7 @@ use std::time::Duration;
 use kelpie_core::{ActorId, Clock, FencingToken, ManualClock, NodeId};
 use kelpie_lease::{
     backend::SqliteLeaseStore, limits::STATE_VALUE_BYTES_MAX, FencedOp, FencedRequest,
-    FencedStateStore, LeaseConfig, LeaseError, LeaseManager, MemoryFencedStateStore,
+    FencedStateStore, Lease, LeaseConfig, LeaseError, LeaseManager, MemoryFencedStateStore,
     MemoryLeaseManager, SqliteFencedStateStore, SqliteLeaseManager, SqliteOptions, StateError,
 };
 #[cfg(feature = "etcd")]
@@ -193,6 +193,15 @@ async fn a_round_answers_each_request_on_its_own<B: Backend>(b: B) {
     let before_ms = b.now_ms();
     let answers = m.fenced_round(&n1, &round).await;
     assert_eq!(answers.len(), round.len(), "{answers:?}");
+    // Each answer is its own request's.
+    for (request, answer) in round.iter().zip(&answers) {
+        let actor_id = match answer {
+            Ok(lease) => &lease.actor_id,
+            Err(LeaseError::NotHolder { actor_id, .. }) => actor_id,
+            Err(other) => panic!("{request:?}: {other:?}"),
+        };
+        assert_eq!(actor_id, &request.actor_id, "{answers:?}");
+    }
     let renewed = answers[0].as_ref().expect("renewal with the held token");
     assert_eq!(renewed.fencing_token, tokens[0]);
     assert!(renewed.expires_at_ms >= before_ms + b.lease_duration_ms());
@@ -424,17 +433,17 @@ macro_rules! conformance_suite {
     };
 }
 
-struct MemoryBackend {
+struct MemoryBackend<M = MemoryLeaseManager> {
     clock: ManualClock,
-    manager: MemoryLeaseManager,
+    manager: M,
     state: MemoryFencedStateStore,
 }
 
-impl Backend for MemoryBackend {
-    type Manager = MemoryLeaseManager;
+impl<M: LeaseManager> Backend for MemoryBackend<M> {
+    type Manager = M;
     type State = MemoryFencedStateStore;
 
-    fn manager(&self) -> &MemoryLeaseManager {
+    fn manager(&self) -> &M {
         &self.manager
     }
 
@@ -465,6 +474,76 @@ async fn memory_backend() -> Option<MemoryBackend> {
 }
 
 conformance_suite!(memory, memory_backend());
+
+/// A manager that overrides none of the trait's provided methods but the fenced calls (which
+/// must be atomic): what a backend written without rounds gets, `fenced_round` calling
+/// `renew_fenced` and `release_fenced` for each request.
+struct CallByCall(MemoryLeaseManager);
+
+impl LeaseManager for CallByCall {
+    fn lease_duration_ms(&self) -> u64 {
+        self.0.lease_duration_ms()
+    }
+
+    async fn acquire(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<Lease, LeaseError> {
+        self.0.acquire(actor_id, node_id).await
+    }
+
+    async fn renew(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<Lease, LeaseError> {
+        self.0.renew(actor_id, node_id).await
+    }
+
+    async fn release(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<Lease, LeaseError> {
+        self.0.release(actor_id, node_id).await
+    }
+
+    async fn renew_fenced(
+        &self,
+        actor_id: &ActorId,
+        node_id: &NodeId,
+        fencing_token: FencingToken,
+    ) -> Result<Lease, LeaseError> {
+        self.0.renew_fenced(actor_id, node_id, fencing_token).await
+    }
+
+    async fn release_fenced(
+        &self,
+        actor_id: &ActorId,
+        node_id: &NodeId,
+        fencing_token: FencingToken,
+    ) -> Result<Lease, LeaseError> {
+        self.0
+            .release_fenced(actor_id, node_id, fencing_token)
+            .await
+    }
+
+    async fn is_valid(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<bool, LeaseError> {
+        self.0.is_valid(actor_id, node_id).await
+    }
+
+    async fn get(&self, actor_id: &ActorId) -> Result<Option<Lease>, LeaseError> {
+        self.0.get(actor_id).await
+    }
+
+    async fn leases_held_by(&self, node_id: &NodeId) -> Result<Vec<Lease>, LeaseError> {
+        self.0.leases_held_by(node_id).await
+    }
+}
+
+async fn call_by_call_backend() -> Option<MemoryBackend<CallByCall>> {
+    let MemoryBackend {
+        clock,
+        manager,
+        state,
+    } = memory_backend().await?;
+    Some(MemoryBackend {
+        clock,
+        manager: CallByCall(manager),
+        state,
+    })
+}
+
+conformance_suite!(memory_call_by_call, call_by_call_backend());
 
 /// The SQLite store in a fresh temporary directory, timed by a manual clock so that
 /// `advance_ms` moves store time without waiting.

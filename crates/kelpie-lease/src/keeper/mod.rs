@@ -663,7 +663,11 @@ impl<M: LeaseManager> LeaseKeeper<M> {
             // More go to the manager as one round, which a store may carry as one batch.
             let round: Vec<FencedRequest> = requests.iter().map(KeeperRequest::fenced).collect();
             let results = self.manager.fenced_round(&self.holder_id, &round).await;
-            debug_assert_eq!(results.len(), requests.len(), "one result per request");
+            assert_eq!(
+                results.len(),
+                requests.len(),
+                "one result per request of a round"
+            );
             OneOrMore::many(requests.into_iter().zip(results).collect())
         });
         let wait_ms = until_ms.saturating_sub(self.clock.now_ms()).max(1);

@@ -37,6 +37,11 @@ const BENCH_LEASE_DURATION_MS: u64 = 600_000;
 const CASE_MS_MAX: u64 = 60_000;
 /// Most concurrent callers.
 const CONCURRENCY_MAX: u64 = 1_024;
+/// Most fresh actors a run acquires, over all its concurrency levels: the acquire case ends
+/// early once its callers took their share, so a store that keeps every lease (the memory
+/// store keeps them all, released ones too, about 150 bytes each) stays within a few hundred
+/// megabytes however long the case time.
+const BENCH_ACTORS_MAX: u64 = 2_000_000;
 /// How long to wait for a SQLite lock held by another process.
 const SQLITE_TIMEOUT_MS: u64 = 5_000;
 /// How long to wait for etcd to connect and for each request.
@@ -53,8 +58,13 @@ never among the leases of /kelpie/leases/; every lease the run took is released 
 
 SIGINT or SIGTERM stops the run after removing the file (or releasing the etcd leases).
 
+The acquire case ends before its time is up once the run took 2,000,000 fresh actors over all
+its concurrency levels (an even share for each caller), so that a store keeping every lease
+stays within memory; its rate is still operations over the time they took.
+
 Exit codes: 0 done, 1 the store refused an operation the benchmark expected to succeed,
-2 bad usage or configuration, 3 store unavailable, 130 stopped by SIGINT or SIGTERM.")]
+2 bad usage or configuration, 3 store unavailable, 4 the benchmark ran but its answer could
+not be written to stdout, 130 stopped by SIGINT or SIGTERM.")]
 pub struct BenchArgs {
     /// The store to measure: sqlite:PATH (a new file), memory, or etcd://HOST:PORT
     /// [default: sqlite: in the temporary directory].
@@ -199,8 +209,10 @@ async fn measure_all<M: LeaseManager + 'static>(
     let mut stop = StopSignals::install()?;
     let measuring = async {
         let mut rows = Vec::new();
+        let actors_per_level = BENCH_ACTORS_MAX / levels.len().max(1) as u64;
         for &concurrency in levels {
-            rows.extend(measure_level(&manager, concurrency, case).await?);
+            let acquires_max = (actors_per_level / concurrency).max(1);
+            rows.extend(measure_level(&manager, concurrency, acquires_max, case).await?);
         }
         Ok(rows)
     };
@@ -217,10 +229,11 @@ async fn measure_all<M: LeaseManager + 'static>(
 async fn measure_level<M: LeaseManager + 'static>(
     manager: &Arc<M>,
     concurrency: u64,
+    acquires_max: u64,
     case: Duration,
 ) -> Result<Vec<Row>, CliError> {
     let callers: Vec<Caller> = (0..concurrency)
-        .map(|index| Caller::new(concurrency, index))
+        .map(|index| Caller::new(concurrency, index, acquires_max))
         .collect::<Result<_, _>>()?;
     let mut rows = Vec::new();
     let (held, row) = timed(manager, &callers, Phase::Acquire, case).await?;
@@ -247,11 +260,13 @@ enum Phase {
     Mixed,
 }
 
-/// One caller: its node, its name prefix for actors, and the actors it holds.
+/// One caller: its node, its name prefix for actors, how many fresh actors it may acquire,
+/// and the actors it holds.
 #[derive(Debug, Clone)]
 struct Caller {
     node: NodeId,
     prefix: String,
+    acquires_max: u64,
     held: Vec<ActorId>,
 }
 
@@ -261,10 +276,11 @@ impl Caller {
         Ok(NodeId::new(format!("bench-node-{index}"))?)
     }
 
-    fn new(concurrency: u64, index: u64) -> Result<Self, CliError> {
+    fn new(concurrency: u64, index: u64, acquires_max: u64) -> Result<Self, CliError> {
         Ok(Self {
             node: Self::node(index)?,
             prefix: format!("bench-c{concurrency}-w{index}"),
+            acquires_max,
             held: Vec::new(),
         })
     }
@@ -339,7 +355,7 @@ async fn run_phase<M: LeaseManager>(
     let running = || stopwatch.wall() < case;
     match phase {
         Phase::Acquire => {
-            while running() {
+            while running() && operations < caller.acquires_max {
                 let actor = ActorId::new(format!("{}-{operations}", caller.prefix))?;
                 manager.acquire(&actor, node).await?;
                 taken.push(actor);
@@ -427,4 +443,36 @@ fn print_rows(
         ))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kelpie_lease::backend::LeaseStore;
+
+    /// The acquire case stops once its callers took their share of fresh actors, however
+    /// long its time: the memory store would otherwise keep leases until memory ran out.
+    #[tokio::test]
+    async fn the_acquire_case_stops_at_its_share_of_actors() {
+        let config = LeaseConfig::new(BENCH_LEASE_DURATION_MS).unwrap();
+        let manager = Arc::new(MemoryLeaseManager::in_memory(
+            Arc::new(TokioClock::new()),
+            config,
+        ));
+        let rows = measure_level(&manager, 2, 5, Duration::from_millis(200))
+            .await
+            .unwrap();
+        let counts: Vec<_> = rows
+            .iter()
+            .map(|row| (row.operation, row.operations))
+            .collect();
+        assert_eq!(counts[0], ("acquire", 10));
+        assert_eq!(counts[2], ("release", 10), "every lease taken is released");
+        let records = manager.store().scan().await.unwrap().records;
+        let fresh = records
+            .iter()
+            .filter(|(actor_id, _)| !actor_id.as_str().ends_with("-mixed"))
+            .count();
+        assert_eq!(fresh, 10, "the store keeps the fresh actors taken, no more");
+    }
 }

@@ -817,18 +817,21 @@ struct RoundAnswer {
 
 impl RoundAnswer {
     fn answer(&self, index: usize, outcome: Result<Decision, StoreError>) {
-        let mut outcomes = self.outcomes.borrow_mut();
-        assert!(
-            outcomes[index].is_none(),
-            "request {index} of a round answered twice"
-        );
-        outcomes[index] = Some(outcome.map(|decision| decision.reply));
-        let unanswered = self.unanswered.get() - 1;
-        self.unanswered.set(unanswered);
-        if unanswered > 0 {
-            return;
-        }
-        let outcomes = std::mem::take(&mut *outcomes)
+        let answered = {
+            let mut outcomes = self.outcomes.borrow_mut();
+            assert!(
+                outcomes[index].is_none(),
+                "request {index} of a round answered twice"
+            );
+            outcomes[index] = Some(outcome.map(|decision| decision.reply));
+            let unanswered = self.unanswered.get() - 1;
+            self.unanswered.set(unanswered);
+            if unanswered > 0 {
+                return;
+            }
+            std::mem::take(&mut *outcomes)
+        };
+        let outcomes = answered
             .into_iter()
             .map(|outcome| outcome.expect("every request of the round answered"))
             .collect();

@@ -136,6 +136,13 @@ pub struct FencedState {
 
 /// Actor state guarded by fencing tokens. Implementations apply each operation atomically:
 /// the token check and the write cannot be separated by another writer.
+///
+/// Tokens are counted per actor by the lease store: pass the token of the actor's own lease
+/// (a token of another actor's lease is a number this store cannot tell apart, and may fence
+/// out that actor's holder), and keep the state store with the lease store it was fenced by (a
+/// lease store started over, or restored from an older backup, counts tokens from where it
+/// left them, below what this store has seen). `Placement` and `Activation` pair the actor and
+/// the token for you.
 pub trait FencedStateStore: Send + Sync {
     /// Stores `value` as the actor's state if `token` is at least the highest token accepted
     /// for it, and raises that to `token`.

@@ -136,7 +136,11 @@ pub struct LeaseRequest {
     pub op: LeaseOp,
     /// Who asks.
     pub node_id: NodeId,
-    /// How long a granted or renewed lease lasts, on the store's clock.
+    /// How long a granted or renewed lease lasts, on the store's clock: within
+    /// [`LEASE_DURATION_MS_MIN`]..=[`LEASE_DURATION_MS_MAX`], as a [`LeaseConfig`] holds it
+    /// (the managers build every request from theirs). [`decide`](crate::backend::decide)
+    /// panics on a zero duration or one that overflows store time: a request built by hand
+    /// for a store must take its duration from a `LeaseConfig`.
     pub lease_duration_ms: u64,
     /// For renew and release: the token the caller believes it holds. The store refuses if
     /// the record carries another token, so a delayed or duplicated request from an earlier

@@ -31,6 +31,11 @@ pub struct Decision {
 pub type DecideFn = fn(&ActorId, Option<&LeaseRecord>, &LeaseRequest, u64) -> Decision;
 
 /// Decides `request` on `actor_id` given its stored `record` at store time `store_now_ms`.
+///
+/// # Panics
+/// If a grant or renewal's `request.lease_duration_ms` is zero, or its expiry overflows
+/// `u64`: the request was not built from a [`LeaseConfig`](crate::LeaseConfig), which every
+/// manager builds its requests from (see [`LeaseRequest::lease_duration_ms`]).
 pub fn decide(
     actor_id: &ActorId,
     record: Option<&LeaseRecord>,

@@ -5,11 +5,13 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use kelpie_core::{ActorId, NodeId};
+use std::sync::Arc;
+
+use kelpie_core::{ActorId, ManualClock, NodeId};
 use kelpie_lease::{
     backend::SqliteLeaseStore, limits::SQLITE_APPLICATION_ID, limits::SQLITE_FILE_MODE,
     limits::SQLITE_SCHEMA_VERSION, limits::SQLITE_STORE_TIME_MS_MAX, LeaseConfig, LeaseManager,
-    SqliteLeaseManager, StoreError,
+    SqliteLeaseManager, SqliteOptions, StoreError,
 };
 use rusqlite::Connection;
 
@@ -238,6 +240,41 @@ fn a_store_whose_clock_rows_were_edited_past_any_time_is_corrupt() {
             other => panic!("{key} = {value}: expected Corrupt, got {other:?}"),
         }
     }
+}
+
+/// A store whose time has passed the bound a file is held to refuses the write that would
+/// record it, and its file stays readable: the write used to succeed and leave a clock mark
+/// past the bound, and every later open refused the file as corrupt.
+#[test]
+fn a_write_past_the_stores_time_bound_is_refused_and_the_file_stays_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("leases.db");
+    populated_store(&path);
+    let clock = ManualClock::new(SQLITE_STORE_TIME_MS_MAX - 5);
+    let options = SqliteOptions::default().with_clock(Arc::new(clock.clone()));
+    let manager = SqliteLeaseManager::new(
+        SqliteLeaseStore::open_with(&path, options).unwrap(),
+        LeaseConfig::default(),
+    );
+    let (actor, node) = (ActorId::new("a2").unwrap(), NodeId::new("n2").unwrap());
+    futures::executor::block_on(manager.acquire(&actor, &node)).unwrap();
+    clock.advance_ms(10);
+    let refused = futures::executor::block_on(manager.release(&actor, &node)).unwrap_err();
+    assert!(
+        refused.to_string().contains("SQLITE_STORE_TIME_MS_MAX"),
+        "{refused}"
+    );
+    drop(manager);
+    let reopened = SqliteLeaseManager::new(
+        SqliteLeaseStore::open(&path).unwrap(),
+        LeaseConfig::default(),
+    );
+    let lease = futures::executor::block_on(reopened.get(&actor)).unwrap();
+    assert_eq!(
+        lease.map(|lease| lease.holder),
+        Some(node),
+        "the lease is kept"
+    );
 }
 
 /// Names SQLite reads as an in-memory database or a URI are refused before anything is

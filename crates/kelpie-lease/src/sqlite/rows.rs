@@ -198,6 +198,16 @@ pub(super) fn load_clock_mark(conn: &Connection, path: &str) -> Result<ClockMark
 /// high-water mark to its time (never lowers it) and records the monotonic reading it was
 /// taken with, or removes the monotonic mark where there is none.
 pub(super) fn store_clock_mark(conn: &Connection, now: &StoreNow) -> rusqlite::Result<()> {
+    // The bound `load_clock_mark` holds a file to: a mark past it would make the store refuse
+    // its own file, so the write that would leave one fails instead, and nothing is written.
+    if now.store_now_ms > SQLITE_STORE_TIME_MS_MAX {
+        let reason = format!(
+            "store time {} ms is past SQLITE_STORE_TIME_MS_MAX ({SQLITE_STORE_TIME_MS_MAX}): \
+             the store's clock has run out",
+            now.store_now_ms
+        );
+        return Err(rusqlite::Error::ToSqlConversionFailure(reason.into()));
+    }
     let mut statement = conn.prepare_cached(STORE_HIGH_WATER_SQL)?;
     statement.execute(params![
         CLOCK_HIGH_WATER_KEY,

@@ -221,16 +221,31 @@ impl<S: LeaseStore> ProtocolLeaseManager<S> {
         node_id: &NodeId,
         fencing_token: Option<FencingToken>,
     ) -> Result<Lease, LeaseError> {
-        let request = LeaseRequest {
+        let request = self.lease_request(op, node_id, fencing_token);
+        reply_of(self.store.apply_reply(actor_id, &request).await)
+    }
+
+    /// A request of `node_id` with the configured duration.
+    fn lease_request(
+        &self,
+        op: LeaseOp,
+        node_id: &NodeId,
+        fencing_token: Option<FencingToken>,
+    ) -> LeaseRequest {
+        LeaseRequest {
             op,
             node_id: node_id.clone(),
             lease_duration_ms: self.config.lease_duration_ms,
             fencing_token,
-        };
-        match self.store.apply_reply(actor_id, &request).await {
-            Ok(reply) => reply,
-            Err(error) => Err(error.into()),
         }
+    }
+}
+
+/// The caller's answer to a request: the store's reply, or its failure as a lease error.
+fn reply_of(outcome: Result<Result<Lease, LeaseError>, StoreError>) -> Result<Lease, LeaseError> {
+    match outcome {
+        Ok(reply) => reply,
+        Err(error) => Err(error.into()),
     }
 }
 
@@ -282,12 +297,8 @@ impl<S: LeaseStore> LeaseManager for ProtocolLeaseManager<S> {
         let batch = requests
             .iter()
             .map(|request| {
-                let lease_request = LeaseRequest {
-                    op: request.op.into(),
-                    node_id: node_id.clone(),
-                    lease_duration_ms: self.config.lease_duration_ms,
-                    fencing_token: Some(request.fencing_token),
-                };
+                let token = Some(request.fencing_token);
+                let lease_request = self.lease_request(request.op.into(), node_id, token);
                 (request.actor_id.clone(), lease_request)
             })
             .collect();
@@ -297,11 +308,7 @@ impl<S: LeaseStore> LeaseManager for ProtocolLeaseManager<S> {
             requests.len(),
             "one outcome per request of a round"
         );
-        let outcome = |outcome: Result<Result<Lease, LeaseError>, StoreError>| match outcome {
-            Ok(reply) => reply,
-            Err(error) => Err(error.into()),
-        };
-        outcomes.into_iter().map(outcome).collect()
+        outcomes.into_iter().map(reply_of).collect()
     }
 
     async fn is_valid(&self, actor_id: &ActorId, node_id: &NodeId) -> Result<bool, LeaseError> {

@@ -876,14 +876,21 @@ mod tests {
         keeper.acquire_replied(&actor(), ticket, sent_ms, now_ms, result)
     }
 
+    /// The actor held with token 1 since 5 ms, then an acquire of it sent and, before its reply,
+    /// the release of token 1 begun at 10 ms: the acquire's ticket.
+    fn acquire_racing_a_release(keeper: &mut KeeperCore) -> AcquireTicket {
+        acquired(keeper, 0, 5, &granted(1, 2));
+        let ticket = keeper.begin_acquire(&actor()).unwrap();
+        assert_eq!(keeper.begin_release(&actor(), 10), Some(FencingToken(1)));
+        ticket
+    }
+
     /// An acquire in flight while a release of the same actor is begun (another task of the
     /// node): its grant may be freed by that release, so it is not believed.
     #[test]
     fn a_grant_overtaken_by_a_concurrent_release_is_not_believed() {
         let mut keeper = core();
-        acquired(&mut keeper, 0, 5, &granted(1, 2));
-        let ticket = keeper.begin_acquire(&actor()).unwrap();
-        assert_eq!(keeper.begin_release(&actor(), 10), Some(FencingToken(1)));
+        let ticket = acquire_racing_a_release(&mut keeper);
         let reply = keeper.acquire_replied(&actor(), ticket, 10, 12, &granted(1, 11));
         assert_eq!(reply, None);
         assert_eq!(keeper.holds(&actor(), 12), None);
@@ -900,9 +907,7 @@ mod tests {
     #[test]
     fn a_grant_overtaken_by_a_release_applied_first_is_released_in_turn() {
         let mut keeper = core();
-        acquired(&mut keeper, 0, 5, &granted(1, 2));
-        let ticket = keeper.begin_acquire(&actor()).unwrap();
-        assert_eq!(keeper.begin_release(&actor(), 10), Some(FencingToken(1)));
+        let ticket = acquire_racing_a_release(&mut keeper);
         // The store applied the release, then granted the acquire a new token.
         let reply = keeper.acquire_replied(&actor(), ticket, 10, 12, &granted(2, 11));
         assert_eq!(reply, None);
@@ -933,9 +938,7 @@ mod tests {
     #[test]
     fn an_acquire_answered_with_a_disowned_grant_is_not_believed() {
         let mut keeper = core();
-        acquired(&mut keeper, 0, 5, &granted(1, 2));
-        let overtaken = keeper.begin_acquire(&actor()).unwrap();
-        assert_eq!(keeper.begin_release(&actor(), 10), Some(FencingToken(1)));
+        let overtaken = acquire_racing_a_release(&mut keeper);
         keeper.release_replied(&actor(), FencingToken(1), 12, &granted(1, 2));
         let later = keeper.begin_acquire(&actor()).unwrap();
         assert_eq!(
